@@ -1,0 +1,6 @@
+//! Tern: live migration of a running server's disk, guided by eBPF tracing.
+//!
+//! Data flows one way: `trace` → analyzer → controller/predictor →
+//! replication → cutover. Each module is one concept.
+
+pub mod trace;

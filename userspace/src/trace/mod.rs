@@ -1,0 +1,1 @@
+//! The eBPF tracer and its trace files.
