@@ -1,0 +1,581 @@
+//! The `io_uring` thread: one ring, one thread, many operations in flight.
+//!
+//! Async callers hand a [`Request`] to the thread through a channel and wake
+//! it through an eventfd that the ring itself polls, so a request submitted
+//! while the thread waits on completions is picked up at once. Every buffer
+//! an operation touches is owned by that operation's slot in the thread's
+//! table until its completion arrives; that is the invariant the `unsafe`
+//! pushes below rely on.
+
+use std::alloc::{self, Layout};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+use bytes::Bytes;
+use io_uring::{IoUring, opcode, squeue, types};
+use tokio::sync::oneshot;
+
+/// Operations allowed in flight on the ring at once.
+pub(crate) const QUEUE_DEPTH: usize = 128;
+/// Submission queue size: room for every in-flight op plus the wake-up poll.
+const RING_ENTRIES: u32 = 256;
+/// `user_data` of the eventfd poll; slot indices never reach it.
+const WAKE_TOKEN: u64 = u64::MAX;
+/// Alignment of every buffer this module allocates (one page).
+pub(crate) const BUF_ALIGN: usize = 4096;
+
+/// A zero-initialised, page-aligned heap buffer, suitable for `O_DIRECT`.
+///
+/// It becomes a [`Bytes`] without a copy through [`IoBuf::into_bytes`].
+pub struct IoBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    layout: Layout,
+}
+
+// SAFETY: `IoBuf` owns its allocation exclusively (like `Vec<u8>`), so moving
+// it to another thread or sharing `&IoBuf` (read-only bytes) is sound.
+unsafe impl Send for IoBuf {}
+// SAFETY: see `Send`; `&IoBuf` only gives out `&[u8]`.
+unsafe impl Sync for IoBuf {}
+
+impl IoBuf {
+    /// Allocates `len` zeroed bytes aligned to [`BUF_ALIGN`].
+    pub fn zeroed(len: usize) -> IoBuf {
+        // A zero-size layout cannot be allocated; keep one page behind an
+        // empty buffer so the pointer is real and aligned.
+        let layout = Layout::from_size_align(len.max(1), BUF_ALIGN)
+            .expect("an I/O length below isize::MAX with page alignment is a valid layout");
+        // SAFETY: `layout` has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        IoBuf { ptr, len, layout }
+    }
+
+    /// Copies `data` into a new aligned buffer.
+    pub fn copy_from(data: &[u8]) -> IoBuf {
+        let mut buf = IoBuf::zeroed(data.len());
+        buf.as_mut().copy_from_slice(data);
+        buf
+    }
+
+    /// The buffer's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Freezes the buffer into [`Bytes`] without copying.
+    pub fn into_bytes(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl AsRef<[u8]> for IoBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` points to an allocation of at least `len` bytes that
+        // were initialised (zeroed) at allocation and is owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsMut<[u8]> for IoBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_ref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` was returned by `alloc_zeroed(self.layout)` and is
+        // freed exactly once, here.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl std::fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoBuf")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The descriptors of one image. `direct` is the `O_DIRECT` descriptor when
+/// the file system accepted it; `buffered` always exists and serves requests
+/// that do not meet the direct-I/O alignment, plus fsync and fallocate.
+#[derive(Debug)]
+pub(crate) struct Files {
+    pub(crate) buffered: OwnedFd,
+    pub(crate) direct: Option<OwnedFd>,
+    /// Offset and length alignment `O_DIRECT` needs (a power of two).
+    pub(crate) offset_align: u64,
+    /// Buffer address alignment `O_DIRECT` needs (a power of two).
+    pub(crate) mem_align: usize,
+}
+
+impl Files {
+    /// The descriptor for a transfer of `len` bytes at `offset` from/to `addr`.
+    fn pick(&self, offset: u64, len: usize, addr: usize) -> RawFd {
+        match &self.direct {
+            Some(direct)
+                if offset.is_multiple_of(self.offset_align)
+                    && (len as u64).is_multiple_of(self.offset_align)
+                    && addr.is_multiple_of(self.mem_align) =>
+            {
+                direct.as_raw_fd()
+            }
+            _ => self.buffered.as_raw_fd(),
+        }
+    }
+}
+
+/// What an async caller asks of the ring thread.
+pub(crate) enum Request {
+    Read {
+        offset: u64,
+        len: u32,
+        reply: oneshot::Sender<io::Result<Bytes>>,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    Fsync {
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    Fallocate {
+        offset: u64,
+        len: u64,
+        mode: i32,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+}
+
+/// Source of a write: the caller's bytes, or an aligned copy of them when the
+/// caller's buffer is not aligned for `O_DIRECT` but the range is.
+enum WriteBuf {
+    Shared(Bytes),
+    Bounce(IoBuf),
+}
+
+impl WriteBuf {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            WriteBuf::Shared(b) => b,
+            WriteBuf::Bounce(b) => b.as_ref(),
+        }
+    }
+}
+
+/// One in-flight operation; it owns every buffer the kernel may touch.
+enum Op {
+    Read {
+        offset: u64,
+        buf: IoBuf,
+        done: usize,
+        reply: oneshot::Sender<io::Result<Bytes>>,
+    },
+    Write {
+        offset: u64,
+        buf: WriteBuf,
+        done: usize,
+        fua: bool,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    Simple {
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+}
+
+/// Slot table indexed by `user_data`.
+struct Slots {
+    ops: Vec<Option<Op>>,
+    free: Vec<usize>,
+    used: usize,
+}
+
+impl Slots {
+    fn new() -> Slots {
+        Slots {
+            ops: (0..QUEUE_DEPTH).map(|_| None).collect(),
+            free: (0..QUEUE_DEPTH).rev().collect(),
+            used: 0,
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.free.is_empty()
+    }
+
+    fn insert(&mut self, op: Op) -> usize {
+        let idx = self
+            .free
+            .pop()
+            .expect("caller checked is_full before insert");
+        self.ops[idx] = Some(op);
+        self.used += 1;
+        idx
+    }
+
+    fn take(&mut self, idx: usize) -> Option<Op> {
+        let op = self.ops.get_mut(idx)?.take()?;
+        self.free.push(idx);
+        self.used -= 1;
+        Some(op)
+    }
+
+    fn put_back(&mut self, idx: usize, op: Op) {
+        debug_assert!(self.ops[idx].is_none());
+        let pos = self
+            .free
+            .iter()
+            .rposition(|&i| i == idx)
+            .expect("slot was just freed by take");
+        self.free.swap_remove(pos);
+        self.ops[idx] = Some(op);
+        self.used += 1;
+    }
+}
+
+/// The ring thread's state.
+pub(crate) struct RingThread {
+    ring: IoUring,
+    files: Arc<Files>,
+    rx: Receiver<Request>,
+    wake: Arc<OwnedFd>,
+    slots: Slots,
+}
+
+impl RingThread {
+    pub(crate) fn new(
+        files: Arc<Files>,
+        rx: Receiver<Request>,
+        wake: Arc<OwnedFd>,
+    ) -> io::Result<RingThread> {
+        let ring = IoUring::builder()
+            .setup_cqsize(RING_ENTRIES * 2)
+            .build(RING_ENTRIES)?;
+        Ok(RingThread {
+            ring,
+            files,
+            rx,
+            wake,
+            slots: Slots::new(),
+        })
+    }
+
+    /// Runs until every handle is gone and every in-flight op completed.
+    pub(crate) fn run(mut self) {
+        let mut poll_armed = false;
+        let mut disconnected = false;
+        loop {
+            if !poll_armed && !disconnected {
+                let entry =
+                    opcode::PollAdd::new(types::Fd(self.wake.as_raw_fd()), libc::POLLIN as u32)
+                        .build()
+                        .user_data(WAKE_TOKEN);
+                self.push(&entry);
+                poll_armed = true;
+            }
+            while !disconnected && !self.slots.is_full() {
+                match self.rx.try_recv() {
+                    Ok(req) => self.start(req),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => disconnected = true,
+                }
+            }
+            if disconnected && self.slots.used == 0 {
+                break;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => {
+                    // The ring itself is broken: fail everything in flight
+                    // and stop; later callers see `Closed`.
+                    tracing::error!(error = %e, "io_uring submit failed; stopping the image thread");
+                    self.abandon(&e);
+                    return;
+                }
+            }
+            let cqes: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (token, res) in cqes {
+                if token == WAKE_TOKEN {
+                    poll_armed = false;
+                    self.drain_wake();
+                } else {
+                    self.complete(token as usize, res);
+                }
+            }
+        }
+        // The only op that can still be in the kernel is the eventfd poll,
+        // which references no user memory; dropping the ring cancels it.
+    }
+
+    /// Fails every in-flight op after the ring broke. Their buffers are
+    /// leaked on purpose: the kernel may still write to them.
+    fn abandon(&mut self, err: &io::Error) {
+        let fail = || io::Error::new(err.kind(), format!("io_uring failed: {err}"));
+        for slot in &mut self.slots.ops {
+            match slot.take() {
+                Some(Op::Read { buf, reply, .. }) => {
+                    std::mem::forget(buf);
+                    let _ = reply.send(Err(fail()));
+                }
+                Some(Op::Write { buf, reply, .. }) => {
+                    std::mem::forget(buf);
+                    let _ = reply.send(Err(fail()));
+                }
+                Some(Op::Simple { reply }) => {
+                    let _ = reply.send(Err(fail()));
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn drain_wake(&self) {
+        let mut counter = [0u8; 8];
+        // SAFETY: plain read(2) of 8 bytes into a stack buffer of 8 bytes
+        // on a non-blocking eventfd we own; EAGAIN just means "already zero".
+        let _ = unsafe {
+            libc::read(
+                self.wake.as_raw_fd(),
+                counter.as_mut_ptr().cast(),
+                counter.len(),
+            )
+        };
+    }
+
+    fn push(&mut self, entry: &squeue::Entry) {
+        loop {
+            // SAFETY: every entry pushed here points only at memory owned by
+            // an `Op` held in `self.slots` (or at none, for poll/fsync/
+            // fallocate), and that op stays in its slot until the kernel
+            // posts its completion, so the memory outlives the operation.
+            let pushed = unsafe { self.ring.submission().push(entry) };
+            if pushed.is_ok() {
+                return;
+            }
+            // Queue full (cannot happen with RING_ENTRIES > QUEUE_DEPTH + 1,
+            // but never drop an op): hand the queue to the kernel and retry.
+            if let Err(e) = self.ring.submit() {
+                tracing::error!(error = %e, "io_uring submit failed while the queue was full");
+            }
+        }
+    }
+
+    fn start(&mut self, req: Request) {
+        match req {
+            Request::Read { offset, len, reply } => {
+                let op = Op::Read {
+                    offset,
+                    buf: IoBuf::zeroed(len as usize),
+                    done: 0,
+                    reply,
+                };
+                let idx = self.slots.insert(op);
+                self.submit_slot(idx);
+            }
+            Request::Write {
+                offset,
+                data,
+                fua,
+                reply,
+            } => {
+                let aligned_range = offset.is_multiple_of(self.files.offset_align)
+                    && (data.len() as u64).is_multiple_of(self.files.offset_align);
+                let aligned_mem = (data.as_ptr() as usize).is_multiple_of(self.files.mem_align);
+                let buf = if self.files.direct.is_some() && aligned_range && !aligned_mem {
+                    WriteBuf::Bounce(IoBuf::copy_from(&data))
+                } else {
+                    WriteBuf::Shared(data)
+                };
+                let op = Op::Write {
+                    offset,
+                    buf,
+                    done: 0,
+                    fua,
+                    reply,
+                };
+                let idx = self.slots.insert(op);
+                self.submit_slot(idx);
+            }
+            Request::Fsync { reply } => {
+                let idx = self.slots.insert(Op::Simple { reply });
+                let entry = opcode::Fsync::new(types::Fd(self.files.buffered.as_raw_fd()))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+                    .user_data(idx as u64);
+                self.push(&entry);
+            }
+            Request::Fallocate {
+                offset,
+                len,
+                mode,
+                reply,
+            } => {
+                let idx = self.slots.insert(Op::Simple { reply });
+                let entry = opcode::Fallocate::new(types::Fd(self.files.buffered.as_raw_fd()), len)
+                    .offset(offset)
+                    .mode(mode)
+                    .build()
+                    .user_data(idx as u64);
+                self.push(&entry);
+            }
+        }
+    }
+
+    /// (Re)submits the remaining part of the read or write in slot `idx`.
+    fn submit_slot(&mut self, idx: usize) {
+        let files = Arc::clone(&self.files);
+        let entry = match self.slots.ops[idx].as_mut() {
+            Some(Op::Read {
+                offset, buf, done, ..
+            }) => {
+                let pos = *offset + *done as u64;
+                let remaining = buf.len() - *done;
+                // SAFETY: `done <= buf.len()`, so the pointer stays inside
+                // (or one past) the allocation owned by this slot.
+                let ptr = unsafe { buf.as_mut_ptr().add(*done) };
+                let fd = files.pick(pos, remaining, ptr as usize);
+                opcode::Read::new(types::Fd(fd), ptr, remaining as u32)
+                    .offset(pos)
+                    .build()
+            }
+            Some(Op::Write {
+                offset,
+                buf,
+                done,
+                fua,
+                ..
+            }) => {
+                let pos = *offset + *done as u64;
+                let slice = &buf.as_slice()[*done..];
+                let fd = files.pick(pos, slice.len(), slice.as_ptr() as usize);
+                let flags = if *fua { libc::RWF_DSYNC } else { 0 };
+                opcode::Write::new(types::Fd(fd), slice.as_ptr(), slice.len() as u32)
+                    .offset(pos)
+                    .rw_flags(flags)
+                    .build()
+            }
+            _ => unreachable!("submit_slot is only called for reads and writes"),
+        };
+        self.push(&entry.user_data(idx as u64));
+    }
+
+    fn complete(&mut self, idx: usize, res: i32) {
+        let Some(op) = self.slots.take(idx) else {
+            tracing::error!(slot = idx, "io_uring completion for an empty slot");
+            return;
+        };
+        let retry = res == -libc::EAGAIN || res == -libc::EINTR;
+        match op {
+            Op::Read {
+                offset,
+                buf,
+                mut done,
+                reply,
+            } => {
+                if retry {
+                    self.slots.put_back(
+                        idx,
+                        Op::Read {
+                            offset,
+                            buf,
+                            done,
+                            reply,
+                        },
+                    );
+                    self.submit_slot(idx);
+                } else if res < 0 {
+                    let _ = reply.send(Err(io::Error::from_raw_os_error(-res)));
+                } else if res == 0 && done < buf.len() {
+                    let _ = reply.send(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the image ended before the requested range (was it truncated?)",
+                    )));
+                } else {
+                    done += res as usize;
+                    if done >= buf.len() {
+                        let _ = reply.send(Ok(buf.into_bytes()));
+                    } else {
+                        self.slots.put_back(
+                            idx,
+                            Op::Read {
+                                offset,
+                                buf,
+                                done,
+                                reply,
+                            },
+                        );
+                        self.submit_slot(idx);
+                    }
+                }
+            }
+            Op::Write {
+                offset,
+                buf,
+                mut done,
+                fua,
+                reply,
+            } => {
+                let total = buf.as_slice().len();
+                if retry || (res > 0 && done + (res as usize) < total) {
+                    if !retry {
+                        done += res as usize;
+                    }
+                    self.slots.put_back(
+                        idx,
+                        Op::Write {
+                            offset,
+                            buf,
+                            done,
+                            fua,
+                            reply,
+                        },
+                    );
+                    self.submit_slot(idx);
+                } else if res < 0 {
+                    let _ = reply.send(Err(io::Error::from_raw_os_error(-res)));
+                } else if res == 0 && total > 0 {
+                    let _ = reply.send(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the image accepted no bytes",
+                    )));
+                } else {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Op::Simple { reply } => {
+                let _ = reply.send(if res < 0 {
+                    Err(io::Error::from_raw_os_error(-res))
+                } else {
+                    Ok(())
+                });
+            }
+        }
+    }
+}
