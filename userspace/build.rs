@@ -7,11 +7,17 @@ fn main() {
     println!("cargo:rerun-if-changed={}", proto_root.display());
     let protos = ["tern/v1/replica.proto"];
     for proto in protos {
-        println!("cargo:rerun-if-changed={}", proto_root.join(proto).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            proto_root.join(proto).display()
+        );
     }
     let fds = match protox::compile(protos, [proto_root]) {
         Ok(fds) => fds,
-        Err(err) => panic!("cannot compile the protos under {}: {err:?}", proto_root.display()),
+        Err(err) => panic!(
+            "cannot compile the protos under {}: {err:?}",
+            proto_root.display()
+        ),
     };
     // `bytes` fields become `bytes::Bytes`, so extent payloads are not copied.
     if let Err(err) = tonic_prost_build::configure()

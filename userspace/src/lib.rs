@@ -3,4 +3,9 @@
 //! Data flows one way: `trace` → analyzer → controller/predictor →
 //! replication → cutover. Each module is one concept.
 
+pub mod certs;
+pub mod checktree;
+pub mod image;
+pub mod metrics;
+pub mod rpc;
 pub mod trace;

@@ -1,0 +1,582 @@
+//! Typed client of the replica service, used by the source agent: connect
+//! over mutual TLS, stream extents with a bounded window of unacknowledged
+//! ones, place barriers, and find differing regions by descending the
+//! destination's checksum tree.
+
+use std::collections::VecDeque;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
+
+use super::pb::{self, replica_client, write_request, write_response};
+use super::{MAX_EXTENT_LEN, MAX_MESSAGE_LEN, MAX_NODES_PER_CALL, RpcError, TlsMaterial};
+use crate::checktree::{CheckTree, Descent, HASH_LEN, Hash};
+
+/// HTTP/2 windows large enough that one stream can carry gigabytes per second.
+const STREAM_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 64 << 20;
+
+/// What `Info` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Info {
+    pub image_size: u64,
+    pub epoch: u64,
+    pub export_writable: bool,
+    pub max_extent_len: u32,
+}
+
+/// Client of one destination.
+#[derive(Debug, Clone)]
+pub struct ReplicaClient {
+    inner: replica_client::ReplicaClient<Channel>,
+}
+
+impl ReplicaClient {
+    /// Connects to `addr` (`host:port`). With `tls`, mutual TLS using that
+    /// directory, checking the server's certificate for `domain` (default:
+    /// the host part of `addr`); without, plain HTTP/2.
+    pub async fn connect(
+        addr: &str,
+        tls: Option<&TlsMaterial>,
+        domain: Option<&str>,
+    ) -> Result<ReplicaClient, RpcError> {
+        let connect_err = |source| RpcError::Connect {
+            addr: addr.to_owned(),
+            source,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(connect_err)?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW);
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls.client_config(domain))
+                .map_err(connect_err)?;
+        }
+        let channel = endpoint.connect().await.map_err(connect_err)?;
+        Ok(ReplicaClient::from_channel(channel))
+    }
+
+    /// Wraps an established channel (e.g. one with a custom TLS setup).
+    pub fn from_channel(channel: Channel) -> ReplicaClient {
+        ReplicaClient {
+            inner: replica_client::ReplicaClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_LEN)
+                .max_encoding_message_size(MAX_MESSAGE_LEN),
+        }
+    }
+
+    pub async fn info(&mut self) -> Result<Info, RpcError> {
+        let info = self
+            .inner
+            .info(pb::InfoRequest {})
+            .await
+            .map_err(|status| RpcError::Call {
+                call: "Info",
+                status,
+            })?
+            .into_inner();
+        Ok(Info {
+            image_size: info.image_size,
+            epoch: info.epoch,
+            export_writable: info.export_writable,
+            max_extent_len: info.max_extent_len,
+        })
+    }
+
+    /// Opens a write stream fenced by `epoch`, keeping at most `window`
+    /// extents unacknowledged.
+    pub async fn open_writer(
+        &mut self,
+        epoch: u64,
+        window: usize,
+    ) -> Result<ExtentWriter, RpcError> {
+        let window = window.max(1);
+        let (tx, rx) = mpsc::channel(window + 2);
+        let open = pb::WriteRequest {
+            msg: Some(write_request::Msg::Open(pb::Open { epoch })),
+        };
+        tx.send(open)
+            .await
+            .map_err(|_| RpcError::StreamClosed { what: "write" })?;
+        let mut acks = self
+            .inner
+            .write(ReceiverStream::new(rx))
+            .await
+            .map_err(|status| RpcError::Call {
+                call: "Write",
+                status,
+            })?
+            .into_inner();
+        let opened = match next_reply(&mut acks).await? {
+            write_response::Msg::Opened(opened) => opened,
+            other => {
+                return Err(RpcError::UnexpectedReply {
+                    want: "opened",
+                    got: format!("{other:?}"),
+                });
+            }
+        };
+        Ok(ExtentWriter {
+            tx,
+            acks,
+            window,
+            next_seq: 1,
+            unacked: VecDeque::new(),
+            epoch: opened.epoch,
+            image_size: opened.image_size,
+            max_extent_len: opened.max_extent_len,
+        })
+    }
+
+    /// Hashes of the destination's checksum-tree nodes `indices` at `level`.
+    pub async fn tree_nodes(
+        &mut self,
+        region_size: u64,
+        level: u32,
+        indices: &[u64],
+    ) -> Result<TreeNodes, RpcError> {
+        let reply = self
+            .inner
+            .get_checksum_tree(pb::ChecksumTreeRequest {
+                region_size,
+                level,
+                indices: indices.to_vec(),
+            })
+            .await
+            .map_err(|status| RpcError::Call {
+                call: "GetChecksumTree",
+                status,
+            })?
+            .into_inner();
+        let hashes = reply
+            .hashes
+            .iter()
+            .map(|h| {
+                Hash::try_from(h.as_ref()).map_err(|_| RpcError::UnexpectedReply {
+                    want: "32-byte hashes",
+                    got: format!("a {}-byte hash", h.len()),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TreeNodes {
+            image_size: reply.image_size,
+            leaf_count: reply.leaf_count,
+            levels: reply.levels,
+            hashes,
+        })
+    }
+
+    /// Regions (indices, in `local`'s region size) where the destination's
+    /// image differs from the image `local` was computed from. Asks only for
+    /// the children of differing nodes, one round trip per level.
+    pub async fn diff_regions(&mut self, local: &CheckTree) -> Result<Vec<u64>, RpcError> {
+        let shape = *local.shape();
+        let mut descent = Descent::new(local);
+        while let Some((level, indices)) = descent.want() {
+            let mut answer = Vec::with_capacity(indices.len());
+            for batch in indices.chunks(MAX_NODES_PER_CALL as usize) {
+                let nodes = self.tree_nodes(shape.region_size(), level, batch).await?;
+                if nodes.image_size != shape.image_size() || nodes.levels != shape.levels() {
+                    return Err(RpcError::UnexpectedReply {
+                        want: "a tree of the same image size",
+                        got: format!(
+                            "a tree of {} bytes with {} levels (local: {} bytes, {} levels)",
+                            nodes.image_size,
+                            nodes.levels,
+                            shape.image_size(),
+                            shape.levels()
+                        ),
+                    });
+                }
+                answer.extend(nodes.hashes);
+            }
+            descent.feed(&answer)?;
+        }
+        Ok(descent.finish())
+    }
+
+    /// Cutover: makes the destination's NBD export writable (or read-only).
+    pub async fn set_export_writable(
+        &mut self,
+        epoch: u64,
+        writable: bool,
+    ) -> Result<bool, RpcError> {
+        let reply = self
+            .inner
+            .set_export_writable(pb::SetExportWritableRequest { epoch, writable })
+            .await
+            .map_err(|status| RpcError::Call {
+                call: "SetExportWritable",
+                status,
+            })?
+            .into_inner();
+        Ok(reply.export_writable)
+    }
+}
+
+/// Hashes returned by one `GetChecksumTree` call.
+#[derive(Debug, Clone)]
+pub struct TreeNodes {
+    pub image_size: u64,
+    pub leaf_count: u64,
+    pub levels: u32,
+    pub hashes: Vec<[u8; HASH_LEN]>,
+}
+
+/// One extent ready for the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedExtent {
+    pub offset: u64,
+    /// Uncompressed length.
+    pub length: u32,
+    pub encoding: super::Encoding,
+    pub payload: Bytes,
+    /// blake3 of the uncompressed data; empty for zero extents.
+    pub blake3: Bytes,
+}
+
+impl EncodedExtent {
+    /// Encodes `data` for `offset`: all zeroes become a zero extent; with a
+    /// zstd level the data is compressed when that makes it smaller.
+    pub fn encode(
+        offset: u64,
+        data: Bytes,
+        zstd_level: Option<i32>,
+    ) -> Result<EncodedExtent, RpcError> {
+        let length = data.len() as u32;
+        if is_zero(&data) {
+            return Ok(EncodedExtent::zero(offset, length));
+        }
+        let blake3 = Bytes::copy_from_slice(blake3::hash(&data).as_bytes());
+        if let Some(level) = zstd_level {
+            let compressed = zstd::bulk::compress(&data, level)
+                .map_err(|source| RpcError::Compress { offset, source })?;
+            if compressed.len() < data.len() {
+                return Ok(EncodedExtent {
+                    offset,
+                    length,
+                    encoding: super::Encoding::Zstd,
+                    payload: Bytes::from(compressed),
+                    blake3,
+                });
+            }
+        }
+        Ok(EncodedExtent {
+            offset,
+            length,
+            encoding: super::Encoding::Raw,
+            payload: data,
+            blake3,
+        })
+    }
+
+    /// `length` zero bytes at `offset`.
+    pub fn zero(offset: u64, length: u32) -> EncodedExtent {
+        EncodedExtent {
+            offset,
+            length,
+            encoding: super::Encoding::Zero,
+            payload: Bytes::new(),
+            blake3: Bytes::new(),
+        }
+    }
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    let mut words = data.chunks_exact(8);
+    words
+        .by_ref()
+        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// A write stream: send extents and barriers, acknowledgements are awaited
+/// when the window is full, at barriers and at `finish`.
+#[derive(Debug)]
+pub struct ExtentWriter {
+    tx: mpsc::Sender<pb::WriteRequest>,
+    acks: Streaming<pb::WriteResponse>,
+    window: usize,
+    next_seq: u64,
+    /// Sequence numbers sent and not yet acknowledged, oldest first.
+    unacked: VecDeque<u64>,
+    epoch: u64,
+    image_size: u64,
+    max_extent_len: u32,
+}
+
+impl ExtentWriter {
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn image_size(&self) -> u64 {
+        self.image_size
+    }
+
+    pub fn max_extent_len(&self) -> u32 {
+        self.max_extent_len
+    }
+
+    /// Sends one extent; waits for an acknowledgement first if the window is full.
+    pub async fn send(&mut self, extent: EncodedExtent) -> Result<(), RpcError> {
+        while self.unacked.len() >= self.window {
+            self.await_ack().await?;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let msg = pb::WriteRequest {
+            msg: Some(write_request::Msg::Extent(pb::Extent {
+                seq,
+                offset: extent.offset,
+                length: extent.length,
+                encoding: extent.encoding.into(),
+                payload: extent.payload,
+                blake3: extent.blake3,
+            })),
+        };
+        self.push(msg).await?;
+        self.unacked.push_back(seq);
+        Ok(())
+    }
+
+    /// Waits until every extent sent so far is written and flushed to stable storage.
+    pub async fn barrier(&mut self) -> Result<(), RpcError> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let msg = pb::WriteRequest {
+            msg: Some(write_request::Msg::Barrier(pb::Barrier { seq })),
+        };
+        self.push(msg).await?;
+        while !self.unacked.is_empty() {
+            self.await_ack().await?;
+        }
+        match next_reply(&mut self.acks).await? {
+            write_response::Msg::Barrier(ack) if ack.seq == seq => Ok(()),
+            other => Err(RpcError::UnexpectedReply {
+                want: "the barrier acknowledgement",
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Places a final barrier, closes the stream and waits for the server to end it.
+    pub async fn finish(mut self) -> Result<(), RpcError> {
+        self.barrier().await?;
+        drop(self.tx);
+        match self.acks.message().await {
+            Ok(None) => Ok(()),
+            Ok(Some(reply)) => Err(RpcError::UnexpectedReply {
+                want: "the end of the stream",
+                got: format!("{:?}", reply.msg),
+            }),
+            Err(status) => Err(RpcError::Call {
+                call: "Write",
+                status,
+            }),
+        }
+    }
+
+    async fn push(&mut self, msg: pb::WriteRequest) -> Result<(), RpcError> {
+        if self.tx.send(msg).await.is_ok() {
+            return Ok(());
+        }
+        // The request stream is gone: the server ended the call; its status says why.
+        Err(match self.acks.message().await {
+            Err(status) => RpcError::Call {
+                call: "Write",
+                status,
+            },
+            Ok(_) => RpcError::StreamClosed { what: "write" },
+        })
+    }
+
+    async fn await_ack(&mut self) -> Result<(), RpcError> {
+        let want = self.unacked.pop_front().ok_or(RpcError::UnexpectedReply {
+            want: "nothing",
+            got: "a wait for an acknowledgement with none outstanding".into(),
+        })?;
+        match next_reply(&mut self.acks).await? {
+            write_response::Msg::Extent(ack) if ack.seq == want => Ok(()),
+            other => Err(RpcError::UnexpectedReply {
+                want: "the next extent acknowledgement",
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+}
+
+async fn next_reply(
+    acks: &mut Streaming<pb::WriteResponse>,
+) -> Result<write_response::Msg, RpcError> {
+    match acks.message().await {
+        Ok(Some(pb::WriteResponse { msg: Some(msg) })) => Ok(msg),
+        Ok(Some(pb::WriteResponse { msg: None })) => Err(RpcError::UnexpectedReply {
+            want: "a reply",
+            got: "an empty message".into(),
+        }),
+        Ok(None) => Err(RpcError::StreamClosed { what: "write" }),
+        Err(status) => Err(RpcError::Call {
+            call: "Write",
+            status,
+        }),
+    }
+}
+
+/// How `push_file` reads and encodes.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    pub epoch: u64,
+    /// Extent length in bytes (at most [`MAX_EXTENT_LEN`]).
+    pub extent_len: u32,
+    /// zstd level; `None` sends raw data.
+    pub zstd_level: Option<i32>,
+    /// Extents read and encoded concurrently.
+    pub workers: usize,
+    /// Unacknowledged extents allowed on the wire.
+    pub window: usize,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        PushOptions {
+            epoch: 1,
+            extent_len: 1 << 20,
+            zstd_level: Some(1),
+            workers: 4,
+            window: 32,
+        }
+    }
+}
+
+/// What `push_file` did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PushReport {
+    /// Uncompressed bytes pushed.
+    pub bytes: u64,
+    /// Payload bytes on the wire.
+    pub wire_bytes: u64,
+    pub extents: u64,
+    pub zero_extents: u64,
+    pub seconds: f64,
+}
+
+/// Streams the whole of `path` into the destination at the same offsets,
+/// ending with a barrier (everything durable when this returns).
+pub async fn push_file(
+    client: &mut ReplicaClient,
+    path: &Path,
+    opts: &PushOptions,
+) -> Result<PushReport, RpcError> {
+    let read_err = |source| RpcError::ReadSource {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = Arc::new(std::fs::File::open(path).map_err(read_err)?);
+    let size = file.metadata().map_err(read_err)?.len();
+    let extent_len = u64::from(opts.extent_len.clamp(4096, MAX_EXTENT_LEN));
+    let started = Instant::now();
+    let mut writer = client.open_writer(opts.epoch, opts.window).await?;
+    if size > writer.image_size() {
+        return Err(RpcError::ExtentOutOfBounds {
+            offset: 0,
+            len: u32::try_from(size).unwrap_or(u32::MAX),
+            size: writer.image_size(),
+        });
+    }
+    let path_buf: PathBuf = path.to_path_buf();
+    let level = opts.zstd_level;
+    let mut extents = stream::iter((0..size.div_ceil(extent_len)).map(|i| i * extent_len))
+        .map(|offset| {
+            let file = Arc::clone(&file);
+            let path = path_buf.clone();
+            let len = extent_len.min(size - offset) as usize;
+            tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, offset)
+                    .map_err(|source| RpcError::ReadSource { path, source })?;
+                EncodedExtent::encode(offset, Bytes::from(buf), level)
+            })
+        })
+        .buffered(opts.workers.max(1))
+        .map(|joined| joined.map_err(RpcError::from).and_then(|r| r));
+    let mut report = PushReport {
+        bytes: 0,
+        wire_bytes: 0,
+        extents: 0,
+        zero_extents: 0,
+        seconds: 0.0,
+    };
+    while let Some(extent) = extents.try_next().await? {
+        report.bytes += u64::from(extent.length);
+        report.wire_bytes += extent.payload.len() as u64;
+        report.extents += 1;
+        if extent.encoding == super::Encoding::Zero {
+            report.zero_extents += 1;
+        }
+        writer.send(extent).await?;
+    }
+    writer.finish().await?;
+    report.seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        bytes = report.bytes,
+        extents = report.extents,
+        seconds = report.seconds,
+        "push finished"
+    );
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_marks_zero_data_and_compresses_only_when_smaller() {
+        let zero = EncodedExtent::encode(0, Bytes::from(vec![0u8; 8192]), Some(1)).expect("zero");
+        assert_eq!(zero.encoding, super::super::Encoding::Zero);
+        assert!(zero.payload.is_empty());
+
+        let text = Bytes::from("tern ".repeat(2000));
+        let z = EncodedExtent::encode(4096, text.clone(), Some(1)).expect("zstd");
+        assert_eq!(z.encoding, super::super::Encoding::Zstd);
+        assert!(z.payload.len() < text.len());
+        assert_eq!(z.blake3.as_ref(), blake3::hash(&text).as_bytes());
+
+        // Incompressible data goes raw.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..8192)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let raw = EncodedExtent::encode(0, Bytes::from(noise.clone()), Some(1)).expect("raw");
+        assert_eq!(raw.encoding, super::super::Encoding::Raw);
+        assert_eq!(raw.payload.as_ref(), noise.as_slice());
+    }
+
+    #[test]
+    fn is_zero_sees_a_single_set_byte_anywhere() {
+        for pos in [0usize, 1, 7, 8, 4095, 4096, 8190] {
+            let mut data = vec![0u8; 8191];
+            assert!(is_zero(&data));
+            data[pos] = 1;
+            assert!(!is_zero(&data), "byte {pos}");
+        }
+    }
+}

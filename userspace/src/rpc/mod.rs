@@ -1,0 +1,188 @@
+//! gRPC replica service (`tern.v1.Replica`): the destination side of disk
+//! replication, served over mutual TLS, and the typed client the source uses.
+//!
+//! Wire protocol: `docs/replication-protocol.md`. Generated code stays private;
+//! the message types a caller needs are re-exported below.
+
+use std::path::PathBuf;
+
+use crate::checktree::CheckTreeError;
+use crate::image::ImageError;
+
+/// Generated code, private: the rest of the crate uses the re-exports below.
+mod pb {
+    #![allow(clippy::pedantic, clippy::nursery, missing_docs)]
+    tonic::include_proto!("tern.v1");
+}
+
+pub mod client;
+mod epoch;
+pub mod server;
+mod status;
+pub mod tls;
+
+pub use client::{EncodedExtent, ExtentWriter, Info, PushOptions, PushReport, ReplicaClient};
+pub use epoch::Fence;
+pub use pb::Encoding;
+pub use server::{ExportControl, ReplicaService, ServeOptions};
+pub use tls::{TlsError, TlsMaterial};
+
+/// Largest uncompressed extent the destination accepts.
+pub const MAX_EXTENT_LEN: u32 = 8 << 20;
+/// Largest gRPC message either side decodes: one maximal raw extent plus framing.
+pub const MAX_MESSAGE_LEN: usize = MAX_EXTENT_LEN as usize + (64 << 10);
+/// Most checksum-tree nodes one `GetChecksumTree` call returns.
+pub const MAX_NODES_PER_CALL: u64 = 1 << 16;
+
+/// Errors of the replica service and its client. `status.rs` maps them to gRPC codes.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// A write stream began with something other than `open`.
+    #[error("the first message of a write stream must be `open` carrying the epoch")]
+    NoOpen,
+    /// `open` sent twice on one stream.
+    #[error("`open` may only be the first message of a write stream; open a new stream instead")]
+    SecondOpen,
+    /// A request without a body.
+    #[error("a write-stream message carried no `open`, `extent` or `barrier`")]
+    EmptyMessage,
+    /// The epoch is below the highest accepted one.
+    #[error(
+        "epoch {epoch} is stale: this destination already accepted epoch {highest}; the writer was fenced, stop writing"
+    )]
+    StaleEpoch { epoch: u64, highest: u64 },
+    /// A newer epoch took over while this stream was open.
+    #[error("this stream (epoch {epoch}) was fenced by epoch {by}; stop writing")]
+    Fenced { epoch: u64, by: u64 },
+    /// The destination is stopping.
+    #[error("the destination is shutting down; reconnect to it once it is back")]
+    ShuttingDown,
+    /// An extent of length zero.
+    #[error("extent at offset {offset} has length 0; send only non-empty extents")]
+    EmptyExtent { offset: u64 },
+    /// An extent longer than the limit.
+    #[error("extent at offset {offset} is {len} bytes, over the {max}-byte limit; split it")]
+    ExtentTooLong { offset: u64, len: u32, max: u32 },
+    /// An extent past the end of the image.
+    #[error(
+        "extent {offset}+{len} ends past the image end ({size} bytes); the images differ in size"
+    )]
+    ExtentOutOfBounds { offset: u64, len: u32, size: u64 },
+    /// An unknown encoding value.
+    #[error("extent at offset {offset} has unknown encoding {encoding}; use RAW, ZSTD or ZERO")]
+    BadEncoding { offset: u64, encoding: i32 },
+    /// The payload size does not fit the encoding.
+    #[error("extent at offset {offset} carries {got} payload bytes where {want} are required")]
+    PayloadLength {
+        offset: u64,
+        got: usize,
+        want: usize,
+    },
+    /// No 32-byte blake3 on a data extent.
+    #[error("extent at offset {offset} carries a {got}-byte checksum; send the 32-byte blake3")]
+    MissingChecksum { offset: u64, got: usize },
+    /// The data does not match its checksum.
+    #[error(
+        "extent {offset}+{len} does not match its blake3 checksum; it was not written, resend it"
+    )]
+    ChecksumMismatch { offset: u64, len: u32 },
+    /// The zstd frame could not be decompressed.
+    #[error("extent at offset {offset} is not a valid zstd frame: {source}")]
+    BadZstd {
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The zstd frame decompressed to the wrong size.
+    #[error("extent at offset {offset} decompressed to {got} bytes instead of {want}")]
+    ZstdLength { offset: u64, got: usize, want: u32 },
+    /// An image operation failed.
+    #[error("cannot {action} the image at offset {offset}: {source}")]
+    Image {
+        action: &'static str,
+        offset: u64,
+        #[source]
+        source: ImageError,
+    },
+    /// The epoch file could not be read or written.
+    #[error(
+        "cannot {action} the epoch file {path}: {source}; check the image directory is writable"
+    )]
+    EpochFile {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The epoch file holds garbage.
+    #[error(
+        "the epoch file {path} holds {content:?}, not a number; restore it or remove it only if no older writer can still reach this host"
+    )]
+    EpochFileCorrupt { path: PathBuf, content: String },
+    /// A checksum-tree query failed.
+    #[error("checksum tree: {0}")]
+    CheckTree(#[from] CheckTreeError),
+    /// Too many nodes asked for in one call.
+    #[error(
+        "{asked} checksum-tree nodes asked in one call, over the limit of {max}; ask in batches"
+    )]
+    TooManyNodes { asked: u64, max: u64 },
+    /// `SetExportWritable` on a destination without an NBD export.
+    #[error("this destination has no NBD export to make writable")]
+    NoExport,
+    /// The export refused the change.
+    #[error("cannot change the NBD export: {0}")]
+    Export(String),
+    /// A blocking task died.
+    #[error("a worker task stopped before finishing: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// The client could not reach the server.
+    #[error(
+        "cannot connect to the replica service at {addr}: {source}; check the address, the port and the TLS directory"
+    )]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// A call failed with a gRPC status.
+    #[error("{call} failed: {} ({:?})", .status.message(), .status.code())]
+    Call {
+        call: &'static str,
+        status: tonic::Status,
+    },
+    /// The server closed a stream before answering.
+    #[error(
+        "the destination closed the {what} stream early; reconnect and resend unacknowledged extents"
+    )]
+    StreamClosed { what: &'static str },
+    /// The server answered out of protocol.
+    #[error(
+        "the destination answered {got} where {want} was expected; check both sides run the same protocol version"
+    )]
+    UnexpectedReply { want: &'static str, got: String },
+    /// A local file could not be read (client side).
+    #[error("cannot read {path}: {source}")]
+    ReadSource {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// zstd compression failed (client side).
+    #[error("cannot compress the extent at offset {offset}: {source}")]
+    Compress {
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RpcError {
+    /// The gRPC code a failed call returned, if this error is one.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            RpcError::Call { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+}

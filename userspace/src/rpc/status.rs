@@ -1,0 +1,89 @@
+//! The one place where the replica service's errors become gRPC statuses.
+
+use tonic::{Code, Status};
+
+use super::RpcError;
+use crate::checktree::CheckTreeError;
+
+fn code(err: &RpcError) -> Code {
+    match err {
+        RpcError::NoOpen
+        | RpcError::SecondOpen
+        | RpcError::EmptyMessage
+        | RpcError::EmptyExtent { .. }
+        | RpcError::ExtentTooLong { .. }
+        | RpcError::BadEncoding { .. }
+        | RpcError::PayloadLength { .. }
+        | RpcError::MissingChecksum { .. }
+        | RpcError::BadZstd { .. }
+        | RpcError::ZstdLength { .. }
+        | RpcError::TooManyNodes { .. } => Code::InvalidArgument,
+        RpcError::ExtentOutOfBounds { .. } => Code::OutOfRange,
+        // The data arrived damaged: the sender must resend it.
+        RpcError::ChecksumMismatch { .. } => Code::DataLoss,
+        RpcError::StaleEpoch { .. } | RpcError::Fenced { .. } | RpcError::NoExport => {
+            Code::FailedPrecondition
+        }
+        RpcError::ShuttingDown => Code::Unavailable,
+        RpcError::CheckTree(inner) => match inner {
+            CheckTreeError::BadRegionSize(_)
+            | CheckTreeError::TooManyRegions { .. }
+            | CheckTreeError::NoSuchLevel { .. }
+            | CheckTreeError::NoSuchNode { .. } => Code::InvalidArgument,
+            CheckTreeError::LeafCount { .. }
+            | CheckTreeError::AnswerCount { .. }
+            | CheckTreeError::ShapeMismatch { .. }
+            | CheckTreeError::Read { .. }
+            | CheckTreeError::Task(_) => Code::Internal,
+        },
+        RpcError::Call { status, .. } => status.code(),
+        RpcError::Image { .. }
+        | RpcError::EpochFile { .. }
+        | RpcError::EpochFileCorrupt { .. }
+        | RpcError::Export(_)
+        | RpcError::Task(_)
+        | RpcError::Connect { .. }
+        | RpcError::StreamClosed { .. }
+        | RpcError::UnexpectedReply { .. }
+        | RpcError::ReadSource { .. }
+        | RpcError::Compress { .. } => Code::Internal,
+    }
+}
+
+impl From<RpcError> for Status {
+    fn from(err: RpcError) -> Status {
+        let code = code(&err);
+        if code == Code::Internal {
+            tracing::error!(error = %err, "replica service failure");
+        }
+        Status::new(code, err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_epoch_is_failed_precondition_with_both_epochs_in_the_message() {
+        let status = Status::from(RpcError::StaleEpoch {
+            epoch: 3,
+            highest: 7,
+        });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(status.message().contains("epoch 3"));
+        assert!(status.message().contains("epoch 7"));
+    }
+
+    #[test]
+    fn checksum_mismatch_is_data_loss_and_bounds_are_out_of_range() {
+        let mismatch = Status::from(RpcError::ChecksumMismatch { offset: 0, len: 1 });
+        assert_eq!(mismatch.code(), Code::DataLoss);
+        let bounds = Status::from(RpcError::ExtentOutOfBounds {
+            offset: 10,
+            len: 10,
+            size: 15,
+        });
+        assert_eq!(bounds.code(), Code::OutOfRange);
+    }
+}
