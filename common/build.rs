@@ -37,8 +37,12 @@ fn run(cmd: &mut Command, what: &str) -> Vec<u8> {
 }
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let ebpf = manifest.join("../ebpf").canonicalize().expect("ebpf/ sits beside common/");
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let ebpf = manifest
+        .join("../ebpf")
+        .canonicalize()
+        .expect("ebpf/ sits beside common/");
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     println!("cargo:rerun-if-changed={}", ebpf.display());
     println!("cargo:rerun-if-env-changed=TERN_CLANG");
@@ -62,7 +66,15 @@ fn main() {
     let obj = out.join("tern.bpf.o");
     run(
         Command::new(&clang)
-            .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror", "-D__TARGET_ARCH_x86"])
+            .args([
+                "-target",
+                "bpf",
+                "-O2",
+                "-g",
+                "-Wall",
+                "-Werror",
+                "-D__TARGET_ARCH_x86",
+            ])
             .arg(format!("-I{}", out.display()))
             .arg(format!("-I{}", ebpf.display()))
             .arg("-I/usr/include/x86_64-linux-gnu")

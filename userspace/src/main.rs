@@ -1,1 +1,271 @@
-fn main() {}
+//! The `tern` command: a thin layer over the `tern` library.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tern::trace::TraceReader;
+use tern::trace::export;
+use tern::trace::import::{self, ImportFormat};
+use tern::trace::session::{self, SessionConfig};
+use tern::trace::stats::TraceStats;
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Live migration of a running server's disk, guided by eBPF tracing"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Trace block I/O (and page faults) with eBPF, or work with trace files.
+    Trace(TraceArgs),
+}
+
+#[derive(Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Examples:\n  tern trace --device /dev/loop0 --duration 30s --out loop0.trace\n  tern trace --file /var/lib/vm/disk.img --pid 4242 --out vm.trace\n  tern trace stat loop0.trace\n  tern trace export --format fio-iolog loop0.trace --out replay.iolog\n  tern trace import --format msr prxy_0.csv --out prxy.trace"
+)]
+struct TraceArgs {
+    #[command(subcommand)]
+    command: Option<TraceCommand>,
+    #[command(flatten)]
+    run: TraceRunArgs,
+}
+
+#[derive(Args)]
+struct TraceRunArgs {
+    /// Block device to trace (repeat for several).
+    #[arg(long = "device", value_name = "DEV")]
+    devices: Vec<PathBuf>,
+    /// A disk image on a file system: trace the device under it, in image offsets.
+    #[arg(long, value_name = "IMAGE", conflicts_with = "devices")]
+    file: Option<PathBuf>,
+    /// Only these processes (thread group ids); their page faults are traced too.
+    #[arg(long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
+    /// With --pid: do not trace page faults.
+    #[arg(long)]
+    no_faults: bool,
+    /// Keep only faults in this address range, e.g. 0x7f0000000000-0x7f0010000000.
+    #[arg(long, value_name = "LO-HI")]
+    fault_range: Option<String>,
+    /// Stop after this long (e.g. 30s, 5m); otherwise at Ctrl-C or SIGTERM.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Ring buffer size (a power of two, e.g. 16M).
+    #[arg(long, default_value = "16M")]
+    ring_size: String,
+    /// The trace file to write.
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
+    /// No live summary on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum TraceCommand {
+    /// Summarise a trace file.
+    Stat {
+        file: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a trace to CSV or a fio iolog.
+    Export {
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        file: PathBuf,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// fio-iolog: the file or device fio replays against (default: the traced target's name).
+        #[arg(long)]
+        replay_on: Option<String>,
+    },
+    /// Convert another tool's trace into a Tern trace.
+    Import {
+        #[arg(long, value_enum)]
+        format: ImportFormat,
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    Csv,
+    FioIolog,
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64)> {
+    let (lo, hi) = s
+        .split_once('-')
+        .context("--fault-range takes LO-HI, e.g. 0x7f0000000000-0x7f0010000000")?;
+    let p = |v: &str| -> Result<u64> {
+        let v = v.trim();
+        let n = match v.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => v.parse(),
+        };
+        n.with_context(|| format!("--fault-range: {v:?} is not a number"))
+    };
+    let (lo, hi) = (p(lo)?, p(hi)?);
+    if lo >= hi {
+        bail!("--fault-range: the start must be below the end");
+    }
+    Ok((lo, hi))
+}
+
+fn open_trace(path: &PathBuf) -> Result<TraceReader<BufReader<File>>> {
+    let f = File::open(path).with_context(|| format!("cannot open trace {}", path.display()))?;
+    Ok(TraceReader::new(BufReader::with_capacity(256 * 1024, f))
+        .with_context(|| format!("{}", path.display()))?)
+}
+
+fn output(out: Option<&PathBuf>) -> Result<Box<dyn Write>> {
+    Ok(match out {
+        Some(p) => Box::new(BufWriter::new(
+            File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => Box::new(BufWriter::new(std::io::stdout().lock())),
+    })
+}
+
+fn trace_run(args: TraceRunArgs) -> Result<()> {
+    let ring_bytes = session::parse_size(&args.ring_size).with_context(|| {
+        format!(
+            "--ring-size {:?} is not a size; use e.g. 16M",
+            args.ring_size
+        )
+    })?;
+    let cfg = SessionConfig {
+        devices: args.devices,
+        image: args.file,
+        faults: !args.no_faults && !args.pids.is_empty(),
+        pids: args.pids,
+        fault_range: args.fault_range.as_deref().map(parse_range).transpose()?,
+        duration: args.duration,
+        ring_bytes,
+        out: args
+            .out
+            .unwrap_or_else(|| session::default_out().to_path_buf()),
+        progress: !args.quiet,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal runtime")?;
+    let out = cfg.out.clone();
+    let worker_stop = stop.clone();
+    let totals = runtime.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+        let mut worker = tokio::task::spawn_blocking(move || session::run(&cfg, &worker_stop));
+        loop {
+            tokio::select! {
+                done = &mut worker => break Ok::<_, anyhow::Error>(done.context("the tracing thread panicked")??),
+                // A stop flushes everything: the session drains the ring and writes its end record.
+                _ = term.recv() => stop.store(true, Ordering::Relaxed),
+                _ = int.recv() => stop.store(true, Ordering::Relaxed),
+            }
+        }
+    })?;
+    tracing::info!(
+        block = totals.block_events,
+        faults = totals.fault_events,
+        lost = totals.lost_block + totals.lost_fault,
+        "trace written"
+    );
+    let stats = TraceStats::from_reader(open_trace(&out)?)?;
+    eprint!("{}", stats.render());
+    eprintln!("trace written to {}", out.display());
+    Ok(())
+}
+
+fn trace_command(cmd: TraceCommand) -> Result<()> {
+    match cmd {
+        TraceCommand::Stat { file, json } => {
+            let stats = TraceStats::from_reader(open_trace(&file)?)
+                .with_context(|| format!("{}", file.display()))?;
+            let mut out = output(None)?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &stats)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", stats.render())?;
+            }
+            out.flush()?;
+        }
+        TraceCommand::Export {
+            format,
+            file,
+            out,
+            replay_on,
+        } => {
+            let reader = open_trace(&file)?;
+            let sink = output(out.as_ref())?;
+            let n = match format {
+                ExportFormat::Csv => export::to_csv(reader, sink)?,
+                ExportFormat::FioIolog => export::to_fio_iolog(reader, sink, |name| {
+                    replay_on.clone().unwrap_or_else(|| name.to_string())
+                })?,
+            };
+            eprintln!("exported {n} rows");
+        }
+        TraceCommand::Import { format, input, out } => {
+            let f =
+                File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let totals = import::import(format, &input, BufWriter::new(f))?;
+            eprintln!(
+                "imported {} records into {} ({} other lines passed over)",
+                totals.records,
+                out.display(),
+                totals.skipped_lines
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Trace(t) => match t.command {
+            Some(cmd) => trace_command(cmd),
+            None => trace_run(t.run),
+        },
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line that says what to do; the cause chain follows the colon.
+            eprintln!("tern: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

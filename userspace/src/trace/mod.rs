@@ -1,1 +1,14 @@
-//! The eBPF tracer and its trace files.
+//! The eBPF tracer and its trace files: the first stage of Tern's data flow.
+
+pub mod device;
+pub mod export;
+pub mod fiemap;
+pub mod format;
+pub mod import;
+pub mod record;
+pub mod session;
+pub mod stats;
+pub mod tracer;
+
+pub use format::{TraceFileError, TraceHeader, TraceReader, TraceWriter};
+pub use record::{BlockRecord, FaultRecord, Gap, Op, Record};

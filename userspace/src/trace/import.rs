@@ -1,0 +1,509 @@
+//! Converting other tools' traces into Tern traces: blkparse text, Tern's own
+//! CSV, and MSR-Cambridge-style CSV. Each input is read twice: once to learn
+//! the targets (the header comes first), once to convert, streaming.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use super::format::{Target, TargetKind, TraceFileError, TraceHeader, TraceWriter};
+use super::record::{
+    BlockRecord, EndRecord, FaultRecord, Gap, Op, ProcessRecord, Record, block_flags, fault_flags,
+};
+
+/// Errors importing a trace.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The input cannot be opened or read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A line is not in the format.
+    #[error("{path}:{line}: {what}")]
+    Parse {
+        path: PathBuf,
+        line: u64,
+        what: String,
+    },
+    /// Nothing importable was found.
+    #[error("{path} holds no {format} I/O events; is it the right --format?")]
+    Empty { path: PathBuf, format: &'static str },
+    #[error(transparent)]
+    Trace(#[from] TraceFileError),
+}
+
+/// The formats `tern trace import` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImportFormat {
+    /// blktrace's blkparse default text output.
+    Blkparse,
+    /// Tern's own CSV export.
+    Csv,
+    /// MSR-Cambridge-style CSV: Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime.
+    Msr,
+}
+
+impl ImportFormat {
+    fn name(self) -> &'static str {
+        match self {
+            ImportFormat::Blkparse => "blkparse",
+            ImportFormat::Csv => "csv",
+            ImportFormat::Msr => "msr",
+        }
+    }
+}
+
+/// Counts of an import.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImportTotals {
+    pub records: u64,
+    /// Lines that are not events (summaries, comments) and were passed over.
+    pub skipped_lines: u64,
+}
+
+/// An event parsed from one input line, before targets have indices.
+enum Parsed {
+    Block {
+        target: String,
+        rec: BlockRecord,
+        comm: Option<String>,
+    },
+    Fault(FaultRecord),
+    Gap(Gap),
+    /// blkparse: a completion to match against an issue.
+    Complete {
+        target: String,
+        sector_byte: u64,
+        ts_ns: u64,
+    },
+    Skip,
+}
+
+struct Lines {
+    path: PathBuf,
+    inner: std::io::Lines<BufReader<File>>,
+    line: u64,
+}
+
+impl Lines {
+    fn open(path: &Path) -> Result<Self, ImportError> {
+        let f = File::open(path).map_err(|source| ImportError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Lines {
+            path: path.to_path_buf(),
+            inner: BufReader::new(f).lines(),
+            line: 0,
+        })
+    }
+
+    fn next_line(&mut self) -> Result<Option<String>, ImportError> {
+        match self.inner.next() {
+            None => Ok(None),
+            Some(Ok(l)) => {
+                self.line += 1;
+                Ok(Some(l))
+            }
+            Some(Err(source)) => Err(ImportError::Read {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    fn err(&self, what: impl Into<String>) -> ImportError {
+        ImportError::Parse {
+            path: self.path.clone(),
+            line: self.line,
+            what: what.into(),
+        }
+    }
+}
+
+fn num<T: std::str::FromStr>(lines: &Lines, field: &str, what: &str) -> Result<T, ImportError> {
+    field
+        .trim()
+        .parse()
+        .map_err(|_| lines.err(format!("{what} {field:?} is not a number")))
+}
+
+/// `12.345678901` seconds → nanoseconds, exactly.
+fn seconds_to_ns(lines: &Lines, s: &str) -> Result<u64, ImportError> {
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    let whole: u64 = num(lines, whole, "time")?;
+    let mut digits: String = frac.chars().take(9).collect();
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    let frac: u64 = num(lines, &digits, "time")?;
+    Ok(whole * 1_000_000_000 + frac)
+}
+
+/// blkparse's RWBS field: e.g. `WS`, `FWFS` (preflush, write, FUA, sync), `R`, `D`, `F`.
+fn parse_rwbs(rwbs: &str) -> Option<(Op, u32)> {
+    let mut chars: Vec<char> = rwbs.chars().collect();
+    let mut flags = 0;
+    if chars.len() > 1 && chars[0] == 'F' && matches!(chars[1], 'W' | 'R' | 'D' | 'N' | 'F') {
+        flags |= block_flags::PREFLUSH;
+        chars.remove(0);
+    }
+    let op = match chars.first()? {
+        'W' => Op::Write,
+        'R' => Op::Read,
+        'D' => Op::Discard,
+        'F' => Op::Flush,
+        'N' => Op::Other,
+        _ => return None,
+    };
+    for c in &chars[1..] {
+        match c {
+            'F' => flags |= block_flags::FUA,
+            'S' => flags |= block_flags::SYNC,
+            'M' => flags |= block_flags::META,
+            'A' | 'E' | 'Z' => {}
+            _ => return None,
+        }
+    }
+    Some((op, flags))
+}
+
+fn parse_blkparse(lines: &Lines, line: &str) -> Result<Parsed, ImportError> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    // Event lines start with "maj,min"; summaries and headers do not.
+    let Some((maj, min)) = f.first().and_then(|d| d.split_once(',')) else {
+        return Ok(Parsed::Skip);
+    };
+    if maj.parse::<u32>().is_err() || min.parse::<u32>().is_err() || f.len() < 7 {
+        return Ok(Parsed::Skip);
+    }
+    let action = f[5];
+    if !matches!(action, "D" | "C") {
+        return Ok(Parsed::Skip);
+    }
+    // "D WS 2048 + 8 [comm]"; a flush has no "+ n".
+    let ts_ns = seconds_to_ns(lines, f[3])?;
+    let pid: u32 = num(lines, f[4], "pid")?;
+    let (op, flags) =
+        parse_rwbs(f[6]).ok_or_else(|| lines.err(format!("unknown RWBS {:?}", f[6])))?;
+    let target = format!("{maj}:{min}");
+    let (sector, sectors) = if f.len() >= 10 && f[8] == "+" {
+        (
+            num::<u64>(lines, f[7], "sector")?,
+            num::<u64>(lines, f[9], "sector count")?,
+        )
+    } else {
+        (0, 0)
+    };
+    if action == "C" {
+        return Ok(Parsed::Complete {
+            target,
+            sector_byte: sector * 512,
+            ts_ns,
+        });
+    }
+    let comm = line
+        .rfind('[')
+        .and_then(|i| line[i + 1..].strip_suffix(']').map(str::to_string))
+        .filter(|c| !c.is_empty());
+    Ok(Parsed::Block {
+        target,
+        rec: BlockRecord {
+            ts_ns,
+            offset: sector * 512,
+            latency_ns: 0,
+            len: (sectors * 512) as u32,
+            pid,
+            flags,
+            target: 0,
+            op,
+        },
+        comm,
+    })
+}
+
+/// Splits one CSV line, honouring double quotes.
+fn split_csv(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+fn parse_tern_csv(lines: &Lines, line: &str) -> Result<Parsed, ImportError> {
+    if line.starts_with("kind,") || line.trim().is_empty() {
+        return Ok(Parsed::Skip);
+    }
+    let f = split_csv(line);
+    if f.len() != 14 {
+        return Err(lines.err(format!(
+            "expected 14 columns ({}), found {}",
+            super::export::CSV_HEADER,
+            f.len()
+        )));
+    }
+    let opt_num = |s: &str, what: &str| -> Result<u64, ImportError> {
+        if s.is_empty() {
+            Ok(0)
+        } else {
+            num(lines, s, what)
+        }
+    };
+    match f[0].as_str() {
+        "block" => {
+            let op =
+                Op::from_name(&f[4]).ok_or_else(|| lines.err(format!("unknown op {:?}", f[4])))?;
+            let flags = block_flags::parse(&f[11])
+                .ok_or_else(|| lines.err(format!("unknown flags {:?}", f[11])))?;
+            Ok(Parsed::Block {
+                target: f[3].clone(),
+                rec: BlockRecord {
+                    ts_ns: num(lines, &f[1], "ts_ns")?,
+                    offset: num(lines, &f[5], "offset")?,
+                    latency_ns: opt_num(&f[7], "latency_ns")?,
+                    len: num(lines, &f[6], "len")?,
+                    pid: opt_num(&f[8], "pid")? as u32,
+                    flags,
+                    target: 0,
+                    op,
+                },
+                comm: Some(f[12].clone()).filter(|c| !c.is_empty()),
+            })
+        }
+        "fault" => {
+            let mut flags = 0;
+            for part in f[11].split('|').filter(|p| !p.is_empty()) {
+                flags |= match part {
+                    "write" => fault_flags::WRITE,
+                    "present" => fault_flags::PRESENT,
+                    "instr" => fault_flags::INSTR,
+                    other => return Err(lines.err(format!("unknown fault flag {other:?}"))),
+                };
+            }
+            Ok(Parsed::Fault(FaultRecord {
+                ts_ns: num(lines, &f[1], "ts_ns")?,
+                address: num(lines, &f[5], "address")?,
+                ip: opt_num(&f[10], "ip")?,
+                pid: opt_num(&f[8], "pid")? as u32,
+                tid: opt_num(&f[9], "tid")? as u32,
+                flags,
+            }))
+        }
+        "gap" => Ok(Parsed::Gap(Gap {
+            start_ns: num(lines, &f[1], "ts_ns")?,
+            end_ns: num(lines, &f[2], "end_ns")?,
+            lost_block: opt_num(&f[13], "lost")?,
+            lost_fault: 0,
+        })),
+        other => Err(lines.err(format!("unknown row kind {other:?} (block, fault or gap)"))),
+    }
+}
+
+/// MSR Cambridge: Windows filetime (100 ns ticks), host, disk, Read/Write, offset, size, response time (100 ns).
+fn parse_msr(lines: &Lines, line: &str, t0: &mut Option<u64>) -> Result<Parsed, ImportError> {
+    let f: Vec<&str> = line.split(',').map(str::trim).collect();
+    if f.len() < 7 {
+        if line.trim().is_empty() {
+            return Ok(Parsed::Skip);
+        }
+        return Err(lines.err(format!("expected 7 columns (Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime), found {}", f.len())));
+    }
+    if f[0].eq_ignore_ascii_case("timestamp") {
+        return Ok(Parsed::Skip);
+    }
+    let ticks: u64 = num(lines, f[0], "timestamp")?;
+    let base = *t0.get_or_insert(ticks);
+    let op = match f[3].to_ascii_lowercase().as_str() {
+        "read" | "r" => Op::Read,
+        "write" | "w" => Op::Write,
+        other => return Err(lines.err(format!("unknown type {other:?} (Read or Write)"))),
+    };
+    Ok(Parsed::Block {
+        target: format!("{}/{}", f[1], f[2]),
+        rec: BlockRecord {
+            ts_ns: ticks.saturating_sub(base) * 100,
+            offset: num(lines, f[4], "offset")?,
+            latency_ns: num::<u64>(lines, f[6], "response time")? * 100,
+            len: num(lines, f[5], "size")?,
+            pid: 0,
+            flags: 0,
+            target: 0,
+            op,
+        },
+        comm: None,
+    })
+}
+
+fn parse(
+    format: ImportFormat,
+    lines: &Lines,
+    line: &str,
+    t0: &mut Option<u64>,
+) -> Result<Parsed, ImportError> {
+    match format {
+        ImportFormat::Blkparse => parse_blkparse(lines, line),
+        ImportFormat::Csv => parse_tern_csv(lines, line),
+        ImportFormat::Msr => parse_msr(lines, line, t0),
+    }
+}
+
+/// Pending blkparse issues awaiting their completion, bounded.
+const PENDING_MAX: usize = 100_000;
+
+/// Converts `input` into a Tern trace written to `out`.
+pub fn import<W: Write>(
+    format: ImportFormat,
+    input: &Path,
+    out: W,
+) -> Result<ImportTotals, ImportError> {
+    // Pass 1: targets and their extents, so the header can come first.
+    let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut events = 0u64;
+    {
+        let mut lines = Lines::open(input)?;
+        let mut t0 = None;
+        while let Some(line) = lines.next_line()? {
+            if let Parsed::Block { target, rec, .. } = parse(format, &lines, &line, &mut t0)? {
+                let end = rec.offset + u64::from(rec.len);
+                let e = sizes.entry(target).or_default();
+                *e = (*e).max(end);
+                events += 1;
+            }
+        }
+    }
+    if events == 0 && format != ImportFormat::Csv {
+        return Err(ImportError::Empty {
+            path: input.to_path_buf(),
+            format: format.name(),
+        });
+    }
+    let index: HashMap<String, u16> = sizes
+        .keys()
+        .enumerate()
+        .map(|(i, k)| (k.clone(), i as u16))
+        .collect();
+    let header = TraceHeader {
+        kernel_release: String::new(),
+        hostname: String::new(),
+        start_wall_unix_ns: 0,
+        start_monotonic_ns: 0,
+        sector_size: 512,
+        targets: sizes
+            .iter()
+            .map(|(name, size)| Target {
+                name: name.clone(),
+                kind: TargetKind::Device,
+                dev: (format == ImportFormat::Blkparse).then(|| name.clone()),
+                size_bytes: *size,
+                logical_block_size: 512,
+            })
+            .collect(),
+        fault_pids: Vec::new(),
+        source: format!("import:{}", format.name()),
+    };
+
+    // Pass 2: convert.
+    let mut w = TraceWriter::new(out, &header)?;
+    let mut totals = ImportTotals::default();
+    let mut comms: HashMap<u32, String> = HashMap::new();
+    let mut pending: HashMap<(u16, u64), BlockRecord> = HashMap::new();
+    let mut last_ts = 0;
+    let mut lines = Lines::open(input)?;
+    let mut t0 = None;
+    let block = |w: &mut TraceWriter<W>,
+                 rec: BlockRecord,
+                 totals: &mut ImportTotals|
+     -> Result<(), ImportError> {
+        w.push(&Record::Block(rec))?;
+        totals.records += 1;
+        Ok(())
+    };
+    while let Some(line) = lines.next_line()? {
+        match parse(format, &lines, &line, &mut t0)? {
+            Parsed::Skip => totals.skipped_lines += 1,
+            Parsed::Block {
+                target,
+                mut rec,
+                comm,
+            } => {
+                rec.target = index[&target];
+                last_ts = last_ts.max(rec.ts_ns);
+                if let Some(comm) = comm
+                    && rec.pid != 0
+                    && comms.get(&rec.pid) != Some(&comm)
+                {
+                    comms.insert(rec.pid, comm.clone());
+                    w.push(&Record::Process(ProcessRecord {
+                        ts_ns: rec.ts_ns,
+                        pid: rec.pid,
+                        comm,
+                    }))?;
+                }
+                if format == ImportFormat::Blkparse && rec.op != Op::Flush {
+                    if pending.len() >= PENDING_MAX {
+                        for (_, r) in pending.drain() {
+                            block(&mut w, r, &mut totals)?;
+                        }
+                    }
+                    if let Some(prev) = pending.insert((rec.target, rec.offset), rec) {
+                        block(&mut w, prev, &mut totals)?;
+                    }
+                } else {
+                    block(&mut w, rec, &mut totals)?;
+                }
+            }
+            Parsed::Complete {
+                target,
+                sector_byte,
+                ts_ns,
+            } => {
+                last_ts = last_ts.max(ts_ns);
+                let Some(&t) = index.get(&target) else {
+                    continue;
+                };
+                if let Some(mut rec) = pending.remove(&(t, sector_byte)) {
+                    rec.latency_ns = ts_ns.saturating_sub(rec.ts_ns);
+                    block(&mut w, rec, &mut totals)?;
+                }
+            }
+            Parsed::Fault(f) => {
+                last_ts = last_ts.max(f.ts_ns);
+                w.push(&Record::Fault(f))?;
+                totals.records += 1;
+            }
+            Parsed::Gap(g) => {
+                last_ts = last_ts.max(g.end_ns);
+                w.push(&Record::Gap(g))?;
+                totals.records += 1;
+            }
+        }
+    }
+    // Issues never seen completing keep an unknown latency.
+    let mut rest: Vec<BlockRecord> = pending.into_values().collect();
+    rest.sort_by_key(|r| r.ts_ns);
+    for r in rest {
+        block(&mut w, r, &mut totals)?;
+    }
+    w.finish(EndRecord {
+        ts_ns: last_ts,
+        block_events: totals.records,
+        ..EndRecord::default()
+    })?;
+    Ok(totals)
+}

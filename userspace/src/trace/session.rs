@@ -1,0 +1,497 @@
+//! A tracing session: tracer events → records in the trace's coordinates →
+//! the trace file, with gaps for lost events and a live summary.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tern_common::{BlockEvent, FaultEvent};
+
+use super::device::{self, BlockDevice, DeviceError};
+use super::fiemap::{FiemapError, ImageMap};
+use super::format::{Target, TargetKind, TraceFileError, TraceHeader, TraceWriter};
+use super::record::{BlockRecord, EndRecord, FaultRecord, Gap, Op, ProcessRecord, Record};
+use super::tracer::{Event, Tracer, TracerConfig, TracerError};
+
+/// Errors of a tracing session.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Fiemap(#[from] FiemapError),
+    #[error(transparent)]
+    Tracer(#[from] TracerError),
+    #[error(transparent)]
+    File(#[from] TraceFileError),
+    /// Nothing to trace.
+    #[error("nothing to trace: give at least one --device or a --file")]
+    NoTarget,
+    /// The output cannot be created.
+    #[error("cannot create trace file {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a session traces and where it writes.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub devices: Vec<PathBuf>,
+    pub image: Option<PathBuf>,
+    pub pids: Vec<u32>,
+    pub faults: bool,
+    pub fault_range: Option<(u64, u64)>,
+    pub duration: Option<Duration>,
+    pub ring_bytes: u64,
+    pub out: PathBuf,
+    /// Print the live one-line summary on stderr.
+    pub progress: bool,
+}
+
+/// Totals of a finished session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionTotals {
+    pub block_events: u64,
+    pub fault_events: u64,
+    pub lost_block: u64,
+    pub lost_fault: u64,
+    pub gaps: u64,
+    pub outside_image: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// How device events become records.
+enum Mapping {
+    /// Device targets: kernel disk dev_t → (target index, partition start).
+    Devices(HashMap<u32, (u16, u64)>),
+    /// One image: device bytes → image offsets.
+    Image {
+        map: ImageMap,
+        disk_dev: u32,
+        last_refresh: Instant,
+    },
+}
+
+const PROCESS_CACHE: usize = 65_536;
+const FIEMAP_REFRESH: Duration = Duration::from_secs(1);
+const FIEMAP_MISS_REFRESH: Duration = Duration::from_millis(100);
+
+struct Recorder {
+    writer: TraceWriter<BufWriter<File>>,
+    start_mono: u64,
+    mapping: Mapping,
+    comms: HashMap<u32, [core::ffi::c_char; 16]>,
+    totals: SessionTotals,
+    /// Lost counters at the last look, and when that look was (monotonic ns).
+    lost_seen: (u64, u64),
+    last_check: u64,
+}
+
+impl Recorder {
+    fn rel(&self, ts: u64) -> u64 {
+        ts.saturating_sub(self.start_mono)
+    }
+
+    fn note_process(&mut self, ev: &BlockEvent) -> Result<(), TraceFileError> {
+        if ev.pid == 0 || self.comms.get(&ev.pid) == Some(&ev.comm) {
+            return Ok(());
+        }
+        if self.comms.len() >= PROCESS_CACHE {
+            self.comms.clear();
+        }
+        self.comms.insert(ev.pid, ev.comm);
+        let rec = ProcessRecord {
+            ts_ns: self.rel(ev.ts_ns),
+            pid: ev.pid,
+            comm: tern_common::comm_str(&ev.comm).to_string(),
+        };
+        self.writer.push(&Record::Process(rec))
+    }
+
+    fn block(&mut self, ev: &BlockEvent) -> Result<(), SessionError> {
+        self.note_process(ev)?;
+        let op = Op::from_abi(ev.op);
+        self.totals.block_events += 1;
+        match op {
+            Op::Read => self.totals.read_bytes += u64::from(ev.bytes),
+            Op::Write | Op::WriteZeroes | Op::Discard => {
+                self.totals.write_bytes += u64::from(ev.bytes)
+            }
+            _ => {}
+        }
+        let base = BlockRecord {
+            ts_ns: self.rel(ev.ts_ns),
+            offset: 0,
+            latency_ns: ev.latency_ns,
+            len: ev.bytes,
+            pid: ev.pid,
+            flags: ev.flags,
+            target: 0,
+            op,
+        };
+        let disk_byte = ev.sector.saturating_mul(512);
+        match &mut self.mapping {
+            Mapping::Devices(targets) => {
+                let Some(&(target, start)) = targets.get(&ev.dev) else {
+                    return Ok(());
+                };
+                let offset = if op == Op::Flush {
+                    0
+                } else {
+                    disk_byte.saturating_sub(start)
+                };
+                self.writer.push(&Record::Block(BlockRecord {
+                    target,
+                    offset,
+                    ..base
+                }))?;
+            }
+            Mapping::Image {
+                map,
+                disk_dev,
+                last_refresh,
+            } => {
+                if ev.dev != *disk_dev {
+                    return Ok(());
+                }
+                if op == Op::Flush || ev.bytes == 0 {
+                    self.writer.push(&Record::Block(base))?;
+                    return Ok(());
+                }
+                let len = u64::from(ev.bytes);
+                let mut mapped: Vec<(u64, u64)> = map.map(disk_byte, len).collect();
+                if mapped.iter().map(|(_, l)| l).sum::<u64>() < len
+                    && last_refresh.elapsed() >= FIEMAP_MISS_REFRESH
+                {
+                    // A write into blocks allocated since the last look: look again.
+                    map.refresh()?;
+                    *last_refresh = Instant::now();
+                    mapped = map.map(disk_byte, len).collect();
+                }
+                let inside: u64 = mapped.iter().map(|(_, l)| l).sum();
+                if inside < len {
+                    self.totals.outside_image += 1;
+                }
+                for (offset, part) in mapped {
+                    self.writer.push(&Record::Block(BlockRecord {
+                        offset,
+                        len: part as u32,
+                        ..base
+                    }))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fault(&mut self, ev: &FaultEvent) -> Result<(), TraceFileError> {
+        self.totals.fault_events += 1;
+        self.writer.push(&Record::Fault(FaultRecord {
+            ts_ns: self.rel(ev.ts_ns),
+            address: ev.address,
+            ip: ev.ip,
+            pid: ev.pid,
+            tid: ev.tid,
+            flags: ev.flags,
+        }))
+    }
+
+    /// Marks a gap when the kernel dropped events since the last look.
+    fn check_lost(&mut self, tracer: &Tracer) -> Result<(), SessionError> {
+        let now = monotonic_ns();
+        let lost = tracer.lost()?;
+        if lost != self.lost_seen {
+            // Anything may have happened between the last look and now.
+            self.writer.push(&Record::Gap(Gap {
+                start_ns: self.rel(self.last_check),
+                end_ns: self.rel(now),
+                lost_block: lost.0 - self.lost_seen.0,
+                lost_fault: lost.1 - self.lost_seen.1,
+            }))?;
+            self.totals.gaps += 1;
+            self.totals.lost_block = lost.0;
+            self.totals.lost_fault = lost.1;
+            self.lost_seen = lost;
+        }
+        self.last_check = now;
+        Ok(())
+    }
+
+    fn event(&mut self, ev: &Event) -> Result<(), SessionError> {
+        match ev {
+            Event::Block(b) => self.block(b),
+            Event::Fault(f) => Ok(self.fault(f)?),
+        }
+    }
+}
+
+/// The header and mapping for what the config names.
+fn targets(
+    cfg: &SessionConfig,
+) -> Result<(Vec<Target>, Vec<(u32, device::IoPath)>, Mapping), SessionError> {
+    if let Some(image) = &cfg.image {
+        let map = ImageMap::open(image)?;
+        let dev = map.device.clone();
+        let target = Target {
+            name: image.display().to_string(),
+            kind: TargetKind::Image,
+            dev: Some(dev.numbers()),
+            size_bytes: map.image_size,
+            logical_block_size: dev.logical_block_size,
+        };
+        let disk_dev = dev.kernel_disk_dev();
+        let mapping = Mapping::Image {
+            map,
+            disk_dev,
+            last_refresh: Instant::now(),
+        };
+        return Ok((vec![target], vec![(disk_dev, dev.io_path)], mapping));
+    }
+    if cfg.devices.is_empty() {
+        return Err(SessionError::NoTarget);
+    }
+    let mut list = Vec::new();
+    let mut filters = Vec::new();
+    let mut by_dev = HashMap::new();
+    for (i, path) in cfg.devices.iter().enumerate() {
+        let dev = BlockDevice::open(path)?;
+        list.push(Target {
+            name: path.display().to_string(),
+            kind: TargetKind::Device,
+            dev: Some(dev.numbers()),
+            size_bytes: dev.size_bytes,
+            logical_block_size: dev.logical_block_size,
+        });
+        // Two partitions of one disk: events map to the first by disk; keep one filter entry.
+        by_dev
+            .entry(dev.kernel_disk_dev())
+            .or_insert((i as u16, dev.start_bytes));
+        filters.push((dev.kernel_disk_dev(), dev.io_path));
+    }
+    filters.dedup();
+    Ok((list, filters, Mapping::Devices(by_dev)))
+}
+
+struct Progress {
+    enabled: bool,
+    terminal: bool,
+    last: Instant,
+    last_totals: SessionTotals,
+    every: Duration,
+}
+
+impl Progress {
+    fn tick(&mut self, totals: &SessionTotals, lost: u64, force: bool) {
+        if !self.enabled || (!force && self.last.elapsed() < self.every) {
+            return;
+        }
+        let dt = self.last.elapsed().as_secs_f64().max(1e-3);
+        let ev = (totals.block_events + totals.fault_events)
+            - (self.last_totals.block_events + self.last_totals.fault_events);
+        let line = format!(
+            "tern trace: {:>8.0} events/s  read {:>8.1} MB/s  write {:>8.1} MB/s  lost {}  ({} events in {:.0?})",
+            ev as f64 / dt,
+            (totals.read_bytes - self.last_totals.read_bytes) as f64 / dt / 1e6,
+            (totals.write_bytes - self.last_totals.write_bytes) as f64 / dt / 1e6,
+            lost,
+            totals.block_events + totals.fault_events,
+            totals.elapsed,
+        );
+        let mut err = std::io::stderr().lock();
+        // A progress line that cannot be printed is not worth failing the trace over.
+        let _ = if self.terminal {
+            write!(err, "\r{line}\x1b[K")
+        } else {
+            writeln!(err, "{line}")
+        };
+        self.last = Instant::now();
+        self.last_totals = *totals;
+    }
+}
+
+/// Runs a session until `stop` is set or the duration passes, then flushes everything.
+pub fn run(cfg: &SessionConfig, stop: &Arc<AtomicBool>) -> Result<SessionTotals, SessionError> {
+    device::check_tracing_preconditions()?;
+    let (target_list, filters, mapping) = targets(cfg)?;
+    let tracer_cfg = TracerConfig {
+        devices: filters,
+        pids: cfg.pids.clone(),
+        faults: cfg.faults,
+        fault_range: cfg.fault_range,
+        ring_bytes: cfg.ring_bytes,
+    };
+    let file = File::create(&cfg.out).map_err(|source| SessionError::Create {
+        path: cfg.out.clone(),
+        source,
+    })?;
+    let mut tracer = Tracer::start(&tracer_cfg)?;
+    let started = Instant::now();
+    let start_mono = monotonic_ns();
+    let header = TraceHeader {
+        kernel_release: device::kernel_release(),
+        hostname: device::hostname(),
+        start_wall_unix_ns: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+        start_monotonic_ns: start_mono,
+        sector_size: 512,
+        targets: target_list,
+        fault_pids: if cfg.faults {
+            cfg.pids.clone()
+        } else {
+            Vec::new()
+        },
+        source: "ebpf".into(),
+    };
+    let writer = TraceWriter::new(BufWriter::with_capacity(256 * 1024, file), &header)?;
+    let mut rec = Recorder {
+        writer,
+        start_mono,
+        mapping,
+        comms: HashMap::new(),
+        totals: SessionTotals::default(),
+        lost_seen: (0, 0),
+        last_check: start_mono,
+    };
+    let terminal = std::io::stderr().is_terminal();
+    let mut progress = Progress {
+        enabled: cfg.progress,
+        terminal,
+        last: Instant::now(),
+        last_totals: SessionTotals::default(),
+        every: if terminal {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        },
+    };
+    let mut last_flush = Instant::now();
+    let mut failure: Option<SessionError> = None;
+
+    loop {
+        let done =
+            stop.load(Ordering::Relaxed) || cfg.duration.is_some_and(|d| started.elapsed() >= d);
+        let polled = tracer.poll(Duration::from_millis(10), |ev| {
+            if failure.is_none()
+                && let Err(e) = rec.event(&ev)
+            {
+                failure = Some(e);
+            }
+        });
+        if let Err(e) = polled {
+            failure.get_or_insert(e.into());
+        }
+        if let Some(e) = failure.take() {
+            return Err(e);
+        }
+        rec.check_lost(&tracer)?;
+        rec.totals.elapsed = started.elapsed();
+        if let Mapping::Image {
+            map, last_refresh, ..
+        } = &mut rec.mapping
+            && last_refresh.elapsed() >= FIEMAP_REFRESH
+        {
+            map.refresh()?;
+            *last_refresh = Instant::now();
+        }
+        if last_flush.elapsed() >= Duration::from_secs(1) {
+            // A reader (or a crash) sees at most a second less than was traced.
+            rec.writer.flush()?;
+            last_flush = Instant::now();
+        }
+        progress.tick(&rec.totals, rec.lost_seen.0 + rec.lost_seen.1, false);
+        if done {
+            break;
+        }
+    }
+    tracer.drain(|ev| {
+        if failure.is_none()
+            && let Err(e) = rec.event(&ev)
+        {
+            failure = Some(e);
+        }
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    rec.check_lost(&tracer)?;
+    drop(tracer);
+    rec.totals.elapsed = started.elapsed();
+    progress.tick(&rec.totals, rec.lost_seen.0 + rec.lost_seen.1, true);
+    if progress.enabled && terminal {
+        let _ = writeln!(std::io::stderr());
+    }
+    let end = EndRecord {
+        ts_ns: rec.rel(monotonic_ns()),
+        block_events: rec.totals.block_events,
+        fault_events: rec.totals.fault_events,
+        lost_events: rec.lost_seen.0 + rec.lost_seen.1,
+        outside_image: rec.totals.outside_image,
+    };
+    let mut out = rec.writer.finish(end)?;
+    out.flush().map_err(TraceFileError::from)?;
+    Ok(rec.totals)
+}
+
+/// Parses `16M`, `4096`, `1G` into bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let mult = match s[i..]
+                .to_ascii_lowercase()
+                .trim_end_matches('b')
+                .trim_end_matches('i')
+            {
+                "" => 1,
+                "k" => 1 << 10,
+                "m" => 1 << 20,
+                "g" => 1 << 30,
+                "t" => 1 << 40,
+                _ => return None,
+            };
+            (&s[..i], mult)
+        }
+        None => (s, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// The default trace path for `tern trace` when none is given.
+pub fn default_out() -> &'static Path {
+    Path::new("tern.trace")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("16M"), Some(16 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("4k"), Some(4096));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size("3Q"), None);
+    }
+}

@@ -1,0 +1,274 @@
+//! Loads the CO-RE eBPF object with aya, sets its filters, attaches the hooks
+//! and reads events from the one ring buffer.
+
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::BtfTracePoint;
+use aya::{Btf, Ebpf, EbpfLoader};
+use tern_common::{self as abi, BlockEvent, FaultEvent};
+
+use super::device::IoPath;
+
+/// Errors loading or running the eBPF tracer.
+#[derive(Debug, thiserror::Error)]
+pub enum TracerError {
+    /// The ring size is not usable.
+    #[error(
+        "ring buffer size {0} bytes is not valid: give a power of two from 4 KiB to 1 GiB, e.g. --ring-size 16M"
+    )]
+    RingSize(u64),
+    /// The kernel's BTF cannot be read.
+    #[error("cannot read the kernel's BTF: {0}")]
+    Btf(String),
+    /// The object failed to load.
+    #[error("loading the eBPF object failed: {0}")]
+    Load(String),
+    /// A program failed to load or attach.
+    #[error("eBPF program {program} failed to {step}: {reason}")]
+    Program {
+        program: &'static str,
+        step: &'static str,
+        reason: String,
+    },
+    /// A map is missing or failed.
+    #[error("eBPF map {map}: {reason}")]
+    Map { map: &'static str, reason: String },
+    /// Too many devices or pids for the filter maps.
+    #[error("too many {what}: at most {max} can be traced at once")]
+    TooMany { what: &'static str, max: usize },
+    /// poll(2) on the ring buffer failed.
+    #[error("waiting on the ring buffer failed: {0}")]
+    Poll(std::io::Error),
+}
+
+const MAX_DEVICES: usize = 64;
+const MAX_PIDS: usize = 1024;
+
+/// What to trace.
+#[derive(Debug, Clone)]
+pub struct TracerConfig {
+    /// Whole-disk kernel dev_t and how its I/O is issued.
+    pub devices: Vec<(u32, IoPath)>,
+    /// Thread groups to trace; empty for all (block) — faults are traced only for these.
+    pub pids: Vec<u32>,
+    /// Trace page faults of `pids`.
+    pub faults: bool,
+    /// Fault addresses to keep, `[lo, hi)`.
+    pub fault_range: Option<(u64, u64)>,
+    /// Ring buffer size in bytes (a power of two, at least a page).
+    pub ring_bytes: u64,
+}
+
+/// A decoded ring-buffer event.
+#[derive(Debug, Clone, Copy)]
+pub enum Event {
+    Block(BlockEvent),
+    Fault(FaultEvent),
+}
+
+/// The loaded, attached tracer. Dropping it detaches every hook.
+pub struct Tracer {
+    _bpf: Ebpf,
+    ring: RingBuf<MapData>,
+    lost: PerCpuArray<MapData, u64>,
+    /// Records of unknown kind or size: a bug if ever non-zero, counted not logged.
+    pub malformed: u64,
+}
+
+fn program(bpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), TracerError> {
+    let prog: &mut BtfTracePoint = bpf
+        .program_mut(name)
+        .ok_or(TracerError::Program {
+            program: name,
+            step: "be found",
+            reason: "not in the object".into(),
+        })?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| TracerError::Program {
+            program: name,
+            step: "load",
+            reason: e.to_string(),
+        })?;
+    prog.load(name, btf).map_err(|e| TracerError::Program {
+        program: name,
+        step: "load",
+        reason: format!("{e:#}"),
+    })?;
+    prog.attach().map_err(|e| TracerError::Program {
+        program: name,
+        step: "attach",
+        reason: e.to_string(),
+    })?;
+    Ok(())
+}
+
+impl Tracer {
+    pub fn start(cfg: &TracerConfig) -> Result<Self, TracerError> {
+        let ring = cfg.ring_bytes;
+        if !ring.is_power_of_two() || !(4096..=1 << 30).contains(&ring) {
+            return Err(TracerError::RingSize(ring));
+        }
+        if cfg.devices.len() > MAX_DEVICES {
+            return Err(TracerError::TooMany {
+                what: "devices",
+                max: MAX_DEVICES,
+            });
+        }
+        if cfg.pids.len() > MAX_PIDS {
+            return Err(TracerError::TooMany {
+                what: "pids",
+                max: MAX_PIDS,
+            });
+        }
+        let btf = Btf::from_sys_fs().map_err(|e| TracerError::Btf(e.to_string()))?;
+        let pids_on: u32 = u32::from(!cfg.pids.is_empty());
+        let (lo, hi) = cfg.fault_range.unwrap_or((0, u64::MAX));
+        // Wake the reader at a quarter full: fewer wake-ups, and still room while it drains.
+        let wakeup: u64 = (ring / 4).min(256 * 1024);
+        let mut bpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .map_max_entries("events", ring as u32)
+            .override_global("filter_pids_on", &pids_on, true)
+            .override_global("fault_addr_lo", &lo, true)
+            .override_global("fault_addr_hi", &hi, true)
+            .override_global("wakeup_bytes", &wakeup, true)
+            .load(abi::BPF_OBJECT)
+            .map_err(|e| TracerError::Load(format!("{e:#}")))?;
+
+        {
+            let mut devices: BpfHashMap<_, u32, u32> =
+                BpfHashMap::try_from(bpf.map_mut("devices").ok_or(TracerError::Map {
+                    map: "devices",
+                    reason: "missing".into(),
+                })?)
+                .map_err(|e| TracerError::Map {
+                    map: "devices",
+                    reason: e.to_string(),
+                })?;
+            for (dev, path) in &cfg.devices {
+                let mode = match path {
+                    IoPath::Request => abi::TERN_DEV_REQUEST,
+                    IoPath::Bio => abi::TERN_DEV_BIO,
+                };
+                devices.insert(dev, mode, 0).map_err(|e| TracerError::Map {
+                    map: "devices",
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        {
+            let mut pids: BpfHashMap<_, u32, u32> =
+                BpfHashMap::try_from(bpf.map_mut("pids").ok_or(TracerError::Map {
+                    map: "pids",
+                    reason: "missing".into(),
+                })?)
+                .map_err(|e| TracerError::Map {
+                    map: "pids",
+                    reason: e.to_string(),
+                })?;
+            for pid in &cfg.pids {
+                pids.insert(pid, 1, 0).map_err(|e| TracerError::Map {
+                    map: "pids",
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+
+        if cfg.devices.iter().any(|(_, p)| *p == IoPath::Request) {
+            // Complete first: a request issued between the two attaches then still counts.
+            program(&mut bpf, "block_rq_complete", &btf)?;
+            program(&mut bpf, "block_rq_issue", &btf)?;
+        }
+        if cfg.devices.iter().any(|(_, p)| *p == IoPath::Bio) {
+            program(&mut bpf, "block_bio_queue", &btf)?;
+        }
+        if cfg.faults && !cfg.pids.is_empty() {
+            program(&mut bpf, "page_fault_user", &btf)?;
+        }
+
+        let ring = RingBuf::try_from(bpf.take_map("events").ok_or(TracerError::Map {
+            map: "events",
+            reason: "missing".into(),
+        })?)
+        .map_err(|e| TracerError::Map {
+            map: "events",
+            reason: e.to_string(),
+        })?;
+        let lost = PerCpuArray::try_from(bpf.take_map("lost").ok_or(TracerError::Map {
+            map: "lost",
+            reason: "missing".into(),
+        })?)
+        .map_err(|e| TracerError::Map {
+            map: "lost",
+            reason: e.to_string(),
+        })?;
+        Ok(Tracer {
+            _bpf: bpf,
+            ring,
+            lost,
+            malformed: 0,
+        })
+    }
+
+    /// Events dropped so far because the ring was full: (block, fault), summed over CPUs.
+    pub fn lost(&self) -> Result<(u64, u64), TracerError> {
+        let slot = |i: u32| -> Result<u64, TracerError> {
+            let values = self.lost.get(&i, 0).map_err(|e| TracerError::Map {
+                map: "lost",
+                reason: e.to_string(),
+            })?;
+            Ok(values.iter().sum())
+        };
+        Ok((slot(abi::TERN_LOST_BLOCK)?, slot(abi::TERN_LOST_FAULT)?))
+    }
+
+    /// Drains every event waiting in the ring; returns how many were handed to `f`.
+    pub fn drain(&mut self, mut f: impl FnMut(Event)) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.ring.next() {
+            let raw: &[u8] = &item;
+            match abi::event_kind(raw) {
+                Some(abi::TERN_KIND_BLOCK | abi::TERN_KIND_BIO)
+                    if raw.len() >= size_of::<BlockEvent>() =>
+                {
+                    f(Event::Block(bytemuck::pod_read_unaligned(
+                        &raw[..size_of::<BlockEvent>()],
+                    )));
+                }
+                Some(abi::TERN_KIND_FAULT) if raw.len() >= size_of::<FaultEvent>() => {
+                    f(Event::Fault(bytemuck::pod_read_unaligned(
+                        &raw[..size_of::<FaultEvent>()],
+                    )));
+                }
+                _ => self.malformed += 1,
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Waits up to `timeout` for the kernel to signal data, then drains.
+    pub fn poll(&mut self, timeout: Duration, f: impl FnMut(Event)) -> Result<usize, TracerError> {
+        let n = self.drain(f);
+        if n > 0 {
+            return Ok(n);
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `pfd` is a valid pollfd for the ring buffer's open fd and lives across the call.
+        let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(TracerError::Poll(err));
+            }
+        }
+        Ok(0)
+    }
+}
