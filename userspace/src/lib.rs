@@ -7,5 +7,6 @@ pub mod certs;
 pub mod checktree;
 pub mod image;
 pub mod metrics;
+pub mod nbd;
 pub mod rpc;
 pub mod trace;

@@ -1,0 +1,188 @@
+//! NBD server for the destination side: exports raw images and block
+//! devices to QEMU, libnbd clients and Tern's replication stream.
+//!
+//! - [`proto`]: wire constants and pure parsers (property-tested, fuzzed).
+//! - `handshake`: fixed-newstyle negotiation (`NBD_OPT_GO`, `INFO`, `LIST`,
+//!   `ABORT`, `EXPORT_NAME`; everything else `NBD_REP_ERR_UNSUP`).
+//! - `server`: accept loop, many requests in flight per connection, replies
+//!   in completion order, graceful drain on cancellation.
+//!
+//! Design notes and measured numbers are in `docs/nbd.md`.
+
+mod handshake;
+pub mod proto;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::image::{Image, ImageError, ImageOptions};
+pub use server::{Export, NbdServer, NbdStats, NbdStatsSnapshot};
+
+/// Errors from the NBD server.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    /// Binding the listening socket failed.
+    #[error("could not listen on {addr}: {source}; pick a free port or remove a stale socket file")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// The listen address could not be parsed.
+    #[error(
+        "{0:?} is not a listen address; use HOST:PORT (e.g. 127.0.0.1:10809) or unix:/path/to.sock"
+    )]
+    BadListenAddress(String),
+    /// Socket I/O with a client failed.
+    #[error("NBD connection I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The client broke the handshake.
+    #[error("the client broke the NBD handshake: {0}")]
+    Handshake(#[from] proto::HandshakeError),
+    /// `NBD_OPT_EXPORT_NAME` with a name that is not a valid string.
+    #[error("the client sent an unusable export name: {0}")]
+    BadOption(proto::OptionError),
+    /// An option payload too large to skip.
+    #[error("the client sent option {option} with a {len}-byte payload; closing")]
+    OptionTooLarge { option: u32, len: u32 },
+    /// The client never chose an export.
+    #[error("the client sent {0} options without choosing an export; closing")]
+    TooManyOptions(usize),
+    /// The handshake took too long.
+    #[error("the client did not finish the NBD handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+    /// No export of that name.
+    #[error("there is no export named {name:?}; the exports are: {known}")]
+    UnknownExport { name: String, known: String },
+    /// A read-only image cannot back a writable export.
+    #[error("export {name:?} is backed by an image opened read-only; reopen it writable first")]
+    ImageReadOnly { name: String },
+    /// A request header with the wrong magic: the stream is out of sync.
+    #[error(transparent)]
+    BadRequest(#[from] proto::BadRequestMagic),
+    /// Opening or using an image failed.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The final flush at shutdown failed.
+    #[error("flushing export {name:?} at shutdown failed: {source}")]
+    Flush { name: String, source: ImageError },
+}
+
+/// Settings for `tern nbd serve`: one image, one export.
+#[derive(Debug, Clone)]
+pub struct StandaloneOptions {
+    /// Raw image file or block device.
+    pub image: PathBuf,
+    /// Export name.
+    pub name: String,
+    /// `HOST:PORT` or `unix:/path`.
+    pub listen: String,
+    /// Export read-only.
+    pub read_only: bool,
+    /// Create or grow the image file to this size.
+    pub size: Option<u64>,
+    /// Use `O_DIRECT` where the file system allows it.
+    pub direct: bool,
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = NbdError;
+
+    fn from_str(s: &str) -> Result<ListenAddr, NbdError> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(NbdError::BadListenAddress(s.to_owned()));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| NbdError::BadListenAddress(s.to_owned()))
+    }
+}
+
+/// Serves one image until SIGINT or SIGTERM, then drains and flushes.
+/// This is what `tern nbd serve` runs.
+pub async fn run_standalone(opts: &StandaloneOptions) -> Result<(), NbdError> {
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    let signals = tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| tracing::warn!(error = %e, "cannot watch SIGTERM"))
+            .ok();
+        let term = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = term => {}
+        }
+        on_signal.cancel();
+    });
+    let result = serve_standalone(opts, cancel).await;
+    signals.abort();
+    result
+}
+
+/// Like [`run_standalone`], stopped by `cancel` instead of signals.
+pub async fn serve_standalone(
+    opts: &StandaloneOptions,
+    cancel: CancellationToken,
+) -> Result<(), NbdError> {
+    let addr: ListenAddr = opts.listen.parse()?;
+    let image = Image::open(
+        &opts.image,
+        &ImageOptions {
+            size: opts.size,
+            read_only: opts.read_only,
+            direct: opts.direct,
+        },
+    )?;
+    let server = Arc::new(NbdServer::new(vec![Export {
+        name: opts.name.clone(),
+        description: describe(&opts.image),
+        image,
+        read_only: opts.read_only,
+    }]));
+    let listen_err = |source| NbdError::Listen {
+        addr: opts.listen.clone(),
+        source,
+    };
+    match addr {
+        ListenAddr::Tcp(sa) => {
+            let listener = tokio::net::TcpListener::bind(sa)
+                .await
+                .map_err(listen_err)?;
+            let local = listener.local_addr().map_err(listen_err)?;
+            tracing::info!(%local, export = %opts.name, "NBD server listening");
+            server.serve_tcp(listener, cancel).await
+        }
+        ListenAddr::Unix(path) => {
+            let listener = tokio::net::UnixListener::bind(&path).map_err(listen_err)?;
+            tracing::info!(path = %path.display(), export = %opts.name, "NBD server listening");
+            let result = server.serve_unix(listener, cancel).await;
+            let _ = std::fs::remove_file(&path);
+            result
+        }
+    }
+}
+
+fn describe(path: &Path) -> String {
+    format!("tern export of {}", path.display())
+}

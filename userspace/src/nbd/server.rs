@@ -1,0 +1,632 @@
+//! The NBD server: accept loop, per-connection reader, request tasks and
+//! one reply writer per connection.
+//!
+//! Per connection the reader task parses request headers (and WRITE
+//! payloads) in order and spawns one task per request; each task runs its
+//! I/O on the image and hands the reply to the connection's writer task,
+//! which writes replies in completion order and flushes the socket when no
+//! other reply is waiting. A count and a byte budget bound what one
+//! connection may have in flight.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::NbdError;
+use super::handshake;
+use super::proto::{self, Command};
+use crate::image::{Image, ImageError, IoBuf};
+
+/// Requests one connection may have in flight.
+const MAX_INFLIGHT: usize = 128;
+/// Payload bytes (read or write) one connection may have in flight.
+const MAX_INFLIGHT_BYTES: usize = 128 << 20;
+/// A client must finish the handshake within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Socket buffer sizes on our side of the connection.
+const SOCKET_BUF: usize = 256 << 10;
+
+/// One export offered by the server.
+#[derive(Debug, Clone)]
+pub struct Export {
+    /// Name clients ask for (`nbd://host:port/NAME`).
+    pub name: String,
+    /// Free text shown by `nbdinfo --list`.
+    pub description: String,
+    /// The backing image.
+    pub image: Image,
+    /// Refuse writes, trims and zeroes with EPERM.
+    pub read_only: bool,
+}
+
+/// Server-side state of an export.
+#[derive(Debug)]
+pub(crate) struct ExportState {
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) image: Image,
+    read_only: AtomicBool,
+}
+
+impl ExportState {
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// Transmission flags for a client negotiating now.
+    ///
+    /// `CAN_MULTI_CONN` is safe: every connection goes through the same
+    /// image, a FLUSH is an `fdatasync` of the whole file, and a write is
+    /// only acknowledged once the kernel has it, so a flush or FUA on one
+    /// connection covers what any connection had completed.
+    pub(crate) fn transmission_flags(&self) -> u16 {
+        let base = proto::FLAG_HAS_FLAGS
+            | proto::FLAG_SEND_FLUSH
+            | proto::FLAG_SEND_FUA
+            | proto::FLAG_CAN_MULTI_CONN;
+        if self.is_read_only() {
+            base | proto::FLAG_READ_ONLY
+        } else {
+            base | proto::FLAG_SEND_TRIM | proto::FLAG_SEND_WRITE_ZEROES
+        }
+    }
+}
+
+/// Counters for metrics; read them with `load(Ordering::Relaxed)` or
+/// [`NbdStats::snapshot`].
+#[derive(Debug, Default)]
+pub struct NbdStats {
+    pub connections_accepted: AtomicU64,
+    pub connections_active: AtomicU64,
+    /// Connections dropped during the handshake (bad magic, flags, timeout,
+    /// unknown export with `NBD_OPT_EXPORT_NAME`).
+    pub handshake_failures: AtomicU64,
+    /// Connections closed for breaking the protocol after the handshake.
+    pub protocol_errors: AtomicU64,
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub trims: AtomicU64,
+    pub write_zeroes: AtomicU64,
+    pub disconnects: AtomicU64,
+    /// Requests answered with an error.
+    pub errors: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+/// A point-in-time copy of [`NbdStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NbdStatsSnapshot {
+    pub connections_accepted: u64,
+    pub connections_active: u64,
+    pub handshake_failures: u64,
+    pub protocol_errors: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub trims: u64,
+    pub write_zeroes: u64,
+    pub disconnects: u64,
+    pub errors: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+impl NbdStats {
+    /// Copies every counter.
+    pub fn snapshot(&self) -> NbdStatsSnapshot {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NbdStatsSnapshot {
+            connections_accepted: l(&self.connections_accepted),
+            connections_active: l(&self.connections_active),
+            handshake_failures: l(&self.handshake_failures),
+            protocol_errors: l(&self.protocol_errors),
+            reads: l(&self.reads),
+            writes: l(&self.writes),
+            flushes: l(&self.flushes),
+            trims: l(&self.trims),
+            write_zeroes: l(&self.write_zeroes),
+            disconnects: l(&self.disconnects),
+            errors: l(&self.errors),
+            bytes_read: l(&self.bytes_read),
+            bytes_written: l(&self.bytes_written),
+        }
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// An NBD server over a fixed set of exports.
+#[derive(Debug)]
+pub struct NbdServer {
+    exports: Vec<Arc<ExportState>>,
+    stats: NbdStats,
+}
+
+impl NbdServer {
+    /// A server offering `exports` (a read-only image forces a read-only export).
+    pub fn new(exports: Vec<Export>) -> NbdServer {
+        let exports = exports
+            .into_iter()
+            .map(|e| {
+                let read_only = e.read_only || e.image.is_read_only();
+                Arc::new(ExportState {
+                    name: e.name,
+                    description: e.description,
+                    image: e.image,
+                    read_only: AtomicBool::new(read_only),
+                })
+            })
+            .collect();
+        NbdServer {
+            exports,
+            stats: NbdStats::default(),
+        }
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &NbdStats {
+        &self.stats
+    }
+
+    /// Flips an export between read-only and writable (at cutover). Requests
+    /// are checked against the current setting; clients learn the new
+    /// transmission flags when they reconnect. Logs and ignores an unknown
+    /// name or a read-only image; use [`NbdServer::try_set_read_only`] to
+    /// get the error.
+    pub fn set_read_only(&self, name: &str, read_only: bool) {
+        if let Err(e) = self.try_set_read_only(name, read_only) {
+            tracing::warn!(error = %e, "set_read_only ignored");
+        }
+    }
+
+    /// Like [`NbdServer::set_read_only`], but reports why it could not.
+    pub fn try_set_read_only(&self, name: &str, read_only: bool) -> Result<(), NbdError> {
+        let export = self
+            .exports
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| self.unknown_export(name))?;
+        if !read_only && export.image.is_read_only() {
+            return Err(NbdError::ImageReadOnly {
+                name: name.to_owned(),
+            });
+        }
+        export.read_only.store(read_only, Ordering::Release);
+        Ok(())
+    }
+
+    pub(crate) fn exports(&self) -> &[Arc<ExportState>] {
+        &self.exports
+    }
+
+    /// Finds an export by name; the empty (default) name picks the only
+    /// export when there is exactly one.
+    pub(crate) fn find_export(&self, name: &str) -> Option<Arc<ExportState>> {
+        if name.is_empty() && self.exports.len() == 1 {
+            return self.exports.first().cloned();
+        }
+        self.exports.iter().find(|e| e.name == name).cloned()
+    }
+
+    pub(crate) fn unknown_export(&self, name: &str) -> NbdError {
+        NbdError::UnknownExport {
+            name: name.to_owned(),
+            known: self
+                .exports
+                .iter()
+                .map(|e| e.name.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+
+    /// Serves TCP clients until `cancel` fires, then stops accepting, lets
+    /// every connection finish the requests it already read, and flushes
+    /// every export.
+    pub async fn serve_tcp(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cancel: CancellationToken,
+    ) -> Result<(), NbdError> {
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _peer)) => {
+                        // Latency matters more than packet count for replies.
+                        let _ = stream.set_nodelay(true);
+                        let (rd, wr) = stream.into_split();
+                        self.spawn_connection(&mut conns, rd, wr, &cancel);
+                    }
+                    Err(e) => accept_failed(&e).await,
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        self.drain(conns).await
+    }
+
+    /// Serves clients on a unix socket; see [`NbdServer::serve_tcp`].
+    pub async fn serve_unix(
+        self: Arc<Self>,
+        listener: UnixListener,
+        cancel: CancellationToken,
+    ) -> Result<(), NbdError> {
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _peer)) => {
+                        let (rd, wr) = stream.into_split();
+                        self.spawn_connection(&mut conns, rd, wr, &cancel);
+                    }
+                    Err(e) => accept_failed(&e).await,
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        self.drain(conns).await
+    }
+
+    /// Serves one already-connected stream (tests, or a socket handed over
+    /// by someone else) until the client leaves or `cancel` fires.
+    pub async fn serve_stream<S>(
+        self: Arc<Self>,
+        stream: S,
+        cancel: CancellationToken,
+    ) -> Result<(), NbdError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        self.connection(rd, wr, cancel).await
+    }
+
+    fn spawn_connection<R, W>(
+        self: &Arc<Self>,
+        conns: &mut JoinSet<()>,
+        rd: R,
+        wr: W,
+        cancel: &CancellationToken,
+    ) where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        bump(&self.stats.connections_accepted);
+        let server = Arc::clone(self);
+        let cancel = cancel.clone();
+        conns.spawn(async move {
+            if let Err(e) = server.connection(rd, wr, cancel).await {
+                // One line per connection, not per request.
+                tracing::debug!(error = %e, "NBD connection ended with an error");
+            }
+        });
+    }
+
+    async fn drain(&self, mut conns: JoinSet<()>) -> Result<(), NbdError> {
+        while conns.join_next().await.is_some() {}
+        for export in &self.exports {
+            if export.image.is_read_only() {
+                continue;
+            }
+            export
+                .image
+                .flush()
+                .await
+                .map_err(|source| NbdError::Flush {
+                    name: export.name.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn connection<R, W>(
+        self: Arc<Self>,
+        rd: R,
+        wr: W,
+        cancel: CancellationToken,
+    ) -> Result<(), NbdError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        self.stats
+            .connections_active
+            .fetch_add(1, Ordering::Relaxed);
+        let result = self.connection_inner(rd, wr, cancel).await;
+        self.stats
+            .connections_active
+            .fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    async fn connection_inner<R, W>(
+        self: &Arc<Self>,
+        rd: R,
+        wr: W,
+        cancel: CancellationToken,
+    ) -> Result<(), NbdError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut rd = BufReader::with_capacity(SOCKET_BUF, rd);
+        let mut wr = BufWriter::with_capacity(SOCKET_BUF, wr);
+        let negotiated = tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut rd, &mut wr, self)) => r,
+        };
+        let export = match negotiated {
+            Ok(Ok(Some(export))) => export,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => {
+                bump(&self.stats.handshake_failures);
+                return Err(e);
+            }
+            Err(_elapsed) => {
+                bump(&self.stats.handshake_failures);
+                return Err(NbdError::HandshakeTimeout(HANDSHAKE_TIMEOUT));
+            }
+        };
+        self.transmission(rd, wr, export, cancel).await
+    }
+
+    async fn transmission<R, W>(
+        self: &Arc<Self>,
+        mut rd: BufReader<R>,
+        wr: BufWriter<W>,
+        export: Arc<ExportState>,
+        cancel: CancellationToken,
+    ) -> Result<(), NbdError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<Reply>(MAX_INFLIGHT);
+        let writer_dead = CancellationToken::new();
+        let writer = tokio::spawn(write_replies(wr, rx, writer_dead.clone()));
+        let count = Arc::new(Semaphore::new(MAX_INFLIGHT));
+        let budget = Arc::new(Semaphore::new(MAX_INFLIGHT_BYTES));
+        let size = export.image.size();
+
+        let outcome: Result<bool, NbdError> = loop {
+            let mut head = [0u8; proto::REQUEST_HEADER_LEN];
+            let read = tokio::select! {
+                biased;
+                () = cancel.cancelled() => break Ok(false),
+                () = writer_dead.cancelled() => break Ok(false),
+                r = rd.read_exact(&mut head) => r,
+            };
+            match read {
+                Ok(_) => {}
+                // The client hung up without NBD_CMD_DISC.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(false),
+                Err(e) => break Err(e.into()),
+            }
+            let req = match proto::parse_request_header(&head) {
+                Ok(req) => req,
+                Err(e) => {
+                    bump(&self.stats.protocol_errors);
+                    break Err(e.into());
+                }
+            };
+            let cmd = match proto::check_request(&req, size, export.is_read_only()) {
+                Ok(cmd) => cmd,
+                Err(errno) => {
+                    // Skip the payload of a refused WRITE to stay in sync;
+                    // it streams through a small buffer, never allocated whole.
+                    let payload = u64::from(req.payload_len());
+                    if payload > 0 {
+                        match tokio::io::copy(&mut (&mut rd).take(payload), &mut tokio::io::sink())
+                            .await
+                        {
+                            Ok(n) if n == payload => {}
+                            Ok(_) => break Ok(false),
+                            Err(e) => break Err(e.into()),
+                        }
+                    }
+                    bump(&self.stats.errors);
+                    let reply = Reply {
+                        cookie: req.cookie,
+                        error: errno,
+                        data: None,
+                    };
+                    if tx.send(reply).await.is_err() {
+                        break Ok(false);
+                    }
+                    continue;
+                }
+            };
+            if cmd == Command::Disconnect {
+                bump(&self.stats.disconnects);
+                break Ok(true);
+            }
+            let (payload_len, io_bytes) = match cmd {
+                Command::Write { len, .. } => (len, len),
+                Command::Read { len, .. } => (0, len),
+                _ => (0, 0),
+            };
+            let permit = Arc::clone(&count)
+                .acquire_owned()
+                .await
+                .expect("the in-flight semaphore is never closed");
+            // A budget permit of at least one byte and at most the budget.
+            let cost = (io_bytes as usize).clamp(1, MAX_INFLIGHT_BYTES) as u32;
+            let bytes_permit = Arc::clone(&budget)
+                .acquire_many_owned(cost)
+                .await
+                .expect("the byte budget semaphore is never closed");
+            let data = if payload_len > 0 {
+                let mut buf = IoBuf::zeroed(payload_len as usize);
+                match rd.read_exact(buf.as_mut()).await {
+                    Ok(_) => Some(buf.into_bytes()),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(false),
+                    Err(e) => break Err(e.into()),
+                }
+            } else {
+                None
+            };
+            let tx = tx.clone();
+            let export = Arc::clone(&export);
+            let server = Arc::clone(self);
+            tokio::spawn(async move {
+                let reply = server.execute(&export, cmd, req.cookie, data).await;
+                let _ = tx.send(reply).await;
+                drop((permit, bytes_permit));
+            });
+        };
+
+        // Let every request already read finish and its reply go out.
+        drop(tx);
+        let written = writer.await;
+        let disconnected = outcome?;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(join) => return Err(std::io::Error::other(join).into()),
+        }
+        if disconnected && !export.image.is_read_only() {
+            // Clients often exit right after NBD_CMD_DISC; make their data
+            // durable even if they never sent FLUSH.
+            export.image.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn execute(
+        &self,
+        export: &ExportState,
+        cmd: Command,
+        cookie: u64,
+        data: Option<Bytes>,
+    ) -> Reply {
+        let image = &export.image;
+        let stats = &self.stats;
+        let result: Result<Option<Bytes>, ImageError> = match cmd {
+            Command::Read { offset, len } => {
+                bump(&stats.reads);
+                image
+                    .read_at(offset, len)
+                    .await
+                    .inspect(|_| {
+                        stats
+                            .bytes_read
+                            .fetch_add(u64::from(len), Ordering::Relaxed);
+                    })
+                    .map(Some)
+            }
+            Command::Write { offset, len, fua } => {
+                bump(&stats.writes);
+                let data = data.unwrap_or_default();
+                debug_assert_eq!(data.len(), len as usize);
+                image.write_at(offset, data, fua).await.map(|()| {
+                    stats
+                        .bytes_written
+                        .fetch_add(u64::from(len), Ordering::Relaxed);
+                    None
+                })
+            }
+            Command::Flush => {
+                bump(&stats.flushes);
+                image.flush().await.map(|()| None)
+            }
+            Command::Trim { offset, len, fua } => {
+                bump(&stats.trims);
+                let r = image.trim(offset, u64::from(len)).await;
+                fua_after(image, r, fua).await
+            }
+            Command::WriteZeroes {
+                offset,
+                len,
+                fua,
+                may_trim,
+            } => {
+                bump(&stats.write_zeroes);
+                let r = image.write_zeroes(offset, u64::from(len), may_trim).await;
+                fua_after(image, r, fua).await
+            }
+            Command::Disconnect => Ok(None),
+        };
+        match result {
+            Ok(data) => Reply {
+                cookie,
+                error: 0,
+                data,
+            },
+            Err(e) => {
+                bump(&stats.errors);
+                Reply {
+                    cookie,
+                    error: proto::nbd_errno(e.errno()),
+                    data: None,
+                }
+            }
+        }
+    }
+}
+
+async fn fua_after(
+    image: &Image,
+    r: Result<(), ImageError>,
+    fua: bool,
+) -> Result<Option<Bytes>, ImageError> {
+    r?;
+    if fua {
+        image.flush().await?;
+    }
+    Ok(None)
+}
+
+async fn accept_failed(e: &std::io::Error) {
+    // Out of descriptors or a connection reset before accept: keep serving,
+    // but do not spin.
+    tracing::warn!(error = %e, "accepting an NBD connection failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// A reply on its way to the writer task.
+struct Reply {
+    cookie: u64,
+    error: u32,
+    data: Option<Bytes>,
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut wr: BufWriter<W>,
+    mut rx: mpsc::Receiver<Reply>,
+    dead: CancellationToken,
+) -> std::io::Result<()> {
+    let result = async {
+        while let Some(reply) = rx.recv().await {
+            wr.write_all(&proto::simple_reply(reply.error, reply.cookie))
+                .await?;
+            if let Some(data) = reply.data {
+                wr.write_all(&data).await?;
+            }
+            if rx.is_empty() {
+                wr.flush().await?;
+            }
+        }
+        wr.flush().await?;
+        wr.shutdown().await
+    }
+    .await;
+    if result.is_err() {
+        dead.cancel();
+    }
+    result
+}
