@@ -1,0 +1,398 @@
+//! `cargo xtask bench nbd`: Tern's NBD server against `qemu-nbd` and
+//! `nbdkit file`, measured by fio's libnbd engine on the same image in the
+//! same run.
+//!
+//! The image lives on the real disk (`/var/tmp`), not on tmpfs, because
+//! `qemu-nbd --cache=none` needs `O_DIRECT` with real alignment semantics.
+//! Environment knobs: `TERN_BENCH_RUNTIME` (seconds per job, default 10),
+//! `TERN_BENCH_ROUNDS` (rounds, medians reported, default 1),
+//! `TERN_BENCH_SIZE_MIB` (image size, default 1024), `TERN_BENCH_DIR`.
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// One fio workload.
+struct Job {
+    label: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+}
+
+const JOBS: [Job; 4] = [
+    Job {
+        label: "4K random read",
+        rw: "randread",
+        bs: "4k",
+    },
+    Job {
+        label: "4K random write",
+        rw: "randwrite",
+        bs: "4k",
+    },
+    Job {
+        label: "1M sequential read",
+        rw: "read",
+        bs: "1M",
+    },
+    Job {
+        label: "1M sequential write",
+        rw: "write",
+        bs: "1M",
+    },
+];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Server {
+    Tern,
+    QemuNbd,
+    Nbdkit,
+}
+
+impl Server {
+    const ALL: [Server; 3] = [Server::Tern, Server::QemuNbd, Server::Nbdkit];
+
+    fn name(self) -> &'static str {
+        match self {
+            Server::Tern => "tern",
+            Server::QemuNbd => "qemu-nbd",
+            Server::Nbdkit => "nbdkit",
+        }
+    }
+}
+
+/// One measurement: IOPS and bytes per second.
+#[derive(Clone, Copy, Default)]
+struct Figure {
+    iops: f64,
+    bytes_per_sec: f64,
+}
+
+const EXPORT: &str = "bench";
+
+/// Runs the benchmark and prints the table.
+pub fn run(tern_bin: &Path) -> Result<()> {
+    for tool in ["fio", "qemu-nbd", "nbdkit"] {
+        require(tool)?;
+    }
+    if !tern_bin.exists() {
+        bail!(
+            "{} does not exist; build it first (cargo build --release -p tern)",
+            tern_bin.display()
+        );
+    }
+    let runtime: u64 = env_or("TERN_BENCH_RUNTIME", 10)?;
+    let rounds: usize = env_or("TERN_BENCH_ROUNDS", 1)?;
+    let size_mib: u64 = env_or("TERN_BENCH_SIZE_MIB", 1024)?;
+    let base =
+        std::env::var_os("TERN_BENCH_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+    let dir = base.join(format!("tern-bench-nbd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let image = dir.join("bench.img");
+    let result = (|| {
+        fill_image(&image, size_mib)?;
+        // results[server][job] = one figure per round
+        let mut results = vec![vec![Vec::new(); JOBS.len()]; Server::ALL.len()];
+        for round in 0..rounds {
+            // Alternate the server order between rounds so drift (page
+            // cache, CPU frequency) does not favour one of them.
+            let mut order = Server::ALL.to_vec();
+            let n = order.len();
+            order.rotate_left(round % n);
+            for server in order {
+                let sidx = Server::ALL
+                    .iter()
+                    .position(|&s| s == server)
+                    .expect("listed");
+                let mut child = start_server(server, tern_bin, &image)?;
+                let measured = (|| {
+                    let addr = child.1;
+                    wait_listening(addr, &mut child.0, server)?;
+                    for (j, job) in JOBS.iter().enumerate() {
+                        let fig = fio(addr, job, runtime, size_mib).with_context(|| {
+                            format!("fio {} against {}", job.label, server.name())
+                        })?;
+                        results[sidx][j].push(fig);
+                    }
+                    Ok::<_, anyhow::Error>(())
+                })();
+                stop(&mut child.0, server);
+                measured?;
+            }
+        }
+        print_table(&results, runtime, rounds, size_mib)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid number")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn require(tool: &str) -> Result<()> {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        bail!("{tool} is not installed; `cargo xtask setup` installs it");
+    }
+    Ok(())
+}
+
+/// Writes non-zero data over the whole image so reads hit real blocks.
+fn fill_image(path: &Path, size_mib: u64) -> Result<()> {
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for word in chunk.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        word.copy_from_slice(&x.to_le_bytes());
+    }
+    for i in 0..size_mib {
+        chunk[..8].copy_from_slice(&i.to_le_bytes());
+        f.write_all(&chunk)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+fn free_port() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?)
+}
+
+fn start_server(server: Server, tern_bin: &Path, image: &Path) -> Result<(Child, SocketAddr)> {
+    let addr = free_port()?;
+    let img = image.to_str().context("image path is not UTF-8")?;
+    let port = addr.port().to_string();
+    let mut cmd = match server {
+        Server::Tern => {
+            let mut c = Command::new(tern_bin);
+            c.args(["nbd", "serve", "--image", img, "--name", EXPORT, "--listen"])
+                .arg(addr.to_string());
+            c
+        }
+        Server::QemuNbd => {
+            let mut c = Command::new("qemu-nbd");
+            c.args([
+                "--cache=none",
+                "-f",
+                "raw",
+                "-x",
+                EXPORT,
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "--persistent",
+                "--shared=16",
+                img,
+            ]);
+            c
+        }
+        Server::Nbdkit => {
+            let mut c = Command::new("nbdkit");
+            c.args(["--foreground", "-i", "127.0.0.1", "-p", &port, "file"])
+                .arg(format!("file={img}"));
+            c
+        }
+    };
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", server.name()))?;
+    Ok((child, addr))
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Child, server: Server) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{} exited before listening: {status}", server.name());
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not listen on {addr} within 15 s", server.name());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stop(child: &mut Child, server: Server) {
+    // SIGTERM first so servers drain and flush; SIGKILL if they hang.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "{} ignored SIGTERM for 10 s; killing it",
+        server.name()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn fio(addr: SocketAddr, job: &Job, runtime: u64, size_mib: u64) -> Result<Figure> {
+    let out = Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            &format!("--uri=nbd://{addr}/{EXPORT}"),
+            &format!("--rw={}", job.rw),
+            &format!("--bs={}", job.bs),
+            "--iodepth=16",
+            "--time_based",
+            &format!("--runtime={runtime}"),
+            &format!("--size={size_mib}M"),
+            "--group_reporting",
+            "--output-format=json",
+        ])
+        .output()
+        .context("running fio")?;
+    if !out.status.success() {
+        bail!(
+            "fio failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    parse_fio(&out.stdout, job.rw)
+}
+
+/// Extracts IOPS and bandwidth for the job's direction from fio's JSON.
+fn parse_fio(json: &[u8], rw: &str) -> Result<Figure> {
+    // fio may print warnings before the JSON object.
+    let start = json
+        .iter()
+        .position(|&b| b == b'{')
+        .context("fio printed no JSON")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&json[start..]).context("parsing fio JSON")?;
+    let dir = if rw.contains("write") {
+        "write"
+    } else {
+        "read"
+    };
+    let stats = &v["jobs"][0][dir];
+    let iops = stats["iops"].as_f64().context("fio JSON has no iops")?;
+    let bw = stats["bw_bytes"]
+        .as_f64()
+        .context("fio JSON has no bw_bytes")?;
+    Ok(Figure {
+        iops,
+        bytes_per_sec: bw,
+    })
+}
+
+fn median(figs: &[Figure]) -> Figure {
+    if figs.is_empty() {
+        return Figure::default();
+    }
+    let mid = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            f64::midpoint(v[n / 2 - 1], v[n / 2])
+        }
+    };
+    Figure {
+        iops: mid(figs.iter().map(|f| f.iops).collect()),
+        bytes_per_sec: mid(figs.iter().map(|f| f.bytes_per_sec).collect()),
+    }
+}
+
+fn print_table(
+    results: &[Vec<Vec<Figure>>],
+    runtime: u64,
+    rounds: usize,
+    size_mib: u64,
+) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "NBD servers, fio libnbd engine, iodepth 16, {runtime} s per job, {rounds} round(s), {size_mib} MiB image on /var/tmp"
+    )?;
+    writeln!(
+        out,
+        "{:<20} {:>12} {:>10} {:>12} {:>10} {:>12} {:>10} {:>11} {:>13}",
+        "workload",
+        "tern IOPS",
+        "tern MB/s",
+        "qemu IOPS",
+        "qemu MB/s",
+        "nbdkit IOPS",
+        "nbdkit MB/s",
+        "tern/nbdkit",
+        "tern/qemu-nbd"
+    )?;
+    for (j, job) in JOBS.iter().enumerate() {
+        let [t, q, k] = [0, 1, 2].map(|s| median(&results[s][j]));
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        writeln!(
+            out,
+            "{:<20} {:>12.0} {:>10.1} {:>12.0} {:>10.1} {:>12.0} {:>11.1} {:>11.2} {:>13.2}",
+            job.label,
+            t.iops,
+            t.bytes_per_sec / 1e6,
+            q.iops,
+            q.bytes_per_sec / 1e6,
+            k.iops,
+            k.bytes_per_sec / 1e6,
+            ratio(t.iops, k.iops),
+            ratio(t.iops, q.iops),
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_fio_json_after_warnings() {
+        let json = br#"note: both iodepth >= 1 and synchronous I/O engine
+{"jobs":[{"read":{"iops":1234.5,"bw_bytes":5056512},"write":{"iops":0.0,"bw_bytes":0}}]}"#;
+        let f = parse_fio(json, "randread").expect("parse");
+        assert!((f.iops - 1234.5).abs() < f64::EPSILON);
+        assert!((f.bytes_per_sec - 5_056_512.0).abs() < f64::EPSILON);
+        assert!(parse_fio(b"no json", "read").is_err());
+    }
+
+    #[test]
+    fn median_of_even_and_odd_counts() {
+        let f = |iops| Figure {
+            iops,
+            bytes_per_sec: iops,
+        };
+        assert!((median(&[f(3.0), f(1.0), f(2.0)]).iops - 2.0).abs() < f64::EPSILON);
+        assert!((median(&[f(4.0), f(1.0), f(2.0), f(3.0)]).iops - 2.5).abs() < f64::EPSILON);
+    }
+}
