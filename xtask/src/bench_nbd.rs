@@ -48,17 +48,26 @@ const JOBS: [Job; 4] = [
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Server {
+    /// Tern with `O_DIRECT` (its default, like `qemu-nbd --cache=none`).
     Tern,
+    /// Tern with `--no-direct`: page cache, like `nbdkit file`.
+    TernBuffered,
     QemuNbd,
     Nbdkit,
 }
 
 impl Server {
-    const ALL: [Server; 3] = [Server::Tern, Server::QemuNbd, Server::Nbdkit];
+    const ALL: [Server; 4] = [
+        Server::Tern,
+        Server::TernBuffered,
+        Server::QemuNbd,
+        Server::Nbdkit,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Server::Tern => "tern",
+            Server::TernBuffered => "tern --no-direct",
             Server::QemuNbd => "qemu-nbd",
             Server::Nbdkit => "nbdkit",
         }
@@ -181,10 +190,13 @@ fn start_server(server: Server, tern_bin: &Path, image: &Path) -> Result<(Child,
     let img = image.to_str().context("image path is not UTF-8")?;
     let port = addr.port().to_string();
     let mut cmd = match server {
-        Server::Tern => {
+        Server::Tern | Server::TernBuffered => {
             let mut c = Command::new(tern_bin);
             c.args(["nbd", "serve", "--image", img, "--name", EXPORT, "--listen"])
                 .arg(addr.to_string());
+            if server == Server::TernBuffered {
+                c.arg("--no-direct");
+            }
             c
         }
         Server::QemuNbd => {
@@ -337,37 +349,36 @@ fn print_table(
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "NBD servers, fio libnbd engine, iodepth 16, {runtime} s per job, {rounds} round(s), {size_mib} MiB image on /var/tmp"
+        "NBD servers, fio libnbd engine, iodepth 16, {runtime} s per job, {rounds} round(s) (medians), {size_mib} MiB image on /var/tmp"
     )?;
     writeln!(
         out,
-        "{:<20} {:>12} {:>10} {:>12} {:>10} {:>12} {:>10} {:>11} {:>13}",
-        "workload",
-        "tern IOPS",
-        "tern MB/s",
-        "qemu IOPS",
-        "qemu MB/s",
-        "nbdkit IOPS",
-        "nbdkit MB/s",
-        "tern/nbdkit",
-        "tern/qemu-nbd"
+        "{:<20} {:<17} {:>10} {:>10} {:>10} {:>12}",
+        "workload", "server", "IOPS", "MB/s", "vs nbdkit", "vs qemu-nbd"
     )?;
+    let at = |server: Server| {
+        Server::ALL
+            .iter()
+            .position(|&s| s == server)
+            .expect("every server is listed")
+    };
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     for (j, job) in JOBS.iter().enumerate() {
-        let [t, q, k] = [0, 1, 2].map(|s| median(&results[s][j]));
-        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-        writeln!(
-            out,
-            "{:<20} {:>12.0} {:>10.1} {:>12.0} {:>10.1} {:>12.0} {:>11.1} {:>11.2} {:>13.2}",
-            job.label,
-            t.iops,
-            t.bytes_per_sec / 1e6,
-            q.iops,
-            q.bytes_per_sec / 1e6,
-            k.iops,
-            k.bytes_per_sec / 1e6,
-            ratio(t.iops, k.iops),
-            ratio(t.iops, q.iops),
-        )?;
+        let nbdkit = median(&results[at(Server::Nbdkit)][j]);
+        let qemu = median(&results[at(Server::QemuNbd)][j]);
+        for server in Server::ALL {
+            let f = median(&results[at(server)][j]);
+            writeln!(
+                out,
+                "{:<20} {:<17} {:>10.0} {:>10.1} {:>10.2} {:>12.2}",
+                job.label,
+                server.name(),
+                f.iops,
+                f.bytes_per_sec / 1e6,
+                ratio(f.iops, nbdkit.iops),
+                ratio(f.iops, qemu.iops),
+            )?;
+        }
     }
     Ok(())
 }
