@@ -29,7 +29,8 @@ fn zram() -> Result<Zram> {
     let id = std::fs::read_to_string("/sys/class/zram-control/hot_add")
         .context("cannot add a zram device (is the zram module loaded?)")?;
     let id = id.trim().to_string();
-    std::fs::write(format!("/sys/block/zram{id}/disksize"), "1G").context("cannot size the zram device")?;
+    std::fs::write(format!("/sys/block/zram{id}/disksize"), "1G")
+        .context("cannot size the zram device")?;
     Ok(Zram(format!("/dev/zram{id}")))
 }
 
@@ -83,7 +84,15 @@ fn under_tern(tern: &Path, dev: &str, rw: &str) -> Result<Traced> {
     let trace = Path::new("/dev/shm/tern-bench.trace");
     let _ = std::fs::remove_file(trace);
     let child = Command::new(tern)
-        .args(["trace", "-q", "--device", dev, "--ring-size", "64M", "--out"])
+        .args([
+            "trace",
+            "-q",
+            "--device",
+            dev,
+            "--ring-size",
+            "64M",
+            "--out",
+        ])
         .arg(trace)
         .stderr(Stdio::null())
         .spawn()?;
@@ -92,7 +101,11 @@ fn under_tern(tern: &Path, dev: &str, rw: &str) -> Result<Traced> {
     let iops = fio_iops(dev, rw);
     stop(child)?;
     let iops = iops?;
-    let stat = output(Command::new(tern).args(["trace", "stat", "--json"]).arg(trace))?;
+    let stat = output(
+        Command::new(tern)
+            .args(["trace", "stat", "--json"])
+            .arg(trace),
+    )?;
     let v: serde_json::Value = serde_json::from_str(&stat)?;
     let _ = std::fs::remove_file(trace);
     Ok(Traced {
@@ -118,7 +131,11 @@ fn under_bpftrace(dev: &str, rw: &str) -> Result<f64> {
         "tracepoint:block:block_bio_queue /args->dev == {kdev}/ {{ printf(\"%d %d %s\\n\", args->sector, args->nr_sector, args->rwbs); }}"
     );
     let log = std::fs::File::create("/dev/shm/tern-bench.bpftrace")?;
-    let child = Command::new("bpftrace").args(["-e", &script]).stdout(log).stderr(Stdio::null()).spawn()?;
+    let child = Command::new("bpftrace")
+        .args(["-e", &script])
+        .stdout(log)
+        .stderr(Stdio::null())
+        .spawn()?;
     wait_for_file(Path::new("/dev/shm/tern-bench.bpftrace"))?;
     let iops = fio_iops(dev, rw);
     stop(child)?;
@@ -128,14 +145,27 @@ fn under_bpftrace(dev: &str, rw: &str) -> Result<f64> {
 
 fn blktrace_works(dev: &str) -> String {
     let r = Command::new("timeout")
-        .args(["3", "blktrace", "-d", dev, "-o", "/dev/shm/tern-bench-blk", "-w", "1"])
+        .args([
+            "3",
+            "blktrace",
+            "-d",
+            dev,
+            "-o",
+            "/dev/shm/tern-bench-blk",
+            "-w",
+            "1",
+        ])
         .output();
     match r {
         Ok(o) if o.status.success() => "ran".into(),
         Ok(o) => {
             let err = String::from_utf8_lossy(&o.stderr);
             let first = err.lines().next().unwrap_or("failed").to_string();
-            if first.is_empty() { format!("failed ({})", o.status) } else { first }
+            if first.is_empty() {
+                format!("failed ({})", o.status)
+            } else {
+                first
+            }
         }
         Err(_) => "not installed".into(),
     }
@@ -150,10 +180,13 @@ pub fn run(tern: &Path) -> Result<()> {
     let z = zram()?;
     let dev = z.0.clone();
     let blk = blktrace_works(&dev);
-    eprintln!("bench tracer: {dev} (zram, 1 GiB); blktrace here: {blk}; peer: bpftrace printing every request");
+    eprintln!(
+        "bench tracer: {dev} (zram, 1 GiB); blktrace here: {blk}; peer: bpftrace printing every request"
+    );
     let mut rows = Vec::new();
     for rw in ["randread", "randwrite"] {
-        let (mut base, mut tern_iops, mut peer, mut evps, mut lost) = (vec![], vec![], vec![], vec![], 0);
+        let (mut base, mut tern_iops, mut peer, mut evps, mut lost) =
+            (vec![], vec![], vec![], vec![], 0);
         // Warm the device once so every measured run sees the same state.
         fio_iops(&dev, rw)?;
         for i in 0..RUNS {
@@ -165,7 +198,14 @@ pub fn run(tern: &Path) -> Result<()> {
             lost += t.lost;
             peer.push(under_bpftrace(&dev, rw)?);
         }
-        rows.push((rw, median(base), median(tern_iops), median(peer), median(evps), lost));
+        rows.push((
+            rw,
+            median(base),
+            median(tern_iops),
+            median(peer),
+            median(evps),
+            lost,
+        ));
     }
     let mut table = String::new();
     table.push_str(&format!(
@@ -173,7 +213,14 @@ pub fn run(tern: &Path) -> Result<()> {
     ));
     table.push_str(&format!(
         "{:<10} {:>12} {:>12} {:>10} {:>14} {:>10} {:>14} {:>8}\n",
-        "workload", "untraced", "tern trace", "slowdown", "bpftrace-rec", "slowdown", "tern events/s", "lost"
+        "workload",
+        "untraced",
+        "tern trace",
+        "slowdown",
+        "bpftrace-rec",
+        "slowdown",
+        "tern events/s",
+        "lost"
     ));
     for (rw, base, t, p, e, lost) in &rows {
         table.push_str(&format!(

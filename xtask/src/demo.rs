@@ -52,10 +52,15 @@ fn run_demo_workload(mnt: &Path) -> Result<()> {
     .context("the fio workload failed")?;
     // Terse v3: field 8 is read IOPS, field 49 write IOPS.
     let f: Vec<&str> = terse.trim().split(';').collect();
-    eprintln!("demo: fio did {} read and {} write IOPS", f.get(7).unwrap_or(&"?"), f.get(48).unwrap_or(&"?"));
+    eprintln!(
+        "demo: fio did {} read and {} write IOPS",
+        f.get(7).unwrap_or(&"?"),
+        f.get(48).unwrap_or(&"?")
+    );
     eprintln!("demo: sqlite3 — 200 transactions of 100 inserts each, then a query");
     let db = mnt.join("demo.db");
-    let mut script = String::from("PRAGMA journal_mode=WAL;\nCREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);\n");
+    let mut script =
+        String::from("PRAGMA journal_mode=WAL;\nCREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);\n");
     for _ in 0..200 {
         script.push_str("BEGIN;\n");
         for _ in 0..100 {
@@ -66,8 +71,15 @@ fn run_demo_workload(mnt: &Path) -> Result<()> {
     script.push_str("SELECT count(*) FROM t;\n");
     let script_path = mnt.join("demo.sql");
     std::fs::write(&script_path, script)?;
-    let count = output(Command::new("sqlite3").arg(&db).arg(format!(".read {}", script_path.display())))?;
-    eprintln!("demo: sqlite3 holds {} rows", count.lines().last().unwrap_or("?"));
+    let count = output(
+        Command::new("sqlite3")
+            .arg(&db)
+            .arg(format!(".read {}", script_path.display())),
+    )?;
+    eprintln!(
+        "demo: sqlite3 holds {} rows",
+        count.lines().last().unwrap_or("?")
+    );
     sh::run(&mut Command::new("sync"))?;
     Ok(())
 }
@@ -76,10 +88,17 @@ pub fn run(tern: &Path) -> Result<()> {
     require_root("the demo (loop devices, mount, eBPF)")?;
     let dir = PathBuf::from(format!("/var/tmp/tern-demo-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("mnt"))?;
-    let mut s = Scratch { dir: dir.clone(), loop_dev: None, mounted: false, tracer: None };
+    let mut s = Scratch {
+        dir: dir.clone(),
+        loop_dev: None,
+        mounted: false,
+        tracer: None,
+    };
     let image = dir.join("disk.img");
     sh::run(Command::new("truncate").args(["-s", "512M"]).arg(&image))?;
-    let dev = output(Command::new("losetup").args(["-f", "--show"]).arg(&image))?.trim().to_string();
+    let dev = output(Command::new("losetup").args(["-f", "--show"]).arg(&image))?
+        .trim()
+        .to_string();
     s.loop_dev = Some(dev.clone());
     eprintln!("demo: {dev} holds {}, making ext4", image.display());
     sh::run(Command::new("mkfs.ext4").args(["-q", "-F", &dev]))?;

@@ -77,14 +77,24 @@ fn build(release: bool) -> Result<std::path::PathBuf> {
         c.arg("--release");
     }
     run(&mut c)?;
-    Ok(repo_root().join("target").join(if release { "release" } else { "debug" }).join("tern"))
+    Ok(repo_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("tern"))
 }
 
 fn test() -> Result<()> {
     sh::setup()?;
     sh::require_root("cargo xtask test (the tracer tests load eBPF programs)")?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     // One test binary at a time would be slow; the tests share no devices (each makes its own).
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     Ok(())

@@ -328,128 +328,174 @@ impl Progress {
     }
 }
 
-/// Runs a session until `stop` is set or the duration passes, then flushes everything.
-pub fn run(cfg: &SessionConfig, stop: &Arc<AtomicBool>) -> Result<SessionTotals, SessionError> {
-    device::check_tracing_preconditions()?;
-    let (target_list, filters, mapping) = targets(cfg)?;
-    let tracer_cfg = TracerConfig {
-        devices: filters,
-        pids: cfg.pids.clone(),
-        faults: cfg.faults,
-        fault_range: cfg.fault_range,
-        ring_bytes: cfg.ring_bytes,
-    };
-    let file = File::create(&cfg.out).map_err(|source| SessionError::Create {
-        path: cfg.out.clone(),
-        source,
-    })?;
-    let mut tracer = Tracer::start(&tracer_cfg)?;
-    let started = Instant::now();
-    let start_mono = monotonic_ns();
-    let header = TraceHeader {
-        kernel_release: device::kernel_release(),
-        hostname: device::hostname(),
-        start_wall_unix_ns: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-        start_monotonic_ns: start_mono,
-        sector_size: 512,
-        targets: target_list,
-        fault_pids: if cfg.faults {
-            cfg.pids.clone()
-        } else {
-            Vec::new()
-        },
-        source: "ebpf".into(),
-    };
-    let writer = TraceWriter::new(BufWriter::with_capacity(256 * 1024, file), &header)?;
-    let mut rec = Recorder {
-        writer,
-        start_mono,
-        mapping,
-        comms: HashMap::new(),
-        totals: SessionTotals::default(),
-        lost_seen: (0, 0),
-        last_check: start_mono,
-    };
-    let terminal = std::io::stderr().is_terminal();
-    let mut progress = Progress {
-        enabled: cfg.progress,
-        terminal,
-        last: Instant::now(),
-        last_totals: SessionTotals::default(),
-        every: if terminal {
-            Duration::from_secs(1)
-        } else {
-            Duration::from_secs(5)
-        },
-    };
-    let mut last_flush = Instant::now();
-    let mut failure: Option<SessionError> = None;
+/// A running session. `run` drives it to the end; callers that own their
+/// loop (the source agent, tests) call `step` and `finish` themselves.
+pub struct Session {
+    tracer: Tracer,
+    rec: Recorder,
+    progress: Progress,
+    started: Instant,
+    last_flush: Instant,
+}
 
-    loop {
-        let done =
-            stop.load(Ordering::Relaxed) || cfg.duration.is_some_and(|d| started.elapsed() >= d);
-        let polled = tracer.poll(Duration::from_millis(10), |ev| {
+impl Session {
+    /// Checks the system, resolves the targets, loads and attaches the tracer.
+    pub fn start(cfg: &SessionConfig) -> Result<Session, SessionError> {
+        device::check_tracing_preconditions()?;
+        let (target_list, filters, mapping) = targets(cfg)?;
+        let tracer_cfg = TracerConfig {
+            devices: filters,
+            pids: cfg.pids.clone(),
+            faults: cfg.faults,
+            fault_range: cfg.fault_range,
+            ring_bytes: cfg.ring_bytes,
+        };
+        let file = File::create(&cfg.out).map_err(|source| SessionError::Create {
+            path: cfg.out.clone(),
+            source,
+        })?;
+        let tracer = Tracer::start(&tracer_cfg)?;
+        let start_mono = monotonic_ns();
+        let header = TraceHeader {
+            kernel_release: device::kernel_release(),
+            hostname: device::hostname(),
+            start_wall_unix_ns: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            start_monotonic_ns: start_mono,
+            sector_size: 512,
+            targets: target_list,
+            fault_pids: if cfg.faults {
+                cfg.pids.clone()
+            } else {
+                Vec::new()
+            },
+            source: "ebpf".into(),
+        };
+        let mut writer = TraceWriter::new(BufWriter::with_capacity(256 * 1024, file), &header)?;
+        // The header on disk tells a watcher that tracing has begun.
+        writer.flush()?;
+        let terminal = std::io::stderr().is_terminal();
+        Ok(Session {
+            tracer,
+            rec: Recorder {
+                writer,
+                start_mono,
+                mapping,
+                comms: HashMap::new(),
+                totals: SessionTotals::default(),
+                lost_seen: (0, 0),
+                last_check: start_mono,
+            },
+            progress: Progress {
+                enabled: cfg.progress,
+                terminal,
+                last: Instant::now(),
+                last_totals: SessionTotals::default(),
+                every: if terminal {
+                    Duration::from_secs(1)
+                } else {
+                    Duration::from_secs(5)
+                },
+            },
+            started: Instant::now(),
+            last_flush: Instant::now(),
+        })
+    }
+
+    fn drain(&mut self, wait: Option<Duration>) -> Result<(), SessionError> {
+        let mut failure: Option<SessionError> = None;
+        let rec = &mut self.rec;
+        let mut handle = |ev: Event| {
             if failure.is_none()
                 && let Err(e) = rec.event(&ev)
             {
                 failure = Some(e);
             }
-        });
-        if let Err(e) = polled {
-            failure.get_or_insert(e.into());
+        };
+        match wait {
+            Some(timeout) => {
+                self.tracer.poll(timeout, &mut handle)?;
+            }
+            None => {
+                self.tracer.drain(&mut handle);
+            }
         }
-        if let Some(e) = failure.take() {
-            return Err(e);
-        }
-        rec.check_lost(&tracer)?;
-        rec.totals.elapsed = started.elapsed();
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Waits up to `timeout` for events, records them, marks gaps, refreshes the
+    /// image map, flushes once a second and updates the live summary.
+    pub fn step(&mut self, timeout: Duration) -> Result<(), SessionError> {
+        self.drain(Some(timeout))?;
+        self.rec.check_lost(&self.tracer)?;
+        self.rec.totals.elapsed = self.started.elapsed();
         if let Mapping::Image {
             map, last_refresh, ..
-        } = &mut rec.mapping
+        } = &mut self.rec.mapping
             && last_refresh.elapsed() >= FIEMAP_REFRESH
         {
             map.refresh()?;
             *last_refresh = Instant::now();
         }
-        if last_flush.elapsed() >= Duration::from_secs(1) {
+        if self.last_flush.elapsed() >= Duration::from_secs(1) {
             // A reader (or a crash) sees at most a second less than was traced.
-            rec.writer.flush()?;
-            last_flush = Instant::now();
+            self.rec.writer.flush()?;
+            self.last_flush = Instant::now();
         }
-        progress.tick(&rec.totals, rec.lost_seen.0 + rec.lost_seen.1, false);
+        self.progress.tick(
+            &self.rec.totals,
+            self.rec.lost_seen.0 + self.rec.lost_seen.1,
+            false,
+        );
+        Ok(())
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Drains what is left, marks a final gap if needed, detaches and writes the end record.
+    pub fn finish(mut self) -> Result<SessionTotals, SessionError> {
+        self.drain(None)?;
+        self.rec.check_lost(&self.tracer)?;
+        let Session {
+            tracer,
+            mut rec,
+            mut progress,
+            started,
+            ..
+        } = self;
+        drop(tracer);
+        rec.totals.elapsed = started.elapsed();
+        progress.tick(&rec.totals, rec.lost_seen.0 + rec.lost_seen.1, true);
+        if progress.enabled && progress.terminal {
+            let _ = writeln!(std::io::stderr());
+        }
+        let end = EndRecord {
+            ts_ns: rec.rel(monotonic_ns()),
+            block_events: rec.totals.block_events,
+            fault_events: rec.totals.fault_events,
+            lost_events: rec.lost_seen.0 + rec.lost_seen.1,
+            outside_image: rec.totals.outside_image,
+        };
+        let mut out = rec.writer.finish(end)?;
+        out.flush().map_err(TraceFileError::from)?;
+        Ok(rec.totals)
+    }
+}
+
+/// Runs a session until `stop` is set or the duration passes, then flushes everything.
+pub fn run(cfg: &SessionConfig, stop: &Arc<AtomicBool>) -> Result<SessionTotals, SessionError> {
+    let mut session = Session::start(cfg)?;
+    loop {
+        let done =
+            stop.load(Ordering::Relaxed) || cfg.duration.is_some_and(|d| session.elapsed() >= d);
+        session.step(Duration::from_millis(10))?;
         if done {
-            break;
+            return session.finish();
         }
     }
-    tracer.drain(|ev| {
-        if failure.is_none()
-            && let Err(e) = rec.event(&ev)
-        {
-            failure = Some(e);
-        }
-    });
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    rec.check_lost(&tracer)?;
-    drop(tracer);
-    rec.totals.elapsed = started.elapsed();
-    progress.tick(&rec.totals, rec.lost_seen.0 + rec.lost_seen.1, true);
-    if progress.enabled && terminal {
-        let _ = writeln!(std::io::stderr());
-    }
-    let end = EndRecord {
-        ts_ns: rec.rel(monotonic_ns()),
-        block_events: rec.totals.block_events,
-        fault_events: rec.totals.fault_events,
-        lost_events: rec.lost_seen.0 + rec.lost_seen.1,
-        outside_image: rec.totals.outside_image,
-    };
-    let mut out = rec.writer.finish(end)?;
-    out.flush().map_err(TraceFileError::from)?;
-    Ok(rec.totals)
 }
 
 /// Parses `16M`, `4096`, `1G` into bytes.

@@ -1,0 +1,376 @@
+//! The tracer against the real kernel: loop devices, O_DIRECT I/O, page faults,
+//! a tiny ring buffer, and images on ext4. Needs root (CI is root).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tern::trace::session::{self, Session, SessionConfig};
+use tern::trace::{Op, Record, TraceReader};
+
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("command starts");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A loop device over a sparse file, detached on drop.
+struct LoopDev {
+    dev: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopDev {
+    fn new(size: &str) -> LoopDev {
+        let dir = tempfile::Builder::new()
+            .prefix("tern-test")
+            .tempdir_in("/var/tmp")
+            .expect("temp dir");
+        let img = dir.path().join("disk.img");
+        sh(Command::new("truncate").args(["-s", size]).arg(&img));
+        let dev = sh(Command::new("losetup").args(["-f", "--show"]).arg(&img));
+        LoopDev {
+            dev: PathBuf::from(dev),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// A 4 KiB-aligned buffer for O_DIRECT, without unsafe: slice an over-allocated Vec.
+struct Aligned {
+    buf: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize, fill: u8) -> Aligned {
+        let buf = vec![fill; len + 4096];
+        let at = (4096 - (buf.as_ptr() as usize % 4096)) % 4096;
+        Aligned { buf, at, len }
+    }
+    fn slice(&mut self) -> &mut [u8] {
+        &mut self.buf[self.at..self.at + self.len]
+    }
+}
+
+fn config(devices: Vec<PathBuf>, out: &Path) -> SessionConfig {
+    SessionConfig {
+        devices,
+        image: None,
+        pids: vec![std::process::id()],
+        faults: false,
+        fault_range: None,
+        duration: None,
+        ring_bytes: 16 << 20,
+        out: out.to_path_buf(),
+        progress: false,
+    }
+}
+
+fn records(path: &Path) -> Vec<Record> {
+    let reader = TraceReader::new(BufReader::new(File::open(path).expect("trace exists")))
+        .expect("header reads");
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .expect("trace reads back")
+}
+
+fn drive(session: &mut Session, for_: Duration) {
+    let until = std::time::Instant::now() + for_;
+    while std::time::Instant::now() < until {
+        session
+            .step(Duration::from_millis(10))
+            .expect("session step");
+    }
+}
+
+#[test]
+fn every_direct_request_on_a_loop_device_is_seen_exactly_once() {
+    let lo = LoopDev::new("64M");
+    let out = tempfile::NamedTempFile::new().expect("temp trace");
+    let mut session =
+        Session::start(&config(vec![lo.dev.clone()], out.path())).expect("tracer starts");
+
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&lo.dev)
+        .expect("open O_DIRECT");
+    // (op, offset, len): a known pattern of sizes and places.
+    let mut expected: BTreeMap<(u8, u64, u32), u32> = BTreeMap::new();
+    for i in 0..40u64 {
+        let len = [4096usize, 8192, 65536][(i % 3) as usize];
+        let off = (i * 7 % 64) * 1024 * 1024 / 2 + (i % 4) * 4096;
+        let mut b = Aligned::new(len, i as u8);
+        f.write_at(b.slice(), off).expect("direct write");
+        *expected
+            .entry((Op::Write.code(), off, len as u32))
+            .or_default() += 1;
+        if i % 2 == 0 {
+            f.read_at(b.slice(), off).expect("direct read");
+            *expected
+                .entry((Op::Read.code(), off, len as u32))
+                .or_default() += 1;
+        }
+    }
+    drop(f);
+    drive(&mut session, Duration::from_millis(200));
+    let totals = session.finish().expect("session finishes");
+    assert_eq!(totals.lost_block, 0);
+
+    let mut seen: BTreeMap<(u8, u64, u32), u32> = BTreeMap::new();
+    for r in records(out.path()) {
+        if let Record::Block(b) = r {
+            assert_eq!(b.pid, std::process::id(), "pid filter holds");
+            assert!(b.latency_ns > 0, "completion latency is measured");
+            *seen.entry((b.op.code(), b.offset, b.len)).or_default() += 1;
+        }
+    }
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn a_child_touching_pages_faults_once_per_page_with_the_right_kind() {
+    // A real process: python maps anonymous memory, reports where, then touches pages on cue.
+    let script = r#"
+import mmap, ctypes, sys
+n = 16
+m = mmap.mmap(-1, n * 4096)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+print(addr, flush=True)
+sys.stdin.readline()
+for i in range(n):
+    if i % 3 == 0:
+        m[i * 4096] = 1
+    else:
+        _ = m[i * 4096]
+print("done", flush=True)
+sys.stdin.readline()
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("address line");
+    let addr: u64 = line.trim().parse().expect("address");
+    let pages = 16u64;
+
+    let out = tempfile::NamedTempFile::new().expect("temp trace");
+    let lo = LoopDev::new("16M");
+    let mut cfg = config(vec![lo.dev.clone()], out.path());
+    cfg.pids = vec![child.id()];
+    cfg.faults = true;
+    cfg.fault_range = Some((addr, addr + pages * 4096));
+    let mut session = Session::start(&cfg).expect("tracer starts");
+    writeln!(stdin, "go").expect("cue");
+    line.clear();
+    stdout.read_line(&mut line).expect("done line");
+    assert_eq!(line.trim(), "done");
+    drive(&mut session, Duration::from_millis(100));
+    let totals = session.finish().expect("session finishes");
+    writeln!(stdin, "bye").expect("release child");
+    child.wait().expect("child exits");
+
+    let faults: Vec<_> = records(out.path())
+        .into_iter()
+        .filter_map(|r| {
+            if let Record::Fault(f) = r {
+                Some(f)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(totals.fault_events, pages);
+    assert_eq!(faults.len() as u64, pages, "{faults:?}");
+    for (i, f) in faults.iter().enumerate() {
+        assert_eq!(f.pid, child.id());
+        assert_eq!(
+            f.address,
+            addr + i as u64 * 4096,
+            "faults come in touch order at the touched pages"
+        );
+        assert_eq!(f.is_write(), i % 3 == 0, "page {i}");
+        assert!(
+            !f.is_present(),
+            "first touch of an anonymous page is a not-present fault"
+        );
+        assert!(f.ip != 0);
+    }
+}
+
+#[test]
+fn a_tiny_ring_under_a_burst_counts_the_loss_and_marks_a_gap() {
+    let lo = LoopDev::new("64M");
+    let out = tempfile::NamedTempFile::new().expect("temp trace");
+    let mut cfg = config(vec![lo.dev.clone()], out.path());
+    cfg.ring_bytes = 4096;
+    let mut session = Session::start(&cfg).expect("tracer starts");
+    // The reader does not run during the burst: 4 KiB holds about 56 events.
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&lo.dev)
+        .expect("open O_DIRECT");
+    let mut b = Aligned::new(4096, 0xab);
+    let burst = 2000u64;
+    for i in 0..burst {
+        f.write_at(b.slice(), (i % 16_000) * 4096)
+            .expect("direct write");
+    }
+    drop(f);
+    session.step(Duration::from_millis(10)).expect("step");
+    let totals = session.finish().expect("finish");
+    assert!(
+        totals.lost_block > 0,
+        "a 4 KiB ring cannot hold {burst} events"
+    );
+    assert_eq!(
+        totals.block_events + totals.lost_block,
+        burst,
+        "every request is either recorded or counted lost"
+    );
+
+    let recs = records(out.path());
+    let gaps: Vec<_> = recs
+        .iter()
+        .filter_map(|r| {
+            if let Record::Gap(g) = r {
+                Some(*g)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert!(!gaps.is_empty(), "the loss is marked in the file");
+    assert_eq!(
+        gaps.iter().map(|g| g.lost_block).sum::<u64>(),
+        totals.lost_block
+    );
+    assert!(
+        gaps.iter().all(|g| g.end_ns > g.start_ns),
+        "a gap has a time window"
+    );
+    let stat = tern::trace::stats::TraceStats::from_reader(
+        TraceReader::new(BufReader::new(File::open(out.path()).expect("trace"))).expect("header"),
+    )
+    .expect("stats");
+    assert!(stat.render().contains("GAPS:"), "{}", stat.render());
+}
+
+#[test]
+fn an_image_on_ext4_is_traced_in_image_offsets() {
+    let lo = LoopDev::new("256M");
+    let mnt = tempfile::Builder::new()
+        .prefix("tern-mnt")
+        .tempdir_in("/var/tmp")
+        .expect("mount dir");
+    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.dev));
+    sh(Command::new("mount").arg(&lo.dev).arg(mnt.path()));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.path().to_path_buf());
+    let image = mnt.path().join("vm.img");
+    {
+        // Written (not sparse, not unwritten) so direct writes need no allocation.
+        let mut f = File::create(&image).expect("create image");
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..32 {
+            f.write_all(&chunk).expect("fill image");
+        }
+        f.sync_all().expect("sync image");
+    }
+    let out = tempfile::NamedTempFile::new().expect("temp trace");
+    let mut cfg = config(vec![], out.path());
+    cfg.image = Some(image.clone());
+    let mut session = Session::start(&cfg).expect("tracer starts on the device under the image");
+
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&image)
+        .expect("open O_DIRECT");
+    let offsets = [0u64, 4096, 1 << 20, 5 << 20, (31 << 20) + 8192];
+    let mut b = Aligned::new(4096, 0x5a);
+    for off in offsets {
+        f.write_at(b.slice(), off)
+            .expect("direct write into the image");
+    }
+    drop(f);
+    drive(&mut session, Duration::from_millis(200));
+    session.finish().expect("finish");
+
+    let recs = records(out.path());
+    let mut writes: Vec<u64> = recs
+        .iter()
+        .filter_map(|r| match r {
+            Record::Block(b) if b.op == Op::Write && b.pid == std::process::id() => {
+                assert_eq!(b.len, 4096);
+                Some(b.offset)
+            }
+            _ => None,
+        })
+        .collect();
+    writes.sort_unstable();
+    assert_eq!(writes, offsets.to_vec());
+    let reader =
+        TraceReader::new(BufReader::new(File::open(out.path()).expect("trace"))).expect("header");
+    assert_eq!(
+        reader.header().targets[0].kind,
+        tern::trace::format::TargetKind::Image
+    );
+    assert_eq!(reader.header().targets[0].size_bytes, 32 << 20);
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    let out = tempfile::NamedTempFile::new().expect("temp trace");
+    let missing = config(vec![PathBuf::from("/dev/no-such-disk")], out.path());
+    let err = Session::start(&missing)
+        .err()
+        .expect("a missing device fails");
+    assert_eq!(
+        err.to_string(),
+        "device /dev/no-such-disk does not exist; list block devices with `lsblk`"
+    );
+    let not_block = config(vec![out.path().to_path_buf()], out.path());
+    let err = Session::start(&not_block)
+        .err()
+        .expect("a regular file fails");
+    assert!(err.to_string().contains("is not a block device"), "{err}");
+    let mut ring = config(vec![PathBuf::from("/dev/loop0")], out.path());
+    ring.ring_bytes = 5000;
+    let err = Session::start(&ring).err().expect("a bad ring size fails");
+    assert!(err.to_string().contains("power of two"), "{err}");
+    let stop = Arc::new(AtomicBool::new(true));
+    let none = config(vec![], out.path());
+    assert!(session::run(&none, &stop).is_err());
+}
