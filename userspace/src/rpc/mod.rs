@@ -16,15 +16,17 @@ mod pb {
 }
 
 pub mod client;
-mod epoch;
+pub mod epoch;
 pub mod server;
 mod status;
 pub mod tls;
 
-pub use client::{EncodedExtent, ExtentWriter, Info, PushOptions, PushReport, ReplicaClient};
+pub use client::{
+    EncodedExtent, ExtentWriter, Info, PushOptions, PushReport, ReplicaClient, TreeNodes, push_file,
+};
 pub use epoch::Fence;
 pub use pb::Encoding;
-pub use server::{ExportControl, ReplicaService, ServeOptions};
+pub use server::{ExportControl, ReplicaService, SERVICE_NAME, ServeOptions, serve};
 pub use tls::{TlsError, TlsMaterial};
 
 /// Largest uncompressed extent the destination accepts.
@@ -136,6 +138,12 @@ pub enum RpcError {
     /// A blocking task died.
     #[error("a worker task stopped before finishing: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The gRPC server failed.
+    #[error("the replica gRPC server failed: {source}")]
+    Serve {
+        #[source]
+        source: tonic::transport::Error,
+    },
     /// The client could not reach the server.
     #[error(
         "cannot connect to the replica service at {addr}: {source}; check the address, the port and the TLS directory"

@@ -43,6 +43,7 @@ fn code(err: &RpcError) -> Code {
         | RpcError::Export(_)
         | RpcError::Task(_)
         | RpcError::Connect { .. }
+        | RpcError::Serve { .. }
         | RpcError::StreamClosed { .. }
         | RpcError::UnexpectedReply { .. }
         | RpcError::ReadSource { .. }
