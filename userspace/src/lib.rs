@@ -3,6 +3,7 @@
 //! Data flows one way: `trace` → analyzer → controller/predictor →
 //! replication → cutover. Each module is one concept.
 
+pub mod agent;
 pub mod certs;
 pub mod checktree;
 pub mod image;

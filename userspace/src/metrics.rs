@@ -192,6 +192,55 @@ impl Render for ReplicaMetrics {
     }
 }
 
+impl Render for crate::nbd::NbdServer {
+    fn render(&self, out: &mut String) {
+        let s = self.stats().snapshot();
+        let name = "tern_nbd_requests_total";
+        let _ = writeln!(out, "# HELP {name} NBD requests served, by type.");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (kind, value) in [
+            ("read", s.reads),
+            ("write", s.writes),
+            ("flush", s.flushes),
+            ("trim", s.trims),
+            ("write_zeroes", s.write_zeroes),
+            ("disconnect", s.disconnects),
+        ] {
+            let _ = writeln!(out, "{name}{{type=\"{kind}\"}} {value}");
+        }
+        render_counter(
+            out,
+            "tern_nbd_request_errors_total",
+            "NBD requests answered with an error.",
+            s.errors,
+        );
+        render_counter(
+            out,
+            "tern_nbd_read_bytes_total",
+            "Bytes read by NBD clients.",
+            s.bytes_read,
+        );
+        render_counter(
+            out,
+            "tern_nbd_written_bytes_total",
+            "Bytes written by NBD clients.",
+            s.bytes_written,
+        );
+        render_counter(
+            out,
+            "tern_nbd_connections_total",
+            "NBD connections accepted.",
+            s.connections_accepted,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tern_nbd_connections_active NBD connections open now."
+        );
+        let _ = writeln!(out, "# TYPE tern_nbd_connections_active gauge");
+        let _ = writeln!(out, "tern_nbd_connections_active {}", s.connections_active);
+    }
+}
+
 /// The sources one endpoint exposes.
 #[derive(Clone, Default)]
 pub struct Sources(Vec<Arc<dyn Render>>);

@@ -1,0 +1,434 @@
+//! The destination agent: one image, written by the replica gRPC service
+//! (mutual TLS), exported read-only over NBD until cutover makes it writable,
+//! with a Prometheus `/metrics` endpoint.
+//!
+//! Shutdown (SIGTERM/SIGINT, or the caller's token): stop accepting, let
+//! write streams finish the extents in flight, stop NBD connections after
+//! their in-flight requests, flush the image, return `Ok`.
+//!
+//! NBD carries no TLS here (no STARTTLS): it listens on loopback or a unix
+//! socket unless `insecure_nbd` is set, which logs a warning.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::image::{Image, ImageError, ImageOptions};
+use crate::metrics::{self, MetricsError, ReplicaMetrics, Sources};
+use crate::nbd::{Export, ListenAddr, NbdError, NbdServer};
+use crate::rpc::{
+    ExportControl, Fence, ReplicaService, RpcError, ServeOptions, TlsError, TlsMaterial,
+};
+
+/// Default NBD export name.
+pub const DEFAULT_EXPORT: &str = "tern";
+
+/// Settings of `tern agent --role destination`.
+#[derive(Debug, Clone)]
+pub struct DestinationConfig {
+    /// Image file (created or grown to `size`) or block device.
+    pub image: PathBuf,
+    /// Size to create or check; `None` uses the existing image as is.
+    pub size: Option<u64>,
+    /// Try `O_DIRECT` for the image.
+    pub direct: bool,
+    /// gRPC listen address.
+    pub grpc: SocketAddr,
+    /// NBD listen address; `None` serves no NBD export.
+    pub nbd: Option<ListenAddr>,
+    /// NBD export name.
+    pub export_name: String,
+    /// Directory from `tern certs init` (`ca.pem`, `cert.pem`, `key.pem`): mutual TLS.
+    pub tls_dir: Option<PathBuf>,
+    /// Allow plaintext gRPC on a non-loopback address.
+    pub insecure: bool,
+    /// Allow NBD (always plaintext) on a non-loopback address.
+    pub insecure_nbd: bool,
+    /// Prometheus endpoint address.
+    pub metrics: Option<SocketAddr>,
+    /// Extents of one write stream in flight.
+    pub max_in_flight: usize,
+}
+
+impl DestinationConfig {
+    /// A configuration with the defaults for everything but the image and gRPC address.
+    pub fn new(image: PathBuf, grpc: SocketAddr) -> DestinationConfig {
+        DestinationConfig {
+            image,
+            size: None,
+            direct: false,
+            grpc,
+            nbd: None,
+            export_name: DEFAULT_EXPORT.to_owned(),
+            tls_dir: None,
+            insecure: false,
+            insecure_nbd: false,
+            metrics: None,
+            max_in_flight: ServeOptions::default().max_in_flight,
+        }
+    }
+}
+
+/// Errors of the destination agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Plaintext gRPC on a reachable address.
+    #[error(
+        "refusing to serve gRPC without TLS on {addr}, which is not loopback; pass --tls-dir DIR (see `tern certs init`) or --insecure"
+    )]
+    InsecureGrpc { addr: SocketAddr },
+    /// NBD on a reachable address.
+    #[error(
+        "refusing to serve NBD (no TLS) on {addr}, which is not loopback; use a loopback address or unix:/path, or pass --insecure-nbd"
+    )]
+    InsecureNbd { addr: SocketAddr },
+    /// TLS material unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The image could not be opened or flushed.
+    #[error("{action} the image {path}: {source}")]
+    Image {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: ImageError,
+    },
+    /// A listener could not be bound.
+    #[error("cannot listen for {what} on {addr}: {source}; pick a free port")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The replica service failed (or its epoch file is unusable).
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    /// The NBD server failed.
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
+    /// The metrics endpoint failed.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// A service task panicked.
+    #[error("a service task of the agent stopped abnormally: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A destination with every listener bound, not yet serving.
+pub struct Destination {
+    image: Image,
+    image_path: PathBuf,
+    service: ReplicaService,
+    tls: Option<TlsMaterial>,
+    grpc: tokio::net::TcpListener,
+    grpc_addr: SocketAddr,
+    nbd: Option<(Arc<NbdServer>, NbdListener)>,
+    nbd_addr: Option<ListenAddr>,
+    metrics: Option<(tokio::net::TcpListener, Sources)>,
+    metrics_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+}
+
+enum NbdListener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+/// Runs the destination agent until `cancel`, then drains and flushes.
+pub async fn run_destination(
+    cfg: DestinationConfig,
+    cancel: CancellationToken,
+) -> Result<(), AgentError> {
+    Destination::bind(cfg).await?.run(cancel).await
+}
+
+/// Cancels `cancel` on SIGTERM or SIGINT (for `main`).
+pub fn cancel_on_signals(cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => Some(term),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the agent");
+                    None
+                }
+            };
+        let term = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = term => {}
+        }
+        tracing::info!("signal received: draining and stopping");
+        cancel.cancel();
+    })
+}
+
+/// The NBD export as the replica service's cutover switch.
+struct NbdExportControl {
+    server: Arc<NbdServer>,
+    name: String,
+    writable: AtomicBool,
+}
+
+impl ExportControl for NbdExportControl {
+    fn writable(&self) -> bool {
+        self.writable.load(Ordering::Acquire)
+    }
+
+    fn set_writable(&self, writable: bool) -> Result<(), String> {
+        self.server
+            .try_set_read_only(&self.name, !writable)
+            .map_err(|e| e.to_string())?;
+        self.writable.store(writable, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl Destination {
+    /// Checks the security settings, opens the image and binds every listener.
+    pub async fn bind(cfg: DestinationConfig) -> Result<Destination, AgentError> {
+        if cfg.tls_dir.is_none() && !cfg.grpc.ip().is_loopback() && !cfg.insecure {
+            return Err(AgentError::InsecureGrpc { addr: cfg.grpc });
+        }
+        if let Some(ListenAddr::Tcp(addr)) = &cfg.nbd
+            && !addr.ip().is_loopback()
+        {
+            if !cfg.insecure_nbd {
+                return Err(AgentError::InsecureNbd { addr: *addr });
+            }
+            tracing::warn!(%addr, "NBD served in plaintext on a non-loopback address (--insecure-nbd)");
+        }
+        let tls = cfg.tls_dir.as_deref().map(TlsMaterial::load).transpose()?;
+        if tls.is_none() {
+            tracing::warn!(addr = %cfg.grpc, "gRPC served without TLS: any local process can write the image");
+        }
+        let image = Image::open(
+            &cfg.image,
+            &ImageOptions {
+                size: cfg.size,
+                read_only: false,
+                direct: cfg.direct,
+            },
+        )
+        .map_err(|source| AgentError::Image {
+            action: "cannot open",
+            path: cfg.image.clone(),
+            source,
+        })?;
+        let fence = Fence::load(&Fence::path_for(&cfg.image))?;
+
+        let replica_metrics = Arc::new(ReplicaMetrics::default());
+        let mut sources = Sources::default().with(Arc::clone(&replica_metrics) as _);
+
+        let (nbd, nbd_addr, export) = match &cfg.nbd {
+            None => (None, None, None),
+            Some(listen) => {
+                let server = Arc::new(NbdServer::new(vec![Export {
+                    name: cfg.export_name.clone(),
+                    description: format!("tern destination {}", cfg.image.display()),
+                    image: image.clone(),
+                    read_only: true,
+                }]));
+                sources = sources.with(Arc::clone(&server) as _);
+                let (listener, bound) = bind_nbd(listen).await?;
+                let export: Arc<dyn ExportControl> = Arc::new(NbdExportControl {
+                    server: Arc::clone(&server),
+                    name: cfg.export_name.clone(),
+                    writable: AtomicBool::new(false),
+                });
+                (Some((server, listener)), Some(bound), Some(export))
+            }
+        };
+
+        let shutdown = CancellationToken::new();
+        let service = ReplicaService::new(
+            image.clone(),
+            fence,
+            export,
+            replica_metrics,
+            shutdown.clone(),
+            ServeOptions {
+                max_in_flight: cfg.max_in_flight,
+            },
+        );
+        let grpc = tokio::net::TcpListener::bind(cfg.grpc)
+            .await
+            .map_err(|source| AgentError::Bind {
+                what: "gRPC",
+                addr: cfg.grpc.to_string(),
+                source,
+            })?;
+        let grpc_addr = grpc.local_addr().map_err(|source| AgentError::Bind {
+            what: "gRPC",
+            addr: cfg.grpc.to_string(),
+            source,
+        })?;
+        let (metrics, metrics_addr) = match cfg.metrics {
+            None => (None, None),
+            Some(addr) => {
+                let listener = metrics::bind(addr).await?;
+                let bound = listener.local_addr().map_err(|source| AgentError::Bind {
+                    what: "metrics",
+                    addr: addr.to_string(),
+                    source,
+                })?;
+                (Some((listener, sources)), Some(bound))
+            }
+        };
+        Ok(Destination {
+            image,
+            image_path: cfg.image,
+            service,
+            tls,
+            grpc,
+            grpc_addr,
+            nbd,
+            nbd_addr,
+            metrics,
+            metrics_addr,
+            shutdown,
+        })
+    }
+
+    /// The bound gRPC address (useful with port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound NBD address, if NBD is served.
+    pub fn nbd_addr(&self) -> Option<&ListenAddr> {
+        self.nbd_addr.as_ref()
+    }
+
+    /// The bound metrics address, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Serves until `cancel`, then drains every service and flushes the image.
+    /// If one service fails, the others are stopped and its error returned.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), AgentError> {
+        let Destination {
+            image,
+            image_path,
+            service,
+            tls,
+            grpc,
+            grpc_addr,
+            nbd,
+            nbd_addr,
+            metrics,
+            metrics_addr,
+            shutdown,
+        } = self;
+        tracing::info!(
+            image = %image_path.display(),
+            size = image.size(),
+            epoch = service.epoch(),
+            grpc = %grpc_addr,
+            tls = tls.is_some(),
+            nbd = ?nbd_addr,
+            metrics = ?metrics_addr,
+            "destination agent serving"
+        );
+        let mut tasks: JoinSet<Result<(), AgentError>> = JoinSet::new();
+        {
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                crate::rpc::serve(grpc, service, tls.as_ref(), shutdown).await?;
+                Ok(())
+            });
+        }
+        let mut unix_socket = None;
+        if let Some((server, listener)) = nbd {
+            let shutdown = shutdown.clone();
+            match listener {
+                NbdListener::Tcp(l) => {
+                    tasks.spawn(async move { Ok(server.serve_tcp(l, shutdown).await?) });
+                }
+                NbdListener::Unix(l, path) => {
+                    unix_socket = Some(path);
+                    tasks.spawn(async move { Ok(server.serve_unix(l, shutdown).await?) });
+                }
+            }
+        }
+        if let Some((listener, sources)) = metrics {
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { Ok(metrics::serve(listener, sources, shutdown).await?) });
+        }
+
+        let mut first_error = None;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled(), if !shutdown.is_cancelled() => {
+                    tracing::info!("stopping: no new connections, draining in-flight writes");
+                    shutdown.cancel();
+                }
+                joined = tasks.join_next() => {
+                    let Some(joined) = joined else { break };
+                    let result = joined.map_err(AgentError::from).and_then(|r| r);
+                    if let Err(err) = result {
+                        tracing::error!(error = %err, "a destination service failed; stopping the others");
+                        first_error.get_or_insert(err);
+                        shutdown.cancel();
+                    } else if !shutdown.is_cancelled() {
+                        // A service ended on its own: stop the rest rather than run half an agent.
+                        shutdown.cancel();
+                    }
+                }
+            }
+        }
+        if let Some(path) = unix_socket {
+            // Best effort: a stale socket file only blocks the next bind, which says so.
+            let _ = std::fs::remove_file(path);
+        }
+        let flushed = image.flush().await.map_err(|source| AgentError::Image {
+            action: "cannot flush",
+            path: image_path.clone(),
+            source,
+        });
+        match (first_error, flushed) {
+            (Some(err), _) | (None, Err(err)) => Err(err),
+            (None, Ok(())) => {
+                tracing::info!(image = %image_path.display(), "destination agent stopped; image flushed");
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn bind_nbd(listen: &ListenAddr) -> Result<(NbdListener, ListenAddr), AgentError> {
+    let bind_err = |source| AgentError::Bind {
+        what: "NBD",
+        addr: format!("{listen:?}"),
+        source,
+    };
+    match listen {
+        ListenAddr::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(bind_err)?;
+            let bound = listener.local_addr().map_err(bind_err)?;
+            Ok((NbdListener::Tcp(listener), ListenAddr::Tcp(bound)))
+        }
+        ListenAddr::Unix(path) => {
+            let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
+            Ok((
+                NbdListener::Unix(listener, path.clone()),
+                ListenAddr::Unix(path.clone()),
+            ))
+        }
+    }
+}

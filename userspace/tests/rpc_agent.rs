@@ -1,0 +1,221 @@
+//! The destination agent end to end: gRPC over mutual TLS writes the image,
+//! QEMU reads it over NBD, cutover makes the export writable (fenced by
+//! epoch), `/metrics` counts it all, and shutdown drains and flushes.
+
+mod rpc_support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use bytes::Bytes;
+use rpc_support::noise;
+use tern::agent::{AgentError, Destination, DestinationConfig};
+use tern::nbd::ListenAddr;
+use tern::rpc::{EncodedExtent, ReplicaClient, TlsMaterial};
+use tokio_util::sync::CancellationToken;
+
+const MIB: u64 = 1 << 20;
+
+async fn qemu_io(nbd: SocketAddr, read_only: bool, cmd: &str) -> bool {
+    let url = format!("nbd://{nbd}/tern");
+    let mut args = vec!["-f", "raw"];
+    if read_only {
+        args.push("-r");
+    }
+    args.extend([url.as_str(), "-c", cmd]);
+    let out = tokio::process::Command::new("qemu-io")
+        .args(&args)
+        .output()
+        .await
+        .expect("run qemu-io (qemu-utils)");
+    // qemu-io exits 0 even when a command fails; failures are printed.
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    out.status.success() && !text.contains("failed") && !text.contains("Pattern verification")
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("read");
+    body
+}
+
+fn config(dir: &Path, tls_dir: &Path) -> DestinationConfig {
+    let mut cfg = DestinationConfig::new(dir.join("dst.img"), "127.0.0.1:0".parse().expect("addr"));
+    cfg.size = Some(4 * MIB);
+    cfg.nbd = Some(ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr")));
+    cfg.tls_dir = Some(tls_dir.to_path_buf());
+    cfg.metrics = Some("127.0.0.1:0".parse().expect("addr"));
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicate_read_over_nbd_cut_over_and_shut_down_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = tern::certs::init(&dir.path().join("certs"), &[]).expect("certs");
+    let tls_dir = certs.host_dirs[0].clone();
+    let dst = Destination::bind(config(dir.path(), &tls_dir))
+        .await
+        .expect("bind");
+    let grpc = dst.grpc_addr();
+    let Some(ListenAddr::Tcp(nbd)) = dst.nbd_addr().cloned() else {
+        panic!("NBD should listen on TCP");
+    };
+    let metrics = dst.metrics_addr().expect("metrics addr");
+    let cancel = CancellationToken::new();
+    let agent = tokio::spawn(dst.run(cancel.clone()));
+
+    let tls = TlsMaterial::load(&tls_dir).expect("tls");
+    let mut client = ReplicaClient::connect(&grpc.to_string(), Some(&tls), None)
+        .await
+        .expect("connect");
+    let mut writer = client.open_writer(3, 8).await.expect("open");
+    writer
+        .send(
+            EncodedExtent::encode(0, Bytes::from(vec![0xab; MIB as usize]), Some(1))
+                .expect("encode"),
+        )
+        .await
+        .expect("send");
+    writer
+        .send(
+            EncodedExtent::encode(MIB, Bytes::from(noise(MIB as usize, 3)), None).expect("encode"),
+        )
+        .await
+        .expect("send");
+    writer.finish().await.expect("finish");
+
+    // QEMU sees the replicated data; the export is read-only before cutover.
+    assert!(
+        qemu_io(nbd, true, "read -P 0xab 0 1M").await,
+        "QEMU did not read the replicated bytes"
+    );
+    assert!(
+        !qemu_io(nbd, false, "write -P 0xcd 2M 64k").await,
+        "export writable before cutover"
+    );
+    assert!(!client.info().await.expect("info").export_writable);
+
+    // Cutover is fenced: a stale epoch cannot flip the export.
+    let stale = client
+        .set_export_writable(2, true)
+        .await
+        .expect_err("stale epoch");
+    assert_eq!(stale.code(), Some(tonic::Code::FailedPrecondition));
+    assert!(client.set_export_writable(3, true).await.expect("cutover"));
+    assert!(
+        qemu_io(nbd, false, "write -P 0xcd 2M 64k").await,
+        "export not writable after cutover"
+    );
+    assert!(client.info().await.expect("info").export_writable);
+
+    let page = http_get(metrics, "/metrics").await;
+    assert!(
+        page.contains("tern_replica_extents_written_total 2"),
+        "{page}"
+    );
+    assert!(
+        page.contains("tern_replica_written_bytes_total 2097152"),
+        "{page}"
+    );
+    assert!(
+        page.contains("tern_nbd_requests_total{type=\"write\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("tern_replica_write_seconds_count 2"),
+        "{page}"
+    );
+
+    cancel.cancel();
+    agent
+        .await
+        .expect("agent task")
+        .expect("agent stopped cleanly");
+    let image = std::fs::read(dir.path().join("dst.img")).expect("image");
+    assert!(image[..MIB as usize].iter().all(|&b| b == 0xab));
+    assert!(image[MIB as usize..2 * MIB as usize] == noise(MIB as usize, 3)[..]);
+    assert!(
+        image[2 * MIB as usize..(2 * MIB + 65536) as usize]
+            .iter()
+            .all(|&b| b == 0xcd)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("dst.img.tern-epoch"))
+            .expect("epoch")
+            .trim(),
+        "3"
+    );
+}
+
+#[tokio::test]
+async fn plaintext_grpc_or_nbd_on_a_reachable_address_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg =
+        DestinationConfig::new(dir.path().join("a.img"), "0.0.0.0:0".parse().expect("addr"));
+    cfg.size = Some(MIB);
+    assert!(matches!(
+        Destination::bind(cfg.clone()).await,
+        Err(AgentError::InsecureGrpc { .. })
+    ));
+    cfg.grpc = "127.0.0.1:0".parse().expect("addr");
+    cfg.nbd = Some(ListenAddr::Tcp("0.0.0.0:0".parse().expect("addr")));
+    assert!(matches!(
+        Destination::bind(cfg.clone()).await,
+        Err(AgentError::InsecureNbd { .. })
+    ));
+    // The explicit overrides are honoured (and the agent starts and stops).
+    cfg.insecure_nbd = true;
+    let dst = Destination::bind(cfg)
+        .await
+        .expect("bind with --insecure-nbd");
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    dst.run(cancel).await.expect("stops at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_an_open_write_stream_with_unavailable_after_acking_its_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = tern::certs::init(&dir.path().join("certs"), &[]).expect("certs");
+    let tls_dir = certs.host_dirs[0].clone();
+    let mut cfg = config(dir.path(), &tls_dir);
+    cfg.nbd = Some(ListenAddr::Unix(dir.path().join("nbd.sock")));
+    let dst = Destination::bind(cfg).await.expect("bind");
+    let grpc = dst.grpc_addr();
+    let cancel = CancellationToken::new();
+    let agent = tokio::spawn(dst.run(cancel.clone()));
+    let tls = TlsMaterial::load(&tls_dir).expect("tls");
+    let mut client = ReplicaClient::connect(&grpc.to_string(), Some(&tls), None)
+        .await
+        .expect("connect");
+    let mut writer = client.open_writer(1, 8).await.expect("open");
+    writer
+        .send(EncodedExtent::encode(0, Bytes::from(vec![0x11; 65536]), None).expect("encode"))
+        .await
+        .expect("send");
+    writer.barrier().await.expect("barrier");
+    cancel.cancel();
+    // The stream is still open: the agent must end it rather than wait forever.
+    let err = writer
+        .barrier()
+        .await
+        .expect_err("stream ended by shutdown");
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err}");
+    agent
+        .await
+        .expect("agent task")
+        .expect("agent stopped cleanly");
+    assert!(
+        !dir.path().join("nbd.sock").exists(),
+        "unix socket left behind"
+    );
+    let image = std::fs::read(dir.path().join("dst.img")).expect("image");
+    assert!(image[..65536].iter().all(|&b| b == 0x11));
+}
