@@ -36,6 +36,19 @@ fn run(cmd: &mut Command, what: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// Derives `Pod` for the event types, so a padding hole fails the build.
+#[derive(Debug)]
+struct PodDerives;
+impl bindgen::callbacks::ParseCallbacks for PodDerives {
+    fn add_derives(&self, info: &bindgen::callbacks::DeriveInfo<'_>) -> Vec<String> {
+        if info.name.starts_with("tern_") {
+            vec!["bytemuck::Pod".into(), "bytemuck::Zeroable".into()]
+        } else {
+            vec![]
+        }
+    }
+}
+
 fn main() {
     let manifest =
         PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
@@ -85,17 +98,6 @@ fn main() {
         "clang (eBPF)",
     );
 
-    #[derive(Debug)]
-    struct PodDerives;
-    impl bindgen::callbacks::ParseCallbacks for PodDerives {
-        fn add_derives(&self, info: &bindgen::callbacks::DeriveInfo<'_>) -> Vec<String> {
-            if info.name.starts_with("tern_") {
-                vec!["bytemuck::Pod".into(), "bytemuck::Zeroable".into()]
-            } else {
-                vec![]
-            }
-        }
-    }
     let bindings = bindgen::Builder::default()
         .header(ebpf.join("tern_event.h").display().to_string())
         .clang_arg("-I/usr/include/x86_64-linux-gnu")

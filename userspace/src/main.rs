@@ -134,8 +134,8 @@ fn parse_range(s: &str) -> Result<(u64, u64)> {
 
 fn open_trace(path: &PathBuf) -> Result<TraceReader<BufReader<File>>> {
     let f = File::open(path).with_context(|| format!("cannot open trace {}", path.display()))?;
-    Ok(TraceReader::new(BufReader::with_capacity(256 * 1024, f))
-        .with_context(|| format!("{}", path.display()))?)
+    TraceReader::new(BufReader::with_capacity(256 * 1024, f))
+        .with_context(|| format!("{}", path.display()))
 }
 
 fn output(out: Option<&PathBuf>) -> Result<Box<dyn Write>> {

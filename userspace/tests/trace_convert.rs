@@ -105,7 +105,7 @@ fn read_trace(path: &Path) -> (TraceHeader, Vec<Record>) {
     let h = r.header().clone();
     (
         h,
-        r.filter_map(|x| x.ok())
+        r.filter_map(Result::ok)
             .filter(|r| !matches!(r, Record::End(_) | Record::Process(_)))
             .collect(),
     )

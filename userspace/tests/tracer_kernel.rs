@@ -1,4 +1,4 @@
-//! The tracer against the real kernel: loop devices, O_DIRECT I/O, page faults,
+//! The tracer against the real kernel: loop devices, `O_DIRECT` I/O, page faults,
 //! a tiny ring buffer, and images on ext4. Needs root (CI is root).
 
 use std::collections::BTreeMap;
@@ -52,7 +52,7 @@ impl Drop for LoopDev {
     }
 }
 
-/// A 4 KiB-aligned buffer for O_DIRECT, without unsafe: slice an over-allocated Vec.
+/// A 4 KiB-aligned buffer for `O_DIRECT`, without unsafe: slice an over-allocated Vec.
 struct Aligned {
     buf: Vec<u8>,
     at: usize,
@@ -281,6 +281,13 @@ fn a_tiny_ring_under_a_burst_counts_the_loss_and_marks_a_gap() {
     assert!(stat.render().contains("GAPS:"), "{}", stat.render());
 }
 
+struct Unmount(PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 #[test]
 fn an_image_on_ext4_is_traced_in_image_offsets() {
     let lo = LoopDev::new("256M");
@@ -290,12 +297,6 @@ fn an_image_on_ext4_is_traced_in_image_offsets() {
         .expect("mount dir");
     sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.dev));
     sh(Command::new("mount").arg(&lo.dev).arg(mnt.path()));
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
     let _unmount = Unmount(mnt.path().to_path_buf());
     let image = mnt.path().join("vm.img");
     {

@@ -9,6 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use std::fmt::Write as _;
+
 use anyhow::{Context, Result, bail};
 
 use crate::sh::{self, output};
@@ -208,11 +210,13 @@ pub fn run(tern: &Path) -> Result<()> {
         ));
     }
     let mut table = String::new();
-    table.push_str(&format!(
-        "\nfio 4 KiB, io_uring iodepth 32, {RUNTIME_S} s runs, median of {RUNS} (zram {dev})\n"
-    ));
-    table.push_str(&format!(
-        "{:<10} {:>12} {:>12} {:>10} {:>14} {:>10} {:>14} {:>8}\n",
+    let _ = writeln!(
+        table,
+        "\nfio 4 KiB, io_uring iodepth 32, {RUNTIME_S} s runs, median of {RUNS} (zram {dev})"
+    );
+    let _ = writeln!(
+        table,
+        "{:<10} {:>12} {:>12} {:>10} {:>14} {:>10} {:>14} {:>8}",
         "workload",
         "untraced",
         "tern trace",
@@ -221,10 +225,11 @@ pub fn run(tern: &Path) -> Result<()> {
         "slowdown",
         "tern events/s",
         "lost"
-    ));
+    );
     for (rw, base, t, p, e, lost) in &rows {
-        table.push_str(&format!(
-            "{:<10} {:>12.0} {:>12.0} {:>9.1}% {:>14.0} {:>9.1}% {:>14.0} {:>8}\n",
+        let _ = writeln!(
+            table,
+            "{:<10} {:>12.0} {:>12.0} {:>9.1}% {:>14.0} {:>9.1}% {:>14.0} {:>8}",
             rw,
             base,
             t,
@@ -233,9 +238,9 @@ pub fn run(tern: &Path) -> Result<()> {
             (1.0 - p / base) * 100.0,
             e,
             lost
-        ));
+        );
     }
-    table.push_str(&format!("blktrace: {blk}\n"));
+    let _ = writeln!(table, "blktrace: {blk}");
     // The table is the benchmark's product: it goes to stdout.
     #[allow(clippy::print_stdout)]
     {

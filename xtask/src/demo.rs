@@ -84,6 +84,8 @@ fn run_demo_workload(mnt: &Path) -> Result<()> {
     Ok(())
 }
 
+// The Scratch guard kills and waits for the tracer on every early return.
+#[allow(clippy::zombie_processes)]
 pub fn run(tern: &Path) -> Result<()> {
     require_root("the demo (loop devices, mount, eBPF)")?;
     let dir = PathBuf::from(format!("/var/tmp/tern-demo-{}", std::process::id()));

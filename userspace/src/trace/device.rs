@@ -72,7 +72,7 @@ pub struct BlockDevice {
     pub io_path: IoPath,
 }
 
-/// The kernel's internal dev_t encoding, which BPF programs see.
+/// The kernel's internal `dev_t` encoding, which BPF programs see.
 pub fn kernel_dev(major: u32, minor: u32) -> u32 {
     (major << 20) | minor
 }
@@ -128,8 +128,7 @@ impl BlockDevice {
             let start = read_sysfs_u64(&real.join("start"))? * 512;
             let parent = real
                 .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| real.clone());
+                .map_or_else(|| real.clone(), Path::to_path_buf);
             (parent, start)
         } else {
             (real.clone(), 0)
@@ -171,7 +170,7 @@ impl BlockDevice {
         format!("{}:{}", self.major, self.minor)
     }
 
-    /// The dev_t the BPF programs report for this device's I/O (its whole disk).
+    /// The `dev_t` the BPF programs report for this device's I/O (its whole disk).
     pub fn kernel_disk_dev(&self) -> u32 {
         kernel_dev(self.disk_major, self.disk_minor)
     }
@@ -202,15 +201,13 @@ pub fn check_tracing_preconditions() -> Result<(), DeviceError> {
 /// The running kernel's release, as `uname -r` prints it.
 pub fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_string())
 }
 
 /// This host's name.
 pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_string())
 }
 
 #[cfg(test)]

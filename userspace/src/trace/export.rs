@@ -129,7 +129,7 @@ pub fn to_fio_iolog<R: Read, W: Write>(
         match b.op {
             Op::Read => writeln!(out, "{us} {path} read {} {}", b.offset, b.len)?,
             Op::Write | Op::WriteZeroes => {
-                writeln!(out, "{us} {path} write {} {}", b.offset, b.len)?
+                writeln!(out, "{us} {path} write {} {}", b.offset, b.len)?;
             }
             Op::Discard => writeln!(out, "{us} {path} trim {} {}", b.offset, b.len)?,
             Op::Flush => writeln!(out, "{us} {path} sync 0 0")?,

@@ -49,6 +49,7 @@ const BATCH: usize = 256;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
+#[allow(clippy::struct_field_names)] // the kernel's names
 struct FiemapExtent {
     fe_logical: u64,
     fe_physical: u64,
@@ -59,6 +60,7 @@ struct FiemapExtent {
 }
 
 #[repr(C)]
+#[allow(clippy::struct_field_names)] // the kernel's names
 struct FiemapRequest {
     fm_start: u64,
     fm_length: u64,
@@ -146,13 +148,7 @@ impl ImageMap {
             req.fm_extent_count = BATCH as u32;
             // SAFETY: `req` is a properly laid out `struct fiemap` with room for
             // `fm_extent_count` extents, it outlives the call, and the fd is open.
-            let rc = unsafe {
-                libc::ioctl(
-                    self.file.as_raw_fd(),
-                    FS_IOC_FIEMAP,
-                    &mut *req as *mut FiemapRequest,
-                )
-            };
+            let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), FS_IOC_FIEMAP, &raw mut *req) };
             if rc < 0 {
                 return Err(FiemapError::Ioctl {
                     path: self.path.clone(),
@@ -179,11 +175,7 @@ impl ImageMap {
         }
         extents.sort_by_key(|e| e.disk);
         self.extents = extents;
-        self.image_size = self
-            .file
-            .metadata()
-            .map(|m| m.len())
-            .unwrap_or(self.image_size);
+        self.image_size = self.file.metadata().map_or(self.image_size, |m| m.len());
         Ok(())
     }
 

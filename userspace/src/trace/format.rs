@@ -82,7 +82,7 @@ pub struct TraceHeader {
     pub hostname: String,
     /// Wall-clock start, nanoseconds since the Unix epoch.
     pub start_wall_unix_ns: u64,
-    /// CLOCK_MONOTONIC at start; record timestamps count from here.
+    /// `CLOCK_MONOTONIC` at start; record timestamps count from here.
     pub start_monotonic_ns: u64,
     pub sector_size: u32,
     pub targets: Vec<Target>,
@@ -687,7 +687,9 @@ pub(crate) mod tests {
             })
             .collect();
         let mut bytes = write_all(&records, EndRecord::default());
-        let json_len = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]) as u64;
+        let json_len = u64::from(u32::from_le_bytes([
+            bytes[12], bytes[13], bytes[14], bytes[15],
+        ]));
         let first_chunk = FIXED_HEADER_LEN as u64 + json_len + 4;
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;

@@ -68,7 +68,7 @@ pub struct SessionTotals {
     pub elapsed: Duration,
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -81,7 +81,7 @@ pub fn monotonic_ns() -> u64 {
 
 /// How device events become records.
 enum Mapping {
-    /// Device targets: kernel disk dev_t → (target index, partition start).
+    /// Device targets: kernel disk `dev_t` → (target index, partition start).
     Devices(HashMap<u32, (u16, u64)>),
     /// One image: device bytes → image offsets.
     Image {
@@ -134,7 +134,7 @@ impl Recorder {
         match op {
             Op::Read => self.totals.read_bytes += u64::from(ev.bytes),
             Op::Write | Op::WriteZeroes | Op::Discard => {
-                self.totals.write_bytes += u64::from(ev.bytes)
+                self.totals.write_bytes += u64::from(ev.bytes);
             }
             _ => {}
         }
@@ -160,8 +160,8 @@ impl Recorder {
                     disk_byte.saturating_sub(start)
                 };
                 self.writer.push(&Record::Block(BlockRecord {
-                    target,
                     offset,
+                    target,
                     ..base
                 }))?;
             }
@@ -244,10 +244,11 @@ impl Recorder {
     }
 }
 
+/// What the tracer filters on: whole-disk kernel `dev_t` and its I/O path.
+type DeviceFilter = Vec<(u32, device::IoPath)>;
+
 /// The header and mapping for what the config names.
-fn targets(
-    cfg: &SessionConfig,
-) -> Result<(Vec<Target>, Vec<(u32, device::IoPath)>, Mapping), SessionError> {
+fn targets(cfg: &SessionConfig) -> Result<(Vec<Target>, DeviceFilter, Mapping), SessionError> {
     if let Some(image) = &cfg.image {
         let map = ImageMap::open(image)?;
         let dev = map.device.clone();

@@ -49,7 +49,7 @@ const MAX_PIDS: usize = 1024;
 /// What to trace.
 #[derive(Debug, Clone)]
 pub struct TracerConfig {
-    /// Whole-disk kernel dev_t and how its I/O is issued.
+    /// Whole-disk kernel `dev_t` and how its I/O is issued.
     pub devices: Vec<(u32, IoPath)>,
     /// Thread groups to trace; empty for all (block) — faults are traced only for these.
     pub pids: Vec<u32>,
