@@ -16,6 +16,7 @@ const PACKAGES: &[&str] = &[
     "fio",
     "sqlite3",
     "bpftrace",
+    "blktrace",
     "nbdkit",
     "libnbd-bin",
     "qemu-utils",
