@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +15,7 @@ use tern::trace::export;
 use tern::trace::import::{self, ImportFormat};
 use tern::trace::session::{self, SessionConfig};
 use tern::trace::stats::TraceStats;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +32,118 @@ struct Cli {
 enum Command {
     /// Trace block I/O (and page faults) with eBPF, or work with trace files.
     Trace(TraceArgs),
+    /// Run an agent: `--role destination` receives extents and exports the disk over NBD.
+    Agent(AgentArgs),
+    /// Certificates for mutual TLS between agents.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Replica client operations against a destination agent.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
+    /// A standalone NBD server for one image.
+    #[command(subcommand)]
+    Nbd(NbdCommand),
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Example:\n  tern certs init /etc/tern/pki --host src --host dst\n  tern agent --role destination --image dst.img --size 20G --grpc 0.0.0.0:7443 --tls-dir /etc/tern/pki/dst"
+)]
+struct AgentArgs {
+    /// Only `destination` exists so far; the source role comes with live migration.
+    #[arg(long, value_parser = ["destination"])]
+    role: String,
+    /// The destination image (created or grown to --size).
+    #[arg(long)]
+    image: PathBuf,
+    #[arg(long, value_parser = tern::agent::parse_size)]
+    size: Option<u64>,
+    /// gRPC listen address for the replica service.
+    #[arg(long)]
+    grpc: SocketAddr,
+    /// NBD listen address: `HOST:PORT` or `unix:/path`.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    nbd: tern::nbd::ListenAddr,
+    #[arg(long, default_value = tern::agent::DEFAULT_EXPORT)]
+    export: String,
+    /// Directory with ca.pem, cert.pem, key.pem (from `tern certs init`).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Prometheus /metrics listen address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Allow gRPC without TLS on a non-loopback address.
+    #[arg(long)]
+    insecure: bool,
+    /// Allow NBD (which has no TLS here) on a non-loopback address.
+    #[arg(long)]
+    insecure_nbd: bool,
+    /// Use `O_DIRECT` for the image where the file system allows it.
+    #[arg(long)]
+    direct: bool,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a small CA and one certificate per host, for a test or a lab.
+    Init {
+        dir: PathBuf,
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplicaCommand {
+    /// Stream a whole file into a destination agent; prints a JSON report.
+    Push(PushArgs),
+}
+
+#[derive(Args)]
+struct PushArgs {
+    #[arg(long)]
+    from: PathBuf,
+    /// host:port of the destination's gRPC service.
+    #[arg(long)]
+    to: String,
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Name checked in the server certificate.
+    #[arg(long)]
+    domain: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    epoch: u64,
+    #[arg(long, default_value_t = 1024)]
+    extent_kib: u32,
+    #[arg(long, default_value_t = 1, conflicts_with = "raw")]
+    zstd_level: i32,
+    #[arg(long)]
+    raw: bool,
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+}
+
+#[derive(Subcommand)]
+enum NbdCommand {
+    /// Export one raw image or block device until SIGINT/SIGTERM.
+    Serve {
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long, default_value = "tern")]
+        name: String,
+        /// `HOST:PORT` or `unix:/path`.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+        #[arg(long)]
+        read_only: bool,
+        #[arg(long, value_parser = tern::agent::parse_size)]
+        size: Option<u64>,
+        /// Buffered I/O instead of `O_DIRECT`.
+        #[arg(long)]
+        no_direct: bool,
+    },
 }
 
 #[derive(Args)]
@@ -245,6 +359,90 @@ fn trace_command(cmd: TraceCommand) -> Result<()> {
     Ok(())
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn agent(a: AgentArgs) -> Result<()> {
+    let mut cfg = tern::agent::DestinationConfig::new(a.image, a.grpc);
+    cfg.size = a.size;
+    cfg.nbd = Some(a.nbd);
+    cfg.export_name = a.export;
+    cfg.tls_dir = a.tls_dir;
+    cfg.metrics = a.metrics;
+    cfg.insecure = a.insecure;
+    cfg.insecure_nbd = a.insecure_nbd;
+    cfg.direct = a.direct;
+    runtime()?.block_on(async move {
+        let cancel = CancellationToken::new();
+        tern::agent::cancel_on_signals(cancel.clone());
+        tern::agent::run_destination(cfg, cancel).await
+    })?;
+    Ok(())
+}
+
+fn certs(cmd: CertsCommand) -> Result<()> {
+    let CertsCommand::Init { dir, hosts } = cmd;
+    let report = tern::certs::init(&dir, &hosts)?;
+    for d in &report.host_dirs {
+        eprintln!(
+            "certificates for {} in {} (pass it as --tls-dir)",
+            d.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            d.display()
+        );
+    }
+    Ok(())
+}
+
+fn replica(cmd: ReplicaCommand) -> Result<()> {
+    let ReplicaCommand::Push(p) = cmd;
+    let tls = p
+        .tls_dir
+        .as_deref()
+        .map(tern::rpc::TlsMaterial::load)
+        .transpose()?;
+    let report = runtime()?.block_on(async {
+        let mut c =
+            tern::rpc::ReplicaClient::connect(&p.to, tls.as_ref(), p.domain.as_deref()).await?;
+        let opts = tern::rpc::PushOptions {
+            epoch: p.epoch,
+            extent_len: p.extent_kib << 10,
+            zstd_level: (!p.raw).then_some(p.zstd_level),
+            workers: p.workers,
+            window: p.window,
+        };
+        tern::rpc::push_file(&mut c, &p.from, &opts).await
+    })?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    Ok(())
+}
+
+fn nbd(cmd: NbdCommand) -> Result<()> {
+    let NbdCommand::Serve {
+        image,
+        name,
+        listen,
+        read_only,
+        size,
+        no_direct,
+    } = cmd;
+    let opts = tern::nbd::StandaloneOptions {
+        image,
+        name,
+        listen,
+        read_only,
+        size,
+        direct: !no_direct,
+    };
+    runtime()?.block_on(tern::nbd::run_standalone(&opts))?;
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -259,6 +457,10 @@ fn main() -> std::process::ExitCode {
             Some(cmd) => trace_command(cmd),
             None => trace_run(t.run),
         },
+        Command::Agent(a) => agent(a),
+        Command::Certs(c) => certs(c),
+        Command::Replica(r) => replica(r),
+        Command::Nbd(n) => nbd(n),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

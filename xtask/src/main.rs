@@ -1,6 +1,8 @@
 //! `cargo xtask`: everything around Tern's build — toolchain setup, the demo,
 //! the test suite exactly as CI runs it, and benchmarks against peer tools.
 
+mod bench_nbd;
+mod bench_rpc;
 mod bench_tracer;
 mod demo;
 mod sh;
@@ -37,7 +39,7 @@ enum Cmd {
     Test,
     /// Benchmarks against peer tools; prints a table of figures.
     Bench {
-        /// Which: tracer (default: all).
+        /// Which: tracer, nbd or rpc (default: all).
         which: Option<String>,
     },
 }
@@ -62,8 +64,15 @@ fn main() -> Result<()> {
             sh::setup()?;
             let bin = build(true)?;
             match which.as_deref() {
-                None | Some("tracer") => bench_tracer::run(&bin),
-                Some(other) => bail!("unknown benchmark {other:?}; choose: tracer"),
+                Some("tracer") => bench_tracer::run(&bin),
+                Some("nbd") => bench_nbd::run(&bin),
+                Some("rpc") => bench_rpc::run(&bin),
+                None => {
+                    bench_tracer::run(&bin)?;
+                    bench_nbd::run(&bin)?;
+                    bench_rpc::run(&bin)
+                }
+                Some(other) => bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc"),
             }
         }
     }
