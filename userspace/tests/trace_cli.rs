@@ -3,49 +3,20 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
+use support::{LoopDev, sh};
+
 fn tern() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tern"))
 }
 
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("command starts");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-struct LoopDev(String, tempfile::TempDir);
-
-impl LoopDev {
-    fn new() -> LoopDev {
-        let dir = tempfile::Builder::new()
-            .prefix("tern-cli")
-            .tempdir_in("/var/tmp")
-            .expect("dir");
-        let img = dir.path().join("d.img");
-        sh(Command::new("truncate").args(["-s", "64M"]).arg(&img));
-        LoopDev(
-            sh(Command::new("losetup").args(["-f", "--show"]).arg(&img)),
-            dir,
-        )
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
 #[test]
 fn sigterm_stops_the_tracer_cleanly_and_flushes_everything() {
-    let lo = LoopDev::new();
-    let out = lo.1.path().join("t.trace");
+    let lo = LoopDev::new("64M");
+    let out = lo.dir.path().join("t.trace");
     let mut child = tern()
-        .args(["trace", "--device", &lo.0, "--out"])
+        .args(["trace", "--device", lo.path(), "--out"])
         .arg(&out)
         .stderr(Stdio::piped())
         .spawn()
@@ -61,7 +32,7 @@ fn sigterm_stops_the_tracer_cleanly_and_flushes_everything() {
     sh(Command::new("dd")
         .args([
             "if=/dev/zero",
-            &format!("of={}", lo.0),
+            &format!("of={}", lo.path()),
             "bs=64k",
             "count=100",
             "oflag=direct",
@@ -82,14 +53,14 @@ fn sigterm_stops_the_tracer_cleanly_and_flushes_everything() {
 
 #[test]
 fn duration_bounds_a_trace_and_csv_export_works_on_it() {
-    let lo = LoopDev::new();
-    let out = lo.1.path().join("t.trace");
+    let lo = LoopDev::new("64M");
+    let out = lo.dir.path().join("t.trace");
     let run = tern()
         .args([
             "trace",
             "-q",
             "--device",
-            &lo.0,
+            lo.path(),
             "--duration",
             "1s",
             "--out",
@@ -160,14 +131,14 @@ fn bad_input_is_one_line_and_never_a_panic() {
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     }
     // A truncated trace names its byte offset.
-    let lo = LoopDev::new();
-    let good = lo.1.path().join("g.trace");
+    let lo = LoopDev::new("64M");
+    let good = lo.dir.path().join("g.trace");
     sh(tern()
         .args([
             "trace",
             "-q",
             "--device",
-            &lo.0,
+            lo.path(),
             "--duration",
             "200ms",
             "--out",

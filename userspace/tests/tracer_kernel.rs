@@ -11,46 +11,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+mod support;
+
+use support::{LoopDev, sh};
 use tern::trace::session::{self, Session, SessionConfig};
 use tern::trace::{Op, Record, TraceReader};
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("command starts");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A loop device over a sparse file, detached on drop.
-struct LoopDev {
-    dev: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl LoopDev {
-    fn new(size: &str) -> LoopDev {
-        let dir = tempfile::Builder::new()
-            .prefix("tern-test")
-            .tempdir_in("/var/tmp")
-            .expect("temp dir");
-        let img = dir.path().join("disk.img");
-        sh(Command::new("truncate").args(["-s", size]).arg(&img));
-        let dev = sh(Command::new("losetup").args(["-f", "--show"]).arg(&img));
-        LoopDev {
-            dev: PathBuf::from(dev),
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
 
 /// A 4 KiB-aligned buffer for `O_DIRECT`, without unsafe: slice an over-allocated Vec.
 struct Aligned {

@@ -228,6 +228,13 @@ impl Recorder {
                 lost_fault: lost.1 - self.lost_seen.1,
             }))?;
             self.totals.gaps += 1;
+            // One line per gap (not per event): the window is also in the file.
+            tracing::warn!(
+                lost_block = lost.0 - self.lost_seen.0,
+                lost_fault = lost.1 - self.lost_seen.1,
+                window_ms = (now - self.last_check) / 1_000_000,
+                "ring buffer full: events lost, trace marked with a gap"
+            );
             self.totals.lost_block = lost.0;
             self.totals.lost_fault = lost.1;
             self.lost_seen = lost;
