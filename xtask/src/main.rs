@@ -106,5 +106,18 @@ fn test() -> Result<()> {
     ]))?;
     // One test binary at a time would be slow; the tests share no devices (each makes its own).
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    fuzz(20_000)
+}
+
+/// A bounded run of the NBD request-parser fuzzer. cargo-fuzz needs nightly
+/// flags; `RUSTC_BOOTSTRAP` lets the machine's stable rustc accept them.
+fn fuzz(runs: u32) -> Result<()> {
+    if sh::output(std::process::Command::new("cargo").args(["fuzz", "--version"])).is_err() {
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    run(cargo()
+        .current_dir(repo_root().join("fuzz"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args(["fuzz", "run", "nbd_request", "--", &format!("-runs={runs}")]))?;
     Ok(())
 }
