@@ -439,7 +439,11 @@ fn nbd(cmd: NbdCommand) -> Result<()> {
         size,
         direct: !no_direct,
     };
-    runtime()?.block_on(tern::nbd::run_standalone(&opts))?;
+    runtime()?.block_on(async {
+        let cancel = CancellationToken::new();
+        tern::agent::cancel_on_signals(cancel.clone());
+        tern::nbd::serve_standalone(&opts, cancel).await
+    })?;
     Ok(())
 }
 

@@ -146,6 +146,12 @@ fn under_bpftrace(dev: &str, rw: &str) -> Result<f64> {
 }
 
 fn blktrace_works(dev: &str) -> String {
+    // blktrace needs debugfs; mount it so its failure (or success) is its own.
+    if !Path::new("/sys/kernel/debug/block").exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "debugfs", "none", "/sys/kernel/debug"])
+            .status();
+    }
     let r = Command::new("timeout")
         .args([
             "3",

@@ -112,35 +112,7 @@ impl std::str::FromStr for ListenAddr {
     }
 }
 
-/// Serves one image until SIGINT or SIGTERM, then drains and flushes.
-/// This is what `tern nbd serve` runs.
-pub async fn run_standalone(opts: &StandaloneOptions) -> Result<(), NbdError> {
-    let cancel = CancellationToken::new();
-    let on_signal = cancel.clone();
-    let signals = tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| tracing::warn!(error = %e, "cannot watch SIGTERM"))
-            .ok();
-        let term = async {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = term => {}
-        }
-        on_signal.cancel();
-    });
-    let result = serve_standalone(opts, cancel).await;
-    signals.abort();
-    result
-}
-
-/// Like [`run_standalone`], stopped by `cancel` instead of signals.
+/// Serves one image (`tern nbd serve`) until `cancel`, then drains in-flight requests and flushes.
 pub async fn serve_standalone(
     opts: &StandaloneOptions,
     cancel: CancellationToken,
