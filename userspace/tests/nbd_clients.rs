@@ -308,6 +308,8 @@ async fn fio_random_read_write_with_crc32c_verify_passes() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            // No verify-state file left in the working directory.
+            "--verify_state_save=0",
             "--size=32M",
             "--output-format=terse",
         ],
