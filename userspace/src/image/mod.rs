@@ -32,7 +32,7 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::oneshot;
 
 pub use uring::IoBuf;
-use uring::{Files, Request, RingThread};
+use uring::{Files, Request, RingThread, Wake};
 
 /// Largest single read or write accepted (NBD caps requests at 32 MiB).
 pub const MAX_IO_LEN: u64 = 64 << 20;
@@ -151,7 +151,7 @@ struct Inner {
     /// once the file system answers `EOPNOTSUPP`.
     nowait_writes: AtomicBool,
     tx: Option<mpsc::Sender<Request>>,
-    wake: Arc<OwnedFd>,
+    wake: Arc<Wake>,
     thread: Option<JoinHandle<()>>,
     punch_hole: AtomicBool,
     zero_range: AtomicBool,
@@ -163,20 +163,13 @@ impl Drop for Inner {
         // Closing the channel and waking the thread makes it finish the ops
         // still in flight and exit; join so no I/O outlives the image.
         drop(self.tx.take());
-        wake(&self.wake);
+        self.wake.force();
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
             tracing::error!(path = %self.path.display(), "the io_uring thread panicked");
         }
     }
-}
-
-fn wake(fd: &OwnedFd) {
-    // SAFETY: eventfd_write on an eventfd we own; it only adds to a counter.
-    // Failure (counter overflow) still leaves the eventfd readable, which is
-    // all the wake-up needs.
-    let _ = unsafe { libc::eventfd_write(fd.as_raw_fd(), 1) };
 }
 
 impl Image {
@@ -262,7 +255,7 @@ impl Image {
             path: path.to_path_buf(),
             source,
         };
-        let wake_fd = Arc::new(new_eventfd().map_err(ring_err)?);
+        let wake_fd = Arc::new(Wake::new(new_eventfd().map_err(ring_err)?));
         let (tx, rx) = mpsc::channel();
         let ring =
             RingThread::new(Arc::clone(&files), rx, Arc::clone(&wake_fd)).map_err(ring_err)?;
@@ -564,7 +557,7 @@ impl Image {
         tx.send(req).map_err(|_| ImageError::Closed {
             path: self.inner.path.clone(),
         })?;
-        wake(&self.inner.wake);
+        self.inner.wake.notify();
         Ok(())
     }
 

@@ -11,6 +11,7 @@ use std::alloc::{self, Layout};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 
@@ -210,6 +211,44 @@ impl Files {
     }
 }
 
+/// How callers wake the ring thread: an eventfd the ring polls, written
+/// only while the thread is (about to be) blocked in the kernel, so a busy
+/// ring costs its callers no syscall.
+#[derive(Debug)]
+pub(crate) struct Wake {
+    fd: OwnedFd,
+    /// Set by the ring thread before it blocks; the first caller to see it
+    /// clears it and writes the eventfd.
+    parked: AtomicBool,
+}
+
+impl Wake {
+    pub(crate) fn new(fd: OwnedFd) -> Wake {
+        Wake {
+            fd,
+            parked: AtomicBool::new(false),
+        }
+    }
+
+    /// Wakes the ring thread if it may be blocked; call after sending.
+    pub(crate) fn notify(&self) {
+        // Pairs with the fence in `RingThread::run`: either the ring sees
+        // the request sent before this, or this sees `parked`.
+        fence(Ordering::SeqCst);
+        if self.parked.swap(false, Ordering::SeqCst) {
+            self.force();
+        }
+    }
+
+    /// Writes the eventfd unconditionally.
+    pub(crate) fn force(&self) {
+        // SAFETY: eventfd_write on an eventfd we own; it only adds to a
+        // counter. Failure (counter overflow) still leaves the eventfd
+        // readable, which is all the wake-up needs.
+        let _ = unsafe { libc::eventfd_write(self.fd.as_raw_fd(), 1) };
+    }
+}
+
 /// What an async caller asks of the ring thread.
 pub(crate) enum Request {
     Read {
@@ -325,7 +364,7 @@ pub(crate) struct RingThread {
     ring: IoUring,
     files: Arc<Files>,
     rx: Receiver<Request>,
-    wake: Arc<OwnedFd>,
+    wake: Arc<Wake>,
     slots: Slots,
 }
 
@@ -333,7 +372,7 @@ impl RingThread {
     pub(crate) fn new(
         files: Arc<Files>,
         rx: Receiver<Request>,
-        wake: Arc<OwnedFd>,
+        wake: Arc<Wake>,
     ) -> io::Result<RingThread> {
         let ring = IoUring::builder()
             .setup_cqsize(RING_ENTRIES * 2)
@@ -354,7 +393,7 @@ impl RingThread {
         loop {
             if !poll_armed && !disconnected {
                 let entry =
-                    opcode::PollAdd::new(types::Fd(self.wake.as_raw_fd()), libc::POLLIN as u32)
+                    opcode::PollAdd::new(types::Fd(self.wake.fd.as_raw_fd()), libc::POLLIN as u32)
                         .build()
                         .user_data(WAKE_TOKEN);
                 self.push(&entry);
@@ -370,7 +409,21 @@ impl RingThread {
             if disconnected && self.slots.used == 0 {
                 break;
             }
-            match self.ring.submit_and_wait(1) {
+            // About to block: from here callers must write the eventfd. A
+            // request sent before they could see the flag is picked up by
+            // this second look at the channel.
+            self.wake.parked.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            while !disconnected && !self.slots.is_full() {
+                match self.rx.try_recv() {
+                    Ok(req) => self.start(req),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => disconnected = true,
+                }
+            }
+            let waited = self.ring.submit_and_wait(1);
+            self.wake.parked.store(false, Ordering::SeqCst);
+            match waited {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
@@ -428,7 +481,7 @@ impl RingThread {
         // on a non-blocking eventfd we own; EAGAIN just means "already zero".
         let _ = unsafe {
             libc::read(
-                self.wake.as_raw_fd(),
+                self.wake.fd.as_raw_fd(),
                 counter.as_mut_ptr().cast(),
                 counter.len(),
             )
