@@ -249,6 +249,36 @@ impl Wake {
     }
 }
 
+/// `pwrite(2)` of all of `data` at `offset`, retried on short writes and
+/// `EINTR`.
+fn pwrite_all(fd: &OwnedFd, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+    while !data.is_empty() {
+        let at = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: `data` is a live borrowed slice of `data.len()` bytes the
+        // kernel only reads during this synchronous call.
+        let n = unsafe { libc::pwrite(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), at) };
+        match usize::try_from(n) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the image accepted no bytes",
+                ));
+            }
+            Ok(n) => {
+                data = &data[n..];
+                offset += n as u64;
+            }
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What an async caller asks of the ring thread.
 pub(crate) enum Request {
     Read {
@@ -524,6 +554,14 @@ impl RingThread {
                 fua,
                 reply,
             } => {
+                if self.files.direct.is_none() && !fua {
+                    // A buffered write is a copy into the page cache, but
+                    // io_uring hands it to an io-wq worker on file systems
+                    // without non-blocking buffered writes (ext4): one more
+                    // thread hop than doing it here.
+                    let _ = reply.send(pwrite_all(&self.files.buffered, &data, offset));
+                    return;
+                }
                 let aligned_range = offset.is_multiple_of(self.files.offset_align)
                     && (data.len() as u64).is_multiple_of(self.files.offset_align);
                 let aligned_mem = (data.as_ptr() as usize).is_multiple_of(self.files.mem_align);
