@@ -105,8 +105,9 @@ fn test() -> Result<()> {
         "warnings",
     ]))?;
     // One test binary at a time would be slow; the tests share no devices (each makes its own).
-    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
-    fuzz(20_000)
+    fuzz(20_000)?;
+    // Last, so the test runner's summary closes the log.
+    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
 }
 
 /// A bounded run of the NBD request-parser fuzzer. cargo-fuzz needs nightly
