@@ -6,8 +6,10 @@
 pub mod agent;
 pub mod certs;
 pub mod checktree;
+pub mod dirty;
 pub mod image;
 pub mod metrics;
 pub mod nbd;
+pub mod replicate;
 pub mod rpc;
 pub mod trace;

@@ -104,9 +104,21 @@ struct Recorder {
     /// Lost counters at the last look, and when that look was (monotonic ns).
     lost_seen: (u64, u64),
     last_check: u64,
+    /// Sees every record before the file does (the source agent's dirty tracking).
+    observer: Option<Observer>,
 }
 
+/// A callback that sees each record as it is written.
+pub type Observer = Box<dyn FnMut(&Record) + Send>;
+
 impl Recorder {
+    fn emit(&mut self, rec: &Record) -> Result<(), TraceFileError> {
+        if let Some(observer) = &mut self.observer {
+            observer(rec);
+        }
+        self.writer.push(rec)
+    }
+
     fn rel(&self, ts: u64) -> u64 {
         ts.saturating_sub(self.start_mono)
     }
@@ -124,7 +136,7 @@ impl Recorder {
             pid: ev.pid,
             comm: tern_common::comm_str(&ev.comm).to_string(),
         };
-        self.writer.push(&Record::Process(rec))
+        self.emit(&Record::Process(rec))
     }
 
     fn block(&mut self, ev: &BlockEvent) -> Result<(), SessionError> {
@@ -159,7 +171,7 @@ impl Recorder {
                 } else {
                     disk_byte.saturating_sub(start)
                 };
-                self.writer.push(&Record::Block(BlockRecord {
+                self.emit(&Record::Block(BlockRecord {
                     offset,
                     target,
                     ..base
@@ -174,7 +186,7 @@ impl Recorder {
                     return Ok(());
                 }
                 if op == Op::Flush || ev.bytes == 0 {
-                    self.writer.push(&Record::Block(base))?;
+                    self.emit(&Record::Block(base))?;
                     return Ok(());
                 }
                 let len = u64::from(ev.bytes);
@@ -192,7 +204,7 @@ impl Recorder {
                     self.totals.outside_image += 1;
                 }
                 for (offset, part) in mapped {
-                    self.writer.push(&Record::Block(BlockRecord {
+                    self.emit(&Record::Block(BlockRecord {
                         offset,
                         len: part as u32,
                         ..base
@@ -205,7 +217,7 @@ impl Recorder {
 
     fn fault(&mut self, ev: &FaultEvent) -> Result<(), TraceFileError> {
         self.totals.fault_events += 1;
-        self.writer.push(&Record::Fault(FaultRecord {
+        self.emit(&Record::Fault(FaultRecord {
             ts_ns: self.rel(ev.ts_ns),
             address: ev.address,
             ip: ev.ip,
@@ -221,7 +233,7 @@ impl Recorder {
         let lost = tracer.lost()?;
         if lost != self.lost_seen {
             // Anything may have happened between the last look and now.
-            self.writer.push(&Record::Gap(Gap {
+            self.emit(&Record::Gap(Gap {
                 start_ns: self.rel(self.last_check),
                 end_ns: self.rel(now),
                 lost_block: lost.0 - self.lost_seen.0,
@@ -394,6 +406,7 @@ impl Session {
                 totals: SessionTotals::default(),
                 lost_seen: (0, 0),
                 last_check: start_mono,
+                observer: None,
             },
             progress: Progress {
                 enabled: cfg.progress,
@@ -461,6 +474,17 @@ impl Session {
 
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// Hands every later record (blocks in the trace's coordinates, gaps) to
+    /// `observer` as well as to the file.
+    pub fn observe(&mut self, observer: Observer) {
+        self.rec.observer = Some(observer);
+    }
+
+    /// Totals so far.
+    pub fn totals(&self) -> SessionTotals {
+        self.rec.totals
     }
 
     /// Drains what is left, marks a final gap if needed, detaches and writes the end record.

@@ -1,0 +1,255 @@
+//! The dirty map: one bit per fixed-size unit of a disk, in `AtomicU64`
+//! words, set by the tracker thread and taken (read and cleared) by the
+//! replication engine.
+//!
+//! Memory: one bit per unit, so 2 MiB per TiB at the default 64 KiB unit
+//! (`bytes_per_tib`). Taking a bit clears it *before* the caller reads the
+//! data, so a write that lands after the take marks the unit again and the
+//! unit is sent again in a later round: a copy can be early, never stale.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Errors building a dirty map.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyError {
+    /// The unit is unusable.
+    #[error("dirty-map unit {0} bytes is not valid: give a power of two from 4 KiB to 1 GiB")]
+    Unit(u64),
+}
+
+/// Bits over `[0, disk_size)` in units of `unit` bytes.
+#[derive(Debug)]
+pub struct DirtyMap {
+    words: Box<[AtomicU64]>,
+    unit: u64,
+    unit_shift: u32,
+    disk_size: u64,
+    units: u64,
+}
+
+impl DirtyMap {
+    /// An all-clean map of `disk_size` bytes.
+    pub fn new(disk_size: u64, unit: u64) -> Result<DirtyMap, DirtyError> {
+        if !unit.is_power_of_two() || !(4096..=1 << 30).contains(&unit) {
+            return Err(DirtyError::Unit(unit));
+        }
+        let units = disk_size.div_ceil(unit);
+        let words = (0..units.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        Ok(DirtyMap {
+            words,
+            unit,
+            unit_shift: unit.trailing_zeros(),
+            disk_size,
+            units,
+        })
+    }
+
+    /// Memory the bits take for one TiB at `unit`.
+    pub fn bytes_per_tib(unit: u64) -> u64 {
+        (1u64 << 40) / unit / 8
+    }
+
+    pub fn unit(&self) -> u64 {
+        self.unit
+    }
+
+    pub fn disk_size(&self) -> u64 {
+        self.disk_size
+    }
+
+    /// Number of units (the last may be short).
+    pub fn units(&self) -> u64 {
+        self.units
+    }
+
+    /// Byte range of unit `index`, clipped to the disk.
+    pub fn unit_range(&self, index: u64) -> Range<u64> {
+        let start = index << self.unit_shift;
+        start..(start + self.unit).min(self.disk_size)
+    }
+
+    /// Marks every unit that `[offset, offset + len)` touches. Ranges past the
+    /// end are clipped (a request straddling the end still marks the last unit).
+    pub fn mark(&self, offset: u64, len: u64) {
+        if len == 0 || offset >= self.disk_size {
+            return;
+        }
+        let end = offset.saturating_add(len).min(self.disk_size);
+        let first = offset >> self.unit_shift;
+        let last = (end - 1) >> self.unit_shift;
+        self.mark_units(first..last + 1);
+    }
+
+    /// Marks units `range` (clipped to the map).
+    pub fn mark_units(&self, range: Range<u64>) {
+        let range = range.start..range.end.min(self.units);
+        let mut i = range.start;
+        while i < range.end {
+            let word = i / 64;
+            let bit = i % 64;
+            let n = (range.end - i).min(64 - bit);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[word as usize].fetch_or(mask, Ordering::AcqRel);
+            i += n;
+        }
+    }
+
+    /// Marks the whole disk: what a gap in the trace means.
+    pub fn mark_all(&self) {
+        self.mark_units(0..self.units);
+    }
+
+    /// Whether unit `index` is dirty (without clearing it).
+    pub fn is_dirty(&self, index: u64) -> bool {
+        index < self.units
+            && self.words[(index / 64) as usize].load(Ordering::Acquire) & (1 << (index % 64)) != 0
+    }
+
+    /// Number of dirty units right now.
+    pub fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+            .sum()
+    }
+
+    /// Bytes the dirty units cover (the last unit counts only its part on the disk).
+    pub fn dirty_bytes(&self) -> u64 {
+        let count = self.count();
+        if count == 0 {
+            return 0;
+        }
+        let last = self.units - 1;
+        let short = self.unit - (self.unit_range(last).end - self.unit_range(last).start);
+        count * self.unit - if self.is_dirty(last) { short } else { 0 }
+    }
+
+    /// Takes (clears and returns) the dirty units at or after `from`, as byte
+    /// runs of at most `max_run` bytes (rounded down to whole units, at least
+    /// one), in disk order, until `budget` runs are collected. Returns the runs
+    /// and the unit to continue from.
+    pub fn take_runs(&self, from: u64, max_run: u64, budget: usize) -> (Vec<Range<u64>>, u64) {
+        let per_run = (max_run >> self.unit_shift).max(1);
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        let mut word = (from / 64) as usize;
+        let mut skip_below = from % 64;
+        while word < self.words.len() && runs.len() < budget {
+            let mask = if skip_below == 0 {
+                u64::MAX
+            } else {
+                !((1u64 << skip_below) - 1)
+            };
+            skip_below = 0;
+            let bits = self.words[word].fetch_and(!mask, Ordering::AcqRel) & mask;
+            let mut rest = bits;
+            while rest != 0 {
+                let bit = u64::from(rest.trailing_zeros());
+                rest &= rest - 1;
+                let index = word as u64 * 64 + bit;
+                let range = self.unit_range(index);
+                match runs.last_mut() {
+                    Some(run)
+                        if run.end == range.start
+                            && (run.end - run.start) >> self.unit_shift < per_run =>
+                    {
+                        run.end = range.end;
+                    }
+                    _ => runs.push(range),
+                }
+            }
+            word += 1;
+        }
+        (runs, word as u64 * 64)
+    }
+
+    /// Takes every dirty unit, as runs of at most `max_run` bytes.
+    pub fn take_all(&self, max_run: u64) -> Vec<Range<u64>> {
+        self.take_runs(0, max_run, usize::MAX).0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn refuses_a_unit_that_is_not_a_power_of_two() {
+        assert!(DirtyMap::new(1 << 20, 3000).is_err());
+        assert!(DirtyMap::new(1 << 20, 2048).is_err());
+        assert!(DirtyMap::new(1 << 20, 65536).is_ok());
+    }
+
+    #[test]
+    fn a_write_straddling_units_marks_both_and_take_coalesces() {
+        let map = DirtyMap::new(1 << 20, 4096).expect("map");
+        map.mark(4095, 2);
+        assert_eq!(map.count(), 2);
+        assert_eq!(map.take_all(1 << 20), vec![0..8192]);
+        assert_eq!(map.count(), 0);
+    }
+
+    #[test]
+    fn the_short_last_unit_counts_only_its_bytes() {
+        let map = DirtyMap::new(10_000, 4096).expect("map");
+        map.mark_all();
+        assert_eq!(map.dirty_bytes(), 10_000);
+        assert_eq!(map.take_all(1 << 20), vec![0..10_000]);
+        map.mark(9999, 100);
+        assert_eq!(map.take_all(1 << 20), vec![8192..10_000]);
+    }
+
+    #[test]
+    fn runs_are_cut_at_max_run_and_resume_where_they_stopped() {
+        let map = DirtyMap::new(1 << 30, 65536).expect("map");
+        map.mark(0, 1 << 30);
+        let (runs, next) = map.take_runs(0, 1 << 20, 3);
+        assert!(runs.len() >= 3);
+        assert!(runs.iter().all(|r| r.end - r.start == 1 << 20));
+        assert!(next > 0);
+        let rest = map.take_all(1 << 20);
+        let total: u64 = runs.iter().chain(&rest).map(|r| r.end - r.start).sum();
+        assert_eq!(total, 1 << 30);
+    }
+
+    #[test]
+    fn memory_is_two_mib_per_tib_at_64k() {
+        assert_eq!(DirtyMap::bytes_per_tib(65536), 2 << 20);
+    }
+
+    proptest! {
+        #[test]
+        fn take_returns_exactly_the_marked_units(
+            marks in proptest::collection::vec((0u64..5_000_000, 1u64..300_000), 0..40),
+            max_run in prop::sample::select(vec![4096u64, 65536, 1 << 20]),
+        ) {
+            let size = 5_000_000u64;
+            let map = DirtyMap::new(size, 4096).expect("map");
+            let mut want = vec![false; size.div_ceil(4096) as usize];
+            for &(off, len) in &marks {
+                map.mark(off, len);
+                let end = (off + len).min(size);
+                for u in off / 4096..=(end - 1) / 4096 {
+                    want[u as usize] = true;
+                }
+            }
+            let runs = map.take_all(max_run);
+            let mut got = vec![false; want.len()];
+            for r in &runs {
+                prop_assert!(r.end - r.start <= max_run.max(4096));
+                prop_assert!(r.start % 4096 == 0);
+                for u in r.start / 4096..r.end.div_ceil(4096) {
+                    prop_assert!(!got[u as usize], "unit {} twice", u);
+                    got[u as usize] = true;
+                }
+            }
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(map.count(), 0);
+        }
+    }
+}

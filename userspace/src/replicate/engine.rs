@@ -1,0 +1,575 @@
+//! The replication engine: rounds that take the dirty units, read them from
+//! the source with `io_uring`, encode them (zero detection, zstd, blake3) and
+//! stream them to the destination with many extents in flight, under a rate
+//! limit, surviving a lost connection without starting over.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, stream};
+
+use crate::checktree::{CheckTree, Shape, hash_regions, leaf_hash};
+use crate::dirty::DirtyMap;
+use crate::image::Image;
+use crate::rpc::{EncodedExtent, Encoding, ExtentWriter, ReplicaClient, RpcError, TlsMaterial};
+
+use super::ReplicateError;
+
+/// How to reach the destination agent.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: String,
+    pub tls: Option<TlsMaterial>,
+    /// Name checked in the destination's certificate (default: the host of `addr`).
+    pub domain: Option<String>,
+}
+
+impl Peer {
+    pub async fn connect(&self) -> Result<ReplicaClient, RpcError> {
+        ReplicaClient::connect(&self.addr, self.tls.as_ref(), self.domain.as_deref()).await
+    }
+}
+
+/// Knobs of the engine.
+#[derive(Debug, Clone)]
+pub struct ReplicateOptions {
+    /// Longest extent sent (bytes).
+    pub extent_len: u32,
+    /// zstd level; `None` sends raw data.
+    pub zstd_level: Option<i32>,
+    /// Extents read and encoded concurrently.
+    pub workers: usize,
+    /// Unacknowledged extents on the wire.
+    pub window: usize,
+    /// Payload bytes per second on the wire; `None` for no limit.
+    pub max_rate: Option<u64>,
+    /// Checksum-tree region size (bytes, power of two).
+    pub region_size: u64,
+    /// A barrier (durable on the destination) after this many bytes.
+    pub barrier_every: u64,
+    /// How long to keep reconnecting to a lost destination before giving up.
+    pub reconnect_for: Duration,
+}
+
+impl Default for ReplicateOptions {
+    fn default() -> Self {
+        ReplicateOptions {
+            extent_len: 1 << 20,
+            zstd_level: Some(1),
+            workers: 4,
+            window: 32,
+            max_rate: None,
+            region_size: 1 << 20,
+            barrier_every: 256 << 20,
+            reconnect_for: Duration::from_mins(2),
+        }
+    }
+}
+
+/// Counters, shared with whoever shows progress.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Uncompressed bytes acknowledged or in flight (zero extents included).
+    pub sent_bytes: AtomicU64,
+    /// Payload bytes on the wire.
+    pub wire_bytes: AtomicU64,
+    pub extents: AtomicU64,
+    /// Zero extents not sent because the destination was known blank there.
+    pub skipped_zero_bytes: AtomicU64,
+    /// Bytes marked again after a lost connection (they may have to go twice).
+    pub resent_bytes: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub rounds: AtomicU64,
+    /// Bytes still dirty at the start of the current round, and done of them.
+    pub round_bytes: AtomicU64,
+    pub round_done: AtomicU64,
+    /// Source bytes hashed for checksum trees.
+    pub hashed_bytes: AtomicU64,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatsSnapshot {
+    pub sent_bytes: u64,
+    pub wire_bytes: u64,
+    pub extents: u64,
+    pub skipped_zero_bytes: u64,
+    pub resent_bytes: u64,
+    pub reconnects: u64,
+    pub rounds: u64,
+    pub round_bytes: u64,
+    pub round_done: u64,
+    pub hashed_bytes: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            sent_bytes: l(&self.sent_bytes),
+            wire_bytes: l(&self.wire_bytes),
+            extents: l(&self.extents),
+            skipped_zero_bytes: l(&self.skipped_zero_bytes),
+            resent_bytes: l(&self.resent_bytes),
+            reconnects: l(&self.reconnects),
+            rounds: l(&self.rounds),
+            round_bytes: l(&self.round_bytes),
+            round_done: l(&self.round_done),
+            hashed_bytes: l(&self.hashed_bytes),
+        }
+    }
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Round {
+    /// Uncompressed bytes sent (zero extents included).
+    pub bytes: u64,
+    pub wire_bytes: u64,
+    pub seconds: f64,
+}
+
+impl Round {
+    /// Uncompressed bytes per second this round moved (what the downtime estimate uses).
+    pub fn rate(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.bytes as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Paces the wire to `rate` bytes per second.
+struct Limiter {
+    rate: Option<u64>,
+    started: Instant,
+    bytes: u64,
+}
+
+impl Limiter {
+    async fn take(&mut self, bytes: u64) {
+        let Some(rate) = self.rate.filter(|&r| r > 0) else {
+            return;
+        };
+        self.bytes += bytes;
+        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+        let elapsed = self.started.elapsed();
+        if let Some(wait) = due.checked_sub(elapsed) {
+            tokio::time::sleep(wait).await;
+        }
+        // Keep the window short so a pause does not turn into a burst later.
+        if elapsed > Duration::from_secs(2) {
+            self.started = Instant::now();
+            self.bytes = 0;
+        }
+    }
+}
+
+/// The source's checksum tree, kept fresh lazily: regions written since
+/// they were hashed are marked stale (by the tracker) and rehashed on `refresh`.
+pub struct LocalTree {
+    tree: CheckTree,
+    stale: Arc<DirtyMap>,
+}
+
+impl LocalTree {
+    /// A tree whose every region is stale (nothing hashed yet).
+    pub fn new(size: u64, region_size: u64) -> Result<LocalTree, ReplicateError> {
+        let shape = Shape::new(size, region_size)?;
+        let stale = Arc::new(DirtyMap::new(size, region_size)?);
+        stale.mark_all();
+        let tree = zero_tree(shape)?;
+        Ok(LocalTree { tree, stale })
+    }
+
+    /// The map the tracker marks when the source is written.
+    pub fn stale_map(&self) -> Arc<DirtyMap> {
+        Arc::clone(&self.stale)
+    }
+
+    pub fn tree(&self) -> &CheckTree {
+        &self.tree
+    }
+
+    /// Rehashes the stale regions; returns the bytes read.
+    pub async fn refresh(&mut self, source: &Image, stats: &Stats) -> Result<u64, ReplicateError> {
+        let shape = *self.tree.shape();
+        let region = shape.region_size();
+        let mut hashed = 0;
+        for run in self.stale.take_all(u64::MAX) {
+            let indices = run.start / region..run.end.div_ceil(region);
+            let leaf_hashes = hash_regions(source, &shape, indices.clone()).await?;
+            let leaves: Vec<(u64, _)> = indices.zip(leaf_hashes).collect();
+            self.tree.update_leaves(&leaves)?;
+            hashed += run.end - run.start;
+            stats
+                .hashed_bytes
+                .fetch_add(run.end - run.start, Ordering::Relaxed);
+        }
+        Ok(hashed)
+    }
+}
+
+/// The tree of an all-zero image of `shape`: what a blank destination answers.
+pub fn zero_tree(shape: Shape) -> Result<CheckTree, ReplicateError> {
+    let region = shape.region_size();
+    let full = leaf_hash(&vec![0u8; region as usize]);
+    let count = shape.leaf_count();
+    let mut leaves = vec![full; count as usize];
+    if let Some(last) = leaves.last_mut() {
+        let r = shape.region(count - 1);
+        if r.end - r.start != region {
+            *last = leaf_hash(&vec![0u8; (r.end - r.start) as usize]);
+        }
+    }
+    Ok(CheckTree::from_leaves(shape, leaves)?)
+}
+
+/// Whether a failed call may succeed after reconnecting.
+fn transient(e: &RpcError) -> bool {
+    match e {
+        RpcError::Connect { .. } | RpcError::StreamClosed { .. } | RpcError::ShuttingDown => true,
+        RpcError::Call { status, .. } => matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::Internal
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Aborted
+        ),
+        _ => false,
+    }
+}
+
+/// Whether the destination refused us because a newer epoch owns it.
+fn fenced(e: &RpcError) -> bool {
+    matches!(e, RpcError::StaleEpoch { .. } | RpcError::Fenced { .. })
+        || e.code() == Some(tonic::Code::FailedPrecondition)
+}
+
+/// The source side of one replication: a source image, its dirty map, a
+/// destination and an epoch.
+pub struct Replicator {
+    source: Image,
+    peer: Peer,
+    client: ReplicaClient,
+    writer: Option<ExtentWriter>,
+    epoch: u64,
+    send: Arc<DirtyMap>,
+    local: LocalTree,
+    opts: ReplicateOptions,
+    stats: Arc<Stats>,
+    /// Runs sent since the last barrier: a lost connection marks them again.
+    since_barrier: Vec<Range<u64>>,
+    since_barrier_bytes: u64,
+    limiter: Limiter,
+}
+
+impl Replicator {
+    /// Connects to the destination and checks it can hold the source.
+    pub async fn connect(
+        source: Image,
+        peer: Peer,
+        send: Arc<DirtyMap>,
+        local: LocalTree,
+        opts: ReplicateOptions,
+    ) -> Result<Replicator, ReplicateError> {
+        let mut client = peer.connect().await?;
+        let info = client.info().await?;
+        if info.image_size != source.size() {
+            return Err(ReplicateError::SizeMismatch {
+                source_size: source.size(),
+                dest_size: info.image_size,
+            });
+        }
+        let limiter = Limiter {
+            rate: opts.max_rate,
+            started: Instant::now(),
+            bytes: 0,
+        };
+        Ok(Replicator {
+            source,
+            peer,
+            client,
+            writer: None,
+            epoch: info.epoch,
+            send,
+            local,
+            opts,
+            stats: Arc::new(Stats::default()),
+            since_barrier: Vec::new(),
+            since_barrier_bytes: 0,
+            limiter,
+        })
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn source(&self) -> &Image {
+        &self.source
+    }
+
+    pub fn send_map(&self) -> &Arc<DirtyMap> {
+        &self.send
+    }
+
+    pub fn local(&self) -> &LocalTree {
+        &self.local
+    }
+
+    pub fn client(&mut self) -> &mut ReplicaClient {
+        &mut self.client
+    }
+
+    pub fn options(&self) -> &ReplicateOptions {
+        &self.opts
+    }
+
+    /// Takes the write epoch: one above the destination's highest, which
+    /// fences any older writer (a previous, crashed source agent).
+    pub async fn take_epoch(&mut self) -> Result<u64, ReplicateError> {
+        let info = self.client.info().await?;
+        self.epoch = info.epoch + 1;
+        self.writer = None;
+        self.open_writer().await?;
+        Ok(self.epoch)
+    }
+
+    async fn open_writer(&mut self) -> Result<(), ReplicateError> {
+        let writer = self
+            .client
+            .open_writer(self.epoch, self.opts.window)
+            .await
+            .map_err(|e| self.classify(e))?;
+        self.writer = Some(writer);
+        Ok(())
+    }
+
+    fn classify(&self, e: RpcError) -> ReplicateError {
+        if fenced(&e) {
+            ReplicateError::Fenced {
+                epoch: self.epoch,
+                reason: e.to_string(),
+            }
+        } else {
+            ReplicateError::Rpc(e)
+        }
+    }
+
+    /// Re-establishes the connection and the write stream after a transient
+    /// failure, marking everything not yet durable dirty again.
+    async fn recover(&mut self, cause: RpcError) -> Result<(), ReplicateError> {
+        if !transient(&cause) {
+            return Err(self.classify(cause));
+        }
+        self.writer = None;
+        for run in self.since_barrier.drain(..) {
+            self.send.mark(run.start, run.end - run.start);
+        }
+        self.stats
+            .resent_bytes
+            .fetch_add(self.since_barrier_bytes, Ordering::Relaxed);
+        self.since_barrier_bytes = 0;
+        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %cause, "lost the destination; reconnecting, unacknowledged extents will be sent again");
+        let deadline = Instant::now() + self.opts.reconnect_for;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt = async {
+                let mut client = self.peer.connect().await?;
+                let writer = client.open_writer(self.epoch, self.opts.window).await?;
+                Ok::<_, RpcError>((client, writer))
+            }
+            .await;
+            match attempt {
+                Ok((client, writer)) => {
+                    self.client = client;
+                    self.writer = Some(writer);
+                    tracing::info!("reconnected to the destination");
+                    return Ok(());
+                }
+                Err(e) if transient(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) if transient(&e) => {
+                    return Err(ReplicateError::PeerLost {
+                        addr: self.peer.addr.clone(),
+                        waited: self.opts.reconnect_for,
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => return Err(self.classify(e)),
+            }
+        }
+    }
+
+    async fn writer(&mut self) -> Result<&mut ExtentWriter, ReplicateError> {
+        if self.writer.is_none() {
+            self.open_writer().await?;
+        }
+        Ok(self.writer.as_mut().expect("opened just above"))
+    }
+
+    /// Sends one extent; on a transient failure reconnects (the extent's
+    /// run is marked dirty again with everything since the last barrier).
+    async fn send_extent(&mut self, extent: EncodedExtent) -> Result<(), ReplicateError> {
+        let run = extent.offset..extent.offset + u64::from(extent.length);
+        let wire = extent.payload.len() as u64;
+        self.limiter.take(wire).await;
+        self.since_barrier.push(run.clone());
+        self.since_barrier_bytes += run.end - run.start;
+        let result = self.writer().await?.send(extent).await;
+        if let Err(e) = result {
+            // The run is in `since_barrier`: recovery marks it again.
+            return self.recover(e).await;
+        }
+        self.stats
+            .sent_bytes
+            .fetch_add(run.end - run.start, Ordering::Relaxed);
+        self.stats.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+        self.stats.extents.fetch_add(1, Ordering::Relaxed);
+        if self.since_barrier_bytes >= self.opts.barrier_every {
+            self.barrier().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until everything sent is durable on the destination.
+    pub async fn barrier(&mut self) -> Result<(), ReplicateError> {
+        let result = self.writer().await?.barrier().await;
+        match result {
+            Ok(()) => {
+                self.since_barrier.clear();
+                self.since_barrier_bytes = 0;
+                Ok(())
+            }
+            // What the barrier covered is dirty again; the caller's next round sends it.
+            Err(e) => self.recover(e).await,
+        }
+    }
+
+    /// One round: sends every unit dirty now, in disk order. With
+    /// `skip_zero`, zero extents are not sent (the destination is known blank
+    /// there and nothing was sent to them yet).
+    pub async fn round(&mut self, skip_zero: bool) -> Result<Round, ReplicateError> {
+        let started = Instant::now();
+        let before = self.stats.snapshot();
+        self.stats
+            .round_bytes
+            .store(self.send.dirty_bytes(), Ordering::Relaxed);
+        self.stats.round_done.store(0, Ordering::Relaxed);
+        let mut cursor = 0;
+        while cursor < self.send.units() {
+            let (runs, next) = self
+                .send
+                .take_runs(cursor, u64::from(self.opts.extent_len), 256);
+            cursor = next;
+            let source = self.source.clone();
+            let level = self.opts.zstd_level;
+            let mut encoded = stream::iter(runs)
+                .map(move |run| {
+                    let source = source.clone();
+                    async move {
+                        let len = (run.end - run.start) as u32;
+                        let data = source.read_at(run.start, len).await.map_err(|e| {
+                            ReplicateError::ReadSource {
+                                offset: run.start,
+                                len,
+                                reason: e.to_string(),
+                            }
+                        })?;
+                        let extent = tokio::task::spawn_blocking(move || {
+                            EncodedExtent::encode(run.start, data, level)
+                        })
+                        .await
+                        .map_err(RpcError::from)??;
+                        Ok::<_, ReplicateError>(extent)
+                    }
+                })
+                .buffered(self.opts.workers.max(1));
+            while let Some(extent) = encoded.next().await {
+                let extent = extent?;
+                let len = u64::from(extent.length);
+                self.stats.round_done.fetch_add(len, Ordering::Relaxed);
+                if skip_zero && extent.encoding == Encoding::Zero {
+                    self.stats
+                        .skipped_zero_bytes
+                        .fetch_add(len, Ordering::Relaxed);
+                    continue;
+                }
+                self.send_extent(extent).await?;
+            }
+        }
+        self.barrier().await?;
+        self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+        let after = self.stats.snapshot();
+        Ok(Round {
+            bytes: after.sent_bytes - before.sent_bytes,
+            wire_bytes: after.wire_bytes - before.wire_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Rehashes the source's stale regions.
+    pub async fn refresh_local(&mut self) -> Result<u64, ReplicateError> {
+        self.local.refresh(&self.source, &self.stats).await
+    }
+
+    /// The destination's root for our region size.
+    pub async fn remote_root(&mut self) -> Result<[u8; 32], ReplicateError> {
+        let shape = *self.local.tree().shape();
+        let nodes = self
+            .client
+            .tree_nodes(shape.region_size(), shape.levels() - 1, &[0])
+            .await?;
+        nodes
+            .hashes
+            .first()
+            .copied()
+            .ok_or(ReplicateError::Rpc(RpcError::UnexpectedReply {
+                want: "the root hash",
+                got: "no hashes".into(),
+            }))
+    }
+
+    /// Whether the destination's image is all zeroes (a fresh image).
+    pub async fn destination_is_blank(&mut self) -> Result<bool, ReplicateError> {
+        let zero = zero_tree(*self.local.tree().shape())?;
+        Ok(self.remote_root().await? == zero.root())
+    }
+
+    /// Delta sync by checksums: refreshes the local tree, compares it with
+    /// the destination's, and marks the differing regions dirty. Returns the
+    /// number of differing regions.
+    pub async fn mark_differences(&mut self) -> Result<u64, ReplicateError> {
+        self.refresh_local().await?;
+        let differing = self.client.diff_regions(self.local.tree()).await?;
+        let shape = *self.local.tree().shape();
+        for &index in &differing {
+            let r = shape.region(index);
+            self.send.mark(r.start, r.end - r.start);
+        }
+        Ok(differing.len() as u64)
+    }
+
+    /// Closes the write stream cleanly (everything durable).
+    pub async fn finish(&mut self) -> Result<(), ReplicateError> {
+        if let Some(writer) = self.writer.take() {
+            writer.finish().await.map_err(|e| self.classify(e))?;
+        }
+        self.since_barrier.clear();
+        self.since_barrier_bytes = 0;
+        Ok(())
+    }
+}

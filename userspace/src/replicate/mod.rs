@@ -1,0 +1,60 @@
+//! Replication from the source: dirty tracking from the eBPF tracer
+//! (`tracker`) and the engine that streams dirty extents to the destination
+//! (`engine`). `cutover` drives both to a switch-over.
+
+pub mod engine;
+pub mod tracker;
+
+use std::time::Duration;
+
+pub use engine::{
+    LocalTree, Peer, ReplicateOptions, Replicator, Round, Stats, StatsSnapshot, zero_tree,
+};
+pub use tracker::{Tracker, TrackerCounts};
+
+use crate::checktree::CheckTreeError;
+use crate::dirty::DirtyError;
+use crate::rpc::RpcError;
+
+/// Errors of the source side of replication.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicateError {
+    /// The destination image is not the source's size.
+    #[error(
+        "the destination image is {dest_size} bytes but the source is {source_size}; start the destination agent with --size {source_size}"
+    )]
+    SizeMismatch { source_size: u64, dest_size: u64 },
+    /// A newer epoch owns the destination: this source was fenced.
+    #[error(
+        "the destination refused epoch {epoch}: {reason}; another writer (a newer migration or a cutover) owns it now"
+    )]
+    Fenced { epoch: u64, reason: String },
+    /// The destination stayed unreachable.
+    #[error(
+        "lost the destination at {addr} and could not reconnect within {waited:?}: {reason}; run the migration again to resume it (only what differs is sent)"
+    )]
+    PeerLost {
+        addr: String,
+        waited: Duration,
+        reason: String,
+    },
+    /// Reading the source failed.
+    #[error("cannot read the source at offset {offset} ({len} bytes): {reason}")]
+    ReadSource {
+        offset: u64,
+        len: u32,
+        reason: String,
+    },
+    /// The tracer failed or could not start.
+    #[error("dirty tracking: {0}")]
+    Tracker(String),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error(transparent)]
+    CheckTree(#[from] CheckTreeError),
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+}
