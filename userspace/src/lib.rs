@@ -9,5 +9,6 @@ pub mod checktree;
 pub mod image;
 pub mod metrics;
 pub mod nbd;
+pub mod pause;
 pub mod rpc;
 pub mod trace;
