@@ -106,7 +106,7 @@ pub enum PauseError {
     QmpProtocol { path: PathBuf, what: String },
     /// The VM was not in the state the operation starts from.
     #[error(
-        "the VM behind {path} is {status}, not {expected}; Tern only pauses a running VM it can resume"
+        "the VM behind {path} is {status}, expected {expected}; Tern pauses only a running VM, and checks it after stop and cont"
     )]
     VmState {
         path: PathBuf,
@@ -114,7 +114,7 @@ pub enum PauseError {
         expected: &'static str,
     },
     /// A pause or resume command exited unsuccessfully.
-    #[error("pause command `{command}` failed ({status}): {stderr_tail}")]
+    #[error("command `{command}` failed ({status}): {stderr_tail}")]
     Command {
         command: String,
         status: String,
@@ -321,7 +321,10 @@ impl Drop for Paused {
         let Some(hold) = self.hold.take() else {
             return;
         };
-        tracing::warn!(paused_for = ?self.paused_for(), "pause abandoned (failed, cancelled or Paused dropped): resuming the workload");
+        tracing::warn!(
+            paused_for = ?self.paused_for(),
+            "pause abandoned (failed, cancelled or dropped): resuming the workload"
+        );
         // Synchronous on purpose: a destructor cannot await, and resuming now
         // matters more than not blocking the runtime thread for a moment.
         let result = match hold {
@@ -333,7 +336,10 @@ impl Drop for Paused {
         match result {
             Ok(()) => tracing::warn!("workload resumed after an abandoned pause"),
             Err(e) => {
-                tracing::error!(error = %e, "cannot resume the workload after an abandoned pause; it may still be paused");
+                tracing::error!(
+                    error = %e,
+                    "cannot resume the workload after an abandoned pause; it may still be paused"
+                );
             }
         }
     }
