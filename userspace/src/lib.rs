@@ -10,6 +10,7 @@ pub mod dirty;
 pub mod image;
 pub mod metrics;
 pub mod nbd;
+pub mod pause;
 pub mod replicate;
 pub mod rpc;
 pub mod trace;

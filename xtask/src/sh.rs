@@ -19,9 +19,17 @@ const PACKAGES: &[&str] = &[
     "blktrace",
     "nbdkit",
     "libnbd-bin",
-    "qemu-utils",
     "e2fsprogs",
 ];
+
+/// Packages that must come from `bookworm-backports` on Debian 12: bookworm's
+/// own QEMU is 7.2, and installing its `qemu-system-x86` beside a backports
+/// `qemu-utils` (10.x) removes `qemu-utils`. Taking both from backports keeps
+/// them at one version. On later releases they come from the main suite.
+const BACKPORTS: &[&str] = &["qemu-utils", "qemu-system-x86"];
+const BACKPORTS_SUITE: &str = "bookworm-backports";
+/// Written only when no apt source mentions the backports suite yet.
+const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/tern-bookworm-backports.sources";
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -105,16 +113,147 @@ fn apt(args: &[&str]) -> Result<()> {
 /// Installs missing packages and mounts tracefs; does nothing when all is there.
 pub fn setup() -> Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    if !missing.is_empty() {
+    let missing_bpo: Vec<&str> = BACKPORTS
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if !missing.is_empty() || !missing_bpo.is_empty() {
         require_root("installing packages")?;
-        eprintln!("xtask: installing {}", missing.join(" "));
+        eprintln!(
+            "xtask: installing {}",
+            [&missing[..], &missing_bpo[..]].concat().join(" ")
+        );
+        let bookworm = debian_codename().as_deref() == Some("bookworm");
+        if bookworm && !missing_bpo.is_empty() {
+            add_backports_source()?;
+        }
         apt(&["update", "-qq"])?;
-        let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-        args.extend(&missing);
-        apt(&args)?;
+        let install = ["install", "-y", "-qq", "--no-install-recommends"];
+        if !missing.is_empty() {
+            apt(&[&install[..], &missing[..]].concat())?;
+        }
+        if !missing_bpo.is_empty() {
+            let suite: &[&str] = if bookworm {
+                &["-t", BACKPORTS_SUITE]
+            } else {
+                &[]
+            };
+            apt(&[&install[..], suite, &missing_bpo[..]].concat())?;
+        }
     }
     if is_root() && !Path::new("/sys/kernel/tracing/events").exists() {
         run(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))?;
     }
     Ok(())
+}
+
+/// `VERSION_CODENAME` from /etc/os-release.
+fn debian_codename() -> Option<String> {
+    let text = std::fs::read_to_string("/etc/os-release").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_owned())
+}
+
+/// Adds `bookworm-backports` beside the machine's own Debian source (same
+/// mirror, same keyring), unless some source already names it; idempotent.
+fn add_backports_source() -> Result<()> {
+    let mut sources = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        sources.extend(dir.filter_map(|e| e.ok().map(|e| e.path())));
+    }
+    let texts: Vec<String> = sources
+        .iter()
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "list" || e == "sources")
+                || p.ends_with("sources.list")
+        })
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect();
+    if texts.iter().any(|t| {
+        t.lines()
+            .any(|l| !l.trim_start().starts_with('#') && l.contains(BACKPORTS_SUITE))
+    }) {
+        return Ok(());
+    }
+    let (uri, keyring) = texts
+        .iter()
+        .find_map(|t| debian_source(t))
+        .context("no Debian bookworm apt source found to add bookworm-backports beside")?;
+    let signed_by = keyring
+        .map(|k| format!("Signed-By: {k}\n"))
+        .unwrap_or_default();
+    let stanza = format!(
+        "Types: deb\nURIs: {uri}\nSuites: {BACKPORTS_SUITE}\nComponents: main\n{signed_by}"
+    );
+    eprintln!("xtask: adding {BACKPORTS_SUITE} ({uri}) in {BACKPORTS_SOURCE}");
+    std::fs::write(BACKPORTS_SOURCE, stanza)
+        .with_context(|| format!("cannot write {BACKPORTS_SOURCE}"))
+}
+
+/// The mirror URI and keyring of the plain `bookworm` suite in one source
+/// file, deb822 (`.sources`) or one-line (`.list`) format.
+fn debian_source(text: &str) -> Option<(String, Option<String>)> {
+    // deb822: blank-line separated stanzas of `Key: value`.
+    for stanza in text.split("\n\n") {
+        let field = |key: &str| {
+            stanza.lines().find_map(|l| {
+                l.strip_prefix(key)
+                    .and_then(|r| r.strip_prefix(':'))
+                    .map(|v| v.trim().to_owned())
+            })
+        };
+        let suites = field("Suites").unwrap_or_default();
+        if suites.split_whitespace().any(|s| s == "bookworm") {
+            let uri = field("URIs")?.split_whitespace().next()?.to_owned();
+            return Some((uri, field("Signed-By")));
+        }
+    }
+    // One-line: `deb [signed-by=K] URI bookworm main ...`.
+    for line in text.lines().map(str::trim) {
+        let Some(rest) = line.strip_prefix("deb ") else {
+            continue;
+        };
+        let (opts, rest) = match rest.trim_start().strip_prefix('[') {
+            Some(r) => r.split_once(']')?,
+            None => ("", rest),
+        };
+        let mut words = rest.split_whitespace();
+        let (Some(uri), Some("bookworm")) = (words.next(), words.next()) else {
+            continue;
+        };
+        let keyring = opts
+            .split_whitespace()
+            .find_map(|o| o.strip_prefix("signed-by="))
+            .map(str::to_owned);
+        return Some((uri.to_owned(), keyring));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::debian_source;
+
+    #[test]
+    fn finds_the_bookworm_source_in_deb822_and_one_line_form() {
+        let deb822 = "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n\
+                      Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n\
+                      Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n";
+        assert_eq!(
+            debian_source(deb822),
+            Some((
+                "http://deb.debian.org/debian".to_owned(),
+                Some("/usr/share/keyrings/debian-archive-keyring.gpg".to_owned())
+            ))
+        );
+        let one_line = "deb http://security.debian.org/ bookworm-security main\n\
+                        deb [arch=amd64 signed-by=/k.gpg] http://mirror/debian bookworm main\n";
+        assert_eq!(
+            debian_source(one_line),
+            Some(("http://mirror/debian".to_owned(), Some("/k.gpg".to_owned())))
+        );
+        assert_eq!(debian_source("deb http://x/ trixie main\n"), None);
+    }
 }
