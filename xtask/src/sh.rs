@@ -20,6 +20,8 @@ const PACKAGES: &[&str] = &[
     "nbdkit",
     "libnbd-bin",
     "e2fsprogs",
+    "rsync",
+    "iproute2",
 ];
 
 /// Packages that must come from `bookworm-backports` on Debian 12: bookworm's
