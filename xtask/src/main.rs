@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything around Tern's build — toolchain setup, the demo,
 //! the test suite exactly as CI runs it, and benchmarks against peer tools.
 
+mod bench_migrate;
 mod bench_nbd;
 mod bench_rpc;
 mod bench_tracer;
@@ -39,7 +40,7 @@ enum Cmd {
     Test,
     /// Benchmarks against peer tools; prints a table of figures.
     Bench {
-        /// Which: tracer, nbd or rpc (default: all).
+        /// Which: tracer, nbd, rpc or migrate (default: all).
         which: Option<String>,
     },
 }
@@ -67,12 +68,16 @@ fn main() -> Result<()> {
                 Some("tracer") => bench_tracer::run(&bin),
                 Some("nbd") => bench_nbd::run(&bin),
                 Some("rpc") => bench_rpc::run(&bin),
+                Some("migrate") => bench_migrate::run(&bin),
                 None => {
                     bench_tracer::run(&bin)?;
                     bench_nbd::run(&bin)?;
-                    bench_rpc::run(&bin)
+                    bench_rpc::run(&bin)?;
+                    bench_migrate::run(&bin)
                 }
-                Some(other) => bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc"),
+                Some(other) => {
+                    bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate")
+                }
             }
         }
     }

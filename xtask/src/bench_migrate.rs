@@ -1,0 +1,916 @@
+//! `cargo xtask bench migrate`: `tern migrate` against the usual ways of
+//! moving a disk image, on the same images in one run.
+//!
+//! 1. Full copy to a fresh destination: `tern migrate` (source a loop device,
+//!    idle, `--no-pause`) into `tern agent --role destination` over loopback
+//!    mutual TLS; `qemu-img convert` into a `qemu-nbd` export; local
+//!    `rsync --inplace`.
+//! 2. Delta sync after a random change of 64 KiB blocks (written once through
+//!    the loop device): `tern migrate` again to the destination that holds the
+//!    previous copy, and `rsync --inplace --no-whole-file`.
+//! 3. Live migration under fio 4 KiB random writes at several rates, through
+//!    a veth pair into a network namespace shaped to 1 Gbit/s by `tbf`; the
+//!    destination agent runs in the namespace, fio is paused for the cutover
+//!    with `--pause 'cmd:kill -STOP PID;;kill -CONT PID'` (fio runs its job
+//!    as a thread, so one stopped process is the whole workload).
+//!
+//! Figures, not pass/fail; but every copy is compared byte for byte with
+//! `cmp`, and a difference fails the benchmark. The page cache is dropped
+//! before each timed copy and every time includes a final `sync`.
+//!
+//! Environment: `TERN_BENCH_MIGRATE_MIB` (parts 1–2 image, default 4096),
+//! `TERN_BENCH_MIGRATE_LIVE_MIB` (part 3 image, default 1024),
+//! `TERN_BENCH_MIGRATE_RATES` (fio IOPS, default `200,1000,5000`),
+//! `TERN_BENCH_MIGRATE_CHANGE_PCT` (default 5),
+//! `TERN_BENCH_MIGRATE_DOWNTIME` (`--max-downtime`, default `50ms`),
+//! `TERN_BENCH_MIGRATE_PARTS` (any of `copy,delta,live`; delta needs copy),
+//! `TERN_BENCH_MIGRATE_PEERS_ONLY=1` (skip the `tern migrate` calls: checks
+//! the peers and the network set-up alone), `TERN_BENCH_DIR` (default
+//! `/var/tmp`, which must be a real disk file system).
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::sh::{output, run as run_cmd};
+
+const MIB: u64 = 1 << 20;
+const CHANGE_BLOCK: u64 = 64 << 10;
+/// Addresses of the veth pair for part 3 (host side, namespace side).
+const HOST_ADDR: &str = "10.213.77.1";
+const NS_ADDR: &str = "10.213.77.2";
+const LINK_RATE: &str = "1gbit";
+
+struct Config {
+    mib: u64,
+    live_mib: u64,
+    rates: Vec<u32>,
+    change_pct: f64,
+    downtime: String,
+    parts: Vec<String>,
+    peers_only: bool,
+}
+
+impl Config {
+    fn from_env() -> Result<Config> {
+        let rates: String = env_or("TERN_BENCH_MIGRATE_RATES", "200,1000,5000".to_owned())?;
+        let rates = rates
+            .split(',')
+            .map(|r| r.trim().parse::<u32>())
+            .collect::<Result<Vec<_>, _>>()
+            .context("TERN_BENCH_MIGRATE_RATES: comma-separated IOPS")?;
+        let parts: String = env_or("TERN_BENCH_MIGRATE_PARTS", "copy,delta,live".to_owned())?;
+        let parts: Vec<String> = parts.split(',').map(|p| p.trim().to_owned()).collect();
+        if let Some(p) = parts
+            .iter()
+            .find(|p| !["copy", "delta", "live"].contains(&p.as_str()))
+        {
+            bail!("TERN_BENCH_MIGRATE_PARTS: unknown part {p:?}; choose from copy, delta, live");
+        }
+        if parts.iter().any(|p| p == "delta") && !parts.iter().any(|p| p == "copy") {
+            bail!("TERN_BENCH_MIGRATE_PARTS: delta needs copy (it syncs onto the copies)");
+        }
+        let mib = env_or("TERN_BENCH_MIGRATE_MIB", 4096)?;
+        let live_mib = env_or("TERN_BENCH_MIGRATE_LIVE_MIB", 1024)?;
+        if mib < 2 || live_mib < 2 {
+            bail!("image sizes must be at least 2 MiB");
+        }
+        Ok(Config {
+            mib,
+            live_mib,
+            rates,
+            change_pct: env_or("TERN_BENCH_MIGRATE_CHANGE_PCT", 5.0)?,
+            downtime: env_or("TERN_BENCH_MIGRATE_DOWNTIME", "50ms".to_owned())?,
+            parts,
+            peers_only: env_or("TERN_BENCH_MIGRATE_PEERS_ONLY", 0u8)? != 0,
+        })
+    }
+
+    fn wants(&self, part: &str) -> bool {
+        self.parts.iter().any(|p| p == part)
+    }
+}
+
+pub fn run(tern_bin: &Path) -> Result<()> {
+    crate::sh::require_root("cargo xtask bench migrate (loop devices, eBPF, namespaces)")?;
+    for tool in [
+        "losetup", "qemu-img", "qemu-nbd", "rsync", "cmp", "fio", "ip", "tc",
+    ] {
+        require(tool)?;
+    }
+    if !tern_bin.exists() {
+        bail!(
+            "{} does not exist; build it first (cargo build --release -p tern)",
+            tern_bin.display()
+        );
+    }
+    let cfg = Config::from_env()?;
+    let base =
+        std::env::var_os("TERN_BENCH_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+    let dir = TempDir::create(base.join(format!("tern-bench-migrate-{}", std::process::id())))?;
+    let certs = dir.path.join("certs");
+    run_cmd(
+        Command::new(tern_bin)
+            .args(["certs", "init"])
+            .arg(&certs)
+            .args(["--host", "localhost", "--host", NS_ADDR])
+            .stderr(Stdio::null()),
+    )?;
+    let b = Bench {
+        tern: tern_bin,
+        dir: &dir.path,
+        certs: &certs,
+        cfg: &cfg,
+    };
+    let mut tables = Vec::new();
+    if cfg.wants("copy") {
+        let (copy, delta) = b.copy_and_delta()?;
+        tables.push(copy);
+        tables.extend(delta);
+    }
+    if cfg.wants("live") {
+        tables.push(b.live()?);
+    }
+    let mut out = std::io::stdout().lock();
+    for t in tables {
+        writeln!(out, "{t}")?;
+    }
+    Ok(())
+}
+
+struct Bench<'a> {
+    tern: &'a Path,
+    dir: &'a Path,
+    certs: &'a Path,
+    cfg: &'a Config,
+}
+
+/// What `tern migrate` reported (its last stdout line is one JSON object).
+struct Report {
+    outcome: String,
+    downtime_ms: f64,
+    rounds: u64,
+    wire_bytes: u64,
+    total_seconds: f64,
+}
+
+impl Report {
+    fn parse(stdout: &str) -> Result<Report> {
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'))
+            .context("tern migrate printed no JSON report")?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).context("parse the JSON report of tern migrate")?;
+        let num = |k: &str| {
+            v[k].as_f64()
+                .with_context(|| format!("tern migrate's report has no number {k:?}: {line}"))
+        };
+        Ok(Report {
+            outcome: v["outcome"].as_str().unwrap_or("?").to_owned(),
+            downtime_ms: num("downtime_ms")?,
+            rounds: num("rounds")? as u64,
+            wire_bytes: num("wire_bytes")? as u64,
+            total_seconds: num("total_seconds")?,
+        })
+    }
+}
+
+impl Bench<'_> {
+    fn copy_and_delta(&self) -> Result<(String, Option<String>)> {
+        let cfg = self.cfg;
+        let size = cfg.mib * MIB;
+        let src = self.dir.join("src.img");
+        eprintln!("bench migrate: writing the {} MiB source image", cfg.mib);
+        let data_bytes = write_half_zero_image(&src, cfg.mib)?;
+        let src_loop = Loop::attach(&src)?;
+
+        // 1a. tern migrate over loopback mTLS into a fresh destination.
+        let dst = self.dir.join("dst.img");
+        let tern_copy = if cfg.peers_only {
+            None
+        } else {
+            let (mut agent, to) = self.start_agent(&dst, size, None)?;
+            drop_caches();
+            let (secs, report) = timed(|| self.migrate(&src_loop.dev, to, &["--no-pause"]))?;
+            agent.stop();
+            same(&src, &dst, "tern migrate (full copy)")?;
+            Some((secs, report))
+        };
+
+        // 1b. qemu-img convert into a qemu-nbd export of a fresh sparse file.
+        let dst2 = self.dir.join("dst2.img");
+        File::create(&dst2)?.set_len(size)?;
+        let port = free_port("127.0.0.1")?;
+        let mut qemu_nbd = Proc::spawn(
+            "qemu-nbd",
+            Command::new("qemu-nbd")
+                .args(["-f", "raw", "-t", "-b", "127.0.0.1", "-p"])
+                .arg(port.port().to_string())
+                .arg("--cache=none")
+                .arg(&dst2),
+            Some(port),
+        )?;
+        qemu_nbd.wait_listening()?;
+        drop_caches();
+        let (qemu_secs, ()) = timed(|| {
+            run_cmd(
+                Command::new("qemu-img")
+                    .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+                    .arg(&src)
+                    .arg(format!("nbd://{port}/")),
+            )
+        })?;
+        qemu_nbd.stop();
+        same(&src, &dst2, "qemu-img convert")?;
+        std::fs::remove_file(&dst2).ok();
+
+        // 1c. rsync, local, into a file that does not exist yet.
+        let dst3 = self.dir.join("dst3.img");
+        drop_caches();
+        let (rsync_secs, rsync_wire) = timed(|| rsync(&src, &dst3, &[]))?;
+        same(&src, &dst3, "rsync (full copy)")?;
+
+        let mut t = format!(
+            "Full copy, {} MiB image ({} MiB random data in 1 MiB blocks interleaved with zero blocks), \
+             cold page cache, each time includes a final sync\n",
+            cfg.mib,
+            data_bytes / MIB
+        );
+        writeln!(
+            t,
+            "{:<34} {:>8} {:>8} {:>10} {:>12}",
+            "tool", "seconds", "MB/s", "wire MB", "vs qemu-img"
+        )?;
+        let row = |name: &str, secs: Option<f64>, wire: Option<u64>| {
+            let cell = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            format!(
+                "{:<34} {:>8} {:>8} {:>10} {:>12}\n",
+                name,
+                cell(secs.map(|s| format!("{s:.2}"))),
+                cell(secs.map(|s| format!("{:.0}", size as f64 / s / 1e6))),
+                cell(wire.map(|w| format!("{:.1}", w as f64 / 1e6))),
+                cell(secs.map(|s| format!("{:.2}x", qemu_secs / s))),
+            )
+        };
+        t += &row(
+            "tern migrate (loopback mTLS)",
+            tern_copy.as_ref().map(|c| c.0),
+            tern_copy.as_ref().map(|c| c.1.wire_bytes),
+        );
+        t += &row(
+            "qemu-img convert -> qemu-nbd",
+            Some(qemu_secs),
+            Some(data_bytes),
+        );
+        t += &row(
+            "rsync --inplace (local)",
+            Some(rsync_secs),
+            Some(rsync_wire),
+        );
+        t += "(wire: tern's wire_bytes; qemu-img: the non-zero data it writes; rsync: bytes sent + received)\n";
+
+        if !cfg.wants("delta") {
+            return Ok((t, None));
+        }
+
+        // 2. The same random change for everyone: written once, through the
+        // loop device, as a server would write to its disk.
+        let changed = change_blocks(&src_loop.dev, size, cfg.change_pct)?;
+        let tern_delta = if cfg.peers_only {
+            None
+        } else {
+            let (mut agent, to) = self.start_agent(&dst, size, None)?;
+            drop_caches();
+            let (secs, report) = timed(|| self.migrate(&src_loop.dev, to, &["--no-pause"]))?;
+            agent.stop();
+            same(&src, &dst, "tern migrate (delta sync)")?;
+            Some((secs, report))
+        };
+        drop_caches();
+        let (rsync_secs, rsync_wire) = timed(|| rsync(&src, &dst3, &["--no-whole-file"]))?;
+        same(&src, &dst3, "rsync (delta)")?;
+
+        let mut d = format!(
+            "Delta sync after a {}% change: {} random 64 KiB blocks, {:.1} MB changed, \
+             destination holds the previous copy; cold page cache, times include a final sync\n",
+            cfg.change_pct,
+            changed / CHANGE_BLOCK,
+            changed as f64 / 1e6
+        );
+        writeln!(
+            d,
+            "{:<34} {:>8} {:>10} {:>14} {:>14}",
+            "tool", "seconds", "wire MB", "wire/changed", "time vs rsync"
+        )?;
+        let row = |name: &str, secs: Option<f64>, wire: Option<u64>| {
+            let cell = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            format!(
+                "{:<34} {:>8} {:>10} {:>14} {:>14}\n",
+                name,
+                cell(secs.map(|s| format!("{s:.2}"))),
+                cell(wire.map(|w| format!("{:.1}", w as f64 / 1e6))),
+                cell(wire.map(|w| format!("{:.3}", w as f64 / changed as f64))),
+                cell(secs.map(|s| format!("{:.2}x", s / rsync_secs))),
+            )
+        };
+        d += &row(
+            "tern migrate (loopback mTLS)",
+            tern_delta.as_ref().map(|c| c.0),
+            tern_delta.as_ref().map(|c| c.1.wire_bytes),
+        );
+        d += &row(
+            "rsync --inplace --no-whole-file",
+            Some(rsync_secs),
+            Some(rsync_wire),
+        );
+        Ok((t, Some(d)))
+    }
+
+    fn live(&self) -> Result<String> {
+        let cfg = self.cfg;
+        let size = cfg.live_mib * MIB;
+        let src = self.dir.join("live.img");
+        eprintln!("bench migrate: writing the {} MiB live image", cfg.live_mib);
+        write_half_zero_image(&src, cfg.live_mib)?;
+        let src_loop = Loop::attach(&src)?;
+        let ns = Netns::create()?;
+        let dst = self.dir.join("live-dst.img");
+        let mut t = format!(
+            "Live migration, {} MiB image, fio 4 KiB random writes (direct, libaio) on the loop device, \
+             {LINK_RATE}/s tbf veth into a namespace, mTLS, --max-downtime {}\n",
+            cfg.live_mib, cfg.downtime
+        );
+        writeln!(
+            t,
+            "{:>6} {:>9} {:<14} {:>12} {:>10} {:>9} {:>7}",
+            "IOPS", "measured", "outcome", "downtime ms", "wire MB", "total s", "rounds"
+        )?;
+        for &rate in &cfg.rates {
+            std::fs::remove_file(&dst).ok();
+            let (mut agent, to) = self.start_agent(&dst, size, Some(&ns))?;
+            let mut fio = Proc::spawn(
+                "fio",
+                Command::new("fio")
+                    .args([
+                        "--name=live",
+                        "--direct=1",
+                        "--rw=randwrite",
+                        "--bs=4k",
+                        "--ioengine=libaio",
+                        "--iodepth=8",
+                        "--thread",
+                        "--time_based",
+                        "--runtime=600",
+                        "--eta=never",
+                        &format!("--rate_iops={rate}"),
+                        &format!("--filename={}", src_loop.dev),
+                    ])
+                    .stdout(Stdio::null()),
+                None,
+            )?;
+            std::thread::sleep(Duration::from_secs(2));
+            if let Some(status) = fio.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("fio exited at start ({status})");
+            }
+            if cfg.peers_only {
+                writeln!(t, "{rate:>6} {:>9} {:<14}", "-", "(peers only)")?;
+                continue;
+            }
+            let writes_before = loop_writes(&src_loop.dev)?;
+            let started = Instant::now();
+            let pause = format!("cmd:kill -STOP {pid};;kill -CONT {pid}", pid = fio.pid());
+            let result = self.migrate(
+                &src_loop.dev,
+                to,
+                &["--pause", &pause, "--max-downtime", &cfg.downtime],
+            );
+            let measured = (loop_writes(&src_loop.dev)? - writes_before) as f64
+                / started.elapsed().as_secs_f64();
+            fio.kill();
+            agent.stop();
+            match result {
+                Ok(r) => {
+                    // After a cutover the source stays paused, so it must
+                    // equal the destination; after a rollback it moved on.
+                    if r.outcome != "rolled back" && r.outcome != "synced" {
+                        same(
+                            Path::new(&src_loop.dev),
+                            &dst,
+                            &format!("live migration at {rate} IOPS"),
+                        )?;
+                    }
+                    writeln!(
+                        t,
+                        "{rate:>6} {measured:>9.0} {:<14} {:>12.1} {:>10.1} {:>9.2} {:>7}",
+                        r.outcome,
+                        r.downtime_ms,
+                        r.wire_bytes as f64 / 1e6,
+                        r.total_seconds,
+                        r.rounds
+                    )?;
+                }
+                Err(e) => {
+                    let first = format!("{e:#}");
+                    let first = first.lines().next().unwrap_or("").to_owned();
+                    writeln!(t, "{rate:>6} {measured:>9.0} failed: {first}")?;
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// A destination agent on a fresh port; in `ns` (listening on the veth
+    /// address) or on loopback.
+    fn start_agent(
+        &self,
+        image: &Path,
+        size: u64,
+        ns: Option<&Netns>,
+    ) -> Result<(Proc, SocketAddr)> {
+        let (grpc, tls) = match ns {
+            Some(_) => (
+                SocketAddr::new(NS_ADDR.parse()?, 7443),
+                self.certs.join(NS_ADDR),
+            ),
+            None => (free_port("127.0.0.1")?, self.certs.join("localhost")),
+        };
+        let nbd = match ns {
+            Some(_) => "127.0.0.1:10809".parse()?,
+            None => free_port("127.0.0.1")?,
+        };
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name]).arg(self.tern);
+                c
+            }
+            None => Command::new(self.tern),
+        };
+        cmd.args(["agent", "--role", "destination", "--image"])
+            .arg(image)
+            .args(["--size", &size.to_string(), "--grpc", &grpc.to_string()])
+            .args(["--nbd", &nbd.to_string(), "--tls-dir"])
+            .arg(tls)
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.dir.join("agent.log"))?);
+        let mut agent = Proc::spawn("tern agent", &mut cmd, Some(grpc))?;
+        agent.wait_listening()?;
+        Ok((agent, grpc))
+    }
+
+    /// `tern migrate` from a device; the report, or an error with the end of
+    /// its log.
+    fn migrate(&self, device: &str, to: SocketAddr, extra: &[&str]) -> Result<Report> {
+        let log = self.dir.join("migrate.log");
+        let out = Command::new(self.tern)
+            .args([
+                "migrate",
+                "--device",
+                device,
+                "--to",
+                &to.to_string(),
+                "--tls-dir",
+            ])
+            .arg(self.certs.join("localhost"))
+            .args(extra)
+            .arg("--json")
+            .stderr(log_file(&log)?)
+            .output()
+            .context("run tern migrate")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "tern migrate failed ({}): {}\n{}",
+                out.status,
+                stdout.trim(),
+                tail.join("\n")
+            );
+        }
+        Report::parse(&stdout)
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid value")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn require(tool: &str) -> Result<()> {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        bail!("{tool} is not installed; `cargo xtask setup` installs it");
+    }
+    Ok(())
+}
+
+fn log_file(path: &Path) -> Result<File> {
+    File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))
+}
+
+/// Runs `f`, then `sync`; returns the seconds of both and `f`'s value.
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
+    let start = Instant::now();
+    let v = f()?;
+    run_cmd(&mut Command::new("sync"))?;
+    Ok((start.elapsed().as_secs_f64(), v))
+}
+
+/// Writes dirty pages back and drops the page cache, so every copy reads
+/// from the disk.
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// Fails loudly unless the two files or devices are byte-identical.
+fn same(a: &Path, b: &Path, what: &str) -> Result<()> {
+    let out = Command::new("cmp")
+        .arg(a)
+        .arg(b)
+        .output()
+        .context("run cmp")?;
+    match out.status.code() {
+        Some(0) => Ok(()),
+        Some(1) => bail!(
+            "{what}: the copy is NOT byte-identical: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        _ => bail!(
+            "cmp {} {} failed ({}): {}",
+            a.display(),
+            b.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// `rsync --inplace --stats` plus `extra`; returns bytes sent + received.
+fn rsync(src: &Path, dst: &Path, extra: &[&str]) -> Result<u64> {
+    let out = output(
+        Command::new("rsync")
+            .args(["--inplace", "--stats"])
+            .args(extra)
+            .arg(src)
+            .arg(dst),
+    )?;
+    let stat = |key: &str| -> Result<u64> {
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .with_context(|| format!("rsync --stats printed no {key:?}:\n{out}"))?;
+        let digits: String = line
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .filter(char::is_ascii_digit)
+            .collect();
+        digits
+            .parse()
+            .with_context(|| format!("rsync --stats: cannot read {key:?} in {line:?}"))
+    };
+    Ok(stat("Total bytes sent:")? + stat("Total bytes received:")?)
+}
+
+/// xorshift64: fast, deterministic noise.
+struct Noise(u64);
+
+impl Noise {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for word in buf.chunks_exact_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            word.copy_from_slice(&self.0.to_le_bytes());
+        }
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.fill(&mut b);
+        u64::from_le_bytes(b) % n
+    }
+}
+
+/// Even 1 MiB blocks random, odd ones zero (written, not holes: a real
+/// disk's zeros are allocated). Returns the bytes of random data.
+fn write_half_zero_image(path: &Path, mib: u64) -> Result<u64> {
+    let mut f = std::io::BufWriter::with_capacity(
+        4 << 20,
+        File::create(path).with_context(|| format!("create {}", path.display()))?,
+    );
+    let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+    let mut block = vec![0u8; MIB as usize];
+    let zeros = vec![0u8; MIB as usize];
+    let mut data = 0;
+    for i in 0..mib {
+        if i % 2 == 0 {
+            noise.fill(&mut block);
+            f.write_all(&block)?;
+            data += MIB;
+        } else {
+            f.write_all(&zeros)?;
+        }
+    }
+    f.into_inner()
+        .map_err(std::io::IntoInnerError::into_error)?
+        .sync_all()
+        .with_context(|| format!("sync {}", path.display()))?;
+    Ok(data)
+}
+
+/// Overwrites `pct` % of the device in distinct random 64 KiB blocks with
+/// random data (deterministic seed); returns the bytes changed.
+fn change_blocks(dev: &str, size: u64, pct: f64) -> Result<u64> {
+    let total = size / CHANGE_BLOCK;
+    let n = ((total as f64 * pct / 100.0).round() as u64).min(total);
+    // Partial Fisher–Yates: the first n entries are a random sample.
+    let mut blocks: Vec<u64> = (0..total).collect();
+    let mut noise = Noise(0x2545_f491_4f6c_dd1d);
+    for i in 0..n {
+        let j = i + noise.below(total - i);
+        blocks.swap(i as usize, j as usize);
+    }
+    let f = File::options()
+        .write(true)
+        .open(dev)
+        .with_context(|| format!("open {dev}"))?;
+    let mut buf = vec![0u8; CHANGE_BLOCK as usize];
+    for &b in &blocks[..n as usize] {
+        noise.fill(&mut buf);
+        f.write_all_at(&buf, b * CHANGE_BLOCK)
+            .with_context(|| format!("write {dev}"))?;
+    }
+    f.sync_all().with_context(|| format!("sync {dev}"))?;
+    Ok(n * CHANGE_BLOCK)
+}
+
+/// Writes completed on a block device, from `/sys/block/NAME/stat`.
+fn loop_writes(dev: &str) -> Result<u64> {
+    let name = dev.trim_start_matches("/dev/");
+    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat"))?;
+    stat.split_whitespace()
+        .nth(4)
+        .context("short /sys/block stat")?
+        .parse()
+        .context("parse /sys/block stat")
+}
+
+fn free_port(host: &str) -> Result<SocketAddr> {
+    let l = TcpListener::bind((host, 0)).context("find a free port")?;
+    Ok(l.local_addr()?)
+}
+
+/// Removes the directory (images, certificates, logs) when dropped.
+struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    fn create(path: PathBuf) -> Result<TempDir> {
+        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(TempDir { path })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A child process stopped (SIGTERM, SIGCONT in case it is stopped, then
+/// SIGKILL after 20 s) when dropped.
+struct Proc {
+    name: &'static str,
+    child: Option<Child>,
+    /// Where it listens, if it is a server.
+    addr: Option<SocketAddr>,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command, addr: Option<SocketAddr>) -> Result<Proc> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {name}"))?;
+        Ok(Proc {
+            name,
+            child: Some(child),
+            addr,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn wait_listening(&mut self) -> Result<SocketAddr> {
+        let addr = self.addr.context("not a server")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(addr);
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("{} exited before listening ({status})", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("{} did not listen on {addr} within 20 s", self.name)
+    }
+
+    /// SIGTERM (servers drain and flush) and SIGCONT (in case it is
+    /// stopped), then wait; SIGKILL if it hangs.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        for sig in ["-TERM", "-CONT"] {
+            let _ = Command::new("kill")
+                .args([sig, &child.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "bench migrate: {} ignored SIGTERM for 20 s; killing it",
+            self.name
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGKILL at once (works on a stopped process too).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A loop device over a file, detached when dropped.
+struct Loop {
+    dev: String,
+}
+
+impl Loop {
+    fn attach(file: &Path) -> Result<Loop> {
+        let dev = output(Command::new("losetup").args(["--find", "--show"]).arg(file))?
+            .trim()
+            .to_owned();
+        if !dev.starts_with("/dev/loop") {
+            bail!("losetup printed {dev:?}, not a loop device");
+        }
+        Ok(Loop { dev })
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+/// A network namespace joined to the host by a veth pair, both ends shaped
+/// by `tbf` to [`LINK_RATE`]; deleted (with the pair) when dropped.
+struct Netns {
+    name: String,
+    host_veth: String,
+}
+
+impl Netns {
+    fn create() -> Result<Netns> {
+        let id = std::process::id() % 100_000;
+        let ns = Netns {
+            name: format!("tern-bench-mig-{id}"),
+            host_veth: format!("tbm{id}h"),
+        };
+        let ns_veth = format!("tbm{id}n");
+        run_cmd(Command::new("ip").args(["netns", "add", &ns.name]))?;
+        // From here on, dropping `ns` cleans up whatever was made.
+        let ip = |args: &[&str]| run_cmd(Command::new("ip").args(args));
+        let in_ns = |args: &[&str]| {
+            run_cmd(
+                Command::new("ip")
+                    .args(["netns", "exec", &ns.name])
+                    .args(args),
+            )
+        };
+        ip(&[
+            "link",
+            "add",
+            &ns.host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns_veth,
+        ])?;
+        ip(&["link", "set", &ns_veth, "netns", &ns.name])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{HOST_ADDR}/30"),
+            "dev",
+            &ns.host_veth,
+        ])?;
+        ip(&["link", "set", &ns.host_veth, "up"])?;
+        in_ns(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{NS_ADDR}/30"),
+            "dev",
+            &ns_veth,
+        ])?;
+        in_ns(&["ip", "link", "set", &ns_veth, "up"])?;
+        in_ns(&["ip", "link", "set", "lo", "up"])?;
+        let tbf = [
+            "root", "tbf", "rate", LINK_RATE, "burst", "256kb", "latency", "50ms",
+        ];
+        run_cmd(
+            Command::new("tc")
+                .args(["qdisc", "add", "dev", &ns.host_veth])
+                .args(tbf),
+        )?;
+        in_ns(&[&["tc", "qdisc", "add", "dev", &ns_veth][..], &tbf[..]].concat())?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        // Deleting the namespace deletes the pair; this only matters if the
+        // peer never moved into it.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_veth])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_last_json_line() {
+        let out = "something\n{\"outcome\":\"completed\",\"downtime_ms\":12.5,\"rounds\":3,\
+                   \"sent_bytes\":10,\"wire_bytes\":7,\"total_seconds\":1.5}\n";
+        let r = Report::parse(out).expect("parse");
+        assert_eq!(r.outcome, "completed");
+        assert_eq!((r.rounds, r.wire_bytes), (3, 7));
+        assert!((r.downtime_ms - 12.5).abs() < f64::EPSILON);
+        assert!(Report::parse("no json").is_err());
+    }
+}
