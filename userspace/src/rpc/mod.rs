@@ -17,14 +17,16 @@ mod pb {
 
 pub mod client;
 pub mod epoch;
+mod extent;
 pub mod server;
 mod status;
 pub mod tls;
 
 pub use client::{
-    EncodedExtent, ExtentWriter, Info, PushOptions, PushReport, ReplicaClient, TreeNodes, push_file,
+    ExtentWriter, Info, PushOptions, PushReport, ReplicaClient, TreeNodes, push_file,
 };
 pub use epoch::Fence;
+pub use extent::EncodedExtent;
 pub use pb::Encoding;
 pub use server::{ExportControl, ReplicaService, SERVICE_NAME, ServeOptions, serve};
 pub use tls::{TlsError, TlsMaterial};

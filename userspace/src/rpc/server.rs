@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::epoch::{Fence, Lease};
+use super::extent::decode_and_verify;
 use super::pb::{self, replica_server, write_request, write_response};
 use super::{MAX_EXTENT_LEN, MAX_MESSAGE_LEN, MAX_NODES_PER_CALL, RpcError};
 use crate::checktree::{self, CheckTree, Shape};
@@ -544,50 +545,6 @@ async fn apply_extent_inner(inner: &Inner, extent: pb::Extent) -> Result<u64, Rp
     Ok(seq)
 }
 
-fn decode_and_verify(
-    offset: u64,
-    length: u32,
-    encoding: pb::Encoding,
-    payload: Bytes,
-    expected: &[u8; 32],
-) -> Result<Bytes, RpcError> {
-    let data = match encoding {
-        pb::Encoding::Raw => {
-            if payload.len() != length as usize {
-                return Err(RpcError::PayloadLength {
-                    offset,
-                    got: payload.len(),
-                    want: length as usize,
-                });
-            }
-            payload
-        }
-        pb::Encoding::Zstd => {
-            // Capacity `length + 1` makes an oversized frame detectable instead of truncated.
-            let out = zstd::bulk::decompress(&payload, length as usize + 1)
-                .map_err(|source| RpcError::BadZstd { offset, source })?;
-            if out.len() != length as usize {
-                return Err(RpcError::ZstdLength {
-                    offset,
-                    got: out.len(),
-                    want: length,
-                });
-            }
-            Bytes::from(out)
-        }
-        pb::Encoding::Zero | pb::Encoding::Unspecified => {
-            unreachable!("zero and unspecified extents are handled before decoding")
-        }
-    };
-    if blake3::hash(&data).as_bytes() != expected {
-        return Err(RpcError::ChecksumMismatch {
-            offset,
-            len: length,
-        });
-    }
-    Ok(data)
-}
-
 /// The checksum tree of the last region size asked for, kept current by
 /// marking the regions each completed write touched and rehashing only those.
 #[derive(Default)]
@@ -708,21 +665,5 @@ mod tests {
             bits[(i / 64) as usize] |= 1 << (i % 64);
         }
         assert_eq!(dirty_runs(&bits, 140), vec![1..4, 63..66, 130..131]);
-    }
-
-    #[test]
-    fn zstd_frame_of_the_wrong_length_is_refused() {
-        let data = vec![5u8; 1000];
-        let frame = Bytes::from(zstd::bulk::compress(&data, 1).expect("compress"));
-        let hash = *blake3::hash(&data).as_bytes();
-        assert!(decode_and_verify(0, 1000, pb::Encoding::Zstd, frame.clone(), &hash).is_ok());
-        assert!(matches!(
-            decode_and_verify(0, 999, pb::Encoding::Zstd, frame.clone(), &hash),
-            Err(RpcError::ZstdLength { .. })
-        ));
-        assert!(matches!(
-            decode_and_verify(0, 1001, pb::Encoding::Zstd, frame, &hash),
-            Err(RpcError::ZstdLength { .. })
-        ));
     }
 }
