@@ -289,6 +289,7 @@ impl Destination {
             shutdown.clone(),
             ServeOptions {
                 max_in_flight: cfg.max_in_flight,
+                ..ServeOptions::default()
             },
         );
         let grpc = tokio::net::TcpListener::bind(cfg.grpc)

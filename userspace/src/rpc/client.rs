@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{Stream, StreamExt, TryStreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -207,6 +207,51 @@ impl ReplicaClient {
         Ok(descent.finish())
     }
 
+    /// Reads `ranges` (offset, length; each 1 to [`MAX_EXTENT_LEN`] bytes
+    /// inside the image) from the destination's image. Yields each range's
+    /// offset and plain data, in the order asked, after checking its blake3
+    /// ([`RpcError::ChecksumMismatch`] otherwise). With `zstd_level` the
+    /// destination compresses data where that makes it smaller. A bad range
+    /// fails the call before any data arrives (`OUT_OF_RANGE` past the end,
+    /// `INVALID_ARGUMENT` empty or too long). The stream ends after the
+    /// first error.
+    pub async fn read_ranges(
+        &mut self,
+        ranges: &[(u64, u32)],
+        zstd_level: Option<i32>,
+    ) -> Result<impl Stream<Item = Result<(u64, Bytes), RpcError>> + Send + 'static, RpcError> {
+        let request = pb::ReadRequest {
+            ranges: ranges
+                .iter()
+                .map(|&(offset, length)| pb::ReadRange { offset, length })
+                .collect(),
+            zstd_level,
+        };
+        let replies = self
+            .inner
+            .read(request)
+            .await
+            .map_err(|status| RpcError::Call {
+                call: "Read",
+                status,
+            })?
+            .into_inner();
+        let reader = RangeReader {
+            replies,
+            wanted: ranges.iter().copied().collect(),
+            next_seq: 0,
+            failed: false,
+        };
+        Ok(stream::unfold(reader, |mut reader| async move {
+            if reader.failed {
+                return None;
+            }
+            let next = reader.next().await.transpose()?;
+            reader.failed = next.is_err();
+            Some((next, reader))
+        }))
+    }
+
     /// Cutover: makes the destination's NBD export writable (or read-only).
     pub async fn set_export_writable(
         &mut self,
@@ -223,6 +268,53 @@ impl ReplicaClient {
             })?
             .into_inner();
         Ok(reply.export_writable)
+    }
+}
+
+/// The client's side of one `Read` call: matches each answer to the range
+/// it was asked for and decodes it.
+struct RangeReader {
+    replies: Streaming<pb::ReadResponse>,
+    /// Ranges not answered yet, in request order.
+    wanted: VecDeque<(u64, u32)>,
+    next_seq: u64,
+    failed: bool,
+}
+
+impl RangeReader {
+    async fn next(&mut self) -> Result<Option<(u64, Bytes)>, RpcError> {
+        let reply = match self.replies.message().await {
+            Ok(Some(reply)) => reply,
+            Ok(None) if self.wanted.is_empty() => return Ok(None),
+            Ok(None) => return Err(RpcError::StreamClosed { what: "read" }),
+            Err(status) => {
+                return Err(RpcError::Call {
+                    call: "Read",
+                    status,
+                });
+            }
+        };
+        let extent = reply.extent.ok_or(RpcError::UnexpectedReply {
+            want: "an extent",
+            got: "an empty read response".into(),
+        })?;
+        let (offset, length) = self.wanted.pop_front().ok_or(RpcError::UnexpectedReply {
+            want: "the end of the read stream",
+            got: format!("an extent at {}", extent.offset),
+        })?;
+        if (extent.seq, extent.offset, extent.length) != (self.next_seq, offset, length) {
+            return Err(RpcError::UnexpectedReply {
+                want: "the next range asked for",
+                got: format!(
+                    "range #{} {}+{} where #{} {offset}+{length} was expected",
+                    extent.seq, extent.offset, extent.length, self.next_seq
+                ),
+            });
+        }
+        self.next_seq += 1;
+        // Decompressing and hashing megabytes is CPU work: off the async workers.
+        let data = tokio::task::spawn_blocking(move || super::extent::decode(extent)).await??;
+        Ok(Some((offset, data)))
     }
 }
 
