@@ -26,7 +26,7 @@ use super::extent::{EncodedExtent, decode_and_verify};
 use super::pb::{self, replica_server, write_request, write_response};
 use super::{MAX_EXTENT_LEN, MAX_MESSAGE_LEN, MAX_NODES_PER_CALL, RpcError};
 use crate::checktree::{self, CheckTree, Shape};
-use crate::image::Image;
+use crate::image::{ChangeListener, Image, ImageChanges};
 use crate::metrics::ReplicaMetrics;
 
 /// Switches the destination's NBD export between read-only and writable
@@ -66,7 +66,7 @@ struct Inner {
     fence: Fence,
     export: Option<Arc<dyn ExportControl>>,
     metrics: Arc<ReplicaMetrics>,
-    trees: TreeCache,
+    trees: Arc<TreeCache>,
     shutdown: CancellationToken,
     opts: ServeOptions,
 }
@@ -88,7 +88,7 @@ impl ReplicaService {
                 fence,
                 export,
                 metrics,
-                trees: TreeCache::default(),
+                trees: Arc::default(),
                 shutdown,
                 opts,
             }),
@@ -100,6 +100,13 @@ impl ReplicaService {
         replica_server::ReplicaServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_LEN)
             .max_encoding_message_size(MAX_MESSAGE_LEN)
+    }
+
+    /// Keeps the checksum tree current with writes made to the image by
+    /// others (the NBD export after cutover) that report to `changes`.
+    /// The service's own write streams mark the tree themselves.
+    pub fn watch_changes(&self, changes: &ImageChanges) {
+        changes.subscribe(Arc::clone(&self.inner.trees) as Arc<dyn ChangeListener>);
     }
 
     /// The highest epoch accepted.
@@ -781,6 +788,12 @@ impl TreeCache {
                 *word |= bits;
             }
         }
+    }
+}
+
+impl ChangeListener for TreeCache {
+    fn changed(&self, offset: u64, len: u64) {
+        self.mark_dirty(offset, len);
     }
 }
 
