@@ -13,7 +13,7 @@ use tern::dirty::DirtyMap;
 use tern::image::{Image, ImageOptions};
 use tern::pause::PauseTarget;
 use tern::replicate::{LocalTree, Peer, ReplicateOptions, Replicator, Stats, Tracker};
-use tern::trace::session::{self, SessionConfig};
+use tern::trace::session::SessionConfig;
 
 /// The source disk and how to reach the destination.
 #[derive(Args, Clone)]
@@ -454,20 +454,4 @@ pub fn status(s: &StatusArgs) -> Result<()> {
     writeln!(out, "estimated downtime   {} ms", n("estimated_downtime_ms"))?;
     writeln!(out, "RPO                  {} ms", n("rpo_ms"))?;
     Ok(())
-}
-
-/// Parses `--pause` values with the pause module's own error text.
-pub fn parse_pause(s: &str) -> Result<PauseTarget, String> {
-    s.parse::<PauseTarget>().map_err(|e| e.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_bad_pause_target_names_the_accepted_forms() {
-        let err = parse_pause("freeze:/mnt").expect_err("refused");
-        assert!(err.contains("fsfreeze:"), "{err}");
-    }
 }

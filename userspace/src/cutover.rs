@@ -134,7 +134,13 @@ pub struct Report {
     pub gaps: u64,
     pub final_delta_bytes: u64,
     pub downtime_ms: f64,
+    /// Parts of the downtime: pausing, flushing the source, the final round,
+    /// verifying the checksum roots, fencing and switching the export.
     pub pause_ms: f64,
+    pub flush_ms: f64,
+    pub final_round_ms: f64,
+    pub verify_ms: f64,
+    pub switch_ms: f64,
     pub total_seconds: f64,
     pub root: String,
     /// Set when the migration was rolled back.
@@ -271,11 +277,13 @@ pub async fn migrate(
     }
     // Fence the source: a higher epoch ends our write stream for good and
     // makes the destination's export writable.
+    let step = Instant::now();
     repl.finish().await?;
     let fence = epoch + 1;
     repl.client().set_export_writable(fence, true).await?;
     report.epoch = fence;
-    report.downtime_ms = pause_started.elapsed().as_secs_f64() * 1e3;
+    report.switch_ms = ms(step);
+    report.downtime_ms = ms(pause_started);
     set_status(status, |s| {
         s.phase = "cut over: health check";
         s.epoch = fence;
@@ -302,6 +310,10 @@ pub async fn migrate(
     report.outcome = "cut over";
     set_status(status, |s| s.phase = "cut over: destination is primary");
     Ok(finish_report(report, repl, tracker, rounds, started))
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
 }
 
 fn estimate_ms(dirty: u64, bandwidth: f64) -> u64 {
@@ -342,6 +354,7 @@ async fn final_delta(
     gaps_seen: &mut u64,
     report: &mut Report,
 ) -> Result<(), CutoverError> {
+    let step = Instant::now();
     // Writes still in a page cache above the source must reach it (and the tracer).
     let path = repl.source().path().to_path_buf();
     tokio::task::spawn_blocking(move || sync_source(&path))
@@ -351,16 +364,21 @@ async fn final_delta(
             path: String::new(),
             reason: e.to_string(),
         })??;
+    report.flush_ms = ms(step);
+    let step = Instant::now();
     tracker.sync().await?;
     recover_gaps(repl, tracker, gaps_seen, report).await?;
     let round = repl.round(false).await?;
     report.final_delta_bytes = round.bytes;
+    report.final_round_ms = ms(step);
+    let step = Instant::now();
     const ATTEMPTS: u32 = 3;
     for attempt in 1..=ATTEMPTS {
         repl.refresh_local().await?;
         let local = repl.local().tree().root();
         if repl.remote_root().await? == local {
             report.root = hex(&local);
+            report.verify_ms = ms(step);
             return Ok(());
         }
         // Something the dirty map missed (a bio-based device marks at issue,
@@ -500,7 +518,7 @@ pub async fn rollback(
         })
         .collect();
     for batch in ranges.chunks(64) {
-        let mut extents = client.read_ranges(batch, Some(1)).await?;
+        let mut extents = std::pin::pin!(client.read_ranges(batch, Some(1)).await?);
         while let Some((offset, data)) = extents.try_next().await? {
             bytes += data.len() as u64;
             source
