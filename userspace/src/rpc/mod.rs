@@ -175,7 +175,7 @@ pub enum RpcError {
     },
     /// The server closed a stream before answering.
     #[error(
-        "the destination closed the {what} stream early; reconnect and resend unacknowledged extents"
+        "the destination closed the {what} stream early; reconnect and resend unacknowledged extents (or ask again for unanswered ranges)"
     )]
     StreamClosed { what: &'static str },
     /// The server answered out of protocol.
