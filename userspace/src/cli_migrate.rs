@@ -136,7 +136,8 @@ impl SourceArgs {
         tls_dir: Option<&Path>,
     ) -> Result<SourceArgs> {
         use clap::Parser;
-        let mut argv: Vec<std::ffi::OsString> = vec!["tern-agent".into(), "--to".into(), peer.into()];
+        let mut argv: Vec<std::ffi::OsString> =
+            vec!["tern-agent".into(), "--to".into(), peer.into()];
         if let Some(d) = device {
             argv.extend(["--device".into(), d.into()]);
         }
@@ -444,14 +445,30 @@ pub fn status(s: &StatusArgs) -> Result<()> {
         return Ok(());
     }
     let n = |k: &str| v[k].as_f64().unwrap_or(0.0);
-    writeln!(out, "phase                {}", v["phase"].as_str().unwrap_or("?"))?;
+    writeln!(
+        out,
+        "phase                {}",
+        v["phase"].as_str().unwrap_or("?")
+    )?;
     writeln!(out, "epoch                {}", n("epoch"))?;
     writeln!(out, "round                {}", n("round"))?;
     writeln!(out, "sent                 {:.1} MB", n("sent_bytes") / 1e6)?;
-    writeln!(out, "remaining (dirty)    {:.1} MB", n("remaining_bytes") / 1e6)?;
+    writeln!(
+        out,
+        "remaining (dirty)    {:.1} MB",
+        n("remaining_bytes") / 1e6
+    )?;
     writeln!(out, "rate                 {:.1} MB/s", n("rate_bps") / 1e6)?;
-    writeln!(out, "dirty rate           {:.1} MB/s", n("dirty_rate_bps") / 1e6)?;
-    writeln!(out, "estimated downtime   {} ms", n("estimated_downtime_ms"))?;
+    writeln!(
+        out,
+        "dirty rate           {:.1} MB/s",
+        n("dirty_rate_bps") / 1e6
+    )?;
+    writeln!(
+        out,
+        "estimated downtime   {} ms",
+        n("estimated_downtime_ms")
+    )?;
     writeln!(out, "RPO                  {} ms", n("rpo_ms"))?;
     Ok(())
 }

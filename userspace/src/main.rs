@@ -389,7 +389,9 @@ fn agent(a: AgentArgs) -> Result<()> {
         let source = cli_migrate::SourceArgs::for_agent(
             a.device.as_deref(),
             a.file.as_deref(),
-            a.peer.as_deref().context("--role source needs --peer HOST:PORT")?,
+            a.peer
+                .as_deref()
+                .context("--role source needs --peer HOST:PORT")?,
             a.tls_dir.as_deref(),
         )?;
         return cli_migrate::source_agent(&source);
