@@ -213,7 +213,7 @@ async fn start_source(a: &SourceArgs) -> Result<SourceSide> {
     let opts = ReplicateOptions {
         extent_len: u32::try_from(a.extent)
             .ok()
-            .filter(|&e| e >= 4096 && e <= tern::rpc::MAX_EXTENT_LEN)
+            .filter(|e| (4096..=tern::rpc::MAX_EXTENT_LEN).contains(e))
             .context("--extent must be from 4K to 8M")?,
         zstd_level: (!a.raw).then_some(a.zstd_level),
         max_rate: a.max_rate,
@@ -234,7 +234,7 @@ async fn start_source(a: &SourceArgs) -> Result<SourceSide> {
 /// and keeps the status file fresh for `tern status`.
 fn spawn_progress(
     status: StatusCell,
-    stats: Arc<Stats>,
+    counters: Arc<Stats>,
     state_dir: PathBuf,
     json: bool,
 ) -> tokio::task::JoinHandle<()> {
@@ -248,7 +248,7 @@ fn spawn_progress(
         loop {
             tick.tick().await;
             let s = status.lock().expect("status lock poisoned").clone();
-            let st = stats.snapshot();
+            let st = counters.snapshot();
             let rate = st.sent_bytes.saturating_sub(last_sent);
             last_sent = st.sent_bytes;
             let line = serde_json::json!({
@@ -302,7 +302,7 @@ fn write_status(dir: &Path, value: &serde_json::Value) {
     }
 }
 
-pub fn migrate(m: MigrateArgs) -> Result<()> {
+pub fn migrate(m: &MigrateArgs) -> Result<()> {
     let report = runtime()?.block_on(async {
         let mut side = start_source(&m.source).await?;
         let progress = spawn_progress(
@@ -413,7 +413,7 @@ async fn standby(side: &mut SourceSide) -> Result<()> {
     }
 }
 
-pub fn rollback(r: RollbackArgs) -> Result<()> {
+pub fn rollback(r: &RollbackArgs) -> Result<()> {
     let path = source_path(r.device.as_ref(), r.file.as_ref())?;
     let peer = peer(&r.to, r.tls_dir.as_deref(), r.domain.as_ref())?;
     let report = runtime()?.block_on(async {

@@ -157,6 +157,9 @@ pub struct RollbackReport {
     pub seconds: f64,
 }
 
+/// Verifications before a cutover gives up (each resends what differs).
+const ATTEMPTS: u32 = 3;
+
 /// Marks differences by checksum when the tracer lost events since `seen`.
 async fn recover_gaps(
     repl: &mut Replicator,
@@ -372,7 +375,6 @@ async fn final_delta(
     report.final_delta_bytes = round.bytes;
     report.final_round_ms = ms(step);
     let step = Instant::now();
-    const ATTEMPTS: u32 = 3;
     for attempt in 1..=ATTEMPTS {
         repl.refresh_local().await?;
         let local = repl.local().tree().root();

@@ -497,8 +497,8 @@ fn main() -> std::process::ExitCode {
         Command::Certs(c) => certs(c),
         Command::Replica(r) => replica(r),
         Command::Nbd(n) => nbd(n),
-        Command::Migrate(m) => cli_migrate::migrate(m),
-        Command::Rollback(r) => cli_migrate::rollback(r),
+        Command::Migrate(m) => cli_migrate::migrate(&m),
+        Command::Rollback(r) => cli_migrate::rollback(&r),
         Command::Status(s) => cli_migrate::status(&s),
     };
     match result {
