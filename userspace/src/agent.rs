@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::image::{Image, ImageError, ImageOptions};
+use crate::image::{Image, ImageChanges, ImageError, ImageOptions};
 use crate::metrics::{self, MetricsError, ReplicaMetrics, Sources};
 use crate::nbd::{Export, ListenAddr, NbdError, NbdServer};
 use crate::rpc::{
@@ -260,6 +260,9 @@ impl Destination {
         let replica_metrics = Arc::new(ReplicaMetrics::default());
         let mut sources = Sources::default().with(Arc::clone(&replica_metrics) as _);
 
+        // NBD writes after cutover reach the replica service's checksum tree
+        // through this, so a rollback can find them.
+        let changes = ImageChanges::new();
         let (nbd, nbd_addr, export) = match &cfg.nbd {
             None => (None, None, None),
             Some(listen) => {
@@ -268,6 +271,7 @@ impl Destination {
                     description: format!("tern destination {}", cfg.image.display()),
                     image: image.clone(),
                     read_only: true,
+                    changes: changes.clone(),
                 }]));
                 sources = sources.with(Arc::clone(&server) as _);
                 let (listener, bound) = bind_nbd(listen).await?;
@@ -289,8 +293,10 @@ impl Destination {
             shutdown.clone(),
             ServeOptions {
                 max_in_flight: cfg.max_in_flight,
+                ..ServeOptions::default()
             },
         );
+        service.watch_changes(&changes);
         let grpc = tokio::net::TcpListener::bind(cfg.grpc)
             .await
             .map_err(|source| AgentError::Bind {

@@ -1,5 +1,7 @@
 //! The `tern` command: a thin layer over the `tern` library.
 
+mod cli_migrate;
+
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::SocketAddr;
@@ -43,6 +45,12 @@ enum Command {
     /// A standalone NBD server for one image.
     #[command(subcommand)]
     Nbd(NbdCommand),
+    /// Live-migrate a disk to a destination agent: copy, converge, pause, final delta, verify, switch.
+    Migrate(cli_migrate::MigrateArgs),
+    /// Make the source primary again: copy back what the destination accepted, fence it.
+    Rollback(cli_migrate::RollbackArgs),
+    /// The running migration's (or source agent's) phase, bytes, rates, downtime estimate, RPO.
+    Status(cli_migrate::StatusArgs),
 }
 
 #[derive(Args)]
@@ -50,17 +58,27 @@ enum Command {
     after_help = "Example:\n  tern certs init /etc/tern/pki --host src --host dst\n  tern agent --role destination --image dst.img --size 20G --grpc 0.0.0.0:7443 --tls-dir /etc/tern/pki/dst"
 )]
 struct AgentArgs {
-    /// Only `destination` exists so far; the source role comes with live migration.
-    #[arg(long, value_parser = ["destination"])]
+    /// `destination` receives extents and exports the disk; `source` replicates
+    /// its disk continuously (a warm standby) until a migration takes over.
+    #[arg(long, value_parser = ["destination", "source"])]
     role: String,
     /// The destination image (created or grown to --size).
-    #[arg(long)]
-    image: PathBuf,
+    #[arg(long, required_if_eq("role", "destination"))]
+    image: Option<PathBuf>,
     #[arg(long, value_parser = tern::agent::parse_size)]
     size: Option<u64>,
     /// gRPC listen address for the replica service.
-    #[arg(long)]
-    grpc: SocketAddr,
+    #[arg(long, required_if_eq("role", "destination"))]
+    grpc: Option<SocketAddr>,
+    /// Source role: the block device to replicate.
+    #[arg(long, value_name = "DEV")]
+    device: Option<PathBuf>,
+    /// Source role: a disk image on a file system to replicate.
+    #[arg(long, value_name = "IMAGE", conflicts_with = "device")]
+    file: Option<PathBuf>,
+    /// Source role: the destination agent's gRPC address.
+    #[arg(long, value_name = "HOST:PORT", required_if_eq("role", "source"))]
+    peer: Option<String>,
     /// NBD listen address: `HOST:PORT` or `unix:/path`.
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd: tern::nbd::ListenAddr,
@@ -367,7 +385,21 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn agent(a: AgentArgs) -> Result<()> {
-    let mut cfg = tern::agent::DestinationConfig::new(a.image, a.grpc);
+    if a.role == "source" {
+        let source = cli_migrate::SourceArgs::for_agent(
+            a.device.as_deref(),
+            a.file.as_deref(),
+            a.peer
+                .as_deref()
+                .context("--role source needs --peer HOST:PORT")?,
+            a.tls_dir.as_deref(),
+        )?;
+        return cli_migrate::source_agent(&source);
+    }
+    let (Some(image), Some(grpc)) = (a.image, a.grpc) else {
+        bail!("--role destination needs --image and --grpc");
+    };
+    let mut cfg = tern::agent::DestinationConfig::new(image, grpc);
     cfg.size = a.size;
     cfg.nbd = Some(a.nbd);
     cfg.export_name = a.export;
@@ -465,6 +497,9 @@ fn main() -> std::process::ExitCode {
         Command::Certs(c) => certs(c),
         Command::Replica(r) => replica(r),
         Command::Nbd(n) => nbd(n),
+        Command::Migrate(m) => cli_migrate::migrate(&m),
+        Command::Rollback(r) => cli_migrate::rollback(&r),
+        Command::Status(s) => cli_migrate::status(&s),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

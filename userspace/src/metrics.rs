@@ -113,6 +113,8 @@ pub struct ReplicaMetrics {
     pub rejected_streams: Counter,
     /// Barriers completed (each one an fdatasync).
     pub barriers: Counter,
+    /// Uncompressed bytes answered to `Read` calls.
+    pub bytes_read: Counter,
     /// Image write time of data extents.
     pub write_latency: Histogram,
     /// Receive-to-written time of an extent (decode, verify, write).
@@ -157,6 +159,11 @@ impl ReplicaMetrics {
                 "tern_replica_barriers_total",
                 "Barriers completed (each one an fdatasync).",
                 &self.barriers,
+            ),
+            (
+                "tern_replica_read_bytes_total",
+                "Uncompressed bytes answered to Read calls.",
+                &self.bytes_read,
             ),
         ];
         for (name, help, counter) in counters {

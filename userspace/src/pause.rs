@@ -224,6 +224,24 @@ impl PauseTarget {
         tracing::info!(took = ?started.elapsed(), "workload paused");
         Ok(paused)
     }
+
+    /// Resumes a workload that an earlier process paused and left paused
+    /// (`tern rollback --resume` after a `tern migrate` that cut over).
+    pub async fn resume_now(&self) -> Result<(), PauseError> {
+        match self {
+            Self::Fsfreeze(mount) => {
+                let dir = File::open(mount).map_err(io_err("open", mount))?;
+                thaw(mount, &dir)
+            }
+            Self::Cgroup(dir) => cgroup_write(dir, "0"),
+            Self::Qmp(socket) => {
+                let mut qmp = Qmp::connect(socket).await?;
+                qmp.execute("cont", None).await?;
+                expect_status(&mut qmp, socket, true).await
+            }
+            Self::Command { resume, .. } => run_shell(resume).await,
+        }
+    }
 }
 
 /// Proof that the workload is paused. Resumes it when dropped, unless

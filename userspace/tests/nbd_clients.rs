@@ -14,7 +14,7 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tern::image::{Image, ImageOptions};
+use tern::image::{Image, ImageChanges, ImageOptions};
 use tern::nbd::{Export, NbdError, NbdServer, proto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -58,6 +58,7 @@ impl Fixture {
                     description: format!("test export {}", s.name),
                     image,
                     read_only: s.read_only,
+                    changes: ImageChanges::default(),
                 }
             })
             .collect();
@@ -477,6 +478,7 @@ async fn unix_socket_export_serves_qemu_io() {
         description: String::new(),
         image,
         read_only: false,
+        changes: ImageChanges::default(),
     }]));
     let sock = dir.path().join("nbd.sock");
     let listener = tokio::net::UnixListener::bind(&sock).unwrap();

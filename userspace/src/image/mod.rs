@@ -16,6 +16,7 @@
 //! direct write invalidates them. When the file system refuses `O_DIRECT`
 //! (`EINVAL`, e.g. ramfs) the image silently uses buffered I/O only.
 
+mod changes;
 mod uring;
 
 use std::fs::{File, OpenOptions};
@@ -31,6 +32,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::oneshot;
 
+pub use changes::{ChangeListener, ImageChanges};
 pub use uring::IoBuf;
 use uring::{Files, Request, RingThread, Wake};
 

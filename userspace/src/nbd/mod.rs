@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::image::{Image, ImageError, ImageOptions};
+use crate::image::{Image, ImageChanges, ImageError, ImageOptions};
 pub use server::{Export, NbdServer, NbdStats, NbdStatsSnapshot};
 
 /// Errors from the NBD server.
@@ -131,6 +131,8 @@ pub async fn serve_standalone(
         description: describe(&opts.image),
         image,
         read_only: opts.read_only,
+        // Standalone: no checksum tree or anything else derived from the image.
+        changes: ImageChanges::default(),
     }]));
     let listen_err = |source| NbdError::Listen {
         addr: opts.listen.clone(),

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::NbdError;
 use super::handshake;
 use super::proto::{self, Command};
-use crate::image::{Image, ImageError, IoBuf};
+use crate::image::{Image, ImageChanges, ImageError, IoBuf};
 
 /// Requests one connection may have in flight.
 const MAX_INFLIGHT: usize = 128;
@@ -45,6 +45,10 @@ pub struct Export {
     pub image: Image,
     /// Refuse writes, trims and zeroes with EPERM.
     pub read_only: bool,
+    /// Told about every range a `WRITE`, `WRITE_ZEROES` or `TRIM` touched, after
+    /// it completed and before the reply is sent (the destination's
+    /// checksum tree listens). `ImageChanges::default()` when nobody cares.
+    pub changes: ImageChanges,
 }
 
 /// Server-side state of an export.
@@ -54,6 +58,7 @@ pub(crate) struct ExportState {
     pub(crate) description: String,
     pub(crate) image: Image,
     read_only: AtomicBool,
+    changes: ImageChanges,
 }
 
 impl ExportState {
@@ -166,6 +171,7 @@ impl NbdServer {
                     description: e.description,
                     image: e.image,
                     read_only: AtomicBool::new(read_only),
+                    changes: e.changes,
                 })
             })
             .collect();
@@ -517,6 +523,12 @@ impl NbdServer {
     ) -> Reply {
         let image = &export.image;
         let stats = &self.stats;
+        let modified = match cmd {
+            Command::Write { offset, len, .. }
+            | Command::Trim { offset, len, .. }
+            | Command::WriteZeroes { offset, len, .. } => Some((offset, u64::from(len))),
+            Command::Read { .. } | Command::Flush | Command::Disconnect => None,
+        };
         let result: Result<Option<Bytes>, ImageError> = match cmd {
             Command::Read { offset, len } => {
                 bump(&stats.reads);
@@ -562,6 +574,12 @@ impl NbdServer {
             }
             Command::Disconnect => Ok(None),
         };
+        // Before the reply, so a checksum query made after the client saw
+        // its write complete includes it. Also after a failure: the range
+        // may have been partly written.
+        if let Some((offset, len)) = modified {
+            export.changes.changed(offset, len);
+        }
         match result {
             Ok(data) => Reply {
                 cookie,

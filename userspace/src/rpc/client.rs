@@ -8,14 +8,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{Stream, StreamExt, TryStreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
 use super::pb::{self, replica_client, write_request, write_response};
-use super::{MAX_EXTENT_LEN, MAX_MESSAGE_LEN, MAX_NODES_PER_CALL, RpcError, TlsMaterial};
+use super::{
+    EncodedExtent, MAX_EXTENT_LEN, MAX_MESSAGE_LEN, MAX_NODES_PER_CALL, RpcError, TlsMaterial,
+};
 use crate::checktree::{CheckTree, Descent, HASH_LEN, Hash};
 
 /// HTTP/2 windows large enough that one stream can carry gigabytes per second.
@@ -205,6 +207,51 @@ impl ReplicaClient {
         Ok(descent.finish())
     }
 
+    /// Reads `ranges` (offset, length; each 1 to [`MAX_EXTENT_LEN`] bytes
+    /// inside the image) from the destination's image. Yields each range's
+    /// offset and plain data, in the order asked, after checking its blake3
+    /// ([`RpcError::ChecksumMismatch`] otherwise). With `zstd_level` the
+    /// destination compresses data where that makes it smaller. A bad range
+    /// fails the call before any data arrives (`OUT_OF_RANGE` past the end,
+    /// `INVALID_ARGUMENT` empty or too long). The stream ends after the
+    /// first error.
+    pub async fn read_ranges(
+        &mut self,
+        ranges: &[(u64, u32)],
+        zstd_level: Option<i32>,
+    ) -> Result<impl Stream<Item = Result<(u64, Bytes), RpcError>> + Send + 'static, RpcError> {
+        let request = pb::ReadRequest {
+            ranges: ranges
+                .iter()
+                .map(|&(offset, length)| pb::ReadRange { offset, length })
+                .collect(),
+            zstd_level,
+        };
+        let replies = self
+            .inner
+            .read(request)
+            .await
+            .map_err(|status| RpcError::Call {
+                call: "Read",
+                status,
+            })?
+            .into_inner();
+        let reader = RangeReader {
+            replies,
+            wanted: ranges.iter().copied().collect(),
+            next_seq: 0,
+            failed: false,
+        };
+        Ok(stream::unfold(reader, |mut reader| async move {
+            if reader.failed {
+                return None;
+            }
+            let next = reader.next().await.transpose()?;
+            reader.failed = next.is_err();
+            Some((next, reader))
+        }))
+    }
+
     /// Cutover: makes the destination's NBD export writable (or read-only).
     pub async fn set_export_writable(
         &mut self,
@@ -224,6 +271,53 @@ impl ReplicaClient {
     }
 }
 
+/// The client's side of one `Read` call: matches each answer to the range
+/// it was asked for and decodes it.
+struct RangeReader {
+    replies: Streaming<pb::ReadResponse>,
+    /// Ranges not answered yet, in request order.
+    wanted: VecDeque<(u64, u32)>,
+    next_seq: u64,
+    failed: bool,
+}
+
+impl RangeReader {
+    async fn next(&mut self) -> Result<Option<(u64, Bytes)>, RpcError> {
+        let reply = match self.replies.message().await {
+            Ok(Some(reply)) => reply,
+            Ok(None) if self.wanted.is_empty() => return Ok(None),
+            Ok(None) => return Err(RpcError::StreamClosed { what: "read" }),
+            Err(status) => {
+                return Err(RpcError::Call {
+                    call: "Read",
+                    status,
+                });
+            }
+        };
+        let extent = reply.extent.ok_or(RpcError::UnexpectedReply {
+            want: "an extent",
+            got: "an empty read response".into(),
+        })?;
+        let (offset, length) = self.wanted.pop_front().ok_or(RpcError::UnexpectedReply {
+            want: "the end of the read stream",
+            got: format!("an extent at {}", extent.offset),
+        })?;
+        if (extent.seq, extent.offset, extent.length) != (self.next_seq, offset, length) {
+            return Err(RpcError::UnexpectedReply {
+                want: "the next range asked for",
+                got: format!(
+                    "range #{} {}+{} where #{} {offset}+{length} was expected",
+                    extent.seq, extent.offset, extent.length, self.next_seq
+                ),
+            });
+        }
+        self.next_seq += 1;
+        // Decompressing and hashing megabytes is CPU work: off the async workers.
+        let data = tokio::task::spawn_blocking(move || super::extent::decode(extent)).await??;
+        Ok(Some((offset, data)))
+    }
+}
+
 /// Hashes returned by one `GetChecksumTree` call.
 #[derive(Debug, Clone)]
 pub struct TreeNodes {
@@ -231,94 +325,6 @@ pub struct TreeNodes {
     pub leaf_count: u64,
     pub levels: u32,
     pub hashes: Vec<[u8; HASH_LEN]>,
-}
-
-/// One extent ready for the wire.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EncodedExtent {
-    pub offset: u64,
-    /// Uncompressed length.
-    pub length: u32,
-    pub encoding: super::Encoding,
-    pub payload: Bytes,
-    /// blake3 of the uncompressed data; empty for zero extents.
-    pub blake3: Bytes,
-}
-
-impl EncodedExtent {
-    /// Encodes `data` for `offset`: all zeroes become a zero extent; with a
-    /// zstd level the data is compressed when that makes it smaller.
-    pub fn encode(
-        offset: u64,
-        data: Bytes,
-        zstd_level: Option<i32>,
-    ) -> Result<EncodedExtent, RpcError> {
-        let length = data.len() as u32;
-        if is_zero(&data) {
-            return Ok(EncodedExtent::zero(offset, length));
-        }
-        let blake3 = Bytes::copy_from_slice(blake3::hash(&data).as_bytes());
-        if let Some(level) = zstd_level
-            && looks_compressible(&data, level)
-        {
-            let compressed = zstd::bulk::compress(&data, level)
-                .map_err(|source| RpcError::Compress { offset, source })?;
-            if compressed.len() < data.len() {
-                return Ok(EncodedExtent {
-                    offset,
-                    length,
-                    encoding: super::Encoding::Zstd,
-                    payload: Bytes::from(compressed),
-                    blake3,
-                });
-            }
-        }
-        Ok(EncodedExtent {
-            offset,
-            length,
-            encoding: super::Encoding::Raw,
-            payload: data,
-            blake3,
-        })
-    }
-
-    /// `length` zero bytes at `offset`.
-    pub fn zero(offset: u64, length: u32) -> EncodedExtent {
-        EncodedExtent {
-            offset,
-            length,
-            encoding: super::Encoding::Zero,
-            payload: Bytes::new(),
-            blake3: Bytes::new(),
-        }
-    }
-}
-
-/// Bytes sampled by [`looks_compressible`], in four slices spread over the extent.
-const PROBE_LEN: usize = 16 << 10;
-
-/// A quick guess whether zstd will shrink `data`: compresses a few slices of
-/// it. Compressing a whole incompressible extent only to send it raw costs
-/// as much CPU as the TLS encryption of it; the probe costs a few percent.
-/// Small extents are not worth probing.
-fn looks_compressible(data: &[u8], level: i32) -> bool {
-    if data.len() < 8 * PROBE_LEN {
-        return true;
-    }
-    let step = data.len() / 4;
-    (0..4).any(|i| {
-        let slice = &data[i * step..i * step + PROBE_LEN];
-        // Anything that saves at least 1/32 of a slice is worth compressing.
-        zstd::bulk::compress(slice, level).is_ok_and(|c| c.len() + PROBE_LEN / 32 < PROBE_LEN)
-    })
-}
-
-fn is_zero(data: &[u8]) -> bool {
-    let mut words = data.chunks_exact(8);
-    words
-        .by_ref()
-        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
-        && words.remainder().iter().all(|&b| b == 0)
 }
 
 /// A write stream: send extents and barriers, acknowledgements are awaited
@@ -357,14 +363,7 @@ impl ExtentWriter {
         let seq = self.next_seq;
         self.next_seq += 1;
         let msg = pb::WriteRequest {
-            msg: Some(write_request::Msg::Extent(pb::Extent {
-                seq,
-                offset: extent.offset,
-                length: extent.length,
-                encoding: extent.encoding.into(),
-                payload: extent.payload,
-                blake3: extent.blake3,
-            })),
+            msg: Some(write_request::Msg::Extent(extent.into_message(seq))),
         };
         self.push(msg).await?;
         self.unacked.push_back(seq);
@@ -578,56 +577,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn encode_marks_zero_data_and_compresses_only_when_smaller() {
-        let zero = EncodedExtent::encode(0, Bytes::from(vec![0u8; 8192]), Some(1)).expect("zero");
-        assert_eq!(zero.encoding, super::super::Encoding::Zero);
-        assert!(zero.payload.is_empty());
-
-        let text = Bytes::from("tern ".repeat(2000));
-        let z = EncodedExtent::encode(4096, text.clone(), Some(1)).expect("zstd");
-        assert_eq!(z.encoding, super::super::Encoding::Zstd);
-        assert!(z.payload.len() < text.len());
-        assert_eq!(z.blake3.as_ref(), blake3::hash(&text).as_bytes());
-
-        // Incompressible data goes raw.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let noise: Vec<u8> = (0..8192)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        let raw = EncodedExtent::encode(0, Bytes::from(noise.clone()), Some(1)).expect("raw");
-        assert_eq!(raw.encoding, super::super::Encoding::Raw);
-        assert_eq!(raw.payload.as_ref(), noise.as_slice());
-    }
-
-    #[test]
-    fn probe_skips_zstd_for_noise_but_finds_text_in_the_last_quarter() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut data: Vec<u8> = (0..1 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        assert!(!looks_compressible(&data, 1));
-        let raw = EncodedExtent::encode(0, Bytes::from(data.clone()), Some(1)).expect("raw");
-        assert_eq!(raw.encoding, super::super::Encoding::Raw);
-
-        let text = "tern ".repeat(1 << 16);
-        let tail = data.len() - text.len();
-        data[tail..].copy_from_slice(text.as_bytes());
-        let z = EncodedExtent::encode(0, Bytes::from(data.clone()), Some(1)).expect("zstd");
-        assert_eq!(z.encoding, super::super::Encoding::Zstd);
-        assert_eq!(z.blake3.as_ref(), blake3::hash(&data).as_bytes());
-    }
-
-    #[test]
     fn read_extent_reads_exactly_the_range_and_refuses_a_short_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("src.img");
@@ -638,15 +587,5 @@ mod tests {
             &data[1000..6000]
         );
         assert!(read_extent(&path, 9000, 5000).is_err());
-    }
-
-    #[test]
-    fn is_zero_sees_a_single_set_byte_anywhere() {
-        for pos in [0usize, 1, 7, 8, 4095, 4096, 8190] {
-            let mut data = vec![0u8; 8191];
-            assert!(is_zero(&data));
-            data[pos] = 1;
-            assert!(!is_zero(&data), "byte {pos}");
-        }
     }
 }

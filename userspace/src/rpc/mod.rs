@@ -17,14 +17,16 @@ mod pb {
 
 pub mod client;
 pub mod epoch;
+mod extent;
 pub mod server;
 mod status;
 pub mod tls;
 
 pub use client::{
-    EncodedExtent, ExtentWriter, Info, PushOptions, PushReport, ReplicaClient, TreeNodes, push_file,
+    ExtentWriter, Info, PushOptions, PushReport, ReplicaClient, TreeNodes, push_file,
 };
 pub use epoch::Fence;
+pub use extent::EncodedExtent;
 pub use pb::Encoding;
 pub use server::{ExportControl, ReplicaService, SERVICE_NAME, ServeOptions, serve};
 pub use tls::{TlsError, TlsMaterial};
@@ -121,6 +123,18 @@ pub enum RpcError {
         "the epoch file {path} holds {content:?}, not a number; restore it or remove it only if no older writer can still reach this host"
     )]
     EpochFileCorrupt { path: PathBuf, content: String },
+    /// A read range of length zero.
+    #[error("read range at offset {offset} has length 0; ask only for non-empty ranges")]
+    EmptyRange { offset: u64 },
+    /// A read range longer than the limit.
+    #[error("read range at offset {offset} is {len} bytes, over the {max}-byte limit; split it")]
+    RangeTooLong { offset: u64, len: u32, max: u32 },
+    /// A read range past the end of the image.
+    #[error("read range {offset}+{len} ends past the image end ({size} bytes)")]
+    RangeOutOfBounds { offset: u64, len: u32, size: u64 },
+    /// A zstd level zstd does not have.
+    #[error("zstd level {level} is outside zstd's range {min}..={max}")]
+    BadZstdLevel { level: i32, min: i32, max: i32 },
     /// A checksum-tree query failed.
     #[error("checksum tree: {0}")]
     CheckTree(#[from] CheckTreeError),
@@ -161,7 +175,7 @@ pub enum RpcError {
     },
     /// The server closed a stream before answering.
     #[error(
-        "the destination closed the {what} stream early; reconnect and resend unacknowledged extents"
+        "the destination closed the {what} stream early; reconnect and resend unacknowledged extents (or ask again for unanswered ranges)"
     )]
     StreamClosed { what: &'static str },
     /// The server answered out of protocol.

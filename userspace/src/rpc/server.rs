@@ -15,17 +15,18 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
-use futures::{Future, StreamExt};
+use futures::{Future, StreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::epoch::{Fence, Lease};
+use super::extent::{EncodedExtent, decode_and_verify};
 use super::pb::{self, replica_server, write_request, write_response};
 use super::{MAX_EXTENT_LEN, MAX_MESSAGE_LEN, MAX_NODES_PER_CALL, RpcError};
 use crate::checktree::{self, CheckTree, Shape};
-use crate::image::Image;
+use crate::image::{ChangeListener, Image, ImageChanges};
 use crate::metrics::ReplicaMetrics;
 
 /// Switches the destination's NBD export between read-only and writable
@@ -40,11 +41,17 @@ pub trait ExportControl: Send + Sync + 'static {
 pub struct ServeOptions {
     /// Extents of one stream validated and written concurrently.
     pub max_in_flight: usize,
+    /// Ranges of one `Read` call read and encoded concurrently (each up to
+    /// 8 MiB held in memory until sent).
+    pub max_reads_in_flight: usize,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { max_in_flight: 32 }
+        ServeOptions {
+            max_in_flight: 32,
+            max_reads_in_flight: 8,
+        }
     }
 }
 
@@ -59,7 +66,7 @@ struct Inner {
     fence: Fence,
     export: Option<Arc<dyn ExportControl>>,
     metrics: Arc<ReplicaMetrics>,
-    trees: TreeCache,
+    trees: Arc<TreeCache>,
     shutdown: CancellationToken,
     opts: ServeOptions,
 }
@@ -81,7 +88,7 @@ impl ReplicaService {
                 fence,
                 export,
                 metrics,
-                trees: TreeCache::default(),
+                trees: Arc::default(),
                 shutdown,
                 opts,
             }),
@@ -93,6 +100,13 @@ impl ReplicaService {
         replica_server::ReplicaServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_LEN)
             .max_encoding_message_size(MAX_MESSAGE_LEN)
+    }
+
+    /// Keeps the checksum tree current with writes made to the image by
+    /// others (the NBD export after cutover) that report to `changes`.
+    /// The service's own write streams mark the tree themselves.
+    pub fn watch_changes(&self, changes: &ImageChanges) {
+        changes.subscribe(Arc::clone(&self.inner.trees) as Arc<dyn ChangeListener>);
     }
 
     /// The highest epoch accepted.
@@ -154,6 +168,7 @@ pub async fn serve(
         .map_err(|source| RpcError::Serve { source })
 }
 
+type ReadTx = mpsc::Sender<Result<pb::ReadResponse, Status>>;
 type AckFuture = Pin<Box<dyn Future<Output = Result<u64, RpcError>> + Send>>;
 type WriteTx = mpsc::Sender<Result<pb::WriteResponse, Status>>;
 
@@ -278,6 +293,152 @@ impl replica_server::Replica for ReplicaService {
             export_writable: export.writable(),
         }))
     }
+
+    type ReadStream = ReceiverStream<Result<pb::ReadResponse, Status>>;
+
+    #[tracing::instrument(skip_all, fields(ranges = request.get_ref().ranges.len()))]
+    async fn read(
+        &self,
+        request: Request<pb::ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let req = request.into_inner();
+        // The whole request is checked first, so a bad range ends the call
+        // before any data is sent.
+        let size = self.inner.image.size();
+        for range in &req.ranges {
+            check_read_range(range, size)?;
+        }
+        if let Some(level) = req.zstd_level {
+            let levels = zstd::compression_level_range();
+            if !levels.contains(&level) {
+                return Err(RpcError::BadZstdLevel {
+                    level,
+                    min: *levels.start(),
+                    max: *levels.end(),
+                }
+                .into());
+            }
+        }
+        // Reads already run `max_reads_in_flight` ahead; a short channel is enough.
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(run_read(
+            Arc::clone(&self.inner),
+            req.ranges,
+            req.zstd_level,
+            tx,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn check_read_range(range: &pb::ReadRange, size: u64) -> Result<(), RpcError> {
+    let pb::ReadRange { offset, length } = *range;
+    if length == 0 {
+        return Err(RpcError::EmptyRange { offset });
+    }
+    if length > MAX_EXTENT_LEN {
+        return Err(RpcError::RangeTooLong {
+            offset,
+            len: length,
+            max: MAX_EXTENT_LEN,
+        });
+    }
+    if offset
+        .checked_add(u64::from(length))
+        .is_none_or(|end| end > size)
+    {
+        return Err(RpcError::RangeOutOfBounds {
+            offset,
+            len: length,
+            size,
+        });
+    }
+    Ok(())
+}
+
+/// Answers one `Read` call: reads and encodes up to `max_reads_in_flight`
+/// ranges concurrently and sends them in request order. Stops when the
+/// client goes away, at shutdown (UNAVAILABLE) or at the first failure.
+async fn run_read(
+    inner: Arc<Inner>,
+    ranges: Vec<pb::ReadRange>,
+    zstd_level: Option<i32>,
+    tx: ReadTx,
+) {
+    let asked = ranges.len();
+    let mut sent = 0usize;
+    let mut bytes = 0u64;
+    let mut extents = stream::iter(ranges.into_iter().zip(0u64..))
+        .map(|(range, seq)| read_extent(Arc::clone(&inner), range, seq, zstd_level))
+        .buffered(inner.opts.max_reads_in_flight.max(1));
+    let outcome: Result<(), RpcError> = loop {
+        let next = tokio::select! {
+            biased;
+            () = inner.shutdown.cancelled() => break Err(RpcError::ShuttingDown),
+            // The client went away: nobody to answer.
+            () = tx.closed() => break Ok(()),
+            next = extents.next() => next,
+        };
+        let extent = match next {
+            None => break Ok(()),
+            Some(Ok(extent)) => extent,
+            Some(Err(err)) => break Err(err),
+        };
+        let length = u64::from(extent.length);
+        let reply = pb::ReadResponse {
+            extent: Some(extent),
+        };
+        tokio::select! {
+            biased;
+            () = inner.shutdown.cancelled() => break Err(RpcError::ShuttingDown),
+            delivered = tx.send(Ok(reply)) => if delivered.is_err() { break Ok(()) },
+        }
+        sent += 1;
+        bytes += length;
+        inner.metrics.bytes_read.add(length);
+    };
+    tracing::info!(
+        ranges = asked,
+        sent,
+        bytes,
+        ok = outcome.is_ok(),
+        "read stream ended"
+    );
+    match outcome {
+        Ok(()) => {}
+        // Best effort: a client that stopped reading must not hold up shutdown.
+        Err(err @ RpcError::ShuttingDown) => {
+            let _ = tx.try_send(Err(Status::from(err)));
+        }
+        Err(err) => {
+            // The receiver may be gone; nothing more to tell it then.
+            let _ = tx.send(Err(Status::from(err))).await;
+        }
+    }
+}
+
+/// Reads one (validated) range and encodes it like a write-stream extent.
+async fn read_extent(
+    inner: Arc<Inner>,
+    range: pb::ReadRange,
+    seq: u64,
+    zstd_level: Option<i32>,
+) -> Result<pb::Extent, RpcError> {
+    let pb::ReadRange { offset, length } = range;
+    let data = inner
+        .image
+        .read_at(offset, length)
+        .await
+        .map_err(|source| RpcError::Image {
+            action: "read",
+            offset,
+            source,
+        })?;
+    // Zero detection, hashing and compression are CPU work: off the async workers.
+    let extent =
+        tokio::task::spawn_blocking(move || EncodedExtent::encode(offset, data, zstd_level))
+            .await??;
+    Ok(extent.into_message(seq))
 }
 
 /// Counters of one stream, logged once at its end (never per extent).
@@ -544,50 +705,6 @@ async fn apply_extent_inner(inner: &Inner, extent: pb::Extent) -> Result<u64, Rp
     Ok(seq)
 }
 
-fn decode_and_verify(
-    offset: u64,
-    length: u32,
-    encoding: pb::Encoding,
-    payload: Bytes,
-    expected: &[u8; 32],
-) -> Result<Bytes, RpcError> {
-    let data = match encoding {
-        pb::Encoding::Raw => {
-            if payload.len() != length as usize {
-                return Err(RpcError::PayloadLength {
-                    offset,
-                    got: payload.len(),
-                    want: length as usize,
-                });
-            }
-            payload
-        }
-        pb::Encoding::Zstd => {
-            // Capacity `length + 1` makes an oversized frame detectable instead of truncated.
-            let out = zstd::bulk::decompress(&payload, length as usize + 1)
-                .map_err(|source| RpcError::BadZstd { offset, source })?;
-            if out.len() != length as usize {
-                return Err(RpcError::ZstdLength {
-                    offset,
-                    got: out.len(),
-                    want: length,
-                });
-            }
-            Bytes::from(out)
-        }
-        pb::Encoding::Zero | pb::Encoding::Unspecified => {
-            unreachable!("zero and unspecified extents are handled before decoding")
-        }
-    };
-    if blake3::hash(&data).as_bytes() != expected {
-        return Err(RpcError::ChecksumMismatch {
-            offset,
-            len: length,
-        });
-    }
-    Ok(data)
-}
-
 /// The checksum tree of the last region size asked for, kept current by
 /// marking the regions each completed write touched and rehashing only those.
 #[derive(Default)]
@@ -674,6 +791,12 @@ impl TreeCache {
     }
 }
 
+impl ChangeListener for TreeCache {
+    fn changed(&self, offset: u64, len: u64) {
+        self.mark_dirty(offset, len);
+    }
+}
+
 /// Contiguous runs of set bits, as region ranges.
 fn dirty_runs(bits: &[u64], count: u64) -> Vec<Range<u64>> {
     let mut runs: Vec<Range<u64>> = Vec::new();
@@ -708,21 +831,5 @@ mod tests {
             bits[(i / 64) as usize] |= 1 << (i % 64);
         }
         assert_eq!(dirty_runs(&bits, 140), vec![1..4, 63..66, 130..131]);
-    }
-
-    #[test]
-    fn zstd_frame_of_the_wrong_length_is_refused() {
-        let data = vec![5u8; 1000];
-        let frame = Bytes::from(zstd::bulk::compress(&data, 1).expect("compress"));
-        let hash = *blake3::hash(&data).as_bytes();
-        assert!(decode_and_verify(0, 1000, pb::Encoding::Zstd, frame.clone(), &hash).is_ok());
-        assert!(matches!(
-            decode_and_verify(0, 999, pb::Encoding::Zstd, frame.clone(), &hash),
-            Err(RpcError::ZstdLength { .. })
-        ));
-        assert!(matches!(
-            decode_and_verify(0, 1001, pb::Encoding::Zstd, frame, &hash),
-            Err(RpcError::ZstdLength { .. })
-        ));
     }
 }

@@ -17,8 +17,11 @@ fn code(err: &RpcError) -> Code {
         | RpcError::MissingChecksum { .. }
         | RpcError::BadZstd { .. }
         | RpcError::ZstdLength { .. }
-        | RpcError::TooManyNodes { .. } => Code::InvalidArgument,
-        RpcError::ExtentOutOfBounds { .. } => Code::OutOfRange,
+        | RpcError::TooManyNodes { .. }
+        | RpcError::EmptyRange { .. }
+        | RpcError::RangeTooLong { .. }
+        | RpcError::BadZstdLevel { .. } => Code::InvalidArgument,
+        RpcError::ExtentOutOfBounds { .. } | RpcError::RangeOutOfBounds { .. } => Code::OutOfRange,
         // The data arrived damaged: the sender must resend it.
         RpcError::ChecksumMismatch { .. } => Code::DataLoss,
         RpcError::StaleEpoch { .. } | RpcError::Fenced { .. } | RpcError::NoExport => {

@@ -1,0 +1,474 @@
+//! `tern migrate`, `tern rollback`, `tern status` and the source agent:
+//! argument parsing, progress and status files around `tern::cutover`.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tern::cutover::{self, CutoverOptions, HealthCheck, Status, StatusCell};
+use tern::dirty::DirtyMap;
+use tern::image::{Image, ImageOptions};
+use tern::pause::PauseTarget;
+use tern::replicate::{LocalTree, Peer, ReplicateOptions, Replicator, Stats, Tracker};
+use tern::trace::session::SessionConfig;
+
+/// The source disk and how to reach the destination.
+#[derive(Args, Clone)]
+pub struct SourceArgs {
+    /// The source block device (traced and read directly).
+    #[arg(long, value_name = "DEV", required_unless_present = "file")]
+    device: Option<PathBuf>,
+    /// A disk image on a file system: traced on the device under it, in image offsets.
+    #[arg(long, value_name = "IMAGE", conflicts_with = "device")]
+    file: Option<PathBuf>,
+    /// The destination agent's gRPC address (`host:port`).
+    #[arg(long, alias = "peer", value_name = "HOST:PORT")]
+    to: String,
+    /// Directory with ca.pem, cert.pem, key.pem (from `tern certs init`).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Name checked in the destination's certificate.
+    #[arg(long)]
+    domain: Option<String>,
+    /// Dirty-tracking unit (2 MiB of memory per TiB at 64K).
+    #[arg(long, default_value = "64K", value_parser = tern::agent::parse_size)]
+    unit: u64,
+    /// Checksum-tree region size.
+    #[arg(long, default_value = "1M", value_parser = tern::agent::parse_size)]
+    region_size: u64,
+    /// Longest extent on the wire.
+    #[arg(long, default_value = "1M", value_parser = tern::agent::parse_size)]
+    extent: u64,
+    #[arg(long, default_value_t = 1, conflicts_with = "raw")]
+    zstd_level: i32,
+    /// Send data uncompressed.
+    #[arg(long)]
+    raw: bool,
+    /// Bandwidth limit on the wire in bytes per second (e.g. 100M).
+    #[arg(long, value_parser = tern::agent::parse_size)]
+    max_rate: Option<u64>,
+    /// How long to keep reconnecting to a lost destination.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    reconnect_for: Duration,
+    /// Tracer ring buffer size.
+    #[arg(long, default_value = "16M", value_parser = tern::agent::parse_size)]
+    ring_size: u64,
+    /// The source's I/O history, recorded while replicating.
+    #[arg(long, default_value = "/var/tmp/tern-source.trace")]
+    trace_out: PathBuf,
+    /// Where the status file for `tern status` lives.
+    #[arg(long, default_value = "/run/tern")]
+    state_dir: PathBuf,
+    /// Progress as JSON lines on stderr even on a terminal.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  tern migrate --device /dev/loop0 --to dst:7443 --tls-dir pki/src --pause fsfreeze:/mnt/data --max-downtime 100ms\n  tern migrate --file /var/lib/vm/disk.img --to dst:7443 --tls-dir pki/src --pause qmp:/run/vm.qmp\n  tern migrate --device /dev/vdb --to dst:7443 --no-pause   # an idle disk: copy or resync only"
+)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// How to pause the workload: fsfreeze:MOUNT, cgroup:DIR, qmp:SOCKET or 'cmd:PAUSE;;RESUME'.
+    #[arg(long, required_unless_present = "no_pause")]
+    pause: Option<PauseTarget>,
+    /// The source is idle: copy without pausing anything.
+    #[arg(long, conflicts_with = "pause")]
+    no_pause: bool,
+    /// Downtime budget: the final delta must fit in it at the measured bandwidth.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    max_downtime: Duration,
+    /// Delta rounds before giving up on convergence.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u64,
+    /// After cutover: a command that must exit 0, else roll back.
+    #[arg(long)]
+    health_cmd: Option<String>,
+    /// Sync only: leave the source primary and the destination read-only.
+    #[arg(long)]
+    no_switch: bool,
+}
+
+#[derive(Args)]
+pub struct RollbackArgs {
+    /// The former source device or image, to receive the destination's writes.
+    #[arg(long, value_name = "DEV", required_unless_present = "file")]
+    device: Option<PathBuf>,
+    #[arg(long, value_name = "IMAGE", conflicts_with = "device")]
+    file: Option<PathBuf>,
+    /// The destination agent (`host:port`).
+    #[arg(long)]
+    to: String,
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    #[arg(long)]
+    domain: Option<String>,
+    /// Resume the workload afterwards with this pause target's resume.
+    #[arg(long)]
+    resume: Option<PauseTarget>,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[arg(long, default_value = "/run/tern")]
+    state_dir: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses the source arguments the agent was given, every other knob at its default.
+#[derive(clap::Parser)]
+struct AgentSource {
+    #[command(flatten)]
+    source: SourceArgs,
+}
+
+impl SourceArgs {
+    pub fn for_agent(
+        device: Option<&Path>,
+        file: Option<&Path>,
+        peer: &str,
+        tls_dir: Option<&Path>,
+    ) -> Result<SourceArgs> {
+        use clap::Parser;
+        let mut argv: Vec<std::ffi::OsString> =
+            vec!["tern-agent".into(), "--to".into(), peer.into()];
+        if let Some(d) = device {
+            argv.extend(["--device".into(), d.into()]);
+        }
+        if let Some(f) = file {
+            argv.extend(["--file".into(), f.into()]);
+        }
+        if let Some(t) = tls_dir {
+            argv.extend(["--tls-dir".into(), t.into()]);
+        }
+        Ok(AgentSource::try_parse_from(argv)
+            .context("--role source needs --device DEV or --file IMAGE, and --peer HOST:PORT")?
+            .source)
+    }
+}
+
+fn source_path(device: Option<&PathBuf>, file: Option<&PathBuf>) -> Result<PathBuf> {
+    device
+        .or(file)
+        .cloned()
+        .context("give the source as --device DEV or --file IMAGE")
+}
+
+fn peer(to: &str, tls_dir: Option<&Path>, domain: Option<&String>) -> Result<Peer> {
+    Ok(Peer {
+        addr: to.to_owned(),
+        tls: tls_dir.map(tern::rpc::TlsMaterial::load).transpose()?,
+        domain: domain.cloned(),
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// The tracker, the engine and the status cell for one source.
+struct SourceSide {
+    tracker: Tracker,
+    repl: Replicator,
+    status: StatusCell,
+}
+
+async fn start_source(a: &SourceArgs) -> Result<SourceSide> {
+    let path = source_path(a.device.as_ref(), a.file.as_ref())?;
+    let image = Image::open(
+        &path,
+        &ImageOptions {
+            read_only: true,
+            direct: true,
+            ..ImageOptions::default()
+        },
+    )?;
+    let send = Arc::new(DirtyMap::new(image.size(), a.unit)?);
+    let local = LocalTree::new(image.size(), a.region_size)?;
+    // Tracing starts before the first read: no write after this point is missed.
+    let tracker = Tracker::start(
+        SessionConfig {
+            devices: a.device.iter().cloned().collect(),
+            image: a.file.clone(),
+            pids: Vec::new(),
+            faults: false,
+            fault_range: None,
+            duration: None,
+            ring_bytes: a.ring_size,
+            out: a.trace_out.clone(),
+            progress: false,
+        },
+        vec![Arc::clone(&send), local.stale_map()],
+        vec![local.stale_map()],
+    )?;
+    let opts = ReplicateOptions {
+        extent_len: u32::try_from(a.extent)
+            .ok()
+            .filter(|e| (4096..=tern::rpc::MAX_EXTENT_LEN).contains(e))
+            .context("--extent must be from 4K to 8M")?,
+        zstd_level: (!a.raw).then_some(a.zstd_level),
+        max_rate: a.max_rate,
+        region_size: a.region_size,
+        reconnect_for: a.reconnect_for,
+        ..ReplicateOptions::default()
+    };
+    let peer = peer(&a.to, a.tls_dir.as_deref(), a.domain.as_ref())?;
+    let repl = Replicator::connect(image, peer, send, local, opts).await?;
+    Ok(SourceSide {
+        tracker,
+        repl,
+        status: Arc::new(Mutex::new(Status::default())),
+    })
+}
+
+/// Prints progress every second (one line on a terminal, JSON lines otherwise)
+/// and keeps the status file fresh for `tern status`.
+fn spawn_progress(
+    status: StatusCell,
+    counters: Arc<Stats>,
+    state_dir: PathBuf,
+    json: bool,
+) -> tokio::task::JoinHandle<()> {
+    let terminal = std::io::stderr().is_terminal() && !json;
+    if let Err(e) = std::fs::create_dir_all(&state_dir) {
+        tracing::warn!(dir = %state_dir.display(), error = %e, "cannot create the state directory; `tern status` will not see this run");
+    }
+    tokio::spawn(async move {
+        let mut last_sent = 0;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let s = status.lock().expect("status lock poisoned").clone();
+            let st = counters.snapshot();
+            let rate = st.sent_bytes.saturating_sub(last_sent);
+            last_sent = st.sent_bytes;
+            let line = serde_json::json!({
+                "phase": s.phase,
+                "epoch": s.epoch,
+                "round": s.round,
+                "sent_bytes": st.sent_bytes,
+                "wire_bytes": st.wire_bytes,
+                "round_bytes": st.round_bytes,
+                "round_done": st.round_done,
+                "hashed_bytes": st.hashed_bytes,
+                "rate_bps": rate,
+                "remaining_bytes": s.remaining_bytes,
+                "dirty_rate_bps": s.dirty_rate_bps,
+                "estimated_downtime_ms": s.estimated_downtime_ms,
+                "rpo_ms": s.rpo_ms,
+                "reconnects": st.reconnects,
+            });
+            write_status(&state_dir, &line);
+            let mut err = std::io::stderr().lock();
+            let _ = if terminal {
+                let pct = if st.round_bytes > 0 {
+                    st.round_done as f64 * 100.0 / st.round_bytes as f64
+                } else {
+                    100.0
+                };
+                write!(
+                    err,
+                    "\r{:<26} round {:>3} {:>5.1}%  sent {:>8.1} MB  {:>7.1} MB/s  dirty {:>7.1} MB  est. downtime {} ms\x1b[K",
+                    s.phase,
+                    s.round,
+                    pct.min(100.0),
+                    st.sent_bytes as f64 / 1e6,
+                    rate as f64 / 1e6,
+                    s.remaining_bytes as f64 / 1e6,
+                    s.estimated_downtime_ms
+                )
+            } else {
+                writeln!(err, "{line}")
+            };
+        }
+    })
+}
+
+fn write_status(dir: &Path, value: &serde_json::Value) {
+    let tmp = dir.join(".migrate.json.tmp");
+    let done = std::fs::write(&tmp, value.to_string())
+        .and_then(|()| std::fs::rename(&tmp, dir.join("migrate.json")));
+    if let Err(e) = done {
+        tracing::debug!(error = %e, "cannot write the status file");
+    }
+}
+
+pub fn migrate(m: &MigrateArgs) -> Result<()> {
+    let report = runtime()?.block_on(async {
+        let mut side = start_source(&m.source).await?;
+        let progress = spawn_progress(
+            Arc::clone(&side.status),
+            side.repl.stats(),
+            m.source.state_dir.clone(),
+            m.source.json,
+        );
+        let opts = CutoverOptions {
+            max_downtime: m.max_downtime,
+            max_rounds: m.max_rounds,
+            pause: m.pause.clone(),
+            health: m
+                .health_cmd
+                .iter()
+                .map(|c| HealthCheck::Command(c.clone()))
+                .chain(std::iter::once(HealthCheck::Region(0..1 << 20)))
+                .collect(),
+            switch: !m.no_switch,
+        };
+        let result = cutover::migrate(&mut side.repl, &side.tracker, &opts, &side.status).await;
+        progress.abort();
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err);
+        let totals = side.tracker.stop()?;
+        tracing::info!(
+            events = totals.block_events,
+            gaps = totals.gaps,
+            "source trace closed"
+        );
+        Ok::<_, anyhow::Error>(result?)
+    })?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    if report.outcome == "rolled back" {
+        bail!(
+            "rolled back after cutover: {}; the source is primary again and holds every write",
+            report.failure.as_deref().unwrap_or("health check failed")
+        );
+    }
+    Ok(())
+}
+
+/// The source agent: continuous replication (a warm standby) with a reported RPO
+/// until SIGINT/SIGTERM, or until a migration (a newer epoch) fences it.
+pub fn source_agent(a: &SourceArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        tern::agent::cancel_on_signals(cancel.clone());
+        let mut side = start_source(a).await?;
+        let progress = spawn_progress(
+            Arc::clone(&side.status),
+            side.repl.stats(),
+            a.state_dir.clone(),
+            a.json,
+        );
+        let result = tokio::select! {
+            r = standby(&mut side) => r,
+            () = cancel.cancelled() => Ok(()),
+        };
+        progress.abort();
+        side.tracker.stop()?;
+        result
+    })
+}
+
+async fn standby(side: &mut SourceSide) -> Result<()> {
+    let status = Arc::clone(&side.status);
+    let epoch = side.repl.take_epoch().await?;
+    let set = |f: &dyn Fn(&mut Status)| f(&mut status.lock().expect("status lock poisoned"));
+    set(&|s| {
+        s.epoch = epoch;
+        s.phase = "initial sync";
+    });
+    if side.repl.destination_is_blank().await? {
+        side.repl.send_map().mark_all();
+        side.repl.round(true).await?;
+    } else {
+        side.repl.mark_differences().await?;
+        side.repl.round(false).await?;
+    }
+    let mut gaps = side.tracker.gaps();
+    let mut synced_at = std::time::Instant::now();
+    loop {
+        side.tracker.sync().await?;
+        if side.tracker.gaps() != gaps {
+            gaps = side.tracker.gaps();
+            side.repl.mark_differences().await?;
+        }
+        let dirty = side.repl.send_map().dirty_bytes();
+        let rpo = if dirty == 0 {
+            synced_at = std::time::Instant::now();
+            0
+        } else {
+            synced_at.elapsed().as_millis() as u64
+        };
+        set(&|s| {
+            s.phase = "standby: replicating";
+            s.remaining_bytes = dirty;
+            s.rpo_ms = rpo;
+        });
+        if dirty == 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        side.repl.round(false).await?;
+        set(&|s| s.round += 1);
+    }
+}
+
+pub fn rollback(r: &RollbackArgs) -> Result<()> {
+    let path = source_path(r.device.as_ref(), r.file.as_ref())?;
+    let peer = peer(&r.to, r.tls_dir.as_deref(), r.domain.as_ref())?;
+    let report = runtime()?.block_on(async {
+        let mut client = peer.connect().await?;
+        let report = cutover::rollback(&mut client, &path, None).await?;
+        if let Some(target) = &r.resume {
+            target.resume_now().await?;
+        }
+        Ok::<_, anyhow::Error>(report)
+    })?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    Ok(())
+}
+
+pub fn status(s: &StatusArgs) -> Result<()> {
+    let path = s.state_dir.join("migrate.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no migration status at {}: is `tern migrate` or a source agent running (with this --state-dir)?",
+            path.display()
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a status file", path.display()))?;
+    let mut out = std::io::stdout().lock();
+    if s.json {
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    let n = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    writeln!(
+        out,
+        "phase                {}",
+        v["phase"].as_str().unwrap_or("?")
+    )?;
+    writeln!(out, "epoch                {}", n("epoch"))?;
+    writeln!(out, "round                {}", n("round"))?;
+    writeln!(out, "sent                 {:.1} MB", n("sent_bytes") / 1e6)?;
+    writeln!(
+        out,
+        "remaining (dirty)    {:.1} MB",
+        n("remaining_bytes") / 1e6
+    )?;
+    writeln!(out, "rate                 {:.1} MB/s", n("rate_bps") / 1e6)?;
+    writeln!(
+        out,
+        "dirty rate           {:.1} MB/s",
+        n("dirty_rate_bps") / 1e6
+    )?;
+    writeln!(
+        out,
+        "estimated downtime   {} ms",
+        n("estimated_downtime_ms")
+    )?;
+    writeln!(out, "RPO                  {} ms", n("rpo_ms"))?;
+    Ok(())
+}

@@ -1,0 +1,602 @@
+//! A migration from start to switch-over: the initial copy (or a delta sync
+//! by checksums when the destination holds an older copy), delta rounds
+//! until the rest fits the downtime budget, then pause, final delta, verify
+//! by checksum roots, fence the source by bumping the epoch, make the
+//! destination writable, health-check, and roll back on failure without
+//! losing a write.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+
+use crate::checktree::{CheckTree, Shape, hash_regions};
+use crate::image::{Image, ImageOptions};
+use crate::pause::{PauseError, PauseTarget};
+use crate::replicate::{ReplicateError, Replicator, Tracker};
+use crate::rpc::{ReplicaClient, RpcError};
+
+/// Errors of a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum CutoverError {
+    #[error(transparent)]
+    Replicate(#[from] ReplicateError),
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("pausing the workload: {0}")]
+    Pause(#[from] PauseError),
+    /// The dirty rate does not let the remaining set fit the budget.
+    #[error(
+        "not converging after {rounds} rounds: {dirty_mb:.1} MB still dirty, the workload dirties {dirty_rate_mbs:.1} MB/s and the link moves {bandwidth_mbs:.1} MB/s, so the final delta would take about {estimate_ms} ms against a budget of {budget_ms} ms. Choose: raise --max-downtime to about {estimate_ms}ms, throttle the workload (or its cgroup's io.max), or lower its write rate; the workload was not paused"
+    )]
+    NotConverging {
+        rounds: u64,
+        dirty_mb: f64,
+        dirty_rate_mbs: f64,
+        bandwidth_mbs: f64,
+        estimate_ms: u64,
+        budget_ms: u64,
+    },
+    /// The checksum roots still differed after resending.
+    #[error(
+        "verification failed: the destination's checksum root differs from the source's after {attempts} attempts ({regions} regions differ); the workload was resumed and the destination stays read-only"
+    )]
+    VerifyFailed { attempts: u32, regions: u64 },
+    /// Source image I/O during rollback.
+    #[error("cannot {action} the source {path}: {reason}")]
+    Source {
+        action: &'static str,
+        path: String,
+        reason: String,
+    },
+    /// A checksum tree could not be built.
+    #[error(transparent)]
+    CheckTree(#[from] crate::checktree::CheckTreeError),
+}
+
+/// How to check the destination after cutover.
+#[derive(Debug, Clone)]
+pub enum HealthCheck {
+    /// A shell command; exit status 0 means healthy.
+    Command(String),
+    /// The destination's export answers and a region read through the
+    /// replica service matches the source.
+    Region(Range<u64>),
+}
+
+/// What a migration does and its limits.
+#[derive(Debug, Clone)]
+pub struct CutoverOptions {
+    pub max_downtime: Duration,
+    /// Delta rounds allowed before giving up on convergence.
+    pub max_rounds: u64,
+    /// `None`: the source is idle (nothing to pause).
+    pub pause: Option<PauseTarget>,
+    pub health: Vec<HealthCheck>,
+    /// Switch over (fence the source, destination writable); `false` only syncs.
+    pub switch: bool,
+}
+
+impl Default for CutoverOptions {
+    fn default() -> Self {
+        CutoverOptions {
+            max_downtime: Duration::from_millis(100),
+            max_rounds: 30,
+            pause: None,
+            health: Vec::new(),
+            switch: true,
+        }
+    }
+}
+
+/// Where a migration is; shared with whoever reports status.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Status {
+    pub phase: &'static str,
+    pub epoch: u64,
+    pub round: u64,
+    /// Dirty bytes at the last look.
+    pub remaining_bytes: u64,
+    /// Measured link rate (uncompressed bytes per second).
+    pub bandwidth_bps: f64,
+    /// Workload's dirty rate (bytes per second of newly dirtied units).
+    pub dirty_rate_bps: f64,
+    pub estimated_downtime_ms: u64,
+    /// Age of the destination's copy: time since the last round finished.
+    pub rpo_ms: u64,
+}
+
+/// A status cell the CLI polls.
+pub type StatusCell = Arc<Mutex<Status>>;
+
+fn set_status(cell: &StatusCell, f: impl FnOnce(&mut Status)) {
+    let mut status = cell.lock().expect("status lock poisoned");
+    f(&mut status);
+}
+
+/// What a migration did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub outcome: &'static str,
+    pub epoch: u64,
+    pub rounds: u64,
+    /// The initial pass was a checksum delta sync (the destination held data).
+    pub delta_sync: bool,
+    pub differing_regions: u64,
+    pub sent_bytes: u64,
+    pub wire_bytes: u64,
+    pub skipped_zero_bytes: u64,
+    pub resent_bytes: u64,
+    pub reconnects: u64,
+    pub hashed_bytes: u64,
+    pub gaps: u64,
+    pub final_delta_bytes: u64,
+    pub downtime_ms: f64,
+    /// Parts of the downtime: pausing, flushing the source, the final round,
+    /// verifying the checksum roots, fencing and switching the export.
+    pub pause_ms: f64,
+    pub flush_ms: f64,
+    pub final_round_ms: f64,
+    pub verify_ms: f64,
+    pub switch_ms: f64,
+    pub total_seconds: f64,
+    pub root: String,
+    /// Set when the migration was rolled back.
+    pub rollback: Option<RollbackReport>,
+    pub failure: Option<String>,
+}
+
+/// What a rollback did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RollbackReport {
+    pub epoch: u64,
+    pub regions: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// Verifications before a cutover gives up (each resends what differs).
+const ATTEMPTS: u32 = 3;
+
+/// Marks differences by checksum when the tracer lost events since `seen`.
+async fn recover_gaps(
+    repl: &mut Replicator,
+    tracker: &Tracker,
+    seen: &mut u64,
+    report: &mut Report,
+) -> Result<(), CutoverError> {
+    let gaps = tracker.gaps();
+    if gaps != *seen {
+        tracing::warn!(
+            gaps = gaps - *seen,
+            "the tracer lost events: comparing checksum trees instead of trusting the dirty map"
+        );
+        *seen = gaps;
+        report.differing_regions += repl.mark_differences().await?;
+    }
+    Ok(())
+}
+
+/// Runs a migration to its end: switched over (or only synced when
+/// `opts.switch` is false), or rolled back with every write kept.
+pub async fn migrate(
+    repl: &mut Replicator,
+    tracker: &Tracker,
+    opts: &CutoverOptions,
+    status: &StatusCell,
+) -> Result<Report, CutoverError> {
+    let started = Instant::now();
+    let mut report = Report::default();
+    let mut gaps_seen = 0;
+
+    set_status(status, |s| s.phase = "connecting");
+    let epoch = repl.take_epoch().await?;
+    report.epoch = epoch;
+    set_status(status, |s| s.epoch = epoch);
+
+    // Initial pass: a blank destination gets everything but zeroes; one that
+    // holds an older copy gets only the regions whose checksums differ.
+    let blank = repl.destination_is_blank().await?;
+    let first = if blank {
+        set_status(status, |s| s.phase = "bulk copy");
+        repl.send_map().mark_all();
+        repl.round(true).await?
+    } else {
+        set_status(status, |s| s.phase = "delta sync by checksums");
+        report.delta_sync = true;
+        report.differing_regions = repl.mark_differences().await?;
+        repl.round(false).await?
+    };
+    let mut bandwidth = first.rate();
+    let mut last_round_end = Instant::now();
+    // The local tree is needed at the pause; hash it now, while the workload runs.
+    set_status(status, |s| s.phase = "hashing source");
+    repl.refresh_local().await?;
+
+    let mut rounds = 0;
+    loop {
+        tracker.sync().await?;
+        recover_gaps(repl, tracker, &mut gaps_seen, &mut report).await?;
+        let dirty = repl.send_map().dirty_bytes();
+        let since = last_round_end.elapsed().as_secs_f64().max(1e-3);
+        let dirty_rate = dirty as f64 / since;
+        let estimate = estimate_ms(dirty, bandwidth);
+        set_status(status, |s| {
+            s.phase = "converging";
+            s.round = rounds;
+            s.remaining_bytes = dirty;
+            s.bandwidth_bps = bandwidth;
+            s.dirty_rate_bps = dirty_rate;
+            s.estimated_downtime_ms = estimate;
+            s.rpo_ms = last_round_end.elapsed().as_millis() as u64;
+        });
+        if estimate <= opts.max_downtime.as_millis() as u64 || opts.pause.is_none() {
+            break;
+        }
+        if rounds >= opts.max_rounds {
+            return Err(CutoverError::NotConverging {
+                rounds,
+                dirty_mb: dirty as f64 / 1e6,
+                dirty_rate_mbs: dirty_rate / 1e6,
+                bandwidth_mbs: bandwidth / 1e6,
+                estimate_ms: estimate,
+                budget_ms: opts.max_downtime.as_millis() as u64,
+            });
+        }
+        let round = repl.round(false).await?;
+        rounds += 1;
+        if round.bytes >= 1 << 20 {
+            // Small rounds are dominated by round trips, not bandwidth.
+            bandwidth = bandwidth.max(round.rate());
+        }
+        last_round_end = Instant::now();
+    }
+
+    // Downtime starts here.
+    set_status(status, |s| s.phase = "paused: final delta");
+    let pause_started = Instant::now();
+    let paused = match &opts.pause {
+        Some(target) => Some(target.pause().await?),
+        None => None,
+    };
+    report.pause_ms = pause_started.elapsed().as_secs_f64() * 1e3;
+    let finished = final_delta(repl, tracker, &mut gaps_seen, &mut report).await;
+    if let Err(e) = finished {
+        // `paused` resumes the workload when dropped; say so explicitly.
+        if let Some(p) = paused {
+            p.resume().await?;
+        }
+        return Err(e);
+    }
+    if !opts.switch {
+        if let Some(p) = paused {
+            p.resume().await?;
+        }
+        report.downtime_ms = pause_started.elapsed().as_secs_f64() * 1e3;
+        report.outcome = "synced";
+        return Ok(finish_report(report, repl, tracker, rounds, started));
+    }
+    // Fence the source: a higher epoch ends our write stream for good and
+    // makes the destination's export writable.
+    let step = Instant::now();
+    repl.finish().await?;
+    let fence = epoch + 1;
+    repl.client().set_export_writable(fence, true).await?;
+    report.epoch = fence;
+    report.switch_ms = ms(step);
+    report.downtime_ms = ms(pause_started);
+    set_status(status, |s| {
+        s.phase = "cut over: health check";
+        s.epoch = fence;
+    });
+
+    if let Err(reason) = health_check(repl, &opts.health).await {
+        tracing::error!(%reason, "health check failed after cutover; rolling back");
+        set_status(status, |s| s.phase = "rolling back");
+        let source_path = repl.source().path().to_path_buf();
+        let local = repl.local().tree().clone();
+        let rb = rollback(repl.client(), &source_path, Some(&local)).await?;
+        if let Some(p) = paused {
+            p.resume().await?;
+        }
+        report.outcome = "rolled back";
+        report.failure = Some(reason);
+        report.rollback = Some(rb);
+        set_status(status, |s| s.phase = "rolled back: source is primary");
+        return Ok(finish_report(report, repl, tracker, rounds, started));
+    }
+    if let Some(p) = paused {
+        p.keep();
+    }
+    report.outcome = "cut over";
+    set_status(status, |s| s.phase = "cut over: destination is primary");
+    Ok(finish_report(report, repl, tracker, rounds, started))
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+fn estimate_ms(dirty: u64, bandwidth: f64) -> u64 {
+    if dirty == 0 {
+        return 0;
+    }
+    if bandwidth <= 0.0 {
+        return u64::MAX;
+    }
+    (dirty as f64 / bandwidth * 1e3).ceil() as u64
+}
+
+fn finish_report(
+    mut report: Report,
+    repl: &Replicator,
+    tracker: &Tracker,
+    rounds: u64,
+    started: Instant,
+) -> Report {
+    let s = repl.stats().snapshot();
+    report.rounds = rounds;
+    report.sent_bytes = s.sent_bytes;
+    report.wire_bytes = s.wire_bytes;
+    report.skipped_zero_bytes = s.skipped_zero_bytes;
+    report.resent_bytes = s.resent_bytes;
+    report.reconnects = s.reconnects;
+    report.hashed_bytes = s.hashed_bytes;
+    report.gaps = tracker.gaps();
+    report.total_seconds = started.elapsed().as_secs_f64();
+    report
+}
+
+/// With the workload paused: flush the source, collect the last writes,
+/// send them, and verify that both checksum roots are equal.
+async fn final_delta(
+    repl: &mut Replicator,
+    tracker: &Tracker,
+    gaps_seen: &mut u64,
+    report: &mut Report,
+) -> Result<(), CutoverError> {
+    let step = Instant::now();
+    // Writes still in a page cache above the source must reach it (and the tracer).
+    let path = repl.source().path().to_path_buf();
+    tokio::task::spawn_blocking(move || sync_source(&path))
+        .await
+        .map_err(|e| CutoverError::Source {
+            action: "flush",
+            path: String::new(),
+            reason: e.to_string(),
+        })??;
+    report.flush_ms = ms(step);
+    let step = Instant::now();
+    tracker.sync().await?;
+    recover_gaps(repl, tracker, gaps_seen, report).await?;
+    let round = repl.round(false).await?;
+    report.final_delta_bytes = round.bytes;
+    report.final_round_ms = ms(step);
+    let step = Instant::now();
+    for attempt in 1..=ATTEMPTS {
+        repl.refresh_local().await?;
+        let local = repl.local().tree().root();
+        if repl.remote_root().await? == local {
+            report.root = hex(&local);
+            report.verify_ms = ms(step);
+            return Ok(());
+        }
+        // Something the dirty map missed (a bio-based device marks at issue,
+        // not completion): send what differs and look again.
+        let regions = repl.mark_differences().await?;
+        tracing::warn!(
+            attempt,
+            regions,
+            "checksum roots differ at cutover; resending the differing regions"
+        );
+        if attempt == ATTEMPTS {
+            return Err(CutoverError::VerifyFailed {
+                attempts: attempt,
+                regions,
+            });
+        }
+        repl.round(false).await?;
+    }
+    Ok(())
+}
+
+/// Flushes what sits above the source: `syncfs` on every file system
+/// mounted from it (a cgroup or command pause leaves their dirty pages in the
+/// page cache), then `fsync` of the source itself (an image's own dirty pages,
+/// a device's buffer cache). Cheaper than `sync(2)`, which would flush every
+/// file system on the host inside the downtime.
+fn sync_source(path: &Path) -> Result<(), CutoverError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let err = |action: &'static str, e: std::io::Error| CutoverError::Source {
+        action,
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let file = std::fs::File::open(path).map_err(|e| err("open", e))?;
+    let meta = file.metadata().map_err(|e| err("stat", e))?;
+    if meta.file_type().is_block_device() {
+        let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+        for mount in mounts_of(major, minor) {
+            let dir = std::fs::File::open(&mount).map_err(|e| err("open a mount of", e))?;
+            // SAFETY: `dir` is an open descriptor for the duration of the call.
+            if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+                return Err(err("syncfs a mount of", std::io::Error::last_os_error()));
+            }
+        }
+    }
+    file.sync_all().map_err(|e| err("flush", e))
+}
+
+/// Mount points (in our mount namespace) of the block device `major:minor`.
+fn mounts_of(major: u32, minor: u32) -> Vec<std::path::PathBuf> {
+    let want = format!("{major}:{minor}");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let dev = fields.nth(2)?;
+            let _root = fields.next()?;
+            let mount = fields.next()?;
+            (dev == want).then(|| std::path::PathBuf::from(mount.replace("\\040", " ")))
+        })
+        .collect()
+}
+
+async fn health_check(repl: &mut Replicator, checks: &[HealthCheck]) -> Result<(), String> {
+    for check in checks {
+        match check {
+            HealthCheck::Command(cmd) => {
+                let out = tokio::process::Command::new("sh")
+                    .args(["-c", cmd])
+                    .output()
+                    .await
+                    .map_err(|e| format!("cannot run health check `{cmd}`: {e}"))?;
+                if !out.status.success() {
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    return Err(format!(
+                        "health check `{cmd}` failed ({}): {}",
+                        out.status,
+                        err.trim()
+                    ));
+                }
+            }
+            HealthCheck::Region(range) => {
+                let info = repl.client().info().await.map_err(|e| e.to_string())?;
+                if !info.export_writable {
+                    return Err("the destination's export is not writable after cutover".into());
+                }
+                let len = (range.end - range.start).min(u64::from(crate::rpc::MAX_EXTENT_LEN));
+                let want = repl
+                    .source()
+                    .read_at(range.start, len as u32)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let got = read_back(repl.client(), &[(range.start, len as u32)])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if got.first().map(|(_, d)| d.as_ref()) != Some(want.as_ref()) {
+                    return Err(format!(
+                        "region {}+{} read from the destination differs from the source",
+                        range.start, len
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn read_back(
+    client: &mut ReplicaClient,
+    ranges: &[(u64, u32)],
+) -> Result<Vec<(u64, bytes::Bytes)>, RpcError> {
+    client
+        .read_ranges(ranges, Some(1))
+        .await?
+        .try_collect()
+        .await
+}
+
+/// Makes the source primary again after a cutover: fences the destination
+/// (a higher epoch, export read-only), finds the regions the destination
+/// changed since (its checksum tree against the source's), copies them back
+/// into the source and flushes it. The caller resumes the workload after.
+/// `local` is the source's tree at the pause, if known (else it is computed).
+pub async fn rollback(
+    client: &mut ReplicaClient,
+    source_path: &Path,
+    local: Option<&CheckTree>,
+) -> Result<RollbackReport, CutoverError> {
+    let started = Instant::now();
+    let source_err = |action: &'static str| {
+        move |e: crate::image::ImageError| CutoverError::Source {
+            action,
+            path: source_path.display().to_string(),
+            reason: e.to_string(),
+        }
+    };
+    let info = client.info().await?;
+    let fence = info.epoch + 1;
+    client.set_export_writable(fence, false).await?;
+    let source = Image::open(
+        source_path,
+        &ImageOptions {
+            direct: true,
+            ..ImageOptions::default()
+        },
+    )
+    .map_err(source_err("open"))?;
+    if source.size() != info.image_size {
+        return Err(ReplicateError::SizeMismatch {
+            source_size: source.size(),
+            dest_size: info.image_size,
+        }
+        .into());
+    }
+    let tree = match local {
+        Some(tree) => tree.clone(),
+        None => CheckTree::from_image(&source, 1 << 20).await?,
+    };
+    let differing = client.diff_regions(&tree).await?;
+    let shape: Shape = *tree.shape();
+    let mut bytes = 0;
+    let ranges: Vec<(u64, u32)> = differing
+        .iter()
+        .map(|&i| {
+            let r = shape.region(i);
+            (r.start, (r.end - r.start) as u32)
+        })
+        .collect();
+    for batch in ranges.chunks(64) {
+        let mut extents = std::pin::pin!(client.read_ranges(batch, Some(1)).await?);
+        while let Some((offset, data)) = extents.try_next().await? {
+            bytes += data.len() as u64;
+            source
+                .write_at(offset, data, false)
+                .await
+                .map_err(source_err("write"))?;
+        }
+    }
+    source.flush().await.map_err(source_err("flush"))?;
+    // Check: with the copied regions rehashed, the source's root is the destination's.
+    let mut tree = tree;
+    let mut leaves = Vec::with_capacity(differing.len());
+    for &i in &differing {
+        let hash = hash_regions(&source, &shape, i..i + 1).await?;
+        leaves.push((i, hash[0]));
+    }
+    tree.update_leaves(&leaves)?;
+    let remote = client
+        .tree_nodes(shape.region_size(), shape.levels() - 1, &[0])
+        .await?;
+    if remote.hashes.first() != Some(&tree.root()) {
+        return Err(CutoverError::VerifyFailed {
+            attempts: 1,
+            regions: differing.len() as u64,
+        });
+    }
+    tracing::info!(
+        regions = differing.len(),
+        bytes,
+        epoch = fence,
+        "rolled back: the source holds every write the destination accepted"
+    );
+    Ok(RollbackReport {
+        epoch: fence,
+        regions: differing.len() as u64,
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn hex(hash: &[u8]) -> String {
+    use std::fmt::Write;
+    hash.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}

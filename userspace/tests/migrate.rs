@@ -1,0 +1,465 @@
+//! Live migration end to end, as root, with real processes: `tern migrate`
+//! against a `tern agent --role destination`, sources on loop devices, real
+//! writers (a shell writer on ext4, fio on a raw device), real kills.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{LoopDev, sh};
+
+const MIB: u64 = 1 << 20;
+
+fn tern() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A destination agent with its own certificates, restartable on the same image and port.
+struct Lab {
+    dir: tempfile::TempDir,
+    grpc: u16,
+    nbd: u16,
+    size: u64,
+    agent: Option<Child>,
+}
+
+impl Lab {
+    fn new(size: u64) -> Lab {
+        let dir = tempfile::Builder::new()
+            .prefix("tern-migrate")
+            .tempdir_in("/var/tmp")
+            .expect("temp dir");
+        sh(tern()
+            .args(["certs", "init"])
+            .arg(dir.path().join("pki"))
+            .args(["--host", "localhost"]));
+        let mut lab = Lab {
+            dir,
+            grpc: free_port(),
+            nbd: free_port(),
+            size,
+            agent: None,
+        };
+        lab.start_agent();
+        lab
+    }
+
+    fn tls(&self) -> PathBuf {
+        self.dir.path().join("pki/localhost")
+    }
+
+    fn image(&self) -> PathBuf {
+        self.dir.path().join("dst.img")
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.grpc)
+    }
+
+    fn start_agent(&mut self) {
+        let child = tern()
+            .args(["agent", "--role", "destination", "--image"])
+            .arg(self.image())
+            .args(["--size", &self.size.to_string()])
+            .args(["--grpc", &self.addr()])
+            .args(["--nbd", &format!("127.0.0.1:{}", self.nbd)])
+            .arg("--tls-dir")
+            .arg(self.tls())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the destination agent");
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.grpc)).is_err() {
+            assert!(Instant::now() < deadline, "the agent never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `tern migrate` with the lab's destination and TLS, plus `args`.
+    fn migrate(&self, source: &str, args: &[&str]) -> Command {
+        let mut c = tern();
+        c.args(["migrate", "--device", source, "--to", &self.addr()])
+            .arg("--tls-dir")
+            .arg(self.tls())
+            .args(["--domain", "localhost", "--json"])
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--trace-out")
+            .arg(self.dir.path().join("src.trace"))
+            .args(args);
+        c
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.kill_agent();
+    }
+}
+
+/// Runs a migration to its end; returns (success, last JSON line of stdout).
+fn run_report(cmd: &mut Command) -> (bool, serde_json::Value, String) {
+    let out = cmd.output().expect("run tern migrate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let report = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (out.status.success(), report, stderr)
+}
+
+fn read_direct(path: &str) -> Vec<u8> {
+    let out = Command::new("dd")
+        .args([
+            &format!("if={path}"),
+            "iflag=direct",
+            "bs=1M",
+            "status=none",
+        ])
+        .output()
+        .expect("dd");
+    assert!(out.status.success());
+    out.stdout
+}
+
+fn assert_same(source: &str, dest: &Path) {
+    let a = read_direct(source);
+    let b = std::fs::read(dest).expect("read destination image");
+    assert_eq!(a.len(), b.len(), "sizes differ");
+    if let Some(i) = a.iter().zip(&b).position(|(x, y)| x != y) {
+        panic!("source and destination differ first at byte {i}");
+    }
+}
+
+/// fio writing 4 KiB blocks at random in the first `mib` MiB of a raw device until killed.
+fn fio_writer(dev: &str, iops: u32, mib: u64) -> Child {
+    Command::new("fio")
+        .args([
+            "--name=w",
+            &format!("--filename={dev}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=psync",
+            "--time_based",
+            "--runtime=600",
+            &format!("--rate_iops={iops}"),
+            &format!("--size={mib}M"),
+            "--randrepeat=0",
+            // One process: SIGSTOP of it pauses every job.
+            "--thread",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fio")
+}
+
+fn kill(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-CONT", &child.id().to_string()])
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Fills a device with random data so a copy takes a while.
+fn fill_random(dev: &str, mib: u64) {
+    sh(Command::new("dd").args([
+        "if=/dev/urandom",
+        &format!("of={dev}"),
+        "bs=1M",
+        &format!("count={mib}"),
+        "oflag=direct",
+        "status=none",
+    ]));
+}
+
+fn pause_stop(pid: u32) -> String {
+    format!("cmd:kill -STOP {pid};;kill -CONT {pid}")
+}
+
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.0).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn migration_under_a_continuous_writer_is_identical_fsck_clean_and_verifies() {
+    let src = LoopDev::new("256M");
+    let lab = Lab::new(256 * MIB);
+    sh(Command::new("mkfs.ext4").args(["-q", src.path()]));
+    let mnt = src.dir.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    sh(Command::new("mount").arg(src.path()).arg(&mnt));
+    let guard = Mount(mnt.clone());
+    // Each generation rewrites one of 40 files with its own line, then logs it.
+    let script = format!(
+        "cd {}; i=0; while true; do i=$((i+1)); yes tern-$i | head -c 300000 > f$((i%40)); echo $i >> log; done",
+        mnt.display()
+    );
+    let mut writer = Command::new("sh")
+        .args(["-c", &script])
+        .spawn()
+        .expect("writer");
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, report, err) = run_report(&mut lab.migrate(
+        src.path(),
+        &["--pause", &format!("fsfreeze:{}", mnt.display())],
+    ));
+    assert!(ok, "migrate failed: {err}");
+    assert_eq!(report["outcome"], "cut over", "{report}");
+    // The source is still frozen at the pause: the destination must equal it.
+    assert_same(src.path(), &lab.image());
+    kill(&mut writer);
+    drop(guard);
+
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(lab.image())
+        .output()
+        .expect("e2fsck");
+    assert!(
+        out.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The writer's own check, on the destination: every file holds one
+    // generation's line only, and the last logged generation is complete.
+    let check = src.dir.path().join("check");
+    std::fs::create_dir(&check).expect("mkdir");
+    sh(Command::new("mount")
+        .args(["-o", "ro,noload"])
+        .arg(lab.image())
+        .arg(&check));
+    let _unmount = Mount(check.clone());
+    let log = std::fs::read_to_string(check.join("log")).expect("log");
+    let last: u64 = log
+        .lines()
+        .last()
+        .expect("the writer logged")
+        .parse()
+        .expect("number");
+    assert!(last > 5, "the writer ran ({last} generations)");
+    let f = std::fs::read(check.join(format!("f{}", last % 40))).expect("last file");
+    let line = format!("tern-{last}\n");
+    assert_eq!(f.len(), 300_000, "generation {last} is complete");
+    assert!(f.chunks(line.len()).all(|c| line.as_bytes().starts_with(c)));
+    assert!(report["downtime_ms"].as_f64().expect("downtime") > 0.0);
+}
+
+#[test]
+fn forced_tracer_loss_is_detected_and_recovered_by_checksums() {
+    let src = LoopDev::new("128M");
+    let lab = Lab::new(128 * MIB);
+    let mut writer = fio_writer(src.path(), 5_000, 128);
+    std::thread::sleep(Duration::from_millis(500));
+    // A 4 KiB ring holds a few dozen events: fio overflows it at once.
+    let (ok, report, err) = run_report(&mut lab.migrate(
+        src.path(),
+        &[
+            "--ring-size",
+            "4K",
+            "--pause",
+            &pause_stop(writer.id()),
+            "--max-downtime",
+            "2s",
+        ],
+    ));
+    assert!(ok, "migrate failed: {err}");
+    assert!(report["gaps"].as_u64().expect("gaps") > 0, "{report}");
+    assert_same(src.path(), &lab.image());
+    kill(&mut writer);
+}
+
+#[test]
+fn rollback_after_a_failed_health_check_keeps_the_destinations_writes() {
+    let src = LoopDev::new("64M");
+    let lab = Lab::new(64 * MIB);
+    fill_random(src.path(), 8);
+    let mut writer = fio_writer(src.path(), 500, 32);
+    // The health check writes through the destination's export (as the
+    // workload would after cutover), then fails.
+    let health = format!(
+        "qemu-io -f raw nbd://127.0.0.1:{}/tern -c 'write -P 0xcd 40M 1M' | grep -q wrote && exit 1",
+        lab.nbd
+    );
+    let (ok, report, err) = run_report(&mut lab.migrate(
+        src.path(),
+        &["--pause", &pause_stop(writer.id()), "--health-cmd", &health],
+    ));
+    assert!(!ok, "a rolled-back migration exits non-zero");
+    assert!(err.contains("rolled back"), "{err}");
+    assert_eq!(report["outcome"], "rolled back", "{report}");
+    kill(&mut writer);
+    let data = read_direct(src.path());
+    assert!(
+        data[40 << 20..41 << 20].iter().all(|&b| b == 0xcd),
+        "the destination's write is on the source"
+    );
+    // The destination is fenced: read-only, and the old epoch is refused.
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &format!("nbd://127.0.0.1:{}/tern", lab.nbd),
+            "-c",
+            "write -P 0x11 0 4k",
+        ])
+        .output()
+        .expect("qemu-io");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !text.contains("wrote"),
+        "the fenced export took a write: {text}"
+    );
+}
+
+#[test]
+fn a_stale_epoch_writer_is_refused_after_cutover() {
+    let src = LoopDev::new("32M");
+    let lab = Lab::new(32 * MIB);
+    fill_random(src.path(), 4);
+    let (ok, report, err) = run_report(&mut lab.migrate(src.path(), &["--no-pause"]));
+    assert!(ok, "{err}");
+    let epoch = report["epoch"].as_u64().expect("epoch");
+    // The migration's own write epoch is one below the fence.
+    let out = tern()
+        .args(["replica", "push", "--from", src.path(), "--to", &lab.addr()])
+        .arg("--tls-dir")
+        .arg(lab.tls())
+        .args(["--domain", "localhost", "--epoch", &(epoch - 1).to_string()])
+        .output()
+        .expect("push");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stale"), "{err}");
+    // The destination now accepts writes through its export.
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &format!("nbd://127.0.0.1:{}/tern", lab.nbd),
+            "-c",
+            "write -P 0x22 0 4k",
+        ])
+        .output()
+        .expect("qemu-io");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("wrote"));
+}
+
+/// Starts a migration, kills it with SIGKILL once it has sent `after`
+/// bytes (read from its progress lines), and returns.
+fn kill_migration_after(cmd: &mut Command, after: u64) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start migrate");
+    let stderr = child.stderr.take().expect("stderr");
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        let sent = serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| v["sent_bytes"].as_u64())
+            .unwrap_or(0);
+        if sent >= after {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn sigkill_of_the_source_then_resume_sends_less_than_a_full_copy() {
+    let src = LoopDev::new("128M");
+    let lab = Lab::new(128 * MIB);
+    fill_random(src.path(), 128);
+    for (i, after) in [24 * MIB, 64 * MIB].into_iter().enumerate() {
+        kill_migration_after(
+            &mut lab.migrate(src.path(), &["--no-pause", "--raw", "--max-rate", "16M"]),
+            after,
+        );
+        // Resume: the destination holds part of the copy; only the rest goes.
+        let mut cmd = lab.migrate(src.path(), &["--no-pause", "--raw", "--no-switch"]);
+        if i == 0 {
+            // First resume is itself killed, to resume a resume.
+            kill_migration_after(&mut cmd, 8 * MIB);
+            continue;
+        }
+        let (ok, report, err) = run_report(&mut cmd);
+        assert!(ok, "{err}");
+        assert_eq!(report["delta_sync"], true, "{report}");
+        let sent = report["sent_bytes"].as_u64().expect("sent");
+        assert!(
+            sent < 128 * MIB * 3 / 4,
+            "resume sent {sent} bytes: {report}"
+        );
+    }
+    assert_same(src.path(), &lab.image());
+}
+
+#[test]
+fn sigkill_of_the_destination_mid_copy_reconnects_and_finishes() {
+    let src = LoopDev::new("96M");
+    let mut lab = Lab::new(96 * MIB);
+    fill_random(src.path(), 96);
+    let child = lab
+        .migrate(src.path(), &["--no-pause", "--raw", "--max-rate", "24M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start migrate");
+    for pause_ms in [1200, 900] {
+        std::thread::sleep(Duration::from_millis(pause_ms));
+        lab.kill_agent();
+        std::thread::sleep(Duration::from_millis(300));
+        lab.start_agent();
+    }
+    let out = child.wait_with_output().expect("migrate");
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("report"),
+    )
+    .expect("json");
+    assert!(
+        report["reconnects"].as_u64().expect("reconnects") >= 1,
+        "{report}"
+    );
+    assert!(
+        report["sent_bytes"].as_u64().expect("sent") < 2 * 96 * MIB,
+        "{report}"
+    );
+    assert_same(src.path(), &lab.image());
+}
