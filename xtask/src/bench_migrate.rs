@@ -159,6 +159,8 @@ struct Report {
     rounds: u64,
     wire_bytes: u64,
     total_seconds: f64,
+    pause_ms: f64,
+    final_delta_bytes: f64,
 }
 
 impl Report {
@@ -180,6 +182,8 @@ impl Report {
             rounds: num("rounds")? as u64,
             wire_bytes: num("wire_bytes")? as u64,
             total_seconds: num("total_seconds")?,
+            pause_ms: v["pause_ms"].as_f64().unwrap_or(f64::NAN),
+            final_delta_bytes: v["final_delta_bytes"].as_f64().unwrap_or(f64::NAN),
         })
     }
 }
@@ -284,17 +288,29 @@ impl Bench<'_> {
 
         // 2. The same random change for everyone: written once, through the
         // loop device, as a server would write to its disk.
-        let changed = change_blocks(&src_loop.dev, size, cfg.change_pct)?;
-        let tern_delta = if cfg.peers_only {
-            None
-        } else {
-            let (mut agent, to) = self.start_agent(&dst, size, None)?;
-            drop_caches();
-            let (secs, report) = timed(|| self.migrate(&src_loop.dev, to, &["--no-pause"]))?;
-            agent.stop();
-            same(&src, &dst, "tern migrate (delta sync)")?;
-            Some((secs, report))
-        };
+        let (changed, old_blocks) = change_blocks(&src_loop.dev, size, cfg.change_pct)?;
+        let mut tern_delta = Vec::new();
+        if !cfg.peers_only {
+            for (i, region) in ["1M", "64K"].into_iter().enumerate() {
+                if i > 0 {
+                    // Put the previous copy back: the old contents of the changed blocks.
+                    restore_blocks(&dst, &old_blocks)?;
+                }
+                let (mut agent, to) = self.start_agent(&dst, size, None)?;
+                drop_caches();
+                let (secs, report) = timed(|| {
+                    self.migrate(&src_loop.dev, to, &["--no-pause", "--region-size", region])
+                })?;
+                agent.stop();
+                same(
+                    &src,
+                    &dst,
+                    &format!("tern migrate (delta sync, {region} regions)"),
+                )?;
+                tern_delta.push((region, secs, report));
+            }
+        }
+        drop(old_blocks);
         drop_caches();
         let (rsync_secs, rsync_wire) = timed(|| rsync(&src, &dst3, &["--no-whole-file"]))?;
         same(&src, &dst3, "rsync (delta)")?;
@@ -322,11 +338,17 @@ impl Bench<'_> {
                 cell(secs.map(|s| format!("{:.2}x", s / rsync_secs))),
             )
         };
-        d += &row(
-            "tern migrate (loopback mTLS)",
-            tern_delta.as_ref().map(|c| c.0),
-            tern_delta.as_ref().map(|c| c.1.wire_bytes),
-        );
+        if tern_delta.is_empty() {
+            d += &row("tern migrate (loopback mTLS)", None, None);
+        }
+        for (region, secs, report) in &tern_delta {
+            let name = if *region == "1M" {
+                "tern migrate (default 1M regions)".to_owned()
+            } else {
+                format!("tern migrate --region-size {region}")
+            };
+            d += &row(&name, Some(*secs), Some(report.wire_bytes));
+        }
         d += &row(
             "rsync --inplace --no-whole-file",
             Some(rsync_secs),
@@ -351,8 +373,16 @@ impl Bench<'_> {
         );
         writeln!(
             t,
-            "{:>6} {:>9} {:<14} {:>12} {:>10} {:>9} {:>7}",
-            "IOPS", "measured", "outcome", "downtime ms", "wire MB", "total s", "rounds"
+            "{:>6} {:>9} {:<10} {:>12} {:>9} {:>9} {:>10} {:>8} {:>7}",
+            "IOPS",
+            "measured",
+            "outcome",
+            "downtime ms",
+            "pause ms",
+            "final MB",
+            "wire MB",
+            "total s",
+            "rounds"
         )?;
         for &rate in &cfg.rates {
             std::fs::remove_file(&dst).ok();
@@ -382,7 +412,7 @@ impl Bench<'_> {
                 bail!("fio exited at start ({status})");
             }
             if cfg.peers_only {
-                writeln!(t, "{rate:>6} {:>9} {:<14}", "-", "(peers only)")?;
+                writeln!(t, "{rate:>6} {:>9} {:<10}", "-", "(peers only)")?;
                 continue;
             }
             let writes_before = loop_writes(&src_loop.dev)?;
@@ -410,15 +440,18 @@ impl Bench<'_> {
                     }
                     writeln!(
                         t,
-                        "{rate:>6} {measured:>9.0} {:<14} {:>12.1} {:>10.1} {:>9.2} {:>7}",
+                        "{rate:>6} {measured:>9.0} {:<10} {:>12.1} {:>9.1} {:>9.2} {:>10.1} {:>8.2} {:>7}",
                         r.outcome,
                         r.downtime_ms,
+                        r.pause_ms,
+                        r.final_delta_bytes / 1e6,
                         r.wire_bytes as f64 / 1e6,
                         r.total_seconds,
                         r.rounds
                     )?;
                 }
                 Err(e) => {
+                    eprintln!("bench migrate: live migration at {rate} IOPS: {e:#}");
                     let first = format!("{e:#}");
                     let first = first.lines().next().unwrap_or("").to_owned();
                     writeln!(t, "{rate:>6} {measured:>9.0} failed: {first}")?;
@@ -481,6 +514,10 @@ impl Bench<'_> {
                 "--tls-dir",
             ])
             .arg(self.certs.join("localhost"))
+            .arg("--trace-out")
+            .arg(self.dir.join("source.trace"))
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
             .args(extra)
             .arg("--json")
             .stderr(log_file(&log)?)
@@ -645,9 +682,13 @@ fn write_half_zero_image(path: &Path, mib: u64) -> Result<u64> {
     Ok(data)
 }
 
+/// The old contents of changed blocks: (offset, bytes).
+type OldBlocks = Vec<(u64, Vec<u8>)>;
+
 /// Overwrites `pct` % of the device in distinct random 64 KiB blocks with
-/// random data (deterministic seed); returns the bytes changed.
-fn change_blocks(dev: &str, size: u64, pct: f64) -> Result<u64> {
+/// random data (deterministic seed); returns the bytes changed and what the
+/// blocks held before.
+fn change_blocks(dev: &str, size: u64, pct: f64) -> Result<(u64, OldBlocks)> {
     let total = size / CHANGE_BLOCK;
     let n = ((total as f64 * pct / 100.0).round() as u64).min(total);
     // Partial Fisher–Yates: the first n entries are a random sample.
@@ -658,17 +699,37 @@ fn change_blocks(dev: &str, size: u64, pct: f64) -> Result<u64> {
         blocks.swap(i as usize, j as usize);
     }
     let f = File::options()
+        .read(true)
         .write(true)
         .open(dev)
         .with_context(|| format!("open {dev}"))?;
     let mut buf = vec![0u8; CHANGE_BLOCK as usize];
+    let mut old = Vec::with_capacity(n as usize);
     for &b in &blocks[..n as usize] {
+        let mut was = vec![0u8; CHANGE_BLOCK as usize];
+        f.read_exact_at(&mut was, b * CHANGE_BLOCK)
+            .with_context(|| format!("read {dev}"))?;
+        old.push((b * CHANGE_BLOCK, was));
         noise.fill(&mut buf);
         f.write_all_at(&buf, b * CHANGE_BLOCK)
             .with_context(|| format!("write {dev}"))?;
     }
     f.sync_all().with_context(|| format!("sync {dev}"))?;
-    Ok(n * CHANGE_BLOCK)
+    Ok((n * CHANGE_BLOCK, old))
+}
+
+/// Writes the old contents of the changed blocks back into `image`.
+fn restore_blocks(image: &Path, old: &OldBlocks) -> Result<()> {
+    let f = File::options()
+        .write(true)
+        .open(image)
+        .with_context(|| format!("open {}", image.display()))?;
+    for (offset, data) in old {
+        f.write_all_at(data, *offset)
+            .with_context(|| format!("write {}", image.display()))?;
+    }
+    f.sync_all()
+        .with_context(|| format!("sync {}", image.display()))
 }
 
 /// Writes completed on a block device, from `/sys/block/NAME/stat`.
