@@ -159,7 +159,13 @@ struct Report {
     rounds: u64,
     wire_bytes: u64,
     total_seconds: f64,
+    /// The downtime's parts: pausing, flushing the source, the final
+    /// round, verifying checksum roots (the rest is the fence and the
+    /// destination's switch to writable).
     pause_ms: f64,
+    flush_ms: f64,
+    final_round_ms: f64,
+    verify_ms: f64,
     final_delta_bytes: f64,
 }
 
@@ -183,6 +189,9 @@ impl Report {
             wire_bytes: num("wire_bytes")? as u64,
             total_seconds: num("total_seconds")?,
             pause_ms: v["pause_ms"].as_f64().unwrap_or(f64::NAN),
+            flush_ms: v["flush_ms"].as_f64().unwrap_or(f64::NAN),
+            final_round_ms: v["final_round_ms"].as_f64().unwrap_or(f64::NAN),
+            verify_ms: v["verify_ms"].as_f64().unwrap_or(f64::NAN),
             final_delta_bytes: v["final_delta_bytes"].as_f64().unwrap_or(f64::NAN),
         })
     }
@@ -368,17 +377,19 @@ impl Bench<'_> {
         let dst = self.dir.join("live-dst.img");
         let mut t = format!(
             "Live migration, {} MiB image, fio 4 KiB random writes (direct, libaio) on the loop device, \
-             {LINK_RATE}/s tbf veth into a namespace, mTLS, --max-downtime {}\n",
+             {LINK_RATE}/s tbf veth into a namespace, mTLS, --max-downtime {}\n\
+             (measured: write IOPS the loop device completed during the migration; \
+             pause/flush/final/verify: the downtime's parts in ms; final MB: the final delta)\n",
             cfg.live_mib, cfg.downtime
         );
         writeln!(
             t,
-            "{:>6} {:>9} {:<10} {:>12} {:>9} {:>9} {:>10} {:>8} {:>7}",
+            "{:>6} {:>9} {:<10} {:>12} {:>24} {:>9} {:>10} {:>8} {:>7}",
             "IOPS",
             "measured",
             "outcome",
             "downtime ms",
-            "pause ms",
+            "pause/flush/final/verify",
             "final MB",
             "wire MB",
             "total s",
@@ -440,10 +451,13 @@ impl Bench<'_> {
                     }
                     writeln!(
                         t,
-                        "{rate:>6} {measured:>9.0} {:<10} {:>12.1} {:>9.1} {:>9.2} {:>10.1} {:>8.2} {:>7}",
+                        "{rate:>6} {measured:>9.0} {:<10} {:>12.1} {:>24} {:>9.2} {:>10.1} {:>8.2} {:>7}",
                         r.outcome,
                         r.downtime_ms,
-                        r.pause_ms,
+                        format!(
+                            "{:.0}/{:.0}/{:.0}/{:.0}",
+                            r.pause_ms, r.flush_ms, r.final_round_ms, r.verify_ms
+                        ),
                         r.final_delta_bytes / 1e6,
                         r.wire_bytes as f64 / 1e6,
                         r.total_seconds,
@@ -453,7 +467,9 @@ impl Bench<'_> {
                 Err(e) => {
                     eprintln!("bench migrate: live migration at {rate} IOPS: {e:#}");
                     let first = format!("{e:#}");
-                    let first = first.lines().next().unwrap_or("").to_owned();
+                    let first = first.lines().next().unwrap_or("");
+                    let first = first.split_once("): ").map_or(first, |(_, r)| r);
+                    let first: String = first.chars().take(90).collect();
                     writeln!(t, "{rate:>6} {measured:>9.0} failed: {first}")?;
                 }
             }
@@ -528,8 +544,14 @@ impl Bench<'_> {
             let log = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
+            // Its error is the last line that starts with "tern:".
+            let reason = tail
+                .iter()
+                .rev()
+                .find_map(|l| l.strip_prefix("tern: "))
+                .unwrap_or("see the log above");
             bail!(
-                "tern migrate failed ({}): {}\n{}",
+                "tern migrate failed ({}): {reason}\n{}\n{}",
                 out.status,
                 stdout.trim(),
                 tail.join("\n")
