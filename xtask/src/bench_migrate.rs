@@ -35,6 +35,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -112,6 +113,7 @@ pub fn run(tern_bin: &Path) -> Result<()> {
         );
     }
     let cfg = Config::from_env()?;
+    catch_interrupts();
     let base =
         std::env::var_os("TERN_BENCH_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
     let dir = TempDir::create(base.join(format!("tern-bench-migrate-{}", std::process::id())))?;
@@ -204,6 +206,7 @@ impl Bench<'_> {
         let src = self.dir.join("src.img");
         eprintln!("bench migrate: writing the {} MiB source image", cfg.mib);
         let data_bytes = write_half_zero_image(&src, cfg.mib)?;
+        check_interrupted()?;
         let src_loop = Loop::attach(&src)?;
 
         // 1a. tern migrate over loopback mTLS into a fresh destination.
@@ -372,6 +375,7 @@ impl Bench<'_> {
         let src = self.dir.join("live.img");
         eprintln!("bench migrate: writing the {} MiB live image", cfg.live_mib);
         write_half_zero_image(&src, cfg.live_mib)?;
+        check_interrupted()?;
         let src_loop = Loop::attach(&src)?;
         let ns = Netns::create()?;
         let dst = self.dir.join("live-dst.img");
@@ -396,6 +400,7 @@ impl Bench<'_> {
             "rounds"
         )?;
         for &rate in &cfg.rates {
+            check_interrupted()?;
             std::fs::remove_file(&dst).ok();
             let (mut agent, to) = self.start_agent(&dst, size, Some(&ns))?;
             let mut fio = Proc::spawn(
@@ -465,6 +470,8 @@ impl Bench<'_> {
                     )?;
                 }
                 Err(e) => {
+                    // An interrupt fails the benchmark; a failed migration is a figure.
+                    check_interrupted()?;
                     eprintln!("bench migrate: live migration at {rate} IOPS: {e:#}");
                     let first = format!("{e:#}");
                     let first = first.lines().next().unwrap_or("");
@@ -519,6 +526,7 @@ impl Bench<'_> {
     /// `tern migrate` from a device; the report, or an error with the end of
     /// its log.
     fn migrate(&self, device: &str, to: SocketAddr, extra: &[&str]) -> Result<Report> {
+        check_interrupted()?;
         let log = self.dir.join("migrate.log");
         let out = Command::new(self.tern)
             .args([
@@ -590,10 +598,37 @@ fn log_file(path: &Path) -> Result<File> {
         .with_context(|| format!("open {}", path.display()))
 }
 
+/// Set by SIGINT/SIGTERM: the benchmark stops at the next step and its
+/// guards clean up (a default SIGINT would kill it with loop devices, the
+/// namespace and gigabytes of images left behind).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn catch_interrupts() {
+    let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted; cleaning up");
+    }
+    Ok(())
+}
+
 /// Runs `f`, then `sync`; returns the seconds of both and `f`'s value.
 fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
+    check_interrupted()?;
     let start = Instant::now();
     let v = f()?;
+    check_interrupted()?;
     run_cmd(&mut Command::new("sync"))?;
     Ok((start.elapsed().as_secs_f64(), v))
 }
@@ -818,6 +853,7 @@ impl Proc {
         let addr = self.addr.context("not a server")?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
+            check_interrupted()?;
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return Ok(addr);
             }
