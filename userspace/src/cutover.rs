@@ -219,6 +219,9 @@ pub async fn migrate(
     loop {
         tracker.sync().await?;
         recover_gaps(repl, tracker, &mut gaps_seen, &mut report).await?;
+        // Keep the local tree fresh while the workload runs, so that the
+        // verification inside the downtime rehashes only the final delta.
+        repl.refresh_local().await?;
         let dirty = repl.send_map().dirty_bytes();
         let since = last_round_end.elapsed().as_secs_f64().max(1e-3);
         let dirty_rate = dirty as f64 / since;
