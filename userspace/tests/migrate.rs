@@ -29,6 +29,9 @@ fn free_port() -> u16 {
 /// A destination agent with its own certificates, restartable on the same image and port.
 struct Lab {
     dir: tempfile::TempDir,
+    /// Where the agent's gRPC listens, and the namespace it runs in (if any).
+    host: String,
+    netns: Option<String>,
     grpc: u16,
     nbd: u16,
     size: u64,
@@ -37,6 +40,10 @@ struct Lab {
 
 impl Lab {
     fn new(size: u64) -> Lab {
+        Lab::new_at(size, "127.0.0.1", None)
+    }
+
+    fn new_at(size: u64, host: &str, netns: Option<&str>) -> Lab {
         let dir = tempfile::Builder::new()
             .prefix("tern-migrate")
             .tempdir_in("/var/tmp")
@@ -47,6 +54,8 @@ impl Lab {
             .args(["--host", "localhost"]));
         let mut lab = Lab {
             dir,
+            host: host.to_owned(),
+            netns: netns.map(str::to_owned),
             grpc: free_port(),
             nbd: free_port(),
             size,
@@ -65,11 +74,19 @@ impl Lab {
     }
 
     fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.grpc)
+        format!("{}:{}", self.host, self.grpc)
     }
 
     fn start_agent(&mut self) {
-        let child = tern()
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_tern")]);
+                c
+            }
+            None => tern(),
+        };
+        let child = cmd
             .args(["agent", "--role", "destination", "--image"])
             .arg(self.image())
             .args(["--size", &self.size.to_string()])
@@ -82,7 +99,7 @@ impl Lab {
             .expect("start the destination agent");
         self.agent = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.grpc)).is_err() {
+        while std::net::TcpStream::connect((self.host.as_str(), self.grpc)).is_err() {
             assert!(Instant::now() < deadline, "the agent never listened");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -462,4 +479,116 @@ fn sigkill_of_the_destination_mid_copy_reconnects_and_finishes() {
         "{report}"
     );
     assert_same(src.path(), &lab.image());
+}
+
+/// A network namespace joined to the host by a veth pair: a link that can be cut.
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+impl Netns {
+    const HOST: &str = "10.231.7.1";
+    const PEER: &str = "10.231.7.2";
+
+    fn new() -> Netns {
+        let id = std::process::id() % 100_000;
+        let ns = Netns {
+            name: format!("tern-lc-{id}"),
+            host_if: format!("tlh{id}"),
+        };
+        let peer_if = format!("tlp{id}");
+        sh(Command::new("ip").args(["netns", "add", &ns.name]));
+        sh(Command::new("ip").args([
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer_if,
+        ]));
+        sh(Command::new("ip").args(["link", "set", &peer_if, "netns", &ns.name]));
+        sh(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("{}/30", Self::HOST),
+            "dev",
+            &ns.host_if,
+        ]));
+        sh(Command::new("ip").args(["link", "set", &ns.host_if, "up"]));
+        let in_ns = |args: &[&str]| {
+            sh(Command::new("ip")
+                .args(["netns", "exec", &ns.name])
+                .args(args));
+        };
+        in_ns(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", Self::PEER),
+            "dev",
+            &peer_if,
+        ]);
+        in_ns(&["ip", "link", "set", &peer_if, "up"]);
+        in_ns(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn link(&self, up: bool) {
+        sh(Command::new("ip").args(["link", "set", &self.host_if, if up { "up" } else { "down" }]));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn a_link_cut_mid_copy_is_survived_and_the_copy_finishes_identical() {
+    let ns = Netns::new();
+    let src = LoopDev::new("96M");
+    let lab = Lab::new_at(96 * MIB, Netns::PEER, Some(&ns.name));
+    fill_random(src.path(), 96);
+    let child = lab
+        .migrate(src.path(), &["--no-pause", "--raw", "--max-rate", "16M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start migrate");
+    std::thread::sleep(Duration::from_millis(1500));
+    ns.link(false);
+    std::thread::sleep(Duration::from_secs(5));
+    ns.link(true);
+    let out = child.wait_with_output().expect("migrate");
+    assert!(
+        out.status.success(),
+        "migrate failed after the link came back"
+    );
+    let report: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("report"),
+    )
+    .expect("json");
+    // HTTP/2 keepalive noticed the dead link; the source reconnected and resumed.
+    assert!(
+        report["reconnects"].as_u64().expect("reconnects") >= 1,
+        "{report}"
+    );
+    assert!(
+        report["sent_bytes"].as_u64().expect("sent") < 2 * 96 * MIB,
+        "{report}"
+    );
+    assert_same(src.path(), &lab.image());
+    drop(lab);
 }
