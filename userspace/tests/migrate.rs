@@ -592,3 +592,61 @@ fn a_link_cut_mid_copy_is_survived_and_the_copy_finishes_identical() {
     assert_same(src.path(), &lab.image());
     drop(lab);
 }
+
+#[test]
+fn a_standby_source_agent_keeps_the_destination_current_and_reports_its_rpo() {
+    let src = LoopDev::new("32M");
+    let lab = Lab::new(32 * MIB);
+    fill_random(src.path(), 8);
+    let state = lab.dir.path().join("standby-state");
+    let mut agent = tern()
+        .args(["agent", "--role", "source", "--device", src.path()])
+        .args(["--peer", &lab.addr(), "--domain", "localhost"])
+        .arg("--tls-dir")
+        .arg(lab.tls())
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--trace-out")
+        .arg(lab.dir.path().join("standby.trace"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the source agent");
+    // Writes after the initial sync reach the destination too.
+    std::thread::sleep(Duration::from_secs(2));
+    sh(Command::new("dd").args([
+        "if=/dev/urandom",
+        &format!("of={}", src.path()),
+        "bs=64k",
+        "count=16",
+        "seek=300",
+        "oflag=direct",
+        "status=none",
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = tern()
+            .args(["status", "--json", "--state-dir"])
+            .arg(&state)
+            .output()
+            .expect("tern status");
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        if v["phase"] == "standby: replicating"
+            && v["remaining_bytes"] == 0
+            && read_direct(src.path()) == std::fs::read(lab.image()).expect("read")
+        {
+            assert!(v["rpo_ms"].is_u64(), "{v}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby never caught up: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    sh(Command::new("kill").args(["-TERM", &agent.id().to_string()]));
+    assert!(
+        agent.wait().expect("wait").success(),
+        "SIGTERM stops it cleanly"
+    );
+}
