@@ -33,8 +33,8 @@ pub struct SourceArgs {
     /// Name checked in the destination's certificate.
     #[arg(long)]
     domain: Option<String>,
-    /// Dirty-tracking unit (2 MiB of memory per TiB at 64K).
-    #[arg(long, default_value = "64K", value_parser = tern::agent::parse_size)]
+    /// Dirty-tracking unit: a write dirties whole units (32 MiB of memory per TiB at 4K).
+    #[arg(long, default_value = "4K", value_parser = tern::agent::parse_size)]
     unit: u64,
     /// Checksum-tree region size.
     #[arg(long, default_value = "1M", value_parser = tern::agent::parse_size)]
