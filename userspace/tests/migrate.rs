@@ -114,8 +114,10 @@ impl Lab {
 
     /// `tern migrate` with the lab's destination and TLS, plus `args`.
     fn migrate(&self, source: &str, args: &[&str]) -> Command {
-        let mut c = tern();
-        c.args(["migrate", "--device", source, "--to", &self.addr()])
+        // A hung migration fails the test instead of hanging CI.
+        let mut c = Command::new("timeout");
+        c.args(["-s", "KILL", "300", env!("CARGO_BIN_EXE_tern")])
+            .args(["migrate", "--device", source, "--to", &self.addr()])
             .arg("--tls-dir")
             .arg(self.tls())
             .args(["--domain", "localhost", "--json"])
@@ -171,8 +173,8 @@ fn assert_same(source: &str, dest: &Path) {
 }
 
 /// fio writing 4 KiB blocks at random in the first `mib` MiB of a raw device until killed.
-fn fio_writer(dev: &str, iops: u32, mib: u64) -> Child {
-    Command::new("fio")
+fn fio_writer(dev: &str, iops: u32, mib: u64) -> Killed {
+    let child = Command::new("fio")
         .args([
             "--name=w",
             &format!("--filename={dev}"),
@@ -191,7 +193,8 @@ fn fio_writer(dev: &str, iops: u32, mib: u64) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start fio")
+        .expect("start fio");
+    Killed(child)
 }
 
 fn kill(child: &mut Child) {
@@ -218,6 +221,15 @@ fn pause_stop(pid: u32) -> String {
     format!("cmd:kill -STOP {pid};;kill -CONT {pid}")
 }
 
+/// A child killed (not waited for: it may be blocked in a frozen file system) on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
 struct Mount(PathBuf);
 
 impl Drop for Mount {
@@ -241,10 +253,13 @@ fn migration_under_a_continuous_writer_is_identical_fsck_clean_and_verifies() {
         "cd {}; i=0; while true; do i=$((i+1)); yes tern-$i | head -c 300000 > f$((i%40)); echo $i >> log; done",
         mnt.display()
     );
-    let mut writer = Command::new("sh")
-        .args(["-c", &script])
-        .spawn()
-        .expect("writer");
+    // Declared after the mount guard, so dropped (killed) before it thaws.
+    let mut writer = Killed(
+        Command::new("sh")
+            .args(["-c", &script])
+            .spawn()
+            .expect("writer"),
+    );
     std::thread::sleep(Duration::from_secs(1));
     let (ok, report, err) = run_report(&mut lab.migrate(
         src.path(),
@@ -254,8 +269,10 @@ fn migration_under_a_continuous_writer_is_identical_fsck_clean_and_verifies() {
     assert_eq!(report["outcome"], "cut over", "{report}");
     // The source is still frozen at the pause: the destination must equal it.
     assert_same(src.path(), &lab.image());
-    kill(&mut writer);
+    // A writer blocked in the frozen file system dies only after the thaw.
+    let _ = writer.0.kill();
     drop(guard);
+    let _ = writer.0.wait();
 
     let out = Command::new("e2fsck")
         .arg("-fn")
@@ -304,7 +321,7 @@ fn forced_tracer_loss_is_detected_and_recovered_by_checksums() {
             "--ring-size",
             "4K",
             "--pause",
-            &pause_stop(writer.id()),
+            &pause_stop(writer.0.id()),
             "--max-downtime",
             "2s",
         ],
@@ -312,7 +329,7 @@ fn forced_tracer_loss_is_detected_and_recovered_by_checksums() {
     assert!(ok, "migrate failed: {err}");
     assert!(report["gaps"].as_u64().expect("gaps") > 0, "{report}");
     assert_same(src.path(), &lab.image());
-    kill(&mut writer);
+    kill(&mut writer.0);
 }
 
 #[test]
@@ -329,12 +346,17 @@ fn rollback_after_a_failed_health_check_keeps_the_destinations_writes() {
     );
     let (ok, report, err) = run_report(&mut lab.migrate(
         src.path(),
-        &["--pause", &pause_stop(writer.id()), "--health-cmd", &health],
+        &[
+            "--pause",
+            &pause_stop(writer.0.id()),
+            "--health-cmd",
+            &health,
+        ],
     ));
     assert!(!ok, "a rolled-back migration exits non-zero");
     assert!(err.contains("rolled back"), "{err}");
     assert_eq!(report["outcome"], "rolled back", "{report}");
-    kill(&mut writer);
+    kill(&mut writer.0);
     let data = read_direct(src.path());
     assert!(
         data[40 << 20..41 << 20].iter().all(|&b| b == 0xcd),
