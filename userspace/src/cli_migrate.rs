@@ -33,8 +33,8 @@ pub struct SourceArgs {
     /// Name checked in the destination's certificate.
     #[arg(long)]
     domain: Option<String>,
-    /// Dirty-tracking unit (2 MiB of memory per TiB at 64K).
-    #[arg(long, default_value = "64K", value_parser = tern::agent::parse_size)]
+    /// Dirty-tracking unit: a write dirties whole units (32 MiB of memory per TiB at 4K).
+    #[arg(long, default_value = "4K", value_parser = tern::agent::parse_size)]
     unit: u64,
     /// Checksum-tree region size.
     #[arg(long, default_value = "1M", value_parser = tern::agent::parse_size)]
@@ -129,23 +129,14 @@ struct AgentSource {
 }
 
 impl SourceArgs {
-    pub fn for_agent(
-        device: Option<&Path>,
-        file: Option<&Path>,
-        peer: &str,
-        tls_dir: Option<&Path>,
-    ) -> Result<SourceArgs> {
+    /// The source knobs of `tern agent --role source`: `(flag, value)` pairs
+    /// as given (`--device`, `--to`, …), every other knob at its default.
+    pub fn for_agent(given: &[(&str, &std::ffi::OsStr)]) -> Result<SourceArgs> {
         use clap::Parser;
-        let mut argv: Vec<std::ffi::OsString> =
-            vec!["tern-agent".into(), "--to".into(), peer.into()];
-        if let Some(d) = device {
-            argv.extend(["--device".into(), d.into()]);
-        }
-        if let Some(f) = file {
-            argv.extend(["--file".into(), f.into()]);
-        }
-        if let Some(t) = tls_dir {
-            argv.extend(["--tls-dir".into(), t.into()]);
+        let mut argv: Vec<std::ffi::OsString> = vec!["tern-agent".into()];
+        for (flag, value) in given {
+            argv.push(flag.into());
+            argv.push(value.into());
         }
         Ok(AgentSource::try_parse_from(argv)
             .context("--role source needs --device DEV or --file IMAGE, and --peer HOST:PORT")?

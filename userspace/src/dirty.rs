@@ -167,6 +167,36 @@ impl DirtyMap {
         (runs, word as u64 * 64)
     }
 
+    /// Clears the units lying wholly inside `[start, end)` (the end of the
+    /// disk counts as a unit's end); returns their indices. A caller that is
+    /// about to read those units takes them this way so that a write landing
+    /// after the read marks them again.
+    pub fn clear_within(&self, start: u64, end: u64) -> Range<u64> {
+        let first = start.div_ceil(self.unit);
+        let last = if end >= self.disk_size {
+            self.units
+        } else {
+            end / self.unit
+        };
+        if first >= last {
+            return first..first;
+        }
+        let mut i = first;
+        while i < last {
+            let word = i / 64;
+            let bit = i % 64;
+            let n = (last - i).min(64 - bit);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[word as usize].fetch_and(!mask, Ordering::AcqRel);
+            i += n;
+        }
+        first..last
+    }
+
     /// Takes every dirty unit, as runs of at most `max_run` bytes.
     pub fn take_all(&self, max_run: u64) -> Vec<Range<u64>> {
         self.take_runs(0, max_run, usize::MAX).0
@@ -215,6 +245,18 @@ mod tests {
         let rest = map.take_all(1 << 20);
         let total: u64 = runs.iter().chain(&rest).map(|r| r.end - r.start).sum();
         assert_eq!(total, 1 << 30);
+    }
+
+    #[test]
+    fn clear_within_clears_only_whole_units_inside() {
+        let map = DirtyMap::new(10_000, 4096).expect("map");
+        map.mark_all();
+        assert_eq!(map.clear_within(100, 8192), 1..2);
+        assert!(map.is_dirty(0) && !map.is_dirty(1) && map.is_dirty(2));
+        // The short last unit counts as whole when the range reaches the disk's end.
+        assert_eq!(map.clear_within(8192, 10_000), 2..3);
+        assert_eq!(map.count(), 1);
+        assert_eq!(map.clear_within(4096, 5000), 1..1);
     }
 
     #[test]

@@ -79,6 +79,15 @@ struct AgentArgs {
     /// Source role: the destination agent's gRPC address.
     #[arg(long, value_name = "HOST:PORT", required_if_eq("role", "source"))]
     peer: Option<String>,
+    /// Source role: the name checked in the destination's certificate.
+    #[arg(long)]
+    domain: Option<String>,
+    /// Source role: where the status file for `tern status` lives.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Source role: the source's I/O history, recorded while replicating.
+    #[arg(long)]
+    trace_out: Option<PathBuf>,
     /// NBD listen address: `HOST:PORT` or `unix:/path`.
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd: tern::nbd::ListenAddr,
@@ -386,14 +395,28 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn agent(a: AgentArgs) -> Result<()> {
     if a.role == "source" {
-        let source = cli_migrate::SourceArgs::for_agent(
-            a.device.as_deref(),
-            a.file.as_deref(),
-            a.peer
-                .as_deref()
-                .context("--role source needs --peer HOST:PORT")?,
-            a.tls_dir.as_deref(),
-        )?;
+        let mut given: Vec<(&str, &std::ffi::OsStr)> = Vec::new();
+        let paths = [
+            ("--device", a.device.as_deref()),
+            ("--file", a.file.as_deref()),
+            ("--tls-dir", a.tls_dir.as_deref()),
+            ("--state-dir", a.state_dir.as_deref()),
+            ("--trace-out", a.trace_out.as_deref()),
+        ];
+        for (flag, value) in paths {
+            if let Some(v) = value {
+                given.push((flag, v.as_os_str()));
+            }
+        }
+        for (flag, value) in [
+            ("--to", a.peer.as_deref()),
+            ("--domain", a.domain.as_deref()),
+        ] {
+            if let Some(v) = value {
+                given.push((flag, std::ffi::OsStr::new(v)));
+            }
+        }
+        let source = cli_migrate::SourceArgs::for_agent(&given)?;
         return cli_migrate::source_agent(&source);
     }
     let (Some(image), Some(grpc)) = (a.image, a.grpc) else {

@@ -29,6 +29,9 @@ fn free_port() -> u16 {
 /// A destination agent with its own certificates, restartable on the same image and port.
 struct Lab {
     dir: tempfile::TempDir,
+    /// Where the agent's gRPC listens, and the namespace it runs in (if any).
+    host: String,
+    netns: Option<String>,
     grpc: u16,
     nbd: u16,
     size: u64,
@@ -37,6 +40,10 @@ struct Lab {
 
 impl Lab {
     fn new(size: u64) -> Lab {
+        Lab::new_at(size, "127.0.0.1", None)
+    }
+
+    fn new_at(size: u64, host: &str, netns: Option<&str>) -> Lab {
         let dir = tempfile::Builder::new()
             .prefix("tern-migrate")
             .tempdir_in("/var/tmp")
@@ -47,6 +54,8 @@ impl Lab {
             .args(["--host", "localhost"]));
         let mut lab = Lab {
             dir,
+            host: host.to_owned(),
+            netns: netns.map(str::to_owned),
             grpc: free_port(),
             nbd: free_port(),
             size,
@@ -65,11 +74,19 @@ impl Lab {
     }
 
     fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.grpc)
+        format!("{}:{}", self.host, self.grpc)
     }
 
     fn start_agent(&mut self) {
-        let child = tern()
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_tern")]);
+                c
+            }
+            None => tern(),
+        };
+        let child = cmd
             .args(["agent", "--role", "destination", "--image"])
             .arg(self.image())
             .args(["--size", &self.size.to_string()])
@@ -82,7 +99,7 @@ impl Lab {
             .expect("start the destination agent");
         self.agent = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.grpc)).is_err() {
+        while std::net::TcpStream::connect((self.host.as_str(), self.grpc)).is_err() {
             assert!(Instant::now() < deadline, "the agent never listened");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -97,8 +114,10 @@ impl Lab {
 
     /// `tern migrate` with the lab's destination and TLS, plus `args`.
     fn migrate(&self, source: &str, args: &[&str]) -> Command {
-        let mut c = tern();
-        c.args(["migrate", "--device", source, "--to", &self.addr()])
+        // A hung migration fails the test instead of hanging CI.
+        let mut c = Command::new("timeout");
+        c.args(["-s", "KILL", "300", env!("CARGO_BIN_EXE_tern")])
+            .args(["migrate", "--device", source, "--to", &self.addr()])
             .arg("--tls-dir")
             .arg(self.tls())
             .args(["--domain", "localhost", "--json"])
@@ -154,8 +173,8 @@ fn assert_same(source: &str, dest: &Path) {
 }
 
 /// fio writing 4 KiB blocks at random in the first `mib` MiB of a raw device until killed.
-fn fio_writer(dev: &str, iops: u32, mib: u64) -> Child {
-    Command::new("fio")
+fn fio_writer(dev: &str, iops: u32, mib: u64) -> Killed {
+    let child = Command::new("fio")
         .args([
             "--name=w",
             &format!("--filename={dev}"),
@@ -174,7 +193,8 @@ fn fio_writer(dev: &str, iops: u32, mib: u64) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start fio")
+        .expect("start fio");
+    Killed(child)
 }
 
 fn kill(child: &mut Child) {
@@ -201,6 +221,15 @@ fn pause_stop(pid: u32) -> String {
     format!("cmd:kill -STOP {pid};;kill -CONT {pid}")
 }
 
+/// A child killed (not waited for: it may be blocked in a frozen file system) on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
 struct Mount(PathBuf);
 
 impl Drop for Mount {
@@ -224,10 +253,13 @@ fn migration_under_a_continuous_writer_is_identical_fsck_clean_and_verifies() {
         "cd {}; i=0; while true; do i=$((i+1)); yes tern-$i | head -c 300000 > f$((i%40)); echo $i >> log; done",
         mnt.display()
     );
-    let mut writer = Command::new("sh")
-        .args(["-c", &script])
-        .spawn()
-        .expect("writer");
+    // Declared after the mount guard, so dropped (killed) before it thaws.
+    let mut writer = Killed(
+        Command::new("sh")
+            .args(["-c", &script])
+            .spawn()
+            .expect("writer"),
+    );
     std::thread::sleep(Duration::from_secs(1));
     let (ok, report, err) = run_report(&mut lab.migrate(
         src.path(),
@@ -237,8 +269,10 @@ fn migration_under_a_continuous_writer_is_identical_fsck_clean_and_verifies() {
     assert_eq!(report["outcome"], "cut over", "{report}");
     // The source is still frozen at the pause: the destination must equal it.
     assert_same(src.path(), &lab.image());
-    kill(&mut writer);
+    // A writer blocked in the frozen file system dies only after the thaw.
+    let _ = writer.0.kill();
     drop(guard);
+    let _ = writer.0.wait();
 
     let out = Command::new("e2fsck")
         .arg("-fn")
@@ -287,7 +321,7 @@ fn forced_tracer_loss_is_detected_and_recovered_by_checksums() {
             "--ring-size",
             "4K",
             "--pause",
-            &pause_stop(writer.id()),
+            &pause_stop(writer.0.id()),
             "--max-downtime",
             "2s",
         ],
@@ -295,7 +329,7 @@ fn forced_tracer_loss_is_detected_and_recovered_by_checksums() {
     assert!(ok, "migrate failed: {err}");
     assert!(report["gaps"].as_u64().expect("gaps") > 0, "{report}");
     assert_same(src.path(), &lab.image());
-    kill(&mut writer);
+    kill(&mut writer.0);
 }
 
 #[test]
@@ -312,12 +346,17 @@ fn rollback_after_a_failed_health_check_keeps_the_destinations_writes() {
     );
     let (ok, report, err) = run_report(&mut lab.migrate(
         src.path(),
-        &["--pause", &pause_stop(writer.id()), "--health-cmd", &health],
+        &[
+            "--pause",
+            &pause_stop(writer.0.id()),
+            "--health-cmd",
+            &health,
+        ],
     ));
     assert!(!ok, "a rolled-back migration exits non-zero");
     assert!(err.contains("rolled back"), "{err}");
     assert_eq!(report["outcome"], "rolled back", "{report}");
-    kill(&mut writer);
+    kill(&mut writer.0);
     let data = read_direct(src.path());
     assert!(
         data[40 << 20..41 << 20].iter().all(|&b| b == 0xcd),
@@ -462,4 +501,174 @@ fn sigkill_of_the_destination_mid_copy_reconnects_and_finishes() {
         "{report}"
     );
     assert_same(src.path(), &lab.image());
+}
+
+/// A network namespace joined to the host by a veth pair: a link that can be cut.
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+impl Netns {
+    const HOST: &str = "10.231.7.1";
+    const PEER: &str = "10.231.7.2";
+
+    fn new() -> Netns {
+        let id = std::process::id() % 100_000;
+        let ns = Netns {
+            name: format!("tern-lc-{id}"),
+            host_if: format!("tlh{id}"),
+        };
+        let peer_if = format!("tlp{id}");
+        sh(Command::new("ip").args(["netns", "add", &ns.name]));
+        sh(Command::new("ip").args([
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer_if,
+        ]));
+        sh(Command::new("ip").args(["link", "set", &peer_if, "netns", &ns.name]));
+        sh(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("{}/30", Self::HOST),
+            "dev",
+            &ns.host_if,
+        ]));
+        sh(Command::new("ip").args(["link", "set", &ns.host_if, "up"]));
+        let in_ns = |args: &[&str]| {
+            sh(Command::new("ip")
+                .args(["netns", "exec", &ns.name])
+                .args(args));
+        };
+        in_ns(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", Self::PEER),
+            "dev",
+            &peer_if,
+        ]);
+        in_ns(&["ip", "link", "set", &peer_if, "up"]);
+        in_ns(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn link(&self, up: bool) {
+        sh(Command::new("ip").args(["link", "set", &self.host_if, if up { "up" } else { "down" }]));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn a_link_cut_mid_copy_is_survived_and_the_copy_finishes_identical() {
+    let ns = Netns::new();
+    let src = LoopDev::new("96M");
+    let lab = Lab::new_at(96 * MIB, Netns::PEER, Some(&ns.name));
+    fill_random(src.path(), 96);
+    let child = lab
+        .migrate(src.path(), &["--no-pause", "--raw", "--max-rate", "16M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start migrate");
+    std::thread::sleep(Duration::from_millis(1500));
+    ns.link(false);
+    std::thread::sleep(Duration::from_secs(5));
+    ns.link(true);
+    let out = child.wait_with_output().expect("migrate");
+    assert!(
+        out.status.success(),
+        "migrate failed after the link came back"
+    );
+    let report: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("report"),
+    )
+    .expect("json");
+    // HTTP/2 keepalive noticed the dead link; the source reconnected and resumed.
+    assert!(
+        report["reconnects"].as_u64().expect("reconnects") >= 1,
+        "{report}"
+    );
+    assert!(
+        report["sent_bytes"].as_u64().expect("sent") < 2 * 96 * MIB,
+        "{report}"
+    );
+    assert_same(src.path(), &lab.image());
+    drop(lab);
+}
+
+#[test]
+fn a_standby_source_agent_keeps_the_destination_current_and_reports_its_rpo() {
+    let src = LoopDev::new("32M");
+    let lab = Lab::new(32 * MIB);
+    fill_random(src.path(), 8);
+    let state = lab.dir.path().join("standby-state");
+    let mut agent = tern()
+        .args(["agent", "--role", "source", "--device", src.path()])
+        .args(["--peer", &lab.addr(), "--domain", "localhost"])
+        .arg("--tls-dir")
+        .arg(lab.tls())
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--trace-out")
+        .arg(lab.dir.path().join("standby.trace"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the source agent");
+    // Writes after the initial sync reach the destination too.
+    std::thread::sleep(Duration::from_secs(2));
+    sh(Command::new("dd").args([
+        "if=/dev/urandom",
+        &format!("of={}", src.path()),
+        "bs=64k",
+        "count=16",
+        "seek=300",
+        "oflag=direct",
+        "status=none",
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = tern()
+            .args(["status", "--json", "--state-dir"])
+            .arg(&state)
+            .output()
+            .expect("tern status");
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        if v["phase"] == "standby: replicating"
+            && v["remaining_bytes"] == 0
+            && read_direct(src.path()) == std::fs::read(lab.image()).expect("read")
+        {
+            assert!(v["rpo_ms"].is_u64(), "{v}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby never caught up: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    sh(Command::new("kill").args(["-TERM", &agent.id().to_string()]));
+    assert!(
+        agent.wait().expect("wait").success(),
+        "SIGTERM stops it cleanly"
+    );
 }

@@ -1,30 +1,42 @@
-//! The demo: ext4 on a loop device, real programs writing to it (fio, sqlite3),
-//! traced by `tern trace`, then the trace's summary. Cleans up on every path.
+//! The demo, Tern's main job end to end: ext4 on a loop device with a live
+//! workload (fio with fsync, sqlite3 transactions) migrated by `tern migrate`
+//! to a `tern agent --role destination` over mutual TLS, the file system
+//! frozen for the cutover; then the destination is checked byte for byte
+//! against the paused source, with `e2fsck` and with sqlite's integrity check.
+//! Cleans up on every path.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use crate::sh::{self, output, require_root};
 
+const SIZE: &str = "512M";
+const SIZE_BYTES: u64 = 512 << 20;
+
 /// Everything the demo made, undone on drop (also when a step fails).
 struct Scratch {
     dir: PathBuf,
     loop_dev: Option<String>,
-    mounted: bool,
-    tracer: Option<Child>,
+    mounted: Vec<PathBuf>,
+    children: Vec<Child>,
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if let Some(mut t) = self.tracer.take() {
-            let _ = t.kill();
-            let _ = t.wait();
+        for c in &mut self.children {
+            let _ = c.kill();
         }
-        if self.mounted {
-            let _ = Command::new("umount").arg(self.dir.join("mnt")).status();
+        for m in self.mounted.iter().rev() {
+            let _ = Command::new("fsfreeze").arg("-u").arg(m).status();
+        }
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+        for m in self.mounted.iter().rev() {
+            let _ = Command::new("umount").arg(m).status();
         }
         if let Some(dev) = &self.loop_dev {
             let _ = Command::new("losetup").args(["-d", dev]).status();
@@ -33,112 +45,248 @@ impl Drop for Scratch {
     }
 }
 
-fn run_demo_workload(mnt: &Path) -> Result<()> {
-    eprintln!("demo: fio — 8 s of 4 KiB random read/write with fsync on a 64 MiB file");
-    let terse = output(Command::new("fio").args([
-        "--name=demo",
-        &format!("--directory={}", mnt.display()),
-        "--rw=randrw",
-        "--rwmixread=60",
-        "--bs=4k",
-        "--size=64M",
-        "--ioengine=psync",
-        "--direct=1",
-        "--fsync=16",
-        "--runtime=8",
-        "--time_based",
-        "--output-format=terse",
-    ]))
-    .context("the fio workload failed")?;
-    // Terse v3: field 8 is read IOPS, field 49 write IOPS.
-    let f: Vec<&str> = terse.trim().split(';').collect();
-    eprintln!(
-        "demo: fio did {} read and {} write IOPS",
-        f.get(7).unwrap_or(&"?"),
-        f.get(48).unwrap_or(&"?")
-    );
-    eprintln!("demo: sqlite3 — 200 transactions of 100 inserts each, then a query");
+/// The live workload: fio random read/write with fsync and a sqlite3 writer, until killed.
+fn start_workload(mnt: &Path, s: &mut Scratch) -> Result<()> {
+    let fio = Command::new("fio")
+        .args([
+            "--name=demo",
+            &format!("--directory={}", mnt.display()),
+            "--rw=randrw",
+            "--rwmixread=60",
+            "--bs=4k",
+            "--size=64M",
+            "--ioengine=psync",
+            "--direct=1",
+            "--fsync=16",
+            "--rate_iops=400",
+            "--runtime=600",
+            "--time_based",
+            // One process, so killing it stops every job.
+            "--thread",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot start fio")?;
+    s.children.push(fio);
     let db = mnt.join("demo.db");
-    let mut script =
-        String::from("PRAGMA journal_mode=WAL;\nCREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);\n");
-    for _ in 0..200 {
-        script.push_str("BEGIN;\n");
-        for _ in 0..100 {
-            script.push_str("INSERT INTO t(v) VALUES (hex(randomblob(64)));\n");
-        }
-        script.push_str("COMMIT;\n");
-    }
-    script.push_str("SELECT count(*) FROM t;\n");
-    let script_path = mnt.join("demo.sql");
-    std::fs::write(&script_path, script)?;
-    let count = output(
-        Command::new("sqlite3")
-            .arg(&db)
-            .arg(format!(".read {}", script_path.display())),
-    )?;
-    eprintln!(
-        "demo: sqlite3 holds {} rows",
-        count.lines().last().unwrap_or("?")
+    let script = format!(
+        "sqlite3 {db} 'PRAGMA journal_mode=WAL; CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT);' >/dev/null; \
+         while true; do sqlite3 {db} 'BEGIN; INSERT INTO t(v) SELECT hex(randomblob(64)) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x<100) SELECT x FROM c); COMMIT;'; done",
+        db = db.display()
     );
-    sh::run(&mut Command::new("sync"))?;
+    let sqlite = Command::new("sh")
+        .args(["-c", &script])
+        .spawn()
+        .context("cannot start the sqlite3 writer")?;
+    s.children.push(sqlite);
     Ok(())
 }
 
-// The Scratch guard kills and waits for the tracer on every early return.
-#[allow(clippy::zombie_processes)]
+fn wait_listening(port: u16, agent: &mut Child) -> Result<()> {
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = agent.try_wait()? {
+            bail!("the destination agent exited early: {status}");
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("the destination agent did not listen within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Reads a device with `O_DIRECT` (its page cache may be stale under a mounted file system).
+fn read_direct(path: &str) -> Result<Vec<u8>> {
+    let out = Command::new("dd")
+        .args([
+            &format!("if={path}"),
+            "iflag=direct",
+            "bs=1M",
+            "status=none",
+        ])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "reading {path} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
+}
+
 pub fn run(tern: &Path) -> Result<()> {
     require_root("the demo (loop devices, mount, eBPF)")?;
     let dir = PathBuf::from(format!("/var/tmp/tern-demo-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("mnt"))?;
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt)?;
     let mut s = Scratch {
         dir: dir.clone(),
         loop_dev: None,
-        mounted: false,
-        tracer: None,
+        mounted: Vec::new(),
+        children: Vec::new(),
     };
-    let image = dir.join("disk.img");
-    sh::run(Command::new("truncate").args(["-s", "512M"]).arg(&image))?;
+    let image = dir.join("src.img");
+    sh::run(Command::new("truncate").args(["-s", SIZE]).arg(&image))?;
     let dev = output(Command::new("losetup").args(["-f", "--show"]).arg(&image))?
         .trim()
         .to_string();
     s.loop_dev = Some(dev.clone());
-    eprintln!("demo: {dev} holds {}, making ext4", image.display());
+    eprintln!(
+        "demo: source {dev} ({SIZE}, backed by {}), making ext4",
+        image.display()
+    );
     sh::run(Command::new("mkfs.ext4").args(["-q", "-F", &dev]))?;
-    sh::run(Command::new("mount").arg(&dev).arg(dir.join("mnt")))?;
-    s.mounted = true;
+    sh::run(Command::new("mount").arg(&dev).arg(&mnt))?;
+    s.mounted.push(mnt.clone());
 
-    let trace = PathBuf::from("tern-demo.trace");
-    let tracer = Command::new(tern)
-        .args(["trace", "--device", &dev, "--out"])
-        .arg(&trace)
+    eprintln!(
+        "demo: destination agent (mutual TLS on loopback, NBD export read-only until cutover)"
+    );
+    sh::run(
+        Command::new(tern)
+            .args(["certs", "init"])
+            .arg(dir.join("pki"))
+            .args(["--host", "localhost"]),
+    )?;
+    let (grpc, nbd) = (free_port()?, free_port()?);
+    let dst = dir.join("dst.img");
+    let mut agent = Command::new(tern)
+        .args(["agent", "--role", "destination", "--image"])
+        .arg(&dst)
+        .args(["--size", &SIZE_BYTES.to_string()])
+        .args(["--grpc", &format!("127.0.0.1:{grpc}")])
+        .args(["--nbd", &format!("127.0.0.1:{nbd}")])
+        .arg("--tls-dir")
+        .arg(dir.join("pki/localhost"))
         .spawn()
-        .context("cannot start tern trace")?;
-    s.tracer = Some(tracer);
-    // The tracer is ready once it has written its header.
-    let t0 = Instant::now();
-    while std::fs::metadata(&trace).map_or(0, |m| m.len()) == 0 {
-        if t0.elapsed() > Duration::from_secs(20) {
-            bail!("tern trace did not start within 20 s");
-        }
-        if let Some(t) = s.tracer.as_mut()
-            && let Some(status) = t.try_wait()?
-        {
-            bail!("tern trace exited early: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    run_demo_workload(&dir.join("mnt"))?;
+        .context("cannot start the destination agent")?;
+    wait_listening(grpc, &mut agent)?;
+    s.children.push(agent);
 
-    let mut tracer = s.tracer.take().expect("started above");
-    sh::run(Command::new("kill").args(["-INT", &tracer.id().to_string()]))?;
-    let status = tracer.wait()?;
-    if !status.success() {
-        bail!("tern trace failed: {status}");
+    eprintln!("demo: workload running on the source: fio 4 KiB randrw with fsync, sqlite3 inserts");
+    start_workload(&mnt, &mut s)?;
+    std::thread::sleep(Duration::from_secs(3));
+
+    eprintln!(
+        "demo: tern migrate — bulk copy, delta rounds, fsfreeze, final delta, verify, switch"
+    );
+    let out = Command::new(tern)
+        .args([
+            "migrate",
+            "--device",
+            &dev,
+            "--to",
+            &format!("127.0.0.1:{grpc}"),
+        ])
+        .arg("--tls-dir")
+        .arg(dir.join("pki/localhost"))
+        .args(["--domain", "localhost", "--max-downtime", "100ms"])
+        .arg("--pause")
+        .arg(format!("fsfreeze:{}", mnt.display()))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--trace-out")
+        .arg(dir.join("source.trace"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run tern migrate")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("tern migrate failed ({}): {stdout}", out.status);
+    }
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .context("tern migrate printed no report")?;
+
+    // The source is still frozen at the cutover point: the destination must equal it.
+    let a = read_direct(&dev)?;
+    let b = std::fs::read(&dst)?;
+    if a != b {
+        let at = a
+            .iter()
+            .zip(&b)
+            .position(|(x, y)| x != y)
+            .unwrap_or(a.len().min(b.len()));
+        bail!("the destination differs from the paused source at byte {at}");
+    }
+    eprintln!(
+        "demo: destination is byte-identical to the paused source ({} bytes)",
+        a.len()
+    );
+    let nbd_check = output(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        &image.display().to_string(),
+        &format!("nbd://127.0.0.1:{nbd}/tern"),
+    ]));
+    eprintln!(
+        "demo: qemu-img compare source vs the destination's NBD export: {}",
+        nbd_check.as_deref().map_or("differ", str::trim)
+    );
+
+    // Stop the (frozen) workload on the source; the destination is primary now.
+    for c in s.children.iter_mut().skip(1) {
+        let _ = c.kill();
+    }
+    sh::run(Command::new("fsfreeze").arg("-u").arg(&mnt))?;
+    let fsck = Command::new("e2fsck").arg("-fn").arg(&dst).output()?;
+    eprintln!(
+        "demo: e2fsck -fn on the destination: {}",
+        if fsck.status.success() {
+            "clean"
+        } else {
+            "ERRORS"
+        }
+    );
+    let check = dir.join("check");
+    std::fs::create_dir_all(&check)?;
+    sh::run(
+        Command::new("mount")
+            .args(["-o", "ro,noload"])
+            .arg(&dst)
+            .arg(&check),
+    )?;
+    s.mounted.push(check.clone());
+    let rows = output(
+        Command::new("sqlite3")
+            .arg("-readonly")
+            .arg(check.join("demo.db"))
+            .arg("PRAGMA integrity_check; SELECT count(*) FROM t;"),
+    )
+    .unwrap_or_else(|e| format!("? ({e})"));
+    eprintln!(
+        "demo: sqlite3 on the destination: {}",
+        rows.split_whitespace().collect::<Vec<_>>().join(", ")
+    );
+    let f = |k: &str| report[k].as_f64().unwrap_or(0.0);
+    eprintln!(
+        "demo: {} — downtime {:.1} ms (pause {:.1}, flush {:.1}, final delta {:.1} ms for {:.2} MB, verify {:.1}, switch {:.1}); {} delta rounds; {:.1} MB sent ({:.1} MB on the wire, {:.1} MB of zeroes skipped) in {:.1} s",
+        report["outcome"].as_str().unwrap_or("?"),
+        f("downtime_ms"),
+        f("pause_ms"),
+        f("flush_ms"),
+        f("final_round_ms"),
+        f("final_delta_bytes") / 1e6,
+        f("verify_ms"),
+        f("switch_ms"),
+        f("rounds"),
+        f("sent_bytes") / 1e6,
+        f("wire_bytes") / 1e6,
+        f("skipped_zero_bytes") / 1e6,
+        f("total_seconds"),
+    );
+    if !fsck.status.success() || !rows.starts_with("ok") {
+        bail!("the destination's file system or database did not check clean");
     }
     drop(s);
-    eprintln!(
-        "demo: done. Look closer with `target/release/tern trace stat {0}` or `tern trace export --format csv {0}`",
-        trace.display()
-    );
     Ok(())
 }

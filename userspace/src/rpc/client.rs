@@ -57,6 +57,11 @@ impl ReplicaClient {
             .map_err(connect_err)?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))
+            // A cut link stalls TCP without an error for minutes; HTTP/2 pings
+            // notice within seconds, so the source reconnects and resumes.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW);
         if let Some(tls) = tls {
