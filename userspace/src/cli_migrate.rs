@@ -36,9 +36,11 @@ pub struct SourceArgs {
     /// Dirty-tracking unit: a write dirties whole units (32 MiB of memory per TiB at 4K).
     #[arg(long, default_value = "4K", value_parser = tern::agent::parse_size)]
     unit: u64,
-    /// Checksum-tree region size.
-    #[arg(long, default_value = "1M", value_parser = tern::agent::parse_size)]
-    region_size: u64,
+    /// Checksum-tree region size: a write makes its whole region be rehashed
+    /// on both sides. Default: 64K, doubled until the tree has at most 2^20
+    /// leaves (64 MiB of hashes), so 1M for a 1 TiB disk.
+    #[arg(long, value_parser = tern::agent::parse_size)]
+    region_size: Option<u64>,
     /// Longest extent on the wire.
     #[arg(long, default_value = "1M", value_parser = tern::agent::parse_size)]
     extent: u64,
@@ -184,7 +186,10 @@ async fn start_source(a: &SourceArgs) -> Result<SourceSide> {
         },
     )?;
     let send = Arc::new(DirtyMap::new(image.size(), a.unit)?);
-    let local = LocalTree::new(image.size(), a.region_size)?;
+    let region_size = a
+        .region_size
+        .unwrap_or_else(|| tern::replicate::default_region_size(image.size()));
+    let local = LocalTree::new(image.size(), region_size)?;
     // Tracing starts before the first read: no write after this point is missed.
     let tracker = Tracker::start(
         SessionConfig {
@@ -208,7 +213,7 @@ async fn start_source(a: &SourceArgs) -> Result<SourceSide> {
             .context("--extent must be from 4K to 8M")?,
         zstd_level: (!a.raw).then_some(a.zstd_level),
         max_rate: a.max_rate,
-        region_size: a.region_size,
+        region_size,
         reconnect_for: a.reconnect_for,
         ..ReplicateOptions::default()
     };

@@ -241,7 +241,9 @@ pub async fn migrate(
             s.estimated_downtime_ms = estimate;
             s.rpo_ms = last_round_end.elapsed().as_millis() as u64;
         });
-        if estimate <= opts.max_downtime.as_millis() as u64 || opts.pause.is_none() {
+        // At least one delta round first, so the estimate rests on one.
+        let measured = rounds > 0 || dirty == 0;
+        if opts.pause.is_none() || (measured && estimate <= opts.max_downtime.as_millis() as u64) {
             break;
         }
         if rounds >= opts.max_rounds {
@@ -257,9 +259,10 @@ pub async fn migrate(
         last_round_start = Instant::now();
         let round = repl.round(false).await?;
         rounds += 1;
-        if round.bytes >= 1 << 20 {
-            // Small rounds are dominated by round trips, not bandwidth.
-            bandwidth = bandwidth.max(round.rate());
+        if round.bytes > 0 {
+            // The last delta round is the best model of the final one: the
+            // same scattered extents, not the bulk copy's long runs.
+            bandwidth = round.rate();
         }
         last_round_end = Instant::now();
     }

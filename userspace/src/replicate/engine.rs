@@ -58,7 +58,9 @@ impl Default for ReplicateOptions {
         ReplicateOptions {
             extent_len: 1 << 20,
             zstd_level: Some(1),
-            workers: 4,
+            // Scattered 4 KiB extents are bound by read latency, not bandwidth:
+            // keep many reads in flight.
+            workers: 16,
             window: 32,
             max_rate: None,
             region_size: 1 << 20,
@@ -211,6 +213,16 @@ impl LocalTree {
         }
         Ok(hashed)
     }
+}
+
+/// 64 KiB regions (a small write rehashes little), doubled until the tree
+/// has at most 2^20 leaves (64 MiB of hashes per side).
+pub fn default_region_size(disk_size: u64) -> u64 {
+    let mut region = 64 << 10;
+    while disk_size.div_ceil(region) > 1 << 20 {
+        region *= 2;
+    }
+    region
 }
 
 /// The tree of an all-zero image of `shape`: what a blank destination answers.

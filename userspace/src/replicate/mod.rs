@@ -8,7 +8,8 @@ pub mod tracker;
 use std::time::Duration;
 
 pub use engine::{
-    LocalTree, Peer, ReplicateOptions, Replicator, Round, Stats, StatsSnapshot, zero_tree,
+    LocalTree, Peer, ReplicateOptions, Replicator, Round, Stats, StatsSnapshot,
+    default_region_size, zero_tree,
 };
 pub use tracker::{Tracker, TrackerCounts};
 
