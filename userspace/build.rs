@@ -5,7 +5,7 @@ use std::path::Path;
 fn main() {
     let proto_root = Path::new("../proto");
     println!("cargo:rerun-if-changed={}", proto_root.display());
-    let protos = ["tern/v1/replica.proto"];
+    let protos = ["tern/v1/replica.proto", "tern/v1/control.proto"];
     for proto in protos {
         println!(
             "cargo:rerun-if-changed={}",

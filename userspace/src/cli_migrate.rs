@@ -19,14 +19,14 @@ use tern::trace::session::SessionConfig;
 #[derive(Args, Clone)]
 pub struct SourceArgs {
     /// The source block device (traced and read directly).
-    #[arg(long, value_name = "DEV", required_unless_present = "file")]
+    #[arg(long, value_name = "DEV")]
     device: Option<PathBuf>,
     /// A disk image on a file system: traced on the device under it, in image offsets.
     #[arg(long, value_name = "IMAGE", conflicts_with = "device")]
     file: Option<PathBuf>,
     /// The destination agent's gRPC address (`host:port`).
     #[arg(long, alias = "peer", value_name = "HOST:PORT")]
-    to: String,
+    to: Option<String>,
     /// Directory with ca.pem, cert.pem, key.pem (from `tern certs init`).
     #[arg(long)]
     tls_dir: Option<PathBuf>,
@@ -76,6 +76,8 @@ pub struct SourceArgs {
 pub struct MigrateArgs {
     #[command(flatten)]
     source: SourceArgs,
+    #[command(flatten)]
+    agent: AgentClientArgs,
     /// How to pause the workload: fsfreeze:MOUNT, cgroup:DIR, qmp:SOCKET or 'cmd:PAUSE;;RESUME'.
     #[arg(long, required_unless_present = "no_pause")]
     pause: Option<PauseTarget>,
@@ -96,16 +98,55 @@ pub struct MigrateArgs {
     no_switch: bool,
 }
 
+/// How to reach a running source agent's control service.
+#[derive(Args, Clone)]
+pub struct AgentClientArgs {
+    /// A source agent's control address (`tern agent --role source --control ADDR`):
+    /// ask it instead of running the source side here.
+    #[arg(long, value_name = "HOST:PORT")]
+    agent: Option<String>,
+    /// TLS directory for the control service (mutual TLS).
+    #[arg(long)]
+    agent_tls_dir: Option<PathBuf>,
+    /// Name checked in the agent's certificate.
+    #[arg(long, default_value = "localhost")]
+    agent_domain: String,
+}
+
+impl AgentClientArgs {
+    async fn connect(
+        &self,
+    ) -> Result<Option<tern::control::control_client::ControlClient<tonic::transport::Channel>>>
+    {
+        let Some(addr) = &self.agent else {
+            return Ok(None);
+        };
+        let tls = self
+            .agent_tls_dir
+            .as_deref()
+            .map(tern::rpc::TlsMaterial::load)
+            .transpose()?;
+        let client = tern::control::connect(addr, tls.as_ref(), Some(&self.agent_domain))
+            .await
+            .with_context(|| {
+                format!("cannot reach the source agent's control service at {addr}")
+            })?;
+        Ok(Some(client))
+    }
+}
+
 #[derive(Args)]
 pub struct RollbackArgs {
+    #[command(flatten)]
+    agent: AgentClientArgs,
     /// The former source device or image, to receive the destination's writes.
-    #[arg(long, value_name = "DEV", required_unless_present = "file")]
+    #[arg(long, value_name = "DEV", required_unless_present_any = ["file", "agent"])]
     device: Option<PathBuf>,
     #[arg(long, value_name = "IMAGE", conflicts_with = "device")]
     file: Option<PathBuf>,
     /// The destination agent (`host:port`).
-    #[arg(long)]
-    to: String,
+    #[arg(long, required_unless_present = "agent")]
+    to: Option<String>,
     #[arg(long)]
     tls_dir: Option<PathBuf>,
     #[arg(long)]
@@ -117,6 +158,8 @@ pub struct RollbackArgs {
 
 #[derive(Args)]
 pub struct StatusArgs {
+    #[command(flatten)]
+    agent: AgentClientArgs,
     #[arg(long, default_value = "/run/tern")]
     state_dir: PathBuf,
     #[arg(long)]
@@ -217,7 +260,10 @@ async fn start_source(a: &SourceArgs) -> Result<SourceSide> {
         reconnect_for: a.reconnect_for,
         ..ReplicateOptions::default()
     };
-    let peer = peer(&a.to, a.tls_dir.as_deref(), a.domain.as_ref())?;
+    let to =
+        a.to.as_deref()
+            .context("give the destination agent as --to HOST:PORT")?;
+    let peer = peer(to, a.tls_dir.as_deref(), a.domain.as_ref())?;
     let repl = Replicator::connect(image, peer, send, local, opts).await?;
     Ok(SourceSide {
         tracker,
@@ -299,25 +345,47 @@ fn write_status(dir: &Path, value: &serde_json::Value) {
 }
 
 pub fn migrate(m: &MigrateArgs) -> Result<()> {
-    let report = runtime()?.block_on(async {
-        let mut side = start_source(&m.source).await?;
+    let health: Vec<HealthCheck> = m
+        .health_cmd
+        .iter()
+        .map(|c| HealthCheck::Command(c.clone()))
+        .chain(std::iter::once(HealthCheck::Region(0..1 << 20)))
+        .collect();
+    let report: serde_json::Value = runtime()?.block_on(async {
+        if let Some(mut client) = m.agent.connect().await? {
+            // A running source agent does the work; this only asks and waits.
+            let reply = client
+                .cutover(tern::control::CutoverRequest {
+                    max_downtime_ms: m.max_downtime.as_millis() as u64,
+                    max_rounds: m.max_rounds,
+                    pause: m
+                        .pause
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                    health_cmd: m.health_cmd.clone().unwrap_or_default(),
+                    no_switch: m.no_switch,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("the source agent: {}", s.message()))?
+                .into_inner();
+            return Ok(serde_json::from_str(&reply.report_json)?);
+        }
+        let source = &m.source;
+        let mut side = start_source(source).await?;
         let progress = spawn_progress(
             Arc::clone(&side.status),
             side.repl.stats(),
-            m.source.state_dir.clone(),
-            m.source.json,
+            source.state_dir.clone(),
+            source.json,
         );
         let opts = CutoverOptions {
             max_downtime: m.max_downtime,
             max_rounds: m.max_rounds,
             pause: m.pause.clone(),
-            health: m
-                .health_cmd
-                .iter()
-                .map(|c| HealthCheck::Command(c.clone()))
-                .chain(std::iter::once(HealthCheck::Region(0..1 << 20)))
-                .collect(),
+            health,
             switch: !m.no_switch,
+            initial_sync: true,
         };
         let result = cutover::migrate(&mut side.repl, &side.tracker, &opts, &side.status).await;
         progress.abort();
@@ -329,103 +397,124 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             gaps = totals.gaps,
             "source trace closed"
         );
-        Ok::<_, anyhow::Error>(result?)
+        Ok::<_, anyhow::Error>(serde_json::to_value(result?)?)
     })?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", serde_json::to_string(&report)?)?;
-    if report.outcome == "rolled back" {
+    writeln!(out, "{report}")?;
+    if report["outcome"] == "rolled back" {
         bail!(
             "rolled back after cutover: {}; the source is primary again and holds every write",
-            report.failure.as_deref().unwrap_or("health check failed")
+            report["failure"].as_str().unwrap_or("health check failed")
         );
     }
     Ok(())
 }
 
-/// The source agent: continuous replication (a warm standby) with a reported RPO
-/// until SIGINT/SIGTERM, or until a migration (a newer epoch) fences it.
-pub fn source_agent(a: &SourceArgs) -> Result<()> {
+/// The source agent: continuous replication (a warm standby) with a reported
+/// RPO until SIGINT/SIGTERM, serving the control API at `control`.
+pub fn source_agent(a: &SourceArgs, control: Option<std::net::SocketAddr>) -> Result<()> {
     runtime()?.block_on(async {
         let cancel = tokio_util::sync::CancellationToken::new();
         tern::agent::cancel_on_signals(cancel.clone());
-        let mut side = start_source(a).await?;
+        let side = start_source(a).await?;
         let progress = spawn_progress(
             Arc::clone(&side.status),
             side.repl.stats(),
             a.state_dir.clone(),
             a.json,
         );
-        let result = tokio::select! {
-            r = standby(&mut side) => r,
-            () = cancel.cancelled() => Ok(()),
+        let agent = tern::control::SourceAgent {
+            tracker: side.tracker,
+            repl: side.repl,
+            status: side.status,
         };
+        let (service, task) = tern::control::start(agent, cancel.clone());
+        let server = match control {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} for the control service"))?;
+                let tls = a
+                    .tls_dir
+                    .as_deref()
+                    .map(tern::rpc::TlsMaterial::load)
+                    .transpose()?;
+                let shutdown = cancel.clone();
+                Some(tokio::spawn(async move {
+                    tern::control::serve(listener, service, tls.as_ref(), shutdown).await
+                }))
+            }
+            None => None,
+        };
+        let result = task.await.context("the source agent's task panicked")?;
+        cancel.cancel();
         progress.abort();
-        side.tracker.stop()?;
-        result
+        if let Some(server) = server {
+            server.await.context("the control server panicked")??;
+        }
+        Ok(result?)
     })
 }
 
-async fn standby(side: &mut SourceSide) -> Result<()> {
-    let status = Arc::clone(&side.status);
-    let epoch = side.repl.take_epoch().await?;
-    let set = |f: &dyn Fn(&mut Status)| f(&mut status.lock().expect("status lock poisoned"));
-    set(&|s| {
-        s.epoch = epoch;
-        s.phase = "initial sync";
-    });
-    if side.repl.destination_is_blank().await? {
-        side.repl.send_map().mark_all();
-        side.repl.round(true).await?;
-    } else {
-        side.repl.mark_differences().await?;
-        side.repl.round(false).await?;
-    }
-    let mut gaps = side.tracker.gaps();
-    let mut synced_at = std::time::Instant::now();
-    loop {
-        side.tracker.sync().await?;
-        if side.tracker.gaps() != gaps {
-            gaps = side.tracker.gaps();
-            side.repl.mark_differences().await?;
-        }
-        let dirty = side.repl.send_map().dirty_bytes();
-        let rpo = if dirty == 0 {
-            synced_at = std::time::Instant::now();
-            0
-        } else {
-            synced_at.elapsed().as_millis() as u64
-        };
-        set(&|s| {
-            s.phase = "standby: replicating";
-            s.remaining_bytes = dirty;
-            s.rpo_ms = rpo;
-        });
-        if dirty == 0 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        }
-        side.repl.round(false).await?;
-        set(&|s| s.round += 1);
-    }
-}
-
 pub fn rollback(r: &RollbackArgs) -> Result<()> {
-    let path = source_path(r.device.as_ref(), r.file.as_ref())?;
-    let peer = peer(&r.to, r.tls_dir.as_deref(), r.domain.as_ref())?;
-    let report = runtime()?.block_on(async {
+    let json = runtime()?.block_on(async {
+        if let Some(mut client) = r.agent.connect().await? {
+            let reply = client
+                .rollback(tern::control::RollbackRequest {
+                    resume: r
+                        .resume
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("the source agent: {}", s.message()))?
+                .into_inner();
+            return Ok::<_, anyhow::Error>(reply.report_json);
+        }
+        let path = source_path(r.device.as_ref(), r.file.as_ref())?;
+        let to =
+            r.to.as_deref()
+                .context("give --to HOST:PORT or --agent ADDR")?;
+        let peer = peer(to, r.tls_dir.as_deref(), r.domain.as_ref())?;
         let mut client = peer.connect().await?;
         let report = cutover::rollback(&mut client, &path, None).await?;
         if let Some(target) = &r.resume {
             target.resume_now().await?;
         }
-        Ok::<_, anyhow::Error>(report)
+        Ok(serde_json::to_string(&report)?)
     })?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    writeln!(out, "{json}")?;
     Ok(())
 }
 
 pub fn status(s: &StatusArgs) -> Result<()> {
+    if s.agent.agent.is_some() {
+        let reply = runtime()?.block_on(async {
+            let mut client = s.agent.connect().await?.context("no agent")?;
+            let reply = client
+                .status(tern::control::StatusRequest {})
+                .await
+                .map_err(|e| anyhow::anyhow!("the source agent: {}", e.message()))?;
+            Ok::<_, anyhow::Error>(reply.into_inner())
+        })?;
+        let v = serde_json::json!({
+            "phase": reply.phase,
+            "epoch": reply.epoch,
+            "round": reply.round,
+            "sent_bytes": reply.sent_bytes,
+            "wire_bytes": reply.wire_bytes,
+            "remaining_bytes": reply.remaining_bytes,
+            "rate_bps": reply.bandwidth_bps,
+            "dirty_rate_bps": reply.dirty_rate_bps,
+            "estimated_downtime_ms": reply.estimated_downtime_ms,
+            "rpo_ms": reply.rpo_ms,
+            "reconnects": reply.reconnects,
+            "gaps": reply.gaps,
+        });
+        return print_status(&v, s.json);
+    }
     let path = s.state_dir.join("migrate.json");
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -435,8 +524,12 @@ pub fn status(s: &StatusArgs) -> Result<()> {
     })?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a status file", path.display()))?;
+    print_status(&v, s.json)
+}
+
+fn print_status(v: &serde_json::Value, json: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    if s.json {
+    if json {
         writeln!(out, "{v}")?;
         return Ok(());
     }

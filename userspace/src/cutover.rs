@@ -77,6 +77,9 @@ pub struct CutoverOptions {
     pub health: Vec<HealthCheck>,
     /// Switch over (fence the source, destination writable); `false` only syncs.
     pub switch: bool,
+    /// Start with a bulk copy or a delta sync by checksums; `false` when a
+    /// standby has kept the destination current and the dirty map is trusted.
+    pub initial_sync: bool,
 }
 
 impl Default for CutoverOptions {
@@ -87,6 +90,7 @@ impl Default for CutoverOptions {
             pause: None,
             health: Vec::new(),
             switch: true,
+            initial_sync: true,
         }
     }
 }
@@ -198,18 +202,21 @@ pub async fn migrate(
 
     // Initial pass: a blank destination gets everything but zeroes; one that
     // holds an older copy gets only the regions whose checksums differ.
-    let blank = repl.destination_is_blank().await?;
-    let first = if blank {
-        set_status(status, |s| s.phase = "bulk copy");
-        repl.send_map().mark_all();
-        repl.round(true).await?
-    } else {
-        set_status(status, |s| s.phase = "delta sync by checksums");
-        report.delta_sync = true;
-        report.differing_regions = repl.mark_differences().await?;
-        repl.round(false).await?
-    };
-    let mut bandwidth = first.rate();
+    let mut bandwidth = 0.0;
+    if opts.initial_sync {
+        let blank = repl.destination_is_blank().await?;
+        let first = if blank {
+            set_status(status, |s| s.phase = "bulk copy");
+            repl.send_map().mark_all();
+            repl.round(true).await?
+        } else {
+            set_status(status, |s| s.phase = "delta sync by checksums");
+            report.delta_sync = true;
+            report.differing_regions = repl.mark_differences().await?;
+            repl.round(false).await?
+        };
+        bandwidth = first.rate();
+    }
     let mut last_round_end = Instant::now();
     let mut last_round_start = started;
     // The local tree is needed at the pause; hash it now, while the workload runs.

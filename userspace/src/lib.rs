@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod certs;
 pub mod checktree;
+pub mod control;
 pub mod cutover;
 pub mod dirty;
 pub mod image;

@@ -88,6 +88,9 @@ struct AgentArgs {
     /// Source role: the source's I/O history, recorded while replicating.
     #[arg(long)]
     trace_out: Option<PathBuf>,
+    /// Source role: serve the control API (`tern status|migrate|rollback --agent`) here.
+    #[arg(long)]
+    control: Option<SocketAddr>,
     /// NBD listen address: `HOST:PORT` or `unix:/path`.
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd: tern::nbd::ListenAddr,
@@ -417,7 +420,7 @@ fn agent(a: AgentArgs) -> Result<()> {
             }
         }
         let source = cli_migrate::SourceArgs::for_agent(&given)?;
-        return cli_migrate::source_agent(&source);
+        return cli_migrate::source_agent(&source, a.control);
     }
     let (Some(image), Some(grpc)) = (a.image, a.grpc) else {
         bail!("--role destination needs --image and --grpc");

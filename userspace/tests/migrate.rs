@@ -312,7 +312,31 @@ fn migration_under_a_continuous_writer_is_identical_fsck_clean_and_verifies() {
 fn forced_tracer_loss_is_detected_and_recovered_by_checksums() {
     let src = LoopDev::new("128M");
     let lab = Lab::new(128 * MIB);
-    let mut writer = fio_writer(src.path(), 5_000, 128);
+    // Bursts of 128 writes in flight, then a pause: far more completions at
+    // once than a 4 KiB ring holds, however fast the reader.
+    let mut writer = Killed(
+        Command::new("fio")
+            .args([
+                "--name=burst",
+                &format!("--filename={}", src.path()),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--direct=1",
+                "--ioengine=io_uring",
+                "--iodepth=128",
+                "--iodepth_batch_submit=128",
+                "--thinktime=40ms",
+                "--thinktime_blocks=256",
+                "--time_based",
+                "--runtime=600",
+                "--randrepeat=0",
+                "--thread",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start fio"),
+    );
     std::thread::sleep(Duration::from_millis(500));
     // A 4 KiB ring holds a few dozen events: fio overflows it at once.
     let (ok, report, err) = run_report(&mut lab.migrate(
@@ -621,18 +645,30 @@ fn a_standby_source_agent_keeps_the_destination_current_and_reports_its_rpo() {
     let lab = Lab::new(32 * MIB);
     fill_random(src.path(), 8);
     let state = lab.dir.path().join("standby-state");
-    let mut agent = tern()
-        .args(["agent", "--role", "source", "--device", src.path()])
-        .args(["--peer", &lab.addr(), "--domain", "localhost"])
-        .arg("--tls-dir")
-        .arg(lab.tls())
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--trace-out")
-        .arg(lab.dir.path().join("standby.trace"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the source agent");
+    let control = format!("127.0.0.1:{}", free_port());
+    let mut agent = Killed(
+        tern()
+            .args(["agent", "--role", "source", "--device", src.path()])
+            .args(["--control", &control])
+            .args(["--peer", &lab.addr(), "--domain", "localhost"])
+            .arg("--tls-dir")
+            .arg(lab.tls())
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--trace-out")
+            .arg(lab.dir.path().join("standby.trace"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the source agent"),
+    );
+    let tls = lab.tls();
+    let ctl = |args: &[&str]| {
+        let mut c = tern();
+        c.args(args)
+            .args(["--agent", &control, "--agent-tls-dir"])
+            .arg(&tls);
+        sh(&mut c)
+    };
     // Writes after the initial sync reach the destination too.
     std::thread::sleep(Duration::from_secs(2));
     sh(Command::new("dd").args([
@@ -666,9 +702,36 @@ fn a_standby_source_agent_keeps_the_destination_current_and_reports_its_rpo() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    sh(Command::new("kill").args(["-TERM", &agent.id().to_string()]));
+    // The control API: status, then a cutover the agent runs, then a rollback.
+    let status: serde_json::Value =
+        serde_json::from_str(&ctl(&["status", "--json"])).expect("status json");
+    assert_eq!(status["phase"], "standby: replicating", "{status}");
+    let out = ctl(&["migrate", "--no-pause"]);
+    let report: serde_json::Value = serde_json::from_str(&out).expect("report");
+    assert_eq!(report["outcome"], "cut over", "{report}");
+    assert_eq!(
+        report["delta_sync"], false,
+        "the standby needed no initial pass: {report}"
+    );
+    let wrote = sh(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &format!("nbd://127.0.0.1:{}/tern", lab.nbd),
+        "-c",
+        "write -P 0x5a 1M 64k",
+    ]));
+    assert!(wrote.contains("wrote"), "{wrote}");
+    let out = ctl(&["rollback"]);
+    let rb: serde_json::Value = serde_json::from_str(&out).expect("rollback report");
+    assert!(rb["regions"].as_u64().expect("regions") >= 1, "{rb}");
     assert!(
-        agent.wait().expect("wait").success(),
+        read_direct(src.path())[1 << 20..(1 << 20) + (64 << 10)]
+            .iter()
+            .all(|&b| b == 0x5a)
+    );
+    sh(Command::new("kill").args(["-TERM", &agent.0.id().to_string()]));
+    assert!(
+        agent.0.wait().expect("wait").success(),
         "SIGTERM stops it cleanly"
     );
 }

@@ -28,7 +28,7 @@ struct Shared {
     /// `sync` requests asked and answered: a drain begun after request N answers N.
     want: AtomicU64,
     done: AtomicU64,
-    gaps: AtomicU64,
+    gaps: Arc<AtomicU64>,
     write_events: AtomicU64,
     written_bytes: AtomicU64,
     failure: Mutex<Option<String>>,
@@ -146,6 +146,11 @@ impl Tracker {
             .clone()
             .unwrap_or_else(|| "the tracker stopped".into());
         ReplicateError::Tracker(text)
+    }
+
+    /// The gap counter itself, for reporters that outlive a borrow of the tracker.
+    pub fn gap_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.shared.gaps)
     }
 
     /// Gaps (windows of lost events) seen so far.

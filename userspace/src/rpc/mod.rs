@@ -10,7 +10,7 @@ use crate::checktree::CheckTreeError;
 use crate::image::ImageError;
 
 /// Generated code, private: the rest of the crate uses the re-exports below.
-mod pb {
+pub(crate) mod pb {
     #![allow(clippy::pedantic, clippy::nursery, missing_docs)]
     tonic::include_proto!("tern.v1");
 }

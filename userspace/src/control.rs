@@ -1,0 +1,366 @@
+//! The source agent and its control service (`tern.v1.Control`): a warm
+//! standby that replicates its disk continuously, reports status, and on
+//! request cuts over or rolls back. Commands reach the agent's task over a
+//! channel and run between rounds, never in the middle of one (a round that
+//! was cut short would have taken dirty units without sending them).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status as GrpcStatus};
+
+use crate::cutover::{self, CutoverError, CutoverOptions, StatusCell};
+use crate::pause::PauseTarget;
+use crate::replicate::{ReplicateError, Replicator, Stats, Tracker};
+use crate::rpc::pb::{self, control_server};
+
+/// Errors of the source agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Replicate(#[from] ReplicateError),
+    #[error(transparent)]
+    Cutover(#[from] CutoverError),
+    #[error("the control service failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("the source agent has stopped; start it again")]
+    Stopped,
+}
+
+impl From<ControlError> for GrpcStatus {
+    fn from(e: ControlError) -> GrpcStatus {
+        let code = match &e {
+            ControlError::Stopped => tonic::Code::Unavailable,
+            ControlError::Cutover(CutoverError::NotConverging { .. }) => {
+                tonic::Code::FailedPrecondition
+            }
+            ControlError::Replicate(ReplicateError::Fenced { .. }) => tonic::Code::Aborted,
+            _ => tonic::Code::Internal,
+        };
+        GrpcStatus::new(code, e.to_string())
+    }
+}
+
+/// What the agent's task is asked to do between rounds.
+enum Command {
+    Cutover(
+        CutoverOptions,
+        oneshot::Sender<Result<cutover::Report, ControlError>>,
+    ),
+    Rollback(
+        Option<PauseTarget>,
+        oneshot::Sender<Result<cutover::RollbackReport, ControlError>>,
+    ),
+}
+
+/// The source side: the tracker, the engine and the status they report.
+pub struct SourceAgent {
+    pub tracker: Tracker,
+    pub repl: Replicator,
+    pub status: StatusCell,
+}
+
+fn set(status: &StatusCell, f: impl FnOnce(&mut cutover::Status)) {
+    f(&mut status.lock().expect("status lock poisoned"));
+}
+
+impl SourceAgent {
+    /// The initial sync of a standby: a bulk copy to a blank destination, a
+    /// delta sync by checksums to one that holds an older copy.
+    async fn initial_sync(&mut self) -> Result<(), ControlError> {
+        let epoch = self.repl.take_epoch().await?;
+        set(&self.status, |s| {
+            s.epoch = epoch;
+            s.phase = "standby: initial sync";
+        });
+        if self.repl.destination_is_blank().await? {
+            self.repl.send_map().mark_all();
+            self.repl.round(true).await?;
+        } else {
+            self.repl.mark_differences().await?;
+            self.repl.round(false).await?;
+        }
+        Ok(())
+    }
+
+    /// One standby step: checksum recovery after lost events, then a round
+    /// if anything is dirty. Returns whether it sent anything.
+    async fn standby_step(
+        &mut self,
+        gaps: &mut u64,
+        synced_at: &mut Instant,
+    ) -> Result<bool, ControlError> {
+        self.tracker.sync().await?;
+        if self.tracker.gaps() != *gaps {
+            *gaps = self.tracker.gaps();
+            self.repl.mark_differences().await?;
+        }
+        let dirty = self.repl.send_map().dirty_bytes();
+        let rpo = if dirty == 0 {
+            *synced_at = Instant::now();
+            0
+        } else {
+            synced_at.elapsed().as_millis() as u64
+        };
+        set(&self.status, |s| {
+            s.phase = "standby: replicating";
+            s.remaining_bytes = dirty;
+            s.rpo_ms = rpo;
+        });
+        if dirty == 0 {
+            return Ok(false);
+        }
+        self.repl.round(false).await?;
+        set(&self.status, |s| s.round += 1);
+        Ok(true)
+    }
+
+    /// Runs the standby until `shutdown`, serving commands between rounds.
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: CancellationToken,
+    ) -> Result<(), ControlError> {
+        self.initial_sync().await?;
+        let mut gaps = self.tracker.gaps();
+        let mut synced_at = Instant::now();
+        // After a cutover the destination owns the epoch: no more standby rounds.
+        let mut replicating = true;
+        loop {
+            if replicating {
+                let sent = self.standby_step(&mut gaps, &mut synced_at).await?;
+                if sent {
+                    // Between rounds: a waiting command goes first.
+                    match commands.try_recv() {
+                        Ok(cmd) => replicating = self.serve(cmd).await,
+                        Err(mpsc::error::TryRecvError::Empty) => {}
+                        Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+                    }
+                    if shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+            let idle = tokio::time::sleep(Duration::from_millis(200));
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => replicating = self.serve(cmd).await && replicating,
+                    None => return Ok(()),
+                },
+                () = idle => {}
+            }
+        }
+    }
+
+    /// Serves one command; returns whether standby replication goes on.
+    async fn serve(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Cutover(opts, reply) => {
+                let result =
+                    cutover::migrate(&mut self.repl, &self.tracker, &opts, &self.status).await;
+                let go_on = match &result {
+                    Ok(report) => report.outcome != "cut over",
+                    Err(_) => true,
+                };
+                let _ = reply.send(result.map_err(ControlError::from));
+                go_on
+            }
+            Command::Rollback(resume, reply) => {
+                let path = self.repl.source().path().to_path_buf();
+                let local = self.repl.local().tree().clone();
+                let result = async {
+                    let report = cutover::rollback(self.repl.client(), &path, Some(&local)).await?;
+                    if let Some(target) = &resume {
+                        target.resume_now().await.map_err(CutoverError::from)?;
+                    }
+                    // The source is primary again: take the epoch back and replicate.
+                    self.repl.take_epoch().await?;
+                    Ok::<_, ControlError>(report)
+                }
+                .await;
+                let go_on = result.is_ok();
+                let _ = reply.send(result);
+                go_on
+            }
+        }
+    }
+}
+
+/// The `tern.v1.Control` service of one source agent.
+pub struct ControlService {
+    commands: mpsc::Sender<Command>,
+    status: StatusCell,
+    stats: Arc<Stats>,
+    gaps: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+/// Starts the agent's task and returns its control service and the task.
+pub fn start(
+    agent: SourceAgent,
+    shutdown: CancellationToken,
+) -> (
+    ControlService,
+    tokio::task::JoinHandle<Result<(), ControlError>>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    let service = ControlService {
+        commands: tx,
+        status: Arc::clone(&agent.status),
+        stats: agent.repl.stats(),
+        gaps: {
+            let counter = agent.tracker.gap_counter();
+            Arc::new(move || counter.load(std::sync::atomic::Ordering::Acquire))
+        },
+    };
+    let task = tokio::spawn(agent.run(rx, shutdown));
+    (service, task)
+}
+
+impl ControlService {
+    pub fn into_server(self) -> control_server::ControlServer<ControlService> {
+        control_server::ControlServer::new(self)
+    }
+}
+
+fn bad_request(what: &str, e: impl std::fmt::Display) -> GrpcStatus {
+    GrpcStatus::invalid_argument(format!("{what}: {e}"))
+}
+
+fn report_json(report: &impl serde::Serialize) -> Result<String, GrpcStatus> {
+    serde_json::to_string(report).map_err(|e| GrpcStatus::internal(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl control_server::Control for ControlService {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, GrpcStatus> {
+        let s = self.status.lock().expect("status lock poisoned").clone();
+        let st = self.stats.snapshot();
+        Ok(Response::new(pb::StatusReply {
+            phase: s.phase.to_owned(),
+            epoch: s.epoch,
+            round: s.round,
+            sent_bytes: st.sent_bytes,
+            wire_bytes: st.wire_bytes,
+            remaining_bytes: s.remaining_bytes,
+            bandwidth_bps: s.bandwidth_bps,
+            dirty_rate_bps: s.dirty_rate_bps,
+            estimated_downtime_ms: s.estimated_downtime_ms,
+            rpo_ms: s.rpo_ms,
+            reconnects: st.reconnects,
+            gaps: (self.gaps)(),
+        }))
+    }
+
+    async fn cutover(
+        &self,
+        request: Request<pb::CutoverRequest>,
+    ) -> Result<Response<pb::CutoverReply>, GrpcStatus> {
+        let r = request.into_inner();
+        let defaults = CutoverOptions::default();
+        let pause = (!r.pause.is_empty())
+            .then(|| r.pause.parse::<PauseTarget>())
+            .transpose()
+            .map_err(|e| bad_request("pause", e))?;
+        let opts = CutoverOptions {
+            max_downtime: if r.max_downtime_ms == 0 {
+                defaults.max_downtime
+            } else {
+                Duration::from_millis(r.max_downtime_ms)
+            },
+            max_rounds: if r.max_rounds == 0 {
+                defaults.max_rounds
+            } else {
+                r.max_rounds
+            },
+            pause,
+            health: (!r.health_cmd.is_empty())
+                .then_some(cutover::HealthCheck::Command(r.health_cmd))
+                .into_iter()
+                .chain(std::iter::once(cutover::HealthCheck::Region(0..1 << 20)))
+                .collect(),
+            switch: !r.no_switch,
+            // The standby keeps the destination current: no initial pass.
+            initial_sync: false,
+        };
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Cutover(opts, tx))
+            .await
+            .map_err(|_| GrpcStatus::from(ControlError::Stopped))?;
+        let report = rx
+            .await
+            .map_err(|_| GrpcStatus::from(ControlError::Stopped))??;
+        Ok(Response::new(pb::CutoverReply {
+            report_json: report_json(&report)?,
+        }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::RollbackReply>, GrpcStatus> {
+        let r = request.into_inner();
+        let resume = (!r.resume.is_empty())
+            .then(|| r.resume.parse::<PauseTarget>())
+            .transpose()
+            .map_err(|e| bad_request("resume", e))?;
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Rollback(resume, tx))
+            .await
+            .map_err(|_| GrpcStatus::from(ControlError::Stopped))?;
+        let report = rx
+            .await
+            .map_err(|_| GrpcStatus::from(ControlError::Stopped))??;
+        Ok(Response::new(pb::RollbackReply {
+            report_json: report_json(&report)?,
+        }))
+    }
+}
+
+/// Serves the control service on `listener` (mutual TLS with `tls`) until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: ControlService,
+    tls: Option<&crate::rpc::TlsMaterial>,
+    shutdown: CancellationToken,
+) -> Result<(), ControlError> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls.server_config())?;
+    }
+    builder
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A client of a source agent's control service.
+pub async fn connect(
+    addr: &str,
+    tls: Option<&crate::rpc::TlsMaterial>,
+    domain: Option<&str>,
+) -> Result<control_client::ControlClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.client_config(domain))?;
+    }
+    Ok(control_client::ControlClient::new(
+        endpoint.connect().await?,
+    ))
+}
+
+pub use pb::control_client;
+pub use pb::{CutoverRequest, RollbackRequest, StatusRequest};
