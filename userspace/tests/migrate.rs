@@ -149,6 +149,19 @@ fn run_report(cmd: &mut Command) -> (bool, serde_json::Value, String) {
     (out.status.success(), report, stderr)
 }
 
+/// Waits for a migration started with a piped stdout; it must succeed; returns its report.
+fn finished_report(child: Child) -> serde_json::Value {
+    let out = child.wait_with_output().expect("migrate");
+    assert!(out.status.success(), "migrate failed: {}", out.status);
+    serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("report"),
+    )
+    .expect("json")
+}
+
 fn read_direct(path: &str) -> Vec<u8> {
     let out = Command::new("dd")
         .args([
@@ -507,15 +520,7 @@ fn sigkill_of_the_destination_mid_copy_reconnects_and_finishes() {
         std::thread::sleep(Duration::from_millis(300));
         lab.start_agent();
     }
-    let out = child.wait_with_output().expect("migrate");
-    assert!(out.status.success());
-    let report: serde_json::Value = serde_json::from_str(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("report"),
-    )
-    .expect("json");
+    let report = finished_report(child);
     assert!(
         report["reconnects"].as_u64().expect("reconnects") >= 1,
         "{report}"
@@ -614,18 +619,7 @@ fn a_link_cut_mid_copy_is_survived_and_the_copy_finishes_identical() {
     ns.link(false);
     std::thread::sleep(Duration::from_secs(5));
     ns.link(true);
-    let out = child.wait_with_output().expect("migrate");
-    assert!(
-        out.status.success(),
-        "migrate failed after the link came back"
-    );
-    let report: serde_json::Value = serde_json::from_str(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("report"),
-    )
-    .expect("json");
+    let report = finished_report(child);
     // HTTP/2 keepalive noticed the dead link; the source reconnected and resumed.
     assert!(
         report["reconnects"].as_u64().expect("reconnects") >= 1,
