@@ -93,6 +93,10 @@ pub struct MigrateArgs {
     /// After cutover: a command that must exit 0, else roll back.
     #[arg(long)]
     health_cmd: Option<String>,
+    /// After cutover: the destination's NBD export (`HOST:PORT[/EXPORT]`, export
+    /// `tern` by default) must answer, be writable and serve the source's first MiB.
+    #[arg(long, value_name = "HOST:PORT[/EXPORT]")]
+    health_nbd: Option<String>,
     /// Sync only: leave the source primary and the destination read-only.
     #[arg(long)]
     no_switch: bool,
@@ -345,12 +349,23 @@ fn write_status(dir: &Path, value: &serde_json::Value) {
 }
 
 pub fn migrate(m: &MigrateArgs) -> Result<()> {
-    let health: Vec<HealthCheck> = m
+    let mut health: Vec<HealthCheck> = m
         .health_cmd
         .iter()
         .map(|c| HealthCheck::Command(c.clone()))
         .chain(std::iter::once(HealthCheck::Region(0..1 << 20)))
         .collect();
+    if let Some(spec) = &m.health_nbd {
+        let (addr, export) = spec.split_once('/').unwrap_or((spec, "tern"));
+        let addr = addr.parse().with_context(|| {
+            format!("--health-nbd {spec:?}: give HOST:PORT[/EXPORT], e.g. 127.0.0.1:10809/tern")
+        })?;
+        health.push(HealthCheck::Nbd {
+            addr,
+            export: export.to_owned(),
+            region: 0..1 << 20,
+        });
+    }
     let report: serde_json::Value = runtime()?.block_on(async {
         if let Some(mut client) = m.agent.connect().await? {
             // A running source agent does the work; this only asks and waits.

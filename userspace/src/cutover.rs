@@ -64,6 +64,13 @@ pub enum HealthCheck {
     /// The destination's export answers and a region read through the
     /// replica service matches the source.
     Region(Range<u64>),
+    /// The destination's NBD export answers at `addr`, is writable, has the
+    /// source's size, and `region` read through it matches the source.
+    Nbd {
+        addr: std::net::SocketAddr,
+        export: String,
+        region: Range<u64>,
+    },
 }
 
 /// What a migration does and its limits.
@@ -515,9 +522,69 @@ async fn health_check(repl: &mut Replicator, checks: &[HealthCheck]) -> Result<(
                     ));
                 }
             }
+            HealthCheck::Nbd {
+                addr,
+                export,
+                region,
+            } => {
+                let len = (region.end - region.start).min(u64::from(crate::rpc::MAX_EXTENT_LEN));
+                let want = repl
+                    .source()
+                    .read_at(region.start, len as u32)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let (addr, export, start, size) =
+                    (*addr, export.clone(), region.start, repl.source().size());
+                let got = tokio::task::spawn_blocking(move || {
+                    nbd_read(addr, &export, size, start, len as usize)
+                })
+                .await
+                .map_err(|e| e.to_string())??;
+                if got != want.as_ref() {
+                    return Err(format!(
+                        "region {start}+{len} read through the NBD export at {addr} differs from the source"
+                    ));
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// One NBD client session: handshake, checks, one read.
+fn nbd_read(
+    addr: std::net::SocketAddr,
+    export: &str,
+    size: u64,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        format!("the NBD export {export} at {addr}: {what}: {e}")
+    };
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| fail("cannot connect", &e))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| fail("socket", &e))?;
+    let info = nbd::client::handshake(&mut tcp, export.as_bytes())
+        .map_err(|e| fail("handshake failed", &e))?;
+    if info.readonly {
+        return Err(fail("after cutover", &"it is still read-only"));
+    }
+    if info.size != size {
+        return Err(fail(
+            "size",
+            &format!("{} bytes, the source has {size}", info.size),
+        ));
+    }
+    let mut client = nbd::client::NbdClient::new(&mut tcp, &info);
+    client
+        .seek(SeekFrom::Start(offset))
+        .map_err(|e| fail("seek", &e))?;
+    let mut data = vec![0u8; len];
+    client.read_exact(&mut data).map_err(|e| fail("read", &e))?;
+    Ok(data)
 }
 
 async fn read_back(

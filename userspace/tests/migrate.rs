@@ -423,8 +423,12 @@ fn a_stale_epoch_writer_is_refused_after_cutover() {
     let src = LoopDev::new("32M");
     let lab = Lab::new(32 * MIB);
     fill_random(src.path(), 4);
-    let (ok, report, err) = run_report(&mut lab.migrate(src.path(), &["--no-pause"]));
+    // The health check reads the source's first MiB back through the now writable export.
+    let nbd = format!("127.0.0.1:{}/tern", lab.nbd);
+    let (ok, report, err) =
+        run_report(&mut lab.migrate(src.path(), &["--no-pause", "--health-nbd", &nbd]));
     assert!(ok, "{err}");
+    assert_eq!(report["outcome"], "cut over", "{report}");
     let epoch = report["epoch"].as_u64().expect("epoch");
     // The migration's own write epoch is one below the fence.
     let out = tern()
