@@ -288,6 +288,11 @@ fn spawn_progress(
     if let Err(e) = std::fs::create_dir_all(&state_dir) {
         tracing::warn!(dir = %state_dir.display(), error = %e, "cannot create the state directory; `tern status` will not see this run");
     }
+    let bar = terminal.then(|| {
+        let bar = indicatif::ProgressBar::new(1);
+        bar.set_style(progress_style());
+        bar
+    });
     tokio::spawn(async move {
         let mut last_sent = 0;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -314,29 +319,28 @@ fn spawn_progress(
                 "reconnects": st.reconnects,
             });
             write_status(&state_dir, &line);
-            let mut err = std::io::stderr().lock();
-            let _ = if terminal {
-                let pct = if st.round_bytes > 0 {
-                    st.round_done as f64 * 100.0 / st.round_bytes as f64
-                } else {
-                    100.0
-                };
-                write!(
-                    err,
-                    "\r{:<26} round {:>3} {:>5.1}%  sent {:>8.1} MB  {:>7.1} MB/s  dirty {:>7.1} MB  est. downtime {} ms\x1b[K",
+            if let Some(bar) = &bar {
+                bar.set_length(st.round_bytes.max(1));
+                bar.set_position(st.round_done.min(st.round_bytes));
+                bar.set_message(format!(
+                    "{} · round {} · sent {:.1} MB · {:.1} MB/s · dirty {:.1} MB · est. downtime {} ms",
                     s.phase,
                     s.round,
-                    pct.min(100.0),
                     st.sent_bytes as f64 / 1e6,
                     rate as f64 / 1e6,
                     s.remaining_bytes as f64 / 1e6,
                     s.estimated_downtime_ms
-                )
+                ));
             } else {
-                writeln!(err, "{line}")
-            };
+                let _ = writeln!(std::io::stderr().lock(), "{line}");
+            }
         }
     })
+}
+
+fn progress_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template("[{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}")
+        .expect("the progress template is valid")
 }
 
 fn write_status(dir: &Path, value: &serde_json::Value) {
@@ -575,4 +579,16 @@ fn print_status(v: &serde_json::Value, json: bool) -> Result<()> {
     )?;
     writeln!(out, "RPO                  {} ms", n("rpo_ms"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_progress_bar_template_parses() {
+        let bar = indicatif::ProgressBar::hidden();
+        bar.set_style(super::progress_style());
+        bar.set_length(10);
+        bar.set_position(5);
+        assert_eq!(bar.position(), 5);
+    }
 }
