@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use tern::control::SourceAgent;
 use tern::cutover::{self, CutoverOptions, HealthCheck, Status, StatusCell};
 use tern::dirty::DirtyMap;
 use tern::image::{Image, ImageOptions};
@@ -216,13 +217,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// The tracker, the engine and the status cell for one source.
-struct SourceSide {
-    tracker: Tracker,
-    repl: Replicator,
-    status: StatusCell,
-}
-
-async fn start_source(a: &SourceArgs) -> Result<SourceSide> {
+async fn start_source(a: &SourceArgs) -> Result<SourceAgent> {
     let path = source_path(a.device.as_ref(), a.file.as_ref())?;
     let image = Image::open(
         &path,
@@ -269,7 +264,7 @@ async fn start_source(a: &SourceArgs) -> Result<SourceSide> {
             .context("give the destination agent as --to HOST:PORT")?;
     let peer = peer(to, a.tls_dir.as_deref(), a.domain.as_ref())?;
     let repl = Replicator::connect(image, peer, send, local, opts).await?;
-    Ok(SourceSide {
+    Ok(SourceAgent {
         tracker,
         repl,
         status: Arc::new(Mutex::new(Status::default())),
@@ -442,12 +437,7 @@ pub fn source_agent(a: &SourceArgs, control: Option<std::net::SocketAddr>) -> Re
             a.state_dir.clone(),
             a.json,
         );
-        let agent = tern::control::SourceAgent {
-            tracker: side.tracker,
-            repl: side.repl,
-            status: side.status,
-        };
-        let (service, task) = tern::control::start(agent, cancel.clone());
+        let (service, task) = tern::control::start(side, cancel.clone());
         let server = match control {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)

@@ -162,6 +162,20 @@ fn finished_report(child: Child) -> serde_json::Value {
     .expect("json")
 }
 
+/// After an interrupted 96 MiB copy: it reconnected, sent less than two full
+/// copies, and the destination equals the source.
+fn assert_resumed_identical(report: &serde_json::Value, source: &str, lab: &Lab) {
+    assert!(
+        report["reconnects"].as_u64().expect("reconnects") >= 1,
+        "{report}"
+    );
+    assert!(
+        report["sent_bytes"].as_u64().expect("sent") < 2 * 96 * MIB,
+        "{report}"
+    );
+    assert_same(source, &lab.image());
+}
+
 fn read_direct(path: &str) -> Vec<u8> {
     let out = Command::new("dd")
         .args([
@@ -525,15 +539,7 @@ fn sigkill_of_the_destination_mid_copy_reconnects_and_finishes() {
         lab.start_agent();
     }
     let report = finished_report(child);
-    assert!(
-        report["reconnects"].as_u64().expect("reconnects") >= 1,
-        "{report}"
-    );
-    assert!(
-        report["sent_bytes"].as_u64().expect("sent") < 2 * 96 * MIB,
-        "{report}"
-    );
-    assert_same(src.path(), &lab.image());
+    assert_resumed_identical(&report, src.path(), &lab);
 }
 
 /// A network namespace joined to the host by a veth pair: a link that can be cut.
@@ -625,15 +631,7 @@ fn a_link_cut_mid_copy_is_survived_and_the_copy_finishes_identical() {
     ns.link(true);
     let report = finished_report(child);
     // HTTP/2 keepalive noticed the dead link; the source reconnected and resumed.
-    assert!(
-        report["reconnects"].as_u64().expect("reconnects") >= 1,
-        "{report}"
-    );
-    assert!(
-        report["sent_bytes"].as_u64().expect("sent") < 2 * 96 * MIB,
-        "{report}"
-    );
-    assert_same(src.path(), &lab.image());
+    assert_resumed_identical(&report, src.path(), &lab);
     drop(lab);
 }
 
