@@ -1,0 +1,150 @@
+"""`python -m tern_analysis eval|plot|convert`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import intensity, io
+from .arima import ArimaConfig, ArimaModel
+from .evaluation import SplitError, evaluate, make_split
+from .recency import RecencyModel
+
+EXAMPLES = """examples:
+  tern trace export --format csv fio.trace --out fio.csv
+  python -m tern_analysis eval fio.csv --train 0-50% --test 50-100% --horizon 10s --json
+  python -m tern_analysis plot fio.csv --horizon 10s --out fio-arima.png
+  python -m tern_analysis convert fio.csv --out fio.parquet
+"""
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", type=Path, help="a `tern trace export --format csv` file or .parquet")
+    p.add_argument("--train", default="0-50%", type=intensity.parse_span)
+    p.add_argument("--test", default="50-100%", type=intensity.parse_span)
+    p.add_argument("--horizon", default="10s", help="the predicted window, e.g. 10s")
+    p.add_argument("--step", help="time-series bin (default: a tenth of the horizon)")
+    p.add_argument("--region-size", default="1M", type=intensity.parse_size)
+    p.add_argument(
+        "--kinds", default="block", help="accesses to use: block, fault or block,fault"
+    )
+    p.add_argument("--models", default="arima,recency", help="comma-separated: arima, recency")
+    p.add_argument(
+        "--threshold",
+        default=0.5,
+        type=float,
+        help="predict a region when P(at least one access in the horizon) >= this",
+    )
+    p.add_argument("--budget", default="60s", help="wall-clock budget for fitting ARIMA")
+
+
+def _run(args: argparse.Namespace):
+    horizon = intensity.parse_duration(args.horizon)
+    step = intensity.parse_duration(args.step) if args.step else max(1, horizon // 10)
+    if horizon % step:
+        raise ValueError(f"--horizon {args.horizon} is not a whole number of --step {args.step}")
+    if not 0 < args.threshold < 1:
+        raise ValueError("--threshold is a probability: between 0 and 1, exclusive")
+    acc = io.accesses(io.read_table(args.trace), tuple(args.kinds.split(",")))
+    inten = intensity.build(acc, args.region_size, step)
+    split = make_split(inten, args.train, args.test, horizon // step)
+    models = []
+    for name in args.models.split(","):
+        if name == "arima":
+            budget = intensity.parse_duration(args.budget) / 1e9
+            models.append(ArimaModel(ArimaConfig(budget_s=budget)))
+        elif name == "recency":
+            models.append(RecencyModel())
+        else:
+            raise ValueError(f"unknown model {name!r}: choose from arima, recency")
+    results, skipped = evaluate(inten, models, split, args.threshold)
+    return inten, split, results, skipped, horizon, step
+
+
+def _fmt(v: float | None) -> str:
+    return "   n/a" if v is None else f"{100 * v:5.1f}%"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    inten, split, results, skipped, horizon, step = _run(args)
+    report = {
+        "trace": str(args.trace),
+        "region_size": args.region_size,
+        "horizon_ns": horizon,
+        "step_ns": step,
+        "threshold": args.threshold,
+        "regions": len(inten.regions),
+        "train_bins": split.train_end,
+        "test_horizons": len(results[0].horizons) if results else 0,
+        "skipped_horizons_in_gaps": skipped,
+        "models": {r.name: {**r.total.report(), "model": r.summary} for r in results},
+    }
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return 0
+    print(
+        f"{args.trace}: {len(inten.regions)} regions of {args.region_size} B, "
+        f"{report['test_horizons']} test horizons of {args.horizon} "
+        f"({skipped} skipped for gaps)"
+    )
+    print(f"{'model':<10} {'precision':>9} {'coverage':>9} {'prec(B)':>9} {'cov(B)':>9}")
+    for r in results:
+        t = r.total
+        print(
+            f"{r.name:<10} {_fmt(t.precision):>9} {_fmt(t.coverage):>9} "
+            f"{_fmt(t.precision_bytes):>9} {_fmt(t.coverage_bytes):>9}"
+        )
+        if r.summary:
+            print(f"  {r.name}: {json.dumps(r.summary)}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_forecasts
+
+    inten, split, results, _, _, _ = _run(args)
+    plot_forecasts(inten, split, results, args.out, top=args.top)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    io.write_parquet(io.read_table(args.trace), args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tern_analysis",
+        description="Offline ARIMA baseline and metrics for Tern traces.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("eval", help="precision and coverage of the next-horizon working set")
+    _eval_args(e)
+    e.add_argument("--json", action="store_true", help="print a JSON report")
+    e.set_defaults(func=cmd_eval)
+    pl = sub.add_parser("plot", help="plot predicted vs actual intensity (PNG)")
+    _eval_args(pl)
+    pl.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    pl.add_argument("--top", type=int, default=4, help="how many of the hottest regions to plot")
+    pl.set_defaults(func=cmd_plot)
+    c = sub.add_parser("convert", help="store an exported CSV as Parquet")
+    c.add_argument("trace", type=Path)
+    c.add_argument("--out", type=Path, required=True)
+    c.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
