@@ -82,8 +82,10 @@ def fit_series(y: np.ndarray, cfg: ArimaConfig, deadline: float) -> RegionFit:
                 # A fit that did not converge is still compared by AIC; a bad one loses.
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 warnings.simplefilter("ignore", UserWarning)
+                # No standard errors: only the AIC and the forecast are used, and the
+                # numerical Hessian would double the cost.
                 res = ARIMA(y, order=(p, d, q), trend=trend).fit(
-                    method_kwargs={"maxiter": cfg.maxiter}
+                    cov_type="none", method_kwargs={"maxiter": cfg.maxiter}
                 )
         except (ValueError, np.linalg.LinAlgError):
             continue
