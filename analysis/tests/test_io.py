@@ -1,0 +1,99 @@
+"""Reading exported traces: the column set of export.rs, every row kind, Parquet, and a CSV
+written by the real `tern` binary."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import HEADER, MIB, SEC, block, fault, gap
+
+from tern_analysis import intensity, io
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fixture_rows():
+    return [
+        block(0, "flush", 0, 0, comm='sh, "quoted"'),
+        block(2 * SEC, "read", MIB - 4096, 8192, comm='sh, "quoted"'),
+        fault(int(2.5 * SEC), "write", 0x7F00_0000_1000),
+        gap(3 * SEC, 4 * SEC, lost=17),
+        # Imports may emit out of time order: this one was issued before the read above.
+        block(SEC, "write", 3 * MIB, 4096, target="/dev/loop8", comm="w"),
+        block(int(1.5 * SEC), "discard", 0, MIB),
+        block(5 * SEC, "write-zeroes", 4 * MIB, 65536),
+    ]
+
+
+def test_columns_are_those_export_rs_writes():
+    src = (REPO / "userspace/src/trace/export.rs").read_text()
+    m = re.search(r'CSV_HEADER: &str =\s*"([^"]+)"', src)
+    assert m, "CSV_HEADER not found in export.rs"
+    assert m.group(1) == HEADER == ",".join(io.CSV_COLUMNS)
+
+
+def check_fixture_accesses(acc: io.Accesses):
+    r = acc.requests
+    assert list(r["op"]) == ["write", "read", "write-zeroes"]  # data ops, in time order
+    assert list(r["space"]) == ["/dev/loop8", "/dev/loop9", "/dev/loop9"]
+    assert list(r["offset"]) == [3 * MIB, MIB - 4096, 4 * MIB]
+    assert list(r["len"]) == [4096, 8192, 65536]
+    assert acc.gaps.values.tolist() == [[3 * SEC, 4 * SEC]]
+    assert (acc.start_ns, acc.end_ns) == (0, 5 * SEC)
+
+
+def test_every_row_kind_of_the_export_is_read(write_trace):
+    df = io.read_table(write_trace(fixture_rows()))
+    assert df["comm"].iloc[0] == 'sh, "quoted"' and df["lost"].iloc[3] == 17
+    check_fixture_accesses(io.accesses(df))
+    faults = io.accesses(df, ("fault",)).requests
+    assert faults.values.tolist() == [[int(2.5 * SEC), "pid 7", "write", 0x7F00_0000_1000, 4096]]
+
+
+def test_gap_bins_are_unknown(write_trace):
+    inten = intensity.build(io.accesses(io.read_table(write_trace(fixture_rows()))), MIB, SEC)
+    assert inten.known.tolist() == [True, True, True, False, False, True]
+
+
+def test_parquet_holds_the_same_table(write_trace, tmp_path):
+    df = io.read_table(write_trace(fixture_rows()))
+    io.write_parquet(df, tmp_path / "t.parquet")
+    pd.testing.assert_frame_equal(io.read_table(tmp_path / "t.parquet"), df)
+
+
+def test_a_table_without_the_export_columns_is_refused(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(io.TraceFormatError, match="tern trace export"):
+        io.read_table(tmp_path / "x.csv")
+
+
+def tern_binary() -> Path | None:
+    candidates = [os.environ.get("TERN_BIN")]
+    if os.environ.get("CARGO_TARGET_DIR"):
+        candidates.append(os.environ["CARGO_TARGET_DIR"] + "/debug/tern")
+    candidates += [str(REPO / "target/debug/tern"), shutil.which("tern")]
+    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+
+
+def test_a_csv_exported_by_the_tern_binary_is_read(write_trace, tmp_path):
+    tern = tern_binary()
+    if tern is None:
+        # CI builds the binary before these tests run (.ci/run): there it must be found.
+        if os.environ.get("CI"):
+            pytest.fail("no tern binary: set TERN_BIN or build it (cargo build -p tern)")
+        pytest.skip("no tern binary built; set TERN_BIN to run this test")
+    src = write_trace(fixture_rows(), "in.csv")
+    trace, out = tmp_path / "t.trace", tmp_path / "out.csv"
+    for args in (
+        ["trace", "import", "--format", "csv", str(src), "--out", str(trace)],
+        ["trace", "export", "--format", "csv", str(trace), "--out", str(out)],
+    ):
+        subprocess.run([str(tern), *args], check=True, timeout=60, capture_output=True)
+    assert out.read_text().splitlines()[0] == HEADER
+    check_fixture_accesses(io.accesses(io.read_table(out)))
