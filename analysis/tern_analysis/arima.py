@@ -73,27 +73,40 @@ def fit_series(y: np.ndarray, cfg: ArimaConfig, deadline: float) -> RegionFit:
         return RegionFit("sparse")
     d = choose_d(known)
     trend = "c" if d == 0 else "t"
-    best = None
+    # Orders are screened with Hannan-Rissanen (fast, no optimizer) where it applies -- no
+    # unknown bins -- and only the winner gets the exact MLE; with gaps every order does.
+    screen = "hannan_rissanen" if known.size == y.size else "statespace"
+    ranked = []
     for p, q in cfg.orders:
         if time.monotonic() > deadline:
             break
-        try:
-            with warnings.catch_warnings():
-                # A fit that did not converge is still compared by AIC; a bad one loses.
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                warnings.simplefilter("ignore", UserWarning)
-                # No standard errors: only the AIC and the forecast are used, and the
-                # numerical Hessian would double the cost.
-                res = ARIMA(y, order=(p, d, q), trend=trend).fit(
-                    cov_type="none", method_kwargs={"maxiter": cfg.maxiter}
-                )
-        except (ValueError, np.linalg.LinAlgError):
-            continue
-        if np.isfinite(res.aic) and (best is None or res.aic < best.aic):
-            best = res
-    if best is None:
+        res = _fit(y, (p, d, q), trend, screen, cfg)
+        if res is not None:
+            ranked.append((res.aic, (p, d, q), res))
+    if not ranked:
         return RegionFit("budget" if time.monotonic() > deadline else "failed")
-    return RegionFit("aic", (best.model.order[0], d, best.model.order[2]), best)
+    _, order, best = min(ranked, key=lambda r: r[0])
+    if screen != "statespace" and order != (0, d, 0):
+        best = _fit(y, order, trend, "statespace", cfg, best.params) or best
+    return RegionFit("aic", order, best)
+
+
+def _fit(y, order, trend, method, cfg, start_params=None):
+    """One ARIMA fit, or None when the method cannot fit this order to this series."""
+    kwargs = {"method_kwargs": {"maxiter": cfg.maxiter}} if method == "statespace" else {}
+    try:
+        with warnings.catch_warnings():
+            # A fit that did not converge is still compared by AIC; a bad one loses.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            # No standard errors: only the AIC and the forecast are used, and the numerical
+            # Hessian would double the cost.
+            res = ARIMA(y, order=order, trend=trend).fit(
+                method=method, start_params=start_params, cov_type="none", **kwargs
+            )
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+    return res if np.isfinite(res.aic) else None
 
 
 def forecast_series(fit: RegionFit, history: np.ndarray, steps: int) -> np.ndarray:
@@ -110,18 +123,21 @@ def forecast_series(fit: RegionFit, history: np.ndarray, steps: int) -> np.ndarr
 
 @dataclass
 class ArimaModel:
-    """The per-region ARIMA baseline (see the module doc)."""
+    """The per-region ARIMA baseline (see the module doc). A region's expected accesses are
+    shared among its units by each unit's part of the region's past accesses, and a unit's
+    probability of at least one access is Poisson's 1 - exp(-expected share), as the Rust
+    `ets` model does."""
 
     config: ArimaConfig = field(default_factory=ArimaConfig)
     name: str = "arima"
     fits: list[RegionFit] = field(default_factory=list)
     fit_seconds: float = 0.0
-    _bytes_per_access: np.ndarray | None = None
+    forecast_seconds: float = 0.0
 
-    def fit(self, inten: Intensity, train_end: int) -> None:
+    def fit(self, inten: Intensity, first: int, train_end: int) -> None:
         t0 = time.monotonic()
         deadline = t0 + self.config.budget_s
-        totals = inten.counts[:, :train_end].sum(axis=1)
+        totals = inten.region_counts[:, first:train_end].sum(axis=1)
         self.fits = [RegionFit("unfitted")] * len(totals)
         for row in np.argsort(-totals, kind="stable"):
             if totals[row] == 0:
@@ -129,20 +145,27 @@ class ArimaModel:
             elif time.monotonic() > deadline:
                 self.fits[row] = RegionFit("budget")
             else:
-                self.fits[row] = fit_series(inten.series(row, train_end), self.config, deadline)
-        train_bytes = inten.bytes[:, :train_end].sum(axis=1)
-        all_bpa = inten.bytes.sum(axis=1) / np.maximum(inten.counts.sum(axis=1), 1)
-        self._bytes_per_access = np.where(
-            totals > 0, train_bytes / np.maximum(totals, 1), all_bpa
-        )
+                y = inten.series(row, first, train_end)
+                self.fits[row] = fit_series(y, self.config, deadline)
         self.fit_seconds = time.monotonic() - t0
 
-    def forecast(self, inten: Intensity, at: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """Expected accesses and bytes per region in bins [at, at + steps)."""
+    def forecast(
+        self, inten: Intensity, first: int, at: int, steps: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per unit the probability of an access in bins [at, at + steps); per region the
+        expected accesses."""
+        t0 = time.monotonic()
         lam = np.array(
-            [forecast_series(f, inten.series(row, at), steps).sum() for row, f in enumerate(self.fits)]
+            [
+                forecast_series(f, inten.series(row, first, at), steps).sum()
+                for row, f in enumerate(self.fits)
+            ]
         )
-        return lam, lam * self._bytes_per_access
+        unit_past = inten.unit_counts[:, first:at].sum(axis=1)
+        region_past = inten.region_counts[:, first:at].sum(axis=1)[inten.unit_region]
+        share = np.divide(unit_past, region_past, out=np.zeros_like(unit_past), where=region_past > 0)
+        self.forecast_seconds += time.monotonic() - t0
+        return 1.0 - np.exp(-lam[inten.unit_region] * share), lam
 
     def summary(self) -> dict:
         why = Counter(f.why for f in self.fits)
@@ -153,4 +176,5 @@ class ArimaModel:
             "fallback_to_mean": {k: v for k, v in why.items() if k != "aic"},
             "orders": dict(orders.most_common()),
             "fit_seconds": round(self.fit_seconds, 3),
+            "forecast_seconds": round(self.forecast_seconds, 3),
         }

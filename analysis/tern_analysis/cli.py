@@ -25,42 +25,58 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", default="0-50%", type=intensity.parse_span)
     p.add_argument("--test", default="50-100%", type=intensity.parse_span)
     p.add_argument("--horizon", default="10s", help="the predicted window, e.g. 10s")
-    p.add_argument("--step", help="time-series bin (default: a tenth of the horizon)")
-    p.add_argument("--region-size", default="1M", type=intensity.parse_size)
     p.add_argument(
-        "--kinds", default="block", help="accesses to use: block, fault or block,fault"
+        "--step", help="time-series bin; divides the horizon (default: a quarter of it)"
+    )
+    p.add_argument("--target", help="the block target (default: the first in the trace)")
+    p.add_argument(
+        "--unit", default="64K", type=intensity.parse_size, help="scored unit (power of two)"
+    )
+    p.add_argument(
+        "--region-size",
+        default="1M",
+        type=intensity.parse_size,
+        help="forecast region: a multiple of the unit",
     )
     p.add_argument("--models", default="arima,recency", help="comma-separated: arima, recency")
     p.add_argument(
         "--threshold",
         default=0.5,
         type=float,
-        help="predict a region when P(at least one access in the horizon) >= this",
+        help="predict a unit when P(at least one access in the horizon) >= this",
     )
-    p.add_argument("--budget", default="60s", help="wall-clock budget for fitting ARIMA")
+    p.add_argument("--budget", default="120s", help="wall-clock budget for fitting ARIMA")
+    p.add_argument("--max-windows", default=200, type=int, help="horizons scored at most")
+
+
+def _step(horizon: int, text: str | None) -> int:
+    if text:
+        step = intensity.parse_duration(text)
+        if horizon % step:
+            raise ValueError(f"--step {text} does not divide the horizon")
+        return step
+    # A quarter of the horizon, like the Rust `ets` model, unless bins would be under 10 ms.
+    return horizon // 4 if horizon % 4 == 0 and horizon // 4 >= 10_000_000 else horizon
 
 
 def _run(args: argparse.Namespace):
     horizon = intensity.parse_duration(args.horizon)
-    step = intensity.parse_duration(args.step) if args.step else max(1, horizon // 10)
-    if horizon % step:
-        raise ValueError(f"--horizon {args.horizon} is not a whole number of --step {args.step}")
+    step = _step(horizon, args.step)
     if not 0 < args.threshold < 1:
         raise ValueError("--threshold is a probability: between 0 and 1, exclusive")
-    acc = io.accesses(io.read_table(args.trace), tuple(args.kinds.split(",")))
-    inten = intensity.build(acc, args.region_size, step)
-    split = make_split(inten, args.train, args.test, horizon // step)
+    acc = io.accesses(io.read_table(args.trace), args.target)
+    split = make_split(acc, args.train, args.test, horizon, args.max_windows)
+    inten = intensity.build(acc, args.unit, args.region_size, step, split.test_ns[0])
     models = []
     for name in args.models.split(","):
         if name == "arima":
             budget = intensity.parse_duration(args.budget) / 1e9
             models.append(ArimaModel(ArimaConfig(budget_s=budget)))
         elif name == "recency":
-            models.append(RecencyModel())
+            models.append(RecencyModel(horizon // step))
         else:
             raise ValueError(f"unknown model {name!r}: choose from arima, recency")
-    results, skipped = evaluate(inten, models, split, args.threshold)
-    return inten, split, results, skipped, horizon, step
+    return acc, inten, split, evaluate(inten, models, split, args.threshold)
 
 
 def _fmt(v: float | None) -> str:
@@ -68,27 +84,33 @@ def _fmt(v: float | None) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    inten, split, results, skipped, horizon, step = _run(args)
+    acc, inten, split, results = _run(args)
     report = {
         "trace": str(args.trace),
-        "region_size": args.region_size,
-        "horizon_ns": horizon,
-        "step_ns": step,
+        "target": acc.target,
+        "unit": inten.unit,
+        "region_size": inten.region_size,
+        "horizon_ns": split.horizon_ns,
+        "step_ns": inten.step_ns,
         "threshold": args.threshold,
-        "regions": len(inten.regions),
-        "train_bins": split.train_end,
-        "test_horizons": len(results[0].horizons) if results else 0,
-        "skipped_horizons_in_gaps": skipped,
-        "models": {r.name: {**r.total.report(), "model": r.summary} for r in results},
+        "span_ns": [acc.start_ns, acc.end_ns],
+        "train_ns": list(split.train_ns),
+        "test_ns": list(split.test_ns),
+        "windows": split.windows,
+        "scored_windows": len(split.scored),
+        "gap_windows": split.gap_windows,
+        "units": int(inten.units.size),
+        "regions": int(inten.regions.size),
+        "models": [{"name": r.name, **r.total.report(), "model": r.summary} for r in results],
     }
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
         return 0
     print(
-        f"{args.trace}: {len(inten.regions)} regions of {args.region_size} B, "
-        f"{report['test_horizons']} test horizons of {args.horizon} "
-        f"({skipped} skipped for gaps)"
+        f"{args.trace} ({acc.target}): {inten.units.size} units of {inten.unit} B in "
+        f"{inten.regions.size} regions; {len(split.scored)} of {split.windows} test horizons "
+        f"of {args.horizon} scored ({split.gap_windows} skipped for gaps)"
     )
     print(f"{'model':<10} {'precision':>9} {'coverage':>9} {'prec(B)':>9} {'cov(B)':>9}")
     for r in results:
@@ -105,8 +127,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plot import plot_forecasts
 
-    inten, split, results, _, _, _ = _run(args)
-    plot_forecasts(inten, split, results, args.out, top=args.top)
+    _, inten, split, results = _run(args)
+    plot_forecasts(inten, results, args.out, top=args.top)
     print(f"wrote {args.out}")
     return 0
 

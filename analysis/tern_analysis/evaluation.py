@@ -1,12 +1,13 @@
-"""Scoring models on a train/test split of a trace, horizon by horizon.
+"""Scoring models on a train/test split of a trace, horizon by horizon, the way
+`tern predict eval` does (userspace/src/predict/eval.rs):
 
-The trace's duration is cut into bins of `step`; `horizon` is a whole number of bins. Models
-are fitted on the training bins. The test part is walked in consecutive horizons: at the start
-of each, a model sees the whole history before it (no refit) and forecasts the expected
-accesses per region in the horizon; the regions whose probability of at least one access is
-at least `threshold` (Poisson: expected accesses >= -ln(1 - threshold)) are its predicted
-working set, scored against the regions really accessed. Horizons that overlap a gap in the
-trace are skipped: their true working set is unknown.
+- the history spans [first access or gap, last + 1 ns); `--train`/`--test` are fractions of it;
+- the test part is walked in horizons from its start, the last one cut at the test's end;
+  at most `max_windows` are scored, evenly spread; a horizon that overlaps a gap is skipped;
+- at each horizon's start a model knows the history from the training part's start up to
+  that instant (parameters are fitted on the training part only) and gives each unit a
+  probability of at least one access in the horizon; those at >= `threshold` are its
+  predicted working set, scored against the units the horizon accessed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .intensity import Intensity
+from .io import Accesses
 from .metrics import Tally, score
 
 
@@ -25,40 +27,66 @@ class SplitError(ValueError):
 
 
 @dataclass(frozen=True)
-class Split:
-    train_end: int
-    test_start: int
-    test_end: int
-    steps: int
+class Window:
+    from_ns: int
+    to_ns: int
 
-    def windows(self) -> list[int]:
-        """First bins of the test horizons (whole horizons only)."""
-        return list(range(self.test_start, self.test_end - self.steps + 1, self.steps))
+
+@dataclass(frozen=True)
+class Split:
+    train_ns: tuple[int, int]
+    test_ns: tuple[int, int]
+    horizon_ns: int
+    #: All horizons of the test part.
+    windows: int
+    #: The horizons to score (gap horizons left out).
+    scored: list[Window]
+    gap_windows: int
+
+
+def _round(x: float) -> int:
+    """Half away from zero, like Rust's `f64::round`, for non-negative x."""
+    return math.floor(x + 0.5)
 
 
 def make_split(
-    inten: Intensity, train: tuple[float, float], test: tuple[float, float], steps: int
+    acc: Accesses,
+    train: tuple[float, float],
+    test: tuple[float, float],
+    horizon_ns: int,
+    max_windows: int = 200,
 ) -> Split:
-    if train[0] != 0:
-        raise SplitError("the training part must start at 0% (models learn from the start)")
-    split = Split(inten.bin_at(train[1]), inten.bin_at(test[0]), inten.bin_at(test[1]), steps)
-    if split.test_start < split.train_end:
-        raise SplitError("the test part must start where the training part ends or later")
-    if not split.windows():
-        raise SplitError(
-            f"the test part ({split.test_end - split.test_start} bins) is shorter than one "
-            f"horizon ({steps} bins): use a shorter --horizon or a longer trace"
-        )
-    return split
+    t0, t1 = acc.start_ns, acc.end_ns
+
+    def at(f: float) -> int:
+        return t0 + _round((t1 - t0) * f)
+
+    train_ns, (test_from, test_to) = (at(train[0]), at(train[1])), (at(test[0]), at(test[1]))
+    if test_to <= test_from:
+        raise SplitError("the test part is empty: the trace is too short for this split")
+    windows = max(1, -(-(test_to - test_from) // horizon_ns))
+    every = max(1, -(-windows // max(1, max_windows)))
+    gaps = [(int(s), max(int(e), int(s) + 1)) for s, e in acc.gaps.itertuples(index=False)]
+    scored, gap_windows = [], 0
+    for w in range(0, windows, every):
+        lo = test_from + w * horizon_ns
+        hi = min(lo + horizon_ns, test_to)
+        if any(s < hi and lo < e for s, e in gaps):
+            gap_windows += 1
+        else:
+            scored.append(Window(lo, hi))
+    return Split(train_ns, (test_from, test_to), horizon_ns, windows, scored, gap_windows)
 
 
 @dataclass
 class Horizon:
     """One scored horizon of one model, kept for plots."""
 
-    start_bin: int
+    window: Window
+    #: Expected accesses per region in the horizon.
     expected: np.ndarray
-    predicted: np.ndarray
+    #: Accesses per region in the horizon.
+    actual: np.ndarray
     tally: Tally
 
 
@@ -72,28 +100,36 @@ class ModelResult:
 
 def evaluate(
     inten: Intensity, models: list, split: Split, threshold: float = 0.5
-) -> tuple[list[ModelResult], int]:
-    """Fits and scores each model; returns the results and the number of skipped horizons."""
-    cut = -math.log(1.0 - threshold)
-    windows = [
-        w for w in split.windows() if inten.known[w : w + split.steps].all()
-    ]
-    skipped = len(split.windows()) - len(windows)
+) -> list[ModelResult]:
+    """Fits and scores each model on the split."""
+    if inten.step_ns and split.horizon_ns % inten.step_ns:
+        raise ValueError("the horizon must be a whole number of bins")
+    first = max(0, inten.bin_of(split.train_ns[0]))
+    train_end = max(first, min(inten.bin_of(split.train_ns[1]), inten.bin_of(split.test_ns[0])))
+    acc = inten.accesses
+    ts = acc["ts_ns"].to_numpy()
+    rows = np.searchsorted(inten.units, acc["unit"].to_numpy())
+    actuals = []
+    for w in split.scored:
+        sel = (ts >= w.from_ns) & (ts < w.to_ns)
+        bytes_per_unit = np.bincount(
+            rows[sel], weights=acc["bytes"].to_numpy()[sel], minlength=inten.units.size
+        ).astype(np.int64)
+        counts_per_region = np.bincount(
+            inten.unit_region[rows[sel]], minlength=inten.regions.size
+        )
+        actuals.append((bytes_per_unit, counts_per_region))
     results = []
     for model in models:
-        model.fit(inten, split.train_end)
+        model.fit(inten, first, train_end)
         res = ModelResult(model.name)
-        for w in windows:
-            lam, lam_bytes = model.forecast(inten, w, split.steps)
-            predicted = lam >= cut
-            t = score(
-                predicted,
-                lam_bytes,
-                inten.counts[:, w : w + split.steps].sum(axis=1),
-                inten.bytes[:, w : w + split.steps].sum(axis=1),
-            )
+        for w, (bytes_per_unit, counts_per_region) in zip(split.scored, actuals, strict=True):
+            at = inten.bin_of(w.from_ns)
+            steps = -(-(w.to_ns - w.from_ns) // inten.step_ns)
+            p, expected = model.forecast(inten, first, at, steps)
+            t = score(p >= threshold, bytes_per_unit, inten.unit)
             res.total += t
-            res.horizons.append(Horizon(w, lam, predicted, t))
+            res.horizons.append(Horizon(w, expected, counts_per_region, t))
         res.summary = model.summary()
         results.append(res)
-    return results, skipped
+    return results

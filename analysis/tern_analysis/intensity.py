@@ -1,9 +1,9 @@
-"""Per-region access intensity: how many accesses (and bytes) each region saw in each time bin.
+"""Per-unit and per-region access counts in time bins.
 
-A region is an aligned extent of `region_size` bytes of one address space (a block target, or
-one process's memory for page faults). An access that straddles regions counts once in each,
-with the bytes that fall inside it. Bins that overlap a gap in the trace are unknown: their
-values are NaN in `series`, and they are never scored.
+As in `tern predict eval`: the disk is cut into aligned units (64 KiB by default, what a
+prefetch moves and what is scored) grouped into regions (1 MiB by default, whose access
+intensity is forecast). A request that straddles units is one access of each, with the bytes
+that fall inside it. Bins that overlap a gap in the trace are unknown: NaN in `series`.
 """
 
 from __future__ import annotations
@@ -48,70 +48,88 @@ def parse_span(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def unit_accesses(acc: Accesses, unit: int) -> pd.DataFrame:
+    """One row per (request, unit it touches): `ts_ns`, `unit`, `bytes` inside that unit."""
+    req = acc.requests
+    u = np.uint64(unit)
+    off = req["offset"].to_numpy(dtype=np.uint64)
+    end = off + req["len"].to_numpy(dtype=np.uint64)
+    first = off // u
+    span = ((end - np.uint64(1)) // u - first + np.uint64(1)).astype(np.int64)
+    idx = np.repeat(np.arange(len(req)), span)
+    within = np.arange(idx.size) - np.repeat(np.cumsum(span) - span, span)
+    units = first[idx] + within.astype(np.uint64)
+    lo = np.maximum(off[idx], units * u)
+    hi = np.minimum(end[idx], (units + np.uint64(1)) * u)
+    return pd.DataFrame(
+        {
+            "ts_ns": req["ts_ns"].to_numpy(dtype=np.int64)[idx],
+            "unit": units,
+            "bytes": (hi - lo).astype(np.int64),
+        }
+    )
+
+
 @dataclass(frozen=True)
 class Intensity:
-    """Dense per-region time series on a grid of `step_ns` bins from `start_ns`.
+    """Dense access counts on a grid of `step_ns` bins from `start_ns`.
 
-    `regions` lists (`space`, `region`) per row of `counts`/`bytes`, which are
-    (regions x bins) arrays; `known[b]` is False when bin b overlaps a gap.
+    `accesses` is the `unit_accesses` table. Row i of `unit_counts` is unit `units[i]`, in region row `unit_region[i]` of
+    `region_counts` (region id `regions[j]`). `known[b]` is False when bin b overlaps a gap.
     """
 
-    regions: pd.DataFrame
-    counts: np.ndarray
-    bytes: np.ndarray
+    accesses: pd.DataFrame
+    units: np.ndarray
+    unit_region: np.ndarray
+    regions: np.ndarray
+    unit_counts: np.ndarray
+    region_counts: np.ndarray
     known: np.ndarray
     start_ns: int
     step_ns: int
+    unit: int
     region_size: int
 
     @property
     def n_bins(self) -> int:
         return self.known.size
 
-    def series(self, row: int, end_bin: int) -> np.ndarray:
-        """Accesses per bin of one region over bins [0, end_bin), NaN where unknown."""
-        y = self.counts[row, :end_bin].astype(float)
-        y[~self.known[:end_bin]] = np.nan
+    def bin_of(self, ts_ns: int) -> int:
+        """The bin holding `ts_ns`."""
+        return (ts_ns - self.start_ns) // self.step_ns
+
+    def series(self, row: int, lo: int, hi: int) -> np.ndarray:
+        """Accesses per bin of one region over bins [lo, hi), NaN where unknown."""
+        y = self.region_counts[row, lo:hi].astype(float)
+        y[~self.known[lo:hi]] = np.nan
         return y
 
-    def bin_at(self, frac: float) -> int:
-        """The bin boundary nearest to a fraction of the grid's length."""
-        return round(frac * self.n_bins)
 
-
-def build(acc: Accesses, region_size: int, step_ns: int) -> Intensity:
-    """Bins the accesses of a trace into per-region series."""
-    n_bins = max(1, -(-(acc.end_ns - acc.start_ns + 1) // step_ns))
-    req = acc.requests
-    off = req["offset"].to_numpy(dtype=np.uint64)
-    ln = req["len"].to_numpy(dtype=np.uint64)
-    end = off + ln
-    first = off // np.uint64(region_size)
-    last = (end - np.uint64(1)) // np.uint64(region_size)
-    span = (last - first + np.uint64(1)).astype(np.int64)
-    # One row per (access, region it touches); nearly all accesses touch one region.
-    idx = np.repeat(np.arange(len(req)), span)
-    within = np.arange(idx.size) - np.repeat(np.cumsum(span) - span, span)
-    region = first[idx] + within.astype(np.uint64)
-    lo = np.maximum(off[idx], region * np.uint64(region_size))
-    hi = np.minimum(end[idx], (region + np.uint64(1)) * np.uint64(region_size))
-    nbytes = (hi - lo).astype(np.int64)
-    ts = req["ts_ns"].to_numpy(dtype=np.int64)[idx]
-    bins = (ts - acc.start_ns) // step_ns
-
-    keys = pd.DataFrame({"space": req["space"].to_numpy()[idx], "region": region})
-    codes = keys.groupby(["space", "region"], sort=True).ngroup().to_numpy()
-    regions = keys.drop_duplicates().sort_values(["space", "region"])
-    counts = np.zeros((len(regions), n_bins))
-    nb = np.zeros((len(regions), n_bins))
-    np.add.at(counts, (codes, bins), 1.0)
-    np.add.at(nb, (codes, bins), nbytes.astype(float))
-
+def build(acc: Accesses, unit: int, region_size: int, step_ns: int, anchor_ns: int) -> Intensity:
+    """Bins the accesses on a grid of `step_ns` that has a bin boundary at `anchor_ns` (the
+    start of the test, so that horizons are whole bins) and covers the whole history."""
+    if unit & (unit - 1) or not 4096 <= unit <= 1 << 30:
+        raise ValueError(f"the unit {unit} must be a power of two from 4K to 1G")
+    if region_size % unit:
+        raise ValueError(f"the region size {region_size} is not a multiple of the unit {unit}")
+    start = anchor_ns - -(-(anchor_ns - acc.start_ns) // step_ns) * step_ns
+    n_bins = max(1, -(-(acc.end_ns - start) // step_ns))
+    per_unit = unit_accesses(acc, unit)
+    units, rows = np.unique(per_unit["unit"].to_numpy(), return_inverse=True)
+    regions, unit_region = np.unique(units // np.uint64(region_size // unit), return_inverse=True)
+    bins = (per_unit["ts_ns"].to_numpy() - start) // step_ns
+    unit_counts = np.zeros((units.size, n_bins))
+    np.add.at(unit_counts, (rows, bins), 1.0)
+    region_counts = np.zeros((regions.size, n_bins))
+    np.add.at(region_counts, unit_region, unit_counts)
     known = np.ones(n_bins, dtype=bool)
     for g_start, g_end in acc.gaps.itertuples(index=False):
-        b0 = max(0, (int(g_start) - acc.start_ns) // step_ns)
-        b1 = min(n_bins - 1, (int(g_end) - acc.start_ns) // step_ns)
-        known[b0 : b1 + 1] = False
+        # [start, max(end, start + 1)), as in `tern predict eval`.
+        b0 = max(0, (int(g_start) - start) // step_ns)
+        b1 = min(n_bins, -(-(max(int(g_end), int(g_start) + 1) - start) // step_ns))
+        known[b0:b1] = False
     return Intensity(
-        regions.reset_index(drop=True), counts, nb, known, acc.start_ns, step_ns, region_size
+        per_unit, units, unit_region, regions, unit_counts, region_counts, known, start, step_ns,
+        unit, region_size,
     )
+

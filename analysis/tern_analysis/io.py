@@ -49,9 +49,9 @@ _DTYPES = {
     "lost": "Int64",
 }
 
-#: Operations that move data: they make a region part of the working set. Flushes carry no
-#: range; discards drop data rather than use it.
-DATA_OPS = ("read", "write", "write-zeroes")
+#: Operations that touch data, as `tern predict eval` counts them: a read, or an operation that
+#: modifies the disk (`Op::modifies`: write, discard, write-zeroes). Flushes carry no range.
+DATA_OPS = ("read", "write", "discard", "write-zeroes")
 
 
 class TraceFormatError(ValueError):
@@ -60,13 +60,14 @@ class TraceFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Accesses:
-    """The data accesses of a trace and the windows in which events were lost.
+    """The data accesses to one block target and the windows in which events were lost.
 
-    `requests` has one row per access: `ts_ns`, `space` (the block target's name, or
-    `pid N` for page faults: each is its own address space), `op`, `offset`, `len`.
-    `gaps` has `start_ns`, `end_ns`. `start_ns`/`end_ns` bound everything in the trace.
+    `requests` has one row per request, in time order: `ts_ns`, `op`, `offset`, `len`.
+    `gaps` has `start_ns`, `end_ns`. The history spans [`start_ns`, `end_ns`): from the
+    first access or gap to just after the last, as in `tern predict eval`.
     """
 
+    target: str
     requests: pd.DataFrame
     gaps: pd.DataFrame
     start_ns: int
@@ -95,55 +96,29 @@ def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
     df.to_parquet(path, engine="pyarrow", index=False)
 
 
-def accesses(df: pd.DataFrame, kinds: tuple[str, ...] = ("block",)) -> Accesses:
-    """Selects the data accesses of the given row kinds (`block`, `fault`) and the gaps."""
-    unknown = set(kinds) - {"block", "fault"}
-    if unknown:
-        raise TraceFormatError(f"unknown access kinds {sorted(unknown)}: use block and/or fault")
-    parts = []
-    if "block" in kinds:
-        b = df[(df["kind"] == "block") & df["op"].isin(DATA_OPS) & (df["len"] > 0)]
-        parts.append(
-            pd.DataFrame(
-                {
-                    "ts_ns": b["ts_ns"],
-                    "space": b["target"].fillna("?"),
-                    "op": b["op"],
-                    "offset": b["offset"],
-                    "len": b["len"],
-                }
-            )
-        )
-    if "fault" in kinds:
-        f = df[df["kind"] == "fault"]
-        parts.append(
-            pd.DataFrame(
-                {
-                    "ts_ns": f["ts_ns"],
-                    "space": "pid " + f["pid"].astype("string"),
-                    "op": f["op"],
-                    "offset": f["offset"],
-                    "len": f["len"],
-                }
-            )
-        )
-    req = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+def accesses(df: pd.DataFrame, target: str | None = None) -> Accesses:
+    """Selects the data accesses to `target` (default: the first block target in the table)
+    and the gaps (events of every kind were lost in them, so they count for all targets)."""
+    data = df[(df["kind"] == "block") & df["op"].isin(DATA_OPS) & (df["len"] > 0)]
+    if target is None:
+        if data.empty:
+            raise TraceFormatError("the trace has no block reads or writes")
+        target = str(data["target"].iloc[0])
+    b = data[data["target"] == target]
+    if b.empty:
+        names = sorted(data["target"].dropna().unique())
+        raise TraceFormatError(f"no reads or writes to {target!r}; the trace has {names}")
     # Imported traces may be out of time order (they are emitted at completion).
-    req = req.astype(
-        {"ts_ns": "int64", "space": "string", "op": "string", "offset": "uint64", "len": "int64"}
+    req = (
+        b[["ts_ns", "op", "offset", "len"]]
+        .astype({"ts_ns": "int64", "op": "string", "offset": "uint64", "len": "int64"})
+        .sort_values("ts_ns", kind="stable")
+        .reset_index(drop=True)
     )
-    req = req.sort_values("ts_ns", kind="stable").reset_index(drop=True)
-
     g = df[df["kind"] == "gap"]
+    starts = g["ts_ns"].astype("int64").to_numpy()
     gaps = pd.DataFrame(
-        {
-            "start_ns": g["ts_ns"].astype("int64").to_numpy(),
-            "end_ns": g["end_ns"].fillna(g["ts_ns"]).astype("int64").to_numpy(),
-        }
+        {"start_ns": starts, "end_ns": g["end_ns"].fillna(g["ts_ns"]).astype("int64").to_numpy()}
     )
-    times = [df["ts_ns"].dropna().astype("int64").to_numpy()]
-    times.append(df["end_ns"].dropna().astype("int64").to_numpy())
-    all_t = np.concatenate(times)
-    if all_t.size == 0:
-        raise TraceFormatError("the trace has no records")
-    return Accesses(req, gaps, int(all_t.min()), int(all_t.max()))
+    times = np.concatenate([req["ts_ns"].to_numpy(), starts])
+    return Accesses(target, req, gaps, int(times.min()), int(times.max()) + 1)

@@ -1,14 +1,14 @@
-"""Precision and coverage of a predicted next-horizon working set.
+"""Precision and coverage of a predicted next-horizon working set, as `tern predict eval`
+defines them (userspace/src/predict/eval.rs).
 
-The working set of a horizon is the set of regions accessed in it. Per horizon:
+The working set of a horizon is the set of units accessed in it (any operation). Per horizon:
 
 - precision = |predicted ∩ actual| / |predicted|
 - coverage  = |predicted ∩ actual| / |actual|    (recall)
-
-and by bytes, each region weighted by its volume: a predicted region by the bytes the model
-expects in it, an actual one by the bytes accessed in it, so that
-precision_bytes = predicted bytes in regions that were accessed / all predicted bytes and
-coverage_bytes = accessed bytes in regions that were predicted / all accessed bytes.
+- precision_bytes: of the bytes a prefetch of the predicted units would move (a whole unit
+  each), the share the horizon then used (per hit unit, its accessed bytes up to one unit);
+- coverage_bytes: of the bytes the horizon accessed (request bytes, repeats included), the
+  share inside predicted units.
 
 Over several horizons the numerators and denominators are summed before dividing (a
 micro-average), so a busy horizon weighs more than an idle one. A ratio whose denominator is
@@ -33,10 +33,10 @@ class Tally:
     predicted: int = 0
     actual: int = 0
     hits: int = 0
-    predicted_bytes: float = 0.0
-    actual_bytes: float = 0.0
-    hit_predicted_bytes: float = 0.0
-    hit_actual_bytes: float = 0.0
+    predicted_bytes: int = 0
+    used_bytes: int = 0
+    actual_bytes: int = 0
+    covered_bytes: int = 0
 
     def __iadd__(self, other: Tally) -> Tally:
         for k, v in asdict(other).items():
@@ -53,11 +53,11 @@ class Tally:
 
     @property
     def precision_bytes(self) -> float | None:
-        return _ratio(self.hit_predicted_bytes, self.predicted_bytes)
+        return _ratio(self.used_bytes, self.predicted_bytes)
 
     @property
     def coverage_bytes(self) -> float | None:
-        return _ratio(self.hit_actual_bytes, self.actual_bytes)
+        return _ratio(self.covered_bytes, self.actual_bytes)
 
     def report(self) -> dict:
         """The ratios and the sums behind them, for JSON."""
@@ -70,26 +70,19 @@ class Tally:
         }
 
 
-def score(
-    predicted: np.ndarray,
-    predicted_bytes: np.ndarray,
-    actual_counts: np.ndarray,
-    actual_bytes: np.ndarray,
-) -> Tally:
-    """Scores one horizon. Arrays are indexed by region: `predicted` is a boolean mask,
-    `predicted_bytes` the volume the model expects per region, `actual_counts` and
-    `actual_bytes` what the horizon really accessed."""
+def score(predicted: np.ndarray, accessed_bytes: np.ndarray, unit: int) -> Tally:
+    """Scores one horizon. Arrays are indexed by unit: `predicted` is a boolean mask,
+    `accessed_bytes` the bytes the horizon accessed in each unit (0: not accessed)."""
     predicted = np.asarray(predicted, dtype=bool)
-    actual = np.asarray(actual_counts) > 0
+    accessed = np.asarray(accessed_bytes, dtype=np.int64)
+    actual = accessed > 0
     hit = predicted & actual
-    pb = np.where(predicted, np.asarray(predicted_bytes, dtype=float), 0.0)
-    ab = np.where(actual, np.asarray(actual_bytes, dtype=float), 0.0)
     return Tally(
         predicted=int(predicted.sum()),
         actual=int(actual.sum()),
         hits=int(hit.sum()),
-        predicted_bytes=float(pb.sum()),
-        actual_bytes=float(ab.sum()),
-        hit_predicted_bytes=float(pb[hit].sum()),
-        hit_actual_bytes=float(ab[hit].sum()),
+        predicted_bytes=int(predicted.sum()) * unit,
+        used_bytes=int(np.minimum(accessed[hit], unit).sum()),
+        actual_bytes=int(accessed.sum()),
+        covered_bytes=int(accessed[hit].sum()),
     )

@@ -15,16 +15,21 @@ from .intensity import Intensity
 
 @dataclass
 class RecencyModel:
+    #: Bins in one horizon: how far back it looks.
+    horizon_bins: int
     name: str = "recency"
 
-    def fit(self, inten: Intensity, train_end: int) -> None:
+    def fit(self, inten: Intensity, first: int, train_end: int) -> None:
         """Nothing to learn."""
 
-    def forecast(self, inten: Intensity, at: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """Accesses and bytes per region in the `steps` bins before `at`, as the expectation
-        for the `steps` bins from `at`."""
-        lo = max(0, at - steps)
-        return inten.counts[:, lo:at].sum(axis=1), inten.bytes[:, lo:at].sum(axis=1)
+    def forecast(
+        self, inten: Intensity, first: int, at: int, steps: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Probability 1 for the units accessed in the horizon before `at`; per region, its
+        accesses then as the expectation."""
+        lo = max(first, at - self.horizon_bins)
+        seen = inten.unit_counts[:, lo:at].sum(axis=1) > 0
+        return seen.astype(float), inten.region_counts[:, lo:at].sum(axis=1)
 
     def summary(self) -> dict:
         return {}

@@ -39,26 +39,32 @@ def test_columns_are_those_export_rs_writes():
 
 
 def check_fixture_accesses(acc: io.Accesses):
+    # The first block target with data; data ops only (discard included), in time order.
+    assert acc.target == "/dev/loop9"
     r = acc.requests
-    assert list(r["op"]) == ["write", "read", "write-zeroes"]  # data ops, in time order
-    assert list(r["space"]) == ["/dev/loop8", "/dev/loop9", "/dev/loop9"]
-    assert list(r["offset"]) == [3 * MIB, MIB - 4096, 4 * MIB]
-    assert list(r["len"]) == [4096, 8192, 65536]
+    assert list(r["op"]) == ["discard", "read", "write-zeroes"]
+    assert list(r["offset"]) == [0, MIB - 4096, 4 * MIB]
+    assert list(r["len"]) == [MIB, 8192, 65536]
     assert acc.gaps.values.tolist() == [[3 * SEC, 4 * SEC]]
-    assert (acc.start_ns, acc.end_ns) == (0, 5 * SEC)
+    assert (acc.start_ns, acc.end_ns) == (int(1.5 * SEC), 5 * SEC + 1)
 
 
 def test_every_row_kind_of_the_export_is_read(write_trace):
     df = io.read_table(write_trace(fixture_rows()))
     assert df["comm"].iloc[0] == 'sh, "quoted"' and df["lost"].iloc[3] == 17
+    assert df["offset"].iloc[2] == 0x7F00_0000_1000  # a fault's address
     check_fixture_accesses(io.accesses(df))
-    faults = io.accesses(df, ("fault",)).requests
-    assert faults.values.tolist() == [[int(2.5 * SEC), "pid 7", "write", 0x7F00_0000_1000, 4096]]
+    other = io.accesses(df, "/dev/loop8")
+    assert other.requests.values.tolist() == [[SEC, "write", 3 * MIB, 4096]]
+    with pytest.raises(io.TraceFormatError, match="loop8"):
+        io.accesses(df, "/dev/sda")
 
 
 def test_gap_bins_are_unknown(write_trace):
-    inten = intensity.build(io.accesses(io.read_table(write_trace(fixture_rows()))), MIB, SEC)
-    assert inten.known.tolist() == [True, True, True, False, False, True]
+    acc = io.accesses(io.read_table(write_trace(fixture_rows())))
+    inten = intensity.build(acc, 65536, MIB, SEC, acc.start_ns)
+    # Bins from 1.5 s; the gap [3 s, 4 s) touches the second and third.
+    assert inten.known.tolist() == [True, False, False, True]
 
 
 def test_parquet_holds_the_same_table(write_trace, tmp_path):

@@ -9,103 +9,106 @@ import pytest
 from conftest import MIB, SEC, block, gap
 
 from tern_analysis import cli, intensity, io
-from tern_analysis.evaluation import SplitError, evaluate, make_split
+from tern_analysis.evaluation import evaluate, make_split
 from tern_analysis.metrics import Tally, score
 from tern_analysis.recency import RecencyModel
 
 
-def test_score_counts_and_weights_each_side_by_its_own_bytes():
-    # regions:        0      1     2     3
+def test_score_counts_units_and_bytes_as_the_rust_harness_does():
+    unit = 65536
+    # units:        0     1      2      3
     predicted = [True, True, False, True]
-    predicted_bytes = [100.0, 300.0, 999.0, 600.0]
-    actual_counts = [2, 0, 1, 5]
-    actual_bytes = [8192, 0, 4096, 20480]
-    t = score(predicted, predicted_bytes, actual_counts, actual_bytes)
+    accessed = [8192, 0, 4096, 3 * unit]  # unit 3 was accessed three times over
+    t = score(predicted, accessed, unit)
     assert (t.predicted, t.actual, t.hits) == (3, 3, 2)
     assert t.precision == pytest.approx(2 / 3)
     assert t.coverage == pytest.approx(2 / 3)
-    assert t.precision_bytes == pytest.approx((100 + 600) / 1000)
-    assert t.coverage_bytes == pytest.approx((8192 + 20480) / (8192 + 4096 + 20480))
+    # A prefetch moves 3 whole units; of those the horizon used 8 KiB and (at most) 1 unit.
+    assert t.precision_bytes == pytest.approx((8192 + unit) / (3 * unit))
+    assert t.coverage_bytes == pytest.approx((8192 + 3 * unit) / (8192 + 4096 + 3 * unit))
 
 
 def test_score_is_undefined_when_nothing_is_predicted_or_accessed():
-    t = score(np.zeros(3, bool), np.zeros(3), np.zeros(3), np.zeros(3))
+    t = score(np.zeros(3, bool), np.zeros(3), 4096)
     assert t.precision is None and t.coverage is None
     assert t.precision_bytes is None and t.coverage_bytes is None
 
 
 def test_tallies_sum_before_dividing():
     t = Tally()
-    t += score([True], [10.0], [1], [4096])  # 1 of 1 right
-    t += score([True, True, True], [1.0] * 3, [0, 0, 0], [0] * 3)  # 0 of 3
+    t += score([True], [4096], 4096)  # 1 of 1 right
+    t += score([True, True, True], [0, 0, 0], 4096)  # 0 of 3
     assert t.precision == pytest.approx(1 / 4)  # not the mean of 1 and 0
 
 
 def tiny_trace_rows():
-    """8 s, 1 MiB regions. Train: bins 0-3; test horizons (2 s): bins 4-5 and 6-7.
+    """8 s, 1 MiB units. Train: 0-4 s; test horizons (2 s): 4-6 s and 6-8 s.
 
+    bin 0: region 5, only to start the history at 0
     bins 2-3: region 0 (4 KiB), region 1 (12 KiB)
     bins 4-5: region 0 (4 KiB), region 2 (2 x 4 KiB)
     bins 6-7: region 2 (4 KiB), region 3 (16 KiB)
     """
     return [
-        block(0, "flush", 0, 0),  # the trace starts at 0 ...
+        block(0, "flush", 0, 0),  # flushes are not accesses: they bound nothing
+        block(0, "read", 5 * MIB, 4096),  # the history starts at 0 ...
         block(int(2.5 * SEC), "read", 4096, 4096),
         block(int(3.2 * SEC), "write", 1 * MIB, 12288),
         block(int(4.1 * SEC), "read", 0, 4096),
         block(int(4.3 * SEC), "read", 2 * MIB, 4096),
         block(int(5.1 * SEC), "write", 2 * MIB + 8192, 4096),
         block(int(6.5 * SEC), "read", 2 * MIB, 4096),
-        block(int(7.0 * SEC), "write", 3 * MIB, 16384),
-        block(8 * SEC - 1, "flush", 0, 0),  # ... and ends just before 8 s
+        block(8 * SEC - 1, "write", 3 * MIB, 16384),  # ... and ends at 8 s
     ]
+
+
+EVAL = ["--models", "recency", "--horizon", "2s", "--step", "1s", "--unit", "1M", "--json"]
 
 
 def test_recency_on_a_tiny_trace_matches_hand_computed_values(write_trace, capsys):
     path = write_trace(tiny_trace_rows())
-    assert cli.main(["eval", str(path), "--models", "recency", "--horizon", "2s",
-                     "--step", "1s", "--json"]) == 0
+    assert cli.main(["eval", str(path), *EVAL]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["test_horizons"] == 2
-    m = report["models"]["recency"]
-    # Horizon 4-5: predicted {0: 4 KiB, 1: 12 KiB}, actual {0: 4 KiB, 2: 8 KiB}: hit 0.
-    # Horizon 6-7: predicted {0: 4 KiB, 2: 8 KiB}, actual {2: 4 KiB, 3: 16 KiB}: hit 2.
+    assert (report["windows"], report["scored_windows"]) == (2, 2)
+    [m] = report["models"]
+    # Horizon 4-6 s: predicted {0, 1}, actual {0: 4 KiB, 2: 8 KiB}: hit 0.
+    # Horizon 6-8 s: predicted {0, 2}, actual {2: 4 KiB, 3: 16 KiB}: hit 2.
     assert (m["predicted"], m["actual"], m["hits"]) == (4, 4, 2)
     assert m["precision"] == pytest.approx(0.5)
     assert m["coverage"] == pytest.approx(0.5)
-    assert m["precision_bytes"] == pytest.approx((4096 + 8192) / (16384 + 12288))
+    assert m["precision_bytes"] == pytest.approx((4096 + 4096) / (4 * MIB))
     assert m["coverage_bytes"] == pytest.approx((4096 + 4096) / (12288 + 20480))
 
 
 def test_a_horizon_overlapping_a_gap_is_not_scored(write_trace, capsys):
     path = write_trace([*tiny_trace_rows(), gap(int(6.2 * SEC), int(6.4 * SEC))])
-    assert cli.main(["eval", str(path), "--models", "recency", "--horizon", "2s",
-                     "--step", "1s", "--json"]) == 0
+    assert cli.main(["eval", str(path), *EVAL]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["skipped_horizons_in_gaps"] == 1
-    m = report["models"]["recency"]
+    assert (report["scored_windows"], report["gap_windows"]) == (1, 1)
+    [m] = report["models"]
     assert (m["predicted"], m["actual"], m["hits"]) == (2, 2, 1)
     assert m["coverage_bytes"] == pytest.approx(4096 / 12288)
 
 
-def test_an_access_straddling_regions_counts_in_each_with_its_share(write_trace):
-    path = write_trace([block(0, "read", MIB - 4096, 12288)])
-    inten = intensity.build(io.accesses(io.read_table(path)), MIB, SEC)
-    assert list(inten.regions["region"]) == [0, 1]
-    assert inten.counts[:, 0].tolist() == [1, 1]
-    assert inten.bytes[:, 0].tolist() == [4096, 8192]
+def test_an_access_straddling_units_counts_in_each_with_its_share(write_trace):
+    acc = io.accesses(io.read_table(write_trace([block(0, "read", MIB - 4096, 12288)])))
+    per_unit = intensity.unit_accesses(acc, 65536)
+    assert per_unit[["unit", "bytes"]].values.tolist() == [[15, 4096], [16, 8192]]
 
 
-def test_split_shorter_than_a_horizon_is_refused(write_trace):
-    inten = intensity.build(io.accesses(io.read_table(write_trace(tiny_trace_rows()))), MIB, SEC)
-    with pytest.raises(SplitError, match="shorter than one horizon"):
-        make_split(inten, (0, 0.5), (0.5, 1.0), 5)
-    split = make_split(inten, (0, 0.5), (0.5, 1.0), 2)
-    results, skipped = evaluate(inten, [RecencyModel()], split)
-    assert skipped == 0 and [h.start_bin for h in results[0].horizons] == [4, 6]
+def test_the_last_horizon_is_cut_at_the_tests_end_and_windows_are_spread(write_trace):
+    acc = io.accesses(io.read_table(write_trace(tiny_trace_rows())))
+    split = make_split(acc, (0, 0.5), (0.5, 1.0), 3 * SEC)
+    assert split.windows == 2
+    assert [(w.from_ns, w.to_ns) for w in split.scored] == [(4 * SEC, 7 * SEC), (7 * SEC, 8 * SEC)]
+    split = make_split(acc, (0, 0.5), (0.5, 1.0), SEC, max_windows=2)
+    assert split.windows == 4 and [w.from_ns for w in split.scored] == [4 * SEC, 6 * SEC]
+    inten = intensity.build(acc, MIB, MIB, SEC, split.test_ns[0])
+    [res] = evaluate(inten, [RecencyModel(1)], split)
+    assert [h.window.from_ns for h in res.horizons] == [4 * SEC, 6 * SEC]
 
 
 def test_cli_reports_a_bad_flag_as_a_sentence(write_trace, capsys):
     path = write_trace(tiny_trace_rows())
     assert cli.main(["eval", str(path), "--horizon", "3s", "--step", "2s"]) == 2
-    assert "not a whole number" in capsys.readouterr().err
+    assert "does not divide" in capsys.readouterr().err
