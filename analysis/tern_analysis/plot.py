@@ -25,17 +25,21 @@ def plot_forecasts(inten: Intensity, results: list[ModelResult], out: Path, top:
     axes = np.atleast_1d(axes)
     for ax, row in zip(axes, busiest, strict=False):
         ax.plot(x, [h.actual[row] for h in horizons], "k-o", ms=3, label="actual")
-        for r in results:
-            ax.plot(x, [h.expected[row] for h in r.horizons], "--", label=f"{r.name} expected")
+        for k, r in enumerate(results):
+            ax.plot(
+                x, [h.expected[row] for h in r.horizons], "--", color=f"C{k}",
+                label=f"{r.name} expected",
+            )
         start = int(inten.regions[row]) * inten.region_size
         ax.set_title(f"region at {start / 2**20:.0f} MiB: accesses per horizon", fontsize=9)
         ax.set_ylabel("accesses")
         ax.legend(fontsize=7, loc="upper right")
     ax = axes[-1]
     ax.plot(x, [h.tally.actual for h in horizons], "k-o", ms=3, label="actual")
-    for r in results:
-        ax.plot(x, [h.tally.predicted for h in r.horizons], "--", label=f"{r.name} predicted")
-        ax.plot(x, [h.tally.hits for h in r.horizons], ":", label=f"{r.name} correct")
+    for k, r in enumerate(results):
+        c = f"C{k}"
+        ax.plot(x, [h.tally.predicted for h in r.horizons], "--", color=c, label=f"{r.name} predicted")
+        ax.plot(x, [h.tally.hits for h in r.horizons], ":", color=c, label=f"{r.name} correct")
     ax.set_title(f"working set per horizon ({inten.unit // 1024} KiB units)", fontsize=9)
     ax.set_xlabel("time since the trace's start (s)")
     ax.set_ylabel("units")

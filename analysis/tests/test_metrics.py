@@ -112,3 +112,10 @@ def test_cli_reports_a_bad_flag_as_a_sentence(write_trace, capsys):
     path = write_trace(tiny_trace_rows())
     assert cli.main(["eval", str(path), "--horizon", "3s", "--step", "2s"]) == 2
     assert "does not divide" in capsys.readouterr().err
+
+
+def test_plot_writes_a_png_of_the_scored_horizons(write_trace, tmp_path, capsys):
+    path, out = write_trace(tiny_trace_rows()), tmp_path / "p.png"
+    args = ["plot", str(path), "--horizon", "2s", "--step", "1s", "--unit", "1M", "--out", str(out)]
+    assert cli.main(args) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
