@@ -163,7 +163,9 @@ class ArimaModel:
         )
         unit_past = inten.unit_counts[:, first:at].sum(axis=1)
         region_past = inten.region_counts[:, first:at].sum(axis=1)[inten.unit_region]
-        share = np.divide(unit_past, region_past, out=np.zeros_like(unit_past), where=region_past > 0)
+        share = np.divide(
+            unit_past, region_past, out=np.zeros_like(unit_past), where=region_past > 0
+        )
         self.forecast_seconds += time.monotonic() - t0
         return 1.0 - np.exp(-lam[inten.unit_region] * share), lam
 

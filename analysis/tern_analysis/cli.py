@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import intensity, io
 from .arima import ArimaConfig, ArimaModel
-from .evaluation import SplitError, evaluate, make_split
+from .evaluation import evaluate, make_split
 from .recency import RecencyModel
 
 EXAMPLES = """examples:
@@ -25,9 +25,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", default="0-50%", type=intensity.parse_span)
     p.add_argument("--test", default="50-100%", type=intensity.parse_span)
     p.add_argument("--horizon", default="10s", help="the predicted window, e.g. 10s")
-    p.add_argument(
-        "--step", help="time-series bin; divides the horizon (default: a quarter of it)"
-    )
+    p.add_argument("--step", help="time-series bin; divides the horizon (default: a quarter of it)")
     p.add_argument("--target", help="the block target (default: the first in the trace)")
     p.add_argument(
         "--unit", default="64K", type=intensity.parse_size, help="scored unit (power of two)"

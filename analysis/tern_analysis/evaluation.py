@@ -115,9 +115,7 @@ def evaluate(
         bytes_per_unit = np.bincount(
             rows[sel], weights=acc["bytes"].to_numpy()[sel], minlength=inten.units.size
         ).astype(np.int64)
-        counts_per_region = np.bincount(
-            inten.unit_region[rows[sel]], minlength=inten.regions.size
-        )
+        counts_per_region = np.bincount(inten.unit_region[rows[sel]], minlength=inten.regions.size)
         actuals.append((bytes_per_unit, counts_per_region))
     results = []
     for model in models:

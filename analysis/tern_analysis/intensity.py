@@ -74,8 +74,9 @@ def unit_accesses(acc: Accesses, unit: int) -> pd.DataFrame:
 class Intensity:
     """Dense access counts on a grid of `step_ns` bins from `start_ns`.
 
-    `accesses` is the `unit_accesses` table. Row i of `unit_counts` is unit `units[i]`, in region row `unit_region[i]` of
-    `region_counts` (region id `regions[j]`). `known[b]` is False when bin b overlaps a gap.
+    `accesses` is the `unit_accesses` table. Row i of `unit_counts` is unit `units[i]`, in
+    region row `unit_region[i]` of `region_counts` (region id `regions[j]`). `known[b]` is
+    False when bin b overlaps a gap.
     """
 
     accesses: pd.DataFrame
@@ -129,7 +130,15 @@ def build(acc: Accesses, unit: int, region_size: int, step_ns: int, anchor_ns: i
         b1 = min(n_bins, -(-(max(int(g_end), int(g_start) + 1) - start) // step_ns))
         known[b0:b1] = False
     return Intensity(
-        per_unit, units, unit_region, regions, unit_counts, region_counts, known, start, step_ns,
-        unit, region_size,
+        per_unit,
+        units,
+        unit_region,
+        regions,
+        unit_counts,
+        region_counts,
+        known,
+        start,
+        step_ns,
+        unit,
+        region_size,
     )
-

@@ -27,7 +27,10 @@ def plot_forecasts(inten: Intensity, results: list[ModelResult], out: Path, top:
         ax.plot(x, [h.actual[row] for h in horizons], "k-o", ms=3, label="actual")
         for k, r in enumerate(results):
             ax.plot(
-                x, [h.expected[row] for h in r.horizons], "--", color=f"C{k}",
+                x,
+                [h.expected[row] for h in r.horizons],
+                "--",
+                color=f"C{k}",
                 label=f"{r.name} expected",
             )
         start = int(inten.regions[row]) * inten.region_size
@@ -38,7 +41,9 @@ def plot_forecasts(inten: Intensity, results: list[ModelResult], out: Path, top:
     ax.plot(x, [h.tally.actual for h in horizons], "k-o", ms=3, label="actual")
     for k, r in enumerate(results):
         c = f"C{k}"
-        ax.plot(x, [h.tally.predicted for h in r.horizons], "--", color=c, label=f"{r.name} predicted")
+        ax.plot(
+            x, [h.tally.predicted for h in r.horizons], "--", color=c, label=f"{r.name} predicted"
+        )
         ax.plot(x, [h.tally.hits for h in r.horizons], ":", color=c, label=f"{r.name} correct")
     ax.set_title(f"working set per horizon ({inten.unit // 1024} KiB units)", fontsize=9)
     ax.set_xlabel("time since the trace's start (s)")
