@@ -106,16 +106,19 @@ def evaluate(
         raise ValueError("the horizon must be a whole number of bins")
     first = max(0, inten.bin_of(split.train_ns[0]))
     train_end = max(first, min(inten.bin_of(split.train_ns[1]), inten.bin_of(split.test_ns[0])))
-    acc = inten.accesses
+    acc = inten.accesses  # in time order
     ts = acc["ts_ns"].to_numpy()
     rows = np.searchsorted(inten.units, acc["unit"].to_numpy())
+    nbytes = acc["bytes"].to_numpy()
     actuals = []
     for w in split.scored:
-        sel = (ts >= w.from_ns) & (ts < w.to_ns)
+        lo, hi = np.searchsorted(ts, [w.from_ns, w.to_ns])
         bytes_per_unit = np.bincount(
-            rows[sel], weights=acc["bytes"].to_numpy()[sel], minlength=inten.units.size
+            rows[lo:hi], weights=nbytes[lo:hi], minlength=inten.units.size
         ).astype(np.int64)
-        counts_per_region = np.bincount(inten.unit_region[rows[sel]], minlength=inten.regions.size)
+        counts_per_region = np.bincount(
+            inten.unit_region[rows[lo:hi]], minlength=inten.regions.size
+        )
         actuals.append((bytes_per_unit, counts_per_region))
     results = []
     for model in models:
