@@ -10,6 +10,7 @@ from pathlib import Path
 from . import intensity, io
 from .arima import ArimaConfig, ArimaModel
 from .evaluation import evaluate, make_split
+from .lru import LruModel
 from .recency import RecencyModel
 
 EXAMPLES = """examples:
@@ -36,7 +37,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         type=intensity.parse_size,
         help="forecast region: a multiple of the unit",
     )
-    p.add_argument("--models", default="arima,recency", help="comma-separated: arima, recency")
+    p.add_argument(
+        "--models", default="arima,lru,recency", help="comma-separated: arima, lru, recency"
+    )
     p.add_argument(
         "--threshold",
         default=0.5,
@@ -72,8 +75,10 @@ def _run(args: argparse.Namespace):
             models.append(ArimaModel(ArimaConfig(budget_s=budget)))
         elif name == "recency":
             models.append(RecencyModel(horizon // step))
+        elif name == "lru":
+            models.append(LruModel(horizon, split.train_ns[0]))
         else:
-            raise ValueError(f"unknown model {name!r}: choose from arima, recency")
+            raise ValueError(f"unknown model {name!r}: choose from arima, recency, lru")
     return acc, inten, split, evaluate(inten, models, split, args.threshold)
 
 

@@ -49,7 +49,8 @@ def parse_span(text: str) -> tuple[float, float]:
 
 
 def unit_accesses(acc: Accesses, unit: int) -> pd.DataFrame:
-    """One row per (request, unit it touches): `ts_ns`, `unit`, `bytes` inside that unit."""
+    """One row per (request, unit it touches), in time order: `ts_ns`, `unit`, `bytes` inside
+    that unit, and `write` (anything but a read)."""
     req = acc.requests
     u = np.uint64(unit)
     off = req["offset"].to_numpy(dtype=np.uint64)
@@ -66,6 +67,7 @@ def unit_accesses(acc: Accesses, unit: int) -> pd.DataFrame:
             "ts_ns": req["ts_ns"].to_numpy(dtype=np.int64)[idx],
             "unit": units,
             "bytes": (hi - lo).astype(np.int64),
+            "write": (req["op"] != "read").to_numpy(dtype=bool)[idx],
         }
     )
 
