@@ -88,3 +88,19 @@ def test_model_predicts_the_steady_region_and_not_the_one_touched_once(write_tra
     assert res.total.precision == 1.0 and res.total.coverage == 1.0
     assert model.summary()["fitted"] == 1
     assert model.summary()["fallback_to_mean"] == {"sparse": 1}
+
+
+@pytest.mark.parametrize("trending", [False, True])
+def test_moving_the_filter_on_forecasts_as_refiltering_the_whole_history_would(trending):
+    rng = np.random.default_rng(6)
+    y = 5 + 0.5 * np.arange(120) + rng.normal(0, 0.3, 120) if trending else periodic(120, rng)
+    y[100:104] = np.nan  # a gap after the training part
+    fit = fit_series(y[:80], ArimaConfig(), FOREVER)
+    assert fit.why == "aic" and fit.order[1] == int(trending)
+    fitted = fit.result
+    for end in (80, 90, 110, 120):  # horizon by horizon, as the evaluation does
+        moved = forecast_series(fit, y[:end], 5)
+        refiltered = np.clip(fitted.apply(y[:end]).forecast(5), 0, None)
+        assert moved == pytest.approx(refiltered, rel=1e-6, abs=1e-6)
+    with pytest.raises(ValueError, match="back in time"):
+        forecast_series(fit, y[:100], 5)
