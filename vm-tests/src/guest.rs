@@ -29,7 +29,7 @@ const MODULES: &[&str] = &[
     "ext4",
 ];
 
-const APT_LIMIT: Duration = Duration::from_secs(300);
+const APT_LIMIT: Duration = Duration::from_mins(5);
 
 /// Which Debian kernel to boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,11 +112,11 @@ fn kernel_package(suite: Suite) -> String {
             best = Some((version, pkg.to_owned()));
         }
     }
-    best.map(|(_, p)| p).unwrap_or_else(|| {
+    best.map_or_else(|| {
         panic!(
             "no linux-image-amd64 for {suite:?} in apt; add the bookworm-backports source (`cargo xtask setup` does) and run apt-get update"
         )
-    })
+    }, |(_, p)| p)
 }
 
 fn version_gt(a: &str, b: &str) -> bool {
@@ -191,10 +191,10 @@ fn fetch(package: &str, dir: &Path) {
             .to_string_lossy()
             .into_owned();
         let dest = out.join("modules").join(name.trim_end_matches(".xz"));
-        if name.ends_with(".xz") {
+        if Path::new(&name).extension().is_some_and(|e| e == "xz") {
             let bytes = crate::process::run_for(
                 Command::new("xz").arg("-dc").arg(&module),
-                Duration::from_secs(60),
+                Duration::from_mins(1),
             )
             .stdout;
             fs::write(&dest, bytes).expect("write a module");
@@ -276,7 +276,7 @@ pub fn initramfs(kernel: &Kernel, extra: &[(PathBuf, String)], out: &Path) {
             .arg("sh")
             .arg(r)
             .arg(out),
-        Duration::from_secs(120),
+        Duration::from_mins(2),
     );
 }
 
@@ -294,21 +294,21 @@ pub fn ext4_image(path: &Path, mib: u64, seed: Option<&Path>) {
                 "status=none",
                 "conv=fsync",
             ]),
-        Duration::from_secs(120),
+        Duration::from_mins(2),
     );
     let mut mkfs = Command::new("mkfs.ext4");
     mkfs.args(["-q", "-F", "-E", "nodiscard"]);
     if let Some(seed) = seed {
         mkfs.arg("-d").arg(seed);
     }
-    sh(mkfs.arg(path), Duration::from_secs(120));
+    sh(mkfs.arg(path), Duration::from_mins(2));
 }
 
 /// `e2fsck -fn` on an image: `Ok` if clean, else its report.
 pub fn fsck(path: &Path) -> Result<(), String> {
     let out = crate::process::run_for(
         Command::new("e2fsck").arg("-fn").arg(path),
-        Duration::from_secs(120),
+        Duration::from_mins(2),
     );
     if out.status.success() {
         Ok(())

@@ -17,7 +17,7 @@ use crate::process::Guard;
 /// The guest's disk.
 #[derive(Debug, Clone)]
 pub enum Disk {
-    /// A raw image on the host, opened with O_DIRECT so every guest write is
+    /// A raw image on the host, opened with `O_DIRECT` so every guest write is
     /// a block request the host's tracer sees.
     File(PathBuf),
     /// An NBD export (QEMU is the client).
@@ -160,10 +160,10 @@ impl Vm {
                     std::fs::read_to_string(p(".stderr")).unwrap_or_default()
                 );
             }
-            if qmp_path.exists() {
-                if let Ok(q) = rt.block_on(Qmp::connect(&qmp_path)) {
-                    break q;
-                }
+            if qmp_path.exists()
+                && let Ok(q) = rt.block_on(Qmp::connect(&qmp_path))
+            {
+                break q;
             }
             assert!(
                 Instant::now() < deadline,
@@ -291,9 +291,8 @@ impl Vm {
         let deadline = Instant::now() + limit;
         loop {
             let info = self.qmp("query-migrate", Value::Null);
-            match info["status"].as_str() {
-                Some("completed" | "failed" | "cancelled") => return info,
-                _ => {}
+            if let Some("completed" | "failed" | "cancelled") = info["status"].as_str() {
+                return info;
             }
             assert!(
                 Instant::now() < deadline,
