@@ -119,13 +119,12 @@ impl Destination {
         }
     }
 
-    /// `tern migrate --file IMAGE` to this agent, with `args` appended. The
-    /// command is bounded by `timeout`, and dies with the test.
+    /// `tern migrate --file IMAGE` to this agent, with `args` appended. Run
+    /// it through [`Guard::spawn`]: the caller's waits bound it, and it dies
+    /// with the test (no `timeout` wrapper, which a kill would orphan it from).
     pub fn migrate(&self, image: &Path, args: &[&str]) -> Command {
-        let mut c = Command::new("timeout");
-        c.args(["-s", "KILL", "300"])
-            .arg(tern_bin())
-            .args(["migrate", "--file"])
+        let mut c = Command::new(tern_bin());
+        c.args(["migrate", "--file"])
             .arg(image)
             .args(["--to", &self.addr()])
             .arg("--tls-dir")
@@ -137,6 +136,22 @@ impl Destination {
             .arg(self.dir.join("src.trace"))
             .args(args);
         c
+    }
+}
+
+impl Destination {
+    /// `tern rollback --file IMAGE` from this agent, resuming with `resume`.
+    pub fn rollback(&self, image: &Path, resume: &str) -> std::process::Output {
+        crate::process::run_for(
+            Command::new(tern_bin())
+                .args(["rollback", "--file"])
+                .arg(image)
+                .args(["--to", &self.addr()])
+                .arg("--tls-dir")
+                .arg(self.tls())
+                .args(["--domain", "localhost", "--resume", resume]),
+            Duration::from_secs(120),
+        )
     }
 }
 

@@ -58,6 +58,12 @@ pub struct Guest {
 
 impl Guest {
     pub fn new(name: &str) -> Guest {
+        Guest::with_data(name, 0)
+    }
+
+    /// A guest whose disk also holds `random_mib` MiB of random data (so a
+    /// copy has something to send besides zeros).
+    pub fn with_data(name: &str, random_mib: u64) -> Guest {
         let dir = crate::scratch(name);
         let kernel = Kernel::get(Suite::Bookworm);
         let initrd = dir.path().join("initrd.gz");
@@ -65,6 +71,15 @@ impl Guest {
         let seed = dir.path().join("seed");
         std::fs::create_dir_all(seed.join("w")).expect("mkdir seed");
         std::fs::write(seed.join("README"), "Tern VM test disk\n").expect("write the seed");
+        if random_mib > 0 {
+            crate::process::sh(
+                Command::new("dd")
+                    .arg("if=/dev/urandom")
+                    .arg(format!("of={}", seed.join("random").display()))
+                    .args(["bs=1M", &format!("count={random_mib}"), "status=none"]),
+                Duration::from_secs(60),
+            );
+        }
         let disk = dir.path().join("src.img");
         guest::ext4_image(&disk, DISK_MIB, Some(&seed));
         Guest {
@@ -164,6 +179,143 @@ pub fn tern_moves_the_disk(name: &str, extra: &[&str]) -> Outcome {
     let guest = Guest::new(name);
     let mut agent = Destination::start(guest.path(), DISK_MIB << 20);
     let mut src = guest.boot_source();
+    tern_cutover(name, &guest, &mut agent, &mut src, extra).0
+}
+
+/// A first `tern migrate` is killed (SIGKILL) part way through its copy; a
+/// second one resumes it and cuts over. Returns the second run's outcome and
+/// report, and how many bytes the first had sent.
+pub fn tern_resumes_after_a_kill(name: &str) -> (Outcome, Value, u64) {
+    let guest = Guest::with_data(name, RANDOM_MIB);
+    let mut agent = Destination::start(guest.path(), DISK_MIB << 20);
+    let mut src = guest.boot_source();
+    let hook = Hook::new(guest.path());
+    let mut first = spawn_migrate(&agent, &guest, &src, &hook, &["--max-rate", "8M"]);
+    let deadline = Instant::now() + MIGRATION_LIMIT;
+    let sent = loop {
+        let sent = last_progress(&guest, "sent_bytes");
+        if sent >= 8 << 20 {
+            break sent;
+        }
+        assert!(
+            first.try_wait().is_none(),
+            "the throttled migrate ended before it could be killed: {}",
+            migrate_log(&guest)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the first migrate sent nothing: {}",
+            migrate_log(&guest)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    first.kill();
+    drop(hook);
+    for f in ["hook.request", "hook.reply"] {
+        let _ = std::fs::remove_file(guest.path().join(f));
+    }
+    let (out, report) = tern_cutover(name, &guest, &mut agent, &mut src, &[]);
+    (out, report, sent)
+}
+
+/// The destination QEMU dies while RAM is moving, after Tern's cutover:
+/// `tern rollback` brings the destination's writes back (none: it never ran)
+/// and resumes the source VM, whose workload goes on and verifies.
+pub fn destination_dies_during_cutover(name: &str) -> Outcome {
+    let guest = Guest::new(name);
+    let agent = Destination::start(guest.path(), DISK_MIB << 20);
+    let mut src = guest.boot_source();
+    let mut hook = Hook::new(guest.path());
+    let mut migrate = spawn_migrate(&agent, &guest, &src, &hook, &[]);
+    assert!(
+        hook.wait(&mut migrate, MIGRATION_LIMIT).is_some(),
+        "tern migrate exited before cutover: {}",
+        migrate_log(&guest)
+    );
+    hook.answer(true);
+    let (mut dst, uri) = incoming(
+        &guest,
+        Disk::Nbd {
+            port: agent.nbd,
+            export: "tern".to_owned(),
+        },
+    );
+    src.qmp("migrate", json!({ "uri": uri }));
+    // Let the stream start, then crash the destination.
+    std::thread::sleep(Duration::from_millis(50));
+    dst.kill();
+    let deadline = Instant::now() + MIGRATION_LIMIT;
+    loop {
+        let info = src.qmp("query-migrate", Value::Null);
+        match info["status"].as_str() {
+            Some("failed" | "cancelled") => break,
+            Some("completed") => {
+                panic!("the migration completed although the destination was killed")
+            }
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration never failed: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let report = finish_migrate(&mut migrate, &guest);
+    assert_eq!(report["outcome"], "cut over", "{report}");
+    assert_ne!(src.status(), "running", "the source must still be paused");
+    let rb = agent.rollback(&guest.disk, &format!("qmp:{}", src.tern_qmp.display()));
+    assert!(
+        rb.status.success(),
+        "tern rollback failed: {}",
+        String::from_utf8_lossy(&rb.stderr)
+    );
+    assert_eq!(src.status(), "running", "rollback resumes the source VM");
+    let mut out = Outcome {
+        name: name.to_owned(),
+        ..Outcome::default()
+    };
+    // The guest goes on where it stopped, on the source.
+    let last = vm::ticks(&src.serial()).last().expect("ticks").0;
+    src.wait_serial(
+        &format!("tern-vm: tick {} ", last + TICKS_AFTER as u64),
+        GUEST_LIMIT,
+    );
+    src.send_line("stop");
+    let text = src.wait_serial("tern-vm: poweroff", GUEST_LIMIT);
+    src.wait_exit(Duration::from_secs(30));
+    assert!(
+        text.contains("tern-vm: VERIFY OK"),
+        "the guest did not verify its data after rollback:\n{}",
+        vm::tail(&text)
+    );
+    out.final_counter = vm::ticks(&text).last().expect("ticks").0;
+    guest::fsck(&guest.disk).unwrap_or_else(|e| panic!("e2fsck on the source after rollback: {e}"));
+    out
+}
+
+/// The last value of `field` in `tern migrate`'s JSON progress lines.
+fn last_progress(guest: &Guest, field: &str) -> u64 {
+    let text = std::fs::read_to_string(guest.path().join("migrate.log")).unwrap_or_default();
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v[field].as_u64())
+        .unwrap_or(0)
+}
+
+/// Random data in the resume scenario's disk: enough that a throttled copy
+/// is still running when it is killed.
+pub const RANDOM_MIB: u64 = 32;
+
+/// One `tern migrate` with the RAM handover at its hook; checks the guest
+/// continued on the destination and the destination image is clean.
+fn tern_cutover(
+    name: &str,
+    guest: &Guest,
+    agent: &mut Destination,
+    src: &mut Vm,
+    extra: &[&str],
+) -> (Outcome, Value) {
     let mut out = Outcome {
         name: name.to_owned(),
         ..Outcome::default()
@@ -201,12 +353,12 @@ pub fn tern_moves_the_disk(name: &str, extra: &[&str]) -> Outcome {
         .as_u64()
         .expect("wire_bytes in the report");
     assert_eq!(report["outcome"], "cut over", "{report}");
-    finish_on_destination(&src, &mut dst, &mut out);
+    finish_on_destination(src, &mut dst, &mut out);
     src.kill();
     drop(dst);
     agent.stop();
     guest::fsck(&agent.image()).unwrap_or_else(|e| panic!("e2fsck on the destination: {e}"));
-    out
+    (out, report)
 }
 
 pub fn spawn_migrate(
