@@ -150,7 +150,7 @@ impl Destination {
                 .arg("--tls-dir")
                 .arg(self.tls())
                 .args(["--domain", "localhost", "--resume", resume]),
-            Duration::from_secs(120),
+            Duration::from_mins(2),
         )
     }
 }

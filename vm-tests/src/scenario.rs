@@ -77,7 +77,7 @@ impl Guest {
                     .arg("if=/dev/urandom")
                     .arg(format!("of={}", seed.join("random").display()))
                     .args(["bs=1M", &format!("count={random_mib}"), "status=none"]),
-                Duration::from_secs(60),
+                Duration::from_mins(1),
             );
         }
         let disk = dir.path().join("src.img");
@@ -322,18 +322,18 @@ fn tern_cutover(
     };
     let mut hook = Hook::new(guest.path());
     let started = Instant::now();
-    let mut migrate = spawn_migrate(&agent, &guest, &src, &hook, extra);
+    let mut migrate = spawn_migrate(agent, guest, src, &hook, extra);
     assert!(
         hook.wait(&mut migrate, MIGRATION_LIMIT).is_some(),
         "tern migrate exited before cutover: {}",
-        migrate_log(&guest)
+        migrate_log(guest)
     );
     // Disk final, export writable: let Tern finish (its own health check
     // reads the destination's first MiB, so the destination VM stays paused
     // until Tern has exited), and move RAM meanwhile.
     hook.answer(true);
     let (mut dst, uri) = incoming(
-        &guest,
+        guest,
         Disk::Nbd {
             port: agent.nbd,
             export: "tern".to_owned(),
@@ -341,7 +341,7 @@ fn tern_cutover(
     );
     let info = src.migrate(&uri, MIGRATION_LIMIT);
     assert_eq!(info["status"], "completed", "RAM migration: {info}");
-    let report = finish_migrate(&mut migrate, &guest);
+    let report = finish_migrate(&mut migrate, guest);
     dst.qmp("cont", Value::Null);
     out.total_s = started.elapsed().as_secs_f64();
     let (src_events, dst_events) = (src.events(), dst.events());
