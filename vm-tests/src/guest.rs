@@ -11,6 +11,8 @@ use crate::process::sh;
 
 /// The guest's `/init`.
 const INIT: &str = include_str!("../guest/init.sh");
+/// Sourced by `/init` for the tracer scenario.
+const TRACE: &str = include_str!("../guest/trace.sh");
 
 /// Modules the guest needs for a virtio disk with ext4, in load order. The
 /// ones a kernel builds in are absent from its package and skipped.
@@ -245,6 +247,7 @@ pub fn initramfs(kernel: &Kernel, extra: &[(PathBuf, String)], out: &Path) {
     };
     put(Path::new("/bin/busybox"), "bin/busybox");
     fs::write(r.join("init"), INIT).expect("write /init");
+    fs::write(r.join("trace.sh"), TRACE).expect("write /trace.sh");
     let mut order = String::new();
     for m in &kernel.modules {
         let name = m
@@ -319,4 +322,37 @@ pub fn fsck(path: &Path) -> Result<(), String> {
             String::from_utf8_lossy(&out.stderr)
         ))
     }
+}
+
+/// A program and the shared libraries it loads (from `ldd`), as initramfs
+/// entries at the same paths; the program itself goes to `/bin/NAME`,
+/// stripped of debug info to keep the initramfs small.
+pub fn program_with_libs(program: &Path, scratch: &Path) -> Vec<(PathBuf, String)> {
+    let name = program
+        .file_name()
+        .expect("a program name")
+        .to_string_lossy()
+        .into_owned();
+    let stripped = scratch.join(&name);
+    sh(
+        Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(program)
+            .arg(&stripped),
+        Duration::from_mins(1),
+    );
+    let mut out = vec![(stripped, format!("bin/{name}"))];
+    let ldd = sh(Command::new("ldd").arg(program), Duration::from_secs(30));
+    for line in ldd.lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|r| r.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(p) = path {
+            out.push((PathBuf::from(p), p.trim_start_matches('/').to_owned()));
+        }
+    }
+    out
 }

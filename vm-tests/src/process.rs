@@ -25,8 +25,9 @@ pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
     }
 }
 
-/// Runs a command to its end within `limit`; panics if it cannot start or
-/// runs over. The exit status is the caller's to judge.
+/// Runs a command to its end within `limit`, collecting its output as it
+/// comes (a full pipe must not stall it); panics if it cannot start or runs
+/// over (it is killed then). The exit status is the caller's to judge.
 pub fn run_for(cmd: &mut Command, limit: Duration) -> Output {
     let child = die_with_parent(cmd)
         .stdin(std::process::Stdio::null())
@@ -34,15 +35,24 @@ pub fn run_for(cmd: &mut Command, limit: Duration) -> Output {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let mut guard = Guard::new(child, &format!("{cmd:?}"));
-    guard
-        .wait_for(limit)
-        .unwrap_or_else(|| panic!("{cmd:?} ran over {limit:?}"));
-    guard
-        .take()
-        .expect("not taken yet")
-        .wait_with_output()
-        .expect("collect the output of a finished child")
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => {
+            let _ = waiter.join();
+            out.unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"))
+        }
+        Err(_) => {
+            // SAFETY: kill(2) on our own child's pid; the waiter thread has
+            // not reaped it (it is still waiting), so the pid is still ours.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let _ = waiter.join();
+            panic!("{cmd:?} ran over {limit:?}");
+        }
+    }
 }
 
 /// Runs a command that must succeed within `limit`; returns its stdout.
