@@ -40,19 +40,15 @@ pub fn run_for(cmd: &mut Command, limit: Duration) -> Output {
     let waiter = std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    match rx.recv_timeout(limit) {
-        Ok(out) => {
-            let _ = waiter.join();
-            out.unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"))
-        }
-        Err(_) => {
-            // SAFETY: kill(2) on our own child's pid; the waiter thread has
-            // not reaped it (it is still waiting), so the pid is still ours.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            let _ = waiter.join();
-            panic!("{cmd:?} ran over {limit:?}");
-        }
-    }
+    let Ok(out) = rx.recv_timeout(limit) else {
+        // SAFETY: kill(2) on our own child's pid; the waiter thread has not
+        // reaped it (it is still waiting), so the pid is still ours.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        let _ = waiter.join();
+        panic!("{cmd:?} ran over {limit:?}");
+    };
+    let _ = waiter.join();
+    out.unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"))
 }
 
 /// Runs a command that must succeed within `limit`; returns its stdout.
