@@ -43,6 +43,9 @@ pub struct VmSpec {
     pub tern_monitor: bool,
     /// `-S`: stay paused after an incoming migration until `cont`.
     pub start_paused: bool,
+    /// Guest RAM in this file (`memory-backend-file`, `share=on`) instead of
+    /// anonymous memory.
+    pub ram_file: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -58,6 +61,7 @@ impl VmSpec {
             incoming: None,
             tern_monitor: false,
             start_paused: false,
+            ram_file: None,
         }
     }
 }
@@ -86,11 +90,19 @@ impl Vm {
         let (qmp_path, tern_qmp, serial, log) =
             (p(".qmp"), p("-tern.qmp"), p(".serial"), p(".log"));
         let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
+            .args(["-m", &spec.mem_mib.to_string()]);
+        if let Some(ram) = &spec.ram_file {
+            cmd.args(["-machine", "q35,memory-backend=ram0", "-object"])
+                .arg(format!(
+                    "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+                    spec.mem_mib,
+                    ram.display()
+                ));
+        } else {
+            cmd.args(["-machine", "q35"]);
+        }
         cmd.args([
-            "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1",
-        ])
-        .args(["-m", &spec.mem_mib.to_string()])
-        .args([
             "-nodefaults",
             "-display",
             "none",
@@ -250,6 +262,21 @@ impl Vm {
                 self.name,
                 tail(&text)
             );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the console holds `n` workload ticks (from this boot).
+    pub fn wait_ticks(&mut self, n: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        self.wait_serial("tern-vm: workload start", limit);
+        while ticks(&self.serial()).len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "guest {} did not tick {n} times within {limit:?}",
+                self.name
+            );
+            self.wait_serial("tern-vm: tick", limit);
             std::thread::sleep(Duration::from_millis(50));
         }
     }
