@@ -499,6 +499,15 @@ pub fn qemu_mirror(name: &str) -> Outcome {
     out
 }
 
+/// Whether the `tern` under test has `tern migrate --prefetch`.
+pub fn tern_has_prefetch() -> bool {
+    let out = crate::process::run_for(
+        Command::new(crate::lab::tern_bin()).args(["migrate", "--help"]),
+        Duration::from_secs(30),
+    );
+    String::from_utf8_lossy(&out.stdout).contains("--prefetch")
+}
+
 /// The side-by-side table, in Markdown.
 pub fn table(rows: &[Outcome]) -> String {
     use std::fmt::Write;
