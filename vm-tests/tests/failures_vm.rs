@@ -10,6 +10,7 @@ fn prerequisites() {
 }
 
 #[test]
+#[ignore = "boots QEMU VMs: run by `cargo xtask vm-test`"]
 fn destination_qemu_killed_during_cutover_rolls_back_and_the_source_vm_keeps_every_write() {
     prerequisites();
     let out = scenario::destination_dies_during_cutover("destination dies");
@@ -17,6 +18,7 @@ fn destination_qemu_killed_during_cutover_rolls_back_and_the_source_vm_keeps_eve
 }
 
 #[test]
+#[ignore = "boots QEMU VMs: run by `cargo xtask vm-test`"]
 fn killed_tern_migrate_resumes_without_recopying_and_the_vm_moves() {
     prerequisites();
     let (out, report, first_sent) = scenario::tern_resumes_after_a_kill("resume after kill");

@@ -139,6 +139,7 @@ fn traced_run(guest: &Guest, name: &str, file_backed: bool) -> Faults {
 }
 
 #[test]
+#[ignore = "boots QEMU VMs: run by `cargo xtask vm-test`"]
 fn guest_ram_dirtying_is_seen_as_page_faults_only_when_ram_is_a_written_back_file() {
     if let Some(why) = tern_vm_tests::missing_prerequisite() {
         panic!("{why}");

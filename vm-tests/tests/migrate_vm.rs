@@ -4,6 +4,7 @@
 use tern_vm_tests::scenario;
 
 #[test]
+#[ignore = "boots QEMU VMs: run by `cargo xtask vm-test`"]
 fn tern_and_qemu_move_a_writing_vm_and_the_guest_continues() {
     if let Some(why) = tern_vm_tests::missing_prerequisite() {
         panic!("{why}");

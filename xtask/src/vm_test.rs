@@ -1,6 +1,7 @@
 //! `cargo xtask vm-test`: the QEMU VM tier (`vm-tests/`), run after the rest
-//! of the suite. It is a workspace member outside `default-members`, so a
-//! plain `cargo test --workspace` stays fast; this runs it on its own.
+//! of the suite. Its tests are `#[ignore]`d so that `cargo test --workspace`
+//! (which builds every member, default or not) stays fast; this runs them
+//! with `--ignored`.
 
 use anyhow::Result;
 
@@ -18,6 +19,7 @@ pub fn run_all() -> Result<()> {
         "tern-vm-tests",
         "--no-fail-fast",
         "--",
+        "--ignored",
         "--test-threads=1",
     ]))?;
     print_results();
