@@ -7,6 +7,7 @@ mod bench_rpc;
 mod bench_tracer;
 mod demo;
 mod sh;
+mod vm_test;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
@@ -38,6 +39,8 @@ enum Cmd {
     Demo,
     /// Exactly what CI runs: setup, format and lint checks, every test.
     Test,
+    /// The QEMU VM tests (`vm-tests/`): guests migrated by Tern and by QEMU, kernel matrix.
+    VmTest,
     /// Benchmarks against peer tools; prints a table of figures.
     Bench {
         /// Which: tracer, nbd, rpc or migrate (default: all).
@@ -61,6 +64,7 @@ fn main() -> Result<()> {
             demo::run(&bin)
         }
         Cmd::Test => test(),
+        Cmd::VmTest => vm_test::run_all(),
         Cmd::Bench { which } => {
             sh::setup()?;
             let bin = build(true)?;
@@ -111,8 +115,9 @@ fn test() -> Result<()> {
     ]))?;
     // One test binary at a time would be slow; the tests share no devices (each makes its own).
     fuzz(20_000)?;
-    // Last, so the test runner's summary closes the log.
-    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
+    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    // The VM tier last: it is the slowest.
+    vm_test::run_all()
 }
 
 /// A bounded run of the NBD request-parser fuzzer. cargo-fuzz needs nightly

@@ -22,6 +22,9 @@ const PACKAGES: &[&str] = &[
     "e2fsprogs",
     "rsync",
     "iproute2",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
 ];
 
 /// Packages that must come from `bookworm-backports` on Debian 12: bookworm's

@@ -1,0 +1,74 @@
+#!/bin/busybox sh
+# The guest's /init: a static busybox, the kernel's virtio and ext4 modules,
+# and one scenario chosen on the kernel command line (tern.scenario=NAME).
+# Every line the host parses starts with "tern-vm:".
+/bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /usr/bin /usr/sbin /sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+
+say() { echo "tern-vm: $*"; }
+die() { say "FAIL $*"; poweroff -f; }
+arg() {
+    for w in $(cat /proc/cmdline); do
+        case "$w" in "$1="*) echo "${w#*=}" ;; esac
+    done
+}
+
+for m in $(cat /lib/modules/order); do
+    insmod "/lib/modules/$m.ko" || say "insmod $m failed"
+done
+say "kernel $(uname -r)"
+
+wait_disk() {
+    i=0
+    while [ ! -b /dev/vda ]; do
+        i=$((i + 1))
+        [ $i -gt 500 ] && die "no /dev/vda"
+        sleep 0.02
+    done
+}
+
+# A write workload on the ext4 disk: every tick rewrites one of 32 files with
+# random data, records its checksum, the counter and the guest's uptime, and
+# syncs. A line on the serial console stops it; then every checksum and the
+# counter's continuity are verified and the guest powers off.
+workload() {
+    wait_disk
+    mount -t ext4 /dev/vda /mnt || die "mount /dev/vda"
+    mkdir -p /mnt/w
+    # The host writes one line on ttyS0 to stop the workload.
+    (read -r _line < /dev/ttyS0; touch /tmp/stop) &
+    n=$(cat /mnt/w/counter 2>/dev/null || echo 0)
+    say "workload start n=$n"
+    while [ ! -e /tmp/stop ]; do
+        n=$((n + 1))
+        t=$(cut -d' ' -f1 /proc/uptime)
+        i=$((n % 32))
+        dd if=/dev/urandom of=/mnt/w/f$i bs=4k count=4 2>/dev/null
+        sha256sum /mnt/w/f$i > /mnt/w/sum$i
+        echo $n > /mnt/w/counter
+        echo "$n $t" >> /mnt/w/ticks
+        sync
+        say "tick $n $t"
+    done
+    say "stopping n=$n"
+    for s in /mnt/w/sum*; do
+        sha256sum -c -s "$s" || die "checksum $s"
+    done
+    awk -v first="$(head -n1 /mnt/w/ticks | cut -d' ' -f1)" \
+        '$1 != first + NR - 1 { exit 1 }' /mnt/w/ticks || die "counter has a hole"
+    gap=$(awk 'NR > 1 { g = $2 - p; if (g > m) m = g } { p = $2 } END { printf "%.2f", m }' /mnt/w/ticks)
+    umount /mnt || die "umount"
+    say "VERIFY OK n=$n maxgap=$gap"
+}
+
+case "$(arg tern.scenario)" in
+workload) workload ;;
+trace) . /trace.sh ;;
+*) say "FAIL unknown scenario '$(arg tern.scenario)'" ;;
+esac
+say "poweroff"
+sync
+poweroff -f

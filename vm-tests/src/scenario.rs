@@ -1,0 +1,533 @@
+//! The migration scenarios, shared by the tests and the side-by-side table:
+//! one guest running the write workload, moved to a destination QEMU either by
+//! Tern (disk) + QEMU (RAM and devices), or by QEMU alone (`blockdev-mirror`
+//! to an NBD export, then `migrate`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::guest::{self, Kernel, Suite};
+use crate::lab::{Destination, Hook, free_port};
+use crate::process::Guard;
+use crate::vm::{self, Disk, Vm, VmSpec};
+
+/// The guest's disk size.
+pub const DISK_MIB: u64 = 64;
+/// How many workload ticks run on the source before the migration starts,
+/// and on the destination before the workload is stopped.
+const TICKS_BEFORE: usize = 20;
+const TICKS_AFTER: usize = 15;
+const MIGRATION_LIMIT: Duration = Duration::from_mins(4);
+const GUEST_LIMIT: Duration = Duration::from_mins(2);
+
+/// What one migration measured.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub name: String,
+    /// `query-migrate`'s `downtime` (QEMU's own figure, its final stop-and-copy).
+    pub qmp_downtime_ms: f64,
+    /// From the source's STOP event to the destination's RESUME event (host clock).
+    pub paused_ms: f64,
+    /// The guest's view: uptime between the last tick on the source and the
+    /// first on the destination, and the median tick interval for scale.
+    pub guest_gap_ms: f64,
+    pub guest_tick_ms: f64,
+    /// Tern: pause to switch (its report's `downtime_ms`: final delta,
+    /// checksum roots, fencing). QEMU: `block-job-cancel` to the job's end.
+    pub disk_final_ms: f64,
+    /// Disk bytes on the wire (Tern's `wire_bytes`; the mirror job's copied bytes).
+    pub disk_bytes: u64,
+    /// RAM and device state (`query-migrate` `ram.transferred`).
+    pub ram_bytes: u64,
+    /// From the start of the disk copy to the destination running.
+    pub total_s: f64,
+    /// The last counter the guest reported, and that it verified every file.
+    pub final_counter: u64,
+}
+
+/// The guest, built once per test: kernel, initramfs, a seeded disk.
+pub struct Guest {
+    pub dir: tempfile::TempDir,
+    pub kernel: Kernel,
+    pub initrd: PathBuf,
+    pub disk: PathBuf,
+}
+
+impl Guest {
+    pub fn new(name: &str) -> Guest {
+        Guest::with_data(name, 0)
+    }
+
+    /// A guest whose disk also holds `random_mib` MiB of random data (so a
+    /// copy has something to send besides zeros).
+    pub fn with_data(name: &str, random_mib: u64) -> Guest {
+        let dir = crate::scratch(name);
+        let kernel = Kernel::get(Suite::Bookworm);
+        let initrd = dir.path().join("initrd.gz");
+        guest::initramfs(&kernel, &[], &initrd);
+        let seed = dir.path().join("seed");
+        std::fs::create_dir_all(seed.join("w")).expect("mkdir seed");
+        std::fs::write(seed.join("README"), "Tern VM test disk\n").expect("write the seed");
+        if random_mib > 0 {
+            crate::process::sh(
+                Command::new("dd")
+                    .arg("if=/dev/urandom")
+                    .arg(format!("of={}", seed.join("random").display()))
+                    .args(["bs=1M", &format!("count={random_mib}"), "status=none"]),
+                Duration::from_mins(1),
+            );
+        }
+        let disk = dir.path().join("src.img");
+        guest::ext4_image(&disk, DISK_MIB, Some(&seed));
+        Guest {
+            dir,
+            kernel,
+            initrd,
+            disk,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn spec(&self, name: &str) -> VmSpec {
+        VmSpec::new(
+            name,
+            self.path(),
+            &self.kernel,
+            &self.initrd,
+            "tern.scenario=workload",
+        )
+    }
+
+    /// Boots the source VM on the disk and waits for the workload to tick.
+    pub fn boot_source(&self) -> Vm {
+        let mut spec = self.spec("src");
+        spec.disk = Some(Disk::File(self.disk.clone()));
+        spec.tern_monitor = true;
+        let mut src = Vm::start(&spec);
+        src.wait_serial(&format!("tern-vm: tick {TICKS_BEFORE} "), GUEST_LIMIT);
+        src
+    }
+}
+
+/// A destination QEMU waiting for the migration stream on a unix socket,
+/// paused after it (`-S`) until the harness says `cont`.
+fn incoming(guest: &Guest, disk: Disk) -> (Vm, String) {
+    let uri = format!("unix:{}", guest.path().join("migrate.sock").display());
+    let mut spec = guest.spec("dst");
+    spec.disk = Some(disk);
+    spec.incoming = Some(uri.clone());
+    spec.start_paused = true;
+    (Vm::start(&spec), uri)
+}
+
+/// Lets the guest run on the destination, stops its workload, and checks it
+/// verified every checksum and its counter's continuity; fills the guest's
+/// figures into `out`.
+fn finish_on_destination(src: &Vm, dst: &mut Vm, out: &mut Outcome) {
+    let before = vm::ticks(&src.serial());
+    let last_src = *before.last().expect("the source ticked");
+    dst.wait_serial(
+        &format!("tern-vm: tick {} ", last_src.0 + TICKS_AFTER as u64),
+        GUEST_LIMIT,
+    );
+    dst.send_line("stop");
+    let text = dst.wait_serial("tern-vm: poweroff", GUEST_LIMIT);
+    dst.wait_exit(Duration::from_secs(30));
+    let verified = text
+        .lines()
+        .find(|l| l.contains("tern-vm: VERIFY OK"))
+        .unwrap_or_else(|| panic!("the guest did not verify its data:\n{}", vm::tail(&text)));
+    out.final_counter = verified
+        .split("n=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("VERIFY OK n=COUNT");
+    let after = vm::ticks(&text);
+    let first_dst = *after.first().expect("the destination ticked");
+    assert_eq!(
+        first_dst.0,
+        last_src.0 + 1,
+        "the counter must continue where the source left it"
+    );
+    out.guest_gap_ms = (first_dst.1 - last_src.1) * 1e3;
+    let mut steps: Vec<f64> = before.windows(2).map(|w| (w[1].1 - w[0].1) * 1e3).collect();
+    steps.sort_by(f64::total_cmp);
+    out.guest_tick_ms = steps.get(steps.len() / 2).copied().unwrap_or(0.0);
+}
+
+/// The events' STOP (source) and RESUME (destination) times → paused ms.
+fn paused_ms(src_events: &[Value], dst_events: &[Value]) -> f64 {
+    let stop = vm::find_event(src_events, "STOP").expect("the source reported STOP");
+    let resume = vm::find_event(dst_events, "RESUME").expect("the destination reported RESUME");
+    (vm::event_time(resume) - vm::event_time(stop)) * 1e3
+}
+
+fn ram_bytes(info: &Value) -> u64 {
+    info["ram"]["transferred"].as_u64().unwrap_or(0)
+}
+
+/// Tern moves the disk; QEMU moves RAM and devices while the source is
+/// paused after Tern's final delta. `extra` goes to `tern migrate`.
+pub fn tern_moves_the_disk(name: &str, extra: &[&str]) -> Outcome {
+    let guest = Guest::new(name);
+    let mut agent = Destination::start(guest.path(), DISK_MIB << 20);
+    let mut src = guest.boot_source();
+    tern_cutover(name, &guest, &mut agent, &mut src, extra).0
+}
+
+/// A first `tern migrate` is killed (SIGKILL) part way through its copy; a
+/// second one resumes it and cuts over. Returns the second run's outcome and
+/// report, and how many bytes the first had sent.
+pub fn tern_resumes_after_a_kill(name: &str) -> (Outcome, Value, u64) {
+    let guest = Guest::with_data(name, RANDOM_MIB);
+    let mut agent = Destination::start(guest.path(), DISK_MIB << 20);
+    let mut src = guest.boot_source();
+    let hook = Hook::new(guest.path());
+    let mut first = spawn_migrate(&agent, &guest, &src, &hook, &["--max-rate", "8M"]);
+    let deadline = Instant::now() + MIGRATION_LIMIT;
+    let sent = loop {
+        let sent = last_progress(&guest, "sent_bytes");
+        if sent >= 8 << 20 {
+            break sent;
+        }
+        assert!(
+            first.try_wait().is_none(),
+            "the throttled migrate ended before it could be killed: {}",
+            migrate_log(&guest)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the first migrate sent nothing: {}",
+            migrate_log(&guest)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    first.kill();
+    drop(hook);
+    for f in ["hook.request", "hook.reply"] {
+        let _ = std::fs::remove_file(guest.path().join(f));
+    }
+    let (out, report) = tern_cutover(name, &guest, &mut agent, &mut src, &[]);
+    (out, report, sent)
+}
+
+/// The destination QEMU dies while RAM is moving, after Tern's cutover:
+/// `tern rollback` brings the destination's writes back (none: it never ran)
+/// and resumes the source VM, whose workload goes on and verifies.
+pub fn destination_dies_during_cutover(name: &str) -> Outcome {
+    let guest = Guest::new(name);
+    let agent = Destination::start(guest.path(), DISK_MIB << 20);
+    let mut src = guest.boot_source();
+    let mut hook = Hook::new(guest.path());
+    let mut migrate = spawn_migrate(&agent, &guest, &src, &hook, &[]);
+    assert!(
+        hook.wait(&mut migrate, MIGRATION_LIMIT).is_some(),
+        "tern migrate exited before cutover: {}",
+        migrate_log(&guest)
+    );
+    hook.answer(true);
+    let (mut dst, uri) = incoming(
+        &guest,
+        Disk::Nbd {
+            port: agent.nbd,
+            export: "tern".to_owned(),
+        },
+    );
+    src.qmp("migrate", json!({ "uri": uri }));
+    // Let the stream start, then crash the destination.
+    std::thread::sleep(Duration::from_millis(50));
+    dst.kill();
+    let deadline = Instant::now() + MIGRATION_LIMIT;
+    loop {
+        let info = src.qmp("query-migrate", Value::Null);
+        match info["status"].as_str() {
+            Some("failed" | "cancelled") => break,
+            Some("completed") => {
+                panic!("the migration completed although the destination was killed")
+            }
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration never failed: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let report = finish_migrate(&mut migrate, &guest);
+    assert_eq!(report["outcome"], "cut over", "{report}");
+    assert_ne!(src.status(), "running", "the source must still be paused");
+    let rb = agent.rollback(&guest.disk, &format!("qmp:{}", src.tern_qmp.display()));
+    assert!(
+        rb.status.success(),
+        "tern rollback failed: {}",
+        String::from_utf8_lossy(&rb.stderr)
+    );
+    assert_eq!(src.status(), "running", "rollback resumes the source VM");
+    let mut out = Outcome {
+        name: name.to_owned(),
+        ..Outcome::default()
+    };
+    // The guest goes on where it stopped, on the source.
+    let last = vm::ticks(&src.serial()).last().expect("ticks").0;
+    src.wait_serial(
+        &format!("tern-vm: tick {} ", last + TICKS_AFTER as u64),
+        GUEST_LIMIT,
+    );
+    src.send_line("stop");
+    let text = src.wait_serial("tern-vm: poweroff", GUEST_LIMIT);
+    src.wait_exit(Duration::from_secs(30));
+    assert!(
+        text.contains("tern-vm: VERIFY OK"),
+        "the guest did not verify its data after rollback:\n{}",
+        vm::tail(&text)
+    );
+    out.final_counter = vm::ticks(&text).last().expect("ticks").0;
+    guest::fsck(&guest.disk).unwrap_or_else(|e| panic!("e2fsck on the source after rollback: {e}"));
+    out
+}
+
+/// The last value of `field` in `tern migrate`'s JSON progress lines.
+fn last_progress(guest: &Guest, field: &str) -> u64 {
+    let text = std::fs::read_to_string(guest.path().join("migrate.log")).unwrap_or_default();
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v[field].as_u64())
+        .unwrap_or(0)
+}
+
+/// Random data in the resume scenario's disk: enough that a throttled copy
+/// is still running when it is killed.
+pub const RANDOM_MIB: u64 = 32;
+
+/// One `tern migrate` with the RAM handover at its hook; checks the guest
+/// continued on the destination and the destination image is clean.
+fn tern_cutover(
+    name: &str,
+    guest: &Guest,
+    agent: &mut Destination,
+    src: &mut Vm,
+    extra: &[&str],
+) -> (Outcome, Value) {
+    let mut out = Outcome {
+        name: name.to_owned(),
+        ..Outcome::default()
+    };
+    let mut hook = Hook::new(guest.path());
+    let started = Instant::now();
+    let mut migrate = spawn_migrate(agent, guest, src, &hook, extra);
+    assert!(
+        hook.wait(&mut migrate, MIGRATION_LIMIT).is_some(),
+        "tern migrate exited before cutover: {}",
+        migrate_log(guest)
+    );
+    // Disk final, export writable: let Tern finish (its own health check
+    // reads the destination's first MiB, so the destination VM stays paused
+    // until Tern has exited), and move RAM meanwhile.
+    hook.answer(true);
+    let (mut dst, uri) = incoming(
+        guest,
+        Disk::Nbd {
+            port: agent.nbd,
+            export: "tern".to_owned(),
+        },
+    );
+    let info = src.migrate(&uri, MIGRATION_LIMIT);
+    assert_eq!(info["status"], "completed", "RAM migration: {info}");
+    let report = finish_migrate(&mut migrate, guest);
+    dst.qmp("cont", Value::Null);
+    out.total_s = started.elapsed().as_secs_f64();
+    let (src_events, dst_events) = (src.events(), dst.events());
+    out.paused_ms = paused_ms(&src_events, &dst_events);
+    out.qmp_downtime_ms = info["downtime"].as_f64().unwrap_or(0.0);
+    out.ram_bytes = ram_bytes(&info);
+    out.disk_final_ms = report["downtime_ms"].as_f64().unwrap_or(0.0);
+    out.disk_bytes = report["wire_bytes"]
+        .as_u64()
+        .expect("wire_bytes in the report");
+    assert_eq!(report["outcome"], "cut over", "{report}");
+    finish_on_destination(src, &mut dst, &mut out);
+    src.kill();
+    drop(dst);
+    agent.stop();
+    guest::fsck(&agent.image()).unwrap_or_else(|e| panic!("e2fsck on the destination: {e}"));
+    (out, report)
+}
+
+pub fn spawn_migrate(
+    agent: &Destination,
+    guest: &Guest,
+    src: &Vm,
+    hook: &Hook,
+    extra: &[&str],
+) -> Guard {
+    let log =
+        std::fs::File::create(guest.path().join("migrate.log")).expect("create the migrate log");
+    let stdout =
+        std::fs::File::create(guest.path().join("migrate.out")).expect("create the migrate report");
+    let pause = format!("qmp:{}", src.tern_qmp.display());
+    let mut cmd = agent.migrate(
+        &guest.disk,
+        &["--pause", &pause, "--health-cmd", &hook.command()],
+    );
+    cmd.args(extra)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(log);
+    Guard::spawn(&mut cmd, "tern migrate")
+}
+
+fn migrate_log(guest: &Guest) -> String {
+    let text = std::fs::read_to_string(guest.path().join("migrate.log")).unwrap_or_default();
+    vm::tail(&text)
+}
+
+/// Waits for `tern migrate` to succeed and returns its JSON report.
+pub fn finish_migrate(migrate: &mut Guard, guest: &Guest) -> Value {
+    let status = migrate.wait_for(Duration::from_mins(1)).unwrap_or_else(|| {
+        panic!(
+            "tern migrate did not exit after cutover: {}",
+            migrate_log(guest)
+        )
+    });
+    assert!(
+        status.success(),
+        "tern migrate failed ({status}): {}",
+        migrate_log(guest)
+    );
+    let text = std::fs::read_to_string(guest.path().join("migrate.out")).expect("read the report");
+    serde_json::from_str(text.lines().last().unwrap_or("null")).expect("the report is JSON")
+}
+
+/// QEMU's own storage migration: the destination exports its disk over NBD,
+/// the source mirrors into it, then migrates, then ends the mirror.
+pub fn qemu_mirror(name: &str) -> Outcome {
+    let guest = Guest::new(name);
+    let dst_disk = guest.path().join("dst.img");
+    crate::process::sh(
+        Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", dst_disk.display()))
+            .args(["bs=1M", &format!("count={DISK_MIB}"), "status=none"]),
+        Duration::from_mins(1),
+    );
+    let mut src = guest.boot_source();
+    let mut out = Outcome {
+        name: name.to_owned(),
+        ..Outcome::default()
+    };
+    let (mut dst, uri) = incoming(&guest, Disk::File(dst_disk.clone()));
+    let port = free_port();
+    dst.qmp(
+        "nbd-server-start",
+        json!({ "addr": { "type": "inet", "data": { "host": "127.0.0.1", "port": port.to_string() } } }),
+    );
+    dst.qmp(
+        "block-export-add",
+        json!({ "type": "nbd", "id": "e0", "node-name": "d0", "name": "d0", "writable": true }),
+    );
+    let started = Instant::now();
+    src.qmp(
+        "blockdev-add",
+        json!({ "driver": "nbd", "node-name": "m0", "export": "d0",
+                "server": { "type": "inet", "host": "127.0.0.1", "port": port.to_string() } }),
+    );
+    src.qmp(
+        "blockdev-mirror",
+        json!({ "job-id": "j0", "device": "d0", "target": "m0", "sync": "full" }),
+    );
+    let deadline = Instant::now() + MIGRATION_LIMIT;
+    loop {
+        let jobs = src.qmp("query-block-jobs", Value::Null);
+        let job = jobs
+            .as_array()
+            .and_then(|j| j.first())
+            .cloned()
+            .unwrap_or(Value::Null);
+        if job["ready"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mirror never became ready: {job}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let info = src.migrate(&uri, MIGRATION_LIMIT);
+    assert_eq!(info["status"], "completed", "RAM migration: {info}");
+    // The source is stopped: ending the mirror now leaves the target a
+    // complete copy; only then may the destination run.
+    let cancel = Instant::now();
+    src.qmp("block-job-cancel", json!({ "device": "j0" }));
+    let mut src_events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        src_events.extend(src.events());
+        if let Some(e) = src_events
+            .iter()
+            .find(|e| e["event"] == "BLOCK_JOB_COMPLETED" || e["event"] == "BLOCK_JOB_CANCELLED")
+        {
+            break e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mirror did not end after cancel"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    out.disk_final_ms = cancel.elapsed().as_secs_f64() * 1e3;
+    assert!(done["data"]["error"].is_null(), "the mirror failed: {done}");
+    dst.qmp("nbd-server-stop", Value::Null);
+    dst.qmp("cont", Value::Null);
+    out.total_s = started.elapsed().as_secs_f64();
+    let dst_events = dst.events();
+    out.paused_ms = paused_ms(&src_events, &dst_events);
+    out.qmp_downtime_ms = info["downtime"].as_f64().unwrap_or(0.0);
+    out.ram_bytes = ram_bytes(&info);
+    out.disk_bytes = done["data"]["offset"].as_u64().unwrap_or(0);
+    finish_on_destination(&src, &mut dst, &mut out);
+    src.kill();
+    drop(dst);
+    guest::fsck(&dst_disk).unwrap_or_else(|e| panic!("e2fsck on the destination: {e}"));
+    out
+}
+
+/// Whether the `tern` under test has `tern migrate --prefetch`.
+pub fn tern_has_prefetch() -> bool {
+    let out = crate::process::run_for(
+        Command::new(crate::lab::tern_bin()).args(["migrate", "--help"]),
+        Duration::from_secs(30),
+    );
+    String::from_utf8_lossy(&out.stdout).contains("--prefetch")
+}
+
+/// The side-by-side table, in Markdown.
+pub fn table(rows: &[Outcome]) -> String {
+    use std::fmt::Write;
+    let mut t = String::from(
+        "| migration | QMP downtime (ms) | paused, STOP→RESUME (ms) | disk made final (ms) | guest's gap (ms; median tick) | disk bytes | RAM bytes | total (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            t,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} ({:.0}) | {} | {} | {:.1} |",
+            r.name,
+            r.qmp_downtime_ms,
+            r.paused_ms,
+            r.disk_final_ms,
+            r.guest_gap_ms,
+            r.guest_tick_ms,
+            r.disk_bytes,
+            r.ram_bytes,
+            r.total_s
+        );
+    }
+    t
+}

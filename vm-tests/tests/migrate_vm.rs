@@ -1,0 +1,37 @@
+//! A running VM migrated while it writes: by Tern (disk) with QEMU (RAM), and
+//! by QEMU alone, side by side. Run by `cargo xtask vm-test` (root, QEMU).
+
+use tern_vm_tests::scenario;
+
+#[test]
+#[ignore = "boots QEMU VMs: run by `cargo xtask vm-test`"]
+fn tern_and_qemu_move_a_writing_vm_and_the_guest_continues() {
+    if let Some(why) = tern_vm_tests::missing_prerequisite() {
+        panic!("{why}");
+    }
+    let tern = scenario::tern_moves_the_disk("Tern (disk) + QEMU migrate (RAM)", &[]);
+    let qemu = scenario::qemu_mirror("QEMU blockdev-mirror + migrate");
+    for o in [&tern, &qemu] {
+        assert!(o.final_counter > 0, "{o:?}");
+        assert!(
+            o.paused_ms > 0.0 && o.disk_bytes > 0 && o.ram_bytes > 0,
+            "{o:?}"
+        );
+    }
+    let mut table = scenario::table(&[tern, qemu]);
+    // The point of the product: Tern's pre-migration prefetch (being built
+    // beside this). Measured once `tern migrate` has the flag.
+    if scenario::tern_has_prefetch() {
+        let pre =
+            scenario::tern_moves_the_disk("Tern with pre-migration prefetch", &["--prefetch"]);
+        let row = scenario::table(&[pre]);
+        table.push_str(row.lines().last().unwrap_or(""));
+        table.push('\n');
+    } else {
+        table.push_str(
+            "| Tern with pre-migration prefetch | — | — | — | — | — | — | — |\n\n(`tern migrate --prefetch` does not exist yet in this build: row not measured.)\n",
+        );
+    }
+    eprintln!("\n{table}");
+    tern_vm_tests::write_result("side-by-side.md", &table);
+}
