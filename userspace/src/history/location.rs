@@ -126,7 +126,10 @@ impl HistoryStore {
         }
         let dir = if let Some(path) = trimmed.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err(bad(url, "a file:// URL needs an absolute path (file:///dir)"));
+                return Err(bad(
+                    url,
+                    "a file:// URL needs an absolute path (file:///dir)",
+                ));
             }
             path
         } else if let Some((scheme, _)) = trimmed.split_once("://") {

@@ -94,9 +94,7 @@ pub enum HistoryError {
     )]
     BadTime(String),
     /// Records were asked for a query that matches several devices.
-    #[error(
-        "the history at {url} holds several devices ({devices}): choose one (--host/--device)"
-    )]
+    #[error("the history at {url} holds several devices ({devices}): choose one (--host/--device)")]
     SeveralDevices { url: String, devices: String },
     /// The blocking reader's runtime could not start.
     #[error("cannot start the history reader's runtime: {0}")]

@@ -13,9 +13,9 @@ use object_store::path::Path as ObjectPath;
 use super::key::SegmentKey;
 use super::summary::WindowSummary;
 use super::{HistoryError, HistoryStore};
+use crate::trace::TraceReader;
 use crate::trace::format::TraceHeader;
 use crate::trace::record::{Gap, Record};
-use crate::trace::TraceReader;
 
 /// A wall-clock range `[from, to)`, nanoseconds since the Unix epoch; open ends are unbounded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -110,22 +110,18 @@ impl HistoryStore {
             parts.extend(device);
         }
         let prefix = self.path(parts);
-        let listed: Vec<object_store::ObjectMeta> = match self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-        {
-            Ok(l) => l,
-            Err(object_store::Error::NotFound { .. }) => Vec::new(),
-            Err(source) => {
-                return Err(HistoryError::Store {
-                    op: "list",
-                    path: prefix.to_string(),
-                    source,
-                });
-            }
-        };
+        let listed: Vec<object_store::ObjectMeta> =
+            match self.store.list(Some(&prefix)).try_collect().await {
+                Ok(l) => l,
+                Err(object_store::Error::NotFound { .. }) => Vec::new(),
+                Err(source) => {
+                    return Err(HistoryError::Store {
+                        op: "list",
+                        path: prefix.to_string(),
+                        source,
+                    });
+                }
+            };
         let mut out = Vec::new();
         for meta in listed {
             let Some(rel) = self.relative(&meta.location) else {
@@ -190,13 +186,20 @@ impl HistoryStore {
             .filter(|s| s.key.overlaps(from, to))
             .collect();
         out.sort_by(|a, b| {
-            (&a.key.host, &a.key.device, a.key.start_unix_ns, a.key.session, a.key.seq).cmp(&(
-                &b.key.host,
-                &b.key.device,
-                b.key.start_unix_ns,
-                b.key.session,
-                b.key.seq,
-            ))
+            (
+                &a.key.host,
+                &a.key.device,
+                a.key.start_unix_ns,
+                a.key.session,
+                a.key.seq,
+            )
+                .cmp(&(
+                    &b.key.host,
+                    &b.key.device,
+                    b.key.start_unix_ns,
+                    b.key.session,
+                    b.key.seq,
+                ))
         });
         Ok(out)
     }
@@ -344,10 +347,11 @@ impl RecordStream {
         };
         let name = seg.key.stem();
         let bytes = self.store.segment(&seg.key).await?;
-        let reader = TraceReader::new(Cursor::new(bytes)).map_err(|source| HistoryError::Segment {
-            name: name.clone(),
-            source,
-        })?;
+        let reader =
+            TraceReader::new(Cursor::new(bytes)).map_err(|source| HistoryError::Segment {
+                name: name.clone(),
+                source,
+            })?;
         let header = self.header.get_or_insert_with(|| reader.header().clone());
         let targets = reader
             .header()
@@ -368,7 +372,10 @@ impl RecordStream {
         let key = &seg.key;
         if let Some((session, seq, end)) = self.prev {
             let contiguous = key.session == session && key.seq == seq + 1;
-            if !contiguous && key.start_unix_ns > end && end < self.to && key.start_unix_ns > self.from
+            if !contiguous
+                && key.start_unix_ns > end
+                && end < self.to
+                && key.start_unix_ns > self.from
             {
                 let base = self.base();
                 self.pending = Some(Record::Gap(Gap {
@@ -446,7 +453,10 @@ impl RecordStream {
                         continue;
                     }
                     b.ts_ns = rebase(b.ts_ns);
-                    b.target = targets.get(usize::from(b.target)).copied().unwrap_or(b.target);
+                    b.target = targets
+                        .get(usize::from(b.target))
+                        .copied()
+                        .unwrap_or(b.target);
                     Record::Block(b)
                 }
                 Record::Fault(mut f) => {

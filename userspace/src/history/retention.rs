@@ -22,12 +22,14 @@ pub struct Retention {
 impl FromStr for Retention {
     type Err = HistoryError;
 
-    /// `7d`, `12h`, `50G`, or both: `7d,50G`.
+    /// `7d`, `12h`, `50G`, or both: `7d,50G`. Sizes take upper-case units, ages lower-case ones.
     fn from_str(s: &str) -> Result<Retention, HistoryError> {
         let bad = || HistoryError::BadRetention(s.to_owned());
         let mut r = Retention::default();
         for part in s.split(',').map(str::trim) {
-            if let Ok(age) = humantime::parse_duration(part) {
+            // Sizes take upper-case units (512M, 50G), ages lower-case ones (30m, 7d).
+            let size_unit = part.ends_with(['K', 'M', 'G', 'T', 'B']);
+            if let (false, Ok(age)) = (size_unit, humantime::parse_duration(part)) {
                 if r.max_age.is_some() || age.is_zero() {
                     return Err(bad());
                 }
@@ -75,8 +77,10 @@ impl HistoryStore {
     ) -> Result<PruneReport, HistoryError> {
         let objects = self.objects(scope.map(|s| s.0), scope.map(|s| s.1)).await?;
         // By device, then by segment.
-        let mut devices: std::collections::BTreeMap<(String, String), std::collections::BTreeMap<String, Stored>> =
-            std::collections::BTreeMap::new();
+        let mut devices: std::collections::BTreeMap<
+            (String, String),
+            std::collections::BTreeMap<String, Stored>,
+        > = std::collections::BTreeMap::new();
         for o in objects {
             let segments = devices
                 .entry((o.key.host.clone(), o.key.device.clone()))

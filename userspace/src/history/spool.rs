@@ -87,10 +87,7 @@ pub(super) fn ready(root: &Path) -> Result<Vec<SpoolEntry>, HistoryError> {
             }
         }
     }
-    out.sort_by(|a, b| {
-        (a.key.start_unix_ns, &a.key)
-            .cmp(&(b.key.start_unix_ns, &b.key))
-    });
+    out.sort_by(|a, b| (a.key.start_unix_ns, &a.key).cmp(&(b.key.start_unix_ns, &b.key)));
     Ok(out)
 }
 
@@ -291,12 +288,20 @@ mod tests {
         assert_eq!(entries.len(), 1);
         let key = &entries[0].key;
         assert_eq!(
-            (key.seq, key.start_unix_ns - session, key.end_unix_ns - session),
+            (
+                key.seq,
+                key.start_unix_ns - session,
+                key.end_unix_ns - session
+            ),
             (3, 5_000, 20_000)
         );
-        let reader = TraceReader::new(File::open(entries[0].trace()).expect("open")).expect("a trace");
+        let reader =
+            TraceReader::new(File::open(entries[0].trace()).expect("open")).expect("a trace");
         let recs: Vec<Record> = reader.collect::<Result<_, _>>().expect("reads");
-        let blocks: Vec<&Record> = recs.iter().filter(|r| matches!(r, Record::Block(_))).collect();
+        let blocks: Vec<&Record> = recs
+            .iter()
+            .filter(|r| matches!(r, Record::Block(_)))
+            .collect();
         assert_eq!(blocks.len(), 10_000);
         assert!(matches!(recs.last(), Some(Record::End(e)) if e.block_events == 10_000));
     }
@@ -321,11 +326,16 @@ mod tests {
         w.finish(90_000_000_000).expect("finish");
         let entry = ready(root.path()).expect("ready").remove(0);
         let len = std::fs::metadata(entry.trace()).expect("stat").len();
-        let f = std::fs::OpenOptions::new().write(true).open(entry.trace()).expect("open");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(entry.trace())
+            .expect("open");
         f.set_len(len - 100).expect("truncate");
         repair(&entry).expect("repair");
         let reader = TraceReader::new(File::open(entry.trace()).expect("open")).expect("a trace");
-        let recs: Vec<Record> = reader.collect::<Result<_, _>>().expect("a repaired segment reads");
+        let recs: Vec<Record> = reader
+            .collect::<Result<_, _>>()
+            .expect("a repaired segment reads");
         let gap = recs
             .iter()
             .find_map(|r| match r {
@@ -334,7 +344,10 @@ mod tests {
             })
             .expect("the lost tail is a gap");
         assert_eq!(gap.end_ns, entry.key.end_unix_ns - session);
-        let blocks = recs.iter().filter(|r| matches!(r, Record::Block(_))).count();
+        let blocks = recs
+            .iter()
+            .filter(|r| matches!(r, Record::Block(_)))
+            .count();
         assert!(blocks > 40_000 && blocks < 50_000, "{blocks}");
     }
 }

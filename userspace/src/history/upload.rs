@@ -136,19 +136,27 @@ fn spool_err(path: &Path) -> impl FnOnce(std::io::Error) -> HistoryError + '_ {
     }
 }
 
-fn store_err(op: &'static str, path: &ObjectPath) -> impl FnOnce(object_store::Error) -> HistoryError {
+fn store_err(
+    op: &'static str,
+    path: &ObjectPath,
+) -> impl FnOnce(object_store::Error) -> HistoryError {
     let path = path.to_string();
     move |source| HistoryError::Store { op, path, source }
 }
 
 async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HistoryError> {
     let tmp = path.with_extension("tmp");
-    tokio::fs::write(&tmp, bytes).await.map_err(spool_err(&tmp))?;
+    tokio::fs::write(&tmp, bytes)
+        .await
+        .map_err(spool_err(&tmp))?;
     tokio::fs::rename(&tmp, path).await.map_err(spool_err(path))
 }
 
 /// The summary of a spooled segment; a segment damaged on the local disk is repaired first.
-fn summarize(entry: &SpoolEntry, hook: Option<&SummaryHook>) -> Result<WindowSummary, HistoryError> {
+fn summarize(
+    entry: &SpoolEntry,
+    hook: Option<&SummaryHook>,
+) -> Result<WindowSummary, HistoryError> {
     let read = |path: &Path| -> Result<TraceStats, HistoryError> {
         let file = std::fs::File::open(path).map_err(spool_err(path))?;
         let seg_err = |source| HistoryError::Segment {
@@ -566,5 +574,242 @@ impl Drop for UploaderHandle {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         self.cancel.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::read::{HistoryReader, Query, TimeRange};
+    use crate::history::writer::SegmentWriter;
+    use crate::history::writer::tests::block;
+    use crate::trace::format::tests::header;
+    use crate::trace::record::{Gap, Record};
+
+    const S: u64 = 1_000_000_000;
+
+    fn policy() -> RollPolicy {
+        RollPolicy {
+            every: Duration::from_secs(10),
+            max_bytes: 1 << 30,
+        }
+    }
+
+    /// Two sessions of a device with a gap record in the first, an unwatched
+    /// stretch between them; returns what was pushed (as wall-clock records).
+    fn write_two_sessions(spool: &Path) -> (u64, Vec<(u64, Record)>) {
+        let h1 = header(1);
+        let s1 = h1.start_wall_unix_ns;
+        let mut pushed = Vec::new();
+        let mut w = SegmentWriter::new(spool, h1.clone(), policy()).expect("writer");
+        for i in 0..1000u64 {
+            let r = block(i * 50_000_000, i * 4096);
+            w.push(&r).expect("push");
+            pushed.push((s1 + r.ts_ns(), r));
+        }
+        let gap = Record::Gap(Gap {
+            start_ns: 50 * S,
+            end_ns: 51 * S,
+            lost_block: 17,
+            lost_fault: 0,
+        });
+        w.push(&gap).expect("push gap");
+        pushed.push((s1 + 50 * S, gap));
+        w.finish(52 * S).expect("finish");
+        // The agent was down for 100 s, then a new session began.
+        let h2 = crate::trace::format::TraceHeader {
+            start_wall_unix_ns: s1 + 152 * S,
+            ..h1
+        };
+        let s2 = h2.start_wall_unix_ns;
+        let mut w = SegmentWriter::new(spool, h2, policy()).expect("writer");
+        for i in 0..500u64 {
+            let r = block(i * 40_000_000, (i + 7) * 4096);
+            w.push(&r).expect("push");
+            pushed.push((s2 + r.ts_ns(), r));
+        }
+        w.finish(25 * S).expect("finish");
+        (s1, pushed)
+    }
+
+    #[test]
+    fn local_history_round_trips_every_record_and_marks_unwatched_time() {
+        let spool = tempfile::tempdir().expect("spool");
+        let root = tempfile::tempdir().expect("store");
+        let url = root.path().to_str().expect("utf-8").to_owned();
+        let (s1, pushed) = write_two_sessions(spool.path());
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let store = HistoryStore::open(&url).expect("store");
+        let up = Uploader::new(store.clone(), UploadOptions::new(spool.path().to_owned()))
+            .expect("uploader");
+        let n = rt.block_on(up.upload_pending()).expect("uploads");
+        // 0-10-20-30-40-50-52 and 0-10-25 (the last window ends when the session does).
+        assert_eq!(n, 8);
+        assert_eq!(up.counts().waiting, 0);
+        let segs = rt
+            .block_on(store.segments(&Query::default()))
+            .expect("lists");
+        assert_eq!(segs.len(), 8);
+        assert!(segs.iter().all(|s| s.summary_bytes.is_some()));
+        let sums = rt
+            .block_on(store.summaries(&Query::default()))
+            .expect("summaries");
+        assert_eq!(sums.iter().map(|s| s.block_events).sum::<u64>(), 1500);
+        assert_eq!(sums.iter().map(|s| s.gaps).sum::<u64>(), 1);
+        assert_eq!(sums.iter().map(|s| s.lost_events).sum::<u64>(), 17);
+        drop(rt);
+
+        let mut reader = HistoryReader::open(&url, &Query::default()).expect("reader");
+        let base = reader.header().expect("a header").start_wall_unix_ns;
+        assert_eq!(base, s1);
+        let back: Vec<Record> = (&mut reader).collect::<Result<_, _>>().expect("reads");
+        assert_eq!(reader.synthesized_gaps(), 1);
+        let unwatched = Record::Gap(Gap {
+            start_ns: 52 * S,
+            end_ns: 152 * S,
+            lost_block: 0,
+            lost_fault: 0,
+        });
+        let mut want: Vec<Record> = Vec::new();
+        for (wall, r) in &pushed {
+            if *wall == s1 + 152 * S && !want.contains(&unwatched) {
+                want.push(unwatched.clone());
+            }
+            let mut r = r.clone();
+            match &mut r {
+                Record::Block(b) => b.ts_ns = wall - base,
+                Record::Gap(g) => {
+                    g.end_ns = g.end_ns + wall - base - g.start_ns;
+                    g.start_ns = wall - base;
+                }
+                _ => {}
+            }
+            want.push(r);
+        }
+        assert_eq!(back, want);
+
+        // A range: only the records inside it, plus the unwatched stretch it overlaps.
+        let q = Query {
+            range: TimeRange {
+                from_unix_ns: Some(s1 + 40 * S),
+                to_unix_ns: Some(s1 + 160 * S),
+            },
+            ..Query::default()
+        };
+        let ranged: Vec<Record> = HistoryReader::open(&url, &q)
+            .expect("reader")
+            .collect::<Result<_, _>>()
+            .expect("reads");
+        let inside = want
+            .iter()
+            .filter(|r| match r {
+                Record::Gap(g) => g.end_ns > 40 * S && g.start_ns < 160 * S,
+                r => (40 * S..160 * S).contains(&r.ts_ns()),
+            })
+            .count();
+        assert_eq!(ranged.len(), inside);
+        assert!(ranged.contains(&unwatched));
+    }
+
+    #[test]
+    fn retention_deletes_the_oldest_by_age_and_by_size() {
+        let spool = tempfile::tempdir().expect("spool");
+        let root = tempfile::tempdir().expect("store");
+        let url = root.path().to_str().expect("utf-8").to_owned();
+        let (s1, _) = write_two_sessions(spool.path());
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let store = HistoryStore::open(&url).expect("store");
+        let up = Uploader::new(store.clone(), UploadOptions::new(spool.path().to_owned()))
+            .expect("uploader");
+        rt.block_on(up.upload_pending()).expect("uploads");
+        let all = rt
+            .block_on(store.segments(&Query::default()))
+            .expect("lists");
+        // Age: "now" is 30 s after the first session ended; keep 60 s.
+        let now = s1 + 82 * S;
+        let by_age = Retention {
+            max_age: Some(Duration::from_secs(60)),
+            max_bytes: None,
+        };
+        let dry = rt
+            .block_on(store.prune(&by_age, None, now, true))
+            .expect("dry run");
+        assert_eq!(dry.deleted_segments, 2, "windows ending at 10 s and 20 s");
+        assert_eq!(
+            rt.block_on(store.segments(&Query::default()))
+                .expect("lists")
+                .len(),
+            8,
+            "a dry run deletes nothing"
+        );
+        let report = rt
+            .block_on(store.prune(&by_age, None, now, false))
+            .expect("prune");
+        assert_eq!(report.deleted_segments, 2);
+        let left = rt
+            .block_on(store.segments(&Query::default()))
+            .expect("lists");
+        assert_eq!(left.len(), 6);
+        assert!(left.iter().all(|s| s.key.end_unix_ns >= now - 60 * S));
+        // Size: keep the newest segments that fit in the budget.
+        let newest3: u64 = {
+            let mut by_end = all.clone();
+            by_end.sort_by_key(|s| std::cmp::Reverse(s.key.end_unix_ns));
+            by_end[..3]
+                .iter()
+                .map(|s| s.bytes + s.summary_bytes.unwrap_or(0))
+                .sum()
+        };
+        let by_size = Retention {
+            max_age: None,
+            max_bytes: Some(newest3),
+        };
+        let report = rt
+            .block_on(store.prune(&by_size, None, now, false))
+            .expect("prune");
+        assert_eq!(report.kept_segments, 3);
+        assert_eq!(report.kept_bytes, newest3);
+        let left = rt
+            .block_on(store.segments(&Query::default()))
+            .expect("lists");
+        assert_eq!(left.len(), 3);
+        // No summary is left behind without its segment.
+        let files = walk(root.path());
+        assert_eq!(files.len(), 6, "{files:?}");
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).expect("lists") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_store_that_is_down_leaves_segments_in_the_spool() {
+        let spool = tempfile::tempdir().expect("spool");
+        let root = tempfile::tempdir().expect("store");
+        let url = root.path().join("h").to_str().expect("utf-8").to_owned();
+        write_two_sessions(spool.path());
+        let store = HistoryStore::open(&url).expect("store");
+        // The store's directory becomes unwritable: a file where a directory must go.
+        std::fs::remove_dir_all(root.path().join("h")).expect("rm");
+        std::fs::write(root.path().join("h"), b"not a directory").expect("write");
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let up =
+            Uploader::new(store, UploadOptions::new(spool.path().to_owned())).expect("uploader");
+        assert!(rt.block_on(up.upload_pending()).is_err());
+        assert_eq!(up.counts().waiting, 8);
+        assert_eq!(up.counts().failures, 1);
+        std::fs::remove_file(root.path().join("h")).expect("rm");
+        std::fs::create_dir(root.path().join("h")).expect("mkdir");
+        assert_eq!(rt.block_on(up.upload_pending()).expect("uploads"), 8);
+        assert_eq!(up.counts().waiting, 0);
     }
 }

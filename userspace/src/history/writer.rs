@@ -423,7 +423,7 @@ impl HistoryWriter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::trace::TraceReader;
     use crate::trace::format::tests::header;
@@ -480,7 +480,8 @@ mod tests {
         }
         w.tick(47 * S).expect("tick");
         w.tick(50 * S).expect("tick closes the window that ended");
-        w.tick(75 * S).expect("tick writes an empty segment for a quiet window");
+        w.tick(75 * S)
+            .expect("tick writes an empty segment for a quiet window");
         w.finish(78 * S).expect("finish");
         let segs = closed(&dir.path().join("h").join("dev-loop0"));
         let windows: Vec<(u64, u64, u64)> = segs
@@ -495,7 +496,13 @@ mod tests {
             .collect();
         assert_eq!(
             windows,
-            vec![(0, 10, 0), (10, 20, 1), (20, 50, 2), (50, 70, 3), (70, 78, 4)]
+            vec![
+                (0, 10, 0),
+                (10, 20, 1),
+                (20, 50, 2),
+                (50, 70, 3),
+                (70, 78, 4)
+            ]
         );
         let ts = |recs: &[Record]| -> Vec<u64> {
             recs.iter()
