@@ -19,6 +19,9 @@ pub struct StoreOptions {
     /// A custom endpoint (`http://127.0.0.1:3900` for Garage, MinIO, Ceph).
     pub endpoint: Option<String>,
     pub region: Option<String>,
+    /// A static key instead of the environment's.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
     /// Plain HTTP to the endpoint. Allowed without asking for loopback endpoints.
     pub allow_http: Option<bool>,
     /// Retries inside one request; the uploader retries whole uploads beyond these.
@@ -33,6 +36,8 @@ impl Default for StoreOptions {
         StoreOptions {
             endpoint: None,
             region: None,
+            access_key_id: None,
+            secret_access_key: None,
             allow_http: None,
             request_retries: 2,
             request_timeout: Duration::from_secs(60),
@@ -179,8 +184,15 @@ impl HistoryStore {
         if let Some(region) = &opts.region {
             builder = builder.with_region(region);
         }
+        if let Some(id) = &opts.access_key_id {
+            builder = builder.with_access_key_id(id);
+        }
+        if let Some(secret) = &opts.secret_access_key {
+            builder = builder.with_secret_access_key(secret);
+        }
         let env_allows_http =
             std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+        let mut allow_http = opts.allow_http.unwrap_or(env_allows_http);
         if let Some(endpoint) = &endpoint
             && endpoint.starts_with("http://")
         {
@@ -195,7 +207,7 @@ impl HistoryStore {
                     ),
                 ));
             }
-            builder = builder.with_allow_http(true);
+            allow_http = true;
         }
         let retry = RetryConfig {
             backoff: BackoffConfig {
@@ -206,7 +218,10 @@ impl HistoryStore {
             max_retries: opts.request_retries,
             retry_timeout: opts.request_timeout,
         };
+        // These replace the builder's client options, the environment's
+        // AWS_ALLOW_HTTP included: hence `allow_http` is decided above.
         let client = ClientOptions::new()
+            .with_allow_http(allow_http)
             .with_timeout(opts.request_timeout)
             .with_connect_timeout(opts.connect_timeout);
         let s3 = builder

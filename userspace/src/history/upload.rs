@@ -97,7 +97,7 @@ pub struct UploadCounts {
     pub bytes: u64,
     /// Multipart parts sent.
     pub parts: u64,
-    /// Multipart uploads continued from a saved state rather than started over.
+    /// Multipart attempts that continued a saved upload rather than starting over.
     pub resumed: u64,
     /// Upload attempts that failed (and were retried).
     pub failures: u64,
