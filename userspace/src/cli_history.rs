@@ -18,8 +18,8 @@ use tern::trace::record::{EndRecord, Record};
 /// How the source records its I/O history into object storage.
 #[derive(Args, Clone)]
 pub struct HistoryArgs {
-    /// Record the source's I/O history here: a directory, file:///dir or
-    /// s3://bucket/prefix (credentials, region and endpoint from AWS_* variables).
+    /// Record the source's I/O history here: a directory, `file:///dir` or
+    /// `s3://bucket/prefix` (credentials, region and endpoint from `AWS_*` variables).
     #[arg(long, value_name = "URL")]
     pub history: Option<String>,
     /// How much history to keep: an age (7d), a total size (50G) or both (7d,50G).
@@ -114,7 +114,7 @@ pub enum HistoryCommand {
 /// Which history.
 #[derive(Args)]
 pub struct Select {
-    /// A directory, file:///dir or s3://bucket/prefix.
+    /// A directory, `file:///dir` or `s3://bucket/prefix`.
     url: String,
     /// From this time: RFC 3339 or an age (2h = two hours ago).
     #[arg(long)]

@@ -95,7 +95,7 @@ struct AgentArgs {
     /// Source role: serve the control API (`tern status|migrate|rollback --agent`) here.
     #[arg(long)]
     control: Option<SocketAddr>,
-    /// Source role: record the I/O history into a directory, file:///dir or s3://bucket/prefix.
+    /// Source role: record the I/O history into a directory, `file:///dir` or `s3://bucket/prefix`.
     #[arg(long, value_name = "URL")]
     history: Option<String>,
     /// Source role: how much history to keep: an age (7d), a size (50G) or both (7d,50G).

@@ -84,7 +84,11 @@ fn rec(i: u64, ts: u64) -> Record {
         pid: i as u32,
         flags: 0,
         target: 0,
-        op: if h % 3 == 0 { Op::Read } else { Op::Write },
+        op: if h.is_multiple_of(3) {
+            Op::Read
+        } else {
+            Op::Write
+        },
     })
 }
 
@@ -254,7 +258,7 @@ fn s3_retention_deletes_old_segments_and_their_summaries() {
         spool.path(),
         header(session, 0),
         RollPolicy {
-            every: Duration::from_secs(600),
+            every: Duration::from_mins(10),
             max_bytes: 64 << 20,
         },
     )
@@ -398,7 +402,7 @@ fn s3_server_killed_mid_upload_restarts_and_the_writer_loses_nothing() {
         })
     };
 
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     while !multipart_in_flight(spool.path()) {
         assert!(Instant::now() < deadline, "no multipart upload started");
         std::thread::sleep(Duration::from_millis(5));
@@ -414,7 +418,7 @@ fn s3_server_killed_mid_upload_restarts_and_the_writer_loses_nothing() {
     let restarted = Instant::now();
     g.restart();
     let listening = restarted.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     let mut drained = None;
     while drained.is_none() {
         assert!(
@@ -431,7 +435,7 @@ fn s3_server_killed_mid_upload_restarts_and_the_writer_loses_nothing() {
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Release);
     let ts = producer.join().expect("the producer ends");
-    let counts = rt.block_on(handle.shutdown(Duration::from_secs(60)));
+    let counts = rt.block_on(handle.shutdown(Duration::from_mins(1)));
     eprintln!(
         "FIGURE restart: {} records written ({} before the kill), {} segments / {:.1} MB uploaded, \
          {} failed attempts while down, {} multipart uploads resumed; Garage listening {:.0} ms after restart, \

@@ -16,7 +16,7 @@ use super::HistoryError;
 /// `AWS_ALLOW_HTTP`). Explicit values win over the environment.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// A custom endpoint (`http://127.0.0.1:3900` for Garage, MinIO, Ceph).
+    /// A custom endpoint (`http://127.0.0.1:3900` for Garage, `MinIO`, Ceph).
     pub endpoint: Option<String>,
     pub region: Option<String>,
     /// A static key instead of the environment's.
@@ -40,7 +40,7 @@ impl Default for StoreOptions {
             secret_access_key: None,
             allow_http: None,
             request_retries: 2,
-            request_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_mins(1),
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -62,6 +62,7 @@ impl std::fmt::Debug for HistoryStore {
             .field("url", &self.url)
             .field("store", &self.store)
             .field("multipart", &self.multipart.is_some())
+            .field("prefix", &self.prefix)
             .finish()
     }
 }

@@ -100,7 +100,7 @@ impl HistoryStore {
         for segments in devices.into_values() {
             let mut list: Vec<Stored> = segments.into_values().collect();
             // Newest first: the byte budget goes to recent history.
-            list.sort_by(|a, b| b.end_unix_ns.cmp(&a.end_unix_ns));
+            list.sort_by_key(|s| std::cmp::Reverse(s.end_unix_ns));
             let mut kept_bytes = 0u64;
             for s in list {
                 let size: u64 = s.objects.iter().map(|o| o.size).sum();
@@ -150,7 +150,7 @@ mod tests {
 
     #[test]
     fn retention_parses_age_size_or_both() {
-        let day = Duration::from_secs(86_400);
+        let day = Duration::from_hours(24);
         assert_eq!(
             "7d".parse::<Retention>().expect("age"),
             Retention {
@@ -168,7 +168,7 @@ mod tests {
         assert_eq!(
             " 12h , 1M ".parse::<Retention>().expect("both"),
             Retention {
-                max_age: Some(Duration::from_secs(12 * 3600)),
+                max_age: Some(Duration::from_hours(12)),
                 max_bytes: Some(1 << 20)
             }
         );

@@ -194,29 +194,26 @@ pub(super) fn salvage(root: &Path, live: &HashSet<u64>) -> Result<u64, HistoryEr
             }
             let tmp = dir.join(format!("{session:016x}_{seq:06}.salvage"));
             let copied = copy_readable(&path, &tmp, |max| max.map_or(start, |t| t + 1).max(start))?;
-            match copied {
-                Some(c) => {
-                    let end = c.max_ts.map_or(start, |t| t + 1).max(start);
-                    let key = SegmentKey {
-                        host: host.clone(),
-                        device: device.clone(),
-                        start_unix_ns: session.saturating_add(start),
-                        end_unix_ns: session.saturating_add(end),
-                        session,
-                        seq,
-                    };
-                    let entry = SpoolEntry {
-                        key,
-                        dir: dir.clone(),
-                    };
-                    std::fs::rename(&tmp, entry.trace()).map_err(spool_err(&tmp))?;
-                    tracing::info!(segment = %entry.key.stem(), records = c.totals.block_events + c.totals.fault_events, "salvaged a history segment left open by an earlier run");
-                    salvaged += 1;
-                }
-                None => {
-                    tracing::warn!(file = %path.display(), "an open history segment from an earlier run has no readable header; removing it");
-                    let _ = std::fs::remove_file(&tmp);
-                }
+            if let Some(c) = copied {
+                let end = c.max_ts.map_or(start, |t| t + 1).max(start);
+                let key = SegmentKey {
+                    host: host.clone(),
+                    device: device.clone(),
+                    start_unix_ns: session.saturating_add(start),
+                    end_unix_ns: session.saturating_add(end),
+                    session,
+                    seq,
+                };
+                let entry = SpoolEntry {
+                    key,
+                    dir: dir.clone(),
+                };
+                std::fs::rename(&tmp, entry.trace()).map_err(spool_err(&tmp))?;
+                tracing::info!(segment = %entry.key.stem(), records = c.totals.block_events + c.totals.fault_events, "salvaged a history segment left open by an earlier run");
+                salvaged += 1;
+            } else {
+                tracing::warn!(file = %path.display(), "an open history segment from an earlier run has no readable header; removing it");
+                let _ = std::fs::remove_file(&tmp);
             }
             std::fs::remove_file(&path).map_err(spool_err(&path))?;
         }
@@ -230,12 +227,11 @@ pub(super) fn repair(entry: &SpoolEntry) -> Result<(), HistoryError> {
     let src = entry.trace();
     let tmp = entry.dir.join(format!("{}.repair", entry.key.stem()));
     let end = entry.key.end_unix_ns.saturating_sub(entry.key.session);
-    match copy_readable(&src, &tmp, |_| end)? {
-        Some(_) => std::fs::rename(&tmp, &src).map_err(spool_err(&tmp))?,
-        None => {
-            tracing::warn!(segment = %entry.key.stem(), "a spooled history segment has no readable header; dropping it");
-            std::fs::remove_file(&src).map_err(spool_err(&src))?;
-        }
+    if copy_readable(&src, &tmp, |_| end)?.is_some() {
+        std::fs::rename(&tmp, &src).map_err(spool_err(&tmp))?;
+    } else {
+        tracing::warn!(segment = %entry.key.stem(), "a spooled history segment has no readable header; dropping it");
+        std::fs::remove_file(&src).map_err(spool_err(&src))?;
     }
     Ok(())
 }

@@ -72,7 +72,7 @@ impl UploadOptions {
             part_size: 8 << 20,
             backoff: Backoff::default(),
             retention: None,
-            prune_every: Duration::from_secs(600),
+            prune_every: Duration::from_mins(10),
             summary_hook: None,
         }
     }
@@ -728,7 +728,7 @@ mod tests {
         // Age: "now" is 30 s after the first session ended; keep 60 s.
         let now = s1 + 82 * S;
         let by_age = Retention {
-            max_age: Some(Duration::from_secs(60)),
+            max_age: Some(Duration::from_mins(1)),
             max_bytes: None,
         };
         let dry = rt

@@ -31,7 +31,7 @@ pub struct RollPolicy {
 impl Default for RollPolicy {
     fn default() -> Self {
         RollPolicy {
-            every: Duration::from_secs(60),
+            every: Duration::from_mins(1),
             max_bytes: 32 << 20,
         }
     }
@@ -526,7 +526,7 @@ pub(crate) mod tests {
             dir.path(),
             header(1),
             RollPolicy {
-                every: Duration::from_secs(3600),
+                every: Duration::from_hours(1),
                 max_bytes: 256 << 10,
             },
         )

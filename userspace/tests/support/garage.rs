@@ -109,6 +109,7 @@ root_domain = ".s3.garage.localhost"
     }
 
     /// `s3://BUCKET/prefix`.
+    #[allow(clippy::unused_self)] // a URL of this server, even if the bucket name is fixed
     pub fn url(&self, prefix: &str) -> String {
         format!("s3://{BUCKET}/{prefix}")
     }
