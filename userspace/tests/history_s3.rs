@@ -6,6 +6,7 @@
 
 #[path = "support/garage.rs"]
 mod garage;
+mod support;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -456,4 +457,97 @@ fn s3_server_killed_mid_upload_restarts_and_the_writer_loses_nothing() {
         "the upload in flight resumed: {counts:?}"
     );
     rt.block_on(assert_every_record(&store, &ts));
+}
+
+#[test]
+fn the_source_tracker_records_a_loop_devices_writes_into_s3_history() {
+    let g = Garage::start();
+    let dev = support::LoopDev::new("64M");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let spool = tempfile::tempdir().expect("spool");
+    let store = store(&g, "tracker");
+    let mut opts = UploadOptions::new(spool.path().join("spool"));
+    opts.roll = RollPolicy {
+        every: Duration::from_secs(1),
+        max_bytes: 32 << 20,
+    };
+    let up = Uploader::new(store.clone(), opts).expect("uploader");
+    let handle = {
+        let _guard = rt.enter();
+        up.spawn(tokio_util::sync::CancellationToken::new())
+    };
+    let dirty = Arc::new(tern::dirty::DirtyMap::new(64 << 20, 4096).expect("dirty map"));
+    let hook = Arc::clone(&up);
+    let tracker = tern::replicate::Tracker::start_observed(
+        tern::trace::session::SessionConfig {
+            devices: vec![dev.dev.clone()],
+            image: None,
+            pids: Vec::new(),
+            faults: false,
+            fault_range: None,
+            duration: None,
+            ring_bytes: 16 << 20,
+            out: spool.path().join("source.trace"),
+            progress: false,
+        },
+        vec![Arc::clone(&dirty)],
+        Vec::new(),
+        Some(Box::new(move |h| {
+            hook.observer(h).map_err(|e| e.to_string())
+        })),
+    )
+    .expect("the tracker starts (root, eBPF)");
+    // 60 direct 4 KiB writes at known offsets, over about 3 s: several windows.
+    let offsets: Vec<u64> = (0..60u64).map(|k| (k * 37 % 256) * 65_536).collect();
+    for (i, off) in offsets.iter().enumerate() {
+        support::sh(
+            Command::new("timeout")
+                .args(["10", "dd", "if=/dev/urandom", "bs=4096", "count=1"])
+                .arg(format!("of={}", dev.path()))
+                .arg(format!("seek={}", off / 4096))
+                .args(["oflag=direct", "conv=notrunc", "status=none"]),
+        );
+        if i % 20 == 19 {
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+    }
+    rt.block_on(tracker.sync()).expect("the tracker caught up");
+    tracker.stop().expect("the tracker stops");
+    let counts = rt.block_on(handle.shutdown(Duration::from_secs(30)));
+    assert_eq!(counts.waiting, 0, "{counts:?}");
+    assert!(counts.segments >= 3, "{counts:?}");
+
+    let mut stream = rt
+        .block_on(store.records(&Query::default()))
+        .expect("records");
+    let header = stream.header().expect("a header").clone();
+    assert_eq!(header.targets[0].name, dev.path());
+    let mut written = std::collections::BTreeSet::new();
+    while let Some(r) = rt.block_on(stream.next_record()).expect("a record") {
+        if let Record::Block(b) = r
+            && b.op == Op::Write
+        {
+            let mut at = b.offset;
+            while at < b.offset + u64::from(b.len) {
+                written.insert(at);
+                at += 4096;
+            }
+        }
+    }
+    for off in &offsets {
+        assert!(
+            written.contains(off),
+            "the write at {off} is in the history"
+        );
+    }
+    let summaries = rt
+        .block_on(store.summaries(&Query::default()))
+        .expect("summaries");
+    assert!(
+        summaries
+            .iter()
+            .map(|s| s.op(Op::Write).requests)
+            .sum::<u64>()
+            >= 60
+    );
 }
