@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use tern::history::{
-    HistoryStore, Query, Retention, RollPolicy, TimeRange, UploadOptions, Uploader, UploaderHandle,
-    format_time,
+    HistoryStore, Query, Retention, RollPolicy, StoreOptions, TimeRange, UploadOptions, Uploader,
+    UploaderHandle, format_time,
 };
 use tern::replicate::ObserverFactory;
 use tern::trace::TraceWriter;
@@ -144,6 +144,17 @@ impl Select {
     }
 }
 
+/// Opens a store to read or prune: a missing directory is an error, not created.
+fn open(url: &str) -> Result<HistoryStore> {
+    Ok(HistoryStore::open_with(
+        url,
+        &StoreOptions {
+            create_dir: false,
+            ..StoreOptions::default()
+        },
+    )?)
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -161,7 +172,7 @@ pub fn run(cmd: HistoryCommand) -> Result<()> {
                 retention,
                 dry_run,
             } => {
-                let store = HistoryStore::open(&url)?;
+                let store = open(&url)?;
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)?
                     .as_nanos() as u64;
@@ -175,7 +186,7 @@ pub fn run(cmd: HistoryCommand) -> Result<()> {
 }
 
 async fn ls(select: &Select, json: bool) -> Result<()> {
-    let store = HistoryStore::open(&select.url)?;
+    let store = open(&select.url)?;
     let segments = store.segments(&select.query()?).await?;
     let mut out = std::io::stdout().lock();
     if !json {
@@ -233,7 +244,7 @@ async fn ls(select: &Select, json: bool) -> Result<()> {
 }
 
 async fn get(select: &Select, out: &PathBuf) -> Result<()> {
-    let store = HistoryStore::open(&select.url)?;
+    let store = open(&select.url)?;
     let mut stream = store.records(&select.query()?).await?;
     let header = stream
         .header()

@@ -29,6 +29,8 @@ pub struct StoreOptions {
     /// Give up on one request (with its retries) after this long.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Create a missing directory (writers); readers leave this off so a typo is an error.
+    pub create_dir: bool,
 }
 
 impl Default for StoreOptions {
@@ -42,6 +44,7 @@ impl Default for StoreOptions {
             request_retries: 2,
             request_timeout: Duration::from_mins(1),
             connect_timeout: Duration::from_secs(5),
+            create_dir: true,
         }
     }
 }
@@ -148,8 +151,12 @@ impl HistoryStore {
         } else {
             trimmed
         };
-        std::fs::create_dir_all(dir)
-            .map_err(|e| bad(url, format!("cannot create the directory {dir}: {e}")))?;
+        if opts.create_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| bad(url, format!("cannot create the directory {dir}: {e}")))?;
+        } else if !std::path::Path::new(dir).is_dir() {
+            return Err(bad(url, format!("there is no history directory {dir}")));
+        }
         let local = LocalFileSystem::new_with_prefix(dir).map_err(|source| HistoryError::Open {
             url: url.to_owned(),
             source,
@@ -288,6 +295,18 @@ mod tests {
         assert!(why("s3:///x").contains("not a bucket name"));
         assert!(why("s3://bucket/a/../b").contains("`..`"));
         assert!(why("file://relative/dir").contains("absolute path"));
+        let missing = HistoryStore::open_with(
+            "/nonexistent/tern-history",
+            &StoreOptions {
+                create_dir: false,
+                ..StoreOptions::default()
+            },
+        )
+        .expect_err("a reader does not create a directory");
+        assert!(
+            missing.to_string().contains("no history directory"),
+            "{missing}"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use object_store::path::Path as ObjectPath;
 
 use super::key::SegmentKey;
 use super::summary::WindowSummary;
-use super::{HistoryError, HistoryStore};
+use super::{HistoryError, HistoryStore, StoreOptions};
 use crate::trace::TraceReader;
 use crate::trace::format::TraceHeader;
 use crate::trace::record::{Gap, Record};
@@ -485,12 +485,25 @@ pub struct HistoryReader {
 impl HistoryReader {
     /// Opens the history at `url` (see [`HistoryStore::open`]) for `query`.
     pub fn open(url: &str, query: &Query) -> Result<HistoryReader, HistoryError> {
+        let opts = StoreOptions {
+            create_dir: false,
+            ..StoreOptions::default()
+        };
+        HistoryReader::open_with(url, &opts, query)
+    }
+
+    /// [`HistoryReader::open`] with explicit store options.
+    pub fn open_with(
+        url: &str,
+        opts: &StoreOptions,
+        query: &Query,
+    ) -> Result<HistoryReader, HistoryError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(HistoryError::Runtime)?;
         // The store's connections belong to this runtime: build it here.
-        let store = HistoryStore::open(url)?;
+        let store = HistoryStore::open_with(url, opts)?;
         let stream = runtime.block_on(store.records(query))?;
         Ok(HistoryReader {
             runtime,
