@@ -640,8 +640,18 @@ mod tests {
         let (s1, pushed) = write_two_sessions(spool.path());
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let store = HistoryStore::open(&url).expect("store");
-        let up = Uploader::new(store.clone(), UploadOptions::new(spool.path().to_owned()))
-            .expect("uploader");
+        let mut opts = UploadOptions::new(spool.path().to_owned());
+        // A producer of richer statistics, as the analyzer plugs in.
+        let hook: SummaryHook = Arc::new(|path: &Path| {
+            let records = TraceReader::new(std::fs::File::open(path).expect("segment"))
+                .expect("a trace")
+                .count();
+            let mut extra = serde_json::Map::new();
+            extra.insert("test".into(), serde_json::json!({ "records": records }));
+            extra
+        });
+        opts.summary_hook = Some(hook);
+        let up = Uploader::new(store.clone(), opts).expect("uploader");
         let n = rt.block_on(up.upload_pending()).expect("uploads");
         // 0-10-20-30-40-50-52 and 0-10-25 (the last window ends when the session does).
         assert_eq!(n, 8);
@@ -657,6 +667,16 @@ mod tests {
         assert_eq!(sums.iter().map(|s| s.block_events).sum::<u64>(), 1500);
         assert_eq!(sums.iter().map(|s| s.gaps).sum::<u64>(), 1);
         assert_eq!(sums.iter().map(|s| s.lost_events).sum::<u64>(), 17);
+        // Every record and each segment's end record, counted by the hook.
+        let hooked: u64 = sums
+            .iter()
+            .map(|s| {
+                s.extra["test"]["records"]
+                    .as_u64()
+                    .expect("the hook's figure")
+            })
+            .sum();
+        assert_eq!(hooked, 1501 + 8);
         drop(rt);
 
         let mut reader = HistoryReader::open(&url, &Query::default()).expect("reader");
