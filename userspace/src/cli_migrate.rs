@@ -68,6 +68,8 @@ pub struct SourceArgs {
     /// Progress as JSON lines on stderr even on a terminal.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    history: crate::cli_history::HistoryArgs,
 }
 
 #[derive(Args)]
@@ -216,8 +218,11 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// The tracker, the engine and the status cell for one source.
-async fn start_source(a: &SourceArgs) -> Result<SourceAgent> {
+/// The tracker, the engine and the status cell for one source, and the
+/// history uploader when `--history` is given.
+async fn start_source(
+    a: &SourceArgs,
+) -> Result<(SourceAgent, Option<tern::history::UploaderHandle>)> {
     let path = source_path(a.device.as_ref(), a.file.as_ref())?;
     let image = Image::open(
         &path,
@@ -232,8 +237,9 @@ async fn start_source(a: &SourceArgs) -> Result<SourceAgent> {
         .region_size
         .unwrap_or_else(|| tern::replicate::default_region_size(image.size()));
     let local = LocalTree::new(image.size(), region_size)?;
+    let (history, uploader) = crate::cli_history::start(&a.history)?.unzip();
     // Tracing starts before the first read: no write after this point is missed.
-    let tracker = Tracker::start(
+    let tracker = Tracker::start_observed(
         SessionConfig {
             devices: a.device.iter().cloned().collect(),
             image: a.file.clone(),
@@ -247,6 +253,7 @@ async fn start_source(a: &SourceArgs) -> Result<SourceAgent> {
         },
         vec![Arc::clone(&send), local.stale_map()],
         vec![local.stale_map()],
+        history,
     )?;
     let opts = ReplicateOptions {
         extent_len: u32::try_from(a.extent)
@@ -264,11 +271,14 @@ async fn start_source(a: &SourceArgs) -> Result<SourceAgent> {
             .context("give the destination agent as --to HOST:PORT")?;
     let peer = peer(to, a.tls_dir.as_deref(), a.domain.as_ref())?;
     let repl = Replicator::connect(image, peer, send, local, opts).await?;
-    Ok(SourceAgent {
-        tracker,
-        repl,
-        status: Arc::new(Mutex::new(Status::default())),
-    })
+    Ok((
+        SourceAgent {
+            tracker,
+            repl,
+            status: Arc::new(Mutex::new(Status::default())),
+        },
+        uploader,
+    ))
 }
 
 /// Prints progress every second (one line on a terminal, JSON lines otherwise)
@@ -386,7 +396,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             return Ok(serde_json::from_str(&reply.report_json)?);
         }
         let source = &m.source;
-        let mut side = start_source(source).await?;
+        let (mut side, uploader) = start_source(source).await?;
         let progress = spawn_progress(
             Arc::clone(&side.status),
             side.repl.stats(),
@@ -411,6 +421,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             gaps = totals.gaps,
             "source trace closed"
         );
+        crate::cli_history::stop(uploader).await;
         Ok::<_, anyhow::Error>(serde_json::to_value(result?)?)
     })?;
     let mut out = std::io::stdout().lock();
@@ -430,7 +441,7 @@ pub fn source_agent(a: &SourceArgs, control: Option<std::net::SocketAddr>) -> Re
     runtime()?.block_on(async {
         let cancel = tokio_util::sync::CancellationToken::new();
         tern::agent::cancel_on_signals(cancel.clone());
-        let side = start_source(a).await?;
+        let (side, uploader) = start_source(a).await?;
         let progress = spawn_progress(
             Arc::clone(&side.status),
             side.repl.stats(),
@@ -456,6 +467,8 @@ pub fn source_agent(a: &SourceArgs, control: Option<std::net::SocketAddr>) -> Re
             None => None,
         };
         let result = task.await.context("the source agent's task panicked")?;
+        // The task dropped the tracker: the last history segment is closed.
+        crate::cli_history::stop(uploader).await;
         cancel.cancel();
         progress.abort();
         if let Some(server) = server {

@@ -9,6 +9,7 @@ pub mod checktree;
 pub mod control;
 pub mod cutover;
 pub mod dirty;
+pub mod history;
 pub mod image;
 pub mod metrics;
 pub mod nbd;

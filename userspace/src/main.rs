@@ -1,5 +1,6 @@
 //! The `tern` command: a thin layer over the `tern` library.
 
+mod cli_history;
 mod cli_migrate;
 
 use std::fs::File;
@@ -51,6 +52,9 @@ enum Command {
     Rollback(cli_migrate::RollbackArgs),
     /// The running migration's (or source agent's) phase, bytes, rates, downtime estimate, RPO.
     Status(cli_migrate::StatusArgs),
+    /// The I/O history a source agent recorded into object storage (`--history`).
+    #[command(subcommand)]
+    History(cli_history::HistoryCommand),
 }
 
 #[derive(Args)]
@@ -91,6 +95,15 @@ struct AgentArgs {
     /// Source role: serve the control API (`tern status|migrate|rollback --agent`) here.
     #[arg(long)]
     control: Option<SocketAddr>,
+    /// Source role: record the I/O history into a directory, `file:///dir` or `s3://bucket/prefix`.
+    #[arg(long, value_name = "URL")]
+    history: Option<String>,
+    /// Source role: how much history to keep: an age (7d), a size (50G) or both (7d,50G).
+    #[arg(long, value_name = "AGE,SIZE", requires = "history")]
+    history_retention: Option<String>,
+    /// Source role: where history segments wait until the store has them.
+    #[arg(long, value_name = "DIR", requires = "history")]
+    history_spool: Option<PathBuf>,
     /// NBD listen address: `HOST:PORT` or `unix:/path`.
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd: tern::nbd::ListenAddr,
@@ -405,6 +418,7 @@ fn agent(a: AgentArgs) -> Result<()> {
             ("--tls-dir", a.tls_dir.as_deref()),
             ("--state-dir", a.state_dir.as_deref()),
             ("--trace-out", a.trace_out.as_deref()),
+            ("--history-spool", a.history_spool.as_deref()),
         ];
         for (flag, value) in paths {
             if let Some(v) = value {
@@ -414,6 +428,8 @@ fn agent(a: AgentArgs) -> Result<()> {
         for (flag, value) in [
             ("--to", a.peer.as_deref()),
             ("--domain", a.domain.as_deref()),
+            ("--history", a.history.as_deref()),
+            ("--history-retention", a.history_retention.as_deref()),
         ] {
             if let Some(v) = value {
                 given.push((flag, std::ffi::OsStr::new(v)));
@@ -526,6 +542,7 @@ fn main() -> std::process::ExitCode {
         Command::Migrate(m) => cli_migrate::migrate(&m),
         Command::Rollback(r) => cli_migrate::rollback(&r),
         Command::Status(s) => cli_migrate::status(&s),
+        Command::History(h) => cli_history::run(h),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

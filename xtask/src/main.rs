@@ -6,6 +6,7 @@ mod bench_nbd;
 mod bench_rpc;
 mod bench_tracer;
 mod demo;
+mod garage;
 mod sh;
 mod vm_test;
 

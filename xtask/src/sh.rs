@@ -150,6 +150,7 @@ pub fn setup() -> Result<()> {
     if is_root() && !Path::new("/sys/kernel/tracing/events").exists() {
         run(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))?;
     }
+    crate::garage::install()?;
     Ok(())
 }
 

@@ -11,7 +11,7 @@ pub use engine::{
     LocalTree, Peer, ReplicateOptions, Replicator, Round, Stats, StatsSnapshot,
     default_region_size, zero_tree,
 };
-pub use tracker::{Tracker, TrackerCounts};
+pub use tracker::{ObserverFactory, Tracker, TrackerCounts};
 
 use crate::checktree::CheckTreeError;
 use crate::dirty::DirtyError;

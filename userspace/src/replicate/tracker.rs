@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use crate::dirty::DirtyMap;
 use crate::trace::Record;
-use crate::trace::session::{Session, SessionConfig, SessionError, SessionTotals};
+use crate::trace::format::TraceHeader;
+use crate::trace::session::{Observer, Session, SessionConfig, SessionError, SessionTotals};
 
 use super::ReplicateError;
 
@@ -33,6 +34,10 @@ struct Shared {
     written_bytes: AtomicU64,
     failure: Mutex<Option<String>>,
 }
+
+/// Builds an extra observer once the session's header is known; an error
+/// stops the tracker from starting.
+pub type ObserverFactory = Box<dyn FnOnce(&TraceHeader) -> Result<Observer, String> + Send>;
 
 /// The running tracker. Dropping it stops the thread (the trace file is closed cleanly by `stop`).
 pub struct Tracker {
@@ -56,6 +61,17 @@ impl Tracker {
         write_maps: Vec<Arc<DirtyMap>>,
         gap_maps: Vec<Arc<DirtyMap>>,
     ) -> Result<Tracker, ReplicateError> {
+        Tracker::start_observed(cfg, write_maps, gap_maps, None)
+    }
+
+    /// [`Tracker::start`], and every record also goes to the observer `extra`
+    /// builds from the session's header (the history writer).
+    pub fn start_observed(
+        cfg: SessionConfig,
+        write_maps: Vec<Arc<DirtyMap>>,
+        gap_maps: Vec<Arc<DirtyMap>>,
+        extra: Option<ObserverFactory>,
+    ) -> Result<Tracker, ReplicateError> {
         let shared = Arc::new(Shared::default());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_shared = Arc::clone(&shared);
@@ -70,24 +86,36 @@ impl Tracker {
                         return Err(e);
                     }
                 };
+                let mut extra = match extra.map(|f| f(session.header())).transpose() {
+                    Ok(extra) => extra,
+                    Err(text) => {
+                        let _ = ready_tx.send(Err(text));
+                        return session.finish();
+                    }
+                };
                 let obs_shared = Arc::clone(&thread_shared);
-                session.observe(Box::new(move |rec| match rec {
-                    Record::Block(b) if b.op.modifies() => {
-                        obs_shared.write_events.fetch_add(1, Ordering::Relaxed);
-                        obs_shared
-                            .written_bytes
-                            .fetch_add(u64::from(b.len), Ordering::Relaxed);
-                        for map in &write_maps {
-                            map.mark(b.offset, u64::from(b.len));
-                        }
+                session.observe(Box::new(move |rec| {
+                    if let Some(extra) = &mut extra {
+                        extra(rec);
                     }
-                    Record::Gap(_) => {
-                        obs_shared.gaps.fetch_add(1, Ordering::AcqRel);
-                        for map in &gap_maps {
-                            map.mark_all();
+                    match rec {
+                        Record::Block(b) if b.op.modifies() => {
+                            obs_shared.write_events.fetch_add(1, Ordering::Relaxed);
+                            obs_shared
+                                .written_bytes
+                                .fetch_add(u64::from(b.len), Ordering::Relaxed);
+                            for map in &write_maps {
+                                map.mark(b.offset, u64::from(b.len));
+                            }
                         }
+                        Record::Gap(_) => {
+                            obs_shared.gaps.fetch_add(1, Ordering::AcqRel);
+                            for map in &gap_maps {
+                                map.mark_all();
+                            }
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }));
                 let _ = ready_tx.send(Ok(()));
                 let shared = thread_shared;

@@ -352,6 +352,7 @@ impl Progress {
 /// loop (the source agent, tests) call `step` and `finish` themselves.
 pub struct Session {
     tracer: Tracer,
+    header: TraceHeader,
     rec: Recorder,
     progress: Progress,
     started: Instant,
@@ -398,6 +399,7 @@ impl Session {
         let terminal = std::io::stderr().is_terminal();
         Ok(Session {
             tracer,
+            header,
             rec: Recorder {
                 writer,
                 start_mono,
@@ -474,6 +476,11 @@ impl Session {
 
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// The header written at the start of the trace file.
+    pub fn header(&self) -> &TraceHeader {
+        &self.header
     }
 
     /// Hands every later record (blocks in the trace's coordinates, gaps) to

@@ -1,0 +1,275 @@
+//! `tern history ls|get|prune` and the source agent's `--history` flags.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use tern::history::{
+    HistoryStore, Query, Retention, RollPolicy, StoreOptions, TimeRange, UploadOptions, Uploader,
+    UploaderHandle, format_time,
+};
+use tern::replicate::ObserverFactory;
+use tern::trace::TraceWriter;
+use tern::trace::record::{EndRecord, Record};
+
+/// How the source records its I/O history into object storage.
+#[derive(Args, Clone)]
+pub struct HistoryArgs {
+    /// Record the source's I/O history here: a directory, `file:///dir` or
+    /// `s3://bucket/prefix` (credentials, region and endpoint from `AWS_*` variables).
+    #[arg(long, value_name = "URL")]
+    pub history: Option<String>,
+    /// How much history to keep: an age (7d), a total size (50G) or both (7d,50G).
+    #[arg(long, value_name = "AGE,SIZE", requires = "history")]
+    pub history_retention: Option<Retention>,
+    /// Segments wait here until the store has them (never dropped).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/tmp/tern-history-spool"
+    )]
+    pub history_spool: PathBuf,
+    /// Window length of one segment.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub history_every: Duration,
+    /// A segment closes early at this size.
+    #[arg(long, default_value = "32M", value_parser = tern::agent::parse_size)]
+    pub history_segment_max: u64,
+}
+
+/// Starts the uploader (inside a runtime) and returns the tracker's observer
+/// factory for it; `None` without `--history`.
+pub fn start(a: &HistoryArgs) -> Result<Option<(ObserverFactory, UploaderHandle)>> {
+    let Some(url) = &a.history else {
+        return Ok(None);
+    };
+    let store = HistoryStore::open(url)?;
+    let mut opts = UploadOptions::new(a.history_spool.clone());
+    opts.roll = RollPolicy {
+        every: a.history_every,
+        max_bytes: a.history_segment_max,
+    };
+    opts.retention = a.history_retention;
+    let uploader = Uploader::new(store, opts).with_context(|| {
+        format!(
+            "cannot use the history spool {} (choose another with --history-spool)",
+            a.history_spool.display()
+        )
+    })?;
+    let handle = uploader.spawn(tokio_util::sync::CancellationToken::new());
+    let factory: ObserverFactory =
+        Box::new(move |header| uploader.observer(header).map_err(|e| e.to_string()));
+    tracing::info!(url = %url, spool = %a.history_spool.display(), "recording history");
+    Ok(Some((factory, handle)))
+}
+
+/// Uploads what is left (the tracker must have stopped) and reports.
+pub async fn stop(handle: Option<UploaderHandle>) {
+    if let Some(h) = handle {
+        let counts = h.shutdown(Duration::from_secs(30)).await;
+        tracing::info!(
+            segments = counts.segments,
+            bytes = counts.bytes,
+            waiting = counts.waiting,
+            failures = counts.failures,
+            "history uploader stopped"
+        );
+    }
+}
+
+#[derive(Subcommand)]
+#[command(
+    after_help = "Examples:\n  tern history ls s3://bucket/tern --from 2h\n  tern history get /var/lib/tern/history --from 2026-11-25T10:00:00Z --to 1h --out last.trace\n  tern history prune s3://bucket/tern --retention 7d,50G --dry-run"
+)]
+pub enum HistoryCommand {
+    /// List segments and their summaries.
+    Ls {
+        #[command(flatten)]
+        select: Select,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the history of one device in a time range as one trace file.
+    Get {
+        #[command(flatten)]
+        select: Select,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Delete segments beyond a retention.
+    Prune {
+        url: String,
+        /// An age (7d), a total size per device (50G) or both (7d,50G).
+        #[arg(long)]
+        retention: Retention,
+        /// Only report what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Which history.
+#[derive(Args)]
+pub struct Select {
+    /// A directory, `file:///dir` or `s3://bucket/prefix`.
+    url: String,
+    /// From this time: RFC 3339 or an age (2h = two hours ago).
+    #[arg(long)]
+    from: Option<String>,
+    /// Up to this time (same forms).
+    #[arg(long)]
+    to: Option<String>,
+    /// Only this host (as in segment names).
+    #[arg(long)]
+    host: Option<String>,
+    /// Only this device (as in segment names, e.g. dev-loop0).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+impl Select {
+    fn query(&self) -> Result<Query> {
+        let time = |s: &Option<String>| s.as_deref().map(TimeRange::parse_time).transpose();
+        Ok(Query {
+            range: TimeRange {
+                from_unix_ns: time(&self.from)?,
+                to_unix_ns: time(&self.to)?,
+            },
+            host: self.host.clone(),
+            device: self.device.clone(),
+        })
+    }
+}
+
+/// Opens a store to read or prune: a missing directory is an error, not created.
+fn open(url: &str) -> Result<HistoryStore> {
+    Ok(HistoryStore::open_with(
+        url,
+        &StoreOptions {
+            create_dir: false,
+            ..StoreOptions::default()
+        },
+    )?)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub fn run(cmd: HistoryCommand) -> Result<()> {
+    runtime()?.block_on(async move {
+        match cmd {
+            HistoryCommand::Ls { select, json } => ls(&select, json).await,
+            HistoryCommand::Get { select, out } => get(&select, &out).await,
+            HistoryCommand::Prune {
+                url,
+                retention,
+                dry_run,
+            } => {
+                let store = open(&url)?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_nanos() as u64;
+                let report = store.prune(&retention, None, now, dry_run).await?;
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn ls(select: &Select, json: bool) -> Result<()> {
+    let store = open(&select.url)?;
+    let segments = store.segments(&select.query()?).await?;
+    let mut out = std::io::stdout().lock();
+    if !json {
+        writeln!(
+            out,
+            "{:<26} {:<26} {:<24} {:>6} {:>10} {:>9} {:>10} {:>5}",
+            "start", "end", "host/device", "seq", "bytes", "requests", "written MB", "gaps"
+        )?;
+    }
+    for s in segments {
+        let summary = match s.summary_bytes {
+            Some(_) => Some(store.summary(&s.key).await?),
+            None => None,
+        };
+        if json {
+            let v = serde_json::json!({
+                "stem": s.key.stem(),
+                "host": s.key.host,
+                "device": s.key.device,
+                "start_unix_ns": s.key.start_unix_ns,
+                "end_unix_ns": s.key.end_unix_ns,
+                "session": s.key.session,
+                "seq": s.key.seq,
+                "bytes": s.bytes,
+                "summary": summary,
+            });
+            writeln!(out, "{v}")?;
+            continue;
+        }
+        let (requests, written, gaps) =
+            summary
+                .as_ref()
+                .map_or(("-".to_owned(), "-".to_owned(), "-".to_owned()), |m| {
+                    let w = m.op(tern::trace::Op::Write).bytes;
+                    (
+                        m.block_events.to_string(),
+                        format!("{:.1}", w as f64 / 1e6),
+                        m.gaps.to_string(),
+                    )
+                });
+        writeln!(
+            out,
+            "{:<26} {:<26} {:<24} {:>6} {:>10} {:>9} {:>10} {:>5}",
+            format_time(s.key.start_unix_ns),
+            format_time(s.key.end_unix_ns),
+            format!("{}/{}", s.key.host, s.key.device),
+            s.key.seq,
+            s.bytes,
+            requests,
+            written,
+            gaps
+        )?;
+    }
+    Ok(())
+}
+
+async fn get(select: &Select, out: &PathBuf) -> Result<()> {
+    let store = open(&select.url)?;
+    let mut stream = store.records(&select.query()?).await?;
+    let header = stream
+        .header()
+        .cloned()
+        .context("no history in that range (see `tern history ls`)")?;
+    let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut writer = TraceWriter::new(BufWriter::new(file), &header)?;
+    let mut end = EndRecord::default();
+    while let Some(rec) = stream.next_record().await? {
+        match &rec {
+            Record::Block(_) => end.block_events += 1,
+            Record::Fault(_) => end.fault_events += 1,
+            Record::Gap(g) => end.lost_events += g.lost_block + g.lost_fault,
+            _ => {}
+        }
+        end.ts_ns = end.ts_ns.max(rec.ts_ns());
+        writer.push(&rec)?;
+    }
+    writer.finish(end)?.flush()?;
+    eprintln!(
+        "wrote {} block and {} fault records to {} ({} unwatched stretches marked as gaps)",
+        end.block_events,
+        end.fault_events,
+        out.display(),
+        stream.synthesized_gaps()
+    );
+    Ok(())
+}
