@@ -7,6 +7,7 @@ mod bench_rpc;
 mod bench_tracer;
 mod demo;
 mod sh;
+mod traces;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
@@ -43,6 +44,18 @@ enum Cmd {
         /// Which: tracer, nbd, rpc or migrate (default: all).
         which: Option<String>,
     },
+    /// Record traces of real programs (fio, sqlite3, pgbench, git + build) on ext4 on a loop device.
+    Traces {
+        /// Directory for the traces and their manifest.json.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Only these workloads (repeat): fio, sqlite, pgbench, git-build, sqlite-faults.
+        #[arg(long)]
+        only: Vec<String>,
+        /// How long each traced phase runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -61,6 +74,11 @@ fn main() -> Result<()> {
             demo::run(&bin)
         }
         Cmd::Test => test(),
+        Cmd::Traces { out, only, seconds } => {
+            sh::setup()?;
+            let bin = build(false)?;
+            traces::run(&bin, &out, &only, seconds)
+        }
         Cmd::Bench { which } => {
             sh::setup()?;
             let bin = build(true)?;

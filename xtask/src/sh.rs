@@ -22,6 +22,14 @@ const PACKAGES: &[&str] = &[
     "e2fsprogs",
     "rsync",
     "iproute2",
+    // real programs traced by `cargo xtask traces` and the analyzer's tests
+    "postgresql",
+    "postgresql-contrib",
+    "git",
+    "make",
+    "gcc",
+    // the heatmaps' axis labels
+    "fonts-dejavu-core",
 ];
 
 /// Packages that must come from `bookworm-backports` on Debian 12: bookworm's
