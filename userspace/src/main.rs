@@ -1,5 +1,6 @@
 //! The `tern` command: a thin layer over the `tern` library.
 
+mod cli_analyze;
 mod cli_migrate;
 
 use std::fs::File;
@@ -51,6 +52,9 @@ enum Command {
     Rollback(cli_migrate::RollbackArgs),
     /// The running migration's (or source agent's) phase, bytes, rates, downtime estimate, RPO.
     Status(cli_migrate::StatusArgs),
+    /// Analyze a trace: heatmaps and the workload's profile.
+    #[command(subcommand)]
+    Analyze(cli_analyze::AnalyzeCommand),
 }
 
 #[derive(Args)]
@@ -526,6 +530,7 @@ fn main() -> std::process::ExitCode {
         Command::Migrate(m) => cli_migrate::migrate(&m),
         Command::Rollback(r) => cli_migrate::rollback(&r),
         Command::Status(s) => cli_migrate::status(&s),
+        Command::Analyze(a) => cli_analyze::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

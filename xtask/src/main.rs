@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything around Tern's build — toolchain setup, the demo,
 //! the test suite exactly as CI runs it, and benchmarks against peer tools.
 
+mod bench_analyze;
 mod bench_migrate;
 mod bench_nbd;
 mod bench_rpc;
@@ -41,7 +42,7 @@ enum Cmd {
     Test,
     /// Benchmarks against peer tools; prints a table of figures.
     Bench {
-        /// Which: tracer, nbd, rpc or migrate (default: all).
+        /// Which: tracer, nbd, rpc, migrate or analyze (default: all).
         which: Option<String>,
     },
     /// Record traces of real programs (fio, sqlite3, pgbench, git + build) on ext4 on a loop device.
@@ -79,6 +80,8 @@ fn main() -> Result<()> {
             let bin = build(false)?;
             traces::run(&bin, &out, &only, seconds)
         }
+        // The analyzer's benchmark builds only what it measures.
+        Cmd::Bench { which } if which.as_deref() == Some("analyze") => bench_analyze::run(),
         Cmd::Bench { which } => {
             sh::setup()?;
             let bin = build(true)?;
@@ -91,10 +94,11 @@ fn main() -> Result<()> {
                     bench_tracer::run(&bin)?;
                     bench_nbd::run(&bin)?;
                     bench_rpc::run(&bin)?;
-                    bench_migrate::run(&bin)
+                    bench_migrate::run(&bin)?;
+                    bench_analyze::run()
                 }
                 Some(other) => {
-                    bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate")
+                    bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate, analyze")
                 }
             }
         }

@@ -220,6 +220,8 @@ pub fn human_secs(s: f64) -> String {
     };
     if s == 0.0 {
         "0".into()
+    } else if s < 1e-3 {
+        trim(s * 1e6, "µs")
     } else if s < 1.0 {
         trim(s * 1e3, "ms")
     } else if s < 120.0 {
@@ -364,6 +366,7 @@ mod tests {
         assert_eq!(human_bytes(256.0 * 1024.0 * 1024.0), "256 MiB");
         assert_eq!(human_bytes(1.5 * 1024.0 * 1024.0 * 1024.0), "1.5 GiB");
         assert_eq!(human_secs(0.25), "250 ms");
+        assert_eq!(human_secs(0.000_128), "128 µs");
         assert_eq!(human_secs(30.0), "30 s");
         assert_eq!(human_secs(270.0), "4.5 min");
         assert_eq!(human_secs(7200.0), "2 h");

@@ -305,6 +305,8 @@ impl Analyzer {
         };
         let len = u64::from(b.len);
         if len == 0 {
+            // An empty write carries a PREFLUSH: a cache flush, no data.
+            self.totals.flushes += u64::from(write);
             return;
         }
         if b.offset.saturating_add(len) > MAX_DEVICE_BYTES {
