@@ -93,7 +93,7 @@ fn main() {
         ..AnalyzerConfig::default()
     };
     let rss_before = peak_rss_bytes();
-    let mut a = Analyzer::new(cfg.clone()).expect("analyzer");
+    let mut a = Analyzer::new(cfg).expect("analyzer");
     let memory_empty = a.memory_bytes();
 
     // The analyzer alone: records generated in chunks, only `observe` timed.
@@ -121,14 +121,14 @@ fn main() {
 
     // The offline path: a trace file image decoded and analyzed.
     let file_events = n.min(5_000_000);
-    let mut w = TraceWriter::new(Vec::new(), &header()).expect("writer");
+    let mut writer = TraceWriter::new(Vec::new(), &header()).expect("writer");
     for j in 0..file_events {
-        w.push(&event(j)).expect("push");
+        writer.push(&event(j)).expect("push");
     }
-    let image = w.finish(EndRecord::default()).expect("finish");
+    let image = writer.finish(EndRecord::default()).expect("finish");
     let t0 = Instant::now();
     let reader = TraceReader::new(&image[..]).expect("reader");
-    let b = tern::analyze::analyze_reader(reader, 0, None).expect("analysis");
+    let offline = tern::analyze::analyze_reader(reader, 0, None).expect("analysis");
     let offline_s = t0.elapsed().as_secs_f64();
     let mut decode_only = TraceReader::new(&image[..]).expect("reader");
     let t0 = Instant::now();
@@ -137,7 +137,7 @@ fn main() {
         decoded += 1;
     }
     let decode_s = t0.elapsed().as_secs_f64();
-    drop(b);
+    drop(offline);
 
     let out = serde_json::json!({
         "events": n,

@@ -1,7 +1,7 @@
 //! The analyzer on traces of real programs, recorded with the real tracer on
 //! ext4 on a loop device: fio jobs (checked against their configured rates
 //! and ranges and the file's place on the disk), sqlite3 on a timer (its
-//! period), pgbench (against PostgreSQL's own size on disk) and a git clone +
+//! period), pgbench (against `PostgreSQL`'s own size on disk) and a git clone +
 //! C build (against the clone's size). Each recording feeds the analyzer live
 //! through the session's observer, and the trace file is analyzed again
 //! offline: the two reports must be identical. Needs root (CI is root).
@@ -286,6 +286,17 @@ fn sqlite3_on_a_timer_has_its_period_found() {
     assert!(r.mix.writes > 0 && r.mix.flushes > 0);
 }
 
+/// Stops a `PostgreSQL` server on drop, on every path.
+struct Stop(Vec<String>);
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = Command::new("timeout")
+            .args(["-k", "5", "60", "runuser", "-u", "postgres", "--"])
+            .args(&self.0)
+            .status();
+    }
+}
+
 #[test]
 fn pgbench_writes_stay_within_the_database_and_journal() {
     let mut fs = Ext4::new("512M");
@@ -312,15 +323,6 @@ fn pgbench_writes_stay_within_the_database_and_journal() {
     let opts = format!(
         "-c shared_buffers=16MB -c listen_addresses='' -c unix_socket_directories={sock} -p {port}"
     );
-    struct Stop(Vec<String>);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let _ = Command::new("timeout")
-                .args(["-k", "5", "60", "runuser", "-u", "postgres", "--"])
-                .args(&self.0)
-                .status();
-        }
-    }
     // The server logs to a file, not to pg_ctl's pipes (which it would hold open).
     let log = fs.path().join("pg.log").display().to_string();
     let pg_ctl = |args: &[&str]| {

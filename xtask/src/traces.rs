@@ -38,7 +38,7 @@ struct Scratch {
     loop_dev: Option<String>,
     mounted: bool,
     children: Vec<Child>,
-    /// A PostgreSQL data directory whose server must be stopped.
+    /// A `PostgreSQL` data directory whose server must be stopped.
     postgres: Option<PathBuf>,
 }
 
@@ -214,7 +214,7 @@ fn pg_ctl(data: &Path, args: &[&str]) -> Command {
     c
 }
 
-/// Debian keeps PostgreSQL's server programs off PATH, under /usr/lib/postgresql/N/bin.
+/// Debian keeps `PostgreSQL`'s server programs off `PATH`, under `/usr/lib/postgresql/N/bin`.
 fn pg_bin(name: &str) -> String {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
@@ -251,7 +251,7 @@ fn fio(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
     // Lay the files out untraced, then start cold.
     run_for(
         Command::new("fio").arg("--create_only=1").arg(&job),
-        Duration::from_secs(120),
+        Duration::from_mins(2),
     )?;
     s.remount()?;
     let rec = Recording::start(tern, s.dev(), None, out)?;
@@ -334,7 +334,7 @@ fn pgbench(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
                 "-D",
             ])
             .arg(&data),
-        Duration::from_secs(120),
+        Duration::from_mins(2),
     )?;
     let sock = s.dir.clone();
     let port = 20_000 + (std::process::id() % 20_000) as u16;
@@ -372,7 +372,7 @@ fn pgbench(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
     start(&mut s)?;
     run_for(
         &mut pgbench(&["-i", "-s", "5", "-q", "postgres"]),
-        Duration::from_secs(300),
+        Duration::from_mins(5),
     )?;
     stop(&mut s)?;
     s.remount()?;
@@ -480,7 +480,7 @@ fn git_build(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
             .args(["clone", "-q", "--no-local"])
             .arg(&upstream)
             .arg(&work),
-        Duration::from_secs(120),
+        Duration::from_mins(2),
     )?;
     let build = run_for(
         Command::new("make")
@@ -493,7 +493,7 @@ fn git_build(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
     if let Err(e) = build {
         eprintln!("xtask traces: git-build: {e:#} (the trace keeps what ran)");
     }
-    run_for(&mut Command::new("sync"), Duration::from_secs(60))?;
+    run_for(&mut Command::new("sync"), Duration::from_mins(1))?;
     let file = rec.stop()?;
     drop(s);
     Ok(Recorded {
@@ -549,7 +549,7 @@ fn sqlite_faults(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
     drop(stdin);
     let t1 = Instant::now();
     while s.children[0].try_wait()?.is_none() {
-        if t1.elapsed() > Duration::from_secs(60) {
+        if t1.elapsed() > Duration::from_mins(1) {
             bail!("sqlite3 did not quit within 60 s");
         }
         std::thread::sleep(Duration::from_millis(20));

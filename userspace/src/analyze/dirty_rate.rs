@@ -155,6 +155,7 @@ impl Percentiles {
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // whole numbers, exact in f64
 mod tests {
     use super::*;
 

@@ -293,6 +293,7 @@ pub struct Picture<'a> {
     pub value_label: &'a dyn Fn(u32) -> String,
 }
 
+#[allow(clippy::needless_pass_by_value)] // the shape `map_err` hands over
 fn draw_err<E: std::error::Error + Send + Sync>(
     e: plotters::drawing::DrawingAreaErrorKind<E>,
 ) -> AnalyzeError {

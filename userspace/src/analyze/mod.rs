@@ -199,7 +199,7 @@ impl Analyzer {
     /// An analyzer for a trace with `header`.
     pub fn for_header(header: &TraceHeader, target: u16) -> Result<Analyzer, AnalyzeError> {
         let mut a = Analyzer::new(AnalyzerConfig::for_header(header, target)?)?;
-        a.name = header.targets[usize::from(target)].name.clone();
+        a.name.clone_from(&header.targets[usize::from(target)].name);
         a.source.clone_from(&header.source);
         Ok(a)
     }
@@ -405,10 +405,7 @@ impl Analyzer {
         let value_label = |n: u32| format!("{n} faults");
         heatmap::render(
             &heatmap::Picture {
-                title: format!(
-                    "page faults: {} regions of 1 MiB that faulted (address order)",
-                    rows
-                ),
+                title: format!("page faults: {rows} regions of 1 MiB that faulted (address order)"),
                 grid: &grid,
                 cols,
                 rows,
@@ -440,7 +437,7 @@ pub fn analyze_reader<R: Read>(
         cfg.window = w;
     }
     let mut a = Analyzer::new(cfg)?;
-    a.name = header.targets[usize::from(target)].name.clone();
+    a.name.clone_from(&header.targets[usize::from(target)].name);
     a.source.clone_from(&header.source);
     while let Some(rec) = reader.next_record()? {
         a.observe(&rec);

@@ -234,7 +234,7 @@ mod tests {
             .map(|_| {
                 s = s
                     .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1442695040888963407);
+                    .wrapping_add(1_442_695_040_888_963_407);
                 (s >> 40) as f32
             })
             .collect();

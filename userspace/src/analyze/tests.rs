@@ -1,4 +1,6 @@
 //! The analyzer on constructed traces whose answers are known.
+// Exact float comparisons: the figures are whole byte counts, exact in f64.
+#![allow(clippy::float_cmp)]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

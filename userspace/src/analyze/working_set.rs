@@ -141,6 +141,7 @@ impl WorkingSets {
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // whole byte counts, exact in f64
 mod tests {
     use super::*;
 
