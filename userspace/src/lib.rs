@@ -4,6 +4,7 @@
 //! replication → cutover. Each module is one concept.
 
 pub mod agent;
+pub mod analyze;
 pub mod certs;
 pub mod checktree;
 pub mod control;

@@ -1,6 +1,7 @@
 //! The `tern` command: a thin layer over the `tern` library.
 
 mod cli_history;
+mod cli_analyze;
 mod cli_migrate;
 
 use std::fs::File;
@@ -55,6 +56,9 @@ enum Command {
     /// The I/O history a source agent recorded into object storage (`--history`).
     #[command(subcommand)]
     History(cli_history::HistoryCommand),
+    /// Analyze a trace: heatmaps and the workload's profile.
+    #[command(subcommand)]
+    Analyze(cli_analyze::AnalyzeCommand),
 }
 
 #[derive(Args)]
@@ -543,6 +547,7 @@ fn main() -> std::process::ExitCode {
         Command::Rollback(r) => cli_migrate::rollback(&r),
         Command::Status(s) => cli_migrate::status(&s),
         Command::History(h) => cli_history::run(h),
+        Command::Analyze(a) => cli_analyze::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

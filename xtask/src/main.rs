@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything around Tern's build — toolchain setup, the demo,
 //! the test suite exactly as CI runs it, and benchmarks against peer tools.
 
+mod bench_analyze;
 mod bench_migrate;
 mod bench_nbd;
 mod bench_rpc;
@@ -9,6 +10,7 @@ mod demo;
 mod garage;
 mod sh;
 mod vm_test;
+mod traces;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
@@ -44,8 +46,20 @@ enum Cmd {
     VmTest,
     /// Benchmarks against peer tools; prints a table of figures.
     Bench {
-        /// Which: tracer, nbd, rpc or migrate (default: all).
+        /// Which: tracer, nbd, rpc, migrate or analyze (default: all).
         which: Option<String>,
+    },
+    /// Record traces of real programs (fio, sqlite3, pgbench, git + build) on ext4 on a loop device.
+    Traces {
+        /// Directory for the traces and their manifest.json.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Only these workloads (repeat): fio, sqlite, pgbench, git-build, sqlite-faults.
+        #[arg(long)]
+        only: Vec<String>,
+        /// How long each traced phase runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
 }
 
@@ -66,6 +80,13 @@ fn main() -> Result<()> {
         }
         Cmd::Test => test(),
         Cmd::VmTest => vm_test::run_all(),
+        Cmd::Traces { out, only, seconds } => {
+            sh::setup()?;
+            let bin = build(false)?;
+            traces::run(&bin, &out, &only, seconds)
+        }
+        // The analyzer's benchmark builds only what it measures.
+        Cmd::Bench { which } if which.as_deref() == Some("analyze") => bench_analyze::run(),
         Cmd::Bench { which } => {
             sh::setup()?;
             let bin = build(true)?;
@@ -78,10 +99,11 @@ fn main() -> Result<()> {
                     bench_tracer::run(&bin)?;
                     bench_nbd::run(&bin)?;
                     bench_rpc::run(&bin)?;
-                    bench_migrate::run(&bin)
+                    bench_migrate::run(&bin)?;
+                    bench_analyze::run()
                 }
                 Some(other) => {
-                    bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate")
+                    bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate, analyze")
                 }
             }
         }

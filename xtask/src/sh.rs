@@ -25,6 +25,14 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
     "cpio",
     "xz-utils",
+    // real programs traced by `cargo xtask traces` and the analyzer's tests
+    "postgresql",
+    "postgresql-contrib",
+    "git",
+    "make",
+    "gcc",
+    // the heatmaps' axis labels
+    "fonts-dejavu-core",
 ];
 
 /// Packages that must come from `bookworm-backports` on Debian 12: bookworm's

@@ -1,0 +1,394 @@
+//! Heatmaps: offset × time grids of bytes read and written (and address ×
+//! time grids of page faults), bounded in size, drawn to PNG with `plotters`.
+//! Reads are blue, writes red, both purple; the colour scale is logarithmic;
+//! windows lost to gaps are grey; axes read in MiB/GiB and s/min/h.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use super::AnalyzeError;
+
+/// Offset rows of the block heatmap.
+pub const ROWS: usize = 256;
+/// Address rows (1 MiB regions) of the fault heatmap.
+pub const FAULT_ROWS: usize = 512;
+pub const REGION: u64 = 1 << 20;
+/// Columns before neighbouring columns merge and the column doubles.
+pub const MAX_COLS: usize = 1024;
+pub const FIRST_COL_NS: u64 = 10_000_000;
+
+/// Fonts looked for, in order, for the labels.
+const FONTS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+/// A time-columned grid of (read, write) counters.
+#[derive(Debug)]
+pub struct Grid {
+    pub rows: usize,
+    pub col_ns: u64,
+    /// Column-major: `cells[col * rows + row]` = (read, write).
+    pub cells: Vec<[u32; 2]>,
+    pub unknown: Vec<bool>,
+}
+
+impl Grid {
+    pub fn new(rows: usize) -> Grid {
+        Grid {
+            rows,
+            col_ns: FIRST_COL_NS,
+            cells: Vec::new(),
+            unknown: Vec::new(),
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        self.unknown.len()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.cells.capacity() * 8 + self.unknown.capacity()
+    }
+
+    fn col(&mut self, ts: u64) -> usize {
+        let mut c = (ts / self.col_ns) as usize;
+        while c >= MAX_COLS {
+            self.halve();
+            c = (ts / self.col_ns) as usize;
+        }
+        if c >= self.cols() {
+            self.cells.resize((c + 1) * self.rows, [0, 0]);
+            self.unknown.resize(c + 1, false);
+        }
+        c
+    }
+
+    fn halve(&mut self) {
+        let (rows, cols) = (self.rows, self.cols());
+        let new_cols = cols.div_ceil(2);
+        let mut cells = vec![[0u32; 2]; new_cols * rows];
+        for c in 0..cols {
+            for r in 0..rows {
+                let a = self.cells[c * rows + r];
+                let b = &mut cells[(c / 2) * rows + r];
+                b[0] = b[0].saturating_add(a[0]);
+                b[1] = b[1].saturating_add(a[1]);
+            }
+        }
+        self.cells = cells;
+        self.unknown = self
+            .unknown
+            .chunks(2)
+            .map(|p| p.iter().any(|&u| u))
+            .collect();
+        self.col_ns *= 2;
+    }
+
+    #[inline]
+    pub fn add(&mut self, ts: u64, row: usize, write: bool, amount: u32) {
+        let c = self.col(ts);
+        let cell = &mut self.cells[c * self.rows + row];
+        cell[usize::from(write)] = cell[usize::from(write)].saturating_add(amount);
+    }
+
+    pub fn mark_unknown(&mut self, start: u64, end: u64) {
+        let b = self.col(end);
+        let a = (start / self.col_ns) as usize;
+        for u in &mut self.unknown[a..=b] {
+            *u = true;
+        }
+    }
+
+    /// Merges neighbouring rows in pairs (the row span doubles).
+    fn halve_rows(&mut self) {
+        let rows = self.rows;
+        for c in 0..self.cols() {
+            let col = &mut self.cells[c * rows..(c + 1) * rows];
+            for r in 0..rows / 2 {
+                let (a, b) = (col[2 * r], col[2 * r + 1]);
+                col[r] = [a[0].saturating_add(b[0]), a[1].saturating_add(b[1])];
+            }
+            for cell in &mut col[rows / 2..] {
+                *cell = [0, 0];
+            }
+        }
+    }
+}
+
+/// The block heatmap: `ROWS` offset bins of `row_bytes` each, values in KiB.
+#[derive(Debug)]
+pub struct BlockHeat {
+    pub grid: Grid,
+    pub row_bytes: u64,
+}
+
+impl BlockHeat {
+    pub fn new(device_bytes: u64) -> BlockHeat {
+        BlockHeat {
+            grid: Grid::new(ROWS),
+            row_bytes: (device_bytes.div_ceil(ROWS as u64))
+                .max(4096)
+                .next_power_of_two(),
+        }
+    }
+
+    #[inline]
+    pub fn access(&mut self, ts: u64, offset: u64, len: u64, write: bool) {
+        while offset + len > self.row_bytes * ROWS as u64 {
+            // A device bigger than the header said (or no size known): widen the rows.
+            self.grid.halve_rows();
+            self.row_bytes *= 2;
+        }
+        let (first, last) = (offset / self.row_bytes, (offset + len - 1) / self.row_bytes);
+        for row in first..=last {
+            let lo = offset.max(row * self.row_bytes);
+            let hi = (offset + len).min((row + 1) * self.row_bytes);
+            self.grid
+                .add(ts, row as usize, write, (hi - lo).div_ceil(1024) as u32);
+        }
+    }
+}
+
+/// The fault heatmap: one row per 1 MiB region of address space that faulted,
+/// rows in address order when drawn (the empty space between is left out).
+#[derive(Debug)]
+pub struct FaultHeat {
+    pub grid: Grid,
+    pub regions: HashMap<u64, usize>,
+    pub dropped: u64,
+}
+
+impl Default for FaultHeat {
+    fn default() -> Self {
+        FaultHeat {
+            grid: Grid::new(FAULT_ROWS),
+            regions: HashMap::new(),
+            dropped: 0,
+        }
+    }
+}
+
+impl FaultHeat {
+    pub fn fault(&mut self, ts: u64, address: u64, write: bool) {
+        let region = address / REGION;
+        let next = self.regions.len();
+        let row = match self.regions.get(&region) {
+            Some(&r) => r,
+            None if next < FAULT_ROWS => {
+                self.regions.insert(region, next);
+                next
+            }
+            None => {
+                self.dropped += 1;
+                return;
+            }
+        };
+        self.grid.add(ts, row, write, 1);
+    }
+}
+
+/// `1.5 GiB`, `256 MiB`, `4 KiB`.
+pub fn human_bytes(b: f64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b;
+    let mut i = 0;
+    while v.abs() >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if (v - v.round()).abs() < 0.05 {
+        format!("{:.0} {}", v, UNITS[i])
+    } else {
+        format!("{:.1} {}", v, UNITS[i])
+    }
+}
+
+/// `850 ms`, `12 s`, `4.5 min`, `2 h`.
+pub fn human_secs(s: f64) -> String {
+    let trim = |v: f64, unit: &str| {
+        if (v - v.round()).abs() < 0.05 {
+            format!("{v:.0} {unit}")
+        } else {
+            format!("{v:.1} {unit}")
+        }
+    };
+    if s == 0.0 {
+        "0".into()
+    } else if s < 1e-3 {
+        trim(s * 1e6, "µs")
+    } else if s < 1.0 {
+        trim(s * 1e3, "ms")
+    } else if s < 120.0 {
+        trim(s, "s")
+    } else if s < 7200.0 {
+        trim(s / 60.0, "min")
+    } else {
+        trim(s / 3600.0, "h")
+    }
+}
+
+fn register_font() -> Result<(), AnalyzeError> {
+    static FONT: OnceLock<Result<(), String>> = OnceLock::new();
+    FONT.get_or_init(|| {
+        let path = FONTS
+            .iter()
+            .find(|p| Path::new(p).exists())
+            .ok_or_else(|| format!("no DejaVu Sans font found (looked in {})", FONTS.join(", ")))?;
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        // Registered once per process for the life of the process.
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| format!("{path} is not a usable font"))
+    })
+    .clone()
+    .map_err(AnalyzeError::Font)
+}
+
+/// A cell's colour: reads blue, writes red, log scale, grey where unknown.
+fn colour(read: u32, write: u32, max: f64, unknown: bool) -> RGBColor {
+    if read == 0 && write == 0 {
+        return if unknown {
+            RGBColor(205, 205, 205)
+        } else {
+            WHITE
+        };
+    }
+    let scale = |v: u32| {
+        if v == 0 {
+            0.0
+        } else {
+            // Anything non-zero is visible: 0.15 at the floor, 1 at the max.
+            0.15 + 0.85 * (1.0 + f64::from(v)).ln() / (1.0 + max).ln()
+        }
+    };
+    let (r, w) = (scale(read), scale(write));
+    let ch = |v: f64| (255.0 * v.clamp(0.0, 1.0)) as u8;
+    RGBColor(
+        ch(1.0 - 0.85 * r),
+        ch((1.0 - 0.65 * r) * (1.0 - 0.85 * w)),
+        ch(1.0 - 0.85 * w),
+    )
+}
+
+/// What to draw.
+pub struct Picture<'a> {
+    pub title: String,
+    pub grid: &'a Grid,
+    /// Columns with data (the trace's length in columns).
+    pub cols: usize,
+    pub rows: usize,
+    /// Y extent and its label for a row boundary.
+    pub y_max: f64,
+    pub y_label: &'a dyn Fn(f64) -> String,
+    pub y_desc: &'a str,
+    /// What one cell spans on the y axis, e.g. `4 MiB`.
+    pub row_span: String,
+    /// How a cell's value reads, e.g. `12 MiB` or `40 faults`.
+    pub value_label: &'a dyn Fn(u32) -> String,
+}
+
+#[allow(clippy::needless_pass_by_value)] // the shape `map_err` hands over
+fn draw_err<E: std::error::Error + Send + Sync>(
+    e: plotters::drawing::DrawingAreaErrorKind<E>,
+) -> AnalyzeError {
+    AnalyzeError::Draw(e.to_string())
+}
+
+/// Draws `pic` to a PNG at `out`.
+pub fn render(pic: &Picture<'_>, out: &Path) -> Result<(), AnalyzeError> {
+    register_font()?;
+    let cols = pic.cols.max(1);
+    let secs = cols as f64 * pic.grid.col_ns as f64 / 1e9;
+    let max = (0..cols)
+        .flat_map(|c| pic.grid.cells[c * pic.grid.rows..c * pic.grid.rows + pic.rows].iter())
+        .map(|c| c[0].max(c[1]))
+        .max()
+        .unwrap_or(0);
+    let root = BitMapBackend::new(out, (1400, 860)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    let (top, legend) = root.split_vertically(820);
+    let mut chart = ChartBuilder::on(&top)
+        .caption(&pic.title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(110)
+        .build_cartesian_2d(0f64..secs, 0f64..pic.y_max)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("time")
+        .y_desc(pic.y_desc)
+        .x_label_formatter(&|x| human_secs(*x))
+        .y_label_formatter(&|y| (pic.y_label)(*y))
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(draw_err)?;
+    let area = chart.plotting_area().strip_coord_spec();
+    let (w, h) = area.dim_in_pixel();
+    for px in 0..w {
+        let c = (px as usize * cols / w as usize).min(cols - 1);
+        let unknown = pic.grid.unknown.get(c).copied().unwrap_or(false);
+        for py in 0..h {
+            let r = ((h - 1 - py) as usize * pic.rows / h as usize).min(pic.rows - 1);
+            let cell = pic.grid.cells[c * pic.grid.rows + r];
+            let col = colour(cell[0], cell[1], f64::from(max), unknown);
+            if col != WHITE {
+                area.draw_pixel((px as i32, py as i32), &col)
+                    .map_err(draw_err)?;
+            }
+        }
+    }
+    let text = format!(
+        "reads: blue   writes: red   both: purple   lost events (gap): grey   log colour scale, darkest = {} per cell ({} × {})",
+        (pic.value_label)(max),
+        human_secs(pic.grid.col_ns as f64 / 1e9),
+        pic.row_span
+    );
+    legend
+        .draw(&Text::new(text, (20, 10), ("sans-serif", 15)))
+        .map_err(draw_err)?;
+    root.present().map_err(draw_err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_units_read_naturally() {
+        assert_eq!(human_bytes(256.0 * 1024.0 * 1024.0), "256 MiB");
+        assert_eq!(human_bytes(1.5 * 1024.0 * 1024.0 * 1024.0), "1.5 GiB");
+        assert_eq!(human_secs(0.25), "250 ms");
+        assert_eq!(human_secs(0.000_128), "128 µs");
+        assert_eq!(human_secs(30.0), "30 s");
+        assert_eq!(human_secs(270.0), "4.5 min");
+        assert_eq!(human_secs(7200.0), "2 h");
+    }
+
+    #[test]
+    fn rows_widen_when_the_device_is_bigger_than_said() {
+        let mut h = BlockHeat::new(1 << 20);
+        assert_eq!(h.row_bytes, 4096);
+        h.access(0, 0, 4096, true);
+        h.access(0, 4 << 20, 4096, false);
+        assert_eq!(h.row_bytes, 32768);
+        assert_eq!(h.grid.cells[0], [0, 4]);
+        assert_eq!(h.grid.cells[128], [4, 0]);
+    }
+
+    #[test]
+    fn reads_and_writes_get_different_colours() {
+        let r = colour(100, 0, 100.0, false);
+        let w = colour(0, 100, 100.0, false);
+        assert!(r.2 > r.0 && w.0 > w.2);
+        assert_eq!(colour(0, 0, 100.0, true), RGBColor(205, 205, 205));
+    }
+}
