@@ -1,0 +1,423 @@
+//! The granularity controller: chooses the replication unit per zone of the
+//! disk — 4 KiB blocks, extents of 64 KiB to 16 MiB, whole volumes or the
+//! whole image — by a cost model (`docs/granularity.md`) evaluated with the
+//! migration simulator, and recommends pre-copy or post-copy from the dirty
+//! rate against the link.
+//!
+//! Cost of a plan, in seconds of an idle link:
+//! `w_t · T + w_d · D + w_m · M`, where `T` is the simulated migration time
+//! (wire bytes with every re-send, per-extent overhead, barriers, rehashing),
+//! `D` the simulated downtime and `M` the dirty-tracking memory in MiB. Per
+//! zone the same sum is taken over the zone's own runs and final delta.
+
+mod layout;
+pub mod partition;
+
+use serde::{Deserialize, Serialize};
+
+pub use layout::{Layout, Zone, human};
+pub use partition::{TableKind, Volume, read_volumes};
+
+use crate::simulate::{Model, SimReport, SimulateError, Workload, simulate};
+
+/// Errors of the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum GranularityError {
+    #[error("the disk has no bytes; give its size (e.g. --device-size 20G)")]
+    EmptyDevice,
+    /// Zones that do not tile the disk.
+    #[error("not a valid unit layout: {reason}")]
+    BadLayout { reason: String },
+    #[error("cannot read the partition table of {path}: {reason}")]
+    Io { path: String, reason: String },
+    /// A partition table that does not check out.
+    #[error("the partition table is not valid: {reason}")]
+    Table { reason: String },
+    #[error(transparent)]
+    Simulate(#[from] SimulateError),
+    /// A plan file that is not one.
+    #[error("{path} is not a plan from `tern plan --out`: {reason}")]
+    PlanFile { path: String, reason: String },
+}
+
+/// The unit sizes tried, smallest first.
+pub const UNITS: [u64; 6] = [4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20];
+
+/// How much each part of the cost weighs.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Weights {
+    /// Per second of migration (link, engine and per-extent time).
+    pub time: f64,
+    /// Per second of downtime.
+    pub downtime: f64,
+    /// Per MiB of dirty-tracking memory.
+    pub memory_per_mib: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights {
+            time: 1.0,
+            downtime: 100.0,
+            memory_per_mib: 0.05,
+        }
+    }
+}
+
+/// A plan's cost, by part (all in weighted seconds).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Cost {
+    pub time: f64,
+    pub downtime: f64,
+    pub memory: f64,
+    pub total: f64,
+}
+
+impl Cost {
+    /// The cost of a simulated migration; one that does not converge costs infinity.
+    pub fn of(r: &SimReport, w: &Weights) -> Cost {
+        let time = w.time * r.total_s;
+        let downtime = w.downtime * r.downtime_s;
+        let memory = w.memory_per_mib * r.tracking_bytes as f64 / f64::from(1 << 20);
+        let total = if r.converged {
+            time + downtime + memory
+        } else {
+            f64::INFINITY
+        };
+        Cost {
+            time,
+            downtime,
+            memory,
+            total,
+        }
+    }
+}
+
+/// Pre-copy (send, converge, pause, final delta) or post-copy (switch first,
+/// fetch on demand): the engine runs pre-copy only; post-copy is advice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    PreCopy,
+    PostCopy,
+}
+
+/// One row of the what-if table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Choice {
+    pub name: String,
+    pub report: SimReport,
+    pub cost: Cost,
+}
+
+/// The controller's output: the chosen layout, the figures of every
+/// alternative, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub device_size: u64,
+    pub model: Model,
+    pub weights: Weights,
+    /// The chosen layout's name (`adaptive`, or the fixed choice that won).
+    pub chosen: String,
+    pub layout: Layout,
+    /// The dirty-map unit the engine needs (the smallest unit of the layout,
+    /// a power of two).
+    pub unit: u64,
+    pub region_size: u64,
+    pub extent_len: u64,
+    pub mode: Mode,
+    /// Unique bytes dirtied per second of trace, 90th percentile of 1 s windows (4 KiB units).
+    pub dirty_rate_p90: f64,
+    pub volumes: Vec<Volume>,
+    pub choices: Vec<Choice>,
+    pub explanation: Vec<String>,
+}
+
+/// What the engine reads back from a plan file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EnginePlan {
+    pub device_size: u64,
+    pub layout: Layout,
+    pub unit: u64,
+    pub region_size: u64,
+    pub extent_len: u64,
+}
+
+impl EnginePlan {
+    pub fn load(path: &std::path::Path) -> Result<EnginePlan, GranularityError> {
+        let bad = |reason: String| GranularityError::PlanFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let plan: EnginePlan = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        Layout::new(plan.layout.size, plan.layout.zones.clone()).map_err(|e| bad(e.to_string()))?;
+        if plan.layout.size != plan.device_size {
+            return Err(bad("its layout and device size disagree".into()));
+        }
+        Ok(plan)
+    }
+}
+
+/// Size of the zones the adaptive plan chooses for: at least 16 MiB (every
+/// candidate unit divides it), at most 1024 zones per disk.
+pub fn zone_size(size: u64) -> u64 {
+    let mut z = 16u64 << 20;
+    while size.div_ceil(z) > 1024 {
+        z *= 2;
+    }
+    z
+}
+
+/// The disk cut at volume edges, then into zones of `zone_size`, all with `unit`.
+fn zoned(size: u64, volumes: &[Volume], unit: u64) -> Result<Layout, GranularityError> {
+    let step = zone_size(size);
+    let mut cuts: Vec<u64> = vec![0, size];
+    for v in volumes {
+        cuts.extend([v.start.min(size), v.end.min(size)]);
+    }
+    cuts.extend((1..size.div_ceil(step)).map(|i| i * step));
+    cuts.sort_unstable();
+    cuts.dedup();
+    let zones = cuts
+        .windows(2)
+        .map(|w| Zone {
+            start: w[0],
+            end: w[1],
+            unit: unit.min(w[1] - w[0]),
+        })
+        .collect();
+    Layout::new(size, zones)
+}
+
+/// Every volume (and the space between them) as one unit.
+fn whole_volumes(size: u64, volumes: &[Volume]) -> Result<Layout, GranularityError> {
+    let mut cuts: Vec<u64> = vec![0, size];
+    for v in volumes {
+        cuts.extend([v.start.min(size), v.end.min(size)]);
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    let zones = cuts
+        .windows(2)
+        .map(|w| Zone {
+            start: w[0],
+            end: w[1],
+            unit: w[1] - w[0],
+        })
+        .collect();
+    Layout::new(size, zones)
+}
+
+/// Unique bytes newly dirtied per 1 s window of trace, 90th percentile, at 4 KiB.
+pub fn dirty_rate_p90(work: &Workload) -> f64 {
+    let mut windows: Vec<f64> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut window = 0;
+    for w in &work.writes {
+        let k = w.ts_ns / 1_000_000_000;
+        if k != window {
+            windows.push(seen.len() as f64 * 4096.0);
+            // Idle seconds count as zero.
+            windows.extend(std::iter::repeat_n(0.0, (k - window - 1) as usize));
+            seen.clear();
+            window = k;
+        }
+        for b in w.offset / 4096..(w.offset + w.len).div_ceil(4096) {
+            seen.insert(b);
+        }
+    }
+    windows.push(seen.len() as f64 * 4096.0);
+    windows.sort_by(f64::total_cmp);
+    let i = ((windows.len() as f64 * 0.9).ceil() as usize).clamp(1, windows.len()) - 1;
+    windows[i]
+}
+
+/// Simulates every fixed choice and the adaptive plan, and picks the cheapest.
+pub fn plan(
+    work: &Workload,
+    model: &Model,
+    weights: &Weights,
+    volumes: &[Volume],
+) -> Result<Plan, GranularityError> {
+    let size = work.size;
+    let mut volumes: Vec<Volume> = volumes.to_vec();
+    if volumes.is_empty() {
+        volumes = work
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Volume {
+                start: d.start,
+                end: d.end,
+                name: format!("disk{i}"),
+            })
+            .collect();
+    }
+    let run = |name: &str, layout: &Layout| -> Result<Choice, GranularityError> {
+        let report = simulate(work, layout, model)?;
+        let cost = Cost::of(&report, weights);
+        Ok(Choice {
+            name: name.to_owned(),
+            report,
+            cost,
+        })
+    };
+    let mut choices = Vec::new();
+    let mut fixed: Vec<(u64, Layout)> = Vec::new();
+    for unit in UNITS {
+        let layout = zoned(size, &volumes, unit)?;
+        choices.push(run(&human(unit), &layout)?);
+        fixed.push((unit, layout));
+    }
+    if !volumes.is_empty() {
+        choices.push(run("whole volume", &whole_volumes(size, &volumes)?)?);
+    }
+    choices.push(run("whole image", &Layout::uniform(size, size)?)?);
+
+    // Per zone, the unit whose runs and final delta cost least there.
+    let zone_cost = |choice: &Choice, i: usize| {
+        let f = &choice.report.zones[i];
+        weights.time * f.seconds
+            + weights.downtime * f.final_seconds
+            + weights.memory_per_mib * f.tracking_bytes as f64 / f64::from(1 << 20)
+    };
+    let zones = fixed[0].1.zones.len();
+    let mut picked = Vec::with_capacity(zones);
+    for i in 0..zones {
+        let (best, _) = (0..UNITS.len())
+            .filter(|&c| choices[c].report.converged)
+            .map(|c| (c, zone_cost(&choices[c], i)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or((0, 0.0));
+        let z = fixed[best].1.zones[i];
+        picked.push(z);
+    }
+    let adaptive_layout = Layout::new(size, picked)?;
+    let adaptive = run("adaptive", &adaptive_layout)?;
+    let best_fixed = choices
+        .iter()
+        .enumerate()
+        .min_by(|a, b| a.1.cost.total.total_cmp(&b.1.cost.total))
+        .map(|(i, _)| i)
+        .expect("there are fixed choices");
+    let mut explanation = Vec::new();
+    let bf = &choices[best_fixed];
+    let (chosen, layout) = if adaptive.cost.total < bf.cost.total {
+        let units: Vec<String> = summarize(&adaptive_layout);
+        explanation.push(format!(
+            "adaptive: {} — cost {:.3} against {:.3} for the best fixed unit ({}), {:.1}% lower",
+            units.join(", "),
+            adaptive.cost.total,
+            bf.cost.total,
+            bf.name,
+            100.0 * (1.0 - adaptive.cost.total / bf.cost.total)
+        ));
+        ("adaptive".to_owned(), adaptive_layout.merged())
+    } else {
+        explanation.push(format!(
+            "{}: no mix of units beat it (adaptive cost {:.3}, {} cost {:.3})",
+            bf.name, adaptive.cost.total, bf.name, bf.cost.total
+        ));
+        let layout = if best_fixed < fixed.len() {
+            fixed[best_fixed].1.clone().merged()
+        } else if bf.name == "whole volume" {
+            whole_volumes(size, &volumes)?
+        } else {
+            Layout::uniform(size, size)?
+        };
+        (bf.name.clone(), layout)
+    };
+    let picked_report = if chosen == "adaptive" {
+        &adaptive.report
+    } else {
+        &bf.report
+    };
+    explanation.push(format!(
+        "predicted: {:.1} MB on the wire ({:.1} MB re-sent), {} delta rounds, downtime {:.1} ms, total {:.2} s, {} of tracking bits",
+        picked_report.wire_bytes as f64 / 1e6,
+        picked_report.resent_bytes as f64 / 1e6,
+        picked_report.rounds,
+        picked_report.downtime_s * 1e3,
+        picked_report.total_s,
+        human(picked_report.tracking_bytes.max(1))
+    ));
+    if let Some(small) = choices.first() {
+        if small.report.converged && small.name != bf.name {
+            explanation.push(format!(
+                "4K units: {:.1} MB on the wire in {} extents ({:.2} s); {}: {:.1} MB in {} extents ({:.2} s)",
+                small.report.wire_bytes as f64 / 1e6,
+                small.report.extents,
+                small.report.total_s,
+                bf.name,
+                bf.report.wire_bytes as f64 / 1e6,
+                bf.report.extents,
+                bf.report.total_s
+            ));
+        }
+    }
+    let rate = dirty_rate_p90(work);
+    let converges = picked_report.converged;
+    let mode = if !converges || rate > 0.5 * model.bandwidth {
+        PostCopyReason::explain(&mut explanation, rate, model.bandwidth, converges);
+        Mode::PostCopy
+    } else {
+        explanation.push(format!(
+            "pre-copy: the workload dirties {:.1} MB/s (p90 of 1 s windows) against a {:.1} MB/s link ({:.0}%)",
+            rate / 1e6,
+            model.bandwidth / 1e6,
+            100.0 * rate / model.bandwidth
+        ));
+        Mode::PreCopy
+    };
+    choices.push(adaptive);
+    // The engine's dirty map needs a power of two; whole-volume units are
+    // tracked at 4 KiB and widened when sent.
+    let min = layout.min_unit();
+    let unit = if min.is_power_of_two() && (4096..=1 << 30).contains(&min) {
+        min
+    } else {
+        4096
+    };
+    Ok(Plan {
+        device_size: size,
+        model: model.clone(),
+        weights: *weights,
+        chosen,
+        unit,
+        region_size: model.region_size,
+        extent_len: model.extent_len,
+        layout,
+        mode,
+        dirty_rate_p90: rate,
+        volumes,
+        choices,
+        explanation,
+    })
+}
+
+/// Why post-copy is advised.
+struct PostCopyReason;
+
+impl PostCopyReason {
+    fn explain(out: &mut Vec<String>, rate: f64, bandwidth: f64, converges: bool) {
+        out.push(format!(
+            "post-copy advised: the workload dirties {:.1} MB/s (p90 of 1 s windows) against a {:.1} MB/s link ({:.0}%){}; Tern's engine runs pre-copy, so expect long convergence or raise --max-downtime",
+            rate / 1e6,
+            bandwidth / 1e6,
+            100.0 * rate / bandwidth,
+            if converges { "" } else { " and pre-copy does not converge within the round limit" }
+        ));
+    }
+}
+
+/// `0–512M: 4K, 512M–1G: 1M` for a layout.
+fn summarize(layout: &Layout) -> Vec<String> {
+    layout
+        .clone()
+        .merged()
+        .zones
+        .iter()
+        .map(|z| format!("{}–{}: {}", human(z.start), human(z.end), human(z.unit)))
+        .collect()
+}
