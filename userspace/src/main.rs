@@ -1,6 +1,7 @@
 //! The `tern` command: a thin layer over the `tern` library.
 
 mod cli_migrate;
+mod cli_plan;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
@@ -51,6 +52,8 @@ enum Command {
     Rollback(cli_migrate::RollbackArgs),
     /// The running migration's (or source agent's) phase, bytes, rates, downtime estimate, RPO.
     Status(cli_migrate::StatusArgs),
+    /// What-if table of replication units for a trace, and the plan `migrate --plan` takes.
+    Plan(cli_plan::PlanArgs),
 }
 
 #[derive(Args)]
@@ -526,6 +529,7 @@ fn main() -> std::process::ExitCode {
         Command::Migrate(m) => cli_migrate::migrate(&m),
         Command::Rollback(r) => cli_migrate::rollback(&r),
         Command::Status(s) => cli_migrate::status(&s),
+        Command::Plan(p) => cli_plan::plan(&p),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 
 mod bench_migrate;
 mod bench_nbd;
+mod bench_plan;
 mod bench_rpc;
 mod bench_tracer;
 mod demo;
@@ -40,7 +41,7 @@ enum Cmd {
     Test,
     /// Benchmarks against peer tools; prints a table of figures.
     Bench {
-        /// Which: tracer, nbd, rpc or migrate (default: all).
+        /// Which: tracer, nbd, rpc, migrate or plan (default: all but plan).
         which: Option<String>,
     },
 }
@@ -63,12 +64,17 @@ fn main() -> Result<()> {
         Cmd::Test => test(),
         Cmd::Bench { which } => {
             sh::setup()?;
-            let bin = build(true)?;
+            // TERN_BENCH_BIN: an already built `tern` (skips the release build).
+            let bin = match std::env::var_os("TERN_BENCH_BIN") {
+                Some(b) => std::path::PathBuf::from(b),
+                None => build(true)?,
+            };
             match which.as_deref() {
                 Some("tracer") => bench_tracer::run(&bin),
                 Some("nbd") => bench_nbd::run(&bin),
                 Some("rpc") => bench_rpc::run(&bin),
                 Some("migrate") => bench_migrate::run(&bin),
+                Some("plan") => bench_plan::run(&bin),
                 None => {
                     bench_tracer::run(&bin)?;
                     bench_nbd::run(&bin)?;
@@ -76,7 +82,7 @@ fn main() -> Result<()> {
                     bench_migrate::run(&bin)
                 }
                 Some(other) => {
-                    bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate")
+                    bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate, plan")
                 }
             }
         }

@@ -22,6 +22,8 @@ const PACKAGES: &[&str] = &[
     "e2fsprogs",
     "rsync",
     "iproute2",
+    "gdisk",
+    "fdisk",
 ];
 
 /// Packages that must come from `bookworm-backports` on Debian 12: bookworm's

@@ -421,3 +421,186 @@ fn summarize(layout: &Layout) -> Vec<String> {
         .map(|z| format!("{}–{}: {}", human(z.start), human(z.end), human(z.unit)))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulate::Write;
+
+    const MIB: u64 = 1 << 20;
+    const SIZE: u64 = 512 * MIB;
+
+    /// A small deterministic generator (tests must not depend on luck).
+    struct Lcg(u64);
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// 4 KiB random writes at `iops` over `[start, start + span)` for `secs`.
+    fn random(seed: u64, start: u64, span: u64, iops: u64, secs: u64) -> Vec<Write> {
+        let mut r = Lcg(seed);
+        (0..iops * secs)
+            .map(|i| Write {
+                ts_ns: i * 1_000_000_000 / iops,
+                offset: start + r.below(span / 4096) * 4096,
+                len: 4096,
+            })
+            .collect()
+    }
+
+    /// `len`-byte appends at `bytes_per_s` through `[start, start + span)`, wrapping.
+    fn sequential(start: u64, span: u64, len: u64, bytes_per_s: u64, secs: u64) -> Vec<Write> {
+        let n = bytes_per_s * secs / len;
+        (0..n)
+            .map(|i| Write {
+                ts_ns: i * len * 1_000_000_000 / bytes_per_s,
+                offset: start + (i * len) % span,
+                len,
+            })
+            .collect()
+    }
+
+    fn workload(mut writes: Vec<Write>) -> Workload {
+        writes.sort_by_key(|w| w.ts_ns);
+        Workload {
+            size: SIZE,
+            duration_ns: writes.last().map_or(0, |w| w.ts_ns) + 1,
+            writes,
+            ..Workload::default()
+        }
+    }
+
+    fn model() -> Model {
+        Model {
+            bandwidth: 125e6,
+            ..Model::default()
+        }
+    }
+
+    /// A hot random-write region (4 KiB writes over 16 MiB) beside a cold
+    /// sequential one (eight streams of 4 KiB appends, 256 KB/s each).
+    fn mixed() -> Workload {
+        let mut w = random(7, 0, 16 * MIB, 4000, 20);
+        for s in 0..8 {
+            w.extend(sequential(256 * MIB + s * 32 * MIB, 32 * MIB, 4096, 256_000, 20));
+        }
+        workload(w)
+    }
+
+    fn best_fixed(p: &Plan) -> &Choice {
+        p.choices
+            .iter()
+            .filter(|c| c.name != "adaptive")
+            .min_by(|a, b| a.cost.total.total_cmp(&b.cost.total))
+            .expect("fixed choices")
+    }
+
+    fn adaptive(p: &Plan) -> &Choice {
+        p.choices.iter().find(|c| c.name == "adaptive").expect("adaptive row")
+    }
+
+    #[test]
+    fn the_adaptive_plan_is_never_worse_than_the_best_fixed_unit() {
+        let workloads = [
+            ("uniform random", workload(random(1, 0, SIZE, 2000, 20))),
+            ("sequential 1M", workload(sequential(0, 256 * MIB, MIB, 30_000_000, 20))),
+            ("dense hot set", workload(random(2, 64 * MIB, 8 * MIB, 5000, 20))),
+            ("mixed", mixed()),
+            ("nearly idle", workload(random(3, 0, SIZE, 5, 20))),
+        ];
+        for (name, w) in &workloads {
+            let p = plan(w, &model(), &Weights::default(), &[]).expect("plan");
+            let best = best_fixed(&p);
+            let chosen = p
+                .choices
+                .iter()
+                .find(|c| c.name == p.chosen)
+                .expect("the chosen row");
+            for c in &p.choices {
+                assert!(
+                    chosen.cost.total <= c.cost.total,
+                    "{name}: chose {} ({:.4}) but {} costs {:.4}",
+                    p.chosen,
+                    chosen.cost.total,
+                    c.name,
+                    c.cost.total
+                );
+            }
+            // The per-zone choice itself (before any fallback) stays within 2 %.
+            let a = adaptive(&p);
+            assert!(
+                a.cost.total <= best.cost.total * 1.02,
+                "{name}: adaptive {:.4} against {} {:.4}",
+                a.cost.total,
+                best.name,
+                best.cost.total
+            );
+        }
+    }
+
+    #[test]
+    fn on_a_hot_random_region_beside_a_cold_sequential_one_adaptive_is_strictly_better() {
+        let p = plan(&mixed(), &model(), &Weights::default(), &[]).expect("plan");
+        let best = best_fixed(&p);
+        let a = adaptive(&p);
+        let gain = 1.0 - a.cost.total / best.cost.total;
+        eprintln!(
+            "mixed: adaptive {:.4} vs best fixed {} {:.4}: {:.1}% lower\n{}",
+            a.cost.total,
+            best.name,
+            best.cost.total,
+            100.0 * gain,
+            p.explanation.join("\n")
+        );
+        for c in &p.choices {
+            eprintln!("{:<14} cost {:.4} wire {:.1} MB extents {} downtime {:.1} ms total {:.2} s", c.name, c.cost.total, c.report.wire_bytes as f64 / 1e6, c.report.extents, c.report.downtime_s * 1e3, c.report.total_s);
+        }
+        assert_eq!(p.chosen, "adaptive");
+        assert!(gain > 0.02, "adaptive is only {:.2}% better", 100.0 * gain);
+        // The hot region and the cold one got different units.
+        let hot = p.layout.zones[p.layout.zone_of(0)].unit;
+        let cold = p.layout.zones[p.layout.zone_of(300 * MIB)].unit;
+        assert_ne!(hot, cold);
+    }
+
+    #[test]
+    fn a_dirty_rate_near_the_link_advises_post_copy() {
+        // 100 MB/s of fresh 4 KiB random writes against a 25 MB/s link.
+        let w = workload(random(5, 0, SIZE, 25_000, 4));
+        let m = Model {
+            bandwidth: 25e6,
+            max_rounds: 5,
+            ..model()
+        };
+        let p = plan(&w, &m, &Weights::default(), &[]).expect("plan");
+        assert_eq!(p.mode, Mode::PostCopy);
+        let calm = workload(random(6, 0, SIZE, 100, 20));
+        let p = plan(&calm, &model(), &Weights::default(), &[]).expect("plan");
+        assert_eq!(p.mode, Mode::PreCopy);
+        // 100 writes/s of 4 KiB in fresh blocks: 409.6 KB/s at the p90 window.
+        assert!((p.dirty_rate_p90 - 409_600.0).abs() < 20_000.0, "{}", p.dirty_rate_p90);
+    }
+
+    #[test]
+    fn whole_volume_units_follow_the_partitions() {
+        let w = workload(random(8, 0, SIZE, 100, 5));
+        let vols = [
+            Volume { start: MIB, end: 100 * MIB, name: "a".into() },
+            Volume { start: 100 * MIB, end: SIZE, name: "b".into() },
+        ];
+        let l = whole_volumes(SIZE, &vols).expect("layout");
+        assert_eq!(l.zones.len(), 3);
+        assert_eq!(l.zones[1], Zone { start: MIB, end: 100 * MIB, unit: 99 * MIB });
+        let p = plan(&w, &model(), &Weights::default(), &vols).expect("plan");
+        assert!(p.choices.iter().any(|c| c.name == "whole volume"));
+        // Zones are cut at the volume edges.
+        let z = zoned(SIZE, &vols, 4096).expect("layout");
+        assert!(z.zones.iter().any(|z| z.start == 100 * MIB));
+    }
+}
