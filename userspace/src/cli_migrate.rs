@@ -241,7 +241,9 @@ async fn start_source(a: &SourceArgs) -> Result<SourceAgent> {
     {
         bail!(
             "the plan {} is for a {} byte disk but {} has {} bytes; run `tern plan` with --device-size {}",
-            a.plan.as_deref().map_or(String::new(), |p| p.display().to_string()),
+            a.plan
+                .as_deref()
+                .map_or(String::new(), |p| p.display().to_string()),
             p.device_size,
             path.display(),
             image.size(),
@@ -250,7 +252,11 @@ async fn start_source(a: &SourceArgs) -> Result<SourceAgent> {
     }
     let unit = plan.as_ref().map_or(a.unit, |p| p.unit);
     let send = Arc::new(DirtyMap::new(image.size(), unit)?);
-    let region_size = plan.as_ref().map(|p| p.region_size).or(a.region_size).unwrap_or_else(|| tern::replicate::default_region_size(image.size()));
+    let region_size = plan
+        .as_ref()
+        .map(|p| p.region_size)
+        .or(a.region_size)
+        .unwrap_or_else(|| tern::replicate::default_region_size(image.size()));
     // Zones whose unit is coarser than the dirty map's are widened when sent.
     let unit_zones: Option<Arc<[tern::replicate::UnitZone]>> = plan.as_ref().and_then(|p| {
         let zones: Vec<_> = p

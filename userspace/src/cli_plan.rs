@@ -48,10 +48,10 @@ pub struct PlanArgs {
     #[arg(long, default_value = "64K", value_parser = tern::agent::parse_size)]
     region_size: u64,
     /// Engine time per extent not hidden by the wire.
-    #[arg(long, default_value = "60us", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "180us", value_parser = humantime::parse_duration)]
     per_extent: Duration,
     /// The destination's flush at the end of every round.
-    #[arg(long, default_value = "30ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "40ms", value_parser = humantime::parse_duration)]
     barrier: Duration,
     /// Do not replay the trace again when the migration outlasts it (the disk goes idle).
     #[arg(long)]
@@ -95,9 +95,10 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
         Some('t') => (&num[..num.len() - 1], 1e12),
         _ => (num.as_str(), 1.0),
     };
-    let v: f64 = digits.trim().parse().map_err(|_| {
-        format!("{text:?} is not a rate; write e.g. 1Gbit, 200Mbit or 125MB/s")
-    })?;
+    let v: f64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a rate; write e.g. 1Gbit, 200Mbit or 125MB/s"))?;
     let bytes = v * scale / if bits { 8.0 } else { 1.0 };
     if !bytes.is_finite() || bytes < 1e3 {
         return Err(format!(
@@ -192,13 +193,24 @@ pub fn table(plan: &granularity::Plan) -> String {
     let _ = writeln!(
         t,
         "{:<14} {:>10} {:>10} {:>9} {:>7} {:>12} {:>9} {:>10} {:>9}",
-        "unit", "wire MB", "resent MB", "extents", "rounds", "downtime ms", "total s", "track", "cost"
+        "unit",
+        "wire MB",
+        "resent MB",
+        "extents",
+        "rounds",
+        "downtime ms",
+        "total s",
+        "track",
+        "cost"
     );
     for c in &plan.choices {
         let r = &c.report;
         let mark = if c.name == plan.chosen { " *" } else { "" };
         let (down, cost) = if r.converged {
-            (format!("{:.1}", r.downtime_s * 1e3), format!("{:.3}", c.cost.total))
+            (
+                format!("{:.1}", r.downtime_s * 1e3),
+                format!("{:.3}", c.cost.total),
+            )
         } else {
             ("no conv.".to_owned(), "inf".to_owned())
         };

@@ -127,11 +127,7 @@ impl Workload {
                 .collect();
         }
         let size = w.size;
-        w.clipped = w
-            .writes
-            .iter()
-            .filter(|x| x.offset + x.len > size)
-            .count() as u64;
+        w.clipped = w.writes.iter().filter(|x| x.offset + x.len > size).count() as u64;
         w.writes.retain(|x| x.offset < size);
         for x in &mut w.writes {
             x.len = x.len.min(size - x.offset);
@@ -157,8 +153,10 @@ impl Workload {
 /// The link and the engine's costs.
 #[derive(Debug, Clone, Serialize)]
 pub struct Model {
-    /// Link payload bandwidth, bytes per second.
+    /// Link bandwidth, bytes per second (as shaped: IP packets).
     pub bandwidth: f64,
+    /// Share of the link left for payload after TCP/IP headers (1500-byte frames).
+    pub efficiency: f64,
     pub rtt_s: f64,
     /// Longest extent the engine sends (`ReplicateOptions::extent_len`).
     pub extent_len: u64,
@@ -193,14 +191,19 @@ impl Default for Model {
     fn default() -> Self {
         Model {
             bandwidth: 125e6,
+            efficiency: 0.95,
             rtt_s: 0.5e-3,
             extent_len: 1 << 20,
-            per_extent_s: 60e-6,
+            // Scattered 4 KiB extents moved at about 22 MB/s on this machine
+            // (docs/perf.md, migration): 186 µs each.
+            per_extent_s: 180e-6,
             extent_header_bytes: 80,
             engine_rate: 230e6,
             hash_rate: 1e9,
             region_size: 64 << 10,
-            barrier_s: 0.03,
+            // A final round of 32 extents took 47 ms (docs/perf.md): the
+            // destination's flush is most of it.
+            barrier_s: 0.04,
             pause_s: 0.002,
             compression: 1.0,
             nonzero: 1.0,
@@ -228,6 +231,12 @@ impl Model {
             "the bandwidth",
             "at least 1 KB/s",
             self.bandwidth,
+        )?;
+        check(
+            self.efficiency > 0.0 && self.efficiency <= 1.0,
+            "the link efficiency",
+            "in (0, 1]",
+            self.efficiency,
         )?;
         check(
             self.rtt_s.is_finite() && (0.0..=10.0).contains(&self.rtt_s),
@@ -512,9 +521,8 @@ impl Sim<'_> {
             } else {
                 len as f64
             };
-            let wire =
-                sent * self.m.compression + (extents * self.m.extent_header_bytes) as f64;
-            let secs = (wire / self.m.bandwidth)
+            let wire = sent * self.m.compression + (extents * self.m.extent_header_bytes) as f64;
+            let secs = (wire / (self.m.bandwidth * self.m.efficiency))
                 .max(len as f64 / self.m.engine_rate)
                 .max(extents as f64 * self.m.per_extent_s);
             self.now += secs;
@@ -534,7 +542,8 @@ impl Sim<'_> {
         fig
     }
 
-    /// Rehashes what was written since the last refresh (both trees).
+    /// Rehashes what was written since the last refresh: the source's tree,
+    /// then the destination's (asked for its root), one after the other.
     fn refresh(&mut self) -> f64 {
         let bytes = if self.stale_all {
             self.layout.size as f64
@@ -543,7 +552,7 @@ impl Sim<'_> {
         };
         self.stale_all = false;
         self.stale_regions.clear();
-        bytes / self.m.hash_rate
+        2.0 * bytes / self.m.hash_rate
     }
 }
 
@@ -677,6 +686,7 @@ mod tests {
     fn model() -> Model {
         Model {
             bandwidth: 100e6,
+            efficiency: 1.0,
             rtt_s: 0.0,
             per_extent_s: 0.0,
             extent_header_bytes: 0,
@@ -704,9 +714,16 @@ mod tests {
         // A single write long after the migration: nothing dirties it.
         let w = work(
             100 * MIB,
-            vec![Write { ts_ns: 3_600_000_000_000, offset: 0, len: 4096 }],
+            vec![Write {
+                ts_ns: 3_600_000_000_000,
+                offset: 0,
+                len: 4096,
+            }],
         );
-        let m = Model { repeat: false, ..model() };
+        let m = Model {
+            repeat: false,
+            ..model()
+        };
         let r = simulate(&w, &Layout::uniform(w.size, MIB).expect("layout"), &m).expect("sim");
         assert!(r.converged);
         assert_eq!(r.rounds, 0);
@@ -722,10 +739,21 @@ mod tests {
     fn a_write_behind_the_cursor_goes_again_and_a_write_ahead_goes_once() {
         // 10 MiB at 100 MB/s: the bulk copy passes 5 MiB at 52 ms.
         let size = 10 * MIB;
-        let behind = Write { ts_ns: 60_000_000, offset: 0, len: 4096 };
-        let ahead = Write { ts_ns: 60_000_001, offset: 9 * MIB, len: 4096 };
+        let behind = Write {
+            ts_ns: 60_000_000,
+            offset: 0,
+            len: 4096,
+        };
+        let ahead = Write {
+            ts_ns: 60_000_001,
+            offset: 9 * MIB,
+            len: 4096,
+        };
         let w = work(size, vec![behind, ahead]);
-        let m = Model { repeat: false, ..model() };
+        let m = Model {
+            repeat: false,
+            ..model()
+        };
         let r = simulate(&w, &Layout::uniform(size, 4096).expect("layout"), &m).expect("sim");
         assert!(r.converged);
         // One delta round sends the unit behind the cursor; the final delta is empty.
@@ -743,7 +771,10 @@ mod tests {
         let mut w = work(size, vec![]);
         w.gaps = vec![60_000_000];
         w.duration_ns = 60_000_000;
-        let m = Model { repeat: false, ..model() };
+        let m = Model {
+            repeat: false,
+            ..model()
+        };
         let r = simulate(&w, &Layout::uniform(size, MIB).expect("layout"), &m).expect("sim");
         assert_eq!(r.gaps, 1);
         // At 60 ms the bulk copy (10.5 ms per MiB) has taken units 0..=5: those
@@ -781,7 +812,10 @@ mod tests {
             })
             .collect();
         let w = work(size, writes);
-        let m = Model { per_extent_s: 10e-6, ..model() };
+        let m = Model {
+            per_extent_s: 10e-6,
+            ..model()
+        };
         let r = simulate(&w, &Layout::uniform(size, 4096).expect("layout"), &m).expect("sim");
         assert!(r.converged);
         assert!(r.final_delta_bytes <= MIB, "{}", r.final_delta_bytes);
@@ -791,14 +825,30 @@ mod tests {
 
     #[test]
     fn absurd_parameters_are_refused() {
-        let w = work(MIB, vec![Write { ts_ns: 0, offset: 0, len: 4096 }]);
+        let w = work(
+            MIB,
+            vec![Write {
+                ts_ns: 0,
+                offset: 0,
+                len: 4096,
+            }],
+        );
         let l = Layout::uniform(MIB, 4096).expect("layout");
-        let m = Model { bandwidth: 0.0, ..model() };
+        let m = Model {
+            bandwidth: 0.0,
+            ..model()
+        };
         assert!(matches!(
             simulate(&w, &l, &m),
-            Err(SimulateError::Parameter { what: "the bandwidth", .. })
+            Err(SimulateError::Parameter {
+                what: "the bandwidth",
+                ..
+            })
         ));
-        let m = Model { nonzero: 2.0, ..model() };
+        let m = Model {
+            nonzero: 2.0,
+            ..model()
+        };
         assert!(simulate(&w, &l, &m).is_err());
         let l = Layout::uniform(2 * MIB, 4096).expect("layout");
         assert!(matches!(

@@ -14,7 +14,9 @@ fn tool(args: &[&str], stdin: Option<&str>) -> String {
     cmd.stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("start a partitioning tool (apt: gdisk, fdisk)");
+    let mut child = cmd
+        .spawn()
+        .expect("start a partitioning tool (apt: gdisk, fdisk)");
     if let Some(text) = stdin {
         child
             .stdin
@@ -37,7 +39,10 @@ fn tool(args: &[&str], stdin: Option<&str>) -> String {
 
 /// `(start, end)` bytes of every partition as sfdisk reads them.
 fn sfdisk_view(image: &Path) -> Vec<(u64, u64)> {
-    let json = tool(&["sfdisk", "--json", image.to_str().expect("utf-8 path")], None);
+    let json = tool(
+        &["sfdisk", "--json", image.to_str().expect("utf-8 path")],
+        None,
+    );
     let v: serde_json::Value = serde_json::from_str(&json).expect("sfdisk --json");
     let sector = v["partitiontable"]["sectorsize"].as_u64().unwrap_or(512);
     let mut parts: Vec<(u64, u64)> = v["partitiontable"]["partitions"]
@@ -67,8 +72,18 @@ fn gpt_partitions_made_by_sgdisk_are_read_as_sfdisk_reads_them() {
     let p = img.to_str().expect("utf-8 path");
     tool(
         &[
-            "sgdisk", "-n", "1:2048:+16M", "-c", "1:boot", "-n", "2:0:+20M", "-c", "2:data",
-            "-n", "3:0:0", p,
+            "sgdisk",
+            "-n",
+            "1:2048:+16M",
+            "-c",
+            "1:boot",
+            "-n",
+            "2:0:+20M",
+            "-c",
+            "2:data",
+            "-n",
+            "3:0:0",
+            p,
         ],
         None,
     );
@@ -104,7 +119,10 @@ fn a_corrupted_gpt_header_is_an_error_not_silence() {
     let img = image(dir.path(), 16);
     let p = img.to_str().expect("utf-8 path");
     tool(&["sgdisk", "-n", "1:2048:0", p], None);
-    let f = std::fs::OpenOptions::new().write(true).open(&img).expect("open");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .expect("open");
     // A byte of the disk GUID: the header CRC no longer matches.
     f.write_all_at(&[0x5a], 512 + 60).expect("corrupt");
     let e = read_volumes(&img).expect_err("a bad CRC must be reported");

@@ -70,7 +70,11 @@ fn whatif(tern: &Path) -> Result<String> {
     for name in ["fio", "pgbench", "sqlite"] {
         let trace = dir.join(format!("{name}.trace"));
         if !trace.exists() {
-            writeln!(t, "{}: missing (run `cargo xtask traces`)\n", trace.display())?;
+            writeln!(
+                t,
+                "{}: missing (run `cargo xtask traces`)\n",
+                trace.display()
+            )?;
             continue;
         }
         let text = output(
@@ -79,7 +83,14 @@ fn whatif(tern: &Path) -> Result<String> {
                 .arg(tern)
                 .arg("plan")
                 .arg(&trace)
-                .args(["--bandwidth", "1Gbit", "--rtt", "1ms", "--max-downtime", "50ms"]),
+                .args([
+                    "--bandwidth",
+                    "1Gbit",
+                    "--rtt",
+                    "1ms",
+                    "--max-downtime",
+                    "50ms",
+                ]),
         )?;
         writeln!(
             t,
@@ -91,7 +102,9 @@ fn whatif(tern: &Path) -> Result<String> {
 }
 
 fn validate(tern: &Path) -> Result<String> {
-    let mib: u64 = env("TERN_BENCH_PLAN_MIB", "512").parse().context("TERN_BENCH_PLAN_MIB")?;
+    let mib: u64 = env("TERN_BENCH_PLAN_MIB", "512")
+        .parse()
+        .context("TERN_BENCH_PLAN_MIB")?;
     let link = env("TERN_BENCH_PLAN_LINK", "200mbit");
     let downtime = env("TERN_BENCH_PLAN_DOWNTIME", "100ms");
     let rates: Vec<u32> = env("TERN_BENCH_PLAN_IOPS", "500,2000")
@@ -126,7 +139,15 @@ fn validate(tern: &Path) -> Result<String> {
     writeln!(
         t,
         "{:>6} {:<5} {:>8} {:>9} {:>8} {:>7} {:>12} {:>10} {:>8}",
-        "IOPS", "", "sent MB", "wire MB", "final MB", "rounds", "downtime ms", "final ms", "total s"
+        "IOPS",
+        "",
+        "sent MB",
+        "wire MB",
+        "final MB",
+        "rounds",
+        "downtime ms",
+        "final ms",
+        "total s"
     )?;
     for &iops in &rates {
         let dst = dir.0.join("dst.img");
@@ -138,7 +159,12 @@ fn validate(tern: &Path) -> Result<String> {
                 .arg(&migrate_bin)
                 .args(["agent", "--role", "destination", "--image"])
                 .arg(&dst)
-                .args(["--size", &(mib << 20).to_string(), "--grpc", &grpc.to_string()])
+                .args([
+                    "--size",
+                    &(mib << 20).to_string(),
+                    "--grpc",
+                    &grpc.to_string(),
+                ])
                 .args(["--nbd", "127.0.0.1:10809", "--tls-dir"])
                 .arg(certs.join(NS_ADDR))
                 .stdout(Stdio::null())
@@ -169,7 +195,14 @@ fn validate(tern: &Path) -> Result<String> {
         let out = Command::new("timeout")
             .arg("600")
             .arg(&migrate_bin)
-            .args(["migrate", "--device", &dev.0, "--to", &grpc.to_string(), "--tls-dir"])
+            .args([
+                "migrate",
+                "--device",
+                &dev.0,
+                "--to",
+                &grpc.to_string(),
+                "--tls-dir",
+            ])
             .arg(certs.join("localhost"))
             .arg("--trace-out")
             .arg(&trace)
@@ -253,11 +286,19 @@ fn validate(tern: &Path) -> Result<String> {
             err(rows[0].6, rows[1].6),
             err(rows[0].7, rows[1].7),
             real["outcome"].as_str().unwrap_or("?"),
-            if sim["converged"].as_bool() == Some(true) { "converged" } else { "not converging" }
+            if sim["converged"].as_bool() == Some(true) {
+                "converged"
+            } else {
+                "not converging"
+            }
         )?;
         // Keep the trace for a later look when asked.
         if let Ok(keep) = std::env::var("TERN_BENCH_PLAN_KEEP") {
-            std::fs::copy(&trace, Path::new(&keep).join(format!("migrate-{iops}.trace"))).ok();
+            std::fs::copy(
+                &trace,
+                Path::new(&keep).join(format!("migrate-{iops}.trace")),
+            )
+            .ok();
         }
     }
     t.push('\n');
@@ -309,7 +350,9 @@ struct Guard(Option<Child>);
 
 impl Guard {
     fn spawn(cmd: &mut Command) -> Result<Guard> {
-        Ok(Guard(Some(cmd.stdin(Stdio::null()).spawn().context("start a child")?)))
+        Ok(Guard(Some(
+            cmd.stdin(Stdio::null()).spawn().context("start a child")?,
+        )))
     }
 
     fn pid(&self) -> u32 {
@@ -321,7 +364,9 @@ impl Guard {
             return;
         };
         for sig in ["-CONT", "-TERM"] {
-            let _ = Command::new("kill").args([sig, &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args([sig, &child.id().to_string()])
+                .status();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -382,17 +427,49 @@ impl Netns {
         run_cmd(Command::new("ip").args(["netns", "add", &ns.name]))?;
         let ip = |args: &[&str]| run_cmd(Command::new("ip").args(args));
         let in_ns = |args: &[&str]| {
-            run_cmd(Command::new("ip").args(["netns", "exec", &ns.name]).args(args))
+            run_cmd(
+                Command::new("ip")
+                    .args(["netns", "exec", &ns.name])
+                    .args(args),
+            )
         };
-        ip(&["link", "add", &ns.host_veth, "type", "veth", "peer", "name", &ns_veth])?;
+        ip(&[
+            "link",
+            "add",
+            &ns.host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns_veth,
+        ])?;
         ip(&["link", "set", &ns_veth, "netns", &ns.name])?;
-        ip(&["addr", "add", &format!("{HOST_ADDR}/30"), "dev", &ns.host_veth])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{HOST_ADDR}/30"),
+            "dev",
+            &ns.host_veth,
+        ])?;
         ip(&["link", "set", &ns.host_veth, "up"])?;
-        in_ns(&["ip", "addr", "add", &format!("{NS_ADDR}/30"), "dev", &ns_veth])?;
+        in_ns(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{NS_ADDR}/30"),
+            "dev",
+            &ns_veth,
+        ])?;
         in_ns(&["ip", "link", "set", &ns_veth, "up"])?;
         in_ns(&["ip", "link", "set", "lo", "up"])?;
-        let tbf = ["root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms"];
-        run_cmd(Command::new("tc").args(["qdisc", "add", "dev", &ns.host_veth]).args(tbf))?;
+        let tbf = [
+            "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms",
+        ];
+        run_cmd(
+            Command::new("tc")
+                .args(["qdisc", "add", "dev", &ns.host_veth])
+                .args(tbf),
+        )?;
         in_ns(&[&["tc", "qdisc", "add", "dev", &ns_veth][..], &tbf[..]].concat())?;
         Ok(ns)
     }
@@ -400,7 +477,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
         let _ = Command::new("ip")
             .args(["link", "del", &self.host_veth])
             .stderr(Stdio::null())

@@ -102,7 +102,9 @@ impl Layout {
         let mut out: Vec<Zone> = Vec::with_capacity(self.zones.len());
         for z in self.zones.drain(..) {
             match out.last_mut() {
-                Some(last) if last.unit == z.unit && last.len() % last.unit == 0 => last.end = z.end,
+                Some(last) if last.unit == z.unit && last.len() % last.unit == 0 => {
+                    last.end = z.end
+                }
                 _ => out.push(z),
             }
         }
@@ -157,8 +159,16 @@ mod tests {
         let l = Layout::new(
             10 << 20,
             vec![
-                Zone { start: 0, end: 4 << 20, unit: 4096 },
-                Zone { start: 4 << 20, end: 10 << 20, unit: 4 << 20 },
+                Zone {
+                    start: 0,
+                    end: 4 << 20,
+                    unit: 4096,
+                },
+                Zone {
+                    start: 4 << 20,
+                    end: 10 << 20,
+                    unit: 4 << 20,
+                },
             ],
         )
         .expect("valid");
@@ -176,10 +186,17 @@ mod tests {
     fn a_layout_with_a_hole_is_refused() {
         let e = Layout::new(
             8192,
-            vec![Zone { start: 0, end: 4096, unit: 4096 }],
+            vec![Zone {
+                start: 0,
+                end: 4096,
+                unit: 4096,
+            }],
         );
         assert!(matches!(e, Err(GranularityError::BadLayout { .. })));
-        assert!(matches!(Layout::uniform(0, 4096), Err(GranularityError::EmptyDevice)));
+        assert!(matches!(
+            Layout::uniform(0, 4096),
+            Err(GranularityError::EmptyDevice)
+        ));
     }
 
     #[test]
@@ -187,7 +204,11 @@ mod tests {
         let l = Layout::new(
             3 << 20,
             (0..3)
-                .map(|i| Zone { start: i << 20, end: (i + 1) << 20, unit: 65536 })
+                .map(|i| Zone {
+                    start: i << 20,
+                    end: (i + 1) << 20,
+                    unit: 65536,
+                })
                 .collect(),
         )
         .expect("valid")

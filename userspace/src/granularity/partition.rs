@@ -42,7 +42,9 @@ pub fn read_volumes(path: &Path) -> Result<(TableKind, Vec<Volume>), Granularity
         }
     }
     head.truncate(got);
-    parse(&head, |offset, buf| file.read_exact_at(buf, offset).map_err(err))
+    parse(&head, |offset, buf| {
+        file.read_exact_at(buf, offset).map_err(err)
+    })
 }
 
 /// Parses the table from the disk's first bytes; `read_at` fetches entry
@@ -203,6 +205,13 @@ mod tests {
         e[12..16].copy_from_slice(&4096u32.to_le_bytes());
         let (kind, v) = parse(&head, |_, _| Ok(())).expect("parse");
         assert_eq!(kind, TableKind::Mbr);
-        assert_eq!(v, vec![Volume { start: 1 << 20, end: 3 << 20, name: "mbr1 type 0x83".into() }]);
+        assert_eq!(
+            v,
+            vec![Volume {
+                start: 1 << 20,
+                end: 3 << 20,
+                name: "mbr1 type 0x83".into()
+            }]
+        );
     }
 }

@@ -23,7 +23,10 @@ pub fn widen(runs: &[Range<u64>], zones: &[UnitZone], max_len: u64) -> Vec<Range
     for run in runs {
         let mut r = run.clone();
         let first = zones.partition_point(|z| z.end <= r.start);
-        if let Some(z) = zones.get(first).filter(|z| z.start <= r.start && z.unit > 0) {
+        if let Some(z) = zones
+            .get(first)
+            .filter(|z| z.start <= r.start && z.unit > 0)
+        {
             r.start = z.start + (r.start - z.start) / z.unit * z.unit;
         }
         let last = zones.partition_point(|z| z.end < r.end);
@@ -56,16 +59,31 @@ mod tests {
 
     fn zones() -> Vec<UnitZone> {
         vec![
-            UnitZone { start: 0, end: 16 * MIB, unit: 4096 },
-            UnitZone { start: 16 * MIB, end: 32 * MIB, unit: MIB },
-            UnitZone { start: 32 * MIB, end: 40 * MIB, unit: 8 * MIB },
+            UnitZone {
+                start: 0,
+                end: 16 * MIB,
+                unit: 4096,
+            },
+            UnitZone {
+                start: 16 * MIB,
+                end: 32 * MIB,
+                unit: MIB,
+            },
+            UnitZone {
+                start: 32 * MIB,
+                end: 40 * MIB,
+                unit: 8 * MIB,
+            },
         ]
     }
 
     #[test]
     fn a_4k_write_in_a_1m_zone_sends_its_whole_unit() {
         let runs = [(17 * MIB + 4096)..(17 * MIB + 8192)];
-        assert_eq!(widen(&runs, &zones(), 8 * MIB), vec![(17 * MIB)..(18 * MIB)]);
+        assert_eq!(
+            widen(&runs, &zones(), 8 * MIB),
+            vec![(17 * MIB)..(18 * MIB)]
+        );
     }
 
     #[test]
@@ -82,7 +100,10 @@ mod tests {
             (16 * MIB + 65536)..(16 * MIB + 69632),
             (17 * MIB + 4096)..(17 * MIB + 8192),
         ];
-        assert_eq!(widen(&runs, &zones(), 8 * MIB), vec![(16 * MIB)..(18 * MIB)]);
+        assert_eq!(
+            widen(&runs, &zones(), 8 * MIB),
+            vec![(16 * MIB)..(18 * MIB)]
+        );
         // A write in the 8 MiB whole-zone unit, cut into 1 MiB extents.
         let runs = [(33 * MIB)..(33 * MIB + 4096)];
         let out = widen(&runs, &zones(), MIB);
