@@ -123,16 +123,6 @@ pub fn plan(a: &PlanArgs) -> Result<()> {
     if a.device_size == Some(0) {
         bail!("--device-size must be above 0 (e.g. 20G)");
     }
-    let file = std::fs::File::open(&a.trace)
-        .with_context(|| format!("cannot open the trace {}", a.trace.display()))?;
-    let reader = TraceReader::new(std::io::BufReader::new(file))
-        .with_context(|| format!("{} is not a readable trace", a.trace.display()))?;
-    let work = Workload::from_trace(reader, a.device_size)
-        .with_context(|| format!("cannot simulate {}", a.trace.display()))?;
-    let volumes = match &a.image {
-        Some(path) => granularity::read_volumes(path)?.1,
-        None => Vec::new(),
-    };
     let model = Model {
         bandwidth: a.bandwidth,
         rtt_s: a.rtt.as_secs_f64(),
@@ -146,6 +136,17 @@ pub fn plan(a: &PlanArgs) -> Result<()> {
         max_rounds: a.max_rounds,
         repeat: !a.no_repeat,
         ..Model::default()
+    };
+    model.validate()?;
+    let file = std::fs::File::open(&a.trace)
+        .with_context(|| format!("cannot open the trace {}", a.trace.display()))?;
+    let reader = TraceReader::new(std::io::BufReader::new(file))
+        .with_context(|| format!("{} is not a readable trace", a.trace.display()))?;
+    let work = Workload::from_trace(reader, a.device_size)
+        .with_context(|| format!("cannot simulate {}", a.trace.display()))?;
+    let volumes = match &a.image {
+        Some(path) => granularity::read_volumes(path)?.1,
+        None => Vec::new(),
     };
     let weights = Weights {
         downtime: a.downtime_weight,

@@ -606,8 +606,11 @@ pub fn simulate(
     let mut last_round_start = 0.0;
     let mut report = SimReport::default();
     loop {
+        // The engine rehashes and asks for the destination's root before it
+        // reads the dirty count: writes during that count too.
         sim.advance(sim.now);
         sim.now += sim.refresh() + model.rtt_s;
+        sim.advance(sim.now);
         let dirty = sim.dirty.dirty_bytes;
         let estimate = if dirty == 0 {
             0.0
@@ -641,7 +644,8 @@ pub fn simulate(
         // Downtime: pause, final round with the workload stopped, verify, switch.
         let paused_at = sim.now;
         sim.now += model.pause_s;
-        sim.advance(paused_at);
+        // Writes until the pause takes hold are in the final delta.
+        sim.advance(sim.now);
         let before = sim.now;
         let fin = sim.round(false, true, true);
         report.final_round_s = sim.now - before;

@@ -274,6 +274,16 @@ fn validate(tern: &Path) -> Result<String> {
                 total
             )?;
         }
+        writeln!(
+            t,
+            "{iops:>6} downtime parts ms: real pause/flush/final/verify {:.0}/{:.0}/{:.0}/{:.0}, sim final/verify {:.0}/{:.0}",
+            f(&real, "pause_ms"),
+            f(&real, "flush_ms"),
+            f(&real, "final_round_ms"),
+            f(&real, "verify_ms"),
+            f(&sim, "final_round_s") * 1e3,
+            f(&sim, "verify_s") * 1e3
+        )?;
         let err = |a: f64, b: f64| 100.0 * (b - a) / a;
         writeln!(
             t,
