@@ -153,9 +153,8 @@ pub fn plan(a: &PlanArgs) -> Result<()> {
         memory_per_mib: a.memory_weight,
         ..Weights::default()
     };
-    if !(weights.downtime.is_finite() && weights.downtime >= 0.0)
-        || !(weights.memory_per_mib.is_finite() && weights.memory_per_mib >= 0.0)
-    {
+    let usable = |w: f64| w.is_finite() && w >= 0.0;
+    if !usable(weights.downtime) || !usable(weights.memory_per_mib) {
         bail!("--downtime-weight and --memory-weight must be finite and not negative");
     }
     let plan = granularity::plan(&work, &model, &weights, &volumes)?;

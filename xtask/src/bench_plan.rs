@@ -215,11 +215,11 @@ fn validate(tern: &Path) -> Result<String> {
         drop(fio);
         agent.stop();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let Some(line) = stdout.lines().rev().find(|l| l.starts_with('{')) else {
+        let Some(json_line) = stdout.lines().rev().find(|l| l.starts_with('{')) else {
             writeln!(t, "{iops:>6} tern migrate failed ({})", out.status)?;
             continue;
         };
-        let real: serde_json::Value = serde_json::from_str(line)?;
+        let real: serde_json::Value = serde_json::from_str(json_line)?;
         let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         let sim_all = plan_json(
             tern,

@@ -98,12 +98,13 @@ impl Layout {
     }
 
     /// Joins neighbours with the same unit where the unit divides the first's length.
+    #[must_use]
     pub fn merged(mut self) -> Layout {
         let mut out: Vec<Zone> = Vec::with_capacity(self.zones.len());
         for z in self.zones.drain(..) {
             match out.last_mut() {
                 Some(last) if last.unit == z.unit && last.len() % last.unit == 0 => {
-                    last.end = z.end
+                    last.end = z.end;
                 }
                 _ => out.push(z),
             }
@@ -135,15 +136,15 @@ pub fn human(bytes: u64) -> String {
     const K: u64 = 1 << 10;
     const M: u64 = 1 << 20;
     const G: u64 = 1 << 30;
-    if bytes >= G && bytes % G == 0 {
+    if bytes >= G && bytes.is_multiple_of(G) {
         format!("{}G", bytes / G)
     } else if bytes >= G {
         format!("{:.1}G", bytes as f64 / G as f64)
-    } else if bytes >= M && bytes % M == 0 {
+    } else if bytes >= M && bytes.is_multiple_of(M) {
         format!("{}M", bytes / M)
     } else if bytes >= M {
         format!("{:.1}M", bytes as f64 / M as f64)
-    } else if bytes >= K && bytes % K == 0 {
+    } else if bytes >= K && bytes.is_multiple_of(K) {
         format!("{}K", bytes / K)
     } else {
         format!("{bytes}B")

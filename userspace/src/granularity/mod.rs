@@ -319,8 +319,8 @@ pub fn plan(
         for (alt, _) in UNITS.iter().enumerate().filter(|&(c, _)| c != base) {
             for cold_side in [true, false] {
                 let mut zones: Vec<Zone> = fixed[base].1.zones.clone();
-                let side = if cold_side { &order[..k] } else { &order[k..] };
-                for &i in side {
+                let switched = if cold_side { &order[..k] } else { &order[k..] };
+                for &i in switched {
                     zones[i] = fixed[alt].1.zones[i];
                 }
                 proposals.push(zones);
@@ -386,8 +386,11 @@ pub fn plan(
         picked_report.total_s,
         human(picked_report.tracking_bytes.max(1))
     ));
-    if let Some(small) = choices.first() {
-        if small.report.converged && small.name != bf.name {
+    if let Some(small) = choices.first()
+        && small.report.converged
+        && small.name != bf.name
+    {
+        {
             explanation.push(format!(
                 "4K units: {:.1} MB on the wire in {} extents ({:.2} s); {}: {:.1} MB in {} extents ({:.2} s)",
                 small.report.wire_bytes as f64 / 1e6,

@@ -79,11 +79,9 @@ mod tests {
 
     #[test]
     fn a_4k_write_in_a_1m_zone_sends_its_whole_unit() {
-        let runs = [(17 * MIB + 4096)..(17 * MIB + 8192)];
-        assert_eq!(
-            widen(&runs, &zones(), 8 * MIB),
-            vec![(17 * MIB)..(18 * MIB)]
-        );
+        let run: Range<u64> = (17 * MIB + 4096)..(17 * MIB + 8192);
+        let runs = std::slice::from_ref(&run);
+        assert_eq!(widen(runs, &zones(), 8 * MIB), vec![(17 * MIB)..(18 * MIB)]);
     }
 
     #[test]
@@ -105,8 +103,9 @@ mod tests {
             vec![(16 * MIB)..(18 * MIB)]
         );
         // A write in the 8 MiB whole-zone unit, cut into 1 MiB extents.
-        let runs = [(33 * MIB)..(33 * MIB + 4096)];
-        let out = widen(&runs, &zones(), MIB);
+        let run: Range<u64> = (33 * MIB)..(33 * MIB + 4096);
+        let runs = std::slice::from_ref(&run);
+        let out = widen(runs, &zones(), MIB);
         assert_eq!(out.len(), 8);
         assert_eq!(out[0], (32 * MIB)..(33 * MIB));
         assert_eq!(out[7], (39 * MIB)..(40 * MIB));
@@ -114,9 +113,10 @@ mod tests {
 
     #[test]
     fn a_run_across_two_zones_is_widened_at_both_ends() {
-        let runs = [(16 * MIB - 4096)..(16 * MIB + 4096)];
+        let run: Range<u64> = (16 * MIB - 4096)..(16 * MIB + 4096);
+        let runs = std::slice::from_ref(&run);
         assert_eq!(
-            widen(&runs, &zones(), 8 * MIB),
+            widen(runs, &zones(), 8 * MIB),
             vec![(16 * MIB - 4096)..(17 * MIB)]
         );
     }
