@@ -45,6 +45,10 @@ pub struct SourceArgs {
     /// Longest extent on the wire.
     #[arg(long, default_value = "1M", value_parser = tern::agent::parse_size)]
     extent: u64,
+    /// A plan from `tern plan --out`: its dirty-map unit, region size, extent
+    /// length and per-zone units replace --unit, --region-size and --extent.
+    #[arg(long, value_name = "PLAN.json")]
+    plan: Option<PathBuf>,
     #[arg(long, default_value_t = 1, conflicts_with = "raw")]
     zstd_level: i32,
     /// Send data uncompressed.
@@ -232,10 +236,48 @@ async fn start_source(
             ..ImageOptions::default()
         },
     )?;
-    let send = Arc::new(DirtyMap::new(image.size(), a.unit)?);
-    let region_size = a
-        .region_size
+    let plan = a
+        .plan
+        .as_deref()
+        .map(tern::granularity::EnginePlan::load)
+        .transpose()?;
+    if let Some(p) = &plan
+        && p.device_size != image.size()
+    {
+        bail!(
+            "the plan {} is for a {} byte disk but {} has {} bytes; run `tern plan` with --device-size {}",
+            a.plan
+                .as_deref()
+                .map_or(String::new(), |p| p.display().to_string()),
+            p.device_size,
+            path.display(),
+            image.size(),
+            image.size()
+        );
+    }
+    let unit = plan.as_ref().map_or(a.unit, |p| p.unit);
+    let send = Arc::new(DirtyMap::new(image.size(), unit)?);
+    let region_size = plan
+        .as_ref()
+        .map(|p| p.region_size)
+        .or(a.region_size)
         .unwrap_or_else(|| tern::replicate::default_region_size(image.size()));
+    // Zones whose unit is coarser than the dirty map's are widened when sent.
+    let unit_zones: Option<Arc<[tern::replicate::UnitZone]>> = plan.as_ref().and_then(|p| {
+        let zones: Vec<_> = p
+            .layout
+            .zones
+            .iter()
+            .filter(|z| z.unit > unit)
+            .map(|z| tern::replicate::UnitZone {
+                start: z.start,
+                end: z.end,
+                unit: z.unit,
+            })
+            .collect();
+        (!zones.is_empty()).then(|| zones.into())
+    });
+    let extent = plan.as_ref().map_or(a.extent, |p| p.extent_len);
     let local = LocalTree::new(image.size(), region_size)?;
     let (history, uploader) = crate::cli_history::start(&a.history)?.unzip();
     // Tracing starts before the first read: no write after this point is missed.
@@ -256,7 +298,7 @@ async fn start_source(
         history,
     )?;
     let opts = ReplicateOptions {
-        extent_len: u32::try_from(a.extent)
+        extent_len: u32::try_from(extent)
             .ok()
             .filter(|e| (4096..=tern::rpc::MAX_EXTENT_LEN).contains(e))
             .context("--extent must be from 4K to 8M")?,
@@ -264,6 +306,7 @@ async fn start_source(
         max_rate: a.max_rate,
         region_size,
         reconnect_for: a.reconnect_for,
+        unit_zones,
         ..ReplicateOptions::default()
     };
     let to =

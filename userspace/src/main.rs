@@ -3,6 +3,7 @@
 mod cli_history;
 mod cli_analyze;
 mod cli_migrate;
+mod cli_plan;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
@@ -59,6 +60,8 @@ enum Command {
     /// Analyze a trace: heatmaps and the workload's profile.
     #[command(subcommand)]
     Analyze(cli_analyze::AnalyzeCommand),
+    /// What-if table of replication units for a trace, and the plan `migrate --plan` takes.
+    Plan(cli_plan::PlanArgs),
 }
 
 #[derive(Args)]
@@ -548,6 +551,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(s) => cli_migrate::status(&s),
         Command::History(h) => cli_history::run(h),
         Command::Analyze(a) => cli_analyze::run(a),
+        Command::Plan(p) => cli_plan::plan(&p),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

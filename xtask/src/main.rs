@@ -4,6 +4,7 @@
 mod bench_analyze;
 mod bench_migrate;
 mod bench_nbd;
+mod bench_plan;
 mod bench_rpc;
 mod bench_tracer;
 mod demo;
@@ -46,7 +47,7 @@ enum Cmd {
     VmTest,
     /// Benchmarks against peer tools; prints a table of figures.
     Bench {
-        /// Which: tracer, nbd, rpc, migrate or analyze (default: all).
+        /// Which: tracer, nbd, rpc, migrate, analyze or plan (default: tracer, nbd, rpc, migrate).
         which: Option<String>,
     },
     /// Record traces of real programs (fio, sqlite3, pgbench, git + build) on ext4 on a loop device.
@@ -89,12 +90,17 @@ fn main() -> Result<()> {
         Cmd::Bench { which } if which.as_deref() == Some("analyze") => bench_analyze::run(),
         Cmd::Bench { which } => {
             sh::setup()?;
-            let bin = build(true)?;
+            // TERN_BENCH_BIN: an already built `tern` (skips the release build).
+            let bin = match std::env::var_os("TERN_BENCH_BIN") {
+                Some(b) => std::path::PathBuf::from(b),
+                None => build(true)?,
+            };
             match which.as_deref() {
                 Some("tracer") => bench_tracer::run(&bin),
                 Some("nbd") => bench_nbd::run(&bin),
                 Some("rpc") => bench_rpc::run(&bin),
                 Some("migrate") => bench_migrate::run(&bin),
+                Some("plan") => bench_plan::run(&bin),
                 None => {
                     bench_tracer::run(&bin)?;
                     bench_nbd::run(&bin)?;
@@ -104,6 +110,7 @@ fn main() -> Result<()> {
                 }
                 Some(other) => {
                     bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate, analyze")
+                    bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate, plan")
                 }
             }
         }

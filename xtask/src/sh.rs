@@ -33,6 +33,8 @@ const PACKAGES: &[&str] = &[
     "gcc",
     // the heatmaps' axis labels
     "fonts-dejavu-core",
+    "gdisk",
+    "fdisk",
 ];
 
 /// Packages that must come from `bookworm-backports` on Debian 12: bookworm's

@@ -51,6 +51,9 @@ pub struct ReplicateOptions {
     pub barrier_every: u64,
     /// How long to keep reconnecting to a lost destination before giving up.
     pub reconnect_for: Duration,
+    /// Zones whose replication unit is larger than the dirty map's (from a
+    /// plan): a dirty run there is widened to whole units before it is sent.
+    pub unit_zones: Option<Arc<[super::UnitZone]>>,
 }
 
 impl Default for ReplicateOptions {
@@ -66,6 +69,7 @@ impl Default for ReplicateOptions {
             region_size: 1 << 20,
             barrier_every: 256 << 20,
             reconnect_for: Duration::from_mins(2),
+            unit_zones: None,
         }
     }
 }
@@ -487,6 +491,17 @@ impl Replicator {
                 .send
                 .take_runs(cursor, u64::from(self.opts.extent_len), 256);
             cursor = next;
+            let runs = match &self.opts.unit_zones {
+                Some(zones) => {
+                    let wide = super::units::widen(&runs, zones, u64::from(self.opts.extent_len));
+                    // Taken like the dirty units: a write after this marks them again.
+                    for r in &wide {
+                        self.send.clear_within(r.start, r.end);
+                    }
+                    wide
+                }
+                None => runs,
+            };
             let source = self.source.clone();
             let level = self.opts.zstd_level;
             let shape = *self.local.tree.shape();

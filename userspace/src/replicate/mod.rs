@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod tracker;
+pub mod units;
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ pub use engine::{
     default_region_size, zero_tree,
 };
 pub use tracker::{ObserverFactory, Tracker, TrackerCounts};
+pub use units::UnitZone;
 
 use crate::checktree::CheckTreeError;
 use crate::dirty::DirtyError;
