@@ -70,6 +70,41 @@ impl Default for ReplicateOptions {
     }
 }
 
+/// An order for the next round (from a prediction): these runs first, in
+/// this order; the `hold` runs not at all (they are marked dirty again, so a
+/// later round sends them once they have been rewritten).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendOrder {
+    pub first: Vec<Range<u64>>,
+    pub hold: Vec<Range<u64>>,
+}
+
+/// Splits `run` into its pieces inside and outside `sorted` (disjoint, by start).
+fn split_run(run: &Range<u64>, sorted: &[(Range<u64>, usize)]) -> Vec<(Range<u64>, Option<usize>)> {
+    let mut out = Vec::new();
+    let mut at = run.start;
+    let mut i = sorted.partition_point(|(r, _)| r.end <= run.start);
+    while at < run.end {
+        match sorted.get(i) {
+            Some((r, rank)) if r.start < run.end => {
+                if r.start > at {
+                    out.push((at..r.start, None));
+                    at = r.start;
+                }
+                let end = r.end.min(run.end);
+                out.push((at..end, Some(*rank)));
+                at = end;
+                i += 1;
+            }
+            _ => {
+                out.push((at..run.end, None));
+                at = run.end;
+            }
+        }
+    }
+    out
+}
+
 /// Counters, shared with whoever shows progress.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -89,6 +124,8 @@ pub struct Stats {
     pub round_done: AtomicU64,
     /// Source bytes hashed for checksum trees.
     pub hashed_bytes: AtomicU64,
+    /// Dirty bytes an order held back from the round that took them.
+    pub held_back_bytes: AtomicU64,
 }
 
 /// A snapshot of [`Stats`].
@@ -104,6 +141,7 @@ pub struct StatsSnapshot {
     pub round_bytes: u64,
     pub round_done: u64,
     pub hashed_bytes: u64,
+    pub held_back_bytes: u64,
 }
 
 impl Stats {
@@ -120,6 +158,7 @@ impl Stats {
             round_bytes: l(&self.round_bytes),
             round_done: l(&self.round_done),
             hashed_bytes: l(&self.hashed_bytes),
+            held_back_bytes: l(&self.held_back_bytes),
         }
     }
 }
@@ -279,6 +318,7 @@ pub struct Replicator {
     since_barrier: Vec<Range<u64>>,
     since_barrier_bytes: u64,
     limiter: Limiter,
+    order: Option<SendOrder>,
 }
 
 impl Replicator {
@@ -316,6 +356,7 @@ impl Replicator {
             since_barrier: Vec::new(),
             since_barrier_bytes: 0,
             limiter,
+            order: None,
         })
     }
 
@@ -481,12 +522,90 @@ impl Replicator {
             .round_bytes
             .store(self.send.dirty_bytes(), Ordering::Relaxed);
         self.stats.round_done.store(0, Ordering::Relaxed);
-        let mut cursor = 0;
-        while cursor < self.send.units() {
-            let (runs, next) = self
-                .send
-                .take_runs(cursor, u64::from(self.opts.extent_len), 256);
-            cursor = next;
+        if let Some(order) = self.order.take() {
+            let runs = self.ordered_runs(&order);
+            for chunk in runs.chunks(256) {
+                self.send_runs(chunk.to_vec(), skip_zero).await?;
+            }
+        } else {
+            let mut cursor = 0;
+            while cursor < self.send.units() {
+                let (runs, next) =
+                    self.send
+                        .take_runs(cursor, u64::from(self.opts.extent_len), 256);
+                cursor = next;
+                self.send_runs(runs, skip_zero).await?;
+            }
+        }
+        self.barrier().await?;
+        self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+        let after = self.stats.snapshot();
+        Ok(Round {
+            bytes: after.sent_bytes - before.sent_bytes,
+            wire_bytes: after.wire_bytes - before.wire_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Orders the next round (once): see [`SendOrder`].
+    pub fn set_order(&mut self, order: SendOrder) {
+        self.order = Some(order);
+    }
+
+    /// Takes every dirty run and orders it: runs in `order.first` by rank,
+    /// then the rest in disk order; runs in `order.hold` are marked dirty
+    /// again instead (holding wins over first).
+    fn ordered_runs(&self, order: &SendOrder) -> Vec<Range<u64>> {
+        let sorted = |ranges: &[Range<u64>]| {
+            let mut v: Vec<(Range<u64>, usize)> = ranges
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.end > r.start)
+                .map(|(i, r)| (r.clone(), i))
+                .collect();
+            v.sort_by_key(|(r, _)| r.start);
+            // Keep them disjoint: a range overlapping the one before loses the overlap.
+            let mut out: Vec<(Range<u64>, usize)> = Vec::with_capacity(v.len());
+            for (r, i) in v {
+                let start = out.last().map_or(r.start, |(p, _)| r.start.max(p.end));
+                if start < r.end {
+                    out.push((start..r.end, i));
+                }
+            }
+            out
+        };
+        let hold = sorted(&order.hold);
+        let first = sorted(&order.first);
+        let mut ranked: Vec<(usize, Range<u64>)> = Vec::new();
+        let mut rest: Vec<Range<u64>> = Vec::new();
+        for run in self.send.take_all(u64::from(self.opts.extent_len)) {
+            for (piece, held) in split_run(&run, &hold) {
+                if held.is_some() {
+                    self.send.mark(piece.start, piece.end - piece.start);
+                    self.stats
+                        .held_back_bytes
+                        .fetch_add(piece.end - piece.start, Ordering::Relaxed);
+                    continue;
+                }
+                for (part, rank) in split_run(&piece, &first) {
+                    match rank {
+                        Some(rank) => ranked.push((rank, part)),
+                        None => rest.push(part),
+                    }
+                }
+            }
+        }
+        ranked.sort_by_key(|(rank, r)| (*rank, r.start));
+        ranked.into_iter().map(|(_, r)| r).chain(rest).collect()
+    }
+
+    /// Reads, encodes and sends `runs` (taken from the send map), in order.
+    async fn send_runs(
+        &mut self,
+        runs: Vec<Range<u64>>,
+        skip_zero: bool,
+    ) -> Result<(), ReplicateError> {
+        {
             let source = self.source.clone();
             let level = self.opts.zstd_level;
             let shape = *self.local.tree.shape();
@@ -542,14 +661,7 @@ impl Replicator {
                 self.send_extent(extent).await?;
             }
         }
-        self.barrier().await?;
-        self.stats.rounds.fetch_add(1, Ordering::Relaxed);
-        let after = self.stats.snapshot();
-        Ok(Round {
-            bytes: after.sent_bytes - before.sent_bytes,
-            wire_bytes: after.wire_bytes - before.wire_bytes,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+        Ok(())
     }
 
     /// Rehashes the source's stale regions.

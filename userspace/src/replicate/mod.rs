@@ -8,7 +8,7 @@ pub mod tracker;
 use std::time::Duration;
 
 pub use engine::{
-    LocalTree, Peer, ReplicateOptions, Replicator, Round, Stats, StatsSnapshot,
+    LocalTree, Peer, ReplicateOptions, Replicator, Round, SendOrder, Stats, StatsSnapshot,
     default_region_size, zero_tree,
 };
 pub use tracker::{Tracker, TrackerCounts};
