@@ -1,6 +1,7 @@
 //! The `tern` command: a thin layer over the `tern` library.
 
 mod cli_migrate;
+mod cli_predict;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
@@ -51,6 +52,8 @@ enum Command {
     Rollback(cli_migrate::RollbackArgs),
     /// The running migration's (or source agent's) phase, bytes, rates, downtime estimate, RPO.
     Status(cli_migrate::StatusArgs),
+    /// Forecast the next horizon's reads and writes from a trace (`eval`: measure the models).
+    Predict(cli_predict::PredictArgs),
 }
 
 #[derive(Args)]
@@ -526,6 +529,7 @@ fn main() -> std::process::ExitCode {
         Command::Migrate(m) => cli_migrate::migrate(&m),
         Command::Rollback(r) => cli_migrate::rollback(&r),
         Command::Status(s) => cli_migrate::status(&s),
+        Command::Predict(p) => cli_predict::predict(p),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

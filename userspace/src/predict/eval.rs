@@ -525,3 +525,96 @@ mod tests {
         assert_eq!((r.scored_windows, r.gap_windows), (3, 1));
     }
 }
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{:.1}%", v * 100.0))
+}
+
+impl EvalReport {
+    /// Fewer post-cutover read misses than the baseline `name`, as a share
+    /// of the baseline's misses (positive: fewer).
+    pub fn fewer_misses_than(&self, model: &ModelReport, name: &str) -> Option<f64> {
+        let base = self.models.iter().find(|m| m.name == name)?;
+        ratio(
+            base.read_misses.saturating_sub(model.read_misses),
+            base.read_misses,
+        )
+        .map(|f| {
+            if model.read_misses > base.read_misses {
+                -((model.read_misses - base.read_misses) as f64 / base.read_misses as f64)
+            } else {
+                f
+            }
+        })
+    }
+
+    /// The table `tern predict eval` prints (markdown, as in `docs/prediction.md`).
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let secs = |ns: u64| ns as f64 / 1e9;
+        let _ = writeln!(
+            s,
+            "unit {} KiB, horizon {:.3} s, train {:.1}-{:.1} s, test {:.1}-{:.1} s, {} windows ({} scored, {} in gaps), {} events in the test ({:.0}/s)\n",
+            self.unit >> 10,
+            secs(self.horizon_ns),
+            secs(self.train_ns.0 - self.span_ns.0),
+            secs(self.train_ns.1 - self.span_ns.0),
+            secs(self.test_ns.0 - self.span_ns.0),
+            secs(self.test_ns.1 - self.span_ns.0),
+            self.windows,
+            self.scored_windows,
+            self.gap_windows,
+            self.test_events,
+            self.history_events_per_second,
+        );
+        let _ = writeln!(
+            s,
+            "| model | precision | coverage | precision (bytes) | coverage (bytes) | read misses | vs readahead | vs lru | re-sent avoided | train s | predict s | state KiB | events/s |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for m in &self.models {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {}/{} | {} | {} | {} of {} MiB | {:.3} | {:.3} | {} | {:.0} |",
+                m.name,
+                pct(m.precision),
+                pct(m.coverage),
+                pct(m.precision_bytes),
+                pct(m.coverage_bytes),
+                m.read_misses,
+                m.read_units,
+                pct(self.fewer_misses_than(m, "readahead")),
+                pct(self.fewer_misses_than(m, "lru")),
+                pct(ratio(m.resent_avoided_bytes, m.resent_baseline_bytes)),
+                m.resent_baseline_bytes >> 20,
+                m.train_seconds,
+                m.predict_seconds,
+                m.state_bytes >> 10,
+                m.events_per_second,
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nRead coverage over prefetch budget (multiples of the previous window's read set):\n"
+        );
+        let _ = write!(s, "| model |");
+        for f in BUDGET_FACTORS {
+            let _ = write!(s, " {f}x |");
+        }
+        let _ = writeln!(s, "\n|---|{}", "---|".repeat(BUDGET_FACTORS.len()));
+        for m in &self.models {
+            let _ = write!(s, "| {} |", m.name);
+            for p in &m.budget_curve {
+                let _ = write!(
+                    s,
+                    " {} ({} MiB) |",
+                    pct(p.read_coverage),
+                    p.budget_bytes >> 20
+                );
+            }
+            let _ = writeln!(s);
+        }
+        s
+    }
+}

@@ -16,6 +16,8 @@ const MAX_STEPS: u64 = 1 << 16;
 
 #[derive(Debug, Default)]
 struct Trend {
+    first_ts: u64,
+    steps: u64,
     last_unit: u64,
     last_ts: u64,
     deltas: VecDeque<i64>,
@@ -50,13 +52,18 @@ impl Trend {
         None
     }
 
-    /// Steps per nanosecond over the kept history.
-    fn rate(&self) -> f64 {
+    /// Steps per nanosecond: the lower of the recent rate and the stream's
+    /// lifetime rate (over at least one horizon), so a burst (writeback
+    /// flushing a run in a few milliseconds) is not extrapolated over a whole
+    /// horizon: a stream younger than the horizon is extended by no more
+    /// steps than it has taken.
+    fn rate(&self, horizon_ns: u64) -> f64 {
         let (Some(first), Some(last)) = (self.stamps.front(), self.stamps.back()) else {
             return 0.0;
         };
-        let span = (last - first).max(1_000) as f64;
-        (self.stamps.len() - 1) as f64 / span
+        let recent = (self.stamps.len() - 1) as f64 / (last - first).max(1_000) as f64;
+        let lifetime = self.steps as f64 / (self.last_ts - self.first_ts).max(horizon_ns) as f64;
+        recent.min(lifetime)
     }
 }
 
@@ -77,7 +84,10 @@ impl Model for Stride {
             t.last_ts = a.ts_ns;
             return;
         }
-        if !t.stamps.is_empty() {
+        if t.stamps.is_empty() {
+            t.first_ts = a.ts_ns;
+        } else {
+            t.steps += 1;
             t.deltas.push_back(a.unit as i64 - t.last_unit as i64);
             if t.deltas.len() > HISTORY {
                 t.deltas.pop_front();
@@ -105,7 +115,8 @@ impl Model for Stride {
             let Some((delta, share)) = t.majority() else {
                 continue;
             };
-            let steps = ((t.rate() * horizon_ns as f64).ceil() as u64).clamp(1, MAX_STEPS);
+            let steps =
+                ((t.rate(horizon_ns) * horizon_ns as f64).ceil() as u64).clamp(1, MAX_STEPS);
             let mut unit = t.last_unit as i64;
             for _ in 0..steps {
                 unit += delta;
