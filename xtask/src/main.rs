@@ -3,6 +3,7 @@
 
 mod bench_migrate;
 mod bench_nbd;
+mod bench_predict;
 mod bench_rpc;
 mod bench_tracer;
 mod demo;
@@ -40,7 +41,7 @@ enum Cmd {
     Test,
     /// Benchmarks against peer tools; prints a table of figures.
     Bench {
-        /// Which: tracer, nbd, rpc or migrate (default: all).
+        /// Which: tracer, nbd, rpc, migrate or predict (default: all).
         which: Option<String>,
     },
 }
@@ -69,14 +70,16 @@ fn main() -> Result<()> {
                 Some("nbd") => bench_nbd::run(&bin),
                 Some("rpc") => bench_rpc::run(&bin),
                 Some("migrate") => bench_migrate::run(&bin),
+                Some("predict") => bench_predict::run(&bin),
                 None => {
                     bench_tracer::run(&bin)?;
                     bench_nbd::run(&bin)?;
                     bench_rpc::run(&bin)?;
-                    bench_migrate::run(&bin)
+                    bench_migrate::run(&bin)?;
+                    bench_predict::run(&bin)
                 }
                 Some(other) => {
-                    bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate")
+                    bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate, predict")
                 }
             }
         }
