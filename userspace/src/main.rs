@@ -114,6 +114,13 @@ struct AgentArgs {
     /// Use `O_DIRECT` for the image where the file system allows it.
     #[arg(long)]
     direct: bool,
+    /// Destination role: a plan from `tern predict`; at cutover the extents
+    /// it predicts to be read are read into the page cache first.
+    #[arg(long, value_name = "PLAN")]
+    warm_plan: Option<PathBuf>,
+    /// How much of the plan's read-hot extents to warm.
+    #[arg(long, default_value = "256M", value_parser = tern::agent::parse_size)]
+    warm_budget: u64,
 }
 
 #[derive(Subcommand)]
@@ -437,6 +444,9 @@ fn agent(a: AgentArgs) -> Result<()> {
     cfg.insecure = a.insecure;
     cfg.insecure_nbd = a.insecure_nbd;
     cfg.direct = a.direct;
+    if let Some(plan) = &a.warm_plan {
+        cfg.warm = tern::predict::Prediction::load(plan)?.read_hot(0.5, a.warm_budget);
+    }
     runtime()?.block_on(async move {
         let cancel = CancellationToken::new();
         tern::agent::cancel_on_signals(cancel.clone());

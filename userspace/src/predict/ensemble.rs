@@ -11,6 +11,10 @@ use super::{Access, Model, REGION_UNITS, Scored};
 
 /// Weight kept by older evidence at each new score of a region.
 const DECAY: f64 = 0.7;
+/// A region where even the best model has scored below this is not claimed:
+/// its accesses are not predictable by any model here, and claims there
+/// would only cost precision.
+const MIN_F1: f64 = 0.3;
 const CHECKPOINTS_PER_DOUBLING: u64 = 64;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -191,9 +195,9 @@ impl Model for Ensemble {
             self.checkpoint(now_ns);
         }
         let best = self.best_global();
-        let choice = |region: u64| -> usize {
+        let choice = |region: u64| -> Option<usize> {
             let Some(tallies) = self.regions.get(&region) else {
-                return best;
+                return Some(best);
             };
             let mut pick = best;
             let mut pick_f1 = tallies[best].f1().unwrap_or(0.0);
@@ -205,18 +209,19 @@ impl Model for Ensemble {
                     pick_f1 = f1;
                 }
             }
-            pick
+            let evidence = tallies.iter().any(|t| t.f1().is_some());
+            (!evidence || pick_f1 >= MIN_F1).then_some(pick)
         };
         let Some(p) = &self.pending else {
             return Vec::new();
         };
-        let mut chosen: HashMap<u64, usize> = HashMap::new();
+        let mut chosen: HashMap<u64, Option<usize>> = HashMap::new();
         let mut out = Vec::new();
         for (m, claims) in p.claims.iter().enumerate() {
             for s in claims {
                 let region = s.unit / REGION_UNITS;
                 let pick = *chosen.entry(region).or_insert_with(|| choice(region));
-                if pick == m {
+                if pick == Some(m) {
                     out.push(*s);
                 }
             }
