@@ -267,7 +267,7 @@ impl ExportControl for NbdExportControl {
                             "warmed the predicted read-hot extents"
                         ),
                         Err(e) => {
-                            tracing::warn!(error = %e, "warming the predicted extents failed")
+                            tracing::warn!(error = %e, "warming the predicted extents failed");
                         }
                     }
                 });
@@ -537,7 +537,8 @@ mod tests {
         std::fs::write(&path, vec![7u8; 3 << 20]).expect("write");
         let bytes = warm_cache(&path, &[0..1 << 20, (2 << 20)..(5 << 19)]).expect("warm");
         assert_eq!(bytes, (1 << 20) + (1 << 19));
-        let past_end = warm_cache(&path, &[(5 << 19)..(8 << 20)]).expect("warm");
+        let past_end =
+            warm_cache(&path, std::slice::from_ref(&((5 << 19)..(8 << 20)))).expect("warm");
         assert_eq!(past_end, 1 << 19, "only what the image holds");
     }
 

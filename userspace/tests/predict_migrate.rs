@@ -149,7 +149,7 @@ fn a_migration_ordered_by_a_prediction_holds_back_the_hot_region_and_ends_identi
         .map(|e| e["len"].as_u64().expect("len"))
         .sum();
     assert!(
-        hot_writes >= 4 * MIB && hot_writes <= 24 * MIB,
+        (4 * MIB..=24 * MIB).contains(&hot_writes),
         "the plan names the 16 MiB hot region as written soon: {hot_writes} bytes"
     );
 

@@ -165,34 +165,34 @@ mod tests {
 
     #[test]
     fn a_correlated_pair_of_regions_is_found() {
-        let mut m = Correlation::default();
-        let a = [10u64, 11, 12];
-        let b = [5000u64, 5001, 5002];
-        let mut t = 0;
+        let mut model = Correlation::default();
+        let first = [10u64, 11, 12];
+        let second = [5000u64, 5001, 5002];
+        let mut now = 0;
         for round in 0..10u64 {
             // Unrelated accesses between the occurrences of the pair.
             for k in 0..5 {
-                m.feed(&read(t, 100_000 + round * 10 + k));
-                t += MS;
+                model.feed(&read(now, 100_000 + round * 10 + k));
+                now += MS;
             }
-            t += SEC;
-            for &u in &a {
-                m.feed(&read(t, u));
-                t += MS;
+            now += SEC;
+            for &u in &first {
+                model.feed(&read(now, u));
+                now += MS;
             }
-            for &u in &b {
-                m.feed(&write(t, u));
-                t += MS;
+            for &u in &second {
+                model.feed(&write(now, u));
+                now += MS;
             }
-            t += SEC;
+            now += SEC;
         }
-        for &u in &a {
-            m.feed(&read(t, u));
-            t += MS;
+        for &u in &first {
+            model.feed(&read(now, u));
+            now += MS;
         }
-        let s = m.predict(t, 100 * MS);
+        let s = model.predict(now, 100 * MS);
         let c = claimed(&s);
-        for u in b {
+        for u in second {
             assert!(c.contains(&u), "{u} follows the pair's first region: {c:?}");
             let claim = s.iter().find(|s| s.unit == u).expect("claimed");
             assert!(claim.write > 0.9 && claim.read == 0.0);

@@ -5,7 +5,7 @@
 //! against what happened (F1 of the claimed units, older evidence decayed).
 //! A region without evidence uses the model best over all regions.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::{Access, Model, REGION_UNITS, Scored};
 
@@ -41,7 +41,7 @@ struct Pending {
     at: u64,
     claims: Vec<Vec<Scored>>,
     /// Units touched in `[at, at + horizon)`.
-    actual: HashMap<u64, ()>,
+    actual: HashSet<u64>,
 }
 
 /// Chooses among `models` per region.
@@ -88,15 +88,15 @@ impl Ensemble {
         let n = self.models.len();
         // Per region, per model: (tp, fp, fn).
         let mut per_region: HashMap<u64, Vec<(f64, f64, f64)>> = HashMap::new();
-        let mut claimed_by: Vec<HashMap<u64, ()>> = Vec::with_capacity(n);
+        let mut claimed_by: Vec<HashSet<u64>> = Vec::with_capacity(n);
         for (m, claims) in p.claims.iter().enumerate() {
-            let mut set = HashMap::new();
+            let mut set = HashSet::new();
             for s in claims.iter().filter(|s| s.any() >= 0.5) {
-                set.insert(s.unit, ());
+                set.insert(s.unit);
                 let e = per_region
                     .entry(s.unit / REGION_UNITS)
                     .or_insert_with(|| vec![(0.0, 0.0, 0.0); n]);
-                if p.actual.contains_key(&s.unit) {
+                if p.actual.contains(&s.unit) {
                     e[m].0 += 1.0;
                 } else {
                     e[m].1 += 1.0;
@@ -104,12 +104,12 @@ impl Ensemble {
             }
             claimed_by.push(set);
         }
-        for &unit in p.actual.keys() {
+        for &unit in &p.actual {
             let e = per_region
                 .entry(unit / REGION_UNITS)
                 .or_insert_with(|| vec![(0.0, 0.0, 0.0); n]);
             for (m, set) in claimed_by.iter().enumerate() {
-                if !set.contains_key(&unit) {
+                if !set.contains(&unit) {
                     e[m].2 += 1.0;
                 }
             }
@@ -133,7 +133,7 @@ impl Ensemble {
         self.pending = Some(Pending {
             at,
             claims,
-            actual: HashMap::new(),
+            actual: HashSet::new(),
         });
         self.checkpoints += 1;
         if self.checkpoints.is_multiple_of(CHECKPOINTS_PER_DOUBLING) {
@@ -167,7 +167,7 @@ impl Model for Ensemble {
             && a.ts_ns >= p.at
             && a.ts_ns < p.at.saturating_add(self.horizon_ns)
         {
-            p.actual.insert(a.unit, ());
+            p.actual.insert(a.unit);
         }
         for m in &mut self.models {
             m.observe(a);

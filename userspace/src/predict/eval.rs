@@ -70,7 +70,7 @@ pub fn parse_split(text: &str) -> Result<(f64, f64), PredictError> {
     let (a, b) = body.split_once('-').ok_or_else(bad)?;
     let a: f64 = a.trim().parse().map_err(|_| bad())?;
     let b: f64 = b.trim().parse().map_err(|_| bad())?;
-    if !(0.0..100.0).contains(&a) || !(a < b && b <= 100.0) {
+    if !((0.0..100.0).contains(&a) && a < b && b <= 100.0) {
         return Err(bad());
     }
     Ok((a / 100.0, b / 100.0))
@@ -247,7 +247,7 @@ fn run_model(
     model: &mut dyn Model,
     events: &[Event],
     (train_from, test_from, test_to): (u64, u64, u64),
-    h: u64,
+    horizon: u64,
     unit: u64,
     every: u64,
     in_gap: &dyn Fn(u64, u64) -> bool,
@@ -261,7 +261,7 @@ fn run_model(
     let train_seconds = started.elapsed().as_secs_f64();
     let train_count = (test_start - start) as u64;
 
-    let mut c = Counts {
+    let mut counts = Counts {
         curve_hits: vec![0; BUDGET_FACTORS.len()],
         curve_budget: vec![0; BUDGET_FACTORS.len()],
         ..Counts::default()
@@ -270,28 +270,28 @@ fn run_model(
     let mut prev_reads: HashSet<u64> = events[..test_start]
         .iter()
         .filter_map(|e| match e {
-            Event::Access(a) if !a.write && a.ts_ns + h >= test_from => Some(a.unit),
+            Event::Access(a) if !a.write && a.ts_ns + horizon >= test_from => Some(a.unit),
             _ => None,
         })
         .collect();
     let mut predict_seconds = 0.0;
     let mut feed_seconds = 0.0;
     let (mut scored, mut skipped) = (0, 0);
-    let mut i = test_start;
-    let mut w = 0u64;
+    let mut next = test_start;
+    let mut index = 0u64;
     let mut from = test_from;
     while from < test_to {
-        let to = (from + h).min(test_to);
-        let end = i + events[i..].partition_point(|e| e.ts_ns() < to);
-        let window = &events[i..end];
-        if w.is_multiple_of(every) {
+        let to = (from + horizon).min(test_to);
+        let end = next + events[next..].partition_point(|e| e.ts_ns() < to);
+        let window = &events[next..end];
+        if index.is_multiple_of(every) {
             if in_gap(from, to) {
                 skipped += 1;
             } else {
                 let t = Instant::now();
-                let claims = model.predict(from, h);
+                let claims = model.predict(from, horizon);
                 predict_seconds += t.elapsed().as_secs_f64();
-                score(&claims, window, &prev_reads, &mut c, unit);
+                score(&claims, window, &prev_reads, &mut counts, unit);
                 scored += 1;
             }
         }
@@ -307,37 +307,33 @@ fn run_model(
                 _ => None,
             })
             .collect();
-        i = end;
+        next = end;
         from = to;
-        w += 1;
+        index += 1;
     }
-    let learned = train_count + (i - test_start) as u64;
+    let learned = train_count + (next - test_start) as u64;
     let learn_seconds = train_seconds + feed_seconds;
     let row = ModelReport {
         name: model.name().to_owned(),
-        precision: ratio(c.hits, c.predicted),
-        coverage: ratio(c.hits, c.actual),
-        precision_bytes: ratio(c.used_bytes, c.predicted_bytes),
-        coverage_bytes: ratio(c.covered_bytes, c.actual_bytes),
-        predicted_units: c.predicted,
-        actual_units: c.actual,
-        hit_units: c.hits,
-        read_units: c.read_units,
-        read_misses: c.read_misses,
-        resent_baseline_bytes: c.resent_baseline,
-        resent_avoided_bytes: c.resent_avoided,
-        held_bytes: c.held,
+        precision: ratio(counts.hits, counts.predicted),
+        coverage: ratio(counts.hits, counts.actual),
+        precision_bytes: ratio(counts.used_bytes, counts.predicted_bytes),
+        coverage_bytes: ratio(counts.covered_bytes, counts.actual_bytes),
+        predicted_units: counts.predicted,
+        actual_units: counts.actual,
+        hit_units: counts.hits,
+        read_units: counts.read_units,
+        read_misses: counts.read_misses,
+        resent_baseline_bytes: counts.resent_baseline,
+        resent_avoided_bytes: counts.resent_avoided,
+        held_bytes: counts.held,
         budget_curve: BUDGET_FACTORS
             .iter()
             .enumerate()
             .map(|(k, &factor)| BudgetPoint {
                 factor,
-                budget_bytes: if scored > 0 {
-                    c.curve_budget[k] / scored
-                } else {
-                    0
-                },
-                read_coverage: ratio(c.curve_hits[k], c.read_units),
+                budget_bytes: counts.curve_budget[k].checked_div(scored).unwrap_or(0),
+                read_coverage: ratio(counts.curve_hits[k], counts.read_units),
             })
             .collect(),
         train_seconds,
@@ -424,105 +420,6 @@ fn score(
                 c.resent_avoided += unit;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::trace::Op;
-    use crate::trace::record::BlockRecord;
-
-    const U: u64 = 64 << 10;
-    const S: u64 = 1_000_000_000;
-
-    fn rec(ts_ns: u64, unit: u64, len: u32, op: Op) -> Result<Record, std::io::Error> {
-        Ok(Record::Block(BlockRecord {
-            ts_ns,
-            offset: unit * U,
-            latency_ns: 0,
-            len,
-            pid: 1,
-            flags: 0,
-            target: 0,
-            op,
-        }))
-    }
-
-    #[test]
-    fn splits_parse_and_bad_ones_say_what_to_give() {
-        assert_eq!(parse_split("0-50%").expect("ok"), (0.0, 0.5));
-        assert_eq!(parse_split("50-100").expect("ok"), (0.5, 1.0));
-        assert!(parse_split("50-40%").is_err());
-        assert!(parse_split("0-150%").is_err());
-        assert!(parse_split("half").is_err());
-    }
-
-    /// Hand-computed: at t = 1 s with a 1 s horizon the hot set claims
-    /// unit 1 (read 1 s ago: p = exp(-1/(1+ln 2)) = 0.55), unit 2 (read
-    /// 0.1 s ago) and unit 3 (written 0.05 s ago). The window then reads
-    /// 2 (4 KiB) and 4 (16 KiB) and writes 3 (4 KiB).
-    #[test]
-    fn metrics_match_hand_computed_values_on_a_tiny_trace() {
-        let history = vec![
-            rec(0, 1, 4096, Op::Read),
-            rec(900_000_000, 2, 4096, Op::Read),
-            rec(950_000_000, 3, 8192, Op::Write),
-            rec(1_500_000_000, 2, 4096, Op::Read),
-            rec(1_600_000_000, 3, 4096, Op::Write),
-            rec(2 * S - 1, 4, 16384, Op::Read),
-        ];
-        let spec = EvalSpec {
-            horizon_ns: S,
-            models: vec!["lru".into()],
-            ..EvalSpec::default()
-        };
-        let r = evaluate(history, &spec).expect("eval");
-        assert_eq!(r.test_ns, (S, 2 * S));
-        assert_eq!((r.windows, r.scored_windows), (1, 1));
-        let m = &r.models[0];
-        assert_eq!((m.predicted_units, m.actual_units, m.hit_units), (3, 3, 2));
-        assert_eq!(m.precision, Some(2.0 / 3.0));
-        assert_eq!(m.coverage, Some(2.0 / 3.0));
-        // Bytes used of the three prefetched units: 4 KiB of 2 and 4 KiB of 3.
-        assert_eq!(m.precision_bytes, Some(8192.0 / (3.0 * U as f64)));
-        // Bytes accessed inside claimed units: 8 KiB of 24 KiB.
-        assert_eq!(m.coverage_bytes, Some(8192.0 / 24576.0));
-        // Previous window read 1 and 2: a budget of two units holds 2 and 1; 4 misses.
-        assert_eq!((m.read_units, m.read_misses), (2, 1));
-        let one = m.budget_curve.iter().find(|p| p.factor == 1.0).expect("1x");
-        assert_eq!(one.read_coverage, Some(0.5));
-        assert_eq!(one.budget_bytes, 2 * U);
-        // Unit 3 was written in the window and held back.
-        assert_eq!(
-            (
-                m.resent_baseline_bytes,
-                m.resent_avoided_bytes,
-                m.held_bytes
-            ),
-            (U, U, U)
-        );
-    }
-
-    #[test]
-    fn windows_overlapping_a_gap_are_skipped() {
-        let mut history: Vec<Result<Record, std::io::Error>> = (0..40)
-            .map(|i| rec(i * S / 10, i, 4096, Op::Read))
-            .collect();
-        history.push(Ok(Record::Gap(crate::trace::Gap {
-            start_ns: 3 * S,
-            end_ns: 3 * S + 1,
-            lost_block: 5,
-            lost_fault: 0,
-        })));
-        let spec = EvalSpec {
-            horizon_ns: S / 2,
-            models: vec!["stride".into()],
-            ..EvalSpec::default()
-        };
-        let r = evaluate(history, &spec).expect("eval");
-        assert_eq!(r.windows, 4);
-        assert_eq!((r.scored_windows, r.gap_windows), (3, 1));
     }
 }
 
@@ -616,5 +513,108 @@ impl EvalReport {
             let _ = writeln!(s);
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::Op;
+    use crate::trace::record::BlockRecord;
+
+    const U: u64 = 64 << 10;
+    const S: u64 = 1_000_000_000;
+
+    fn rec(ts_ns: u64, unit: u64, len: u32, op: Op) -> Record {
+        Record::Block(BlockRecord {
+            ts_ns,
+            offset: unit * U,
+            latency_ns: 0,
+            len,
+            pid: 1,
+            flags: 0,
+            target: 0,
+            op,
+        })
+    }
+
+    #[test]
+    fn splits_parse_and_bad_ones_say_what_to_give() {
+        assert_eq!(parse_split("0-50%").expect("ok"), (0.0, 0.5));
+        assert_eq!(parse_split("50-100").expect("ok"), (0.5, 1.0));
+        assert!(parse_split("50-40%").is_err());
+        assert!(parse_split("0-150%").is_err());
+        assert!(parse_split("half").is_err());
+    }
+
+    /// Hand-computed: at t = 1 s with a 1 s horizon the hot set claims
+    /// unit 1 (read 1 s ago: p = exp(-1/(1+ln 2)) = 0.55), unit 2 (read
+    /// 0.1 s ago) and unit 3 (written 0.05 s ago). The window then reads
+    /// 2 (4 KiB) and 4 (16 KiB) and writes 3 (4 KiB).
+    #[test]
+    fn metrics_match_hand_computed_values_on_a_tiny_trace() {
+        let history: Vec<Result<Record, std::io::Error>> = [
+            rec(0, 1, 4096, Op::Read),
+            rec(900_000_000, 2, 4096, Op::Read),
+            rec(950_000_000, 3, 8192, Op::Write),
+            rec(1_500_000_000, 2, 4096, Op::Read),
+            rec(1_600_000_000, 3, 4096, Op::Write),
+            rec(2 * S - 1, 4, 16384, Op::Read),
+        ]
+        .into_iter()
+        .map(Ok)
+        .collect();
+        let spec = EvalSpec {
+            horizon_ns: S,
+            models: vec!["lru".into()],
+            ..EvalSpec::default()
+        };
+        let r = evaluate(history, &spec).expect("eval");
+        assert_eq!(r.test_ns, (S, 2 * S));
+        assert_eq!((r.windows, r.scored_windows), (1, 1));
+        let m = &r.models[0];
+        assert_eq!((m.predicted_units, m.actual_units, m.hit_units), (3, 3, 2));
+        assert_eq!(m.precision, Some(2.0 / 3.0));
+        assert_eq!(m.coverage, Some(2.0 / 3.0));
+        // Bytes used of the three prefetched units: 4 KiB of 2 and 4 KiB of 3.
+        assert_eq!(m.precision_bytes, Some(8192.0 / (3.0 * U as f64)));
+        // Bytes accessed inside claimed units: 8 KiB of 24 KiB.
+        assert_eq!(m.coverage_bytes, Some(8192.0 / 24576.0));
+        // Previous window read 1 and 2: a budget of two units holds 2 and 1; 4 misses.
+        assert_eq!((m.read_units, m.read_misses), (2, 1));
+        let one = &m.budget_curve[1];
+        assert!((one.factor - 1.0).abs() < 1e-9);
+        assert_eq!(one.read_coverage, Some(0.5));
+        assert_eq!(one.budget_bytes, 2 * U);
+        // Unit 3 was written in the window and held back.
+        assert_eq!(
+            (
+                m.resent_baseline_bytes,
+                m.resent_avoided_bytes,
+                m.held_bytes
+            ),
+            (U, U, U)
+        );
+    }
+
+    #[test]
+    fn windows_overlapping_a_gap_are_skipped() {
+        let mut history: Vec<Result<Record, std::io::Error>> = (0..40)
+            .map(|i| Ok(rec(i * S / 10, i, 4096, Op::Read)))
+            .collect();
+        history.push(Ok(Record::Gap(crate::trace::Gap {
+            start_ns: 3 * S,
+            end_ns: 3 * S + 1,
+            lost_block: 5,
+            lost_fault: 0,
+        })));
+        let spec = EvalSpec {
+            horizon_ns: S / 2,
+            models: vec!["stride".into()],
+            ..EvalSpec::default()
+        };
+        let r = evaluate(history, &spec).expect("eval");
+        assert_eq!(r.windows, 4);
+        assert_eq!((r.scored_windows, r.gap_windows), (3, 1));
     }
 }

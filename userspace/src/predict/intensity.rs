@@ -1,5 +1,5 @@
 //! Per-region access intensity forecast with exponential smoothing (ETS,
-//! chosen automatically by `augurs`' AutoETS). Each 1 MiB region keeps its
+//! chosen automatically by `augurs`' `AutoETS`). Each 1 MiB region keeps its
 //! access counts in the last 64 bins of a quarter horizon; the busiest regions
 //! get a fitted model whose forecast over the horizon is the expected number
 //! of accesses `λ`. A unit's share of its region's past reads (writes) splits
@@ -89,10 +89,10 @@ impl Intensity {
     }
 }
 
-/// Expected accesses over `steps` bins from an AutoETS fit, or the mean.
+/// Expected accesses over `steps` bins from an `AutoETS` fit, or the mean.
 fn forecast(series: &[f64], steps: usize) -> f64 {
     let mean = series.iter().sum::<f64>() / series.len().max(1) as f64;
-    if series.len() < 8 || series.iter().all(|&x| x == series[0]) {
+    if series.len() < 8 || series.iter().all(|&x| (x - series[0]).abs() < f64::EPSILON) {
         return mean * steps as f64;
     }
     let fitted = AutoETS::non_seasonal().fit(series);

@@ -372,7 +372,11 @@ fn merge_extents(sorted: &[Scored], units: &Units, volumes: &Volumes) -> Vec<Pre
         let rb = (s.read * volumes.mean(s.unit, false, units.unit) as f64) as u64;
         let wb = (s.write * volumes.mean(s.unit, true, units.unit) as f64) as u64;
         match out.last_mut() {
-            Some(e) if e.offset + e.len == r.start && e.p_read == pr && e.p_write == pw => {
+            Some(e)
+                if e.offset + e.len == r.start
+                    && (e.p_read - pr).abs() < 1e-9
+                    && (e.p_write - pw).abs() < 1e-9 =>
+            {
                 e.len += units.unit;
                 e.read_bytes += rb;
                 e.write_bytes += wb;

@@ -245,10 +245,7 @@ mod tests {
     fn a_periodic_job_is_predicted_just_before_it_runs() {
         let (mut m, end) = periodic_history(12, None);
         let periods = m.periods();
-        assert!(
-            periods.iter().any(|&p| p == 60 * SEC),
-            "60 s found: {periods:?}"
-        );
+        assert!(periods.contains(&(60 * SEC)), "60 s found: {periods:?}");
         // Predict from 1 s before the next run, for 2 s.
         let s = m.predict(end - SEC, 2 * SEC);
         let mut want: Vec<u64> = (100..110).collect();
