@@ -94,10 +94,17 @@ fn eval_part(bin: &Path, out: &mut String) -> Result<()> {
                 .arg(trace)
                 .args(["--horizon", &horizon, "--json"]),
         );
+        let name = trace
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let text = match text {
             Ok(t) => t,
             Err(e) => {
-                let _ = writeln!(out, "| {} | (not evaluated: {e:#}) |", trace.display());
+                // The command's own message (its last line) says why.
+                let why = format!("{e:#}");
+                let why = why.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+                let _ = writeln!(out, "| {name} | not evaluated: {} |", why.trim());
                 continue;
             }
         };
@@ -113,10 +120,6 @@ fn eval_part(bin: &Path, out: &mut String) -> Result<()> {
             Some(b) if b > 0 => format!("{:.1}%", (b as f64 - mine as f64) / b as f64 * 100.0),
             _ => "-".to_owned(),
         };
-        let name = trace
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
         for m in models {
             let mine = num(&m["read_misses"]);
             let base = num(&m["resent_baseline_bytes"]);

@@ -605,61 +605,59 @@ impl Replicator {
         runs: Vec<Range<u64>>,
         skip_zero: bool,
     ) -> Result<(), ReplicateError> {
-        {
-            let source = self.source.clone();
-            let level = self.opts.zstd_level;
-            let shape = *self.local.tree.shape();
-            let stale = Arc::clone(&self.local.stale);
-            let mut encoded = stream::iter(runs)
-                .map(move |run| {
-                    let source = source.clone();
-                    // Whole regions inside the run are hashed from the data read
-                    // here, instead of being read again for the local tree; their
-                    // stale bits are cleared before the read, like the send map's.
-                    let regions = stale.clear_within(run.start, run.end);
-                    async move {
-                        let len = (run.end - run.start) as u32;
-                        let data = source.read_at(run.start, len).await.map_err(|e| {
-                            ReplicateError::ReadSource {
-                                offset: run.start,
-                                len,
-                                reason: e.to_string(),
-                            }
-                        })?;
-                        let (extent, leaves) = tokio::task::spawn_blocking(move || {
-                            let leaves: Vec<(u64, Hash)> = regions
-                                .map(|i| {
-                                    let r = shape.region(i);
-                                    let at = (r.start - run.start) as usize;
-                                    (i, leaf_hash(&data[at..at + (r.end - r.start) as usize]))
-                                })
-                                .collect();
-                            EncodedExtent::encode(run.start, data, level).map(|e| (e, leaves))
-                        })
-                        .await
-                        .map_err(RpcError::from)??;
-                        Ok::<_, ReplicateError>((extent, leaves))
-                    }
-                })
-                .buffered(self.opts.workers.max(1));
-            while let Some(item) = encoded.next().await {
-                let (extent, leaves) = item?;
-                if !leaves.is_empty() {
-                    self.stats
-                        .hashed_bytes
-                        .fetch_add(leaves.len() as u64 * shape.region_size(), Ordering::Relaxed);
-                    self.local.tree.update_leaves(&leaves)?;
+        let source = self.source.clone();
+        let level = self.opts.zstd_level;
+        let shape = *self.local.tree.shape();
+        let stale = Arc::clone(&self.local.stale);
+        let mut encoded = stream::iter(runs)
+            .map(move |run| {
+                let source = source.clone();
+                // Whole regions inside the run are hashed from the data read
+                // here, instead of being read again for the local tree; their
+                // stale bits are cleared before the read, like the send map's.
+                let regions = stale.clear_within(run.start, run.end);
+                async move {
+                    let len = (run.end - run.start) as u32;
+                    let data = source.read_at(run.start, len).await.map_err(|e| {
+                        ReplicateError::ReadSource {
+                            offset: run.start,
+                            len,
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    let (extent, leaves) = tokio::task::spawn_blocking(move || {
+                        let leaves: Vec<(u64, Hash)> = regions
+                            .map(|i| {
+                                let r = shape.region(i);
+                                let at = (r.start - run.start) as usize;
+                                (i, leaf_hash(&data[at..at + (r.end - r.start) as usize]))
+                            })
+                            .collect();
+                        EncodedExtent::encode(run.start, data, level).map(|e| (e, leaves))
+                    })
+                    .await
+                    .map_err(RpcError::from)??;
+                    Ok::<_, ReplicateError>((extent, leaves))
                 }
-                let len = u64::from(extent.length);
-                self.stats.round_done.fetch_add(len, Ordering::Relaxed);
-                if skip_zero && extent.encoding == Encoding::Zero {
-                    self.stats
-                        .skipped_zero_bytes
-                        .fetch_add(len, Ordering::Relaxed);
-                    continue;
-                }
-                self.send_extent(extent).await?;
+            })
+            .buffered(self.opts.workers.max(1));
+        while let Some(item) = encoded.next().await {
+            let (extent, leaves) = item?;
+            if !leaves.is_empty() {
+                self.stats
+                    .hashed_bytes
+                    .fetch_add(leaves.len() as u64 * shape.region_size(), Ordering::Relaxed);
+                self.local.tree.update_leaves(&leaves)?;
             }
+            let len = u64::from(extent.length);
+            self.stats.round_done.fetch_add(len, Ordering::Relaxed);
+            if skip_zero && extent.encoding == Encoding::Zero {
+                self.stats
+                    .skipped_zero_bytes
+                    .fetch_add(len, Ordering::Relaxed);
+                continue;
+            }
+            self.send_extent(extent).await?;
         }
         Ok(())
     }
