@@ -52,6 +52,9 @@ pub struct DestinationConfig {
     pub metrics: Option<SocketAddr>,
     /// Extents of one write stream in flight.
     pub max_in_flight: usize,
+    /// Byte ranges read into the page cache when the export turns writable
+    /// (cutover), most likely read first: a prediction's read-hot extents.
+    pub warm: Vec<std::ops::Range<u64>>,
 }
 
 impl DestinationConfig {
@@ -69,6 +72,7 @@ impl DestinationConfig {
             insecure_nbd: false,
             metrics: None,
             max_in_flight: ServeOptions::default().max_in_flight,
+            warm: Vec::new(),
         }
     }
 }
@@ -208,6 +212,30 @@ struct NbdExportControl {
     server: Arc<NbdServer>,
     name: String,
     writable: AtomicBool,
+    /// The image and the ranges to warm at cutover (taken once).
+    warm: std::sync::Mutex<Option<(PathBuf, Vec<std::ops::Range<u64>>)>>,
+}
+
+/// Reads `ranges` of the file at `path` in order (through the page cache),
+/// so the first reads after cutover find them there; returns the bytes read.
+pub fn warm_cache(path: &std::path::Path, ranges: &[std::ops::Range<u64>]) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt as _;
+    let file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    for r in ranges {
+        let mut at = r.start;
+        while at < r.end {
+            let want = ((r.end - at) as usize).min(buf.len());
+            let n = file.read_at(&mut buf[..want], at)?;
+            if n == 0 {
+                break;
+            }
+            at += n as u64;
+            total += n as u64;
+        }
+    }
+    Ok(total)
 }
 
 impl ExportControl for NbdExportControl {
@@ -220,6 +248,33 @@ impl ExportControl for NbdExportControl {
             .try_set_read_only(&self.name, !writable)
             .map_err(|e| e.to_string())?;
         self.writable.store(writable, Ordering::Release);
+        let warm = if writable {
+            self.warm.lock().ok().and_then(|mut w| w.take())
+        } else {
+            None
+        };
+        if let Some((path, ranges)) = warm {
+            // Off the cutover's path: the switch answers at once.
+            let spawned = std::thread::Builder::new()
+                .name("tern-warm".into())
+                .spawn(move || {
+                    let started = std::time::Instant::now();
+                    match warm_cache(&path, &ranges) {
+                        Ok(bytes) => tracing::info!(
+                            bytes,
+                            extents = ranges.len(),
+                            seconds = started.elapsed().as_secs_f64(),
+                            "warmed the predicted read-hot extents"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "warming the predicted extents failed");
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the warm-up thread");
+            }
+        }
         Ok(())
     }
 }
@@ -279,6 +334,10 @@ impl Destination {
                     server: Arc::clone(&server),
                     name: cfg.export_name.clone(),
                     writable: AtomicBool::new(false),
+                    warm: std::sync::Mutex::new(
+                        (!cfg.warm.is_empty() && !cfg.direct)
+                            .then(|| (cfg.image.clone(), cfg.warm.clone())),
+                    ),
                 });
                 (Some((server, listener)), Some(bound), Some(export))
             }
@@ -469,7 +528,19 @@ async fn bind_nbd(listen: &ListenAddr) -> Result<(NbdListener, ListenAddr), Agen
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, warm_cache};
+
+    #[test]
+    fn warming_reads_the_ranges_given_and_stops_at_the_end_of_the_image() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![7u8; 3 << 20]).expect("write");
+        let bytes = warm_cache(&path, &[0..1 << 20, (2 << 20)..(5 << 19)]).expect("warm");
+        assert_eq!(bytes, (1 << 20) + (1 << 19));
+        let past_end =
+            warm_cache(&path, std::slice::from_ref(&((5 << 19)..(8 << 20)))).expect("warm");
+        assert_eq!(past_end, 1 << 19, "only what the image holds");
+    }
 
     #[test]
     fn sizes_take_binary_suffixes() {

@@ -66,6 +66,10 @@ pub struct SourceArgs {
     /// The source's I/O history, recorded while replicating.
     #[arg(long, default_value = "/var/tmp/tern-source.trace")]
     trace_out: PathBuf,
+    /// A plan from `tern predict`: the first copy sends predicted-read-hot
+    /// extents first and holds back those predicted to be rewritten soon.
+    #[arg(long, value_name = "PLAN")]
+    prefetch: Option<PathBuf>,
     /// Where the status file for `tern status` lives.
     #[arg(long, default_value = "/run/tern")]
     state_dir: PathBuf,
@@ -313,7 +317,18 @@ async fn start_source(
         a.to.as_deref()
             .context("give the destination agent as --to HOST:PORT")?;
     let peer = peer(to, a.tls_dir.as_deref(), a.domain.as_ref())?;
-    let repl = Replicator::connect(image, peer, send, local, opts).await?;
+    let mut repl = Replicator::connect(image, peer, send, local, opts).await?;
+    if let Some(plan) = &a.prefetch {
+        let plan = tern::predict::Prediction::load(plan)?;
+        let order = plan.send_order(0.5);
+        tracing::info!(
+            first = order.first.len(),
+            hold = order.hold.len(),
+            model = %plan.model,
+            "ordering the first copy by the prediction"
+        );
+        repl.set_order(order);
+    }
     Ok((
         SourceAgent {
             tracker,

@@ -142,6 +142,10 @@ pub struct Report {
     pub resent_bytes: u64,
     pub reconnects: u64,
     pub hashed_bytes: u64,
+    /// Bytes of the first pass (bulk copy or delta sync).
+    pub first_round_bytes: u64,
+    /// Bytes a prediction held back from the first pass (sent later, once).
+    pub held_back_bytes: u64,
     pub gaps: u64,
     pub final_delta_bytes: u64,
     pub downtime_ms: f64,
@@ -223,6 +227,7 @@ pub async fn migrate(
             repl.round(false).await?
         };
         bandwidth = first.rate();
+        report.first_round_bytes = first.bytes;
     }
     let mut last_round_end = Instant::now();
     let mut last_round_start = started;
@@ -371,6 +376,7 @@ fn finish_report(
     report.resent_bytes = s.resent_bytes;
     report.reconnects = s.reconnects;
     report.hashed_bytes = s.hashed_bytes;
+    report.held_back_bytes = s.held_back_bytes;
     report.gaps = tracker.gaps();
     report.total_seconds = started.elapsed().as_secs_f64();
     report

@@ -16,6 +16,7 @@ pub mod image;
 pub mod metrics;
 pub mod nbd;
 pub mod pause;
+pub mod predict;
 pub mod replicate;
 pub mod rpc;
 pub mod simulate;

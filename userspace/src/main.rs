@@ -4,6 +4,7 @@ mod cli_history;
 mod cli_analyze;
 mod cli_migrate;
 mod cli_plan;
+mod cli_predict;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
@@ -62,6 +63,8 @@ enum Command {
     Analyze(cli_analyze::AnalyzeCommand),
     /// What-if table of replication units for a trace, and the plan `migrate --plan` takes.
     Plan(cli_plan::PlanArgs),
+    /// Forecast the next horizon's reads and writes from a trace (`eval`: measure the models).
+    Predict(cli_predict::PredictArgs),
 }
 
 #[derive(Args)]
@@ -131,6 +134,13 @@ struct AgentArgs {
     /// Use `O_DIRECT` for the image where the file system allows it.
     #[arg(long)]
     direct: bool,
+    /// Destination role: a plan from `tern predict`; at cutover the extents
+    /// it predicts to be read are read into the page cache first.
+    #[arg(long, value_name = "PLAN")]
+    warm_plan: Option<PathBuf>,
+    /// How much of the plan's read-hot extents to warm.
+    #[arg(long, default_value = "256M", value_parser = tern::agent::parse_size)]
+    warm_budget: u64,
 }
 
 #[derive(Subcommand)]
@@ -457,6 +467,9 @@ fn agent(a: AgentArgs) -> Result<()> {
     cfg.insecure = a.insecure;
     cfg.insecure_nbd = a.insecure_nbd;
     cfg.direct = a.direct;
+    if let Some(plan) = &a.warm_plan {
+        cfg.warm = tern::predict::Prediction::load(plan)?.read_hot(0.5, a.warm_budget);
+    }
     runtime()?.block_on(async move {
         let cancel = CancellationToken::new();
         tern::agent::cancel_on_signals(cancel.clone());
@@ -552,6 +565,7 @@ fn main() -> std::process::ExitCode {
         Command::History(h) => cli_history::run(h),
         Command::Analyze(a) => cli_analyze::run(a),
         Command::Plan(p) => cli_plan::plan(&p),
+        Command::Predict(p) => cli_predict::predict(p),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

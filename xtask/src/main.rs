@@ -5,6 +5,7 @@ mod bench_analyze;
 mod bench_migrate;
 mod bench_nbd;
 mod bench_plan;
+mod bench_predict;
 mod bench_rpc;
 mod bench_tracer;
 mod demo;
@@ -47,7 +48,7 @@ enum Cmd {
     VmTest,
     /// Benchmarks against peer tools; prints a table of figures.
     Bench {
-        /// Which: tracer, nbd, rpc, migrate, analyze or plan (default: tracer, nbd, rpc, migrate).
+        /// Which: tracer, nbd, rpc, migrate, analyze, plan or predict (default: all but plan).
         which: Option<String>,
     },
     /// Record traces of real programs (fio, sqlite3, pgbench, git + build) on ext4 on a loop device.
@@ -101,16 +102,19 @@ fn main() -> Result<()> {
                 Some("rpc") => bench_rpc::run(&bin),
                 Some("migrate") => bench_migrate::run(&bin),
                 Some("plan") => bench_plan::run(&bin),
+                Some("predict") => bench_predict::run(&bin),
                 None => {
                     bench_tracer::run(&bin)?;
                     bench_nbd::run(&bin)?;
                     bench_rpc::run(&bin)?;
                     bench_migrate::run(&bin)?;
-                    bench_analyze::run()
+                    bench_analyze::run()?;
+                    bench_predict::run(&bin)
                 }
                 Some(other) => {
-                    bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate, analyze")
-                    bail!("unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate, plan")
+                    bail!(
+                        "unknown benchmark {other:?}; choose: tracer, nbd, rpc, migrate, analyze, plan, predict"
+                    )
                 }
             }
         }

@@ -74,6 +74,41 @@ impl Default for ReplicateOptions {
     }
 }
 
+/// An order for the next round (from a prediction): these runs first, in
+/// this order; the `hold` runs not at all (they are marked dirty again, so a
+/// later round sends them once they have been rewritten).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendOrder {
+    pub first: Vec<Range<u64>>,
+    pub hold: Vec<Range<u64>>,
+}
+
+/// Splits `run` into its pieces inside and outside `sorted` (disjoint, by start).
+fn split_run(run: &Range<u64>, sorted: &[(Range<u64>, usize)]) -> Vec<(Range<u64>, Option<usize>)> {
+    let mut out = Vec::new();
+    let mut at = run.start;
+    let mut i = sorted.partition_point(|(r, _)| r.end <= run.start);
+    while at < run.end {
+        match sorted.get(i) {
+            Some((r, rank)) if r.start < run.end => {
+                if r.start > at {
+                    out.push((at..r.start, None));
+                    at = r.start;
+                }
+                let end = r.end.min(run.end);
+                out.push((at..end, Some(*rank)));
+                at = end;
+                i += 1;
+            }
+            _ => {
+                out.push((at..run.end, None));
+                at = run.end;
+            }
+        }
+    }
+    out
+}
+
 /// Counters, shared with whoever shows progress.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -93,6 +128,8 @@ pub struct Stats {
     pub round_done: AtomicU64,
     /// Source bytes hashed for checksum trees.
     pub hashed_bytes: AtomicU64,
+    /// Dirty bytes an order held back from the round that took them.
+    pub held_back_bytes: AtomicU64,
 }
 
 /// A snapshot of [`Stats`].
@@ -108,6 +145,7 @@ pub struct StatsSnapshot {
     pub round_bytes: u64,
     pub round_done: u64,
     pub hashed_bytes: u64,
+    pub held_back_bytes: u64,
 }
 
 impl Stats {
@@ -124,6 +162,7 @@ impl Stats {
             round_bytes: l(&self.round_bytes),
             round_done: l(&self.round_done),
             hashed_bytes: l(&self.hashed_bytes),
+            held_back_bytes: l(&self.held_back_bytes),
         }
     }
 }
@@ -283,6 +322,7 @@ pub struct Replicator {
     since_barrier: Vec<Range<u64>>,
     since_barrier_bytes: u64,
     limiter: Limiter,
+    order: Option<SendOrder>,
 }
 
 impl Replicator {
@@ -320,6 +360,7 @@ impl Replicator {
             since_barrier: Vec::new(),
             since_barrier_bytes: 0,
             limiter,
+            order: None,
         })
     }
 
@@ -485,76 +526,20 @@ impl Replicator {
             .round_bytes
             .store(self.send.dirty_bytes(), Ordering::Relaxed);
         self.stats.round_done.store(0, Ordering::Relaxed);
-        let mut cursor = 0;
-        while cursor < self.send.units() {
-            let (runs, next) = self
-                .send
-                .take_runs(cursor, u64::from(self.opts.extent_len), 256);
-            cursor = next;
-            let runs = match &self.opts.unit_zones {
-                Some(zones) => {
-                    let wide = super::units::widen(&runs, zones, u64::from(self.opts.extent_len));
-                    // Taken like the dirty units: a write after this marks them again.
-                    for r in &wide {
-                        self.send.clear_within(r.start, r.end);
-                    }
-                    wide
-                }
-                None => runs,
-            };
-            let source = self.source.clone();
-            let level = self.opts.zstd_level;
-            let shape = *self.local.tree.shape();
-            let stale = Arc::clone(&self.local.stale);
-            let mut encoded = stream::iter(runs)
-                .map(move |run| {
-                    let source = source.clone();
-                    // Whole regions inside the run are hashed from the data read
-                    // here, instead of being read again for the local tree; their
-                    // stale bits are cleared before the read, like the send map's.
-                    let regions = stale.clear_within(run.start, run.end);
-                    async move {
-                        let len = (run.end - run.start) as u32;
-                        let data = source.read_at(run.start, len).await.map_err(|e| {
-                            ReplicateError::ReadSource {
-                                offset: run.start,
-                                len,
-                                reason: e.to_string(),
-                            }
-                        })?;
-                        let (extent, leaves) = tokio::task::spawn_blocking(move || {
-                            let leaves: Vec<(u64, Hash)> = regions
-                                .map(|i| {
-                                    let r = shape.region(i);
-                                    let at = (r.start - run.start) as usize;
-                                    (i, leaf_hash(&data[at..at + (r.end - r.start) as usize]))
-                                })
-                                .collect();
-                            EncodedExtent::encode(run.start, data, level).map(|e| (e, leaves))
-                        })
-                        .await
-                        .map_err(RpcError::from)??;
-                        Ok::<_, ReplicateError>((extent, leaves))
-                    }
-                })
-                .buffered(self.opts.workers.max(1));
-            while let Some(item) = encoded.next().await {
-                let (extent, leaves) = item?;
-                if !leaves.is_empty() {
-                    self.stats
-                        .hashed_bytes
-                        .fetch_add(leaves.len() as u64 * shape.region_size(), Ordering::Relaxed);
-                    self.local.tree.update_leaves(&leaves)?;
-                }
-                let len = u64::from(extent.length);
-                self.stats.round_done.fetch_add(len, Ordering::Relaxed);
-                if skip_zero && extent.encoding == Encoding::Zero {
-                    self.stats
-                        .skipped_zero_bytes
-                        .fetch_add(len, Ordering::Relaxed);
-                    continue;
-                }
-                self.send_extent(extent).await?;
+        if let Some(order) = self.order.take() {
+            let runs = self.ordered_runs(&order);
+            for chunk in runs.chunks(256) {
+                self.send_runs(chunk.to_vec(), skip_zero).await?;
+            }
+        } else {
+            let mut cursor = 0;
+            while cursor < self.send.units() {
+                let (runs, next) =
+                    self.send
+                        .take_runs(cursor, u64::from(self.opts.extent_len), 256);
+                cursor = next;
+                let runs = self.widen(runs);
+                self.send_runs(runs, skip_zero).await?;
             }
         }
         self.barrier().await?;
@@ -565,6 +550,134 @@ impl Replicator {
             wire_bytes: after.wire_bytes - before.wire_bytes,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Runs widened to the plan's unit of their zone (`--plan`), taken like
+    /// the dirty units: a write after this marks them again.
+    fn widen(&self, runs: Vec<Range<u64>>) -> Vec<Range<u64>> {
+        let Some(zones) = &self.opts.unit_zones else {
+            return runs;
+        };
+        let wide = super::units::widen(&runs, zones, u64::from(self.opts.extent_len));
+        for r in &wide {
+            self.send.clear_within(r.start, r.end);
+        }
+        wide
+    }
+
+    /// Orders the next round (once): see [`SendOrder`].
+    pub fn set_order(&mut self, order: SendOrder) {
+        self.order = Some(order);
+    }
+
+    /// Takes every dirty run and orders it: runs in `order.first` by rank,
+    /// then the rest in disk order; runs in `order.hold` are marked dirty
+    /// again instead (holding wins over first).
+    fn ordered_runs(&self, order: &SendOrder) -> Vec<Range<u64>> {
+        let sorted = |ranges: &[Range<u64>]| {
+            let mut v: Vec<(Range<u64>, usize)> = ranges
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.end > r.start)
+                .map(|(i, r)| (r.clone(), i))
+                .collect();
+            v.sort_by_key(|(r, _)| r.start);
+            // Keep them disjoint: a range overlapping the one before loses the overlap.
+            let mut out: Vec<(Range<u64>, usize)> = Vec::with_capacity(v.len());
+            for (r, i) in v {
+                let start = out.last().map_or(r.start, |(p, _)| r.start.max(p.end));
+                if start < r.end {
+                    out.push((start..r.end, i));
+                }
+            }
+            out
+        };
+        let hold = sorted(&order.hold);
+        let first = sorted(&order.first);
+        let mut ranked: Vec<(usize, Range<u64>)> = Vec::new();
+        let mut rest: Vec<Range<u64>> = Vec::new();
+        for run in self.send.take_all(u64::from(self.opts.extent_len)) {
+            for (piece, held) in split_run(&run, &hold) {
+                if held.is_some() {
+                    self.send.mark(piece.start, piece.end - piece.start);
+                    self.stats
+                        .held_back_bytes
+                        .fetch_add(piece.end - piece.start, Ordering::Relaxed);
+                    continue;
+                }
+                for (part, rank) in split_run(&piece, &first) {
+                    match rank {
+                        Some(rank) => ranked.push((rank, part)),
+                        None => rest.push(part),
+                    }
+                }
+            }
+        }
+        ranked.sort_by_key(|(rank, r)| (*rank, r.start));
+        ranked.into_iter().map(|(_, r)| r).chain(rest).collect()
+    }
+
+    /// Reads, encodes and sends `runs` (taken from the send map), in order.
+    async fn send_runs(
+        &mut self,
+        runs: Vec<Range<u64>>,
+        skip_zero: bool,
+    ) -> Result<(), ReplicateError> {
+        let source = self.source.clone();
+        let level = self.opts.zstd_level;
+        let shape = *self.local.tree.shape();
+        let stale = Arc::clone(&self.local.stale);
+        let mut encoded = stream::iter(runs)
+            .map(move |run| {
+                let source = source.clone();
+                // Whole regions inside the run are hashed from the data read
+                // here, instead of being read again for the local tree; their
+                // stale bits are cleared before the read, like the send map's.
+                let regions = stale.clear_within(run.start, run.end);
+                async move {
+                    let len = (run.end - run.start) as u32;
+                    let data = source.read_at(run.start, len).await.map_err(|e| {
+                        ReplicateError::ReadSource {
+                            offset: run.start,
+                            len,
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    let (extent, leaves) = tokio::task::spawn_blocking(move || {
+                        let leaves: Vec<(u64, Hash)> = regions
+                            .map(|i| {
+                                let r = shape.region(i);
+                                let at = (r.start - run.start) as usize;
+                                (i, leaf_hash(&data[at..at + (r.end - r.start) as usize]))
+                            })
+                            .collect();
+                        EncodedExtent::encode(run.start, data, level).map(|e| (e, leaves))
+                    })
+                    .await
+                    .map_err(RpcError::from)??;
+                    Ok::<_, ReplicateError>((extent, leaves))
+                }
+            })
+            .buffered(self.opts.workers.max(1));
+        while let Some(item) = encoded.next().await {
+            let (extent, leaves) = item?;
+            if !leaves.is_empty() {
+                self.stats
+                    .hashed_bytes
+                    .fetch_add(leaves.len() as u64 * shape.region_size(), Ordering::Relaxed);
+                self.local.tree.update_leaves(&leaves)?;
+            }
+            let len = u64::from(extent.length);
+            self.stats.round_done.fetch_add(len, Ordering::Relaxed);
+            if skip_zero && extent.encoding == Encoding::Zero {
+                self.stats
+                    .skipped_zero_bytes
+                    .fetch_add(len, Ordering::Relaxed);
+                continue;
+            }
+            self.send_extent(extent).await?;
+        }
+        Ok(())
     }
 
     /// Rehashes the source's stale regions.

@@ -9,7 +9,7 @@ pub mod units;
 use std::time::Duration;
 
 pub use engine::{
-    LocalTree, Peer, ReplicateOptions, Replicator, Round, Stats, StatsSnapshot,
+    LocalTree, Peer, ReplicateOptions, Replicator, Round, SendOrder, Stats, StatsSnapshot,
     default_region_size, zero_tree,
 };
 pub use tracker::{ObserverFactory, Tracker, TrackerCounts};

@@ -1,0 +1,154 @@
+//! `tern predict`: forecast a trace's next horizon into a plan file, and
+//! `tern predict eval`: the evaluation table of every model on a trace.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use tern::predict::eval::{self, EvalSpec};
+use tern::predict::{self, PredictOptions};
+
+#[derive(Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Examples:\n  tern predict app.trace --horizon 10m --out plan.json\n  tern migrate --device /dev/vdb --to dst:7443 --prefetch plan.json ...\n  tern predict eval app.trace --train 0-50% --test 50-100% --horizon 10s [--json]"
+)]
+pub struct PredictArgs {
+    #[command(subcommand)]
+    command: Option<PredictCommand>,
+    #[command(flatten)]
+    run: PredictRunArgs,
+}
+
+#[derive(Args)]
+struct PredictRunArgs {
+    /// The history: a trace file (`tern trace`, `tern trace import`).
+    #[arg(required = true)]
+    trace: Option<PathBuf>,
+    /// How far ahead to predict.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    horizon: Duration,
+    /// Where to write the plan (JSON); stdout when absent.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    common: Common,
+    /// The model (ensemble, lru, readahead, stride, correlation, periodic, ets).
+    #[arg(long, default_value = "ensemble")]
+    model: String,
+    /// Claims below this probability are left out of the plan.
+    #[arg(long, default_value_t = 0.05)]
+    min_probability: f64,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Prediction unit: the migration's checksum region by default.
+    #[arg(long, default_value = "64K", value_parser = tern::agent::parse_size)]
+    unit: u64,
+    /// Which traced target (index in the trace header).
+    #[arg(long, default_value_t = 0)]
+    target: u16,
+}
+
+#[derive(Subcommand)]
+enum PredictCommand {
+    /// Train on one part of a trace, test on another: precision, coverage,
+    /// post-cutover misses, re-sent bytes avoided, cost, per model.
+    Eval {
+        trace: PathBuf,
+        /// Training range, as a share of the trace's time span.
+        #[arg(long, default_value = "0-50%")]
+        train: String,
+        #[arg(long, default_value = "50-100%")]
+        test: String,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        horizon: Duration,
+        /// Only these models (comma-separated); all by default.
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// At most this many test windows are scored (spread evenly).
+        #[arg(long, default_value_t = 200)]
+        max_windows: usize,
+        #[command(flatten)]
+        common: Common,
+        /// The report as JSON (fields documented in docs/prediction.md).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn horizon_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+pub fn predict(args: PredictArgs) -> Result<()> {
+    match args.command {
+        Some(PredictCommand::Eval {
+            trace,
+            train,
+            test,
+            horizon,
+            models,
+            max_windows,
+            common,
+            json,
+        }) => {
+            let spec = EvalSpec {
+                unit: common.unit,
+                target: common.target,
+                horizon_ns: horizon_ns(horizon),
+                train: eval::parse_split(&train)?,
+                test: eval::parse_split(&test)?,
+                models,
+                max_windows,
+            };
+            let reader = crate::open_trace(&trace)?;
+            let report = eval::evaluate(reader, &spec)
+                .with_context(|| format!("evaluating on {}", trace.display()))?;
+            let mut out = crate::output(None)?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &report)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", report.render())?;
+            }
+            out.flush()?;
+        }
+        None => {
+            let run = args.run;
+            let trace = run.trace.context("give a trace file")?;
+            let opts = PredictOptions {
+                unit: run.common.unit,
+                target: run.common.target,
+                model: run.model,
+                min_probability: run.min_probability,
+            };
+            let reader = crate::open_trace(&trace)?;
+            let plan = predict::predict_future_io(reader, horizon_ns(run.horizon), &opts)
+                .with_context(|| format!("predicting from {}", trace.display()))?;
+            let mut out = crate::output(run.out.as_ref())?;
+            serde_json::to_writer(&mut out, &plan)?;
+            writeln!(out)?;
+            out.flush()?;
+            let (reads, writes) = plan.extents.iter().fold((0u64, 0u64), |(r, w), e| {
+                (
+                    r + if e.p_read >= 0.5 { e.len } else { 0 },
+                    w + if e.p_write >= 0.5 { e.len } else { 0 },
+                )
+            });
+            eprintln!(
+                "{} extents from {}: {} MiB likely read, {} MiB likely written within {}",
+                plan.extents.len(),
+                plan.model,
+                reads >> 20,
+                writes >> 20,
+                humantime::format_duration(run.horizon)
+            );
+        }
+    }
+    Ok(())
+}

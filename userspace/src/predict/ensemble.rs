@@ -1,0 +1,278 @@
+//! The ensemble: per 1 MiB region, use the model that has predicted that
+//! region best so far. Every horizon of history (doubling the interval every
+//! 64 checkpoints, so replaying a long history stays cheap) each model's
+//! claims are kept and, once the horizon has passed, scored per region
+//! against what happened (F1 of the claimed units, older evidence decayed).
+//! A region without evidence uses the model best over all regions.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{Access, Model, REGION_UNITS, Scored};
+
+/// Weight kept by older evidence at each new score of a region.
+const DECAY: f64 = 0.7;
+/// A region where even the best model has scored below this is not claimed:
+/// its accesses are not predictable by any model here, and claims there
+/// would only cost precision.
+const MIN_F1: f64 = 0.3;
+const CHECKPOINTS_PER_DOUBLING: u64 = 64;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    tp: f64,
+    fp: f64,
+    fn_: f64,
+}
+
+impl Tally {
+    fn f1(&self) -> Option<f64> {
+        let d = 2.0 * self.tp + self.fp + self.fn_;
+        (d > 0.0).then(|| 2.0 * self.tp / d)
+    }
+
+    fn add(&mut self, tp: f64, fp: f64, fn_: f64, decay: f64) {
+        self.tp = self.tp * decay + tp;
+        self.fp = self.fp * decay + fp;
+        self.fn_ = self.fn_ * decay + fn_;
+    }
+}
+
+struct Pending {
+    at: u64,
+    claims: Vec<Vec<Scored>>,
+    /// Units touched in `[at, at + horizon)`.
+    actual: HashSet<u64>,
+}
+
+/// Chooses among `models` per region.
+pub struct Ensemble {
+    models: Vec<Box<dyn Model>>,
+    horizon_ns: u64,
+    regions: HashMap<u64, Vec<Tally>>,
+    global: Vec<Tally>,
+    pending: Option<Pending>,
+    next_checkpoint: Option<u64>,
+    interval: u64,
+    checkpoints: u64,
+}
+
+impl Ensemble {
+    /// Scores are kept for windows of `horizon_ns` (the horizon it will be asked about).
+    pub fn new(models: Vec<Box<dyn Model>>, horizon_ns: u64) -> Ensemble {
+        let n = models.len();
+        Ensemble {
+            models,
+            horizon_ns: horizon_ns.max(1),
+            regions: HashMap::new(),
+            global: vec![Tally::default(); n],
+            pending: None,
+            next_checkpoint: None,
+            interval: horizon_ns.max(1),
+            checkpoints: 0,
+        }
+    }
+
+    /// The model names and their F1 over all regions so far.
+    pub fn standings(&self) -> Vec<(&'static str, Option<f64>)> {
+        self.models
+            .iter()
+            .zip(&self.global)
+            .map(|(m, t)| (m.name(), t.f1()))
+            .collect()
+    }
+
+    fn score_pending(&mut self) {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        let n = self.models.len();
+        // Per region, per model: (tp, fp, fn).
+        let mut per_region: HashMap<u64, Vec<(f64, f64, f64)>> = HashMap::new();
+        let mut claimed_by: Vec<HashSet<u64>> = Vec::with_capacity(n);
+        for (m, claims) in p.claims.iter().enumerate() {
+            let mut set = HashSet::new();
+            for s in claims.iter().filter(|s| s.any() >= 0.5) {
+                set.insert(s.unit);
+                let e = per_region
+                    .entry(s.unit / REGION_UNITS)
+                    .or_insert_with(|| vec![(0.0, 0.0, 0.0); n]);
+                if p.actual.contains(&s.unit) {
+                    e[m].0 += 1.0;
+                } else {
+                    e[m].1 += 1.0;
+                }
+            }
+            claimed_by.push(set);
+        }
+        for &unit in &p.actual {
+            let e = per_region
+                .entry(unit / REGION_UNITS)
+                .or_insert_with(|| vec![(0.0, 0.0, 0.0); n]);
+            for (m, set) in claimed_by.iter().enumerate() {
+                if !set.contains(&unit) {
+                    e[m].2 += 1.0;
+                }
+            }
+        }
+        for (region, counts) in per_region {
+            let tallies = self
+                .regions
+                .entry(region)
+                .or_insert_with(|| vec![Tally::default(); n]);
+            for (m, (tp, fp, fn_)) in counts.into_iter().enumerate() {
+                tallies[m].add(tp, fp, fn_, DECAY);
+                self.global[m].add(tp, fp, fn_, 1.0);
+            }
+        }
+    }
+
+    fn checkpoint(&mut self, at: u64) {
+        self.score_pending();
+        let h = self.horizon_ns;
+        let claims = self.models.iter_mut().map(|m| m.predict(at, h)).collect();
+        self.pending = Some(Pending {
+            at,
+            claims,
+            actual: HashSet::new(),
+        });
+        self.checkpoints += 1;
+        if self.checkpoints.is_multiple_of(CHECKPOINTS_PER_DOUBLING) {
+            self.interval = self.interval.saturating_mul(2);
+        }
+        self.next_checkpoint = Some(at.saturating_add(self.interval));
+    }
+
+    fn best_global(&self) -> usize {
+        (0..self.global.len())
+            .max_by(|&a, &b| {
+                let f = |i: usize| self.global[i].f1().unwrap_or(0.0);
+                f(a).total_cmp(&f(b)).then(b.cmp(&a))
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Model for Ensemble {
+    fn name(&self) -> &'static str {
+        "ensemble"
+    }
+
+    fn observe(&mut self, a: &Access) {
+        match self.next_checkpoint {
+            None => self.next_checkpoint = Some(a.ts_ns.saturating_add(self.interval)),
+            Some(t) if a.ts_ns >= t => self.checkpoint(t),
+            Some(_) => {}
+        }
+        if let Some(p) = &mut self.pending
+            && a.ts_ns >= p.at
+            && a.ts_ns < p.at.saturating_add(self.horizon_ns)
+        {
+            p.actual.insert(a.unit);
+        }
+        for m in &mut self.models {
+            m.observe(a);
+        }
+    }
+
+    fn gap(&mut self, start_ns: u64, end_ns: u64) {
+        // A window the gap overlaps cannot be scored.
+        if let Some(p) = &self.pending
+            && start_ns < p.at.saturating_add(self.horizon_ns)
+            && p.at < end_ns.max(start_ns + 1)
+        {
+            self.pending = None;
+        }
+        for m in &mut self.models {
+            m.gap(start_ns, end_ns);
+        }
+    }
+
+    fn predict(&mut self, now_ns: u64, horizon_ns: u64) -> Vec<Scored> {
+        if horizon_ns != self.horizon_ns {
+            self.horizon_ns = horizon_ns.max(1);
+        }
+        if self.pending.as_ref().is_none_or(|p| p.at != now_ns) {
+            self.checkpoint(now_ns);
+        }
+        let best = self.best_global();
+        let choice = |region: u64| -> Option<usize> {
+            let Some(tallies) = self.regions.get(&region) else {
+                return Some(best);
+            };
+            let mut pick = best;
+            let mut pick_f1 = tallies[best].f1().unwrap_or(0.0);
+            for (m, t) in tallies.iter().enumerate() {
+                if let Some(f1) = t.f1()
+                    && f1 > pick_f1
+                {
+                    pick = m;
+                    pick_f1 = f1;
+                }
+            }
+            let evidence = tallies.iter().any(|t| t.f1().is_some());
+            (!evidence || pick_f1 >= MIN_F1).then_some(pick)
+        };
+        let Some(p) = &self.pending else {
+            return Vec::new();
+        };
+        let mut chosen: HashMap<u64, Option<usize>> = HashMap::new();
+        let mut out = Vec::new();
+        for (m, claims) in p.claims.iter().enumerate() {
+            for s in claims {
+                let region = s.unit / REGION_UNITS;
+                let pick = *chosen.entry(region).or_insert_with(|| choice(region));
+                if pick == Some(m) {
+                    out.push(*s);
+                }
+            }
+        }
+        out
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.models.iter().map(|m| m.state_bytes()).sum::<usize>()
+            + self.regions.len() * (16 + self.models.len() * size_of::<Tally>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::predict::hotset::HotSet;
+    use crate::predict::stride::Stride;
+    use crate::predict::testkit::{MS, claimed, read};
+
+    #[test]
+    fn each_region_gets_the_model_that_predicted_it_best() {
+        // Region 0 (units 0..16) is re-read in a loop: the hot set is right
+        // there. Far away a scan runs forward: the stride model is right
+        // there, and the hot set's claims on the scanned units are wrong.
+        let models: Vec<Box<dyn Model>> =
+            vec![Box::new(HotSet::default()), Box::new(Stride::default())];
+        let mut e = Ensemble::new(models, 50 * MS);
+        let mut scan = 1_000_000u64;
+        for t in 0..2000u64 {
+            let mut a = |unit, stream| {
+                let crate::predict::Event::Access(mut acc) = read(t * MS, unit) else {
+                    unreachable!()
+                };
+                acc.stream = stream;
+                e.observe(&acc);
+            };
+            a(t % 4, 1);
+            a(scan, 2);
+            scan += 1;
+        }
+        let s = e.predict(2000 * MS, 50 * MS);
+        let c = claimed(&s);
+        assert!(c.contains(&0) && c.contains(&3), "the loop: {c:?}");
+        assert!(
+            c.contains(&scan) && c.contains(&(scan + 40)),
+            "the scan ahead"
+        );
+        assert!(
+            !c.contains(&(scan - 5)),
+            "the scanned units behind are not re-read; the hot set's claim there is dropped"
+        );
+    }
+}
