@@ -25,6 +25,7 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
     "cpio",
     "xz-utils",
+    "binutils",
 ];
 
 /// Packages that must come from `bookworm-backports` on Debian 12: bookworm's
