@@ -35,6 +35,7 @@ const PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     "gdisk",
     "fdisk",
+    "binutils",
 ];
 
 /// Packages that must come from `bookworm-backports` on Debian 12: bookworm's
