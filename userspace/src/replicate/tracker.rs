@@ -95,9 +95,6 @@ impl Tracker {
                 };
                 let obs_shared = Arc::clone(&thread_shared);
                 session.observe(Box::new(move |rec| {
-                    if let Some(extra) = &mut extra {
-                        extra(rec);
-                    }
                     match rec {
                         Record::Block(b) if b.op.modifies() => {
                             obs_shared.write_events.fetch_add(1, Ordering::Relaxed);
@@ -115,6 +112,10 @@ impl Tracker {
                             }
                         }
                         _ => {}
+                    }
+                    // After the dirty maps: replication does not wait on the history.
+                    if let Some(extra) = &mut extra {
+                        extra(rec);
                     }
                 }));
                 let _ = ready_tx.send(Ok(()));
