@@ -103,7 +103,11 @@ fn eval_part(bin: &Path, out: &mut String) -> Result<()> {
             Err(e) => {
                 // The command's own message (its last line) says why.
                 let why = format!("{e:#}");
-                let why = why.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+                let why = why
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
                 let _ = writeln!(out, "| {name} | not evaluated: {} |", why.trim());
                 continue;
             }

@@ -732,3 +732,26 @@ impl Replicator {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::split_run;
+
+    #[test]
+    fn a_run_splits_into_its_pieces_inside_and_outside_the_ranges_with_their_ranks() {
+        let ranges = vec![(10..20, 1), (30..35, 0), (50..60, 2)];
+        assert_eq!(
+            split_run(&(15..55), &ranges),
+            vec![
+                (15..20, Some(1)),
+                (20..30, None),
+                (30..35, Some(0)),
+                (35..50, None),
+                (50..55, Some(2)),
+            ]
+        );
+        assert_eq!(split_run(&(0..5), &ranges), vec![(0..5, None)]);
+        assert_eq!(split_run(&(12..18), &ranges), vec![(12..18, Some(1))]);
+        assert_eq!(split_run(&(60..70), &ranges), vec![(60..70, None)]);
+    }
+}
