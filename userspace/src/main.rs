@@ -1,7 +1,7 @@
 //! The `tern` command: a thin layer over the `tern` library.
 
-mod cli_history;
 mod cli_analyze;
+mod cli_history;
 mod cli_migrate;
 mod cli_plan;
 mod cli_predict;

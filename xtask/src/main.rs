@@ -11,8 +11,8 @@ mod bench_tracer;
 mod demo;
 mod garage;
 mod sh;
-mod vm_test;
 mod traces;
+mod vm_test;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
