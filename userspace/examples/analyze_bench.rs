@@ -121,7 +121,7 @@ fn main() {
             a.observe(r);
         }
         busy += t0.elapsed();
-        cpu += thread_cpu() - c0;
+        cpu += thread_cpu().saturating_sub(c0);
         i += buf.len() as u64;
     }
     a.finish();
@@ -143,7 +143,7 @@ fn main() {
     let reader = TraceReader::new(&image[..]).expect("reader");
     let offline = tern::analyze::analyze_reader(reader, 0, None).expect("analysis");
     let offline_s = t0.elapsed().as_secs_f64();
-    let offline_cpu_s = (thread_cpu() - c0).as_secs_f64();
+    let offline_cpu_s = thread_cpu().saturating_sub(c0).as_secs_f64();
     let mut decode_only = TraceReader::new(&image[..]).expect("reader");
     let t0 = Instant::now();
     let mut decoded = 0u64;
