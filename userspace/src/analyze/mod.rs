@@ -80,6 +80,11 @@ pub enum AnalyzeError {
     /// Drawing failed (the PNG cannot be written, say).
     #[error("cannot draw the heatmap: {0}")]
     Draw(String),
+    /// No block requests to draw.
+    #[error(
+        "the trace holds no block requests for target {target}: for its page faults use --faults"
+    )]
+    NoBlocks { target: u16 },
     /// No page faults to draw.
     #[error(
         "the trace holds no page faults: trace with --pid PID to record a process's faults, or drop --faults"
@@ -344,7 +349,7 @@ impl Analyzer {
     /// Draws the offset × time heatmap of block I/O to a PNG.
     pub fn block_heatmap(&self, out: &Path) -> Result<(), AnalyzeError> {
         if self.totals.reads + self.totals.writes == 0 {
-            return Err(AnalyzeError::Empty {
+            return Err(AnalyzeError::NoBlocks {
                 target: self.cfg.target,
             });
         }

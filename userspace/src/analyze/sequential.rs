@@ -1,7 +1,8 @@
 //! Sequential-run detection: a request that starts where a recent request of
-//! the same kind ended continues that run. A small table of streams (like the
-//! kernel's readahead state) lets interleaved scans each keep their run; the
-//! least recently used stream makes room for a new one.
+//! the same kind ended continues that run. A small table of streams per kind
+//! (like the kernel's readahead state) lets interleaved scans each keep their
+//! run; the least recently used stream makes room for a new one, streams that
+//! have already continued last.
 
 use serde::Serialize;
 
@@ -35,7 +36,8 @@ pub struct SequentialSummary {
 
 #[derive(Debug, Default)]
 pub struct Sequential {
-    streams: [Stream; STREAMS],
+    /// Read streams, then write streams: one kind's requests never evict the other's.
+    streams: [Stream; 2 * STREAMS],
     clock: u64,
     seq_bytes: [u64; 2],
     bytes: [u64; 2],
@@ -53,9 +55,10 @@ impl Sequential {
         self.bytes[k] += len;
         // The victim: the least recently used stream, preferring ones that never
         // continued, so random requests between a scan's steps do not evict it.
-        let mut lru = 0;
+        let base = k * STREAMS;
+        let mut lru = base;
         let rank = |s: &Stream| (s.live && s.requests >= 2, s.used);
-        for i in 0..STREAMS {
+        for i in base..base + STREAMS {
             let s = &mut self.streams[i];
             if s.live && s.next == offset && s.write == write {
                 s.next += len;
@@ -98,7 +101,7 @@ impl Sequential {
             lengths: self.lengths,
             ..Sequential::default()
         };
-        for i in 0..STREAMS {
+        for i in 0..2 * STREAMS {
             done.end_run(i);
         }
         let frac = |k: usize| {
