@@ -88,7 +88,6 @@ impl Workload {
             at += t.size_bytes;
         }
         let mut w = Workload::default();
-        let mut max_end = 0;
         let mut last_ts = 0;
         while let Some(rec) = reader.next_record()? {
             last_ts = last_ts.max(rec.ts_ns());
@@ -96,7 +95,6 @@ impl Workload {
                 Record::Block(b) if b.op.modifies() && b.len > 0 => {
                     let base = bases.get(usize::from(b.target)).copied().unwrap_or(0);
                     let offset = base + b.offset;
-                    max_end = max_end.max(offset + u64::from(b.len));
                     w.writes.push(Write {
                         ts_ns: b.ts_ns,
                         offset,
@@ -139,14 +137,7 @@ impl Workload {
         w.writes.sort_by_key(|x| x.ts_ns);
         w.gaps.sort_unstable();
         w.duration_ns = last_ts;
-        let _ = max_end;
         Ok(w)
-    }
-
-    /// Bytes written per second of trace (with repeats counted).
-    pub fn write_rate(&self) -> f64 {
-        let bytes: u64 = self.writes.iter().map(|w| w.len).sum();
-        bytes as f64 / (self.duration_ns.max(1) as f64 / 1e9)
     }
 }
 
@@ -603,7 +594,6 @@ pub fn simulate(
     sim.now += sim.refresh();
     let mut rounds = 0;
     let mut converged = true;
-    let mut last_round_start = 0.0;
     let mut report = SimReport::default();
     loop {
         // The engine rehashes and asks for the destination's root before it
@@ -630,8 +620,6 @@ pub fn simulate(
             converged = false;
             break;
         }
-        let _ = last_round_start;
-        last_round_start = sim.now;
         let r = sim.round(false, false, false);
         rounds += 1;
         if r.sent > 0.0 {

@@ -668,6 +668,24 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_written_by_the_controller_loads_for_the_engine() {
+        let p = plan(&mixed(), &model(), &Weights::default(), &[]).expect("plan");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("plan.json");
+        std::fs::write(&path, serde_json::to_string(&p).expect("json")).expect("write");
+        let e = EnginePlan::load(&path).expect("load");
+        assert_eq!(e.device_size, SIZE);
+        assert_eq!(e.layout, p.layout);
+        assert_eq!(e.unit, 4096);
+        assert_eq!(e.region_size, 64 << 10);
+        std::fs::write(&path, "{}").expect("write");
+        assert!(matches!(
+            EnginePlan::load(&path),
+            Err(GranularityError::PlanFile { .. })
+        ));
+    }
+
+    #[test]
     fn whole_volume_units_follow_the_partitions() {
         let w = workload(random(8, 0, SIZE, 100, 5));
         let vols = [
