@@ -236,14 +236,14 @@ async fn qemu_io_text(nbd: SocketAddr, cmds: &[&str]) -> String {
         args.extend(["-c", c]);
     }
     let out = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
+        std::time::Duration::from_mins(1),
         tokio::process::Command::new("qemu-io")
             .args(&args)
             .kill_on_drop(true)
             .output(),
     )
     .await
-    .expect("qemu-io finished within 60 s")
+    .expect("qemu-io finished within a minute")
     .expect("run qemu-io (qemu-utils)");
     String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
 }
