@@ -42,6 +42,9 @@ pub struct DestinationConfig {
     pub nbd: Option<ListenAddr>,
     /// NBD export name.
     pub export_name: String,
+    /// Advertise the NBD export writable before cutover (writes still get
+    /// `EPERM` until then), so a destination VM can open its disk early.
+    pub nbd_advertise_writable: bool,
     /// Directory from `tern certs init` (`ca.pem`, `cert.pem`, `key.pem`): mutual TLS.
     pub tls_dir: Option<PathBuf>,
     /// Allow plaintext gRPC on a non-loopback address.
@@ -67,6 +70,7 @@ impl DestinationConfig {
             grpc,
             nbd: None,
             export_name: DEFAULT_EXPORT.to_owned(),
+            nbd_advertise_writable: false,
             tls_dir: None,
             insecure: false,
             insecure_nbd: false,
@@ -328,6 +332,9 @@ impl Destination {
                     read_only: true,
                     changes: changes.clone(),
                 }]));
+                if cfg.nbd_advertise_writable {
+                    server.set_advertise_writable(&cfg.export_name, true)?;
+                }
                 sources = sources.with(Arc::clone(&server) as _);
                 let (listener, bound) = bind_nbd(listen).await?;
                 let export: Arc<dyn ExportControl> = Arc::new(NbdExportControl {

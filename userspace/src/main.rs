@@ -119,6 +119,10 @@ struct AgentArgs {
     nbd: tern::nbd::ListenAddr,
     #[arg(long, default_value = tern::agent::DEFAULT_EXPORT)]
     export: String,
+    /// Destination role: advertise the NBD export writable before cutover
+    /// (writes get EPERM until then), so a VM can open its disk early.
+    #[arg(long)]
+    nbd_advertise_writable: bool,
     /// Directory with ca.pem, cert.pem, key.pem (from `tern certs init`).
     #[arg(long)]
     tls_dir: Option<PathBuf>,
@@ -462,6 +466,7 @@ fn agent(a: AgentArgs) -> Result<()> {
     cfg.size = a.size;
     cfg.nbd = Some(a.nbd);
     cfg.export_name = a.export;
+    cfg.nbd_advertise_writable = a.nbd_advertise_writable;
     cfg.tls_dir = a.tls_dir;
     cfg.metrics = a.metrics;
     cfg.insecure = a.insecure;

@@ -226,3 +226,90 @@ async fn shutdown_ends_an_open_write_stream_with_unavailable_after_acking_its_wr
     let image = std::fs::read(dir.path().join("dst.img")).expect("image");
     assert!(image[..65536].iter().all(|&b| b == 0x11));
 }
+
+/// `qemu-io` on a writable NBD connection running `cmds` in order; its
+/// output (qemu-io exits 0 even when a command fails).
+async fn qemu_io_text(nbd: SocketAddr, cmds: &[&str]) -> String {
+    let url = format!("nbd://{nbd}/tern");
+    let mut args = vec!["-f", "raw", url.as_str()];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    let out = tokio::time::timeout(
+        std::time::Duration::from_mins(1),
+        tokio::process::Command::new("qemu-io")
+            .args(&args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("qemu-io finished within a minute")
+    .expect("run qemu-io (qemu-utils)");
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_advertised_writable_refuses_writes_with_eperm_until_cutover() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = tern::certs::init(&dir.path().join("certs"), &[]).expect("certs");
+    let tls_dir = certs.host_dirs[0].clone();
+    let mut cfg = config(dir.path(), &tls_dir);
+    cfg.nbd_advertise_writable = true;
+    let dst = Destination::bind(cfg).await.expect("bind");
+    let grpc = dst.grpc_addr();
+    let Some(ListenAddr::Tcp(nbd)) = dst.nbd_addr().cloned() else {
+        panic!("NBD should listen on TCP");
+    };
+    let cancel = CancellationToken::new();
+    let agent = tokio::spawn(dst.run(cancel.clone()));
+    let tls = TlsMaterial::load(&tls_dir).expect("tls");
+    let mut client = ReplicaClient::connect(&grpc.to_string(), Some(&tls), None)
+        .await
+        .expect("connect");
+    let mut writer = client.open_writer(5, 8).await.expect("open");
+    writer
+        .send(EncodedExtent::encode(0, Bytes::from(vec![0xab; 65536]), None).expect("encode"))
+        .await
+        .expect("send");
+    writer.finish().await.expect("finish");
+
+    // A writable client connects (a read-only export would fail the open
+    // here) but its write is refused with EPERM: the epoch is not switched.
+    let before = qemu_io_text(nbd, &["read -P 0xab 0 64k", "write -P 0xcd 2M 64k"]).await;
+    assert!(
+        before.contains("Operation not permitted") && !before.contains("Pattern verification"),
+        "a write before cutover must fail with EPERM: {before}"
+    );
+    assert!(!client.info().await.expect("info").export_writable);
+
+    // A client connected before cutover writes after it, on the same
+    // connection (QEMU opens its disk once, at -incoming).
+    let early = tokio::spawn(qemu_io_text(
+        nbd,
+        &["sleep 3000", "write -P 0xcd 2M 64k", "read -P 0xcd 2M 64k"],
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let stale = client
+        .set_export_writable(4, true)
+        .await
+        .expect_err("stale epoch");
+    assert_eq!(stale.code(), Some(tonic::Code::FailedPrecondition));
+    assert!(client.set_export_writable(5, true).await.expect("cutover"));
+    let after = early.await.expect("qemu-io task");
+    assert!(
+        !after.contains("failed") && after.contains("wrote 65536/65536"),
+        "the early connection could not write after cutover: {after}"
+    );
+
+    cancel.cancel();
+    agent
+        .await
+        .expect("agent task")
+        .expect("agent stopped cleanly");
+    let image = std::fs::read(dir.path().join("dst.img")).expect("image");
+    assert!(
+        image[2 * MIB as usize..(2 * MIB + 65536) as usize]
+            .iter()
+            .all(|&b| b == 0xcd)
+    );
+}

@@ -46,6 +46,9 @@ pub struct Destination {
     pub grpc: u16,
     pub nbd: u16,
     pub size: u64,
+    /// `--nbd-advertise-writable`: the export is advertised writable from
+    /// the start (writes get EPERM until cutover).
+    pub advertise_writable: bool,
     agent: Option<Guard>,
 }
 
@@ -53,6 +56,11 @@ impl Destination {
     /// Makes the lab's certificates in `dir/pki` and starts the agent on
     /// `dir/dst.img` (`size` bytes).
     pub fn start(dir: &Path, size: u64) -> Destination {
+        Destination::start_with(dir, size, false)
+    }
+
+    /// [`Destination::start`], with `--nbd-advertise-writable` if `advertise_writable`.
+    pub fn start_with(dir: &Path, size: u64, advertise_writable: bool) -> Destination {
         sh(
             Command::new(tern_bin())
                 .args(["certs", "init"])
@@ -65,6 +73,7 @@ impl Destination {
             grpc: free_port(),
             nbd: free_port(),
             size,
+            advertise_writable,
             agent: None,
         };
         d.restart();
@@ -87,9 +96,13 @@ impl Destination {
     pub fn restart(&mut self) {
         self.stop();
         let log = File::create(self.dir.join("agent.log")).expect("create the agent log");
+        let mut cmd = Command::new(tern_bin());
+        cmd.args(["agent", "--role", "destination"]);
+        if self.advertise_writable {
+            cmd.arg("--nbd-advertise-writable");
+        }
         let agent = Guard::spawn(
-            Command::new(tern_bin())
-                .args(["agent", "--role", "destination", "--image"])
+            cmd.arg("--image")
                 .arg(self.image())
                 .args(["--size", &self.size.to_string()])
                 .args(["--grpc", &self.addr()])
@@ -174,8 +187,13 @@ pub struct Hook {
 
 impl Hook {
     pub fn new(dir: &Path) -> Hook {
-        let request = dir.join("hook.request");
-        let reply = dir.join("hook.reply");
+        Hook::named(dir, "hook")
+    }
+
+    /// A hook whose FIFOs are `dir/NAME.request` and `dir/NAME.reply`.
+    pub fn named(dir: &Path, name: &str) -> Hook {
+        let request = dir.join(format!("{name}.request"));
+        let reply = dir.join(format!("{name}.reply"));
         for p in [&request, &reply] {
             let c = CString::new(p.as_os_str().as_bytes()).expect("no NUL in the path");
             // SAFETY: `c` is a valid NUL-terminated path alive across the call.

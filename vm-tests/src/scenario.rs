@@ -173,9 +173,103 @@ fn ram_bytes(info: &Value) -> u64 {
     info["ram"]["transferred"].as_u64().unwrap_or(0)
 }
 
-/// Tern moves the disk; QEMU moves RAM and devices while the source is
-/// paused after Tern's final delta. `extra` goes to `tern migrate`.
+/// Tern moves the disk while QEMU moves RAM by precopy, both while the VM
+/// runs. The destination agent advertises its export writable from the start
+/// (writes get EPERM until Tern's switch), so the destination QEMU opens its
+/// disk and waits with `-incoming` during Tern's copy. Tern's pause command
+/// starts `migrate` with `pause-before-switchover` and returns once QEMU has
+/// stopped the VM at the end of precopy (`pre-switchover`); Tern sends the
+/// final delta and switches; `migrate-continue` sends the device state.
+/// `extra` goes to `tern migrate`.
 pub fn tern_moves_the_disk(name: &str, extra: &[&str]) -> Outcome {
+    let guest = Guest::new(name);
+    let mut agent = Destination::start_with(guest.path(), DISK_MIB << 20, true);
+    let mut src = guest.boot_source();
+    let mut out = Outcome {
+        name: name.to_owned(),
+        ..Outcome::default()
+    };
+    let mut pause = Hook::named(guest.path(), "pause");
+    // Only a failed cutover runs it; nobody answers, so Tern's resume fails
+    // after its timeout and the test fails on Tern's report.
+    let resume = Hook::named(guest.path(), "resume");
+    let started = Instant::now();
+    let pause_cmd = format!("cmd:{};;{}", pause.command(), resume.command());
+    let mut args = vec!["--pause", pause_cmd.as_str()];
+    args.extend_from_slice(extra);
+    let mut migrate = spawn_tern_migrate(&agent, &guest, &args);
+    let (mut dst, uri) = incoming(
+        &guest,
+        Disk::Nbd {
+            port: agent.nbd,
+            export: "tern".to_owned(),
+        },
+    );
+    src.qmp(
+        "migrate-set-capabilities",
+        json!({ "capabilities": [{ "capability": "pause-before-switchover", "state": true }] }),
+    );
+    assert!(
+        pause.wait(&mut migrate, MIGRATION_LIMIT).is_some(),
+        "tern migrate exited before its pause: {}",
+        migrate_log(&guest)
+    );
+    // Tern has converged and asks for the pause: RAM precopy while the VM
+    // still runs (Tern keeps tracing its writes for the final delta).
+    src.qmp("migrate", json!({ "uri": uri }));
+    let pre = wait_migration(&mut src, &["pre-switchover"]);
+    assert_eq!(pre["status"], "pre-switchover", "RAM precopy: {pre}");
+    pause.answer(true);
+    let report = finish_migrate(&mut migrate, &guest);
+    assert_eq!(report["outcome"], "cut over", "{report}");
+    src.qmp("migrate-continue", json!({ "state": "pre-switchover" }));
+    let info = wait_migration(&mut src, &[]);
+    assert_eq!(info["status"], "completed", "RAM migration: {info}");
+    dst.qmp("cont", Value::Null);
+    out.total_s = started.elapsed().as_secs_f64();
+    let (src_events, dst_events) = (src.events(), dst.events());
+    out.paused_ms = paused_ms(&src_events, &dst_events);
+    out.qmp_downtime_ms = info["downtime"].as_f64().unwrap_or(0.0);
+    out.ram_bytes = ram_bytes(&info);
+    // Tern's downtime counts from the start of its pause command, which
+    // here includes the RAM precopy while the VM ran: subtract it.
+    out.disk_final_ms =
+        report["downtime_ms"].as_f64().unwrap_or(0.0) - report["pause_ms"].as_f64().unwrap_or(0.0);
+    out.disk_bytes = report["wire_bytes"]
+        .as_u64()
+        .expect("wire_bytes in the report");
+    finish_on_destination(&src, &mut dst, &mut out);
+    src.kill();
+    drop(dst);
+    drop(resume);
+    agent.stop();
+    guest::fsck(&agent.image()).unwrap_or_else(|e| panic!("e2fsck on the destination: {e}"));
+    out
+}
+
+/// Polls `query-migrate` until `completed`, `failed`, `cancelled` or one of
+/// `also`, within [`MIGRATION_LIMIT`].
+fn wait_migration(src: &mut Vm, also: &[&str]) -> Value {
+    let deadline = Instant::now() + MIGRATION_LIMIT;
+    loop {
+        let info = src.qmp("query-migrate", Value::Null);
+        let status = info["status"].as_str().unwrap_or("");
+        if ["completed", "failed", "cancelled"].contains(&status) || also.contains(&status) {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration not done within {MIGRATION_LIMIT:?}: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The previous order, kept for comparison: Tern moves the disk and only
+/// then, with the source paused, does the destination QEMU start and RAM
+/// move (the export is read-only at the handshake until Tern's switch).
+/// `extra` goes to `tern migrate`.
+pub fn tern_moves_the_disk_serialized(name: &str, extra: &[&str]) -> Outcome {
     let guest = Guest::new(name);
     let mut agent = Destination::start(guest.path(), DISK_MIB << 20);
     let mut src = guest.boot_source();
@@ -368,19 +462,22 @@ pub fn spawn_migrate(
     hook: &Hook,
     extra: &[&str],
 ) -> Guard {
+    let pause = format!("qmp:{}", src.tern_qmp.display());
+    let hook = hook.command();
+    let mut args = vec!["--pause", pause.as_str(), "--health-cmd", hook.as_str()];
+    args.extend_from_slice(extra);
+    spawn_tern_migrate(agent, guest, &args)
+}
+
+/// `tern migrate` to `agent` with `args`; its log and report go to
+/// `migrate.log` and `migrate.out` in the guest's directory.
+fn spawn_tern_migrate(agent: &Destination, guest: &Guest, args: &[&str]) -> Guard {
     let log =
         std::fs::File::create(guest.path().join("migrate.log")).expect("create the migrate log");
     let stdout =
         std::fs::File::create(guest.path().join("migrate.out")).expect("create the migrate report");
-    let pause = format!("qmp:{}", src.tern_qmp.display());
-    let mut cmd = agent.migrate(
-        &guest.disk,
-        &["--pause", &pause, "--health-cmd", &hook.command()],
-    );
-    cmd.args(extra)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(log);
+    let mut cmd = agent.migrate(&guest.disk, args);
+    cmd.stdin(Stdio::null()).stdout(stdout).stderr(log);
     Guard::spawn(&mut cmd, "tern migrate")
 }
 

@@ -9,16 +9,23 @@ fn tern_and_qemu_move_a_writing_vm_and_the_guest_continues() {
     if let Some(why) = tern_vm_tests::missing_prerequisite() {
         panic!("{why}");
     }
-    let tern = scenario::tern_moves_the_disk("Tern (disk) + QEMU migrate (RAM)", &[]);
+    let tern = scenario::tern_moves_the_disk(
+        "Tern (disk) + QEMU precopy (RAM), pause-before-switchover",
+        &[],
+    );
+    let serial = scenario::tern_moves_the_disk_serialized(
+        "Tern (disk), then QEMU migrate (RAM) in Tern's pause (serialized)",
+        &[],
+    );
     let qemu = scenario::qemu_mirror("QEMU blockdev-mirror + migrate");
-    for o in [&tern, &qemu] {
+    for o in [&tern, &serial, &qemu] {
         assert!(o.final_counter > 0, "{o:?}");
         assert!(
             o.paused_ms > 0.0 && o.disk_bytes > 0 && o.ram_bytes > 0,
             "{o:?}"
         );
     }
-    let mut table = scenario::table(&[tern, qemu]);
+    let mut table = scenario::table(&[tern, serial, qemu]);
     // The point of the product: Tern's pre-migration prefetch (being built
     // beside this). Measured once `tern migrate` has the flag.
     if scenario::tern_has_prefetch() {

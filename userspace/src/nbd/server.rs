@@ -58,6 +58,11 @@ pub(crate) struct ExportState {
     pub(crate) description: String,
     pub(crate) image: Image,
     read_only: AtomicBool,
+    /// Advertise writable even while read-only: writes still get `EPERM`
+    /// until [`NbdServer::set_read_only`] clears it, but a client that
+    /// connected early (QEMU, which learns read-only once at connect)
+    /// can write after the flip without reconnecting.
+    advertise_writable: AtomicBool,
     changes: ImageChanges,
 }
 
@@ -77,7 +82,7 @@ impl ExportState {
             | proto::FLAG_SEND_FLUSH
             | proto::FLAG_SEND_FUA
             | proto::FLAG_CAN_MULTI_CONN;
-        if self.is_read_only() {
+        if self.is_read_only() && !self.advertise_writable.load(Ordering::Acquire) {
             base | proto::FLAG_READ_ONLY
         } else {
             base | proto::FLAG_SEND_TRIM | proto::FLAG_SEND_WRITE_ZEROES
@@ -171,6 +176,7 @@ impl NbdServer {
                     description: e.description,
                     image: e.image,
                     read_only: AtomicBool::new(read_only),
+                    advertise_writable: AtomicBool::new(false),
                     changes: e.changes,
                 })
             })
@@ -210,6 +216,27 @@ impl NbdServer {
             });
         }
         export.read_only.store(read_only, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes a read-only export advertise itself writable at the handshake
+    /// (no `NBD_FLAG_READ_ONLY`) while still refusing writes with `EPERM`
+    /// until [`NbdServer::set_read_only`] makes it writable. Fails on an
+    /// unknown name or an image opened read-only.
+    pub fn set_advertise_writable(&self, name: &str, advertise: bool) -> Result<(), NbdError> {
+        let export = self
+            .exports
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| self.unknown_export(name))?;
+        if advertise && export.image.is_read_only() {
+            return Err(NbdError::ImageReadOnly {
+                name: name.to_owned(),
+            });
+        }
+        export
+            .advertise_writable
+            .store(advertise, Ordering::Release);
         Ok(())
     }
 
