@@ -59,6 +59,7 @@ async fn a_file_pushed_over_mutual_tls_lands_byte_exact() {
 
 /// Connects with a hand-built TLS config and makes one call; the error, if any.
 async fn try_info(dst: &Destination, tls: Option<ClientTlsConfig>) -> Result<(), String> {
+    tern::rpc::tls::install_crypto_provider();
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", dst.addr))
         .expect("uri")

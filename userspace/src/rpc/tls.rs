@@ -98,6 +98,7 @@ impl TlsMaterial {
 
     /// Server side: present `cert.pem`, require a client certificate signed by `ca.pem`.
     pub fn server_config(&self) -> ServerTlsConfig {
+        install_crypto_provider();
         ServerTlsConfig::new()
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
@@ -107,6 +108,7 @@ impl TlsMaterial {
     /// Client side: trust only `ca.pem`, present `cert.pem`. `domain` is the
     /// name checked in the server's certificate; `None` uses the host of the URI.
     pub fn client_config(&self, domain: Option<&str>) -> ClientTlsConfig {
+        install_crypto_provider();
         let config = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
@@ -119,12 +121,22 @@ impl TlsMaterial {
     /// Client side without a client certificate (for tests of refusal and
     /// for tools that only need to verify the server).
     pub fn client_config_without_identity(&self, domain: Option<&str>) -> ClientTlsConfig {
+        install_crypto_provider();
         let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
         match domain {
             Some(domain) => config.domain_name(domain),
             None => config,
         }
     }
+}
+
+/// Makes `ring` the process's rustls provider. Two providers are linked (ours,
+/// `ring`; the S3 client's, `aws-lc-rs`), and rustls then refuses to guess one
+/// when tonic builds its configurations. Idempotent: a provider already
+/// installed (by us or by the embedding program) is kept.
+pub fn install_crypto_provider() {
+    // An Err only says a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
