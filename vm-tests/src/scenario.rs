@@ -182,9 +182,25 @@ fn ram_bytes(info: &Value) -> u64 {
 /// final delta and switches; `migrate-continue` sends the device state.
 /// `extra` goes to `tern migrate`.
 pub fn tern_moves_the_disk(name: &str, extra: &[&str]) -> Outcome {
+    tern_moves(name, extra, false)
+}
+
+/// The same with Tern's pre-migration prefetch: the running guest's disk is
+/// traced for a while, `tern predict` ranks what it will read and rewrite,
+/// and the first copy is ordered by that plan (`--prefetch`).
+pub fn tern_moves_the_disk_with_prefetch(name: &str) -> Outcome {
+    tern_moves(name, &[], true)
+}
+
+fn tern_moves(name: &str, extra: &[&str], prefetch: bool) -> Outcome {
     let guest = Guest::new(name);
     let mut agent = Destination::start_with(guest.path(), DISK_MIB << 20, true);
     let mut src = guest.boot_source();
+    let plan = guest.path().join("prefetch.json");
+    if prefetch {
+        learn_the_workload(&guest, &plan);
+    }
+    let plan = plan.to_string_lossy().into_owned();
     let mut out = Outcome {
         name: name.to_owned(),
         ..Outcome::default()
@@ -197,6 +213,9 @@ pub fn tern_moves_the_disk(name: &str, extra: &[&str]) -> Outcome {
     let pause_cmd = format!("cmd:{};;{}", pause.command(), resume.command());
     let mut args = vec!["--pause", pause_cmd.as_str()];
     args.extend_from_slice(extra);
+    if prefetch {
+        args.extend_from_slice(&["--prefetch", plan.as_str()]);
+    }
     let mut migrate = spawn_tern_migrate(&agent, &guest, &args);
     let (mut dst, uri) = incoming(
         &guest,
@@ -471,6 +490,29 @@ pub fn spawn_migrate(
 
 /// `tern migrate` to `agent` with `args`; its log and report go to
 /// `migrate.log` and `migrate.out` in the guest's directory.
+/// Traces the running guest's disk image (`tern trace --file`) and writes
+/// `tern predict`'s plan for the next minute to `plan`.
+fn learn_the_workload(guest: &Guest, plan: &Path) {
+    let trace = guest.path().join("history.trace");
+    crate::process::sh(
+        Command::new(crate::lab::tern_bin())
+            .arg("trace")
+            .arg("--file")
+            .arg(&guest.disk)
+            .args(["--duration", "10s", "--out"])
+            .arg(&trace),
+        Duration::from_mins(1),
+    );
+    crate::process::sh(
+        Command::new(crate::lab::tern_bin())
+            .arg("predict")
+            .arg(&trace)
+            .args(["--horizon", "30s", "--out"])
+            .arg(plan),
+        Duration::from_mins(2),
+    );
+}
+
 fn spawn_tern_migrate(agent: &Destination, guest: &Guest, args: &[&str]) -> Guard {
     let log =
         std::fs::File::create(guest.path().join("migrate.log")).expect("create the migrate log");
@@ -594,15 +636,6 @@ pub fn qemu_mirror(name: &str) -> Outcome {
     drop(dst);
     guest::fsck(&dst_disk).unwrap_or_else(|e| panic!("e2fsck on the destination: {e}"));
     out
-}
-
-/// Whether the `tern` under test has `tern migrate --prefetch`.
-pub fn tern_has_prefetch() -> bool {
-    let out = crate::process::run_for(
-        Command::new(crate::lab::tern_bin()).args(["migrate", "--help"]),
-        Duration::from_secs(30),
-    );
-    String::from_utf8_lossy(&out.stdout).contains("--prefetch")
 }
 
 /// The side-by-side table, in Markdown.

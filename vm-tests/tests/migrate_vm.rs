@@ -26,19 +26,12 @@ fn tern_and_qemu_move_a_writing_vm_and_the_guest_continues() {
         );
     }
     let mut table = scenario::table(&[tern, serial, qemu]);
-    // The point of the product: Tern's pre-migration prefetch (being built
-    // beside this). Measured once `tern migrate` has the flag.
-    if scenario::tern_has_prefetch() {
-        let pre =
-            scenario::tern_moves_the_disk("Tern with pre-migration prefetch", &["--prefetch"]);
-        let row = scenario::table(&[pre]);
-        table.push_str(row.lines().last().unwrap_or(""));
-        table.push('\n');
-    } else {
-        table.push_str(
-            "| Tern with pre-migration prefetch | — | — | — | — | — | — | — |\n\n(`tern migrate --prefetch` does not exist yet in this build: row not measured.)\n",
-        );
-    }
+    // The point of the product: the guest's disk traced beforehand,
+    // `tern predict`, and the migration ordered by its plan.
+    let pre = scenario::tern_moves_the_disk_with_prefetch("Tern with pre-migration prefetch");
+    let row = scenario::table(&[pre]);
+    table.push_str(row.lines().last().unwrap_or(""));
+    table.push('\n');
     eprintln!("\n{table}");
     tern_vm_tests::write_result("side-by-side.md", &table);
 }
