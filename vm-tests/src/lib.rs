@@ -60,11 +60,17 @@ pub fn missing_prerequisite() -> Option<String> {
 /// Saves a result (a table) where `cargo xtask vm-test` prints it from:
 /// `$CARGO_TARGET_DIR/vm/NAME` (or `target/vm/NAME`).
 pub fn write_result(name: &str, text: &str) {
+    std::fs::write(result_path(name), text).expect("write a VM test result");
+}
+
+/// Where a VM test result named `name` goes: `target/vm/` (`CARGO_TARGET_DIR`
+/// respected), created if missing.
+pub fn result_path(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
         PathBuf::from,
     );
     let dir = target.join("vm");
     std::fs::create_dir_all(&dir).expect("create target/vm");
-    std::fs::write(dir.join(name), text).expect("write a VM test result");
+    dir.join(name)
 }

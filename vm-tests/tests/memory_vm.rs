@@ -135,6 +135,19 @@ fn traced_run(guest: &Guest, name: &str, file_backed: bool) -> Faults {
     }
     f.pages = pages.len();
     tern_vm_tests::write_result(&format!("guest-ram-{name}.trace.csv"), &csv);
+    if f.total > 0 {
+        // The guest's memory heatmap: fault address x time, reads and writes.
+        let png = tern_vm_tests::result_path(&format!("guest-ram-{name}.png"));
+        sh(
+            Command::new(tern_bin())
+                .args(["analyze", "heatmap", "--faults", "--out"])
+                .arg(&png)
+                .arg(&trace),
+            Duration::from_mins(1),
+        );
+        let size = std::fs::metadata(&png).map_or(0, |m| m.len());
+        assert!(size > 0, "the heatmap {} is empty", png.display());
+    }
     f
 }
 
