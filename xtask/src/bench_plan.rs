@@ -27,10 +27,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::bench_migrate::{Loop, Netns, NetnsSpec};
 use crate::sh::{output, run as run_cmd};
 
 const HOST_ADDR: &str = "10.213.79.1";
 const NS_ADDR: &str = "10.213.79.2";
+const NETNS: NetnsSpec = NetnsSpec {
+    tag: "plan",
+    veth: "tbp",
+    host_addr: HOST_ADDR,
+    ns_addr: NS_ADDR,
+};
 
 fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -122,7 +129,7 @@ fn validate(tern: &Path) -> Result<String> {
     let migrate_bin =
         std::env::var_os("TERN_BENCH_PLAN_MIGRATE_BIN").map_or(tern.to_path_buf(), PathBuf::from);
     let dev = Loop::attach(&img)?;
-    let ns = Netns::create(&link)?;
+    let ns = Netns::create(&NETNS, &link)?;
     let certs = dir.0.join("certs");
     run_cmd(
         Command::new(tern)
@@ -185,7 +192,7 @@ fn validate(tern: &Path) -> Result<String> {
                     "--runtime=600",
                     "--eta=never",
                     &format!("--rate_iops={iops}"),
-                    &format!("--filename={}", dev.0),
+                    &format!("--filename={}", dev.dev),
                 ])
                 .stdout(Stdio::null()),
         )?;
@@ -198,7 +205,7 @@ fn validate(tern: &Path) -> Result<String> {
             .args([
                 "migrate",
                 "--device",
-                &dev.0,
+                &dev.dev,
                 "--to",
                 &grpc.to_string(),
                 "--tls-dir",
@@ -396,103 +403,5 @@ impl Drop for Guard {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-}
-
-/// A loop device, detached when dropped.
-struct Loop(String);
-
-impl Loop {
-    fn attach(file: &Path) -> Result<Loop> {
-        let dev = output(Command::new("losetup").args(["--find", "--show"]).arg(file))?
-            .trim()
-            .to_owned();
-        if !dev.starts_with("/dev/loop") {
-            bail!("losetup printed {dev:?}, not a loop device");
-        }
-        Ok(Loop(dev))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
-/// A namespace joined by a veth pair shaped by tbf; deleted when dropped.
-struct Netns {
-    name: String,
-    host_veth: String,
-}
-
-impl Netns {
-    fn create(rate: &str) -> Result<Netns> {
-        let id = std::process::id() % 100_000;
-        let ns = Netns {
-            name: format!("tern-bench-plan-{id}"),
-            host_veth: format!("tbp{id}h"),
-        };
-        let ns_veth = format!("tbp{id}n");
-        run_cmd(Command::new("ip").args(["netns", "add", &ns.name]))?;
-        let ip = |args: &[&str]| run_cmd(Command::new("ip").args(args));
-        let in_ns = |args: &[&str]| {
-            run_cmd(
-                Command::new("ip")
-                    .args(["netns", "exec", &ns.name])
-                    .args(args),
-            )
-        };
-        ip(&[
-            "link",
-            "add",
-            &ns.host_veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &ns_veth,
-        ])?;
-        ip(&["link", "set", &ns_veth, "netns", &ns.name])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{HOST_ADDR}/30"),
-            "dev",
-            &ns.host_veth,
-        ])?;
-        ip(&["link", "set", &ns.host_veth, "up"])?;
-        in_ns(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{NS_ADDR}/30"),
-            "dev",
-            &ns_veth,
-        ])?;
-        in_ns(&["ip", "link", "set", &ns_veth, "up"])?;
-        in_ns(&["ip", "link", "set", "lo", "up"])?;
-        let tbf = [
-            "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms",
-        ];
-        run_cmd(
-            Command::new("tc")
-                .args(["qdisc", "add", "dev", &ns.host_veth])
-                .args(tbf),
-        )?;
-        in_ns(&[&["tc", "qdisc", "add", "dev", &ns_veth][..], &tbf[..]].concat())?;
-        Ok(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_veth])
-            .stderr(Stdio::null())
-            .status();
     }
 }
