@@ -409,26 +409,7 @@ impl Bench<'_> {
             check_interrupted()?;
             std::fs::remove_file(&dst).ok();
             let (mut agent, to) = self.start_agent(&dst, size, Some(&ns))?;
-            let mut fio = Proc::spawn(
-                "fio",
-                Command::new("fio")
-                    .args([
-                        "--name=live",
-                        "--direct=1",
-                        "--rw=randwrite",
-                        "--bs=4k",
-                        "--ioengine=libaio",
-                        "--iodepth=8",
-                        "--thread",
-                        "--time_based",
-                        "--runtime=600",
-                        "--eta=never",
-                        &format!("--rate_iops={rate}"),
-                        &format!("--filename={}", src_loop.dev),
-                    ])
-                    .stdout(Stdio::null()),
-                None,
-            )?;
+            let mut fio = Proc::spawn("fio", &mut fio_writes("live", &src_loop.dev, rate), None)?;
             std::thread::sleep(Duration::from_secs(2));
             if let Some(status) = fio.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("fio exited at start ({status})");
@@ -918,6 +899,28 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// fio writing 4 KiB blocks at random on `dev` at `iops` until stopped;
+/// one process (`--thread`), so SIGSTOP of it pauses every job.
+pub(crate) fn fio_writes(name: &str, dev: &str, iops: u32) -> Command {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        &format!("--name={name}"),
+        "--direct=1",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--ioengine=libaio",
+        "--iodepth=8",
+        "--thread",
+        "--time_based",
+        "--runtime=600",
+        "--eta=never",
+        &format!("--rate_iops={iops}"),
+        &format!("--filename={dev}"),
+    ])
+    .stdout(Stdio::null());
+    cmd
 }
 
 /// A loop device over a file, detached when dropped.

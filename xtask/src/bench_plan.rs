@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench_migrate::{Loop, Netns, NetnsSpec};
+use crate::bench_migrate::{Loop, Netns, NetnsSpec, fio_writes};
 use crate::sh::{output, run as run_cmd};
 
 const HOST_ADDR: &str = "10.213.79.1";
@@ -178,24 +178,7 @@ fn validate(tern: &Path) -> Result<String> {
                 .stderr(Stdio::null()),
         )?;
         wait_listening(grpc)?;
-        let fio = Guard::spawn(
-            Command::new("fio")
-                .args([
-                    "--name=plan",
-                    "--direct=1",
-                    "--rw=randwrite",
-                    "--bs=4k",
-                    "--ioengine=libaio",
-                    "--iodepth=8",
-                    "--thread",
-                    "--time_based",
-                    "--runtime=600",
-                    "--eta=never",
-                    &format!("--rate_iops={iops}"),
-                    &format!("--filename={}", dev.dev),
-                ])
-                .stdout(Stdio::null()),
-        )?;
+        let fio = Guard::spawn(&mut fio_writes("plan", &dev.dev, iops))?;
         std::thread::sleep(Duration::from_secs(2));
         let trace = dir.0.join(format!("src-{iops}.trace"));
         let pause = format!("cmd:kill -STOP {pid};;kill -CONT {pid}", pid = fio.pid());
