@@ -27,6 +27,10 @@ pub struct Killed(pub Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
+        // Already reaped (a test may stop it itself): its pid may be reused.
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-CONT", &self.0.id().to_string()])
             .status();
