@@ -793,12 +793,12 @@ fn free_port(host: &str) -> Result<SocketAddr> {
 }
 
 /// Removes the directory (images, certificates, logs) when dropped.
-struct TempDir {
-    path: PathBuf,
+pub(crate) struct TempDir {
+    pub(crate) path: PathBuf,
 }
 
 impl TempDir {
-    fn create(path: PathBuf) -> Result<TempDir> {
+    pub(crate) fn create(path: PathBuf) -> Result<TempDir> {
         std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
         Ok(TempDir { path })
     }

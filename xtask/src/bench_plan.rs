@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench_migrate::{Loop, Netns, NetnsSpec, fio_writes};
+use crate::bench_migrate::{Loop, Netns, NetnsSpec, TempDir, fio_writes};
 use crate::sh::{output, run as run_cmd};
 
 const HOST_ADDR: &str = "10.213.79.1";
@@ -120,9 +120,8 @@ fn validate(tern: &Path) -> Result<String> {
         .collect::<Result<_, _>>()
         .context("TERN_BENCH_PLAN_IOPS: comma-separated IOPS")?;
     let base = PathBuf::from(env("TERN_BENCH_DIR", "/var/tmp"));
-    let dir = Scratch(base.join(format!("tern-bench-plan-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0)?;
-    let img = dir.0.join("src.img");
+    let dir = TempDir::create(base.join(format!("tern-bench-plan-{}", std::process::id())))?;
+    let img = dir.path.join("src.img");
     random_image(&img, mib)?;
     // Random data everywhere: neither the zero skip nor zstd changes the
     // bytes, so the comparison is about rounds and timing, not content.
@@ -130,7 +129,7 @@ fn validate(tern: &Path) -> Result<String> {
         std::env::var_os("TERN_BENCH_PLAN_MIGRATE_BIN").map_or(tern.to_path_buf(), PathBuf::from);
     let dev = Loop::attach(&img)?;
     let ns = Netns::create(&NETNS, &link)?;
-    let certs = dir.0.join("certs");
+    let certs = dir.path.join("certs");
     run_cmd(
         Command::new(tern)
             .args(["certs", "init"])
@@ -157,7 +156,7 @@ fn validate(tern: &Path) -> Result<String> {
         "total s"
     )?;
     for &iops in &rates {
-        let dst = dir.0.join("dst.img");
+        let dst = dir.path.join("dst.img");
         std::fs::remove_file(&dst).ok();
         let grpc: SocketAddr = format!("{NS_ADDR}:7443").parse()?;
         let mut agent = Guard::spawn(
@@ -180,7 +179,7 @@ fn validate(tern: &Path) -> Result<String> {
         wait_listening(grpc)?;
         let fio = Guard::spawn(&mut fio_writes("plan", &dev.dev, iops))?;
         std::thread::sleep(Duration::from_secs(2));
-        let trace = dir.0.join(format!("src-{iops}.trace"));
+        let trace = dir.path.join(format!("src-{iops}.trace"));
         let pause = format!("cmd:kill -STOP {pid};;kill -CONT {pid}", pid = fio.pid());
         let out = Command::new("timeout")
             .arg("600")
@@ -197,7 +196,7 @@ fn validate(tern: &Path) -> Result<String> {
             .arg("--trace-out")
             .arg(&trace)
             .arg("--state-dir")
-            .arg(dir.0.join("state"))
+            .arg(dir.path.join("state"))
             .args(["--pause", &pause, "--max-downtime", &downtime, "--json"])
             .stderr(Stdio::null())
             .output()
@@ -334,15 +333,6 @@ fn wait_listening(addr: SocketAddr) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("the destination agent did not listen on {addr} within 20 s")
-}
-
-/// Removed with everything in it when dropped.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A child stopped (SIGCONT, SIGTERM, then SIGKILL after 10 s) when dropped.
