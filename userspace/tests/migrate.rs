@@ -5,26 +5,14 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::migration::{
+    MIB, assert_same, fill_random, fio_writer, free_port, pause_stop, read_direct, run_report, tern,
+};
 use support::{LoopDev, sh};
-
-const MIB: u64 = 1 << 20;
-
-fn tern() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tern"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// A destination agent with its own certificates, restartable on the same image and port.
 struct Lab {
@@ -136,19 +124,6 @@ impl Drop for Lab {
     }
 }
 
-/// Runs a migration to its end; returns (success, last JSON line of stdout).
-fn run_report(cmd: &mut Command) -> (bool, serde_json::Value, String) {
-    let out = cmd.output().expect("run tern migrate");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let report = stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (out.status.success(), report, stderr)
-}
-
 /// Waits for a migration started with a piped stdout; it must succeed; returns its report.
 fn finished_report(child: Child) -> serde_json::Value {
     let out = child.wait_with_output().expect("migrate");
@@ -176,54 +151,6 @@ fn assert_resumed_identical(report: &serde_json::Value, source: &str, lab: &Lab)
     assert_same(source, &lab.image());
 }
 
-fn read_direct(path: &str) -> Vec<u8> {
-    let out = Command::new("dd")
-        .args([
-            &format!("if={path}"),
-            "iflag=direct",
-            "bs=1M",
-            "status=none",
-        ])
-        .output()
-        .expect("dd");
-    assert!(out.status.success());
-    out.stdout
-}
-
-fn assert_same(source: &str, dest: &Path) {
-    let a = read_direct(source);
-    let b = std::fs::read(dest).expect("read destination image");
-    assert_eq!(a.len(), b.len(), "sizes differ");
-    if let Some(i) = a.iter().zip(&b).position(|(x, y)| x != y) {
-        panic!("source and destination differ first at byte {i}");
-    }
-}
-
-/// fio writing 4 KiB blocks at random in the first `mib` MiB of a raw device until killed.
-fn fio_writer(dev: &str, iops: u32, mib: u64) -> Killed {
-    let child = Command::new("fio")
-        .args([
-            "--name=w",
-            &format!("--filename={dev}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--direct=1",
-            "--ioengine=psync",
-            "--time_based",
-            "--runtime=600",
-            &format!("--rate_iops={iops}"),
-            &format!("--size={mib}M"),
-            "--randrepeat=0",
-            // One process: SIGSTOP of it pauses every job.
-            "--thread",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start fio");
-    Killed(child)
-}
-
 fn kill(child: &mut Child) {
     let _ = Command::new("kill")
         .args(["-CONT", &child.id().to_string()])
@@ -232,26 +159,10 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Fills a device with random data so a copy takes a while.
-fn fill_random(dev: &str, mib: u64) {
-    sh(Command::new("dd").args([
-        "if=/dev/urandom",
-        &format!("of={dev}"),
-        "bs=1M",
-        &format!("count={mib}"),
-        "oflag=direct",
-        "status=none",
-    ]));
-}
-
-fn pause_stop(pid: u32) -> String {
-    format!("cmd:kill -STOP {pid};;kill -CONT {pid}")
-}
-
 /// A child killed (not waited for: it may be blocked in a frozen file system) on drop.
-struct Killed(Child);
+struct KillOnly(Child);
 
-impl Drop for Killed {
+impl Drop for KillOnly {
     fn drop(&mut self) {
         let _ = self.0.kill();
     }
@@ -281,7 +192,7 @@ fn migration_under_a_continuous_writer_is_identical_fsck_clean_and_verifies() {
         mnt.display()
     );
     // Declared after the mount guard, so dropped (killed) before it thaws.
-    let mut writer = Killed(
+    let mut writer = KillOnly(
         Command::new("sh")
             .args(["-c", &script])
             .spawn()
@@ -341,7 +252,7 @@ fn forced_tracer_loss_is_detected_and_recovered_by_checksums() {
     let lab = Lab::new(128 * MIB);
     // Bursts of 128 writes in flight, then a pause: far more completions at
     // once than a 4 KiB ring holds, however fast the reader.
-    let mut writer = Killed(
+    let mut writer = KillOnly(
         Command::new("fio")
             .args([
                 "--name=burst",
@@ -642,7 +553,7 @@ fn a_standby_source_agent_keeps_the_destination_current_and_reports_its_rpo() {
     fill_random(src.path(), 8);
     let state = lab.dir.path().join("standby-state");
     let control = format!("127.0.0.1:{}", free_port());
-    let mut agent = Killed(
+    let mut agent = KillOnly(
         tern()
             .args(["agent", "--role", "source", "--device", src.path()])
             .args(["--control", &control])

@@ -4,92 +4,12 @@
 
 mod support;
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use support::migration::{MIB, agent, fill_random, fio_writer, migrate, pause_stop, tern};
 use support::{LoopDev, sh};
-
-const MIB: u64 = 1 << 20;
-
-fn tern() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tern"))
-}
-
-/// A child killed (and waited for) on drop, resumed first in case it is stopped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// A destination agent on loopback with its own certificates.
-fn agent(dir: &Path, size: u64) -> (Killed, String) {
-    sh(tern()
-        .args(["certs", "init"])
-        .arg(dir.join("pki"))
-        .args(["--host", "localhost"]));
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let child = tern()
-        .args(["agent", "--role", "destination", "--image"])
-        .arg(dir.join("dst.img"))
-        .args(["--size", &size.to_string(), "--grpc", &addr])
-        .args(["--nbd", &format!("127.0.0.1:{}", free_port())])
-        .arg("--tls-dir")
-        .arg(dir.join("pki/localhost"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the destination agent");
-    let guard = Killed(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "the agent never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (guard, addr)
-}
-
-/// `tern migrate` bounded by a timeout; (success, report, stderr).
-fn migrate(dir: &Path, dev: &str, addr: &str, args: &[&str]) -> (bool, serde_json::Value, String) {
-    let out = Command::new("timeout")
-        .args(["-s", "KILL", "300", env!("CARGO_BIN_EXE_tern")])
-        .args(["migrate", "--device", dev, "--to", addr, "--tls-dir"])
-        .arg(dir.join("pki/localhost"))
-        .args(["--domain", "localhost", "--json", "--state-dir"])
-        .arg(dir.join("state"))
-        .arg("--trace-out")
-        .arg(dir.join("src.trace"))
-        .args(args)
-        .output()
-        .expect("run tern migrate");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report = stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (
-        out.status.success(),
-        report,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn same(source: &str, dest: &Path) {
     let out = Command::new("cmp")
@@ -126,40 +46,14 @@ fn write_plan(path: &Path, size: u64) {
 fn a_migration_with_a_plan_sends_whole_coarse_units_and_ends_identical() {
     let size = 64 * MIB;
     let src = LoopDev::new("64M");
-    sh(Command::new("dd").args([
-        "if=/dev/urandom",
-        &format!("of={}", src.path()),
-        "bs=1M",
-        "count=64",
-        "oflag=direct",
-        "status=none",
-    ]));
+    fill_random(src.path(), 64);
     let dir = src.dir.path();
     let (_agent, addr) = agent(dir, size);
     let plan = dir.join("plan.json");
     write_plan(&plan, size);
-    let fio = Killed(
-        Command::new("fio")
-            .args([
-                "--name=w",
-                &format!("--filename={}", src.path()),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--direct=1",
-                "--ioengine=psync",
-                "--time_based",
-                "--runtime=600",
-                "--rate_iops=400",
-                "--randrepeat=0",
-                "--thread",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start fio"),
-    );
+    let fio = fio_writer(src.path(), 400, 64);
     std::thread::sleep(Duration::from_secs(1));
-    let pause = format!("cmd:kill -STOP {pid};;kill -CONT {pid}", pid = fio.0.id());
+    let pause = pause_stop(fio.0.id());
     let (ok, report, err) = migrate(
         dir,
         src.path(),

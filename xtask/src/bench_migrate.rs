@@ -48,6 +48,12 @@ const CHANGE_BLOCK: u64 = 64 << 10;
 const HOST_ADDR: &str = "10.213.77.1";
 const NS_ADDR: &str = "10.213.77.2";
 const LINK_RATE: &str = "1gbit";
+const NETNS: NetnsSpec = NetnsSpec {
+    tag: "mig",
+    veth: "tbm",
+    host_addr: HOST_ADDR,
+    ns_addr: NS_ADDR,
+};
 
 struct Config {
     mib: u64,
@@ -377,7 +383,7 @@ impl Bench<'_> {
         write_half_zero_image(&src, cfg.live_mib)?;
         check_interrupted()?;
         let src_loop = Loop::attach(&src)?;
-        let ns = Netns::create()?;
+        let ns = Netns::create(&NETNS, LINK_RATE)?;
         let dst = self.dir.join("live-dst.img");
         let mut t = format!(
             "Live migration, {} MiB image, fio 4 KiB random writes (direct, libaio) on the loop device, \
@@ -403,26 +409,7 @@ impl Bench<'_> {
             check_interrupted()?;
             std::fs::remove_file(&dst).ok();
             let (mut agent, to) = self.start_agent(&dst, size, Some(&ns))?;
-            let mut fio = Proc::spawn(
-                "fio",
-                Command::new("fio")
-                    .args([
-                        "--name=live",
-                        "--direct=1",
-                        "--rw=randwrite",
-                        "--bs=4k",
-                        "--ioengine=libaio",
-                        "--iodepth=8",
-                        "--thread",
-                        "--time_based",
-                        "--runtime=600",
-                        "--eta=never",
-                        &format!("--rate_iops={rate}"),
-                        &format!("--filename={}", src_loop.dev),
-                    ])
-                    .stdout(Stdio::null()),
-                None,
-            )?;
+            let mut fio = Proc::spawn("fio", &mut fio_writes("live", &src_loop.dev, rate), None)?;
             std::thread::sleep(Duration::from_secs(2));
             if let Some(status) = fio.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("fio exited at start ({status})");
@@ -806,12 +793,12 @@ fn free_port(host: &str) -> Result<SocketAddr> {
 }
 
 /// Removes the directory (images, certificates, logs) when dropped.
-struct TempDir {
-    path: PathBuf,
+pub(crate) struct TempDir {
+    pub(crate) path: PathBuf,
 }
 
 impl TempDir {
-    fn create(path: PathBuf) -> Result<TempDir> {
+    pub(crate) fn create(path: PathBuf) -> Result<TempDir> {
         std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
         Ok(TempDir { path })
     }
@@ -914,13 +901,35 @@ impl Drop for Proc {
     }
 }
 
+/// fio writing 4 KiB blocks at random on `dev` at `iops` until stopped;
+/// one process (`--thread`), so SIGSTOP of it pauses every job.
+pub(crate) fn fio_writes(name: &str, dev: &str, iops: u32) -> Command {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        &format!("--name={name}"),
+        "--direct=1",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--ioengine=libaio",
+        "--iodepth=8",
+        "--thread",
+        "--time_based",
+        "--runtime=600",
+        "--eta=never",
+        &format!("--rate_iops={iops}"),
+        &format!("--filename={dev}"),
+    ])
+    .stdout(Stdio::null());
+    cmd
+}
+
 /// A loop device over a file, detached when dropped.
-struct Loop {
-    dev: String,
+pub(crate) struct Loop {
+    pub(crate) dev: String,
 }
 
 impl Loop {
-    fn attach(file: &Path) -> Result<Loop> {
+    pub(crate) fn attach(file: &Path) -> Result<Loop> {
         let dev = output(Command::new("losetup").args(["--find", "--show"]).arg(file))?
             .trim()
             .to_owned();
@@ -938,20 +947,34 @@ impl Drop for Loop {
 }
 
 /// A network namespace joined to the host by a veth pair, both ends shaped
-/// by `tbf` to [`LINK_RATE`]; deleted (with the pair) when dropped.
-struct Netns {
-    name: String,
+/// by `tbf`; deleted (with the pair) when dropped.
+pub(crate) struct Netns {
+    pub(crate) name: String,
     host_veth: String,
 }
 
+/// How a bench names and addresses its [`Netns`]; each bench has its own
+/// so two benches never collide.
+pub(crate) struct NetnsSpec<'a> {
+    /// In the namespace name, `tern-bench-{tag}-{pid}`.
+    pub(crate) tag: &'a str,
+    /// The veth pair is `{veth}{pid}h` / `{veth}{pid}n` (15 bytes at most).
+    pub(crate) veth: &'a str,
+    /// The host end's address in a /30.
+    pub(crate) host_addr: &'a str,
+    /// The namespace end's address in the same /30.
+    pub(crate) ns_addr: &'a str,
+}
+
 impl Netns {
-    fn create() -> Result<Netns> {
+    /// Both ends of the pair are shaped to `rate` (a `tc` rate, e.g. `1gbit`).
+    pub(crate) fn create(spec: &NetnsSpec<'_>, rate: &str) -> Result<Netns> {
         let id = std::process::id() % 100_000;
         let ns = Netns {
-            name: format!("tern-bench-mig-{id}"),
-            host_veth: format!("tbm{id}h"),
+            name: format!("tern-bench-{}-{id}", spec.tag),
+            host_veth: format!("{}{id}h", spec.veth),
         };
-        let ns_veth = format!("tbm{id}n");
+        let ns_veth = format!("{}{id}n", spec.veth);
         run_cmd(Command::new("ip").args(["netns", "add", &ns.name]))?;
         // From here on, dropping `ns` cleans up whatever was made.
         let ip = |args: &[&str]| run_cmd(Command::new("ip").args(args));
@@ -976,7 +999,7 @@ impl Netns {
         ip(&[
             "addr",
             "add",
-            &format!("{HOST_ADDR}/30"),
+            &format!("{}/30", spec.host_addr),
             "dev",
             &ns.host_veth,
         ])?;
@@ -985,14 +1008,14 @@ impl Netns {
             "ip",
             "addr",
             "add",
-            &format!("{NS_ADDR}/30"),
+            &format!("{}/30", spec.ns_addr),
             "dev",
             &ns_veth,
         ])?;
         in_ns(&["ip", "link", "set", &ns_veth, "up"])?;
         in_ns(&["ip", "link", "set", "lo", "up"])?;
         let tbf = [
-            "root", "tbf", "rate", LINK_RATE, "burst", "256kb", "latency", "50ms",
+            "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms",
         ];
         run_cmd(
             Command::new("tc")

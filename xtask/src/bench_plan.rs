@@ -27,10 +27,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::bench_migrate::{Loop, Netns, NetnsSpec, TempDir, fio_writes};
 use crate::sh::{output, run as run_cmd};
 
 const HOST_ADDR: &str = "10.213.79.1";
 const NS_ADDR: &str = "10.213.79.2";
+const NETNS: NetnsSpec = NetnsSpec {
+    tag: "plan",
+    veth: "tbp",
+    host_addr: HOST_ADDR,
+    ns_addr: NS_ADDR,
+};
 
 fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -113,17 +120,16 @@ fn validate(tern: &Path) -> Result<String> {
         .collect::<Result<_, _>>()
         .context("TERN_BENCH_PLAN_IOPS: comma-separated IOPS")?;
     let base = PathBuf::from(env("TERN_BENCH_DIR", "/var/tmp"));
-    let dir = Scratch(base.join(format!("tern-bench-plan-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0)?;
-    let img = dir.0.join("src.img");
+    let dir = TempDir::create(base.join(format!("tern-bench-plan-{}", std::process::id())))?;
+    let img = dir.path.join("src.img");
     random_image(&img, mib)?;
     // Random data everywhere: neither the zero skip nor zstd changes the
     // bytes, so the comparison is about rounds and timing, not content.
     let migrate_bin =
         std::env::var_os("TERN_BENCH_PLAN_MIGRATE_BIN").map_or(tern.to_path_buf(), PathBuf::from);
     let dev = Loop::attach(&img)?;
-    let ns = Netns::create(&link)?;
-    let certs = dir.0.join("certs");
+    let ns = Netns::create(&NETNS, &link)?;
+    let certs = dir.path.join("certs");
     run_cmd(
         Command::new(tern)
             .args(["certs", "init"])
@@ -150,7 +156,7 @@ fn validate(tern: &Path) -> Result<String> {
         "total s"
     )?;
     for &iops in &rates {
-        let dst = dir.0.join("dst.img");
+        let dst = dir.path.join("dst.img");
         std::fs::remove_file(&dst).ok();
         let grpc: SocketAddr = format!("{NS_ADDR}:7443").parse()?;
         let mut agent = Guard::spawn(
@@ -171,26 +177,9 @@ fn validate(tern: &Path) -> Result<String> {
                 .stderr(Stdio::null()),
         )?;
         wait_listening(grpc)?;
-        let fio = Guard::spawn(
-            Command::new("fio")
-                .args([
-                    "--name=plan",
-                    "--direct=1",
-                    "--rw=randwrite",
-                    "--bs=4k",
-                    "--ioengine=libaio",
-                    "--iodepth=8",
-                    "--thread",
-                    "--time_based",
-                    "--runtime=600",
-                    "--eta=never",
-                    &format!("--rate_iops={iops}"),
-                    &format!("--filename={}", dev.0),
-                ])
-                .stdout(Stdio::null()),
-        )?;
+        let fio = Guard::spawn(&mut fio_writes("plan", &dev.dev, iops))?;
         std::thread::sleep(Duration::from_secs(2));
-        let trace = dir.0.join(format!("src-{iops}.trace"));
+        let trace = dir.path.join(format!("src-{iops}.trace"));
         let pause = format!("cmd:kill -STOP {pid};;kill -CONT {pid}", pid = fio.pid());
         let out = Command::new("timeout")
             .arg("600")
@@ -198,7 +187,7 @@ fn validate(tern: &Path) -> Result<String> {
             .args([
                 "migrate",
                 "--device",
-                &dev.0,
+                &dev.dev,
                 "--to",
                 &grpc.to_string(),
                 "--tls-dir",
@@ -207,7 +196,7 @@ fn validate(tern: &Path) -> Result<String> {
             .arg("--trace-out")
             .arg(&trace)
             .arg("--state-dir")
-            .arg(dir.0.join("state"))
+            .arg(dir.path.join("state"))
             .args(["--pause", &pause, "--max-downtime", &downtime, "--json"])
             .stderr(Stdio::null())
             .output()
@@ -346,15 +335,6 @@ fn wait_listening(addr: SocketAddr) -> Result<()> {
     bail!("the destination agent did not listen on {addr} within 20 s")
 }
 
-/// Removed with everything in it when dropped.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A child stopped (SIGCONT, SIGTERM, then SIGKILL after 10 s) when dropped.
 struct Guard(Option<Child>);
 
@@ -396,103 +376,5 @@ impl Drop for Guard {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-}
-
-/// A loop device, detached when dropped.
-struct Loop(String);
-
-impl Loop {
-    fn attach(file: &Path) -> Result<Loop> {
-        let dev = output(Command::new("losetup").args(["--find", "--show"]).arg(file))?
-            .trim()
-            .to_owned();
-        if !dev.starts_with("/dev/loop") {
-            bail!("losetup printed {dev:?}, not a loop device");
-        }
-        Ok(Loop(dev))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
-/// A namespace joined by a veth pair shaped by tbf; deleted when dropped.
-struct Netns {
-    name: String,
-    host_veth: String,
-}
-
-impl Netns {
-    fn create(rate: &str) -> Result<Netns> {
-        let id = std::process::id() % 100_000;
-        let ns = Netns {
-            name: format!("tern-bench-plan-{id}"),
-            host_veth: format!("tbp{id}h"),
-        };
-        let ns_veth = format!("tbp{id}n");
-        run_cmd(Command::new("ip").args(["netns", "add", &ns.name]))?;
-        let ip = |args: &[&str]| run_cmd(Command::new("ip").args(args));
-        let in_ns = |args: &[&str]| {
-            run_cmd(
-                Command::new("ip")
-                    .args(["netns", "exec", &ns.name])
-                    .args(args),
-            )
-        };
-        ip(&[
-            "link",
-            "add",
-            &ns.host_veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &ns_veth,
-        ])?;
-        ip(&["link", "set", &ns_veth, "netns", &ns.name])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{HOST_ADDR}/30"),
-            "dev",
-            &ns.host_veth,
-        ])?;
-        ip(&["link", "set", &ns.host_veth, "up"])?;
-        in_ns(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{NS_ADDR}/30"),
-            "dev",
-            &ns_veth,
-        ])?;
-        in_ns(&["ip", "link", "set", &ns_veth, "up"])?;
-        in_ns(&["ip", "link", "set", "lo", "up"])?;
-        let tbf = [
-            "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms",
-        ];
-        run_cmd(
-            Command::new("tc")
-                .args(["qdisc", "add", "dev", &ns.host_veth])
-                .args(tbf),
-        )?;
-        in_ns(&[&["tc", "qdisc", "add", "dev", &ns_veth][..], &tbf[..]].concat())?;
-        Ok(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_veth])
-            .stderr(Stdio::null())
-            .status();
     }
 }

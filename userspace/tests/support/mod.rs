@@ -1,6 +1,8 @@
 //! Shared by the tracer's integration tests: commands and throwaway loop devices.
 #![allow(dead_code)]
 
+pub mod migration;
+
 use std::path::PathBuf;
 use std::process::Command;
 
