@@ -117,9 +117,7 @@ fn main() {
         buf.clear();
         buf.extend((i..(i + chunk as u64).min(n)).map(event));
         let (t0, c0) = (Instant::now(), thread_cpu());
-        for r in &buf {
-            a.observe(r);
-        }
+        a.observe_all(&buf);
         busy += t0.elapsed();
         cpu += thread_cpu().saturating_sub(c0);
         i += buf.len() as u64;

@@ -80,6 +80,20 @@ impl UnitBits {
     }
 }
 
+/// A hint to load `slice[i]` into the cache; no effect on results.
+#[inline]
+pub fn prefetch<T>(slice: &[T], i: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(p) = slice.get(i) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: a prefetch is only a hint and never faults; `p` is a valid reference
+        // anyway, and SSE is part of the x86_64 baseline.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(p).cast::<i8>()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (slice, i);
+}
+
 /// Counters of one extent. Timestamps are ns since the trace began; a mean
 /// interval is (last − first) / (count − 1), so no per-access history is kept.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -246,6 +260,23 @@ impl Level {
                 s.reads = s.reads.saturating_add(1);
                 s.read_bytes += part;
             }
+        }
+    }
+
+    /// Asks the CPU to start loading what `access` at `offset` will touch, so
+    /// that the cache misses of several requests overlap instead of queueing.
+    #[inline]
+    pub fn prefetch(&self, offset: u64, write: bool) {
+        let first = offset >> self.shift;
+        let word = (first / 64) as usize;
+        if write {
+            prefetch(&self.window.words, word);
+            prefetch(&self.written_ever.words, word);
+        } else {
+            prefetch(&self.read_ever.words, word);
+        }
+        if let Some(stats) = &self.stats {
+            prefetch(stats, first as usize);
         }
     }
 
