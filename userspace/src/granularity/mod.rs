@@ -171,30 +171,28 @@ pub fn zone_size(size: u64) -> u64 {
 
 /// The disk cut at volume edges, then into zones of `zone_size`, all with `unit`.
 fn zoned(size: u64, volumes: &[Volume], unit: u64) -> Result<Layout, GranularityError> {
-    let step = zone_size(size);
-    let mut cuts: Vec<u64> = vec![0, size];
-    for v in volumes {
-        cuts.extend([v.start.min(size), v.end.min(size)]);
-    }
-    cuts.extend((1..size.div_ceil(step)).map(|i| i * step));
-    cuts.sort_unstable();
-    cuts.dedup();
-    let zones = cuts
-        .windows(2)
-        .map(|w| Zone {
-            start: w[0],
-            end: w[1],
-            unit: unit.min(w[1] - w[0]),
-        })
-        .collect();
-    Layout::new(size, zones)
+    cut_at_volumes(size, volumes, Some(zone_size(size)), |len| unit.min(len))
 }
 
 /// Every volume (and the space between them) as one unit.
 fn whole_volumes(size: u64, volumes: &[Volume]) -> Result<Layout, GranularityError> {
+    cut_at_volumes(size, volumes, None, |len| len)
+}
+
+/// Zones between volume edges (and every `step`, if given), each with the
+/// unit `unit(zone length)`.
+fn cut_at_volumes(
+    size: u64,
+    volumes: &[Volume],
+    step: Option<u64>,
+    unit: impl Fn(u64) -> u64,
+) -> Result<Layout, GranularityError> {
     let mut cuts: Vec<u64> = vec![0, size];
     for v in volumes {
         cuts.extend([v.start.min(size), v.end.min(size)]);
+    }
+    if let Some(step) = step {
+        cuts.extend((1..size.div_ceil(step)).map(|i| i * step));
     }
     cuts.sort_unstable();
     cuts.dedup();
@@ -203,7 +201,7 @@ fn whole_volumes(size: u64, volumes: &[Volume]) -> Result<Layout, GranularityErr
         .map(|w| Zone {
             start: w[0],
             end: w[1],
-            unit: w[1] - w[0],
+            unit: unit(w[1] - w[0]),
         })
         .collect();
     Layout::new(size, zones)
