@@ -92,6 +92,8 @@ impl SourceAgent {
         gaps: &mut u64,
         synced_at: &mut Instant,
     ) -> Result<bool, ControlError> {
+        // The RPO is honest only about writes the tracer has seen.
+        cutover::write_back(&self.repl).await?;
         self.tracker.sync().await?;
         if self.tracker.gaps() != *gaps {
             *gaps = self.tracker.gaps();

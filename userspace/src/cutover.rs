@@ -237,6 +237,11 @@ pub async fn migrate(
 
     let mut rounds = 0;
     loop {
+        // Dirty pages in a page cache above the source (a mounted file
+        // system, guest RAM in a shared file mapping) reach the tracer only
+        // when written back: write them back now, so the dirty map and the
+        // downtime estimate hold what the pause would otherwise flush.
+        write_back(repl).await?;
         tracker.sync().await?;
         recover_gaps(repl, tracker, &mut gaps_seen, &mut report).await?;
         // Keep the local tree fresh while the workload runs, so that the
@@ -392,14 +397,7 @@ async fn final_delta(
 ) -> Result<(), CutoverError> {
     let step = Instant::now();
     // Writes still in a page cache above the source must reach it (and the tracer).
-    let path = repl.source().path().to_path_buf();
-    tokio::task::spawn_blocking(move || sync_source(&path))
-        .await
-        .map_err(|e| CutoverError::Source {
-            action: "flush",
-            path: String::new(),
-            reason: e.to_string(),
-        })??;
+    write_back(repl).await?;
     report.flush_ms = ms(step);
     let step = Instant::now();
     tracker.sync().await?;
@@ -433,6 +431,19 @@ async fn final_delta(
         repl.round(false).await?;
     }
     Ok(())
+}
+
+/// Writes back the page cache above the source ([`sync_source`]), off the
+/// async threads, so that its dirty pages reach the tracer.
+pub async fn write_back(repl: &Replicator) -> Result<(), CutoverError> {
+    let path = repl.source().path().to_path_buf();
+    tokio::task::spawn_blocking(move || sync_source(&path))
+        .await
+        .map_err(|e| CutoverError::Source {
+            action: "flush",
+            path: String::new(),
+            reason: e.to_string(),
+        })?
 }
 
 /// Flushes what sits above the source: `syncfs` on every file system

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod pause;
 pub mod predict;
+pub mod ramfile;
 pub mod replicate;
 pub mod rpc;
 pub mod simulate;

@@ -65,6 +65,43 @@ enum Command {
     Plan(cli_plan::PlanArgs),
     /// Forecast the next horizon's reads and writes from a trace (`eval`: measure the models).
     Predict(cli_predict::PredictArgs),
+    /// Prepare a guest-RAM file (QEMU memory-backend-file, share=on) so that Tern sees each
+    /// 4 KiB page the guest dirties; run before QEMU maps it, then `migrate --file` it.
+    RamFile(RamFileArgs),
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Example:\n  tern ram-file /var/lib/vm/guest.ram --size 4G\n  qemu-system-x86_64 -machine q35,memory-backend=ram0 -m 4G \\\n    -object memory-backend-file,id=ram0,size=4G,mem-path=/var/lib/vm/guest.ram,share=on ..."
+)]
+struct RamFileArgs {
+    /// The RAM file, on a block-backed file system (created or grown; contents kept).
+    path: PathBuf,
+    /// The guest's RAM size (QEMU's -m).
+    #[arg(long, value_parser = tern::agent::parse_size)]
+    size: u64,
+}
+
+fn ram_file(a: &RamFileArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let started = std::time::Instant::now();
+    let done = tern::ramfile::prepare(&a.path, a.size, |bytes| {
+        tracing::info!(
+            done_mib = bytes >> 20,
+            total_mib = a.size >> 20,
+            "reading the RAM file into 4 KiB pages"
+        );
+    })?;
+    writeln!(
+        std::io::stdout().lock(),
+        "{}: {} MiB ready, {} pages of 4 KiB in the page cache ({} MiB added) in {:.1} s",
+        a.path.display(),
+        a.size >> 20,
+        done.pages,
+        done.grown_bytes >> 20,
+        started.elapsed().as_secs_f64()
+    )?;
+    Ok(())
 }
 
 #[derive(Args)]
@@ -571,6 +608,7 @@ fn main() -> std::process::ExitCode {
         Command::Analyze(a) => cli_analyze::run(a),
         Command::Plan(p) => cli_plan::plan(&p),
         Command::Predict(p) => cli_predict::predict(p),
+        Command::RamFile(r) => ram_file(&r),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

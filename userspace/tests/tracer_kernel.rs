@@ -340,3 +340,79 @@ fn bad_input_gets_one_clear_line() {
     let none = config(vec![], out.path());
     assert!(session::run(&none, &stop).is_err());
 }
+
+/// Guest RAM in a shared file: after `tern ram-file` (4 KiB folios), each
+/// page a store dirties comes back from the writeback as exactly that page.
+#[test]
+fn a_prepared_ram_file_shows_each_dirtied_page_at_4k() {
+    let lo = LoopDev::new("128M");
+    let mnt = tempfile::Builder::new()
+        .prefix("tern-mnt")
+        .tempdir_in("/var/tmp")
+        .expect("mount dir");
+    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.dev));
+    sh(Command::new("mount").arg(&lo.dev).arg(mnt.path()));
+    let _unmount = Unmount(mnt.path().to_path_buf());
+    let ram = mnt.path().join("guest.ram");
+    let size = 32usize << 20;
+    tern::ramfile::prepare(&ram, size as u64, |_| {}).expect("prepare the RAM file");
+
+    let out = tempfile::NamedTempFile::new().expect("temp trace");
+    let mut cfg = config(vec![], out.path());
+    cfg.image = Some(ram.clone());
+    let mut session = Session::start(&cfg).expect("tracer starts on the device under the file");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&ram)
+        .expect("open the RAM file");
+    let pages = [0u64, 7, 256 + 3, 300, 5000, 8191];
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh shared mapping of `size` bytes of an open file; it
+        // is only touched within bounds below and unmapped before `file` closes.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED, "mmap the RAM file");
+        // As QEMU does for guest RAM: a fault may then map a 2 MiB folio.
+        // SAFETY: advice on the mapping made above.
+        assert_eq!(unsafe { libc::madvise(base, size, libc::MADV_HUGEPAGE) }, 0);
+        for p in pages {
+            // SAFETY: `p * 4096 + 100` is inside the mapping.
+            unsafe {
+                base.cast::<u8>()
+                    .add(p as usize * 4096 + 100)
+                    .write_volatile(0x5a)
+            };
+        }
+        // SAFETY: `base` is the mapping made above, `size` long.
+        assert_eq!(unsafe { libc::munmap(base, size) }, 0, "munmap");
+    }
+    file.sync_data().expect("write back the RAM file");
+    drive(&mut session, Duration::from_millis(300));
+    session.finish().expect("finish");
+
+    let mut written: Vec<u64> = records(out.path())
+        .iter()
+        .filter_map(|r| match r {
+            Record::Block(b) if b.op == Op::Write => Some((b.offset, b.len)),
+            _ => None,
+        })
+        .flat_map(|(offset, len)| offset / 4096..(offset + u64::from(len)) / 4096)
+        .collect();
+    written.sort_unstable();
+    written.dedup();
+    assert_eq!(
+        written,
+        pages.to_vec(),
+        "the pages written back, and no others"
+    );
+}

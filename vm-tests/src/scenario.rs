@@ -42,6 +42,9 @@ pub struct Outcome {
     pub disk_bytes: u64,
     /// RAM and device state (`query-migrate` `ram.transferred`).
     pub ram_bytes: u64,
+    /// Guest RAM Tern replicated (its RAM migration's `wire_bytes`), when
+    /// QEMU sends only what is not in the shared RAM file.
+    pub ram_by_tern: u64,
     /// From the start of the disk copy to the destination running.
     pub total_s: f64,
     /// The last counter the guest reported, and that it verified every file.
@@ -106,9 +109,16 @@ impl Guest {
 
     /// Boots the source VM on the disk and waits for the workload to tick.
     pub fn boot_source(&self) -> Vm {
+        self.boot_source_with_ram(None)
+    }
+
+    /// [`Guest::boot_source`], with guest RAM in `ram` (a shared file) if given.
+    pub fn boot_source_with_ram(&self, ram: Option<&Path>) -> Vm {
         let mut spec = self.spec("src");
         spec.disk = Some(Disk::File(self.disk.clone()));
         spec.tern_monitor = true;
+        spec.ram_file = ram.map(Path::to_path_buf);
+        spec.mem_mib = RAM_MIB;
         let mut src = Vm::start(&spec);
         src.wait_serial(&format!("tern-vm: tick {TICKS_BEFORE} "), GUEST_LIMIT);
         src
@@ -118,9 +128,16 @@ impl Guest {
 /// A destination QEMU waiting for the migration stream on a unix socket,
 /// paused after it (`-S`) until the harness says `cont`.
 fn incoming(guest: &Guest, disk: Disk) -> (Vm, String) {
+    incoming_with_ram(guest, disk, None)
+}
+
+/// [`incoming`], with guest RAM in `ram` (a shared file) if given.
+fn incoming_with_ram(guest: &Guest, disk: Disk, ram: Option<&Path>) -> (Vm, String) {
     let uri = format!("unix:{}", guest.path().join("migrate.sock").display());
     let mut spec = guest.spec("dst");
     spec.disk = Some(disk);
+    spec.ram_file = ram.map(Path::to_path_buf);
+    spec.mem_mib = RAM_MIB;
     spec.incoming = Some(uri.clone());
     spec.start_paused = true;
     (Vm::start(&spec), uri)
@@ -216,7 +233,7 @@ fn tern_moves(name: &str, extra: &[&str], prefetch: bool) -> Outcome {
     if prefetch {
         args.extend_from_slice(&["--prefetch", plan.as_str()]);
     }
-    let mut migrate = spawn_tern_migrate(&agent, &guest, &args);
+    let mut migrate = spawn_tern_migrate(&agent, &guest.disk, &args);
     let (mut dst, uri) = incoming(
         &guest,
         Disk::Nbd {
@@ -231,7 +248,7 @@ fn tern_moves(name: &str, extra: &[&str], prefetch: bool) -> Outcome {
     assert!(
         pause.wait(&mut migrate, MIGRATION_LIMIT).is_some(),
         "tern migrate exited before its pause: {}",
-        migrate_log(&guest)
+        migrate_log(guest.path())
     );
     // Tern has converged and asks for the pause: RAM precopy while the VM
     // still runs (Tern keeps tracing its writes for the final delta).
@@ -239,7 +256,7 @@ fn tern_moves(name: &str, extra: &[&str], prefetch: bool) -> Outcome {
     let pre = wait_migration(&mut src, &["pre-switchover"]);
     assert_eq!(pre["status"], "pre-switchover", "RAM precopy: {pre}");
     pause.answer(true);
-    let report = finish_migrate(&mut migrate, &guest);
+    let report = finish_migrate(&mut migrate, guest.path());
     assert_eq!(report["outcome"], "cut over", "{report}");
     src.qmp("migrate-continue", json!({ "state": "pre-switchover" }));
     let info = wait_migration(&mut src, &[]);
@@ -263,6 +280,126 @@ fn tern_moves(name: &str, extra: &[&str], prefetch: bool) -> Outcome {
     drop(resume);
     agent.stop();
     guest::fsck(&agent.image()).unwrap_or_else(|e| panic!("e2fsck on the destination: {e}"));
+    out
+}
+
+/// Guest RAM of every VM here (QEMU's `-m`, the RAM file's size).
+const RAM_MIB: u32 = 256;
+
+/// Tern moves the disk and the guest's RAM; QEMU sends only the device state.
+/// Guest RAM is a shared file on the host's file system
+/// (`memory-backend-file,share=on`), allocated up front so its blocks stay
+/// put. A second `tern migrate --file` replicates that file at 4 KiB pages
+/// while the VM runs: before every round Tern writes back the file's dirty
+/// pages, the kernel write-protects them again, and the writeback's block
+/// requests are what the tracer sees, so each page the guest dirties is
+/// marked. The destination QEMU maps the destination agent's copy of the file
+/// as its RAM. Both `tern migrate`s pause through hooks; once both have
+/// converged, QEMU `migrate`s with `x-ignore-shared` (RAM is not sent) and
+/// `pause-before-switchover`; at `pre-switchover` (VM stopped) both send
+/// their final delta, verify and switch; `migrate-continue` sends the device
+/// state.
+pub fn tern_moves_disk_and_ram(name: &str) -> Outcome {
+    let guest = Guest::new(name);
+    let mut disk_agent = Destination::start_with(guest.path(), DISK_MIB << 20, true);
+    let ram_dir = guest.path().join("ram");
+    std::fs::create_dir(&ram_dir).expect("mkdir the RAM agent's directory");
+    let mut ram_agent = Destination::start(&ram_dir, u64::from(RAM_MIB) << 20);
+    let ram = guest.path().join("src.ram");
+    // 4 KiB folios in its page cache, so that the tracer sees dirtied pages,
+    // not the large folios around them.
+    crate::process::sh(
+        Command::new(crate::lab::tern_bin())
+            .arg("ram-file")
+            .arg(&ram)
+            .args(["--size", &format!("{RAM_MIB}M")]),
+        Duration::from_mins(1),
+    );
+    let mut src = guest.boot_source_with_ram(Some(&ram));
+    let mut out = Outcome {
+        name: name.to_owned(),
+        ..Outcome::default()
+    };
+    // Resume hooks run only if a cutover fails; nobody answers them, so the
+    // failing `tern migrate` reports it and the test fails on that report.
+    let mut hooks = ["disk", "ram"].map(|part| {
+        let pause = Hook::named(guest.path(), &format!("pause-{part}"));
+        let resume = Hook::named(guest.path(), &format!("resume-{part}"));
+        let cmd = format!("cmd:{};;{}", pause.command(), resume.command());
+        (pause, resume, cmd)
+    });
+    let started = Instant::now();
+    let mut disk = spawn_tern_migrate(&disk_agent, &guest.disk, &["--pause", &hooks[0].2]);
+    let mut ram_migrate = spawn_tern_migrate(&ram_agent, &ram, &["--pause", &hooks[1].2]);
+    let (mut dst, uri) = incoming_with_ram(
+        &guest,
+        Disk::Nbd {
+            port: disk_agent.nbd,
+            export: "tern".to_owned(),
+        },
+        Some(&ram_agent.image()),
+    );
+    let ignore_shared = json!({ "capability": "x-ignore-shared", "state": true });
+    dst.qmp(
+        "migrate-set-capabilities",
+        json!({ "capabilities": [ignore_shared] }),
+    );
+    src.qmp(
+        "migrate-set-capabilities",
+        json!({ "capabilities": [
+            ignore_shared,
+            { "capability": "pause-before-switchover", "state": true },
+        ] }),
+    );
+    let [disk_hooks, ram_hooks] = &mut hooks;
+    for (hook, migrate, dir) in [
+        (&mut disk_hooks.0, &mut disk, guest.path()),
+        (&mut ram_hooks.0, &mut ram_migrate, ram_dir.as_path()),
+    ] {
+        assert!(
+            hook.wait(migrate, MIGRATION_LIMIT).is_some(),
+            "tern migrate exited before its pause: {}",
+            migrate_log(dir)
+        );
+    }
+    // Both have converged: QEMU stops the VM at once (RAM is not its to send).
+    src.qmp("migrate", json!({ "uri": uri }));
+    let pre = wait_migration(&mut src, &["pre-switchover"]);
+    assert_eq!(pre["status"], "pre-switchover", "migration: {pre}");
+    hooks[0].0.answer(true);
+    hooks[1].0.answer(true);
+    let disk_report = finish_migrate(&mut disk, guest.path());
+    let ram_report = finish_migrate(&mut ram_migrate, &ram_dir);
+    for report in [&disk_report, &ram_report] {
+        assert_eq!(report["outcome"], "cut over", "{report}");
+    }
+    src.qmp("migrate-continue", json!({ "state": "pre-switchover" }));
+    let info = wait_migration(&mut src, &[]);
+    assert_eq!(info["status"], "completed", "device state: {info}");
+    dst.qmp("cont", Value::Null);
+    out.total_s = started.elapsed().as_secs_f64();
+    let (src_events, dst_events) = (src.events(), dst.events());
+    out.paused_ms = paused_ms(&src_events, &dst_events);
+    out.qmp_downtime_ms = info["downtime"].as_f64().unwrap_or(0.0);
+    out.ram_bytes = ram_bytes(&info);
+    out.ram_by_tern = ram_report["wire_bytes"]
+        .as_u64()
+        .expect("wire_bytes in the RAM report");
+    // Both final deltas ran side by side inside the stop: the longer one counts.
+    out.disk_final_ms = [&disk_report, &ram_report]
+        .iter()
+        .map(|r| r["downtime_ms"].as_f64().unwrap_or(0.0) - r["pause_ms"].as_f64().unwrap_or(0.0))
+        .fold(0.0, f64::max);
+    out.disk_bytes = disk_report["wire_bytes"]
+        .as_u64()
+        .expect("wire_bytes in the report");
+    finish_on_destination(&src, &mut dst, &mut out);
+    src.kill();
+    drop(dst);
+    drop(hooks);
+    disk_agent.stop();
+    ram_agent.stop();
+    guest::fsck(&disk_agent.image()).unwrap_or_else(|e| panic!("e2fsck on the destination: {e}"));
     out
 }
 
@@ -313,12 +450,12 @@ pub fn tern_resumes_after_a_kill(name: &str) -> (Outcome, Value, u64) {
         assert!(
             first.try_wait().is_none(),
             "the throttled migrate ended before it could be killed: {}",
-            migrate_log(&guest)
+            migrate_log(guest.path())
         );
         assert!(
             Instant::now() < deadline,
             "the first migrate sent nothing: {}",
-            migrate_log(&guest)
+            migrate_log(guest.path())
         );
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -343,7 +480,7 @@ pub fn destination_dies_during_cutover(name: &str) -> Outcome {
     assert!(
         hook.wait(&mut migrate, MIGRATION_LIMIT).is_some(),
         "tern migrate exited before cutover: {}",
-        migrate_log(&guest)
+        migrate_log(guest.path())
     );
     hook.answer(true);
     let (mut dst, uri) = incoming(
@@ -373,7 +510,7 @@ pub fn destination_dies_during_cutover(name: &str) -> Outcome {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let report = finish_migrate(&mut migrate, &guest);
+    let report = finish_migrate(&mut migrate, guest.path());
     assert_eq!(report["outcome"], "cut over", "{report}");
     assert_ne!(src.status(), "running", "the source must still be paused");
     let rb = agent.rollback(&guest.disk, &format!("qmp:{}", src.tern_qmp.display()));
@@ -439,7 +576,7 @@ fn tern_cutover(
     assert!(
         hook.wait(&mut migrate, MIGRATION_LIMIT).is_some(),
         "tern migrate exited before cutover: {}",
-        migrate_log(guest)
+        migrate_log(guest.path())
     );
     // Disk final, export writable: let Tern finish (its own health check
     // reads the destination's first MiB, so the destination VM stays paused
@@ -454,7 +591,7 @@ fn tern_cutover(
     );
     let info = src.migrate(&uri, MIGRATION_LIMIT);
     assert_eq!(info["status"], "completed", "RAM migration: {info}");
-    let report = finish_migrate(&mut migrate, guest);
+    let report = finish_migrate(&mut migrate, guest.path());
     dst.qmp("cont", Value::Null);
     out.total_s = started.elapsed().as_secs_f64();
     let (src_events, dst_events) = (src.events(), dst.events());
@@ -485,7 +622,7 @@ pub fn spawn_migrate(
     let hook = hook.command();
     let mut args = vec!["--pause", pause.as_str(), "--health-cmd", hook.as_str()];
     args.extend_from_slice(extra);
-    spawn_tern_migrate(agent, guest, &args)
+    spawn_tern_migrate(agent, &guest.disk, &args)
 }
 
 /// `tern migrate` to `agent` with `args`; its log and report go to
@@ -513,35 +650,34 @@ fn learn_the_workload(guest: &Guest, plan: &Path) {
     );
 }
 
-fn spawn_tern_migrate(agent: &Destination, guest: &Guest, args: &[&str]) -> Guard {
-    let log =
-        std::fs::File::create(guest.path().join("migrate.log")).expect("create the migrate log");
+fn spawn_tern_migrate(agent: &Destination, image: &Path, args: &[&str]) -> Guard {
+    let log = std::fs::File::create(agent.dir.join("migrate.log")).expect("create the migrate log");
     let stdout =
-        std::fs::File::create(guest.path().join("migrate.out")).expect("create the migrate report");
-    let mut cmd = agent.migrate(&guest.disk, args);
+        std::fs::File::create(agent.dir.join("migrate.out")).expect("create the migrate report");
+    let mut cmd = agent.migrate(image, args);
     cmd.stdin(Stdio::null()).stdout(stdout).stderr(log);
     Guard::spawn(&mut cmd, "tern migrate")
 }
 
-fn migrate_log(guest: &Guest) -> String {
-    let text = std::fs::read_to_string(guest.path().join("migrate.log")).unwrap_or_default();
+fn migrate_log(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("migrate.log")).unwrap_or_default();
     vm::tail(&text)
 }
 
 /// Waits for `tern migrate` to succeed and returns its JSON report.
-pub fn finish_migrate(migrate: &mut Guard, guest: &Guest) -> Value {
+pub fn finish_migrate(migrate: &mut Guard, dir: &Path) -> Value {
     let status = migrate.wait_for(Duration::from_mins(1)).unwrap_or_else(|| {
         panic!(
             "tern migrate did not exit after cutover: {}",
-            migrate_log(guest)
+            migrate_log(dir)
         )
     });
     assert!(
         status.success(),
         "tern migrate failed ({status}): {}",
-        migrate_log(guest)
+        migrate_log(dir)
     );
-    let text = std::fs::read_to_string(guest.path().join("migrate.out")).expect("read the report");
+    let text = std::fs::read_to_string(dir.join("migrate.out")).expect("read the report");
     serde_json::from_str(text.lines().last().unwrap_or("null")).expect("the report is JSON")
 }
 
@@ -642,12 +778,12 @@ pub fn qemu_mirror(name: &str) -> Outcome {
 pub fn table(rows: &[Outcome]) -> String {
     use std::fmt::Write;
     let mut t = String::from(
-        "| migration | QMP downtime (ms) | paused, STOP→RESUME (ms) | disk made final (ms) | guest's gap (ms; median tick) | disk bytes | RAM bytes | total (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| migration | QMP downtime (ms) | paused, STOP→RESUME (ms) | disk made final (ms) | guest's gap (ms; median tick) | disk bytes | RAM bytes (QEMU) | RAM bytes (Tern) | total (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let _ = writeln!(
             t,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} ({:.0}) | {} | {} | {:.1} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} ({:.0}) | {} | {} | {} | {:.1} |",
             r.name,
             r.qmp_downtime_ms,
             r.paused_ms,
@@ -656,6 +792,7 @@ pub fn table(rows: &[Outcome]) -> String {
             r.guest_tick_ms,
             r.disk_bytes,
             r.ram_bytes,
+            r.ram_by_tern,
             r.total_s
         );
     }
