@@ -390,8 +390,8 @@ fn a_prepared_ram_file_shows_each_dirtied_page_at_4k() {
             unsafe {
                 base.cast::<u8>()
                     .add(p as usize * 4096 + 100)
-                    .write_volatile(0x5a)
-            };
+                    .write_volatile(0x5a);
+            }
         }
         // SAFETY: `base` is the mapping made above, `size` long.
         assert_eq!(unsafe { libc::munmap(base, size) }, 0, "munmap");
