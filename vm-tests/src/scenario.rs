@@ -370,6 +370,10 @@ pub fn tern_moves_disk_and_ram(name: &str) -> Outcome {
     hooks[1].0.answer(true);
     let disk_report = finish_migrate(&mut disk, guest.path());
     let ram_report = finish_migrate(&mut ram_migrate, &ram_dir);
+    crate::write_result(
+        "tern-disk-and-ram-reports.json",
+        &json!({ "disk": disk_report, "ram": ram_report }).to_string(),
+    );
     for report in [&disk_report, &ram_report] {
         assert_eq!(report["outcome"], "cut over", "{report}");
     }
