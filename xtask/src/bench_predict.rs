@@ -21,7 +21,7 @@
 //!    `bench_warm.rs`.
 //!
 //! Environment: `TERN_BENCH_PREDICT_HORIZON` (eval horizon, default `5s`),
-//! `TERN_BENCH_PREDICT_PARTS` (`eval,migrate`; add `warm` for part 3), `TERN_BENCH_PREDICT_RUNS`
+//! `TERN_BENCH_PREDICT_PARTS` (`eval,migrate,warm`), `TERN_BENCH_PREDICT_RUNS`
 //! (migrations per arm, default 3), `TERN_BENCH_PREDICT_MIB` (source size,
 //! default 512), `TERN_BENCH_PREDICT_IOPS` (default 2000),
 //! `TERN_BENCH_PREDICT_RATE` (`--max-rate`, default `100M`), `TERN_BENCH_DIR`.
@@ -48,7 +48,7 @@ fn env_or(name: &str, default: &str) -> String {
 
 pub fn run(bin: &Path) -> Result<()> {
     crate::sh::require_root("cargo xtask bench predict")?;
-    let parts = env_or("TERN_BENCH_PREDICT_PARTS", "eval,migrate");
+    let parts = env_or("TERN_BENCH_PREDICT_PARTS", "eval,migrate,warm");
     let mut out = String::new();
     if parts.contains("eval") {
         eval_part(bin, &mut out)?;

@@ -418,23 +418,23 @@ pub(super) fn warm_part(bin: &Path, out: &mut String) -> Result<()> {
                 .with_context(|| format!("fio's JSON on the destination: {fio_out:.200}"))?;
         let read = &fio_json["jobs"][0]["read"];
         let pct = &read["clat_ns"]["percentile"];
-        // `time_ms file read offset length` (fio's iolog version 3).
+        // `time_us file read offset length` (fio's iolog version 3).
         let reads: Vec<(u64, u64)> = std::fs::read_to_string(&iolog)
             .with_context(|| format!("cannot read {}", iolog.display()))?
             .lines()
             .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
-                [ms, _, "read", offset, _] => Some((ms.parse().ok()?, offset.parse().ok()?)),
+                [us, _, "read", offset, _] => Some((us.parse().ok()?, offset.parse().ok()?)),
                 _ => None,
             })
             .collect();
-        let Some(&(first_ms, _)) = reads.first() else {
+        let Some(&(first_us, _)) = reads.first() else {
             bail!("fio logged no reads in {}", iolog.display());
         };
         let read_pages: HashSet<u64> = reads.iter().map(|&(_, o)| o / page).collect();
         // The warm-up's effect is largest while it runs: the first second.
         let first_second = reads
             .iter()
-            .filter(|&&(ms, _)| ms < first_ms + 1000)
+            .filter(|&&(us, _)| us < first_us + 1_000_000)
             .count();
         // The warm-up may outlast the workload window; give it time to log.
         let (warm_bytes, warm_seconds) = if with_plan {
