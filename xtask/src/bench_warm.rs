@@ -22,7 +22,8 @@
 //! seed) runs against the destination's NBD export for a fixed time; the
 //! figures are the page-cache residency (mincore) of the warmed ranges and of
 //! the pages the workload then read, at the moment it starts; the reads the
-//! destination device served while it ran; fio's IOPS and latency; the
+//! destination device served while it ran; fio's IOPS (in the first second,
+//! from the iolog's time stamps, and overall) and latency; the
 //! warm-up's bytes and seconds from the agent's log.
 //!
 //! Environment: `TERN_BENCH_WARM_MIB` (source size, default 512),
