@@ -16,8 +16,12 @@
 //!    send (`sent - first_round - held_back`). Every destination is compared
 //!    with the source byte for byte.
 //!
+//! 3. Warm: the destination's cache warm-up at cutover (`tern agent
+//!    --warm-plan`) against the same migration without it; see
+//!    `bench_warm.rs`.
+//!
 //! Environment: `TERN_BENCH_PREDICT_HORIZON` (eval horizon, default `5s`),
-//! `TERN_BENCH_PREDICT_PARTS` (`eval,migrate`), `TERN_BENCH_PREDICT_RUNS`
+//! `TERN_BENCH_PREDICT_PARTS` (`eval,migrate,warm`), `TERN_BENCH_PREDICT_RUNS`
 //! (migrations per arm, default 3), `TERN_BENCH_PREDICT_MIB` (source size,
 //! default 512), `TERN_BENCH_PREDICT_IOPS` (default 2000),
 //! `TERN_BENCH_PREDICT_RATE` (`--max-rate`, default `100M`), `TERN_BENCH_DIR`.
@@ -33,6 +37,9 @@ use anyhow::{Context, Result, bail};
 
 use crate::sh::{output, run as run_cmd};
 
+#[path = "bench_warm.rs"]
+mod warm;
+
 const MIB: u64 = 1 << 20;
 
 fn env_or(name: &str, default: &str) -> String {
@@ -41,13 +48,16 @@ fn env_or(name: &str, default: &str) -> String {
 
 pub fn run(bin: &Path) -> Result<()> {
     crate::sh::require_root("cargo xtask bench predict")?;
-    let parts = env_or("TERN_BENCH_PREDICT_PARTS", "eval,migrate");
+    let parts = env_or("TERN_BENCH_PREDICT_PARTS", "eval,migrate,warm");
     let mut out = String::new();
     if parts.contains("eval") {
         eval_part(bin, &mut out)?;
     }
     if parts.contains("migrate") {
         migrate_part(bin, &mut out)?;
+    }
+    if parts.contains("warm") {
+        warm::warm_part(bin, &mut out)?;
     }
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(out.as_bytes())?;
