@@ -180,19 +180,51 @@ impl Drop for Proc {
     }
 }
 
-/// A loop device over a file in a scratch directory; both removed on drop.
-struct Scratch {
-    dir: PathBuf,
-    dev: Option<String>,
+/// Loop devices and a scratch directory, all removed on drop.
+pub(crate) struct Scratch {
+    pub(crate) dir: PathBuf,
+    pub(crate) devs: Vec<String>,
+}
+
+impl Scratch {
+    pub(crate) fn detach(&mut self, dev: &str) {
+        let _ = Command::new("losetup").args(["-d", dev]).status();
+        self.devs.retain(|d| d != dev);
+    }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if let Some(dev) = &self.dev {
-            let _ = Command::new("losetup").args(["-d", dev]).status();
+        for dev in std::mem::take(&mut self.devs) {
+            let _ = Command::new("losetup").args(["-d", &dev]).status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Records 5 s of `dev` with `tern trace` (into `dir/history.trace`) and
+/// writes `tern predict`'s plan for the next 30 s to `dir/plan.json`;
+/// returns the plan's path and how long the prediction took.
+pub(crate) fn learn(bin: &Path, dev: &str, dir: &Path) -> Result<(PathBuf, f64)> {
+    let trace = dir.join("history.trace");
+    run_cmd(
+        Command::new("timeout")
+            .args(["-s", "KILL", "60"])
+            .arg(bin)
+            .args(["trace", "--device", dev, "--duration", "5s", "--out"])
+            .arg(&trace)
+            .stderr(Stdio::null()),
+    )?;
+    let plan = dir.join("plan.json");
+    let started = Instant::now();
+    run_cmd(
+        Command::new(bin)
+            .arg("predict")
+            .arg(&trace)
+            .args(["--horizon", "30s", "--out"])
+            .arg(&plan),
+    )?;
+    Ok((plan, started.elapsed().as_secs_f64()))
 }
 
 fn free_port() -> Result<u16> {
@@ -230,7 +262,7 @@ fn migrate_part(bin: &Path, out: &mut String) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let mut scratch = Scratch {
         dir: dir.clone(),
-        dev: None,
+        devs: Vec::new(),
     };
     let img = dir.join("src.img");
     run_cmd(
@@ -241,7 +273,7 @@ fn migrate_part(bin: &Path, out: &mut String) -> Result<()> {
     let dev = output(Command::new("losetup").args(["-f", "--show"]).arg(&img))?
         .trim()
         .to_owned();
-    scratch.dev = Some(dev.clone());
+    scratch.devs.push(dev.clone());
     // Half the disk holds data; the hot region is its first eighth.
     let hot = mib / 8;
     run_cmd(Command::new("dd").args([
@@ -281,25 +313,7 @@ fn migrate_part(bin: &Path, out: &mut String) -> Result<()> {
             .context("start fio")?,
     );
     let pid = fio.0.id().to_string();
-    let trace = dir.join("history.trace");
-    run_cmd(
-        Command::new("timeout")
-            .args(["-s", "KILL", "60"])
-            .arg(bin)
-            .args(["trace", "--device", &dev, "--duration", "5s", "--out"])
-            .arg(&trace)
-            .stderr(Stdio::null()),
-    )?;
-    let plan = dir.join("plan.json");
-    let started = Instant::now();
-    run_cmd(
-        Command::new(bin)
-            .arg("predict")
-            .arg(&trace)
-            .args(["--horizon", "30s", "--out"])
-            .arg(&plan),
-    )?;
-    let predict_s = started.elapsed().as_secs_f64();
+    let (plan, predict_s) = learn(bin, &dev, &dir)?;
 
     let mut rows: Vec<(bool, serde_json::Value)> = Vec::new();
     for i in 0..runs * 2 {

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{MIB, Proc, env_or, free_port, median, num, same};
+use super::{MIB, Proc, Scratch, env_or, free_port, learn, median, num, same};
 use crate::sh::{output, run as run_cmd};
 
 /// The workload's skew: 80 % of the reads in the first 10 % of the disk, the
@@ -50,28 +50,6 @@ use crate::sh::{output, run as run_cmd};
 /// hot blocks are hashed with the random seed) keeps the hot set the same
 /// across runs while each run draws its own sequence.
 const DISTRIBUTION: &str = "zoned:80/10:20/90";
-
-/// Loop devices and a scratch directory, all removed on drop.
-struct Scratch {
-    dir: PathBuf,
-    devs: Vec<String>,
-}
-
-impl Scratch {
-    fn detach(&mut self, dev: &str) {
-        let _ = Command::new("losetup").args(["-d", dev]).status();
-        self.devs.retain(|d| d != dev);
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        for dev in std::mem::take(&mut self.devs) {
-            let _ = Command::new("losetup").args(["-d", &dev]).status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// `(read requests, read bytes)` a block device has completed.
 fn disk_reads(dev: &str) -> Result<(u64, u64)> {
@@ -269,23 +247,7 @@ pub(super) fn warm_part(bin: &Path, out: &mut String) -> Result<()> {
         .context("start fio")?,
     );
     let pid = fio.0.id().to_string();
-    let trace = dir.join("history.trace");
-    run_cmd(
-        Command::new("timeout")
-            .args(["-s", "KILL", "60"])
-            .arg(bin)
-            .args(["trace", "--device", &src, "--duration", "5s", "--out"])
-            .arg(&trace)
-            .stderr(Stdio::null()),
-    )?;
-    let plan = dir.join("plan.json");
-    run_cmd(
-        Command::new(bin)
-            .arg("predict")
-            .arg(&trace)
-            .args(["--horizon", "30s", "--out"])
-            .arg(&plan),
-    )?;
+    let (plan, _) = learn(bin, &src, &dir)?;
     let plan_json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&plan).context("read the plan")?)
             .context("plan JSON")?;
