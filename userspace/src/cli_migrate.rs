@@ -25,6 +25,12 @@ pub struct SourceArgs {
     /// A disk image on a file system: traced on the device under it, in image offsets.
     #[arg(long, value_name = "IMAGE", conflicts_with = "device")]
     file: Option<PathBuf>,
+    /// Read the --file source through the page cache instead of `O_DIRECT`:
+    /// for guest RAM in a file (`tern ram-file`), whose pages are in memory
+    /// (a round's reads then cost no disk reads). Not for block devices,
+    /// whose page cache can be stale under a mounted file system.
+    #[arg(long, requires = "file")]
+    read_cached: bool,
     /// The destination agent's gRPC address (`host:port`).
     #[arg(long, alias = "peer", value_name = "HOST:PORT")]
     to: Option<String>,
@@ -236,7 +242,7 @@ async fn start_source(
         &path,
         &ImageOptions {
             read_only: true,
-            direct: true,
+            direct: !a.read_cached,
             ..ImageOptions::default()
         },
     )?;

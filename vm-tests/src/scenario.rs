@@ -330,7 +330,9 @@ pub fn tern_moves_disk_and_ram(name: &str) -> Outcome {
     });
     let started = Instant::now();
     let mut disk = spawn_tern_migrate(&disk_agent, &guest.disk, &["--pause", &hooks[0].2]);
-    let mut ram_migrate = spawn_tern_migrate(&ram_agent, &ram, &["--pause", &hooks[1].2]);
+    // The RAM file's pages are in the page cache: read them there.
+    let mut ram_migrate =
+        spawn_tern_migrate(&ram_agent, &ram, &["--pause", &hooks[1].2, "--read-cached"]);
     let (mut dst, uri) = incoming_with_ram(
         &guest,
         Disk::Nbd {
