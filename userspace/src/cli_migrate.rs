@@ -111,7 +111,7 @@ pub struct MigrateArgs {
     #[arg(long)]
     health_cmd: Option<String>,
     /// After cutover: the destination's NBD export (`HOST:PORT[/EXPORT]`, export
-    /// `tern` by default) must answer, be writable and serve the source's first MiB.
+    /// `tern` by default) must answer, be writable and serve the source's first 64 KiB.
     #[arg(long, value_name = "HOST:PORT[/EXPORT]")]
     health_nbd: Option<String>,
     /// Sync only: leave the source primary and the destination read-only.
@@ -426,7 +426,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
         .health_cmd
         .iter()
         .map(|c| HealthCheck::Command(c.clone()))
-        .chain(std::iter::once(HealthCheck::Region(0..1 << 20)))
+        .chain(std::iter::once(HealthCheck::Region(tern::cutover::HEALTH_REGION)))
         .collect();
     if let Some(spec) = &m.health_nbd {
         let (addr, export) = spec.split_once('/').unwrap_or((spec, "tern"));
@@ -436,7 +436,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
         health.push(HealthCheck::Nbd {
             addr,
             export: export.to_owned(),
-            region: 0..1 << 20,
+            region: tern::cutover::HEALTH_REGION,
         });
     }
     let report: serde_json::Value = runtime()?.block_on(async {

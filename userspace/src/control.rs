@@ -285,7 +285,7 @@ impl control_server::Control for ControlService {
             health: (!r.health_cmd.is_empty())
                 .then_some(cutover::HealthCheck::Command(r.health_cmd))
                 .into_iter()
-                .chain(std::iter::once(cutover::HealthCheck::Region(0..1 << 20)))
+                .chain(std::iter::once(cutover::HealthCheck::Region(cutover::HEALTH_REGION)))
                 .collect(),
             switch: !r.no_switch,
             // The standby keeps the destination current: no initial pass.
@@ -341,7 +341,7 @@ pub async fn serve(
     builder
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            crate::rpc::server::nodelay_incoming(listener),
             shutdown.cancelled_owned(),
         )
         .await?;

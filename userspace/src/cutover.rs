@@ -14,7 +14,7 @@ use futures::TryStreamExt;
 
 use crate::checktree::{CheckTree, Shape, hash_regions};
 use crate::image::{Image, ImageOptions};
-use crate::pause::{PauseError, PauseTarget};
+use crate::pause::{PauseError, PauseTarget, Paused};
 use crate::replicate::{ReplicateError, Replicator, Tracker};
 use crate::rpc::{ReplicaClient, RpcError};
 
@@ -55,6 +55,11 @@ pub enum CutoverError {
     #[error(transparent)]
     CheckTree(#[from] crate::checktree::CheckTreeError),
 }
+
+/// What the default health check reads back from the destination after the
+/// switch: enough to prove the read path and the data (the checksum roots
+/// already matched), little enough to stay a small part of the downtime.
+pub const HEALTH_REGION: Range<u64> = 0..64 << 10;
 
 /// How to check the destination after cutover.
 #[derive(Debug, Clone)]
@@ -149,6 +154,9 @@ pub struct Report {
     pub gaps: u64,
     pub final_delta_bytes: u64,
     pub downtime_ms: f64,
+    /// Inside the pause call, before the workload stopped (QEMU's RAM
+    /// precopy for a `qemu:` pause): not downtime.
+    pub precopy_ms: f64,
     /// Parts of the downtime: pausing, flushing the source, the final round,
     /// verifying the checksum roots, fencing and switching the export.
     pub pause_ms: f64,
@@ -156,6 +164,11 @@ pub struct Report {
     pub final_round_ms: f64,
     pub verify_ms: f64,
     pub switch_ms: f64,
+    /// The health check after the switch (before the hand-over).
+    pub health_ms: f64,
+    /// After the health check: handing the workload over (`qemu:` sends
+    /// QEMU's device state; the VM runs on the destination after it).
+    pub handover_ms: f64,
     pub total_seconds: f64,
     pub root: String,
     /// Set when the migration was rolled back.
@@ -295,10 +308,26 @@ pub async fn migrate(
     set_status(status, |s| s.phase = "paused: final delta");
     let pause_started = Instant::now();
     let paused = match &opts.pause {
+        Some(target) if target.runs_while_pausing() => {
+            // A round is worth it only when the final delta would otherwise
+            // take half the budget: each round ends with a destination
+            // barrier, and a round still running when the VM stops is downtime.
+            let worth = (bandwidth * opts.max_downtime.as_secs_f64() / 2.0) as u64;
+            let (paused, more) =
+                pause_while_sending(target, repl, tracker, worth, &mut gaps_seen, &mut report)
+                    .await?;
+            rounds += more;
+            Some(paused)
+        }
         Some(target) => Some(target.pause().await?),
         None => None,
     };
-    report.pause_ms = pause_started.elapsed().as_secs_f64() * 1e3;
+    // Downtime runs from the moment the workload stopped: a `qemu:` pause
+    // precopies RAM while the VM still runs before it stops it.
+    let ran_inside = paused.as_ref().map_or(Duration::ZERO, Paused::ran_inside);
+    let stopped_at = pause_started + ran_inside;
+    report.precopy_ms = ran_inside.as_secs_f64() * 1e3;
+    report.pause_ms = ms(stopped_at);
     let finished = final_delta(repl, tracker, &mut gaps_seen, &mut report).await;
     if let Err(e) = finished {
         // `paused` resumes the workload when dropped; say so explicitly.
@@ -311,7 +340,7 @@ pub async fn migrate(
         if let Some(p) = paused {
             p.resume().await?;
         }
-        report.downtime_ms = pause_started.elapsed().as_secs_f64() * 1e3;
+        report.downtime_ms = ms(stopped_at);
         report.outcome = "synced";
         return Ok(finish_report(report, repl, tracker, rounds, started));
     }
@@ -323,13 +352,16 @@ pub async fn migrate(
     repl.client().set_export_writable(fence, true).await?;
     report.epoch = fence;
     report.switch_ms = ms(step);
-    report.downtime_ms = ms(pause_started);
+    report.downtime_ms = ms(stopped_at);
     set_status(status, |s| {
         s.phase = "cut over: health check";
         s.epoch = fence;
     });
 
-    if let Err(reason) = health_check(repl, &opts.health).await {
+    let step = Instant::now();
+    let health = health_check(repl, &opts.health).await;
+    report.health_ms = ms(step);
+    if let Err(reason) = health {
         tracing::error!(%reason, "health check failed after cutover; rolling back");
         set_status(status, |s| s.phase = "rolling back");
         let source_path = repl.source().path().to_path_buf();
@@ -345,7 +377,16 @@ pub async fn migrate(
         return Ok(finish_report(report, repl, tracker, rounds, started));
     }
     if let Some(p) = paused {
-        p.keep();
+        let step = Instant::now();
+        if let Err(e) = p.hand_over().await {
+            tracing::error!(
+                error = %e,
+                "the disk is on the destination but the workload's hand-over failed: \
+                 `tern rollback` makes the source primary again"
+            );
+            return Err(e.into());
+        }
+        report.handover_ms = ms(step);
     }
     report.outcome = "cut over";
     set_status(status, |s| s.phase = "cut over: destination is primary");
@@ -385,6 +426,50 @@ fn finish_report(
     report.gaps = tracker.gaps();
     report.total_seconds = started.elapsed().as_secs_f64();
     report
+}
+
+/// A pause that lets the workload run a while before it stops it (QEMU's
+/// RAM precopy): delta rounds go on meanwhile, so the final delta holds only
+/// what was written since the last one, not everything since convergence.
+/// A round goes once `worth` bytes are dirty. Returns the pause and the
+/// rounds sent while waiting for it.
+async fn pause_while_sending(
+    target: &PauseTarget,
+    repl: &mut Replicator,
+    tracker: &Tracker,
+    worth: u64,
+    gaps_seen: &mut u64,
+    report: &mut Report,
+) -> Result<(Paused, u64), CutoverError> {
+    /// Aborts the pause task if the rounds fail: dropping its future drops
+    /// the pause, which cancels QEMU's migration and resumes the VM.
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let pausing = target.clone();
+    let task = tokio::spawn(async move { pausing.pause().await });
+    let _abort = AbortOnDrop(task.abort_handle());
+    let mut rounds = 0;
+    while !task.is_finished() {
+        write_back(repl).await?;
+        tracker.sync().await?;
+        recover_gaps(repl, tracker, gaps_seen, report).await?;
+        if repl.send_map().dirty_bytes() < worth.max(1) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        repl.round(false).await?;
+        rounds += 1;
+    }
+    let paused = task.await.map_err(|e| CutoverError::Source {
+        action: "pause",
+        path: target.to_string(),
+        reason: e.to_string(),
+    })??;
+    Ok((paused, rounds))
 }
 
 /// With the workload paused: flush the source, collect the last writes,

@@ -6,11 +6,15 @@
 //! [`Paused::resume`]). A [`Paused`] dropped without either resumes the
 //! workload, so an error path never leaves an application frozen.
 //!
-//! Four ways to pause, chosen by a [`PauseTarget`]:
+//! Five ways to pause, chosen by a [`PauseTarget`]:
 //! - `fsfreeze:MOUNT`: `FIFREEZE` on the file system, which also flushes its
 //!   dirty data to the block device;
 //! - `cgroup:DIR`: the cgroup v2 freezer (`cgroup.freeze`);
 //! - `qmp:SOCKET`: QMP `stop` / `cont` on a QEMU VM;
+//! - `qemu:SOCKET@URI`: QEMU's own live migration of RAM and devices to
+//!   `URI`, with `pause-before-switchover`: the pause returns when QEMU has
+//!   precopied RAM and stopped the VM; [`Paused::hand_over`] sends the device
+//!   state after the disk has switched; a resume cancels the migration;
 //! - `cmd:PAUSE;;RESUME`: two shell commands.
 //!
 //! Not covered: the agent itself dying (SIGKILL) while the workload is paused
@@ -29,8 +33,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 /// The accepted forms, quoted by every parse error.
-const FORMS: &str =
-    "fsfreeze:/mnt/data, cgroup:/sys/fs/cgroup/app, qmp:/run/vm.qmp or cmd:PAUSE_CMD;;RESUME_CMD";
+const FORMS: &str = "fsfreeze:/mnt/data, cgroup:/sys/fs/cgroup/app, qmp:/run/vm.qmp, \
+     qemu:/run/vm.qmp@tcp:dst:4444 or cmd:PAUSE_CMD;;RESUME_CMD";
 
 /// How long the cgroup freezer may take to report `frozen 1`.
 const CGROUP_FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -113,6 +117,15 @@ pub enum PauseError {
         status: String,
         expected: &'static str,
     },
+    /// QEMU's migration ended without reaching the state Tern waited for.
+    #[error(
+        "QEMU's migration from {path} ended {status}: {desc}; check the destination QEMU (started with -incoming on the URI given) and its log"
+    )]
+    QemuMigration {
+        path: PathBuf,
+        status: String,
+        desc: String,
+    },
     /// A pause or resume command exited unsuccessfully.
     #[error("command `{command}` failed ({status}): {stderr_tail}")]
     Command {
@@ -140,6 +153,9 @@ pub enum PauseTarget {
     Cgroup(PathBuf),
     /// Stop the QEMU VM whose QMP unix socket this is.
     Qmp(PathBuf),
+    /// Migrate the QEMU VM at `socket` to `uri` (RAM by precopy while the
+    /// disk converges), stopping at `pre-switchover`.
+    QemuMigrate { socket: PathBuf, uri: String },
     /// Run `pause` to pause and `resume` to resume, each through `sh -c`.
     Command { pause: String, resume: String },
 }
@@ -164,6 +180,18 @@ impl FromStr for PauseTarget {
             "fsfreeze" => Ok(Self::Fsfreeze(path()?)),
             "cgroup" => Ok(Self::Cgroup(path()?)),
             "qmp" => Ok(Self::Qmp(path()?)),
+            "qemu" => {
+                let (socket, uri) = rest.split_once('@').ok_or_else(|| {
+                    bad("qemu: needs SOCKET@URI (the destination's -incoming URI)")
+                })?;
+                if socket.is_empty() || uri.is_empty() {
+                    return Err(bad("the socket or the URI is empty"));
+                }
+                Ok(Self::QemuMigrate {
+                    socket: PathBuf::from(socket),
+                    uri: uri.to_owned(),
+                })
+            }
             "cmd" => {
                 let (pause, resume) = rest.split_once(";;").ok_or_else(|| {
                     bad("cmd: needs the pause and resume commands separated by ;;")
@@ -188,6 +216,7 @@ impl fmt::Display for PauseTarget {
             Self::Fsfreeze(p) => write!(f, "fsfreeze:{}", p.display()),
             Self::Cgroup(p) => write!(f, "cgroup:{}", p.display()),
             Self::Qmp(p) => write!(f, "qmp:{}", p.display()),
+            Self::QemuMigrate { socket, uri } => write!(f, "qemu:{}@{uri}", socket.display()),
             Self::Command { pause, resume } => write!(f, "cmd:{pause};;{resume}"),
         }
     }
@@ -211,6 +240,7 @@ impl PauseTarget {
             }
             Self::Cgroup(dir) => cgroup_freeze(dir).await?,
             Self::Qmp(socket) => qmp_stop(socket).await?,
+            Self::QemuMigrate { socket, uri } => qemu_migrate(socket, uri).await?,
             Self::Command { pause, resume } => {
                 // Guard first: a pause command that fails or is cancelled part
                 // way may have paused some of the workload; resume runs then.
@@ -225,6 +255,12 @@ impl PauseTarget {
         Ok(paused)
     }
 
+    /// Whether the workload keeps running for a while inside [`PauseTarget::pause`]
+    /// (QEMU's RAM precopy), so that replication should go on meanwhile.
+    pub fn runs_while_pausing(&self) -> bool {
+        matches!(self, Self::QemuMigrate { .. })
+    }
+
     /// Resumes a workload that an earlier process paused and left paused
     /// (`tern rollback --resume` after a `tern migrate` that cut over).
     pub async fn resume_now(&self) -> Result<(), PauseError> {
@@ -234,7 +270,7 @@ impl PauseTarget {
                 thaw(mount, &dir)
             }
             Self::Cgroup(dir) => cgroup_write(dir, "0"),
-            Self::Qmp(socket) => {
+            Self::Qmp(socket) | Self::QemuMigrate { socket, .. } => {
                 let mut qmp = Qmp::connect(socket).await?;
                 qmp.execute("cont", None).await?;
                 expect_status(&mut qmp, socket, true).await
@@ -249,6 +285,9 @@ impl PauseTarget {
 #[must_use = "dropping a Paused resumes the workload at once"]
 pub struct Paused {
     since: Instant,
+    /// How long the workload still ran inside the pause call (QEMU's RAM
+    /// precopy for `qemu:`); zero for the others.
+    ran_inside: Duration,
     /// `None` once resumed or kept.
     hold: Option<Hold>,
 }
@@ -268,6 +307,11 @@ enum Hold {
         socket: PathBuf,
         qmp: Qmp,
     },
+    /// QEMU stopped at `pre-switchover` of a migration; the same connection.
+    QemuMigrate {
+        socket: PathBuf,
+        qmp: Qmp,
+    },
     Command {
         resume: String,
     },
@@ -279,6 +323,7 @@ impl fmt::Debug for Paused {
             Some(Hold::Fsfreeze { mount, .. }) => format!("fsfreeze:{}", mount.display()),
             Some(Hold::Cgroup { dir }) => format!("cgroup:{}", dir.display()),
             Some(Hold::Qmp { socket, .. }) => format!("qmp:{}", socket.display()),
+            Some(Hold::QemuMigrate { socket, .. }) => format!("qemu:{}", socket.display()),
             Some(Hold::Command { resume }) => format!("cmd:;;{resume}"),
             None => "released".to_owned(),
         };
@@ -293,6 +338,7 @@ impl Paused {
     fn new(hold: Hold) -> Self {
         Self {
             since: Instant::now(),
+            ran_inside: Duration::ZERO,
             hold: Some(hold),
         }
     }
@@ -300,6 +346,12 @@ impl Paused {
     /// How long the workload has been paused.
     pub fn paused_for(&self) -> Duration {
         self.since.elapsed()
+    }
+
+    /// How long the workload still ran inside the pause call before it
+    /// stopped (QEMU's RAM precopy for `qemu:`; zero for the others).
+    pub fn ran_inside(&self) -> Duration {
+        self.ran_inside
     }
 
     /// Resumes the workload. If this future is dropped part way, the
@@ -315,6 +367,7 @@ impl Paused {
                 Ok(_) => expect_status(qmp, socket, true).await,
                 Err(e) => Err(e),
             },
+            Some(Hold::QemuMigrate { socket, qmp }) => cancel_migration(qmp, socket).await,
             Some(Hold::Command { resume }) => run_shell(resume).await,
         };
         // One attempt only: a failed resume is the caller's to handle, and
@@ -322,6 +375,36 @@ impl Paused {
         self.hold = None;
         result?;
         tracing::info!(?paused_for, "workload resumed");
+        Ok(())
+    }
+
+    /// Hands the workload over to the destination once its disk has
+    /// switched: for `qemu:` QEMU sends the device state and the last dirty
+    /// RAM (`migrate-continue`) and this waits until the migration has
+    /// completed; the others stay paused for good ([`Paused::keep`]).
+    pub async fn hand_over(mut self) -> Result<(), PauseError> {
+        if let Some(Hold::QemuMigrate { socket, qmp }) = self.hold.as_mut() {
+            let started = Instant::now();
+            qmp.execute(
+                "migrate-continue",
+                Some(json!({ "state": "pre-switchover" })),
+            )
+            .await?;
+            let info = wait_migration(qmp, socket, &[]).await?;
+            if info["status"] != "completed" {
+                return Err(PauseError::QemuMigration {
+                    path: socket.clone(),
+                    status: info["status"].as_str().unwrap_or("unknown").to_owned(),
+                    desc: info["error-desc"].as_str().unwrap_or("").to_owned(),
+                });
+            }
+            tracing::info!(
+                took = ?started.elapsed(),
+                downtime_ms = info["downtime"].as_u64().unwrap_or(0),
+                "QEMU sent the device state: the VM runs on the destination"
+            );
+        }
+        self.keep();
         Ok(())
     }
 
@@ -348,7 +431,11 @@ impl Drop for Paused {
         let result = match hold {
             Hold::Fsfreeze { mount, dir } => thaw(&mount, &dir),
             Hold::Cgroup { dir } => cgroup_write(&dir, "0"),
-            Hold::Qmp { socket, qmp } => qmp.cont_blocking(&socket),
+            Hold::Qmp { socket, qmp } => qmp.commands_blocking(&socket, &["cont"]),
+            // Cancelling resumes the VM; `cont` makes sure of it.
+            Hold::QemuMigrate { socket, qmp } => {
+                qmp.commands_blocking(&socket, &["migrate_cancel", "cont"])
+            }
             Hold::Command { resume } => run_shell_blocking(&resume),
         };
         match result {
@@ -538,6 +625,83 @@ async fn qmp_stop(socket: &Path) -> Result<Paused, PauseError> {
     Ok(paused)
 }
 
+/// Starts QEMU's migration of the running VM at `socket` to `uri` with
+/// `pause-before-switchover` and waits until QEMU has precopied RAM and
+/// stopped the VM (`pre-switchover`).
+async fn qemu_migrate(socket: &Path, uri: &str) -> Result<Paused, PauseError> {
+    let began = Instant::now();
+    let mut qmp = Qmp::connect(socket).await?;
+    let status = qmp.execute("query-status", None).await?;
+    if status["running"] != Value::Bool(true) {
+        return Err(PauseError::VmState {
+            path: socket.to_path_buf(),
+            status: status["status"].as_str().unwrap_or("unknown").to_owned(),
+            expected: "running",
+        });
+    }
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(
+            json!({ "capabilities": [{ "capability": "pause-before-switchover", "state": true }] }),
+        ),
+    )
+    .await?;
+    // Guard first: once `migrate` is on the wire, any failure must cancel it.
+    let mut paused = Paused::new(Hold::QemuMigrate {
+        socket: socket.to_path_buf(),
+        qmp,
+    });
+    let Some(Hold::QemuMigrate { qmp, .. }) = paused.hold.as_mut() else {
+        unreachable!("just built as Hold::QemuMigrate");
+    };
+    qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+    let info = wait_migration(qmp, socket, &["pre-switchover"]).await?;
+    if info["status"] != "pre-switchover" {
+        return Err(PauseError::QemuMigration {
+            path: socket.to_path_buf(),
+            status: info["status"].as_str().unwrap_or("unknown").to_owned(),
+            desc: info["error-desc"].as_str().unwrap_or("").to_owned(),
+        });
+    }
+    // The pause starts when QEMU stopped the VM, not when precopy began.
+    paused.since = Instant::now();
+    paused.ran_inside = began.elapsed();
+    Ok(paused)
+}
+
+/// Polls `query-migrate` until it ends (`completed`, `failed`, `cancelled`)
+/// or reaches one of `also`; reports precopy's progress now and then.
+async fn wait_migration(qmp: &mut Qmp, socket: &Path, also: &[&str]) -> Result<Value, PauseError> {
+    let mut told = Instant::now();
+    loop {
+        let info = qmp.execute("query-migrate", None).await?;
+        let status = info["status"].as_str().unwrap_or("");
+        if ["completed", "failed", "cancelled"].contains(&status) || also.contains(&status) {
+            return Ok(info);
+        }
+        if told.elapsed() >= Duration::from_secs(5) {
+            tracing::info!(
+                socket = %socket.display(),
+                status,
+                ram_remaining_mb = info["ram"]["remaining"].as_u64().unwrap_or(0) / 1_000_000,
+                ram_transferred_mb = info["ram"]["transferred"].as_u64().unwrap_or(0) / 1_000_000,
+                "QEMU migration in progress"
+            );
+            told = Instant::now();
+        }
+        // QMP answers in well under a millisecond; the VM stops at
+        // `pre-switchover`, so noticing it late is downtime.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Cancels QEMU's migration (which resumes the VM) and makes sure it runs.
+async fn cancel_migration(qmp: &mut Qmp, socket: &Path) -> Result<(), PauseError> {
+    qmp.execute("migrate_cancel", None).await?;
+    qmp.execute("cont", None).await?;
+    expect_status(qmp, socket, true).await
+}
+
 async fn expect_status(qmp: &mut Qmp, socket: &Path, running: bool) -> Result<(), PauseError> {
     let status = qmp.execute("query-status", None).await?;
     if status["running"] == Value::Bool(running) {
@@ -655,10 +819,10 @@ impl Qmp {
         }
     }
 
-    /// `cont` without a runtime, for `Drop`: the same connection is turned
+    /// `commands` without a runtime, for `Drop`: the same connection is turned
     /// into a blocking socket (QEMU would not serve a second one meanwhile);
     /// if that fails the socket is closed and a fresh connection is made.
-    fn cont_blocking(self, socket: &Path) -> Result<(), PauseError> {
+    fn commands_blocking(self, socket: &Path, commands: &[&str]) -> Result<(), PauseError> {
         let leftover = self.stream.buffer().to_vec();
         let (stream, skip_greeting, leftover) = match self.stream.into_inner().into_std() {
             Ok(s) => (s, false, leftover),
@@ -684,7 +848,7 @@ impl Qmp {
             path: socket.to_path_buf(),
             what,
         };
-        let mut commands = vec!["cont"];
+        let mut commands = commands.to_vec();
         if skip_greeting {
             let mut greeting = String::new();
             reader
@@ -813,6 +977,15 @@ mod tests {
             PauseTarget::Qmp("/run/vm.qmp".into())
         );
         assert_eq!(
+            "qemu:/run/vm.qmp@tcp:dst:4444"
+                .parse::<PauseTarget>()
+                .expect("valid"),
+            PauseTarget::QemuMigrate {
+                socket: "/run/vm.qmp".into(),
+                uri: "tcp:dst:4444".into()
+            }
+        );
+        assert_eq!(
             "cmd:docker pause db;;docker unpause db"
                 .parse::<PauseTarget>()
                 .expect("valid"),
@@ -844,6 +1017,9 @@ mod tests {
             "fsfreeze:",
             "cgroup:",
             "qmp:",
+            "qemu:/run/vm.qmp",
+            "qemu:@tcp:dst:4444",
+            "qemu:/run/vm.qmp@",
             "cmd:stop",
             "cmd:;;start",
             "cmd:stop;; ",
@@ -863,6 +1039,7 @@ mod tests {
             "fsfreeze:/a b",
             "cgroup:/sys/fs/cgroup/x",
             "qmp:/run/q",
+            "qemu:/run/q@unix:/run/migrate.sock",
             "cmd:a;;b",
         ] {
             assert_eq!(s.parse::<PauseTarget>().expect("valid").to_string(), s);

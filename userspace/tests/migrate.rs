@@ -348,7 +348,7 @@ fn a_stale_epoch_writer_is_refused_after_cutover() {
     let src = LoopDev::new("32M");
     let lab = Lab::new(32 * MIB);
     fill_random(src.path(), 4);
-    // The health check reads the source's first MiB back through the now writable export.
+    // The health check reads the source's first 64 KiB back through the now writable export.
     let nbd = format!("127.0.0.1:{}/tern", lab.nbd);
     let (ok, report, err) =
         run_report(&mut lab.migrate(src.path(), &["--no-pause", "--health-nbd", &nbd]));

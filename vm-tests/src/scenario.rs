@@ -193,10 +193,11 @@ fn ram_bytes(info: &Value) -> u64 {
 /// Tern moves the disk while QEMU moves RAM by precopy, both while the VM
 /// runs. The destination agent advertises its export writable from the start
 /// (writes get EPERM until Tern's switch), so the destination QEMU opens its
-/// disk and waits with `-incoming` during Tern's copy. Tern's pause command
-/// starts `migrate` with `pause-before-switchover` and returns once QEMU has
-/// stopped the VM at the end of precopy (`pre-switchover`); Tern sends the
-/// final delta and switches; `migrate-continue` sends the device state.
+/// disk and waits with `-incoming` during Tern's copy. Tern's pause
+/// (`--pause qemu:SOCKET@URI`) starts `migrate` with
+/// `pause-before-switchover` and returns once QEMU has stopped the VM at the
+/// end of precopy (`pre-switchover`); Tern sends the final delta, switches,
+/// and sends the device state with `migrate-continue`.
 /// `extra` goes to `tern migrate`.
 pub fn tern_moves_the_disk(name: &str, extra: &[&str]) -> Outcome {
     tern_moves(name, extra, false)
@@ -222,18 +223,7 @@ fn tern_moves(name: &str, extra: &[&str], prefetch: bool) -> Outcome {
         name: name.to_owned(),
         ..Outcome::default()
     };
-    let mut pause = Hook::named(guest.path(), "pause");
-    // Only a failed cutover runs it; nobody answers, so Tern's resume fails
-    // after its timeout and the test fails on Tern's report.
-    let resume = Hook::named(guest.path(), "resume");
-    let started = Instant::now();
-    let pause_cmd = format!("cmd:{};;{}", pause.command(), resume.command());
-    let mut args = vec!["--pause", pause_cmd.as_str()];
-    args.extend_from_slice(extra);
-    if prefetch {
-        args.extend_from_slice(&["--prefetch", plan.as_str()]);
-    }
-    let mut migrate = spawn_tern_migrate(&agent, &guest.disk, &args);
+    // The destination listens before Tern can converge and start `migrate`.
     let (mut dst, uri) = incoming(
         &guest,
         Disk::Nbd {
@@ -241,24 +231,22 @@ fn tern_moves(name: &str, extra: &[&str], prefetch: bool) -> Outcome {
             export: "tern".to_owned(),
         },
     );
-    src.qmp(
-        "migrate-set-capabilities",
-        json!({ "capabilities": [{ "capability": "pause-before-switchover", "state": true }] }),
-    );
-    assert!(
-        pause.wait(&mut migrate, MIGRATION_LIMIT).is_some(),
-        "tern migrate exited before its pause: {}",
-        migrate_log(guest.path())
-    );
-    // Tern has converged and asks for the pause: RAM precopy while the VM
-    // still runs (Tern keeps tracing its writes for the final delta).
-    src.qmp("migrate", json!({ "uri": uri }));
-    let pre = wait_migration(&mut src, &["pre-switchover"]);
-    assert_eq!(pre["status"], "pre-switchover", "RAM precopy: {pre}");
-    pause.answer(true);
+    let started = Instant::now();
+    // Tern drives QEMU: at its pause it starts `migrate` with
+    // `pause-before-switchover` (RAM precopies while the VM runs and Tern
+    // keeps tracing its writes), waits for `pre-switchover`, sends the final
+    // delta, switches, and then `migrate-continue`s the device state.
+    let pause = format!("qemu:{}@{uri}", src.tern_qmp.display());
+    let mut args = vec!["--pause", pause.as_str()];
+    args.extend_from_slice(extra);
+    if prefetch {
+        args.extend_from_slice(&["--prefetch", plan.as_str()]);
+    }
+    let mut migrate = spawn_tern_migrate(&agent, &guest.disk, &args);
     let report = finish_migrate(&mut migrate, guest.path());
+    let slug = if prefetch { "prefetch" } else { "overlapped" };
+    crate::write_result(&format!("tern-{slug}-report.json"), &report.to_string());
     assert_eq!(report["outcome"], "cut over", "{report}");
-    src.qmp("migrate-continue", json!({ "state": "pre-switchover" }));
     let info = wait_migration(&mut src, &[]);
     assert_eq!(info["status"], "completed", "RAM migration: {info}");
     dst.qmp("cont", Value::Null);
@@ -267,17 +255,14 @@ fn tern_moves(name: &str, extra: &[&str], prefetch: bool) -> Outcome {
     out.paused_ms = paused_ms(&src_events, &dst_events);
     out.qmp_downtime_ms = info["downtime"].as_f64().unwrap_or(0.0);
     out.ram_bytes = ram_bytes(&info);
-    // Tern's downtime counts from the start of its pause command, which
-    // here includes the RAM precopy while the VM ran: subtract it.
-    out.disk_final_ms =
-        report["downtime_ms"].as_f64().unwrap_or(0.0) - report["pause_ms"].as_f64().unwrap_or(0.0);
+    // From QEMU's stop at `pre-switchover` to Tern's switch.
+    out.disk_final_ms = report["downtime_ms"].as_f64().unwrap_or(0.0);
     out.disk_bytes = report["wire_bytes"]
         .as_u64()
         .expect("wire_bytes in the report");
     finish_on_destination(&src, &mut dst, &mut out);
     src.kill();
     drop(dst);
-    drop(resume);
     agent.stop();
     guest::fsck(&agent.image()).unwrap_or_else(|e| panic!("e2fsck on the destination: {e}"));
     out
@@ -585,7 +570,7 @@ fn tern_cutover(
         migrate_log(guest.path())
     );
     // Disk final, export writable: let Tern finish (its own health check
-    // reads the destination's first MiB, so the destination VM stays paused
+    // reads the destination's first 64 KiB, so the destination VM stays paused
     // until Tern has exited), and move RAM meanwhile.
     hook.answer(true);
     let (mut dst, uri) = incoming(

@@ -149,7 +149,7 @@ pub async fn serve(
             .tls_config(tls.server_config())
             .map_err(|source| RpcError::Serve { source })?;
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = nodelay_incoming(listener);
     let signal = {
         let shutdown = shutdown.clone();
         let health = health.clone();
@@ -166,6 +166,23 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, signal)
         .await
         .map_err(|source| RpcError::Serve { source })
+}
+
+/// The accepted connections of `listener`, each with `TCP_NODELAY`. A
+/// builder's `tcp_nodelay` applies only to listeners tonic binds itself;
+/// without it Nagle holds a response's trailers until the client's delayed
+/// ACK: ~40 ms per read stream or small reply, measured at the cutover.
+pub(crate) fn nodelay_incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |stream| {
+            let stream = stream?;
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        },
+    )
 }
 
 type ReadTx = mpsc::Sender<Result<pb::ReadResponse, Status>>;
