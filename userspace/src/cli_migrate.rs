@@ -426,7 +426,9 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
         .health_cmd
         .iter()
         .map(|c| HealthCheck::Command(c.clone()))
-        .chain(std::iter::once(HealthCheck::Region(tern::cutover::HEALTH_REGION)))
+        .chain(std::iter::once(HealthCheck::Region(
+            tern::cutover::HEALTH_REGION,
+        )))
         .collect();
     if let Some(spec) = &m.health_nbd {
         let (addr, export) = spec.split_once('/').unwrap_or((spec, "tern"));

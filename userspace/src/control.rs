@@ -285,7 +285,9 @@ impl control_server::Control for ControlService {
             health: (!r.health_cmd.is_empty())
                 .then_some(cutover::HealthCheck::Command(r.health_cmd))
                 .into_iter()
-                .chain(std::iter::once(cutover::HealthCheck::Region(cutover::HEALTH_REGION)))
+                .chain(std::iter::once(cutover::HealthCheck::Region(
+                    cutover::HEALTH_REGION,
+                )))
                 .collect(),
             switch: !r.no_switch,
             // The standby keeps the destination current: no initial pass.

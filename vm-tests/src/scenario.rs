@@ -243,14 +243,36 @@ fn tern_moves(name: &str, extra: &[&str], prefetch: bool) -> Outcome {
         args.extend_from_slice(&["--prefetch", plan.as_str()]);
     }
     let mut migrate = spawn_tern_migrate(&agent, &guest.disk, &args);
+    // QEMU's migration completes only at Tern's hand-over, after its switch
+    // and health check: the destination may run from then on, while
+    // `tern migrate` is still exiting.
+    let deadline = Instant::now() + MIGRATION_LIMIT;
+    let info = loop {
+        let exited = migrate.try_wait().is_some();
+        let info = src.qmp("query-migrate", Value::Null);
+        if ["completed", "failed", "cancelled"].contains(&info["status"].as_str().unwrap_or(""))
+            || exited
+        {
+            break info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration not done within {MIGRATION_LIMIT:?}: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(
+        info["status"],
+        "completed",
+        "RAM migration: {info}; {}",
+        migrate_log(guest.path())
+    );
+    dst.qmp("cont", Value::Null);
+    out.total_s = started.elapsed().as_secs_f64();
     let report = finish_migrate(&mut migrate, guest.path());
     let slug = if prefetch { "prefetch" } else { "overlapped" };
     crate::write_result(&format!("tern-{slug}-report.json"), &report.to_string());
     assert_eq!(report["outcome"], "cut over", "{report}");
-    let info = wait_migration(&mut src, &[]);
-    assert_eq!(info["status"], "completed", "RAM migration: {info}");
-    dst.qmp("cont", Value::Null);
-    out.total_s = started.elapsed().as_secs_f64();
     let (src_events, dst_events) = (src.events(), dst.events());
     out.paused_ms = paused_ms(&src_events, &dst_events);
     out.qmp_downtime_ms = info["downtime"].as_f64().unwrap_or(0.0);
