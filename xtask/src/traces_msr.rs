@@ -278,14 +278,16 @@ fn read_stdout(
 /// tracer also records the zero-byte completions of a flush sequence as
 /// writes; the predictor ignores them).
 fn data_ops(tern: &Path, trace: &Path) -> Result<[u64; 4]> {
-    let csv = trace.with_extension("compare.csv");
-    crate::sh::run(
+    let mut csv = trace.as_os_str().to_owned();
+    csv.push(".compare.csv");
+    let csv = std::path::PathBuf::from(csv);
+    // `output` keeps the export's chatter off the terminal and its error in the message.
+    crate::sh::output(
         Command::new(tern)
             .args(["trace", "export", "--format", "csv"])
             .arg(trace)
             .arg("--out")
-            .arg(&csv)
-            .stdout(Stdio::null()),
+            .arg(&csv),
     )?;
     let text = std::fs::read_to_string(&csv);
     let _ = std::fs::remove_file(&csv);
