@@ -6,6 +6,8 @@
 //! cold, then the traced phase runs for a bounded time. A `manifest.json`
 //! beside the traces says what each one holds and how it was configured.
 //! Everything made is undone on every path (mounts, loop devices, servers).
+//! `msr-bpftrace` is the exception to "recorded with `tern trace`": bpftrace
+//! writes it in a public format (MSR Cambridge CSV) and Tern imports it.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,11 +18,21 @@ use anyhow::{Context, Result, bail};
 
 use crate::sh::{self, output, require_root};
 
+#[path = "traces_msr.rs"]
+mod msr;
+
 /// What the traces are recorded on: big enough for pgbench at scale 5.
 const DISK: &str = "1G";
 
 /// The workloads, in recording order.
-pub const WORKLOADS: &[&str] = &["fio", "sqlite", "pgbench", "git-build", "sqlite-faults"];
+pub const WORKLOADS: &[&str] = &[
+    "fio",
+    "sqlite",
+    "pgbench",
+    "git-build",
+    "sqlite-faults",
+    "msr-bpftrace",
+];
 
 /// The fio job: a rate-limited hot random writer beside a rate-limited
 /// sequential reader; the analyzer's tests check their figures against these.
@@ -309,6 +321,17 @@ fn sqlite(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
 }
 
 fn pgbench(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
+    pgbench_with(tern, out, secs, None).map(|(rec, _)| rec)
+}
+
+/// pgbench recorded by `tern trace` into `out`, and, with `msr_csv`, by
+/// bpftrace into that MSR CSV over the same run.
+fn pgbench_with(
+    tern: &Path,
+    out: &Path,
+    secs: u64,
+    msr_csv: Option<&Path>,
+) -> Result<(Recorded, Option<msr::Summary>)> {
     let mut s = Scratch::new("pgbench")?;
     let data = s.mnt.join("pg");
     std::fs::create_dir_all(&data)?;
@@ -378,6 +401,9 @@ fn pgbench(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
     s.remount()?;
     start(&mut s)?;
     let rec = Recording::start(tern, s.dev(), None, out)?;
+    let side = msr_csv
+        .map(|csv| msr::Bpftrace::start(s.dev(), csv))
+        .transpose()?;
     run_for(
         &mut pgbench(&[
             "-c",
@@ -392,17 +418,19 @@ fn pgbench(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
         ]),
         Duration::from_secs(secs + 60),
     )?;
+    let summary = side.map(msr::Bpftrace::stop).transpose()?;
     let file = rec.stop()?;
     stop(&mut s)?;
     drop(s);
-    Ok(Recorded {
+    let rec = Recorded {
         name: "pgbench",
         file,
         description: "PostgreSQL pgbench TPC-B-like, scale 5, 4 clients, rate-limited to 200 \
                       transactions/s, shared_buffers 16 MB, cold cache"
             .into(),
         config: serde_json::json!({"scale": 5, "clients": 4, "rate_tps": 200, "seconds": secs}),
-    })
+    };
+    Ok((rec, summary))
 }
 
 /// zstd's C library as shipped inside the `zstd-sys` crate Tern builds against.
@@ -601,6 +629,7 @@ pub fn run(tern: &Path, out: &Path, only: &[String], secs: u64) -> Result<()> {
             "sqlite" => sqlite(tern, &file, secs)?,
             "pgbench" => pgbench(tern, &file, secs)?,
             "git-build" => git_build(tern, &file, secs.max(60))?,
+            "msr-bpftrace" => msr::msr_bpftrace(tern, &file, secs)?,
             _ => sqlite_faults(tern, &file, secs)?,
         };
         let stat = output(

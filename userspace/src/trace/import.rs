@@ -315,7 +315,14 @@ fn parse_tern_csv(lines: &Lines, line: &str) -> Result<Parsed, ImportError> {
     }
 }
 
+/// An MSR line's timestamp (100 ns ticks), if it has one.
+fn msr_ticks(line: &str) -> Option<u64> {
+    line.split(',').next()?.trim().parse().ok()
+}
+
 /// MSR Cambridge: Windows filetime (100 ns ticks), host, disk, Read/Write, offset, size, response time (100 ns).
+/// `t0` is the trace's earliest timestamp: lines need not be in time order (a
+/// tracer that prints at completion writes them in completion order).
 fn parse_msr(lines: &Lines, line: &str, t0: &mut Option<u64>) -> Result<Parsed, ImportError> {
     let f: Vec<&str> = line.split(',').map(str::trim).collect();
     if f.len() < 7 {
@@ -375,6 +382,8 @@ pub fn import<W: Write>(
     // Pass 1: targets and their extents, so the header can come first.
     let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
     let mut events = 0u64;
+    // MSR: the earliest timestamp is time zero, wherever its line is.
+    let mut msr_t0: Option<u64> = None;
     {
         let mut lines = Lines::open(input)?;
         let mut t0 = None;
@@ -384,6 +393,11 @@ pub fn import<W: Write>(
                 let e = sizes.entry(target).or_default();
                 *e = (*e).max(end);
                 events += 1;
+                if format == ImportFormat::Msr
+                    && let Some(t) = msr_ticks(&line)
+                {
+                    msr_t0 = Some(msr_t0.map_or(t, |m| m.min(t)));
+                }
             }
         }
     }
@@ -425,7 +439,7 @@ pub fn import<W: Write>(
     let mut pending: HashMap<(u16, u64), BlockRecord> = HashMap::new();
     let mut last_ts = 0;
     let mut lines = Lines::open(input)?;
-    let mut t0 = None;
+    let mut t0 = msr_t0;
     let block = |w: &mut TraceWriter<W>,
                  rec: BlockRecord,
                  totals: &mut ImportTotals|
@@ -506,4 +520,34 @@ pub fn import<W: Write>(
         ..EndRecord::default()
     })?;
     Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::format::TraceReader;
+
+    #[test]
+    fn msr_lines_out_of_time_order_keep_their_own_times() {
+        // Printed at completion: the second request was issued first.
+        let dir = tempfile::tempdir().expect("dir");
+        let input = dir.path().join("msr.csv");
+        std::fs::write(
+            &input,
+            "128166372003061629,host,0,Write,4096,4096,5000\n\
+             128166372003000000,host,0,Read,0,4096,100\n",
+        )
+        .expect("write");
+        let mut out = Vec::new();
+        import(ImportFormat::Msr, &input, &mut out).expect("import");
+        let reader = TraceReader::new(out.as_slice()).expect("header");
+        let ts: Vec<(u64, Op)> = reader
+            .filter_map(Result::ok)
+            .filter_map(|r| match r {
+                Record::Block(b) => Some((b.ts_ns, b.op)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ts, [(6_162_900, Op::Write), (0, Op::Read)]);
+    }
 }
