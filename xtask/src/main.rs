@@ -51,12 +51,13 @@ enum Cmd {
         /// Which: tracer, nbd, rpc, migrate, analyze, plan or predict (default: all but plan).
         which: Option<String>,
     },
-    /// Record traces of real programs (fio, sqlite3, pgbench, git + build) on ext4 on a loop device.
+    /// Record traces of real programs (fio, sqlite3, pgbench, git + build) on ext4 on a loop device,
+    /// and pgbench recorded by bpftrace as MSR Cambridge CSV and imported.
     Traces {
         /// Directory for the traces and their manifest.json.
         #[arg(long)]
         out: std::path::PathBuf,
-        /// Only these workloads (repeat): fio, sqlite, pgbench, git-build, sqlite-faults.
+        /// Only these workloads (repeat): fio, sqlite, pgbench, git-build, sqlite-faults, msr-bpftrace.
         #[arg(long)]
         only: Vec<String>,
         /// How long each traced phase runs.
