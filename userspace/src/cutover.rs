@@ -309,10 +309,10 @@ pub async fn migrate(
     let pause_started = Instant::now();
     let paused = match &opts.pause {
         Some(target) if target.runs_while_pausing() => {
-            // A round is worth it only when the final delta would otherwise
-            // take half the budget: each round ends with a destination
-            // barrier, and a round still running when the VM stops is downtime.
-            let worth = (bandwidth * opts.max_downtime.as_secs_f64() / 2.0) as u64;
+            // A round is worth it once the final delta would take a tenth of
+            // the budget: each round ends with a destination barrier, and a
+            // round still running when the VM stops is downtime.
+            let worth = (bandwidth * opts.max_downtime.as_secs_f64() / 10.0) as u64;
             let (paused, more) =
                 pause_while_sending(target, repl, tracker, worth, &mut gaps_seen, &mut report)
                     .await?;
