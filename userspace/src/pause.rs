@@ -604,14 +604,7 @@ fn read_trimmed(path: &Path) -> Result<String, PauseError> {
 
 async fn qmp_stop(socket: &Path) -> Result<Paused, PauseError> {
     let mut qmp = Qmp::connect(socket).await?;
-    let status = qmp.execute("query-status", None).await?;
-    if status["running"] != Value::Bool(true) {
-        return Err(PauseError::VmState {
-            path: socket.to_path_buf(),
-            status: status["status"].as_str().unwrap_or("unknown").to_owned(),
-            expected: "running",
-        });
-    }
+    expect_status(&mut qmp, socket, true).await?;
     // Guard first: once `stop` is on the wire, any failure must `cont`.
     let mut paused = Paused::new(Hold::Qmp {
         socket: socket.to_path_buf(),
@@ -631,14 +624,7 @@ async fn qmp_stop(socket: &Path) -> Result<Paused, PauseError> {
 async fn qemu_migrate(socket: &Path, uri: &str) -> Result<Paused, PauseError> {
     let began = Instant::now();
     let mut qmp = Qmp::connect(socket).await?;
-    let status = qmp.execute("query-status", None).await?;
-    if status["running"] != Value::Bool(true) {
-        return Err(PauseError::VmState {
-            path: socket.to_path_buf(),
-            status: status["status"].as_str().unwrap_or("unknown").to_owned(),
-            expected: "running",
-        });
-    }
+    expect_status(&mut qmp, socket, true).await?;
     qmp.execute(
         "migrate-set-capabilities",
         Some(

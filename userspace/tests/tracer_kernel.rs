@@ -253,16 +253,23 @@ impl Drop for Unmount {
     }
 }
 
-#[test]
-fn an_image_on_ext4_is_traced_in_image_offsets() {
-    let lo = LoopDev::new("256M");
+/// A fresh ext4 on a loop device of `size`, mounted; dropped in reverse order
+/// (unmount, then the directory, then the device).
+fn ext4_on_loop(size: &str) -> (LoopDev, tempfile::TempDir, Unmount) {
+    let lo = LoopDev::new(size);
     let mnt = tempfile::Builder::new()
         .prefix("tern-mnt")
         .tempdir_in("/var/tmp")
         .expect("mount dir");
     sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.dev));
     sh(Command::new("mount").arg(&lo.dev).arg(mnt.path()));
-    let _unmount = Unmount(mnt.path().to_path_buf());
+    let unmount = Unmount(mnt.path().to_path_buf());
+    (lo, mnt, unmount)
+}
+
+#[test]
+fn an_image_on_ext4_is_traced_in_image_offsets() {
+    let (_lo, mnt, _unmount) = ext4_on_loop("256M");
     let image = mnt.path().join("vm.img");
     {
         // Written (not sparse, not unwritten) so direct writes need no allocation.
@@ -345,14 +352,7 @@ fn bad_input_gets_one_clear_line() {
 /// page a store dirties comes back from the writeback as exactly that page.
 #[test]
 fn a_prepared_ram_file_shows_each_dirtied_page_at_4k() {
-    let lo = LoopDev::new("128M");
-    let mnt = tempfile::Builder::new()
-        .prefix("tern-mnt")
-        .tempdir_in("/var/tmp")
-        .expect("mount dir");
-    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lo.dev));
-    sh(Command::new("mount").arg(&lo.dev).arg(mnt.path()));
-    let _unmount = Unmount(mnt.path().to_path_buf());
+    let (_lo, mnt, _unmount) = ext4_on_loop("128M");
     let ram = mnt.path().join("guest.ram");
     let size = 32usize << 20;
     tern::ramfile::prepare(&ram, size as u64, |_| {}).expect("prepare the RAM file");

@@ -190,6 +190,19 @@ fn ram_bytes(info: &Value) -> u64 {
     info["ram"]["transferred"].as_u64().unwrap_or(0)
 }
 
+/// Fills `out` from the VMs' events, QEMU's final `query-migrate` and
+/// Tern's report: the pause, QEMU's downtime and RAM bytes, Tern's downtime
+/// and disk bytes.
+fn record(out: &mut Outcome, src: &mut Vm, dst: &mut Vm, info: &Value, report: &Value) {
+    out.paused_ms = paused_ms(&src.events(), &dst.events());
+    out.qmp_downtime_ms = info["downtime"].as_f64().unwrap_or(0.0);
+    out.ram_bytes = ram_bytes(info);
+    out.disk_final_ms = report["downtime_ms"].as_f64().unwrap_or(0.0);
+    out.disk_bytes = report["wire_bytes"]
+        .as_u64()
+        .expect("wire_bytes in the report");
+}
+
 /// Tern moves the disk while QEMU moves RAM by precopy, both while the VM
 /// runs. The destination agent advertises its export writable from the start
 /// (writes get EPERM until Tern's switch), so the destination QEMU opens its
@@ -273,15 +286,8 @@ fn tern_moves(name: &str, extra: &[&str], prefetch: bool) -> Outcome {
     let slug = if prefetch { "prefetch" } else { "overlapped" };
     crate::write_result(&format!("tern-{slug}-report.json"), &report.to_string());
     assert_eq!(report["outcome"], "cut over", "{report}");
-    let (src_events, dst_events) = (src.events(), dst.events());
-    out.paused_ms = paused_ms(&src_events, &dst_events);
-    out.qmp_downtime_ms = info["downtime"].as_f64().unwrap_or(0.0);
-    out.ram_bytes = ram_bytes(&info);
-    // From QEMU's stop at `pre-switchover` to Tern's switch.
-    out.disk_final_ms = report["downtime_ms"].as_f64().unwrap_or(0.0);
-    out.disk_bytes = report["wire_bytes"]
-        .as_u64()
-        .expect("wire_bytes in the report");
+    // Tern's downtime there: from QEMU's stop at `pre-switchover` to its switch.
+    record(&mut out, &mut src, &mut dst, &info, &report);
     finish_on_destination(&src, &mut dst, &mut out);
     src.kill();
     drop(dst);
@@ -391,10 +397,7 @@ pub fn tern_moves_disk_and_ram(name: &str) -> Outcome {
     assert_eq!(info["status"], "completed", "device state: {info}");
     dst.qmp("cont", Value::Null);
     out.total_s = started.elapsed().as_secs_f64();
-    let (src_events, dst_events) = (src.events(), dst.events());
-    out.paused_ms = paused_ms(&src_events, &dst_events);
-    out.qmp_downtime_ms = info["downtime"].as_f64().unwrap_or(0.0);
-    out.ram_bytes = ram_bytes(&info);
+    record(&mut out, &mut src, &mut dst, &info, &disk_report);
     out.ram_by_tern = ram_report["wire_bytes"]
         .as_u64()
         .expect("wire_bytes in the RAM report");
@@ -403,9 +406,6 @@ pub fn tern_moves_disk_and_ram(name: &str) -> Outcome {
         .iter()
         .map(|r| r["downtime_ms"].as_f64().unwrap_or(0.0) - r["pause_ms"].as_f64().unwrap_or(0.0))
         .fold(0.0, f64::max);
-    out.disk_bytes = disk_report["wire_bytes"]
-        .as_u64()
-        .expect("wire_bytes in the report");
     finish_on_destination(&src, &mut dst, &mut out);
     src.kill();
     drop(dst);
@@ -607,14 +607,7 @@ fn tern_cutover(
     let report = finish_migrate(&mut migrate, guest.path());
     dst.qmp("cont", Value::Null);
     out.total_s = started.elapsed().as_secs_f64();
-    let (src_events, dst_events) = (src.events(), dst.events());
-    out.paused_ms = paused_ms(&src_events, &dst_events);
-    out.qmp_downtime_ms = info["downtime"].as_f64().unwrap_or(0.0);
-    out.ram_bytes = ram_bytes(&info);
-    out.disk_final_ms = report["downtime_ms"].as_f64().unwrap_or(0.0);
-    out.disk_bytes = report["wire_bytes"]
-        .as_u64()
-        .expect("wire_bytes in the report");
+    record(&mut out, src, &mut dst, &info, &report);
     assert_eq!(report["outcome"], "cut over", "{report}");
     finish_on_destination(src, &mut dst, &mut out);
     src.kill();

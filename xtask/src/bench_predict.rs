@@ -187,6 +187,27 @@ pub(crate) struct Scratch {
 }
 
 impl Scratch {
+    /// A loop device over a sparse `mib` MiB file `name` in the directory,
+    /// with `losetup` options `extra`.
+    pub(crate) fn loop_device(&mut self, name: &str, mib: u64, extra: &[&str]) -> Result<String> {
+        let img = self.dir.join(name);
+        run_cmd(
+            Command::new("truncate")
+                .args(["-s", &format!("{mib}M")])
+                .arg(&img),
+        )?;
+        let dev = output(
+            Command::new("losetup")
+                .args(["-f", "--show"])
+                .args(extra)
+                .arg(&img),
+        )?
+        .trim()
+        .to_owned();
+        self.devs.push(dev.clone());
+        Ok(dev)
+    }
+
     pub(crate) fn detach(&mut self, dev: &str) {
         let _ = Command::new("losetup").args(["-d", dev]).status();
         self.devs.retain(|d| d != dev);
@@ -264,16 +285,7 @@ fn migrate_part(bin: &Path, out: &mut String) -> Result<()> {
         dir: dir.clone(),
         devs: Vec::new(),
     };
-    let img = dir.join("src.img");
-    run_cmd(
-        Command::new("truncate")
-            .args(["-s", &format!("{mib}M")])
-            .arg(&img),
-    )?;
-    let dev = output(Command::new("losetup").args(["-f", "--show"]).arg(&img))?
-        .trim()
-        .to_owned();
-    scratch.devs.push(dev.clone());
+    let dev = scratch.loop_device("src.img", mib, &[])?;
     // Half the disk holds data; the hot region is its first eighth.
     let hot = mib / 8;
     run_cmd(Command::new("dd").args([

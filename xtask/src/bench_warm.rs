@@ -189,16 +189,7 @@ pub(super) fn warm_part(bin: &Path, out: &mut String) -> Result<()> {
         dir: dir.clone(),
         devs: Vec::new(),
     };
-    let src_img = dir.join("src.img");
-    run_cmd(
-        Command::new("truncate")
-            .args(["-s", &format!("{mib}M")])
-            .arg(&src_img),
-    )?;
-    let src = output(Command::new("losetup").args(["-f", "--show"]).arg(&src_img))?
-        .trim()
-        .to_owned();
-    scratch.devs.push(src.clone());
+    let src = scratch.loop_device("src.img", mib, &[])?;
     run_cmd(Command::new("dd").args([
         "if=/dev/urandom",
         &format!("of={src}"),
@@ -277,20 +268,7 @@ pub(super) fn warm_part(bin: &Path, out: &mut String) -> Result<()> {
         std::fs::create_dir_all(&run_dir)?;
         // A fresh destination per run: a new sparse file on its own loop
         // device, so every run starts from the same empty image.
-        let dst_img = run_dir.join("dst.img");
-        run_cmd(
-            Command::new("truncate")
-                .args(["-s", &format!("{mib}M")])
-                .arg(&dst_img),
-        )?;
-        let dst = output(
-            Command::new("losetup")
-                .args(["-f", "--show", "--direct-io=on"])
-                .arg(&dst_img),
-        )?
-        .trim()
-        .to_owned();
-        scratch.devs.push(dst.clone());
+        let dst = scratch.loop_device(&format!("run{i}/dst.img"), mib, &["--direct-io=on"])?;
         let dio_path = format!("/sys/block/{}/loop/dio", dst.trim_start_matches("/dev/"));
         if !std::fs::read_to_string(&dio_path).is_ok_and(|s| s.trim() == "1") {
             bail!(
