@@ -116,22 +116,39 @@ pub enum HistoryCommand {
 pub struct Select {
     /// A directory, `file:///dir` or `s3://bucket/prefix`.
     url: String,
-    /// From this time: RFC 3339 or an age (2h = two hours ago).
-    #[arg(long)]
-    from: Option<String>,
-    /// Up to this time (same forms).
-    #[arg(long)]
-    to: Option<String>,
-    /// Only this host (as in segment names).
-    #[arg(long)]
-    host: Option<String>,
-    /// Only this device (as in segment names, e.g. dev-loop0).
-    #[arg(long)]
-    device: Option<String>,
+    #[command(flatten)]
+    filter: HistoryFilter,
 }
 
 impl Select {
     fn query(&self) -> Result<Query> {
+        self.filter.query()
+    }
+}
+
+/// Which part of a history store.
+#[derive(Args, Clone, Default)]
+pub struct HistoryFilter {
+    /// From this time: RFC 3339 or an age (2h = two hours ago).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Up to this time (same forms).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Only this host (as in segment names).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only this device (as in segment names, e.g. dev-loop0).
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+impl HistoryFilter {
+    pub fn is_empty(&self) -> bool {
+        self.from.is_none() && self.to.is_none() && self.host.is_none() && self.device.is_none()
+    }
+
+    pub fn query(&self) -> Result<Query> {
         let time = |s: &Option<String>| s.as_deref().map(TimeRange::parse_time).transpose();
         Ok(Query {
             range: TimeRange {
@@ -142,6 +159,12 @@ impl Select {
             device: self.device.clone(),
         })
     }
+}
+
+/// Whether `source` names a history store (a directory or a URL) rather
+/// than a trace file.
+pub fn is_store(source: &std::path::Path) -> bool {
+    source.is_dir() || source.to_string_lossy().contains("://")
 }
 
 /// Opens a store to read or prune: a missing directory is an error, not created.

@@ -76,6 +76,18 @@ pub struct SourceArgs {
     /// extents first and holds back those predicted to be rewritten soon.
     #[arg(long, value_name = "PLAN")]
     prefetch: Option<PathBuf>,
+    /// Train the predictor here, at start, on this source's recorded history
+    /// (`--history` of an earlier run: a directory, `file:///dir` or
+    /// `s3://bucket/prefix`), and order the first copy by its plan as
+    /// `--prefetch` does.
+    #[arg(long, value_name = "URL", conflicts_with = "prefetch")]
+    prefetch_history: Option<String>,
+    /// How much recent history `--prefetch-history` trains on (an age).
+    #[arg(long, default_value = "24h", requires = "prefetch_history")]
+    prefetch_window: String,
+    /// How far ahead `--prefetch-history` predicts.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    prefetch_horizon: Duration,
     /// Where the status file for `tern status` lives.
     #[arg(long, default_value = "/run/tern")]
     state_dir: PathBuf,
@@ -232,6 +244,47 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// Trains the predictor on `url`'s history of `source` (this host, this
+/// device, the last `--prefetch-window`) off the async threads, and says
+/// what it cost.
+async fn train_on_history(
+    a: &SourceArgs,
+    url: &str,
+    source: &std::path::Path,
+) -> Result<tern::predict::Prediction> {
+    let query = tern::history::Query {
+        range: tern::history::TimeRange {
+            from_unix_ns: Some(tern::history::TimeRange::parse_time(&a.prefetch_window)?),
+            to_unix_ns: None,
+        },
+        host: Some(tern::history::sanitize(&tern::trace::device::hostname())),
+        device: Some(tern::history::sanitize(&source.to_string_lossy())),
+    };
+    // The checksum region is the unit the first copy is ordered in.
+    let defaults = tern::predict::PredictOptions::default();
+    let opts = tern::predict::PredictOptions {
+        unit: a.region_size.unwrap_or(defaults.unit),
+        ..defaults
+    };
+    let horizon = u64::try_from(a.prefetch_horizon.as_nanos()).unwrap_or(u64::MAX);
+    let url = url.to_owned();
+    let started = std::time::Instant::now();
+    let plan = tokio::task::spawn_blocking(move || -> Result<tern::predict::Prediction> {
+        let reader = tern::history::HistoryReader::open(&url, &query)
+            .with_context(|| format!("opening the history {url}"))?;
+        Ok(tern::predict::predict_future_io(reader, horizon, &opts)?)
+    })
+    .await
+    .context("the training thread failed")??;
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        extents = plan.extents.len(),
+        model = %plan.model,
+        "trained on the recorded history"
+    );
+    Ok(plan)
+}
+
 /// The tracker, the engine and the status cell for one source, and the
 /// history uploader when `--history` is given.
 async fn start_source(
@@ -324,8 +377,12 @@ async fn start_source(
             .context("give the destination agent as --to HOST:PORT")?;
     let peer = peer(to, a.tls_dir.as_deref(), a.domain.as_ref())?;
     let mut repl = Replicator::connect(image, peer, send, local, opts).await?;
-    if let Some(plan) = &a.prefetch {
-        let plan = tern::predict::Prediction::load(plan)?;
+    let plan = match (&a.prefetch, &a.prefetch_history) {
+        (Some(plan), _) => Some(tern::predict::Prediction::load(plan)?),
+        (None, Some(url)) => Some(train_on_history(a, url, &path).await?),
+        (None, None) => None,
+    };
+    if let Some(plan) = plan {
         let order = plan.send_order(0.5);
         tracing::info!(
             first = order.first.len(),

@@ -14,7 +14,7 @@ use tern::predict::{self, PredictOptions};
 #[command(
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Examples:\n  tern predict app.trace --horizon 10m --out plan.json\n  tern migrate --device /dev/vdb --to dst:7443 --prefetch plan.json ...\n  tern predict eval app.trace --train 0-50% --test 50-100% --horizon 10s [--json]"
+    after_help = "Examples:\n  tern predict app.trace --horizon 10m --out plan.json\n  tern predict s3://tern/history --from 24h --device dev-vdb --horizon 10m --out plan.json\n  tern migrate --device /dev/vdb --to dst:7443 --prefetch plan.json ...\n  tern predict eval app.trace --train 0-50% --test 50-100% --horizon 10s [--json]"
 )]
 pub struct PredictArgs {
     #[command(subcommand)]
@@ -25,9 +25,14 @@ pub struct PredictArgs {
 
 #[derive(Args)]
 struct PredictRunArgs {
-    /// The history: a trace file (`tern trace`, `tern trace import`).
-    #[arg(required = true)]
+    /// The history: a trace file (`tern trace`, `tern trace import`), or a
+    /// history store a source agent recorded (`--history`): a directory,
+    /// `file:///dir` or `s3://bucket/prefix`.
+    #[arg(required = true, value_name = "TRACE|HISTORY")]
     trace: Option<PathBuf>,
+    /// Which part of a history store (not for a trace file).
+    #[command(flatten)]
+    filter: crate::cli_history::HistoryFilter,
     /// How far ahead to predict.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     horizon: Duration,
@@ -127,9 +132,21 @@ pub fn predict(args: PredictArgs) -> Result<()> {
                 model: run.model,
                 min_probability: run.min_probability,
             };
-            let reader = crate::open_trace(&trace)?;
-            let plan = predict::predict_future_io(reader, horizon_ns(run.horizon), &opts)
-                .with_context(|| format!("predicting from {}", trace.display()))?;
+            let horizon = horizon_ns(run.horizon);
+            let plan = if crate::cli_history::is_store(&trace) {
+                let url = trace.to_string_lossy();
+                let reader = tern::history::HistoryReader::open(&url, &run.filter.query()?)
+                    .with_context(|| format!("opening the history {url}"))?;
+                predict::predict_future_io(reader, horizon, &opts)
+            } else {
+                anyhow::ensure!(
+                    run.filter.is_empty(),
+                    "--from, --to, --host and --device select from a history store, not from the trace file {}",
+                    trace.display()
+                );
+                predict::predict_future_io(crate::open_trace(&trace)?, horizon, &opts)
+            }
+            .with_context(|| format!("predicting from {}", trace.display()))?;
             let mut out = crate::output(run.out.as_ref())?;
             serde_json::to_writer(&mut out, &plan)?;
             writeln!(out)?;
