@@ -151,6 +151,13 @@ struct AgentArgs {
     /// Source role: where history segments wait until the store has them.
     #[arg(long, value_name = "DIR", requires = "history")]
     history_spool: Option<PathBuf>,
+    /// Source role: train the predictor at start on this recorded history and
+    /// order the first copy by its plan (hot reads first, rewrites held back).
+    #[arg(long, value_name = "URL")]
+    prefetch_history: Option<String>,
+    /// Source role: how much recent history `--prefetch-history` trains on (an age).
+    #[arg(long, requires = "prefetch_history")]
+    prefetch_window: Option<String>,
     /// NBD listen address: `HOST:PORT` or `unix:/path`.
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd: tern::nbd::ListenAddr,
@@ -488,6 +495,8 @@ fn agent(a: AgentArgs) -> Result<()> {
             ("--domain", a.domain.as_deref()),
             ("--history", a.history.as_deref()),
             ("--history-retention", a.history_retention.as_deref()),
+            ("--prefetch-history", a.prefetch_history.as_deref()),
+            ("--prefetch-window", a.prefetch_window.as_deref()),
         ] {
             if let Some(v) = value {
                 given.push((flag, std::ffi::OsStr::new(v)));
