@@ -381,28 +381,26 @@ impl Paused {
     /// Hands the workload over to the destination once its disk has
     /// switched: for `qemu:` QEMU sends the device state and the last dirty
     /// RAM (`migrate-continue`) and this waits until the migration has
-    /// completed; the others stay paused for good ([`Paused::keep`]).
+    /// completed; the others stay paused for good ([`Paused::keep`]). A
+    /// failed hand-over leaves the VM as it is, never resumed here: its disk
+    /// has switched (`tern rollback --resume` brings it back).
     pub async fn hand_over(mut self) -> Result<(), PauseError> {
         if let Some(Hold::QemuMigrate { socket, qmp }) = self.hold.as_mut() {
             let started = Instant::now();
-            qmp.execute(
-                "migrate-continue",
-                Some(json!({ "state": "pre-switchover" })),
-            )
-            .await?;
-            let info = wait_migration(qmp, socket, &[]).await?;
-            if info["status"] != "completed" {
-                return Err(PauseError::QemuMigration {
-                    path: socket.clone(),
-                    status: info["status"].as_str().unwrap_or("unknown").to_owned(),
-                    desc: info["error-desc"].as_str().unwrap_or("").to_owned(),
-                });
+            match continue_migration(qmp, socket).await {
+                Ok(info) => tracing::info!(
+                    took = ?started.elapsed(),
+                    downtime_ms = info["downtime"].as_u64().unwrap_or(0),
+                    "QEMU sent the device state: the VM runs on the destination"
+                ),
+                Err(e) => {
+                    // The disk has switched: the source VM must not run again
+                    // on its own (QEMU may even have completed). Leave it as
+                    // it is for `tern rollback` or the operator.
+                    self.hold = None;
+                    return Err(e);
+                }
             }
-            tracing::info!(
-                took = ?started.elapsed(),
-                downtime_ms = info["downtime"].as_u64().unwrap_or(0),
-                "QEMU sent the device state: the VM runs on the destination"
-            );
         }
         self.keep();
         Ok(())
@@ -679,6 +677,24 @@ async fn wait_migration(qmp: &mut Qmp, socket: &Path, also: &[&str]) -> Result<V
         // `pre-switchover`, so noticing it late is downtime.
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// `migrate-continue` from `pre-switchover`, then waits for `completed`.
+async fn continue_migration(qmp: &mut Qmp, socket: &Path) -> Result<Value, PauseError> {
+    qmp.execute(
+        "migrate-continue",
+        Some(json!({ "state": "pre-switchover" })),
+    )
+    .await?;
+    let info = wait_migration(qmp, socket, &[]).await?;
+    if info["status"] != "completed" {
+        return Err(PauseError::QemuMigration {
+            path: socket.to_path_buf(),
+            status: info["status"].as_str().unwrap_or("unknown").to_owned(),
+            desc: info["error-desc"].as_str().unwrap_or("").to_owned(),
+        });
+    }
+    Ok(info)
 }
 
 /// Cancels QEMU's migration (which resumes the VM) and makes sure it runs.
