@@ -533,11 +533,12 @@ pub fn destination_dies_during_cutover(name: &str) -> Outcome {
         String::from_utf8_lossy(&rb.stderr)
     );
     assert_eq!(src.status(), "running", "rollback resumes the source VM");
-    let mut out = Outcome {
-        name: name.to_owned(),
-        ..Outcome::default()
-    };
-    // The guest goes on where it stopped, on the source.
+    goes_on_at_the_source(name, &guest, &mut src)
+}
+
+/// The guest goes on where it stopped, on the source: it ticks on, verifies
+/// every file when stopped, and its disk is clean.
+fn goes_on_at_the_source(name: &str, guest: &Guest, src: &mut Vm) -> Outcome {
     let last = vm::ticks(&src.serial()).last().expect("ticks").0;
     src.wait_serial(
         &format!("tern-vm: tick {} ", last + TICKS_AFTER as u64),
@@ -548,12 +549,61 @@ pub fn destination_dies_during_cutover(name: &str) -> Outcome {
     src.wait_exit(Duration::from_secs(30));
     assert!(
         text.contains("tern-vm: VERIFY OK"),
-        "the guest did not verify its data after rollback:\n{}",
+        "the guest did not verify its data on the source:\n{}",
         vm::tail(&text)
     );
-    out.final_counter = vm::ticks(&text).last().expect("ticks").0;
-    guest::fsck(&guest.disk).unwrap_or_else(|e| panic!("e2fsck on the source after rollback: {e}"));
-    out
+    guest::fsck(&guest.disk).unwrap_or_else(|e| panic!("e2fsck on the source: {e}"));
+    Outcome {
+        name: name.to_owned(),
+        final_counter: vm::ticks(&text).last().expect("ticks").0,
+        ..Outcome::default()
+    }
+}
+
+/// The destination QEMU dies during the RAM precopy that Tern's `qemu:`
+/// pause started: QEMU's migration fails before the VM stops, Tern's pause
+/// fails, and `tern migrate` exits without switching (the destination's
+/// export stays refusing writes); the source VM never stopped and goes on.
+pub fn destination_dies_during_precopy(name: &str) -> (Outcome, String) {
+    let guest = Guest::new(name);
+    let agent = Destination::start_with(guest.path(), DISK_MIB << 20, true);
+    let mut src = guest.boot_source();
+    let (mut dst, uri) = incoming(
+        &guest,
+        Disk::Nbd {
+            port: agent.nbd,
+            export: "tern".to_owned(),
+        },
+    );
+    let pause = format!("qemu:{}@{uri}", src.tern_qmp.display());
+    let mut migrate = spawn_tern_migrate(&agent, &guest.disk, &["--pause", &pause]);
+    let deadline = Instant::now() + MIGRATION_LIMIT;
+    loop {
+        let info = src.qmp("query-migrate", Value::Null);
+        if info["status"] == "active" {
+            break;
+        }
+        assert!(
+            migrate.try_wait().is_none(),
+            "tern migrate exited before QEMU's precopy: {}",
+            migrate_log(guest.path())
+        );
+        assert!(Instant::now() < deadline, "precopy never started: {info}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    dst.kill();
+    let status = migrate
+        .wait_for(Duration::from_mins(1))
+        .expect("tern migrate exits after the failed precopy");
+    let log = migrate_log(guest.path());
+    assert!(!status.success(), "tern migrate must fail: {log}");
+    let info = src.qmp("query-migrate", Value::Null);
+    assert!(
+        ["failed", "cancelled"].contains(&info["status"].as_str().unwrap_or("")),
+        "QEMU's migration ended: {info}"
+    );
+    assert_eq!(src.status(), "running", "the source VM keeps running");
+    (goes_on_at_the_source(name, &guest, &mut src), log)
 }
 
 /// The last value of `field` in `tern migrate`'s JSON progress lines.

@@ -1,5 +1,6 @@
 //! Failures around a VM migration: the destination QEMU crashing during the
-//! cutover, and the source's `tern migrate` killed part way through its copy.
+//! cutover or during the RAM precopy Tern started, and the source's `tern
+//! migrate` killed part way through its copy.
 
 use tern_vm_tests::scenario;
 
@@ -14,6 +15,18 @@ fn prerequisites() {
 fn destination_qemu_killed_during_cutover_rolls_back_and_the_source_vm_keeps_every_write() {
     prerequisites();
     let out = scenario::destination_dies_during_cutover("destination dies");
+    assert!(out.final_counter > 0, "{out:?}");
+}
+
+#[test]
+#[ignore = "boots QEMU VMs: run by `cargo xtask vm-test`"]
+fn destination_qemu_killed_during_precopy_fails_the_migration_and_the_source_vm_runs_on() {
+    prerequisites();
+    let (out, log) = scenario::destination_dies_during_precopy("dies in precopy");
+    assert!(
+        log.contains("QEMU's migration"),
+        "tern migrate says why it stopped: {log}"
+    );
     assert!(out.final_counter > 0, "{out:?}");
 }
 
