@@ -30,7 +30,12 @@ impl Drop for Scratch {
             let _ = c.kill();
         }
         for m in self.mounted.iter().rev() {
-            let _ = Command::new("fsfreeze").arg("-u").arg(m).status();
+            // Only in case a failure left it frozen: "not frozen" is the usual answer.
+            let _ = Command::new("fsfreeze")
+                .arg("-u")
+                .arg(m)
+                .stderr(std::process::Stdio::null())
+                .status();
         }
         for c in &mut self.children {
             let _ = c.wait();
