@@ -223,6 +223,29 @@ impl Drop for Scratch {
     }
 }
 
+/// Writes `mib` MiB of random data at the start of `dev`, past the page cache.
+pub(crate) fn fill_random(dev: &str, mib: u64) -> Result<()> {
+    run_cmd(Command::new("dd").args([
+        "if=/dev/urandom",
+        &format!("of={dev}"),
+        "bs=1M",
+        &format!("count={mib}"),
+        "oflag=direct",
+        "status=none",
+    ]))
+}
+
+/// Certificates for `localhost` in `dir/pki`; returns the TLS directory.
+pub(crate) fn lab_certs(bin: &Path, dir: &Path) -> Result<PathBuf> {
+    run_cmd(
+        Command::new(bin)
+            .args(["certs", "init"])
+            .arg(dir.join("pki"))
+            .args(["--host", "localhost"]),
+    )?;
+    Ok(dir.join("pki/localhost"))
+}
+
 /// Records 5 s of `dev` with `tern trace` (into `dir/history.trace`) and
 /// writes `tern predict`'s plan for the next 30 s to `dir/plan.json`;
 /// returns the plan's path and how long the prediction took.
@@ -288,21 +311,8 @@ fn migrate_part(bin: &Path, out: &mut String) -> Result<()> {
     let dev = scratch.loop_device("src.img", mib, &[])?;
     // Half the disk holds data; the hot region is its first eighth.
     let hot = mib / 8;
-    run_cmd(Command::new("dd").args([
-        "if=/dev/urandom",
-        &format!("of={dev}"),
-        "bs=1M",
-        &format!("count={}", mib / 2),
-        "oflag=direct",
-        "status=none",
-    ]))?;
-    run_cmd(
-        Command::new(bin)
-            .args(["certs", "init"])
-            .arg(dir.join("pki"))
-            .args(["--host", "localhost"]),
-    )?;
-    let tls = dir.join("pki/localhost");
+    fill_random(&dev, mib / 2)?;
+    let tls = lab_certs(bin, &dir)?;
     let fio = Proc(
         Command::new("fio")
             .args([

@@ -42,7 +42,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{MIB, Proc, Scratch, env_or, free_port, learn, median, num, same};
+use super::{
+    MIB, Proc, Scratch, env_or, fill_random, free_port, lab_certs, learn, median, num, same,
+};
 use crate::sh::{output, run as run_cmd};
 
 /// The workload's skew: 80 % of the reads in the first 10 % of the disk, the
@@ -190,21 +192,8 @@ pub(super) fn warm_part(bin: &Path, out: &mut String) -> Result<()> {
         devs: Vec::new(),
     };
     let src = scratch.loop_device("src.img", mib, &[])?;
-    run_cmd(Command::new("dd").args([
-        "if=/dev/urandom",
-        &format!("of={src}"),
-        "bs=1M",
-        &format!("count={mib}"),
-        "oflag=direct",
-        "status=none",
-    ]))?;
-    run_cmd(
-        Command::new(bin)
-            .args(["certs", "init"])
-            .arg(dir.join("pki"))
-            .args(["--host", "localhost"]),
-    )?;
-    let tls = dir.join("pki/localhost");
+    fill_random(&src, mib)?;
+    let tls = lab_certs(bin, &dir)?;
     let reader = |filename: &str, extra: &[String]| {
         let mut c = Command::new("fio");
         c.args([
