@@ -641,11 +641,7 @@ async fn qemu_migrate(socket: &Path, uri: &str) -> Result<Paused, PauseError> {
     qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
     let info = wait_migration(qmp, socket, &["pre-switchover"]).await?;
     if info["status"] != "pre-switchover" {
-        return Err(PauseError::QemuMigration {
-            path: socket.to_path_buf(),
-            status: info["status"].as_str().unwrap_or("unknown").to_owned(),
-            desc: info["error-desc"].as_str().unwrap_or("").to_owned(),
-        });
+        return Err(migration_ended(socket, &info));
     }
     // The pause starts when QEMU stopped the VM, not when precopy began.
     paused.since = Instant::now();
@@ -688,13 +684,19 @@ async fn continue_migration(qmp: &mut Qmp, socket: &Path) -> Result<Value, Pause
     .await?;
     let info = wait_migration(qmp, socket, &[]).await?;
     if info["status"] != "completed" {
-        return Err(PauseError::QemuMigration {
-            path: socket.to_path_buf(),
-            status: info["status"].as_str().unwrap_or("unknown").to_owned(),
-            desc: info["error-desc"].as_str().unwrap_or("").to_owned(),
-        });
+        return Err(migration_ended(socket, &info));
     }
     Ok(info)
+}
+
+/// The error for a migration that ended in another state than awaited,
+/// with QEMU's own reason from `query-migrate`.
+fn migration_ended(socket: &Path, info: &Value) -> PauseError {
+    PauseError::QemuMigration {
+        path: socket.to_path_buf(),
+        status: info["status"].as_str().unwrap_or("unknown").to_owned(),
+        desc: info["error-desc"].as_str().unwrap_or("").to_owned(),
+    }
 }
 
 /// Cancels QEMU's migration (which resumes the VM) and makes sure it runs.
