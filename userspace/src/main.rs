@@ -519,6 +519,10 @@ fn agent(a: AgentArgs) -> Result<()> {
     cfg.insecure_nbd = a.insecure_nbd;
     cfg.direct = a.direct;
     if let Some(plan) = &a.warm_plan {
+        anyhow::ensure!(
+            !a.direct,
+            "--warm-plan reads the predicted extents into the page cache, which --direct bypasses: choose one"
+        );
         cfg.warm = tern::predict::Prediction::load(plan)?.read_hot(0.5, a.warm_budget);
     }
     runtime()?.block_on(async move {
