@@ -55,6 +55,11 @@ enum Command {
     ),
 }
 
+/// How often a standby writes back the page cache above its source: data
+/// buffered there (a mounted file system, a RAM file) is this much older at
+/// most than the standby's copy otherwise says.
+const STANDBY_WRITE_BACK: Duration = Duration::from_secs(1);
+
 /// The source side: the tracker, the engine and the status they report.
 pub struct SourceAgent {
     pub tracker: Tracker,
@@ -91,9 +96,15 @@ impl SourceAgent {
         &mut self,
         gaps: &mut u64,
         synced_at: &mut Instant,
+        written_back: &mut Instant,
     ) -> Result<bool, ControlError> {
-        // The RPO is honest only about writes the tracer has seen.
-        cutover::write_back(&self.repl).await?;
+        // The RPO is honest only about writes the tracer has seen: write
+        // back the page cache above the source now and then, not every
+        // step, which would make a mounted file system commit continually.
+        if written_back.elapsed() >= STANDBY_WRITE_BACK {
+            cutover::write_back(&self.repl).await?;
+            *written_back = Instant::now();
+        }
         self.tracker.sync().await?;
         if self.tracker.gaps() != *gaps {
             *gaps = self.tracker.gaps();
@@ -128,11 +139,14 @@ impl SourceAgent {
         self.initial_sync().await?;
         let mut gaps = self.tracker.gaps();
         let mut synced_at = Instant::now();
+        let mut written_back = Instant::now();
         // After a cutover the destination owns the epoch: no more standby rounds.
         let mut replicating = true;
         loop {
             if replicating {
-                let sent = self.standby_step(&mut gaps, &mut synced_at).await?;
+                let sent = self
+                    .standby_step(&mut gaps, &mut synced_at, &mut written_back)
+                    .await?;
                 if sent {
                     // Between rounds: a waiting command goes first.
                     match commands.try_recv() {
