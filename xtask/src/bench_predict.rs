@@ -187,6 +187,17 @@ pub(crate) struct Scratch {
 }
 
 impl Scratch {
+    /// A fresh directory `NAME-PID` under `TERN_BENCH_DIR` (default `/var/tmp`).
+    pub(crate) fn new(name: &str) -> Result<Scratch> {
+        let base = PathBuf::from(env_or("TERN_BENCH_DIR", "/var/tmp"));
+        let dir = base.join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Scratch {
+            dir,
+            devs: Vec::new(),
+        })
+    }
+
     /// A loop device over a sparse `mib` MiB file `name` in the directory,
     /// with `losetup` options `extra`.
     pub(crate) fn loop_device(&mut self, name: &str, mib: u64, extra: &[&str]) -> Result<String> {
@@ -301,13 +312,8 @@ fn migrate_part(bin: &Path, out: &mut String) -> Result<()> {
     let iops = env_or("TERN_BENCH_PREDICT_IOPS", "2000");
     let rate = env_or("TERN_BENCH_PREDICT_RATE", "100M");
     let runs: usize = env_or("TERN_BENCH_PREDICT_RUNS", "3").parse()?;
-    let base = PathBuf::from(env_or("TERN_BENCH_DIR", "/var/tmp"));
-    let dir = base.join(format!("tern-bench-predict-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mut scratch = Scratch {
-        dir: dir.clone(),
-        devs: Vec::new(),
-    };
+    let mut scratch = Scratch::new("tern-bench-predict")?;
+    let dir = scratch.dir.clone();
     let dev = scratch.loop_device("src.img", mib, &[])?;
     // Half the disk holds data; the hot region is its first eighth.
     let hot = mib / 8;

@@ -36,7 +36,7 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -184,13 +184,8 @@ pub(super) fn warm_part(bin: &Path, out: &mut String) -> Result<()> {
     // SAFETY: sysconf reads a constant of the running system.
     let page =
         u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).context("the page size")?;
-    let base = PathBuf::from(env_or("TERN_BENCH_DIR", "/var/tmp"));
-    let dir = base.join(format!("tern-bench-warm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mut scratch = Scratch {
-        dir: dir.clone(),
-        devs: Vec::new(),
-    };
+    let mut scratch = Scratch::new("tern-bench-warm")?;
+    let dir = scratch.dir.clone();
     let src = scratch.loop_device("src.img", mib, &[])?;
     fill_random(&src, mib)?;
     let tls = lab_certs(bin, &dir)?;
