@@ -143,6 +143,10 @@ pub struct Report {
     pub differing_regions: u64,
     pub sent_bytes: u64,
     pub wire_bytes: u64,
+    /// Of `wire_bytes`, what a standby had sent before this migration was
+    /// asked for (`tern agent --role source`): already at the destination,
+    /// so `wire_bytes - standby_wire_bytes` is what the migration itself sent.
+    pub standby_wire_bytes: u64,
     pub skipped_zero_bytes: u64,
     pub resent_bytes: u64,
     pub reconnects: u64,
@@ -216,7 +220,10 @@ pub async fn migrate(
     status: &StatusCell,
 ) -> Result<Report, CutoverError> {
     let started = Instant::now();
-    let mut report = Report::default();
+    let mut report = Report {
+        standby_wire_bytes: repl.stats().snapshot().wire_bytes,
+        ..Report::default()
+    };
     let mut gaps_seen = 0;
 
     set_status(status, |s| s.phase = "connecting");

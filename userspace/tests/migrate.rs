@@ -620,6 +620,14 @@ fn a_standby_source_agent_keeps_the_destination_current_and_reports_its_rpo() {
         report["delta_sync"], false,
         "the standby needed no initial pass: {report}"
     );
+    // The standby's copy was sent before the cutover was asked for; the
+    // cutover itself sent only what the writes since then dirtied.
+    let before = report["standby_wire_bytes"]
+        .as_u64()
+        .expect("standby_wire_bytes");
+    let total = report["wire_bytes"].as_u64().expect("wire_bytes");
+    assert!(before > 1 << 20 && total >= before, "{report}");
+    assert!(total - before < 1 << 20, "{report}");
     let wrote = sh(Command::new("qemu-io").args([
         "-f",
         "raw",

@@ -38,8 +38,12 @@ pub struct Outcome {
     /// Tern: pause to switch (its report's `downtime_ms`: final delta,
     /// checksum roots, fencing). QEMU: `block-job-cancel` to the job's end.
     pub disk_final_ms: f64,
-    /// Disk bytes on the wire (Tern's `wire_bytes`; the mirror job's copied bytes).
+    /// Disk bytes on the wire once the migration was asked for (Tern's
+    /// `wire_bytes` less what a standby had sent before; the mirror job's
+    /// copied bytes).
     pub disk_bytes: u64,
+    /// Disk bytes a Tern standby had sent before the migration was asked for.
+    pub disk_bytes_ahead: u64,
     /// RAM and device state (`query-migrate` `ram.transferred`).
     pub ram_bytes: u64,
     /// Guest RAM Tern replicated (its RAM migration's `wire_bytes`), when
@@ -198,9 +202,11 @@ fn record(out: &mut Outcome, src: &mut Vm, dst: &mut Vm, info: &Value, report: &
     out.qmp_downtime_ms = info["downtime"].as_f64().unwrap_or(0.0);
     out.ram_bytes = ram_bytes(info);
     out.disk_final_ms = report["downtime_ms"].as_f64().unwrap_or(0.0);
-    out.disk_bytes = report["wire_bytes"]
+    let wire = report["wire_bytes"]
         .as_u64()
         .expect("wire_bytes in the report");
+    out.disk_bytes_ahead = report["standby_wire_bytes"].as_u64().unwrap_or(0);
+    out.disk_bytes = wire - out.disk_bytes_ahead;
 }
 
 /// Tern moves the disk while QEMU moves RAM by precopy, both while the VM
@@ -213,23 +219,48 @@ fn record(out: &mut Outcome, src: &mut Vm, dst: &mut Vm, info: &Value, report: &
 /// and sends the device state with `migrate-continue`.
 /// `extra` goes to `tern migrate`.
 pub fn tern_moves_the_disk(name: &str, extra: &[&str]) -> Outcome {
-    tern_moves(name, extra, false)
+    tern_moves(name, extra, Ahead::Nothing)
 }
 
 /// The same with Tern's pre-migration prefetch: the running guest's disk is
 /// traced for a while, `tern predict` ranks what it will read and rewrite,
 /// and the first copy is ordered by that plan (`--prefetch`).
 pub fn tern_moves_the_disk_with_prefetch(name: &str) -> Outcome {
-    tern_moves(name, &[], true)
+    tern_moves(name, &[], Ahead::Prefetch)
 }
 
-fn tern_moves(name: &str, extra: &[&str], prefetch: bool) -> Outcome {
+/// The same with Tern shipping the disk before the migration is asked for:
+/// a source agent (`tern agent --role source`) replicates the running
+/// guest's disk as a warm standby, and `tern migrate --agent` then asks it to
+/// cut over, so the migration sends only what the guest wrote since.
+pub fn tern_moves_the_disk_from_a_standby(name: &str) -> Outcome {
+    tern_moves(name, &[], Ahead::Standby)
+}
+
+/// What Tern does before the migration is asked for.
+#[derive(Clone, Copy, PartialEq)]
+enum Ahead {
+    Nothing,
+    /// Trace the running guest, `tern predict`, `--prefetch PLAN`.
+    Prefetch,
+    /// Replicate continuously from a source agent, then cut over through it.
+    Standby,
+}
+
+/// How long the guest runs beside Tern's preparation (the trace that the
+/// prediction learns from, or the standby's replication) before migrating.
+const AHEAD: Duration = Duration::from_secs(10);
+
+fn tern_moves(name: &str, extra: &[&str], ahead: Ahead) -> Outcome {
     let guest = Guest::new(name);
     let mut agent = Destination::start_with(guest.path(), DISK_MIB << 20, true);
     let mut src = guest.boot_source();
     let plan = guest.path().join("prefetch.json");
-    if prefetch {
-        learn_the_workload(&guest, &plan);
+    let mut standby = None;
+    match ahead {
+        Ahead::Nothing => {}
+        Ahead::Prefetch => learn_the_workload(&guest, &plan),
+        Ahead::Standby => standby = Some(Standby::start(&agent, &guest.disk)),
     }
     let plan = plan.to_string_lossy().into_owned();
     let mut out = Outcome {
@@ -252,10 +283,13 @@ fn tern_moves(name: &str, extra: &[&str], prefetch: bool) -> Outcome {
     let pause = format!("qemu:{}@{uri}", src.tern_qmp.display());
     let mut args = vec!["--pause", pause.as_str()];
     args.extend_from_slice(extra);
-    if prefetch {
+    if ahead == Ahead::Prefetch {
         args.extend_from_slice(&["--prefetch", plan.as_str()]);
     }
-    let mut migrate = spawn_tern_migrate(&agent, &guest.disk, &args);
+    let mut migrate = match &standby {
+        Some(standby) => standby.cutover(&agent, &args),
+        None => spawn_tern_migrate(&agent, &guest.disk, &args),
+    };
     // QEMU's migration completes only at Tern's hand-over, after its switch
     // and health check: the destination may run from then on, while
     // `tern migrate` is still exiting.
@@ -283,7 +317,12 @@ fn tern_moves(name: &str, extra: &[&str], prefetch: bool) -> Outcome {
     dst.qmp("cont", Value::Null);
     out.total_s = started.elapsed().as_secs_f64();
     let report = finish_migrate(&mut migrate, guest.path());
-    let slug = if prefetch { "prefetch" } else { "overlapped" };
+    drop(standby);
+    let slug = match ahead {
+        Ahead::Nothing => "overlapped",
+        Ahead::Prefetch => "prefetch",
+        Ahead::Standby => "standby",
+    };
     crate::write_result(&format!("tern-{slug}-report.json"), &report.to_string());
     assert_eq!(report["outcome"], "cut over", "{report}");
     // Tern's downtime there: from QEMU's stop at `pre-switchover` to its switch.
@@ -685,6 +724,83 @@ pub fn spawn_migrate(
 /// `migrate.log` and `migrate.out` in the guest's directory.
 /// Traces the running guest's disk image (`tern trace --file`) and writes
 /// `tern predict`'s plan for the next minute to `plan`.
+/// A source agent replicating the guest's disk as a warm standby, with its
+/// control service on loopback.
+struct Standby {
+    agent: Guard,
+    control: String,
+}
+
+impl Standby {
+    /// Starts the agent, waits until its copy has caught up with the running
+    /// guest, then lets it replicate beside the workload for [`AHEAD`].
+    fn start(dst: &Destination, image: &Path) -> Standby {
+        let control = format!("127.0.0.1:{}", free_port());
+        let log =
+            std::fs::File::create(dst.dir.join("standby.log")).expect("create the standby's log");
+        let agent = Guard::spawn(
+            Command::new(crate::lab::tern_bin())
+                .args(["agent", "--role", "source", "--file"])
+                .arg(image)
+                .args(["--peer", &dst.addr(), "--domain", "localhost"])
+                .args(["--control", &control])
+                .arg("--tls-dir")
+                .arg(dst.tls())
+                .arg("--state-dir")
+                .arg(dst.dir.join("standby-state"))
+                .arg("--trace-out")
+                .arg(dst.dir.join("standby.trace"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log),
+            "tern agent --role source",
+        );
+        let standby = Standby { agent, control };
+        let deadline = Instant::now() + MIGRATION_LIMIT;
+        loop {
+            let out = crate::process::run_for(
+                &mut standby.ask(dst, &["status", "--json"]),
+                Duration::from_secs(30),
+            );
+            let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            if status["phase"] == "standby: replicating" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the standby never finished its initial sync: {status}; {}",
+                vm::tail(&std::fs::read_to_string(dst.dir.join("standby.log")).unwrap_or_default())
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(AHEAD);
+        standby
+    }
+
+    /// `tern ARGS --agent CONTROL`: a command to the standby.
+    fn ask(&self, dst: &Destination, args: &[&str]) -> Command {
+        let mut c = Command::new(crate::lab::tern_bin());
+        c.args(args)
+            .args(["--agent", &self.control, "--agent-tls-dir"])
+            .arg(dst.tls());
+        c
+    }
+
+    /// `tern migrate --agent` with `args`, its report and log where
+    /// [`finish_migrate`] looks for them.
+    fn cutover(&self, dst: &Destination, args: &[&str]) -> Guard {
+        let mut migrate = vec!["migrate"];
+        migrate.extend_from_slice(args);
+        spawn_reporting(&dst.dir, self.ask(dst, &migrate), "tern migrate --agent")
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        self.agent.kill();
+    }
+}
+
 fn learn_the_workload(guest: &Guest, plan: &Path) {
     let trace = guest.path().join("history.trace");
     crate::process::sh(
@@ -692,7 +808,7 @@ fn learn_the_workload(guest: &Guest, plan: &Path) {
             .arg("trace")
             .arg("--file")
             .arg(&guest.disk)
-            .args(["--duration", "10s", "--out"])
+            .args(["--duration", &format!("{}s", AHEAD.as_secs()), "--out"])
             .arg(&trace),
         Duration::from_mins(1),
     );
@@ -707,12 +823,16 @@ fn learn_the_workload(guest: &Guest, plan: &Path) {
 }
 
 fn spawn_tern_migrate(agent: &Destination, image: &Path, args: &[&str]) -> Guard {
-    let log = std::fs::File::create(agent.dir.join("migrate.log")).expect("create the migrate log");
-    let stdout =
-        std::fs::File::create(agent.dir.join("migrate.out")).expect("create the migrate report");
-    let mut cmd = agent.migrate(image, args);
+    spawn_reporting(&agent.dir, agent.migrate(image, args), "tern migrate")
+}
+
+/// Spawns a `tern migrate` command with its log and report in `dir`, where
+/// [`migrate_log`] and [`finish_migrate`] read them.
+fn spawn_reporting(dir: &Path, mut cmd: Command, name: &str) -> Guard {
+    let log = std::fs::File::create(dir.join("migrate.log")).expect("create the migrate log");
+    let stdout = std::fs::File::create(dir.join("migrate.out")).expect("create the migrate report");
     cmd.stdin(Stdio::null()).stdout(stdout).stderr(log);
-    Guard::spawn(&mut cmd, "tern migrate")
+    Guard::spawn(&mut cmd, name)
 }
 
 fn migrate_log(dir: &Path) -> String {
@@ -834,12 +954,12 @@ pub fn qemu_mirror(name: &str) -> Outcome {
 pub fn table(rows: &[Outcome]) -> String {
     use std::fmt::Write;
     let mut t = String::from(
-        "| migration | QMP downtime (ms) | paused, STOP→RESUME (ms) | disk made final (ms) | guest's gap (ms; median tick) | disk bytes | RAM bytes (QEMU) | RAM bytes (Tern) | total (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| migration | QMP downtime (ms) | paused, STOP→RESUME (ms) | disk made final (ms) | guest's gap (ms; median tick) | disk bytes at migration | disk bytes before | RAM bytes (QEMU) | RAM bytes (Tern) | total (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let _ = writeln!(
             t,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} ({:.0}) | {} | {} | {} | {:.1} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} ({:.0}) | {} | {} | {} | {} | {:.1} |",
             r.name,
             r.qmp_downtime_ms,
             r.paused_ms,
@@ -847,6 +967,7 @@ pub fn table(rows: &[Outcome]) -> String {
             r.guest_gap_ms,
             r.guest_tick_ms,
             r.disk_bytes,
+            r.disk_bytes_ahead,
             r.ram_bytes,
             r.ram_by_tern,
             r.total_s

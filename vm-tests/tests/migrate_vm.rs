@@ -29,6 +29,17 @@ fn tern_and_qemu_move_a_writing_vm_and_the_guest_continues() {
     // The point of the product: the guest's disk traced beforehand,
     // `tern predict`, and the migration ordered by its plan.
     let pre = scenario::tern_moves_the_disk_with_prefetch("Tern with pre-migration prefetch");
+    // Tern ships the disk before the migration is asked for: a source agent
+    // replicates it as a warm standby, and the migration sends only what the
+    // guest wrote since.
+    let standby = scenario::tern_moves_the_disk_from_a_standby(
+        "Tern warm standby beforehand (source agent), then cutover",
+    );
+    assert!(standby.final_counter > 0, "{standby:?}");
+    assert!(
+        standby.disk_bytes_ahead > 0 && standby.disk_bytes < standby.disk_bytes_ahead,
+        "the standby must have sent the bulk of the disk before the migration: {standby:?}"
+    );
     // Tern moves the RAM too (a shared RAM file replicated at 4 KiB pages);
     // QEMU sends only the device state (`x-ignore-shared`).
     let ram = scenario::tern_moves_disk_and_ram(
@@ -39,7 +50,7 @@ fn tern_and_qemu_move_a_writing_vm_and_the_guest_continues() {
         ram.ram_bytes < 16 << 20,
         "QEMU must not send the shared RAM: {ram:?}"
     );
-    let rows = scenario::table(&[pre, ram]);
+    let rows = scenario::table(&[pre, standby, ram]);
     for row in rows.lines().skip(2) {
         table.push_str(row);
         table.push('\n');
