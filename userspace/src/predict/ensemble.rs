@@ -3,7 +3,10 @@
 //! 64 checkpoints, so replaying a long history stays cheap) each model's
 //! claims are kept and, once the horizon has passed, scored per region
 //! against what happened (F1 of the claimed units, older evidence decayed).
-//! A region without evidence uses the model best over all regions.
+//! A region without evidence uses the choice of the nearest region within
+//! [`NEIGHBOURS`] that has some (a scan or a growing file enters regions
+//! next to those where its model has proved itself), else the model best
+//! over all regions.
 
 use std::collections::{HashMap, HashSet};
 
@@ -16,6 +19,9 @@ const DECAY: f64 = 0.7;
 /// would only cost precision.
 const MIN_F1: f64 = 0.3;
 const CHECKPOINTS_PER_DOUBLING: u64 = 64;
+/// How many regions either side a region without evidence looks for one
+/// with evidence to borrow its choice from.
+const NEIGHBOURS: u64 = 8;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Tally {
@@ -195,10 +201,7 @@ impl Model for Ensemble {
             self.checkpoint(now_ns);
         }
         let best = self.best_global();
-        let choice = |region: u64| -> Option<usize> {
-            let Some(tallies) = self.regions.get(&region) else {
-                return Some(best);
-            };
+        let scored = |tallies: &[Tally]| -> Option<usize> {
             let mut pick = best;
             let mut pick_f1 = tallies[best].f1().unwrap_or(0.0);
             for (m, t) in tallies.iter().enumerate() {
@@ -211,6 +214,26 @@ impl Model for Ensemble {
             }
             let evidence = tallies.iter().any(|t| t.f1().is_some());
             (!evidence || pick_f1 >= MIN_F1).then_some(pick)
+        };
+        let with_evidence = |region: u64| {
+            self.regions
+                .get(&region)
+                .filter(|t| t.iter().any(|t| t.f1().is_some()))
+        };
+        let choice = |region: u64| -> Option<usize> {
+            if let Some(tallies) = self.regions.get(&region) {
+                return scored(tallies);
+            }
+            // The nearest neighbour with evidence, below first on a tie (a
+            // forward scan has just left it).
+            (1..=NEIGHBOURS)
+                .find_map(|d| {
+                    region
+                        .checked_sub(d)
+                        .and_then(with_evidence)
+                        .or_else(|| region.checked_add(d).and_then(with_evidence))
+                })
+                .map_or(Some(best), |tallies| scored(tallies))
         };
         let Some(p) = &self.pending else {
             return Vec::new();
@@ -273,6 +296,48 @@ mod tests {
         assert!(
             !c.contains(&(scan - 5)),
             "the scanned units behind are not re-read; the hot set's claim there is dropped"
+        );
+    }
+
+    #[test]
+    fn a_region_without_evidence_borrows_its_neighbours_choice() {
+        // A busy loop over 8 regions makes the hot set the best model over
+        // all; a slow scan, where the stride model is right, runs into
+        // regions nobody has scored yet. Its claims there must be kept.
+        let models: Vec<Box<dyn Model>> =
+            vec![Box::new(HotSet::default()), Box::new(Stride::default())];
+        let mut e = Ensemble::new(models, 50 * MS);
+        let mut scan = 1_000_000u64;
+        for t in 0..2000u64 {
+            let mut a = |unit, stream| {
+                let crate::predict::Event::Access(mut acc) = read(t * MS, unit) else {
+                    unreachable!()
+                };
+                acc.stream = stream;
+                e.observe(&acc);
+            };
+            for k in 0..8 {
+                a((t * 8 + k) % 128, 1);
+            }
+            a(scan, 2);
+            scan += 1;
+        }
+        let standings = e.standings();
+        assert_eq!(
+            standings
+                .iter()
+                .max_by(|a, b| a.1.unwrap_or(0.0).total_cmp(&b.1.unwrap_or(0.0)))
+                .map(|s| s.0),
+            Some("lru"),
+            "the loop makes the hot set best over all: {standings:?}"
+        );
+        let s = e.predict(2000 * MS, 50 * MS);
+        let c = claimed(&s);
+        assert!(c.contains(&5) && c.contains(&100), "the loop: {c:?}");
+        // 40 units ahead is two regions past the last scored one.
+        assert!(
+            c.contains(&scan) && c.contains(&(scan + 40)),
+            "the scan ahead, in regions without evidence"
         );
     }
 }
