@@ -3,10 +3,11 @@
 //! 64 checkpoints, so replaying a long history stays cheap) each model's
 //! claims are kept and, once the horizon has passed, scored per region
 //! against what happened (F1 of the claimed units, older evidence decayed).
-//! A region without evidence uses the choice of the nearest region within
-//! [`NEIGHBOURS`] that has some (a scan or a growing file enters regions
+//! A region where no model has been right yet (no evidence, or only misses
+//! and wrong claims) uses the choice of the nearest region within
+//! [`NEIGHBOURS`] where one has (a scan or a growing file enters regions
 //! next to those where its model has proved itself), else the model best
-//! over all regions.
+//! over all regions — unless that model has already been wrong there.
 
 use std::collections::{HashMap, HashSet};
 
@@ -19,8 +20,8 @@ const DECAY: f64 = 0.7;
 /// would only cost precision.
 const MIN_F1: f64 = 0.3;
 const CHECKPOINTS_PER_DOUBLING: u64 = 64;
-/// How many regions either side a region without evidence looks for one
-/// with evidence to borrow its choice from.
+/// How many regions either side a region where no model has been right yet
+/// looks for one where a model has, to borrow its choice.
 const NEIGHBOURS: u64 = 8;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -201,6 +202,8 @@ impl Model for Ensemble {
             self.checkpoint(now_ns);
         }
         let best = self.best_global();
+        // A region where some model has been right: its best model, or none
+        // if even that one scored too low.
         let scored = |tallies: &[Tally]| -> Option<usize> {
             let mut pick = best;
             let mut pick_f1 = tallies[best].f1().unwrap_or(0.0);
@@ -212,28 +215,32 @@ impl Model for Ensemble {
                     pick_f1 = f1;
                 }
             }
-            let evidence = tallies.iter().any(|t| t.f1().is_some());
-            (!evidence || pick_f1 >= MIN_F1).then_some(pick)
+            (pick_f1 >= MIN_F1).then_some(pick)
         };
-        let with_evidence = |region: u64| {
+        let proven = |region: u64| {
             self.regions
                 .get(&region)
-                .filter(|t| t.iter().any(|t| t.f1().is_some()))
+                .filter(|t| t.iter().any(|t| t.tp > 0.0))
         };
         let choice = |region: u64| -> Option<usize> {
-            if let Some(tallies) = self.regions.get(&region) {
+            if let Some(tallies) = proven(region) {
                 return scored(tallies);
             }
-            // The nearest neighbour with evidence, below first on a tie (a
-            // forward scan has just left it).
-            (1..=NEIGHBOURS)
+            // Nobody has been right here yet (no evidence, or only misses
+            // and wrong claims): borrow the choice of the nearest proven
+            // neighbour, below first on a tie (a forward scan has just left
+            // it), else the best model over all...
+            let borrowed = (1..=NEIGHBOURS)
                 .find_map(|d| {
                     region
                         .checked_sub(d)
-                        .and_then(with_evidence)
-                        .or_else(|| region.checked_add(d).and_then(with_evidence))
+                        .and_then(proven)
+                        .or_else(|| region.checked_add(d).and_then(proven))
                 })
-                .map_or(Some(best), |tallies| scored(tallies))
+                .map_or(Some(best), |tallies| scored(tallies));
+            // ...unless that model has already been wrong here.
+            let here = self.regions.get(&region);
+            borrowed.filter(|&m| here.is_none_or(|t| t[m].fp == 0.0))
         };
         let Some(p) = &self.pending else {
             return Vec::new();
@@ -338,6 +345,58 @@ mod tests {
         assert!(
             c.contains(&scan) && c.contains(&(scan + 40)),
             "the scan ahead, in regions without evidence"
+        );
+    }
+
+    #[test]
+    fn a_region_nobody_predicted_yet_takes_its_neighbours_model_unless_it_was_wrong_there() {
+        let models: Vec<Box<dyn Model>> =
+            vec![Box::new(HotSet::default()), Box::new(Stride::default())];
+        let mut e = Ensemble::new(models, 50 * MS);
+        let mut a = |t: u64, unit, stream| {
+            let crate::predict::Event::Access(mut acc) = read(t * MS, unit) else {
+                unreachable!()
+            };
+            acc.stream = stream;
+            e.observe(&acc);
+        };
+        // Regions 100..105: each unit read once, each by its own stream, so
+        // only the hot set claims them afterwards, and wrongly.
+        for k in 0..80u64 {
+            a(
+                k * 5,
+                1600 + (k * 37) % 80,
+                1000 + u32::try_from(k).expect("a small index"),
+            );
+        }
+        // A scan on its own stream arrives just below region 100. Meanwhile
+        // a busy loop over regions 0..8 makes the hot set the best model over
+        // all, and, far away, region 300 gets the same treatment as regions
+        // 100..105 up to the end.
+        for t in 1000..1195u64 {
+            a(t, 1400 + (t - 1000), 2);
+            for k in 0..8 {
+                a(t, (t * 8 + k) % 128, 1);
+            }
+            if t % 12 == 0 {
+                let k = (t - 1000) / 12;
+                a(
+                    t,
+                    4800 + (k * 7) % 16,
+                    2000 + u32::try_from(k).expect("a small index"),
+                );
+            }
+        }
+        let s = e.predict(1195 * MS, 50 * MS);
+        assert_eq!(e.best_global(), 0, "the hot set is best over all");
+        let c = claimed(&s);
+        assert!(
+            c.contains(&1600) && c.contains(&1640),
+            "the scan ahead, into regions only the hot set had claimed (wrongly): {c:?}"
+        );
+        assert!(
+            !c.iter().any(|u| (4800..4816).contains(u)),
+            "the hot set was wrong in region 300 and is not trusted there: {c:?}"
         );
     }
 }
