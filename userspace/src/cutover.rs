@@ -256,6 +256,14 @@ pub async fn migrate(
     repl.refresh_local().await?;
 
     let mut rounds = 0;
+    // The first delta round after a first pass that held extents back (a
+    // prediction) sends those extents, in long runs: a bulk copy, not a
+    // model of the final delta. Its rate would overstate the bandwidth the
+    // final delta gets, the estimate would pause too early, and the rounds
+    // during a `qemu:` precopy would wait for too much dirt.
+    let mut catching_up = opts.initial_sync && repl.stats().snapshot().held_back_bytes > 0;
+    // A delta round (not the catch-up) has given the bandwidth.
+    let mut modelled = false;
     loop {
         // Dirty pages in a page cache above the source (a mounted file
         // system, guest RAM in a shared file mapping) reach the tracer only
@@ -286,7 +294,7 @@ pub async fn migrate(
             s.rpo_ms = last_round_end.elapsed().as_millis() as u64;
         });
         // At least one delta round first, so the estimate rests on one.
-        let measured = rounds > 0 || dirty == 0;
+        let measured = modelled || dirty == 0;
         if opts.pause.is_none() || (measured && estimate <= opts.max_downtime.as_millis() as u64) {
             break;
         }
@@ -303,10 +311,15 @@ pub async fn migrate(
         last_round_start = Instant::now();
         let round = repl.round(false).await?;
         rounds += 1;
-        if round.bytes > 0 {
-            // The last delta round is the best model of the final one: the
-            // same scattered extents, not the bulk copy's long runs.
-            bandwidth = round.rate();
+        if catching_up {
+            catching_up = false;
+        } else {
+            modelled = true;
+            if round.bytes > 0 {
+                // The last delta round is the best model of the final one:
+                // the same scattered extents, not the bulk copy's long runs.
+                bandwidth = round.rate();
+            }
         }
         last_round_end = Instant::now();
     }

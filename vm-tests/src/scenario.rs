@@ -247,8 +247,10 @@ enum Ahead {
     Standby,
 }
 
-/// How long the guest runs beside Tern's preparation (the trace that the
-/// prediction learns from, or the standby's replication) before migrating.
+/// How long the guest runs after booting before any of the disk rows
+/// migrates it, beside Tern's preparation where there is one (the trace that
+/// the prediction learns from, or the standby's replication): the same age
+/// for every row, so the disks hold the same amount of written data.
 const AHEAD: Duration = Duration::from_secs(10);
 
 fn tern_moves(name: &str, extra: &[&str], ahead: Ahead) -> Outcome {
@@ -258,7 +260,9 @@ fn tern_moves(name: &str, extra: &[&str], ahead: Ahead) -> Outcome {
     let plan = guest.path().join("prefetch.json");
     let mut standby = None;
     match ahead {
-        Ahead::Nothing => {}
+        // Every disk row migrates a guest of the same age: the others spend
+        // this time tracing or replicating.
+        Ahead::Nothing => std::thread::sleep(AHEAD),
         Ahead::Prefetch => learn_the_workload(&guest, &plan),
         Ahead::Standby => standby = Some(Standby::start(&agent, &guest.disk)),
     }
@@ -481,6 +485,7 @@ pub fn tern_moves_the_disk_serialized(name: &str, extra: &[&str]) -> Outcome {
     let guest = Guest::new(name);
     let mut agent = Destination::start(guest.path(), DISK_MIB << 20);
     let mut src = guest.boot_source();
+    std::thread::sleep(AHEAD);
     tern_cutover(name, &guest, &mut agent, &mut src, extra).0
 }
 
@@ -870,6 +875,7 @@ pub fn qemu_mirror(name: &str) -> Outcome {
         Duration::from_mins(1),
     );
     let mut src = guest.boot_source();
+    std::thread::sleep(AHEAD);
     let mut out = Outcome {
         name: name.to_owned(),
         ..Outcome::default()
