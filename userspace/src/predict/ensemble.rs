@@ -272,23 +272,31 @@ mod tests {
     use crate::predict::stride::Stride;
     use crate::predict::testkit::{MS, claimed, read};
 
+    /// An ensemble of the hot set (model 0) and the stride model (model 1).
+    fn hot_set_and_stride() -> Ensemble {
+        let models: Vec<Box<dyn Model>> =
+            vec![Box::new(HotSet::default()), Box::new(Stride::default())];
+        Ensemble::new(models, 50 * MS)
+    }
+
+    /// A read of `unit` at `t_ms` by `stream`.
+    fn read_by(e: &mut Ensemble, t_ms: u64, unit: u64, stream: u32) {
+        let crate::predict::Event::Access(mut acc) = read(t_ms * MS, unit) else {
+            unreachable!()
+        };
+        acc.stream = stream;
+        e.observe(&acc);
+    }
+
     #[test]
     fn each_region_gets_the_model_that_predicted_it_best() {
         // Region 0 (units 0..16) is re-read in a loop: the hot set is right
         // there. Far away a scan runs forward: the stride model is right
         // there, and the hot set's claims on the scanned units are wrong.
-        let models: Vec<Box<dyn Model>> =
-            vec![Box::new(HotSet::default()), Box::new(Stride::default())];
-        let mut e = Ensemble::new(models, 50 * MS);
+        let mut e = hot_set_and_stride();
         let mut scan = 1_000_000u64;
         for t in 0..2000u64 {
-            let mut a = |unit, stream| {
-                let crate::predict::Event::Access(mut acc) = read(t * MS, unit) else {
-                    unreachable!()
-                };
-                acc.stream = stream;
-                e.observe(&acc);
-            };
+            let mut a = |unit, stream| read_by(&mut e, t, unit, stream);
             a(t % 4, 1);
             a(scan, 2);
             scan += 1;
@@ -311,18 +319,10 @@ mod tests {
         // A busy loop over 8 regions makes the hot set the best model over
         // all; a slow scan, where the stride model is right, runs into
         // regions nobody has scored yet. Its claims there must be kept.
-        let models: Vec<Box<dyn Model>> =
-            vec![Box::new(HotSet::default()), Box::new(Stride::default())];
-        let mut e = Ensemble::new(models, 50 * MS);
+        let mut e = hot_set_and_stride();
         let mut scan = 1_000_000u64;
         for t in 0..2000u64 {
-            let mut a = |unit, stream| {
-                let crate::predict::Event::Access(mut acc) = read(t * MS, unit) else {
-                    unreachable!()
-                };
-                acc.stream = stream;
-                e.observe(&acc);
-            };
+            let mut a = |unit, stream| read_by(&mut e, t, unit, stream);
             for k in 0..8 {
                 a((t * 8 + k) % 128, 1);
             }
@@ -350,16 +350,8 @@ mod tests {
 
     #[test]
     fn a_region_nobody_predicted_yet_takes_its_neighbours_model_unless_it_was_wrong_there() {
-        let models: Vec<Box<dyn Model>> =
-            vec![Box::new(HotSet::default()), Box::new(Stride::default())];
-        let mut e = Ensemble::new(models, 50 * MS);
-        let mut a = |t: u64, unit, stream| {
-            let crate::predict::Event::Access(mut acc) = read(t * MS, unit) else {
-                unreachable!()
-            };
-            acc.stream = stream;
-            e.observe(&acc);
-        };
+        let mut e = hot_set_and_stride();
+        let mut a = |t: u64, unit, stream| read_by(&mut e, t, unit, stream);
         // Regions 100..105: each unit read once, each by its own stream, so
         // only the hot set claims them afterwards, and wrongly.
         for k in 0..80u64 {
