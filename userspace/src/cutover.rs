@@ -261,9 +261,8 @@ pub async fn migrate(
     // model of the final delta. Its rate would overstate the bandwidth the
     // final delta gets, the estimate would pause too early, and the rounds
     // during a `qemu:` precopy would wait for too much dirt.
-    let mut catching_up = opts.initial_sync && repl.stats().snapshot().held_back_bytes > 0;
-    // A delta round (not the catch-up) has given the bandwidth.
-    let mut modelled = false;
+    let catch_up_rounds =
+        u64::from(opts.initial_sync && repl.stats().snapshot().held_back_bytes > 0);
     loop {
         // Dirty pages in a page cache above the source (a mounted file
         // system, guest RAM in a shared file mapping) reach the tracer only
@@ -294,7 +293,7 @@ pub async fn migrate(
             s.rpo_ms = last_round_end.elapsed().as_millis() as u64;
         });
         // At least one delta round first, so the estimate rests on one.
-        let measured = modelled || dirty == 0;
+        let measured = rounds > catch_up_rounds || dirty == 0;
         if opts.pause.is_none() || (measured && estimate <= opts.max_downtime.as_millis() as u64) {
             break;
         }
@@ -311,15 +310,10 @@ pub async fn migrate(
         last_round_start = Instant::now();
         let round = repl.round(false).await?;
         rounds += 1;
-        if catching_up {
-            catching_up = false;
-        } else {
-            modelled = true;
-            if round.bytes > 0 {
-                // The last delta round is the best model of the final one:
-                // the same scattered extents, not the bulk copy's long runs.
-                bandwidth = round.rate();
-            }
+        if rounds > catch_up_rounds && round.bytes > 0 {
+            // The last delta round is the best model of the final one: the
+            // same scattered extents, not the bulk copy's long runs.
+            bandwidth = round.rate();
         }
         last_round_end = Instant::now();
     }

@@ -725,10 +725,29 @@ pub fn spawn_migrate(
     spawn_tern_migrate(agent, &guest.disk, &args)
 }
 
-/// `tern migrate` to `agent` with `args`; its log and report go to
-/// `migrate.log` and `migrate.out` in the guest's directory.
 /// Traces the running guest's disk image (`tern trace --file`) and writes
 /// `tern predict`'s plan for the next minute to `plan`.
+fn learn_the_workload(guest: &Guest, plan: &Path) {
+    let trace = guest.path().join("history.trace");
+    crate::process::sh(
+        Command::new(crate::lab::tern_bin())
+            .arg("trace")
+            .arg("--file")
+            .arg(&guest.disk)
+            .args(["--duration", &format!("{}s", AHEAD.as_secs()), "--out"])
+            .arg(&trace),
+        Duration::from_mins(1),
+    );
+    crate::process::sh(
+        Command::new(crate::lab::tern_bin())
+            .arg("predict")
+            .arg(&trace)
+            .args(["--horizon", "30s", "--out"])
+            .arg(plan),
+        Duration::from_mins(2),
+    );
+}
+
 /// A source agent replicating the guest's disk as a warm standby, with its
 /// control service on loopback.
 struct Standby {
@@ -806,27 +825,8 @@ impl Drop for Standby {
     }
 }
 
-fn learn_the_workload(guest: &Guest, plan: &Path) {
-    let trace = guest.path().join("history.trace");
-    crate::process::sh(
-        Command::new(crate::lab::tern_bin())
-            .arg("trace")
-            .arg("--file")
-            .arg(&guest.disk)
-            .args(["--duration", &format!("{}s", AHEAD.as_secs()), "--out"])
-            .arg(&trace),
-        Duration::from_mins(1),
-    );
-    crate::process::sh(
-        Command::new(crate::lab::tern_bin())
-            .arg("predict")
-            .arg(&trace)
-            .args(["--horizon", "30s", "--out"])
-            .arg(plan),
-        Duration::from_mins(2),
-    );
-}
-
+/// `tern migrate` to `agent` with `args`; its log and report go to
+/// `migrate.log` and `migrate.out` in the agent's directory.
 fn spawn_tern_migrate(agent: &Destination, image: &Path, args: &[&str]) -> Guard {
     spawn_reporting(&agent.dir, agent.migrate(image, args), "tern migrate")
 }
