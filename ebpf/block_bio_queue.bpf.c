@@ -16,7 +16,7 @@ int BPF_PROG(block_bio_queue, struct bio *bio)
 	if (dev_mode(dev) != TERN_DEV_BIO)
 		return 0;
 	pid = bpf_get_current_pid_tgid() >> 32;
-	if (!pid_wanted(pid))
+	if (!pid_wanted(pid) || own_read(pid, BPF_CORE_READ(bio, bi_opf)))
 		return 0;
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {

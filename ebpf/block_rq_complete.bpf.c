@@ -17,6 +17,11 @@ int BPF_PROG(block_rq_complete, struct request *rq, blk_status_t error, unsigned
 	/* With a pid filter, a request we did not see issued belongs to another pid. */
 	if (!f && filter_pids_on)
 		return 0;
+	if (f && f->skip) {
+		if (nr_bytes >= BPF_CORE_READ(rq, __data_len))
+			bpf_map_delete_elem(&inflight, &key);
+		return 0;
+	}
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {

@@ -13,6 +13,8 @@ int BPF_PROG(block_rq_issue, struct request *rq)
 	f.pid = bpf_get_current_pid_tgid() >> 32;
 	if (!pid_wanted(f.pid))
 		return 0;
+	/* Kept in flight, marked, so its completion is not taken for a stranger's. */
+	f.skip = own_read(f.pid, BPF_CORE_READ(rq, cmd_flags));
 	f.ts_ns = bpf_ktime_get_ns();
 	bpf_get_current_comm(&f.comm, sizeof(f.comm));
 	/* A full map loses only the latency and issuer of this request, never the request. */

@@ -17,6 +17,12 @@ char LICENSE[] SEC("license") = "GPL";
 
 /* Filters, set by the loader before load so the verifier prunes the disabled paths. */
 const volatile __u32 filter_pids_on = 0;
+/*
+ * The tracer's own thread group (0: none). Its reads are Tern copying the
+ * disk, not the workload, and never enter a trace. Its writes do: writeback
+ * and freezes that Tern triggers write other processes' dirty pages.
+ */
+const volatile __u32 self_tgid = 0;
 const volatile __u64 fault_addr_lo = 0;
 const volatile __u64 fault_addr_hi = ~0ULL;
 /* Wake the reader only once this much data waits; it also polls on a short timer. */
@@ -46,7 +52,7 @@ struct {
 struct inflight {
 	__u64 ts_ns;
 	__u32 pid;
-	__u32 pad;
+	__u32 skip; /* the tracer's own read: complete it silently */
 	char comm[TERN_COMM_LEN];
 };
 
@@ -93,6 +99,13 @@ static __always_inline int pid_wanted(__u32 tgid)
 	if (!filter_pids_on)
 		return 1;
 	return bpf_map_lookup_elem(&pids, &tgid) != NULL;
+}
+
+/* A read issued by the tracer's own process (see self_tgid). */
+static __always_inline int own_read(__u32 tgid, __u32 opf)
+{
+	return self_tgid && tgid == self_tgid &&
+	       (opf & 0xff) == bpf_core_enum_value(enum req_op, REQ_OP_READ);
 }
 
 static __always_inline __u32 disk_dev(struct gendisk *disk)

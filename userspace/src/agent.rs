@@ -118,10 +118,8 @@ pub enum AgentError {
     )]
     InsecureGrpc { addr: SocketAddr },
     /// NBD on a reachable address.
-    #[error(
-        "refusing to serve NBD (no TLS) on {addr}, which is not loopback; use a loopback address or unix:/path, or pass --insecure-nbd"
-    )]
-    InsecureNbd { addr: SocketAddr },
+    #[error(transparent)]
+    InsecureNbd(#[from] crate::nbd::InsecureNbd),
     /// TLS material unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -289,13 +287,8 @@ impl Destination {
         if cfg.tls_dir.is_none() && !cfg.grpc.ip().is_loopback() && !cfg.insecure {
             return Err(AgentError::InsecureGrpc { addr: cfg.grpc });
         }
-        if let Some(ListenAddr::Tcp(addr)) = &cfg.nbd
-            && !addr.ip().is_loopback()
-        {
-            if !cfg.insecure_nbd {
-                return Err(AgentError::InsecureNbd { addr: *addr });
-            }
-            tracing::warn!(%addr, "NBD served in plaintext on a non-loopback address (--insecure-nbd)");
+        if let Some(nbd) = &cfg.nbd {
+            nbd.check_exposure(cfg.insecure_nbd)?;
         }
         let tls = cfg.tls_dir.as_deref().map(TlsMaterial::load).transpose()?;
         if tls.is_none() {

@@ -1,8 +1,7 @@
 //! `tern history ls|get|prune` and the source agent's `--history` flags.
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -266,15 +265,16 @@ async fn ls(select: &Select, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn get(select: &Select, out: &PathBuf) -> Result<()> {
+async fn get(select: &Select, out: &Path) -> Result<()> {
     let store = open(&select.url)?;
     let mut stream = store.records(&select.query()?).await?;
     let header = stream
         .header()
         .cloned()
         .context("no history in that range (see `tern history ls`)")?;
-    let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut writer = TraceWriter::new(BufWriter::new(file), &header)?;
+    // In place only once complete: a failed read of the store leaves what was there.
+    let mut file = tern::outfile::OutFile::create(out)?;
+    let mut writer = TraceWriter::new(BufWriter::new(&mut file), &header)?;
     let mut end = EndRecord::default();
     while let Some(rec) = stream.next_record().await? {
         match &rec {
@@ -287,6 +287,7 @@ async fn get(select: &Select, out: &PathBuf) -> Result<()> {
         writer.push(&rec)?;
     }
     writer.finish(end)?.flush()?;
+    file.commit()?;
     eprintln!(
         "wrote {} block and {} fault records to {} ({} unwatched stretches marked as gaps)",
         end.block_events,

@@ -15,6 +15,7 @@ use tern::image::{Image, ImageOptions};
 use tern::pause::PauseTarget;
 use tern::replicate::{LocalTree, Peer, ReplicateOptions, Replicator, Stats, Tracker};
 use tern::trace::session::SessionConfig;
+use tern::units::{human_bytes, human_rate};
 
 /// The source disk and how to reach the destination.
 #[derive(Args, Clone)]
@@ -60,8 +61,9 @@ pub struct SourceArgs {
     /// Send data uncompressed.
     #[arg(long)]
     raw: bool,
-    /// Bandwidth limit on the wire in bytes per second (e.g. 100M).
-    #[arg(long, value_parser = tern::agent::parse_size)]
+    /// Bandwidth limit on the wire in bytes per second (e.g. 100M); leave
+    /// it out for no limit.
+    #[arg(long, value_parser = parse_rate)]
     max_rate: Option<u64>,
     /// How long to keep reconnecting to a lost destination.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
@@ -91,7 +93,8 @@ pub struct SourceArgs {
     /// Where the status file for `tern status` lives.
     #[arg(long, default_value = "/run/tern")]
     state_dir: PathBuf,
-    /// Progress as JSON lines on stderr even on a terminal.
+    /// Machine-readable output: progress as JSON lines on stderr (even on a
+    /// terminal) and the final report as one JSON line on stdout.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -197,6 +200,14 @@ pub struct StatusArgs {
     state_dir: PathBuf,
     #[arg(long)]
     json: bool,
+}
+
+/// A `--max-rate`: a size per second, never 0 (which would never send).
+fn parse_rate(text: &str) -> Result<u64, String> {
+    match tern::agent::parse_size(text)? {
+        0 => Err("0 bytes per second would never send; leave --max-rate out for no limit".into()),
+        n => Ok(n),
+    }
 }
 
 /// Parses the source arguments the agent was given, every other knob at its default.
@@ -402,66 +413,131 @@ async fn start_source(
     ))
 }
 
-/// Prints progress every second (one line on a terminal, JSON lines otherwise)
-/// and keeps the status file fresh for `tern status`.
-fn spawn_progress(
+/// Progress on stderr and the status file for `tern status`, from the start
+/// of a run to its end.
+struct Progress {
+    task: tokio::task::JoinHandle<()>,
     status: StatusCell,
     counters: Arc<Stats>,
     state_dir: PathBuf,
-    json: bool,
-) -> tokio::task::JoinHandle<()> {
-    let terminal = std::io::stderr().is_terminal() && !json;
-    if let Err(e) = std::fs::create_dir_all(&state_dir) {
-        tracing::warn!(dir = %state_dir.display(), error = %e, "cannot create the state directory; `tern status` will not see this run");
-    }
-    let bar = terminal.then(|| {
-        let bar = indicatif::ProgressBar::new(1);
-        bar.set_style(progress_style());
-        bar
-    });
-    tokio::spawn(async move {
-        let mut last_sent = 0;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let s = status.lock().expect("status lock poisoned").clone();
-            let st = counters.snapshot();
-            let rate = st.sent_bytes.saturating_sub(last_sent);
-            last_sent = st.sent_bytes;
-            let line = serde_json::json!({
-                "phase": s.phase,
-                "epoch": s.epoch,
-                "round": s.round,
-                "sent_bytes": st.sent_bytes,
-                "wire_bytes": st.wire_bytes,
-                "round_bytes": st.round_bytes,
-                "round_done": st.round_done,
-                "hashed_bytes": st.hashed_bytes,
-                "rate_bps": rate,
-                "remaining_bytes": s.remaining_bytes,
-                "dirty_rate_bps": s.dirty_rate_bps,
-                "estimated_downtime_ms": s.estimated_downtime_ms,
-                "rpo_ms": s.rpo_ms,
-                "reconnects": st.reconnects,
-            });
-            write_status(&state_dir, &line);
-            if let Some(bar) = &bar {
-                bar.set_length(st.round_bytes.max(1));
-                bar.set_position(st.round_done.min(st.round_bytes));
-                bar.set_message(format!(
-                    "{} · round {} · sent {:.1} MB · {:.1} MB/s · dirty {:.1} MB · est. downtime {} ms",
-                    s.phase,
-                    s.round,
-                    st.sent_bytes as f64 / 1e6,
-                    rate as f64 / 1e6,
-                    s.remaining_bytes as f64 / 1e6,
-                    s.estimated_downtime_ms
-                ));
-            } else {
-                let _ = writeln!(std::io::stderr().lock(), "{line}");
-            }
-        }
+}
+
+/// One status line: the phase and the counters, as `tern status` reads them.
+fn status_line(s: &Status, counters: &Stats, rate_bps: u64) -> serde_json::Value {
+    let st = counters.snapshot();
+    serde_json::json!({
+        "phase": s.phase,
+        "pid": std::process::id(),
+        "finished": false,
+        "epoch": s.epoch,
+        "round": s.round,
+        "sent_bytes": st.sent_bytes,
+        "wire_bytes": st.wire_bytes,
+        "round_bytes": st.round_bytes,
+        "round_done": st.round_done,
+        "hashed_bytes": st.hashed_bytes,
+        "rate_bps": rate_bps,
+        "remaining_bytes": s.remaining_bytes,
+        "dirty_rate_bps": s.dirty_rate_bps,
+        "estimated_downtime_ms": s.estimated_downtime_ms,
+        "rpo_ms": s.rpo_ms,
+        "reconnects": st.reconnects,
     })
+}
+
+impl Progress {
+    /// Prints progress every second (one line on a terminal, JSON lines
+    /// otherwise) and keeps the status file fresh.
+    fn start(status: StatusCell, counters: Arc<Stats>, state_dir: PathBuf, json: bool) -> Progress {
+        let terminal = std::io::stderr().is_terminal() && !json;
+        if let Err(e) = std::fs::create_dir_all(&state_dir) {
+            tracing::warn!(dir = %state_dir.display(), error = %e, "cannot create the state directory; `tern status` will not see this run");
+        }
+        let bar = terminal.then(|| {
+            let bar = indicatif::ProgressBar::new(1);
+            bar.set_style(progress_style());
+            bar
+        });
+        let (cell, totals, dir) = (
+            Arc::clone(&status),
+            Arc::clone(&counters),
+            state_dir.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let mut last_sent = 0;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let s = cell.lock().expect("status lock poisoned").clone();
+                let st = totals.snapshot();
+                let rate = st.sent_bytes.saturating_sub(last_sent);
+                last_sent = st.sent_bytes;
+                let line = status_line(&s, &totals, rate);
+                write_status(&dir, &line);
+                if let Some(bar) = &bar {
+                    bar.set_length(st.round_bytes.max(1));
+                    bar.set_position(st.round_done.min(st.round_bytes));
+                    bar.set_message(format!(
+                        "{} · round {} · sent {} · {} · dirty {} · est. downtime {} ms",
+                        s.phase,
+                        s.round,
+                        human_bytes(st.sent_bytes as f64),
+                        human_rate(rate as f64),
+                        human_bytes(s.remaining_bytes as f64),
+                        s.estimated_downtime_ms
+                    ));
+                } else {
+                    let _ = writeln!(std::io::stderr().lock(), "{line}");
+                }
+            }
+        });
+        Progress {
+            task,
+            status,
+            counters,
+            state_dir,
+        }
+    }
+
+    /// Stops the updates and leaves the status file saying how the run
+    /// ended: a migration's outcome and report, an agent stopped, or the
+    /// error it failed with.
+    fn finish(self, ended: Result<Option<&serde_json::Value>, &anyhow::Error>) {
+        self.task.abort();
+        let s = self.status.lock().expect("status lock poisoned").clone();
+        let mut line = status_line(&s, &self.counters, 0);
+        match ended {
+            Ok(Some(report)) => {
+                line["finished"] = true.into();
+                line["outcome"] = report["outcome"].clone();
+                line["report"] = report.clone();
+            }
+            Ok(None) => {
+                line["finished"] = true.into();
+                line["phase"] = "stopped".into();
+                line["outcome"] = "stopped".into();
+            }
+            Err(e) => line = failed_line(line, e),
+        }
+        write_status(&self.state_dir, &line);
+    }
+}
+
+/// A status line for a run that failed with `e`.
+fn failed_line(mut line: serde_json::Value, e: &anyhow::Error) -> serde_json::Value {
+    line["finished"] = true.into();
+    line["phase"] = "failed".into();
+    line["outcome"] = "failed".into();
+    line["error"] = format!("{e:#}").into();
+    line
+}
+
+/// Records in the status file that a run failed before its progress started.
+fn failed_at_start(state_dir: &Path, e: &anyhow::Error) {
+    if std::fs::create_dir_all(state_dir).is_ok() {
+        let line = serde_json::json!({ "pid": std::process::id() });
+        write_status(state_dir, &failed_line(line, e));
+    }
 }
 
 fn progress_style() -> indicatif::ProgressStyle {
@@ -519,8 +595,10 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             return Ok(serde_json::from_str(&reply.report_json)?);
         }
         let source = &m.source;
-        let (mut side, uploader) = start_source(source).await?;
-        let progress = spawn_progress(
+        let (mut side, uploader) = start_source(source)
+            .await
+            .inspect_err(|e| failed_at_start(&source.state_dir, e))?;
+        let progress = Progress::start(
             Arc::clone(&side.status),
             side.repl.stats(),
             source.state_dir.clone(),
@@ -535,20 +613,29 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             initial_sync: true,
         };
         let result = cutover::migrate(&mut side.repl, &side.tracker, &opts, &side.status).await;
-        progress.abort();
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err);
-        let totals = side.tracker.stop()?;
-        tracing::info!(
-            events = totals.block_events,
-            gaps = totals.gaps,
-            "source trace closed"
-        );
-        crate::cli_history::stop(uploader).await;
-        Ok::<_, anyhow::Error>(serde_json::to_value(result?)?)
+        let ended = async {
+            let report = serde_json::to_value(result?)?;
+            let totals = side.tracker.stop()?;
+            tracing::info!(
+                events = totals.block_events,
+                gaps = totals.gaps,
+                "source trace closed"
+            );
+            crate::cli_history::stop(uploader).await;
+            Ok::<_, anyhow::Error>(report)
+        }
+        .await;
+        progress.finish(ended.as_ref().map(Some));
+        ended
     })?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{report}")?;
+    if m.source.json {
+        writeln!(out, "{report}")?;
+    } else {
+        write!(out, "{}", render_report(&report))?;
+    }
     if report["outcome"] == "rolled back" {
         bail!(
             "rolled back after cutover: {}; the source is primary again and holds every write",
@@ -558,14 +645,52 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
     Ok(())
 }
 
+/// A migration's report for a person: what happened, the downtime and its
+/// parts, and what was sent (`--json` prints the report as one JSON line).
+fn render_report(r: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+    let mb = |k: &str| human_bytes(f(k));
+    let mut text = format!(
+        "{} after {:.1} s: downtime {:.1} ms (pause {:.1}, flush {:.1}, final delta {:.1} ms for {}, verify {:.1}, switch {:.1}",
+        r["outcome"].as_str().unwrap_or("?"),
+        f("total_seconds"),
+        f("downtime_ms"),
+        f("pause_ms"),
+        f("flush_ms"),
+        f("final_round_ms"),
+        mb("final_delta_bytes"),
+        f("verify_ms"),
+        f("switch_ms"),
+    );
+    if f("handover_ms") > 0.0 {
+        let _ = write!(text, ", hand-over {:.1}", f("handover_ms"));
+    }
+    let _ = writeln!(
+        text,
+        ")\nsent {} ({} on the wire, {} of zeroes skipped) in {} delta rounds; epoch {}",
+        mb("sent_bytes"),
+        mb("wire_bytes"),
+        mb("skipped_zero_bytes"),
+        f("rounds"),
+        f("epoch"),
+    );
+    if let Some(why) = r["failure"].as_str() {
+        let _ = writeln!(text, "failure: {why}");
+    }
+    text
+}
+
 /// The source agent: continuous replication (a warm standby) with a reported
 /// RPO until SIGINT/SIGTERM, serving the control API at `control`.
 pub fn source_agent(a: &SourceArgs, control: Option<std::net::SocketAddr>) -> Result<()> {
     runtime()?.block_on(async {
         let cancel = tokio_util::sync::CancellationToken::new();
         tern::agent::cancel_on_signals(cancel.clone());
-        let (side, uploader) = start_source(a).await?;
-        let progress = spawn_progress(
+        let (side, uploader) = start_source(a)
+            .await
+            .inspect_err(|e| failed_at_start(&a.state_dir, e))?;
+        let progress = Progress::start(
             Arc::clone(&side.status),
             side.repl.stats(),
             a.state_dir.clone(),
@@ -589,15 +714,20 @@ pub fn source_agent(a: &SourceArgs, control: Option<std::net::SocketAddr>) -> Re
             }
             None => None,
         };
-        let result = task.await.context("the source agent's task panicked")?;
-        // The task dropped the tracker: the last history segment is closed.
-        crate::cli_history::stop(uploader).await;
-        cancel.cancel();
-        progress.abort();
-        if let Some(server) = server {
-            server.await.context("the control server panicked")??;
+        let ended = async {
+            task.await.context("the source agent's task panicked")??;
+            // The task dropped the tracker: the last history segment is closed.
+            crate::cli_history::stop(uploader).await;
+            cancel.cancel();
+            if let Some(server) = server {
+                server.await.context("the control server panicked")??;
+            }
+            Ok::<_, anyhow::Error>(())
         }
-        Ok(result?)
+        .await;
+        cancel.cancel();
+        progress.finish(ended.as_ref().map(|()| None));
+        ended
     })
 }
 
@@ -672,7 +802,27 @@ pub fn status(s: &StatusArgs) -> Result<()> {
     print_status(&v, s.json)
 }
 
+/// A status file whose run is gone without saying how it ended (SIGKILL,
+/// a crash, a reboot) is marked so: its phase is no longer going on.
+fn mark_vanished(v: &mut serde_json::Value) {
+    let alive = |pid: u64| Path::new(&format!("/proc/{pid}")).exists();
+    if v["finished"] == false
+        && let Some(pid) = v["pid"].as_u64()
+        && !alive(pid)
+    {
+        let phase = v["phase"].as_str().unwrap_or("?").to_owned();
+        v["finished"] = true.into();
+        v["outcome"] = "interrupted".into();
+        v["phase"] = format!(
+            "interrupted during {phase}: the run (pid {pid}) ended without finishing; run the same `tern migrate` again to resume"
+        )
+        .into();
+    }
+}
+
 fn print_status(v: &serde_json::Value, json: bool) -> Result<()> {
+    let mut v = v.clone();
+    mark_vanished(&mut v);
     let mut out = std::io::stdout().lock();
     if json {
         writeln!(out, "{v}")?;
@@ -684,19 +834,32 @@ fn print_status(v: &serde_json::Value, json: bool) -> Result<()> {
         "phase                {}",
         v["phase"].as_str().unwrap_or("?")
     )?;
+    if v["finished"] == true {
+        writeln!(
+            out,
+            "finished             yes: {}",
+            v["outcome"].as_str().unwrap_or("?")
+        )?;
+    }
+    if let Some(e) = v["error"].as_str() {
+        writeln!(out, "error                {e}")?;
+    }
+    if let Some(ms) = v["report"]["downtime_ms"].as_f64() {
+        writeln!(out, "downtime             {ms:.1} ms")?;
+    }
     writeln!(out, "epoch                {}", n("epoch"))?;
     writeln!(out, "round                {}", n("round"))?;
-    writeln!(out, "sent                 {:.1} MB", n("sent_bytes") / 1e6)?;
+    writeln!(out, "sent                 {}", human_bytes(n("sent_bytes")))?;
     writeln!(
         out,
-        "remaining (dirty)    {:.1} MB",
-        n("remaining_bytes") / 1e6
+        "remaining (dirty)    {}",
+        human_bytes(n("remaining_bytes"))
     )?;
-    writeln!(out, "rate                 {:.1} MB/s", n("rate_bps") / 1e6)?;
+    writeln!(out, "rate                 {}", human_rate(n("rate_bps")))?;
     writeln!(
         out,
-        "dirty rate           {:.1} MB/s",
-        n("dirty_rate_bps") / 1e6
+        "dirty rate           {}",
+        human_rate(n("dirty_rate_bps"))
     )?;
     writeln!(
         out,
@@ -709,6 +872,52 @@ fn print_status(v: &serde_json::Value, json: bool) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_status_whose_process_is_gone_reads_interrupted() {
+        // A pid above the kernel's pid_max is never alive.
+        let mut v = serde_json::json!({"phase": "bulk copy", "pid": 1u64 << 40, "finished": false});
+        super::mark_vanished(&mut v);
+        assert_eq!(v["outcome"], "interrupted", "{v}");
+        assert!(
+            v["phase"]
+                .as_str()
+                .expect("phase")
+                .contains("during bulk copy")
+        );
+        let mut live =
+            serde_json::json!({"phase": "bulk copy", "pid": std::process::id(), "finished": false});
+        super::mark_vanished(&mut live);
+        assert_eq!(live["phase"], "bulk copy");
+    }
+
+    #[test]
+    fn the_report_reads_as_sentences_with_rounded_figures() {
+        let r = serde_json::json!({
+            "outcome": "cut over", "total_seconds": 3.04, "downtime_ms": 11.904_767_999_999_999,
+            "pause_ms": 2.0, "flush_ms": 0.5, "final_round_ms": 4.0, "final_delta_bytes": 1_250_000,
+            "verify_ms": 3.0, "switch_ms": 1.0, "sent_bytes": 540_100_000, "wire_bytes": 123_400_000,
+            "skipped_zero_bytes": 400_000_000, "rounds": 5, "epoch": 3, "failure": null,
+        });
+        let text = super::render_report(&r);
+        assert!(
+            text.starts_with("cut over after 3.0 s: downtime 11.9 ms"),
+            "{text}"
+        );
+        assert!(text.contains("final delta 4.0 ms for 1.2 MiB"), "{text}");
+        assert!(
+            text.contains("sent 515.1 MiB (117.7 MiB on the wire"),
+            "{text}"
+        );
+        assert!(!text.contains('{') && !text.contains("11.9047"), "{text}");
+    }
+
+    #[test]
+    fn a_zero_rate_is_refused_with_the_way_to_say_unlimited() {
+        assert_eq!(super::parse_rate("100M"), Ok(100 << 20));
+        let err = super::parse_rate("0").expect_err("0 is refused");
+        assert!(err.contains("leave --max-rate out"), "{err}");
+    }
+
     #[test]
     fn the_progress_bar_template_parses() {
         let bar = indicatif::ProgressBar::hidden();

@@ -159,8 +159,10 @@ pub fn plan(a: &PlanArgs) -> Result<()> {
     }
     let plan = granularity::plan(&work, &model, &weights, &volumes)?;
     if let Some(out) = &a.out {
-        std::fs::write(out, serde_json::to_string_pretty(&plan)?)
-            .with_context(|| format!("cannot write the plan to {}", out.display()))?;
+        crate::write_out(Some(out), |w| {
+            w.write_all(serde_json::to_string_pretty(&plan)?.as_bytes())
+                .with_context(|| format!("cannot write the plan to {}", out.display()))
+        })?;
     }
     let mut o = std::io::stdout().lock();
     if a.json {

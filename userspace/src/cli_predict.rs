@@ -1,7 +1,6 @@
 //! `tern predict`: forecast a trace's next horizon into a plan file, and
 //! `tern predict eval`: the evaluation table of every model on a trace.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -114,14 +113,15 @@ pub fn predict(args: PredictArgs) -> Result<()> {
             let reader = crate::open_trace(&trace)?;
             let report = eval::evaluate(reader, &spec)
                 .with_context(|| format!("evaluating on {}", trace.display()))?;
-            let mut out = crate::output(None)?;
-            if json {
-                serde_json::to_writer_pretty(&mut out, &report)?;
-                writeln!(out)?;
-            } else {
-                write!(out, "{}", report.render())?;
-            }
-            out.flush()?;
+            crate::write_out(None, |out| {
+                if json {
+                    serde_json::to_writer_pretty(&mut *out, &report)?;
+                    writeln!(out)?;
+                } else {
+                    write!(out, "{}", report.render())?;
+                }
+                Ok(())
+            })?;
         }
         None => {
             let run = args.run;
@@ -147,10 +147,11 @@ pub fn predict(args: PredictArgs) -> Result<()> {
                 predict::predict_future_io(crate::open_trace(&trace)?, horizon, &opts)
             }
             .with_context(|| format!("predicting from {}", trace.display()))?;
-            let mut out = crate::output(run.out.as_ref())?;
-            serde_json::to_writer(&mut out, &plan)?;
-            writeln!(out)?;
-            out.flush()?;
+            crate::write_out(run.out.as_ref(), |out| {
+                serde_json::to_writer(&mut *out, &plan)?;
+                writeln!(out)?;
+                Ok(())
+            })?;
             let (reads, writes) = plan.extents.iter().fold((0u64, 0u64), |(r, w), e| {
                 (
                     r + if e.p_read >= 0.5 { e.len } else { 0 },

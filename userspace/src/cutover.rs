@@ -512,9 +512,8 @@ async fn final_delta(
     report.final_round_ms = ms(step);
     let step = Instant::now();
     for attempt in 1..=ATTEMPTS {
-        repl.refresh_local().await?;
-        let local = repl.local().tree().root();
-        if repl.remote_root().await? == local {
+        let (local, remote) = repl.local_and_remote_roots().await?;
+        if remote == local {
             report.root = hex(&local);
             report.verify_ms = ms(step);
             return Ok(());

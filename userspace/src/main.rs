@@ -221,8 +221,9 @@ struct PushArgs {
     domain: Option<String>,
     #[arg(long, default_value_t = 1)]
     epoch: u64,
-    #[arg(long, default_value_t = 1024)]
-    extent_kib: u32,
+    /// Longest extent on the wire (as `tern migrate --extent`).
+    #[arg(long, default_value = "1M", value_parser = tern::agent::parse_size)]
+    extent: u64,
     #[arg(long, default_value_t = 1, conflicts_with = "raw")]
     zstd_level: i32,
     #[arg(long)]
@@ -251,6 +252,10 @@ enum NbdCommand {
         /// Buffered I/O instead of `O_DIRECT`.
         #[arg(long)]
         no_direct: bool,
+        /// Serve on a non-loopback address although NBD is plaintext and
+        /// unauthenticated (anyone who reaches the port can read and write).
+        #[arg(long)]
+        insecure_nbd: bool,
     },
 }
 
@@ -360,13 +365,26 @@ fn open_trace(path: &PathBuf) -> Result<TraceReader<BufReader<File>>> {
         .with_context(|| format!("{}", path.display()))
 }
 
-fn output(out: Option<&PathBuf>) -> Result<Box<dyn Write>> {
-    Ok(match out {
-        Some(p) => Box::new(BufWriter::new(
-            File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
-        )),
-        None => Box::new(BufWriter::new(std::io::stdout().lock())),
-    })
+/// Runs `write` into the file `out` (in place only once complete: a failure
+/// leaves what was there) or into standard output.
+fn write_out<T>(
+    out: Option<&PathBuf>,
+    write: impl FnOnce(&mut dyn Write) -> Result<T>,
+) -> Result<T> {
+    let Some(p) = out else {
+        let mut w = BufWriter::new(std::io::stdout().lock());
+        let done = write(&mut w)?;
+        w.flush()?;
+        return Ok(done);
+    };
+    let mut file = tern::outfile::OutFile::create(p)?;
+    let mut w = BufWriter::new(&mut file);
+    let done = write(&mut w)?;
+    w.flush()
+        .with_context(|| format!("cannot write {}", p.display()))?;
+    drop(w);
+    file.commit()?;
+    Ok(done)
 }
 
 fn trace_run(args: TraceRunArgs) -> Result<()> {
@@ -427,14 +445,15 @@ fn trace_command(cmd: TraceCommand) -> Result<()> {
         TraceCommand::Stat { file, json } => {
             let stats = TraceStats::from_reader(open_trace(&file)?)
                 .with_context(|| format!("{}", file.display()))?;
-            let mut out = output(None)?;
-            if json {
-                serde_json::to_writer_pretty(&mut out, &stats)?;
-                writeln!(out)?;
-            } else {
-                write!(out, "{}", stats.render())?;
-            }
-            out.flush()?;
+            write_out(None, |out| {
+                if json {
+                    serde_json::to_writer_pretty(&mut *out, &stats)?;
+                    writeln!(out)?;
+                } else {
+                    write!(out, "{}", stats.render())?;
+                }
+                Ok(())
+            })?;
         }
         TraceCommand::Export {
             format,
@@ -443,19 +462,18 @@ fn trace_command(cmd: TraceCommand) -> Result<()> {
             replay_on,
         } => {
             let reader = open_trace(&file)?;
-            let sink = output(out.as_ref())?;
-            let n = match format {
-                ExportFormat::Csv => export::to_csv(reader, sink)?,
-                ExportFormat::FioIolog => export::to_fio_iolog(reader, sink, |name| {
-                    replay_on.clone().unwrap_or_else(|| name.to_string())
-                })?,
-            };
+            let n = write_out(out.as_ref(), |sink| {
+                Ok(match format {
+                    ExportFormat::Csv => export::to_csv(reader, sink)?,
+                    ExportFormat::FioIolog => export::to_fio_iolog(reader, sink, |name| {
+                        replay_on.clone().unwrap_or_else(|| name.to_string())
+                    })?,
+                })
+            })?;
             eprintln!("exported {n} rows");
         }
         TraceCommand::Import { format, input, out } => {
-            let f =
-                File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
-            let totals = import::import(format, &input, BufWriter::new(f))?;
+            let totals = write_out(Some(&out), |sink| Ok(import::import(format, &input, sink)?))?;
             eprintln!(
                 "imported {} records into {} ({} other lines passed over)",
                 totals.records,
@@ -554,12 +572,16 @@ fn replica(cmd: ReplicaCommand) -> Result<()> {
         .as_deref()
         .map(tern::rpc::TlsMaterial::load)
         .transpose()?;
+    let extent_len = u32::try_from(p.extent)
+        .ok()
+        .filter(|e| (4096..=tern::rpc::MAX_EXTENT_LEN).contains(e))
+        .context("--extent must be from 4K to 8M")?;
     let report = runtime()?.block_on(async {
         let mut c =
             tern::rpc::ReplicaClient::connect(&p.to, tls.as_ref(), p.domain.as_deref()).await?;
         let opts = tern::rpc::PushOptions {
             epoch: p.epoch,
-            extent_len: p.extent_kib << 10,
+            extent_len,
             zstd_level: (!p.raw).then_some(p.zstd_level),
             workers: p.workers,
             window: p.window,
@@ -579,6 +601,7 @@ fn nbd(cmd: NbdCommand) -> Result<()> {
         read_only,
         size,
         no_direct,
+        insecure_nbd,
     } = cmd;
     let opts = tern::nbd::StandaloneOptions {
         image,
@@ -587,6 +610,7 @@ fn nbd(cmd: NbdCommand) -> Result<()> {
         read_only,
         size,
         direct: !no_direct,
+        insecure: insecure_nbd,
     };
     runtime()?.block_on(async {
         let cancel = CancellationToken::new();
@@ -627,8 +651,48 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line that says what to do; the cause chain follows the colon.
-            eprintln!("tern: {e:#}");
+            eprintln!("tern: {}", one_line(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, each said once: the library's
+/// errors name their cause in their own message too (so a log line of one
+/// error is whole), so a cause the text already holds is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if said.is_empty() || text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "No such file or directory (os error 2)",
+        );
+        let open = tern::image::ImageError::Open {
+            path: "/x.img".into(),
+            source: io,
+        };
+        let e = anyhow::Error::new(open).context("starting the destination agent");
+        let line = super::one_line(&e);
+        assert_eq!(line.matches("os error 2").count(), 1, "{line}");
+        assert!(
+            line.starts_with("starting the destination agent: could not open the image /x.img"),
+            "{line}"
+        );
     }
 }

@@ -650,3 +650,104 @@ fn a_standby_source_agent_keeps_the_destination_current_and_reports_its_rpo() {
         "SIGTERM stops it cleanly"
     );
 }
+
+/// `tern status` after a run reads the state directory: it must say that the
+/// migration finished and how (the last progress tick may be a second old).
+fn status_of(state: &std::path::Path) -> serde_json::Value {
+    let out = support::migration::tern()
+        .args(["status", "--json", "--state-dir"])
+        .arg(state)
+        .output()
+        .expect("tern status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+#[test]
+fn status_says_a_finished_migration_cut_over_and_a_failed_one_failed() {
+    let src = LoopDev::new("64M");
+    let lab = Lab::new(64 * MIB);
+    fill_random(src.path(), 8);
+    let (ok, report, err) = run_report(&mut lab.migrate(src.path(), &["--no-pause"]));
+    assert!(ok, "migrate failed: {err}");
+    let state = lab.dir.path().join("state");
+    let status = status_of(&state);
+    assert_eq!(status["finished"], true, "{status}");
+    assert_eq!(status["outcome"], "cut over", "{status}");
+    assert_eq!(
+        status["phase"], "cut over: destination is primary",
+        "{status}"
+    );
+    assert_eq!(
+        status["report"]["downtime_ms"], report["downtime_ms"],
+        "{status}"
+    );
+    let human = support::migration::tern()
+        .args(["status", "--state-dir"])
+        .arg(&state)
+        .output()
+        .expect("tern status");
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("finished             yes: cut over"),
+        "{text}"
+    );
+
+    // Nobody listens there: the run fails, and the status says so with the cause.
+    let closed = free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["migrate", "--device", src.path(), "--no-pause", "--json"])
+        .args([
+            "--to",
+            &format!("127.0.0.1:{closed}"),
+            "--domain",
+            "localhost",
+        ])
+        .arg("--tls-dir")
+        .arg(lab.tls())
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--trace-out")
+        .arg(lab.dir.path().join("failed.trace"))
+        .output()
+        .expect("tern migrate");
+    assert!(!out.status.success());
+    let status = status_of(&state);
+    assert_eq!(status["outcome"], "failed", "{status}");
+    assert_eq!(status["finished"], true, "{status}");
+    assert!(
+        status["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&closed.to_string())),
+        "{status}"
+    );
+}
+
+/// Certificates from another CA: the error names the TLS failure and what to
+/// check, not "transport error (Unknown)", and says each cause once.
+#[test]
+fn a_certificate_from_another_ca_is_a_clear_tls_error() {
+    let src = LoopDev::new("16M");
+    let lab = Lab::new(16 * MIB);
+    let other = tempfile::tempdir().expect("dir");
+    sh(support::migration::tern()
+        .args(["certs", "init"])
+        .arg(other.path().join("pki"))
+        .args(["--host", "localhost"]));
+    let out = support::migration::tern()
+        .args(["replica", "push", "--from", src.path(), "--to", &lab.addr()])
+        .args(["--domain", "localhost", "--tls-dir"])
+        .arg(other.path().join("pki/localhost"))
+        .output()
+        .expect("tern replica push");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("(Unknown)"), "{err}");
+    assert!(err.contains("TLS handshake failed"), "{err}");
+    assert!(err.contains("tern certs init"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}

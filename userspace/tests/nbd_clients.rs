@@ -767,3 +767,52 @@ async fn cancellation_drains_inflight_requests_then_flushes() {
         );
     }
 }
+
+/// `tern nbd serve` follows the agent's rule: plaintext NBD on an address
+/// other than loopback is refused unless `--insecure-nbd` says it is meant.
+#[test]
+fn tern_nbd_serve_refuses_a_public_address_without_insecure_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let serve = |extra: &[&str]| {
+        let mut c = std::process::Command::new("timeout");
+        c.args([
+            "-s",
+            "TERM",
+            "2",
+            env!("CARGO_BIN_EXE_tern"),
+            "nbd",
+            "serve",
+            "--image",
+        ])
+        .arg(&image)
+        .args(["--listen", &format!("0.0.0.0:{port}")])
+        .args(extra);
+        c.output().unwrap()
+    };
+    let refused = serve(&[]);
+    assert_eq!(
+        refused.status.code(),
+        Some(1),
+        "refused at once, not timed out"
+    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--insecure-nbd"), "{err}");
+    // With the flag it serves until stopped (timeout's SIGTERM: exit 124).
+    let served = serve(&["--insecure-nbd"]);
+    assert_eq!(
+        served.status.code(),
+        Some(124),
+        "{}",
+        String::from_utf8_lossy(&served.stderr)
+    );
+}

@@ -168,7 +168,7 @@ async fn plaintext_grpc_or_nbd_on_a_reachable_address_is_refused() {
     cfg.nbd = Some(ListenAddr::Tcp("0.0.0.0:0".parse().expect("addr")));
     assert!(matches!(
         Destination::bind(cfg.clone()).await,
-        Err(AgentError::InsecureNbd { .. })
+        Err(AgentError::InsecureNbd(_))
     ));
     // The explicit overrides are honoured (and the agent starts and stops).
     cfg.insecure_nbd = true;

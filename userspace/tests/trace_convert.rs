@@ -320,3 +320,108 @@ fn fio_replays_an_exported_iolog() {
     assert_eq!(job["read"]["total_ios"].as_u64(), Some(reads));
     assert_eq!(job["write"]["total_ios"].as_u64(), Some(writes));
 }
+
+/// A real ext4 trace holds writes without data: the cache flushes
+/// (`REQ_PREFLUSH`) of fsync and the journal. fio 3.33 aborts on a
+/// zero-length I/O; the export replays them as syncs.
+#[test]
+fn fio_replays_an_export_holding_the_kernels_empty_preflush_writes() {
+    let dir = tempfile::tempdir().expect("dir");
+    let orig = dir.path().join("a.trace");
+    let mut records = Vec::new();
+    for i in 0..200u64 {
+        let flush = i % 10 == 9;
+        records.push(Record::Block(BlockRecord {
+            ts_ns: i * 100_000,
+            offset: if flush { 0 } else { (i * 7919 % 8000) * 4096 },
+            latency_ns: 1000,
+            len: if flush { 0 } else { 4096 },
+            pid: 100,
+            flags: if flush {
+                block_flags::PREFLUSH | block_flags::SYNC
+            } else {
+                0
+            },
+            target: 0,
+            op: if i % 3 == 0 && !flush {
+                Op::Read
+            } else {
+                Op::Write
+            },
+        }));
+    }
+    write_trace(&orig, &records);
+    let target = dir.path().join("replay.img");
+    File::create(&target)
+        .expect("create")
+        .set_len(64 << 20)
+        .expect("size");
+    let iolog = dir.path().join("replay.iolog");
+    let st = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["trace", "export", "--format", "fio-iolog"])
+        .arg(&orig)
+        .arg("--out")
+        .arg(&iolog)
+        .arg("--replay-on")
+        .arg(&target)
+        .status()
+        .expect("tern runs");
+    assert!(st.success());
+    let out = Command::new("fio")
+        .args(["--name=replay", "--ioengine=psync", "--output-format=json"])
+        .arg(format!("--read_iolog={}", iolog.display()))
+        .output()
+        .expect("fio runs (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "fio failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
+    let count = |op| {
+        records
+            .iter()
+            .filter(|r| matches!(r, Record::Block(b) if b.op == op && b.len > 0))
+            .count() as u64
+    };
+    assert_eq!(
+        v["jobs"][0]["read"]["total_ios"].as_u64(),
+        Some(count(Op::Read))
+    );
+    assert_eq!(
+        v["jobs"][0]["write"]["total_ios"].as_u64(),
+        Some(count(Op::Write))
+    );
+}
+
+/// A failed import must leave the trace that was at `--out` as it was, and
+/// a failed first import must leave nothing behind.
+#[test]
+fn a_failed_import_never_destroys_or_leaves_a_trace() {
+    let dir = tempfile::tempdir().expect("dir");
+    let existing = dir.path().join("existing.trace");
+    write_trace(&existing, &sample());
+    let before = std::fs::read(&existing).expect("read");
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "this is not,a trace\n1,2,3\n").expect("write");
+    let import = |out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["trace", "import", "--format", "csv"])
+            .arg(&bad)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .expect("tern runs")
+    };
+    let o = import(&existing);
+    assert!(!o.status.success(), "a bad CSV must fail");
+    assert_eq!(std::fs::read(&existing).expect("read"), before, "untouched");
+    let fresh = dir.path().join("fresh.trace");
+    assert!(!import(&fresh).status.success());
+    assert!(!fresh.exists(), "no empty trace left behind");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "no temporary left: {names:?}");
+}

@@ -101,6 +101,34 @@ fn wait_listening(port: u16, agent: &mut Child) -> Result<()> {
     Ok(())
 }
 
+/// Checks a WAL-mode sqlite database as the application would find it after
+/// the cutover: the database and its write-ahead log are copied out of the
+/// (read-only) mount into `scratch`, where sqlite can replay the log, then
+/// `PRAGMA integrity_check` must answer exactly `ok`. Returns the rows in `t`.
+fn check_sqlite(db: &Path, scratch: &Path) -> Result<u64> {
+    std::fs::create_dir_all(scratch)?;
+    let copy = scratch.join("demo.db");
+    std::fs::copy(db, &copy).with_context(|| format!("cannot copy {}", db.display()))?;
+    let wal = db.with_file_name("demo.db-wal");
+    if wal.exists() {
+        std::fs::copy(&wal, scratch.join("demo.db-wal"))
+            .with_context(|| format!("cannot copy {}", wal.display()))?;
+    }
+    let out = output(
+        Command::new("sqlite3")
+            .arg(&copy)
+            .arg("PRAGMA integrity_check; SELECT 'rows=' || count(*) FROM t;"),
+    )?;
+    let mut lines = out.lines();
+    if lines.next() != Some("ok") {
+        bail!("integrity_check: {}", out.trim());
+    }
+    lines
+        .find_map(|l| l.strip_prefix("rows="))
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no row count in sqlite3's answer: {out:?}"))
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -206,8 +234,18 @@ pub fn run(tern: &Path) -> Result<()> {
     if !out.status.success() {
         bail!("tern migrate failed ({}): {stdout}", out.status);
     }
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .context("tern migrate printed no report")?;
+    eprint!("{stdout}");
+    // What `tern status` shows: the finished run and its report.
+    let status_file = dir.join("state/migrate.json");
+    let status: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&status_file)
+            .with_context(|| format!("tern migrate left no {}", status_file.display()))?,
+    )
+    .context("the status file is not JSON")?;
+    if status["finished"] != true {
+        bail!("the status file does not say the migration finished: {status}");
+    }
+    let report = &status["report"];
 
     // The source is still frozen at the cutover point: the destination must equal it.
     let a = read_direct(&dev)?;
@@ -261,16 +299,13 @@ pub fn run(tern: &Path) -> Result<()> {
             .arg(&check),
     )?;
     s.mounted.push(check.clone());
-    let rows = output(
-        Command::new("sqlite3")
-            .arg("-readonly")
-            .arg(check.join("demo.db"))
-            .arg("PRAGMA integrity_check; SELECT count(*) FROM t;"),
-    )
-    .unwrap_or_else(|e| format!("? ({e})"));
+    let db = check_sqlite(&check.join("demo.db"), &dir.join("db-check"));
     eprintln!(
-        "demo: sqlite3 on the destination: {}",
-        rows.split_whitespace().collect::<Vec<_>>().join(", ")
+        "demo: sqlite3 integrity_check on the destination's database: {}",
+        match &db {
+            Ok(rows) => format!("ok, {rows} rows"),
+            Err(e) => format!("FAILED: {e:#}"),
+        }
     );
     let f = |k: &str| report[k].as_f64().unwrap_or(0.0);
     eprintln!(
@@ -289,9 +324,74 @@ pub fn run(tern: &Path) -> Result<()> {
         f("skipped_zero_bytes") / 1e6,
         f("total_seconds"),
     );
-    if !fsck.status.success() || !rows.starts_with("ok") {
+    if !fsck.status.success() || db.is_err() {
         bail!("the destination's file system or database did not check clean");
     }
     drop(s);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite(db: &Path, sql: &str) {
+        let st = Command::new("sqlite3")
+            .arg(db)
+            .arg(sql)
+            .stdout(Stdio::null())
+            .status()
+            .expect("sqlite3 is installed by `cargo xtask setup`");
+        assert!(st.success(), "sqlite3 {sql}");
+    }
+
+    /// A database made as the demo's writer makes it, with rows still in its WAL.
+    fn wal_database(dir: &Path) -> PathBuf {
+        let db = dir.join("demo.db");
+        sqlite(
+            &db,
+            "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); \
+             INSERT INTO t(v) SELECT hex(randomblob(64)) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x<2000) SELECT x FROM c);",
+        );
+        db
+    }
+
+    #[test]
+    fn sqlite_check_reads_rows_still_in_the_wal() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        wal_database(dir.path());
+        // The check must work from a read-only copy of the files, as on the `ro,noload` mount.
+        let ro = dir.path().join("ro");
+        std::fs::create_dir(&ro).expect("a directory");
+        for f in ["demo.db", "demo.db-wal"] {
+            std::fs::copy(dir.path().join(f), ro.join(f)).expect("copy");
+        }
+        assert!(ro.join("demo.db-wal").metadata().expect("wal").len() > 0);
+        let rows = check_sqlite(&ro.join("demo.db"), &dir.path().join("scratch"))
+            .expect("an intact database checks clean");
+        assert_eq!(rows, 2000);
+    }
+
+    #[test]
+    fn sqlite_check_fails_on_a_corrupt_database() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let db = wal_database(dir.path());
+        sqlite(&db, "PRAGMA wal_checkpoint(TRUNCATE);");
+        // Garbage over the table's pages past the schema page.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&db)
+            .expect("open the database");
+        f.seek(SeekFrom::Start(3 * 4096)).expect("seek");
+        f.write_all(&[0x5a; 4 * 4096]).expect("corrupt");
+        drop(f);
+        let err = check_sqlite(&db, &dir.path().join("scratch"))
+            .expect_err("a corrupt database must not check clean");
+        assert!(
+            format!("{err:#}").contains("integrity_check")
+                || format!("{err:#}").contains("malformed"),
+            "{err:#}"
+        );
+    }
 }

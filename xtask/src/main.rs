@@ -17,7 +17,7 @@ mod vm_test;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
-use sh::{cargo, repo_root, run};
+use sh::{Need, cargo, repo_root, run};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -69,29 +69,33 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Setup => sh::setup(),
-        Cmd::Build { release } => build(release).map(|_| ()),
+        Cmd::Setup => sh::setup(Need::All),
+        Cmd::Build { release } => {
+            sh::setup(Need::Demo)?;
+            build(release).map(|_| ())
+        }
         Cmd::Run { args } => {
+            sh::setup(Need::Demo)?;
             let bin = build(false)?;
             sh::require_root("cargo xtask run")?;
             run(std::process::Command::new(bin).args(args))
         }
         Cmd::Demo => {
-            sh::setup()?;
+            sh::setup(Need::Demo)?;
             let bin = build(true)?;
             demo::run(&bin)
         }
         Cmd::Test => test(),
         Cmd::VmTest => vm_test::run_all(),
         Cmd::Traces { out, only, seconds } => {
-            sh::setup()?;
+            sh::setup(Need::All)?;
             let bin = build(false)?;
             traces::run(&bin, &out, &only, seconds)
         }
         // The analyzer's benchmark builds only what it measures.
         Cmd::Bench { which } if which.as_deref() == Some("analyze") => bench_analyze::run(),
         Cmd::Bench { which } => {
-            sh::setup()?;
+            sh::setup(Need::All)?;
             // TERN_BENCH_BIN: an already built `tern` (skips the release build).
             let bin = match std::env::var_os("TERN_BENCH_BIN") {
                 Some(b) => std::path::PathBuf::from(b),
@@ -137,7 +141,7 @@ fn build(release: bool) -> Result<std::path::PathBuf> {
 }
 
 fn test() -> Result<()> {
-    sh::setup()?;
+    sh::setup(Need::All)?;
     sh::require_root("cargo xtask test (the tracer tests load eBPF programs)")?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([

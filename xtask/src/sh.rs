@@ -6,20 +6,28 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-/// Debian packages the build, tests, demo and benchmarks need.
-const PACKAGES: &[&str] = &[
+/// Debian packages the build and the demo need, and nothing more: the demo is
+/// a new user's first command (`Need::Demo`).
+const DEMO_PACKAGES: &[&str] = &[
+    // the eBPF object (common/build.rs): clang, the kernel's types, libbpf's headers, bindgen
     "clang-19",
-    "llvm-19",
     "libclang-19-dev",
     "libbpf-dev",
     "bpftool",
+    // the demo's workload and checks
     "fio",
     "sqlite3",
+    "e2fsprogs",
+    "util-linux",
+];
+
+/// What the tests, VM tests and benchmarks add to the demo's packages.
+const TEST_PACKAGES: &[&str] = &[
+    "llvm-19",
     "bpftrace",
     "blktrace",
     "nbdkit",
     "libnbd-bin",
-    "e2fsprogs",
     "rsync",
     "iproute2",
     "busybox-static",
@@ -42,7 +50,9 @@ const PACKAGES: &[&str] = &[
 /// own QEMU is 7.2, and installing its `qemu-system-x86` beside a backports
 /// `qemu-utils` (10.x) removes `qemu-utils`. Taking both from backports keeps
 /// them at one version. On later releases they come from the main suite.
-const BACKPORTS: &[&str] = &["qemu-utils", "qemu-system-x86"];
+/// The demo needs only `qemu-img` (its NBD compare).
+const DEMO_BACKPORTS: &[&str] = &["qemu-utils"];
+const TEST_BACKPORTS: &[&str] = &["qemu-system-x86"];
 const BACKPORTS_SUITE: &str = "bookworm-backports";
 /// Written only when no apt source mentions the backports suite yet.
 const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/tern-bookworm-backports.sources";
@@ -126,14 +136,27 @@ fn apt(args: &[&str]) -> Result<()> {
     bail!("apt-get {}: the apt lock stayed busy", args.join(" "))
 }
 
+/// What a command needs installed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// The build and the demo.
+    Demo,
+    /// Everything: tests, VM tests, benchmarks, trace recordings (Garage included).
+    All,
+}
+
 /// Installs missing packages and mounts tracefs; does nothing when all is there.
-pub fn setup() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    let missing_bpo: Vec<&str> = BACKPORTS
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
+pub fn setup(need: Need) -> Result<()> {
+    let wanted = |demo: &[&'static str], test: &[&'static str]| -> Vec<&'static str> {
+        let mut v = demo.to_vec();
+        if need == Need::All {
+            v.extend_from_slice(test);
+        }
+        v.retain(|p| !installed(p));
+        v
+    };
+    let missing = wanted(DEMO_PACKAGES, TEST_PACKAGES);
+    let missing_bpo = wanted(DEMO_BACKPORTS, TEST_BACKPORTS);
     if !missing.is_empty() || !missing_bpo.is_empty() {
         require_root("installing packages")?;
         eprintln!(
@@ -161,7 +184,9 @@ pub fn setup() -> Result<()> {
     if is_root() && !Path::new("/sys/kernel/tracing/events").exists() {
         run(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))?;
     }
-    crate::garage::install()?;
+    if need == Need::All {
+        crate::garage::install()?;
+    }
     Ok(())
 }
 
@@ -255,17 +280,17 @@ mod tests {
 
     #[test]
     fn finds_the_bookworm_source_in_deb822_and_one_line_form() {
-        let deb822 = "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n\
+        let deb822 = "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm bookworm-updates\n\
                       Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n\
-                      Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n";
+                      Types: deb\nURIs: http://mirror.invalid/debian-security\nSuites: bookworm-security\n";
         assert_eq!(
             debian_source(deb822),
             Some((
-                "http://deb.debian.org/debian".to_owned(),
+                "http://mirror.invalid/debian".to_owned(),
                 Some("/usr/share/keyrings/debian-archive-keyring.gpg".to_owned())
             ))
         );
-        let one_line = "deb http://security.debian.org/ bookworm-security main\n\
+        let one_line = "deb http://security.invalid/ bookworm-security main\n\
                         deb [arch=amd64 signed-by=/k.gpg] http://mirror/debian bookworm main\n";
         assert_eq!(
             debian_source(one_line),

@@ -8,7 +8,7 @@ use anyhow::Result;
 use crate::sh::{self, cargo, repo_root, run};
 
 pub fn run_all() -> Result<()> {
-    sh::setup()?;
+    sh::setup(sh::Need::All)?;
     sh::require_root("cargo xtask vm-test (QEMU, eBPF tracing)")?;
     // The tests drive the real `tern` binary.
     run(cargo().args(["build", "-p", "tern", "--bin", "tern"]))?;

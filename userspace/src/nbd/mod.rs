@@ -32,6 +32,9 @@ pub enum NbdError {
         addr: String,
         source: std::io::Error,
     },
+    /// A plaintext export on a non-loopback address was not asked for.
+    #[error(transparent)]
+    Insecure(#[from] InsecureNbd),
     /// The listen address could not be parsed.
     #[error(
         "{0:?} is not a listen address; use HOST:PORT (e.g. 127.0.0.1:10809) or unix:/path/to.sock"
@@ -87,6 +90,8 @@ pub struct StandaloneOptions {
     pub size: Option<u64>,
     /// Use `O_DIRECT` where the file system allows it.
     pub direct: bool,
+    /// Serve on a non-loopback TCP address although NBD has no TLS.
+    pub insecure: bool,
 }
 
 /// Where to listen.
@@ -94,6 +99,34 @@ pub struct StandaloneOptions {
 pub enum ListenAddr {
     Tcp(SocketAddr),
     Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// NBD has no encryption or authentication here: anyone who reaches the
+    /// port reads (and, when writable, writes) the disk. Loopback and unix
+    /// sockets are served; any other address only when `insecure` says the
+    /// operator means it. The one rule for the agent and `tern nbd serve`.
+    pub fn check_exposure(&self, insecure: bool) -> Result<(), InsecureNbd> {
+        match self {
+            ListenAddr::Tcp(addr) if !addr.ip().is_loopback() => {
+                if !insecure {
+                    return Err(InsecureNbd { addr: *addr });
+                }
+                tracing::warn!(%addr, "NBD served in plaintext on a non-loopback address (--insecure-nbd)");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// An NBD listener on a non-loopback address without `--insecure-nbd`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "refusing to serve NBD (no TLS) on {addr}, which is not loopback; use a loopback address or unix:/path, or pass --insecure-nbd"
+)]
+pub struct InsecureNbd {
+    pub addr: SocketAddr,
 }
 
 impl std::str::FromStr for ListenAddr {
@@ -118,6 +151,7 @@ pub async fn serve_standalone(
     cancel: CancellationToken,
 ) -> Result<(), NbdError> {
     let addr: ListenAddr = opts.listen.parse()?;
+    addr.check_exposure(opts.insecure)?;
     let image = Image::open(
         &opts.image,
         &ImageOptions {

@@ -325,6 +325,24 @@ pub struct Replicator {
     order: Option<SendOrder>,
 }
 
+/// The root hash of `client`'s destination for the tree `shape`.
+async fn root_of(
+    client: &mut ReplicaClient,
+    shape: crate::checktree::Shape,
+) -> Result<[u8; 32], ReplicateError> {
+    let nodes = client
+        .tree_nodes(shape.region_size(), shape.levels() - 1, &[0])
+        .await?;
+    nodes
+        .hashes
+        .first()
+        .copied()
+        .ok_or(ReplicateError::Rpc(RpcError::UnexpectedReply {
+            want: "the root hash",
+            got: "no hashes".into(),
+        }))
+}
+
 impl Replicator {
     /// Connects to the destination and checks it can hold the source.
     pub async fn connect(
@@ -687,19 +705,21 @@ impl Replicator {
 
     /// The destination's root for our region size.
     pub async fn remote_root(&mut self) -> Result<[u8; 32], ReplicateError> {
+        root_of(&mut self.client, *self.local.tree().shape()).await
+    }
+
+    /// The local root, refreshed, and the destination's, computed at the
+    /// same time: each side rehashes the regions written since it last
+    /// looked, and inside a pause the two need not wait for each other.
+    pub async fn local_and_remote_roots(&mut self) -> Result<([u8; 32], [u8; 32]), ReplicateError> {
         let shape = *self.local.tree().shape();
-        let nodes = self
-            .client
-            .tree_nodes(shape.region_size(), shape.levels() - 1, &[0])
-            .await?;
-        nodes
-            .hashes
-            .first()
-            .copied()
-            .ok_or(ReplicateError::Rpc(RpcError::UnexpectedReply {
-                want: "the root hash",
-                got: "no hashes".into(),
-            }))
+        let mut client = self.client.clone();
+        let (refreshed, remote) = tokio::join!(
+            self.local.refresh(&self.source, &self.stats),
+            root_of(&mut client, shape)
+        );
+        refreshed?;
+        Ok((self.local.tree().root(), remote?))
     }
 
     /// Whether the destination's image is all zeroes (a fresh image).

@@ -168,7 +168,7 @@ pub enum RpcError {
         source: tonic::transport::Error,
     },
     /// A call failed with a gRPC status.
-    #[error("{call} failed: {} ({:?})", .status.message(), .status.code())]
+    #[error("{call} failed: {}", status::describe(.status))]
     Call {
         call: &'static str,
         status: tonic::Status,

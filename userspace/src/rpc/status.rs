@@ -5,6 +5,46 @@ use tonic::{Code, Status};
 use super::RpcError;
 use crate::checktree::CheckTreeError;
 
+/// A status as a person reads it: the server's message and code, or, when
+/// the call never reached the server, the transport's own causes (tonic
+/// reports those as "transport error" with code `Unknown`) and, for a TLS
+/// failure, what to check.
+pub(crate) fn describe(status: &Status) -> String {
+    let mut text = format!("{} ({:?})", status.message(), status.code());
+    let mut cause = std::error::Error::source(status);
+    let mut causes = String::new();
+    while let Some(c) = cause {
+        let said = c.to_string();
+        if !text.contains(&said) && !causes.contains(&said) {
+            causes.push_str(": ");
+            causes.push_str(&said);
+        }
+        cause = c.source();
+    }
+    if causes.is_empty() {
+        return text;
+    }
+    text = format!("{}{causes}", status.message());
+    let lower = causes.to_lowercase();
+    if [
+        "certificate",
+        "tls",
+        "handshake",
+        "unknownca",
+        "unknown ca",
+        "alert",
+    ]
+    .iter()
+    .any(|w| lower.contains(w))
+    {
+        text.push_str(
+            "; the TLS handshake failed: both hosts need certificates from the same CA (`tern certs init DIR --host SRC --host DST`), \
+             the source's --tls-dir its own host's directory, and the destination's certificate must name the host in --to (or --domain)",
+        );
+    }
+    text
+}
+
 fn code(err: &RpcError) -> Code {
     match err {
         RpcError::NoOpen

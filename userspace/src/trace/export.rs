@@ -102,7 +102,9 @@ fn csv_field(s: &str) -> String {
 
 /// Writes a fio iolog (version 3, timestamps in microseconds) that replays the
 /// block requests against `path_for(target name)`; returns the number of I/Os.
-/// Write-zeroes replays as a write, discard as trim, flush as sync.
+/// Write-zeroes replays as a write, discard as trim, flush as sync. A write
+/// without data is a cache flush (`REQ_PREFLUSH`) and replays as a sync:
+/// fio cannot replay a zero-length I/O (3.33 aborts on it).
 pub fn to_fio_iolog<R: Read, W: Write>(
     mut reader: TraceReader<R>,
     mut out: W,
@@ -127,6 +129,8 @@ pub fn to_fio_iolog<R: Read, W: Write>(
         let us = b.ts_ns / 1000;
         last_us = last_us.max(us);
         match b.op {
+            Op::Write if b.len == 0 => writeln!(out, "{us} {path} sync 0 0")?,
+            Op::Read | Op::Write | Op::WriteZeroes | Op::Discard if b.len == 0 => continue,
             Op::Read => writeln!(out, "{us} {path} read {} {}", b.offset, b.len)?,
             Op::Write | Op::WriteZeroes => {
                 writeln!(out, "{us} {path} write {} {}", b.offset, b.len)?;

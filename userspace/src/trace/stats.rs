@@ -148,15 +148,15 @@ impl TraceStats {
         for (name, t) in &self.ops {
             let _ = writeln!(
                 out,
-                "  {:<13} {:>10} requests {:>12.1} MB {:>9.1} MB/s",
+                "  {:<13} {:>10} requests {:>12} {:>14}",
                 name,
                 t.requests,
-                t.bytes as f64 / 1e6,
-                if secs > 0.0 {
-                    t.bytes as f64 / 1e6 / secs
+                crate::units::human_bytes(t.bytes as f64),
+                crate::units::human_rate(if secs > 0.0 {
+                    t.bytes as f64 / secs
                 } else {
                     0.0
-                }
+                })
             );
         }
         if self.latency_p50_ns > 0 {

@@ -127,10 +127,13 @@ impl Tracer {
         let (lo, hi) = cfg.fault_range.unwrap_or((0, u64::MAX));
         // Wake the reader at a quarter full: fewer wake-ups, and still room while it drains.
         let wakeup: u64 = (ring / 4).min(256 * 1024);
+        // Our own reads (the copy) are not the workload's I/O.
+        let self_tgid: u32 = std::process::id();
         let mut bpf = EbpfLoader::new()
             .btf(Some(&btf))
             .map_max_entries("events", ring as u32)
             .override_global("filter_pids_on", &pids_on, true)
+            .override_global("self_tgid", &self_tgid, true)
             .override_global("fault_addr_lo", &lo, true)
             .override_global("fault_addr_hi", &hi, true)
             .override_global("wakeup_bytes", &wakeup, true)
