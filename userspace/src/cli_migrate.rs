@@ -663,7 +663,7 @@ fn render_report(r: &serde_json::Value) -> String {
         f("verify_ms"),
         f("switch_ms"),
     );
-    if f("handover_ms") > 0.0 {
+    if f("handover_ms") >= 0.1 {
         let _ = write!(text, ", hand-over {:.1}", f("handover_ms"));
     }
     let _ = writeln!(

@@ -727,8 +727,8 @@ fn status_says_a_finished_migration_cut_over_and_a_failed_one_failed() {
     );
 }
 
-/// Certificates from another CA: the error names the TLS failure and what to
-/// check, not "transport error (Unknown)", and says each cause once.
+/// Certificates from another CA, on either side: the error names the TLS
+/// failure and what to check, not "transport error (Unknown)", on one line.
 #[test]
 fn a_certificate_from_another_ca_is_a_clear_tls_error() {
     let src = LoopDev::new("16M");
@@ -738,16 +738,25 @@ fn a_certificate_from_another_ca_is_a_clear_tls_error() {
         .args(["certs", "init"])
         .arg(other.path().join("pki"))
         .args(["--host", "localhost"]));
-    let out = support::migration::tern()
-        .args(["replica", "push", "--from", src.path(), "--to", &lab.addr()])
-        .args(["--domain", "localhost", "--tls-dir"])
-        .arg(other.path().join("pki/localhost"))
-        .output()
-        .expect("tern replica push");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!err.contains("(Unknown)"), "{err}");
-    assert!(err.contains("TLS handshake failed"), "{err}");
-    assert!(err.contains("tern certs init"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    // The server refuses the client: its CA is right, its own certificate is not.
+    let mixed = other.path().join("mixed");
+    std::fs::create_dir(&mixed).expect("dir");
+    std::fs::copy(lab.tls().join("ca.pem"), mixed.join("ca.pem")).expect("ca");
+    for f in ["cert.pem", "key.pem"] {
+        std::fs::copy(other.path().join("pki/localhost").join(f), mixed.join(f)).expect("copy");
+    }
+    for tls in [other.path().join("pki/localhost"), mixed] {
+        let out = support::migration::tern()
+            .args(["replica", "push", "--from", src.path(), "--to", &lab.addr()])
+            .args(["--domain", "localhost", "--tls-dir"])
+            .arg(&tls)
+            .output()
+            .expect("tern replica push");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("(Unknown)"), "{err}");
+        assert!(err.contains("TLS handshake failed"), "{err}");
+        assert!(err.contains("tern certs init"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
 }

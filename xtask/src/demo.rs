@@ -345,30 +345,61 @@ mod tests {
         assert!(st.success(), "sqlite3 {sql}");
     }
 
-    /// A database made as the demo's writer makes it, with rows still in its WAL.
-    fn wal_database(dir: &Path) -> PathBuf {
+    const MAKE: &str = "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; \
+        CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); \
+        INSERT INTO t(v) SELECT hex(randomblob(64)) FROM (WITH RECURSIVE c(x) AS \
+        (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x<2000) SELECT x FROM c);";
+
+    /// A database caught as the demo catches its writer's: the writer still
+    /// has it open, its rows only in the write-ahead log. The files are
+    /// copied into `dir/ro` while it is open (sqlite folds the log back into
+    /// the database, and deletes it, when the last connection closes).
+    fn live_wal_copy(dir: &Path) -> PathBuf {
+        use std::io::{BufRead, BufReader, Write};
+
         let db = dir.join("demo.db");
-        sqlite(
-            &db,
-            "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); \
-             INSERT INTO t(v) SELECT hex(randomblob(64)) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x<2000) SELECT x FROM c);",
-        );
-        db
+        let mut writer = Command::new("sqlite3")
+            .arg(&db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("sqlite3 is installed by `cargo xtask setup`");
+        let mut stdin = writer.stdin.take().expect("piped");
+        writeln!(stdin, "{MAKE}\n.print done").expect("to sqlite3");
+        // `journal_mode` answers "wal" first.
+        let done = BufReader::new(writer.stdout.take().expect("piped"))
+            .lines()
+            .map(|l| l.expect("from sqlite3"))
+            .any(|l| l == "done");
+        assert!(done, "sqlite3 made the database");
+        let ro = dir.join("ro");
+        std::fs::create_dir(&ro).expect("a directory");
+        for f in ["demo.db", "demo.db-wal"] {
+            std::fs::copy(dir.join(f), ro.join(f)).expect("copy while open");
+        }
+        drop(stdin);
+        writer.wait().expect("sqlite3 exits");
+        ro.join("demo.db")
     }
 
     #[test]
     fn sqlite_check_reads_rows_still_in_the_wal() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        wal_database(dir.path());
-        // The check must work from a read-only copy of the files, as on the `ro,noload` mount.
-        let ro = dir.path().join("ro");
-        std::fs::create_dir(&ro).expect("a directory");
-        for f in ["demo.db", "demo.db-wal"] {
-            std::fs::copy(dir.path().join(f), ro.join(f)).expect("copy");
-        }
-        assert!(ro.join("demo.db-wal").metadata().expect("wal").len() > 0);
-        let rows = check_sqlite(&ro.join("demo.db"), &dir.path().join("scratch"))
-            .expect("an intact database checks clean");
+        let db = live_wal_copy(dir.path());
+        assert!(
+            db.with_file_name("demo.db-wal")
+                .metadata()
+                .expect("wal")
+                .len()
+                > 0
+        );
+        // The rows are in the log only: the database file alone has none.
+        let main_only = dir.path().join("main-only");
+        std::fs::create_dir(&main_only).expect("a directory");
+        std::fs::copy(&db, main_only.join("demo.db")).expect("copy");
+        assert!(check_sqlite(&main_only.join("demo.db"), &dir.path().join("s1")).is_err());
+        let rows =
+            check_sqlite(&db, &dir.path().join("s2")).expect("an intact database checks clean");
         assert_eq!(rows, 2000);
     }
 
@@ -376,8 +407,8 @@ mod tests {
     fn sqlite_check_fails_on_a_corrupt_database() {
         use std::io::{Seek, SeekFrom, Write};
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let db = wal_database(dir.path());
-        sqlite(&db, "PRAGMA wal_checkpoint(TRUNCATE);");
+        let db = dir.path().join("demo.db");
+        sqlite(&db, MAKE);
         // Garbage over the table's pages past the schema page.
         let mut f = std::fs::OpenOptions::new()
             .write(true)

@@ -70,7 +70,22 @@ impl ReplicaClient {
                 .map_err(connect_err)?;
         }
         let channel = endpoint.connect().await.map_err(connect_err)?;
-        Ok(ReplicaClient::from_channel(channel))
+        let mut client = ReplicaClient::from_channel(channel);
+        if tls.is_some() {
+            // With TLS 1.3 the server checks our certificate after the
+            // client considers the handshake done: a refusal shows up only
+            // as a connection closed under the first call. Make that call
+            // here, so it reads as what it is.
+            if let Err(RpcError::Call { status, .. }) = client.info().await
+                && std::error::Error::source(&status).is_some()
+            {
+                return Err(RpcError::CertificateRefused {
+                    addr: addr.to_owned(),
+                    transport: super::status::describe(&status),
+                });
+            }
+        }
+        Ok(client)
     }
 
     /// Wraps an established channel (e.g. one with a custom TLS setup).

@@ -160,13 +160,22 @@ pub enum RpcError {
     },
     /// The client could not reach the server.
     #[error(
-        "cannot connect to the replica service at {addr}: {source}; check the address, the port and the TLS directory"
+        "cannot connect to the replica service at {addr}: {}",
+        status::with_causes("check the address, the port and the TLS directory", .source)
     )]
     Connect {
         addr: String,
         #[source]
         source: tonic::transport::Error,
     },
+    /// The TLS connection closed under the first call: the server refused
+    /// this client's certificate.
+    #[error(
+        "the replica service at {addr} closed the connection under the first call ({transport}); \
+         the TLS handshake failed: it refused this host's certificate: both hosts need certificates from the same CA \
+         (`tern certs init DIR --host SRC --host DST`) and each side its own host's directory as --tls-dir"
+    )]
+    CertificateRefused { addr: String, transport: String },
     /// A call failed with a gRPC status.
     #[error("{call} failed: {}", status::describe(.status))]
     Call {

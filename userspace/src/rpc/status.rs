@@ -7,39 +7,37 @@ use crate::checktree::CheckTreeError;
 
 /// A status as a person reads it: the server's message and code, or, when
 /// the call never reached the server, the transport's own causes (tonic
-/// reports those as "transport error" with code `Unknown`) and, for a TLS
-/// failure, what to check.
+/// reports those as "transport error" with code `Unknown`).
 pub(crate) fn describe(status: &Status) -> String {
-    let mut text = format!("{} ({:?})", status.message(), status.code());
-    let mut cause = std::error::Error::source(status);
-    let mut causes = String::new();
-    while let Some(c) = cause {
+    match std::error::Error::source(status) {
+        Some(cause) => with_causes(status.message(), cause),
+        None => format!("{} ({:?})", status.message(), status.code()),
+    }
+}
+
+/// `first` followed by `cause` and its own causes, each said once, and for a
+/// failed TLS handshake what to check: a transport error's own message is
+/// only "transport error", its reason is further down the chain.
+pub(crate) fn with_causes(first: &str, cause: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = first.to_owned();
+    let mut next = Some(cause);
+    while let Some(c) = next {
         let said = c.to_string();
-        if !text.contains(&said) && !causes.contains(&said) {
-            causes.push_str(": ");
-            causes.push_str(&said);
+        if !said.is_empty() && !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
         }
-        cause = c.source();
+        next = c.source();
     }
-    if causes.is_empty() {
-        return text;
-    }
-    text = format!("{}{causes}", status.message());
-    let lower = causes.to_lowercase();
-    if [
-        "certificate",
-        "tls",
-        "handshake",
-        "unknownca",
-        "unknown ca",
-        "alert",
-    ]
-    .iter()
-    .any(|w| lower.contains(w))
+    let lower = text.to_lowercase();
+    if ["certificate", "tls", "handshake", "unknownca", "alert"]
+        .iter()
+        .any(|w| lower.contains(w))
     {
         text.push_str(
-            "; the TLS handshake failed: both hosts need certificates from the same CA (`tern certs init DIR --host SRC --host DST`), \
-             the source's --tls-dir its own host's directory, and the destination's certificate must name the host in --to (or --domain)",
+            "; the TLS handshake failed: both hosts need certificates from the same CA \
+             (`tern certs init DIR --host SRC --host DST`), each side its own host's directory as --tls-dir, \
+             and the destination's certificate must name the host given in --to (or --domain)",
         );
     }
     text
@@ -86,6 +84,7 @@ fn code(err: &RpcError) -> Code {
         | RpcError::Export(_)
         | RpcError::Task(_)
         | RpcError::Connect { .. }
+        | RpcError::CertificateRefused { .. }
         | RpcError::Serve { .. }
         | RpcError::StreamClosed { .. }
         | RpcError::UnexpectedReply { .. }
