@@ -426,7 +426,8 @@ struct Progress {
 fn status_line(s: &Status, counters: &Stats, rate_bps: u64) -> serde_json::Value {
     let st = counters.snapshot();
     serde_json::json!({
-        "phase": s.phase,
+        // Before the engine names its first phase.
+        "phase": if s.phase.is_empty() { "starting" } else { s.phase },
         "pid": std::process::id(),
         "finished": false,
         "epoch": s.epoch,
@@ -565,9 +566,13 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
         .collect();
     if let Some(spec) = &m.health_nbd {
         let (addr, export) = spec.split_once('/').unwrap_or((spec, "tern"));
-        let addr = addr.parse().with_context(|| {
-            format!("--health-nbd {spec:?}: give HOST:PORT[/EXPORT], e.g. 127.0.0.1:10809/tern")
-        })?;
+        // A host name as well as an address, as --to takes.
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+            .ok()
+            .and_then(|mut a| a.next())
+            .with_context(|| {
+                format!("--health-nbd {spec:?}: give HOST:PORT[/EXPORT], e.g. dst:10809/tern")
+            })?;
         health.push(HealthCheck::Nbd {
             addr,
             export: export.to_owned(),

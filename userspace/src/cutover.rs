@@ -27,6 +27,11 @@ pub enum CutoverError {
     Rpc(#[from] RpcError),
     #[error("pausing the workload: {0}")]
     Pause(#[from] PauseError),
+    /// Rollback asked of a destination that is not primary.
+    #[error(
+        "nothing to roll back: the destination's export is read-only (epoch {epoch}), so it never became primary or a rollback already made the source primary again; copying its data back would overwrite the source's newer writes"
+    )]
+    NotPrimary { epoch: u64 },
     /// The dirty rate does not let the remaining set fit the budget.
     #[error(
         "not converging after {rounds} rounds: {dirty_mb:.1} MB still dirty, the workload dirties {dirty_rate_mbs:.1} MB/s and the link moves {bandwidth_mbs:.1} MB/s, so the final delta would take about {estimate_ms} ms against a budget of {budget_ms} ms. Choose: raise --max-downtime to about {estimate_ms}ms, throttle the workload (or its cgroup's io.max), or lower its write rate; the workload was not paused"
@@ -738,6 +743,11 @@ pub async fn rollback(
         }
     };
     let info = client.info().await?;
+    // Only a destination that took over holds writes the source lacks; any
+    // other's copy is older than the source.
+    if !info.export_writable {
+        return Err(CutoverError::NotPrimary { epoch: info.epoch });
+    }
     let fence = info.epoch + 1;
     client.set_export_writable(fence, false).await?;
     let source = Image::open(

@@ -760,3 +760,39 @@ fn a_certificate_from_another_ca_is_a_clear_tls_error() {
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     }
 }
+
+/// A rollback copies the destination's writes back only while the
+/// destination is primary: asked again once the source is primary (and has
+/// taken new writes), it refuses and the source keeps its data.
+#[test]
+fn a_second_rollback_is_refused_and_keeps_the_sources_new_writes() {
+    let src = LoopDev::new("16M");
+    let lab = Lab::new(16 * MIB);
+    fill_random(src.path(), 4);
+    let (ok, _, err) = run_report(&mut lab.migrate(src.path(), &["--no-pause"]));
+    assert!(ok, "migrate failed: {err}");
+    let rollback = || {
+        support::migration::tern()
+            .args(["rollback", "--device", src.path(), "--to", &lab.addr()])
+            .args(["--domain", "localhost", "--tls-dir"])
+            .arg(lab.tls())
+            .output()
+            .expect("tern rollback")
+    };
+    let first = rollback();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    sh(Command::new("qemu-io").args(["-f", "raw", src.path(), "-c", "write -P 0xcd 0 1M"]));
+    let second = rollback();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("nothing to roll back"), "{err}");
+    let data = read_direct(src.path());
+    assert!(
+        data[..1 << 20].iter().all(|&b| b == 0xcd),
+        "the source's write is kept"
+    );
+}

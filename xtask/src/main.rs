@@ -10,6 +10,7 @@ mod bench_rpc;
 mod bench_tracer;
 mod demo;
 mod garage;
+mod readme;
 mod sh;
 mod traces;
 mod vm_test;
@@ -46,6 +47,9 @@ enum Cmd {
     Test,
     /// The QEMU VM tests (`vm-tests/`): guests migrated by Tern and by QEMU, kernel matrix.
     VmTest,
+    /// Every command of README.md's sh blocks, run as written in a sandbox
+    /// (network and mount namespaces, loop devices, QEMU, Garage).
+    Readme,
     /// Benchmarks against peer tools; prints a table of figures.
     Bench {
         /// Which: tracer, nbd, rpc, migrate, analyze, plan or predict (default: all but plan).
@@ -87,6 +91,10 @@ fn main() -> Result<()> {
         }
         Cmd::Test => test(),
         Cmd::VmTest => vm_test::run_all(),
+        Cmd::Readme => {
+            sh::setup(Need::All)?;
+            readme::run(&build(false)?)
+        }
         Cmd::Traces { out, only, seconds } => {
             sh::setup(Need::All)?;
             let bin = build(false)?;
@@ -156,7 +164,9 @@ fn test() -> Result<()> {
     fuzz(20_000)?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
     // The VM tier last: it is the slowest.
-    vm_test::run_all()
+    vm_test::run_all()?;
+    // The README's commands, as written, against the debug build.
+    readme::run(&build(false)?)
 }
 
 /// A bounded run of the NBD request-parser fuzzer. cargo-fuzz needs nightly

@@ -29,6 +29,8 @@ const TEST_PACKAGES: &[&str] = &[
     "nbdkit",
     "libnbd-bin",
     "rsync",
+    // the README's metrics example (`cargo xtask readme`)
+    "curl",
     "iproute2",
     "busybox-static",
     "cpio",
