@@ -190,6 +190,12 @@ pub struct RollbackArgs {
     /// Resume the workload afterwards with this pause target's resume.
     #[arg(long)]
     resume: Option<PauseTarget>,
+    /// Where the status file for `tern status` lives (the migration's).
+    #[arg(long, default_value = "/run/tern")]
+    state_dir: PathBuf,
+    /// The report as one JSON line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -737,7 +743,7 @@ pub fn source_agent(a: &SourceArgs, control: Option<std::net::SocketAddr>) -> Re
 }
 
 pub fn rollback(r: &RollbackArgs) -> Result<()> {
-    let json = runtime()?.block_on(async {
+    let done = runtime()?.block_on(async {
         if let Some(mut client) = r.agent.connect().await? {
             let reply = client
                 .rollback(tern::control::RollbackRequest {
@@ -763,9 +769,37 @@ pub fn rollback(r: &RollbackArgs) -> Result<()> {
             target.resume_now().await?;
         }
         Ok(serde_json::to_string(&report)?)
-    })?;
+    });
+    // `tern status` must not go on saying "cut over" (or a stale phase).
+    if r.agent.agent.is_none() && std::fs::create_dir_all(&r.state_dir).is_ok() {
+        let line = serde_json::json!({ "pid": std::process::id(), "finished": true });
+        match &done {
+            Ok(json) => {
+                let mut line = line;
+                line["phase"] = "rolled back: source is primary".into();
+                line["outcome"] = "rolled back".into();
+                line["report"] = serde_json::from_str(json).unwrap_or_default();
+                write_status(&r.state_dir, &line);
+            }
+            Err(e) => write_status(&r.state_dir, &failed_line(line, e)),
+        }
+    }
+    let json = done?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{json}")?;
+    if r.json {
+        writeln!(out, "{json}")?;
+    } else {
+        let v: serde_json::Value = serde_json::from_str(&json)?;
+        let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+        writeln!(
+            out,
+            "rolled back: {} regions ({}) copied back from the destination in {:.1} s; the source is primary at epoch {}",
+            f("regions"),
+            human_bytes(f("bytes")),
+            f("seconds"),
+            f("epoch"),
+        )?;
+    }
     Ok(())
 }
 

@@ -613,7 +613,7 @@ fn a_standby_source_agent_keeps_the_destination_current_and_reports_its_rpo() {
     let status: serde_json::Value =
         serde_json::from_str(&ctl(&["status", "--json"])).expect("status json");
     assert_eq!(status["phase"], "standby: replicating", "{status}");
-    let out = ctl(&["migrate", "--no-pause"]);
+    let out = ctl(&["migrate", "--no-pause", "--json"]);
     let report: serde_json::Value = serde_json::from_str(&out).expect("report");
     assert_eq!(report["outcome"], "cut over", "{report}");
     assert_eq!(
@@ -636,7 +636,7 @@ fn a_standby_source_agent_keeps_the_destination_current_and_reports_its_rpo() {
         "write -P 0x5a 1M 64k",
     ]));
     assert!(wrote.contains("wrote"), "{wrote}");
-    let out = ctl(&["rollback"]);
+    let out = ctl(&["rollback", "--json"]);
     let rb: serde_json::Value = serde_json::from_str(&out).expect("rollback report");
     assert!(rb["regions"].as_u64().expect("regions") >= 1, "{rb}");
     assert!(
@@ -776,6 +776,8 @@ fn a_second_rollback_is_refused_and_keeps_the_sources_new_writes() {
             .args(["rollback", "--device", src.path(), "--to", &lab.addr()])
             .args(["--domain", "localhost", "--tls-dir"])
             .arg(lab.tls())
+            .arg("--state-dir")
+            .arg(lab.dir.path().join("state"))
             .output()
             .expect("tern rollback")
     };

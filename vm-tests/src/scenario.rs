@@ -813,7 +813,7 @@ impl Standby {
     /// `tern migrate --agent` with `args`, its report and log where
     /// [`finish_migrate`] looks for them.
     fn cutover(&self, dst: &Destination, args: &[&str]) -> Guard {
-        let mut migrate = vec!["migrate"];
+        let mut migrate = vec!["migrate", "--json"];
         migrate.extend_from_slice(args);
         spawn_reporting(&dst.dir, self.ask(dst, &migrate), "tern migrate --agent")
     }
