@@ -847,6 +847,11 @@ impl Sandbox {
             .unwrap_or(0);
         let loops = (most + 32).max(63);
         self.make_dir(Path::new(VM_DIR))?;
+        // The workspace (the binaries on PATH, the commands' files) may live
+        // under a directory the sandbox covers with a tmpfs (a clone in
+        // /var/tmp, as CI may make): held aside before, put back after.
+        let root = repo_root();
+        let root = root.display();
         // `ip netns exec` already made `/` a slave; said again so that no
         // mount below can ever reach the host's namespace.
         let script = format!(
@@ -858,6 +863,8 @@ for n in "null c 1 3" "zero c 1 5" "full c 1 7" "random c 1 8" "urandom c 1 9" "
 done
 i=0; while [ $i -le {loops} ]; do mknod -m 660 /dev/loop$i b 7 $i; i=$((i+1)); done
 mknod -m 660 {DISK} b {disk_major} {disk_minor}
+mkdir /dev/tern-workspace
+mount --bind '{root}' /dev/tern-workspace
 ln -s /proc/self/fd /dev/fd; ln -s /proc/self/fd/0 /dev/stdin; ln -s /proc/self/fd/1 /dev/stdout; ln -s /proc/self/fd/2 /dev/stderr
 mkdir /dev/pts /dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts; ln -s pts/ptmx /dev/ptmx
@@ -867,6 +874,7 @@ mkdir /run/lock
 mount -t tmpfs -o mode=1777 tern-tmp /tmp
 mount -t tmpfs -o mode=1777 tern-var-tmp /var/tmp
 mount -t tmpfs -o mode=755 tern-srv /srv
+if [ ! -e '{root}/Cargo.toml' ]; then mkdir -p '{root}'; mount --bind /dev/tern-workspace '{root}'; fi
 mkdir {DATA}
 mount {DISK} {DATA}
 mount {vm_fs} {VM_DIR}
