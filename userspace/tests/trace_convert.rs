@@ -270,6 +270,21 @@ fn malformed_imports_name_the_line() {
     );
 }
 
+/// fio replays `iolog`; it must succeed; returns its JSON report.
+fn fio_replay(iolog: &Path) -> serde_json::Value {
+    let out = Command::new("fio")
+        .args(["--name=replay", "--ioengine=psync", "--output-format=json"])
+        .arg(format!("--read_iolog={}", iolog.display()))
+        .output()
+        .expect("fio runs (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "fio failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("fio json")
+}
+
 #[test]
 fn fio_replays_an_exported_iolog() {
     let dir = tempfile::tempdir().expect("dir");
@@ -297,17 +312,7 @@ fn fio_replays_an_exported_iolog() {
         .filter(|r| matches!(r, Record::Block(_)))
         .count() as u64;
     assert_eq!(ios, blocks);
-    let out = Command::new("fio")
-        .args(["--name=replay", "--ioengine=psync", "--output-format=json"])
-        .arg(format!("--read_iolog={}", iolog.display()))
-        .output()
-        .expect("fio runs (cargo xtask setup installs it)");
-    assert!(
-        out.status.success(),
-        "fio failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
+    let v = fio_replay(&iolog);
     let job = &v["jobs"][0];
     let reads = records
         .iter()
@@ -367,17 +372,7 @@ fn fio_replays_an_export_holding_the_kernels_empty_preflush_writes() {
         .status()
         .expect("tern runs");
     assert!(st.success());
-    let out = Command::new("fio")
-        .args(["--name=replay", "--ioengine=psync", "--output-format=json"])
-        .arg(format!("--read_iolog={}", iolog.display()))
-        .output()
-        .expect("fio runs (cargo xtask setup installs it)");
-    assert!(
-        out.status.success(),
-        "fio failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio json");
+    let v = fio_replay(&iolog);
     let count = |op| {
         records
             .iter()
