@@ -81,34 +81,6 @@ impl DestinationConfig {
     }
 }
 
-/// Parses an image size for `--size`: bytes, or a number with a binary
-/// suffix K, M, G or T (`20G` = 20 GiB). Usable as a clap `value_parser`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (digits, shift) = match text.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => {
-                    return Err(format!(
-                        "{text:?}: unknown size suffix {c:?}; use K, M, G or T"
-                    ));
-                }
-            };
-            (&text[..i], shift)
-        }
-        _ => (text, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size; write e.g. 20G, 512M or 1048576"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
-
 /// Errors of the destination agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -528,7 +500,7 @@ async fn bind_nbd(listen: &ListenAddr) -> Result<(NbdListener, ListenAddr), Agen
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_size, warm_cache};
+    use super::warm_cache;
 
     #[test]
     fn warming_reads_the_ranges_given_and_stops_at_the_end_of_the_image() {
@@ -540,15 +512,5 @@ mod tests {
         let past_end =
             warm_cache(&path, std::slice::from_ref(&((5 << 19)..(8 << 20)))).expect("warm");
         assert_eq!(past_end, 1 << 19, "only what the image holds");
-    }
-
-    #[test]
-    fn sizes_take_binary_suffixes() {
-        assert_eq!(parse_size("20G"), Ok(20 << 30));
-        assert_eq!(parse_size("512m"), Ok(512 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("3X").is_err());
-        assert!(parse_size("G").is_err());
-        assert!(parse_size("99999999999T").is_err());
     }
 }

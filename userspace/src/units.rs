@@ -47,9 +47,87 @@ pub fn human_rate(bytes_per_second: f64) -> String {
     format!("{}/s", human_bytes(bytes_per_second))
 }
 
+/// A size flag's value that is not a size.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{0:?} is not a size; write e.g. 20G, 512MiB or 1048576")]
+    NotASize(String),
+    #[error("{text:?}: unknown size suffix {suffix:?}; use K, M, G or T (KiB, MiB, GiB, TiB)")]
+    UnknownSuffix { text: String, suffix: String },
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
+
+/// Parses a size as every flag takes it: bytes, or a whole number with a
+/// binary suffix, case-insensitive: `K`, `M`, `G`, `T`, each also written
+/// `KiB`/`KB` (`20G` = `20GiB` = 20 GiB). Usable as a clap `value_parser`.
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
+    let text = text.trim();
+    let at = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let (digits, suffix) = (text[..at].trim(), &text[at..]);
+    let lower = suffix.to_ascii_lowercase();
+    let unit = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => {
+            return Err(SizeError::UnknownSuffix {
+                text: text.to_string(),
+                suffix: suffix.to_string(),
+            });
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| SizeError::NotASize(text.to_string()))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| SizeError::TooLarge(text.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes_in_every_spelling() {
+        assert_eq!(parse_size("20G"), Ok(20 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("16M"), Ok(16 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("64KB"), Ok(64 << 10));
+        assert_eq!(parse_size(" 2 TiB "), Ok(2 << 40));
+        assert!(matches!(
+            parse_size("3X"),
+            Err(SizeError::UnknownSuffix { .. })
+        ));
+        assert!(matches!(
+            parse_size("3Q"),
+            Err(SizeError::UnknownSuffix { .. })
+        ));
+        assert!(matches!(parse_size("G"), Err(SizeError::NotASize(_))));
+        assert!(matches!(
+            parse_size("x"),
+            Err(SizeError::UnknownSuffix { .. })
+        ));
+        assert!(matches!(
+            parse_size("1.5G"),
+            Err(SizeError::UnknownSuffix { .. } | SizeError::NotASize(_))
+        ));
+        assert!(matches!(
+            parse_size("99999999999T"),
+            Err(SizeError::TooLarge(_))
+        ));
+    }
 
     #[test]
     fn human_units_read_naturally() {

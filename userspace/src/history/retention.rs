@@ -34,7 +34,7 @@ impl FromStr for Retention {
                     return Err(bad());
                 }
                 r.max_age = Some(age);
-            } else if let Some(bytes) = crate::trace::session::parse_size(part) {
+            } else if let Ok(bytes) = crate::units::parse_size(part) {
                 if r.max_bytes.is_some() || bytes == 0 {
                     return Err(bad());
                 }

@@ -537,46 +537,7 @@ pub fn run(cfg: &SessionConfig, stop: &Arc<AtomicBool>) -> Result<SessionTotals,
     }
 }
 
-/// Parses `16M`, `4096`, `1G` into bytes.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let mult = match s[i..]
-                .to_ascii_lowercase()
-                .trim_end_matches('b')
-                .trim_end_matches('i')
-            {
-                "" => 1,
-                "k" => 1 << 10,
-                "m" => 1 << 20,
-                "g" => 1 << 30,
-                "t" => 1 << 40,
-                _ => return None,
-            };
-            (&s[..i], mult)
-        }
-        None => (s, 1),
-    };
-    num.trim().parse::<u64>().ok()?.checked_mul(mult)
-}
-
 /// The default trace path for `tern trace` when none is given.
 pub fn default_out() -> &'static Path {
     Path::new("tern.trace")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_suffixes() {
-        assert_eq!(parse_size("16M"), Some(16 << 20));
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("1GiB"), Some(1 << 30));
-        assert_eq!(parse_size("4k"), Some(4096));
-        assert_eq!(parse_size("x"), None);
-        assert_eq!(parse_size("3Q"), None);
-    }
 }

@@ -17,6 +17,8 @@ use tern::replicate::{LocalTree, Peer, ReplicateOptions, Replicator, Stats, Trac
 use tern::trace::session::SessionConfig;
 use tern::units::{human_bytes, human_rate};
 
+use super::args::{parse_rate, parse_size, runtime};
+
 /// The source disk and how to reach the destination.
 #[derive(Args, Clone)]
 pub struct SourceArgs {
@@ -42,15 +44,15 @@ pub struct SourceArgs {
     #[arg(long)]
     domain: Option<String>,
     /// Dirty-tracking unit: a write dirties whole units (32 MiB of memory per TiB at 4K).
-    #[arg(long, default_value = "4K", value_parser = tern::agent::parse_size)]
+    #[arg(long, default_value = "4K", value_parser = parse_size)]
     unit: u64,
     /// Checksum-tree region size: a write makes its whole region be rehashed
     /// on both sides. Default: 64K, doubled until the tree has at most 2^20
     /// leaves (64 MiB of hashes), so 1M for a 1 TiB disk.
-    #[arg(long, value_parser = tern::agent::parse_size)]
+    #[arg(long, value_parser = parse_size)]
     region_size: Option<u64>,
     /// Longest extent on the wire.
-    #[arg(long, default_value = "1M", value_parser = tern::agent::parse_size)]
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
     extent: u64,
     /// A plan from `tern plan --out`: its dirty-map unit, region size, extent
     /// length and per-zone units replace --unit, --region-size and --extent.
@@ -69,7 +71,7 @@ pub struct SourceArgs {
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     reconnect_for: Duration,
     /// Tracer ring buffer size.
-    #[arg(long, default_value = "16M", value_parser = tern::agent::parse_size)]
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
     ring_size: u64,
     /// The source's I/O history, recorded while replicating.
     #[arg(long, default_value = "/var/tmp/tern-source.trace")]
@@ -98,7 +100,7 @@ pub struct SourceArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    history: crate::cli_history::HistoryArgs,
+    history: super::history::HistoryArgs,
 }
 
 #[derive(Args)]
@@ -208,14 +210,6 @@ pub struct StatusArgs {
     json: bool,
 }
 
-/// A `--max-rate`: a size per second, never 0 (which would never send).
-fn parse_rate(text: &str) -> Result<u64, String> {
-    match tern::agent::parse_size(text)? {
-        0 => Err("0 bytes per second would never send; leave --max-rate out for no limit".into()),
-        n => Ok(n),
-    }
-}
-
 /// Parses the source arguments the agent was given, every other knob at its default.
 #[derive(clap::Parser)]
 struct AgentSource {
@@ -252,13 +246,6 @@ fn peer(to: &str, tls_dir: Option<&Path>, domain: Option<&String>) -> Result<Pee
         tls: tls_dir.map(tern::rpc::TlsMaterial::load).transpose()?,
         domain: domain.cloned(),
     })
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
 }
 
 /// Trains the predictor on `url`'s history of `source` (this host, this
@@ -359,7 +346,7 @@ async fn start_source(
     });
     let extent = plan.as_ref().map_or(a.extent, |p| p.extent_len);
     let local = LocalTree::new(image.size(), region_size)?;
-    let (history, uploader) = crate::cli_history::start(&a.history)?.unzip();
+    let (history, uploader) = super::history::start(&a.history)?.unzip();
     // Tracing starts before the first read: no write after this point is missed.
     let tracker = Tracker::start_observed(
         SessionConfig {
@@ -634,7 +621,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
                 gaps = totals.gaps,
                 "source trace closed"
             );
-            crate::cli_history::stop(uploader).await;
+            super::history::stop(uploader).await;
             Ok::<_, anyhow::Error>(report)
         }
         .await;
@@ -728,7 +715,7 @@ pub fn source_agent(a: &SourceArgs, control: Option<std::net::SocketAddr>) -> Re
         let ended = async {
             task.await.context("the source agent's task panicked")??;
             // The task dropped the tracker: the last history segment is closed.
-            crate::cli_history::stop(uploader).await;
+            super::history::stop(uploader).await;
             cancel.cancel();
             if let Some(server) = server {
                 server.await.context("the control server panicked")??;
@@ -948,13 +935,6 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains('{') && !text.contains("11.9047"), "{text}");
-    }
-
-    #[test]
-    fn a_zero_rate_is_refused_with_the_way_to_say_unlimited() {
-        assert_eq!(super::parse_rate("100M"), Ok(100 << 20));
-        let err = super::parse_rate("0").expect_err("0 is refused");
-        assert!(err.contains("leave --max-rate out"), "{err}");
     }
 
     #[test]

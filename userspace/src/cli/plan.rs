@@ -10,6 +10,8 @@ use tern::granularity::{self, Weights, human};
 use tern::simulate::{Model, Workload};
 use tern::trace::TraceReader;
 
+use super::args::{parse_link_rate, parse_size};
+
 #[derive(Args)]
 #[command(
     after_help = "Examples:\n  tern plan app.trace --bandwidth 1Gbit\n  tern plan app.trace --bandwidth 100MB/s --rtt 5ms --max-downtime 100ms --image /dev/vdb --out plan.json\n  tern migrate --device /dev/vdb --to dst:7443 --plan plan.json --pause fsfreeze:/srv"
@@ -18,7 +20,7 @@ pub struct PlanArgs {
     /// A trace of the workload (`tern trace`, or `tern migrate --trace-out`).
     trace: PathBuf,
     /// Link bandwidth: `1Gbit`, `200Mbit`, `125MB/s`, or bytes per second.
-    #[arg(long, value_parser = parse_rate)]
+    #[arg(long, value_parser = parse_link_rate)]
     bandwidth: f64,
     /// Round-trip time of the link.
     #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
@@ -30,7 +32,7 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 30)]
     max_rounds: u64,
     /// Size of the disk (when the trace does not say, or to override it).
-    #[arg(long, value_parser = tern::agent::parse_size)]
+    #[arg(long, value_parser = parse_size)]
     device_size: Option<u64>,
     /// The disk image or device, to read its GPT/MBR partitions (whole-volume units).
     #[arg(long, value_name = "PATH")]
@@ -42,10 +44,10 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 1.0)]
     compression: f64,
     /// Longest extent on the wire, as `tern migrate --extent`.
-    #[arg(long, default_value = "1M", value_parser = tern::agent::parse_size)]
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
     extent: u64,
     /// Checksum-tree region size, as `tern migrate --region-size`.
-    #[arg(long, default_value = "64K", value_parser = tern::agent::parse_size)]
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
     region_size: u64,
     /// Engine time per extent not hidden by the wire.
     #[arg(long, default_value = "180us", value_parser = humantime::parse_duration)]
@@ -68,49 +70,6 @@ pub struct PlanArgs {
     /// The whole plan as JSON on stdout.
     #[arg(long)]
     json: bool,
-}
-
-/// `1Gbit`, `200mbit`, `125MB/s`, `125M`, `1000000`: bytes per second.
-pub fn parse_rate(text: &str) -> Result<f64, String> {
-    let t = text.trim();
-    let lower = t.to_ascii_lowercase();
-    let (num, bits) = if let Some(n) = lower
-        .strip_suffix("bit/s")
-        .or_else(|| lower.strip_suffix("bit"))
-        .or_else(|| lower.strip_suffix("bps"))
-    {
-        (n.to_owned(), true)
-    } else {
-        let n = lower
-            .strip_suffix("b/s")
-            .or_else(|| lower.strip_suffix("/s"))
-            .or_else(|| lower.strip_suffix('b'))
-            .unwrap_or(&lower);
-        (n.to_owned(), false)
-    };
-    let (digits, scale) = match num.chars().last() {
-        Some('k') => (&num[..num.len() - 1], 1e3),
-        Some('m') => (&num[..num.len() - 1], 1e6),
-        Some('g') => (&num[..num.len() - 1], 1e9),
-        Some('t') => (&num[..num.len() - 1], 1e12),
-        _ => (num.as_str(), 1.0),
-    };
-    let v: f64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a rate; write e.g. 1Gbit, 200Mbit or 125MB/s"))?;
-    let bytes = v * scale / if bits { 8.0 } else { 1.0 };
-    if !bytes.is_finite() || bytes < 1e3 {
-        return Err(format!(
-            "{text:?} is {bytes} bytes per second: give a link of at least 1 KB/s (e.g. 1Gbit)"
-        ));
-    }
-    if bytes > 1e12 {
-        return Err(format!(
-            "{text:?} is more than 1 TB/s: no link is that fast; check the unit (1Gbit, 125MB/s)"
-        ));
-    }
-    Ok(bytes)
 }
 
 pub fn plan(a: &PlanArgs) -> Result<()> {
@@ -159,7 +118,7 @@ pub fn plan(a: &PlanArgs) -> Result<()> {
     }
     let plan = granularity::plan(&work, &model, &weights, &volumes)?;
     if let Some(out) = &a.out {
-        crate::write_out(Some(out), |w| {
+        super::args::write_out(Some(out), |w| {
             w.write_all(serde_json::to_string_pretty(&plan)?.as_bytes())
                 .with_context(|| format!("cannot write the plan to {}", out.display()))
         })?;
@@ -231,20 +190,4 @@ pub fn table(plan: &granularity::Plan) -> String {
         );
     }
     t
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_rate;
-
-    #[test]
-    fn rates_in_bits_and_bytes() {
-        assert_eq!(parse_rate("1Gbit"), Ok(125e6));
-        assert_eq!(parse_rate("200mbit"), Ok(25e6));
-        assert_eq!(parse_rate("125MB/s"), Ok(125e6));
-        assert_eq!(parse_rate("125M"), Ok(125e6));
-        assert!(parse_rate("0Gbit").is_err());
-        assert!(parse_rate("fast").is_err());
-        assert!(parse_rate("5000Tbit").is_err());
-    }
 }

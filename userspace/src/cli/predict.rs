@@ -9,6 +9,8 @@ use clap::{Args, Subcommand};
 use tern::predict::eval::{self, EvalSpec};
 use tern::predict::{self, PredictOptions};
 
+use super::args::parse_size;
+
 #[derive(Args)]
 #[command(
     args_conflicts_with_subcommands = true,
@@ -31,7 +33,7 @@ struct PredictRunArgs {
     trace: Option<PathBuf>,
     /// Which part of a history store (not for a trace file).
     #[command(flatten)]
-    filter: crate::cli_history::HistoryFilter,
+    filter: super::history::HistoryFilter,
     /// How far ahead to predict.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     horizon: Duration,
@@ -51,7 +53,7 @@ struct PredictRunArgs {
 #[derive(Args, Clone)]
 struct Common {
     /// Prediction unit: the migration's checksum region by default.
-    #[arg(long, default_value = "64K", value_parser = tern::agent::parse_size)]
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
     unit: u64,
     /// Which traced target (index in the trace header).
     #[arg(long, default_value_t = 0)]
@@ -110,10 +112,10 @@ pub fn predict(args: PredictArgs) -> Result<()> {
                 models,
                 max_windows,
             };
-            let reader = crate::open_trace(&trace)?;
+            let reader = super::args::open_trace(&trace)?;
             let report = eval::evaluate(reader, &spec)
                 .with_context(|| format!("evaluating on {}", trace.display()))?;
-            crate::write_out(None, |out| {
+            super::args::write_out(None, |out| {
                 if json {
                     serde_json::to_writer_pretty(&mut *out, &report)?;
                     writeln!(out)?;
@@ -133,7 +135,7 @@ pub fn predict(args: PredictArgs) -> Result<()> {
                 min_probability: run.min_probability,
             };
             let horizon = horizon_ns(run.horizon);
-            let plan = if crate::cli_history::is_store(&trace) {
+            let plan = if super::history::is_store(&trace) {
                 let url = trace.to_string_lossy();
                 let reader = tern::history::HistoryReader::open(&url, &run.filter.query()?)
                     .with_context(|| format!("opening the history {url}"))?;
@@ -144,10 +146,10 @@ pub fn predict(args: PredictArgs) -> Result<()> {
                     "--from, --to, --host and --device select from a history store, not from the trace file {}",
                     trace.display()
                 );
-                predict::predict_future_io(crate::open_trace(&trace)?, horizon, &opts)
+                predict::predict_future_io(super::args::open_trace(&trace)?, horizon, &opts)
             }
             .with_context(|| format!("predicting from {}", trace.display()))?;
-            crate::write_out(run.out.as_ref(), |out| {
+            super::args::write_out(run.out.as_ref(), |out| {
                 serde_json::to_writer(&mut *out, &plan)?;
                 writeln!(out)?;
                 Ok(())

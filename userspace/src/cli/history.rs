@@ -14,6 +14,8 @@ use tern::replicate::ObserverFactory;
 use tern::trace::TraceWriter;
 use tern::trace::record::{EndRecord, Record};
 
+use super::args::{parse_size, runtime};
+
 /// How the source records its I/O history into object storage.
 #[derive(Args, Clone)]
 pub struct HistoryArgs {
@@ -35,7 +37,7 @@ pub struct HistoryArgs {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub history_every: Duration,
     /// A segment closes early at this size.
-    #[arg(long, default_value = "32M", value_parser = tern::agent::parse_size)]
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
     pub history_segment_max: u64,
 }
 
@@ -175,13 +177,6 @@ fn open(url: &str) -> Result<HistoryStore> {
             ..StoreOptions::default()
         },
     )?)
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
 }
 
 pub fn run(cmd: HistoryCommand) -> Result<()> {

@@ -1,0 +1,139 @@
+//! The `tern` command line: one file per command group, parsing and
+//! printing only; the `tern` library does the work.
+
+mod agent;
+mod analyze;
+mod args;
+mod certs;
+mod history;
+mod migrate;
+mod nbd;
+mod plan;
+mod predict;
+mod ram_file;
+mod replica;
+mod trace;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Live migration of a running server's disk, guided by eBPF tracing"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Trace block I/O (and page faults) with eBPF, or work with trace files.
+    Trace(trace::TraceArgs),
+    /// Run an agent: `--role destination` receives extents and exports the disk over NBD.
+    Agent(agent::AgentArgs),
+    /// Certificates for mutual TLS between agents.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
+    /// Replica client operations against a destination agent.
+    #[command(subcommand)]
+    Replica(replica::ReplicaCommand),
+    /// A standalone NBD server for one image.
+    #[command(subcommand)]
+    Nbd(nbd::NbdCommand),
+    /// Live-migrate a disk to a destination agent: copy, converge, pause, final delta, verify, switch.
+    Migrate(migrate::MigrateArgs),
+    /// Make the source primary again: copy back what the destination accepted, fence it.
+    Rollback(migrate::RollbackArgs),
+    /// The running migration's (or source agent's) phase, bytes, rates, downtime estimate, RPO.
+    Status(migrate::StatusArgs),
+    /// The I/O history a source agent recorded into object storage (`--history`).
+    #[command(subcommand)]
+    History(history::HistoryCommand),
+    /// Analyze a trace: heatmaps and the workload's profile.
+    #[command(subcommand)]
+    Analyze(analyze::AnalyzeCommand),
+    /// What-if table of replication units for a trace, and the plan `migrate --plan` takes.
+    Plan(plan::PlanArgs),
+    /// Forecast the next horizon's reads and writes from a trace (`eval`: measure the models).
+    Predict(predict::PredictArgs),
+    /// Prepare a guest-RAM file (QEMU memory-backend-file, share=on) so that Tern sees each
+    /// 4 KiB page the guest dirties; run before QEMU maps it, then `migrate --file` it.
+    RamFile(ram_file::RamFileArgs),
+}
+
+/// Parses the command line, runs the command, prints its error on one line.
+pub fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Trace(t) => trace::run(t),
+        Command::Agent(a) => agent::run(a),
+        Command::Certs(c) => certs::run(c),
+        Command::Replica(r) => replica::run(r),
+        Command::Nbd(n) => nbd::run(n),
+        Command::Migrate(m) => migrate::migrate(&m),
+        Command::Rollback(r) => migrate::rollback(&r),
+        Command::Status(s) => migrate::status(&s),
+        Command::History(h) => history::run(h),
+        Command::Analyze(a) => analyze::run(a),
+        Command::Plan(p) => plan::plan(&p),
+        Command::Predict(p) => predict::predict(p),
+        Command::RamFile(r) => ram_file::run(&r),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line that says what to do; the cause chain follows the colon.
+            eprintln!("tern: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, each said once: the library's
+/// errors name their cause in their own message too (so a log line of one
+/// error is whole), so a cause the text already holds is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if said.is_empty() || text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "No such file or directory (os error 2)",
+        );
+        let open = tern::image::ImageError::Open {
+            path: "/x.img".into(),
+            source: io,
+        };
+        let e = anyhow::Error::new(open).context("starting the destination agent");
+        let line = super::one_line(&e);
+        assert_eq!(line.matches("os error 2").count(), 1, "{line}");
+        assert!(
+            line.starts_with("starting the destination agent: could not open the image /x.img"),
+            "{line}"
+        );
+    }
+}

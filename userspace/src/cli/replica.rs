@@ -1,0 +1,71 @@
+//! `tern replica`: client operations against a destination agent.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use super::args::{parse_size, runtime};
+
+#[derive(Subcommand)]
+pub enum ReplicaCommand {
+    /// Stream a whole file into a destination agent; prints a JSON report.
+    Push(PushArgs),
+}
+
+#[derive(Args)]
+pub struct PushArgs {
+    #[arg(long)]
+    from: PathBuf,
+    /// host:port of the destination's gRPC service.
+    #[arg(long)]
+    to: String,
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Name checked in the server certificate.
+    #[arg(long)]
+    domain: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    epoch: u64,
+    /// Longest extent on the wire (as `tern migrate --extent`).
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    extent: u64,
+    #[arg(long, default_value_t = 1, conflicts_with = "raw")]
+    zstd_level: i32,
+    #[arg(long)]
+    raw: bool,
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+}
+
+/// Runs `tern replica`.
+pub fn run(cmd: ReplicaCommand) -> Result<()> {
+    let ReplicaCommand::Push(p) = cmd;
+    let tls = p
+        .tls_dir
+        .as_deref()
+        .map(tern::rpc::TlsMaterial::load)
+        .transpose()?;
+    let extent_len = u32::try_from(p.extent)
+        .ok()
+        .filter(|e| (4096..=tern::rpc::MAX_EXTENT_LEN).contains(e))
+        .context("--extent must be from 4K to 8M")?;
+    let report = runtime()?.block_on(async {
+        let mut c =
+            tern::rpc::ReplicaClient::connect(&p.to, tls.as_ref(), p.domain.as_deref()).await?;
+        let opts = tern::rpc::PushOptions {
+            epoch: p.epoch,
+            extent_len,
+            zstd_level: (!p.raw).then_some(p.zstd_level),
+            workers: p.workers,
+            window: p.window,
+        };
+        tern::rpc::push_file(&mut c, &p.from, &opts).await
+    })?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    Ok(())
+}
