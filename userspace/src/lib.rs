@@ -7,7 +7,6 @@ pub mod agent;
 pub mod analyze;
 pub mod certs;
 pub mod checktree;
-pub mod control;
 pub mod cutover;
 pub mod dirty;
 pub mod granularity;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use tern::control::SourceAgent;
+use tern::agent::source::SourceAgent;
 use tern::cutover::{self, CutoverOptions, HealthCheck, Status, StatusCell};
 use tern::dirty::DirtyMap;
 use tern::image::{Image, ImageOptions};
@@ -154,7 +154,7 @@ pub struct AgentClientArgs {
 impl AgentClientArgs {
     async fn connect(
         &self,
-    ) -> Result<Option<tern::control::control_client::ControlClient<tonic::transport::Channel>>>
+    ) -> Result<Option<tern::agent::source::control_client::ControlClient<tonic::transport::Channel>>>
     {
         let Some(addr) = &self.agent else {
             return Ok(None);
@@ -164,7 +164,7 @@ impl AgentClientArgs {
             .as_deref()
             .map(tern::rpc::TlsMaterial::load)
             .transpose()?;
-        let client = tern::control::connect(addr, tls.as_ref(), Some(&self.agent_domain))
+        let client = tern::agent::source::connect(addr, tls.as_ref(), Some(&self.agent_domain))
             .await
             .with_context(|| {
                 format!("cannot reach the source agent's control service at {addr}")
@@ -576,7 +576,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
         if let Some(mut client) = m.agent.connect().await? {
             // A running source agent does the work; this only asks and waits.
             let reply = client
-                .cutover(tern::control::CutoverRequest {
+                .cutover(tern::agent::source::CutoverRequest {
                     max_downtime_ms: m.max_downtime.as_millis() as u64,
                     max_rounds: m.max_rounds,
                     pause: m
@@ -694,7 +694,7 @@ pub fn source_agent(a: &SourceArgs, control: Option<std::net::SocketAddr>) -> Re
             a.state_dir.clone(),
             a.json,
         );
-        let (service, task) = tern::control::start(side, cancel.clone());
+        let (service, task) = tern::agent::source::start(side, cancel.clone());
         let server = match control {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
@@ -707,7 +707,7 @@ pub fn source_agent(a: &SourceArgs, control: Option<std::net::SocketAddr>) -> Re
                     .transpose()?;
                 let shutdown = cancel.clone();
                 Some(tokio::spawn(async move {
-                    tern::control::serve(listener, service, tls.as_ref(), shutdown).await
+                    tern::agent::source::serve(listener, service, tls.as_ref(), shutdown).await
                 }))
             }
             None => None,
@@ -733,7 +733,7 @@ pub fn rollback(r: &RollbackArgs) -> Result<()> {
     let done = runtime()?.block_on(async {
         if let Some(mut client) = r.agent.connect().await? {
             let reply = client
-                .rollback(tern::control::RollbackRequest {
+                .rollback(tern::agent::source::RollbackRequest {
                     resume: r
                         .resume
                         .as_ref()
@@ -795,7 +795,7 @@ pub fn status(s: &StatusArgs) -> Result<()> {
         let reply = runtime()?.block_on(async {
             let mut client = s.agent.connect().await?.context("no agent")?;
             let reply = client
-                .status(tern::control::StatusRequest {})
+                .status(tern::agent::source::StatusRequest {})
                 .await
                 .map_err(|e| anyhow::anyhow!("the source agent: {}", e.message()))?;
             Ok::<_, anyhow::Error>(reply.into_inner())

@@ -153,34 +153,6 @@ pub async fn run_destination(
     Destination::bind(cfg).await?.run(cancel).await
 }
 
-/// Cancels `cancel` on SIGTERM or SIGINT (for `main`).
-pub fn cancel_on_signals(cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => Some(term),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the agent");
-                    None
-                }
-            };
-        let term = async {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = term => {}
-        }
-        tracing::info!("signal received: draining and stopping");
-        cancel.cancel();
-    })
-}
-
 /// The NBD export as the replica service's cutover switch.
 struct NbdExportControl {
     server: Arc<NbdServer>,
