@@ -4,11 +4,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use super::args::{parse_size, runtime};
+use tern::agent::source::{Prefetch, SourceDisk, SourceOptions};
+
+use super::history::HistoryArgs;
 use super::migrate;
 
 #[derive(Args)]
@@ -49,22 +52,16 @@ pub struct AgentArgs {
     /// Source role: serve the control API (`tern status|migrate|rollback --agent`) here.
     #[arg(long)]
     control: Option<SocketAddr>,
-    /// Source role: record the I/O history into a directory, `file:///dir` or `s3://bucket/prefix`.
-    #[arg(long, value_name = "URL")]
-    history: Option<String>,
-    /// Source role: how much history to keep: an age (7d), a size (50G) or both (7d,50G).
-    #[arg(long, value_name = "AGE,SIZE", requires = "history")]
-    history_retention: Option<String>,
-    /// Source role: where history segments wait until the store has them.
-    #[arg(long, value_name = "DIR", requires = "history")]
-    history_spool: Option<PathBuf>,
+    /// Source role: record the I/O history (`--history URL` and its knobs).
+    #[command(flatten)]
+    history: HistoryArgs,
     /// Source role: train the predictor at start on this recorded history and
     /// order the first copy by its plan (hot reads first, rewrites held back).
     #[arg(long, value_name = "URL")]
     prefetch_history: Option<String>,
     /// Source role: how much recent history `--prefetch-history` trains on (an age).
-    #[arg(long, requires = "prefetch_history")]
-    prefetch_window: Option<String>,
+    #[arg(long, default_value = "24h", requires = "prefetch_history")]
+    prefetch_window: String,
     /// NBD listen address: `HOST:PORT` or `unix:/path`.
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd: tern::nbd::ListenAddr,
@@ -101,34 +98,35 @@ pub struct AgentArgs {
 /// Runs `tern agent`.
 pub fn run(a: AgentArgs) -> Result<()> {
     if a.role == "source" {
-        let mut given: Vec<(&str, &std::ffi::OsStr)> = Vec::new();
-        let paths = [
-            ("--device", a.device.as_deref()),
-            ("--file", a.file.as_deref()),
-            ("--tls-dir", a.tls_dir.as_deref()),
-            ("--state-dir", a.state_dir.as_deref()),
-            ("--trace-out", a.trace_out.as_deref()),
-            ("--history-spool", a.history_spool.as_deref()),
-        ];
-        for (flag, value) in paths {
-            if let Some(v) = value {
-                given.push((flag, v.as_os_str()));
+        let disk = match (a.device, a.file) {
+            (Some(dev), _) => SourceDisk::Device(dev),
+            (None, Some(path)) => SourceDisk::File {
+                path,
+                read_cached: false,
+            },
+            (None, None) => {
+                bail!("--role source needs --device DEV or --file IMAGE, and --peer HOST:PORT")
             }
+        };
+        let peer = a
+            .peer
+            .context("--role source needs --peer HOST:PORT (the destination agent)")?;
+        let mut opts = SourceOptions::new(disk, peer);
+        opts.tls_dir = a.tls_dir;
+        opts.domain = a.domain;
+        if let Some(out) = a.trace_out {
+            opts.trace_out = out;
         }
-        for (flag, value) in [
-            ("--to", a.peer.as_deref()),
-            ("--domain", a.domain.as_deref()),
-            ("--history", a.history.as_deref()),
-            ("--history-retention", a.history_retention.as_deref()),
-            ("--prefetch-history", a.prefetch_history.as_deref()),
-            ("--prefetch-window", a.prefetch_window.as_deref()),
-        ] {
-            if let Some(v) = value {
-                given.push((flag, std::ffi::OsStr::new(v)));
-            }
+        opts.history = a.history.recording();
+        if let Some(url) = a.prefetch_history {
+            opts.prefetch = Prefetch::History {
+                url,
+                window: a.prefetch_window,
+                horizon: tern::agent::source::DEFAULT_PREFETCH_HORIZON,
+            };
         }
-        let source = migrate::SourceArgs::for_agent(&given)?;
-        return migrate::source_agent(&source, a.control);
+        let state_dir = a.state_dir.unwrap_or_else(|| PathBuf::from("/run/tern"));
+        return migrate::source_agent(&opts, &state_dir, false, a.control);
     }
     let (Some(image), Some(grpc)) = (a.image, a.grpc) else {
         bail!("--role destination needs --image and --grpc");

@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use tern::agent::source::HistoryRecording;
 use tern::history::{
-    HistoryStore, Query, Retention, RollPolicy, StoreOptions, TimeRange, UploadOptions, Uploader,
-    UploaderHandle, format_time,
+    HistoryStore, Query, Retention, RollPolicy, StoreOptions, TimeRange, format_time,
 };
-use tern::replicate::ObserverFactory;
 use tern::trace::TraceWriter;
 use tern::trace::record::{EndRecord, Record};
 
@@ -41,43 +40,19 @@ pub struct HistoryArgs {
     pub history_segment_max: u64,
 }
 
-/// Starts the uploader (inside a runtime) and returns the tracker's observer
-/// factory for it; `None` without `--history`.
-pub fn start(a: &HistoryArgs) -> Result<Option<(ObserverFactory, UploaderHandle)>> {
-    let Some(url) = &a.history else {
-        return Ok(None);
-    };
-    let store = HistoryStore::open(url)?;
-    let mut opts = UploadOptions::new(a.history_spool.clone());
-    opts.roll = RollPolicy {
-        every: a.history_every,
-        max_bytes: a.history_segment_max,
-    };
-    opts.retention = a.history_retention;
-    let uploader = Uploader::new(store, opts).with_context(|| {
-        format!(
-            "cannot use the history spool {} (choose another with --history-spool)",
-            a.history_spool.display()
-        )
-    })?;
-    let handle = uploader.spawn(tokio_util::sync::CancellationToken::new());
-    let factory: ObserverFactory =
-        Box::new(move |header| uploader.observer(header).map_err(|e| e.to_string()));
-    tracing::info!(url = %url, spool = %a.history_spool.display(), "recording history");
-    Ok(Some((factory, handle)))
-}
-
-/// Uploads what is left (the tracker must have stopped) and reports.
-pub async fn stop(handle: Option<UploaderHandle>) {
-    if let Some(h) = handle {
-        let counts = h.shutdown(Duration::from_secs(30)).await;
-        tracing::info!(
-            segments = counts.segments,
-            bytes = counts.bytes,
-            waiting = counts.waiting,
-            failures = counts.failures,
-            "history uploader stopped"
-        );
+impl HistoryArgs {
+    /// The library's recording options; `None` without `--history`.
+    pub fn recording(&self) -> Option<HistoryRecording> {
+        let url = self.history.clone()?;
+        Some(HistoryRecording {
+            url,
+            retention: self.history_retention,
+            spool: self.history_spool.clone(),
+            roll: RollPolicy {
+                every: self.history_every,
+                max_bytes: self.history_segment_max,
+            },
+        })
     }
 }
 

@@ -3,18 +3,15 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use tern::agent::source::SourceAgent;
+use tern::agent::source::{Prefetch, Source, SourceDisk, SourceOptions};
 use tern::cutover::{self, CutoverOptions, HealthCheck, Status, StatusCell};
-use tern::dirty::DirtyMap;
-use tern::image::{Image, ImageOptions};
 use tern::pause::PauseTarget;
-use tern::replicate::{LocalTree, Peer, ReplicateOptions, Replicator, Stats, Tracker};
-use tern::trace::session::SessionConfig;
+use tern::replicate::Stats;
 use tern::units::{human_bytes, human_rate};
 
 use super::args::{parse_rate, parse_size, runtime};
@@ -210,26 +207,45 @@ pub struct StatusArgs {
     json: bool,
 }
 
-/// Parses the source arguments the agent was given, every other knob at its default.
-#[derive(clap::Parser)]
-struct AgentSource {
-    #[command(flatten)]
-    source: SourceArgs,
-}
-
 impl SourceArgs {
-    /// The source knobs of `tern agent --role source`: `(flag, value)` pairs
-    /// as given (`--device`, `--to`, …), every other knob at its default.
-    pub fn for_agent(given: &[(&str, &std::ffi::OsStr)]) -> Result<SourceArgs> {
-        use clap::Parser;
-        let mut argv: Vec<std::ffi::OsString> = vec!["tern-agent".into()];
-        for (flag, value) in given {
-            argv.push(flag.into());
-            argv.push(value.into());
-        }
-        Ok(AgentSource::try_parse_from(argv)
-            .context("--role source needs --device DEV or --file IMAGE, and --peer HOST:PORT")?
-            .source)
+    /// The library's options for this source (`--to` is required here, not
+    /// by clap: `tern migrate --agent` asks a running agent instead).
+    pub fn options(&self) -> Result<SourceOptions> {
+        let disk = match (&self.device, &self.file) {
+            (Some(dev), _) => SourceDisk::Device(dev.clone()),
+            (None, Some(file)) => SourceDisk::File {
+                path: file.clone(),
+                read_cached: self.read_cached,
+            },
+            (None, None) => bail!("give the source as --device DEV or --file IMAGE"),
+        };
+        let to = self
+            .to
+            .as_deref()
+            .context("give the destination agent as --to HOST:PORT")?;
+        let mut o = SourceOptions::new(disk, to);
+        o.tls_dir.clone_from(&self.tls_dir);
+        o.domain.clone_from(&self.domain);
+        o.plan.clone_from(&self.plan);
+        o.unit = self.unit;
+        o.region_size = self.region_size;
+        o.extent_len = self.extent;
+        o.zstd_level = (!self.raw).then_some(self.zstd_level);
+        o.max_rate = self.max_rate;
+        o.reconnect_for = self.reconnect_for;
+        o.ring_bytes = self.ring_size;
+        o.trace_out.clone_from(&self.trace_out);
+        o.prefetch = match (&self.prefetch, &self.prefetch_history) {
+            (Some(plan), _) => Prefetch::Plan(plan.clone()),
+            (None, Some(url)) => Prefetch::History {
+                url: url.clone(),
+                window: self.prefetch_window.clone(),
+                horizon: self.prefetch_horizon,
+            },
+            (None, None) => Prefetch::None,
+        };
+        o.history = self.history.recording();
+        Ok(o)
     }
 }
 
@@ -240,170 +256,16 @@ fn source_path(device: Option<&PathBuf>, file: Option<&PathBuf>) -> Result<PathB
         .context("give the source as --device DEV or --file IMAGE")
 }
 
-fn peer(to: &str, tls_dir: Option<&Path>, domain: Option<&String>) -> Result<Peer> {
-    Ok(Peer {
+fn peer(
+    to: &str,
+    tls_dir: Option<&Path>,
+    domain: Option<&String>,
+) -> Result<tern::replicate::Peer> {
+    Ok(tern::replicate::Peer {
         addr: to.to_owned(),
         tls: tls_dir.map(tern::rpc::TlsMaterial::load).transpose()?,
         domain: domain.cloned(),
     })
-}
-
-/// Trains the predictor on `url`'s history of `source` (this host, this
-/// device, the last `--prefetch-window`) off the async threads, and says
-/// what it cost.
-async fn train_on_history(
-    a: &SourceArgs,
-    url: &str,
-    source: &std::path::Path,
-) -> Result<tern::predict::Prediction> {
-    let query = tern::history::Query {
-        range: tern::history::TimeRange {
-            from_unix_ns: Some(tern::history::TimeRange::parse_time(&a.prefetch_window)?),
-            to_unix_ns: None,
-        },
-        host: Some(tern::history::sanitize(&tern::trace::device::hostname())),
-        device: Some(tern::history::sanitize(&source.to_string_lossy())),
-    };
-    // The checksum region is the unit the first copy is ordered in.
-    let defaults = tern::predict::PredictOptions::default();
-    let opts = tern::predict::PredictOptions {
-        unit: a.region_size.unwrap_or(defaults.unit),
-        ..defaults
-    };
-    let horizon = u64::try_from(a.prefetch_horizon.as_nanos()).unwrap_or(u64::MAX);
-    let url = url.to_owned();
-    let started = std::time::Instant::now();
-    let plan = tokio::task::spawn_blocking(move || -> Result<tern::predict::Prediction> {
-        let reader = tern::history::HistoryReader::open(&url, &query)
-            .with_context(|| format!("opening the history {url}"))?;
-        Ok(tern::predict::predict_future_io(reader, horizon, &opts)?)
-    })
-    .await
-    .context("the training thread failed")??;
-    tracing::info!(
-        seconds = started.elapsed().as_secs_f64(),
-        extents = plan.extents.len(),
-        model = %plan.model,
-        "trained on the recorded history"
-    );
-    Ok(plan)
-}
-
-/// The tracker, the engine and the status cell for one source, and the
-/// history uploader when `--history` is given.
-async fn start_source(
-    a: &SourceArgs,
-) -> Result<(SourceAgent, Option<tern::history::UploaderHandle>)> {
-    let path = source_path(a.device.as_ref(), a.file.as_ref())?;
-    let image = Image::open(
-        &path,
-        &ImageOptions {
-            read_only: true,
-            direct: !a.read_cached,
-            ..ImageOptions::default()
-        },
-    )?;
-    let plan = a
-        .plan
-        .as_deref()
-        .map(tern::granularity::EnginePlan::load)
-        .transpose()?;
-    if let Some(p) = &plan
-        && p.device_size != image.size()
-    {
-        bail!(
-            "the plan {} is for a {} byte disk but {} has {} bytes; run `tern plan` with --device-size {}",
-            a.plan
-                .as_deref()
-                .map_or(String::new(), |p| p.display().to_string()),
-            p.device_size,
-            path.display(),
-            image.size(),
-            image.size()
-        );
-    }
-    let unit = plan.as_ref().map_or(a.unit, |p| p.unit);
-    let send = Arc::new(DirtyMap::new(image.size(), unit)?);
-    let region_size = plan
-        .as_ref()
-        .map(|p| p.region_size)
-        .or(a.region_size)
-        .unwrap_or_else(|| tern::replicate::default_region_size(image.size()));
-    // Zones whose unit is coarser than the dirty map's are widened when sent.
-    let unit_zones: Option<Arc<[tern::replicate::UnitZone]>> = plan.as_ref().and_then(|p| {
-        let zones: Vec<_> = p
-            .layout
-            .zones
-            .iter()
-            .filter(|z| z.unit > unit)
-            .map(|z| tern::replicate::UnitZone {
-                start: z.start,
-                end: z.end,
-                unit: z.unit,
-            })
-            .collect();
-        (!zones.is_empty()).then(|| zones.into())
-    });
-    let extent = plan.as_ref().map_or(a.extent, |p| p.extent_len);
-    let local = LocalTree::new(image.size(), region_size)?;
-    let (history, uploader) = super::history::start(&a.history)?.unzip();
-    // Tracing starts before the first read: no write after this point is missed.
-    let tracker = Tracker::start_observed(
-        SessionConfig {
-            devices: a.device.iter().cloned().collect(),
-            image: a.file.clone(),
-            pids: Vec::new(),
-            faults: false,
-            fault_range: None,
-            duration: None,
-            ring_bytes: a.ring_size,
-            out: a.trace_out.clone(),
-            progress: false,
-        },
-        vec![Arc::clone(&send), local.stale_map()],
-        vec![local.stale_map()],
-        history,
-    )?;
-    let opts = ReplicateOptions {
-        extent_len: u32::try_from(extent)
-            .ok()
-            .filter(|e| (4096..=tern::rpc::MAX_EXTENT_LEN).contains(e))
-            .context("--extent must be from 4K to 8M")?,
-        zstd_level: (!a.raw).then_some(a.zstd_level),
-        max_rate: a.max_rate,
-        region_size,
-        reconnect_for: a.reconnect_for,
-        unit_zones,
-        ..ReplicateOptions::default()
-    };
-    let to =
-        a.to.as_deref()
-            .context("give the destination agent as --to HOST:PORT")?;
-    let peer = peer(to, a.tls_dir.as_deref(), a.domain.as_ref())?;
-    let mut repl = Replicator::connect(image, peer, send, local, opts).await?;
-    let plan = match (&a.prefetch, &a.prefetch_history) {
-        (Some(plan), _) => Some(tern::predict::Prediction::load(plan)?),
-        (None, Some(url)) => Some(train_on_history(a, url, &path).await?),
-        (None, None) => None,
-    };
-    if let Some(plan) = plan {
-        let order = plan.send_order(0.5);
-        tracing::info!(
-            first = order.first.len(),
-            hold = order.hold.len(),
-            model = %plan.model,
-            "ordering the first copy by the prediction"
-        );
-        repl.set_order(order);
-    }
-    Ok((
-        SourceAgent {
-            tracker,
-            repl,
-            status: Arc::new(Mutex::new(Status::default())),
-        },
-        uploader,
-    ))
 }
 
 /// Progress on stderr and the status file for `tern status`, from the start
@@ -593,12 +455,12 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             return Ok(serde_json::from_str(&reply.report_json)?);
         }
         let source = &m.source;
-        let (mut side, uploader) = start_source(source)
+        let side = async { Ok::<_, anyhow::Error>(Source::bind(&source.options()?).await?) }
             .await
             .inspect_err(|e| failed_at_start(&source.state_dir, e))?;
         let progress = Progress::start(
-            Arc::clone(&side.status),
-            side.repl.stats(),
+            side.status(),
+            side.stats(),
             source.state_dir.clone(),
             source.json,
         );
@@ -610,21 +472,12 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             switch: !m.no_switch,
             initial_sync: true,
         };
-        let result = cutover::migrate(&mut side.repl, &side.tracker, &opts, &side.status).await;
+        let result = side.migrate(&opts).await;
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err);
-        let ended = async {
-            let report = serde_json::to_value(result?)?;
-            let totals = side.tracker.stop()?;
-            tracing::info!(
-                events = totals.block_events,
-                gaps = totals.gaps,
-                "source trace closed"
-            );
-            super::history::stop(uploader).await;
-            Ok::<_, anyhow::Error>(report)
-        }
-        .await;
+        let ended = result
+            .map_err(anyhow::Error::from)
+            .and_then(|report| Ok(serde_json::to_value(report)?));
         progress.finish(ended.as_ref().map(Some));
         ended
     })?;
@@ -681,49 +534,22 @@ fn render_report(r: &serde_json::Value) -> String {
 
 /// The source agent: continuous replication (a warm standby) with a reported
 /// RPO until SIGINT/SIGTERM, serving the control API at `control`.
-pub fn source_agent(a: &SourceArgs, control: Option<std::net::SocketAddr>) -> Result<()> {
+/// Runs `tern agent --role source`: a warm standby with its status file and,
+/// with `control`, its control service.
+pub fn source_agent(
+    opts: &SourceOptions,
+    state_dir: &Path,
+    json: bool,
+    control: Option<std::net::SocketAddr>,
+) -> Result<()> {
     runtime()?.block_on(async {
         let cancel = tokio_util::sync::CancellationToken::new();
         tern::agent::cancel_on_signals(cancel.clone());
-        let (side, uploader) = start_source(a)
+        let side = async { Ok::<_, anyhow::Error>(Source::bind(opts).await?) }
             .await
-            .inspect_err(|e| failed_at_start(&a.state_dir, e))?;
-        let progress = Progress::start(
-            Arc::clone(&side.status),
-            side.repl.stats(),
-            a.state_dir.clone(),
-            a.json,
-        );
-        let (service, task) = tern::agent::source::start(side, cancel.clone());
-        let server = match control {
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {addr} for the control service"))?;
-                let tls = a
-                    .tls_dir
-                    .as_deref()
-                    .map(tern::rpc::TlsMaterial::load)
-                    .transpose()?;
-                let shutdown = cancel.clone();
-                Some(tokio::spawn(async move {
-                    tern::agent::source::serve(listener, service, tls.as_ref(), shutdown).await
-                }))
-            }
-            None => None,
-        };
-        let ended = async {
-            task.await.context("the source agent's task panicked")??;
-            // The task dropped the tracker: the last history segment is closed.
-            super::history::stop(uploader).await;
-            cancel.cancel();
-            if let Some(server) = server {
-                server.await.context("the control server panicked")??;
-            }
-            Ok::<_, anyhow::Error>(())
-        }
-        .await;
-        cancel.cancel();
+            .inspect_err(|e| failed_at_start(state_dir, e))?;
+        let progress = Progress::start(side.status(), side.stats(), state_dir.to_path_buf(), json);
+        let ended = side.run(control, cancel).await.map_err(anyhow::Error::from);
         progress.finish(ended.as_ref().map(|()| None));
         ended
     })

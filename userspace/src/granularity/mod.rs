@@ -157,6 +157,23 @@ impl EnginePlan {
         }
         Ok(plan)
     }
+
+    /// The engine's hand-off: the zones whose unit is coarser than the dirty
+    /// map's `unit`, which the engine widens its sends to (`None`: none).
+    pub fn unit_zones(&self, unit: u64) -> Option<std::sync::Arc<[crate::replicate::UnitZone]>> {
+        let zones: Vec<_> = self
+            .layout
+            .zones
+            .iter()
+            .filter(|z| z.unit > unit)
+            .map(|z| crate::replicate::UnitZone {
+                start: z.start,
+                end: z.end,
+                unit: z.unit,
+            })
+            .collect();
+        (!zones.is_empty()).then(|| zones.into())
+    }
 }
 
 /// Size of the zones the adaptive plan chooses for: at least 16 MiB (every

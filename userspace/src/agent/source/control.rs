@@ -1,4 +1,4 @@
-//! The source agent and its control service (`tern.v1.Control`): a warm
+//! The standby and its control service (`tern.v1.Control`): a warm
 //! standby that replicates its disk continuously, reports status, and on
 //! request cuts over or rolls back. Commands reach the agent's task over a
 //! channel and run between rounds, never in the middle of one (a round that
