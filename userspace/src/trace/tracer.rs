@@ -1,7 +1,7 @@
 //! Loads the CO-RE eBPF object with aya, sets its filters, attaches the hooks
 //! and reads events from the one ring buffer.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
@@ -41,6 +41,9 @@ pub enum TracerError {
     /// poll(2) on the ring buffer failed.
     #[error("waiting on the ring buffer failed: {0}")]
     Poll(std::io::Error),
+    /// A program's run counters could not be read.
+    #[error("cannot read the eBPF programs' skipped-run counters")]
+    Counters(#[source] std::io::Error),
 }
 
 const MAX_DEVICES: usize = 64;
@@ -73,11 +76,48 @@ pub struct Tracer {
     _bpf: Ebpf,
     ring: RingBuf<MapData>,
     lost: PerCpuArray<MapData, u64>,
+    /// The attached programs that emit block and fault events: each run the
+    /// kernel skips (a hook firing inside itself on one CPU, as a completion
+    /// in an interrupt on top of the same hook) is an event lost too.
+    block_progs: Vec<OwnedFd>,
+    fault_progs: Vec<OwnedFd>,
     /// Records of unknown kind or size: a bug if ever non-zero, counted not logged.
     pub malformed: u64,
 }
 
-fn program(bpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), TracerError> {
+/// Runs of the program `fd` the kernel skipped because the program was
+/// already running on that CPU (`bpf_prog_info.recursion_misses`, which
+/// raw tracepoint programs count instead of nesting).
+fn recursion_misses(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
+    // SAFETY: both are plain C structs of integers, valid when zeroed.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the kernel reads only the `info` member for this command.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    let info_len = u32::try_from(std::mem::size_of::<bpf_prog_info>())
+        .expect("bpf_prog_info is a few hundred bytes");
+    attr.info.bpf_fd =
+        u32::try_from(fd.as_raw_fd()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    attr.info.info_len = info_len;
+    attr.info.info = (&raw mut info) as u64;
+    // SAFETY: `attr` describes `info`, which outlives the call, with its true
+    // size; `fd` is an open program descriptor for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &raw mut attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.recursion_misses)
+}
+
+/// Loads and attaches `name`; returns a descriptor of it for its counters.
+fn program(bpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<OwnedFd, TracerError> {
     let prog: &mut BtfTracePoint = bpf
         .program_mut(name)
         .ok_or(TracerError::Program {
@@ -101,7 +141,17 @@ fn program(bpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), TracerEr
         step: "attach",
         reason: e.to_string(),
     })?;
-    Ok(())
+    let fd = prog
+        .fd()
+        .map_err(|e| TracerError::Program {
+            program: name,
+            step: "give its descriptor",
+            reason: e.to_string(),
+        })?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(TracerError::Counters)?;
+    Ok(fd)
 }
 
 impl Tracer {
@@ -179,16 +229,18 @@ impl Tracer {
             }
         }
 
+        let (mut block_progs, mut fault_progs) = (Vec::new(), Vec::new());
         if cfg.devices.iter().any(|(_, p)| *p == IoPath::Request) {
             // Complete first: a request issued between the two attaches then still counts.
-            program(&mut bpf, "block_rq_complete", &btf)?;
+            block_progs.push(program(&mut bpf, "block_rq_complete", &btf)?);
+            // A skipped issue loses only a latency and an issuer, never the request.
             program(&mut bpf, "block_rq_issue", &btf)?;
         }
         if cfg.devices.iter().any(|(_, p)| *p == IoPath::Bio) {
-            program(&mut bpf, "block_bio_queue", &btf)?;
+            block_progs.push(program(&mut bpf, "block_bio_queue", &btf)?);
         }
         if cfg.faults && !cfg.pids.is_empty() {
-            program(&mut bpf, "page_fault_user", &btf)?;
+            fault_progs.push(program(&mut bpf, "page_fault_user", &btf)?);
         }
 
         let ring = RingBuf::try_from(bpf.take_map("events").ok_or(TracerError::Map {
@@ -211,11 +263,14 @@ impl Tracer {
             _bpf: bpf,
             ring,
             lost,
+            block_progs,
+            fault_progs,
             malformed: 0,
         })
     }
 
-    /// Events dropped so far because the ring was full: (block, fault), summed over CPUs.
+    /// Events lost so far: (block, fault), those dropped because the ring
+    /// was full (summed over CPUs) plus the runs the kernel skipped.
     pub fn lost(&self) -> Result<(u64, u64), TracerError> {
         let slot = |i: u32| -> Result<u64, TracerError> {
             let values = self.lost.get(&i, 0).map_err(|e| TracerError::Map {
@@ -224,7 +279,16 @@ impl Tracer {
             })?;
             Ok(values.iter().sum())
         };
-        Ok((slot(abi::TERN_LOST_BLOCK)?, slot(abi::TERN_LOST_FAULT)?))
+        let skipped = |progs: &[OwnedFd]| -> Result<u64, TracerError> {
+            progs.iter().try_fold(0u64, |sum, fd| {
+                let n = recursion_misses(fd.as_fd()).map_err(TracerError::Counters)?;
+                Ok(sum.saturating_add(n))
+            })
+        };
+        Ok((
+            slot(abi::TERN_LOST_BLOCK)? + skipped(&self.block_progs)?,
+            slot(abi::TERN_LOST_FAULT)? + skipped(&self.fault_progs)?,
+        ))
     }
 
     /// Drains every event waiting in the ring; returns how many were handed to `f`.
@@ -273,5 +337,22 @@ impl Tracer {
             }
         }
         Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn the_skipped_run_counter_is_asked_of_the_kernel_and_refused_for_a_non_program() {
+        // A descriptor that is not a BPF program: the kernel answers EINVAL
+        // (or EBADF), which shows the request reached it as built.
+        let file = std::fs::File::open("/proc/self/stat").expect("procfs is mounted");
+        let err = super::recursion_misses(file.as_fd()).expect_err("not a program");
+        assert!(
+            matches!(err.raw_os_error(), Some(libc::EINVAL | libc::EBADF)),
+            "{err}"
+        );
     }
 }
