@@ -3,7 +3,9 @@
 //! to a `tern agent --role destination` over mutual TLS, the file system
 //! frozen for the cutover; then the destination is checked byte for byte
 //! against the paused source, with `e2fsck` and with sqlite's integrity check.
-//! Cleans up on every path.
+//! Cleans up on every path. A destination that differs says which blocks and
+//! keeps the source's trace and status in `target/demo-failure`
+//! (`TERN_DEMO_KEEP=DIR` keeps both images there too).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -154,6 +156,22 @@ fn read_direct(path: &str) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
+/// Keeps what explains a failed check (the source's trace of the
+/// migration and its status file) in `target/demo-failure`, outside the
+/// scratch directory that is cleaned up.
+fn failure_evidence(scratch: &Path, status_file: &Path) -> Result<PathBuf> {
+    let keep = PathBuf::from("target/demo-failure");
+    std::fs::create_dir_all(&keep)?;
+    for (from, name) in [
+        (scratch.join("source.trace"), "source.trace"),
+        (status_file.to_path_buf(), "migrate.json"),
+    ] {
+        std::fs::copy(&from, keep.join(name))
+            .with_context(|| format!("cannot keep {}", from.display()))?;
+    }
+    Ok(std::fs::canonicalize(&keep)?)
+}
+
 pub fn run(tern: &Path) -> Result<()> {
     require_root("the demo (loop devices, mount, eBPF)")?;
     let dir = PathBuf::from(format!("/var/tmp/tern-demo-{}", std::process::id()));
@@ -256,7 +274,42 @@ pub fn run(tern: &Path) -> Result<()> {
             .zip(&b)
             .position(|(x, y)| x != y)
             .unwrap_or(a.len().min(b.len()));
-        bail!("the destination differs from the paused source at byte {at}");
+        // Which blocks, and whether the destination's disk (O_DIRECT) agrees
+        // with its page cache: what tells a missed write from a stale cache.
+        let differing: Vec<usize> = a
+            .chunks(4096)
+            .zip(b.chunks(4096))
+            .enumerate()
+            .filter(|(_, (x, y))| x != y)
+            .map(|(i, _)| i)
+            .collect();
+        let dst_direct = read_direct(&dst.display().to_string())?;
+        let evidence = failure_evidence(&dir, &status_file)?;
+        if let Ok(keep) = std::env::var("TERN_DEMO_KEEP") {
+            // The images too (1 GiB): only when asked.
+            let keep = PathBuf::from(keep);
+            std::fs::create_dir_all(&keep)?;
+            std::fs::write(keep.join("src.img"), &a)?;
+            std::fs::write(keep.join("dst.img"), &b)?;
+        }
+        bail!(
+            "the destination differs from the paused source at byte {at}: {} blocks of 4 KiB \
+             (first: {:?}); the destination's disk read with O_DIRECT {} its page cache and {} \
+             the source; the source trace and status are kept in {}",
+            differing.len(),
+            &differing[..differing.len().min(8)],
+            if dst_direct == b {
+                "matches"
+            } else {
+                "differs from"
+            },
+            if dst_direct == a {
+                "matches"
+            } else {
+                "differs from"
+            },
+            evidence.display()
+        );
     }
     eprintln!(
         "demo: destination is byte-identical to the paused source ({} bytes)",
