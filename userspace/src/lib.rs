@@ -20,6 +20,5 @@ pub mod predict;
 pub mod ramfile;
 pub mod replicate;
 pub mod rpc;
-pub mod simulate;
 pub mod trace;
 pub mod units;

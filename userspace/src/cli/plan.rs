@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use tern::granularity::simulate::{Model, Workload};
 use tern::granularity::{self, Weights, human};
-use tern::simulate::{Model, Workload};
 use tern::trace::TraceReader;
 
 use super::args::{parse_link_rate, parse_size};

@@ -12,13 +12,13 @@
 
 mod layout;
 pub mod partition;
+pub mod simulate;
 
 use serde::{Deserialize, Serialize};
 
 pub use layout::{Layout, Zone, human};
 pub use partition::{TableKind, Volume, read_volumes};
-
-use crate::simulate::{Model, SimReport, SimulateError, Workload, simulate};
+use simulate::{Model, SimReport, SimulateError, Workload, simulate};
 
 /// Errors of the controller.
 #[derive(Debug, thiserror::Error)]
@@ -486,8 +486,8 @@ fn summarize(layout: &Layout) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::simulate::Write;
     use super::*;
-    use crate::simulate::Write;
 
     const MIB: u64 = 1 << 20;
     const SIZE: u64 = 512 * MIB;

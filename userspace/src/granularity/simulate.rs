@@ -20,7 +20,7 @@ use std::io::Read;
 
 use serde::Serialize;
 
-use crate::granularity::{Layout, Zone};
+use super::{Layout, Zone};
 use crate::trace::{Record, TraceFileError, TraceReader};
 
 /// Errors of the simulator.
