@@ -5,18 +5,19 @@
 //! destination writable, health-check, and roll back on failure without
 //! losing a write.
 
-use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
+mod health;
+mod rollback;
 
-use crate::checktree::{CheckTree, Shape, hash_regions};
-use crate::image::{Image, ImageOptions};
+pub use health::{HEALTH_REGION, HealthCheck, HealthError};
+pub use rollback::{RollbackReport, rollback};
+
 use crate::pause::{PauseError, PauseTarget, Paused};
 use crate::replicate::{ReplicateError, Replicator, Tracker};
-use crate::rpc::{ReplicaClient, RpcError};
+use crate::rpc::RpcError;
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
@@ -49,38 +50,17 @@ pub enum CutoverError {
         "verification failed: the destination's checksum root differs from the source's after {attempts} attempts ({regions} regions differ); the workload was resumed and the destination stays read-only"
     )]
     VerifyFailed { attempts: u32, regions: u64 },
-    /// Source image I/O during rollback.
-    #[error("cannot {action} the source {path}: {reason}")]
+    /// Source I/O: flushing it, pausing its workload, copying back into it.
+    #[error("cannot {action} the source {path}: {source}")]
     Source {
         action: &'static str,
         path: String,
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A checksum tree could not be built.
     #[error(transparent)]
     CheckTree(#[from] crate::checktree::CheckTreeError),
-}
-
-/// What the default health check reads back from the destination after the
-/// switch: enough to prove the read path and the data (the checksum roots
-/// already matched), little enough to stay a small part of the downtime.
-pub const HEALTH_REGION: Range<u64> = 0..64 << 10;
-
-/// How to check the destination after cutover.
-#[derive(Debug, Clone)]
-pub enum HealthCheck {
-    /// A shell command; exit status 0 means healthy.
-    Command(String),
-    /// The destination's export answers and a region read through the
-    /// replica service matches the source.
-    Region(Range<u64>),
-    /// The destination's NBD export answers at `addr`, is writable, has the
-    /// source's size, and `region` read through it matches the source.
-    Nbd {
-        addr: std::net::SocketAddr,
-        export: String,
-        region: Range<u64>,
-    },
 }
 
 /// What a migration does and its limits.
@@ -183,15 +163,6 @@ pub struct Report {
     /// Set when the migration was rolled back.
     pub rollback: Option<RollbackReport>,
     pub failure: Option<String>,
-}
-
-/// What a rollback did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct RollbackReport {
-    pub epoch: u64,
-    pub regions: u64,
-    pub bytes: u64,
-    pub seconds: f64,
 }
 
 /// Verifications before a cutover gives up (each resends what differs).
@@ -378,10 +349,10 @@ pub async fn migrate(
     });
 
     let step = Instant::now();
-    let health = health_check(repl, &opts.health).await;
+    let health = health::health_check(repl, &opts.health).await;
     report.health_ms = ms(step);
-    if let Err(reason) = health {
-        tracing::error!(%reason, "health check failed after cutover; rolling back");
+    if let Err(e) = health {
+        tracing::error!(reason = %e, "health check failed after cutover; rolling back");
         set_status(status, |s| s.phase = "rolling back");
         let source_path = repl.source().path().to_path_buf();
         let local = repl.local().tree().clone();
@@ -390,7 +361,7 @@ pub async fn migrate(
             p.resume().await?;
         }
         report.outcome = "rolled back";
-        report.failure = Some(reason);
+        report.failure = Some(e.to_string());
         report.rollback = Some(rb);
         set_status(status, |s| s.phase = "rolled back: source is primary");
         return Ok(finish_report(report, repl, tracker, rounds, started));
@@ -492,7 +463,7 @@ async fn pause_while_sending(
     let paused = task.await.map_err(|e| CutoverError::Source {
         action: "pause",
         path: target.to_string(),
-        reason: e.to_string(),
+        source: Box::new(e),
     })??;
     Ok((paused, rounds))
 }
@@ -551,7 +522,7 @@ pub async fn write_back(repl: &Replicator) -> Result<(), CutoverError> {
         .map_err(|e| CutoverError::Source {
             action: "flush",
             path: String::new(),
-            reason: e.to_string(),
+            source: Box::new(e),
         })?
 }
 
@@ -569,7 +540,7 @@ fn sync_source(path: &Path) -> Result<(), CutoverError> {
     let err = |action: &'static str, e: std::io::Error| CutoverError::Source {
         action,
         path: path.display().to_string(),
-        reason: e.to_string(),
+        source: Box::new(e),
     };
     let file = std::fs::File::open(path).map_err(|e| err("open", e))?;
     let meta = file.metadata().map_err(|e| err("stat", e))?;
@@ -607,218 +578,6 @@ fn mounts_of(major: u32, minor: u32) -> Vec<std::path::PathBuf> {
             (dev == want).then(|| std::path::PathBuf::from(mount.replace("\\040", " ")))
         })
         .collect()
-}
-
-async fn health_check(repl: &mut Replicator, checks: &[HealthCheck]) -> Result<(), String> {
-    for check in checks {
-        match check {
-            HealthCheck::Command(cmd) => {
-                let out = tokio::process::Command::new("sh")
-                    .args(["-c", cmd])
-                    .output()
-                    .await
-                    .map_err(|e| format!("cannot run health check `{cmd}`: {e}"))?;
-                if !out.status.success() {
-                    let err = String::from_utf8_lossy(&out.stderr);
-                    return Err(format!(
-                        "health check `{cmd}` failed ({}): {}",
-                        out.status,
-                        err.trim()
-                    ));
-                }
-            }
-            HealthCheck::Region(range) => {
-                let info = repl.client().info().await.map_err(|e| e.to_string())?;
-                if !info.export_writable {
-                    return Err("the destination's export is not writable after cutover".into());
-                }
-                let len = (range.end - range.start).min(u64::from(crate::rpc::MAX_EXTENT_LEN));
-                let want = repl
-                    .source()
-                    .read_at(range.start, len as u32)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let got = read_back(repl.client(), &[(range.start, len as u32)])
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if got.first().map(|(_, d)| d.as_ref()) != Some(want.as_ref()) {
-                    return Err(format!(
-                        "region {}+{} read from the destination differs from the source",
-                        range.start, len
-                    ));
-                }
-            }
-            HealthCheck::Nbd {
-                addr,
-                export,
-                region,
-            } => {
-                let len = (region.end - region.start).min(u64::from(crate::rpc::MAX_EXTENT_LEN));
-                let want = repl
-                    .source()
-                    .read_at(region.start, len as u32)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let (addr, export, start, size) =
-                    (*addr, export.clone(), region.start, repl.source().size());
-                let got = tokio::task::spawn_blocking(move || {
-                    nbd_read(addr, &export, size, start, len as usize)
-                })
-                .await
-                .map_err(|e| e.to_string())??;
-                if got != want.as_ref() {
-                    return Err(format!(
-                        "region {start}+{len} read through the NBD export at {addr} differs from the source"
-                    ));
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// One NBD client session: handshake, checks, one read.
-fn nbd_read(
-    addr: std::net::SocketAddr,
-    export: &str,
-    size: u64,
-    offset: u64,
-    len: usize,
-) -> Result<Vec<u8>, String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let fail = |what: &str, e: &dyn std::fmt::Display| {
-        format!("the NBD export {export} at {addr}: {what}: {e}")
-    };
-    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| fail("cannot connect", &e))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| fail("socket", &e))?;
-    let info = nbd::client::handshake(&mut tcp, export.as_bytes())
-        .map_err(|e| fail("handshake failed", &e))?;
-    if info.readonly {
-        return Err(fail("after cutover", &"it is still read-only"));
-    }
-    if info.size != size {
-        return Err(fail(
-            "size",
-            &format!("{} bytes, the source has {size}", info.size),
-        ));
-    }
-    let mut client = nbd::client::NbdClient::new(&mut tcp, &info);
-    client
-        .seek(SeekFrom::Start(offset))
-        .map_err(|e| fail("seek", &e))?;
-    let mut data = vec![0u8; len];
-    client.read_exact(&mut data).map_err(|e| fail("read", &e))?;
-    Ok(data)
-}
-
-async fn read_back(
-    client: &mut ReplicaClient,
-    ranges: &[(u64, u32)],
-) -> Result<Vec<(u64, bytes::Bytes)>, RpcError> {
-    client
-        .read_ranges(ranges, Some(1))
-        .await?
-        .try_collect()
-        .await
-}
-
-/// Makes the source primary again after a cutover: fences the destination
-/// (a higher epoch, export read-only), finds the regions the destination
-/// changed since (its checksum tree against the source's), copies them back
-/// into the source and flushes it. The caller resumes the workload after.
-/// `local` is the source's tree at the pause, if known (else it is computed).
-pub async fn rollback(
-    client: &mut ReplicaClient,
-    source_path: &Path,
-    local: Option<&CheckTree>,
-) -> Result<RollbackReport, CutoverError> {
-    let started = Instant::now();
-    let source_err = |action: &'static str| {
-        move |e: crate::image::ImageError| CutoverError::Source {
-            action,
-            path: source_path.display().to_string(),
-            reason: e.to_string(),
-        }
-    };
-    let info = client.info().await?;
-    // Only a destination that took over holds writes the source lacks; any
-    // other's copy is older than the source.
-    if !info.export_writable {
-        return Err(CutoverError::NotPrimary { epoch: info.epoch });
-    }
-    let fence = info.epoch + 1;
-    client.set_export_writable(fence, false).await?;
-    let source = Image::open(
-        source_path,
-        &ImageOptions {
-            direct: true,
-            ..ImageOptions::default()
-        },
-    )
-    .map_err(source_err("open"))?;
-    if source.size() != info.image_size {
-        return Err(ReplicateError::SizeMismatch {
-            source_size: source.size(),
-            dest_size: info.image_size,
-        }
-        .into());
-    }
-    let tree = match local {
-        Some(tree) => tree.clone(),
-        None => CheckTree::from_image(&source, 1 << 20).await?,
-    };
-    let differing = client.diff_regions(&tree).await?;
-    let shape: Shape = *tree.shape();
-    let mut bytes = 0;
-    let ranges: Vec<(u64, u32)> = differing
-        .iter()
-        .map(|&i| {
-            let r = shape.region(i);
-            (r.start, (r.end - r.start) as u32)
-        })
-        .collect();
-    for batch in ranges.chunks(64) {
-        let mut extents = std::pin::pin!(client.read_ranges(batch, Some(1)).await?);
-        while let Some((offset, data)) = extents.try_next().await? {
-            bytes += data.len() as u64;
-            source
-                .write_at(offset, data, false)
-                .await
-                .map_err(source_err("write"))?;
-        }
-    }
-    source.flush().await.map_err(source_err("flush"))?;
-    // Check: with the copied regions rehashed, the source's root is the destination's.
-    let mut tree = tree;
-    let mut leaves = Vec::with_capacity(differing.len());
-    for &i in &differing {
-        let hash = hash_regions(&source, &shape, i..i + 1).await?;
-        leaves.push((i, hash[0]));
-    }
-    tree.update_leaves(&leaves)?;
-    let remote = client
-        .tree_nodes(shape.region_size(), shape.levels() - 1, &[0])
-        .await?;
-    if remote.hashes.first() != Some(&tree.root()) {
-        return Err(CutoverError::VerifyFailed {
-            attempts: 1,
-            regions: differing.len() as u64,
-        });
-    }
-    tracing::info!(
-        regions = differing.len(),
-        bytes,
-        epoch = fence,
-        "rolled back: the source holds every write the destination accepted"
-    );
-    Ok(RollbackReport {
-        epoch: fence,
-        regions: differing.len() as u64,
-        bytes,
-        seconds: started.elapsed().as_secs_f64(),
-    })
 }
 
 fn hex(hash: &[u8]) -> String {
