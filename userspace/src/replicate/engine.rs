@@ -5,17 +5,20 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
 
-use crate::checktree::{CheckTree, Hash, Shape, hash_regions, leaf_hash};
+use crate::checktree::{Hash, leaf_hash};
 use crate::dirty::DirtyMap;
 use crate::image::Image;
 use crate::rpc::{EncodedExtent, Encoding, ExtentWriter, ReplicaClient, RpcError, TlsMaterial};
 
 use super::ReplicateError;
+use super::limiter::Limiter;
+use super::local_tree::{LocalTree, zero_tree};
+use super::stats::{Round, Stats};
 
 /// How to reach the destination agent.
 #[derive(Clone)]
@@ -109,180 +112,6 @@ fn split_run(run: &Range<u64>, sorted: &[(Range<u64>, usize)]) -> Vec<(Range<u64
     out
 }
 
-/// Counters, shared with whoever shows progress.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Uncompressed bytes acknowledged or in flight (zero extents included).
-    pub sent_bytes: AtomicU64,
-    /// Payload bytes on the wire.
-    pub wire_bytes: AtomicU64,
-    pub extents: AtomicU64,
-    /// Zero extents not sent because the destination was known blank there.
-    pub skipped_zero_bytes: AtomicU64,
-    /// Bytes marked again after a lost connection (they may have to go twice).
-    pub resent_bytes: AtomicU64,
-    pub reconnects: AtomicU64,
-    pub rounds: AtomicU64,
-    /// Bytes still dirty at the start of the current round, and done of them.
-    pub round_bytes: AtomicU64,
-    pub round_done: AtomicU64,
-    /// Source bytes hashed for checksum trees.
-    pub hashed_bytes: AtomicU64,
-    /// Dirty bytes an order held back from the round that took them.
-    pub held_back_bytes: AtomicU64,
-}
-
-/// A snapshot of [`Stats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct StatsSnapshot {
-    pub sent_bytes: u64,
-    pub wire_bytes: u64,
-    pub extents: u64,
-    pub skipped_zero_bytes: u64,
-    pub resent_bytes: u64,
-    pub reconnects: u64,
-    pub rounds: u64,
-    pub round_bytes: u64,
-    pub round_done: u64,
-    pub hashed_bytes: u64,
-    pub held_back_bytes: u64,
-}
-
-impl Stats {
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        StatsSnapshot {
-            sent_bytes: l(&self.sent_bytes),
-            wire_bytes: l(&self.wire_bytes),
-            extents: l(&self.extents),
-            skipped_zero_bytes: l(&self.skipped_zero_bytes),
-            resent_bytes: l(&self.resent_bytes),
-            reconnects: l(&self.reconnects),
-            rounds: l(&self.rounds),
-            round_bytes: l(&self.round_bytes),
-            round_done: l(&self.round_done),
-            hashed_bytes: l(&self.hashed_bytes),
-            held_back_bytes: l(&self.held_back_bytes),
-        }
-    }
-}
-
-/// What one round did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
-pub struct Round {
-    /// Uncompressed bytes sent (zero extents included).
-    pub bytes: u64,
-    pub wire_bytes: u64,
-    pub seconds: f64,
-}
-
-impl Round {
-    /// Uncompressed bytes per second this round moved (what the downtime estimate uses).
-    pub fn rate(&self) -> f64 {
-        if self.seconds > 0.0 {
-            self.bytes as f64 / self.seconds
-        } else {
-            0.0
-        }
-    }
-}
-
-/// Paces the wire to `rate` bytes per second.
-struct Limiter {
-    rate: Option<u64>,
-    started: Instant,
-    bytes: u64,
-}
-
-impl Limiter {
-    async fn take(&mut self, bytes: u64) {
-        let Some(rate) = self.rate.filter(|&r| r > 0) else {
-            return;
-        };
-        self.bytes += bytes;
-        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
-        let elapsed = self.started.elapsed();
-        if let Some(wait) = due.checked_sub(elapsed) {
-            tokio::time::sleep(wait).await;
-        }
-        // Keep the window short so a pause does not turn into a burst later.
-        if elapsed > Duration::from_secs(2) {
-            self.started = Instant::now();
-            self.bytes = 0;
-        }
-    }
-}
-
-/// The source's checksum tree, kept fresh lazily: regions written since
-/// they were hashed are marked stale (by the tracker) and rehashed on `refresh`.
-pub struct LocalTree {
-    tree: CheckTree,
-    stale: Arc<DirtyMap>,
-}
-
-impl LocalTree {
-    /// A tree whose every region is stale (nothing hashed yet).
-    pub fn new(size: u64, region_size: u64) -> Result<LocalTree, ReplicateError> {
-        let shape = Shape::new(size, region_size)?;
-        let stale = Arc::new(DirtyMap::new(size, region_size)?);
-        stale.mark_all();
-        let tree = zero_tree(shape)?;
-        Ok(LocalTree { tree, stale })
-    }
-
-    /// The map the tracker marks when the source is written.
-    pub fn stale_map(&self) -> Arc<DirtyMap> {
-        Arc::clone(&self.stale)
-    }
-
-    pub fn tree(&self) -> &CheckTree {
-        &self.tree
-    }
-
-    /// Rehashes the stale regions; returns the bytes read.
-    pub async fn refresh(&mut self, source: &Image, stats: &Stats) -> Result<u64, ReplicateError> {
-        let shape = *self.tree.shape();
-        let region = shape.region_size();
-        let mut hashed = 0;
-        for run in self.stale.take_all(u64::MAX) {
-            let indices = run.start / region..run.end.div_ceil(region);
-            let leaf_hashes = hash_regions(source, &shape, indices.clone()).await?;
-            let leaves: Vec<(u64, _)> = indices.zip(leaf_hashes).collect();
-            self.tree.update_leaves(&leaves)?;
-            hashed += run.end - run.start;
-            stats
-                .hashed_bytes
-                .fetch_add(run.end - run.start, Ordering::Relaxed);
-        }
-        Ok(hashed)
-    }
-}
-
-/// 64 KiB regions (a small write rehashes little), doubled until the tree
-/// has at most 2^20 leaves (64 MiB of hashes per side).
-pub fn default_region_size(disk_size: u64) -> u64 {
-    let mut region = 64 << 10;
-    while disk_size.div_ceil(region) > 1 << 20 {
-        region *= 2;
-    }
-    region
-}
-
-/// The tree of an all-zero image of `shape`: what a blank destination answers.
-pub fn zero_tree(shape: Shape) -> Result<CheckTree, ReplicateError> {
-    let region = shape.region_size();
-    let full = leaf_hash(&vec![0u8; region as usize]);
-    let count = shape.leaf_count();
-    let mut leaves = vec![full; count as usize];
-    if let Some(last) = leaves.last_mut() {
-        let r = shape.region(count - 1);
-        if r.end - r.start != region {
-            *last = leaf_hash(&vec![0u8; (r.end - r.start) as usize]);
-        }
-    }
-    Ok(CheckTree::from_leaves(shape, leaves)?)
-}
-
 /// Whether a failed call may succeed after reconnecting.
 fn transient(e: &RpcError) -> bool {
     match e {
@@ -360,11 +189,7 @@ impl Replicator {
                 dest_size: info.image_size,
             });
         }
-        let limiter = Limiter {
-            rate: opts.max_rate,
-            started: Instant::now(),
-            bytes: 0,
-        };
+        let limiter = Limiter::new(opts.max_rate);
         Ok(Replicator {
             source,
             peer,

@@ -3,15 +3,17 @@
 //! (`engine`). `cutover` drives both to a switch-over.
 
 pub mod engine;
+mod limiter;
+pub mod local_tree;
+pub mod stats;
 pub mod tracker;
 pub mod units;
 
 use std::time::Duration;
 
-pub use engine::{
-    LocalTree, Peer, ReplicateOptions, Replicator, Round, SendOrder, Stats, StatsSnapshot,
-    default_region_size, zero_tree,
-};
+pub use engine::{Peer, ReplicateOptions, Replicator, SendOrder};
+pub use local_tree::{LocalTree, default_region_size, zero_tree};
+pub use stats::{Round, Stats, StatsSnapshot};
 pub use tracker::{ObserverFactory, Tracker, TrackerCounts};
 pub use units::UnitZone;
 

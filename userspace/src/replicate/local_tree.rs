@@ -1,0 +1,81 @@
+//! The source's checksum tree, which the cutover verifies against the
+//! destination's, and the tree shapes both sides agree on.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::checktree::{CheckTree, Shape, hash_regions, leaf_hash};
+use crate::dirty::DirtyMap;
+use crate::image::Image;
+
+use super::{ReplicateError, Stats};
+
+/// The source's checksum tree, kept fresh lazily: regions written since
+/// they were hashed are marked stale (by the tracker) and rehashed on `refresh`.
+pub struct LocalTree {
+    pub(super) tree: CheckTree,
+    pub(super) stale: Arc<DirtyMap>,
+}
+
+impl LocalTree {
+    /// A tree whose every region is stale (nothing hashed yet).
+    pub fn new(size: u64, region_size: u64) -> Result<LocalTree, ReplicateError> {
+        let shape = Shape::new(size, region_size)?;
+        let stale = Arc::new(DirtyMap::new(size, region_size)?);
+        stale.mark_all();
+        let tree = zero_tree(shape)?;
+        Ok(LocalTree { tree, stale })
+    }
+
+    /// The map the tracker marks when the source is written.
+    pub fn stale_map(&self) -> Arc<DirtyMap> {
+        Arc::clone(&self.stale)
+    }
+
+    pub fn tree(&self) -> &CheckTree {
+        &self.tree
+    }
+
+    /// Rehashes the stale regions; returns the bytes read.
+    pub async fn refresh(&mut self, source: &Image, stats: &Stats) -> Result<u64, ReplicateError> {
+        let shape = *self.tree.shape();
+        let region = shape.region_size();
+        let mut hashed = 0;
+        for run in self.stale.take_all(u64::MAX) {
+            let indices = run.start / region..run.end.div_ceil(region);
+            let leaf_hashes = hash_regions(source, &shape, indices.clone()).await?;
+            let leaves: Vec<(u64, _)> = indices.zip(leaf_hashes).collect();
+            self.tree.update_leaves(&leaves)?;
+            hashed += run.end - run.start;
+            stats
+                .hashed_bytes
+                .fetch_add(run.end - run.start, Ordering::Relaxed);
+        }
+        Ok(hashed)
+    }
+}
+
+/// 64 KiB regions (a small write rehashes little), doubled until the tree
+/// has at most 2^20 leaves (64 MiB of hashes per side).
+pub fn default_region_size(disk_size: u64) -> u64 {
+    let mut region = 64 << 10;
+    while disk_size.div_ceil(region) > 1 << 20 {
+        region *= 2;
+    }
+    region
+}
+
+/// The tree of an all-zero image of `shape`: what a blank destination answers.
+pub fn zero_tree(shape: Shape) -> Result<CheckTree, ReplicateError> {
+    let region = shape.region_size();
+    let full = leaf_hash(&vec![0u8; region as usize]);
+    let count = shape.leaf_count();
+    let mut leaves = vec![full; count as usize];
+    if let Some(last) = leaves.last_mut() {
+        let r = shape.region(count - 1);
+        if r.end - r.start != region {
+            *last = leaf_hash(&vec![0u8; (r.end - r.start) as usize]);
+        }
+    }
+    Ok(CheckTree::from_leaves(shape, leaves)?)
+}
