@@ -47,6 +47,27 @@ pub fn human_rate(bytes_per_second: f64) -> String {
     format!("{}/s", human_bytes(bytes_per_second))
 }
 
+/// A size as the size flags write it (`4K`, `256K`, `1M`, `16M`, `1.5G`):
+/// the names of units and plans, which a user can paste back into a flag.
+pub fn size_flag(bytes: u64) -> String {
+    const K: u64 = 1 << 10;
+    const M: u64 = 1 << 20;
+    const G: u64 = 1 << 30;
+    if bytes >= G && bytes.is_multiple_of(G) {
+        format!("{}G", bytes / G)
+    } else if bytes >= G {
+        format!("{:.1}G", bytes as f64 / G as f64)
+    } else if bytes >= M && bytes.is_multiple_of(M) {
+        format!("{}M", bytes / M)
+    } else if bytes >= M {
+        format!("{:.1}M", bytes as f64 / M as f64)
+    } else if bytes >= K && bytes.is_multiple_of(K) {
+        format!("{}K", bytes / K)
+    } else {
+        format!("{bytes}B")
+    }
+}
+
 /// A size flag's value that is not a size.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SizeError {
@@ -95,6 +116,15 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_size_is_written_as_the_flags_read_it() {
+        assert_eq!(size_flag(4096), "4K");
+        assert_eq!(size_flag(16 << 20), "16M");
+        assert_eq!(size_flag(3 << 29), "1.5G");
+        assert_eq!(size_flag(512), "512B");
+        assert_eq!(parse_size(&size_flag(256 << 10)), Ok(256 << 10));
+    }
 
     #[test]
     fn sizes_take_binary_suffixes_in_every_spelling() {

@@ -193,7 +193,7 @@ impl FaultHeat {
     }
 }
 
-pub use crate::units::{human_bytes, human_secs};
+use crate::units::human_secs;
 
 fn register_font() -> Result<(), AnalyzeError> {
     static FONT: OnceLock<Result<(), String>> = OnceLock::new();

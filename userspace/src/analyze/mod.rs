@@ -394,8 +394,8 @@ impl Analyzer {
         }
         .clamp(1, grid.rows);
         let cols = ((self.totals.last_ns / grid.col_ns) as usize + 1).min(grid.cols());
-        let y_label = |y: f64| heatmap::human_bytes(y);
-        let value_label = |kib: u32| heatmap::human_bytes(f64::from(kib) * 1024.0);
+        let y_label = |y: f64| crate::units::human_bytes(y);
+        let value_label = |kib: u32| crate::units::human_bytes(f64::from(kib) * 1024.0);
         heatmap::render(
             &heatmap::Picture {
                 title: format!("{}: bytes read and written", self.name),
@@ -405,7 +405,7 @@ impl Analyzer {
                 y_max: (used as u64 * heat.row_bytes) as f64,
                 y_label: &y_label,
                 y_desc: "offset",
-                row_span: heatmap::human_bytes(heat.row_bytes as f64),
+                row_span: crate::units::human_bytes(heat.row_bytes as f64),
                 value_label: &value_label,
             },
             out,

@@ -8,10 +8,10 @@ use serde::Serialize;
 
 use super::Analyzer;
 use super::dirty_rate::Percentiles;
-use super::heatmap::{human_bytes, human_secs};
 use super::periodicity::Period;
 use super::sequential::SequentialSummary;
 use super::working_set::WorkingSet;
+use crate::units::{human_bytes, human_secs};
 
 /// Read/write mix over the whole volume.
 #[derive(Debug, Clone, Serialize)]

@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tern::granularity::simulate::{Model, Workload};
-use tern::granularity::{self, Weights, human};
+use tern::granularity::{self, Weights};
 use tern::trace::TraceReader;
+use tern::units::size_flag;
 
 use super::args::{parse_link_rate, parse_size};
 
@@ -132,7 +133,7 @@ pub fn plan(a: &PlanArgs) -> Result<()> {
         o,
         "{}: {} disk, {} writes over {:.1} s, {} gaps; link {:.1} MB/s, RTT {:?}, budget {:?}",
         a.trace.display(),
-        human(work.size),
+        size_flag(work.size),
         work.writes.len(),
         work.duration_ns as f64 / 1e9,
         work.gaps.len(),
@@ -185,7 +186,7 @@ pub fn table(plan: &granularity::Plan) -> String {
             r.rounds,
             down,
             r.total_s,
-            human(r.tracking_bytes.max(1)),
+            size_flag(r.tracking_bytes.max(1)),
             cost
         );
     }

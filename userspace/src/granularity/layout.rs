@@ -6,6 +6,7 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use super::GranularityError;
+use crate::units::size_flag;
 
 /// One stretch of the disk replicated in units of `unit` bytes, counted from
 /// `start` (the last unit is clipped to `end`).
@@ -122,32 +123,12 @@ impl Layout {
             if self.zones.len() == 1 && first >= self.size {
                 return "whole image".into();
             }
-            return human(first);
+            return size_flag(first);
         }
         if self.zones.iter().all(|z| z.unit >= z.len()) {
             return "whole volume".into();
         }
         "mixed".into()
-    }
-}
-
-/// `4K`, `256K`, `1M`, `16M`, `1.5G`.
-pub fn human(bytes: u64) -> String {
-    const K: u64 = 1 << 10;
-    const M: u64 = 1 << 20;
-    const G: u64 = 1 << 30;
-    if bytes >= G && bytes.is_multiple_of(G) {
-        format!("{}G", bytes / G)
-    } else if bytes >= G {
-        format!("{:.1}G", bytes as f64 / G as f64)
-    } else if bytes >= M && bytes.is_multiple_of(M) {
-        format!("{}M", bytes / M)
-    } else if bytes >= M {
-        format!("{:.1}M", bytes as f64 / M as f64)
-    } else if bytes >= K && bytes.is_multiple_of(K) {
-        format!("{}K", bytes / K)
-    } else {
-        format!("{bytes}B")
     }
 }
 
@@ -216,6 +197,5 @@ mod tests {
         .merged();
         assert_eq!(l.zones.len(), 1);
         assert_eq!(l.describe(), "64K");
-        assert_eq!(human(3 << 29), "1.5G");
     }
 }

@@ -16,7 +16,8 @@ pub mod simulate;
 
 use serde::{Deserialize, Serialize};
 
-pub use layout::{Layout, Zone, human};
+use crate::units::size_flag;
+pub use layout::{Layout, Zone};
 pub use partition::{TableKind, Volume, read_volumes};
 use simulate::{Model, SimReport, SimulateError, Workload, simulate};
 
@@ -282,7 +283,7 @@ pub fn plan(
     let mut fixed: Vec<(u64, Layout)> = Vec::new();
     for unit in UNITS {
         let layout = zoned(size, &volumes, unit)?;
-        choices.push(run(&human(unit), &layout)?);
+        choices.push(run(&size_flag(unit), &layout)?);
         fixed.push((unit, layout));
     }
     if !volumes.is_empty() {
@@ -399,7 +400,7 @@ pub fn plan(
         picked_report.rounds,
         picked_report.downtime_s * 1e3,
         picked_report.total_s,
-        human(picked_report.tracking_bytes.max(1))
+        size_flag(picked_report.tracking_bytes.max(1))
     ));
     if let Some(small) = choices.first()
         && small.report.converged
@@ -480,7 +481,14 @@ fn summarize(layout: &Layout) -> Vec<String> {
         .merged()
         .zones
         .iter()
-        .map(|z| format!("{}–{}: {}", human(z.start), human(z.end), human(z.unit)))
+        .map(|z| {
+            format!(
+                "{}–{}: {}",
+                size_flag(z.start),
+                size_flag(z.end),
+                size_flag(z.unit)
+            )
+        })
         .collect()
 }
 
