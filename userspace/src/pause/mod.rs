@@ -19,50 +19,29 @@
 //!
 //! Not covered: the agent itself dying (SIGKILL) while the workload is paused
 //! runs no destructor; a watchdog outside the process is needed for that.
+//!
+//! One file per back end (`fsfreeze`, `cgroup`, `qmp`, `qemu_migrate`,
+//! `command`), and the QMP client they share in `qmp_client`; this file holds
+//! the target, the error and the [`Paused`] guard that resumes.
+
+mod cgroup;
+mod command;
+mod fsfreeze;
+mod qemu_migrate;
+mod qmp;
+mod qmp_client;
 
 use std::fmt;
 use std::fs::File;
-use std::io::{BufRead, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
+pub use qmp_client::Qmp;
 
 /// The accepted forms, quoted by every parse error.
 const FORMS: &str = "fsfreeze:/mnt/data, cgroup:/sys/fs/cgroup/app, qmp:/run/vm.qmp, \
      qemu:/run/vm.qmp@tcp:dst:4444 or cmd:PAUSE_CMD;;RESUME_CMD";
-
-/// How long the cgroup freezer may take to report `frozen 1`.
-const CGROUP_FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bound on one QMP exchange; QEMU answers `stop`/`cont` in well under that.
-const QMP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bound on the synchronous QMP `cont` sent from `Drop`.
-const QMP_DROP_TIMEOUT: Duration = Duration::from_secs(3);
-/// How many unread QMP events are kept; older ones are dropped.
-const QMP_MAX_EVENTS: usize = 256;
-/// How much of a failed command's standard error goes into the error.
-const STDERR_TAIL: usize = 512;
-
-/// `FIFREEZE` = `_IOWR('X', 119, int)` from `<linux/fs.h>`.
-const FIFREEZE: libc::Ioctl = iowr_int(b'X', 119);
-/// `FITHAW` = `_IOWR('X', 120, int)` from `<linux/fs.h>`.
-const FITHAW: libc::Ioctl = iowr_int(b'X', 120);
-
-/// The generic `_IOWR(type, nr, int)` encoding: direction bits 30–31
-/// (read|write = 3), argument size bits 16–29, type bits 8–15, number bits 0–7.
-const fn iowr_int(ty: u8, nr: u8) -> libc::Ioctl {
-    (3 << 30)
-        | ((size_of::<libc::c_int>() as libc::Ioctl) << 16)
-        | ((ty as libc::Ioctl) << 8)
-        | nr as libc::Ioctl
-}
-
-/// `statfs` magic of a cgroup v2 file system (`CGROUP2_SUPER_MAGIC`).
-const CGROUP2_SUPER_MAGIC: libc::c_long = 0x6367_7270;
 
 /// Errors of pausing and resuming a workload.
 #[derive(Debug, thiserror::Error)]
@@ -228,28 +207,11 @@ impl PauseTarget {
     pub async fn pause(&self) -> Result<Paused, PauseError> {
         let started = Instant::now();
         let paused = match self {
-            Self::Fsfreeze(mount) => {
-                let mount = mount.clone();
-                // FIFREEZE writes back the file system's dirty data first, so it
-                // blocks for as long as that takes. The guard is built inside the
-                // closure: if this future is dropped meanwhile, tokio drops the
-                // closure's result and the guard thaws.
-                tokio::task::spawn_blocking(move || fsfreeze(&mount))
-                    .await
-                    .expect("the fsfreeze task does not panic")?
-            }
-            Self::Cgroup(dir) => cgroup_freeze(dir).await?,
-            Self::Qmp(socket) => qmp_stop(socket).await?,
-            Self::QemuMigrate { socket, uri } => qemu_migrate(socket, uri).await?,
-            Self::Command { pause, resume } => {
-                // Guard first: a pause command that fails or is cancelled part
-                // way may have paused some of the workload; resume runs then.
-                let paused = Paused::new(Hold::Command {
-                    resume: resume.clone(),
-                });
-                run_shell(pause).await?;
-                paused
-            }
+            Self::Fsfreeze(mount) => fsfreeze::freeze(mount).await?,
+            Self::Cgroup(dir) => cgroup::freeze(dir).await?,
+            Self::Qmp(socket) => qmp::stop(socket).await?,
+            Self::QemuMigrate { socket, uri } => qemu_migrate::start(socket, uri).await?,
+            Self::Command { pause, resume } => command::pause(pause, resume).await?,
         };
         tracing::info!(took = ?started.elapsed(), "workload paused");
         Ok(paused)
@@ -267,15 +229,14 @@ impl PauseTarget {
         match self {
             Self::Fsfreeze(mount) => {
                 let dir = File::open(mount).map_err(io_err("open", mount))?;
-                thaw(mount, &dir)
+                fsfreeze::thaw(mount, &dir)
             }
-            Self::Cgroup(dir) => cgroup_write(dir, "0"),
+            Self::Cgroup(dir) => cgroup::thaw(dir),
             Self::Qmp(socket) | Self::QemuMigrate { socket, .. } => {
                 let mut qmp = Qmp::connect(socket).await?;
-                qmp.execute("cont", None).await?;
-                expect_status(&mut qmp, socket, true).await
+                qmp::cont(&mut qmp, socket).await
             }
-            Self::Command { resume, .. } => run_shell(resume).await,
+            Self::Command { resume, .. } => command::run_shell(resume).await,
         }
     }
 }
@@ -361,14 +322,11 @@ impl Paused {
         // The hold stays in `self` until the attempt completes, for that drop.
         let result = match self.hold.as_mut() {
             None => Ok(()),
-            Some(Hold::Fsfreeze { mount, dir }) => thaw(mount, dir),
-            Some(Hold::Cgroup { dir }) => cgroup_write(dir, "0"),
-            Some(Hold::Qmp { socket, qmp }) => match qmp.execute("cont", None).await {
-                Ok(_) => expect_status(qmp, socket, true).await,
-                Err(e) => Err(e),
-            },
-            Some(Hold::QemuMigrate { socket, qmp }) => cancel_migration(qmp, socket).await,
-            Some(Hold::Command { resume }) => run_shell(resume).await,
+            Some(Hold::Fsfreeze { mount, dir }) => fsfreeze::thaw(mount, dir),
+            Some(Hold::Cgroup { dir }) => cgroup::thaw(dir),
+            Some(Hold::Qmp { socket, qmp }) => qmp::cont(qmp, socket).await,
+            Some(Hold::QemuMigrate { socket, qmp }) => qemu_migrate::cancel(qmp, socket).await,
+            Some(Hold::Command { resume }) => command::run_shell(resume).await,
         };
         // One attempt only: a failed resume is the caller's to handle, and
         // repeating a resume command from `Drop` could do harm.
@@ -387,7 +345,7 @@ impl Paused {
     pub async fn hand_over(mut self) -> Result<(), PauseError> {
         if let Some(Hold::QemuMigrate { socket, qmp }) = self.hold.as_mut() {
             let started = Instant::now();
-            match continue_migration(qmp, socket).await {
+            match qemu_migrate::continue_to_completion(qmp, socket).await {
                 Ok(info) => tracing::info!(
                     took = ?started.elapsed(),
                     downtime_ms = info["downtime"].as_u64().unwrap_or(0),
@@ -427,14 +385,14 @@ impl Drop for Paused {
         // Synchronous on purpose: a destructor cannot await, and resuming now
         // matters more than not blocking the runtime thread for a moment.
         let result = match hold {
-            Hold::Fsfreeze { mount, dir } => thaw(&mount, &dir),
-            Hold::Cgroup { dir } => cgroup_write(&dir, "0"),
+            Hold::Fsfreeze { mount, dir } => fsfreeze::thaw(&mount, &dir),
+            Hold::Cgroup { dir } => cgroup::thaw(&dir),
             Hold::Qmp { socket, qmp } => qmp.commands_blocking(&socket, &["cont"]),
             // Cancelling resumes the VM; `cont` makes sure of it.
             Hold::QemuMigrate { socket, qmp } => {
                 qmp.commands_blocking(&socket, &["migrate_cancel", "cont"])
             }
-            Hold::Command { resume } => run_shell_blocking(&resume),
+            Hold::Command { resume } => command::run_shell_blocking(&resume),
         };
         match result {
             Ok(()) => tracing::warn!("workload resumed after an abandoned pause"),
@@ -448,521 +406,9 @@ impl Drop for Paused {
     }
 }
 
-// ---- fsfreeze ----
-
-fn fsfreeze(mount: &Path) -> Result<Paused, PauseError> {
-    let mount = std::fs::canonicalize(mount).map_err(io_err("resolve", mount))?;
-    if !is_mount_point(&mount)? {
-        return Err(PauseError::NotMountPoint(mount));
-    }
-    let dir = File::open(&mount).map_err(io_err("open", &mount))?;
-    // SAFETY: `dir` is an open descriptor for the whole call; FIFREEZE takes
-    // no argument memory (the int argument is ignored by the kernel).
-    let rc = unsafe { libc::ioctl(dir.as_raw_fd(), FIFREEZE, 0) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EBUSY) {
-            return Err(PauseError::AlreadyFrozen(mount));
-        }
-        return Err(PauseError::Io {
-            action: "freeze (FIFREEZE) the file system at",
-            path: mount,
-            source: e,
-        });
-    }
-    Ok(Paused::new(Hold::Fsfreeze { mount, dir }))
-}
-
-fn thaw(mount: &Path, dir: &File) -> Result<(), PauseError> {
-    // SAFETY: `dir` is an open descriptor for the whole call; FITHAW takes no
-    // argument memory.
-    let rc = unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW, 0) };
-    if rc != 0 {
-        return Err(PauseError::Io {
-            action: "thaw (FITHAW) the file system at",
-            path: mount.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
-}
-
-/// Whether `path` (canonical) is listed as a mount point in our mount namespace.
-fn is_mount_point(path: &Path) -> Result<bool, PauseError> {
-    let table = Path::new("/proc/self/mountinfo");
-    let info = std::fs::read_to_string(table).map_err(io_err("read", table))?;
-    Ok(info
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|field| Path::new(&unescape_mountinfo(field)) == path))
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..=i + 3]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let n = bytes[i + 1..=i + 3]
-                .iter()
-                .fold(0u32, |n, b| n * 8 + u32::from(b - b'0'));
-            out.push(n as u8);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-// ---- cgroup v2 ----
-
-async fn cgroup_freeze(dir: &Path) -> Result<Paused, PauseError> {
-    check_cgroup2(dir)?;
-    let state = read_trimmed(&dir.join("cgroup.freeze"))?;
-    if state == "1" {
-        return Err(PauseError::AlreadyFrozen(dir.to_path_buf()));
-    }
-    // The guard exists before the write: a failure or cancellation from here
-    // on thaws.
-    let paused = Paused::new(Hold::Cgroup {
-        dir: dir.to_path_buf(),
-    });
-    cgroup_write(dir, "1")?;
-    let events = dir.join("cgroup.events");
-    let deadline = Instant::now() + CGROUP_FREEZE_TIMEOUT;
-    let mut nap = Duration::from_micros(200);
-    loop {
-        let text = std::fs::read_to_string(&events).map_err(io_err("read", &events))?;
-        if text.lines().any(|l| l.trim() == "frozen 1") {
-            return Ok(paused);
-        }
-        if Instant::now() >= deadline {
-            drop(paused);
-            return Err(PauseError::CgroupTimeout {
-                path: dir.to_path_buf(),
-                timeout: CGROUP_FREEZE_TIMEOUT,
-            });
-        }
-        // Freezing usually completes within a millisecond; back off gently.
-        tokio::time::sleep(nap).await;
-        nap = (nap * 2).min(Duration::from_millis(10));
-    }
-}
-
-fn check_cgroup2(dir: &Path) -> Result<(), PauseError> {
-    let not = |why| PauseError::NotCgroup2 {
-        path: dir.to_path_buf(),
-        why,
-    };
-    let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| not("the path holds a NUL byte"))?;
-    // SAFETY: `statfs` is plain data, so all-zero is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c_path` is a NUL-terminated string and `st` a valid out
-    // pointer, both alive across the call.
-    if unsafe { libc::statfs(c_path.as_ptr(), &raw mut st) } != 0 {
-        return Err(PauseError::Io {
-            action: "stat the file system of",
-            path: dir.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
-    if st.f_type as libc::c_long != CGROUP2_SUPER_MAGIC {
-        return Err(not("not on a cgroup2 file system"));
-    }
-    if !dir.join("cgroup.freeze").is_file() {
-        // The root cgroup has no cgroup.freeze; it cannot be frozen.
-        return Err(not("no cgroup.freeze: the root cgroup, or not a directory"));
-    }
-    Ok(())
-}
-
-fn cgroup_write(dir: &Path, value: &str) -> Result<(), PauseError> {
-    let file = dir.join("cgroup.freeze");
-    std::fs::write(&file, value).map_err(io_err("write", &file))
-}
-
-fn read_trimmed(path: &Path) -> Result<String, PauseError> {
-    Ok(std::fs::read_to_string(path)
-        .map_err(io_err("read", path))?
-        .trim()
-        .to_owned())
-}
-
-// ---- QMP ----
-
-async fn qmp_stop(socket: &Path) -> Result<Paused, PauseError> {
-    let mut qmp = Qmp::connect(socket).await?;
-    expect_status(&mut qmp, socket, true).await?;
-    // Guard first: once `stop` is on the wire, any failure must `cont`.
-    let mut paused = Paused::new(Hold::Qmp {
-        socket: socket.to_path_buf(),
-        qmp,
-    });
-    let Some(Hold::Qmp { qmp, .. }) = paused.hold.as_mut() else {
-        unreachable!("just built as Hold::Qmp");
-    };
-    qmp.execute("stop", None).await?;
-    expect_status(qmp, socket, false).await?;
-    Ok(paused)
-}
-
-/// Starts QEMU's migration of the running VM at `socket` to `uri` with
-/// `pause-before-switchover` and waits until QEMU has precopied RAM and
-/// stopped the VM (`pre-switchover`).
-async fn qemu_migrate(socket: &Path, uri: &str) -> Result<Paused, PauseError> {
-    let began = Instant::now();
-    let mut qmp = Qmp::connect(socket).await?;
-    expect_status(&mut qmp, socket, true).await?;
-    qmp.execute(
-        "migrate-set-capabilities",
-        Some(
-            json!({ "capabilities": [{ "capability": "pause-before-switchover", "state": true }] }),
-        ),
-    )
-    .await?;
-    // Guard first: once `migrate` is on the wire, any failure must cancel it.
-    let mut paused = Paused::new(Hold::QemuMigrate {
-        socket: socket.to_path_buf(),
-        qmp,
-    });
-    let Some(Hold::QemuMigrate { qmp, .. }) = paused.hold.as_mut() else {
-        unreachable!("just built as Hold::QemuMigrate");
-    };
-    qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
-    let info = wait_migration(qmp, socket, &["pre-switchover"]).await?;
-    if info["status"] != "pre-switchover" {
-        return Err(migration_ended(socket, &info));
-    }
-    // The pause starts when QEMU stopped the VM, not when precopy began.
-    paused.since = Instant::now();
-    paused.ran_inside = began.elapsed();
-    Ok(paused)
-}
-
-/// Polls `query-migrate` until it ends (`completed`, `failed`, `cancelled`)
-/// or reaches one of `also`; reports precopy's progress now and then.
-async fn wait_migration(qmp: &mut Qmp, socket: &Path, also: &[&str]) -> Result<Value, PauseError> {
-    let mut told = Instant::now();
-    loop {
-        let info = qmp.execute("query-migrate", None).await?;
-        let status = info["status"].as_str().unwrap_or("");
-        if ["completed", "failed", "cancelled"].contains(&status) || also.contains(&status) {
-            return Ok(info);
-        }
-        if told.elapsed() >= Duration::from_secs(5) {
-            tracing::info!(
-                socket = %socket.display(),
-                status,
-                ram_remaining_mb = info["ram"]["remaining"].as_u64().unwrap_or(0) / 1_000_000,
-                ram_transferred_mb = info["ram"]["transferred"].as_u64().unwrap_or(0) / 1_000_000,
-                "QEMU migration in progress"
-            );
-            told = Instant::now();
-        }
-        // QMP answers in well under a millisecond; the VM stops at
-        // `pre-switchover`, so noticing it late is downtime.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// `migrate-continue` from `pre-switchover`, then waits for `completed`.
-async fn continue_migration(qmp: &mut Qmp, socket: &Path) -> Result<Value, PauseError> {
-    qmp.execute(
-        "migrate-continue",
-        Some(json!({ "state": "pre-switchover" })),
-    )
-    .await?;
-    let info = wait_migration(qmp, socket, &[]).await?;
-    if info["status"] != "completed" {
-        return Err(migration_ended(socket, &info));
-    }
-    Ok(info)
-}
-
-/// The error for a migration that ended in another state than awaited,
-/// with QEMU's own reason from `query-migrate`.
-fn migration_ended(socket: &Path, info: &Value) -> PauseError {
-    PauseError::QemuMigration {
-        path: socket.to_path_buf(),
-        status: info["status"].as_str().unwrap_or("unknown").to_owned(),
-        desc: info["error-desc"].as_str().unwrap_or("").to_owned(),
-    }
-}
-
-/// Cancels QEMU's migration (which resumes the VM) and makes sure it runs.
-async fn cancel_migration(qmp: &mut Qmp, socket: &Path) -> Result<(), PauseError> {
-    qmp.execute("migrate_cancel", None).await?;
-    qmp.execute("cont", None).await?;
-    expect_status(qmp, socket, true).await
-}
-
-async fn expect_status(qmp: &mut Qmp, socket: &Path, running: bool) -> Result<(), PauseError> {
-    let status = qmp.execute("query-status", None).await?;
-    if status["running"] == Value::Bool(running) {
-        return Ok(());
-    }
-    Err(PauseError::VmState {
-        path: socket.to_path_buf(),
-        status: status["status"].as_str().unwrap_or("unknown").to_owned(),
-        expected: if running { "running" } else { "paused" },
-    })
-}
-
-/// A QMP client on a QEMU monitor unix socket: one command at a time,
-/// asynchronous events set aside for [`Qmp::take_events`].
-pub struct Qmp {
-    path: PathBuf,
-    stream: BufReader<UnixStream>,
-    next_id: u64,
-    events: Vec<Value>,
-}
-
-impl Qmp {
-    /// Connects, reads the greeting and leaves capabilities negotiation mode.
-    pub async fn connect(path: &Path) -> Result<Self, PauseError> {
-        let stream = tokio::time::timeout(QMP_TIMEOUT, UnixStream::connect(path))
-            .await
-            .map_err(|_| PauseError::QmpProtocol {
-                path: path.to_path_buf(),
-                what: "connect timed out (is another client holding the monitor?)".to_owned(),
-            })?
-            .map_err(io_err("connect to QMP socket", path))?;
-        let mut qmp = Self {
-            path: path.to_path_buf(),
-            stream: BufReader::new(stream),
-            next_id: 0,
-            events: Vec::new(),
-        };
-        let greeting = tokio::time::timeout(QMP_TIMEOUT, qmp.read_message())
-            .await
-            .map_err(|_| qmp.protocol("no greeting (is this a QMP socket?)"))??;
-        if greeting.get("QMP").is_none() {
-            return Err(qmp.protocol(format!("expected the QMP greeting, got {greeting}")));
-        }
-        qmp.execute("qmp_capabilities", None).await?;
-        Ok(qmp)
-    }
-
-    /// Runs one command and returns its `return` value. A QMP error comes
-    /// back as [`PauseError::Qmp`] with QEMU's `desc`.
-    pub async fn execute(
-        &mut self,
-        command: &str,
-        args: Option<Value>,
-    ) -> Result<Value, PauseError> {
-        self.next_id += 1;
-        let id = self.next_id;
-        let mut msg = json!({ "execute": command, "id": id });
-        if let Some(args) = args {
-            msg["arguments"] = args;
-        }
-        let mut line = msg.to_string();
-        line.push('\n');
-        tokio::time::timeout(QMP_TIMEOUT, async {
-            self.stream
-                .get_mut()
-                .write_all(line.as_bytes())
-                .await
-                .map_err(io_err("write to QMP socket", &self.path))?;
-            loop {
-                let reply = self.read_message().await?;
-                if reply.get("event").is_some() {
-                    self.push_event(reply);
-                    continue;
-                }
-                if reply.get("id").and_then(Value::as_u64) != Some(id) {
-                    tracing::debug!(%reply, "QMP reply to another command, skipped");
-                    continue;
-                }
-                return reply_result(command, reply, &self.path);
-            }
-        })
-        .await
-        .map_err(|_| self.protocol(format!("no reply to {command} within {QMP_TIMEOUT:?}")))?
-    }
-
-    /// Events received so far (oldest first), clearing the list.
-    pub fn take_events(&mut self) -> Vec<Value> {
-        std::mem::take(&mut self.events)
-    }
-
-    fn push_event(&mut self, event: Value) {
-        if self.events.len() == QMP_MAX_EVENTS {
-            self.events.remove(0);
-        }
-        self.events.push(event);
-    }
-
-    async fn read_message(&mut self) -> Result<Value, PauseError> {
-        let mut line = String::new();
-        let n = self
-            .stream
-            .read_line(&mut line)
-            .await
-            .map_err(io_err("read from QMP socket", &self.path))?;
-        if n == 0 {
-            return Err(self.protocol("QEMU closed the connection"));
-        }
-        serde_json::from_str(&line).map_err(|e| self.protocol(format!("bad JSON {line:?}: {e}")))
-    }
-
-    fn protocol(&self, what: impl Into<String>) -> PauseError {
-        PauseError::QmpProtocol {
-            path: self.path.clone(),
-            what: what.into(),
-        }
-    }
-
-    /// `commands` without a runtime, for `Drop`: the same connection is turned
-    /// into a blocking socket (QEMU would not serve a second one meanwhile);
-    /// if that fails the socket is closed and a fresh connection is made.
-    fn commands_blocking(self, socket: &Path, commands: &[&str]) -> Result<(), PauseError> {
-        let leftover = self.stream.buffer().to_vec();
-        let (stream, skip_greeting, leftover) = match self.stream.into_inner().into_std() {
-            Ok(s) => (s, false, leftover),
-            Err(e) => {
-                tracing::debug!(error = %e, "QMP socket not reusable, reconnecting");
-                let s = std::os::unix::net::UnixStream::connect(socket)
-                    .map_err(io_err("connect to QMP socket", socket))?;
-                (s, true, Vec::new())
-            }
-        };
-        stream
-            .set_nonblocking(false)
-            .map_err(io_err("talk QMP on", socket))?;
-        stream
-            .set_read_timeout(Some(QMP_DROP_TIMEOUT))
-            .map_err(io_err("talk QMP on", socket))?;
-        stream
-            .set_write_timeout(Some(QMP_DROP_TIMEOUT))
-            .map_err(io_err("talk QMP on", socket))?;
-        let mut reader = std::io::BufReader::new(std::io::Read::chain(&leftover[..], &stream));
-        let mut writer = &stream;
-        let protocol = |what: String| PauseError::QmpProtocol {
-            path: socket.to_path_buf(),
-            what,
-        };
-        let mut commands = commands.to_vec();
-        if skip_greeting {
-            let mut greeting = String::new();
-            reader
-                .read_line(&mut greeting)
-                .map_err(io_err("read from QMP socket", socket))?;
-            commands.insert(0, "qmp_capabilities");
-        }
-        for (id, command) in commands.into_iter().enumerate() {
-            let id = u64::MAX - id as u64;
-            writeln!(writer, "{}", json!({ "execute": command, "id": id }))
-                .map_err(io_err("write to QMP socket", socket))?;
-            loop {
-                let mut line = String::new();
-                if reader
-                    .read_line(&mut line)
-                    .map_err(io_err("read from QMP socket", socket))?
-                    == 0
-                {
-                    return Err(protocol("QEMU closed the connection".to_owned()));
-                }
-                // A partial line left from the async reader cannot parse; skip it.
-                let Ok(reply) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if reply.get("id").and_then(Value::as_u64) == Some(id) {
-                    reply_result(command, reply, socket)?;
-                    break;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-fn reply_result(command: &str, reply: Value, path: &Path) -> Result<Value, PauseError> {
-    if let Some(error) = reply.get("error") {
-        return Err(PauseError::Qmp {
-            command: command.to_owned(),
-            class: error["class"].as_str().unwrap_or("GenericError").to_owned(),
-            desc: error["desc"]
-                .as_str()
-                .unwrap_or("(no description)")
-                .to_owned(),
-        });
-    }
-    match reply {
-        Value::Object(mut map) if map.contains_key("return") => {
-            Ok(map.remove("return").unwrap_or(Value::Null))
-        }
-        other => Err(PauseError::QmpProtocol {
-            path: path.to_path_buf(),
-            what: format!("reply to {command} has neither return nor error: {other}"),
-        }),
-    }
-}
-
-// ---- shell commands ----
-
-async fn run_shell(command: &str) -> Result<(), PauseError> {
-    let out = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(io_err("run", Path::new("sh")))?;
-    command_result(command, &out)
-}
-
-fn run_shell_blocking(command: &str) -> Result<(), PauseError> {
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(io_err("run", Path::new("sh")))?;
-    command_result(command, &out)
-}
-
-fn command_result(command: &str, out: &std::process::Output) -> Result<(), PauseError> {
-    if out.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stderr = stderr.trim_end();
-    let cut = stderr.len().saturating_sub(STDERR_TAIL);
-    let cut = (cut..=stderr.len())
-        .find(|&i| stderr.is_char_boundary(i))
-        .unwrap_or(stderr.len());
-    Err(PauseError::Command {
-        command: command.to_owned(),
-        status: out.status.to_string(),
-        stderr_tail: if stderr.is_empty() {
-            "(no output on stderr)".to_owned()
-        } else {
-            stderr[cut..].to_owned()
-        },
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ioctl_numbers_match_linux_fs_h() {
-        assert_eq!(FIFREEZE, 0xC004_5877);
-        assert_eq!(FITHAW, 0xC004_5878);
-    }
 
     #[test]
     fn parses_every_form() {
@@ -1048,83 +494,5 @@ mod tests {
         ] {
             assert_eq!(s.parse::<PauseTarget>().expect("valid").to_string(), s);
         }
-    }
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape_mountinfo(r"/x\\y"), r"/x\\y");
-        assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
-    }
-
-    #[test]
-    fn root_is_a_mount_point_and_proc_self_is_not() {
-        assert!(is_mount_point(Path::new("/")).expect("mountinfo readable"));
-        assert!(!is_mount_point(Path::new("/proc/self")).expect("mountinfo readable"));
-    }
-
-    #[tokio::test]
-    async fn fsfreeze_refuses_a_directory_that_is_not_a_mount_point() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let e = PauseTarget::Fsfreeze(dir.path().into())
-            .pause()
-            .await
-            .expect_err("not a mount point");
-        assert!(matches!(e, PauseError::NotMountPoint(_)), "{e}");
-    }
-
-    #[tokio::test]
-    async fn cgroup_refuses_a_plain_directory() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let e = PauseTarget::Cgroup(dir.path().into())
-            .pause()
-            .await
-            .expect_err("not a cgroup");
-        assert!(matches!(e, PauseError::NotCgroup2 { .. }), "{e}");
-    }
-
-    #[tokio::test]
-    async fn failing_command_reports_its_stderr_tail() {
-        let t: PauseTarget = "cmd:echo first >&2; echo boom >&2; exit 3;;true"
-            .parse()
-            .expect("valid");
-        let e = t.pause().await.expect_err("exit 3").to_string();
-        assert!(e.contains("boom") && e.contains('3'), "{e}");
-    }
-
-    #[tokio::test]
-    async fn command_pause_then_resume_runs_both() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log = dir.path().join("log");
-        let l = log.display();
-        let t = PauseTarget::Command {
-            pause: format!("echo pause >> '{l}'"),
-            resume: format!("echo resume >> '{l}'"),
-        };
-        t.pause()
-            .await
-            .expect("pause")
-            .resume()
-            .await
-            .expect("resume");
-        // A dropped Paused resumes too, synchronously.
-        drop(t.pause().await.expect("pause"));
-        t.pause().await.expect("pause").keep();
-        let text = std::fs::read_to_string(&log).expect("log written");
-        assert_eq!(text, "pause\nresume\npause\nresume\npause\n");
-    }
-
-    #[tokio::test]
-    async fn a_pause_command_that_fails_part_way_is_resumed() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log = dir.path().join("log");
-        let l = log.display();
-        let t = PauseTarget::Command {
-            pause: format!("echo pause >> '{l}'; exit 1"),
-            resume: format!("echo resume >> '{l}'"),
-        };
-        t.pause().await.expect_err("exit 1");
-        let text = std::fs::read_to_string(&log).expect("log written");
-        assert_eq!(text, "pause\nresume\n");
     }
 }
