@@ -121,7 +121,32 @@ pub fn assert_same(source: &str, dest: &Path) {
     let b = std::fs::read(dest).expect("read destination image");
     assert_eq!(a.len(), b.len(), "sizes differ");
     if let Some(i) = a.iter().zip(&b).position(|(x, y)| x != y) {
-        panic!("source and destination differ first at byte {i}");
+        // Which blocks, and whether the destination's disk agrees with its
+        // page cache: what tells a missed write from a stale cache.
+        let blocks: Vec<usize> = a
+            .chunks(4096)
+            .zip(b.chunks(4096))
+            .enumerate()
+            .filter(|(_, (x, y))| x != y)
+            .map(|(n, _)| n)
+            .collect();
+        let direct = read_direct(&dest.display().to_string());
+        panic!(
+            "source and destination differ first at byte {i}: {} blocks of 4 KiB {:?}; \
+             the destination read with O_DIRECT {} its page cache and {} the source",
+            blocks.len(),
+            &blocks[..blocks.len().min(16)],
+            if direct == b {
+                "matches"
+            } else {
+                "differs from"
+            },
+            if direct == a {
+                "matches"
+            } else {
+                "differs from"
+            },
+        );
     }
 }
 
