@@ -67,7 +67,7 @@ impl Layout {
         for z in &zones {
             if z.start != at || z.end <= z.start || z.unit == 0 {
                 return Err(GranularityError::BadLayout {
-                    reason: format!(
+                    what: format!(
                         "zone {}..{} (unit {}) does not continue at {at}",
                         z.start, z.end, z.unit
                     ),
@@ -77,7 +77,7 @@ impl Layout {
         }
         if at != size {
             return Err(GranularityError::BadLayout {
-                reason: format!("the zones end at {at}, the disk at {size}"),
+                what: format!("the zones end at {at}, the disk at {size}"),
             });
         }
         Ok(Layout { size, zones })

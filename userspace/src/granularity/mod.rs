@@ -27,18 +27,26 @@ pub enum GranularityError {
     #[error("the disk has no bytes; give its size (e.g. --device-size 20G)")]
     EmptyDevice,
     /// Zones that do not tile the disk.
-    #[error("not a valid unit layout: {reason}")]
-    BadLayout { reason: String },
-    #[error("cannot read the partition table of {path}: {reason}")]
-    Io { path: String, reason: String },
+    #[error("not a valid unit layout: {what}")]
+    BadLayout { what: String },
+    #[error("cannot read the partition table of {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// A partition table that does not check out.
-    #[error("the partition table is not valid: {reason}")]
-    Table { reason: String },
+    #[error("the partition table is not valid: {what}")]
+    Table { what: String },
     #[error(transparent)]
     Simulate(#[from] SimulateError),
     /// A plan file that is not one.
-    #[error("{path} is not a plan from `tern plan --out`: {reason}")]
-    PlanFile { path: String, reason: String },
+    #[error("{path} is not a plan from `tern plan --out`: {source}")]
+    PlanFile {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The unit sizes tried, smallest first.
@@ -146,13 +154,13 @@ pub struct EnginePlan {
 
 impl EnginePlan {
     pub fn load(path: &std::path::Path) -> Result<EnginePlan, GranularityError> {
-        let bad = |reason: String| GranularityError::PlanFile {
+        let bad = |source: Box<dyn std::error::Error + Send + Sync>| GranularityError::PlanFile {
             path: path.display().to_string(),
-            reason,
+            source,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let plan: EnginePlan = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        Layout::new(plan.layout.size, plan.layout.zones.clone()).map_err(|e| bad(e.to_string()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.into()))?;
+        let plan: EnginePlan = serde_json::from_str(&text).map_err(|e| bad(e.into()))?;
+        Layout::new(plan.layout.size, plan.layout.zones.clone()).map_err(|e| bad(e.into()))?;
         if plan.layout.size != plan.device_size {
             return Err(bad("its layout and device size disagree".into()));
         }

@@ -28,9 +28,9 @@ pub enum TableKind {
 
 /// Reads the partition table at the start of `path` (an image or a device).
 pub fn read_volumes(path: &Path) -> Result<(TableKind, Vec<Volume>), GranularityError> {
-    let err = |e: std::io::Error| GranularityError::Io {
+    let err = |source: std::io::Error| GranularityError::Io {
         path: path.display().to_string(),
-        reason: e.to_string(),
+        source,
     };
     let mut file = File::open(path).map_err(err)?;
     let mut head = vec![0u8; 64 << 10];
@@ -64,7 +64,7 @@ pub fn parse(
             }
         }
         return Err(GranularityError::Table {
-            reason: "a protective MBR but no valid GPT header at LBA 1".into(),
+            what: "a protective MBR but no valid GPT header at LBA 1".into(),
         });
     }
     let mut volumes = Vec::new();
@@ -112,7 +112,7 @@ fn gpt(
     h[16..20].fill(0);
     if crc32(&h) != want {
         return Err(GranularityError::Table {
-            reason: "the GPT header's CRC32 does not match".into(),
+            what: "the GPT header's CRC32 does not match".into(),
         });
     }
     let entries_lba = le64(&h, 72);
@@ -120,14 +120,14 @@ fn gpt(
     let esize = le32(&h, 84) as usize;
     if !(128..=4096).contains(&esize) || count > 16_384 {
         return Err(GranularityError::Table {
-            reason: format!("{count} GPT entries of {esize} bytes is not a valid table"),
+            what: format!("{count} GPT entries of {esize} bytes is not a valid table"),
         });
     }
     let mut array = vec![0u8; count * esize];
     read_at(entries_lba * sector, &mut array)?;
     if crc32(&array) != le32(&h, 88) {
         return Err(GranularityError::Table {
-            reason: "the GPT partition array's CRC32 does not match".into(),
+            what: "the GPT partition array's CRC32 does not match".into(),
         });
     }
     let mut volumes = Vec::new();

@@ -50,8 +50,12 @@ pub enum PredictError {
     #[error("reading the history: {0}")]
     History(String),
     /// A plan file cannot be read or parsed.
-    #[error("cannot read the plan {path}: {reason}")]
-    Plan { path: String, reason: String },
+    #[error("cannot read the plan {path}: {source}")]
+    Plan {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Default unit: the migration's 64 KiB checksum region.
@@ -403,12 +407,12 @@ fn merge_extents(sorted: &[Scored], units: &Units, volumes: &Volumes) -> Vec<Pre
 impl Prediction {
     /// Reads a plan written by `tern predict --out`.
     pub fn load(path: &std::path::Path) -> Result<Prediction, PredictError> {
-        let err = |reason: String| PredictError::Plan {
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| PredictError::Plan {
             path: path.display().to_string(),
-            reason,
+            source,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        serde_json::from_str(&text).map_err(|e| err(e.to_string()))
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.into()))?;
+        serde_json::from_str(&text).map_err(|e| err(e.into()))
     }
 
     /// The migration's use of the plan: extents predicted to be read (and

@@ -259,7 +259,7 @@ impl Replicator {
         if fenced(&e) {
             ReplicateError::Fenced {
                 epoch: self.epoch,
-                reason: e.to_string(),
+                source: Box::new(e),
             }
         } else {
             ReplicateError::Rpc(e)
@@ -306,7 +306,7 @@ impl Replicator {
                     return Err(ReplicateError::PeerLost {
                         addr: self.peer.addr.clone(),
                         waited: self.opts.reconnect_for,
-                        reason: e.to_string(),
+                        source: Box::new(e),
                     });
                 }
                 Err(e) => return Err(self.classify(e)),
@@ -483,7 +483,7 @@ impl Replicator {
                         ReplicateError::ReadSource {
                             offset: run.start,
                             len,
-                            reason: e.to_string(),
+                            source: Box::new(e),
                         }
                     })?;
                     let (extent, leaves) = tokio::task::spawn_blocking(move || {

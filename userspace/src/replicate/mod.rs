@@ -31,24 +31,30 @@ pub enum ReplicateError {
     SizeMismatch { source_size: u64, dest_size: u64 },
     /// A newer epoch owns the destination: this source was fenced.
     #[error(
-        "the destination refused epoch {epoch}: {reason}; another writer (a newer migration or a cutover) owns it now"
+        "the destination refused epoch {epoch}: {source}; another writer (a newer migration or a cutover) owns it now"
     )]
-    Fenced { epoch: u64, reason: String },
+    Fenced {
+        epoch: u64,
+        #[source]
+        source: Box<RpcError>,
+    },
     /// The destination stayed unreachable.
     #[error(
-        "lost the destination at {addr} and could not reconnect within {waited:?}: {reason}; run the migration again to resume it (only what differs is sent)"
+        "lost the destination at {addr} and could not reconnect within {waited:?}: {source}; run the migration again to resume it (only what differs is sent)"
     )]
     PeerLost {
         addr: String,
         waited: Duration,
-        reason: String,
+        #[source]
+        source: Box<RpcError>,
     },
     /// Reading the source failed.
-    #[error("cannot read the source at offset {offset} ({len} bytes): {reason}")]
+    #[error("cannot read the source at offset {offset} ({len} bytes): {source}")]
     ReadSource {
         offset: u64,
         len: u32,
-        reason: String,
+        #[source]
+        source: Box<crate::image::ImageError>,
     },
     /// The tracer failed or could not start.
     #[error("dirty tracking: {0}")]
