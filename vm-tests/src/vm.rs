@@ -85,6 +85,10 @@ const BOOT_LIMIT: Duration = Duration::from_secs(30);
 
 impl Vm {
     /// Starts QEMU and connects the harness's monitor.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "QEMU's command line, one argument group per device"
+    )]
     pub fn start(spec: &VmSpec) -> Vm {
         let p = |suffix: &str| spec.dir.join(format!("{}{suffix}", spec.name));
         let (qmp_path, tern_qmp, serial, log) =

@@ -206,6 +206,10 @@ impl Report {
 }
 
 impl Bench<'_> {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one benchmark scenario, Tern and its peer side by side, read top to bottom"
+    )]
     fn copy_and_delta(&self) -> Result<(String, Option<String>)> {
         let cfg = self.cfg;
         let size = cfg.mib * MIB;

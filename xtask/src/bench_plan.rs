@@ -108,6 +108,10 @@ fn whatif(tern: &Path) -> Result<String> {
     Ok(t)
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one validation scenario read top to bottom"
+)]
 fn validate(tern: &Path) -> Result<String> {
     let mib: u64 = env("TERN_BENCH_PLAN_MIB", "512")
         .parse()

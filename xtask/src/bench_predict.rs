@@ -307,6 +307,10 @@ fn same(a: &Path, b: &Path) -> Result<()> {
     Ok(())
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one benchmark scenario read top to bottom"
+)]
 fn migrate_part(bin: &Path, out: &mut String) -> Result<()> {
     let mib: u64 = env_or("TERN_BENCH_PREDICT_MIB", "512").parse()?;
     let iops = env_or("TERN_BENCH_PREDICT_IOPS", "2000");

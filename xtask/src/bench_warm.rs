@@ -174,6 +174,10 @@ struct Run {
     converge_s: f64,
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one benchmark scenario read top to bottom"
+)]
 pub(super) fn warm_part(bin: &Path, out: &mut String) -> Result<()> {
     let mib: u64 = env_or("TERN_BENCH_WARM_MIB", "512").parse()?;
     let iops = env_or("TERN_BENCH_WARM_IOPS", "2000");

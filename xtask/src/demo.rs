@@ -172,6 +172,10 @@ fn failure_evidence(scratch: &Path, status_file: &Path) -> Result<PathBuf> {
     Ok(std::fs::canonicalize(&keep)?)
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "the demo's script, step by step, as the user reads its output"
+)]
 pub fn run(tern: &Path) -> Result<()> {
     require_root("the demo (loop devices, mount, eBPF)")?;
     let dir = PathBuf::from(format!("/var/tmp/tern-demo-{}", std::process::id()));

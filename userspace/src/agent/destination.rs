@@ -227,6 +227,10 @@ impl ExportControl for NbdExportControl {
 
 impl Destination {
     /// Checks the security settings, opens the image and binds every listener.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "binds every listener and checks its exposure in the order failures must be reported; split, it would hand half-built state around"
+    )]
     pub async fn bind(cfg: DestinationConfig) -> Result<Destination, AgentError> {
         if cfg.tls_dir.is_none() && !cfg.grpc.ip().is_loopback() && !cfg.insecure {
             return Err(AgentError::InsecureGrpc { addr: cfg.grpc });

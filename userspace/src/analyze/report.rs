@@ -113,6 +113,10 @@ fn cover(mut bytes: Vec<u64>, share: f64) -> (u64, u64) {
 }
 
 impl Report {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one figure per field of the report, in the report's order"
+    )]
     pub fn of(a: &Analyzer) -> Report {
         let t = &a.totals;
         let duration_ns = t.last_ns.max(1);
@@ -241,6 +245,10 @@ impl Report {
     }
 
     /// The profile for people, several lines.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one paragraph per section, in the order the report reads"
+    )]
     pub fn render(&self) -> String {
         let mut o = String::new();
         let rate = |b: f64| format!("{}/s", human_bytes(b));

@@ -177,6 +177,10 @@ impl Drop for Inner {
 impl Image {
     /// Opens (and with [`ImageOptions::size`] creates or grows) an image and
     /// starts its `io_uring` thread.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "opens the descriptors and probes what the file system allows (direct I/O, alignment, punching), each with its own error"
+    )]
     pub fn open(path: &Path, opts: &ImageOptions) -> Result<Image, ImageError> {
         let open_err = |source| ImageError::Open {
             path: path.to_path_buf(),

@@ -18,6 +18,10 @@ const MAX_OPTIONS: usize = 256;
 const MAX_SKIPPABLE_OPTION: u32 = 1 << 20;
 
 /// Runs the handshake. `Ok(None)` means the client aborted politely.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the handshake's option loop: one arm per NBD option"
+)]
 pub(crate) async fn negotiate<R, W>(
     rd: &mut R,
     wr: &mut W,

@@ -419,6 +419,10 @@ impl NbdServer {
         self.transmission(rd, wr, export, cancel).await
     }
 
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the transmission loop: one arm per NBD command, each with its checks"
+    )]
     async fn transmission<R, W>(
         self: &Arc<Self>,
         mut rd: BufReader<R>,

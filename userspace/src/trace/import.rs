@@ -374,6 +374,10 @@ fn parse(
 const PENDING_MAX: usize = 100_000;
 
 /// Converts `input` into a Tern trace written to `out`.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one arm per import format, each streaming records into the writer"
+)]
 pub fn import<W: Write>(
     format: ImportFormat,
     input: &Path,

@@ -155,6 +155,10 @@ fn program(bpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<OwnedFd, Tra
 }
 
 impl Tracer {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "loads, filters and attaches in the order the kernel needs; each map and program has its own error"
+    )]
     pub fn start(cfg: &TracerConfig) -> Result<Self, TracerError> {
         let ring = cfg.ring_bytes;
         if !ring.is_power_of_two() || !(4096..=1 << 30).contains(&ring) {
