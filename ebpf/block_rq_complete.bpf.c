@@ -20,7 +20,13 @@ int BPF_PROG(block_rq_complete, struct request *rq, blk_status_t error, unsigned
 	if (f && f->skip) {
 		if (nr_bytes >= BPF_CORE_READ(rq, __data_len))
 			bpf_map_delete_elem(&inflight, &key);
-		return 0;
+		/* Only a read is ever the tracer's own. Anything else under a skip
+		 * entry is a reused request whose earlier completion the kernel
+		 * skipped: it is reported, never dropped. */
+		if ((BPF_CORE_READ(rq, cmd_flags) & 0xff) ==
+		    bpf_core_enum_value(enum req_op, REQ_OP_READ))
+			return 0;
+		f = NULL;
 	}
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);

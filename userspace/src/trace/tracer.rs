@@ -237,8 +237,10 @@ impl Tracer {
         if cfg.devices.iter().any(|(_, p)| *p == IoPath::Request) {
             // Complete first: a request issued between the two attaches then still counts.
             block_progs.push(program(&mut bpf, "block_rq_complete", &btf)?);
-            // A skipped issue loses only a latency and an issuer, never the request.
-            program(&mut bpf, "block_rq_issue", &btf)?;
+            // A skipped issue loses a latency and an issuer, and with a pid
+            // filter the request itself (its completion then looks like a
+            // stranger's): counted as lost too.
+            block_progs.push(program(&mut bpf, "block_rq_issue", &btf)?);
         }
         if cfg.devices.iter().any(|(_, p)| *p == IoPath::Bio) {
             block_progs.push(program(&mut bpf, "block_bio_queue", &btf)?);
