@@ -11,7 +11,7 @@
 //! |---|---|
 //! | `/dev` | a tmpfs with the usual nodes, the loop devices and `/dev/vdb` |
 //! | `/dev/vdb` | a loop device made for the run (256 MiB), ext4 mounted at `/srv/data` |
-//! | `/srv/data` | a live workload: fio random read/write and a sqlite3 writer (pid in `/run/app.pid`) |
+//! | `/srv/data` | a live workload: fio random direct reads and writes, and an application writing a memory-mapped file (pid in `/run/app.pid`) |
 //! | `/var/lib/vm` | ext4 on a second loop device (tracing `--file` needs a block device under it) |
 //! | `/var/lib/vm/disk.img` | a 64 MiB ext4 image with a few files: a VM's disk |
 //! | `/run/vm.qmp` | the QMP socket of a running QEMU (TCG, no devices) |
@@ -905,6 +905,16 @@ mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing
         Ok(log)
     }
 
+    /// Fails if the last world process exited at once.
+    fn check_started(&mut self, log: &Path) -> Result<()> {
+        std::thread::sleep(Duration::from_millis(200));
+        let (name, child) = self.world.last_mut().context("no world process")?;
+        if let Some(status) = child.try_wait()? {
+            bail!("the {name} exited ({status}):\n{}", tail(log, 20));
+        }
+        Ok(())
+    }
+
     /// Waits until the last world process is ready.
     fn wait_world(&mut self, probes: &[Probe], log: &Path) -> Result<()> {
         let deadline = Instant::now() + READY_LIMIT;
@@ -946,47 +956,29 @@ mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing
                 .args([VM_DISK, VM_DISK_SIZE]),
         )?;
 
-        // The live workload on /srv/data: random reads and writes, and a
-        // sqlite3 that commits small transactions (its page faults show in a
-        // `--pid` trace). Rates are low: it must not fill the disk.
+        // The live workload on /srv/data: random direct reads and writes (the
+        // block I/O a device trace sees), and the application, which keeps its
+        // data in a memory-mapped file and msyncs it. An msync cleans the
+        // pages, so the next store to each faults again: the faults a `--pid`
+        // trace records go on for as long as it runs (a database that reads
+        // through mmap and writes with write(2), sqlite3's way, stops faulting
+        // once its file is mapped, and a `--faults` heatmap would be empty).
+        // Rates are low: it must not fill the disk.
         let fio = format!(
             "--name=workload --directory={DATA} --rw=randrw --rwmixread=50 --bs=4k --size=16M \
              --ioengine=psync --direct=1 --fsync=8 --rate_iops=100 --time_based --runtime=24h --thread"
         );
         let log = self.spawn_world("fio workload", self.ns("fio").args(fio.split(' ')))?;
-        std::thread::sleep(Duration::from_millis(200));
-        if let Some(status) = self.world.last_mut().context("fio")?.1.try_wait()? {
-            bail!("fio exited ({status}):\n{}", tail(&log, 20));
-        }
-        let mut feeder = self
-            .ns("sh")
-            .args([
-                "-c",
-                "while :; do echo 'INSERT INTO t(v) VALUES (randomblob(4096)); \
-                 DELETE FROM t WHERE id < (SELECT max(id) FROM t) - 2000;'; sleep 0.05; done",
-            ])
-            .stdout(Stdio::piped())
-            // Its `echo` fails when sqlite3 is killed first: nothing to say.
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .context("cannot start the sqlite3 feeder")?;
-        let sql_in = feeder.stdout.take().context("the feeder's stdout")?;
-        self.world.push(("sqlite3 feeder", feeder));
-        let db = format!("{DATA}/app.db");
-        self.spawn_world(
-            "sqlite3 workload",
-            self.ns("sqlite3")
-                .args(["-cmd", "PRAGMA mmap_size=268435456;"])
-                .args([
-                    "-cmd",
-                    "CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB);",
-                ])
-                .arg(&db)
-                .stdin(sql_in),
-        )?;
-        // nsenter execs sqlite3: the child's pid is the application's.
-        let pid = self.world.last().context("sqlite3")?.1.id();
+        self.check_started(&log)?;
+        let app = format!(
+            "--name=app --filename={DATA}/app.map --rw=randrw --rwmixread=50 --bs=4k --size=8M \
+             --ioengine=mmap --fsync=4 --rate_iops=50 --time_based --runtime=24h --thread"
+        );
+        let log = self.spawn_world("application", self.ns("fio").args(app.split(' ')))?;
+        self.check_started(&log)?;
+        // nsenter execs fio, and --thread keeps the job in that process: the
+        // child's pid is the application's.
+        let pid = self.world.last().context("application")?.1.id();
         std::fs::write(self.inside(Path::new(APP_PIDFILE)), format!("{pid}\n"))?;
 
         // A VM on the source, and a destination QEMU waiting for its migration.
