@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::sh::{cargo, output, repo_root, run as run_cmd};
+use crate::sh::{cargo, output, run as run_cmd};
 
 const EVENTS: u64 = 20_000_000;
 
@@ -20,8 +20,7 @@ pub fn run() -> Result<()> {
         "--example",
         "analyze_bench",
     ]))?;
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map_or_else(|_| repo_root().join("target"), std::path::PathBuf::from);
+    let target = crate::target_dir();
     let bin = target.join("release/examples/analyze_bench");
     // One core: the figure is per core, whatever else the machine runs.
     let mut cmd = Command::new("taskset");

@@ -142,10 +142,21 @@ fn build(release: bool) -> Result<std::path::PathBuf> {
         c.arg("--release");
     }
     run(&mut c)?;
-    Ok(repo_root()
-        .join("target")
+    Ok(target_dir()
         .join(if release { "release" } else { "debug" })
         .join("tern"))
+}
+
+/// Where cargo puts what it builds: `$CARGO_TARGET_DIR` when set (relative to
+/// the directory cargo runs in, as cargo reads it), else the workspace's `target`.
+fn target_dir() -> std::path::PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => match std::env::current_dir() {
+            Ok(cwd) => cwd.join(dir),
+            Err(_) => dir.into(),
+        },
+        None => repo_root().join("target"),
+    }
 }
 
 fn test() -> Result<()> {

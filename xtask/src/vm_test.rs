@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 
-use crate::sh::{self, cargo, repo_root, run};
+use crate::sh::{self, cargo, run};
 
 pub fn run_all() -> Result<()> {
     sh::setup(sh::Need::All)?;
@@ -28,8 +28,7 @@ pub fn run_all() -> Result<()> {
 
 /// Prints the tables the tests left in `target/vm/`.
 fn print_results() {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| repo_root().join("target"), std::path::PathBuf::from);
+    let target = crate::target_dir();
     let Ok(dir) = std::fs::read_dir(target.join("vm")) else {
         return;
     };
