@@ -115,15 +115,29 @@ impl Series {
         self.window_ns / self.base_ns
     }
 
-    /// Dirty bytes per second at resolution `level` (unit `unit`) for each known
-    /// window: the mean over its base windows.
-    pub fn dirty_rates(&self, level: usize, unit: u64, upto: usize) -> Vec<f64> {
+    /// The full windows of a trace `duration_ns` long (the last one is cut
+    /// short and left out, but there is at least one), idle ones included.
+    pub fn full_windows(&self, duration_ns: u64) -> Vec<Window> {
+        let full = usize::try_from(duration_ns / self.window_ns)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let mut padded: Vec<Window> = self.windows.iter().take(full).copied().collect();
+        padded.resize(full, Window::default());
+        padded
+    }
+
+    /// The dirty rate at resolution `level` (unit `unit`) of a trace
+    /// `duration_ns` long: dirty bytes per second in each full window that
+    /// no gap touched (a merged window counts the mean of its base windows).
+    pub fn dirty_rate(&self, level: usize, unit: u64, duration_ns: u64) -> Percentiles {
         let secs = self.window_ns as f64 / 1e9;
-        self.windows[..upto.min(self.windows.len())]
-            .iter()
-            .filter(|w| !w.unknown)
-            .map(|w| f64::from(w.dirty_units[level]) * unit as f64 / secs)
-            .collect()
+        Percentiles::of(
+            self.full_windows(duration_ns)
+                .iter()
+                .filter(|w| !w.unknown)
+                .map(|w| f64::from(w.dirty_units[level]) * unit as f64 / secs)
+                .collect(),
+        )
     }
 }
 

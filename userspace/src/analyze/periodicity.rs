@@ -82,23 +82,29 @@ impl Activity {
 
     /// Periods, strongest first (at most three, none a multiple of a stronger one).
     pub fn periods(&self) -> Vec<Period> {
-        let (mut x, mut unknown, mut bin) =
-            (self.counts.clone(), self.unknown.clone(), self.bin_ns);
-        while x.len() > ANALYSED_BINS {
-            x = merge_pairs(&x);
-            unknown = unknown.chunks(2).map(|p| p.iter().any(|&u| u)).collect();
-            bin *= 2;
-        }
-        // A [1, 2, 1] smoothing: a period that is not a whole number of bins
-        // splits its bursts over two neighbouring bins; smoothing joins them.
-        let smooth: Vec<f32> = (0..x.len())
-            .map(|i| {
-                let at = |j: usize| x.get(j).copied().unwrap_or(x[i]);
-                (at(i.wrapping_sub(1)) + 2.0 * x[i] + at(i + 1)) / 4.0
-            })
-            .collect();
-        detect(&smooth, &unknown, bin)
+        periods_of(self.counts.clone(), self.unknown.clone(), self.bin_ns)
     }
+}
+
+/// The periods of an activity series (events per bin of `bin_ns`; bins a
+/// gap touched are `unknown`), strongest first: at most three, none a
+/// multiple of a stronger one. The one period finder: the analyzer's report
+/// and the predictor's periodic model both ask it.
+pub fn periods_of(mut x: Vec<f32>, mut unknown: Vec<bool>, mut bin: u64) -> Vec<Period> {
+    while x.len() > ANALYSED_BINS {
+        x = merge_pairs(&x);
+        unknown = unknown.chunks(2).map(|p| p.iter().any(|&u| u)).collect();
+        bin *= 2;
+    }
+    // A [1, 2, 1] smoothing: a period that is not a whole number of bins
+    // splits its bursts over two neighbouring bins; smoothing joins them.
+    let smooth: Vec<f32> = (0..x.len())
+        .map(|i| {
+            let at = |j: usize| x.get(j).copied().unwrap_or(x[i]);
+            (at(i.wrapping_sub(1)) + 2.0 * x[i] + at(i + 1)) / 4.0
+        })
+        .collect();
+    detect(&smooth, &unknown, bin)
 }
 
 fn merge_pairs(v: &[f32]) -> Vec<f32> {

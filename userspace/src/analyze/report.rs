@@ -146,10 +146,8 @@ impl Report {
         };
         // Full windows only (the last one is cut short), but at least one.
         let series = &a.series;
-        let full = ((duration_ns / series.window_ns) as usize).max(1);
-        let mut padded = series.windows.clone();
-        padded.resize(padded.len().max(full), super::dirty_rate::Window::default());
-        let known = padded[..full].iter().filter(|w| !w.unknown).count().max(1);
+        let padded = series.full_windows(duration_ns);
+        let known = padded.iter().filter(|w| !w.unknown).count().max(1);
         let secs_w = series.window_ns as f64 / 1e9;
         let levels = a
             .levels
@@ -157,12 +155,7 @@ impl Report {
             .enumerate()
             .map(|(l, level)| {
                 let unit = level.unit();
-                let rates: Vec<f64> = padded[..full]
-                    .iter()
-                    .filter(|w| !w.unknown)
-                    .map(|w| f64::from(w.dirty_units[l]) * unit as f64 / secs_w)
-                    .collect();
-                let new: f64 = padded[..full]
+                let new: f64 = padded
                     .iter()
                     .filter(|w| !w.unknown)
                     .map(|w| f64::from(w.new_units[l]) * unit as f64)
@@ -174,7 +167,7 @@ impl Report {
                     unit_bytes: unit,
                     read_unique_bytes: level.read_ever.ones() * unit,
                     written_unique_bytes: level.written_ever.ones() * unit,
-                    dirty_rate: Percentiles::of(rates),
+                    dirty_rate: series.dirty_rate(l, unit, duration_ns),
                     new_bytes_per_s: new / (known as f64 * secs_w),
                     access_interval_p50_s: p50(&level.access_intervals),
                     rewrite_interval_p50_s: p50(&level.rewrite_intervals),
@@ -218,7 +211,7 @@ impl Report {
                 .filter(|_| hot_bytes > 0 || write_hot_bytes > 0 || !touched.is_empty())
             })
             .collect();
-        let unknown_windows = padded[..full].iter().filter(|w| w.unknown).count() as u64;
+        let unknown_windows = padded.iter().filter(|w| w.unknown).count() as u64;
         Report {
             target: a.name.clone(),
             source: a.source.clone(),

@@ -16,6 +16,8 @@ pub mod simulate;
 
 use serde::{Deserialize, Serialize};
 
+use crate::analyze::{AnalyzeError, Analyzer, AnalyzerConfig, RESOLUTIONS};
+use crate::trace::{BlockRecord, Gap, Op, Record};
 use crate::units::size_flag;
 pub use layout::{Layout, Zone};
 pub use partition::{TableKind, Volume, read_volumes};
@@ -40,6 +42,9 @@ pub enum GranularityError {
     Table { what: String },
     #[error(transparent)]
     Simulate(#[from] SimulateError),
+    /// The analyzer could not measure the workload (its dirty rate).
+    #[error(transparent)]
+    Analyze(#[from] AnalyzeError),
     /// A plan file that is not one.
     #[error("{path} is not a plan from `tern plan --out`: {source}")]
     PlanFile {
@@ -233,28 +238,58 @@ fn cut_at_volumes(
     Layout::new(size, zones)
 }
 
-/// Unique bytes newly dirtied per 1 s window of trace, 90th percentile, at 4 KiB.
-pub fn dirty_rate_p90(work: &Workload) -> f64 {
-    let mut windows: Vec<f64> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut window = 0;
+/// The workload's dirty rate as the analyzer measures it (`tern analyze
+/// report`'s "dirty rate" at 4 KiB): bytes dirtied per 1 s window, 90th
+/// percentile, over the full windows that no gap touched.
+pub fn dirty_rate_p90(work: &Workload) -> Result<f64, GranularityError> {
+    let mut analyzer = Analyzer::new(AnalyzerConfig {
+        device_bytes: work.size,
+        ..AnalyzerConfig::default()
+    })?;
+    // Records are fed in time order: the analyzer closes a window when a
+    // later one starts.
+    let mut gaps = work.gaps.iter().peekable();
     for w in &work.writes {
-        let k = w.ts_ns / 1_000_000_000;
-        if k != window {
-            windows.push(seen.len() as f64 * 4096.0);
-            // Idle seconds count as zero.
-            windows.extend(std::iter::repeat_n(0.0, (k - window - 1) as usize));
-            seen.clear();
-            window = k;
+        while let Some(&g) = gaps.next_if(|&&g| g <= w.ts_ns) {
+            analyzer.observe(&gap_at(g));
         }
-        for b in w.offset / 4096..(w.offset + w.len).div_ceil(4096) {
-            seen.insert(b);
+        // A record's length is 32 bits; a longer write is fed in pieces.
+        let mut offset = w.offset;
+        let end = w.offset.saturating_add(w.len);
+        while offset < end {
+            let len = u32::try_from((end - offset).min(1 << 30)).unwrap_or(1 << 30);
+            analyzer.observe(&Record::Block(BlockRecord {
+                ts_ns: w.ts_ns,
+                offset,
+                latency_ns: 0,
+                len,
+                pid: 0,
+                flags: 0,
+                target: 0,
+                op: Op::Write,
+            }));
+            offset += u64::from(len);
         }
     }
-    windows.push(seen.len() as f64 * 4096.0);
-    windows.sort_by(f64::total_cmp);
-    let i = ((windows.len() as f64 * 0.9).ceil() as usize).clamp(1, windows.len()) - 1;
-    windows[i]
+    for &g in gaps {
+        analyzer.observe(&gap_at(g));
+    }
+    analyzer.finish();
+    let level = 0;
+    Ok(analyzer
+        .series
+        .dirty_rate(level, RESOLUTIONS[level], work.duration_ns)
+        .p90)
+}
+
+/// A gap the workload knows by its start only.
+fn gap_at(start_ns: u64) -> Record {
+    Record::Gap(Gap {
+        start_ns,
+        end_ns: start_ns,
+        lost_block: 0,
+        lost_fault: 0,
+    })
 }
 
 /// Simulates every fixed choice and the adaptive plan, and picks the cheapest.
@@ -431,7 +466,7 @@ pub fn plan(
             ));
         }
     }
-    let rate = dirty_rate_p90(work);
+    let rate = dirty_rate_p90(work)?;
     let converges = picked_report.converged;
     let mode = if !converges || rate > 0.5 * model.bandwidth {
         PostCopyReason::explain(&mut explanation, rate, model.bandwidth, converges);

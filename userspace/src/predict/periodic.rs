@@ -1,26 +1,22 @@
 //! Time-of-day and other periods found in the history: the nightly backup
 //! touches the same region at 02:00. The access count per 100 ms bin is the
-//! series; `augurs`' periodogram proposes periods, and a period is kept when
-//! the series' autocorrelation at that lag confirms it (a spike train's
-//! harmonics do not). A day is always a candidate once two days are known.
+//! series, and its periods are the analyzer's (`analyze::periodicity`, the
+//! one period finder: autocorrelation over the bins no gap touched), snapped
+//! to whole bins. A day is always a candidate once two days are known.
 //! A unit is claimed with the share of past cycles (up to eight) in which it
 //! was touched in the same phase window; cycles whose window fell in a gap are
 //! not counted either way.
 
 use std::collections::HashMap;
 
-use augurs::seasons::PeriodogramDetector;
-
 use super::{Access, MAX_CLAIMS, Model, Scored, top_n};
+use crate::analyze::periodicity::periods_of;
 
 const BIN_NS: u64 = 100_000_000;
 const DAY_NS: u64 = 86_400_000_000_000;
-/// Bins of the series the detector sees (older series are summed into coarser bins).
-const DETECT_POINTS: usize = 4096;
 /// Per unit, the newest touched bins kept.
 const KEPT_BINS: usize = 128;
 const CYCLES: u64 = 8;
-const MIN_ACF: f64 = 0.3;
 
 /// A touched bin: index, and bit 0 read / bit 1 write.
 type Touch = (u32, u8);
@@ -29,29 +25,11 @@ type Touch = (u32, u8);
 #[derive(Debug, Default)]
 pub struct Periodic {
     start_ns: Option<u64>,
-    counts: Vec<f64>,
+    counts: Vec<f32>,
     units: HashMap<u64, Vec<Touch>>,
     gaps: Vec<(u64, u64)>,
     /// Periods (ns) confirmed at the series length in `.1`.
     cached: Option<(Vec<u64>, usize)>,
-}
-
-fn acf(series: &[f64], lag: usize) -> f64 {
-    if lag == 0 || lag >= series.len() {
-        return 0.0;
-    }
-    let n = series.len() as f64;
-    let mean = series.iter().sum::<f64>() / n;
-    let var: f64 = series.iter().map(|x| (x - mean).powi(2)).sum();
-    if var == 0.0 {
-        return 0.0;
-    }
-    let cov: f64 = series[lag..]
-        .iter()
-        .zip(series)
-        .map(|(a, b)| (a - mean) * (b - mean))
-        .sum();
-    cov / var
 }
 
 impl Periodic {
@@ -59,68 +37,55 @@ impl Periodic {
         ts.saturating_sub(self.start_ns.unwrap_or(0)) / BIN_NS
     }
 
-    /// Confirmed periods in nanoseconds, strongest autocorrelation first.
+    /// Periods in nanoseconds, strongest first: the analyzer's, snapped to
+    /// whole bins (the phase windows are counted in bins), and a day.
     fn periods(&mut self) -> Vec<u64> {
         if let Some((p, len)) = &self.cached
             && self.counts.len() < len + len / 4 + 1
         {
             return p.clone();
         }
-        let factor = self.counts.len().div_ceil(DETECT_POINTS).max(1);
-        let series: Vec<f64> = self
-            .counts
-            .chunks(factor)
-            .map(|c| c.iter().sum::<f64>())
-            .collect();
-        let mut found: Vec<u64> = Vec::new();
-        if series.len() >= 12 {
-            // The periodogram's periods are quantized to its FFT bins
-            // (segment length / k): refine each peak to the lag between its
-            // neighbours where the autocorrelation is highest.
-            let detector = PeriodogramDetector::builder().min_period(2).build();
-            let peaks: Vec<_> = detector.periodogram(&series).peaks(0.5).collect();
-            let mut lags: Vec<(usize, f64)> = Vec::new();
-            for peak in peaks.iter().rev().take(4) {
-                let lo = peak.prev_period.min(peak.next_period).max(2) as usize;
-                let hi = (peak.prev_period.max(peak.next_period) as usize)
-                    .max(peak.period as usize)
-                    .min(series.len() / 2);
-                if let Some(best) = (lo..=hi)
-                    .map(|lag| (lag, acf(&series, lag)))
-                    .max_by(|a, b| a.1.total_cmp(&b.1))
-                {
-                    lags.push(best);
-                }
-            }
-            // Welch's periodogram smears a sparse spike train (a job that
-            // runs briefly each period) over many bins: also take the
-            // strongest local maxima of the autocorrelation itself.
-            let acfs: Vec<f64> = (0..=series.len() / 2).map(|l| acf(&series, l)).collect();
-            let mut maxima: Vec<(usize, f64)> = (2..acfs.len().saturating_sub(1))
-                .filter(|&l| acfs[l] >= acfs[l - 1] && acfs[l] > acfs[l + 1])
-                .map(|l| (l, acfs[l]))
-                .collect();
-            maxima.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            lags.extend(maxima.into_iter().take(2));
-            lags.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            for (lag, r) in lags {
-                let ns = lag as u64 * factor as u64 * BIN_NS;
-                if r >= MIN_ACF && !found.contains(&ns) {
-                    found.push(ns);
-                }
+        let bins = self.counts.len();
+        let mut unknown = vec![false; bins];
+        for &(s, e) in &self.gaps {
+            let (a, b) = (self.bin_index(s), self.bin_index(e));
+            for u in unknown.iter_mut().take(b.saturating_add(1)).skip(a) {
+                *u = true;
             }
         }
-        let span = self.counts.len() as u64 * BIN_NS;
+        let mut found: Vec<u64> = Vec::new();
+        for p in periods_of(self.counts.clone(), unknown, BIN_NS) {
+            let ns = whole_bins(p.seconds) * BIN_NS;
+            if ns > 0 && !found.contains(&ns) {
+                found.push(ns);
+            }
+        }
+        let span = bins as u64 * BIN_NS;
         if span >= 2 * DAY_NS && !found.contains(&DAY_NS) {
             found.push(DAY_NS);
         }
-        self.cached = Some((found.clone(), self.counts.len()));
+        self.cached = Some((found.clone(), bins));
         found
+    }
+
+    /// The bin of `ts`, as an index of `counts`.
+    fn bin_index(&self, ts: u64) -> usize {
+        usize::try_from(self.bin(ts)).unwrap_or(usize::MAX)
     }
 
     fn in_gap(&self, from: u64, to: u64) -> bool {
         self.gaps.iter().any(|&(s, e)| s < to && from < e)
     }
+}
+
+/// A period in seconds as a whole number of bins, the nearest.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "a period is positive and shorter than the history, far below 2^64 bins"
+)]
+fn whole_bins(seconds: f64) -> u64 {
+    (seconds * 1e9 / BIN_NS as f64).round().max(0.0) as u64
 }
 
 impl Model for Periodic {
@@ -206,7 +171,7 @@ impl Model for Periodic {
     }
 
     fn state_bytes(&self) -> usize {
-        self.counts.capacity() * 8
+        self.counts.capacity() * 4
             + self.units.capacity() * 40
             + self.units.values().map(Vec::capacity).sum::<usize>() * size_of::<Touch>()
     }
