@@ -497,9 +497,7 @@ fn the_source_tracker_records_a_loop_devices_writes_into_s3_history() {
         },
         vec![Arc::clone(&dirty)],
         Vec::new(),
-        Some(Box::new(move |h| {
-            hook.observer(h).map_err(|e| e.to_string())
-        })),
+        Some(Box::new(move |h| hook.observer(h))),
     )
     .expect("the tracker starts (root, eBPF)");
     // 60 direct 4 KiB writes at known offsets, over about 3 s: several windows.

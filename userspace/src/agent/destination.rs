@@ -189,10 +189,8 @@ impl ExportControl for NbdExportControl {
         self.writable.load(Ordering::Acquire)
     }
 
-    fn set_writable(&self, writable: bool) -> Result<(), String> {
-        self.server
-            .try_set_read_only(&self.name, !writable)
-            .map_err(|e| e.to_string())?;
+    fn set_writable(&self, writable: bool) -> Result<(), NbdError> {
+        self.server.try_set_read_only(&self.name, !writable)?;
         self.writable.store(writable, Ordering::Release);
         let warm = if writable {
             self.warm.lock().ok().and_then(|mut w| w.take())

@@ -5,8 +5,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
+use plotters::backend::DrawingBackend;
+use plotters::drawing::DrawingAreaErrorKind;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -196,20 +198,34 @@ impl FaultHeat {
 use crate::units::human_secs;
 
 fn register_font() -> Result<(), AnalyzeError> {
-    static FONT: OnceLock<Result<(), String>> = OnceLock::new();
+    /// Why there is no font, kept for the process like the font itself.
+    #[derive(Clone)]
+    enum Failure {
+        Message(String),
+        Read(&'static str, Arc<std::io::Error>),
+    }
+    static FONT: OnceLock<Result<(), Failure>> = OnceLock::new();
     FONT.get_or_init(|| {
-        let path = FONTS
+        let path = *FONTS
             .iter()
             .find(|p| Path::new(p).exists())
-            .ok_or_else(|| format!("no DejaVu Sans font found (looked in {})", FONTS.join(", ")))?;
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+            .ok_or_else(|| {
+                Failure::Message(format!(
+                    "no DejaVu Sans font found (looked in {})",
+                    FONTS.join(", ")
+                ))
+            })?;
+        let bytes = std::fs::read(path).map_err(|e| Failure::Read(path, Arc::new(e)))?;
         // Registered once per process for the life of the process.
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
         plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-            .map_err(|_| format!("{path} is not a usable font"))
+            .map_err(|_| Failure::Message(format!("{path} is not a usable font")))
     })
     .clone()
-    .map_err(AnalyzeError::Font)
+    .map_err(|failure| match failure {
+        Failure::Message(text) => AnalyzeError::Font(text),
+        Failure::Read(path, source) => AnalyzeError::FontRead { path, source },
+    })
 }
 
 /// A cell's colour: reads blue, writes red, log scale, grey where unknown.
@@ -255,11 +271,12 @@ pub struct Picture<'a> {
     pub value_label: &'a dyn Fn(u32) -> String,
 }
 
-#[allow(clippy::needless_pass_by_value)] // the shape `map_err` hands over
-fn draw_err<E: std::error::Error + Send + Sync>(
-    e: plotters::drawing::DrawingAreaErrorKind<E>,
-) -> AnalyzeError {
-    AnalyzeError::Draw(e.to_string())
+/// What drawing to the PNG fails with (plotters names the backend's error
+/// type only through the backend).
+pub type DrawError = DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>;
+
+fn draw_err(e: DrawError) -> AnalyzeError {
+    AnalyzeError::Draw(Box::new(e))
 }
 
 /// Draws `pic` to a PNG at `out`.

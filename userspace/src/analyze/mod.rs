@@ -80,12 +80,21 @@ pub enum AnalyzeError {
         "a request at byte {offset} is beyond the {max} TiB the analyzer sizes for: is this a block trace of a device?"
     )]
     TooLarge { offset: u64, max: u64 },
-    /// No font for the heatmap's labels.
+    /// No font for the heatmap's labels: none found, or plotters refused it
+    /// (its `InvalidFont` says nothing more and is not an `Error`).
     #[error("cannot label the heatmap: {0}; install fonts-dejavu-core")]
     Font(String),
+    /// The font for the heatmap's labels cannot be read (shared: the outcome
+    /// is kept for the process and an `io::Error` is not `Clone`).
+    #[error("cannot label the heatmap: cannot read {path}: {source}; install fonts-dejavu-core")]
+    FontRead {
+        path: &'static str,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
     /// Drawing failed (the PNG cannot be written, say).
     #[error("cannot draw the heatmap: {0}")]
-    Draw(String),
+    Draw(#[source] Box<heatmap::DrawError>),
     /// No block requests to draw.
     #[error(
         "the trace holds no block requests for target {target}: for its page faults use --faults"

@@ -160,7 +160,7 @@ fn ratio(a: u64, b: u64) -> Option<f64> {
 pub fn evaluate<I, E>(history: I, spec: &EvalSpec) -> Result<EvalReport, PredictError>
 where
     I: IntoIterator<Item = Result<Record, E>>,
-    E: std::fmt::Display,
+    E: std::error::Error + Send + Sync + 'static,
 {
     if spec.horizon_ns == 0 {
         return Err(PredictError::Horizon);
@@ -168,7 +168,7 @@ where
     let units = Units::new(spec.unit, spec.target)?;
     let mut events = Vec::new();
     for record in history {
-        let record = record.map_err(|e| PredictError::History(e.to_string()))?;
+        let record = record.map_err(|e| PredictError::History(Box::new(e)))?;
         units.events(&record, &mut events);
     }
     // Trace records are in issue order per CPU chunk; make time order exact.

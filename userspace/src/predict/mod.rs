@@ -48,7 +48,7 @@ pub enum PredictError {
     UnknownModel(String, String),
     /// Reading the history failed.
     #[error("reading the history: {0}")]
-    History(String),
+    History(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A plan file cannot be read or parsed.
     #[error("cannot read the plan {path}: {source}")]
     Plan {
@@ -318,7 +318,7 @@ pub fn predict_future_io<I, E>(
 ) -> Result<Prediction, PredictError>
 where
     I: IntoIterator<Item = Result<Record, E>>,
-    E: std::fmt::Display,
+    E: std::error::Error + Send + Sync + 'static,
 {
     if horizon_ns == 0 {
         return Err(PredictError::Horizon);
@@ -330,7 +330,7 @@ where
     let mut last_ts = 0;
     let mut accesses = 0u64;
     for record in history {
-        let record = record.map_err(|e| PredictError::History(e.to_string()))?;
+        let record = record.map_err(|e| PredictError::History(Box::new(e)))?;
         events.clear();
         units.events(&record, &mut events);
         for ev in &events {

@@ -9,6 +9,7 @@ pub mod stats;
 pub mod tracker;
 pub mod units;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use engine::{Peer, ReplicateOptions, Replicator, SendOrder};
@@ -19,7 +20,9 @@ pub use units::UnitZone;
 
 use crate::checktree::CheckTreeError;
 use crate::dirty::DirtyError;
+use crate::history::HistoryError;
 use crate::rpc::RpcError;
+use crate::trace::session::SessionError;
 
 /// Errors of the source side of replication.
 #[derive(Debug, thiserror::Error)]
@@ -56,9 +59,16 @@ pub enum ReplicateError {
         #[source]
         source: Box<crate::image::ImageError>,
     },
-    /// The tracer failed or could not start.
+    /// The tracer failed or could not start. Shared: the tracker's thread
+    /// returns it and every `sync` that finds the thread stopped reports it.
     #[error("dirty tracking: {0}")]
-    Tracker(String),
+    Tracker(#[source] Arc<SessionError>),
+    /// The history recorder could not start with the tracker.
+    #[error("dirty tracking: {0}")]
+    TrackerHistory(#[source] Box<HistoryError>),
+    /// The tracker's thread ended with no error to tell (it panicked).
+    #[error("dirty tracking: {0}")]
+    TrackerThread(&'static str),
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::dirty::DirtyMap;
+use crate::history::HistoryError;
 use crate::trace::Record;
 use crate::trace::format::TraceHeader;
 use crate::trace::session::{Observer, Session, SessionConfig, SessionError, SessionTotals};
@@ -32,17 +33,18 @@ struct Shared {
     gaps: Arc<AtomicU64>,
     write_events: AtomicU64,
     written_bytes: AtomicU64,
-    failure: Mutex<Option<String>>,
+    /// Shared: the thread returns it too, and every `sync` after reports it.
+    failure: Mutex<Option<Arc<SessionError>>>,
 }
 
 /// Builds an extra observer once the session's header is known; an error
 /// stops the tracker from starting.
-pub type ObserverFactory = Box<dyn FnOnce(&TraceHeader) -> Result<Observer, String> + Send>;
+pub type ObserverFactory = Box<dyn FnOnce(&TraceHeader) -> Result<Observer, HistoryError> + Send>;
 
 /// The running tracker. Dropping it stops the thread (the trace file is closed cleanly by `stop`).
 pub struct Tracker {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<Result<SessionTotals, SessionError>>>,
+    thread: Option<JoinHandle<Result<SessionTotals, Arc<SessionError>>>>,
 }
 
 /// Counters of the tracker.
@@ -81,16 +83,16 @@ impl Tracker {
                 let mut session = match Session::start(&cfg) {
                     Ok(s) => s,
                     Err(e) => {
-                        let text = e.to_string();
-                        let _ = ready_tx.send(Err(text));
+                        let e = Arc::new(e);
+                        let _ = ready_tx.send(Err(ReplicateError::Tracker(Arc::clone(&e))));
                         return Err(e);
                     }
                 };
                 let mut extra = match extra.map(|f| f(session.header())).transpose() {
                     Ok(extra) => extra,
-                    Err(text) => {
-                        let _ = ready_tx.send(Err(text));
-                        return session.finish();
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(ReplicateError::TrackerHistory(Box::new(e))));
+                        return session.finish().map_err(Arc::new);
                     }
                 };
                 let obs_shared = Arc::clone(&thread_shared);
@@ -123,8 +125,9 @@ impl Tracker {
                 loop {
                     let want = shared.want.load(Ordering::Acquire);
                     if let Err(e) = session.step(STEP) {
+                        let e = Arc::new(e);
                         *shared.failure.lock().expect("failure lock poisoned") =
-                            Some(e.to_string());
+                            Some(Arc::clone(&e));
                         shared.done.store(u64::MAX, Ordering::Release);
                         return Err(e);
                     }
@@ -133,7 +136,7 @@ impl Tracker {
                         break;
                     }
                 }
-                session.finish()
+                session.finish().map_err(Arc::new)
             })
             .map_err(ReplicateError::Thread)?;
         match ready_rx.recv() {
@@ -141,12 +144,12 @@ impl Tracker {
                 shared,
                 thread: Some(thread),
             }),
-            Ok(Err(text)) => {
+            Ok(Err(e)) => {
                 let _ = thread.join();
-                Err(ReplicateError::Tracker(text))
+                Err(e)
             }
-            Err(_) => Err(ReplicateError::Tracker(
-                "the tracker thread ended before it started".into(),
+            Err(_) => Err(ReplicateError::TrackerThread(
+                "the tracker thread ended before it started",
             )),
         }
     }
@@ -167,14 +170,16 @@ impl Tracker {
     }
 
     fn failure(&self) -> ReplicateError {
-        let text = self
+        match self
             .shared
             .failure
             .lock()
             .expect("failure lock poisoned")
-            .clone()
-            .unwrap_or_else(|| "the tracker stopped".into());
-        ReplicateError::Tracker(text)
+            .as_ref()
+        {
+            Some(e) => ReplicateError::Tracker(Arc::clone(e)),
+            None => ReplicateError::TrackerThread("the tracker stopped"),
+        }
     }
 
     /// The gap counter itself, for reporters that outlive a borrow of the tracker.
@@ -203,10 +208,8 @@ impl Tracker {
             .take()
             .expect("the thread is only taken by stop or drop");
         match thread.join() {
-            Ok(result) => result.map_err(|e| ReplicateError::Tracker(e.to_string())),
-            Err(_) => Err(ReplicateError::Tracker(
-                "the tracker thread panicked".into(),
-            )),
+            Ok(result) => result.map_err(ReplicateError::Tracker),
+            Err(_) => Err(ReplicateError::TrackerThread("the tracker thread panicked")),
         }
     }
 }

@@ -148,7 +148,7 @@ pub enum RpcError {
     NoExport,
     /// The export refused the change.
     #[error("cannot change the NBD export: {0}")]
-    Export(String),
+    Export(#[source] Box<crate::nbd::NbdError>),
     /// A blocking task died.
     #[error("a worker task stopped before finishing: {0}")]
     Task(#[from] tokio::task::JoinError),

@@ -40,11 +40,16 @@ pub enum DeviceError {
         "this kernel has no BTF (/sys/kernel/btf/vmlinux is missing): Tern's CO-RE tracer needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
     )]
     NoBtf,
-    /// tracefs is not mounted and could not be mounted.
+    /// tracefs is not mounted and mount(8) could not be run.
     #[error(
         "tracefs is not mounted at /sys/kernel/tracing and mounting it failed ({0}); mount it with `mount -t tracefs nodev /sys/kernel/tracing`"
     )]
-    Tracefs(String),
+    Tracefs(#[source] std::io::Error),
+    /// tracefs is not mounted and mount(8) failed.
+    #[error(
+        "tracefs is not mounted at /sys/kernel/tracing and mounting it failed (mount exited with {0}); mount it with `mount -t tracefs nodev /sys/kernel/tracing`"
+    )]
+    TracefsMount(std::process::ExitStatus),
 }
 
 /// How the kernel issues I/O for a device, which decides the hook that sees it.
@@ -190,9 +195,9 @@ pub fn check_tracing_preconditions() -> Result<(), DeviceError> {
         let status = std::process::Command::new("mount")
             .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
             .status()
-            .map_err(|e| DeviceError::Tracefs(e.to_string()))?;
+            .map_err(DeviceError::Tracefs)?;
         if !status.success() {
-            return Err(DeviceError::Tracefs(format!("mount exited with {status}")));
+            return Err(DeviceError::TracefsMount(status));
         }
     }
     Ok(())

@@ -4,8 +4,8 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::BtfTracePoint;
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf};
+use aya::programs::{BtfTracePoint, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
 use tern_common::{self as abi, BlockEvent, FaultEvent};
 
@@ -21,20 +21,32 @@ pub enum TracerError {
     RingSize(u64),
     /// The kernel's BTF cannot be read.
     #[error("cannot read the kernel's BTF: {0}")]
-    Btf(String),
+    Btf(#[source] Box<aya::BtfError>),
     /// The object failed to load.
     #[error("loading the eBPF object failed: {0}")]
-    Load(String),
-    /// A program failed to load or attach.
-    #[error("eBPF program {program} failed to {step}: {reason}")]
+    Load(#[source] Box<aya::EbpfError>),
+    /// A program is not in the object.
+    #[error("eBPF program {program} failed to be found: not in the object")]
+    NoProgram { program: &'static str },
+    /// A program failed to load or attach. A verifier rejection's log is in
+    /// the source's own message (`ProgramError::LoadError`), so in this one too.
+    #[error("eBPF program {program} failed to {step}: {source}")]
     Program {
         program: &'static str,
         step: &'static str,
-        reason: String,
+        #[source]
+        source: Box<ProgramError>,
     },
-    /// A map is missing or failed.
-    #[error("eBPF map {map}: {reason}")]
-    Map { map: &'static str, reason: String },
+    /// A map is not in the object.
+    #[error("eBPF map {map}: missing")]
+    NoMap { map: &'static str },
+    /// A map failed.
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
     /// Too many devices or pids for the filter maps.
     #[error("too many {what}: at most {max} can be traced at once")]
     TooMany { what: &'static str, max: usize },
@@ -120,33 +132,29 @@ fn recursion_misses(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
 fn program(bpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<OwnedFd, TracerError> {
     let prog: &mut BtfTracePoint = bpf
         .program_mut(name)
-        .ok_or(TracerError::Program {
-            program: name,
-            step: "be found",
-            reason: "not in the object".into(),
-        })?
+        .ok_or(TracerError::NoProgram { program: name })?
         .try_into()
-        .map_err(|e: aya::programs::ProgramError| TracerError::Program {
+        .map_err(|e: ProgramError| TracerError::Program {
             program: name,
             step: "load",
-            reason: e.to_string(),
+            source: Box::new(e),
         })?;
     prog.load(name, btf).map_err(|e| TracerError::Program {
         program: name,
         step: "load",
-        reason: format!("{e:#}"),
+        source: Box::new(e),
     })?;
     prog.attach().map_err(|e| TracerError::Program {
         program: name,
         step: "attach",
-        reason: e.to_string(),
+        source: Box::new(e),
     })?;
     let fd = prog
         .fd()
         .map_err(|e| TracerError::Program {
             program: name,
             step: "give its descriptor",
-            reason: e.to_string(),
+            source: Box::new(e),
         })?
         .as_fd()
         .try_clone_to_owned()
@@ -176,7 +184,7 @@ impl Tracer {
                 max: MAX_PIDS,
             });
         }
-        let btf = Btf::from_sys_fs().map_err(|e| TracerError::Btf(e.to_string()))?;
+        let btf = Btf::from_sys_fs().map_err(|e| TracerError::Btf(Box::new(e)))?;
         let pids_on: u32 = u32::from(!cfg.pids.is_empty());
         let (lo, hi) = cfg.fault_range.unwrap_or((0, u64::MAX));
         // Wake the reader at a quarter full: fewer wake-ups, and still room while it drains.
@@ -192,18 +200,17 @@ impl Tracer {
             .override_global("fault_addr_hi", &hi, true)
             .override_global("wakeup_bytes", &wakeup, true)
             .load(abi::BPF_OBJECT)
-            .map_err(|e| TracerError::Load(format!("{e:#}")))?;
+            .map_err(|e| TracerError::Load(Box::new(e)))?;
 
         {
-            let mut devices: BpfHashMap<_, u32, u32> =
-                BpfHashMap::try_from(bpf.map_mut("devices").ok_or(TracerError::Map {
-                    map: "devices",
-                    reason: "missing".into(),
-                })?)
-                .map_err(|e| TracerError::Map {
-                    map: "devices",
-                    reason: e.to_string(),
-                })?;
+            let mut devices: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
+                bpf.map_mut("devices")
+                    .ok_or(TracerError::NoMap { map: "devices" })?,
+            )
+            .map_err(|e| TracerError::Map {
+                map: "devices",
+                source: Box::new(e),
+            })?;
             for (dev, path) in &cfg.devices {
                 let mode = match path {
                     IoPath::Request => abi::TERN_DEV_REQUEST,
@@ -211,24 +218,23 @@ impl Tracer {
                 };
                 devices.insert(dev, mode, 0).map_err(|e| TracerError::Map {
                     map: "devices",
-                    reason: e.to_string(),
+                    source: Box::new(e),
                 })?;
             }
         }
         {
-            let mut pids: BpfHashMap<_, u32, u32> =
-                BpfHashMap::try_from(bpf.map_mut("pids").ok_or(TracerError::Map {
-                    map: "pids",
-                    reason: "missing".into(),
-                })?)
-                .map_err(|e| TracerError::Map {
-                    map: "pids",
-                    reason: e.to_string(),
-                })?;
+            let mut pids: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
+                bpf.map_mut("pids")
+                    .ok_or(TracerError::NoMap { map: "pids" })?,
+            )
+            .map_err(|e| TracerError::Map {
+                map: "pids",
+                source: Box::new(e),
+            })?;
             for pid in &cfg.pids {
                 pids.insert(pid, 1, 0).map_err(|e| TracerError::Map {
                     map: "pids",
-                    reason: e.to_string(),
+                    source: Box::new(e),
                 })?;
             }
         }
@@ -249,21 +255,21 @@ impl Tracer {
             fault_progs.push(program(&mut bpf, "page_fault_user", &btf)?);
         }
 
-        let ring = RingBuf::try_from(bpf.take_map("events").ok_or(TracerError::Map {
-            map: "events",
-            reason: "missing".into(),
-        })?)
+        let ring = RingBuf::try_from(
+            bpf.take_map("events")
+                .ok_or(TracerError::NoMap { map: "events" })?,
+        )
         .map_err(|e| TracerError::Map {
             map: "events",
-            reason: e.to_string(),
+            source: Box::new(e),
         })?;
-        let lost = PerCpuArray::try_from(bpf.take_map("lost").ok_or(TracerError::Map {
-            map: "lost",
-            reason: "missing".into(),
-        })?)
+        let lost = PerCpuArray::try_from(
+            bpf.take_map("lost")
+                .ok_or(TracerError::NoMap { map: "lost" })?,
+        )
         .map_err(|e| TracerError::Map {
             map: "lost",
-            reason: e.to_string(),
+            source: Box::new(e),
         })?;
         Ok(Tracer {
             _bpf: bpf,
@@ -281,7 +287,7 @@ impl Tracer {
         let slot = |i: u32| -> Result<u64, TracerError> {
             let values = self.lost.get(&i, 0).map_err(|e| TracerError::Map {
                 map: "lost",
-                reason: e.to_string(),
+                source: Box::new(e),
             })?;
             Ok(values.iter().sum())
         };
@@ -359,6 +365,36 @@ mod tests {
         assert!(
             matches!(err.raw_os_error(), Some(libc::EINVAL | libc::EBADF)),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_verifier_rejection_keeps_its_cause_and_shows_the_log() {
+        let rejected = aya::programs::ProgramError::LoadError {
+            io_error: std::io::Error::from_raw_os_error(libc::EACCES),
+            verifier_log: aya_obj::VerifierLog::new("R1 invalid mem access 'scalar'".into()),
+        };
+        let err = super::TracerError::Program {
+            program: "block_rq_issue",
+            step: "load",
+            source: Box::new(rejected),
+        };
+        // One line of the error alone (a log line) has the verifier's word.
+        let text = err.to_string();
+        assert!(
+            text.starts_with("eBPF program block_rq_issue failed to load: ")
+                && text.contains("R1 invalid mem access 'scalar'"),
+            "{text}"
+        );
+        // The cause is the typed error, and its own cause the syscall's.
+        let cause = std::error::Error::source(&err).expect("a cause");
+        assert!(cause.to_string().contains("Verifier output: R1"), "{cause}");
+        let errno = cause.source().expect("the syscall's error");
+        assert!(
+            errno
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.raw_os_error() == Some(libc::EACCES)),
+            "{errno}"
         );
     }
 }

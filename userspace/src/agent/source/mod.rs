@@ -442,8 +442,7 @@ fn start_history(rec: &HistoryRecording) -> Result<(ObserverFactory, UploaderHan
         source: Box::new(source),
     })?;
     let handle = uploader.spawn(CancellationToken::new());
-    let factory: ObserverFactory =
-        Box::new(move |header| uploader.observer(header).map_err(|e| e.to_string()));
+    let factory: ObserverFactory = Box::new(move |header| uploader.observer(header));
     tracing::info!(url = %rec.url, spool = %rec.spool.display(), "recording history");
     Ok((factory, handle))
 }

@@ -35,7 +35,7 @@ use write::run_write_stream;
 /// (cutover). Implemented by the agent over the NBD server.
 pub trait ExportControl: Send + Sync + 'static {
     fn writable(&self) -> bool;
-    fn set_writable(&self, writable: bool) -> Result<(), String>;
+    fn set_writable(&self, writable: bool) -> Result<(), crate::nbd::NbdError>;
 }
 
 /// Tuning of the service.
@@ -301,7 +301,7 @@ impl replica_server::Replica for ReplicaService {
         let lease = self.inner.fence.acquire(req.epoch).await?;
         export
             .set_writable(req.writable)
-            .map_err(RpcError::Export)?;
+            .map_err(|e| RpcError::Export(Box::new(e)))?;
         tracing::info!(
             epoch = lease.epoch,
             writable = req.writable,
