@@ -207,11 +207,12 @@ fn issue_host(
 fn set_validity(params: &mut CertificateParams, years: i32) {
     let days = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400) as i64;
+        .map_or(0, |d| d.as_secs() / 86_400);
+    let days = i64::try_from(days).expect("u64 seconds / 86400 fits i64");
     let (y, m, d) = civil_from_days(days - 1);
     params.not_before = date_time_ymd(y, m, d);
     // Day 28 exists in every month: no Feb 29 trouble.
-    params.not_after = date_time_ymd(y + years, m, d.min(28));
+    params.not_after = date_time_ymd(y.saturating_add(years), m, d.min(28));
 }
 
 /// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's algorithm).
@@ -225,7 +226,12 @@ fn civil_from_days(days: i64) -> (i32, u8, u8) {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    (y as i32, m as u8, d as u8)
+    (
+        // A year past i32 (a clock some billion years off) saturates.
+        i32::try_from(y).unwrap_or(i32::MAX),
+        u8::try_from(m).expect("the algorithm gives a month in 1..=12"),
+        u8::try_from(d).expect("the algorithm gives a day in 1..=31"),
+    )
 }
 
 fn check_host_name(host: &str) -> Result<(), CertsError> {

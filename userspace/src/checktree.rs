@@ -216,7 +216,12 @@ impl CheckTree {
         let leaves = (0..shape.leaf_count)
             .map(|i| {
                 let r = shape.region(i);
-                leaf_hash(&data[r.start as usize..r.end as usize])
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    reason = "the regions lie within `data`, whose length is a usize"
+                )]
+                let r = r.start as usize..r.end as usize;
+                leaf_hash(&data[r])
             })
             .collect();
         CheckTree::from_leaves(shape, leaves)
@@ -247,8 +252,9 @@ impl CheckTree {
     /// One node.
     pub fn node(&self, level: u32, index: u64) -> Result<Hash, CheckTreeError> {
         let nodes = self.level(level)?;
-        nodes
-            .get(index as usize)
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| nodes.get(i))
             .copied()
             .ok_or(CheckTreeError::NoSuchNode {
                 level,
@@ -263,21 +269,22 @@ impl CheckTree {
 
     /// Replaces some leaves and recomputes the levels above them.
     pub fn update_leaves(&mut self, leaves: &[(u64, Hash)]) -> Result<(), CheckTreeError> {
+        let mut touched = Vec::with_capacity(leaves.len());
         for &(index, hash) in leaves {
             let len = self.levels[0].len() as u64;
-            let slot =
-                self.levels[0]
-                    .get_mut(index as usize)
-                    .ok_or(CheckTreeError::NoSuchNode {
-                        level: 0,
-                        index,
-                        len,
-                    })?;
+            let (i, slot) = usize::try_from(index)
+                .ok()
+                .and_then(|i| Some((i, self.levels[0].get_mut(i)?)))
+                .ok_or(CheckTreeError::NoSuchNode {
+                    level: 0,
+                    index,
+                    len,
+                })?;
             *slot = hash;
+            touched.push(i);
         }
         // Only the paths above the changed leaves are rehashed: O(k log n),
         // so a caller may update a few leaves at a time on a huge tree.
-        let mut touched: Vec<u64> = leaves.iter().map(|&(i, _)| i).collect();
         touched.sort_unstable();
         touched.dedup();
         for level in 1..self.levels.len() {
@@ -286,8 +293,8 @@ impl CheckTree {
             let (lower, upper) = self.levels.split_at_mut(level);
             let below = &lower[level - 1];
             for &parent in &touched {
-                let left = 2 * parent as usize;
-                upper[0][parent as usize] = match below.get(left + 1) {
+                let left = 2 * parent;
+                upper[0][parent] = match below.get(left + 1) {
                     Some(right) => node_hash(&below[left], right),
                     None => below[left],
                 };
@@ -412,6 +419,10 @@ impl<'a> Descent<'a> {
         }
         self.compared += remote.len() as u64;
         let nodes = self.local.level(self.level)?;
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "the frontier holds indices of the local tree's nodes, which fit usize"
+        )]
         let differing = self
             .frontier
             .iter()

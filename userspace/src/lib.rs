@@ -3,6 +3,19 @@
 //! Data flows one way: `trace` → analyzer → controller/predictor →
 //! replication → cutover. Each module is one concept.
 
+// The library converts sizes, offsets and sectors between widths, and a silent
+// truncation there corrupts data: every narrowing cast is checked (`try_from`)
+// or says why it fits (`#[expect(..., reason)]`). Unit tests and the tools keep
+// the workspace default (allowed).
+#![cfg_attr(
+    not(test),
+    warn(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_possible_wrap
+    )
+)]
+
 pub mod agent;
 pub mod analyze;
 pub mod certs;

@@ -70,8 +70,10 @@ impl Histogram {
             .position(|&b| secs <= b)
             .unwrap_or(LATENCY_BOUNDS.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos
-            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -119,6 +119,7 @@ fn advise(file: &File, advice: libc::c_int) -> std::io::Result<()> {
 /// One buffered 4 KiB read per page: with readahead off each makes one
 /// order-0 folio.
 fn read_pages(file: &File, size: u64, progress: &mut impl FnMut(u64)) -> std::io::Result<u64> {
+    #[expect(clippy::cast_possible_truncation, reason = "PAGE is 4096")]
     let mut page = [0u8; PAGE as usize];
     let mut told = Instant::now();
     let mut at = 0;

@@ -172,7 +172,10 @@ pub fn warm_cache(path: &std::path::Path, ranges: &[std::ops::Range<u64>]) -> st
     for r in ranges {
         let mut at = r.start;
         while at < r.end {
-            let want = ((r.end - at) as usize).min(buf.len());
+            // More than usize can hold is more than the buffer: saturate.
+            let want = usize::try_from(r.end - at)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
             let n = file.read_at(&mut buf[..want], at)?;
             if n == 0 {
                 break;

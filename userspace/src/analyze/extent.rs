@@ -17,7 +17,8 @@ pub struct UnitBits {
 impl UnitBits {
     pub fn with_units(units: u64) -> UnitBits {
         UnitBits {
-            words: vec![0; units.div_ceil(64) as usize],
+            // A size hint: a count past usize starts empty and grows on demand.
+            words: vec![0; usize::try_from(units.div_ceil(64)).unwrap_or(0)],
             ones: 0,
         }
     }
@@ -39,7 +40,7 @@ impl UnitBits {
     /// Sets units `first..=last`; returns how many were newly set, and pushes
     /// the index of every word that was all zero before onto `touched`.
     #[inline]
-    pub fn set_range(&mut self, first: u64, last: u64, touched: Option<&mut Vec<u32>>) -> u64 {
+    pub fn set_range(&mut self, first: u64, last: u64, touched: Option<&mut Vec<usize>>) -> u64 {
         let (w0, w1) = ((first / 64) as usize, (last / 64) as usize);
         if w1 >= self.words.len() {
             // Grow geometrically so a trace without a known size pays O(1) amortised.
@@ -59,7 +60,7 @@ impl UnitBits {
                 if old == 0
                     && let Some(t) = touched.as_deref_mut()
                 {
-                    t.push(w as u32);
+                    t.push(w);
                 }
                 self.words[w] = new;
             }
@@ -69,9 +70,9 @@ impl UnitBits {
     }
 
     /// Clears the listed words (those `set_range` reported), and empties the list.
-    pub fn clear_words(&mut self, touched: &mut Vec<u32>) {
+    pub fn clear_words(&mut self, touched: &mut Vec<usize>) {
         for &w in touched.iter() {
-            if let Some(word) = self.words.get_mut(w as usize) {
+            if let Some(word) = self.words.get_mut(w) {
                 self.ones -= u64::from(word.count_ones());
                 *word = 0;
             }
@@ -150,6 +151,11 @@ impl IntervalHistogram {
         if total == 0 {
             return None;
         }
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a rank: q is a fraction, so the product lies in 0..=total, and `as` saturates (NaN to 0)"
+        )]
         let want = ((total as f64 * q).ceil() as u64).max(1);
         let mut seen = 0;
         for (i, n) in self.0.iter().enumerate() {
@@ -170,7 +176,7 @@ pub struct Level {
     pub written_ever: UnitBits,
     /// Units written in the current base window, and which words to clear.
     window: UnitBits,
-    window_words: Vec<u32>,
+    window_words: Vec<usize>,
     /// Units newly dirtied in the current window / first written ever in it.
     pub window_dirty: u64,
     pub window_new: u64,
@@ -192,7 +198,9 @@ impl Level {
             window_words: Vec::new(),
             window_dirty: 0,
             window_new: 0,
-            stats: with_stats.then(|| vec![ExtentStats::default(); units as usize]),
+            // A size hint: a count past usize starts empty and grows on demand.
+            stats: with_stats
+                .then(|| vec![ExtentStats::default(); usize::try_from(units).unwrap_or(0)]),
             access_intervals: IntervalHistogram::default(),
             rewrite_intervals: IntervalHistogram::default(),
         }
@@ -207,7 +215,7 @@ impl Level {
         self.read_ever.bytes()
             + self.written_ever.bytes()
             + self.window.bytes()
-            + self.window_words.capacity() * 4
+            + self.window_words.capacity() * std::mem::size_of::<usize>()
             + self
                 .stats
                 .as_ref()
@@ -230,13 +238,18 @@ impl Level {
         let Some(stats) = &mut self.stats else {
             return;
         };
-        if last as usize >= stats.len() {
-            let want = (last as usize + 1).max(stats.len() * 2);
+        // Units index memory: one past usize could not be held, so it saturates
+        // and the resize fails loudly instead of counting on another extent.
+        let (first_i, last_i) = (
+            usize::try_from(first).unwrap_or(usize::MAX),
+            usize::try_from(last).unwrap_or(usize::MAX),
+        );
+        if last_i >= stats.len() {
+            let want = last_i.saturating_add(1).max(stats.len() * 2);
             stats.resize(want, ExtentStats::default());
         }
         let unit = 1u64 << self.shift;
-        for e in first..=last {
-            let s = &mut stats[e as usize];
+        for (s, e) in stats[first_i..=last_i].iter_mut().zip(first..) {
             let lo = offset.max(e << self.shift);
             let hi = (offset + len).min((e << self.shift) + unit);
             let part = hi - lo;
@@ -276,7 +289,8 @@ impl Level {
             prefetch(&self.read_ever.words, word);
         }
         if let Some(stats) = &self.stats {
-            prefetch(stats, first as usize);
+            // A hint: an index past usize is simply out of range.
+            prefetch(stats, usize::try_from(first).unwrap_or(usize::MAX));
         }
     }
 

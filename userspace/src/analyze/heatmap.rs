@@ -59,11 +59,12 @@ impl Grid {
     }
 
     fn col(&mut self, ts: u64) -> usize {
-        let mut c = (ts / self.col_ns) as usize;
-        while c >= MAX_COLS {
+        let mut c = ts / self.col_ns;
+        while c >= MAX_COLS as u64 {
             self.halve();
-            c = (ts / self.col_ns) as usize;
+            c = ts / self.col_ns;
         }
+        let c = usize::try_from(c).expect("a column below MAX_COLS fits usize");
         if c >= self.cols() {
             self.cells.resize((c + 1) * self.rows, [0, 0]);
             self.unknown.resize(c + 1, false);
@@ -101,7 +102,8 @@ impl Grid {
 
     pub fn mark_unknown(&mut self, start: u64, end: u64) {
         let b = self.col(end);
-        let a = (start / self.col_ns) as usize;
+        // start <= end, so its column is at most end's: `min` only keeps that.
+        let a = usize::try_from(start / self.col_ns).map_or(b, |a| a.min(b));
         for u in &mut self.unknown[a..=b] {
             *u = true;
         }
@@ -151,8 +153,14 @@ impl BlockHeat {
         for row in first..=last {
             let lo = offset.max(row * self.row_bytes);
             let hi = (offset + len).min((row + 1) * self.row_bytes);
-            self.grid
-                .add(ts, row as usize, write, (hi - lo).div_ceil(1024) as u32);
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "row < ROWS: the loop above widened the rows until the request fits"
+            )]
+            let row = row as usize;
+            // A cell counts KiB and saturates: so does one request's share.
+            let kib = u32::try_from((hi - lo).div_ceil(1024)).unwrap_or(u32::MAX);
+            self.grid.add(ts, row, write, kib);
         }
     }
 }
@@ -246,6 +254,11 @@ fn colour(read: u32, write: u32, max: f64, unknown: bool) -> RGBColor {
         }
     };
     let (r, w) = (scale(read), scale(write));
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "v is clamped to 0..=1, so the channel lies in 0..=255"
+    )]
     let ch = |v: f64| (255.0 * v.clamp(0.0, 1.0)) as u8;
     RGBColor(
         ch(1.0 - 0.85 * r),
@@ -319,8 +332,12 @@ pub fn render(pic: &Picture<'_>, out: &Path) -> Result<(), AnalyzeError> {
             let cell = pic.grid.cells[c * pic.grid.rows + r];
             let col = colour(cell[0], cell[1], f64::from(max), unknown);
             if col != WHITE {
-                area.draw_pixel((px as i32, py as i32), &col)
-                    .map_err(draw_err)?;
+                #[expect(
+                    clippy::cast_possible_wrap,
+                    reason = "pixels of the chart image we sized, far below i32::MAX"
+                )]
+                let at = (px as i32, py as i32);
+                area.draw_pixel(at, &col).map_err(draw_err)?;
             }
         }
     }

@@ -101,6 +101,11 @@ pub struct Report {
 fn cover(mut bytes: Vec<u64>, share: f64) -> (u64, u64) {
     bytes.sort_unstable_by(|a, b| b.cmp(a));
     let total: u64 = bytes.iter().sum();
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "share is a fraction, so the product lies in 0..=total, and `as` saturates (NaN to 0)"
+    )]
     let want = (total as f64 * share).ceil() as u64;
     let mut acc = 0;
     for (i, b) in bytes.iter().enumerate() {

@@ -83,7 +83,8 @@ impl WorkingSets {
             self.dropped_faults += 1;
             return;
         }
-        let window = (ts / self.window_ns).min(u64::from(u32::MAX - 1)) as u32;
+        let window =
+            u32::try_from(ts / self.window_ns).map_or(u32::MAX - 1, |w| w.min(u32::MAX - 1));
         let p = self.pids.entry(pid).or_default();
         p.faults += 1;
         p.write_faults += u64::from(write);

@@ -270,11 +270,12 @@ pub async fn migrate(
             s.bandwidth_bps = bandwidth;
             s.dirty_rate_bps = dirty_rate;
             s.estimated_downtime_ms = estimate;
-            s.rpo_ms = last_round_end.elapsed().as_millis() as u64;
+            s.rpo_ms = u64::try_from(last_round_end.elapsed().as_millis()).unwrap_or(u64::MAX);
         });
         // At least one delta round first, so the estimate rests on one.
         let measured = rounds > catch_up_rounds || dirty == 0;
-        if opts.pause.is_none() || (measured && estimate <= opts.max_downtime.as_millis() as u64) {
+        let budget_ms = u64::try_from(opts.max_downtime.as_millis()).unwrap_or(u64::MAX);
+        if opts.pause.is_none() || (measured && estimate <= budget_ms) {
             break;
         }
         if rounds >= opts.max_rounds {
@@ -284,7 +285,7 @@ pub async fn migrate(
                 dirty_rate_mbs: dirty_rate / 1e6,
                 bandwidth_mbs: bandwidth / 1e6,
                 estimate_ms: estimate,
-                budget_ms: opts.max_downtime.as_millis() as u64,
+                budget_ms,
             });
         }
         last_round_start = Instant::now();
@@ -306,6 +307,11 @@ pub async fn migrate(
             // A round is worth it once the final delta would take a tenth of
             // the budget: each round ends with a destination barrier, and a
             // round still running when the VM stops is downtime.
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a non-negative rate times seconds; `as` saturates, right for a byte threshold"
+            )]
             let worth = (bandwidth * opts.max_downtime.as_secs_f64() / 10.0) as u64;
             let (paused, more) =
                 pause_while_sending(target, repl, tracker, worth, &mut gaps_seen, &mut report)
@@ -398,7 +404,13 @@ fn estimate_ms(dirty: u64, bandwidth: f64) -> u64 {
     if bandwidth <= 0.0 {
         return u64::MAX;
     }
-    (dirty as f64 / bandwidth * 1e3).ceil() as u64
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "positive here; `as` saturates to u64::MAX, as for no bandwidth above"
+    )]
+    let ms = (dirty as f64 / bandwidth * 1e3).ceil() as u64;
+    ms
 }
 
 fn finish_report(

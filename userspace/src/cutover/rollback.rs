@@ -74,7 +74,9 @@ pub async fn rollback(
         .iter()
         .map(|&i| {
             let r = shape.region(i);
-            (r.start, (r.end - r.start) as u32)
+            let len = u32::try_from(r.end - r.start)
+                .expect("a region is at most MAX_REGION_SIZE (1 GiB), which fits u32");
+            (r.start, len)
         })
         .collect();
     for batch in ranges.chunks(64) {

@@ -58,7 +58,7 @@ pub fn parse(
     }
     let entries: Vec<&[u8]> = (0..4).map(|i| &head[446 + 16 * i..462 + 16 * i]).collect();
     if entries.iter().any(|e| e[4] == 0xEE) {
-        for sector in [512u64, 4096] {
+        for sector in [512u16, 4096] {
             if let Some(v) = gpt(head, sector, &mut read_at)? {
                 return Ok((TableKind::Gpt, v));
             }
@@ -96,15 +96,16 @@ fn le32(b: &[u8], at: usize) -> u32 {
 /// The GPT at LBA 1 for `sector`-byte sectors, if its header checks out.
 fn gpt(
     head: &[u8],
-    sector: u64,
+    sector: u16,
     read_at: &mut impl FnMut(u64, &mut [u8]) -> Result<(), GranularityError>,
 ) -> Result<Option<Vec<Volume>>, GranularityError> {
-    let at = sector as usize;
+    let at = usize::from(sector);
+    let sector = u64::from(sector);
     if head.len() < at + 92 || &head[at..at + 8] != b"EFI PART" {
         return Ok(None);
     }
     let hsize = le32(head, at + 12) as usize;
-    if !(92..=sector as usize).contains(&hsize) || head.len() < at + hsize {
+    if !(92..=at).contains(&hsize) || head.len() < at + hsize {
         return Ok(None);
     }
     let mut h = head[at..at + hsize].to_vec();

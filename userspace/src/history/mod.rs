@@ -99,4 +99,15 @@ pub enum HistoryError {
     /// The blocking reader's runtime could not start.
     #[error("cannot start the history reader's runtime: {0}")]
     Runtime(io::Error),
+    /// The segments read together trace more targets than a record can name.
+    #[error("history segment {name}: the history read so far traces more than 65536 targets")]
+    TooManyTargets { name: String },
+    /// A spooled trace too large to upload from this machine's address space.
+    #[error("history upload of {path}: the {what} does not fit in memory here")]
+    TooLarge {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::num::TryFromIntError,
+    },
 }

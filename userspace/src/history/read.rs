@@ -27,7 +27,7 @@ pub struct TimeRange {
 pub(super) fn now_unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 impl TimeRange {
@@ -39,7 +39,9 @@ impl TimeRange {
     /// The last `d` before now.
     pub fn last(d: Duration) -> TimeRange {
         TimeRange {
-            from_unix_ns: Some(now_unix_ns().saturating_sub(d.as_nanos() as u64)),
+            from_unix_ns: Some(
+                now_unix_ns().saturating_sub(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            ),
             to_unix_ns: None,
         }
     }
@@ -54,12 +56,15 @@ impl TimeRange {
     /// Parses a time for the CLI: RFC 3339, or an age before now (`2h`).
     pub fn parse_time(s: &str) -> Result<u64, HistoryError> {
         if let Ok(age) = humantime::parse_duration(s) {
-            return Ok(now_unix_ns().saturating_sub(age.as_nanos() as u64));
+            return Ok(
+                now_unix_ns().saturating_sub(u64::try_from(age.as_nanos()).unwrap_or(u64::MAX))
+            );
         }
         humantime::parse_rfc3339_weak(s)
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos() as u64)
+            // Past 2554 does not fit the nanosecond clock: a bad time, not a wrapped one.
+            .and_then(|d| u64::try_from(d.as_nanos()).ok())
             .ok_or_else(|| HistoryError::BadTime(s.to_owned()))
     }
 }
@@ -366,9 +371,10 @@ impl RecordStream {
                         header.targets.push(t.clone());
                         header.targets.len() - 1
                     });
-                i as u16
+                // Records name their target by a u16 index.
+                u16::try_from(i).map_err(|_| HistoryError::TooManyTargets { name: name.clone() })
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         let key = &seg.key;
         if let Some((session, seq, end)) = self.prev {
             let contiguous = key.session == session && key.seq == seq + 1;

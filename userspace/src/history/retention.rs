@@ -95,7 +95,7 @@ impl HistoryStore {
         }
         let cutoff = retention
             .max_age
-            .map(|a| now_unix_ns.saturating_sub(a.as_nanos().min(u128::from(u64::MAX)) as u64));
+            .map(|a| now_unix_ns.saturating_sub(u64::try_from(a.as_nanos()).unwrap_or(u64::MAX)));
         let mut report = PruneReport::default();
         for segments in devices.into_values() {
             let mut list: Vec<Stored> = segments.into_values().collect();

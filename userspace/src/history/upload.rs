@@ -362,16 +362,21 @@ impl Uploader {
         let mut file = tokio::fs::File::open(&trace)
             .await
             .map_err(spool_err(&trace))?;
+        let too_large = |what: &'static str| {
+            let path = trace.clone();
+            move |source| HistoryError::TooLarge { path, what, source }
+        };
         for idx in state.parts.len() as u64..parts {
             let offset = idx * part_size;
             let len = part_size.min(size - offset);
-            let mut buf = vec![0u8; len as usize];
+            let mut buf = vec![0u8; usize::try_from(len).map_err(too_large("part"))?];
             file.seek(SeekFrom::Start(offset))
                 .await
                 .map_err(spool_err(&trace))?;
             file.read_exact(&mut buf).await.map_err(spool_err(&trace))?;
+            let part_no = usize::try_from(idx).map_err(too_large("part number"))?;
             match mp
-                .put_part(path, &state.upload_id, idx as usize, buf.into())
+                .put_part(path, &state.upload_id, part_no, buf.into())
                 .await
             {
                 Ok(part) => {
@@ -491,7 +496,8 @@ impl Uploader {
                 Ok(_) => {
                     if let Some(since) = down_since.take() {
                         tracing::info!(
-                            after_ms = since.elapsed().as_millis() as u64,
+                            after_ms =
+                                u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
                             "history store reachable again; the spool is uploaded"
                         );
                     }

@@ -157,7 +157,7 @@ impl SegmentWriter {
     }
 
     fn period(&self) -> u64 {
-        self.policy.every.as_nanos().min(u128::from(u64::MAX / 4)) as u64
+        u64::try_from(self.policy.every.as_nanos()).map_or(u64::MAX / 4, |ns| ns.min(u64::MAX / 4))
     }
 
     /// Opens the window starting at `next_start` that holds `ts`.

@@ -255,7 +255,7 @@ impl Image {
             buffered: OwnedFd::from(file),
             direct: direct.map(OwnedFd::from),
             offset_align,
-            mem_align: mem_align as usize,
+            mem_align,
         });
         let ring_err = |source| ImageError::Ring {
             path: path.to_path_buf(),
@@ -444,7 +444,7 @@ impl Image {
             .clone();
         let chunks = (0..len.div_ceil(ZERO_CHUNK as u64)).map(move |i| {
             let start = i * ZERO_CHUNK as u64;
-            let n = (len - start).min(ZERO_CHUNK as u64) as usize;
+            let n = usize::try_from(len - start).map_or(ZERO_CHUNK, |n| n.min(ZERO_CHUNK));
             (offset + start, zeroes.slice(..n))
         });
         futures::stream::iter(chunks)
@@ -605,7 +605,7 @@ fn new_eventfd() -> io::Result<OwnedFd> {
 
 /// Direct-I/O offset and memory alignment of an `O_DIRECT` descriptor, from
 /// `statx(STATX_DIOALIGN)`; `None` when the kernel or file system says nothing.
-fn dio_alignment(file: &File) -> Option<(u64, u64)> {
+fn dio_alignment(file: &File) -> Option<(u64, usize)> {
     // SAFETY: `statx` is a plain C struct for which all-zero is valid.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: valid descriptor, NUL-terminated empty path with AT_EMPTY_PATH,
@@ -622,10 +622,13 @@ fn dio_alignment(file: &File) -> Option<(u64, u64)> {
     if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
         return None;
     }
-    let offset = u64::from(stx.stx_dio_offset_align);
-    let mem = u64::from(stx.stx_dio_mem_align);
-    let ok = |a: u64| a.is_power_of_two() && a <= uring::BUF_ALIGN as u64;
-    (ok(offset) && ok(mem)).then_some((offset, mem))
+    let ok =
+        |a: u32| a.is_power_of_two() && usize::try_from(a).is_ok_and(|a| a <= uring::BUF_ALIGN);
+    let (offset, mem) = (stx.stx_dio_offset_align, stx.stx_dio_mem_align);
+    if !(ok(offset) && ok(mem)) {
+        return None;
+    }
+    Some((u64::from(offset), usize::try_from(mem).ok()?))
 }
 
 #[cfg(test)]

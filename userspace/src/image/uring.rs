@@ -72,8 +72,8 @@ fn class_of(len: usize) -> (Option<usize>, Layout) {
     let size = len.max(1 << POOL_MIN_SHIFT).next_power_of_two();
     let class = size.trailing_zeros().checked_sub(POOL_MIN_SHIFT);
     let class = class
-        .filter(|&c| c < POOL_CLASSES as u32)
-        .map(|c| c as usize);
+        .and_then(|c| usize::try_from(c).ok())
+        .filter(|&c| c < POOL_CLASSES);
     let layout = Layout::from_size_align(size, BUF_ALIGN)
         .expect("an I/O length below isize::MAX with page alignment is a valid layout");
     (class, layout)
@@ -475,7 +475,9 @@ impl RingThread {
                     poll_armed = false;
                     self.drain_wake();
                 } else {
-                    self.complete(token as usize, res);
+                    // Tokens are slot indices; one that is not lands on no
+                    // slot, and `complete` logs it as a stray.
+                    self.complete(usize::try_from(token).unwrap_or(usize::MAX), res);
                 }
             }
         }
@@ -618,7 +620,9 @@ impl RingThread {
                 // (or one past) the allocation owned by this slot.
                 let ptr = unsafe { buf.as_mut_ptr().add(*done) };
                 let fd = files.pick(pos, remaining, ptr as usize);
-                opcode::Read::new(types::Fd(fd), ptr, remaining as u32)
+                // One op moves at most u32::MAX bytes; a short read resubmits the rest.
+                let len = u32::try_from(remaining).unwrap_or(u32::MAX);
+                opcode::Read::new(types::Fd(fd), ptr, len)
                     .offset(pos)
                     .build()
             }
@@ -633,7 +637,9 @@ impl RingThread {
                 let slice = &buf.as_slice()[*done..];
                 let fd = files.pick(pos, slice.len(), slice.as_ptr() as usize);
                 let flags = if *fua { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(types::Fd(fd), slice.as_ptr(), slice.len() as u32)
+                // One op moves at most u32::MAX bytes; a short write resubmits the rest.
+                let len = u32::try_from(slice.len()).unwrap_or(u32::MAX);
+                opcode::Write::new(types::Fd(fd), slice.as_ptr(), len)
                     .offset(pos)
                     .rw_flags(flags)
                     .build()
@@ -649,6 +655,8 @@ impl RingThread {
             return;
         };
         let retry = res == -libc::EAGAIN || res == -libc::EINTR;
+        // The bytes moved; a negative result is an errno, and moved nothing.
+        let moved = usize::try_from(res).unwrap_or(0);
         match op {
             Op::Read {
                 offset,
@@ -675,7 +683,7 @@ impl RingThread {
                         "the image ended before the requested range (was it truncated?)",
                     )));
                 } else {
-                    done += res as usize;
+                    done += moved;
                     if done >= buf.len() {
                         let _ = reply.send(Ok(buf.into_bytes()));
                     } else {
@@ -700,9 +708,9 @@ impl RingThread {
                 reply,
             } => {
                 let total = buf.as_slice().len();
-                if retry || (res > 0 && done + (res as usize) < total) {
+                if retry || (moved > 0 && done + moved < total) {
                     if !retry {
-                        done += res as usize;
+                        done += moved;
                     }
                     self.slots.put_back(
                         idx,

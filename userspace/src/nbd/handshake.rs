@@ -103,7 +103,7 @@ where
                 for export in server.exports() {
                     let mut payload =
                         Vec::with_capacity(4 + export.name.len() + export.description.len());
-                    payload.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
+                    payload.extend_from_slice(&wire_len(export.name.len())?.to_be_bytes());
                     payload.extend_from_slice(export.name.as_bytes());
                     payload.extend_from_slice(export.description.as_bytes());
                     reply(wr, option, proto::REP_SERVER, &payload).await?;
@@ -176,6 +176,11 @@ async fn send_info<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// A length for one of NBD's 32-bit length fields.
+fn wire_len(len: usize) -> Result<u32, NbdError> {
+    u32::try_from(len).map_err(|source| NbdError::ReplyTooLong { len, source })
+}
+
 async fn reply<W: AsyncWrite + Unpin>(
     wr: &mut W,
     option: u32,
@@ -185,7 +190,7 @@ async fn reply<W: AsyncWrite + Unpin>(
     wr.write_all(&proto::option_reply_header(
         option,
         kind,
-        payload.len() as u32,
+        wire_len(payload.len())?,
     ))
     .await?;
     wr.write_all(payload).await?;

@@ -73,6 +73,13 @@ pub enum NbdError {
     /// The final flush at shutdown failed.
     #[error("flushing export {name:?} at shutdown failed: {source}")]
     Flush { name: String, source: ImageError },
+    /// An option reply (or a name in it) longer than NBD's 32-bit length field.
+    #[error("an NBD option reply field of {len} bytes does not fit its 32-bit length")]
+    ReplyTooLong {
+        len: usize,
+        #[source]
+        source: std::num::TryFromIntError,
+    },
 }
 
 /// Settings for `tern nbd serve`: one image, one export.

@@ -503,6 +503,10 @@ impl NbdServer {
                 .await
                 .expect("the in-flight semaphore is never closed");
             // A budget permit of at least one byte and at most the budget.
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "clamped to MAX_INFLIGHT_BYTES (128 MiB), which fits u32"
+            )]
             let cost = (io_bytes as usize).clamp(1, MAX_INFLIGHT_BYTES) as u32;
             let bytes_permit = Arc::clone(&budget)
                 .acquire_many_owned(cost)

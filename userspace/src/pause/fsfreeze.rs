@@ -88,16 +88,19 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
+        // Three octal digits that make a byte (the kernel escapes bytes, so \377 at most).
         if bytes[i] == b'\\'
             && i + 3 < bytes.len()
             && bytes[i + 1..=i + 3]
                 .iter()
                 .all(|b| (b'0'..=b'7').contains(b))
+            && let Ok(n) = u8::try_from(
+                bytes[i + 1..=i + 3]
+                    .iter()
+                    .fold(0u32, |n, b| n * 8 + u32::from(b - b'0')),
+            )
         {
-            let n = bytes[i + 1..=i + 3]
-                .iter()
-                .fold(0u32, |n, b| n * 8 + u32::from(b - b'0'));
-            out.push(n as u8);
+            out.push(n);
             i += 4;
         } else {
             out.push(bytes[i]);

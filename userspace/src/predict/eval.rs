@@ -180,6 +180,11 @@ where
     }
     let t0 = events.first().map_or(0, Event::ts_ns);
     let t1 = events.last().map_or(0, Event::ts_ns) + 1;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "f is a fraction in 0..=1 (parse_split), so the offset lies in 0..=t1 - t0"
+    )]
     let at = |f: f64| t0 + ((t1 - t0) as f64 * f).round() as u64;
     let (train_from, train_to) = (at(spec.train.0), at(spec.train.1));
     let (test_from, test_to) = (at(spec.test.0), at(spec.test.1));
@@ -397,6 +402,11 @@ fn score(
     c.read_units += reads.len() as u64;
     let base = prev_reads.len().max(1) as f64;
     for (k, factor) in BUDGET_FACTORS.iter().enumerate() {
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a count times a positive factor; `as` saturates, and `take` takes what there is"
+        )]
         let budget = (base * factor).ceil() as usize;
         let cache: HashSet<u64> = by_read.iter().take(budget).map(|s| s.unit).collect();
         let hits = reads.iter().filter(|u| cache.contains(u)).count() as u64;

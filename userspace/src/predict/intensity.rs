@@ -72,7 +72,8 @@ impl Intensity {
             .counts
             .iter()
             .copied()
-            .take(end_bin.saturating_sub(first_bin) as usize)
+            // `take` of more than usize holds is `take` of all.
+            .take(usize::try_from(end_bin.saturating_sub(first_bin)).unwrap_or(usize::MAX))
             .collect();
         while first_bin + (s.len() as u64) < end_bin {
             s.push(0.0);
@@ -141,7 +142,8 @@ impl Model for Intensity {
     fn predict(&mut self, now_ns: u64, horizon_ns: u64) -> Vec<Scored> {
         // Bins before the one `now_ns` falls in are complete.
         let now_bin = now_ns / self.bin_ns;
-        let steps = horizon_ns.div_ceil(self.bin_ns).max(1) as usize;
+        // More steps than usize holds could not be forecast anyway: saturate.
+        let steps = usize::try_from(horizon_ns.div_ceil(self.bin_ns).max(1)).unwrap_or(usize::MAX);
         // The busiest regions over the kept window.
         let mut busy: Vec<(u64, f64)> = self
             .regions

@@ -88,7 +88,15 @@ impl Model for Stride {
             t.first_ts = a.ts_ns;
         } else {
             t.steps += 1;
-            t.deltas.push_back(a.unit as i64 - t.last_unit as i64);
+            // Units (offset / unit size) are far below 2^63, so the delta fits;
+            // a jump that did not would only saturate, and extend off the end.
+            let bound = if a.unit > t.last_unit {
+                i64::MAX
+            } else {
+                i64::MIN
+            };
+            let delta = a.unit.checked_signed_diff(t.last_unit).unwrap_or(bound);
+            t.deltas.push_back(delta);
             if t.deltas.len() > HISTORY {
                 t.deltas.pop_front();
             }
@@ -115,16 +123,22 @@ impl Model for Stride {
             let Some((delta, share)) = t.majority() else {
                 continue;
             };
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "clamped to 1..=MAX_STEPS right away, and `as` saturates (NaN to 0)"
+            )]
             let steps =
                 ((t.rate(horizon_ns) * horizon_ns as f64).ceil() as u64).clamp(1, MAX_STEPS);
-            let mut unit = t.last_unit as i64;
+            let mut unit = t.last_unit;
             for _ in 0..steps {
-                unit += delta;
-                if unit < 0 {
+                // The trend stops at either end of the unit space.
+                let Some(next) = unit.checked_add_signed(delta) else {
                     break;
-                }
-                let c = claims.entry(unit as u64).or_insert(Scored {
-                    unit: unit as u64,
+                };
+                unit = next;
+                let c = claims.entry(unit).or_insert(Scored {
+                    unit,
                     read: 0.0,
                     write: 0.0,
                 });

@@ -206,7 +206,8 @@ impl ReplicaClient {
         let mut descent = Descent::new(local);
         while let Some((level, indices)) = descent.want() {
             let mut answer = Vec::with_capacity(indices.len());
-            for batch in indices.chunks(MAX_NODES_PER_CALL as usize) {
+            let per_call = usize::try_from(MAX_NODES_PER_CALL).expect("2^16 fits usize");
+            for batch in indices.chunks(per_call) {
                 let nodes = self.tree_nodes(shape.region_size(), level, batch).await?;
                 if nodes.image_size != shape.image_size() || nodes.levels != shape.levels() {
                     return Err(RpcError::UnexpectedReply {
@@ -539,6 +540,10 @@ pub async fn push_file(
     let mut extents = stream::iter((0..size.div_ceil(extent_len)).map(|i| i * extent_len))
         .map(|offset| {
             let path = path_buf.clone();
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "at most extent_len, a u32 clamped to MAX_EXTENT_LEN"
+            )]
             let len = extent_len.min(size - offset) as usize;
             tokio::task::spawn_blocking(move || {
                 let buf = read_extent(&path, offset, len)

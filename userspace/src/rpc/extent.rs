@@ -5,8 +5,8 @@
 
 use bytes::Bytes;
 
-use super::RpcError;
 use super::pb;
+use super::{MAX_EXTENT_LEN, RpcError};
 
 /// One extent ready for the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +28,12 @@ impl EncodedExtent {
         data: Bytes,
         zstd_level: Option<i32>,
     ) -> Result<EncodedExtent, RpcError> {
-        let length = data.len() as u32;
+        // The wire carries a u32 length; its real limit is checked by the receiver.
+        let length = u32::try_from(data.len()).map_err(|_| RpcError::ExtentTooLong {
+            offset,
+            len: u32::MAX,
+            max: MAX_EXTENT_LEN,
+        })?;
         if is_zero(&data) {
             return Ok(EncodedExtent::zero(offset, length));
         }

@@ -91,7 +91,7 @@ fn read_sysfs(path: &Path) -> Result<String, DeviceError> {
         })
 }
 
-fn read_sysfs_u64(path: &Path) -> Result<u64, DeviceError> {
+fn read_sysfs_num<T: std::str::FromStr>(path: &Path) -> Result<T, DeviceError> {
     let content = read_sysfs(path)?;
     content.parse().map_err(|_| DeviceError::SysfsValue {
         path: path.to_path_buf(),
@@ -130,7 +130,7 @@ impl BlockDevice {
         })?;
         let is_partition = real.join("partition").exists();
         let (disk_dir, start_bytes) = if is_partition {
-            let start = read_sysfs_u64(&real.join("start"))? * 512;
+            let start = read_sysfs_num::<u64>(&real.join("start"))? * 512;
             let parent = real
                 .parent()
                 .map_or_else(|| real.clone(), Path::to_path_buf);
@@ -146,8 +146,9 @@ impl BlockDevice {
                 path: disk_dir.join("dev"),
                 content: disk_dev.clone(),
             })?;
-        let size_bytes = read_sysfs_u64(&real.join("size"))? * 512;
-        let logical_block_size = read_sysfs_u64(&disk_dir.join("queue/logical_block_size"))? as u32;
+        let size_bytes = read_sysfs_num::<u64>(&real.join("size"))? * 512;
+        // Parsed as u32 directly: a value past it is not what the kernel documents.
+        let logical_block_size: u32 = read_sysfs_num(&disk_dir.join("queue/logical_block_size"))?;
         let io_path = if disk_dir.join("mq").exists() {
             IoPath::Request
         } else {

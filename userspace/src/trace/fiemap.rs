@@ -145,7 +145,7 @@ impl ImageMap {
             req.fm_length = u64::MAX - start;
             req.fm_flags = flags;
             req.fm_mapped_extents = 0;
-            req.fm_extent_count = BATCH as u32;
+            req.fm_extent_count = u32::try_from(BATCH).expect("BATCH (256) fits u32");
             // SAFETY: `req` is a properly laid out `struct fiemap` with room for
             // `fm_extent_count` extents, it outlives the call, and the fd is open.
             let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), FS_IOC_FIEMAP, &raw mut *req) };

@@ -52,6 +52,13 @@ pub enum TraceFileError {
     /// The header cannot be encoded.
     #[error("cannot encode the trace header: {0}")]
     Header(#[from] serde_json::Error),
+    /// A header longer than the format's 32-bit length field.
+    #[error("the trace header is {len} bytes, more than its 32-bit length field holds")]
+    HeaderTooLong {
+        len: usize,
+        #[source]
+        source: std::num::TryFromIntError,
+    },
 }
 
 /// What the offsets in a trace refer to.
@@ -98,6 +105,10 @@ impl TraceHeader {
     }
 }
 
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a varint takes v seven bits a byte: keeping the low bits is the point"
+)]
 fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         buf.push((v as u8) | 0x80);
@@ -107,11 +118,11 @@ fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
 }
 
 fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
+    ((v << 1) ^ (v >> 63)).cast_unsigned()
 }
 
 fn unzigzag(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
+    (v >> 1).cast_signed() ^ -(v & 1).cast_signed()
 }
 
 /// Writes a trace streaming: memory is one chunk, whatever the trace's length.
@@ -130,7 +141,12 @@ impl<W: Write> TraceWriter<W> {
         fixed.extend_from_slice(MAGIC);
         fixed.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         fixed.extend_from_slice(&0u16.to_le_bytes());
-        fixed.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        let json_len =
+            u32::try_from(json.len()).map_err(|source| TraceFileError::HeaderTooLong {
+                len: json.len(),
+                source,
+            })?;
+        fixed.extend_from_slice(&json_len.to_le_bytes());
         fixed.extend_from_slice(&json);
         fixed.extend_from_slice(&crc32c::crc32c(&json).to_le_bytes());
         out.write_all(&fixed)?;
@@ -149,7 +165,8 @@ impl<W: Write> TraceWriter<W> {
     }
 
     fn put_ts(&mut self, ts: u64) {
-        let delta = ts.wrapping_sub(self.last_ts) as i64;
+        // The two's-complement difference: the reader adds it back wrapping.
+        let delta = ts.wrapping_sub(self.last_ts).cast_signed();
         put_varint(&mut self.chunk, zigzag(delta));
         self.last_ts = ts;
     }
@@ -188,8 +205,10 @@ impl<W: Write> TraceWriter<W> {
                 self.put_ts(p.ts_ns);
                 put_varint(&mut self.chunk, u64::from(p.pid));
                 let name = p.comm.as_bytes();
-                let name = &name[..name.len().min(255)];
-                self.chunk.push(name.len() as u8);
+                // One length byte: a longer name is cut to 255 bytes.
+                let len = u8::try_from(name.len()).unwrap_or(u8::MAX);
+                let name = &name[..usize::from(len)];
+                self.chunk.push(len);
                 self.chunk.extend_from_slice(name);
             }
             Record::End(e) => {
@@ -214,7 +233,12 @@ impl<W: Write> TraceWriter<W> {
         }
         let mut head = [0u8; CHUNK_HEADER_LEN];
         head[0..4].copy_from_slice(&CHUNK_MAGIC.to_le_bytes());
-        head[4..8].copy_from_slice(&(self.chunk.len() as u32).to_le_bytes());
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "a chunk is written once past CHUNK_TARGET (64 KiB): that plus one record"
+        )]
+        let len = self.chunk.len() as u32;
+        head[4..8].copy_from_slice(&len.to_le_bytes());
         head[8..12].copy_from_slice(&self.records_in_chunk.to_le_bytes());
         head[12..16].copy_from_slice(&crc32c::crc32c(&self.chunk).to_le_bytes());
         self.out.write_all(&head)?;
@@ -417,7 +441,7 @@ impl<R: Read> TraceReader<R> {
 
     fn ts(&mut self) -> Result<u64, TraceFileError> {
         let delta = unzigzag(self.varint()?);
-        self.last_ts = self.last_ts.wrapping_add(delta as u64);
+        self.last_ts = self.last_ts.wrapping_add_signed(delta);
         Ok(self.last_ts)
     }
 

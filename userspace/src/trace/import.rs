@@ -33,6 +33,9 @@ pub enum ImportError {
     Empty { path: PathBuf, format: &'static str },
     #[error(transparent)]
     Trace(#[from] TraceFileError),
+    /// More devices than a trace can name.
+    #[error("{path} names {count} devices; a trace holds at most 65536")]
+    TooManyTargets { path: PathBuf, count: usize },
 }
 
 /// The formats `tern trace import` reads.
@@ -215,7 +218,12 @@ fn parse_blkparse(lines: &Lines, line: &str) -> Result<Parsed, ImportError> {
             ts_ns,
             offset: sector * 512,
             latency_ns: 0,
-            len: (sectors * 512) as u32,
+            len: sectors
+                .checked_mul(512)
+                .and_then(|b| u32::try_from(b).ok())
+                .ok_or_else(|| {
+                    lines.err(format!("a request of {sectors} sectors is over 4 GiB"))
+                })?,
             pid,
             flags,
             target: 0,
@@ -265,6 +273,10 @@ fn parse_tern_csv(lines: &Lines, line: &str) -> Result<Parsed, ImportError> {
             num(lines, s, what)
         }
     };
+    let opt_u32 = |s: &str, what: &str| -> Result<u32, ImportError> {
+        let v = opt_num(s, what)?;
+        u32::try_from(v).map_err(|_| lines.err(format!("{what} {v} does not fit 32 bits")))
+    };
     match f[0].as_str() {
         "block" => {
             let op =
@@ -278,7 +290,7 @@ fn parse_tern_csv(lines: &Lines, line: &str) -> Result<Parsed, ImportError> {
                     offset: num(lines, &f[5], "offset")?,
                     latency_ns: opt_num(&f[7], "latency_ns")?,
                     len: num(lines, &f[6], "len")?,
-                    pid: opt_num(&f[8], "pid")? as u32,
+                    pid: opt_u32(&f[8], "pid")?,
                     flags,
                     target: 0,
                     op,
@@ -300,8 +312,8 @@ fn parse_tern_csv(lines: &Lines, line: &str) -> Result<Parsed, ImportError> {
                 ts_ns: num(lines, &f[1], "ts_ns")?,
                 address: num(lines, &f[5], "address")?,
                 ip: opt_num(&f[10], "ip")?,
-                pid: opt_num(&f[8], "pid")? as u32,
-                tid: opt_num(&f[9], "tid")? as u32,
+                pid: opt_u32(&f[8], "pid")?,
+                tid: opt_u32(&f[9], "tid")?,
                 flags,
             }))
         }
@@ -411,11 +423,18 @@ pub fn import<W: Write>(
             format: format.name(),
         });
     }
+    // Records name their target by a u16 index.
     let index: HashMap<String, u16> = sizes
         .keys()
         .enumerate()
-        .map(|(i, k)| (k.clone(), i as u16))
-        .collect();
+        .map(|(i, k)| {
+            let i = u16::try_from(i).map_err(|_| ImportError::TooManyTargets {
+                path: input.to_path_buf(),
+                count: sizes.len(),
+            })?;
+            Ok((k.clone(), i))
+        })
+        .collect::<Result<_, ImportError>>()?;
     let header = TraceHeader {
         kernel_release: String::new(),
         hostname: String::new(),

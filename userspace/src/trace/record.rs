@@ -37,6 +37,10 @@ impl Op {
         }
     }
 
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the ABI's TERN_OP_* are 0..=5 (ebpf/tern_event.h)"
+    )]
     pub fn code(self) -> u8 {
         match self {
             Op::Read => abi::TERN_OP_READ as u8,

@@ -31,6 +31,9 @@ pub enum SessionError {
     /// Nothing to trace.
     #[error("nothing to trace: give at least one --device or a --file")]
     NoTarget,
+    /// More devices than a trace can name.
+    #[error("{0} devices given; a trace holds at most 65536")]
+    TooManyDevices(usize),
     /// The output cannot be created.
     #[error("cannot create trace file {path}: {source}")]
     Create {
@@ -76,7 +79,9 @@ pub fn monotonic_ns() -> u64 {
     };
     // SAFETY: `ts` is a valid timespec to write to; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    let secs = u64::try_from(ts.tv_sec).expect("CLOCK_MONOTONIC is never negative");
+    let nanos = u64::try_from(ts.tv_nsec).expect("tv_nsec is in 0..1e9");
+    secs * 1_000_000_000 + nanos
 }
 
 /// How device events become records.
@@ -204,9 +209,14 @@ impl Recorder {
                     self.totals.outside_image += 1;
                 }
                 for (offset, part) in mapped {
+                    #[expect(
+                        clippy::cast_possible_truncation,
+                        reason = "a part of the request, whose length `ev.bytes` is a u32"
+                    )]
+                    let part = part as u32;
                     self.emit(&Record::Block(BlockRecord {
                         offset,
-                        len: part as u32,
+                        len: part,
                         ..base
                     }))?;
                 }
@@ -302,9 +312,12 @@ fn targets(cfg: &SessionConfig) -> Result<(Vec<Target>, DeviceFilter, Mapping), 
             logical_block_size: dev.logical_block_size,
         });
         // Two partitions of one disk: events map to the first by disk; keep one filter entry.
+        // Records name their target by a u16 index.
+        let index =
+            u16::try_from(i).map_err(|_| SessionError::TooManyDevices(cfg.devices.len()))?;
         by_dev
             .entry(dev.kernel_disk_dev())
-            .or_insert((i as u16, dev.start_bytes));
+            .or_insert((index, dev.start_bytes));
         filters.push((dev.kernel_disk_dev(), dev.io_path));
     }
     filters.dedup();
@@ -382,7 +395,7 @@ impl Session {
             hostname: device::hostname(),
             start_wall_unix_ns: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64),
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
             start_monotonic_ns: start_mono,
             sector_size: 512,
             targets: target_list,

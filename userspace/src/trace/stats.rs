@@ -62,6 +62,11 @@ impl LatencyHistogram {
         if total == 0 {
             return 0;
         }
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a rank: q is a fraction, so the product lies in 0..=total, and `as` saturates (NaN to 0)"
+        )]
         let want = (total as f64 * q).ceil() as u64;
         let mut seen = 0;
         for (i, n) in self.0.iter().enumerate() {

@@ -115,7 +115,7 @@ impl SourceAgent {
             *synced_at = Instant::now();
             0
         } else {
-            synced_at.elapsed().as_millis() as u64
+            u64::try_from(synced_at.elapsed().as_millis()).unwrap_or(u64::MAX)
         };
         set(&self.status, |s| {
             s.phase = "standby: replicating";

@@ -43,12 +43,14 @@ impl TreeCache {
     ) -> Result<CheckTree, RpcError> {
         let _one_at_a_time = self.refresh.lock().await;
         let shape = Shape::new(image.size(), region_size)?;
+        let leaf_count = usize::try_from(shape.leaf_count())
+            .expect("a tree has at most MAX_LEAVES (2^24) leaves");
         let dirty = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             let reuse = state.as_ref().is_some_and(|c| *c.tree.shape() == shape);
             if !reuse {
-                let leaves = vec![[0u8; checktree::HASH_LEN]; shape.leaf_count() as usize];
-                let mut dirty = vec![u64::MAX; shape.leaf_count().div_ceil(64) as usize];
+                let leaves = vec![[0u8; checktree::HASH_LEN]; leaf_count];
+                let mut dirty = vec![u64::MAX; leaf_count.div_ceil(64)];
                 if let Some(last) = dirty.last_mut() {
                     let used = shape.leaf_count() % 64;
                     if used != 0 {
@@ -62,10 +64,7 @@ impl TreeCache {
             }
             let cached = state.as_mut().expect("cache filled just above");
             // Taken (cleared) before reading: a write completing from now on marks again.
-            std::mem::replace(
-                &mut cached.dirty,
-                vec![0; shape.leaf_count().div_ceil(64) as usize],
-            )
+            std::mem::replace(&mut cached.dirty, vec![0; leaf_count.div_ceil(64)])
         };
         let mut updates = Vec::new();
         for run in dirty_runs(&dirty, shape.leaf_count()) {
