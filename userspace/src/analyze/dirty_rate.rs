@@ -71,10 +71,10 @@ impl Series {
     /// The window holding `ts`, created (and the series coarsened) as needed.
     #[inline]
     pub fn at(&mut self, ts: u64) -> &mut Window {
-        let mut i = (ts / self.window_ns) as usize;
+        let mut i = window_index(ts, self.window_ns);
         while i >= self.max_windows {
             self.coarsen();
-            i = (ts / self.window_ns) as usize;
+            i = window_index(ts, self.window_ns);
         }
         if i >= self.windows.len() {
             self.windows.resize(i + 1, Window::default());
@@ -102,8 +102,8 @@ impl Series {
     pub fn mark_unknown(&mut self, start: u64, end: u64) {
         self.at(end).unknown = true;
         let (a, b) = (
-            (start / self.window_ns) as usize,
-            (end / self.window_ns) as usize,
+            window_index(start, self.window_ns),
+            window_index(end, self.window_ns),
         );
         for w in &mut self.windows[a..=b] {
             w.unknown = true;
@@ -141,6 +141,22 @@ impl Series {
     }
 }
 
+/// The index of the window of `window_ns` holding `ts`; past `usize` it
+/// saturates (the series then coarsens until it fits).
+pub(crate) fn window_index(ts: u64, window_ns: u64) -> usize {
+    usize::try_from(ts / window_ns).unwrap_or(usize::MAX)
+}
+
+/// The nearest rank of quantile `q` among `len` sorted values, 1-based.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "q is in 0..=1, so the rank is in 0..=len (as saturates, then clamps)"
+)]
+pub(crate) fn nearest_rank(len: usize, q: f64) -> usize {
+    ((len as f64 * q).ceil() as usize).clamp(1, len.max(1))
+}
+
 /// Percentiles of a set of values (nearest rank).
 #[derive(Debug, Default, Clone, Copy, Serialize, PartialEq)]
 pub struct Percentiles {
@@ -157,7 +173,7 @@ impl Percentiles {
             return Percentiles::default();
         }
         v.sort_by(f64::total_cmp);
-        let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+        let at = |q: f64| v[nearest_rank(v.len(), q) - 1];
         Percentiles {
             p50: at(0.5),
             p90: at(0.9),

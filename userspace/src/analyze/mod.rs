@@ -252,8 +252,8 @@ impl Analyzer {
         let mut any = false;
         for (l, level) in self.levels.iter_mut().enumerate() {
             let (d, n) = level.close_window();
-            dirty[l] = d.min(u64::from(u32::MAX)) as u32;
-            new[l] = n.min(u64::from(u32::MAX)) as u32;
+            dirty[l] = u32::try_from(d).unwrap_or(u32::MAX);
+            new[l] = u32::try_from(n).unwrap_or(u32::MAX);
             any |= d > 0;
         }
         if any {
@@ -394,7 +394,7 @@ impl Analyzer {
         let heat = &self.block_heat;
         let grid = &heat.grid;
         let used = if self.cfg.device_bytes > 0 {
-            self.cfg.device_bytes.div_ceil(heat.row_bytes) as usize
+            usize::try_from(self.cfg.device_bytes.div_ceil(heat.row_bytes)).unwrap_or(usize::MAX)
         } else {
             (0..grid.rows)
                 .rev()
@@ -402,7 +402,9 @@ impl Analyzer {
                 .map_or(1, |r| r + 1)
         }
         .clamp(1, grid.rows);
-        let cols = ((self.totals.last_ns / grid.col_ns) as usize + 1).min(grid.cols());
+        let cols = dirty_rate::window_index(self.totals.last_ns, grid.col_ns)
+            .saturating_add(1)
+            .min(grid.cols());
         let y_label = |y: f64| crate::units::human_bytes(y);
         let value_label = |kib: u32| crate::units::human_bytes(f64::from(kib) * 1024.0);
         heatmap::render(
@@ -440,8 +442,15 @@ impl Analyzer {
                 grid.cells[c * rows + new_row] = src.cells[c * src.rows + old_row];
             }
         }
-        let cols = ((self.totals.last_ns / grid.col_ns) as usize + 1).min(grid.cols());
+        let cols = dirty_rate::window_index(self.totals.last_ns, grid.col_ns)
+            .saturating_add(1)
+            .min(grid.cols());
         let y_label = |y: f64| {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a row on the axis: non-negative, and as saturates before min"
+            )]
             let i = (y.max(0.0) as usize).min(rows - 1);
             format!("{:#x}", order[i].0 * heatmap::REGION)
         };

@@ -7,6 +7,8 @@
 
 use serde::Serialize;
 
+use super::dirty_rate::window_index;
+
 /// The finest bin; the series doubles its bin when full.
 pub const FIRST_BIN_NS: u64 = 10_000_000;
 /// Bins kept while recording, and at most analysed (merged down to this).
@@ -48,7 +50,7 @@ impl Activity {
     }
 
     fn index(&mut self, ts: u64) -> usize {
-        let mut i = (ts / self.bin_ns) as usize;
+        let mut i = window_index(ts, self.bin_ns);
         while i >= MAX_BINS {
             self.counts = merge_pairs(&self.counts);
             self.unknown = self
@@ -57,7 +59,7 @@ impl Activity {
                 .map(|p| p.iter().any(|&u| u))
                 .collect();
             self.bin_ns *= 2;
-            i = (ts / self.bin_ns) as usize;
+            i = window_index(ts, self.bin_ns);
         }
         if i >= self.counts.len() {
             self.counts.resize(i + 1, 0.0);
@@ -74,7 +76,7 @@ impl Activity {
 
     pub fn mark_unknown(&mut self, start: u64, end: u64) {
         let b = self.index(end);
-        let a = (start / self.bin_ns) as usize;
+        let a = window_index(start, self.bin_ns);
         for u in &mut self.unknown[a..=b] {
             *u = true;
         }

@@ -326,7 +326,7 @@ impl DirtySet {
             bits: layout
                 .zones
                 .iter()
-                .map(|z| vec![0; z.units().div_ceil(64) as usize])
+                .map(|z| vec![0; usize::try_from(z.units().div_ceil(64)).unwrap_or(usize::MAX)])
                 .collect(),
             dirty_bytes: 0,
         }
@@ -401,9 +401,20 @@ struct RoundFig {
     seconds: f64,
 }
 
+/// A simulated quantity (bytes, nanoseconds) as a whole number: rounded
+/// down, negative rounding noise as 0, past `u64` saturated.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "`as` saturates and maps NaN to 0: the meaning wanted here"
+)]
+fn whole(x: f64) -> u64 {
+    x.max(0.0) as u64
+}
+
 impl Sim<'_> {
     fn trace_ns(&self, t: f64) -> u64 {
-        self.m.start_ns + (t * 1e9) as u64
+        self.m.start_ns + whole(t * 1e9)
     }
 
     fn mark(&mut self, offset: u64, len: u64) {
@@ -637,7 +648,7 @@ pub fn simulate(
         let before = sim.now;
         let fin = sim.round(false, true, true);
         report.final_round_s = sim.now - before;
-        report.final_delta_bytes = fin.sent as u64;
+        report.final_delta_bytes = whole(fin.sent);
         // Both trees rehash the final delta's regions; two round trips for the roots.
         report.verify_s = sim.refresh() + 2.0 * model.rtt_s;
         sim.now += report.verify_s;
@@ -650,9 +661,9 @@ pub fn simulate(
     report.total_s = sim.now;
     report.layout = layout.describe();
     let sent: f64 = sim.zones.iter().map(|z| z.sent_bytes).sum();
-    report.sent_bytes = sent as u64;
-    report.resent_bytes = (sent - bulk_sent).max(0.0) as u64;
-    report.wire_bytes = sim.zones.iter().map(|z| z.wire_bytes).sum::<f64>() as u64;
+    report.sent_bytes = whole(sent);
+    report.resent_bytes = whole(sent - bulk_sent);
+    report.wire_bytes = whole(sim.zones.iter().map(|z| z.wire_bytes).sum::<f64>());
     report.extents = sim.zones.iter().map(|z| z.extents).sum();
     report.tracking_bytes = layout.tracking_bytes();
     report.gaps = sim.gaps;

@@ -133,7 +133,7 @@ impl Units {
                     out.push(Event::Access(Access {
                         ts_ns: b.ts_ns,
                         unit,
-                        bytes: (unit_end - at) as u32,
+                        bytes: u32::try_from(unit_end - at).unwrap_or(u32::MAX),
                         write,
                         stream: b.pid,
                     }));
@@ -373,8 +373,16 @@ fn merge_extents(sorted: &[Scored], units: &Units, volumes: &Volumes) -> Vec<Pre
     for s in sorted {
         let r = units.range(s.unit);
         let (pr, pw) = (round(s.read), round(s.write));
-        let rb = (s.read * volumes.mean(s.unit, false, units.unit) as f64) as u64;
-        let wb = (s.write * volumes.mean(s.unit, true, units.unit) as f64) as u64;
+        let expected = |p: f64, write: bool| -> u64 {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a probability times a mean volume: non-negative, `as` saturates"
+            )]
+            let bytes = (p * volumes.mean(s.unit, write, units.unit) as f64) as u64;
+            bytes
+        };
+        let (rb, wb) = (expected(s.read, false), expected(s.write, true));
         match out.last_mut() {
             Some(e)
                 if e.offset + e.len == r.start

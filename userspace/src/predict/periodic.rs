@@ -99,10 +99,11 @@ impl Model for Periodic {
             return;
         }
         let bin = self.bin(a.ts_ns);
-        if bin as usize >= self.counts.len() {
-            self.counts.resize(bin as usize + 1, 0.0);
+        let i = self.bin_index(a.ts_ns);
+        if i >= self.counts.len() {
+            self.counts.resize(i + 1, 0.0);
         }
-        self.counts[bin as usize] += 1.0;
+        self.counts[i] += 1.0;
         let touches = self.units.entry(a.unit).or_default();
         let bit = if a.write { 2 } else { 1 };
         match touches.last_mut() {
@@ -111,7 +112,8 @@ impl Model for Periodic {
                 if touches.len() >= KEPT_BINS {
                     touches.remove(0);
                 }
-                touches.push((bin as u32, bit));
+                // 2^32 bins of 100 ms are 13 years of history.
+                touches.push((u32::try_from(bin).unwrap_or(u32::MAX), bit));
             }
         }
     }

@@ -478,7 +478,8 @@ impl Replicator {
                 // stale bits are cleared before the read, like the send map's.
                 let regions = stale.clear_within(run.start, run.end);
                 async move {
-                    let len = (run.end - run.start) as u32;
+                    let len = u32::try_from(run.end - run.start)
+                        .expect("a run is taken at most extent_len (a u32) long");
                     let data = source.read_at(run.start, len).await.map_err(|e| {
                         ReplicateError::ReadSource {
                             offset: run.start,
@@ -490,8 +491,11 @@ impl Replicator {
                         let leaves: Vec<(u64, Hash)> = regions
                             .map(|i| {
                                 let r = shape.region(i);
-                                let at = (r.start - run.start) as usize;
-                                (i, leaf_hash(&data[at..at + (r.end - r.start) as usize]))
+                                let at = usize::try_from(r.start - run.start)
+                                    .expect("a region inside the run: below its u32 length");
+                                let len = usize::try_from(r.end - r.start)
+                                    .expect("a region inside the run: below its u32 length");
+                                (i, leaf_hash(&data[at..at + len]))
                             })
                             .collect();
                         EncodedExtent::encode(run.start, data, level).map(|e| (e, leaves))

@@ -193,7 +193,10 @@ impl Tracer {
         let self_tgid: u32 = std::process::id();
         let mut bpf = EbpfLoader::new()
             .btf(Some(&btf))
-            .map_max_entries("events", ring as u32)
+            .map_max_entries(
+                "events",
+                u32::try_from(ring).expect("checked above: at most 1 GiB"),
+            )
             .override_global("filter_pids_on", &pids_on, true)
             .override_global("self_tgid", &self_tgid, true)
             .override_global("fault_addr_lo", &lo, true)
