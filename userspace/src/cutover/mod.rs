@@ -187,32 +187,15 @@ async fn recover_gaps(
     Ok(())
 }
 
-/// Runs a migration to its end: switched over (or only synced when
-/// `opts.switch` is false), or rolled back with every write kept.
-#[expect(
-    clippy::too_many_lines,
-    reason = "the migration's sequence: each step is its own function; what stays is their order and the status each reports"
-)]
-pub async fn migrate(
+/// The initial pass: a blank destination gets everything but zeroes; one
+/// that holds an older copy gets only the regions whose checksums differ.
+/// Returns the pass's rate (0 without one), the first model of the link.
+async fn initial_pass(
     repl: &mut Replicator,
-    tracker: &Tracker,
     opts: &CutoverOptions,
     status: &StatusCell,
-) -> Result<Report, CutoverError> {
-    let started = Instant::now();
-    let mut report = Report {
-        standby_wire_bytes: repl.stats().snapshot().wire_bytes,
-        ..Report::default()
-    };
-    let mut gaps_seen = 0;
-
-    set_status(status, |s| s.phase = "connecting");
-    let epoch = repl.take_epoch().await?;
-    report.epoch = epoch;
-    set_status(status, |s| s.epoch = epoch);
-
-    // Initial pass: a blank destination gets everything but zeroes; one that
-    // holds an older copy gets only the regions whose checksums differ.
+    report: &mut Report,
+) -> Result<f64, CutoverError> {
     let mut bandwidth = 0.0;
     if opts.initial_sync {
         let blank = repl.destination_is_blank().await?;
@@ -229,6 +212,26 @@ pub async fn migrate(
         bandwidth = first.rate();
         report.first_round_bytes = first.bytes;
     }
+    Ok(bandwidth)
+}
+
+/// Delta rounds while the workload runs, until the final delta's estimate
+/// fits the downtime budget (or at once without a pause). Returns the rounds
+/// sent; `bandwidth` ends as the best model of the final delta's rate.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the migration's state, lent for the rounds: the replicator, tracker, options, status, and what the rounds update"
+)]
+async fn converge(
+    repl: &mut Replicator,
+    tracker: &Tracker,
+    opts: &CutoverOptions,
+    status: &StatusCell,
+    started: Instant,
+    bandwidth: &mut f64,
+    gaps_seen: &mut u64,
+    report: &mut Report,
+) -> Result<u64, CutoverError> {
     let mut last_round_end = Instant::now();
     let mut last_round_start = started;
     // The local tree is needed at the pause; hash it now, while the workload runs.
@@ -250,7 +253,7 @@ pub async fn migrate(
         // downtime estimate hold what the pause would otherwise flush.
         write_back(repl).await?;
         tracker.sync().await?;
-        recover_gaps(repl, tracker, &mut gaps_seen, &mut report).await?;
+        recover_gaps(repl, tracker, gaps_seen, report).await?;
         // Keep the local tree fresh while the workload runs, so that the
         // verification inside the downtime rehashes only the final delta.
         repl.refresh_local().await?;
@@ -262,12 +265,12 @@ pub async fn migrate(
         // round and written again counts once: a floor on the rate).
         let since = last_round_start.elapsed().as_secs_f64().max(1e-3);
         let dirty_rate = dirty as f64 / since;
-        let estimate = estimate_ms(dirty, bandwidth);
+        let estimate = estimate_ms(dirty, *bandwidth);
         set_status(status, |s| {
             s.phase = "converging";
             s.round = rounds;
             s.remaining_bytes = dirty;
-            s.bandwidth_bps = bandwidth;
+            s.bandwidth_bps = *bandwidth;
             s.dirty_rate_bps = dirty_rate;
             s.estimated_downtime_ms = estimate;
             s.rpo_ms = u64::try_from(last_round_end.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -283,7 +286,7 @@ pub async fn migrate(
                 rounds,
                 dirty_mb: dirty as f64 / 1e6,
                 dirty_rate_mbs: dirty_rate / 1e6,
-                bandwidth_mbs: bandwidth / 1e6,
+                bandwidth_mbs: *bandwidth / 1e6,
                 estimate_ms: estimate,
                 budget_ms,
             });
@@ -294,10 +297,45 @@ pub async fn migrate(
         if rounds > catch_up_rounds && round.bytes > 0 {
             // The last delta round is the best model of the final one: the
             // same scattered extents, not the bulk copy's long runs.
-            bandwidth = round.rate();
+            *bandwidth = round.rate();
         }
         last_round_end = Instant::now();
     }
+    Ok(rounds)
+}
+
+/// Runs a migration to its end: switched over (or only synced when
+/// `opts.switch` is false), or rolled back with every write kept.
+pub async fn migrate(
+    repl: &mut Replicator,
+    tracker: &Tracker,
+    opts: &CutoverOptions,
+    status: &StatusCell,
+) -> Result<Report, CutoverError> {
+    let started = Instant::now();
+    let mut report = Report {
+        standby_wire_bytes: repl.stats().snapshot().wire_bytes,
+        ..Report::default()
+    };
+    let mut gaps_seen = 0;
+
+    set_status(status, |s| s.phase = "connecting");
+    let epoch = repl.take_epoch().await?;
+    report.epoch = epoch;
+    set_status(status, |s| s.epoch = epoch);
+
+    let mut bandwidth = initial_pass(repl, opts, status, &mut report).await?;
+    let mut rounds = converge(
+        repl,
+        tracker,
+        opts,
+        status,
+        started,
+        &mut bandwidth,
+        &mut gaps_seen,
+        &mut report,
+    )
+    .await?;
 
     // Downtime starts here.
     set_status(status, |s| s.phase = "paused: final delta");
@@ -358,6 +396,20 @@ pub async fn migrate(
         s.epoch = fence;
     });
 
+    after_switch(repl, opts, status, paused, &mut report).await?;
+    Ok(finish_report(report, repl, tracker, rounds, started))
+}
+
+/// After the fence: the health check decides between keeping the
+/// destination (the paused workload is handed over) and rolling back (the
+/// source is primary again, the workload resumed, every write kept).
+async fn after_switch(
+    repl: &mut Replicator,
+    opts: &CutoverOptions,
+    status: &StatusCell,
+    paused: Option<Paused>,
+    report: &mut Report,
+) -> Result<(), CutoverError> {
     let step = Instant::now();
     let health = health::health_check(repl, &opts.health).await;
     report.health_ms = ms(step);
@@ -374,7 +426,7 @@ pub async fn migrate(
         report.failure = Some(e.to_string());
         report.rollback = Some(rb);
         set_status(status, |s| s.phase = "rolled back: source is primary");
-        return Ok(finish_report(report, repl, tracker, rounds, started));
+        return Ok(());
     }
     if let Some(p) = paused {
         let step = Instant::now();
@@ -390,7 +442,7 @@ pub async fn migrate(
     }
     report.outcome = "cut over";
     set_status(status, |s| s.phase = "cut over: destination is primary");
-    Ok(finish_report(report, repl, tracker, rounds, started))
+    Ok(())
 }
 
 fn ms(since: Instant) -> f64 {
