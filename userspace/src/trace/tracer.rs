@@ -162,11 +162,15 @@ fn program(bpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<OwnedFd, Tra
     Ok(fd)
 }
 
+/// A failed operation on the kernel map `map`, keeping aya's error.
+fn map_error(map: &'static str) -> impl Fn(MapError) -> TracerError {
+    move |e| TracerError::Map {
+        map,
+        source: Box::new(e),
+    }
+}
+
 impl Tracer {
-    #[expect(
-        clippy::too_many_lines,
-        reason = "loads, filters and attaches in the order the kernel needs; each map and program has its own error"
-    )]
     pub fn start(cfg: &TracerConfig) -> Result<Self, TracerError> {
         let ring = cfg.ring_bytes;
         if !ring.is_power_of_two() || !(4096..=1 << 30).contains(&ring) {
@@ -210,19 +214,13 @@ impl Tracer {
                 bpf.map_mut("devices")
                     .ok_or(TracerError::NoMap { map: "devices" })?,
             )
-            .map_err(|e| TracerError::Map {
-                map: "devices",
-                source: Box::new(e),
-            })?;
+            .map_err(map_error("devices"))?;
             for (dev, path) in &cfg.devices {
                 let mode = match path {
                     IoPath::Request => abi::TERN_DEV_REQUEST,
                     IoPath::Bio => abi::TERN_DEV_BIO,
                 };
-                devices.insert(dev, mode, 0).map_err(|e| TracerError::Map {
-                    map: "devices",
-                    source: Box::new(e),
-                })?;
+                devices.insert(dev, mode, 0).map_err(map_error("devices"))?;
             }
         }
         {
@@ -230,15 +228,9 @@ impl Tracer {
                 bpf.map_mut("pids")
                     .ok_or(TracerError::NoMap { map: "pids" })?,
             )
-            .map_err(|e| TracerError::Map {
-                map: "pids",
-                source: Box::new(e),
-            })?;
+            .map_err(map_error("pids"))?;
             for pid in &cfg.pids {
-                pids.insert(pid, 1, 0).map_err(|e| TracerError::Map {
-                    map: "pids",
-                    source: Box::new(e),
-                })?;
+                pids.insert(pid, 1, 0).map_err(map_error("pids"))?;
             }
         }
 
@@ -262,18 +254,12 @@ impl Tracer {
             bpf.take_map("events")
                 .ok_or(TracerError::NoMap { map: "events" })?,
         )
-        .map_err(|e| TracerError::Map {
-            map: "events",
-            source: Box::new(e),
-        })?;
+        .map_err(map_error("events"))?;
         let lost = PerCpuArray::try_from(
             bpf.take_map("lost")
                 .ok_or(TracerError::NoMap { map: "lost" })?,
         )
-        .map_err(|e| TracerError::Map {
-            map: "lost",
-            source: Box::new(e),
-        })?;
+        .map_err(map_error("lost"))?;
         Ok(Tracer {
             _bpf: bpf,
             ring,
@@ -288,10 +274,7 @@ impl Tracer {
     /// was full (summed over CPUs) plus the runs the kernel skipped.
     pub fn lost(&self) -> Result<(u64, u64), TracerError> {
         let slot = |i: u32| -> Result<u64, TracerError> {
-            let values = self.lost.get(&i, 0).map_err(|e| TracerError::Map {
-                map: "lost",
-                source: Box::new(e),
-            })?;
+            let values = self.lost.get(&i, 0).map_err(map_error("lost"))?;
             Ok(values.iter().sum())
         };
         let skipped = |progs: &[OwnedFd]| -> Result<u64, TracerError> {
