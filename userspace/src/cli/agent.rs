@@ -2,17 +2,14 @@
 //! over NBD) or the source agent (a warm standby with a control service).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use super::args::{parse_size, runtime};
-use tern::agent::source::{Prefetch, SourceDisk, SourceOptions};
-
-use super::history::HistoryArgs;
-use super::migrate;
+use super::migrate::{self, SourceArgs};
 
 #[derive(Args)]
 #[command(
@@ -31,37 +28,13 @@ pub struct AgentArgs {
     /// gRPC listen address for the replica service.
     #[arg(long, required_if_eq("role", "destination"))]
     grpc: Option<SocketAddr>,
-    /// Source role: the block device to replicate.
-    #[arg(long, value_name = "DEV")]
-    device: Option<PathBuf>,
-    /// Source role: a disk image on a file system to replicate.
-    #[arg(long, value_name = "IMAGE", conflicts_with = "device")]
-    file: Option<PathBuf>,
-    /// Source role: the destination agent's gRPC address.
-    #[arg(long, value_name = "HOST:PORT", required_if_eq("role", "source"))]
-    peer: Option<String>,
-    /// Source role: the name checked in the destination's certificate.
-    #[arg(long)]
-    domain: Option<String>,
-    /// Source role: where the status file for `tern status` lives.
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
-    /// Source role: the source's I/O history, recorded while replicating.
-    #[arg(long)]
-    trace_out: Option<PathBuf>,
+    /// Source role: the disk, the destination (`--peer` or `--to`) and how to
+    /// replicate it, as `tern migrate` takes them (`--tls-dir` serves both roles).
+    #[command(flatten)]
+    source: SourceArgs,
     /// Source role: serve the control API (`tern status|migrate|rollback --agent`) here.
     #[arg(long)]
     control: Option<SocketAddr>,
-    /// Source role: record the I/O history (`--history URL` and its knobs).
-    #[command(flatten)]
-    history: HistoryArgs,
-    /// Source role: train the predictor at start on this recorded history and
-    /// order the first copy by its plan (hot reads first, rewrites held back).
-    #[arg(long, value_name = "URL")]
-    prefetch_history: Option<String>,
-    /// Source role: how much recent history `--prefetch-history` trains on (an age).
-    #[arg(long, default_value = "24h", requires = "prefetch_history")]
-    prefetch_window: String,
     /// NBD listen address: `HOST:PORT` or `unix:/path`.
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd: tern::nbd::ListenAddr,
@@ -71,9 +44,6 @@ pub struct AgentArgs {
     /// (writes get EPERM until then), so a VM can open its disk early.
     #[arg(long)]
     nbd_advertise_writable: bool,
-    /// Directory with ca.pem, cert.pem, key.pem (from `tern certs init`).
-    #[arg(long)]
-    tls_dir: Option<PathBuf>,
     /// Prometheus /metrics listen address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -98,35 +68,8 @@ pub struct AgentArgs {
 /// Runs `tern agent`.
 pub fn run(a: AgentArgs) -> Result<()> {
     if a.role == "source" {
-        let disk = match (a.device, a.file) {
-            (Some(dev), _) => SourceDisk::Device(dev),
-            (None, Some(path)) => SourceDisk::File {
-                path,
-                read_cached: false,
-            },
-            (None, None) => {
-                bail!("--role source needs --device DEV or --file IMAGE, and --peer HOST:PORT")
-            }
-        };
-        let peer = a
-            .peer
-            .context("--role source needs --peer HOST:PORT (the destination agent)")?;
-        let mut opts = SourceOptions::new(disk, peer);
-        opts.tls_dir = a.tls_dir;
-        opts.domain = a.domain;
-        if let Some(out) = a.trace_out {
-            opts.trace_out = out;
-        }
-        opts.history = a.history.recording();
-        if let Some(url) = a.prefetch_history {
-            opts.prefetch = Prefetch::History {
-                url,
-                window: a.prefetch_window,
-                horizon: tern::agent::source::DEFAULT_PREFETCH_HORIZON,
-            };
-        }
-        let state_dir = a.state_dir.unwrap_or_else(|| PathBuf::from("/run/tern"));
-        return migrate::source_agent(&opts, &state_dir, false, a.control);
+        let opts = a.source.options()?;
+        return migrate::source_agent(&opts, a.source.state_dir(), a.source.json(), a.control);
     }
     let (Some(image), Some(grpc)) = (a.image, a.grpc) else {
         bail!("--role destination needs --image and --grpc");
@@ -136,7 +79,7 @@ pub fn run(a: AgentArgs) -> Result<()> {
     cfg.nbd = Some(a.nbd);
     cfg.export_name = a.export;
     cfg.nbd_advertise_writable = a.nbd_advertise_writable;
-    cfg.tls_dir = a.tls_dir;
+    cfg.tls_dir = a.source.tls_dir().map(Path::to_path_buf);
     cfg.metrics = a.metrics;
     cfg.insecure = a.insecure;
     cfg.insecure_nbd = a.insecure_nbd;

@@ -208,6 +208,21 @@ pub struct StatusArgs {
 }
 
 impl SourceArgs {
+    /// Where the status file for `tern status` lives.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Progress and report as JSON.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    /// The TLS material's directory.
+    pub fn tls_dir(&self) -> Option<&Path> {
+        self.tls_dir.as_deref()
+    }
+
     /// The library's options for this source (`--to` is required here, not
     /// by clap: `tern migrate --agent` asks a running agent instead).
     pub fn options(&self) -> Result<SourceOptions> {
@@ -222,7 +237,7 @@ impl SourceArgs {
         let to = self
             .to
             .as_deref()
-            .context("give the destination agent as --to HOST:PORT")?;
+            .context("give the destination agent as --to HOST:PORT (or --peer HOST:PORT)")?;
         let mut o = SourceOptions::new(disk, to);
         o.tls_dir.clone_from(&self.tls_dir);
         o.domain.clone_from(&self.domain);

@@ -118,6 +118,36 @@ fn one_line(e: &anyhow::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        // Clap's own checks: no two flags of one command share a name (the
+        // agent flattens migrate's source flags), every `requires` names a flag.
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_source_agent_takes_migrates_source_flags_and_peer_as_to() {
+        let cli = super::Cli::try_parse_from([
+            "tern",
+            "agent",
+            "--role",
+            "source",
+            "--device",
+            "/dev/vdb",
+            "--peer",
+            "dst:7443",
+            "--tls-dir",
+            "pki/src",
+            "--max-rate",
+            "10M",
+            "--region-size",
+            "256K",
+        ]);
+        assert!(cli.is_ok(), "{:?}", cli.err().map(|e| e.to_string()));
+    }
+
     #[test]
     fn an_error_chain_says_each_cause_once() {
         let io = std::io::Error::new(
