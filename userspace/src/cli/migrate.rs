@@ -271,18 +271,6 @@ fn source_path(device: Option<&PathBuf>, file: Option<&PathBuf>) -> Result<PathB
         .context("give the source as --device DEV or --file IMAGE")
 }
 
-fn peer(
-    to: &str,
-    tls_dir: Option<&Path>,
-    domain: Option<&String>,
-) -> Result<tern::replicate::Peer> {
-    Ok(tern::replicate::Peer {
-        addr: to.to_owned(),
-        tls: tls_dir.map(tern::rpc::TlsMaterial::load).transpose()?,
-        domain: domain.cloned(),
-    })
-}
-
 /// Progress on stderr and the status file for `tern status`, from the start
 /// of a run to its end.
 struct Progress {
@@ -590,7 +578,7 @@ pub fn rollback(r: &RollbackArgs) -> Result<()> {
         let to =
             r.to.as_deref()
                 .context("give --to HOST:PORT or --agent ADDR")?;
-        let peer = peer(to, r.tls_dir.as_deref(), r.domain.as_ref())?;
+        let peer = tern::replicate::Peer::load(to, r.tls_dir.as_deref(), r.domain.as_deref())?;
         let mut client = peer.connect().await?;
         let report = cutover::rollback(&mut client, &path, None).await?;
         if let Some(target) = &r.resume {

@@ -30,6 +30,21 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// The destination at `addr`, with the mutual-TLS material of `tls_dir`
+    /// (from `tern certs init`) when given: how a migration, a standby and a
+    /// rollback all reach it.
+    pub fn load(
+        addr: &str,
+        tls_dir: Option<&std::path::Path>,
+        domain: Option<&str>,
+    ) -> Result<Peer, crate::rpc::TlsError> {
+        Ok(Peer {
+            addr: addr.to_owned(),
+            tls: tls_dir.map(TlsMaterial::load).transpose()?,
+            domain: domain.map(str::to_owned),
+        })
+    }
+
     pub async fn connect(&self) -> Result<ReplicaClient, RpcError> {
         ReplicaClient::connect(&self.addr, self.tls.as_ref(), self.domain.as_deref()).await
     }

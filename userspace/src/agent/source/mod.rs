@@ -309,12 +309,8 @@ impl Source {
             unit_zones,
             ..ReplicateOptions::default()
         };
-        let tls = opts.tls_dir.as_deref().map(TlsMaterial::load).transpose()?;
-        let peer = Peer {
-            addr: opts.to.clone(),
-            tls: tls.clone(),
-            domain: opts.domain.clone(),
-        };
+        let peer = Peer::load(&opts.to, opts.tls_dir.as_deref(), opts.domain.as_deref())?;
+        let tls = peer.tls.clone();
         let mut repl = Replicator::connect(image, peer, send, local, repl_opts).await?;
         let prediction = match &opts.prefetch {
             Prefetch::None => None,
