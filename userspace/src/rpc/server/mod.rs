@@ -31,6 +31,32 @@ use read::{check_read_range, run_read};
 use tree_cache::TreeCache;
 use write::run_write_stream;
 
+/// What is wrong with a request's byte range (a read's or an extent's).
+#[derive(Debug, PartialEq, Eq)]
+enum RangeFault {
+    Empty,
+    TooLong,
+    OutOfBounds,
+}
+
+/// Checks `length` bytes at `offset` against the image's `size` and the
+/// longest extent: the one check behind reads and writes, each of which
+/// names the fault in its own error.
+fn range_fault(offset: u64, length: u32, size: u64) -> Option<RangeFault> {
+    if length == 0 {
+        Some(RangeFault::Empty)
+    } else if length > MAX_EXTENT_LEN {
+        Some(RangeFault::TooLong)
+    } else if offset
+        .checked_add(u64::from(length))
+        .is_none_or(|end| end > size)
+    {
+        Some(RangeFault::OutOfBounds)
+    } else {
+        None
+    }
+}
+
 /// Switches the destination's NBD export between read-only and writable
 /// (cutover). Implemented by the agent over the NBD server.
 pub trait ExportControl: Send + Sync + 'static {
@@ -347,5 +373,26 @@ impl replica_server::Replica for ReplicaService {
             tx,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::{MAX_EXTENT_LEN, RangeFault, range_fault};
+
+    #[test]
+    fn a_range_is_empty_too_long_past_the_end_or_fine() {
+        assert_eq!(range_fault(0, 0, 4096), Some(RangeFault::Empty));
+        assert_eq!(
+            range_fault(0, MAX_EXTENT_LEN + 1, u64::MAX),
+            Some(RangeFault::TooLong)
+        );
+        assert_eq!(range_fault(4096, 1, 4096), Some(RangeFault::OutOfBounds));
+        assert_eq!(
+            range_fault(u64::MAX, 1, u64::MAX),
+            Some(RangeFault::OutOfBounds)
+        );
+        assert_eq!(range_fault(0, 4096, 4096), None);
+        assert_eq!(range_fault(4095, 1, 4096), None);
     }
 }

@@ -10,31 +10,24 @@ use crate::rpc::extent::EncodedExtent;
 use crate::rpc::pb::{self};
 use crate::rpc::{MAX_EXTENT_LEN, RpcError};
 
-use super::{Inner, ReadTx};
+use super::{Inner, RangeFault, ReadTx, range_fault};
 
 pub(super) fn check_read_range(range: &pb::ReadRange, size: u64) -> Result<(), RpcError> {
     let pb::ReadRange { offset, length } = *range;
-    if length == 0 {
-        return Err(RpcError::EmptyRange { offset });
-    }
-    if length > MAX_EXTENT_LEN {
-        return Err(RpcError::RangeTooLong {
+    match range_fault(offset, length, size) {
+        None => Ok(()),
+        Some(RangeFault::Empty) => Err(RpcError::EmptyRange { offset }),
+        Some(RangeFault::TooLong) => Err(RpcError::RangeTooLong {
             offset,
             len: length,
             max: MAX_EXTENT_LEN,
-        });
-    }
-    if offset
-        .checked_add(u64::from(length))
-        .is_none_or(|end| end > size)
-    {
-        return Err(RpcError::RangeOutOfBounds {
+        }),
+        Some(RangeFault::OutOfBounds) => Err(RpcError::RangeOutOfBounds {
             offset,
             len: length,
             size,
-        });
+        }),
     }
-    Ok(())
 }
 
 /// Answers one `Read` call: reads and encodes up to `max_reads_in_flight`

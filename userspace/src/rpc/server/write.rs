@@ -16,7 +16,7 @@ use crate::rpc::extent::decode_and_verify;
 use crate::rpc::pb::{self, write_request, write_response};
 use crate::rpc::{MAX_EXTENT_LEN, RpcError};
 
-use super::{AckFuture, Inner, WriteTx};
+use super::{AckFuture, Inner, RangeFault, WriteTx, range_fault};
 
 /// Counters of one stream, logged once at its end (never per extent).
 #[derive(Debug, Default)]
@@ -203,25 +203,23 @@ async fn apply_extent_inner(inner: &Inner, extent: pb::Extent) -> Result<u64, Rp
         blake3,
     } = extent;
     let size = inner.image.size();
-    if length == 0 {
-        return Err(RpcError::EmptyExtent { offset });
-    }
-    if length > MAX_EXTENT_LEN {
-        return Err(RpcError::ExtentTooLong {
-            offset,
-            len: length,
-            max: MAX_EXTENT_LEN,
-        });
-    }
-    if offset
-        .checked_add(u64::from(length))
-        .is_none_or(|end| end > size)
-    {
-        return Err(RpcError::ExtentOutOfBounds {
-            offset,
-            len: length,
-            size,
-        });
+    match range_fault(offset, length, size) {
+        None => {}
+        Some(RangeFault::Empty) => return Err(RpcError::EmptyExtent { offset }),
+        Some(RangeFault::TooLong) => {
+            return Err(RpcError::ExtentTooLong {
+                offset,
+                len: length,
+                max: MAX_EXTENT_LEN,
+            });
+        }
+        Some(RangeFault::OutOfBounds) => {
+            return Err(RpcError::ExtentOutOfBounds {
+                offset,
+                len: length,
+                size,
+            });
+        }
     }
     let encoding = pb::Encoding::try_from(encoding)
         .ok()
