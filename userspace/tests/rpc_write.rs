@@ -229,3 +229,69 @@ async fn overlapping_extents_in_flight_apply_in_stream_order() {
     assert!(image[4096..4096 + 65536].iter().all(|&b| b == 39));
     dst.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_applied_in_order_even_where_their_extents_overlap() {
+    let dst = Destination::start(4 * MIB).await;
+    let mut client = dst.client().await;
+    let mut writer = client.open_writer(1, 2).await.expect("open");
+    assert!(
+        writer.max_batch_extents() > 1,
+        "this destination takes batches"
+    );
+    let mut expected = vec![0u8; (4 * MIB) as usize];
+    let mut extents = Vec::new();
+    // More extents than one message holds, scattered, then rewritten in
+    // part by later ones of the same call (and by a zero extent): the later
+    // write must win, as if each had been applied alone.
+    for i in 0..600u64 {
+        let offset = (i * 7919 % 1000) * 4096;
+        let data = noise(4096, 100 + i);
+        expected[offset as usize..offset as usize + 4096].copy_from_slice(&data);
+        extents.push(EncodedExtent::encode(offset, Bytes::from(data), Some(1)).expect("encode"));
+        if i == 300 {
+            extents.push(EncodedExtent::zero(offset + 1000, 5000));
+            expected[offset as usize + 1000..offset as usize + 6000].fill(0);
+        }
+    }
+    let text = Bytes::from("tern ".repeat(820).into_bytes());
+    expected[4096..4096 + text.len()].copy_from_slice(&text);
+    extents.push(EncodedExtent::encode(4096, text, Some(1)).expect("encode"));
+    let count = extents.len() as u64;
+    writer.send_batch(extents).await.expect("send the batches");
+    writer.finish().await.expect("finish");
+    assert!(
+        dst.contents() == expected,
+        "the batches wrote the wrong bytes"
+    );
+    assert_eq!(dst.metrics.extents_written.get(), count);
+    assert_eq!(dst.metrics.zero_extents.get(), 1);
+    dst.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_damaged_extent_refuses_its_whole_batch() {
+    let dst = Destination::start(MIB).await;
+    let mut client = dst.client().await;
+    let mut writer = client.open_writer(1, 8).await.expect("open");
+    let mut extents: Vec<EncodedExtent> = (0..10u64)
+        .map(|i| {
+            EncodedExtent::encode(i * 8192, Bytes::from(noise(4096, 200 + i)), None)
+                .expect("encode")
+        })
+        .collect();
+    let mut damaged = extents[6].blake3.to_vec();
+    damaged[5] ^= 0x40;
+    extents[6].blake3 = Bytes::from(damaged);
+    let outcome = match writer.send_batch(extents).await {
+        Err(e) => e.code(),
+        Ok(()) => writer.barrier().await.err().and_then(|e| e.code()),
+    };
+    assert_eq!(outcome, Some(Code::DataLoss));
+    assert!(
+        dst.contents().iter().all(|&b| b == 0),
+        "part of a refused batch reached the image"
+    );
+    assert_eq!(dst.metrics.rejected_extents.get(), 10);
+    dst.stop().await;
+}

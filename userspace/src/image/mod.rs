@@ -344,6 +344,47 @@ impl Image {
         self.wait(rx, "write", offset, len).await
     }
 
+    /// Writes each `(offset, data)`, in order: an image opened without
+    /// `O_DIRECT` takes them all in one hand-off to its ring thread (a 4 KiB
+    /// write costs less than the hand-off); with `O_DIRECT` they go to the
+    /// ring together, in order where they overlap. Everything is checked
+    /// before anything is written.
+    pub async fn write_many(&self, writes: Vec<(u64, Bytes)>) -> Result<(), ImageError> {
+        self.check_writable()?;
+        for (offset, data) in &writes {
+            self.check_len(data.len() as u64)?;
+            self.check_range(*offset, data.len() as u64)?;
+        }
+        if self.inner.direct {
+            if overlapping(&writes) {
+                for (offset, data) in writes {
+                    self.write_at(offset, data, false).await?;
+                }
+                return Ok(());
+            }
+            let all = writes
+                .into_iter()
+                .map(|(offset, data)| self.write_at(offset, data, false));
+            futures::future::try_join_all(all).await?;
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.submit(Request::WriteMany { writes, reply })?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((offset, len, source))) => Err(ImageError::Io {
+                op: "write",
+                path: self.inner.path.clone(),
+                offset,
+                len,
+                source,
+            }),
+            Err(_) => Err(ImageError::Closed {
+                path: self.inner.path.clone(),
+            }),
+        }
+    }
+
     /// Makes every completed write durable (`fdatasync` through `io_uring`).
     pub async fn flush(&self) -> Result<(), ImageError> {
         let (reply, rx) = oneshot::channel();
@@ -588,6 +629,16 @@ impl Image {
             }),
         }
     }
+}
+
+/// Whether any two of `writes` touch the same byte.
+fn overlapping(writes: &[(u64, Bytes)]) -> bool {
+    let mut ranges: Vec<(u64, u64)> = writes
+        .iter()
+        .map(|(offset, data)| (*offset, offset + data.len() as u64))
+        .collect();
+    ranges.sort_unstable();
+    ranges.windows(2).any(|w| w[1].0 < w[0].1)
 }
 
 const PUNCH_MODE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;

@@ -292,6 +292,13 @@ pub(crate) enum Request {
         fua: bool,
         reply: oneshot::Sender<io::Result<()>>,
     },
+    /// Buffered writes done one after another on the ring thread, with one
+    /// reply: many small writes for the price of one hand-off. The first
+    /// failure ends it (the writes after it are not made) and names its offset.
+    WriteMany {
+        writes: Vec<(u64, Bytes)>,
+        reply: oneshot::Sender<Result<(), (u64, u64, io::Error)>>,
+    },
     Fsync {
         reply: oneshot::Sender<io::Result<()>>,
     },
@@ -581,6 +588,13 @@ impl RingThread {
                 };
                 let idx = self.slots.insert(op);
                 self.submit_slot(idx);
+            }
+            Request::WriteMany { writes, reply } => {
+                let result = writes.iter().try_for_each(|(offset, data)| {
+                    pwrite_all(&self.files.buffered, data, *offset)
+                        .map_err(|e| (*offset, data.len() as u64, e))
+                });
+                let _ = reply.send(result);
             }
             Request::Fsync { reply } => {
                 let idx = self.slots.insert(Op::Simple { reply });

@@ -8,17 +8,25 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, stream};
+use tokio::sync::mpsc;
 
-use crate::checktree::{Hash, leaf_hash};
 use crate::dirty::DirtyMap;
 use crate::image::Image;
-use crate::rpc::{EncodedExtent, Encoding, ExtentWriter, ReplicaClient, RpcError, TlsMaterial};
+use crate::rpc::{
+    BATCH_BYTES, EncodedExtent, Encoding, ExtentWriter, MAX_BATCH_EXTENTS, ReplicaClient, RpcError,
+    TlsMaterial,
+};
 
 use super::ReplicateError;
 use super::limiter::Limiter;
 use super::local_tree::{LocalTree, zero_tree};
+use super::pipeline::{Encoded, MapRuns, Reader, Runs};
 use super::stats::{Round, Stats};
+
+/// Read and encoded runs waiting for the sender at most (also bounded in
+/// bytes by the reader's read-ahead budget): enough for whole batches of
+/// small extents.
+const READY_EXTENTS: usize = 2 * MAX_BATCH_EXTENTS as usize;
 
 /// How to reach the destination agent.
 #[derive(Clone)]
@@ -59,7 +67,7 @@ pub struct ReplicateOptions {
     pub zstd_level: Option<i32>,
     /// Extents read and encoded concurrently.
     pub workers: usize,
-    /// Unacknowledged extents on the wire.
+    /// Unacknowledged messages (extents or batches) on the wire.
     pub window: usize,
     /// Payload bytes per second on the wire; `None` for no limit.
     pub max_rate: Option<u64>,
@@ -336,24 +344,28 @@ impl Replicator {
         Ok(self.writer.as_mut().expect("opened just above"))
     }
 
-    /// Sends one extent; on a transient failure reconnects (the extent's
-    /// run is marked dirty again with everything since the last barrier).
-    async fn send_extent(&mut self, extent: EncodedExtent) -> Result<(), ReplicateError> {
-        let run = extent.offset..extent.offset + u64::from(extent.length);
-        let wire = extent.payload.len() as u64;
+    /// Sends extents (one message where the destination takes batches); on
+    /// a transient failure reconnects (their runs are marked dirty again
+    /// with everything since the last barrier).
+    async fn send_batch(&mut self, batch: Vec<EncodedExtent>) -> Result<(), ReplicateError> {
+        let wire: u64 = batch.iter().map(|e| e.payload.len() as u64).sum();
+        let plain: u64 = batch.iter().map(|e| u64::from(e.length)).sum();
+        let count = batch.len() as u64;
         self.limiter.take(wire).await;
-        self.since_barrier.push(run.clone());
-        self.since_barrier_bytes += run.end - run.start;
-        let result = self.writer().await?.send(extent).await;
+        self.since_barrier.extend(
+            batch
+                .iter()
+                .map(|e| e.offset..e.offset + u64::from(e.length)),
+        );
+        self.since_barrier_bytes += plain;
+        let result = self.writer().await?.send_batch(batch).await;
         if let Err(e) = result {
-            // The run is in `since_barrier`: recovery marks it again.
+            // The runs are in `since_barrier`: recovery marks them again.
             return self.recover(e).await;
         }
-        self.stats
-            .sent_bytes
-            .fetch_add(run.end - run.start, Ordering::Relaxed);
+        self.stats.sent_bytes.fetch_add(plain, Ordering::Relaxed);
         self.stats.wire_bytes.fetch_add(wire, Ordering::Relaxed);
-        self.stats.extents.fetch_add(1, Ordering::Relaxed);
+        self.stats.extents.fetch_add(count, Ordering::Relaxed);
         if self.since_barrier_bytes >= self.opts.barrier_every {
             self.barrier().await?;
         }
@@ -384,22 +396,15 @@ impl Replicator {
             .round_bytes
             .store(self.send.dirty_bytes(), Ordering::Relaxed);
         self.stats.round_done.store(0, Ordering::Relaxed);
-        if let Some(order) = self.order.take() {
-            let runs = self.ordered_runs(&order);
-            for chunk in runs.chunks(256) {
-                self.send_runs(chunk.to_vec(), skip_zero).await?;
-            }
-        } else {
-            let mut cursor = 0;
-            while cursor < self.send.units() {
-                let (runs, next) =
-                    self.send
-                        .take_runs(cursor, u64::from(self.opts.extent_len), 256);
-                cursor = next;
-                let runs = self.widen(runs);
-                self.send_runs(runs, skip_zero).await?;
-            }
-        }
+        let runs = match self.order.take() {
+            Some(order) => Runs::Ordered(self.ordered_runs(&order).into_iter()),
+            None => Runs::Map(MapRuns::new(
+                Arc::clone(&self.send),
+                u64::from(self.opts.extent_len),
+                self.opts.unit_zones.clone(),
+            )),
+        };
+        self.send_runs(runs, skip_zero).await?;
         self.barrier().await?;
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         let after = self.stats.snapshot();
@@ -408,19 +413,6 @@ impl Replicator {
             wire_bytes: after.wire_bytes - before.wire_bytes,
             seconds: started.elapsed().as_secs_f64(),
         })
-    }
-
-    /// Runs widened to the plan's unit of their zone (`--plan`), taken like
-    /// the dirty units: a write after this marks them again.
-    fn widen(&self, runs: Vec<Range<u64>>) -> Vec<Range<u64>> {
-        let Some(zones) = &self.opts.unit_zones else {
-            return runs;
-        };
-        let wide = super::units::widen(&runs, zones, u64::from(self.opts.extent_len));
-        for r in &wide {
-            self.send.clear_within(r.start, r.end);
-        }
-        wide
     }
 
     /// Orders the next round (once): see [`SendOrder`].
@@ -475,71 +467,108 @@ impl Replicator {
         ranked.into_iter().map(|(_, r)| r).chain(rest).collect()
     }
 
-    /// Reads, encodes and sends `runs` (taken from the send map), in order.
-    async fn send_runs(
+    /// Reads, encodes and sends `runs` (taken from the send map), in order:
+    /// a task reads and encodes ahead while this one gathers what is ready
+    /// into batches and sends them. On an error, every run taken and not
+    /// sent is marked dirty again before it is returned.
+    async fn send_runs(&mut self, runs: Runs, skip_zero: bool) -> Result<(), ReplicateError> {
+        let reader = Reader {
+            source: self.source.clone(),
+            send: Arc::clone(&self.send),
+            stale: Arc::clone(&self.local.stale),
+            shape: *self.local.tree.shape(),
+            zstd_level: self.opts.zstd_level,
+            workers: self.opts.workers,
+        };
+        let (tx, mut rx) = mpsc::channel(READY_EXTENTS);
+        let reading = tokio::spawn(reader.run(runs, tx));
+        let sent = self.send_ready(&mut rx, skip_zero).await;
+        if sent.is_err() {
+            // Stops the reader (it gives back what it still holds); what
+            // it already handed over is given back here.
+            rx.close();
+            while let Some(done) = rx.recv().await {
+                self.give_back(&done.run);
+            }
+        }
+        drop(rx);
+        reading.await.map_err(RpcError::from)?;
+        sent
+    }
+
+    /// Sends what the reader hands over, in batches of what is ready.
+    async fn send_ready(
         &mut self,
-        runs: Vec<Range<u64>>,
+        rx: &mut mpsc::Receiver<Encoded>,
         skip_zero: bool,
     ) -> Result<(), ReplicateError> {
-        let source = self.source.clone();
-        let level = self.opts.zstd_level;
-        let shape = *self.local.tree.shape();
-        let stale = Arc::clone(&self.local.stale);
-        let mut encoded = stream::iter(runs)
-            .map(move |run| {
-                let source = source.clone();
-                // Whole regions inside the run are hashed from the data read
-                // here, instead of being read again for the local tree; their
-                // stale bits are cleared before the read, like the send map's.
-                let regions = stale.clear_within(run.start, run.end);
-                async move {
-                    let len = u32::try_from(run.end - run.start)
-                        .expect("a run is taken at most extent_len (a u32) long");
-                    let data = source.read_at(run.start, len).await.map_err(|e| {
-                        ReplicateError::ReadSource {
-                            offset: run.start,
-                            len,
-                            source: Box::new(e),
-                        }
-                    })?;
-                    let (extent, leaves) = tokio::task::spawn_blocking(move || {
-                        let leaves: Vec<(u64, Hash)> = regions
-                            .map(|i| {
-                                let r = shape.region(i);
-                                let at = usize::try_from(r.start - run.start)
-                                    .expect("a region inside the run: below its u32 length");
-                                let len = usize::try_from(r.end - r.start)
-                                    .expect("a region inside the run: below its u32 length");
-                                (i, leaf_hash(&data[at..at + len]))
-                            })
-                            .collect();
-                        EncodedExtent::encode(run.start, data, level).map(|e| (e, leaves))
-                    })
-                    .await
-                    .map_err(RpcError::from)??;
-                    Ok::<_, ReplicateError>((extent, leaves))
+        let mut carry = None;
+        loop {
+            let first = match carry.take() {
+                Some(extent) => extent,
+                None => loop {
+                    let Some(done) = rx.recv().await else {
+                        return Ok(());
+                    };
+                    if let Some(extent) = self.accept(done, skip_zero)? {
+                        break extent;
+                    }
+                },
+            };
+            let mut bytes = u64::from(first.length);
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH_EXTENTS as usize {
+                let Ok(done) = rx.try_recv() else { break };
+                let Some(extent) = self.accept(done, skip_zero)? else {
+                    continue;
+                };
+                if bytes + u64::from(extent.length) > BATCH_BYTES {
+                    carry = Some(extent);
+                    break;
                 }
-            })
-            .buffered(self.opts.workers.max(1));
-        while let Some(item) = encoded.next().await {
-            let (extent, leaves) = item?;
-            if !leaves.is_empty() {
-                self.stats
-                    .hashed_bytes
-                    .fetch_add(leaves.len() as u64 * shape.region_size(), Ordering::Relaxed);
-                self.local.tree.update_leaves(&leaves)?;
+                bytes += u64::from(extent.length);
+                batch.push(extent);
             }
-            let len = u64::from(extent.length);
-            self.stats.round_done.fetch_add(len, Ordering::Relaxed);
-            if skip_zero && extent.encoding == Encoding::Zero {
-                self.stats
-                    .skipped_zero_bytes
-                    .fetch_add(len, Ordering::Relaxed);
-                continue;
-            }
-            self.send_extent(extent).await?;
+            self.send_batch(batch).await?;
         }
-        Ok(())
+    }
+
+    /// Takes one read run into the local tree and the round's progress; the
+    /// extent to send, or `None` for a zero extent skipped.
+    fn accept(
+        &mut self,
+        done: Encoded,
+        skip_zero: bool,
+    ) -> Result<Option<EncodedExtent>, ReplicateError> {
+        let (extent, leaves) = match done.result {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                self.give_back(&done.run);
+                return Err(e);
+            }
+        };
+        if !leaves.is_empty() {
+            let region_size = self.local.tree.shape().region_size();
+            self.stats
+                .hashed_bytes
+                .fetch_add(leaves.len() as u64 * region_size, Ordering::Relaxed);
+            self.local.tree.update_leaves(&leaves)?;
+        }
+        let len = u64::from(extent.length);
+        self.stats.round_done.fetch_add(len, Ordering::Relaxed);
+        if skip_zero && extent.encoding == Encoding::Zero {
+            self.stats
+                .skipped_zero_bytes
+                .fetch_add(len, Ordering::Relaxed);
+            return Ok(None);
+        }
+        Ok(Some(extent))
+    }
+
+    /// Marks a run that was taken but not sent dirty again.
+    fn give_back(&self, run: &Range<u64>) {
+        self.send.mark(run.start, run.end - run.start);
+        self.local.stale.mark(run.start, run.end - run.start);
     }
 
     /// Rehashes the source's stale regions.

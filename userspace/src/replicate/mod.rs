@@ -5,6 +5,7 @@
 pub mod engine;
 mod limiter;
 pub mod local_tree;
+mod pipeline;
 pub mod stats;
 pub mod tracker;
 pub mod units;

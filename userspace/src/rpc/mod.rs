@@ -35,6 +35,15 @@ pub use tls::{TlsError, TlsMaterial};
 pub const MAX_EXTENT_LEN: u32 = 8 << 20;
 /// Largest gRPC message either side decodes: one maximal raw extent plus framing.
 pub const MAX_MESSAGE_LEN: usize = MAX_EXTENT_LEN as usize + (64 << 10);
+/// Most extents one `ExtentBatch` carries (the destination says its own
+/// limit in `Opened`).
+pub const MAX_BATCH_EXTENTS: u32 = 256;
+/// Most uncompressed bytes one batch carries, on the destination: a batch is
+/// held in memory whole, like one maximal extent.
+pub const MAX_BATCH_BYTES: u64 = MAX_EXTENT_LEN as u64;
+/// Uncompressed bytes a sender gathers into one batch at most: beyond
+/// this, batching saves nothing (a 1 MiB extent is one message anyway).
+pub const BATCH_BYTES: u64 = 1 << 20;
 /// Most checksum-tree nodes one `GetChecksumTree` call returns.
 pub const MAX_NODES_PER_CALL: u64 = 1 << 16;
 
@@ -48,7 +57,7 @@ pub enum RpcError {
     #[error("`open` may only be the first message of a write stream; open a new stream instead")]
     SecondOpen,
     /// A request without a body.
-    #[error("a write-stream message carried no `open`, `extent` or `barrier`")]
+    #[error("a write-stream message carried no `open`, `extent`, `batch` or `barrier`")]
     EmptyMessage,
     /// The epoch is below the highest accepted one.
     #[error(
@@ -61,6 +70,19 @@ pub enum RpcError {
     /// The destination is stopping.
     #[error("the destination is shutting down; reconnect to it once it is back")]
     ShuttingDown,
+    /// A batch without extents.
+    #[error("an extent batch carried no extents; send at least one")]
+    EmptyBatch,
+    /// A batch over the destination's limits.
+    #[error(
+        "an extent batch of {extents} extents and {bytes} bytes is over the limit of {max_extents} extents and {max_bytes} bytes; send smaller batches"
+    )]
+    BatchTooLarge {
+        extents: usize,
+        bytes: u64,
+        max_extents: u32,
+        max_bytes: u64,
+    },
     /// An extent of length zero.
     #[error("extent at offset {offset} has length 0; send only non-empty extents")]
     EmptyExtent { offset: u64 },

@@ -49,6 +49,8 @@ fn code(err: &RpcError) -> Code {
         | RpcError::SecondOpen
         | RpcError::EmptyMessage
         | RpcError::EmptyExtent { .. }
+        | RpcError::EmptyBatch
+        | RpcError::BatchTooLarge { .. }
         | RpcError::ExtentTooLong { .. }
         | RpcError::BadEncoding { .. }
         | RpcError::PayloadLength { .. }

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::epoch::Fence;
 use super::pb::{self, replica_server, write_request, write_response};
-use super::{MAX_EXTENT_LEN, MAX_MESSAGE_LEN, MAX_NODES_PER_CALL, RpcError};
+use super::{MAX_BATCH_EXTENTS, MAX_EXTENT_LEN, MAX_MESSAGE_LEN, MAX_NODES_PER_CALL, RpcError};
 use crate::image::{ChangeListener, Image, ImageChanges};
 use crate::metrics::ReplicaMetrics;
 
@@ -230,6 +230,7 @@ impl replica_server::Replica for ReplicaService {
             epoch: inner.fence.highest(),
             export_writable: inner.export.as_ref().is_some_and(|e| e.writable()),
             max_extent_len: MAX_EXTENT_LEN,
+            max_batch_extents: MAX_BATCH_EXTENTS,
         }))
     }
 
@@ -257,6 +258,7 @@ impl replica_server::Replica for ReplicaService {
                 epoch: lease.epoch,
                 image_size: self.inner.image.size(),
                 max_extent_len: MAX_EXTENT_LEN,
+                max_batch_extents: MAX_BATCH_EXTENTS,
             })),
         };
         // The channel is empty: this cannot wait.

@@ -27,10 +27,18 @@ impl TreeCache {
     /// Marks the regions of a completed write. Called after the write, so a
     /// refresh that started earlier cannot hide it.
     pub(super) fn mark_dirty(&self, offset: u64, len: u64) {
+        self.mark_dirty_all(std::iter::once(offset..offset + len));
+    }
+
+    /// Marks the regions of several completed writes, under one lock.
+    pub(super) fn mark_dirty_all(&self, writes: impl IntoIterator<Item = Range<u64>>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(cached) = state.as_mut() {
-            for region in cached.tree.shape().regions_touching(offset, len) {
-                cached.dirty[(region / 64) as usize] |= 1 << (region % 64);
+            let shape = *cached.tree.shape();
+            for write in writes {
+                for region in shape.regions_touching(write.start, write.end - write.start) {
+                    cached.dirty[(region / 64) as usize] |= 1 << (region % 64);
+                }
             }
         }
     }

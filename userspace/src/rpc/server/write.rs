@@ -7,6 +7,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use tonic::{Status, Streaming};
@@ -14,7 +15,7 @@ use tonic::{Status, Streaming};
 use crate::rpc::epoch::Lease;
 use crate::rpc::extent::decode_and_verify;
 use crate::rpc::pb::{self, write_request, write_response};
-use crate::rpc::{MAX_EXTENT_LEN, RpcError};
+use crate::rpc::{MAX_BATCH_BYTES, MAX_BATCH_EXTENTS, MAX_EXTENT_LEN, RpcError};
 
 use super::{AckFuture, Inner, RangeFault, WriteTx, range_fault};
 
@@ -22,6 +23,7 @@ use super::{AckFuture, Inner, RangeFault, WriteTx, range_fault};
 #[derive(Debug, Default)]
 struct StreamCounts {
     extents: u64,
+    batches: u64,
     barriers: u64,
 }
 
@@ -65,14 +67,19 @@ pub(super) async fn run_write_stream(
                 match msg.msg {
                     Some(write_request::Msg::Extent(extent)) => {
                         counts.extents += 1;
-                        let range = extent.offset..extent.offset.saturating_add(u64::from(extent.length));
-                        if pipeline.overlaps(&range)
-                            && let Err(err) = pipeline.drain(&tx, true).await
-                        {
+                        if let Err(err) = pipeline.start(&inner, &tx, vec![extent]).await {
                             break Err(err);
                         }
-                        pipeline.ranges.push_back(range);
-                        pipeline.pending.push_back(Box::pin(apply_extent(Arc::clone(&inner), extent)));
+                    }
+                    Some(write_request::Msg::Batch(batch)) => {
+                        counts.batches += 1;
+                        counts.extents += batch.extents.len() as u64;
+                        if let Err(err) = check_batch(&batch.extents) {
+                            break Err(err);
+                        }
+                        if let Err(err) = pipeline.start(&inner, &tx, batch.extents).await {
+                            break Err(err);
+                        }
                     }
                     Some(write_request::Msg::Barrier(barrier)) => {
                         counts.barriers += 1;
@@ -109,6 +116,7 @@ pub(super) async fn run_write_stream(
     tracing::info!(
         epoch = lease.epoch,
         extents = counts.extents,
+        batches = counts.batches,
         barriers = counts.barriers,
         ok = outcome.is_ok(),
         "write stream ended"
@@ -121,17 +129,95 @@ pub(super) async fn run_write_stream(
     drop(lease);
 }
 
+/// Refuses a batch the destination did not offer to take: empty, too many
+/// extents, or more plain bytes than it holds in memory for one message.
+fn check_batch(extents: &[pb::Extent]) -> Result<(), RpcError> {
+    let bytes: u64 = extents.iter().map(|e| u64::from(e.length)).sum();
+    if extents.is_empty() {
+        return Err(RpcError::EmptyBatch);
+    }
+    if extents.len() > MAX_BATCH_EXTENTS as usize || bytes > MAX_BATCH_BYTES {
+        return Err(RpcError::BatchTooLarge {
+            extents: extents.len(),
+            bytes,
+            max_extents: MAX_BATCH_EXTENTS,
+            max_bytes: MAX_BATCH_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// The byte ranges of one message in flight: their bounds, and the ranges
+/// sorted by start.
+struct Span {
+    bounds: Range<u64>,
+    ranges: Vec<Range<u64>>,
+}
+
+impl Span {
+    fn of(extents: &[pb::Extent]) -> Span {
+        let mut ranges: Vec<Range<u64>> = extents
+            .iter()
+            .map(|e| e.offset..e.offset.saturating_add(u64::from(e.length)))
+            .collect();
+        ranges.sort_unstable_by_key(|r| r.start);
+        let start = ranges.first().map_or(0, |r| r.start);
+        let end = ranges.iter().map(|r| r.end).max().unwrap_or(0);
+        Span {
+            bounds: start..end,
+            ranges,
+        }
+    }
+
+    /// Whether a byte of `self` is a byte of `other`: one pass over both
+    /// sorted lists, moving past whichever range ends first.
+    fn overlaps(&self, other: &Span) -> bool {
+        if self.bounds.start >= other.bounds.end || other.bounds.start >= self.bounds.end {
+            return false;
+        }
+        let (mut i, mut j) = (0, 0);
+        while let (Some(a), Some(b)) = (self.ranges.get(i), other.ranges.get(j)) {
+            if a.start < b.end && b.start < a.end {
+                return true;
+            }
+            if a.end <= b.start {
+                i += 1;
+            } else {
+                j += 1;
+            }
+        }
+        false
+    }
+}
+
 #[derive(Default)]
 struct Pipeline {
     pending: FuturesOrdered<AckFuture>,
-    ranges: VecDeque<Range<u64>>,
+    ranges: VecDeque<Span>,
 }
 
 impl Pipeline {
-    fn overlaps(&self, range: &Range<u64>) -> bool {
-        self.ranges
-            .iter()
-            .any(|r| r.start < range.end && range.start < r.end)
+    fn overlaps(&self, span: &Span) -> bool {
+        self.ranges.iter().any(|r| r.overlaps(span))
+    }
+
+    /// Starts writing `extents` (one message): after everything in flight
+    /// that they overlap, so the image ends up as if the messages had been
+    /// applied one after another.
+    async fn start(
+        &mut self,
+        inner: &Arc<Inner>,
+        tx: &WriteTx,
+        extents: Vec<pb::Extent>,
+    ) -> Result<(), RpcError> {
+        let span = Span::of(&extents);
+        if self.overlaps(&span) {
+            self.drain(tx, true).await?;
+        }
+        self.ranges.push_back(span);
+        self.pending
+            .push_back(Box::pin(apply_extents(Arc::clone(inner), extents)));
+        Ok(())
     }
 
     /// Waits for every pending extent. While `ack` holds and nothing failed,
@@ -182,100 +268,249 @@ async fn flush(inner: &Inner) -> Result<(), RpcError> {
     Ok(())
 }
 
-/// Validates one extent completely, then writes it. Nothing reaches the
-/// image unless the whole extent checks out.
-async fn apply_extent(inner: Arc<Inner>, extent: pb::Extent) -> Result<u64, RpcError> {
-    let metrics = &inner.metrics;
-    let result = apply_extent_inner(&inner, extent).await;
+/// Validates a message's extents completely (ranges, encodings, checksums),
+/// then writes them in order. Nothing reaches the image unless every extent
+/// of the message checks out. Returns the sequence number to acknowledge
+/// (the last extent's).
+async fn apply_extents(inner: Arc<Inner>, extents: Vec<pb::Extent>) -> Result<u64, RpcError> {
+    let count = extents.len() as u64;
+    let result = apply_extents_inner(&inner, extents).await;
     if result.is_err() {
-        metrics.rejected_extents.inc();
+        inner.metrics.rejected_extents.add(count);
     }
     result
 }
 
-async fn apply_extent_inner(inner: &Inner, extent: pb::Extent) -> Result<u64, RpcError> {
-    let pb::Extent {
-        seq,
-        offset,
-        length,
-        encoding,
-        payload,
-        blake3,
-    } = extent;
+/// Plain data a message's extents decode to, in at most this many bytes, is
+/// checked on the async worker: hashing 64 KiB takes less time than the
+/// round trip through the blocking pool.
+const DECODE_INLINE: u64 = 64 << 10;
+
+async fn apply_extents_inner(inner: &Inner, extents: Vec<pb::Extent>) -> Result<u64, RpcError> {
+    let started = Instant::now();
     let size = inner.image.size();
-    match range_fault(offset, length, size) {
-        None => {}
-        Some(RangeFault::Empty) => return Err(RpcError::EmptyExtent { offset }),
-        Some(RangeFault::TooLong) => {
-            return Err(RpcError::ExtentTooLong {
-                offset,
-                len: length,
-                max: MAX_EXTENT_LEN,
-            });
-        }
-        Some(RangeFault::OutOfBounds) => {
-            return Err(RpcError::ExtentOutOfBounds {
-                offset,
-                len: length,
-                size,
-            });
+    let checked = extents
+        .into_iter()
+        .map(|e| Checked::new(e, size))
+        .collect::<Result<Vec<_>, _>>()?;
+    let last_seq = checked.last().map(|c| c.seq).ok_or(RpcError::EmptyBatch)?;
+    let plain: u64 = checked.iter().map(|c| u64::from(c.length)).sum();
+    let wire: u64 = checked.iter().map(|c| c.payload.len() as u64).sum();
+    let ranges: Vec<Range<u64>> = checked.iter().map(Checked::range).collect();
+    let decoded = if plain - zero_bytes(&checked) <= DECODE_INLINE {
+        decode_all(checked)?
+    } else {
+        // Decompressing and hashing megabytes is CPU work: off the async workers.
+        tokio::task::spawn_blocking(move || decode_all(checked)).await??
+    };
+    let write_started = Instant::now();
+    let mut data = Vec::new();
+    let mut zeroes = 0u64;
+    for piece in decoded {
+        match piece {
+            Decoded::Data(offset, bytes) => data.push((offset, bytes)),
+            Decoded::Zero(offset, length) => {
+                // In order: data before a zero extent may overlap it.
+                write_data(inner, std::mem::take(&mut data)).await?;
+                inner
+                    .image
+                    .write_zeroes(offset, u64::from(length), true)
+                    .await
+                    .map_err(|source| RpcError::Image {
+                        action: "write zeroes into",
+                        offset,
+                        source,
+                    })?;
+                zeroes += 1;
+            }
         }
     }
-    let encoding = pb::Encoding::try_from(encoding)
-        .ok()
-        .filter(|e| *e != pb::Encoding::Unspecified)
-        .ok_or(RpcError::BadEncoding { offset, encoding })?;
-    let wire_len = payload.len() as u64;
-    let started = Instant::now();
-    if encoding == pb::Encoding::Zero {
-        if !payload.is_empty() {
-            return Err(RpcError::PayloadLength {
-                offset,
-                got: payload.len(),
-                want: 0,
-            });
+    write_data(inner, data).await?;
+    inner.metrics.write_latency.observe(write_started.elapsed());
+    inner.trees.mark_dirty_all(ranges.iter().cloned());
+    let m = &inner.metrics;
+    m.extents_written.add(ranges.len() as u64);
+    m.zero_extents.add(zeroes);
+    m.bytes_written.add(plain);
+    m.bytes_received.add(wire);
+    m.extent_latency.observe(started.elapsed());
+    Ok(last_seq)
+}
+
+async fn write_data(inner: &Inner, data: Vec<(u64, Bytes)>) -> Result<(), RpcError> {
+    let Some(&(offset, _)) = data.first() else {
+        return Ok(());
+    };
+    inner
+        .image
+        .write_many(data)
+        .await
+        .map_err(|source| RpcError::Image {
+            action: "write",
+            offset,
+            source,
+        })
+}
+
+fn zero_bytes(checked: &[Checked]) -> u64 {
+    checked
+        .iter()
+        .filter(|c| c.encoding == pb::Encoding::Zero)
+        .map(|c| u64::from(c.length))
+        .sum()
+}
+
+/// An extent whose range, encoding and checksum field are valid; its data
+/// is not decoded yet.
+struct Checked {
+    seq: u64,
+    offset: u64,
+    length: u32,
+    encoding: pb::Encoding,
+    payload: Bytes,
+    /// blake3 of the plain data; all zeroes (unused) for a zero extent.
+    blake3: [u8; 32],
+}
+
+impl Checked {
+    fn new(extent: pb::Extent, size: u64) -> Result<Checked, RpcError> {
+        let pb::Extent {
+            seq,
+            offset,
+            length,
+            encoding,
+            payload,
+            blake3,
+        } = extent;
+        match range_fault(offset, length, size) {
+            None => {}
+            Some(RangeFault::Empty) => return Err(RpcError::EmptyExtent { offset }),
+            Some(RangeFault::TooLong) => {
+                return Err(RpcError::ExtentTooLong {
+                    offset,
+                    len: length,
+                    max: MAX_EXTENT_LEN,
+                });
+            }
+            Some(RangeFault::OutOfBounds) => {
+                return Err(RpcError::ExtentOutOfBounds {
+                    offset,
+                    len: length,
+                    size,
+                });
+            }
         }
-        inner
-            .image
-            .write_zeroes(offset, u64::from(length), true)
-            .await
-            .map_err(|source| RpcError::Image {
-                action: "write zeroes into",
-                offset,
-                source,
-            })?;
-        inner.metrics.zero_extents.inc();
-    } else {
-        let expected: [u8; 32] =
+        let encoding = pb::Encoding::try_from(encoding)
+            .ok()
+            .filter(|e| *e != pb::Encoding::Unspecified)
+            .ok_or(RpcError::BadEncoding { offset, encoding })?;
+        let blake3 = if encoding == pb::Encoding::Zero {
+            if !payload.is_empty() {
+                return Err(RpcError::PayloadLength {
+                    offset,
+                    got: payload.len(),
+                    want: 0,
+                });
+            }
+            [0; 32]
+        } else {
             blake3
                 .as_ref()
                 .try_into()
                 .map_err(|_| RpcError::MissingChecksum {
                     offset,
                     got: blake3.len(),
-                })?;
-        // Decompressing and hashing megabytes is CPU work: off the async workers.
-        let data = tokio::task::spawn_blocking(move || {
-            decode_and_verify(offset, length, encoding, payload, &expected)
+                })?
+        };
+        Ok(Checked {
+            seq,
+            offset,
+            length,
+            encoding,
+            payload,
+            blake3,
         })
-        .await??;
-        let write_started = Instant::now();
-        inner
-            .image
-            .write_at(offset, data, false)
-            .await
-            .map_err(|source| RpcError::Image {
-                action: "write",
-                offset,
-                source,
-            })?;
-        inner.metrics.write_latency.observe(write_started.elapsed());
     }
-    inner.trees.mark_dirty(offset, u64::from(length));
-    let m = &inner.metrics;
-    m.extents_written.inc();
-    m.bytes_written.add(u64::from(length));
-    m.bytes_received.add(wire_len);
-    m.extent_latency.observe(started.elapsed());
-    Ok(seq)
+
+    fn range(&self) -> Range<u64> {
+        self.offset..self.offset + u64::from(self.length)
+    }
+}
+
+/// What an extent becomes once its checksum matched.
+enum Decoded {
+    Data(u64, Bytes),
+    Zero(u64, u32),
+}
+
+/// Decodes every extent and checks every checksum; the first bad one fails
+/// the whole message.
+fn decode_all(checked: Vec<Checked>) -> Result<Vec<Decoded>, RpcError> {
+    checked
+        .into_iter()
+        .map(|c| {
+            if c.encoding == pb::Encoding::Zero {
+                return Ok(Decoded::Zero(c.offset, c.length));
+            }
+            decode_and_verify(c.offset, c.length, c.encoding, c.payload, &c.blake3)
+                .map(|data| Decoded::Data(c.offset, data))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extent(offset: u64, length: u32) -> pb::Extent {
+        pb::Extent {
+            seq: 0,
+            offset,
+            length,
+            encoding: pb::Encoding::Zero.into(),
+            payload: Bytes::new(),
+            blake3: Bytes::new(),
+        }
+    }
+
+    fn span(ranges: &[(u64, u32)]) -> Span {
+        let extents: Vec<pb::Extent> = ranges.iter().map(|&(o, l)| extent(o, l)).collect();
+        Span::of(&extents)
+    }
+
+    #[test]
+    fn spans_overlap_only_where_a_byte_is_shared() {
+        let a = span(&[(0, 4096), (65536, 4096), (1 << 20, 4096)]);
+        // Interleaved with `a` inside its bounds, touching no byte of it.
+        let b = span(&[(4096, 4096), (69632, 8192), (1 << 19, 100)]);
+        assert!(!a.overlaps(&b) && !b.overlaps(&a));
+        let c = span(&[(8192, 10), (69631, 2)]);
+        assert!(a.overlaps(&c) && c.overlaps(&a));
+        // Unsorted extents, one covering another of the same message.
+        let d = span(&[(2 << 20, 4096), (0, 10 << 20), (4096, 1)]);
+        assert!(d.overlaps(&b));
+        assert!(!span(&[(3 << 20, 1)]).overlaps(&a));
+    }
+
+    #[test]
+    fn batches_over_the_limits_or_empty_are_refused() {
+        assert!(matches!(check_batch(&[]), Err(RpcError::EmptyBatch)));
+        let many: Vec<pb::Extent> = (0..=u64::from(MAX_BATCH_EXTENTS))
+            .map(|i| extent(i * 4096, 4096))
+            .collect();
+        assert!(matches!(
+            check_batch(&many),
+            Err(RpcError::BatchTooLarge { .. })
+        ));
+        assert!(check_batch(&many[1..]).is_ok());
+        let big = [
+            extent(0, MAX_EXTENT_LEN),
+            extent(MAX_EXTENT_LEN.into(), 4096),
+        ];
+        assert!(matches!(
+            check_batch(&big),
+            Err(RpcError::BatchTooLarge { .. })
+        ));
+        assert!(check_batch(&big[..1]).is_ok());
+    }
 }

@@ -1,0 +1,328 @@
+//! The read side of a round: a task that takes dirty runs, reads them from
+//! the source and encodes them, many at a time, ahead of the sender. The
+//! sender (the engine) gathers what is ready into batches; reading never
+//! waits for an acknowledgement, and sending never waits for a read that
+//! could have started earlier.
+//!
+//! Nothing taken is lost: a run taken from the send map and not handed to
+//! the sender (the sender stopped on an error) is marked dirty again.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::checktree::{Hash, Shape, leaf_hash};
+use crate::dirty::DirtyMap;
+use crate::image::Image;
+use crate::rpc::{EncodedExtent, RpcError};
+
+use super::{ReplicateError, UnitZone};
+
+/// Runs up to this long are encoded (zero check, blake3, zstd) on the async
+/// worker: for them the round trip through the blocking pool costs more
+/// than the work.
+const ENCODE_INLINE: usize = 64 << 10;
+/// Bytes read ahead of the sender at most (read, encoded, not yet sent).
+const READ_AHEAD_BYTES: u64 = 32 << 20;
+/// The read-ahead budget is counted in units of this many bytes.
+const PERMIT_BYTES: u64 = 4096;
+
+/// One run, read and encoded (or the error that stopped it), with the
+/// leaf hashes of the checksum regions lying wholly inside it.
+pub(super) struct Encoded {
+    pub run: Range<u64>,
+    pub result: Result<(EncodedExtent, Vec<(u64, Hash)>), ReplicateError>,
+    /// Returned to the read-ahead budget when dropped (once sent).
+    _budget: OwnedSemaphorePermit,
+}
+
+/// Where a round's runs come from.
+pub(super) enum Runs {
+    /// Taken beforehand, in this order (a prediction ordered them).
+    Ordered(std::vec::IntoIter<Range<u64>>),
+    /// Taken from the send map as the reads progress, in disk order.
+    Map(MapRuns),
+}
+
+/// Runs taken from the send map a chunk at a time, widened to the plan's
+/// units where a plan says so.
+pub(super) struct MapRuns {
+    send: Arc<DirtyMap>,
+    cursor: u64,
+    taken: VecDeque<Range<u64>>,
+    max_run: u64,
+    zones: Option<Arc<[UnitZone]>>,
+}
+
+impl MapRuns {
+    pub(super) fn new(send: Arc<DirtyMap>, max_run: u64, zones: Option<Arc<[UnitZone]>>) -> Self {
+        MapRuns {
+            send,
+            cursor: 0,
+            taken: VecDeque::new(),
+            max_run,
+            zones,
+        }
+    }
+}
+
+impl Iterator for MapRuns {
+    type Item = Range<u64>;
+
+    fn next(&mut self) -> Option<Range<u64>> {
+        loop {
+            if let Some(run) = self.taken.pop_front() {
+                return Some(run);
+            }
+            if self.cursor >= self.send.units() {
+                return None;
+            }
+            let (runs, next) = self.send.take_runs(self.cursor, self.max_run, 256);
+            self.cursor = next;
+            match &self.zones {
+                Some(zones) => {
+                    // Widened runs are taken like the dirty units: a write
+                    // after this marks them again.
+                    let wide = super::units::widen(&runs, zones, self.max_run);
+                    for r in &wide {
+                        self.send.clear_within(r.start, r.end);
+                    }
+                    self.taken.extend(wide);
+                }
+                None => self.taken.extend(runs),
+            }
+        }
+    }
+}
+
+impl Runs {
+    fn next(&mut self) -> Option<Range<u64>> {
+        match self {
+            Runs::Ordered(runs) => runs.next(),
+            Runs::Map(runs) => runs.next(),
+        }
+    }
+
+    /// Marks every run taken and not yet read dirty again.
+    fn give_back(self, send: &DirtyMap) {
+        let rest: Box<dyn Iterator<Item = Range<u64>>> = match self {
+            Runs::Ordered(runs) => Box::new(runs),
+            Runs::Map(runs) => Box::new(runs.taken.into_iter()),
+        };
+        for run in rest {
+            send.mark(run.start, run.end - run.start);
+        }
+    }
+}
+
+/// What the read task needs.
+pub(super) struct Reader {
+    pub source: Image,
+    pub send: Arc<DirtyMap>,
+    /// The local checksum tree's stale regions.
+    pub stale: Arc<DirtyMap>,
+    pub shape: Shape,
+    pub zstd_level: Option<i32>,
+    /// Reads in flight.
+    pub workers: usize,
+}
+
+impl Reader {
+    /// Reads and encodes `runs`, in order, into `tx`, until they are all
+    /// sent or the receiver is gone (then gives back what it took).
+    pub(super) async fn run(self, mut runs: Runs, tx: mpsc::Sender<Encoded>) {
+        let budget = Arc::new(Semaphore::new(
+            usize::try_from(READ_AHEAD_BYTES / PERMIT_BYTES).expect("a small constant"),
+        ));
+        let most = u32::try_from(READ_AHEAD_BYTES / PERMIT_BYTES).expect("a small constant");
+        let mut inflight = FuturesOrdered::new();
+        // A run taken while the budget was spent: read once sends free it.
+        let mut waiting: Option<Range<u64>> = None;
+        loop {
+            while inflight.len() < self.workers.max(1) {
+                let Some(run) = waiting.take().or_else(|| runs.next()) else {
+                    break;
+                };
+                let permits = u32::try_from((run.end - run.start).div_ceil(PERMIT_BYTES))
+                    .expect("a run is at most a u32 long")
+                    .min(most);
+                let permit = match Arc::clone(&budget).try_acquire_many_owned(permits) {
+                    Ok(permit) => permit,
+                    // Hand what is read to the sender first: it frees the budget.
+                    Err(_) if !inflight.is_empty() => {
+                        waiting = Some(run);
+                        break;
+                    }
+                    Err(_) => Arc::clone(&budget)
+                        .acquire_many_owned(permits)
+                        .await
+                        .expect("the budget is never closed"),
+                };
+                inflight.push_back(self.read(run, permit));
+            }
+            let Some(done) = inflight.next().await else {
+                return;
+            };
+            if let Err(mpsc::error::SendError(done)) = tx.send(done).await {
+                // The sender stopped: nothing taken may be lost.
+                self.give_back(&done.run);
+                while let Some(done) = inflight.next().await {
+                    self.give_back(&done.run);
+                }
+                if let Some(run) = waiting {
+                    self.give_back(&run);
+                }
+                runs.give_back(&self.send);
+                return;
+            }
+        }
+    }
+
+    /// Marks a run that was taken but will not be sent dirty again (and its
+    /// regions stale: their leaves were not updated).
+    pub(super) fn give_back(&self, run: &Range<u64>) {
+        self.send.mark(run.start, run.end - run.start);
+        self.stale.mark(run.start, run.end - run.start);
+    }
+
+    fn read(
+        &self,
+        run: Range<u64>,
+        budget: OwnedSemaphorePermit,
+    ) -> impl Future<Output = Encoded> + Send + 'static {
+        let source = self.source.clone();
+        let shape = self.shape;
+        let level = self.zstd_level;
+        // Whole regions inside the run are hashed from the data read here,
+        // instead of being read again for the local tree; their stale bits
+        // are cleared before the read, like the send map's.
+        let regions = self.stale.clear_within(run.start, run.end);
+        async move {
+            let result = async {
+                let len = u32::try_from(run.end - run.start)
+                    .expect("a run is taken at most extent_len (a u32) long");
+                let data = source.read_at(run.start, len).await.map_err(|e| {
+                    ReplicateError::ReadSource {
+                        offset: run.start,
+                        len,
+                        source: Box::new(e),
+                    }
+                })?;
+                let start = run.start;
+                let encode = move || {
+                    let leaves: Vec<(u64, Hash)> = regions
+                        .map(|i| {
+                            let r = shape.region(i);
+                            let at = usize::try_from(r.start - start)
+                                .expect("a region inside the run: below its u32 length");
+                            let len = usize::try_from(r.end - r.start)
+                                .expect("a region inside the run: below its u32 length");
+                            (i, leaf_hash(&data[at..at + len]))
+                        })
+                        .collect();
+                    EncodedExtent::encode(start, data, level).map(|e| (e, leaves))
+                };
+                let encoded = if len as usize <= ENCODE_INLINE {
+                    encode()?
+                } else {
+                    tokio::task::spawn_blocking(encode)
+                        .await
+                        .map_err(RpcError::from)??
+                };
+                Ok(encoded)
+            }
+            .await;
+            Encoded {
+                run,
+                result,
+                _budget: budget,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::ImageOptions;
+
+    const SIZE: u64 = 8 << 20;
+
+    fn reader(dir: &std::path::Path, send: &Arc<DirtyMap>, stale: &Arc<DirtyMap>) -> Reader {
+        let path = dir.join("src.img");
+        std::fs::write(&path, vec![7u8; usize::try_from(SIZE).expect("small")]).expect("write");
+        let opts = ImageOptions {
+            size: None,
+            read_only: true,
+            direct: false,
+        };
+        Reader {
+            source: Image::open(&path, &opts).expect("open"),
+            send: Arc::clone(send),
+            stale: Arc::clone(stale),
+            shape: Shape::new(SIZE, 65536).expect("shape"),
+            zstd_level: Some(1),
+            workers: 4,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs_taken_and_not_handed_over_are_dirty_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let send = Arc::new(DirtyMap::new(SIZE, 4096).expect("map"));
+        let stale = Arc::new(DirtyMap::new(SIZE, 65536).expect("map"));
+        // 1000 scattered 4 KiB runs: more than one chunk of the map's taking.
+        for i in 0..1000u64 {
+            send.mark(i * 8192, 4096);
+        }
+        let total = send.dirty_bytes();
+        let reader = reader(dir.path(), &send, &stale);
+        let (tx, mut rx) = mpsc::channel(8);
+        let runs = Runs::Map(MapRuns::new(Arc::clone(&send), 1 << 20, None));
+        let task = tokio::spawn(reader.run(runs, tx));
+        let mut handed = 0;
+        for _ in 0..20 {
+            let done = rx.recv().await.expect("a run");
+            assert!(done.result.is_ok());
+            handed += done.run.end - done.run.start;
+        }
+        // The sender stops (as on an error); what it holds it gives back itself.
+        rx.close();
+        let mut held = Vec::new();
+        while let Some(done) = rx.recv().await {
+            held.push(done.run);
+        }
+        task.await.expect("the reader ends");
+        for run in &held {
+            send.mark(run.start, run.end - run.start);
+        }
+        assert_eq!(send.dirty_bytes(), total - handed, "a taken run was lost");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_run_is_read_in_order_with_the_leaves_of_its_whole_regions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let send = Arc::new(DirtyMap::new(SIZE, 4096).expect("map"));
+        let stale = Arc::new(DirtyMap::new(SIZE, 65536).expect("map"));
+        stale.mark(0, SIZE);
+        let runs = vec![(1 << 20)..(2 << 20), 0..4096, (4 << 20)..(4 << 20) + 65536];
+        let reader = reader(dir.path(), &send, &stale);
+        let (tx, mut rx) = mpsc::channel(1);
+        let task = tokio::spawn(reader.run(Runs::Ordered(runs.clone().into_iter()), tx));
+        let mut got = Vec::new();
+        while let Some(done) = rx.recv().await {
+            let (extent, leaves) = done.result.expect("read");
+            assert_eq!(extent.offset, done.run.start);
+            got.push((done.run, leaves.len()));
+        }
+        task.await.expect("the reader ends");
+        let want: Vec<(Range<u64>, usize)> = runs.into_iter().zip([16, 0, 1]).collect();
+        assert_eq!(got, want);
+        // The regions hashed from the reads are no longer stale; the rest are.
+        assert_eq!(stale.dirty_bytes(), SIZE - 17 * 65536);
+    }
+}
