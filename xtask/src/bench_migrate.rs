@@ -13,6 +13,13 @@
 //!    destination agent runs in the namespace, fio is paused for the cutover
 //!    with `--pause 'cmd:kill -STOP PID;;kill -CONT PID'` (fio runs its job
 //!    as a thread, so one stopped process is the whole workload).
+//! 4. A real file system (`fs.rs`): an ext4 image filled from this machine's
+//!    `/usr` and a clone of this repository to about 75 %, copied whole by
+//!    `tern migrate` and by `qemu-img convert` into `qemu-nbd`, over loopback
+//!    and over the 1 Gbit/s link into the namespace; `qemu-img convert -c`
+//!    to a local qcow2 as the compression reference.
+//! 5. Small extents (`small.rs`): scattered 4 KiB blocks changed, one delta
+//!    round with `--region-size 4K`, against `rsync --no-whole-file`.
 //!
 //! Figures, not pass/fail; but every copy is compared byte for byte with
 //! `cmp`, and a difference fails the benchmark. The page cache is dropped
@@ -20,10 +27,14 @@
 //!
 //! Environment: `TERN_BENCH_MIGRATE_MIB` (parts 1–2 image, default 4096),
 //! `TERN_BENCH_MIGRATE_LIVE_MIB` (part 3 image, default 1024),
-//! `TERN_BENCH_MIGRATE_RATES` (fio IOPS, default `200,1000,5000`),
+//! `TERN_BENCH_MIGRATE_RATES` (fio IOPS, default `200,1000,5000,20000`),
 //! `TERN_BENCH_MIGRATE_CHANGE_PCT` (default 5),
 //! `TERN_BENCH_MIGRATE_DOWNTIME` (`--max-downtime`, default `50ms`),
-//! `TERN_BENCH_MIGRATE_PARTS` (any of `copy,delta,live`; delta needs copy),
+//! `TERN_BENCH_MIGRATE_FS_MIB` (part 4 image, default 2048),
+//! `TERN_BENCH_MIGRATE_SMALL_MIB` (part 5 image, default 2048),
+//! `TERN_BENCH_MIGRATE_SMALL_EXTENTS` (part 5 changed 4 KiB blocks, default 50000),
+//! `TERN_BENCH_MIGRATE_PARTS` (any of `copy,delta,fs,small,live`, default
+//! all; delta needs copy),
 //! `TERN_BENCH_MIGRATE_PEERS_ONLY=1` (skip the `tern migrate` calls: checks
 //! the peers and the network set-up alone), `TERN_BENCH_DIR` (default
 //! `/var/tmp`, which must be a real disk file system).
@@ -41,6 +52,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::sh::{output, run as run_cmd};
+
+mod fs;
+mod small;
 
 const MIB: u64 = 1 << 20;
 const CHANGE_BLOCK: u64 = 64 << 10;
@@ -63,31 +77,50 @@ struct Config {
     downtime: String,
     parts: Vec<String>,
     peers_only: bool,
+    fs_mib: u64,
+    small_mib: u64,
+    small_extents: u64,
 }
+
+const PARTS: [&str; 5] = ["copy", "delta", "fs", "small", "live"];
 
 impl Config {
     fn from_env() -> Result<Config> {
-        let rates: String = env_or("TERN_BENCH_MIGRATE_RATES", "200,1000,5000".to_owned())?;
+        let rates: String = env_or("TERN_BENCH_MIGRATE_RATES", "200,1000,5000,20000".to_owned())?;
         let rates = rates
             .split(',')
             .map(|r| r.trim().parse::<u32>())
             .collect::<Result<Vec<_>, _>>()
             .context("TERN_BENCH_MIGRATE_RATES: comma-separated IOPS")?;
-        let parts: String = env_or("TERN_BENCH_MIGRATE_PARTS", "copy,delta,live".to_owned())?;
+        let parts: String = env_or("TERN_BENCH_MIGRATE_PARTS", PARTS.join(","))?;
         let parts: Vec<String> = parts.split(',').map(|p| p.trim().to_owned()).collect();
-        if let Some(p) = parts
-            .iter()
-            .find(|p| !["copy", "delta", "live"].contains(&p.as_str()))
-        {
-            bail!("TERN_BENCH_MIGRATE_PARTS: unknown part {p:?}; choose from copy, delta, live");
+        if let Some(p) = parts.iter().find(|p| !PARTS.contains(&p.as_str())) {
+            bail!(
+                "TERN_BENCH_MIGRATE_PARTS: unknown part {p:?}; choose from {}",
+                PARTS.join(", ")
+            );
         }
         if parts.iter().any(|p| p == "delta") && !parts.iter().any(|p| p == "copy") {
             bail!("TERN_BENCH_MIGRATE_PARTS: delta needs copy (it syncs onto the copies)");
         }
         let mib = env_or("TERN_BENCH_MIGRATE_MIB", 4096)?;
         let live_mib = env_or("TERN_BENCH_MIGRATE_LIVE_MIB", 1024)?;
-        if mib < 2 || live_mib < 2 {
+        let fs_mib = env_or("TERN_BENCH_MIGRATE_FS_MIB", 2048)?;
+        let small_mib = env_or("TERN_BENCH_MIGRATE_SMALL_MIB", 2048)?;
+        let small_extents = env_or("TERN_BENCH_MIGRATE_SMALL_EXTENTS", 50_000)?;
+        if mib < 2 || live_mib < 2 || small_mib < 2 {
             bail!("image sizes must be at least 2 MiB");
+        }
+        if fs_mib < 64 {
+            bail!("TERN_BENCH_MIGRATE_FS_MIB: an ext4 image needs at least 64 MiB");
+        }
+        // Distinct blocks: at most every 4 KiB block of the image.
+        if small_extents == 0 || small_extents > small_mib * MIB / small::BLOCK {
+            bail!(
+                "TERN_BENCH_MIGRATE_SMALL_EXTENTS must be from 1 to {} (the 4 KiB blocks of a \
+                 {small_mib} MiB image)",
+                small_mib * MIB / small::BLOCK
+            );
         }
         Ok(Config {
             mib,
@@ -97,6 +130,9 @@ impl Config {
             downtime: env_or("TERN_BENCH_MIGRATE_DOWNTIME", "50ms".to_owned())?,
             parts,
             peers_only: env_or("TERN_BENCH_MIGRATE_PEERS_ONLY", 0u8)? != 0,
+            fs_mib,
+            small_mib,
+            small_extents,
         })
     }
 
@@ -108,7 +144,17 @@ impl Config {
 pub fn run(tern_bin: &Path) -> Result<()> {
     crate::sh::require_root("cargo xtask bench migrate (loop devices, eBPF, namespaces)")?;
     for tool in [
-        "losetup", "qemu-img", "qemu-nbd", "rsync", "cmp", "fio", "ip", "tc",
+        "losetup",
+        "qemu-img",
+        "qemu-nbd",
+        "rsync",
+        "cmp",
+        "fio",
+        "ip",
+        "tc",
+        "mkfs.ext4",
+        "mount",
+        "git",
     ] {
         require(tool)?;
     }
@@ -143,6 +189,12 @@ pub fn run(tern_bin: &Path) -> Result<()> {
         tables.push(copy);
         tables.extend(delta);
     }
+    if cfg.wants("fs") {
+        tables.push(b.fs()?);
+    }
+    if cfg.wants("small") {
+        tables.push(b.small()?);
+    }
     if cfg.wants("live") {
         tables.push(b.live()?);
     }
@@ -175,6 +227,13 @@ struct Report {
     final_round_ms: f64,
     verify_ms: f64,
     final_delta_bytes: f64,
+    /// The initial pass was a delta sync by checksums, and what it found
+    /// and sent; what was hashed (the source's and the destination's trees).
+    delta_sync: Option<bool>,
+    differing_regions: f64,
+    first_round_bytes: f64,
+    sent_bytes: f64,
+    hashed_bytes: f64,
 }
 
 impl Report {
@@ -201,6 +260,11 @@ impl Report {
             final_round_ms: v["final_round_ms"].as_f64().unwrap_or(f64::NAN),
             verify_ms: v["verify_ms"].as_f64().unwrap_or(f64::NAN),
             final_delta_bytes: v["final_delta_bytes"].as_f64().unwrap_or(f64::NAN),
+            delta_sync: v["delta_sync"].as_bool(),
+            differing_regions: v["differing_regions"].as_f64().unwrap_or(f64::NAN),
+            first_round_bytes: v["first_round_bytes"].as_f64().unwrap_or(f64::NAN),
+            sent_bytes: v["sent_bytes"].as_f64().unwrap_or(f64::NAN),
+            hashed_bytes: v["hashed_bytes"].as_f64().unwrap_or(f64::NAN),
         })
     }
 }
@@ -310,7 +374,9 @@ impl Bench<'_> {
 
         // 2. The same random change for everyone: written once, through the
         // loop device, as a server would write to its disk.
-        let (changed, old_blocks) = change_blocks(&src_loop.dev, size, cfg.change_pct)?;
+        let total = size / CHANGE_BLOCK;
+        let n = ((total as f64 * cfg.change_pct / 100.0).round() as u64).min(total);
+        let (changed, old_blocks) = change_blocks(&src_loop.dev, size, CHANGE_BLOCK, n)?;
         let mut tern_delta = Vec::new();
         if !cfg.peers_only {
             for (i, region) in ["1M", "64K"].into_iter().enumerate() {
@@ -733,12 +799,14 @@ fn write_half_zero_image(path: &Path, mib: u64) -> Result<u64> {
 /// The old contents of changed blocks: (offset, bytes).
 type OldBlocks = Vec<(u64, Vec<u8>)>;
 
-/// Overwrites `pct` % of the device in distinct random 64 KiB blocks with
-/// random data (deterministic seed); returns the bytes changed and what the
-/// blocks held before.
-fn change_blocks(dev: &str, size: u64, pct: f64) -> Result<(u64, OldBlocks)> {
-    let total = size / CHANGE_BLOCK;
-    let n = ((total as f64 * pct / 100.0).round() as u64).min(total);
+/// Overwrites `n` distinct random `block`-sized, `block`-aligned blocks of
+/// the device with random data (deterministic seed); returns the bytes
+/// changed and what the blocks held before.
+fn change_blocks(dev: &str, size: u64, block: u64, n: u64) -> Result<(u64, OldBlocks)> {
+    let total = size / block;
+    if n > total {
+        bail!("cannot change {n} distinct blocks of {block} bytes in {size} bytes");
+    }
     // Partial Fisher–Yates: the first n entries are a random sample.
     let mut blocks: Vec<u64> = (0..total).collect();
     let mut noise = Noise(0x2545_f491_4f6c_dd1d);
@@ -751,19 +819,19 @@ fn change_blocks(dev: &str, size: u64, pct: f64) -> Result<(u64, OldBlocks)> {
         .write(true)
         .open(dev)
         .with_context(|| format!("open {dev}"))?;
-    let mut buf = vec![0u8; CHANGE_BLOCK as usize];
+    let mut buf = vec![0u8; block as usize];
     let mut old = Vec::with_capacity(n as usize);
     for &b in &blocks[..n as usize] {
-        let mut was = vec![0u8; CHANGE_BLOCK as usize];
-        f.read_exact_at(&mut was, b * CHANGE_BLOCK)
+        let mut was = vec![0u8; block as usize];
+        f.read_exact_at(&mut was, b * block)
             .with_context(|| format!("read {dev}"))?;
-        old.push((b * CHANGE_BLOCK, was));
+        old.push((b * block, was));
         noise.fill(&mut buf);
-        f.write_all_at(&buf, b * CHANGE_BLOCK)
+        f.write_all_at(&buf, b * block)
             .with_context(|| format!("write {dev}"))?;
     }
     f.sync_all().with_context(|| format!("sync {dev}"))?;
-    Ok((n * CHANGE_BLOCK, old))
+    Ok((n * block, old))
 }
 
 /// Writes the old contents of the changed blocks back into `image`.
