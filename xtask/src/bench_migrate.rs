@@ -1127,4 +1127,25 @@ mod tests {
         assert!((r.downtime_ms - 12.5).abs() < f64::EPSILON);
         assert!(Report::parse("no json").is_err());
     }
+
+    #[test]
+    fn reads_the_delta_figures_and_tolerates_their_absence() {
+        let out = "{\"outcome\":\"synced\",\"downtime_ms\":0,\"rounds\":0,\"wire_bytes\":9,\
+                   \"total_seconds\":2,\"delta_sync\":true,\"differing_regions\":5000,\
+                   \"first_round_bytes\":20480000,\"sent_bytes\":20480000,\"hashed_bytes\":3}\n";
+        let r = Report::parse(out).expect("parse");
+        assert_eq!(r.delta_sync, Some(true));
+        assert!((r.differing_regions - 5000.0).abs() < f64::EPSILON);
+        let old = "{\"outcome\":\"synced\",\"downtime_ms\":0,\"rounds\":0,\"wire_bytes\":9,\
+                   \"total_seconds\":2}";
+        let r = Report::parse(old).expect("parse");
+        assert_eq!(r.delta_sync, None);
+        assert!(r.hashed_bytes.is_nan());
+    }
+
+    #[test]
+    fn change_blocks_refuses_more_blocks_than_the_device_holds() {
+        let err = change_blocks("/nonexistent", 8192, 4096, 3).expect_err("3 of 2 blocks");
+        assert!(format!("{err:#}").contains("distinct blocks"), "{err:#}");
+    }
 }

@@ -490,3 +490,50 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> Result<usize> {
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_of_a_running_process_grow_with_its_work() {
+        let before = cpu_ticks(std::process::id()).expect("read our own /proc stat");
+        // Spin until a tick is charged; on a busy machine it may take a
+        // while, so only a generous deadline fails the test.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut x = 0u64;
+        while cpu_ticks(std::process::id()).expect("read our own /proc stat") == before {
+            assert!(Instant::now() < deadline, "no CPU tick charged in 20 s");
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
+            }
+        }
+    }
+
+    #[test]
+    fn wait_with_cpu_reaps_the_child_with_its_status_and_cpu() {
+        let child = Command::new("sh")
+            .args([
+                "-c",
+                "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; exit 3",
+            ])
+            .spawn()
+            .expect("start sh");
+        let (status, cpu) = wait_with_cpu(child).expect("wait4");
+        assert_eq!(status.code(), Some(3));
+        assert!(cpu > Duration::ZERO);
+    }
+
+    #[test]
+    fn median_takes_each_figure_on_its_own() {
+        let f = |gbps, src_us| Figures {
+            gbps,
+            extents_per_s: gbps * 1000.0,
+            src_us,
+            dst_us: 1.0,
+        };
+        let m = median(&[f(1.0, 9.0), f(3.0, 1.0), f(2.0, 5.0)]);
+        assert!((m.gbps - 2.0).abs() < f64::EPSILON);
+        assert!((m.src_us - 5.0).abs() < f64::EPSILON);
+    }
+}

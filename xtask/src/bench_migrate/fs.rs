@@ -426,3 +426,21 @@ impl Drop for Mount {
         let _ = std::fs::remove_dir(&self.path);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonzero_bytes_counts_whole_4k_blocks_with_any_data() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("img");
+        let mut data = vec![0u8; 3 * MIB as usize];
+        // One byte in block 1, the last byte of block 300, a whole block 512.
+        data[4096] = 1;
+        data[301 * 4096 - 1] = 0xff;
+        data[512 * 4096..513 * 4096].fill(7);
+        std::fs::write(&path, &data).expect("write the image");
+        assert_eq!(nonzero_bytes(&path).expect("count"), 3 * 4096);
+    }
+}
