@@ -3,7 +3,7 @@
 //! ZERO, with the blake3 of the plain data), so both sides encode and
 //! decode it here.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use bytes::Bytes;
 
@@ -45,6 +45,9 @@ impl EncodedExtent {
         {
             let compressed =
                 compress(&data, level).map_err(|source| RpcError::Compress { offset, source })?;
+            if data.len() < 8 * PROBE_LEN {
+                SMALL.with(|b| b.set(b.get().record(compressed.len() < data.len())));
+            }
             if compressed.len() < data.len() {
                 return Ok(EncodedExtent {
                     offset,
@@ -94,10 +97,15 @@ const PROBE_LEN: usize = 16 << 10;
 /// A quick guess whether zstd will shrink `data`: compresses a few slices of
 /// it. Compressing a whole incompressible extent only to send it raw costs
 /// as much CPU as the TLS encryption of it; the probe costs a few percent.
-/// Small extents are not worth probing.
+/// A small extent is compressed whole, unless the ones before it on this
+/// thread did not compress (see [`Backoff`]).
 fn looks_compressible(data: &[u8], level: i32) -> bool {
     if data.len() < 8 * PROBE_LEN {
-        return true;
+        return SMALL.with(|b| {
+            let (attempt, next) = b.get().attempt();
+            b.set(next);
+            attempt
+        });
     }
     let step = data.len() / 4;
     (0..4).any(|i| {
@@ -107,7 +115,54 @@ fn looks_compressible(data: &[u8], level: i32) -> bool {
     })
 }
 
+/// Whether to try zstd on the next small extent. Small extents are too
+/// small to probe, and trying each one whole costs more than the rest of
+/// its encoding when the data is random: after one that did not compress,
+/// the next `stretch` small extents go raw, a stretch that doubles up to
+/// [`Backoff::MAX_STRETCH`] while tries keep failing and ends at the first
+/// that compresses. Random data then pays one try in 64; compressible data
+/// is tried every time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Backoff {
+    /// Small extents still to send raw without trying.
+    skip: u32,
+    /// The length of the last stretch skipped.
+    stretch: u32,
+}
+
+impl Backoff {
+    const MAX_STRETCH: u32 = 64;
+
+    /// Whether to try this extent, and the state after it.
+    fn attempt(self) -> (bool, Backoff) {
+        if self.skip > 0 {
+            (
+                false,
+                Backoff {
+                    skip: self.skip - 1,
+                    ..self
+                },
+            )
+        } else {
+            (true, self)
+        }
+    }
+
+    /// The state after a try that did (or did not) make the extent smaller.
+    fn record(self, compressed: bool) -> Backoff {
+        if compressed {
+            return Backoff::default();
+        }
+        let stretch = (self.stretch * 2).clamp(1, Backoff::MAX_STRETCH);
+        Backoff {
+            skip: stretch,
+            stretch,
+        }
+    }
+}
+
 thread_local! {
+    static SMALL: Cell<Backoff> = const { Cell::new(Backoff { skip: 0, stretch: 0 }) };
     /// One compression context per thread, kept: zstd's `bulk::compress`
     /// builds a new one on every call, which costs 10× the compression of a
     /// 4 KiB extent (37 µs against 3.6 µs, measured).
@@ -282,6 +337,65 @@ mod tests {
         let z = EncodedExtent::encode(0, Bytes::from(data.clone()), Some(1)).expect("zstd");
         assert_eq!(z.encoding, pb::Encoding::Zstd);
         assert_eq!(z.blake3.as_ref(), blake3::hash(&data).as_bytes());
+    }
+
+    #[test]
+    fn failed_tries_skip_a_doubling_stretch_and_one_success_ends_it() {
+        let mut b = Backoff::default();
+        let mut tried = 0;
+        for _ in 0..1000 {
+            let (attempt, next) = b.attempt();
+            b = next;
+            if attempt {
+                tried += 1;
+                b = b.record(false);
+            }
+        }
+        // 1 + 2 + 4 + ... + 64, then one in 65: random data is rarely tried.
+        assert!((20..=30).contains(&tried), "tried {tried} of 1000");
+        b = Backoff::default().record(false).record(false);
+        assert_eq!(b.skip, 2);
+        b = b.record(true);
+        assert_eq!(b, Backoff::default());
+        assert!(b.attempt().0, "after a success every extent is tried");
+    }
+
+    #[test]
+    fn text_after_a_long_run_of_noise_is_compressed_again_soon() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = || {
+            Bytes::from(
+                (0..4096)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect::<Vec<u8>>(),
+            )
+        };
+        for _ in 0..500 {
+            let e = EncodedExtent::encode(0, noise(), Some(1)).expect("raw");
+            assert_eq!(e.encoding, pb::Encoding::Raw);
+        }
+        let text = Bytes::from("tern ".repeat(800));
+        let first_compressed = (0..=Backoff::MAX_STRETCH + 1).find(|_| {
+            EncodedExtent::encode(0, text.clone(), Some(1))
+                .expect("encode")
+                .encoding
+                == pb::Encoding::Zstd
+        });
+        assert!(
+            first_compressed.is_some(),
+            "text was never compressed again"
+        );
+        let e = EncodedExtent::encode(0, text.clone(), Some(1)).expect("encode");
+        assert_eq!(
+            e.encoding,
+            pb::Encoding::Zstd,
+            "compressible data is tried every time"
+        );
     }
 
     #[test]
