@@ -30,6 +30,8 @@
 //! `TERN_BENCH_MIGRATE_RATES` (fio IOPS, default `200,1000,5000,20000`),
 //! `TERN_BENCH_MIGRATE_CHANGE_PCT` (default 5),
 //! `TERN_BENCH_MIGRATE_DOWNTIME` (`--max-downtime`, default `50ms`),
+//! `TERN_BENCH_MIGRATE_WARMUP` (seconds fio writes before the live
+//! migration starts, default 2),
 //! `TERN_BENCH_MIGRATE_FS_MIB` (part 4 image, default 2048),
 //! `TERN_BENCH_MIGRATE_SMALL_MIB` (part 5 image, default 2048),
 //! `TERN_BENCH_MIGRATE_SMALL_EXTENTS` (part 5 changed 4 KiB blocks, default 50000),
@@ -37,7 +39,8 @@
 //! all; delta needs copy),
 //! `TERN_BENCH_MIGRATE_PEERS_ONLY=1` (skip the `tern migrate` calls: checks
 //! the peers and the network set-up alone), `TERN_BENCH_DIR` (default
-//! `/var/tmp`, which must be a real disk file system).
+//! `/var/tmp`, which must be a real disk file system), `TERN_BENCH_KEEP=1`
+//! (keep the images and logs).
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -80,6 +83,8 @@ struct Config {
     fs_mib: u64,
     small_mib: u64,
     small_extents: u64,
+    /// Seconds fio writes before `tern migrate` starts (live part).
+    warmup_secs: u64,
 }
 
 const PARTS: [&str; 5] = ["copy", "delta", "fs", "small", "live"];
@@ -130,6 +135,7 @@ impl Config {
             downtime: env_or("TERN_BENCH_MIGRATE_DOWNTIME", "50ms".to_owned())?,
             parts,
             peers_only: env_or("TERN_BENCH_MIGRATE_PEERS_ONLY", 0u8)? != 0,
+            warmup_secs: env_or("TERN_BENCH_MIGRATE_WARMUP", 2)?,
             fs_mib,
             small_mib,
             small_extents,
@@ -480,7 +486,7 @@ impl Bench<'_> {
             std::fs::remove_file(&dst).ok();
             let (mut agent, to) = self.start_agent(&dst, size, Some(&ns))?;
             let mut fio = Proc::spawn("fio", &mut fio_writes("live", &src_loop.dev, rate), None)?;
-            std::thread::sleep(Duration::from_secs(2));
+            std::thread::sleep(Duration::from_secs(cfg.warmup_secs));
             if let Some(status) = fio.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("fio exited at start ({status})");
             }
@@ -878,6 +884,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // TERN_BENCH_KEEP=1 keeps the images and logs for a look after a failure.
+        if std::env::var_os("TERN_BENCH_KEEP").is_some_and(|v| v == "1") {
+            eprintln!("bench: kept {}", self.path.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }

@@ -337,7 +337,9 @@ pub async fn migrate(
     )
     .await?;
 
-    // Downtime starts here.
+    // Downtime starts here. The rounds from now on hash what they read, so
+    // that the verification inside the pause reads nothing again here.
+    repl.read_whole_regions(true);
     set_status(status, |s| s.phase = "paused: final delta");
     let pause_started = Instant::now();
     let paused = match &opts.pause {

@@ -175,6 +175,8 @@ pub struct Replicator {
     since_barrier_bytes: u64,
     limiter: Limiter,
     order: Option<SendOrder>,
+    /// Rounds read whole checksum regions ([`Replicator::read_whole_regions`]).
+    whole_regions: bool,
 }
 
 /// The root hash of `client`'s destination for the tree `shape`.
@@ -227,6 +229,7 @@ impl Replicator {
             since_barrier_bytes: 0,
             limiter,
             order: None,
+            whole_regions: false,
         })
     }
 
@@ -415,6 +418,15 @@ impl Replicator {
         })
     }
 
+    /// From now on, rounds read the whole checksum regions their runs touch
+    /// and hash them from that read (still sending only the runs): the
+    /// local tree is then fresh for every region a round sent, and the
+    /// verification inside the pause has nothing left to read on this side.
+    /// For the rounds of the pause: earlier it would multiply the bytes read.
+    pub fn read_whole_regions(&mut self, on: bool) {
+        self.whole_regions = on;
+    }
+
     /// Orders the next round (once): see [`SendOrder`].
     pub fn set_order(&mut self, order: SendOrder) {
         self.order = Some(order);
@@ -479,6 +491,7 @@ impl Replicator {
             shape: *self.local.tree.shape(),
             zstd_level: self.opts.zstd_level,
             workers: self.opts.workers,
+            whole_regions: self.whole_regions,
         };
         let (tx, mut rx) = mpsc::channel(READY_EXTENTS);
         let reading = tokio::spawn(reader.run(runs, tx));

@@ -129,6 +129,11 @@ pub(super) struct Reader {
     pub zstd_level: Option<i32>,
     /// Reads in flight.
     pub workers: usize,
+    /// Read each run's whole checksum regions (sending only the run), so
+    /// that their leaves are hashed from this read: inside the pause this
+    /// spares the verification a second read of every region the final
+    /// delta touched.
+    pub whole_regions: bool,
 }
 
 impl Reader {
@@ -197,34 +202,48 @@ impl Reader {
         let source = self.source.clone();
         let shape = self.shape;
         let level = self.zstd_level;
-        // Whole regions inside the run are hashed from the data read here,
-        // instead of being read again for the local tree; their stale bits
-        // are cleared before the read, like the send map's.
-        let regions = self.stale.clear_within(run.start, run.end);
+        let read = if self.whole_regions {
+            let region = shape.region_size();
+            (run.start / region * region)
+                ..run
+                    .end
+                    .div_ceil(region)
+                    .saturating_mul(region)
+                    .min(shape.image_size())
+        } else {
+            run.clone()
+        };
+        // Whole regions inside the read are hashed from its data, instead of
+        // being read again for the local tree; their stale bits are cleared
+        // before the read, like the send map's.
+        let regions = self.stale.clear_within(read.start, read.end);
         async move {
             let result = async {
-                let len = u32::try_from(run.end - run.start)
-                    .expect("a run is taken at most extent_len (a u32) long");
-                let data = source.read_at(run.start, len).await.map_err(|e| {
+                let len = u32::try_from(read.end - read.start)
+                    .expect("a run (at most extent_len, a u32) widened by two regions");
+                let data = source.read_at(read.start, len).await.map_err(|e| {
                     ReplicateError::ReadSource {
-                        offset: run.start,
+                        offset: read.start,
                         len,
                         source: Box::new(e),
                     }
                 })?;
-                let start = run.start;
+                let (start, run_start, run_end) = (read.start, run.start, run.end);
                 let encode = move || {
                     let leaves: Vec<(u64, Hash)> = regions
                         .map(|i| {
                             let r = shape.region(i);
                             let at = usize::try_from(r.start - start)
-                                .expect("a region inside the run: below its u32 length");
+                                .expect("a region inside the read: below its u32 length");
                             let len = usize::try_from(r.end - r.start)
-                                .expect("a region inside the run: below its u32 length");
+                                .expect("a region inside the read: below its u32 length");
                             (i, leaf_hash(&data[at..at + len]))
                         })
                         .collect();
-                    EncodedExtent::encode(start, data, level).map(|e| (e, leaves))
+                    let from = usize::try_from(run_start - start).expect("inside the read");
+                    let to = usize::try_from(run_end - start).expect("inside the read");
+                    EncodedExtent::encode(run_start, data.slice(from..to), level)
+                        .map(|e| (e, leaves))
                 };
                 let encoded = if len as usize <= ENCODE_INLINE {
                     encode()?
@@ -252,9 +271,19 @@ mod tests {
 
     const SIZE: u64 = 8 << 20;
 
+    /// The source's bytes at `range`: each 4 KiB block its own.
+    fn pattern(range: Range<u64>) -> Vec<u8> {
+        range
+            .map(|i| {
+                u8::try_from(i / 4096 % 251).expect("below 251")
+                    ^ u8::try_from(i % 7).expect("below 7")
+            })
+            .collect()
+    }
+
     fn reader(dir: &std::path::Path, send: &Arc<DirtyMap>, stale: &Arc<DirtyMap>) -> Reader {
         let path = dir.join("src.img");
-        std::fs::write(&path, vec![7u8; usize::try_from(SIZE).expect("small")]).expect("write");
+        std::fs::write(&path, pattern(0..SIZE)).expect("write");
         let opts = ImageOptions {
             size: None,
             read_only: true,
@@ -267,6 +296,7 @@ mod tests {
             shape: Shape::new(SIZE, 65536).expect("shape"),
             zstd_level: Some(1),
             workers: 4,
+            whole_regions: false,
         }
     }
 
@@ -301,6 +331,47 @@ mod tests {
             send.mark(run.start, run.end - run.start);
         }
         assert_eq!(send.dirty_bytes(), total - handed, "a taken run was lost");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn whole_region_reads_hash_the_regions_and_send_only_the_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let send = Arc::new(DirtyMap::new(SIZE, 4096).expect("map"));
+        let stale = Arc::new(DirtyMap::new(SIZE, 65536).expect("map"));
+        stale.mark(0, SIZE);
+        let mut reader = reader(dir.path(), &send, &stale);
+        reader.whole_regions = true;
+        reader.zstd_level = None;
+        // One run inside a region, one across two, one at the image's end.
+        let runs = vec![
+            (65536 + 4096)..(65536 + 8192),
+            (3 * 65536 - 4096)..(3 * 65536 + 4096),
+            (SIZE - 4096)..SIZE,
+        ];
+        let (tx, mut rx) = mpsc::channel(1);
+        let task = tokio::spawn(reader.run(Runs::Ordered(runs.clone().into_iter()), tx));
+        let mut got = Vec::new();
+        while let Some(done) = rx.recv().await {
+            let (extent, leaves) = done.result.expect("read");
+            assert_eq!(
+                (extent.offset, u64::from(extent.length)),
+                (done.run.start, done.run.end - done.run.start),
+                "only the run is sent"
+            );
+            assert_eq!(
+                extent.payload.as_ref(),
+                pattern(done.run.clone()).as_slice()
+            );
+            for (i, leaf) in &leaves {
+                let r = i * 65536..((i + 1) * 65536).min(SIZE);
+                assert_eq!(*leaf, leaf_hash(&pattern(r)), "leaf {i}");
+            }
+            got.push(leaves.into_iter().map(|(i, _)| i).collect::<Vec<_>>());
+        }
+        task.await.expect("the reader ends");
+        let last = SIZE / 65536 - 1;
+        assert_eq!(got, vec![vec![1], vec![2, 3], vec![last]]);
+        assert_eq!(stale.dirty_bytes(), SIZE - 4 * 65536);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
