@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::checktree::{CheckTree, Shape, hash_regions, leaf_hash};
+use crate::checktree::{CheckTree, Shape, hash_runs, leaf_hash};
 use crate::dirty::DirtyMap;
 use crate::image::Image;
 
@@ -36,21 +36,29 @@ impl LocalTree {
         &self.tree
     }
 
-    /// Rehashes the stale regions; returns the bytes read.
+    /// Rehashes the stale regions (all at once: scattered regions are read
+    /// concurrently); returns the bytes read.
     pub async fn refresh(&mut self, source: &Image, stats: &Stats) -> Result<u64, ReplicateError> {
         let shape = *self.tree.shape();
         let region = shape.region_size();
-        let mut hashed = 0;
-        for run in self.stale.take_all(u64::MAX) {
-            let indices = run.start / region..run.end.div_ceil(region);
-            let leaf_hashes = hash_regions(source, &shape, indices.clone()).await?;
-            let leaves: Vec<(u64, _)> = indices.zip(leaf_hashes).collect();
-            self.tree.update_leaves(&leaves)?;
-            hashed += run.end - run.start;
-            stats
-                .hashed_bytes
-                .fetch_add(run.end - run.start, Ordering::Relaxed);
-        }
+        let taken = self.stale.take_all(u64::MAX);
+        let runs: Vec<std::ops::Range<u64>> = taken
+            .iter()
+            .map(|r| r.start / region..r.end.div_ceil(region))
+            .collect();
+        let leaves = match hash_runs(source, &shape, &runs).await {
+            Ok(leaves) => leaves,
+            Err(e) => {
+                // Still stale: a later refresh reads them again.
+                for r in &taken {
+                    self.stale.mark(r.start, r.end - r.start);
+                }
+                return Err(e.into());
+            }
+        };
+        self.tree.update_leaves(&leaves)?;
+        let hashed: u64 = taken.iter().map(|r| r.end - r.start).sum();
+        stats.hashed_bytes.fetch_add(hashed, Ordering::Relaxed);
         Ok(hashed)
     }
 }

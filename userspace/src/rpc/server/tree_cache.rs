@@ -2,7 +2,7 @@
 //! completed write touches and rehashing only those when asked.
 
 use std::ops::Range;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::checktree::{self, CheckTree, Shape};
 use crate::image::{ChangeListener, Image};
@@ -18,7 +18,9 @@ pub(super) struct TreeCache {
 }
 
 struct CachedTree {
-    tree: CheckTree,
+    /// Shared with the answers being built: a query takes a reference, not a
+    /// copy (a tree of 4 KiB regions is tens of MiB, and a descent asks ~20 times).
+    tree: Arc<CheckTree>,
     /// One bit per region: rehash before answering.
     dirty: Vec<u64>,
 }
@@ -43,12 +45,12 @@ impl TreeCache {
         }
     }
 
-    /// Brings the tree for `region_size` up to date and returns a copy.
+    /// Brings the tree for `region_size` up to date and returns it.
     pub(super) async fn refresh(
         &self,
         image: &Image,
         region_size: u64,
-    ) -> Result<CheckTree, RpcError> {
+    ) -> Result<Arc<CheckTree>, RpcError> {
         let _one_at_a_time = self.refresh.lock().await;
         let shape = Shape::new(image.size(), region_size)?;
         let leaf_count = usize::try_from(shape.leaf_count())
@@ -66,7 +68,7 @@ impl TreeCache {
                     }
                 }
                 *state = Some(CachedTree {
-                    tree: CheckTree::from_leaves(shape, leaves)?,
+                    tree: Arc::new(CheckTree::from_leaves(shape, leaves)?),
                     dirty,
                 });
             }
@@ -74,25 +76,22 @@ impl TreeCache {
             // Taken (cleared) before reading: a write completing from now on marks again.
             std::mem::replace(&mut cached.dirty, vec![0; leaf_count.div_ceil(64)])
         };
-        let mut updates = Vec::new();
-        for run in dirty_runs(&dirty, shape.leaf_count()) {
-            let hashes = checktree::hash_regions(image, &shape, run.clone()).await;
-            let hashes = match hashes {
-                Ok(h) => h,
-                Err(err) => {
-                    // Put the bits back so the next query retries these regions.
-                    self.remark(&dirty);
-                    return Err(err.into());
-                }
-            };
-            updates.extend(run.zip(hashes));
-        }
+        let runs = dirty_runs(&dirty, shape.leaf_count());
+        let updates = match checktree::hash_runs(image, &shape, &runs).await {
+            Ok(updates) => updates,
+            Err(err) => {
+                // Put the bits back so the next query retries these regions.
+                self.remark(&dirty);
+                return Err(err.into());
+            }
+        };
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let cached = state.as_mut().expect("only refresh replaces the cache");
         if !updates.is_empty() {
-            cached.tree.update_leaves(&updates)?;
+            // Copies only if an answer still holds the old tree.
+            Arc::make_mut(&mut cached.tree).update_leaves(&updates)?;
         }
-        Ok(cached.tree.clone())
+        Ok(Arc::clone(&cached.tree))
     }
 
     fn remark(&self, bits: &[u64]) {
