@@ -246,6 +246,8 @@ async fn converge(
     // during a `qemu:` precopy would wait for too much dirt.
     let catch_up_rounds =
         u64::from(opts.initial_sync && repl.stats().snapshot().held_back_bytes > 0);
+    // Whether both trees were refreshed since the last round.
+    let mut fresh = false;
     loop {
         // Dirty pages in a page cache above the source (a mounted file
         // system, guest RAM in a shared file mapping) reach the tracer only
@@ -254,12 +256,6 @@ async fn converge(
         write_back(repl).await?;
         tracker.sync().await?;
         recover_gaps(repl, tracker, gaps_seen, report).await?;
-        // Keep the local tree fresh while the workload runs, so that the
-        // verification inside the downtime rehashes only the final delta.
-        repl.refresh_local().await?;
-        // The destination rehashes what it received when asked: ask now, so
-        // that inside the pause only the final delta is rehashed there too.
-        repl.remote_root().await?;
         let dirty = repl.send_map().dirty_bytes();
         // Units dirtied since the round began (a unit taken early in the
         // round and written again counts once: a floor on the rate).
@@ -279,7 +275,18 @@ async fn converge(
         let measured = rounds > catch_up_rounds || dirty == 0;
         let budget_ms = u64::try_from(opts.max_downtime.as_millis()).unwrap_or(u64::MAX);
         if opts.pause.is_none() || (measured && estimate <= budget_ms) {
-            break;
+            if fresh || opts.pause.is_none() {
+                break;
+            }
+            // Both trees fresh before the pause, so that the verification
+            // inside it rehashes only the final delta; only once the delta
+            // fits (every round, a 4 KiB writer's rounds would read 16 times
+            // their bytes again). The refresh took time: look again.
+            repl.refresh_local().await?;
+            // The destination rehashes what it received when asked: ask now.
+            repl.remote_root().await?;
+            fresh = true;
+            continue;
         }
         if rounds >= opts.max_rounds {
             return Err(CutoverError::NotConverging {
@@ -294,6 +301,7 @@ async fn converge(
         last_round_start = Instant::now();
         let round = repl.round(false).await?;
         rounds += 1;
+        fresh = false;
         if rounds > catch_up_rounds && round.bytes > 0 {
             // The last delta round is the best model of the final one: the
             // same scattered extents, not the bulk copy's long runs.
