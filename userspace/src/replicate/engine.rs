@@ -532,8 +532,14 @@ impl Replicator {
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH_EXTENTS as usize {
                 let Ok(done) = rx.try_recv() else { break };
-                let Some(extent) = self.accept(done, skip_zero)? else {
-                    continue;
+                let extent = match self.accept(done, skip_zero) {
+                    Ok(Some(extent)) => extent,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        // Read, not sent: the next round sends them.
+                        self.give_back_extents(&batch);
+                        return Err(e);
+                    }
                 };
                 if bytes + u64::from(extent.length) > BATCH_BYTES {
                     carry = Some(extent);
@@ -542,7 +548,19 @@ impl Replicator {
                 bytes += u64::from(extent.length);
                 batch.push(extent);
             }
-            self.send_batch(batch).await?;
+            if let Err(e) = self.send_batch(batch).await {
+                // The batch itself is in `since_barrier` (or the error ends
+                // the migration); the extent held for the next batch is not.
+                self.give_back_extents(carry.as_slice());
+                return Err(e);
+            }
+        }
+    }
+
+    /// Marks the runs of extents taken and not sent dirty again.
+    fn give_back_extents(&self, extents: &[EncodedExtent]) {
+        for e in extents {
+            self.give_back(&(e.offset..e.offset + u64::from(e.length)));
         }
     }
 
