@@ -10,6 +10,7 @@ use std::path::Path;
 use bytes::Bytes;
 use rpc_support::noise;
 use tern::agent::{AgentError, Destination, DestinationConfig};
+use tern::checktree::CheckTree;
 use tern::nbd::ListenAddr;
 use tern::rpc::{EncodedExtent, ReplicaClient, TlsMaterial};
 use tokio_util::sync::CancellationToken;
@@ -312,4 +313,108 @@ async fn an_export_advertised_writable_refuses_writes_with_eperm_until_cutover()
             .iter()
             .all(|&b| b == 0xcd)
     );
+}
+
+/// Binds an agent on `dir`'s image, serves it, and returns what it needs to stop.
+async fn start_agent(
+    dir: &Path,
+    tls_dir: &Path,
+) -> (
+    bool,
+    ReplicaClient,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), AgentError>>,
+) {
+    let dst = Destination::bind(config(dir, tls_dir)).await.expect("bind");
+    let restored = dst.tree_restored();
+    let grpc = dst.grpc_addr();
+    let cancel = CancellationToken::new();
+    let agent = tokio::spawn(dst.run(cancel.clone()));
+    let tls = TlsMaterial::load(tls_dir).expect("tls");
+    let client = ReplicaClient::connect(&grpc.to_string(), Some(&tls), None)
+        .await
+        .expect("connect");
+    (restored, client, cancel, agent)
+}
+
+async fn push(client: &mut ReplicaClient, offset: u64, data: &[u8]) {
+    let mut writer = client.open_writer(3, 8).await.expect("open");
+    for (i, chunk) in data.chunks(1 << 20).enumerate() {
+        let at = offset + u64::try_from(i).expect("small") * MIB;
+        writer
+            .send(EncodedExtent::encode(at, Bytes::copy_from_slice(chunk), None).expect("encode"))
+            .await
+            .expect("send");
+    }
+    writer.finish().await.expect("finish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checksum_tree_survives_a_restart_but_not_a_write_behind_the_agents_back() {
+    const REGION: u64 = 64 << 10;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = tern::certs::init(&dir.path().join("certs"), &[]).expect("certs");
+    let tls_dir = certs.host_dirs[0].clone();
+    let saved = dir.path().join("dst.img.tern-tree");
+    let mut source = noise(4 * MIB as usize, 21);
+
+    // First run: nothing saved yet; the tree is built when the source asks.
+    let (restored, mut client, cancel, agent) = start_agent(dir.path(), &tls_dir).await;
+    assert!(!restored, "nothing was saved before the first run");
+    push(&mut client, 0, &source).await;
+    let tree = CheckTree::from_bytes(&source, REGION).expect("tree");
+    assert!(client.diff_regions(&tree).await.expect("diff").is_empty());
+    drop(client);
+    cancel.cancel();
+    agent.await.expect("agent task").expect("stopped cleanly");
+    assert!(
+        saved.exists(),
+        "a clean stop saves the tree beside the image"
+    );
+
+    // Second run: the saved tree matches the image and is used; it follows new writes.
+    let (restored, mut client, cancel, agent) = start_agent(dir.path(), &tls_dir).await;
+    assert!(restored, "the image is unchanged since its tree was saved");
+    assert!(client.diff_regions(&tree).await.expect("diff").is_empty());
+    source[(7 * REGION + 5) as usize] ^= 0xff;
+    let region = 7 * REGION as usize..8 * REGION as usize;
+    push(&mut client, 7 * REGION, &source[region]).await;
+    assert_eq!(client.diff_regions(&tree).await.expect("diff"), vec![7]);
+    let tree = CheckTree::from_bytes(&source, REGION).expect("tree");
+    assert!(client.diff_regions(&tree).await.expect("diff").is_empty());
+    drop(client);
+    cancel.cancel();
+    agent.await.expect("agent task").expect("stopped cleanly");
+
+    // Behind the agent's back: a byte changes in region 42 while no agent runs.
+    {
+        use std::os::unix::fs::FileExt as _;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("dst.img"))
+            .expect("open image");
+        file.write_all_at(&[!source[(42 * REGION) as usize]], 42 * REGION)
+            .expect("write behind the agent's back");
+    }
+    let (restored, mut client, cancel, agent) = start_agent(dir.path(), &tls_dir).await;
+    assert!(
+        !restored,
+        "an image changed since its tree was saved must not be believed"
+    );
+    assert_eq!(client.diff_regions(&tree).await.expect("diff"), vec![42]);
+
+    // A damaged saved file is refused the same way.
+    drop(client);
+    cancel.cancel();
+    agent.await.expect("agent task").expect("stopped cleanly");
+    let mut bytes = std::fs::read(&saved).expect("saved tree");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&saved, bytes).expect("damage the saved tree");
+    let (restored, mut client, cancel, agent) = start_agent(dir.path(), &tls_dir).await;
+    assert!(!restored, "a damaged saved tree must not be believed");
+    assert_eq!(client.diff_regions(&tree).await.expect("diff"), vec![42]);
+    drop(client);
+    cancel.cancel();
+    agent.await.expect("agent task").expect("stopped cleanly");
 }

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::checktree::saved;
 use crate::image::{Image, ImageChanges, ImageError, ImageOptions};
 use crate::metrics::{self, MetricsError, ReplicaMetrics, Sources};
 use crate::nbd::{Export, ListenAddr, NbdError, NbdServer};
@@ -129,6 +130,10 @@ pub enum AgentError {
 pub struct Destination {
     image: Image,
     image_path: PathBuf,
+    /// Where the checksum tree is saved at shutdown and restored at start.
+    tree_path: PathBuf,
+    /// Whether a saved tree matched the image at start.
+    tree_restored: bool,
     service: ReplicaService,
     tls: Option<TlsMaterial>,
     grpc: tokio::net::TcpListener,
@@ -305,6 +310,8 @@ impl Destination {
             },
         );
         service.watch_changes(&changes);
+        let tree_path = saved::path_for(&cfg.image);
+        let tree_restored = service.restore_tree(&tree_path);
         let grpc = tokio::net::TcpListener::bind(cfg.grpc)
             .await
             .map_err(|source| AgentError::Bind {
@@ -332,6 +339,8 @@ impl Destination {
         Ok(Destination {
             image,
             image_path: cfg.image,
+            tree_path,
+            tree_restored,
             service,
             tls,
             grpc,
@@ -354,6 +363,13 @@ impl Destination {
         self.nbd_addr.as_ref()
     }
 
+    /// Whether the checksum tree saved by the previous agent on this image
+    /// was restored (the image was checked to be unchanged since), so the
+    /// first delta sync does not read the image whole.
+    pub fn tree_restored(&self) -> bool {
+        self.tree_restored
+    }
+
     /// The bound metrics address, if enabled.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
@@ -365,6 +381,8 @@ impl Destination {
         let Destination {
             image,
             image_path,
+            tree_path,
+            tree_restored: _,
             service,
             tls,
             grpc,
@@ -386,6 +404,7 @@ impl Destination {
             "destination agent serving"
         );
         let mut tasks: JoinSet<Result<(), AgentError>> = JoinSet::new();
+        let trees = service.clone();
         {
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
@@ -444,6 +463,16 @@ impl Destination {
         match (first_error, flushed) {
             (Some(err), _) | (None, Err(err)) => Err(err),
             (None, Ok(())) => {
+                // Nothing writes the image any more: its tree can be saved.
+                match trees.save_tree(&tree_path).await {
+                    Ok(Some(region_size)) => {
+                        tracing::info!(tree = %tree_path.display(), region_size, "checksum tree saved for the next run");
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "checksum tree not saved; the next run hashes the image");
+                    }
+                }
                 tracing::info!(image = %image_path.display(), "destination agent stopped; image flushed");
                 Ok(())
             }

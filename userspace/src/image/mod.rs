@@ -16,6 +16,7 @@
 //! direct write invalidates them. When the file system refuses `O_DIRECT`
 //! (`EINVAL`, e.g. ramfs) the image silently uses buffered I/O only.
 
+mod allocation;
 mod changes;
 mod uring;
 
@@ -146,6 +147,8 @@ pub struct Image {
 struct Inner {
     path: PathBuf,
     size: u64,
+    /// A block device (no holes to ask about) rather than a file.
+    block_device: bool,
     read_only: bool,
     direct: bool,
     files: Arc<Files>,
@@ -273,6 +276,7 @@ impl Image {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 size,
+                block_device: file_type.is_block_device(),
                 read_only: opts.read_only,
                 direct: files.direct.is_some(),
                 files,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::checktree::{CheckTree, Shape, hash_runs, leaf_hash};
+use crate::checktree::{CheckTree, Shape, hash_runs, zero_leaf_hash};
 use crate::dirty::DirtyMap;
 use crate::image::Image;
 
@@ -75,21 +75,14 @@ pub fn default_region_size(disk_size: u64) -> u64 {
 
 /// The tree of an all-zero image of `shape`: what a blank destination answers.
 pub fn zero_tree(shape: Shape) -> Result<CheckTree, ReplicateError> {
-    let region = shape.region_size();
-    let region_len = usize::try_from(region).expect("a region is at most MAX_REGION_SIZE (1 GiB)");
-    let full = leaf_hash(&vec![0u8; region_len]);
     let count = shape.leaf_count();
+    let full = zero_leaf_hash(shape.region_size());
     let mut leaves =
         vec![full; usize::try_from(count).expect("a tree has at most MAX_LEAVES (2^24)")];
     if let Some(last) = leaves.last_mut() {
         let r = shape.region(count - 1);
-        if r.end - r.start != region {
-            #[expect(
-                clippy::cast_possible_truncation,
-                reason = "shorter than a region, at most 1 GiB"
-            )]
-            let len = (r.end - r.start) as usize;
-            *last = leaf_hash(&vec![0u8; len]);
+        if r.end - r.start != shape.region_size() {
+            *last = zero_leaf_hash(r.end - r.start);
         }
     }
     Ok(CheckTree::from_leaves(shape, leaves)?)

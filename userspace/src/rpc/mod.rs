@@ -160,6 +160,9 @@ pub enum RpcError {
     /// A checksum-tree query failed.
     #[error("checksum tree: {0}")]
     CheckTree(#[from] CheckTreeError),
+    /// Saving the checksum tree beside the image failed.
+    #[error("{0}")]
+    SavedTree(#[from] crate::checktree::saved::SavedTreeError),
     /// Too many nodes asked for in one call.
     #[error(
         "{asked} checksum-tree nodes asked in one call, over the limit of {max}; ask in batches"

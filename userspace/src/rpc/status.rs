@@ -91,6 +91,7 @@ fn code(err: &RpcError) -> Code {
         | RpcError::StreamClosed { .. }
         | RpcError::UnexpectedReply { .. }
         | RpcError::ReadSource { .. }
+        | RpcError::SavedTree(_)
         | RpcError::Compress { .. } => Code::Internal,
     }
 }

@@ -7,6 +7,7 @@
 //! the extents had been applied one after another. A barrier waits for every
 //! earlier extent, then flushes.
 
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::epoch::Fence;
 use super::pb::{self, replica_server, write_request, write_response};
 use super::{MAX_BATCH_EXTENTS, MAX_EXTENT_LEN, MAX_MESSAGE_LEN, MAX_NODES_PER_CALL, RpcError};
+use crate::checktree::saved;
 use crate::image::{ChangeListener, Image, ImageChanges};
 use crate::metrics::ReplicaMetrics;
 
@@ -30,6 +32,11 @@ mod write;
 use read::{check_read_range, run_read};
 use tree_cache::TreeCache;
 use write::run_write_stream;
+
+/// Above this share of stale regions, a shutting-down agent does not rehash
+/// them to save its tree: the next run would hash as much, and shutting
+/// down should not take a pass over most of the image.
+const MAX_STALE_TO_SAVE: f64 = 0.125;
 
 /// What is wrong with a request's byte range (a read's or an extent's).
 #[derive(Debug, PartialEq, Eq)]
@@ -135,6 +142,52 @@ impl ReplicaService {
     /// The service's own write streams mark the tree themselves.
     pub fn watch_changes(&self, changes: &ImageChanges) {
         changes.subscribe(Arc::clone(&self.inner.trees) as Arc<dyn ChangeListener>);
+    }
+
+    /// Starts the checksum tree from the one saved at `path` if the image
+    /// still has the identity it was saved with (see
+    /// [`crate::checktree::saved`]); otherwise, or when the source asks for
+    /// another region size, the first tree query hashes the image, as
+    /// without a saved tree. Call before serving. Returns whether the saved
+    /// tree was taken.
+    pub fn restore_tree(&self, path: &Path) -> bool {
+        let image = &self.inner.image;
+        let loaded =
+            saved::Identity::of(image.path(), image.size()).and_then(|now| saved::load(path, &now));
+        match loaded {
+            Ok(tree) => {
+                tracing::info!(tree = %path.display(), regions = tree.shape().leaf_count(), "checksum tree restored: the image is unchanged since it was saved");
+                self.inner.trees.preload(tree);
+                true
+            }
+            Err(saved::SavedTreeError::Missing { .. }) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "saved checksum tree not used");
+                false
+            }
+        }
+    }
+
+    /// Brings the checksum tree up to date and saves it at `path`, so the
+    /// next agent on this image can skip hashing it. Call only once nothing
+    /// writes the image any more (after serving ended and the image was
+    /// flushed). Returns the region size saved, or `None` when there was no
+    /// tree to save or too much of it was stale to be worth rehashing now
+    /// (an old saved tree is removed then: it no longer matches).
+    pub async fn save_tree(&self, path: &Path) -> Result<Option<u64>, RpcError> {
+        let image = &self.inner.image;
+        let Some((region_size, stale)) = self.inner.trees.held() else {
+            return Ok(None);
+        };
+        if stale > MAX_STALE_TO_SAVE {
+            saved::remove(path)?;
+            return Ok(None);
+        }
+        // Taken before the regions are read: a write after this moves it.
+        let identity = saved::Identity::of(image.path(), image.size())?;
+        let tree = self.inner.trees.refresh(image, region_size).await?;
+        saved::save(path, &tree, &identity)?;
+        Ok(Some(region_size))
     }
 
     /// The highest epoch accepted.

@@ -45,6 +45,33 @@ impl TreeCache {
         }
     }
 
+    /// Starts from `tree` (a saved tree the image was checked to still
+    /// match): nothing to rehash until the image is written.
+    pub(super) fn preload(&self, tree: CheckTree) {
+        let leaf_count = usize::try_from(tree.shape().leaf_count())
+            .expect("a tree has at most MAX_LEAVES (2^24) leaves");
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        *state = Some(CachedTree {
+            tree: Arc::new(tree),
+            dirty: vec![0; leaf_count.div_ceil(64)],
+        });
+    }
+
+    /// The region size of the tree held and the share of its regions that
+    /// must be rehashed before it is current (0.0 to 1.0), if a tree is held.
+    pub(super) fn held(&self) -> Option<(u64, f64)> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.as_ref().map(|c| {
+            let stale_regions: u32 = c.dirty.iter().map(|w| w.count_ones()).sum();
+            let count = u32::try_from(c.tree.shape().leaf_count().max(1))
+                .expect("a tree has at most MAX_LEAVES (2^24) leaves");
+            (
+                c.tree.shape().region_size(),
+                f64::from(stale_regions) / f64::from(count),
+            )
+        })
+    }
+
     /// Brings the tree for `region_size` up to date and returns it.
     pub(super) async fn refresh(
         &self,

@@ -6,6 +6,8 @@
 //! higher level hashes pairs of the level below, and a node without a right
 //! sibling is carried up unchanged. The top level holds the root.
 
+pub mod saved;
+
 use std::ops::Range;
 
 use futures::{StreamExt, TryStreamExt, stream};
@@ -174,6 +176,20 @@ pub fn leaf_hash(data: &[u8]) -> Hash {
     let mut hasher = blake3::Hasher::new();
     hasher.update(&[LEAF_DOMAIN]);
     hasher.update(data);
+    *hasher.finalize().as_bytes()
+}
+
+/// Hash of a region of `len` zero bytes (a hole), without allocating `len` bytes.
+pub fn zero_leaf_hash(len: u64) -> Hash {
+    static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&[LEAF_DOMAIN]);
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left).map_or(ZEROES.len(), |l| l.min(ZEROES.len()));
+        hasher.update(&ZEROES[..n]);
+        left -= n as u64;
+    }
     *hasher.finalize().as_bytes()
 }
 
@@ -359,7 +375,76 @@ pub async fn hash_regions(
 /// together, [`READ_CHUNK`] at a time, and the reads of every run go on at
 /// once: a read and a hand-off per 4 KiB region, one run after another,
 /// cost more than the hashing (a 1 GiB image in 4 KiB regions took ~50 s).
+///
+/// Regions that lie wholly in a hole of the image file are not read: they
+/// hash as zeroes (a blank destination costs nothing to hash).
 pub async fn hash_runs(
+    image: &Image,
+    shape: &Shape,
+    runs: &[Range<u64>],
+) -> Result<Vec<(u64, Hash)>, CheckTreeError> {
+    let (runs, holes) = skip_holes(image, shape, runs);
+    let mut hashed = hash_data_runs(image, shape, &runs).await?;
+    if !holes.is_empty() {
+        hashed.extend(holes);
+        hashed.sort_unstable_by_key(|&(index, _)| index);
+    }
+    Ok(hashed)
+}
+
+/// Splits `runs` into the runs that must be read and the leaves of the
+/// regions that lie wholly in holes. If the holes cannot be known, every
+/// region is read.
+fn skip_holes(
+    image: &Image,
+    shape: &Shape,
+    runs: &[Range<u64>],
+) -> (Vec<Range<u64>>, Vec<(u64, Hash)>) {
+    let mut to_read = Vec::with_capacity(runs.len());
+    let mut holes = Vec::new();
+    let mut full_zero = None;
+    for run in runs.iter().filter(|r| !r.is_empty()) {
+        let bytes = shape.region(run.start).start..shape.region(run.end - 1).end;
+        let data = match image.data_ranges(bytes) {
+            Ok(Some(data)) => data,
+            Ok(None) => {
+                to_read.push(run.clone());
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot ask the image for its holes; reading every region");
+                to_read.push(run.clone());
+                continue;
+            }
+        };
+        let mut data = data.into_iter().peekable();
+        let mut reading: Option<Range<u64>> = None;
+        for index in run.clone() {
+            let region = shape.region(index);
+            while data.next_if(|d| d.end <= region.start).is_some() {}
+            let has_data = data.peek().is_some_and(|d| d.start < region.end);
+            if has_data {
+                match reading.as_mut() {
+                    Some(r) => r.end = index + 1,
+                    None => reading = Some(index..index + 1),
+                }
+                continue;
+            }
+            to_read.extend(reading.take());
+            let len = region.end - region.start;
+            let hash = if len == shape.region_size() {
+                *full_zero.get_or_insert_with(|| zero_leaf_hash(len))
+            } else {
+                zero_leaf_hash(len)
+            };
+            holes.push((index, hash));
+        }
+        to_read.extend(reading);
+    }
+    (to_read, holes)
+}
+
+async fn hash_data_runs(
     image: &Image,
     shape: &Shape,
     runs: &[Range<u64>],
@@ -612,6 +697,52 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "region size {region}");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn regions_in_holes_hash_as_zeroes_without_changing_any_leaf() {
+        use std::os::unix::fs::FileExt as _;
+        // Data at a few places of a sparse file, one of them straddling two
+        // 64 KiB regions, one in the short last region.
+        let size: u64 = (16 << 20) + 12_288;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sparse");
+        let file = std::fs::File::create(&path).expect("create");
+        file.set_len(size).expect("size");
+        let mut data = vec![0u8; usize::try_from(size).expect("small")];
+        for (at, len, byte) in [
+            (0u64, 4096usize, 1u8),
+            ((3 << 20) + 61_440, 8192, 2),
+            (9 << 20, 100_000, 3),
+            (size - 4096, 4096, 4),
+        ] {
+            let block = vec![byte; len];
+            file.write_all_at(&block, at).expect("write");
+            let at = usize::try_from(at).expect("small");
+            data[at..at + len].copy_from_slice(&block);
+        }
+        file.sync_all().expect("sync");
+        let image = Image::open(&path, &crate::image::ImageOptions::default()).expect("open");
+        for region in [4096u64, 65536, 1 << 20] {
+            let shape = Shape::new(size, region).expect("shape");
+            let n = shape.leaf_count();
+            let whole: Vec<Range<u64>> = std::iter::once(0..n).collect();
+            for runs in [whole, vec![1..3, 40..(n / 2), (n - 2)..n]] {
+                let got = hash_runs(&image, &shape, &runs).await.expect("hash");
+                let want: Vec<(u64, Hash)> = runs
+                    .iter()
+                    .flat_map(Clone::clone)
+                    .map(|i| {
+                        let r = shape.region(i);
+                        let slice = &data[usize::try_from(r.start).expect("small")
+                            ..usize::try_from(r.end).expect("small")];
+                        (i, leaf_hash(slice))
+                    })
+                    .collect();
+                assert_eq!(got, want, "region size {region}, runs {runs:?}");
+            }
+        }
+        assert_eq!(zero_leaf_hash(200_000), leaf_hash(&vec![0u8; 200_000]));
     }
 
     #[test]
