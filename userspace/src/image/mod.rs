@@ -563,6 +563,67 @@ impl Image {
         false
     }
 
+    /// Writes a page-aligned range into the page cache with a plain
+    /// `pwrite` on the caller's thread, for images without `O_DIRECT` on
+    /// file systems without `RWF_NOWAIT` buffered writes (ext4). Whole pages
+    /// need no read from disk, so the call only copies into the cache (or
+    /// waits briefly in dirty-page throttling, as nbdkit's threads do);
+    /// the hand-off to the ring thread and back cost more than the copy.
+    /// Returns `Ok(false)` when the range is not eligible (the caller then
+    /// uses [`Image::write_at`]).
+    pub fn write_pages_now(&self, offset: u64, data: &[u8]) -> Result<bool, ImageError> {
+        const PAGE: u64 = 4096;
+        let len = data.len() as u64;
+        if self.inner.direct
+            || data.is_empty()
+            || !offset.is_multiple_of(PAGE)
+            || !len.is_multiple_of(PAGE)
+        {
+            return Ok(false);
+        }
+        self.check_writable()?;
+        self.check_len(len)?;
+        self.check_range(offset, len)?;
+        if self.write_cached(offset, data) {
+            return Ok(true);
+        }
+        let io_err = |source| ImageError::Io {
+            op: "write",
+            path: self.inner.path.clone(),
+            offset,
+            len,
+            source,
+        };
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = i64::try_from(offset + done as u64)
+                .map_err(|_| io_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
+            let rest = &data[done..];
+            // SAFETY: `rest` is a live borrowed slice for this synchronous
+            // call; the kernel only reads from it; the descriptor stays open
+            // while `self.inner` lives.
+            let n = unsafe {
+                libc::pwrite(
+                    self.inner.files.buffered.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    at,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(0) => return Err(io_err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => done += n,
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(io_err(e));
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
     fn check_writable(&self) -> Result<(), ImageError> {
         if self.inner.read_only {
             return Err(ImageError::ReadOnly {
