@@ -816,6 +816,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn write_pages_now_writes_whole_pages_of_a_cached_image_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = Image::open(&dir.path().join("p.img"), &opts(1 << 20, false)).expect("open");
+        let data = pattern(8192, 4);
+        assert!(img.write_pages_now(4096, &data).expect("aligned write"));
+        assert_eq!(img.read_at(4096, 8192).await.expect("read"), data);
+        // Unaligned ranges and O_DIRECT images go through write_at instead.
+        assert!(!img.write_pages_now(4097, &data).expect("not eligible"));
+        assert!(!img.write_pages_now(0, &data[..100]).expect("not eligible"));
+        assert!(matches!(
+            img.write_pages_now(1 << 20, &data),
+            Err(ImageError::OutOfBounds { .. })
+        ));
+        let direct = Image::open(&dir.path().join("q.img"), &opts(1 << 20, true)).expect("open");
+        if direct.is_direct() {
+            assert!(!direct.write_pages_now(0, &data).expect("not eligible"));
+        }
+    }
+
+    #[tokio::test]
     async fn write_zeroes_and_trim_read_back_as_zeroes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let img = Image::open(&dir.path().join("z.img"), &opts(4 << 20, true)).expect("open");
