@@ -48,9 +48,11 @@ const JOBS: [Job; 4] = [
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Server {
-    /// Tern with `O_DIRECT` (its default, like `qemu-nbd --cache=none`).
+    /// Tern with `O_DIRECT` (`tern nbd serve`'s default, like `qemu-nbd --cache=none`).
     Tern,
-    /// Tern with `--no-direct`: page cache, like `nbdkit file`.
+    /// Tern with `--no-direct`: page cache, like `nbdkit file`. This is how
+    /// the destination agent runs (its `--direct` is off by default), so it
+    /// is the row held against nbdkit.
     TernBuffered,
     QemuNbd,
     Nbdkit,
@@ -66,8 +68,8 @@ impl Server {
 
     fn name(self) -> &'static str {
         match self {
-            Server::Tern => "tern",
-            Server::TernBuffered => "tern --no-direct",
+            Server::Tern => "tern O_DIRECT",
+            Server::TernBuffered => "tern (agent: cache)",
             Server::QemuNbd => "qemu-nbd",
             Server::Nbdkit => "nbdkit",
         }
@@ -353,7 +355,7 @@ fn print_table(
     )?;
     writeln!(
         out,
-        "{:<20} {:<17} {:>10} {:>10} {:>10} {:>12}",
+        "{:<20} {:<19} {:>10} {:>10} {:>10} {:>12}",
         "workload", "server", "IOPS", "MB/s", "vs nbdkit", "vs qemu-nbd"
     )?;
     let at = |server: Server| {
@@ -370,7 +372,7 @@ fn print_table(
             let f = median(&results[at(server)][j]);
             writeln!(
                 out,
-                "{:<20} {:<17} {:>10.0} {:>10.1} {:>10.2} {:>12.2}",
+                "{:<20} {:<19} {:>10.0} {:>10.1} {:>10.2} {:>12.2}",
                 job.label,
                 server.name(),
                 f.iops,

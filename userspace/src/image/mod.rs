@@ -567,6 +567,67 @@ impl Image {
         false
     }
 
+    /// Writes a page-aligned range into the page cache with a plain
+    /// `pwrite` on the caller's thread, for images without `O_DIRECT` on
+    /// file systems without `RWF_NOWAIT` buffered writes (ext4). Whole pages
+    /// need no read from disk, so the call only copies into the cache (or
+    /// waits briefly in dirty-page throttling, as nbdkit's threads do);
+    /// the hand-off to the ring thread and back cost more than the copy.
+    /// Returns `Ok(false)` when the range is not eligible (the caller then
+    /// uses [`Image::write_at`]).
+    pub fn write_pages_now(&self, offset: u64, data: &[u8]) -> Result<bool, ImageError> {
+        const PAGE: u64 = 4096;
+        let len = data.len() as u64;
+        if self.inner.direct
+            || data.is_empty()
+            || !offset.is_multiple_of(PAGE)
+            || !len.is_multiple_of(PAGE)
+        {
+            return Ok(false);
+        }
+        self.check_writable()?;
+        self.check_len(len)?;
+        self.check_range(offset, len)?;
+        if self.write_cached(offset, data) {
+            return Ok(true);
+        }
+        let io_err = |source| ImageError::Io {
+            op: "write",
+            path: self.inner.path.clone(),
+            offset,
+            len,
+            source,
+        };
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = i64::try_from(offset + done as u64)
+                .map_err(|_| io_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
+            let rest = &data[done..];
+            // SAFETY: `rest` is a live borrowed slice for this synchronous
+            // call; the kernel only reads from it; the descriptor stays open
+            // while `self.inner` lives.
+            let n = unsafe {
+                libc::pwrite(
+                    self.inner.files.buffered.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    at,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(0) => return Err(io_err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => done += n,
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(io_err(e));
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
     fn check_writable(&self) -> Result<(), ImageError> {
         if self.inner.read_only {
             return Err(ImageError::ReadOnly {
@@ -755,6 +816,26 @@ mod tests {
         for r in futures::future::join_all(reads).await {
             let (i, data) = r.expect("join");
             assert_eq!(data.expect("read"), pattern(4096, i as u8));
+        }
+    }
+
+    #[tokio::test]
+    async fn write_pages_now_writes_whole_pages_of_a_cached_image_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = Image::open(&dir.path().join("p.img"), &opts(1 << 20, false)).expect("open");
+        let data = pattern(8192, 4);
+        assert!(img.write_pages_now(4096, &data).expect("aligned write"));
+        assert_eq!(img.read_at(4096, 8192).await.expect("read"), data);
+        // Unaligned ranges and O_DIRECT images go through write_at instead.
+        assert!(!img.write_pages_now(4097, &data).expect("not eligible"));
+        assert!(!img.write_pages_now(0, &data[..100]).expect("not eligible"));
+        assert!(matches!(
+            img.write_pages_now(1 << 20, &data),
+            Err(ImageError::OutOfBounds { .. })
+        ));
+        let direct = Image::open(&dir.path().join("q.img"), &opts(1 << 20, true)).expect("open");
+        if direct.is_direct() {
+            assert!(!direct.write_pages_now(0, &data).expect("not eligible"));
         }
     }
 
