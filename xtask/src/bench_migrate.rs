@@ -385,12 +385,17 @@ impl Bench<'_> {
         let (changed, old_blocks) = change_blocks(&src_loop.dev, size, CHANGE_BLOCK, n)?;
         let mut tern_delta = Vec::new();
         if !cfg.peers_only {
-            for (i, region) in ["1M", "64K"].into_iter().enumerate() {
+            // 64K first: the size the full copy used, so its agent's saved tree
+            // is restored; the 1M run's destination is put back behind its
+            // agent's back and must be (and is) hashed again.
+            for (i, region) in ["64K", "1M"].into_iter().enumerate() {
                 if i > 0 {
                     // Put the previous copy back: the old contents of the changed blocks.
                     restore_blocks(&dst, &old_blocks)?;
                 }
+                let restored_before = self.restored_trees();
                 let (mut agent, to) = self.start_agent(&dst, size, None)?;
+                let restored = self.restored_trees() > restored_before;
                 drop_caches();
                 let (secs, report) = timed(|| {
                     self.migrate(&src_loop.dev, to, &["--no-pause", "--region-size", region])
@@ -401,7 +406,7 @@ impl Bench<'_> {
                     &dst,
                     &format!("tern migrate (delta sync, {region} regions)"),
                 )?;
-                tern_delta.push((region, secs, report));
+                tern_delta.push((region, restored, secs, report));
             }
         }
         drop(old_blocks);
@@ -418,13 +423,13 @@ impl Bench<'_> {
         );
         writeln!(
             d,
-            "{:<34} {:>8} {:>10} {:>14} {:>14}",
+            "{:<46} {:>8} {:>10} {:>14} {:>14}",
             "tool", "seconds", "wire MB", "wire/changed", "time vs rsync"
         )?;
         let row = |name: &str, secs: Option<f64>, wire: Option<u64>| {
             let cell = |v: Option<String>| v.unwrap_or_else(|| "-".into());
             format!(
-                "{:<34} {:>8} {:>10} {:>14} {:>14}\n",
+                "{:<46} {:>8} {:>10} {:>14} {:>14}\n",
                 name,
                 cell(secs.map(|s| format!("{s:.2}"))),
                 cell(wire.map(|w| format!("{:.1}", w as f64 / 1e6))),
@@ -435,12 +440,13 @@ impl Bench<'_> {
         if tern_delta.is_empty() {
             d += &row("tern migrate (loopback mTLS)", None, None);
         }
-        for (region, secs, report) in &tern_delta {
-            let name = if *region == "1M" {
-                "tern migrate (default 1M regions)".to_owned()
+        for (region, restored, secs, report) in &tern_delta {
+            let tree = if *restored {
+                "saved tree"
             } else {
-                format!("tern migrate --region-size {region}")
+                "tree hashed"
             };
+            let name = format!("tern migrate --region-size {region} ({tree})");
             d += &row(&name, Some(*secs), Some(report.wire_bytes));
         }
         d += &row(
@@ -545,6 +551,13 @@ impl Bench<'_> {
             }
         }
         Ok(t)
+    }
+
+    /// How many times a destination agent restored its saved checksum tree
+    /// (counted in the agents' shared log, which is appended to).
+    fn restored_trees(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("agent.log"))
+            .map_or(0, |log| log.matches("checksum tree restored").count())
     }
 
     /// A destination agent on a fresh port; in `ns` (listening on the veth
