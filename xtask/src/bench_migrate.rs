@@ -32,6 +32,8 @@
 //! `TERN_BENCH_MIGRATE_DOWNTIME` (`--max-downtime`, default `50ms`),
 //! `TERN_BENCH_MIGRATE_WARMUP` (seconds fio writes before the live
 //! migration starts, default 2),
+//! `TERN_BENCH_MIGRATE_LIVE_REGION` (`--region-size` of the live part,
+//! default tern's own choice),
 //! `TERN_BENCH_MIGRATE_FS_MIB` (part 4 image, default 2048),
 //! `TERN_BENCH_MIGRATE_SMALL_MIB` (part 5 image, default 2048),
 //! `TERN_BENCH_MIGRATE_SMALL_EXTENTS` (part 5 changed 4 KiB blocks, default 50000),
@@ -85,6 +87,8 @@ struct Config {
     small_extents: u64,
     /// Seconds fio writes before `tern migrate` starts (live part).
     warmup_secs: u64,
+    /// `--region-size` for the live part; `None`: tern's default.
+    live_region: Option<String>,
 }
 
 const PARTS: [&str; 5] = ["copy", "delta", "fs", "small", "live"];
@@ -136,6 +140,9 @@ impl Config {
             parts,
             peers_only: env_or("TERN_BENCH_MIGRATE_PEERS_ONLY", 0u8)? != 0,
             warmup_secs: env_or("TERN_BENCH_MIGRATE_WARMUP", 2)?,
+            live_region: std::env::var("TERN_BENCH_MIGRATE_LIVE_REGION")
+                .ok()
+                .filter(|r| !r.is_empty()),
             fs_mib,
             small_mib,
             small_extents,
@@ -474,6 +481,9 @@ impl Bench<'_> {
              pause/flush/final/verify: the downtime's parts in ms; final MB: the final delta)\n",
             cfg.live_mib, cfg.downtime
         );
+        if let Some(region) = &cfg.live_region {
+            writeln!(t, "(--region-size {region})")?;
+        }
         writeln!(
             t,
             "{:>6} {:>9} {:<10} {:>12} {:>24} {:>9} {:>10} {:>8} {:>7}",
@@ -503,11 +513,11 @@ impl Bench<'_> {
             let writes_before = loop_writes(&src_loop.dev)?;
             let started = Instant::now();
             let pause = format!("cmd:kill -STOP {pid};;kill -CONT {pid}", pid = fio.pid());
-            let result = self.migrate(
-                &src_loop.dev,
-                to,
-                &["--pause", &pause, "--max-downtime", &cfg.downtime],
-            );
+            let mut args = vec!["--pause", &pause, "--max-downtime", &cfg.downtime];
+            if let Some(region) = &cfg.live_region {
+                args.extend(["--region-size", region]);
+            }
+            let result = self.migrate(&src_loop.dev, to, &args);
             let measured = (loop_writes(&src_loop.dev)? - writes_before) as f64
                 / started.elapsed().as_secs_f64();
             fio.kill();
