@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod health;
+mod in_flight;
 mod rollback;
 
 pub use health::{HEALTH_REGION, HealthCheck, HealthError};
@@ -61,6 +62,14 @@ pub enum CutoverError {
     /// A checksum tree could not be built.
     #[error(transparent)]
     CheckTree(#[from] crate::checktree::CheckTreeError),
+    /// The source's writes in flight at the pause did not complete.
+    #[error("{0}; the workload was resumed")]
+    InFlight(#[from] in_flight::InFlightError),
+    /// Writes kept landing on the source after the pause.
+    #[error(
+        "writes kept completing on the source after the pause ({bytes} bytes after {attempts} final rounds): the pause does not stop the writer; the workload was resumed and the destination stays read-only"
+    )]
+    WriterNotStopped { attempts: u32, bytes: u64 },
 }
 
 /// What a migration does and its limits.
@@ -167,6 +176,8 @@ pub struct Report {
 
 /// Verifications before a cutover gives up (each resends what differs).
 const ATTEMPTS: u32 = 3;
+/// How long the writes in flight at the pause may take to complete.
+const IN_FLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Marks differences by checksum when the tracer lost events since `seen`.
 async fn recover_gaps(
@@ -557,6 +568,17 @@ async fn final_delta(
     let step = Instant::now();
     // Writes still in a page cache above the source must reach it (and the tracer).
     write_back(repl).await?;
+    // And the writes the workload issued before it stopped must have
+    // completed, so that the trace sync below holds them (in_flight.rs).
+    if let Some(counter) = in_flight::counter_for(repl.source().path())? {
+        let waited = in_flight::wait_until_quiet(counter, IN_FLIGHT_TIMEOUT).await?;
+        if waited > Duration::from_millis(1) {
+            tracing::debug!(
+                waited_ms = waited.as_secs_f64() * 1e3,
+                "writes in flight at the pause completed"
+            );
+        }
+    }
     report.flush_ms = ms(step);
     let step = Instant::now();
     tracker.sync().await?;
@@ -568,9 +590,31 @@ async fn final_delta(
     for attempt in 1..=ATTEMPTS {
         let (local, remote) = repl.local_and_remote_roots().await?;
         if remote == local {
-            report.root = hex(&local);
-            report.verify_ms = ms(step);
-            return Ok(());
+            // Both trees were refreshed from the dirty map: a write that
+            // completed on the source since the round's trace sync is in
+            // neither. Look once more; a pause that stops its writer leaves
+            // nothing here.
+            tracker.sync().await?;
+            recover_gaps(repl, tracker, gaps_seen, report).await?;
+            let late = repl.send_map().dirty_bytes();
+            if late == 0 {
+                report.root = hex(&local);
+                report.verify_ms = ms(step);
+                return Ok(());
+            }
+            tracing::warn!(
+                attempt,
+                late_bytes = late,
+                "writes completed on the source after the final round; sending them"
+            );
+            if attempt == ATTEMPTS {
+                return Err(CutoverError::WriterNotStopped {
+                    attempts: attempt,
+                    bytes: late,
+                });
+            }
+            repl.round(false).await?;
+            continue;
         }
         // Something the dirty map missed (a bio-based device marks at issue,
         // not completion): send what differs and look again.
