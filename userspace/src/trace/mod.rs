@@ -1,5 +1,6 @@
 //! The eBPF tracer and its trace files: the first stage of Tern's data flow.
 
+pub mod completions;
 pub mod device;
 pub mod export;
 pub mod fiemap;

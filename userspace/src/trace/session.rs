@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tern_common::{BlockEvent, FaultEvent};
 
+use super::completions::{CompletionCheck, Counts};
 use super::device::{self, BlockDevice, DeviceError};
 use super::fiemap::{FiemapError, ImageMap};
 use super::format::{Target, TargetKind, TraceFileError, TraceHeader, TraceWriter};
@@ -111,6 +112,10 @@ struct Recorder {
     last_check: u64,
     /// Sees every record before the file does (the source agent's dirty tracking).
     observer: Option<Observer>,
+    /// The trace against the kernel's count of completed writes.
+    completions: CompletionCheck,
+    /// Completions the kernel counted whose events never arrived, so far.
+    unseen: u64,
 }
 
 /// A callback that sees each record as it is written.
@@ -147,6 +152,9 @@ impl Recorder {
     fn block(&mut self, ev: &BlockEvent) -> Result<(), SessionError> {
         self.note_process(ev)?;
         let op = Op::from_abi(ev.op);
+        if !matches!(op, Op::Read | Op::Flush) {
+            self.completions.note(ev.dev);
+        }
         self.totals.block_events += 1;
         match op {
             Op::Read => self.totals.read_bytes += u64::from(ev.bytes),
@@ -238,9 +246,12 @@ impl Recorder {
     }
 
     /// Marks a gap when the kernel dropped events since the last look.
-    fn check_lost(&mut self, tracer: &Tracer) -> Result<(), SessionError> {
+    /// `before`: the kernel's completion counts read before the last drain.
+    fn check_lost(&mut self, tracer: &Tracer, before: &Counts) -> Result<(), SessionError> {
         let now = monotonic_ns();
+        self.unseen += self.completions.newly_lost(before);
         let lost = tracer.lost()?;
+        let lost = (lost.0 + self.unseen, lost.1);
         if lost != self.lost_seen {
             // Anything may have happened between the last look and now.
             self.emit(&Record::Gap(Gap {
@@ -255,7 +266,7 @@ impl Recorder {
                 lost_block = lost.0 - self.lost_seen.0,
                 lost_fault = lost.1 - self.lost_seen.1,
                 window_ms = (now - self.last_check) / 1_000_000,
-                "ring buffer full: events lost, trace marked with a gap"
+                "events lost (a full ring, a skipped program run, or completions the kernel counted that never reached the trace); trace marked with a gap"
             );
             self.totals.lost_block = lost.0;
             self.totals.lost_fault = lost.1;
@@ -389,6 +400,12 @@ impl Session {
             source,
         })?;
         let tracer = Tracer::start(&tracer_cfg)?;
+        // After the attach: every write the kernel counts from here on fires
+        // the attached tracepoint.
+        let completions = CompletionCheck::new(
+            tracer_cfg.devices.iter().map(|(dev, _)| *dev),
+            !cfg.pids.is_empty(),
+        );
         let start_mono = monotonic_ns();
         let header = TraceHeader {
             kernel_release: device::kernel_release(),
@@ -422,6 +439,8 @@ impl Session {
                 lost_seen: (0, 0),
                 last_check: start_mono,
                 observer: None,
+                completions,
+                unseen: 0,
             },
             progress: Progress {
                 enabled: cfg.progress,
@@ -463,8 +482,9 @@ impl Session {
     /// Waits up to `timeout` for events, records them, marks gaps, refreshes the
     /// image map, flushes once a second and updates the live summary.
     pub fn step(&mut self, timeout: Duration) -> Result<(), SessionError> {
+        let counts = self.rec.completions.read();
         self.drain(Some(timeout))?;
-        self.rec.check_lost(&self.tracer)?;
+        self.rec.check_lost(&self.tracer, &counts)?;
         self.rec.totals.elapsed = self.started.elapsed();
         if let Mapping::Image {
             map, last_refresh, ..
@@ -509,8 +529,9 @@ impl Session {
 
     /// Drains what is left, marks a final gap if needed, detaches and writes the end record.
     pub fn finish(mut self) -> Result<SessionTotals, SessionError> {
+        let counts = self.rec.completions.read();
         self.drain(None)?;
-        self.rec.check_lost(&self.tracer)?;
+        self.rec.check_lost(&self.tracer, &counts)?;
         let Session {
             tracer,
             mut rec,
