@@ -39,25 +39,23 @@ pub enum InFlightError {
 }
 
 /// The in-flight counters of the block device that holds `source` (the
-/// device itself, or the one under a file); `None` when there is none (a
-/// tmpfs file, a file system without a block device of its own): writes
-/// there are not asynchronous block I/O.
-pub fn counter_for(source: &Path) -> Result<Option<PathBuf>, InFlightError> {
+/// device itself, or the one under a file), and whether it is the source
+/// itself (`false`: a file system's device, shared with other files);
+/// `None` when there is none (a tmpfs file, a file system without a block
+/// device of its own): writes there are not asynchronous block I/O.
+pub fn counter_for(source: &Path) -> Result<Option<(PathBuf, bool)>, InFlightError> {
     let meta = std::fs::metadata(source).map_err(|e| InFlightError::Read {
         path: source.to_path_buf(),
         source: e,
     })?;
-    let dev = if meta.file_type().is_block_device() {
-        meta.rdev()
-    } else {
-        meta.dev()
-    };
+    let own = meta.file_type().is_block_device();
+    let dev = if own { meta.rdev() } else { meta.dev() };
     let path = PathBuf::from(format!(
         "/sys/dev/block/{}:{}/inflight",
         libc::major(dev),
         libc::minor(dev)
     ));
-    Ok(path.exists().then_some(path))
+    Ok(path.exists().then_some((path, own)))
 }
 
 /// Writes in flight on the device whose counters are at `counter`.
@@ -146,9 +144,10 @@ mod tests {
         let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
         let f = dir.path().join("img");
         std::fs::write(&f, b"x").expect("write");
-        let counter = counter_for(&f)
+        let (counter, own) = counter_for(&f)
             .expect("stat")
             .expect("a block device under /var/tmp");
+        assert!(!own, "a file's device is shared");
         writes_in_flight(&counter).expect("readable counts");
         let shm = tempfile::tempdir_in("/dev/shm").expect("tempdir");
         let g = shm.path().join("img");
