@@ -602,6 +602,8 @@ impl Bench<'_> {
             .args(["--size", &size.to_string(), "--grpc", &grpc.to_string()])
             .args(["--nbd", &nbd.to_string(), "--tls-dir"])
             .arg(tls)
+            // The saved-tree lines are info; `restored_trees` counts them.
+            .env("TERN_LOG", "warn,tern::rpc::server=info")
             .stdout(Stdio::null())
             .stderr(log_file(&self.dir.join("agent.log"))?);
         let mut agent = Proc::spawn("tern agent", &mut cmd, Some(grpc))?;
