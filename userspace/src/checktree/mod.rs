@@ -685,18 +685,21 @@ mod tests {
             let n = shape.leaf_count();
             let runs = vec![0..1, 3..(n / 2).max(4).min(n), (n - 1)..n];
             let got = hash_runs(&image, &shape, &runs).await.expect("hash");
-            let want: Vec<(u64, Hash)> = runs
-                .iter()
-                .flat_map(Clone::clone)
-                .map(|i| {
-                    let r = shape.region(i);
-                    let slice = &data[usize::try_from(r.start).expect("small")
-                        ..usize::try_from(r.end).expect("small")];
-                    (i, leaf_hash(slice))
-                })
-                .collect();
-            assert_eq!(got, want, "region size {region}");
+            assert_eq!(got, leaves_of(&data, &shape, &runs), "region size {region}");
         }
+    }
+
+    /// The leaves of `runs`, hashed from `data` one region at a time.
+    fn leaves_of(data: &[u8], shape: &Shape, runs: &[Range<u64>]) -> Vec<(u64, Hash)> {
+        runs.iter()
+            .flat_map(Clone::clone)
+            .map(|i| {
+                let r = shape.region(i);
+                let slice = &data[usize::try_from(r.start).expect("small")
+                    ..usize::try_from(r.end).expect("small")];
+                (i, leaf_hash(slice))
+            })
+            .collect()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -729,17 +732,11 @@ mod tests {
             let whole: Vec<Range<u64>> = std::iter::once(0..n).collect();
             for runs in [whole, vec![1..3, 40..(n / 2), (n - 2)..n]] {
                 let got = hash_runs(&image, &shape, &runs).await.expect("hash");
-                let want: Vec<(u64, Hash)> = runs
-                    .iter()
-                    .flat_map(Clone::clone)
-                    .map(|i| {
-                        let r = shape.region(i);
-                        let slice = &data[usize::try_from(r.start).expect("small")
-                            ..usize::try_from(r.end).expect("small")];
-                        (i, leaf_hash(slice))
-                    })
-                    .collect();
-                assert_eq!(got, want, "region size {region}, runs {runs:?}");
+                assert_eq!(
+                    got,
+                    leaves_of(&data, &shape, &runs),
+                    "region size {region}, runs {runs:?}"
+                );
             }
         }
         assert_eq!(zero_leaf_hash(200_000), leaf_hash(&vec![0u8; 200_000]));

@@ -90,19 +90,14 @@ impl Identity {
         let meta = fs::metadata(path).map_err(io_err("stat"))?;
         if meta.file_type().is_block_device() {
             let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
-            let stat_path = format!("/sys/dev/block/{major}:{minor}/stat");
+            let stat_path = crate::trace::device::sysfs_dir(major, minor).join("stat");
             let stat =
                 fs::read_to_string(&stat_path).map_err(io_err("read the device's counters for"))?;
-            let fields: Vec<u64> = stat
-                .split_whitespace()
-                .map(str::parse)
-                .collect::<Result<_, _>>()
-                .map_err(|_| SavedTreeError::Corrupt {
-                    path: PathBuf::from(&stat_path),
+            let (writes, discards) = crate::trace::device::completed_writes_and_discards(&stat)
+                .ok_or_else(|| SavedTreeError::Corrupt {
+                    path: stat_path.clone(),
                     what: "a counter is not a number",
                 })?;
-            // Field 4 counts completed writes, field 11 discards (Documentation/block/stat.rst).
-            let field = |i: usize| fields.get(i).copied().unwrap_or(0);
             let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id")
                 .map_err(io_err("read the boot id for"))?;
             Ok(Identity {
@@ -112,8 +107,8 @@ impl Identity {
                 size,
                 ctime_sec: 0,
                 ctime_nsec: 0,
-                writes: field(4),
-                discards: field(11),
+                writes,
+                discards,
                 boot_id: parse_boot_id(&boot),
             })
         } else {
@@ -358,13 +353,19 @@ mod tests {
         (path, data)
     }
 
-    #[test]
-    fn a_saved_tree_is_loaded_while_the_image_is_unchanged() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (img, data) = image(dir.path());
+    /// An image in `dir`, its bytes, its tree, where the tree is saved, and its identity.
+    fn saved_fixture(dir: &Path) -> (PathBuf, Vec<u8>, CheckTree, PathBuf, Identity) {
+        let (img, data) = image(dir);
         let tree = CheckTree::from_bytes(&data, 65536).expect("tree");
         let at = path_for(&img);
         let id = Identity::of(&img, data.len() as u64).expect("identity");
+        (img, data, tree, at, id)
+    }
+
+    #[test]
+    fn a_saved_tree_is_loaded_while_the_image_is_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (img, data, tree, at, id) = saved_fixture(dir.path());
         save(&at, &tree, &id).expect("save");
         let again = Identity::of(&img, data.len() as u64).expect("identity");
         assert_eq!(load(&at, &again).expect("load"), tree);
@@ -373,10 +374,7 @@ mod tests {
     #[test]
     fn a_write_behind_the_trees_back_makes_it_stale() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (img, data) = image(dir.path());
-        let tree = CheckTree::from_bytes(&data, 65536).expect("tree");
-        let at = path_for(&img);
-        let id = Identity::of(&img, data.len() as u64).expect("identity");
+        let (img, data, tree, at, id) = saved_fixture(dir.path());
         save(&at, &tree, &id).expect("save");
         // The same byte written back: the contents are the same, the ctime
         // is not, and the tree must not be believed.
@@ -390,10 +388,7 @@ mod tests {
     #[test]
     fn a_damaged_or_missing_file_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (img, data) = image(dir.path());
-        let tree = CheckTree::from_bytes(&data, 65536).expect("tree");
-        let at = path_for(&img);
-        let id = Identity::of(&img, data.len() as u64).expect("identity");
+        let (_, _, tree, at, id) = saved_fixture(dir.path());
         assert!(matches!(
             load(&at, &id),
             Err(SavedTreeError::Missing { .. })

@@ -50,11 +50,7 @@ pub fn counter_for(source: &Path) -> Result<Option<(PathBuf, bool)>, InFlightErr
     })?;
     let own = meta.file_type().is_block_device();
     let dev = if own { meta.rdev() } else { meta.dev() };
-    let path = PathBuf::from(format!(
-        "/sys/dev/block/{}:{}/inflight",
-        libc::major(dev),
-        libc::minor(dev)
-    ));
+    let path = crate::trace::device::sysfs_dir(libc::major(dev), libc::minor(dev)).join("inflight");
     Ok(path.exists().then_some((path, own)))
 }
 

@@ -56,7 +56,7 @@ impl CompletionCheck {
         let mut disks = Vec::new();
         for dev in devs {
             let (major, minor) = (dev >> 20, dev & ((1 << 20) - 1));
-            let dir = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+            let dir = super::device::sysfs_dir(major, minor);
             let iostats = std::fs::read_to_string(dir.join("queue/iostats"));
             if iostats.is_ok_and(|v| v.trim() == "0") {
                 tracing::debug!(device = %format!("{major}:{minor}"), "I/O statistics are off: the trace is not cross-checked against them");
@@ -111,21 +111,13 @@ impl CompletionCheck {
     }
 }
 
-/// Completed writes plus discards in a `stat` file (Documentation/block/stat.rst:
-/// field 5 is write I/Os, field 12 discard I/Os, counted from 1).
+/// Completed writes plus discards in a `stat` file.
 fn read_modifying(stat: &std::path::Path) -> Option<u64> {
     parse_modifying(&std::fs::read_to_string(stat).ok()?)
 }
 
 fn parse_modifying(text: &str) -> Option<u64> {
-    let fields: Vec<u64> = text
-        .split_whitespace()
-        .map(str::parse)
-        .collect::<Result<_, _>>()
-        .ok()?;
-    let writes = *fields.get(4)?;
-    let discards = fields.get(11).copied().unwrap_or(0);
-    Some(writes + discards)
+    super::device::completed_writes_and_discards(text).map(|(w, d)| w + d)
 }
 
 #[cfg(test)]

@@ -82,6 +82,24 @@ pub fn kernel_dev(major: u32, minor: u32) -> u32 {
     (major << 20) | minor
 }
 
+/// The sysfs directory of block device `major:minor`.
+pub fn sysfs_dir(major: u32, minor: u32) -> PathBuf {
+    PathBuf::from(format!("/sys/dev/block/{major}:{minor}"))
+}
+
+/// Completed write and discard requests in the text of a block device's
+/// `stat` file (Documentation/block/stat.rst: fields 5 and 12, counted from
+/// 1; kernels before 4.18 have no discard fields). `None` if it is not a
+/// list of numbers with at least the write fields.
+pub fn completed_writes_and_discards(stat: &str) -> Option<(u64, u64)> {
+    let fields: Vec<u64> = stat
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    Some((*fields.get(4)?, fields.get(11).copied().unwrap_or(0)))
+}
+
 fn read_sysfs(path: &Path) -> Result<String, DeviceError> {
     fs::read_to_string(path)
         .map(|s| s.trim().to_string())
@@ -123,7 +141,7 @@ impl BlockDevice {
 
     /// Resolves a device by its numbers, e.g. the `st_dev` of a file system.
     pub fn from_numbers(major: u32, minor: u32) -> Result<Self, DeviceError> {
-        let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+        let sys = sysfs_dir(major, minor);
         let real = fs::canonicalize(&sys).map_err(|source| DeviceError::Sysfs {
             path: sys.clone(),
             source,
