@@ -257,17 +257,21 @@ async fn converge(
     // during a `qemu:` precopy would wait for too much dirt.
     let catch_up_rounds =
         u64::from(opts.initial_sync && repl.stats().snapshot().held_back_bytes > 0);
-    // Whether both trees were refreshed since the last round.
+    // Whether both trees were refreshed since the last big round.
     let mut fresh = false;
+    // The dirty bytes at the last sprint's look (see below).
+    let mut sprint_dirty = u64::MAX;
     loop {
         // Dirty pages in a page cache above the source (a mounted file
         // system, guest RAM in a shared file mapping) reach the tracer only
         // when written back: write them back now, so the dirty map and the
         // downtime estimate hold what the pause would otherwise flush.
+        let look = Instant::now();
         write_back(repl).await?;
         tracker.sync().await?;
         recover_gaps(repl, tracker, gaps_seen, report).await?;
         let dirty = repl.send_map().dirty_bytes();
+        tracing::debug!(look_ms = ms(look), dirty, "converge: looked");
         // Units dirtied since the round began (a unit taken early in the
         // round and written again counts once: a floor on the rate).
         let since = last_round_start.elapsed().as_secs_f64().max(1e-3);
@@ -285,21 +289,38 @@ async fn converge(
         // At least one delta round first, so the estimate rests on one.
         let measured = rounds > catch_up_rounds || dirty == 0;
         let budget_ms = u64::try_from(opts.max_downtime.as_millis()).unwrap_or(u64::MAX);
-        if opts.pause.is_none() || (measured && estimate <= budget_ms) {
-            if fresh || opts.pause.is_none() {
+        if opts.pause.is_none() {
+            break;
+        }
+        if measured && estimate <= budget_ms {
+            if !fresh {
+                // Both trees fresh before the pause, so that the
+                // verification inside it rehashes only the last rounds'
+                // regions; only once the delta fits (every round, a 4 KiB
+                // writer's rounds would read 16 times their bytes again).
+                // The refresh took time: look again.
+                let step = Instant::now();
+                repl.local_and_remote_roots().await?;
+                tracing::debug!(refresh_ms = ms(step), "converge: trees refreshed");
+                fresh = true;
+                sprint_dirty = u64::MAX;
+                continue;
+            }
+            // The sprint: what the workload wrote during the refresh (or
+            // the last round) would all be copied inside the pause. Short
+            // rounds right before it shrink that to what one short round
+            // lets through, for as long as each round halves it.
+            if dirty == 0 || dirty.saturating_mul(2) > sprint_dirty {
                 break;
             }
-            // Both trees fresh before the pause, so that the verification
-            // inside it rehashes only the final delta; only once the delta
-            // fits (every round, a 4 KiB writer's rounds would read 16 times
-            // their bytes again). The refresh took time: look again.
-            repl.refresh_local().await?;
-            // The destination rehashes what it received when asked: ask now.
-            repl.remote_root().await?;
-            fresh = true;
-            continue;
+            sprint_dirty = dirty;
+        } else {
+            sprint_dirty = u64::MAX;
         }
         if rounds >= opts.max_rounds {
+            if measured && estimate <= budget_ms {
+                break;
+            }
             return Err(CutoverError::NotConverging {
                 rounds,
                 dirty_mb: dirty as f64 / 1e6,
@@ -311,8 +332,20 @@ async fn converge(
         }
         last_round_start = Instant::now();
         let round = repl.round(false).await?;
+        tracing::debug!(
+            round_ms = ms(last_round_start),
+            bytes = round.bytes,
+            "converge: round"
+        );
         rounds += 1;
-        fresh = false;
+        // A round no bigger than the budget lets through leaves the trees
+        // little to rehash inside the pause: they stay fresh enough.
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "bytes compared with a rate times seconds; precision is irrelevant"
+        )]
+        let small = (round.bytes as f64) <= *bandwidth * opts.max_downtime.as_secs_f64();
+        fresh = fresh && small;
         if rounds > catch_up_rounds && round.bytes > 0 {
             // The last delta round is the best model of the final one: the
             // same scattered extents, not the bulk copy's long runs.
@@ -599,6 +632,7 @@ async fn final_delta(
     let step = Instant::now();
     for attempt in 1..=ATTEMPTS {
         let (local, remote) = repl.local_and_remote_roots().await?;
+        tracing::debug!(roots_ms = ms(step), attempt, "final delta: roots");
         if remote == local {
             // Both trees were refreshed from the dirty map: a write that
             // completed on the source since the round's trace sync is in

@@ -73,6 +73,9 @@ pub enum ReplicateError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// The tracker's wake-up descriptor (an eventfd) could not be made.
+    #[error("cannot create the tracker's eventfd: {0}")]
+    Wake(#[source] std::io::Error),
     #[error(transparent)]
     Rpc(#[from] RpcError),
     #[error(transparent)]

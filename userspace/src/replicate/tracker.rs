@@ -8,6 +8,7 @@
 //! events) marks the `gap_maps` whole and is counted: the engine then falls
 //! back to the checksum tree for the send map.
 
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -24,8 +25,13 @@ use super::ReplicateError;
 /// How long one poll of the ring waits: bounds how late `sync` answers.
 const STEP: Duration = Duration::from_millis(5);
 
-#[derive(Default)]
 struct Shared {
+    /// Written by `sync` (and `stop`) so that the thread's wait for events
+    /// ends at once: a paused workload sends none, and each `sync` inside
+    /// the downtime would otherwise cost up to two waits.
+    wake: Wake,
+    /// Told when `done` moves.
+    answered: tokio::sync::Notify,
     stop: AtomicBool,
     /// `sync` requests asked and answered: a drain begun after request N answers N.
     want: AtomicU64,
@@ -35,6 +41,41 @@ struct Shared {
     written_bytes: AtomicU64,
     /// Shared: the thread returns it too, and every `sync` after reports it.
     failure: Mutex<Option<Arc<SessionError>>>,
+}
+
+/// An eventfd that ends the tracker thread's wait for events.
+struct Wake(OwnedFd);
+
+impl Wake {
+    fn new() -> std::io::Result<Wake> {
+        // SAFETY: eventfd takes no pointers; a non-negative return is a new
+        // descriptor that we own from here on.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+        Ok(Wake(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
+    /// Makes the descriptor readable. It cannot fail short of a counter
+    /// near 2^64 (EAGAIN), which is readable already.
+    fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our open eventfd.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&raw const one).cast(), 8) };
+    }
+
+    /// Makes it unreadable again (EAGAIN when it already is).
+    fn reset(&self) {
+        let mut count: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our open, non-blocking eventfd.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&raw mut count).cast(), 8) };
+    }
 }
 
 /// Builds an extra observer once the session's header is known; an error
@@ -74,7 +115,17 @@ impl Tracker {
         gap_maps: Vec<Arc<DirtyMap>>,
         extra: Option<ObserverFactory>,
     ) -> Result<Tracker, ReplicateError> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            wake: Wake::new().map_err(ReplicateError::Wake)?,
+            answered: tokio::sync::Notify::new(),
+            stop: AtomicBool::new(false),
+            want: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            gaps: Arc::default(),
+            write_events: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(0),
+            failure: Mutex::new(None),
+        });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -122,16 +173,25 @@ impl Tracker {
                 }));
                 let _ = ready_tx.send(Ok(()));
                 let shared = thread_shared;
+                let mut done = 0;
                 loop {
+                    // Reset before reading `want`: a `sync` that asks after
+                    // this read wakes the wait below.
+                    shared.wake.reset();
                     let want = shared.want.load(Ordering::Acquire);
-                    if let Err(e) = session.step(STEP) {
+                    // Someone waits: drain and answer without waiting for events.
+                    let timeout = if want > done { Duration::ZERO } else { STEP };
+                    if let Err(e) = session.step_or_woken(timeout, Some(shared.wake.fd())) {
                         let e = Arc::new(e);
                         *shared.failure.lock().expect("failure lock poisoned") =
                             Some(Arc::clone(&e));
                         shared.done.store(u64::MAX, Ordering::Release);
+                        shared.answered.notify_waiters();
                         return Err(e);
                     }
+                    done = want;
                     shared.done.store(want, Ordering::Release);
+                    shared.answered.notify_waiters();
                     if shared.stop.load(Ordering::Acquire) {
                         break;
                     }
@@ -157,7 +217,12 @@ impl Tracker {
     /// Waits until every write that completed before this call is in the maps.
     pub async fn sync(&self) -> Result<(), ReplicateError> {
         let ticket = self.shared.want.fetch_add(1, Ordering::AcqRel) + 1;
+        self.shared.wake.ring();
         loop {
+            let answered = self.shared.answered.notified();
+            tokio::pin!(answered);
+            // Registered before `done` is read: an answer after the read wakes it.
+            answered.as_mut().enable();
             let done = self.shared.done.load(Ordering::Acquire);
             if done == u64::MAX {
                 return Err(self.failure());
@@ -165,7 +230,8 @@ impl Tracker {
             if done >= ticket {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            // The bound is a safety net; the thread notifies every answer.
+            let _ = tokio::time::timeout(STEP, answered).await;
         }
     }
 
@@ -203,6 +269,7 @@ impl Tracker {
     /// Stops tracing, closes the trace file and returns the session's totals.
     pub fn stop(mut self) -> Result<SessionTotals, ReplicateError> {
         self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.ring();
         let thread = self
             .thread
             .take()
@@ -217,6 +284,7 @@ impl Tracker {
 impl Drop for Tracker {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.ring();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

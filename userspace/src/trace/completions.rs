@@ -18,6 +18,13 @@
 //! on purpose) and for a disk whose `queue/iostats` is 0.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// How far apart two looks must be for a shortfall seen at both to count:
+/// a record still being written on another CPU can hold back the ones
+/// behind it, for microseconds. The tracker looks in quick succession when
+/// asked to sync; a shortfall must outlast this.
+const LOOKS_APART: Duration = Duration::from_millis(1);
 
 /// One traced disk's counters.
 #[derive(Debug)]
@@ -29,9 +36,12 @@ struct Disk {
     base: u64,
     /// Modifying events received for this disk.
     traced: u64,
-    /// The shortfall seen at the previous look (a record still being written
-    /// on another CPU can hold back the ones behind it for one look).
+    /// The shortfall seen at an earlier look, at least [`LOOKS_APART`] ago
+    /// (a record still being written on another CPU can hold back the ones
+    /// behind it for a moment).
     previous: i64,
+    /// The latest look not yet that old, which becomes `previous` once it is.
+    candidate: Option<(i64, Instant)>,
     /// The shortfall already reported as lost.
     reported: i64,
 }
@@ -70,6 +80,7 @@ impl CompletionCheck {
                     base,
                     traced: 0,
                     previous: 0,
+                    candidate: None,
                     reported: 0,
                 });
             }
@@ -92,16 +103,30 @@ impl CompletionCheck {
 
     /// After the drain: completions (counted in `before`) whose events did
     /// not arrive and were not reported yet. A shortfall counts once it was
-    /// seen at two looks in a row.
+    /// seen at two looks at least [`LOOKS_APART`] apart.
     pub fn newly_lost(&mut self, before: &Counts) -> u64 {
+        self.newly_lost_at(before, Instant::now())
+    }
+
+    fn newly_lost_at(&mut self, before: &Counts, now: Instant) -> u64 {
         let mut lost = 0u64;
         for (d, count) in self.disks.iter_mut().zip(&before.0) {
             let Some(count) = count else { continue };
             let completed = i64::try_from(count.saturating_sub(d.base)).unwrap_or(i64::MAX);
             let traced = i64::try_from(d.traced).unwrap_or(i64::MAX);
             let short = completed - traced;
+            let aged = d
+                .candidate
+                .map(|(s, at)| (s, now.saturating_duration_since(at) >= LOOKS_APART));
+            match aged {
+                Some((s, true)) => {
+                    d.previous = s;
+                    d.candidate = Some((short, now));
+                }
+                Some((_, false)) => {}
+                None => d.candidate = Some((short, now)),
+            }
             let sure = short.min(d.previous);
-            d.previous = short;
             if sure > d.reported {
                 lost += u64::try_from(sure - d.reported).expect("positive");
                 d.reported = sure;
@@ -144,6 +169,7 @@ mod tests {
                 base: count,
                 traced: 0,
                 previous: 0,
+                candidate: None,
                 reported: 0,
             }],
         };
@@ -161,35 +187,65 @@ mod tests {
     #[test]
     fn a_shortfall_seen_twice_is_lost_once_and_a_passing_one_is_not() {
         let (mut check, _dir) = check_with(1000);
+        let mut now = Instant::now();
+        let mut look = |check: &mut CompletionCheck| {
+            now += Duration::from_millis(5);
+            let c = check.read();
+            check.newly_lost_at(&c, now)
+        };
         // Ten completions, ten events: nothing lost.
         set(&check, 1010);
         (0..10).for_each(|_| check.note(7 << 20));
-        let c = check.read();
-        assert_eq!(check.newly_lost(&c), 0);
+        assert_eq!(look(&mut check), 0);
         // Three more completions, one event held back for a look: not yet lost.
         set(&check, 1013);
         (0..2).for_each(|_| check.note(7 << 20));
-        let c = check.read();
-        assert_eq!(check.newly_lost(&c), 0);
+        assert_eq!(look(&mut check), 0);
         // It arrives: still nothing lost.
         check.note(7 << 20);
-        let c = check.read();
-        assert_eq!(check.newly_lost(&c), 0);
+        assert_eq!(look(&mut check), 0);
         // Two completions whose events never come: lost at the second look, once.
         set(&check, 1015);
-        let c = check.read();
-        assert_eq!(check.newly_lost(&c), 0);
-        let c = check.read();
-        assert_eq!(check.newly_lost(&c), 2);
-        let c = check.read();
-        assert_eq!(check.newly_lost(&c), 0);
+        assert_eq!(look(&mut check), 0);
+        assert_eq!(look(&mut check), 2);
+        assert_eq!(look(&mut check), 0);
         // Events of another disk do not count.
         check.note(8 << 20);
         set(&check, 1016);
+        look(&mut check);
+        assert_eq!(look(&mut check), 1);
+    }
+
+    #[test]
+    fn a_shortfall_counts_only_when_seen_at_looks_far_enough_apart() {
+        let (mut check, _dir) = check_with(1000);
+        let start = Instant::now();
+        let at = |us: u64| start + Duration::from_micros(us);
         let c = check.read();
-        check.newly_lost(&c);
+        assert_eq!(check.newly_lost_at(&c, at(0)), 0);
+        // One completion whose event is late: looks 100 µs apart see it
+        // missing again and again, and do not call it lost.
+        set(&check, 1001);
+        for us in [100, 200, 300, 400, 500] {
+            let c = check.read();
+            assert_eq!(check.newly_lost_at(&c, at(us)), 0, "at {us} µs");
+        }
+        // Its event arrives before the shortfall is a millisecond old.
+        check.note(7 << 20);
         let c = check.read();
-        assert_eq!(check.newly_lost(&c), 1);
+        assert_eq!(check.newly_lost_at(&c, at(1200)), 0);
+        // Another one that never arrives is lost once two looks a
+        // millisecond apart both saw it missing (the earlier one is the
+        // first look after 1200 µs aged: at 2600 µs).
+        set(&check, 1002);
+        for us in [1300, 1500, 2600, 2700] {
+            let c = check.read();
+            assert_eq!(check.newly_lost_at(&c, at(us)), 0, "at {us} µs");
+        }
+        let c = check.read();
+        assert_eq!(check.newly_lost_at(&c, at(3700)), 1);
+        let c = check.read();
+        assert_eq!(check.newly_lost_at(&c, at(5000)), 0);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -458,7 +459,10 @@ impl Session {
         })
     }
 
-    fn drain(&mut self, wait: Option<Duration>) -> Result<(), SessionError> {
+    fn drain(
+        &mut self,
+        wait: Option<(Duration, Option<BorrowedFd<'_>>)>,
+    ) -> Result<(), SessionError> {
         let mut failure: Option<SessionError> = None;
         let rec = &mut self.rec;
         let mut handle = |ev: Event| {
@@ -469,8 +473,8 @@ impl Session {
             }
         };
         match wait {
-            Some(timeout) => {
-                self.tracer.poll(timeout, &mut handle)?;
+            Some((timeout, wake)) => {
+                self.tracer.poll(timeout, wake, &mut handle)?;
             }
             None => {
                 self.tracer.drain(&mut handle);
@@ -482,8 +486,19 @@ impl Session {
     /// Waits up to `timeout` for events, records them, marks gaps, refreshes the
     /// image map, flushes once a second and updates the live summary.
     pub fn step(&mut self, timeout: Duration) -> Result<(), SessionError> {
+        self.step_or_woken(timeout, None)
+    }
+
+    /// [`Session::step`], whose wait also ends when `wake` (an eventfd its
+    /// owner resets) becomes readable: a caller waiting for a drain need not
+    /// wait out the timeout.
+    pub fn step_or_woken(
+        &mut self,
+        timeout: Duration,
+        wake: Option<BorrowedFd<'_>>,
+    ) -> Result<(), SessionError> {
         let counts = self.rec.completions.read();
-        self.drain(Some(timeout))?;
+        self.drain(Some((timeout, wake)))?;
         self.rec.check_lost(&self.tracer, &counts)?;
         self.rec.totals.elapsed = self.started.elapsed();
         if let Mapping::Image {

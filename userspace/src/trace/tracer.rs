@@ -315,19 +315,35 @@ impl Tracer {
     }
 
     /// Waits up to `timeout` for the kernel to signal data, then drains.
-    pub fn poll(&mut self, timeout: Duration, f: impl FnMut(Event)) -> Result<usize, TracerError> {
+    /// A readable `wake` descriptor (an eventfd) ends the wait early; it is
+    /// not read here: its owner resets it.
+    pub fn poll(
+        &mut self,
+        timeout: Duration,
+        wake: Option<BorrowedFd<'_>>,
+        f: impl FnMut(Event),
+    ) -> Result<usize, TracerError> {
         let n = self.drain(f);
         if n > 0 {
             return Ok(n);
         }
-        let mut pfd = libc::pollfd {
-            fd: self.ring.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfds = [
+            libc::pollfd {
+                fd: self.ring.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.map_or(-1, |w| w.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
         let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: `pfd` is a valid pollfd for the ring buffer's open fd and lives across the call.
-        let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        let count: libc::nfds_t = if wake.is_some() { 2 } else { 1 };
+        // SAFETY: `pfds` holds valid pollfds (the ring buffer's open fd and,
+        // when counted, the borrowed wake fd) and lives across the call.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), count, ms) };
         if rc < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() != std::io::ErrorKind::Interrupted {
