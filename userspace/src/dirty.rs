@@ -129,28 +129,62 @@ impl DirtyMap {
         count * self.unit - if self.is_dirty(last) { short } else { 0 }
     }
 
-    /// Takes (clears and returns) the dirty units at or after `from`, as byte
-    /// runs of at most `max_run` bytes (rounded down to whole units, at least
-    /// one), in disk order, until `budget` runs are collected. Returns the runs
-    /// and the unit to continue from.
-    pub fn take_runs(&self, from: u64, max_run: u64, budget: usize) -> (Vec<Range<u64>>, u64) {
-        let per_run = (max_run >> self.unit_shift).max(1);
+    /// Takes (clears and returns) the dirty units inside units `range`
+    /// (clipped to the map), as runs of unit indices in disk order.
+    pub fn take_units(&self, range: Range<u64>) -> Vec<Range<u64>> {
+        let range = range.start..range.end.min(self.units);
         let mut runs: Vec<Range<u64>> = Vec::new();
-        let mut word = (from / 64) as usize;
-        let mut skip_below = from % 64;
-        while word < self.words.len() && runs.len() < budget {
-            let mask = if skip_below == 0 {
+        let mut i = range.start;
+        while i < range.end {
+            let word = i / 64;
+            let bit = i % 64;
+            let n = (range.end - i).min(64 - bit);
+            let mask = if n == 64 {
                 u64::MAX
             } else {
-                !((1u64 << skip_below) - 1)
+                ((1u64 << n) - 1) << bit
             };
-            skip_below = 0;
-            let bits = self.words[word].fetch_and(!mask, Ordering::AcqRel) & mask;
-            let mut rest = bits;
+            let mut rest = self.words[word as usize].fetch_and(!mask, Ordering::AcqRel) & mask;
             while rest != 0 {
-                let bit = u64::from(rest.trailing_zeros());
+                let index = word * 64 + u64::from(rest.trailing_zeros());
                 rest &= rest - 1;
-                let index = word as u64 * 64 + bit;
+                match runs.last_mut() {
+                    Some(run) if run.end == index => run.end = index + 1,
+                    _ => runs.push(index..index + 1),
+                }
+            }
+            i += n;
+        }
+        runs
+    }
+
+    /// Takes (clears and returns) the dirty units of units `within` (clipped
+    /// to the map), as byte runs of at most `max_run` bytes (rounded down to
+    /// whole units, at least one), in disk order, until `budget` runs are
+    /// collected. Returns the runs and the unit to continue from.
+    pub fn take_runs(
+        &self,
+        within: Range<u64>,
+        max_run: u64,
+        budget: usize,
+    ) -> (Vec<Range<u64>>, u64) {
+        let end = within.end.min(self.units);
+        let per_run = (max_run >> self.unit_shift).max(1);
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        let mut i = within.start;
+        while i < end && runs.len() < budget {
+            let word = i / 64;
+            let bit = i % 64;
+            let n = (end - i).min(64 - bit);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let mut rest = self.words[word as usize].fetch_and(!mask, Ordering::AcqRel) & mask;
+            while rest != 0 {
+                let index = word * 64 + u64::from(rest.trailing_zeros());
+                rest &= rest - 1;
                 let range = self.unit_range(index);
                 match runs.last_mut() {
                     Some(run)
@@ -162,9 +196,9 @@ impl DirtyMap {
                     _ => runs.push(range),
                 }
             }
-            word += 1;
+            i += n;
         }
-        (runs, word as u64 * 64)
+        (runs, i.max(within.start))
     }
 
     /// Clears the units lying wholly inside `[start, end)` (the end of the
@@ -199,7 +233,7 @@ impl DirtyMap {
 
     /// Takes every dirty unit, as runs of at most `max_run` bytes.
     pub fn take_all(&self, max_run: u64) -> Vec<Range<u64>> {
-        self.take_runs(0, max_run, usize::MAX).0
+        self.take_runs(0..self.units, max_run, usize::MAX).0
     }
 }
 
@@ -238,7 +272,7 @@ mod tests {
     fn runs_are_cut_at_max_run_and_resume_where_they_stopped() {
         let map = DirtyMap::new(1 << 30, 65536).expect("map");
         map.mark(0, 1 << 30);
-        let (runs, next) = map.take_runs(0, 1 << 20, 3);
+        let (runs, next) = map.take_runs(0..u64::MAX, 1 << 20, 3);
         assert!(runs.len() >= 3);
         assert!(runs.iter().all(|r| r.end - r.start == 1 << 20));
         assert!(next > 0);
@@ -257,6 +291,27 @@ mod tests {
         assert_eq!(map.clear_within(8192, 10_000), 2..3);
         assert_eq!(map.count(), 1);
         assert_eq!(map.clear_within(4096, 5000), 1..1);
+    }
+
+    #[test]
+    fn take_units_takes_only_the_dirty_units_inside_the_range() {
+        let map = DirtyMap::new(1 << 20, 4096).expect("map");
+        for unit in [3u64, 62, 63, 64, 65, 130, 200, 255] {
+            map.mark_units(unit..unit + 1);
+        }
+        assert_eq!(map.take_units(60..131), vec![62..66, 130..131]);
+        assert!(map.is_dirty(3) && map.is_dirty(200) && !map.is_dirty(64));
+        // Clipped to the map's 256 units.
+        assert_eq!(map.take_units(199..1000), vec![200..201, 255..256]);
+        assert_eq!(map.take_units(0..256), vec![3..4]);
+        assert_eq!(map.count(), 0);
+        // Runs taken below a bound leave the units past it.
+        map.mark_units(0..256);
+        let (runs, next) = map.take_runs(10..70, 1 << 20, usize::MAX);
+        assert_eq!(next, 70);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0], 10 * 4096..70 * 4096);
+        assert_eq!(map.count(), 256 - 60);
     }
 
     #[test]

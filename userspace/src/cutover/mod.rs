@@ -217,8 +217,9 @@ async fn initial_pass(
         } else {
             set_status(status, |s| s.phase = "delta sync by checksums");
             report.delta_sync = true;
-            report.differing_regions = repl.mark_differences().await?;
-            repl.round(false).await?
+            let (differing, pass) = repl.delta_pass().await?;
+            report.differing_regions = differing;
+            pass
         };
         bandwidth = first.rate();
         report.first_round_bytes = first.bytes;

@@ -161,20 +161,20 @@ fn fenced(e: &RpcError) -> bool {
 /// The source side of one replication: a source image, its dirty map, a
 /// destination and an epoch.
 pub struct Replicator {
-    source: Image,
+    pub(super) source: Image,
     peer: Peer,
-    client: ReplicaClient,
+    pub(super) client: ReplicaClient,
     writer: Option<ExtentWriter>,
     epoch: u64,
-    send: Arc<DirtyMap>,
-    local: LocalTree,
-    opts: ReplicateOptions,
-    stats: Arc<Stats>,
+    pub(super) send: Arc<DirtyMap>,
+    pub(super) local: LocalTree,
+    pub(super) opts: ReplicateOptions,
+    pub(super) stats: Arc<Stats>,
     /// Runs sent since the last barrier: a lost connection marks them again.
     since_barrier: Vec<Range<u64>>,
     since_barrier_bytes: u64,
     limiter: Limiter,
-    order: Option<SendOrder>,
+    pub(super) order: Option<SendOrder>,
     /// Rounds read whole checksum regions ([`Replicator::read_whole_regions`]).
     whole_regions: bool,
 }
@@ -483,7 +483,11 @@ impl Replicator {
     /// a task reads and encodes ahead while this one gathers what is ready
     /// into batches and sends them. On an error, every run taken and not
     /// sent is marked dirty again before it is returned.
-    async fn send_runs(&mut self, runs: Runs, skip_zero: bool) -> Result<(), ReplicateError> {
+    pub(super) async fn send_runs(
+        &mut self,
+        runs: Runs,
+        skip_zero: bool,
+    ) -> Result<(), ReplicateError> {
         let reader = Reader {
             source: self.source.clone(),
             send: Arc::clone(&self.send),

@@ -2,6 +2,7 @@
 //! (`tracker`) and the engine that streams dirty extents to the destination
 //! (`engine`). `cutover` drives both to a switch-over.
 
+mod delta;
 pub mod engine;
 mod limiter;
 pub mod local_tree;

@@ -53,6 +53,8 @@ pub(super) enum Runs {
 pub(super) struct MapRuns {
     send: Arc<DirtyMap>,
     cursor: u64,
+    /// The unit the runs stop before.
+    end: u64,
     taken: VecDeque<Range<u64>>,
     max_run: u64,
     zones: Option<Arc<[UnitZone]>>,
@@ -60,12 +62,28 @@ pub(super) struct MapRuns {
 
 impl MapRuns {
     pub(super) fn new(send: Arc<DirtyMap>, max_run: u64, zones: Option<Arc<[UnitZone]>>) -> Self {
+        let end = send.units();
         MapRuns {
             send,
             cursor: 0,
+            end,
             taken: VecDeque::new(),
             max_run,
             zones,
+        }
+    }
+
+    /// The dirty runs below byte `end` only (no plan's units: a run widened
+    /// to its unit could reach past `end`).
+    pub(super) fn below(send: Arc<DirtyMap>, max_run: u64, end: u64) -> Self {
+        let end = end.div_ceil(send.unit()).min(send.units());
+        MapRuns {
+            send,
+            cursor: 0,
+            end,
+            taken: VecDeque::new(),
+            max_run,
+            zones: None,
         }
     }
 }
@@ -78,10 +96,12 @@ impl Iterator for MapRuns {
             if let Some(run) = self.taken.pop_front() {
                 return Some(run);
             }
-            if self.cursor >= self.send.units() {
+            if self.cursor >= self.end {
                 return None;
             }
-            let (runs, next) = self.send.take_runs(self.cursor, self.max_run, 256);
+            let (runs, next) = self
+                .send
+                .take_runs(self.cursor..self.end, self.max_run, 256);
             self.cursor = next;
             match &self.zones {
                 Some(zones) => {

@@ -19,7 +19,7 @@ use super::{
     BATCH_BYTES, EncodedExtent, MAX_BATCH_EXTENTS, MAX_EXTENT_LEN, MAX_MESSAGE_LEN,
     MAX_NODES_PER_CALL, RpcError, TlsMaterial,
 };
-use crate::checktree::{CheckTree, Descent, HASH_LEN, Hash};
+use crate::checktree::{CheckTree, Descent, HASH_LEN, Hash, Shape};
 
 /// HTTP/2 windows large enough that one stream can carry gigabytes per second.
 const STREAM_WINDOW: u32 = 16 << 20;
@@ -210,27 +210,46 @@ impl ReplicaClient {
         let shape = *local.shape();
         let mut descent = Descent::new(local);
         while let Some((level, indices)) = descent.want() {
-            let mut answer = Vec::with_capacity(indices.len());
-            let per_call = usize::try_from(MAX_NODES_PER_CALL).expect("2^16 fits usize");
-            for batch in indices.chunks(per_call) {
-                let nodes = self.tree_nodes(shape.region_size(), level, batch).await?;
-                if nodes.image_size != shape.image_size() || nodes.levels != shape.levels() {
-                    return Err(RpcError::UnexpectedReply {
-                        want: "a tree of the same image size",
-                        got: format!(
-                            "a tree of {} bytes with {} levels (local: {} bytes, {} levels)",
-                            nodes.image_size,
-                            nodes.levels,
-                            shape.image_size(),
-                            shape.levels()
-                        ),
-                    });
-                }
-                answer.extend(nodes.hashes);
-            }
+            let answer = self.nodes_of(shape, level, indices).await?;
             descent.feed(&answer)?;
         }
         Ok(descent.finish())
+    }
+
+    /// The destination's nodes at `level` of the tree of `shape`, in the
+    /// order of `indices` (asked in calls of at most [`MAX_NODES_PER_CALL`]);
+    /// a destination whose tree has another shape is an error.
+    pub async fn nodes_of(
+        &mut self,
+        shape: Shape,
+        level: u32,
+        indices: &[u64],
+    ) -> Result<Vec<Hash>, RpcError> {
+        let mut answer = Vec::with_capacity(indices.len());
+        let per_call = usize::try_from(MAX_NODES_PER_CALL).expect("2^16 fits usize");
+        for batch in indices.chunks(per_call) {
+            let nodes = self.tree_nodes(shape.region_size(), level, batch).await?;
+            if nodes.image_size != shape.image_size() || nodes.levels != shape.levels() {
+                return Err(RpcError::UnexpectedReply {
+                    want: "a tree of the same image size",
+                    got: format!(
+                        "a tree of {} bytes with {} levels (local: {} bytes, {} levels)",
+                        nodes.image_size,
+                        nodes.levels,
+                        shape.image_size(),
+                        shape.levels()
+                    ),
+                });
+            }
+            if nodes.hashes.len() != batch.len() {
+                return Err(RpcError::UnexpectedReply {
+                    want: "one hash per node asked",
+                    got: format!("{} hashes for {} nodes", nodes.hashes.len(), batch.len()),
+                });
+            }
+            answer.extend(nodes.hashes);
+        }
+        Ok(answer)
     }
 
     /// Reads `ranges` (offset, length; each 1 to [`MAX_EXTENT_LEN`] bytes
