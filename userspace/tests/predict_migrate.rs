@@ -110,6 +110,10 @@ fn a_source_trains_on_its_recorded_history_and_holds_back_the_hot_region() {
         &[
             "--max-downtime",
             "300ms",
+            // A copy of seconds, not one: the history must hold more than
+            // the 4 MiB of the hot region that fio writes in about a second.
+            "--max-rate",
+            "32M",
             "--history",
             history,
             "--history-every",
