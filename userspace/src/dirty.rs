@@ -231,6 +231,20 @@ impl DirtyMap {
         first..last
     }
 
+    /// Takes (clears and returns) the dirty units lying wholly inside
+    /// `[start, end)` (the end of the disk counts as a unit's end), as runs
+    /// of unit indices: the units a caller about to read that range must
+    /// account for (the clean ones are already accounted for).
+    pub fn take_within(&self, start: u64, end: u64) -> Vec<Range<u64>> {
+        let first = start.div_ceil(self.unit);
+        let last = if end >= self.disk_size {
+            self.units
+        } else {
+            end / self.unit
+        };
+        self.take_units(first..last.max(first))
+    }
+
     /// Takes every dirty unit, as runs of at most `max_run` bytes.
     pub fn take_all(&self, max_run: u64) -> Vec<Range<u64>> {
         self.take_runs(0..self.units, max_run, usize::MAX).0
@@ -305,7 +319,14 @@ mod tests {
         assert_eq!(map.take_units(199..1000), vec![200..201, 255..256]);
         assert_eq!(map.take_units(0..256), vec![3..4]);
         assert_eq!(map.count(), 0);
+        // Within a byte range: only whole units, the short end counting as whole.
+        map.mark_units(0..256);
+        assert_eq!(map.take_within(100, 3 * 4096 + 5), vec![1..3]);
+        assert_eq!(map.take_within(255 * 4096, u64::MAX), vec![255..256]);
+        assert!(map.is_dirty(0) && map.is_dirty(3));
+        assert_eq!(map.count(), 256 - 3);
         // Runs taken below a bound leave the units past it.
+        map.take_units(0..256);
         map.mark_units(0..256);
         let (runs, next) = map.take_runs(10..70, 1 << 20, usize::MAX);
         assert_eq!(next, 70);

@@ -233,10 +233,11 @@ impl Reader {
         } else {
             run.clone()
         };
-        // Whole regions inside the read are hashed from its data, instead of
-        // being read again for the local tree; their stale bits are cleared
-        // before the read, like the send map's.
-        let regions = self.stale.clear_within(read.start, read.end);
+        // The stale whole regions inside the read are hashed from its data,
+        // instead of being read again for the local tree; their stale bits
+        // are taken before the read, like the send map's. A region that is
+        // not stale has its leaf already (a write would have marked it).
+        let regions = self.stale.take_within(read.start, read.end);
         async move {
             let result = async {
                 let len = u32::try_from(read.end - read.start)
@@ -251,6 +252,8 @@ impl Reader {
                 let (start, run_start, run_end) = (read.start, run.start, run.end);
                 let encode = move || {
                     let leaves: Vec<(u64, Hash)> = regions
+                        .into_iter()
+                        .flatten()
                         .map(|i| {
                             let r = shape.region(i);
                             let at = usize::try_from(r.start - start)
