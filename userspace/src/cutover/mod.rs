@@ -662,7 +662,13 @@ async fn final_delta(
             continue;
         }
         // Something the dirty map missed (a bio-based device marks at issue,
-        // not completion): send what differs and look again.
+        // not completion; a write whose event never reached the ring): the
+        // regions found here are only the missed writes that a final read
+        // happened to hash. Another missed write leaves the source's leaf as
+        // old as the destination's, and equal roots would hide it. So the
+        // source's tree is distrusted whole and rehashed (the workload is
+        // paused: this costs downtime, not data), then what differs is sent.
+        repl.local().stale_map().mark_all();
         let regions = repl.mark_differences().await?;
         tracing::warn!(
             attempt,
