@@ -17,7 +17,7 @@ use super::device::{self, BlockDevice, DeviceError};
 use super::fiemap::{FiemapError, ImageMap};
 use super::format::{Target, TargetKind, TraceFileError, TraceHeader, TraceWriter};
 use super::record::{BlockRecord, EndRecord, FaultRecord, Gap, Op, ProcessRecord, Record};
-use super::tracer::{Event, Tracer, TracerConfig, TracerError};
+use super::tracer::{Event, Lost, Tracer, TracerConfig, TracerError};
 
 /// Errors of a tracing session.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +68,10 @@ pub struct SessionTotals {
     pub lost_fault: u64,
     pub gaps: u64,
     pub outside_image: u64,
+    /// The cross-check at the end: modifying requests the kernel completed
+    /// on the traced disks since its base, and their events received.
+    pub checked_completions: u64,
+    pub checked_events: u64,
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub elapsed: Duration,
@@ -110,6 +114,8 @@ struct Recorder {
     totals: SessionTotals,
     /// Lost counters at the last look, and when that look was (monotonic ns).
     lost_seen: (u64, u64),
+    /// The kernel side's counters at the last look, by cause (for the log).
+    kernel_seen: Lost,
     last_check: u64,
     /// Sees every record before the file does (the source agent's dirty tracking).
     observer: Option<Observer>,
@@ -154,7 +160,10 @@ impl Recorder {
         self.note_process(ev)?;
         let op = Op::from_abi(ev.op);
         if !matches!(op, Op::Read | Op::Flush) {
-            self.completions.note(ev.dev);
+            // When the completion fired: its issue plus its latency (0 for
+            // a completion seen without its issue, and for a bio).
+            self.completions
+                .note(ev.dev, ev.ts_ns.saturating_add(ev.latency_ns));
         }
         self.totals.block_events += 1;
         match op {
@@ -250,9 +259,10 @@ impl Recorder {
     /// `before`: the kernel's completion counts read before the last drain.
     fn check_lost(&mut self, tracer: &Tracer, before: &Counts) -> Result<(), SessionError> {
         let now = monotonic_ns();
-        self.unseen += self.completions.newly_lost(before);
-        let lost = tracer.lost()?;
-        let lost = (lost.0 + self.unseen, lost.1);
+        let unseen = self.completions.newly_lost(before);
+        self.unseen += unseen;
+        let kernel = tracer.lost()?;
+        let lost = (kernel.block() + self.unseen, kernel.fault());
         if lost != self.lost_seen {
             // Anything may have happened between the last look and now.
             self.emit(&Record::Gap(Gap {
@@ -263,15 +273,22 @@ impl Recorder {
             }))?;
             self.totals.gaps += 1;
             // One line per gap (not per event): the window is also in the file.
+            let was = self.kernel_seen;
             tracing::warn!(
                 lost_block = lost.0 - self.lost_seen.0,
                 lost_fault = lost.1 - self.lost_seen.1,
+                ring_full = (kernel.block_ring_full + kernel.fault_ring_full)
+                    - (was.block_ring_full + was.fault_ring_full),
+                skipped_runs = (kernel.block_skipped + kernel.fault_skipped)
+                    - (was.block_skipped + was.fault_skipped),
+                unseen_completions = unseen,
                 window_ms = (now - self.last_check) / 1_000_000,
-                "events lost (a full ring, a skipped program run, or completions the kernel counted that never reached the trace); trace marked with a gap"
+                "events lost; trace marked with a gap"
             );
             self.totals.lost_block = lost.0;
             self.totals.lost_fault = lost.1;
             self.lost_seen = lost;
+            self.kernel_seen = kernel;
         }
         self.last_check = now;
         Ok(())
@@ -438,6 +455,7 @@ impl Session {
                 comms: HashMap::new(),
                 totals: SessionTotals::default(),
                 lost_seen: (0, 0),
+                kernel_seen: Lost::default(),
                 last_check: start_mono,
                 observer: None,
                 completions,
@@ -547,6 +565,16 @@ impl Session {
         let counts = self.rec.completions.read();
         self.drain(None)?;
         self.rec.check_lost(&self.tracer, &counts)?;
+        for (dev, completed, traced) in self.rec.completions.tally(&counts) {
+            self.rec.totals.checked_completions += completed;
+            self.rec.totals.checked_events += traced;
+            tracing::info!(
+                device = %format!("{}:{}", dev >> 20, dev & ((1 << 20) - 1)),
+                completed,
+                traced,
+                "trace cross-check: modifying requests the kernel completed and events received"
+            );
+        }
         let Session {
             tracer,
             mut rec,

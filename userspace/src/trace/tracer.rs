@@ -83,6 +83,29 @@ pub enum Event {
     Fault(FaultEvent),
 }
 
+/// Events the kernel side lost, counted since the tracer started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lost {
+    /// Block events dropped because the ring was full (summed over CPUs).
+    pub block_ring_full: u64,
+    /// Runs of the block programs the kernel skipped (one already running on that CPU).
+    pub block_skipped: u64,
+    pub fault_ring_full: u64,
+    pub fault_skipped: u64,
+}
+
+impl Lost {
+    /// Block events lost, whatever the cause.
+    pub fn block(&self) -> u64 {
+        self.block_ring_full + self.block_skipped
+    }
+
+    /// Fault events lost, whatever the cause.
+    pub fn fault(&self) -> u64 {
+        self.fault_ring_full + self.fault_skipped
+    }
+}
+
 /// The loaded, attached tracer. Dropping it detaches every hook.
 pub struct Tracer {
     _bpf: Ebpf,
@@ -270,9 +293,8 @@ impl Tracer {
         })
     }
 
-    /// Events lost so far: (block, fault), those dropped because the ring
-    /// was full (summed over CPUs) plus the runs the kernel skipped.
-    pub fn lost(&self) -> Result<(u64, u64), TracerError> {
+    /// Events lost so far, by kind and by cause.
+    pub fn lost(&self) -> Result<Lost, TracerError> {
         let slot = |i: u32| -> Result<u64, TracerError> {
             let values = self.lost.get(&i, 0).map_err(map_error("lost"))?;
             Ok(values.iter().sum())
@@ -283,10 +305,12 @@ impl Tracer {
                 Ok(sum.saturating_add(n))
             })
         };
-        Ok((
-            slot(abi::TERN_LOST_BLOCK)? + skipped(&self.block_progs)?,
-            slot(abi::TERN_LOST_FAULT)? + skipped(&self.fault_progs)?,
-        ))
+        Ok(Lost {
+            block_ring_full: slot(abi::TERN_LOST_BLOCK)?,
+            block_skipped: skipped(&self.block_progs)?,
+            fault_ring_full: slot(abi::TERN_LOST_FAULT)?,
+            fault_skipped: skipped(&self.fault_progs)?,
+        })
     }
 
     /// Drains every event waiting in the ring; returns how many were handed to `f`.
