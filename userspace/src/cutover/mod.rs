@@ -322,6 +322,7 @@ async fn converge(
             if measured && estimate <= budget_ms {
                 break;
             }
+            repl.read_whole_regions(false);
             return Err(CutoverError::NotConverging {
                 rounds,
                 dirty_mb: dirty as f64 / 1e6,
@@ -331,6 +332,13 @@ async fn converge(
                 budget_ms,
             });
         }
+        // A sprint round reads the whole checksum regions it touches, so the
+        // source's tree stays fresh for them (a few small rounds: cheap), and
+        // then has the destination rehash what it wrote while the workload
+        // still runs: the verification inside the pause finds both trees
+        // nearly current.
+        let sprinting = fresh && measured && estimate <= budget_ms;
+        repl.read_whole_regions(sprinting);
         last_round_start = Instant::now();
         let round = repl.round(false).await?;
         tracing::debug!(
@@ -338,6 +346,9 @@ async fn converge(
             bytes = round.bytes,
             "converge: round"
         );
+        if sprinting {
+            repl.warm_remote_tree();
+        }
         rounds += 1;
         // A round no bigger than the budget lets through leaves the trees
         // little to rehash inside the pause: they stay fresh enough.

@@ -630,6 +630,20 @@ impl Replicator {
         Ok((self.local.tree().root(), remote?))
     }
 
+    /// Asks the destination for its root without waiting for the answer:
+    /// it rehashes the regions written since it last answered now, while
+    /// the workload runs, instead of inside the pause (where the next
+    /// question waits for this rehash and finds little left to do).
+    pub fn warm_remote_tree(&self) {
+        let mut client = self.client.clone();
+        let shape = *self.local.tree().shape();
+        tokio::spawn(async move {
+            if let Err(e) = root_of(&mut client, shape).await {
+                tracing::debug!(error = %e, "warming the destination's tree failed; the verification rehashes instead");
+            }
+        });
+    }
+
     /// Whether the destination's image is all zeroes (a fresh image).
     pub async fn destination_is_blank(&mut self) -> Result<bool, ReplicateError> {
         let zero = zero_tree(*self.local.tree().shape())?;
