@@ -83,20 +83,33 @@ impl DirtyMap {
 
     /// Marks units `range` (clipped to the map).
     pub fn mark_units(&self, range: Range<u64>) {
-        let range = range.start..range.end.min(self.units);
+        for (_, word, mask) in self.word_masks(range) {
+            word.fetch_or(mask, Ordering::AcqRel);
+        }
+    }
+
+    /// The words that hold units `range` (clipped to the map), in order:
+    /// each as its first unit, the word itself, and the mask of the range's
+    /// bits in it.
+    fn word_masks(&self, range: Range<u64>) -> impl Iterator<Item = (u64, &AtomicU64, u64)> {
+        let end = range.end.min(self.units);
         let mut i = range.start;
-        while i < range.end {
+        std::iter::from_fn(move || {
+            if i >= end {
+                return None;
+            }
             let word = i / 64;
             let bit = i % 64;
-            let n = (range.end - i).min(64 - bit);
+            let n = (end - i).min(64 - bit);
             let mask = if n == 64 {
                 u64::MAX
             } else {
                 ((1u64 << n) - 1) << bit
             };
-            self.words[word as usize].fetch_or(mask, Ordering::AcqRel);
             i += n;
-        }
+            let at = usize::try_from(word).expect("a word of the map, which is in memory");
+            Some((word * 64, &self.words[at], mask))
+        })
     }
 
     /// Marks the whole disk: what a gap in the trace means.
@@ -132,28 +145,17 @@ impl DirtyMap {
     /// Takes (clears and returns) the dirty units inside units `range`
     /// (clipped to the map), as runs of unit indices in disk order.
     pub fn take_units(&self, range: Range<u64>) -> Vec<Range<u64>> {
-        let range = range.start..range.end.min(self.units);
         let mut runs: Vec<Range<u64>> = Vec::new();
-        let mut i = range.start;
-        while i < range.end {
-            let word = i / 64;
-            let bit = i % 64;
-            let n = (range.end - i).min(64 - bit);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            let mut rest = self.words[word as usize].fetch_and(!mask, Ordering::AcqRel) & mask;
+        for (first, word, mask) in self.word_masks(range) {
+            let mut rest = word.fetch_and(!mask, Ordering::AcqRel) & mask;
             while rest != 0 {
-                let index = word * 64 + u64::from(rest.trailing_zeros());
+                let index = first + u64::from(rest.trailing_zeros());
                 rest &= rest - 1;
                 match runs.last_mut() {
                     Some(run) if run.end == index => run.end = index + 1,
                     _ => runs.push(index..index + 1),
                 }
             }
-            i += n;
         }
         runs
     }
@@ -168,22 +170,16 @@ impl DirtyMap {
         max_run: u64,
         budget: usize,
     ) -> (Vec<Range<u64>>, u64) {
-        let end = within.end.min(self.units);
         let per_run = (max_run >> self.unit_shift).max(1);
         let mut runs: Vec<Range<u64>> = Vec::new();
-        let mut i = within.start;
-        while i < end && runs.len() < budget {
-            let word = i / 64;
-            let bit = i % 64;
-            let n = (end - i).min(64 - bit);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            let mut rest = self.words[word as usize].fetch_and(!mask, Ordering::AcqRel) & mask;
+        let mut next = within.start;
+        for (first, word, mask) in self.word_masks(within.clone()) {
+            if runs.len() >= budget {
+                break;
+            }
+            let mut rest = word.fetch_and(!mask, Ordering::AcqRel) & mask;
             while rest != 0 {
-                let index = word * 64 + u64::from(rest.trailing_zeros());
+                let index = first + u64::from(rest.trailing_zeros());
                 rest &= rest - 1;
                 let range = self.unit_range(index);
                 match runs.last_mut() {
@@ -196,9 +192,10 @@ impl DirtyMap {
                     _ => runs.push(range),
                 }
             }
-            i += n;
+            // The unit after the mask's last bit.
+            next = first + 64 - u64::from(mask.leading_zeros());
         }
-        (runs, i.max(within.start))
+        (runs, next)
     }
 
     /// Clears the units lying wholly inside `[start, end)` (the end of the
@@ -215,18 +212,8 @@ impl DirtyMap {
         if first >= last {
             return first..first;
         }
-        let mut i = first;
-        while i < last {
-            let word = i / 64;
-            let bit = i % 64;
-            let n = (last - i).min(64 - bit);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            self.words[word as usize].fetch_and(!mask, Ordering::AcqRel);
-            i += n;
+        for (_, word, mask) in self.word_masks(first..last) {
+            word.fetch_and(!mask, Ordering::AcqRel);
         }
         first..last
     }

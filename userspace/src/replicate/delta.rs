@@ -68,20 +68,13 @@ async fn hash_chunks(
         // Taken before reading: a write from now on marks its region again.
         let taken = stale.take_units(chunk_regions(&shape, level, chunk));
         let result = hash_runs(&source, &shape, &taken).await;
-        if result.is_err() {
-            for run in &taken {
-                stale.mark_units(run.clone());
-            }
-        }
         let failed = result.is_err();
-        if tx.send((chunk, result)).await.is_err() {
+        let handed = tx.send((chunk, result)).await.is_ok();
+        if failed || !handed {
+            // Its leaves never reach the tree; the chunks not yet taken are still stale.
             for run in &taken {
                 stale.mark_units(run.clone());
             }
-            // The chunks not yet taken are still stale.
-            return;
-        }
-        if failed {
             return;
         }
     }
@@ -124,14 +117,9 @@ impl Replicator {
         let differing = result?;
         self.barrier().await?;
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
-        let after = self.stats.snapshot();
         Ok((
             differing,
-            Round {
-                bytes: after.sent_bytes - before.sent_bytes,
-                wire_bytes: after.wire_bytes - before.wire_bytes,
-                seconds: started.elapsed().as_secs_f64(),
-            },
+            Round::since(&before, &self.stats.snapshot(), started),
         ))
     }
 

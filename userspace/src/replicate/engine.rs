@@ -410,12 +410,7 @@ impl Replicator {
         self.send_runs(runs, skip_zero).await?;
         self.barrier().await?;
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
-        let after = self.stats.snapshot();
-        Ok(Round {
-            bytes: after.sent_bytes - before.sent_bytes,
-            wire_bytes: after.wire_bytes - before.wire_bytes,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+        Ok(Round::since(&before, &self.stats.snapshot(), started))
     }
 
     /// From now on, rounds read the whole checksum regions their runs touch

@@ -63,6 +63,18 @@ pub(super) struct MapRuns {
 impl MapRuns {
     pub(super) fn new(send: Arc<DirtyMap>, max_run: u64, zones: Option<Arc<[UnitZone]>>) -> Self {
         let end = send.units();
+        Self::until(send, max_run, zones, end)
+    }
+
+    /// The dirty runs below byte `end` only (no plan's units: a run widened
+    /// to its unit could reach past `end`).
+    pub(super) fn below(send: Arc<DirtyMap>, max_run: u64, end: u64) -> Self {
+        let end = end.div_ceil(send.unit()).min(send.units());
+        Self::until(send, max_run, None, end)
+    }
+
+    /// The runs of the units below unit `end`.
+    fn until(send: Arc<DirtyMap>, max_run: u64, zones: Option<Arc<[UnitZone]>>, end: u64) -> Self {
         MapRuns {
             send,
             cursor: 0,
@@ -70,20 +82,6 @@ impl MapRuns {
             taken: VecDeque::new(),
             max_run,
             zones,
-        }
-    }
-
-    /// The dirty runs below byte `end` only (no plan's units: a run widened
-    /// to its unit could reach past `end`).
-    pub(super) fn below(send: Arc<DirtyMap>, max_run: u64, end: u64) -> Self {
-        let end = end.div_ceil(send.unit()).min(send.units());
-        MapRuns {
-            send,
-            cursor: 0,
-            end,
-            taken: VecDeque::new(),
-            max_run,
-            zones: None,
         }
     }
 }

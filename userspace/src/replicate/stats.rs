@@ -2,6 +2,7 @@
 //! round did.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// Counters, shared with whoever shows progress.
 #[derive(Debug, Default)]
@@ -71,6 +72,16 @@ pub struct Round {
 }
 
 impl Round {
+    /// What was sent since `before` (a snapshot taken when the round began,
+    /// at `started`), as of `after`.
+    pub fn since(before: &StatsSnapshot, after: &StatsSnapshot, started: Instant) -> Round {
+        Round {
+            bytes: after.sent_bytes - before.sent_bytes,
+            wire_bytes: after.wire_bytes - before.wire_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+
     /// Uncompressed bytes per second this round moved (what the downtime estimate uses).
     pub fn rate(&self) -> f64 {
         if self.seconds > 0.0 {
