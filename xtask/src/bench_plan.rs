@@ -202,6 +202,8 @@ fn validate(tern: &Path) -> Result<String> {
             .arg("--state-dir")
             .arg(dir.path.join("state"))
             .args(["--pause", &pause, "--max-downtime", &downtime, "--json"])
+            // The simulator's region size, whatever migrate's default.
+            .args(["--region-size", "64K"])
             .stderr(Stdio::null())
             .output()
             .context("run tern migrate")?;

@@ -44,7 +44,7 @@ pub struct SourceArgs {
     #[arg(long, default_value = "4K", value_parser = parse_size)]
     unit: u64,
     /// Checksum-tree region size: a write makes its whole region be rehashed
-    /// on both sides. Default: 64K, doubled until the tree has at most 2^20
+    /// on both sides. Default: 16K, doubled until the tree has at most 2^20
     /// leaves (64 MiB of hashes), so 1M for a 1 TiB disk.
     #[arg(long, value_parser = parse_size)]
     region_size: Option<u64>,

@@ -47,7 +47,8 @@ pub struct PlanArgs {
     /// Longest extent on the wire, as `tern migrate --extent`.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     extent: u64,
-    /// Checksum-tree region size, as `tern migrate --region-size`.
+    /// Checksum-tree region size, as `tern migrate --region-size` (whose
+    /// default is 16K up to 16 GiB, 64K at 64 GiB).
     #[arg(long, default_value = "64K", value_parser = parse_size)]
     region_size: u64,
     /// Engine time per extent not hidden by the wire.

@@ -63,10 +63,15 @@ impl LocalTree {
     }
 }
 
-/// 64 KiB regions (a small write rehashes little), doubled until the tree
-/// has at most 2^20 leaves (64 MiB of hashes per side).
+/// 16 KiB regions, doubled until the tree has at most 2^20 leaves (64 MiB
+/// of hashes per side). Small, because a 4 KiB write rehashes its whole
+/// region on both sides and the final rounds read it whole: at 5000 IOPS
+/// 64 KiB regions left 20-34 ms of downtime, 16 KiB 11-17 ms. Not 4 KiB:
+/// a 4 KiB leaf hashes about 40 % slower per byte than a 64 KiB one (its
+/// SIMD lanes stay idle), which the bulk copy pays for every byte; 16 KiB
+/// costs it about 8 %.
 pub fn default_region_size(disk_size: u64) -> u64 {
-    let mut region = 64 << 10;
+    let mut region = 16 << 10;
     while disk_size.div_ceil(region) > 1 << 20 {
         region *= 2;
     }
