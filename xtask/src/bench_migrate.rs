@@ -392,10 +392,11 @@ impl Bench<'_> {
         let (changed, old_blocks) = change_blocks(&src_loop.dev, size, CHANGE_BLOCK, n)?;
         let mut tern_delta = Vec::new();
         if !cfg.peers_only {
-            // 64K first: the size the full copy used, so its agent's saved tree
+            // 16K first: the size the full copy used (the default for this
+            // disk), so its agent's saved tree
             // is restored; the 1M run's destination is put back behind its
             // agent's back and must be (and is) hashed again.
-            for (i, region) in ["64K", "1M"].into_iter().enumerate() {
+            for (i, region) in ["16K", "1M"].into_iter().enumerate() {
                 if i > 0 {
                     // Put the previous copy back: the old contents of the changed blocks.
                     restore_blocks(&dst, &old_blocks)?;
