@@ -5,7 +5,7 @@ SEC("tp_btf/block_rq_complete")
 int BPF_PROG(block_rq_complete, struct request *rq, blk_status_t error, unsigned int nr_bytes)
 {
 	struct tern_block_event *e;
-	struct inflight *f;
+	struct tern_inflight *f;
 	__u32 dev = disk_dev(BPF_CORE_READ(rq, q, disk));
 	__u64 key = (__u64)rq;
 	__u64 now;

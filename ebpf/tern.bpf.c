@@ -49,19 +49,12 @@ struct {
 	__type(value, __u32);
 } pids SEC(".maps");
 
-struct inflight {
-	__u64 ts_ns;
-	__u32 pid;
-	__u32 skip; /* the tracer's own read: complete it silently */
-	char comm[TERN_COMM_LEN];
-};
-
 /* Issued requests by request pointer; deleted at their (final) completion. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u64);
-	__type(value, struct inflight);
+	__type(value, struct tern_inflight);
 } inflight SEC(".maps");
 
 /* Events dropped because the ring was full, per CPU and per slot (TERN_LOST_*). */

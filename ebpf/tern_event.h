@@ -42,6 +42,13 @@
 #define TERN_BF_NO_ISSUE 0x10
 /* Completed with an error status. */
 #define TERN_BF_ERROR 0x20
+/*
+ * Its completion never reached the tracer (the kernel lost that run of the
+ * completion hook): reported from its in-flight record when the request was
+ * reused, or when the disk had nothing in flight. ts_ns is the issue; the
+ * completion came before ts_ns + latency_ns.
+ */
+#define TERN_BF_UNSEEN 0x40
 
 /* Fault flags (`flags` field), from the x86 page-fault error code. */
 #define TERN_FF_PRESENT 0x1 /* protection fault on a present page */
@@ -67,6 +74,23 @@ struct tern_block_event {
 	__u32 pid;        /* thread group of the issuer */
 	__u32 op;         /* TERN_OP_* */
 	__u32 flags;      /* TERN_BF_* */
+	char comm[TERN_COMM_LEN];
+};
+
+/*
+ * A request issued and not yet seen complete, in the `inflight` map (keyed
+ * by the request's address). Userspace reads it back when the kernel's
+ * counts say a completion was lost.
+ */
+struct tern_inflight {
+	__u64 ts_ns;  /* issue time */
+	__u64 sector; /* the whole request, as issued */
+	__u32 bytes;
+	__u32 dev;    /* kernel dev_t: major << 20 | minor */
+	__u32 pid;    /* thread group of the issuer */
+	__u32 op;     /* TERN_OP_* */
+	__u32 flags;  /* TERN_BF_* */
+	__u32 skip;   /* the tracer's own read: complete it silently */
 	char comm[TERN_COMM_LEN];
 };
 

@@ -22,9 +22,12 @@ pub use abi::*;
 pub type BlockEvent = abi::tern_block_event;
 /// A user page fault.
 pub type FaultEvent = abi::tern_fault_event;
+/// A request issued and not yet seen complete (the `inflight` map's value).
+pub type InFlight = abi::tern_inflight;
 
 const _: () = assert!(core::mem::size_of::<BlockEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<FaultEvent>() == 40);
+const _: () = assert!(core::mem::size_of::<InFlight>() == 56);
 const _: () = assert!(core::mem::offset_of!(BlockEvent, kind) == TERN_KIND_OFFSET as usize);
 const _: () = assert!(core::mem::offset_of!(FaultEvent, kind) == TERN_KIND_OFFSET as usize);
 

@@ -20,7 +20,7 @@ use tern::history::{
 };
 use tern::trace::format::{Target, TargetKind, TraceHeader};
 use tern::trace::record::{BlockRecord, Gap, Op, Record};
-use tern::trace::{TraceReader, session::monotonic_ns};
+use tern::trace::{TraceReader, tracer::monotonic_ns};
 
 fn store(g: &Garage, prefix: &str) -> HistoryStore {
     HistoryStore::open_with(

@@ -60,14 +60,12 @@ fn writes_in_flight(counter: &Path) -> Result<u64, InFlightError> {
         path: counter.to_path_buf(),
         source,
     })?;
-    let mut fields = text.split_whitespace().map(str::parse::<u64>);
-    match (fields.next(), fields.next()) {
-        (Some(Ok(_reads)), Some(Ok(writes))) => Ok(writes),
-        _ => Err(InFlightError::Format {
+    crate::trace::device::in_flight_reads_and_writes(&text)
+        .map(|(_reads, writes)| writes)
+        .ok_or_else(|| InFlightError::Format {
             path: counter.to_path_buf(),
             text: text.trim().to_owned(),
-        }),
-    }
+        })
 }
 
 /// Waits (off the async threads) until the device at `counter` has no

@@ -16,7 +16,8 @@ use super::HistoryError;
 use super::key::{SegmentKey, sanitize};
 use crate::trace::format::TraceHeader;
 use crate::trace::record::{EndRecord, Gap, Record};
-use crate::trace::session::{Observer, monotonic_ns};
+use crate::trace::session::Observer;
+use crate::trace::tracer::monotonic_ns;
 use crate::trace::{TraceFileError, TraceWriter};
 
 /// When a segment is closed.

@@ -10,7 +10,11 @@
 //! disk's completed writes and discards (`/sys/dev/block/M:m/stat`, counted
 //! after the completion tracepoint fired) are compared with the modifying
 //! events the trace received: fewer events than completions means events
-//! were lost, and the session marks a gap ("treat as dirty").
+//! were lost. A lost completion leaves its request's record in the
+//! tracer's in-flight map; those come back as events marked unseen (at the
+//! request's reuse, or taken once the disk has no write in flight:
+//! [`CompletionCheck::short_and_quiet`]). Only a shortfall they do not
+//! explain is a gap ("treat as dirty").
 //!
 //! The kernel counts a request once; the trace may count it more (partial
 //! completions, split bios), so the check is a lower bound on what was lost.
@@ -61,6 +65,8 @@ struct Disk {
     /// The kernel's `dev_t` encoding the BPF programs report (`major << 20 | minor`).
     dev: u32,
     stat: PathBuf,
+    /// Its requests in flight (`inflight`), read when its count is short.
+    in_flight: PathBuf,
     /// The base, once one is taken; until then, the read being tried.
     base: Option<BaseRead>,
     trying: Option<BaseRead>,
@@ -79,6 +85,7 @@ impl Disk {
     fn new(dev: u32, stat: PathBuf) -> Disk {
         Disk {
             dev,
+            in_flight: stat.with_file_name("inflight"),
             stat,
             base: None,
             trying: None,
@@ -104,7 +111,7 @@ impl Disk {
             if !tried.ambiguous || self.tries >= BASE_TRIES {
                 if tried.ambiguous {
                     tracing::debug!(
-                        device = %format!("{}:{}", self.dev >> 20, self.dev & ((1 << 20) - 1)),
+                        device = %super::device::kernel_dev_name(self.dev),
                         "no quiet moment to read the completion count at: its base may be off by the completions in flight"
                     );
                 }
@@ -164,11 +171,10 @@ impl CompletionCheck {
         }
         let mut disks = Vec::new();
         for dev in devs {
-            let (major, minor) = (dev >> 20, dev & ((1 << 20) - 1));
-            let dir = super::device::sysfs_dir(major, minor);
+            let dir = super::device::sysfs_dir(dev >> 20, dev & ((1 << 20) - 1));
             let iostats = std::fs::read_to_string(dir.join("queue/iostats"));
             if iostats.is_ok_and(|v| v.trim() == "0") {
-                tracing::debug!(device = %format!("{major}:{minor}"), "I/O statistics are off: the trace is not cross-checked against them");
+                tracing::debug!(device = %super::device::kernel_dev_name(dev), "I/O statistics are off: the trace is not cross-checked against them");
                 continue;
             }
             let stat = dir.join("stat");
@@ -190,7 +196,7 @@ impl CompletionCheck {
     /// The kernel's counts now: read them before draining the ring, so that
     /// every completion they include has its event in the ring.
     pub fn read(&mut self) -> Counts {
-        self.read_with(super::session::monotonic_ns)
+        self.read_with(super::tracer::monotonic_ns)
     }
 
     fn read_with(&mut self, mut clock: impl FnMut() -> u64) -> Counts {
@@ -210,6 +216,41 @@ impl CompletionCheck {
     /// seen at two looks at least [`LOOKS_APART`] apart.
     pub fn newly_lost(&mut self, before: &Counts) -> u64 {
         self.newly_lost_at(before, Instant::now())
+    }
+
+    /// The disks whose trace is short of the kernel's `before` count right
+    /// now and that had no write in flight at a read of their `inflight`,
+    /// with the time (monotonic ns) right before that read: every request
+    /// issued before it has completed, so the tracer's in-flight records
+    /// older than it are completions it never saw
+    /// ([`super::tracer::Tracer::take_unseen`]).
+    pub fn short_and_quiet(&self, before: &Counts) -> Vec<(u32, u64)> {
+        self.short_and_quiet_with(before, super::tracer::monotonic_ns)
+    }
+
+    fn short_and_quiet_with(
+        &self,
+        before: &Counts,
+        mut clock: impl FnMut() -> u64,
+    ) -> Vec<(u32, u64)> {
+        let mut quiet = Vec::new();
+        for (d, count) in self.disks.iter().zip(&before.counts) {
+            let (Some(count), Some(base)) = (count, d.base) else {
+                continue;
+            };
+            if count.saturating_sub(base.count) <= base.traced {
+                continue;
+            }
+            let t = clock();
+            let writes = std::fs::read_to_string(&d.in_flight)
+                .ok()
+                .and_then(|text| super::device::in_flight_reads_and_writes(&text))
+                .map(|(_, writes)| writes);
+            if writes == Some(0) {
+                quiet.push((d.dev, t));
+            }
+        }
+        quiet
     }
 
     /// Per disk: `(dev, completed, traced)` since the base, as of the
@@ -298,6 +339,30 @@ mod tests {
             format!("0 0 0 0 {count} 0 0 0 0 0 0 0"),
         )
         .expect("write");
+    }
+
+    #[test]
+    fn a_short_disk_is_offered_for_its_in_flight_records_only_when_it_has_no_write_in_flight() {
+        let (mut check, dir) = check_with(1000);
+        let in_flight = dir.path().join("inflight");
+        let clock = || 77;
+        // Nothing short: nothing to look for, whatever is in flight.
+        std::fs::write(&in_flight, "       0        0\n").expect("write");
+        set(&check, 1002);
+        (0..2).for_each(|_| check.note(7 << 20, 1));
+        let c = check.read();
+        assert!(check.short_and_quiet_with(&c, clock).is_empty());
+        // One short with a write in flight: that write may be the one.
+        set(&check, 1003);
+        std::fs::write(&in_flight, "       0        1\n").expect("write");
+        let c = check.read();
+        assert!(check.short_and_quiet_with(&c, clock).is_empty());
+        // Quiet (reads in flight do not matter): offered, with the time before the read.
+        std::fs::write(&in_flight, "       4        0\n").expect("write");
+        assert_eq!(check.short_and_quiet_with(&c, clock), [(7 << 20, 77)]);
+        // An unreadable count is not quiet.
+        std::fs::write(&in_flight, "gone").expect("write");
+        assert!(check.short_and_quiet_with(&c, clock).is_empty());
     }
 
     #[test]

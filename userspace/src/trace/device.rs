@@ -82,6 +82,11 @@ pub fn kernel_dev(major: u32, minor: u32) -> u32 {
     (major << 20) | minor
 }
 
+/// `major:minor` of a kernel-encoded `dev_t` ([`kernel_dev`]), for messages.
+pub fn kernel_dev_name(dev: u32) -> String {
+    format!("{}:{}", dev >> 20, dev & ((1 << 20) - 1))
+}
+
 /// The sysfs directory of block device `major:minor`.
 pub fn sysfs_dir(major: u32, minor: u32) -> PathBuf {
     PathBuf::from(format!("/sys/dev/block/{major}:{minor}"))
@@ -98,6 +103,16 @@ pub fn completed_writes_and_discards(stat: &str) -> Option<(u64, u64)> {
         .collect::<Result<_, _>>()
         .ok()?;
     Some((*fields.get(4)?, fields.get(11).copied().unwrap_or(0)))
+}
+
+/// Reads and writes in flight in the text of a block device's `inflight`
+/// file (two numbers; discards count as writes). `None` if it is not that.
+pub fn in_flight_reads_and_writes(text: &str) -> Option<(u64, u64)> {
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(reads)), Some(Ok(writes))) => Some((reads, writes)),
+        _ => None,
+    }
 }
 
 fn read_sysfs(path: &Path) -> Result<String, DeviceError> {

@@ -82,14 +82,17 @@ pub mod block_flags {
     pub const PREFLUSH: u32 = abi::TERN_BF_PREFLUSH;
     pub const NO_ISSUE: u32 = abi::TERN_BF_NO_ISSUE;
     pub const ERROR: u32 = abi::TERN_BF_ERROR;
+    /// Its completion never reached the tracer; recovered from its in-flight record.
+    pub const UNSEEN: u32 = abi::TERN_BF_UNSEEN;
 
-    const NAMES: [(u32, &str); 6] = [
+    const NAMES: [(u32, &str); 7] = [
         (SYNC, "sync"),
         (FUA, "fua"),
         (META, "meta"),
         (PREFLUSH, "preflush"),
         (NO_ISSUE, "no-issue"),
         (ERROR, "error"),
+        (UNSEEN, "unseen"),
     ];
 
     /// `sync|fua`, or empty.

@@ -16,8 +16,10 @@ use super::completions::{CompletionCheck, Counts};
 use super::device::{self, BlockDevice, DeviceError};
 use super::fiemap::{FiemapError, ImageMap};
 use super::format::{Target, TargetKind, TraceFileError, TraceHeader, TraceWriter};
-use super::record::{BlockRecord, EndRecord, FaultRecord, Gap, Op, ProcessRecord, Record};
-use super::tracer::{Event, Lost, Tracer, TracerConfig, TracerError};
+use super::record::{
+    BlockRecord, EndRecord, FaultRecord, Gap, Op, ProcessRecord, Record, block_flags,
+};
+use super::tracer::{Event, Lost, Tracer, TracerConfig, TracerError, monotonic_ns};
 
 /// Errors of a tracing session.
 #[derive(Debug, thiserror::Error)]
@@ -72,22 +74,13 @@ pub struct SessionTotals {
     /// on the traced disks since its base, and their events received.
     pub checked_completions: u64,
     pub checked_events: u64,
+    /// Requests whose completion the tracer never saw, recorded from their
+    /// in-flight records (at the request's reuse, or once the disk was
+    /// quiet) instead of lost.
+    pub unseen_events: u64,
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub elapsed: Duration,
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write to; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    let secs = u64::try_from(ts.tv_sec).expect("CLOCK_MONOTONIC is never negative");
-    let nanos = u64::try_from(ts.tv_nsec).expect("tv_nsec is in 0..1e9");
-    secs * 1_000_000_000 + nanos
 }
 
 /// How device events become records.
@@ -166,6 +159,9 @@ impl Recorder {
                 .note(ev.dev, ev.ts_ns.saturating_add(ev.latency_ns));
         }
         self.totals.block_events += 1;
+        if ev.flags & block_flags::UNSEEN != 0 {
+            self.totals.unseen_events += 1;
+        }
         match op {
             Op::Read => self.totals.read_bytes += u64::from(ev.bytes),
             Op::Write | Op::WriteZeroes | Op::Discard => {
@@ -501,6 +497,29 @@ impl Session {
         failure.map_or(Ok(()), Err)
     }
 
+    /// Where the trace is short of the kernel's `counts` and the disk is
+    /// quiet, records the requests whose completions the tracer never saw
+    /// from their in-flight records: the writes are then in the trace, not
+    /// a gap that only a comparison of whole disks can make good.
+    fn recover_unseen(&mut self, counts: &Counts) -> Result<(), SessionError> {
+        for (dev, issued_before) in self.rec.completions.short_and_quiet(counts) {
+            let mut failure: Option<SessionError> = None;
+            let rec = &mut self.rec;
+            self.tracer
+                .take_unseen(dev, issued_before, monotonic_ns(), |ev| {
+                    if failure.is_none()
+                        && let Err(e) = rec.event(&ev)
+                    {
+                        failure = Some(e);
+                    }
+                })?;
+            if let Some(e) = failure {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Waits up to `timeout` for events, records them, marks gaps, refreshes the
     /// image map, flushes once a second and updates the live summary.
     pub fn step(&mut self, timeout: Duration) -> Result<(), SessionError> {
@@ -517,6 +536,7 @@ impl Session {
     ) -> Result<(), SessionError> {
         let counts = self.rec.completions.read();
         self.drain(Some((timeout, wake)))?;
+        self.recover_unseen(&counts)?;
         self.rec.check_lost(&self.tracer, &counts)?;
         self.rec.totals.elapsed = self.started.elapsed();
         if let Mapping::Image {
@@ -564,14 +584,16 @@ impl Session {
     pub fn finish(mut self) -> Result<SessionTotals, SessionError> {
         let counts = self.rec.completions.read();
         self.drain(None)?;
+        self.recover_unseen(&counts)?;
         self.rec.check_lost(&self.tracer, &counts)?;
         for (dev, completed, traced) in self.rec.completions.tally(&counts) {
             self.rec.totals.checked_completions += completed;
             self.rec.totals.checked_events += traced;
             tracing::info!(
-                device = %format!("{}:{}", dev >> 20, dev & ((1 << 20) - 1)),
+                device = %device::kernel_dev_name(dev),
                 completed,
                 traced,
+                unseen = self.rec.totals.unseen_events,
                 "trace cross-check: modifying requests the kernel completed and events received"
             );
         }

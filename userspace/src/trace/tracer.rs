@@ -7,7 +7,7 @@ use std::time::Duration;
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
-use tern_common::{self as abi, BlockEvent, FaultEvent};
+use tern_common::{self as abi, BlockEvent, FaultEvent, InFlight};
 
 use super::device::IoPath;
 
@@ -106,10 +106,26 @@ impl Lost {
     }
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    let secs = u64::try_from(ts.tv_sec).expect("CLOCK_MONOTONIC is never negative");
+    let nanos = u64::try_from(ts.tv_nsec).expect("tv_nsec is in 0..1e9");
+    secs * 1_000_000_000 + nanos
+}
+
 /// The loaded, attached tracer. Dropping it detaches every hook.
 pub struct Tracer {
     _bpf: Ebpf,
     ring: RingBuf<MapData>,
+    /// Issued requests not yet seen complete, by request address; read as
+    /// bytes (aya's `Pod` is not implemented for the ABI's structs).
+    inflight: BpfHashMap<MapData, u64, [u8; IN_FLIGHT_BYTES]>,
     lost: PerCpuArray<MapData, u64>,
     /// The attached programs that emit block and fault events: each run the
     /// kernel skips (a hook firing inside itself on one CPU, as a completion
@@ -119,6 +135,12 @@ pub struct Tracer {
     /// Records of unknown kind or size: a bug if ever non-zero, counted not logged.
     pub malformed: u64,
 }
+
+const IN_FLIGHT_BYTES: usize = size_of::<InFlight>();
+
+/// The in-flight map's capacity (`max_entries` in tern.bpf.c): a bound on
+/// one walk over it, whose keys may change under it.
+const IN_FLIGHT_MAX: usize = 65_536;
 
 /// Runs of the program `fd` the kernel skipped because the program was
 /// already running on that CPU (`bpf_prog_info.recursion_misses`, which
@@ -278,6 +300,11 @@ impl Tracer {
                 .ok_or(TracerError::NoMap { map: "events" })?,
         )
         .map_err(map_error("events"))?;
+        let inflight = BpfHashMap::try_from(
+            bpf.take_map("inflight")
+                .ok_or(TracerError::NoMap { map: "inflight" })?,
+        )
+        .map_err(map_error("inflight"))?;
         let lost = PerCpuArray::try_from(
             bpf.take_map("lost")
                 .ok_or(TracerError::NoMap { map: "lost" })?,
@@ -286,6 +313,7 @@ impl Tracer {
         Ok(Tracer {
             _bpf: bpf,
             ring,
+            inflight,
             lost,
             block_progs,
             fault_progs,
@@ -311,6 +339,65 @@ impl Tracer {
             fault_ring_full: slot(abi::TERN_LOST_FAULT)?,
             fault_skipped: skipped(&self.fault_progs)?,
         })
+    }
+
+    /// The modifying requests of disk `dev` issued before `issued_before_ns`
+    /// (monotonic) that are still in the in-flight map, taken out of it and
+    /// handed to `f` as events marked [`abi::TERN_BF_UNSEEN`] (latency: up to
+    /// `now_ns`). Call it only when the kernel says the disk has no write in
+    /// flight since before `issued_before_ns`: each such record is then a
+    /// completion the kernel ran without the tracer, not a request still
+    /// being served. Returns how many were handed over.
+    pub fn take_unseen(
+        &mut self,
+        dev: u32,
+        issued_before_ns: u64,
+        now_ns: u64,
+        mut f: impl FnMut(Event),
+    ) -> Result<usize, TracerError> {
+        // Keys first, bounded: the programs add and remove entries meanwhile,
+        // and a walk whose key vanished starts over from the first.
+        let keys: Vec<u64> = self
+            .inflight
+            .keys()
+            .take(IN_FLIGHT_MAX)
+            .filter_map(Result::ok)
+            .collect();
+        let mut n = 0;
+        for key in keys {
+            let Ok(raw) = self.inflight.get(&key, 0) else {
+                continue;
+            };
+            let rec: InFlight = bytemuck::pod_read_unaligned(&raw);
+            let modifies = !matches!(rec.op, abi::TERN_OP_READ | abi::TERN_OP_FLUSH);
+            if rec.dev != dev || rec.skip != 0 || !modifies || rec.ts_ns >= issued_before_ns {
+                continue;
+            }
+            match self.inflight.remove(&key) {
+                Ok(()) => {}
+                // Completed (or reused, and reported by the issue) meanwhile.
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(map_error("inflight")(e)),
+            }
+            f(Event::Block(BlockEvent {
+                ts_ns: rec.ts_ns,
+                sector: rec.sector,
+                latency_ns: now_ns.saturating_sub(rec.ts_ns),
+                kind: abi::TERN_KIND_BLOCK,
+                dev: rec.dev,
+                bytes: rec.bytes,
+                pid: rec.pid,
+                op: rec.op,
+                flags: rec.flags | abi::TERN_BF_UNSEEN,
+                comm: rec.comm,
+            }));
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Drains every event waiting in the ring; returns how many were handed to `f`.
@@ -381,6 +468,221 @@ impl Tracer {
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;
+
+    /// A loop device over a sparse file in /var/tmp, detached when dropped.
+    struct Loop {
+        dev: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Loop {
+        fn new() -> Loop {
+            let dir = tempfile::Builder::new()
+                .prefix("tern-tracer-test")
+                .tempdir_in("/var/tmp")
+                .expect("temp dir");
+            let img = dir.path().join("disk.img");
+            std::fs::File::create(&img)
+                .and_then(|f| f.set_len(16 << 20))
+                .expect("image");
+            let out = std::process::Command::new("losetup")
+                .args(["-f", "--show"])
+                .arg(&img)
+                .output()
+                .expect("losetup runs (util-linux)");
+            assert!(out.status.success(), "losetup: {out:?}");
+            let dev = String::from_utf8(out.stdout).expect("a path");
+            Loop {
+                dev: dev.trim().into(),
+                _dir: dir,
+            }
+        }
+    }
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.dev)
+                .status();
+        }
+    }
+
+    fn tracer_on(dev: u32) -> super::Tracer {
+        super::Tracer::start(&super::TracerConfig {
+            devices: vec![(dev, super::IoPath::Request)],
+            pids: vec![],
+            faults: false,
+            fault_range: None,
+            ring_bytes: 1 << 20,
+        })
+        .expect("the tracer starts (as root)")
+    }
+
+    fn record(dev: u32, sector: u64, op: u32, ts_ns: u64) -> [u8; super::IN_FLIGHT_BYTES] {
+        record_of(dev, sector, op, ts_ns, 0)
+    }
+
+    fn record_of(
+        dev: u32,
+        sector: u64,
+        op: u32,
+        ts_ns: u64,
+        skip: u32,
+    ) -> [u8; super::IN_FLIGHT_BYTES] {
+        let rec = super::InFlight {
+            ts_ns,
+            sector,
+            bytes: 4096,
+            dev,
+            pid: 1,
+            op,
+            flags: 0,
+            skip,
+            comm: [0; 16],
+        };
+        bytemuck::bytes_of(&rec)
+            .try_into()
+            .expect("the record is IN_FLIGHT_BYTES long")
+    }
+
+    /// One direct 4 KiB write at `at`.
+    fn write_direct(dev: &std::path::Path, at: u64) {
+        use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(dev)
+            .expect("open O_DIRECT");
+        let buf = vec![0x5au8; 8192];
+        let skip = (4096 - buf.as_ptr() as usize % 4096) % 4096;
+        f.write_at(&buf[skip..skip + 4096], at)
+            .expect("direct write");
+    }
+
+    fn unseen(tracer: &mut super::Tracer) -> Vec<tern_common::BlockEvent> {
+        let mut got = Vec::new();
+        tracer.drain(|ev| {
+            if let super::Event::Block(b) = ev
+                && b.flags & tern_common::TERN_BF_UNSEEN != 0
+            {
+                got.push(b);
+            }
+        });
+        got
+    }
+
+    #[test]
+    fn in_flight_records_of_a_quiet_disk_are_taken_as_unseen_completions_and_nothing_else() {
+        let lo = Loop::new();
+        let dev = crate::trace::device::BlockDevice::open(&lo.dev)
+            .expect("loop device")
+            .kernel_disk_dev();
+        let mut tracer = tracer_on(dev);
+        let now = super::monotonic_ns();
+        // Keys no request has (kernel addresses are far above): what a
+        // completion the hook never ran for leaves behind.
+        let lost = record(dev, 2048, tern_common::TERN_OP_WRITE, now - 1_000_000);
+        let read = record(dev, 4096, tern_common::TERN_OP_READ, now - 1_000_000);
+        let own = record_of(dev, 6144, tern_common::TERN_OP_WRITE, now - 1_000_000, 1);
+        let elsewhere = record(dev + 1, 8192, tern_common::TERN_OP_WRITE, now - 1_000_000);
+        let later = record(
+            dev,
+            10240,
+            tern_common::TERN_OP_DISCARD,
+            now + 1_000_000_000,
+        );
+        for (key, rec) in [
+            (1u64, lost),
+            (2, read),
+            (3, own),
+            (4, elsewhere),
+            (5, later),
+        ] {
+            tracer.inflight.insert(key, rec, 0).expect("insert");
+        }
+        let mut got = Vec::new();
+        let n = tracer
+            .take_unseen(dev, now, now + 5, |ev| got.push(ev))
+            .expect("walk");
+        assert_eq!(n, 1);
+        let [super::Event::Block(b)] = got[..] else {
+            panic!("one block event: {got:?}");
+        };
+        assert_eq!(
+            (b.sector, b.bytes, b.op, b.dev),
+            (2048, 4096, tern_common::TERN_OP_WRITE, dev)
+        );
+        assert_eq!(b.flags, tern_common::TERN_BF_UNSEEN);
+        assert_eq!(b.latency_ns, 1_000_005);
+        let left: Vec<u64> = tracer.inflight.keys().map(|k| k.expect("key")).collect();
+        let mut left = left;
+        left.sort_unstable();
+        assert_eq!(left, [2, 3, 4, 5], "only the lost write is taken");
+    }
+
+    #[test]
+    fn a_request_reused_while_its_record_is_in_flight_reports_the_old_one_unseen() {
+        let lo = Loop::new();
+        let dev = crate::trace::device::BlockDevice::open(&lo.dev)
+            .expect("loop device")
+            .kernel_disk_dev();
+        let mut tracer = tracer_on(dev);
+        // A real request's address: catch one in flight while another thread writes.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let stop = std::sync::Arc::clone(&stop);
+            let dev = lo.dev.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 100_000 {
+                    write_direct(&dev, (n % 1024) * 4096);
+                    n += 1;
+                }
+            })
+        };
+        let mut key = None;
+        for _ in 0..2_000_000 {
+            if let Some(k) = tracer.inflight.keys().find_map(Result::ok) {
+                key = Some(k);
+                break;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().expect("writer");
+        let key = key.expect("a write in flight was seen");
+        tracer.drain(|_| {});
+        // As if that request's completion had never reached the hook.
+        let old = super::monotonic_ns() - 1_000;
+        tracer
+            .inflight
+            .insert(
+                key,
+                record(dev, 4000 * 8, tern_common::TERN_OP_WRITE, old),
+                0,
+            )
+            .expect("insert");
+        // Requests are reused (a CPU takes again the tag it freed last):
+        // write until it is. Never at the fake record's sector (block 4000):
+        // the same request issued again is a requeue, not a lost completion.
+        let mut got = Vec::new();
+        for i in 0..50_000u64 {
+            write_direct(&lo.dev, (i % 1024) * 4096);
+            got.extend(unseen(&mut tracer));
+            if !got.is_empty() {
+                break;
+            }
+        }
+        let [b] = got[..] else {
+            panic!("the old request reported once at its reuse: {got:?}");
+        };
+        assert_eq!(
+            (b.sector, b.bytes, b.op, b.dev),
+            (4000 * 8, 4096, tern_common::TERN_OP_WRITE, dev)
+        );
+        assert_eq!(b.ts_ns, old);
+        assert!(b.latency_ns > 0);
+    }
 
     #[test]
     fn the_skipped_run_counter_is_asked_of_the_kernel_and_refused_for_a_non_program() {
