@@ -1039,9 +1039,20 @@ pub(crate) struct Loop {
 
 impl Loop {
     pub(crate) fn attach(file: &Path) -> Result<Loop> {
-        let dev = output(Command::new("losetup").args(["--find", "--show"]).arg(file))?
-            .trim()
-            .to_owned();
+        // `TERN_BENCH_LOOP_DIRECT=1`: the loop device reads its file with
+        // O_DIRECT, as a disk would, instead of copying from the file's page cache.
+        let direct = if std::env::var("TERN_BENCH_LOOP_DIRECT").is_ok_and(|v| v == "1") {
+            "--direct-io=on"
+        } else {
+            "--direct-io=off"
+        };
+        let dev = output(
+            Command::new("losetup")
+                .args(["--find", "--show", direct])
+                .arg(file),
+        )?
+        .trim()
+        .to_owned();
         if !dev.starts_with("/dev/loop") {
             bail!("losetup printed {dev:?}, not a loop device");
         }
