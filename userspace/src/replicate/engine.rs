@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -26,6 +26,12 @@ use super::stats::{Round, Stats};
 /// Read and encoded runs waiting for the sender at most (also bounded in
 /// bytes by the reader's read-ahead budget): enough for whole batches of
 /// small extents.
+/// Bytes sent between two requests that the destination bring its tree up
+/// to date ([`Replicator::warm_remote_tree`]): it then hashes what it wrote
+/// while the copy goes on, instead of all of it at the final comparison of
+/// roots (354 ms of a 2.4 s full copy of 1 GiB, measured).
+const WARM_EVERY: u64 = 64 << 20;
+
 const READY_EXTENTS: usize = 2 * MAX_BATCH_EXTENTS as usize;
 
 /// How to reach the destination agent.
@@ -177,6 +183,10 @@ pub struct Replicator {
     pub(super) order: Option<SendOrder>,
     /// Rounds read whole checksum regions ([`Replicator::read_whole_regions`]).
     whole_regions: bool,
+    /// A request to warm the destination's tree is running (one at a time).
+    warming: Arc<AtomicBool>,
+    /// Bytes sent since the last one was asked for.
+    sent_since_warm: u64,
 }
 
 /// The root hash of `client`'s destination for the tree `shape`.
@@ -230,6 +240,8 @@ impl Replicator {
             limiter,
             order: None,
             whole_regions: false,
+            warming: Arc::new(AtomicBool::new(false)),
+            sent_since_warm: 0,
         })
     }
 
@@ -553,6 +565,11 @@ impl Replicator {
                 self.give_back_extents(carry.as_slice());
                 return Err(e);
             }
+            self.sent_since_warm += bytes;
+            if self.sent_since_warm >= WARM_EVERY && !self.warming.load(Ordering::Relaxed) {
+                self.sent_since_warm = 0;
+                self.warm_remote_tree();
+            }
         }
     }
 
@@ -630,12 +647,18 @@ impl Replicator {
     /// the workload runs, instead of inside the pause (where the next
     /// question waits for this rehash and finds little left to do).
     pub fn warm_remote_tree(&self) {
+        if self.warming.swap(true, Ordering::AcqRel) {
+            // One is running; it will take what was written meanwhile or the next will.
+            return;
+        }
         let mut client = self.client.clone();
         let shape = *self.local.tree().shape();
+        let warming = Arc::clone(&self.warming);
         tokio::spawn(async move {
             if let Err(e) = root_of(&mut client, shape).await {
                 tracing::debug!(error = %e, "warming the destination's tree failed; the verification rehashes instead");
             }
+            warming.store(false, Ordering::Release);
         });
     }
 
