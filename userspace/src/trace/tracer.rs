@@ -508,6 +508,16 @@ mod tests {
         }
     }
 
+    /// A fresh loop device, its kernel `dev_t`, and a tracer on it alone.
+    fn traced_loop() -> (Loop, u32, super::Tracer) {
+        let lo = Loop::new();
+        let dev = crate::trace::device::BlockDevice::open(&lo.dev)
+            .expect("loop device")
+            .kernel_disk_dev();
+        let tracer = tracer_on(dev);
+        (lo, dev, tracer)
+    }
+
     fn tracer_on(dev: u32) -> super::Tracer {
         super::Tracer::start(&super::TracerConfig {
             devices: vec![(dev, super::IoPath::Request)],
@@ -574,11 +584,7 @@ mod tests {
 
     #[test]
     fn in_flight_records_of_a_quiet_disk_are_taken_as_unseen_completions_and_nothing_else() {
-        let lo = Loop::new();
-        let dev = crate::trace::device::BlockDevice::open(&lo.dev)
-            .expect("loop device")
-            .kernel_disk_dev();
-        let mut tracer = tracer_on(dev);
+        let (_lo, dev, mut tracer) = traced_loop();
         let now = super::monotonic_ns();
         // Keys no request has (kernel addresses are far above): what a
         // completion the hook never ran for leaves behind.
@@ -615,19 +621,14 @@ mod tests {
         );
         assert_eq!(b.flags, tern_common::TERN_BF_UNSEEN);
         assert_eq!(b.latency_ns, 1_000_005);
-        let left: Vec<u64> = tracer.inflight.keys().map(|k| k.expect("key")).collect();
-        let mut left = left;
+        let mut left: Vec<u64> = tracer.inflight.keys().map(|k| k.expect("key")).collect();
         left.sort_unstable();
         assert_eq!(left, [2, 3, 4, 5], "only the lost write is taken");
     }
 
     #[test]
     fn a_request_reused_while_its_record_is_in_flight_reports_the_old_one_unseen() {
-        let lo = Loop::new();
-        let dev = crate::trace::device::BlockDevice::open(&lo.dev)
-            .expect("loop device")
-            .kernel_disk_dev();
-        let mut tracer = tracer_on(dev);
+        let (lo, dev, mut tracer) = traced_loop();
         // A real request's address: catch one in flight while another thread writes.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = {
