@@ -11,7 +11,7 @@ use clap::Args;
 use tern::agent::source::{Prefetch, Source, SourceDisk, SourceOptions};
 use tern::cutover::{self, CutoverOptions, HealthCheck, Status, StatusCell};
 use tern::pause::PauseTarget;
-use tern::replicate::Stats;
+use tern::replicate::{CompressWhen, Stats};
 use tern::units::{human_bytes, human_rate};
 
 use super::args::{parse_rate, parse_size, runtime};
@@ -60,6 +60,11 @@ pub struct SourceArgs {
     /// Send data uncompressed.
     #[arg(long)]
     raw: bool,
+    /// When to compress: `auto` measures while sending whether zstd moves
+    /// the data faster than raw (a slow link) or slower (busy cores, a fast
+    /// link) and keeps the faster; `always` tries zstd on every extent.
+    #[arg(long, value_enum, default_value_t = CompressWhen::Auto, conflicts_with = "raw")]
+    compress: CompressWhen,
     /// Bandwidth limit on the wire in bytes per second (e.g. 100M); leave
     /// it out for no limit.
     #[arg(long, value_parser = parse_rate)]
@@ -246,6 +251,7 @@ impl SourceArgs {
         o.region_size = self.region_size;
         o.extent_len = self.extent;
         o.zstd_level = (!self.raw).then_some(self.zstd_level);
+        o.compress = self.compress;
         o.max_rate = self.max_rate;
         o.reconnect_for = self.reconnect_for;
         o.ring_bytes = self.ring_size;

@@ -18,6 +18,7 @@ use crate::rpc::{
 };
 
 use super::ReplicateError;
+use super::compression::{Chooser, CompressWhen};
 use super::limiter::Limiter;
 use super::local_tree::{LocalTree, zero_tree};
 use super::pipeline::{Encoded, MapRuns, Reader, Runs};
@@ -71,6 +72,8 @@ pub struct ReplicateOptions {
     pub extent_len: u32,
     /// zstd level; `None` sends raw data.
     pub zstd_level: Option<i32>,
+    /// With a level: compress always, or only while it moves the data faster.
+    pub compress: CompressWhen,
     /// Extents read and encoded concurrently.
     pub workers: usize,
     /// Unacknowledged messages (extents or batches) on the wire.
@@ -93,6 +96,7 @@ impl Default for ReplicateOptions {
         ReplicateOptions {
             extent_len: 1 << 20,
             zstd_level: Some(1),
+            compress: CompressWhen::Auto,
             // Scattered 4 KiB extents are bound by read latency, not bandwidth:
             // keep many reads in flight.
             workers: 16,
@@ -113,6 +117,14 @@ impl Default for ReplicateOptions {
 pub struct SendOrder {
     pub first: Vec<Range<u64>>,
     pub hold: Vec<Range<u64>>,
+}
+
+/// Adds a data extent's plain length to `data` by how it was encoded (zero
+/// extents cost the same either way and are left out).
+fn count_data(data: &mut [u64; 2], (extent, compressed): &(EncodedExtent, bool)) {
+    if extent.encoding != Encoding::Zero {
+        data[usize::from(*compressed)] += u64::from(extent.length);
+    }
 }
 
 /// Splits `run` into its pieces inside and outside `sorted` (disjoint, by start).
@@ -187,6 +199,8 @@ pub struct Replicator {
     warming: Arc<AtomicBool>,
     /// Bytes sent since the last one was asked for.
     sent_since_warm: u64,
+    /// Whether zstd pays, measured while sending (kept across rounds).
+    chooser: Chooser,
 }
 
 /// The root hash of `client`'s destination for the tree `shape`.
@@ -225,6 +239,7 @@ impl Replicator {
             });
         }
         let limiter = Limiter::new(opts.max_rate);
+        let chooser = Chooser::new(opts.zstd_level, opts.compress);
         Ok(Replicator {
             source,
             peer,
@@ -242,6 +257,7 @@ impl Replicator {
             whole_regions: false,
             warming: Arc::new(AtomicBool::new(false)),
             sent_since_warm: 0,
+            chooser,
         })
     }
 
@@ -500,7 +516,7 @@ impl Replicator {
             send: Arc::clone(&self.send),
             stale: Arc::clone(&self.local.stale),
             shape: *self.local.tree.shape(),
-            zstd_level: self.opts.zstd_level,
+            compression: self.chooser.choice(),
             workers: self.opts.workers,
             whole_regions: self.whole_regions,
         };
@@ -526,7 +542,7 @@ impl Replicator {
         rx: &mut mpsc::Receiver<Encoded>,
         skip_zero: bool,
     ) -> Result<(), ReplicateError> {
-        let mut carry = None;
+        let mut carry: Option<(EncodedExtent, bool)> = None;
         loop {
             let first = match carry.take() {
                 Some(extent) => extent,
@@ -534,17 +550,22 @@ impl Replicator {
                     let Some(done) = rx.recv().await else {
                         return Ok(());
                     };
+                    let compressed = done.compressed;
                     if let Some(extent) = self.accept(done, skip_zero)? {
-                        break extent;
+                        break (extent, compressed);
                     }
                 },
             };
-            let mut bytes = u64::from(first.length);
-            let mut batch = vec![first];
+            let mut bytes = u64::from(first.0.length);
+            // Data bytes by how they were encoded: [raw, zstd tried].
+            let mut data = [0u64; 2];
+            count_data(&mut data, &first);
+            let mut batch = vec![first.0];
             while batch.len() < MAX_BATCH_EXTENTS as usize {
                 let Ok(done) = rx.try_recv() else { break };
+                let compressed = done.compressed;
                 let extent = match self.accept(done, skip_zero) {
-                    Ok(Some(extent)) => extent,
+                    Ok(Some(extent)) => (extent, compressed),
                     Ok(None) => continue,
                     Err(e) => {
                         // Read, not sent: the next round sends them.
@@ -552,18 +573,27 @@ impl Replicator {
                         return Err(e);
                     }
                 };
-                if bytes + u64::from(extent.length) > BATCH_BYTES {
+                if bytes + u64::from(extent.0.length) > BATCH_BYTES {
                     carry = Some(extent);
                     break;
                 }
-                bytes += u64::from(extent.length);
-                batch.push(extent);
+                bytes += u64::from(extent.0.length);
+                count_data(&mut data, &extent);
+                batch.push(extent.0);
             }
             if let Err(e) = self.send_batch(batch).await {
                 // The batch itself is in `since_barrier` (or the error ends
                 // the migration); the extent held for the next batch is not.
-                self.give_back_extents(carry.as_slice());
+                if let Some((extent, _)) = &carry {
+                    self.give_back_extents(std::slice::from_ref(extent));
+                }
                 return Err(e);
+            }
+            let now = Instant::now();
+            for (compressed, plain) in [(false, data[0]), (true, data[1])] {
+                if plain > 0 {
+                    self.chooser.sent(compressed, plain, now);
+                }
             }
             self.sent_since_warm += bytes;
             if self.sent_since_warm >= WARM_EVERY && !self.warming.load(Ordering::Relaxed) {
@@ -571,6 +601,13 @@ impl Replicator {
                 self.warm_remote_tree();
             }
         }
+    }
+
+    /// How compression was chosen while sending: switches and the rates
+    /// measured (plain bytes per second, raw and compressed).
+    pub fn compression_choice(&self) -> (u64, Option<f64>, Option<f64>) {
+        let (raw, zstd) = self.chooser.rates();
+        (self.chooser.switches(), raw, zstd)
     }
 
     /// Marks the runs of extents taken and not sent dirty again.
@@ -689,6 +726,17 @@ impl Replicator {
         }
         self.since_barrier.clear();
         self.since_barrier_bytes = 0;
+        let (switches, raw, zstd) = self.compression_choice();
+        if raw.is_some() || zstd.is_some() {
+            let mb = |r: Option<f64>| r.map_or(-1.0, |r| (r / 1e6).round());
+            tracing::info!(
+                switches,
+                raw_mb_s = mb(raw),
+                zstd_mb_s = mb(zstd),
+                zstd_now = self.chooser.choice().level().is_some(),
+                "compression chosen by measurement"
+            );
+        }
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! (`tracker`) and the engine that streams dirty extents to the destination
 //! (`engine`). `cutover` drives both to a switch-over.
 
+mod compression;
 mod delta;
 pub mod engine;
 mod limiter;
@@ -14,6 +15,7 @@ pub mod units;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use compression::CompressWhen;
 pub use engine::{Peer, ReplicateOptions, Replicator, SendOrder};
 pub use local_tree::{LocalTree, default_region_size, zero_tree};
 pub use stats::{Round, Stats, StatsSnapshot};

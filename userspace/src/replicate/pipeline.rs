@@ -20,6 +20,7 @@ use crate::dirty::DirtyMap;
 use crate::image::Image;
 use crate::rpc::{EncodedExtent, RpcError};
 
+use super::compression::Choice;
 use super::{ReplicateError, UnitZone};
 
 /// Runs up to this long are encoded (zero check, blake3, zstd) on the async
@@ -36,6 +37,8 @@ const PERMIT_BYTES: u64 = 4096;
 pub(super) struct Encoded {
     pub run: Range<u64>,
     pub result: Result<(EncodedExtent, Vec<(u64, Hash)>), ReplicateError>,
+    /// Encoded with zstd tried (the choice when it was read).
+    pub compressed: bool,
     /// Returned to the read-ahead budget when dropped (once sent).
     _budget: OwnedSemaphorePermit,
 }
@@ -144,7 +147,8 @@ pub(super) struct Reader {
     /// The local checksum tree's stale regions.
     pub stale: Arc<DirtyMap>,
     pub shape: Shape,
-    pub zstd_level: Option<i32>,
+    /// The zstd level of the moment (see [`Choice`]).
+    pub compression: Arc<Choice>,
     /// Reads in flight.
     pub workers: usize,
     /// Read each run's whole checksum regions (sending only the run), so
@@ -219,7 +223,7 @@ impl Reader {
     ) -> impl Future<Output = Encoded> + Send + 'static {
         let source = self.source.clone();
         let shape = self.shape;
-        let level = self.zstd_level;
+        let level = self.compression.level();
         let read = if self.whole_regions {
             let region = shape.region_size();
             (run.start / region * region)
@@ -279,6 +283,7 @@ impl Reader {
             Encoded {
                 run,
                 result,
+                compressed: level.is_some(),
                 _budget: budget,
             }
         }
@@ -289,6 +294,7 @@ impl Reader {
 mod tests {
     use super::*;
     use crate::image::ImageOptions;
+    use crate::replicate::compression::{Chooser, CompressWhen};
 
     const SIZE: u64 = 8 << 20;
 
@@ -315,7 +321,7 @@ mod tests {
             send: Arc::clone(send),
             stale: Arc::clone(stale),
             shape: Shape::new(SIZE, 65536).expect("shape"),
-            zstd_level: Some(1),
+            compression: Chooser::new(Some(1), CompressWhen::Always).choice(),
             workers: 4,
             whole_regions: false,
         }
@@ -362,7 +368,7 @@ mod tests {
         stale.mark(0, SIZE);
         let mut reader = reader(dir.path(), &send, &stale);
         reader.whole_regions = true;
-        reader.zstd_level = None;
+        reader.compression = Chooser::new(None, CompressWhen::Auto).choice();
         // One run inside a region, one across two, one at the image's end.
         let runs = vec![
             (65536 + 4096)..(65536 + 8192),

@@ -31,7 +31,8 @@ use crate::history::{
 use crate::image::{Image, ImageError, ImageOptions};
 use crate::predict::{self, PredictError, PredictOptions, Prediction};
 use crate::replicate::{
-    LocalTree, ObserverFactory, Peer, ReplicateError, ReplicateOptions, Replicator, Stats, Tracker,
+    CompressWhen, LocalTree, ObserverFactory, Peer, ReplicateError, ReplicateOptions, Replicator,
+    Stats, Tracker,
 };
 use crate::rpc::{MAX_EXTENT_LEN, TlsError, TlsMaterial};
 use crate::trace::session::SessionConfig;
@@ -169,6 +170,8 @@ pub struct SourceOptions {
     pub extent_len: u64,
     /// zstd level; `None` sends data uncompressed.
     pub zstd_level: Option<i32>,
+    /// With a level: always, or only while compression moves the data faster.
+    pub compress: CompressWhen,
     /// Bandwidth limit on the wire in bytes per second.
     pub max_rate: Option<u64>,
     /// How long to keep reconnecting to a lost destination.
@@ -195,6 +198,7 @@ impl SourceOptions {
             region_size: None,
             extent_len: DEFAULT_EXTENT,
             zstd_level: Some(1),
+            compress: CompressWhen::Auto,
             max_rate: None,
             reconnect_for: DEFAULT_RECONNECT_FOR,
             ring_bytes: DEFAULT_RING_BYTES,
@@ -303,6 +307,7 @@ impl Source {
         let repl_opts = ReplicateOptions {
             extent_len,
             zstd_level: opts.zstd_level,
+            compress: opts.compress,
             max_rate: opts.max_rate,
             region_size,
             reconnect_for: opts.reconnect_for,
