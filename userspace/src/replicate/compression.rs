@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 pub enum CompressWhen {
     /// Whichever of compressed and raw moves the data faster, measured
     /// while sending.
-    #[default]
     Auto,
-    /// Every extent (extents that do not shrink still go raw).
+    /// Every extent (extents that do not shrink still go raw). The default
+    /// while `auto`'s trials of raw cost more on a slow link than its
+    /// choice of raw saves on a fast one (docs/perf.md).
+    #[default]
     Always,
 }
 
@@ -28,10 +30,10 @@ const WINDOW_BYTES: u64 = 64 << 20;
 const MIN_WINDOW: Duration = Duration::from_millis(200);
 /// Windows of the chosen mode before the other is tried again, at first;
 /// doubled each time the other loses again, up to [`MAX_EXPLORE_EVERY`].
-const EXPLORE_EVERY: u32 = 4;
-const MAX_EXPLORE_EVERY: u32 = 32;
+const EXPLORE_EVERY: u32 = 8;
+const MAX_EXPLORE_EVERY: u32 = 64;
 /// The other choice must be this much faster to take over (noise margin).
-const MARGIN: f64 = 1.05;
+const MARGIN: f64 = 1.10;
 
 /// The choice the reader reads before encoding each run.
 #[derive(Debug)]
