@@ -110,6 +110,12 @@ impl Chooser {
         (self.rate[0], self.rate[1])
     }
 
+    /// A round starts: a window open since the last one would count the
+    /// idle time between rounds against the choice of the moment.
+    pub(super) fn new_round(&mut self) {
+        self.window = None;
+    }
+
     /// Counts `plain` bytes of data (zero extents left out: they cost the
     /// same either way) just sent, encoded compressed or not. Extents
     /// encoded under the previous choice (still in the read-ahead) are not
@@ -245,6 +251,22 @@ mod tests {
         // The link slows down: now compression wins.
         let after = run(&mut c, 80, 300e6, 100e6);
         assert!(after[60..].iter().filter(|on| **on).count() >= 18);
+    }
+
+    #[test]
+    fn the_time_between_rounds_is_not_counted() {
+        let mut c = Chooser::new(Some(1), CompressWhen::Auto);
+        let start = Instant::now();
+        c.sent(true, 4 << 20, start);
+        c.sent(true, WINDOW_BYTES / 2, start + Duration::from_millis(300));
+        // An idle minute, then the next round sends fast: without the reset
+        // the window's rate would be half a window per minute.
+        c.new_round();
+        let later = start + Duration::from_mins(1);
+        c.sent(true, 4 << 20, later);
+        c.sent(true, WINDOW_BYTES, later + Duration::from_millis(250));
+        let (_, zstd) = c.rates();
+        assert!(zstd.is_some_and(|r| r > 200e6), "rate {zstd:?}");
     }
 
     #[test]

@@ -520,6 +520,7 @@ impl Replicator {
             workers: self.opts.workers,
             whole_regions: self.whole_regions,
         };
+        self.chooser.new_round();
         let (tx, mut rx) = mpsc::channel(READY_EXTENTS);
         let reading = tokio::spawn(reader.run(runs, tx));
         let sent = self.send_ready(&mut rx, skip_zero).await;
