@@ -50,6 +50,7 @@ impl Fixture {
                         size: Some(s.size),
                         read_only: false,
                         direct: true,
+                        bulk_direct: false,
                     },
                 )
                 .unwrap();
@@ -470,6 +471,7 @@ async fn unix_socket_export_serves_qemu_io() {
             size: Some(2 * MIB),
             read_only: false,
             direct: true,
+            bulk_direct: false,
         },
     )
     .unwrap();

@@ -61,6 +61,7 @@ async fn the_delta_pass_sends_exactly_the_differing_regions_chunk_by_chunk() {
             size: None,
             read_only: true,
             direct: false,
+            bulk_direct: false,
         },
     )
     .expect("open source");

@@ -254,6 +254,9 @@ impl Destination {
                 size: cfg.size,
                 read_only: false,
                 direct: cfg.direct,
+                // The replica's bulk copy streams to the disk instead of
+                // piling up dirty pages for the final flush.
+                bulk_direct: true,
             },
         )
         .map_err(|source| AgentError::Image {

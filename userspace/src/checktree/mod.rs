@@ -677,6 +677,7 @@ mod tests {
                 size: None,
                 read_only: true,
                 direct: false,
+                bulk_direct: false,
             },
         )
         .expect("open");

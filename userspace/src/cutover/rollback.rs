@@ -52,6 +52,7 @@ pub async fn rollback(
         source_path,
         &ImageOptions {
             direct: true,
+            bulk_direct: false,
             ..ImageOptions::default()
         },
     )

@@ -196,15 +196,18 @@ pub(crate) struct Files {
 }
 
 impl Files {
-    /// The descriptor for a transfer of `len` bytes at `offset` from/to `addr`.
-    fn pick(&self, offset: u64, len: usize, addr: usize) -> RawFd {
+    /// The descriptor for a transfer of `len` bytes at `offset` from/to
+    /// `addr`: the `O_DIRECT` one when the request asks for it (`direct`),
+    /// it exists, and everything is aligned.
+    fn pick(&self, direct: bool, offset: u64, len: usize, addr: usize) -> RawFd {
         match &self.direct {
-            Some(direct)
-                if offset.is_multiple_of(self.offset_align)
+            Some(fd)
+                if direct
+                    && offset.is_multiple_of(self.offset_align)
                     && (len as u64).is_multiple_of(self.offset_align)
                     && addr.is_multiple_of(self.mem_align) =>
             {
-                direct.as_raw_fd()
+                fd.as_raw_fd()
             }
             _ => self.buffered.as_raw_fd(),
         }
@@ -298,15 +301,19 @@ fn start_writeback(fd: &OwnedFd, writes: &[(u64, Bytes)]) {
 
 /// What an async caller asks of the ring thread.
 pub(crate) enum Request {
+    /// `direct`: through `O_DIRECT` where the image has it and the range is
+    /// aligned; otherwise through the page cache.
     Read {
         offset: u64,
         len: u32,
+        direct: bool,
         reply: oneshot::Sender<io::Result<Bytes>>,
     },
     Write {
         offset: u64,
         data: Bytes,
         fua: bool,
+        direct: bool,
         reply: oneshot::Sender<io::Result<()>>,
     },
     /// Buffered writes done one after another on the ring thread, with one
@@ -349,6 +356,7 @@ enum Op {
         offset: u64,
         buf: IoBuf,
         done: usize,
+        direct: bool,
         reply: oneshot::Sender<io::Result<Bytes>>,
     },
     Write {
@@ -356,6 +364,7 @@ enum Op {
         buf: WriteBuf,
         done: usize,
         fua: bool,
+        direct: bool,
         reply: oneshot::Sender<io::Result<()>>,
     },
     Simple {
@@ -564,11 +573,17 @@ impl RingThread {
 
     fn start(&mut self, req: Request) {
         match req {
-            Request::Read { offset, len, reply } => {
+            Request::Read {
+                offset,
+                len,
+                direct,
+                reply,
+            } => {
                 let op = Op::Read {
                     offset,
                     buf: IoBuf::recycled(len as usize),
                     done: 0,
+                    direct,
                     reply,
                 };
                 let idx = self.slots.insert(op);
@@ -578,9 +593,11 @@ impl RingThread {
                 offset,
                 data,
                 fua,
+                direct,
                 reply,
             } => {
-                if self.files.direct.is_none() && !fua {
+                let direct = direct && self.files.direct.is_some();
+                if !direct && !fua {
                     // A buffered write is a copy into the page cache, but
                     // io_uring hands it to an io-wq worker on file systems
                     // without non-blocking buffered writes (ext4): one more
@@ -591,7 +608,7 @@ impl RingThread {
                 let aligned_range = offset.is_multiple_of(self.files.offset_align)
                     && (data.len() as u64).is_multiple_of(self.files.offset_align);
                 let aligned_mem = (data.as_ptr() as usize).is_multiple_of(self.files.mem_align);
-                let buf = if self.files.direct.is_some() && aligned_range && !aligned_mem {
+                let buf = if direct && aligned_range && !aligned_mem {
                     WriteBuf::Bounce(IoBuf::copy_from(&data))
                 } else {
                     WriteBuf::Shared(data)
@@ -601,6 +618,7 @@ impl RingThread {
                     buf,
                     done: 0,
                     fua,
+                    direct,
                     reply,
                 };
                 let idx = self.slots.insert(op);
@@ -647,14 +665,18 @@ impl RingThread {
         let files = Arc::clone(&self.files);
         let entry = match self.slots.ops[idx].as_mut() {
             Some(Op::Read {
-                offset, buf, done, ..
+                offset,
+                buf,
+                done,
+                direct,
+                ..
             }) => {
                 let pos = *offset + *done as u64;
                 let remaining = buf.len() - *done;
                 // SAFETY: `done <= buf.len()`, so the pointer stays inside
                 // (or one past) the allocation owned by this slot.
                 let ptr = unsafe { buf.as_mut_ptr().add(*done) };
-                let fd = files.pick(pos, remaining, ptr as usize);
+                let fd = files.pick(*direct, pos, remaining, ptr as usize);
                 // One op moves at most u32::MAX bytes; a short read resubmits the rest.
                 let len = u32::try_from(remaining).unwrap_or(u32::MAX);
                 opcode::Read::new(types::Fd(fd), ptr, len)
@@ -666,11 +688,12 @@ impl RingThread {
                 buf,
                 done,
                 fua,
+                direct,
                 ..
             }) => {
                 let pos = *offset + *done as u64;
                 let slice = &buf.as_slice()[*done..];
-                let fd = files.pick(pos, slice.len(), slice.as_ptr() as usize);
+                let fd = files.pick(*direct, pos, slice.len(), slice.as_ptr() as usize);
                 let flags = if *fua { libc::RWF_DSYNC } else { 0 };
                 // One op moves at most u32::MAX bytes; a short write resubmits the rest.
                 let len = u32::try_from(slice.len()).unwrap_or(u32::MAX);
@@ -697,6 +720,7 @@ impl RingThread {
                 offset,
                 buf,
                 mut done,
+                direct,
                 reply,
             } => {
                 if retry {
@@ -706,6 +730,7 @@ impl RingThread {
                             offset,
                             buf,
                             done,
+                            direct,
                             reply,
                         },
                     );
@@ -728,6 +753,7 @@ impl RingThread {
                                 offset,
                                 buf,
                                 done,
+                                direct,
                                 reply,
                             },
                         );
@@ -740,6 +766,7 @@ impl RingThread {
                 buf,
                 mut done,
                 fua,
+                direct,
                 reply,
             } => {
                 let total = buf.as_slice().len();
@@ -754,6 +781,7 @@ impl RingThread {
                             buf,
                             done,
                             fua,
+                            direct,
                             reply,
                         },
                     );

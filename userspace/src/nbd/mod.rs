@@ -165,6 +165,7 @@ pub async fn serve_standalone(
             size: opts.size,
             read_only: opts.read_only,
             direct: opts.direct,
+            bulk_direct: false,
         },
     )?;
     let server = Arc::new(NbdServer::new(vec![Export {

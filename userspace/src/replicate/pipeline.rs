@@ -315,6 +315,7 @@ mod tests {
             size: None,
             read_only: true,
             direct: false,
+            bulk_direct: false,
         };
         Reader {
             source: Image::open(&path, &opts).expect("open"),

@@ -47,6 +47,7 @@ impl Destination {
                 size: Some(size),
                 read_only: false,
                 direct: false,
+                bulk_direct: true,
             },
         )
         .expect("open image");

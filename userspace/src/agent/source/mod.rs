@@ -249,6 +249,7 @@ impl Source {
             &ImageOptions {
                 read_only: true,
                 direct: !read_cached,
+                bulk_direct: false,
                 ..ImageOptions::default()
             },
         )?;
