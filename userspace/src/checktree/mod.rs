@@ -179,6 +179,24 @@ pub fn leaf_hash(data: &[u8]) -> Hash {
     *hasher.finalize().as_bytes()
 }
 
+/// The leaf hashes of the regions wholly inside `data`, written at
+/// `offset`: the leaves a write of it makes, known without reading back.
+pub fn leaves_within(shape: &Shape, offset: u64, data: &[u8]) -> Vec<(u64, Hash)> {
+    let end = offset + data.len() as u64;
+    shape
+        .regions_touching(offset, data.len() as u64)
+        .filter_map(|index| {
+            let region = shape.region(index);
+            let inside = region.start >= offset && region.end <= end && region.start < region.end;
+            inside.then(|| {
+                let at = usize::try_from(region.start - offset).expect("inside `data`");
+                let to = usize::try_from(region.end - offset).expect("inside `data`");
+                (index, leaf_hash(&data[at..to]))
+            })
+        })
+        .collect()
+}
+
 /// Hash of a region of `len` zero bytes (a hole), without allocating `len` bytes.
 pub fn zero_leaf_hash(len: u64) -> Hash {
     static ZEROES: [u8; 64 << 10] = [0; 64 << 10];

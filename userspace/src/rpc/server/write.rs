@@ -17,7 +17,9 @@ use crate::rpc::extent::decode_and_verify;
 use crate::rpc::pb::{self, write_request, write_response};
 use crate::rpc::{MAX_BATCH_BYTES, MAX_BATCH_EXTENTS, MAX_EXTENT_LEN, RpcError};
 
+use super::tree_cache::Written;
 use super::{AckFuture, Inner, RangeFault, WriteTx, range_fault};
+use crate::checktree::{self, Hash, Shape};
 
 /// Counters of one stream, logged once at its end (never per extent).
 #[derive(Debug, Default)]
@@ -296,20 +298,62 @@ async fn apply_extents_inner(inner: &Inner, extents: Vec<pb::Extent>) -> Result<
     let last_seq = checked.last().map(|c| c.seq).ok_or(RpcError::EmptyBatch)?;
     let plain: u64 = checked.iter().map(|c| u64::from(c.length)).sum();
     let wire: u64 = checked.iter().map(|c| c.payload.len() as u64).sum();
-    let ranges: Vec<Range<u64>> = checked.iter().map(Checked::range).collect();
+    let extents = checked.len() as u64;
+    // Taken before anything is written: see `TreeCache::written`.
+    let vouch = inner.trees.vouch();
+    let shape = vouch.map(|v| v.shape);
     let decoded = if plain - zero_bytes(&checked) <= DECODE_INLINE {
-        decode_all(checked)?
+        decode_all(checked, shape)?
     } else {
         // Decompressing and hashing megabytes is CPU work: off the async workers.
-        tokio::task::spawn_blocking(move || decode_all(checked)).await??
+        tokio::task::spawn_blocking(move || decode_all(checked, shape)).await??
     };
     let write_started = Instant::now();
-    let mut data = Vec::new();
+    let mut written = Vec::with_capacity(decoded.len());
     let mut zeroes = 0u64;
+    let result = write_decoded(inner, decoded, &mut written, &mut zeroes).await;
+    if let Err(err) = result {
+        // Some of it may have reached the disk: what it touched is read
+        // back before the tree is next believed.
+        inner
+            .trees
+            .mark_dirty_all(written.into_iter().map(|w| w.range));
+        return Err(err);
+    }
+    inner.metrics.write_latency.observe(write_started.elapsed());
+    inner.trees.written(vouch, written);
+    let m = &inner.metrics;
+    m.extents_written.add(extents);
+    m.zero_extents.add(zeroes);
+    m.bytes_written.add(plain);
+    m.bytes_received.add(wire);
+    m.extent_latency.observe(started.elapsed());
+    Ok(last_seq)
+}
+
+/// Writes a message's decoded extents in order, noting each in `written`
+/// before it is issued.
+async fn write_decoded(
+    inner: &Inner,
+    decoded: Vec<Decoded>,
+    written: &mut Vec<Written>,
+    zeroes: &mut u64,
+) -> Result<(), RpcError> {
+    let mut data = Vec::new();
     for piece in decoded {
         match piece {
-            Decoded::Data(offset, bytes) => data.push((offset, bytes)),
+            Decoded::Data(offset, bytes, leaves) => {
+                written.push(Written {
+                    range: offset..offset + bytes.len() as u64,
+                    leaves,
+                });
+                data.push((offset, bytes));
+            }
             Decoded::Zero(offset, length) => {
+                written.push(Written {
+                    range: offset..offset + u64::from(length),
+                    leaves: Vec::new(),
+                });
                 // In order: data before a zero extent may overlap it.
                 write_data(inner, std::mem::take(&mut data)).await?;
                 inner
@@ -321,20 +365,11 @@ async fn apply_extents_inner(inner: &Inner, extents: Vec<pb::Extent>) -> Result<
                         offset,
                         source,
                     })?;
-                zeroes += 1;
+                *zeroes += 1;
             }
         }
     }
-    write_data(inner, data).await?;
-    inner.metrics.write_latency.observe(write_started.elapsed());
-    inner.trees.mark_dirty_all(ranges.iter().cloned());
-    let m = &inner.metrics;
-    m.extents_written.add(ranges.len() as u64);
-    m.zero_extents.add(zeroes);
-    m.bytes_written.add(plain);
-    m.bytes_received.add(wire);
-    m.extent_latency.observe(started.elapsed());
-    Ok(last_seq)
+    write_data(inner, data).await
 }
 
 async fn write_data(inner: &Inner, data: Vec<(u64, Bytes)>) -> Result<(), RpcError> {
@@ -431,29 +466,30 @@ impl Checked {
             blake3,
         })
     }
-
-    fn range(&self) -> Range<u64> {
-        self.offset..self.offset + u64::from(self.length)
-    }
 }
 
-/// What an extent becomes once its checksum matched.
+/// What an extent becomes once its checksum matched: data with the leaf
+/// hashes of the whole regions it covers (of the tree held), or zeroes.
 enum Decoded {
-    Data(u64, Bytes),
+    Data(u64, Bytes, Vec<(u64, Hash)>),
     Zero(u64, u32),
 }
 
 /// Decodes every extent and checks every checksum; the first bad one fails
-/// the whole message.
-fn decode_all(checked: Vec<Checked>) -> Result<Vec<Decoded>, RpcError> {
+/// the whole message. With `shape`, hashes the leaves each extent's data
+/// makes while it is at hand.
+fn decode_all(checked: Vec<Checked>, shape: Option<Shape>) -> Result<Vec<Decoded>, RpcError> {
     checked
         .into_iter()
         .map(|c| {
             if c.encoding == pb::Encoding::Zero {
                 return Ok(Decoded::Zero(c.offset, c.length));
             }
-            decode_and_verify(c.offset, c.length, c.encoding, c.payload, &c.blake3)
-                .map(|data| Decoded::Data(c.offset, data))
+            let data = decode_and_verify(c.offset, c.length, c.encoding, c.payload, &c.blake3)?;
+            let leaves = shape.map_or_else(Vec::new, |shape| {
+                checktree::leaves_within(&shape, c.offset, &data)
+            });
+            Ok(Decoded::Data(c.offset, data, leaves))
         })
         .collect()
 }
