@@ -389,6 +389,36 @@ impl Image {
         self.wait(rx, "write", offset, len).await
     }
 
+    /// Starts reading `ranges` into the page cache without waiting, on an
+    /// image whose bulk writes go around it ([`ImageOptions::bulk_direct`]):
+    /// for the rest of a region that a small write changed, which the
+    /// checksum tree will read back soon. Elsewhere (all cached, or all
+    /// direct) it does nothing.
+    pub fn prefetch(&self, ranges: impl IntoIterator<Item = std::ops::Range<u64>>) {
+        if self.inner.direct || !self.inner.bulk_direct {
+            return;
+        }
+        for range in ranges {
+            let (Ok(offset), Ok(len)) = (
+                i64::try_from(range.start),
+                i64::try_from(range.end.saturating_sub(range.start)),
+            ) else {
+                continue;
+            };
+            // SAFETY: posix_fadvise(2) takes no pointers; the descriptor
+            // stays open while `self.inner` lives. Advice only: a failure
+            // costs a slower read later, nothing else.
+            unsafe {
+                libc::posix_fadvise(
+                    self.inner.files.buffered.as_raw_fd(),
+                    offset,
+                    len,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
+    }
+
     /// Whether a write goes around the page cache under
     /// [`ImageOptions::bulk_direct`].
     fn is_bulk(&self, offset: u64, len: u64) -> bool {

@@ -32,6 +32,26 @@ pub(super) struct Written {
     pub(super) leaves: Vec<(u64, Hash)>,
 }
 
+impl Written {
+    /// The regions this write touches but does not cover whole (at most
+    /// its first and last), as byte ranges: their leaves need a read.
+    pub(super) fn partial_regions(&self, shape: &Shape) -> impl Iterator<Item = Range<u64>> {
+        let touched = shape.regions_touching(self.range.start, self.range.end - self.range.start);
+        let known = |index: u64| self.leaves.iter().any(|&(i, _)| i == index);
+        let first = touched.start;
+        let last = touched
+            .end
+            .checked_sub(1)
+            .filter(|&l| l != first && !touched.is_empty());
+        let first = (!touched.is_empty()).then_some(first);
+        [first, last]
+            .into_iter()
+            .flatten()
+            .filter(move |&index| !known(index))
+            .map(|index| shape.region(index))
+    }
+}
+
 /// What a replica message may know of the tree before it is written.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Vouch {
@@ -345,6 +365,31 @@ mod tests {
         };
         cache.written(Some(other), vec![whole(3, 0x11)]);
         assert_eq!(leaf(&cache, &image, 3).await, disk(3));
+    }
+
+    #[test]
+    fn only_the_ends_a_write_covers_in_part_need_a_read() {
+        let shape = Shape::new(4 * REGION, REGION).expect("shape");
+        let regions = |w: &Written| w.partial_regions(&shape).collect::<Vec<_>>();
+        assert_eq!(regions(&part(2)), vec![2 * REGION..3 * REGION]);
+        assert!(regions(&whole(1, 0)).is_empty());
+        let across = |start: u64, end: u64| {
+            let data = vec![0u8; usize::try_from(end - start).expect("small")];
+            Written {
+                range: start..end,
+                leaves: checktree::leaves_within(&shape, start, &data),
+            }
+        };
+        // Regions 0 and 3 in part, 1 and 2 whole.
+        assert_eq!(
+            regions(&across(100, 3 * REGION + 5)),
+            vec![0..REGION, 3 * REGION..4 * REGION]
+        );
+        // Starts on a boundary: only the end is partial.
+        assert_eq!(
+            regions(&across(REGION, 2 * REGION + 1)),
+            vec![2 * REGION..3 * REGION]
+        );
     }
 
     #[test]

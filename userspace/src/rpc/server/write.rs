@@ -321,6 +321,15 @@ async fn apply_extents_inner(inner: &Inner, extents: Vec<pb::Extent>) -> Result<
         return Err(err);
     }
     inner.metrics.write_latency.observe(write_started.elapsed());
+    if let Some(vouch) = vouch {
+        // The tree will read back the regions written in part; start now.
+        inner.image.prefetch(
+            written
+                .iter()
+                .flat_map(|w| w.partial_regions(&vouch.shape))
+                .collect::<Vec<_>>(),
+        );
+    }
     inner.trees.written(vouch, written);
     let m = &inner.metrics;
     m.extents_written.add(extents);
