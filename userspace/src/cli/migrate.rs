@@ -63,7 +63,7 @@ pub struct SourceArgs {
     /// When to compress: `auto` measures while sending whether zstd moves
     /// the data faster than raw (a slow link) or slower (busy cores, a fast
     /// link) and keeps the faster; `always` tries zstd on every extent.
-    #[arg(long, value_enum, default_value_t = CompressWhen::Always, conflicts_with = "raw")]
+    #[arg(long, value_enum, default_value_t = CompressWhen::Auto, conflicts_with = "raw")]
     compress: CompressWhen,
     /// Bandwidth limit on the wire in bytes per second (e.g. 100M); leave
     /// it out for no limit.

@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum CompressWhen {
     /// Whichever of compressed and raw moves the data faster, measured
-    /// while sending.
-    Auto,
-    /// Every extent (extents that do not shrink still go raw). The default
-    /// while `auto`'s trials of raw cost more on a slow link than its
-    /// choice of raw saves on a fast one (docs/perf.md).
+    /// while sending. The default: on a fast link or busy cores it sends
+    /// raw (a 2 GiB file system over loopback: 3.4 s against 4.9 s), and on
+    /// a slow link its trials of raw cost less than that (6.5 s against
+    /// 5.9 s at 1 Gbit/s; docs/perf.md).
     #[default]
+    Auto,
+    /// Every extent (extents that do not shrink still go raw).
     Always,
 }
 

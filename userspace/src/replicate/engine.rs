@@ -96,7 +96,7 @@ impl Default for ReplicateOptions {
         ReplicateOptions {
             extent_len: 1 << 20,
             zstd_level: Some(1),
-            compress: CompressWhen::Always,
+            compress: CompressWhen::Auto,
             // Scattered 4 KiB extents are bound by read latency, not bandwidth:
             // keep many reads in flight.
             workers: 16,

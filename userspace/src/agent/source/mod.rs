@@ -198,7 +198,7 @@ impl SourceOptions {
             region_size: None,
             extent_len: DEFAULT_EXTENT,
             zstd_level: Some(1),
-            compress: CompressWhen::Always,
+            compress: CompressWhen::Auto,
             max_rate: None,
             reconnect_for: DEFAULT_RECONNECT_FOR,
             ring_bytes: DEFAULT_RING_BYTES,
