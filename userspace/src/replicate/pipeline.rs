@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use crate::checktree::{Hash, Shape, leaf_hash};
 use crate::dirty::DirtyMap;
 use crate::image::Image;
-use crate::rpc::{EncodedExtent, RpcError};
+use crate::rpc::{EncodedExtent, RpcError, zero_ends};
 
 use super::compression::Choice;
 use super::{ReplicateError, UnitZone};
@@ -39,9 +39,16 @@ pub(super) struct Encoded {
     pub result: Result<(EncodedExtent, Vec<(u64, Hash)>), ReplicateError>,
     /// Encoded with zstd tried (the choice when it was read).
     pub compressed: bool,
-    /// Returned to the read-ahead budget when dropped (once sent).
-    _budget: OwnedSemaphorePermit,
+    /// Returned to the read-ahead budget when dropped (once sent); held by
+    /// the last piece of a read.
+    _budget: Option<OwnedSemaphorePermit>,
 }
+
+/// Zero blocks at the ends of a read run go as zero extents of their own
+/// (skipped outright by a bulk copy into a blank destination): a run that
+/// straddles data and zeroes would otherwise send the zeroes as data
+/// whenever it goes raw.
+const ZERO_BLOCK: usize = 4096;
 
 /// Where a round's runs come from.
 pub(super) enum Runs {
@@ -191,14 +198,27 @@ impl Reader {
                 };
                 inflight.push_back(self.read(run, permit));
             }
-            let Some(done) = inflight.next().await else {
+            let Some(pieces) = inflight.next().await else {
                 return;
             };
-            if let Err(mpsc::error::SendError(done)) = tx.send(done).await {
+            let mut pieces = pieces.into_iter();
+            let mut refused = None;
+            for piece in pieces.by_ref() {
+                if let Err(mpsc::error::SendError(piece)) = tx.send(piece).await {
+                    refused = Some(piece);
+                    break;
+                }
+            }
+            if let Some(done) = refused {
                 // The sender stopped: nothing taken may be lost.
                 self.give_back(&done.run);
-                while let Some(done) = inflight.next().await {
+                for done in pieces {
                     self.give_back(&done.run);
+                }
+                while let Some(pieces) = inflight.next().await {
+                    for done in pieces {
+                        self.give_back(&done.run);
+                    }
                 }
                 if let Some(run) = waiting {
                     self.give_back(&run);
@@ -220,7 +240,7 @@ impl Reader {
         &self,
         run: Range<u64>,
         budget: OwnedSemaphorePermit,
-    ) -> impl Future<Output = Encoded> + Send + 'static {
+    ) -> impl Future<Output = Vec<Encoded>> + Send + 'static {
         let source = self.source.clone();
         let shape = self.shape;
         let level = self.compression.level();
@@ -267,8 +287,26 @@ impl Reader {
                         .collect();
                     let from = usize::try_from(run_start - start).expect("inside the read");
                     let to = usize::try_from(run_end - start).expect("inside the read");
-                    EncodedExtent::encode(run_start, data.slice(from..to), level)
-                        .map(|e| (e, leaves))
+                    let sent = data.slice(from..to);
+                    let (head, tail) = zero_ends(&sent, ZERO_BLOCK);
+                    let at = |i: usize| run_start + i as u64;
+                    let mut pieces = Vec::with_capacity(3);
+                    let zero = |a: usize, b: usize| {
+                        let len = u32::try_from(b - a).expect("inside a run: a u32 long");
+                        (at(a)..at(b), EncodedExtent::zero(at(a), len))
+                    };
+                    if head > 0 {
+                        pieces.push(zero(0, head));
+                    }
+                    if head < tail {
+                        let extent =
+                            EncodedExtent::encode(at(head), sent.slice(head..tail), level)?;
+                        pieces.push((at(head)..at(tail), extent));
+                    }
+                    if tail < sent.len() && head < tail {
+                        pieces.push(zero(tail, sent.len()));
+                    }
+                    Ok::<_, RpcError>((pieces, leaves))
                 };
                 let encoded = if len as usize <= ENCODE_INLINE {
                     encode()?
@@ -280,11 +318,28 @@ impl Reader {
                 Ok(encoded)
             }
             .await;
-            Encoded {
-                run,
-                result,
-                compressed: level.is_some(),
-                _budget: budget,
+            let compressed = level.is_some();
+            match result {
+                Ok((pieces, mut leaves)) => {
+                    let last = pieces.len().saturating_sub(1);
+                    let mut budget = Some(budget);
+                    pieces
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (run, extent))| Encoded {
+                            run,
+                            result: Ok((extent, std::mem::take(&mut leaves))),
+                            compressed,
+                            _budget: if i == last { budget.take() } else { None },
+                        })
+                        .collect()
+                }
+                Err(e) => vec![Encoded {
+                    run,
+                    result: Err(e),
+                    compressed,
+                    _budget: Some(budget),
+                }],
             }
         }
     }
@@ -359,6 +414,56 @@ mod tests {
             send.mark(run.start, run.end - run.start);
         }
         assert_eq!(send.dirty_bytes(), total - handed, "a taken run was lost");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn zero_blocks_at_the_ends_of_a_run_go_as_zero_extents() {
+        use std::os::unix::fs::FileExt;
+
+        use crate::rpc::Encoding;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let send = Arc::new(DirtyMap::new(SIZE, 4096).expect("map"));
+        let stale = Arc::new(DirtyMap::new(SIZE, 65536).expect("map"));
+        stale.mark(0, SIZE);
+        let mut reader = reader(dir.path(), &send, &stale);
+        reader.compression = Chooser::new(None, CompressWhen::Auto).choice();
+        // Blocks 0–1 and 13–15 of the first 64 KiB zero; all of the next.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("src.img"))
+            .expect("open");
+        file.write_all_at(&[0; 8192], 0).expect("zero");
+        file.write_all_at(&[0; 3 * 4096], 13 * 4096).expect("zero");
+        file.write_all_at(&vec![0; 65536], 65536).expect("zero");
+        let runs = vec![0..65536, 65536..2 * 65536, 2 * 65536..3 * 65536];
+        let (tx, mut rx) = mpsc::channel(1);
+        let task = tokio::spawn(reader.run(Runs::Ordered(runs.into_iter()), tx));
+        let mut got = Vec::new();
+        while let Some(done) = rx.recv().await {
+            let (extent, leaves) = done.result.expect("read");
+            assert_eq!(
+                (extent.offset, u64::from(extent.length)),
+                (done.run.start, done.run.end - done.run.start)
+            );
+            if extent.encoding == Encoding::Raw {
+                assert_eq!(
+                    extent.payload.as_ref(),
+                    pattern(done.run.clone()).as_slice()
+                );
+            }
+            got.push((done.run, extent.encoding, leaves.len()));
+        }
+        task.await.expect("the reader ends");
+        assert_eq!(
+            got,
+            vec![
+                (0..8192, Encoding::Zero, 1),
+                (8192..13 * 4096, Encoding::Raw, 0),
+                (13 * 4096..65536, Encoding::Zero, 0),
+                (65536..2 * 65536, Encoding::Zero, 1),
+                (2 * 65536..3 * 65536, Encoding::Raw, 1),
+            ]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

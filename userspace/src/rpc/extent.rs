@@ -195,6 +195,24 @@ fn decompress(frame: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     })
 }
 
+/// The zero blocks of `block` bytes at each end of `data` (blocks counted
+/// from its start; the last may be short): the length of the zero head and
+/// where the zero tail starts. All zero: `(len, len)`.
+pub fn zero_ends(data: &[u8], block: usize) -> (usize, usize) {
+    let block = block.max(1);
+    let blocks = data.len().div_ceil(block);
+    let span = |i: usize| &data[i * block..((i + 1) * block).min(data.len())];
+    let head = (0..blocks).take_while(|&i| is_zero(span(i))).count();
+    if head == blocks {
+        return (data.len(), data.len());
+    }
+    let tail = (head..blocks)
+        .rev()
+        .take_while(|&i| is_zero(span(i)))
+        .count();
+    (head * block, ((blocks - tail) * block).min(data.len()))
+}
+
 fn is_zero(data: &[u8]) -> bool {
     let mut words = data.chunks_exact(8);
     words
@@ -396,6 +414,20 @@ mod tests {
             pb::Encoding::Zstd,
             "compressible data is tried every time"
         );
+    }
+
+    #[test]
+    fn zero_ends_are_whole_blocks_of_zeroes_at_each_end() {
+        let mut data = vec![0u8; 10 * 4096 + 100];
+        assert_eq!(zero_ends(&data, 4096), (data.len(), data.len()));
+        data[2 * 4096 + 5] = 1;
+        data[6 * 4096] = 1;
+        // Blocks 0–1 zero, 2–6 data, 7–9 and the short 10th zero.
+        assert_eq!(zero_ends(&data, 4096), (2 * 4096, 7 * 4096));
+        data[10 * 4096 + 99] = 1;
+        assert_eq!(zero_ends(&data, 4096), (2 * 4096, data.len()));
+        data[0] = 1;
+        assert_eq!(zero_ends(&data, 4096), (0, data.len()));
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub use client::{
     ExtentWriter, Info, PushOptions, PushReport, ReplicaClient, TreeNodes, push_file,
 };
 pub use epoch::Fence;
-pub use extent::EncodedExtent;
+pub use extent::{EncodedExtent, zero_ends};
 pub use pb::Encoding;
 pub use server::{ExportControl, ReplicaService, SERVICE_NAME, ServeOptions, serve};
 pub use tls::{TlsError, TlsMaterial};
