@@ -363,6 +363,15 @@ mod tests {
             .collect()
     }
 
+    /// A reader whose every checksum region is stale, and its stale map.
+    fn all_stale_reader(dir: &std::path::Path) -> (Arc<DirtyMap>, Reader) {
+        let send = Arc::new(DirtyMap::new(SIZE, 4096).expect("map"));
+        let stale = Arc::new(DirtyMap::new(SIZE, 65536).expect("map"));
+        stale.mark(0, SIZE);
+        let reader = reader(dir, &send, &stale);
+        (stale, reader)
+    }
+
     fn reader(dir: &std::path::Path, send: &Arc<DirtyMap>, stale: &Arc<DirtyMap>) -> Reader {
         let path = dir.join("src.img");
         std::fs::write(&path, pattern(0..SIZE)).expect("write");
@@ -422,10 +431,7 @@ mod tests {
 
         use crate::rpc::Encoding;
         let dir = tempfile::tempdir().expect("tempdir");
-        let send = Arc::new(DirtyMap::new(SIZE, 4096).expect("map"));
-        let stale = Arc::new(DirtyMap::new(SIZE, 65536).expect("map"));
-        stale.mark(0, SIZE);
-        let mut reader = reader(dir.path(), &send, &stale);
+        let (_, mut reader) = all_stale_reader(dir.path());
         reader.compression = Chooser::new(None, CompressWhen::Auto).choice();
         // Blocks 0–1 and 13–15 of the first 64 KiB zero; all of the next.
         let file = std::fs::OpenOptions::new()
@@ -469,10 +475,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn whole_region_reads_hash_the_regions_and_send_only_the_runs() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let send = Arc::new(DirtyMap::new(SIZE, 4096).expect("map"));
-        let stale = Arc::new(DirtyMap::new(SIZE, 65536).expect("map"));
-        stale.mark(0, SIZE);
-        let mut reader = reader(dir.path(), &send, &stale);
+        let (stale, mut reader) = all_stale_reader(dir.path());
         reader.whole_regions = true;
         reader.compression = Chooser::new(None, CompressWhen::Auto).choice();
         // One run inside a region, one across two, one at the image's end.
@@ -510,11 +513,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_run_is_read_in_order_with_the_leaves_of_its_whole_regions() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let send = Arc::new(DirtyMap::new(SIZE, 4096).expect("map"));
-        let stale = Arc::new(DirtyMap::new(SIZE, 65536).expect("map"));
-        stale.mark(0, SIZE);
         let runs = vec![(1 << 20)..(2 << 20), 0..4096, (4 << 20)..(4 << 20) + 65536];
-        let reader = reader(dir.path(), &send, &stale);
+        let (stale, reader) = all_stale_reader(dir.path());
         let (tx, mut rx) = mpsc::channel(1);
         let task = tokio::spawn(reader.run(Runs::Ordered(runs.clone().into_iter()), tx));
         let mut got = Vec::new();

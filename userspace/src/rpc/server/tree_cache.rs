@@ -38,15 +38,11 @@ impl Written {
     pub(super) fn partial_regions(&self, shape: &Shape) -> impl Iterator<Item = Range<u64>> {
         let touched = shape.regions_touching(self.range.start, self.range.end - self.range.start);
         let known = |index: u64| self.leaves.iter().any(|&(i, _)| i == index);
-        let first = touched.start;
-        let last = touched
-            .end
-            .checked_sub(1)
-            .filter(|&l| l != first && !touched.is_empty());
-        let first = (!touched.is_empty()).then_some(first);
-        [first, last]
+        let first = (!touched.is_empty()).then_some(touched.start);
+        let last = (touched.end > touched.start + 1).then(|| touched.end - 1);
+        first
             .into_iter()
-            .flatten()
+            .chain(last)
             .filter(move |&index| !known(index))
             .map(|index| shape.region(index))
     }
