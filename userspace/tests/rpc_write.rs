@@ -5,7 +5,8 @@ mod rpc_support;
 
 use bytes::Bytes;
 use rpc_support::{Destination, noise};
-use tern::rpc::{EncodedExtent, Encoding, ExtentWriter, ReplicaClient};
+use tern::checktree::CheckTree;
+use tern::rpc::{Checksum, EncodedExtent, Encoding, ExtentWriter, ReplicaClient};
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
@@ -168,6 +169,7 @@ async fn bad_zstd_out_of_bounds_and_short_payloads_are_refused() {
                 encoding: Encoding::Zstd,
                 payload: Bytes::from_static(b"definitely not a zstd frame"),
                 blake3: hash.clone(),
+                leaf_size: 0,
             },
             Code::InvalidArgument,
         ),
@@ -184,6 +186,7 @@ async fn bad_zstd_out_of_bounds_and_short_payloads_are_refused() {
                 encoding: Encoding::Raw,
                 payload: Bytes::from(data[..4000].to_vec()),
                 blake3: hash.clone(),
+                leaf_size: 0,
             },
             Code::InvalidArgument,
         ),
@@ -195,6 +198,19 @@ async fn bad_zstd_out_of_bounds_and_short_payloads_are_refused() {
                 encoding: Encoding::Raw,
                 payload: Bytes::from(data.clone()),
                 blake3: Bytes::new(),
+                leaf_size: 0,
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "leaf size not a power of two",
+            EncodedExtent {
+                offset: 0,
+                length: 4096,
+                encoding: Encoding::Raw,
+                payload: Bytes::from(data.clone()),
+                blake3: hash.clone(),
+                leaf_size: 6000,
             },
             Code::InvalidArgument,
         ),
@@ -293,5 +309,74 @@ async fn one_damaged_extent_refuses_its_whole_batch() {
         "part of a refused batch reached the image"
     );
     assert_eq!(dst.metrics.rejected_extents.get(), 10);
+    dst.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaf_checksums_are_checked_and_their_pieces_become_the_trees_leaves() {
+    const REGION: u64 = 16 << 10;
+    let size = 4 * MIB;
+    let dst = Destination::start(size).await;
+    let mut client = dst.client().await;
+    // The source asks for the tree before it sends: the destination holds one of this shape.
+    let before = client.tree_nodes(REGION, 0, &[0]).await.expect("tree");
+    let mut writer = client.open_writer(1, 8).await.expect("open");
+    assert!(
+        writer.leaf_checksums(),
+        "this destination takes leaf checksums"
+    );
+    let leaves = |offset: u64, data: Vec<u8>| {
+        EncodedExtent::encode_with(
+            offset,
+            Bytes::from(data),
+            Some(1),
+            Checksum::Leaves {
+                size: u32::try_from(REGION).expect("small"),
+                known: &|_| None,
+            },
+        )
+        .expect("encode")
+    };
+    // Aligned; unaligned at both ends; inside one region; up to the image's end.
+    let cases = [
+        (0, 256 << 10),
+        (5 * REGION + 4096, 100_000),
+        (MIB + 8192, 4096),
+        (size - 3 * REGION - 512, 3 * REGION as usize + 512),
+    ];
+    for (seed, (offset, len)) in (20..).zip(cases) {
+        writer
+            .send(leaves(offset, noise(len, seed)))
+            .await
+            .expect("send");
+    }
+    writer.barrier().await.expect("barrier");
+    // The blake3 of the data whole does not pass for a leaf checksum.
+    let data = noise(65536, 30);
+    let mut whole =
+        EncodedExtent::encode(2 * MIB, Bytes::from(data.clone()), None).expect("encode");
+    whole.leaf_size = u32::try_from(REGION).expect("small");
+    assert_eq!(
+        send_and_barrier(&mut writer, whole).await,
+        Some(Code::DataLoss)
+    );
+    let mut client = dst.client().await;
+    let mut writer = client.open_writer(1, 8).await.expect("open");
+    let mut damaged = leaves(2 * MIB, data);
+    let mut sum = damaged.blake3.to_vec();
+    sum[5] ^= 0x40;
+    damaged.blake3 = Bytes::from(sum);
+    assert_eq!(
+        send_and_barrier(&mut writer, damaged).await,
+        Some(Code::DataLoss)
+    );
+    // The tree the destination answers with (its leaves taken from the checked pieces,
+    // unread) is the tree of what its image holds.
+    let image = dst.contents();
+    assert!(image[2 * MIB as usize..][..65536].iter().all(|&b| b == 0));
+    let want = CheckTree::from_bytes(&image, REGION).expect("tree");
+    let after = client.tree_nodes(REGION, 0, &[]).await.expect("tree");
+    assert_ne!(before.hashes[0], after.hashes[0]);
+    assert_eq!(after.hashes, want.level(0).expect("leaves"));
     dst.stop().await;
 }

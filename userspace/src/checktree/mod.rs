@@ -32,6 +32,8 @@ const READS_IN_FLIGHT: usize = 4;
 
 const LEAF_DOMAIN: u8 = 0;
 const NODE_DOMAIN: u8 = 1;
+/// An extent's checksum over its pieces' leaf hashes (`Extent.leaf_size`).
+const LEAF_LIST_DOMAIN: u8 = 2;
 
 /// Errors of the checksum tree.
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +197,35 @@ pub fn leaves_within(shape: &Shape, offset: u64, data: &[u8]) -> Vec<(u64, Hash)
             })
         })
         .collect()
+}
+
+/// The pieces of `offset..offset + len` cut at every multiple of
+/// `leaf_size` (a power of two): whole regions of a tree of that region
+/// size, with a partial piece at either end when the range is not aligned.
+pub fn pieces(offset: u64, len: u64, leaf_size: u64) -> impl Iterator<Item = Range<u64>> {
+    let end = offset.saturating_add(len);
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        (at < end).then(|| {
+            let next = (at / leaf_size + 1).saturating_mul(leaf_size).min(end);
+            let piece = at..next;
+            at = next;
+            piece
+        })
+    })
+}
+
+/// The checksum of an extent cut into pieces ([`pieces`]), from their leaf
+/// hashes in order: what an extent with a `leaf_size` carries, so that
+/// neither side hashes its bytes twice (once for the checksum, once for the
+/// tree).
+pub fn leaf_list_hash<'a>(leaves: impl IntoIterator<Item = &'a Hash>) -> Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&[LEAF_LIST_DOMAIN]);
+    for leaf in leaves {
+        hasher.update(leaf);
+    }
+    *hasher.finalize().as_bytes()
 }
 
 /// Hash of a region of `len` zero bytes (a hole), without allocating `len` bytes.

@@ -13,8 +13,8 @@ use tokio::sync::mpsc;
 use crate::dirty::DirtyMap;
 use crate::image::Image;
 use crate::rpc::{
-    BATCH_BYTES, EncodedExtent, Encoding, ExtentWriter, MAX_BATCH_EXTENTS, ReplicaClient, RpcError,
-    TlsMaterial,
+    BATCH_BYTES, EncodedExtent, Encoding, ExtentWriter, MAX_BATCH_EXTENTS, MAX_LEAF_SIZE,
+    ReplicaClient, RpcError, TlsMaterial,
 };
 
 use super::ReplicateError;
@@ -183,6 +183,8 @@ pub struct Replicator {
     peer: Peer,
     pub(super) client: ReplicaClient,
     writer: Option<ExtentWriter>,
+    /// The last write stream opened takes checksums over leaf hashes.
+    leaf_checksums: bool,
     epoch: u64,
     pub(super) send: Arc<DirtyMap>,
     pub(super) local: LocalTree,
@@ -245,6 +247,7 @@ impl Replicator {
             peer,
             client,
             writer: None,
+            leaf_checksums: false,
             epoch: info.epoch,
             send,
             local,
@@ -305,6 +308,7 @@ impl Replicator {
             .open_writer(self.epoch, self.opts.window)
             .await
             .map_err(|e| self.classify(e))?;
+        self.leaf_checksums = writer.leaf_checksums();
         self.writer = Some(writer);
         Ok(())
     }
@@ -348,6 +352,7 @@ impl Replicator {
             match attempt {
                 Ok((client, writer)) => {
                     self.client = client;
+                    self.leaf_checksums = writer.leaf_checksums();
                     self.writer = Some(writer);
                     tracing::info!("reconnected to the destination");
                     return Ok(());
@@ -519,6 +524,7 @@ impl Replicator {
             compression: self.chooser.choice(),
             workers: self.opts.workers,
             whole_regions: self.whole_regions,
+            leaf_size: self.leaf_size(),
         };
         self.chooser.new_round();
         let (tx, mut rx) = mpsc::channel(READY_EXTENTS);
@@ -535,6 +541,19 @@ impl Replicator {
         drop(rx);
         reading.await.map_err(RpcError::from)?;
         sent
+    }
+
+    /// The leaf size extents' checksums are made at: the local tree's region
+    /// size when the destination takes leaf checksums (then neither side
+    /// hashes a byte twice), else 0 (the blake3 of the data whole).
+    fn leaf_size(&self) -> u32 {
+        if !self.leaf_checksums {
+            return 0;
+        }
+        u32::try_from(self.local.tree.shape().region_size())
+            .ok()
+            .filter(|size| *size <= MAX_LEAF_SIZE)
+            .unwrap_or(0)
     }
 
     /// Sends what the reader hands over, in batches of what is ready.

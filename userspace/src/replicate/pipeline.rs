@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -18,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use crate::checktree::{Hash, Shape, leaf_hash};
 use crate::dirty::DirtyMap;
 use crate::image::Image;
-use crate::rpc::{EncodedExtent, RpcError, zero_ends};
+use crate::rpc::{Checksum, EncodedExtent, RpcError, zero_ends};
 
 use super::compression::Choice;
 use super::{ReplicateError, UnitZone};
@@ -163,6 +164,10 @@ pub(super) struct Reader {
     /// spares the verification a second read of every region the final
     /// delta touched.
     pub whole_regions: bool,
+    /// Extents carry checksums over leaf hashes at this size (0: of their
+    /// data whole), when the destination takes them: at the tree's region
+    /// size, a stale region's leaf is its piece's hash, made once.
+    pub leaf_size: u32,
 }
 
 impl Reader {
@@ -244,6 +249,7 @@ impl Reader {
         let source = self.source.clone();
         let shape = self.shape;
         let level = self.compression.level();
+        let leaf_size = self.leaf_size;
         let read = if self.whole_regions {
             let region = shape.region_size();
             (run.start / region * region)
@@ -271,43 +277,9 @@ impl Reader {
                         source: Box::new(e),
                     }
                 })?;
-                let (start, run_start, run_end) = (read.start, run.start, run.end);
-                let encode = move || {
-                    let leaves: Vec<(u64, Hash)> = regions
-                        .into_iter()
-                        .flatten()
-                        .map(|i| {
-                            let r = shape.region(i);
-                            let at = usize::try_from(r.start - start)
-                                .expect("a region inside the read: below its u32 length");
-                            let len = usize::try_from(r.end - r.start)
-                                .expect("a region inside the read: below its u32 length");
-                            (i, leaf_hash(&data[at..at + len]))
-                        })
-                        .collect();
-                    let from = usize::try_from(run_start - start).expect("inside the read");
-                    let to = usize::try_from(run_end - start).expect("inside the read");
-                    let sent = data.slice(from..to);
-                    let (head, tail) = zero_ends(&sent, ZERO_BLOCK);
-                    let at = |i: usize| run_start + i as u64;
-                    let mut pieces = Vec::with_capacity(3);
-                    let zero = |a: usize, b: usize| {
-                        let len = u32::try_from(b - a).expect("inside a run: a u32 long");
-                        (at(a)..at(b), EncodedExtent::zero(at(a), len))
-                    };
-                    if head > 0 {
-                        pieces.push(zero(0, head));
-                    }
-                    if head < tail {
-                        let extent =
-                            EncodedExtent::encode(at(head), sent.slice(head..tail), level)?;
-                        pieces.push((at(head)..at(tail), extent));
-                    }
-                    if tail < sent.len() && head < tail {
-                        pieces.push(zero(tail, sent.len()));
-                    }
-                    Ok::<_, RpcError>((pieces, leaves))
-                };
+                let (start, sent) = (read.start, run.clone());
+                let encode =
+                    move || encode_read(&data, start, sent, regions, shape, level, leaf_size);
                 let encoded = if len as usize <= ENCODE_INLINE {
                     encode()?
                 } else {
@@ -343,6 +315,77 @@ impl Reader {
             }
         }
     }
+}
+
+/// Pieces of one read run and leaves: see [`encode_read`].
+type EncodedRun = (Vec<(Range<u64>, EncodedExtent)>, Vec<(u64, Hash)>);
+
+/// Hashes the stale whole `regions` of a read (`data`, at `start`) and
+/// encodes the part of it to send (`sent`): its zero blocks at either end as
+/// zero extents, the rest as one extent whose checksum reuses those leaves.
+fn encode_read(
+    data: &Bytes,
+    start: u64,
+    sent: Range<u64>,
+    regions: Vec<Range<u64>>,
+    shape: Shape,
+    level: Option<i32>,
+    leaf_size: u32,
+) -> Result<EncodedRun, RpcError> {
+    let (run_start, run_end) = (sent.start, sent.end);
+    let mut leaves: Vec<(u64, Hash)> = regions
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            let r = shape.region(i);
+            let at = usize::try_from(r.start - start)
+                .expect("a region inside the read: below its u32 length");
+            let len = usize::try_from(r.end - r.start)
+                .expect("a region inside the read: below its u32 length");
+            (i, leaf_hash(&data[at..at + len]))
+        })
+        .collect();
+    leaves.sort_unstable_by_key(|(i, _)| *i);
+    // A piece that is a whole region hashed just above.
+    let known = |piece: &Range<u64>| {
+        let index = piece.start / shape.region_size();
+        if u64::from(leaf_size) != shape.region_size() || shape.region(index) != *piece {
+            return None;
+        }
+        leaves
+            .binary_search_by_key(&index, |(i, _)| *i)
+            .ok()
+            .map(|k| leaves[k].1)
+    };
+    let checksum = if leaf_size == 0 {
+        Checksum::Whole
+    } else {
+        Checksum::Leaves {
+            size: leaf_size,
+            known: &known,
+        }
+    };
+    let from = usize::try_from(run_start - start).expect("inside the read");
+    let to = usize::try_from(run_end - start).expect("inside the read");
+    let sent = data.slice(from..to);
+    let (head, tail) = zero_ends(&sent, ZERO_BLOCK);
+    let at = |i: usize| run_start + i as u64;
+    let mut pieces = Vec::with_capacity(3);
+    let zero = |a: usize, b: usize| {
+        let len = u32::try_from(b - a).expect("inside a run: a u32 long");
+        (at(a)..at(b), EncodedExtent::zero(at(a), len))
+    };
+    if head > 0 {
+        pieces.push(zero(0, head));
+    }
+    if head < tail {
+        let extent = EncodedExtent::encode_with(at(head), sent.slice(head..tail), level, checksum)?;
+        pieces.push((at(head)..at(tail), extent));
+    }
+    if tail < sent.len() && head < tail {
+        pieces.push(zero(tail, sent.len()));
+    }
+    Ok((pieces, leaves))
 }
 
 #[cfg(test)]
@@ -389,6 +432,7 @@ mod tests {
             compression: Chooser::new(Some(1), CompressWhen::Always).choice(),
             workers: 4,
             whole_regions: false,
+            leaf_size: 0,
         }
     }
 
@@ -528,5 +572,37 @@ mod tests {
         assert_eq!(got, want);
         // The regions hashed from the reads are no longer stale; the rest are.
         assert_eq!(stale.dirty_bytes(), SIZE - 17 * 65536);
+    }
+
+    #[tokio::test]
+    async fn leaf_checksums_reuse_the_leaves_hashed_for_the_tree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Aligned to the 64 KiB regions; unaligned at both ends (partial pieces).
+        let runs = vec![(1 << 20)..(1 << 20) + 262_144, 69_632..(4 << 20) - 8192];
+        let (_stale, mut reader) = all_stale_reader(dir.path());
+        reader.leaf_size = 65536;
+        let (tx, mut rx) = mpsc::channel(1);
+        let task = tokio::spawn(reader.run(Runs::Ordered(runs.clone().into_iter()), tx));
+        let mut got = Vec::new();
+        while let Some(done) = rx.recv().await {
+            let (extent, leaves) = done.result.expect("read");
+            assert_eq!(extent.leaf_size, 65536);
+            let pieces: Vec<Hash> =
+                crate::checktree::pieces(done.run.start, done.run.end - done.run.start, 65536)
+                    .map(|p| leaf_hash(&pattern(p)))
+                    .collect();
+            assert_eq!(
+                extent.blake3.as_ref(),
+                crate::checktree::leaf_list_hash(&pieces)
+            );
+            // The whole regions' leaves, for the tree, are the same hashes.
+            for (i, leaf) in &leaves {
+                assert_eq!(*leaf, leaf_hash(&pattern(i * 65536..(i + 1) * 65536)));
+            }
+            got.push(leaves.len());
+        }
+        task.await.expect("the reader ends");
+        // The second run covers regions 2..=62; the first run took 16..=19.
+        assert_eq!(got, vec![4, 57]);
     }
 }

@@ -34,6 +34,8 @@ pub struct Info {
     pub max_extent_len: u32,
     /// Most extents per batch; 0: the destination takes single extents only.
     pub max_batch_extents: u32,
+    /// Extents may carry checksums over leaf hashes (`Checksum::Leaves`).
+    pub leaf_checksums: bool,
 }
 
 /// Client of one destination.
@@ -116,6 +118,7 @@ impl ReplicaClient {
             export_writable: info.export_writable,
             max_extent_len: info.max_extent_len,
             max_batch_extents: info.max_batch_extents,
+            leaf_checksums: info.leaf_checksums,
         })
     }
 
@@ -162,6 +165,7 @@ impl ReplicaClient {
             image_size: opened.image_size,
             max_extent_len: opened.max_extent_len,
             max_batch_extents: opened.max_batch_extents.min(MAX_BATCH_EXTENTS),
+            leaf_checksums: opened.leaf_checksums,
         })
     }
 
@@ -388,6 +392,7 @@ pub struct ExtentWriter {
     image_size: u64,
     max_extent_len: u32,
     max_batch_extents: u32,
+    leaf_checksums: bool,
 }
 
 impl ExtentWriter {
@@ -409,8 +414,17 @@ impl ExtentWriter {
         self.max_batch_extents.max(1) as usize
     }
 
+    /// Whether extents may carry checksums over leaf hashes
+    /// ([`Checksum::Leaves`](super::Checksum::Leaves)).
+    pub fn leaf_checksums(&self) -> bool {
+        self.leaf_checksums
+    }
+
     /// Sends one extent; waits for an acknowledgement first if the window is full.
     pub async fn send(&mut self, extent: EncodedExtent) -> Result<(), RpcError> {
+        if extent.leaf_size != 0 && !self.leaf_checksums {
+            return Err(RpcError::LeafChecksumsUnsupported);
+        }
         while self.unacked.len() >= self.window {
             self.await_ack().await?;
         }
@@ -429,6 +443,9 @@ impl ExtentWriter {
     /// 4 KiB extent costs more in messages, wake-ups and acknowledgements
     /// than in bytes. To a destination without batches they go one by one.
     pub async fn send_batch(&mut self, extents: Vec<EncodedExtent>) -> Result<(), RpcError> {
+        if !self.leaf_checksums && extents.iter().any(|e| e.leaf_size != 0) {
+            return Err(RpcError::LeafChecksumsUnsupported);
+        }
         let max = self.max_batch_extents();
         if max == 1 || extents.len() == 1 {
             for extent in extents {

@@ -4,11 +4,31 @@
 //! decode it here.
 
 use std::cell::{Cell, RefCell};
+use std::ops::Range;
 
 use bytes::Bytes;
 
 use super::pb;
 use super::{MAX_EXTENT_LEN, RpcError};
+use crate::checktree::{self, Hash};
+
+/// Largest `Extent.leaf_size` accepted (the protocol's bound; a tree's
+/// regions are far smaller).
+pub const MAX_LEAF_SIZE: u32 = 1 << 30;
+
+/// How an extent's checksum is made (`Extent.leaf_size` on the wire).
+#[derive(Clone, Copy)]
+pub enum Checksum<'a> {
+    /// The blake3 of the data whole: to a destination without leaf checksums.
+    Whole,
+    /// Over the leaf hashes of the data's pieces cut at multiples of `size`;
+    /// `known` gives a piece's leaf hash when the caller already made it from
+    /// these very bytes (for its own tree), so it is not hashed again.
+    Leaves {
+        size: u32,
+        known: &'a dyn Fn(&Range<u64>) -> Option<Hash>,
+    },
+}
 
 /// One extent ready for the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,8 +38,11 @@ pub struct EncodedExtent {
     pub length: u32,
     pub encoding: pb::Encoding,
     pub payload: Bytes,
-    /// blake3 of the uncompressed data; empty for zero extents.
+    /// The checksum of the uncompressed data; empty for zero extents.
     pub blake3: Bytes,
+    /// 0: `blake3` is of the data whole; otherwise over the leaf hashes of
+    /// its pieces at this size ([`Checksum::Leaves`]).
+    pub leaf_size: u32,
 }
 
 impl EncodedExtent {
@@ -30,6 +53,16 @@ impl EncodedExtent {
         data: Bytes,
         zstd_level: Option<i32>,
     ) -> Result<EncodedExtent, RpcError> {
+        EncodedExtent::encode_with(offset, data, zstd_level, Checksum::Whole)
+    }
+
+    /// [`EncodedExtent::encode`] with the checksum made as `checksum` says.
+    pub fn encode_with(
+        offset: u64,
+        data: Bytes,
+        zstd_level: Option<i32>,
+        checksum: Checksum<'_>,
+    ) -> Result<EncodedExtent, RpcError> {
         // The wire carries a u32 length; its real limit is checked by the receiver.
         let length = u32::try_from(data.len()).map_err(|_| RpcError::ExtentTooLong {
             offset,
@@ -39,7 +72,17 @@ impl EncodedExtent {
         if is_zero(&data) {
             return Ok(EncodedExtent::zero(offset, length));
         }
-        let blake3 = Bytes::copy_from_slice(blake3::hash(&data).as_bytes());
+        let (blake3, leaf_size) = match checksum {
+            Checksum::Whole => (*blake3::hash(&data).as_bytes(), 0),
+            Checksum::Leaves { size, known } => {
+                let leaves = piece_hashes(offset, &data, size, known);
+                (
+                    checktree::leaf_list_hash(leaves.iter().map(|(_, h)| h)),
+                    size,
+                )
+            }
+        };
+        let blake3 = Bytes::copy_from_slice(&blake3);
         if let Some(level) = zstd_level
             && looks_compressible(&data, level)
         {
@@ -55,6 +98,7 @@ impl EncodedExtent {
                     encoding: pb::Encoding::Zstd,
                     payload: Bytes::from(compressed),
                     blake3,
+                    leaf_size,
                 });
             }
         }
@@ -64,6 +108,7 @@ impl EncodedExtent {
             encoding: pb::Encoding::Raw,
             payload: data,
             blake3,
+            leaf_size,
         })
     }
 
@@ -75,6 +120,7 @@ impl EncodedExtent {
             encoding: pb::Encoding::Zero,
             payload: Bytes::new(),
             blake3: Bytes::new(),
+            leaf_size: 0,
         }
     }
 
@@ -87,7 +133,42 @@ impl EncodedExtent {
             encoding: self.encoding.into(),
             payload: self.payload,
             blake3: self.blake3,
+            leaf_size: self.leaf_size,
         }
+    }
+}
+
+/// Pieces of an extent (image offsets) with their leaf hashes.
+pub(super) type PieceHashes = Vec<(Range<u64>, Hash)>;
+
+/// The leaf hash of every piece of `data` (at `offset`) cut at multiples of
+/// `leaf_size`, taking those `known` has.
+fn piece_hashes(
+    offset: u64,
+    data: &[u8],
+    leaf_size: u32,
+    known: &dyn Fn(&Range<u64>) -> Option<Hash>,
+) -> PieceHashes {
+    checktree::pieces(offset, data.len() as u64, u64::from(leaf_size))
+        .map(|piece| {
+            let hash = known(&piece).unwrap_or_else(|| {
+                let at = usize::try_from(piece.start - offset).expect("inside `data`");
+                let to = usize::try_from(piece.end - offset).expect("inside `data`");
+                checktree::leaf_hash(&data[at..to])
+            });
+            (piece, hash)
+        })
+        .collect()
+}
+
+/// Refuses a `leaf_size` the protocol does not allow.
+pub(super) fn check_leaf_size(offset: u64, leaf_size: u32) -> Result<(), RpcError> {
+    let allowed = leaf_size == 0
+        || (leaf_size.is_power_of_two() && (4096..=MAX_LEAF_SIZE).contains(&leaf_size));
+    if allowed {
+        Ok(())
+    } else {
+        Err(RpcError::BadLeafSize { offset, leaf_size })
     }
 }
 
@@ -231,8 +312,10 @@ pub(super) fn decode(extent: pb::Extent) -> Result<Bytes, RpcError> {
         encoding,
         payload,
         blake3,
+        leaf_size,
         ..
     } = extent;
+    check_leaf_size(offset, leaf_size)?;
     let encoding = pb::Encoding::try_from(encoding)
         .ok()
         .filter(|e| *e != pb::Encoding::Unspecified)
@@ -254,18 +337,21 @@ pub(super) fn decode(extent: pb::Extent) -> Result<Bytes, RpcError> {
             offset,
             got: blake3.len(),
         })?;
-    decode_and_verify(offset, length, encoding, payload, &expected)
+    decode_and_verify(offset, length, encoding, payload, &expected, leaf_size).map(|(data, _)| data)
 }
 
 /// Decodes a RAW or ZSTD payload of `length` bytes and checks it against
-/// `expected` (blake3). CPU work: callers run it on the blocking pool.
+/// `expected` (made as `leaf_size` says, checked by [`check_leaf_size`]).
+/// With a `leaf_size`, also gives the leaf hash of each piece checked. CPU
+/// work: callers run it on the blocking pool.
 pub(super) fn decode_and_verify(
     offset: u64,
     length: u32,
     encoding: pb::Encoding,
     payload: Bytes,
     expected: &[u8; 32],
-) -> Result<Bytes, RpcError> {
+    leaf_size: u32,
+) -> Result<(Bytes, PieceHashes), RpcError> {
     let data = match encoding {
         pb::Encoding::Raw => {
             if payload.len() != length as usize {
@@ -294,13 +380,22 @@ pub(super) fn decode_and_verify(
             unreachable!("zero and unspecified extents are handled before decoding")
         }
     };
-    if blake3::hash(&data).as_bytes() != expected {
+    let (sum, pieces) = if leaf_size == 0 {
+        (*blake3::hash(&data).as_bytes(), Vec::new())
+    } else {
+        let pieces = piece_hashes(offset, &data, leaf_size, &|_| None);
+        (
+            checktree::leaf_list_hash(pieces.iter().map(|(_, h)| h)),
+            pieces,
+        )
+    };
+    if &sum != expected {
         return Err(RpcError::ChecksumMismatch {
             offset,
             len: length,
         });
     }
-    Ok(data)
+    Ok((data, pieces))
 }
 
 #[cfg(test)]
@@ -445,13 +540,13 @@ mod tests {
         let data = vec![5u8; 1000];
         let frame = Bytes::from(zstd::bulk::compress(&data, 1).expect("compress"));
         let hash = *blake3::hash(&data).as_bytes();
-        assert!(decode_and_verify(0, 1000, pb::Encoding::Zstd, frame.clone(), &hash).is_ok());
+        assert!(decode_and_verify(0, 1000, pb::Encoding::Zstd, frame.clone(), &hash, 0).is_ok());
         assert!(matches!(
-            decode_and_verify(0, 999, pb::Encoding::Zstd, frame.clone(), &hash),
+            decode_and_verify(0, 999, pb::Encoding::Zstd, frame.clone(), &hash, 0),
             Err(RpcError::ZstdLength { .. })
         ));
         assert!(matches!(
-            decode_and_verify(0, 1001, pb::Encoding::Zstd, frame, &hash),
+            decode_and_verify(0, 1001, pb::Encoding::Zstd, frame, &hash, 0),
             Err(RpcError::ZstdLength { .. })
         ));
     }
@@ -473,5 +568,74 @@ mod tests {
             decode(bad),
             Err(RpcError::ChecksumMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn a_leaf_checksum_covers_every_piece_whether_its_leaf_was_known_or_hashed() {
+        let data: Vec<u8> = (0..100_000u32)
+            .map(|i| u8::try_from(i.wrapping_mul(2_654_435_761) >> 24).expect("a byte"))
+            .collect();
+        let offset = 3 * 16384 + 4096;
+        let pieces: Vec<Range<u64>> = checktree::pieces(offset, data.len() as u64, 16384).collect();
+        assert_eq!(pieces.first(), Some(&(offset..4 * 16384)));
+        assert_eq!(pieces.last(), Some(&(9 * 16384..offset + 100_000)));
+        assert!(pieces.windows(2).all(|w| w[0].end == w[1].start));
+        let leaf = |r: &Range<u64>| {
+            let at = usize::try_from(r.start - offset).expect("small");
+            let to = usize::try_from(r.end - offset).expect("small");
+            checktree::leaf_hash(&data[at..to])
+        };
+        let want = checktree::leaf_list_hash(pieces.iter().map(leaf).collect::<Vec<_>>().iter());
+        // The whole regions' leaves handed in (as the source's reader has them).
+        let known = |r: &Range<u64>| (r.end - r.start == 16384).then(|| leaf(r));
+        let encode = |known: &dyn Fn(&Range<u64>) -> Option<Hash>| {
+            let how = Checksum::Leaves { size: 16384, known };
+            EncodedExtent::encode_with(offset, Bytes::from(data.clone()), None, how)
+                .expect("encode")
+        };
+        let with_known = encode(&known);
+        let hashed = encode(&|_| None);
+        assert_eq!(with_known.blake3.as_ref(), want);
+        assert_eq!(hashed.blake3.as_ref(), want);
+        assert_eq!(hashed.leaf_size, 16384);
+        let whole = EncodedExtent::encode(offset, Bytes::from(data.clone()), None).expect("encode");
+        assert_ne!(whole.blake3, hashed.blake3);
+        // Decoded: the same pieces come back with their hashes; one flipped bit is refused.
+        let (plain, got) = decode_and_verify(
+            offset,
+            100_000,
+            pb::Encoding::Raw,
+            hashed.payload.clone(),
+            &want,
+            16384,
+        )
+        .expect("verified");
+        assert_eq!(plain, data);
+        assert_eq!(got.len(), pieces.len());
+        assert!(
+            got.iter()
+                .zip(&pieces)
+                .all(|((r, h), p)| r == p && *h == leaf(p))
+        );
+        let mut bad = data.clone();
+        bad[99_999] ^= 1;
+        assert!(matches!(
+            decode_and_verify(
+                offset,
+                100_000,
+                pb::Encoding::Raw,
+                Bytes::from(bad),
+                &want,
+                16384
+            ),
+            Err(RpcError::ChecksumMismatch { .. })
+        ));
+        for leaf_size in [1, 4095, 6000, 1 << 31] {
+            assert!(matches!(
+                check_leaf_size(0, leaf_size),
+                Err(RpcError::BadLeafSize { .. })
+            ));
+        }
+        assert!(check_leaf_size(0, 0).is_ok() && check_leaf_size(0, 1 << 30).is_ok());
     }
 }

@@ -26,7 +26,7 @@ pub use client::{
     ExtentWriter, Info, PushOptions, PushReport, ReplicaClient, TreeNodes, push_file,
 };
 pub use epoch::Fence;
-pub use extent::{EncodedExtent, zero_ends};
+pub use extent::{Checksum, EncodedExtent, MAX_LEAF_SIZE, zero_ends};
 pub use pb::Encoding;
 pub use server::{ExportControl, ReplicaService, SERVICE_NAME, ServeOptions, serve};
 pub use tls::{TlsError, TlsMaterial};
@@ -107,6 +107,16 @@ pub enum RpcError {
     /// No 32-byte blake3 on a data extent.
     #[error("extent at offset {offset} carries a {got}-byte checksum; send the 32-byte blake3")]
     MissingChecksum { offset: u64, got: usize },
+    /// A leaf size the protocol does not allow.
+    #[error(
+        "extent at offset {offset} gives leaf size {leaf_size}; use 0 or a power of two from 4096 to 2^30"
+    )]
+    BadLeafSize { offset: u64, leaf_size: u32 },
+    /// Leaf checksums to a destination that did not announce them.
+    #[error(
+        "the destination does not take leaf checksums (an older agent); the extents must carry the blake3 of their data"
+    )]
+    LeafChecksumsUnsupported,
     /// The data does not match its checksum.
     #[error(
         "extent {offset}+{len} does not match its blake3 checksum; it was not written, resend it"

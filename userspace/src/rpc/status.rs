@@ -55,6 +55,7 @@ fn code(err: &RpcError) -> Code {
         | RpcError::BadEncoding { .. }
         | RpcError::PayloadLength { .. }
         | RpcError::MissingChecksum { .. }
+        | RpcError::BadLeafSize { .. }
         | RpcError::BadZstd { .. }
         | RpcError::ZstdLength { .. }
         | RpcError::TooManyNodes { .. }
@@ -92,6 +93,7 @@ fn code(err: &RpcError) -> Code {
         | RpcError::UnexpectedReply { .. }
         | RpcError::ReadSource { .. }
         | RpcError::SavedTree(_)
+        | RpcError::LeafChecksumsUnsupported
         | RpcError::Compress { .. } => Code::Internal,
     }
 }

@@ -284,6 +284,7 @@ impl replica_server::Replica for ReplicaService {
             export_writable: inner.export.as_ref().is_some_and(|e| e.writable()),
             max_extent_len: MAX_EXTENT_LEN,
             max_batch_extents: MAX_BATCH_EXTENTS,
+            leaf_checksums: true,
         }))
     }
 
@@ -312,6 +313,7 @@ impl replica_server::Replica for ReplicaService {
                 image_size: self.inner.image.size(),
                 max_extent_len: MAX_EXTENT_LEN,
                 max_batch_extents: MAX_BATCH_EXTENTS,
+                leaf_checksums: true,
             })),
         };
         // The channel is empty: this cannot wait.

@@ -13,7 +13,7 @@ use futures::stream::FuturesOrdered;
 use tonic::{Status, Streaming};
 
 use crate::rpc::epoch::Lease;
-use crate::rpc::extent::decode_and_verify;
+use crate::rpc::extent::{check_leaf_size, decode_and_verify};
 use crate::rpc::pb::{self, write_request, write_response};
 use crate::rpc::{MAX_BATCH_BYTES, MAX_BATCH_EXTENTS, MAX_EXTENT_LEN, RpcError};
 
@@ -412,8 +412,10 @@ struct Checked {
     length: u32,
     encoding: pb::Encoding,
     payload: Bytes,
-    /// blake3 of the plain data; all zeroes (unused) for a zero extent.
+    /// The checksum of the plain data; all zeroes (unused) for a zero extent.
     blake3: [u8; 32],
+    /// How the checksum is made (`Extent.leaf_size`).
+    leaf_size: u32,
 }
 
 impl Checked {
@@ -425,6 +427,7 @@ impl Checked {
             encoding,
             payload,
             blake3,
+            leaf_size,
         } = extent;
         match range_fault(offset, length, size) {
             None => {}
@@ -448,6 +451,7 @@ impl Checked {
             .ok()
             .filter(|e| *e != pb::Encoding::Unspecified)
             .ok_or(RpcError::BadEncoding { offset, encoding })?;
+        check_leaf_size(offset, leaf_size)?;
         let blake3 = if encoding == pb::Encoding::Zero {
             if !payload.is_empty() {
                 return Err(RpcError::PayloadLength {
@@ -473,6 +477,7 @@ impl Checked {
             encoding,
             payload,
             blake3,
+            leaf_size,
         })
     }
 }
@@ -494,10 +499,26 @@ fn decode_all(checked: Vec<Checked>, shape: Option<Shape>) -> Result<Vec<Decoded
             if c.encoding == pb::Encoding::Zero {
                 return Ok(Decoded::Zero(c.offset, c.length));
             }
-            let data = decode_and_verify(c.offset, c.length, c.encoding, c.payload, &c.blake3)?;
-            let leaves = shape.map_or_else(Vec::new, |shape| {
-                checktree::leaves_within(&shape, c.offset, &data)
-            });
+            let (data, pieces) = decode_and_verify(
+                c.offset,
+                c.length,
+                c.encoding,
+                c.payload,
+                &c.blake3,
+                c.leaf_size,
+            )?;
+            let leaves = match shape {
+                None => Vec::new(),
+                // The checksum's whole pieces are the tree's leaves: hashed once.
+                Some(shape) if u64::from(c.leaf_size) == shape.region_size() => pieces
+                    .into_iter()
+                    .filter_map(|(piece, hash)| {
+                        let index = piece.start / shape.region_size();
+                        (shape.region(index) == piece).then_some((index, hash))
+                    })
+                    .collect(),
+                Some(shape) => checktree::leaves_within(&shape, c.offset, &data),
+            };
             Ok(Decoded::Data(c.offset, data, leaves))
         })
         .collect()
@@ -515,6 +536,7 @@ mod tests {
             encoding: pb::Encoding::Zero.into(),
             payload: Bytes::new(),
             blake3: Bytes::new(),
+            leaf_size: 0,
         }
     }
 
