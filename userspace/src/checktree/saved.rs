@@ -26,7 +26,9 @@ use super::{CheckTree, CheckTreeError, HASH_LEN, Hash, MAX_LEAVES, Shape};
 pub const SAVED_TREE_SUFFIX: &str = ".tern-tree";
 
 const MAGIC: &[u8; 8] = b"TERNTREE";
-const VERSION: u32 = 1;
+/// The file's version is the tree's hash scheme: a tree hashed another way
+/// must be hashed again, never believed.
+const VERSION: u32 = super::HASH_SCHEME;
 /// magic, version, kind, dev, ino, size, ctime s/ns, writes, discards,
 /// boot id, region size, image size, leaf count.
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 * 7 + 16 + 8 * 3;
@@ -261,7 +263,9 @@ pub fn load(path: &Path, now: &Identity) -> Result<CheckTree, SavedTreeError> {
         return Err(corrupt("not a tern tree file"));
     }
     if r.u32() != VERSION {
-        return Err(corrupt("an unknown version"));
+        return Err(corrupt(
+            "another version (a tree hashed another way, by another tern release)",
+        ));
     }
     let saved = Identity {
         kind: r.u32(),

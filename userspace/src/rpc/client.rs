@@ -19,7 +19,7 @@ use super::{
     BATCH_BYTES, EncodedExtent, MAX_BATCH_EXTENTS, MAX_EXTENT_LEN, MAX_MESSAGE_LEN,
     MAX_NODES_PER_CALL, RpcError, TlsMaterial,
 };
-use crate::checktree::{CheckTree, Descent, HASH_LEN, Hash, Shape};
+use crate::checktree::{CheckTree, Descent, HASH_LEN, HASH_SCHEME, Hash, Shape};
 
 /// HTTP/2 windows large enough that one stream can carry gigabytes per second.
 const STREAM_WINDOW: u32 = 16 << 20;
@@ -182,6 +182,7 @@ impl ReplicaClient {
                 region_size,
                 level,
                 indices: indices.to_vec(),
+                hash_scheme: HASH_SCHEME,
             })
             .await
             .map_err(|status| RpcError::Call {
@@ -189,6 +190,12 @@ impl ReplicaClient {
                 status,
             })?
             .into_inner();
+        if reply.hash_scheme != HASH_SCHEME {
+            return Err(RpcError::HashScheme {
+                theirs: reply.hash_scheme,
+                ours: HASH_SCHEME,
+            });
+        }
         let hashes = reply
             .hashes
             .iter()

@@ -112,6 +112,11 @@ pub enum RpcError {
         "extent at offset {offset} gives leaf size {leaf_size}; use 0 or a power of two from 4096 to 2^30"
     )]
     BadLeafSize { offset: u64, leaf_size: u32 },
+    /// The two sides hash their checksum trees differently.
+    #[error(
+        "the other agent hashes checksum trees with scheme {theirs} and this one with {ours}: every hash would differ; run the same tern release on both hosts"
+    )]
+    HashScheme { theirs: u32, ours: u32 },
     /// Leaf checksums to a destination that did not announce them.
     #[error(
         "the destination does not take leaf checksums (an older agent); the extents must carry the blake3 of their data"

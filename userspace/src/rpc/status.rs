@@ -65,9 +65,10 @@ fn code(err: &RpcError) -> Code {
         RpcError::ExtentOutOfBounds { .. } | RpcError::RangeOutOfBounds { .. } => Code::OutOfRange,
         // The data arrived damaged: the sender must resend it.
         RpcError::ChecksumMismatch { .. } => Code::DataLoss,
-        RpcError::StaleEpoch { .. } | RpcError::Fenced { .. } | RpcError::NoExport => {
-            Code::FailedPrecondition
-        }
+        RpcError::StaleEpoch { .. }
+        | RpcError::Fenced { .. }
+        | RpcError::NoExport
+        | RpcError::HashScheme { .. } => Code::FailedPrecondition,
         RpcError::ShuttingDown => Code::Unavailable,
         RpcError::CheckTree(inner) => match inner {
             CheckTreeError::BadRegionSize(_)

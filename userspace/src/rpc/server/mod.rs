@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::epoch::Fence;
 use super::pb::{self, replica_server, write_request, write_response};
 use super::{MAX_BATCH_EXTENTS, MAX_EXTENT_LEN, MAX_MESSAGE_LEN, MAX_NODES_PER_CALL, RpcError};
-use crate::checktree::saved;
+use crate::checktree::{HASH_SCHEME, saved};
 use crate::image::{ChangeListener, Image, ImageChanges};
 use crate::metrics::ReplicaMetrics;
 
@@ -335,6 +335,13 @@ impl replica_server::Replica for ReplicaService {
         request: Request<pb::ChecksumTreeRequest>,
     ) -> Result<Response<pb::ChecksumTreeResponse>, Status> {
         let req = request.into_inner();
+        if req.hash_scheme != HASH_SCHEME {
+            return Err(RpcError::HashScheme {
+                theirs: req.hash_scheme,
+                ours: HASH_SCHEME,
+            }
+            .into());
+        }
         let inner = &self.inner;
         let tree = inner.trees.refresh(&inner.image, req.region_size).await?;
         let shape = *tree.shape();
@@ -370,6 +377,7 @@ impl replica_server::Replica for ReplicaService {
             levels: shape.levels(),
             level: req.level,
             hashes,
+            hash_scheme: HASH_SCHEME,
         }))
     }
 
@@ -451,5 +459,59 @@ mod range_tests {
         );
         assert_eq!(range_fault(0, 4096, 4096), None);
         assert_eq!(range_fault(4095, 1, 4096), None);
+    }
+}
+
+#[cfg(test)]
+mod scheme_tests {
+    use super::*;
+    use crate::image::ImageOptions;
+    use replica_server::Replica as _;
+
+    #[tokio::test]
+    async fn a_tree_asked_for_with_another_hash_scheme_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dst.img");
+        let opts = ImageOptions {
+            size: Some(1 << 20),
+            ..ImageOptions::default()
+        };
+        let image = Image::open(&path, &opts).expect("image");
+        let fence = Fence::load(&Fence::path_for(&path)).expect("epoch file");
+        let service = ReplicaService::new(
+            image,
+            fence,
+            None,
+            Arc::new(ReplicaMetrics::default()),
+            CancellationToken::new(),
+            ServeOptions::default(),
+        );
+        let ask = |hash_scheme| {
+            Request::new(pb::ChecksumTreeRequest {
+                region_size: 65536,
+                level: 0,
+                indices: vec![0],
+                hash_scheme,
+            })
+        };
+        // 0: a source from before schemes were named; 1: the domain-byte scheme.
+        for old in [0, 1] {
+            let status = service
+                .get_checksum_tree(ask(old))
+                .await
+                .expect_err("another scheme");
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+            assert!(status.message().contains("same tern release"), "{status:?}");
+        }
+        let answer = service
+            .get_checksum_tree(ask(HASH_SCHEME))
+            .await
+            .expect("this scheme")
+            .into_inner();
+        assert_eq!(answer.hash_scheme, HASH_SCHEME);
+        assert_eq!(
+            answer.hashes[0].as_ref(),
+            crate::checktree::zero_leaf_hash(65536)
+        );
     }
 }
