@@ -29,6 +29,9 @@ use crate::image::{Image, ImageChanges, ImageError, IoBuf};
 const MAX_INFLIGHT: usize = 128;
 /// Payload bytes (read or write) one connection may have in flight.
 const MAX_INFLIGHT_BYTES: usize = 128 << 20;
+/// Largest write done on the connection's task instead of one of its own
+/// (a bigger copy would hold up the reading of the next requests).
+const INLINE_WRITE_MAX: u32 = 64 << 10;
 /// A client must finish the handshake within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Socket buffer sizes on our side of the connection.
@@ -522,6 +525,29 @@ impl NbdServer {
             } else {
                 None
             };
+            // A small write of whole pages into a page-cache image is one
+            // `pwrite` (a copy into the cache): done here, it costs less
+            // than the task, its wake-up and the hand-off that would carry it.
+            if let (
+                Command::Write {
+                    offset,
+                    len,
+                    fua: false,
+                },
+                Some(bytes),
+            ) = (cmd, &data)
+                && len <= INLINE_WRITE_MAX
+            {
+                let now = export.image.write_pages_now(offset, bytes);
+                if !matches!(now, Ok(false)) {
+                    let reply = self.written(&export, req.cookie, offset, len, now.map(|_| ()));
+                    drop((permit, bytes_permit));
+                    if tx.send(reply).await.is_err() {
+                        break Ok(false);
+                    }
+                    continue;
+                }
+            }
             let tx = tx.clone();
             let export = Arc::clone(&export);
             let server = Arc::clone(self);
@@ -547,6 +573,41 @@ impl NbdServer {
             export.image.flush().await?;
         }
         Ok(())
+    }
+
+    /// The reply to a write done on the connection's own task, after the
+    /// bookkeeping [`NbdServer::execute`] does for every write.
+    fn written(
+        &self,
+        export: &ExportState,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        result: Result<(), ImageError>,
+    ) -> Reply {
+        bump(&self.stats.writes);
+        // Before the reply, and after a failure too (see `execute`).
+        export.changes.changed(offset, u64::from(len));
+        match result {
+            Ok(()) => {
+                self.stats
+                    .bytes_written
+                    .fetch_add(u64::from(len), Ordering::Relaxed);
+                Reply {
+                    cookie,
+                    error: 0,
+                    data: None,
+                }
+            }
+            Err(e) => {
+                bump(&self.stats.errors);
+                Reply {
+                    cookie,
+                    error: proto::nbd_errno(e.errno()),
+                    data: None,
+                }
+            }
+        }
     }
 
     async fn execute(
