@@ -172,6 +172,13 @@ impl Shape {
         start..end
     }
 
+    /// The index of the region that is exactly `piece` (the short last region
+    /// included), or `None` when `piece` is part of one or spans several.
+    pub fn whole_region(&self, piece: &Range<u64>) -> Option<u64> {
+        let index = piece.start / self.region_size;
+        (self.region(index) == *piece && piece.start < piece.end).then_some(index)
+    }
+
     /// Indices of the regions that overlap `offset..offset + len`.
     pub fn regions_touching(&self, offset: u64, len: u64) -> Range<u64> {
         if len == 0 {
@@ -711,6 +718,18 @@ mod tests {
         assert_eq!(shape.region(5), 5 * REGION..5 * REGION + 1);
         assert_eq!(shape.regions_touching(REGION - 1, 2), 0..2);
         assert_eq!(shape.regions_touching(0, 0), 0..0);
+    }
+
+    #[test]
+    fn a_whole_region_is_named_by_its_index_and_nothing_else_is() {
+        let shape = Shape::new(5 * REGION + 1, REGION).expect("valid shape");
+        assert_eq!(shape.whole_region(&(REGION..2 * REGION)), Some(1));
+        // The short last region is whole at its own length.
+        assert_eq!(shape.whole_region(&(5 * REGION..5 * REGION + 1)), Some(5));
+        assert_eq!(shape.whole_region(&(REGION..2 * REGION - 1)), None);
+        assert_eq!(shape.whole_region(&(REGION + 1..2 * REGION)), None);
+        assert_eq!(shape.whole_region(&(REGION..3 * REGION)), None);
+        assert_eq!(shape.whole_region(&(5 * REGION + 1..5 * REGION + 1)), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -575,8 +575,8 @@ impl NbdServer {
         Ok(())
     }
 
-    /// The reply to a write done on the connection's own task, after the
-    /// bookkeeping [`NbdServer::execute`] does for every write.
+    /// The reply to a write (done on the connection's own task or in
+    /// [`NbdServer::execute`]), after a write's bookkeeping.
     fn written(
         &self,
         export: &ExportState,
@@ -588,17 +588,23 @@ impl NbdServer {
         bump(&self.stats.writes);
         // Before the reply, and after a failure too (see `execute`).
         export.changes.changed(offset, u64::from(len));
+        let result = result.map(|()| {
+            self.stats
+                .bytes_written
+                .fetch_add(u64::from(len), Ordering::Relaxed);
+            None
+        });
+        self.reply(cookie, result)
+    }
+
+    /// The reply to a request that ended with `result`, errors counted.
+    fn reply(&self, cookie: u64, result: Result<Option<Bytes>, ImageError>) -> Reply {
         match result {
-            Ok(()) => {
-                self.stats
-                    .bytes_written
-                    .fetch_add(u64::from(len), Ordering::Relaxed);
-                Reply {
-                    cookie,
-                    error: 0,
-                    data: None,
-                }
-            }
+            Ok(data) => Reply {
+                cookie,
+                error: 0,
+                data,
+            },
             Err(e) => {
                 bump(&self.stats.errors);
                 Reply {
@@ -619,11 +625,14 @@ impl NbdServer {
     ) -> Reply {
         let image = &export.image;
         let stats = &self.stats;
+        // Writes are counted and reported by `written`.
         let modified = match cmd {
-            Command::Write { offset, len, .. }
-            | Command::Trim { offset, len, .. }
-            | Command::WriteZeroes { offset, len, .. } => Some((offset, u64::from(len))),
-            Command::Read { .. } | Command::Flush | Command::Disconnect => None,
+            Command::Trim { offset, len, .. } | Command::WriteZeroes { offset, len, .. } => {
+                Some((offset, u64::from(len)))
+            }
+            Command::Write { .. } | Command::Read { .. } | Command::Flush | Command::Disconnect => {
+                None
+            }
         };
         let result: Result<Option<Bytes>, ImageError> = match cmd {
             Command::Read { offset, len } => {
@@ -639,7 +648,6 @@ impl NbdServer {
                     .map(Some)
             }
             Command::Write { offset, len, fua } => {
-                bump(&stats.writes);
                 let data = data.unwrap_or_default();
                 debug_assert_eq!(data.len(), len as usize);
                 // Whole pages of a page-cache image: one pwrite here instead
@@ -654,12 +662,7 @@ impl NbdServer {
                     Ok(false) => image.write_at(offset, data, fua).await,
                     Err(e) => Err(e),
                 };
-                r.map(|()| {
-                    stats
-                        .bytes_written
-                        .fetch_add(u64::from(len), Ordering::Relaxed);
-                    None
-                })
+                return self.written(export, cookie, offset, len, r);
             }
             Command::Flush => {
                 bump(&stats.flushes);
@@ -688,21 +691,7 @@ impl NbdServer {
         if let Some((offset, len)) = modified {
             export.changes.changed(offset, len);
         }
-        match result {
-            Ok(data) => Reply {
-                cookie,
-                error: 0,
-                data,
-            },
-            Err(e) => {
-                bump(&stats.errors);
-                Reply {
-                    cookie,
-                    error: proto::nbd_errno(e.errno()),
-                    data: None,
-                }
-            }
-        }
+        self.reply(cookie, result)
     }
 }
 

@@ -348,10 +348,10 @@ fn encode_read(
     leaves.sort_unstable_by_key(|(i, _)| *i);
     // A piece that is a whole region hashed just above.
     let known = |piece: &Range<u64>| {
-        let index = piece.start / shape.region_size();
-        if u64::from(leaf_size) != shape.region_size() || shape.region(index) != *piece {
+        if u64::from(leaf_size) != shape.region_size() {
             return None;
         }
+        let index = shape.whole_region(piece)?;
         leaves
             .binary_search_by_key(&index, |(i, _)| *i)
             .ok()

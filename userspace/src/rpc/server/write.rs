@@ -512,10 +512,7 @@ fn decode_all(checked: Vec<Checked>, shape: Option<Shape>) -> Result<Vec<Decoded
                 // The checksum's whole pieces are the tree's leaves: hashed once.
                 Some(shape) if u64::from(c.leaf_size) == shape.region_size() => pieces
                     .into_iter()
-                    .filter_map(|(piece, hash)| {
-                        let index = piece.start / shape.region_size();
-                        (shape.region(index) == piece).then_some((index, hash))
-                    })
+                    .filter_map(|(piece, hash)| Some((shape.whole_region(&piece)?, hash)))
                     .collect(),
                 Some(shape) => checktree::leaves_within(&shape, c.offset, &data),
             };
