@@ -19,7 +19,9 @@
 //!    and over the 1 Gbit/s link into the namespace; `qemu-img convert -c`
 //!    to a local qcow2 as the compression reference.
 //! 5. Small extents (`small.rs`): scattered 4 KiB blocks changed, one delta
-//!    round with `--region-size 4K`, against `rsync --no-whole-file`.
+//!    sync with `--region-size 4K`, against `rsync --no-whole-file`; and one
+//!    delta round of as many blocks known from the tracer (a live
+//!    migration's final delta).
 //!
 //! Figures, not pass/fail; but every copy is compared byte for byte with
 //! `cmp`, and a difference fails the benchmark. The page cache is dropped
@@ -35,6 +37,8 @@
 //! `TERN_BENCH_MIGRATE_LIVE_REGION` (`--region-size` of the live part,
 //! default tern's own choice),
 //! `TERN_BENCH_MIGRATE_FS_MIB` (part 4 image, default 2048),
+//! `TERN_BENCH_MIGRATE_FS_ROUNDS` (part 4 copies per tool and link, the
+//! tools alternating; the median is shown, default 3),
 //! `TERN_BENCH_MIGRATE_SMALL_MIB` (part 5 image, default 2048),
 //! `TERN_BENCH_MIGRATE_SMALL_EXTENTS` (part 5 changed 4 KiB blocks, default 50000),
 //! `TERN_BENCH_MIGRATE_PARTS` (any of `copy,delta,fs,small,live`, default
@@ -83,6 +87,7 @@ struct Config {
     parts: Vec<String>,
     peers_only: bool,
     fs_mib: u64,
+    fs_rounds: u32,
     small_mib: u64,
     small_extents: u64,
     /// Seconds fio writes before `tern migrate` starts (live part).
@@ -120,6 +125,10 @@ impl Config {
         if mib < 2 || live_mib < 2 || small_mib < 2 {
             bail!("image sizes must be at least 2 MiB");
         }
+        let fs_rounds = env_or("TERN_BENCH_MIGRATE_FS_ROUNDS", 3)?;
+        if fs_rounds == 0 {
+            bail!("TERN_BENCH_MIGRATE_FS_ROUNDS: at least 1");
+        }
         if fs_mib < 64 {
             bail!("TERN_BENCH_MIGRATE_FS_MIB: an ext4 image needs at least 64 MiB");
         }
@@ -144,6 +153,7 @@ impl Config {
                 .ok()
                 .filter(|r| !r.is_empty()),
             fs_mib,
+            fs_rounds,
             small_mib,
             small_extents,
         })
@@ -226,6 +236,13 @@ struct Bench<'a> {
 }
 
 /// What `tern migrate` reported (its last stdout line is one JSON object).
+/// What `tern migrate` reads.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Device(&'a str),
+    File(&'a str),
+}
+
 struct Report {
     outcome: String,
     downtime_ms: f64,
@@ -615,17 +632,19 @@ impl Bench<'_> {
     /// `tern migrate` from a device; the report, or an error with the end of
     /// its log.
     fn migrate(&self, device: &str, to: SocketAddr, extra: &[&str]) -> Result<Report> {
+        self.migrate_from(Source::Device(device), to, extra)
+    }
+
+    /// `tern migrate` from a device or a file.
+    fn migrate_from(&self, source: Source<'_>, to: SocketAddr, extra: &[&str]) -> Result<Report> {
         check_interrupted()?;
         let log = self.dir.join("migrate.log");
+        let (flag, path) = match source {
+            Source::Device(d) => ("--device", d),
+            Source::File(f) => ("--file", f),
+        };
         let out = Command::new(self.tern)
-            .args([
-                "migrate",
-                "--device",
-                device,
-                "--to",
-                &to.to_string(),
-                "--tls-dir",
-            ])
+            .args(["migrate", flag, path, "--to", &to.to_string(), "--tls-dir"])
             .arg(self.certs.join("localhost"))
             .arg("--trace-out")
             .arg(self.dir.join("source.trace"))

@@ -5,6 +5,12 @@
 //! never written and a journal. The image is ext4, filled from this
 //! machine's own files: a clone of this repository, then copies of `/usr`
 //! until it is about 75 % full.
+//!
+//! `qemu-img convert` reads the image file; `tern migrate` reads the same
+//! file (`--file`), and over loopback also the loop device attached to it
+//! (`--device`, as a disk is read): the buffered loop device adds its own
+//! copy out of the file's page cache and a worker thread, which a real disk
+//! would not.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -14,7 +20,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use super::{
-    Bench, LINK_RATE, Loop, MIB, NETNS, NS_ADDR, Netns, Proc, drop_caches, free_port, same, timed,
+    Bench, LINK_RATE, Loop, MIB, NETNS, NS_ADDR, Netns, Proc, Source, drop_caches, free_port, same,
+    timed,
 };
 use crate::sh::{output, run as run_cmd};
 
@@ -26,6 +33,12 @@ const MAX_USR_COPIES: u32 = 16;
 /// qemu-nbd's port in the namespace (the agent there takes 7443 and 10809).
 const NS_QEMU_PORT: u16 = 10810;
 
+/// The copies over one link: tern's from each source, qemu-img's.
+struct LinkCopies {
+    tern: Vec<(&'static str, Option<Copy>)>,
+    qemu: Copy,
+}
+
 /// One full copy over one link.
 struct Copy {
     seconds: f64,
@@ -35,6 +48,8 @@ struct Copy {
     /// Bytes on the veth pair, both ways, headers included (the shaped
     /// link only).
     link: Option<u64>,
+    /// The seconds of every round, when this is their median.
+    rounds: Vec<f64>,
 }
 
 impl Bench<'_> {
@@ -52,9 +67,18 @@ impl Bench<'_> {
         let src_loop = Loop::attach(&src)?;
         let dst = self.dir.join("fs-dst.img");
 
-        let lo = self.fs_copies(&src, &src_loop.dev, &dst, nonzero, None)?;
+        let file = src
+            .to_str()
+            .context("the bench directory's path is UTF-8")?;
+        let lo = self.fs_copies(
+            &src,
+            &[Source::File(file), Source::Device(&src_loop.dev)],
+            &dst,
+            nonzero,
+            None,
+        )?;
         let ns = Netns::create(&NETNS, LINK_RATE)?;
-        let tbf = self.fs_copies(&src, &src_loop.dev, &dst, nonzero, Some(&ns))?;
+        let tbf = self.fs_copies(&src, &[Source::File(file)], &dst, nonzero, Some(&ns))?;
         drop(ns);
 
         // The compression reference: qemu-img compresses only into qcow2.
@@ -81,6 +105,25 @@ impl Bench<'_> {
         .context("qemu-img convert -c: the qcow2 copy is NOT identical to the image")?;
         std::fs::remove_file(&qcow).ok();
 
+        let qcow_copy = Copy {
+            seconds: qcow_secs,
+            wire: Some(qcow_bytes),
+            link: None,
+            rounds: Vec::new(),
+        };
+        self.fs_table(&filled, nonzero, &[&lo, &tbf], &qcow_copy)
+    }
+
+    /// The part's table: one row per tool and link, the rounds below.
+    fn fs_table(
+        &self,
+        filled: &Filled,
+        nonzero: u64,
+        links: &[&LinkCopies; 2],
+        qcow_copy: &Copy,
+    ) -> Result<String> {
+        let cfg = self.cfg;
+        let size = cfg.fs_mib * MIB;
         let mut t = format!(
             "File system image: ext4, {} MiB, {:.0} MiB used by {} files (a clone of this repository, \
              {} cop{} of /usr), {:.0} MiB allocated in the image file, {:.0} MiB non-zero; full copy to a fresh destination, \
@@ -117,11 +160,11 @@ impl Bench<'_> {
                 cell(c.zip(qemu).map(|(c, q)| format!("{:.2}x", q / c.seconds))),
             )
         };
-        for (link, (tern, qemu)) in [
-            ("loopback mTLS", &lo),
-            (&*format!("{LINK_RATE}/s tbf veth"), &tbf),
-        ] {
-            t += &row(link, "tern migrate", tern.as_ref(), Some(qemu.seconds));
+        let names = ["loopback mTLS", &*format!("{LINK_RATE}/s tbf veth")];
+        for (link, LinkCopies { tern, qemu }) in names.iter().zip(links) {
+            for (tool, copy) in tern {
+                t += &row(link, tool, copy.as_ref(), Some(qemu.seconds));
+            }
             t += &row(
                 link,
                 "qemu-img convert -> qemu-nbd",
@@ -129,57 +172,99 @@ impl Bench<'_> {
                 Some(qemu.seconds),
             );
         }
-        let qcow_copy = Copy {
-            seconds: qcow_secs,
-            wire: Some(qcow_bytes),
-            link: None,
-        };
         t += &row(
             "local file",
             "qemu-img convert -c -O qcow2",
-            Some(&qcow_copy),
+            Some(qcow_copy),
             None,
         );
+        writeln!(
+            t,
+            "seconds of each round, in order (the rows show the median round):"
+        )?;
+        for (link, LinkCopies { tern, qemu }) in names.iter().zip(links) {
+            let tools = tern
+                .iter()
+                .filter_map(|(tool, c)| Some((*tool, c.as_ref()?)))
+                .chain([("qemu-img convert -> qemu-nbd", qemu)]);
+            for (tool, c) in tools {
+                let runs: Vec<String> = c.rounds.iter().map(|s| format!("{s:.2}")).collect();
+                writeln!(t, "  {link:<18} {tool:<34} {}", runs.join(" / "))?;
+            }
+        }
         t += "(MB/s: of the image size; wire: tern's wire_bytes, the image's non-zero 4 KiB blocks for \
               qemu-img (zeros go as write-zeroes requests), the qcow2 file's size; link: bytes on the veth pair both ways, TCP and TLS included)\n";
         Ok(t)
     }
 
-    /// `tern migrate` and `qemu-img convert` over loopback or, with `ns`,
-    /// into the namespace across the shaped link; each into a fresh `dst`,
-    /// each compared with the source. `nonzero`: the source's non-zero bytes.
+    /// `tern migrate` from each of `sources` and `qemu-img convert`, over
+    /// loopback or, with `ns`, into the namespace across the shaped link;
+    /// each into a fresh `dst`, each compared with the source, the tools
+    /// alternating for `fs_rounds` rounds; the median copy of each.
+    /// `nonzero`: the source's non-zero bytes.
     fn fs_copies(
         &self,
         src: &Path,
-        dev: &str,
+        sources: &[Source<'_>],
         dst: &Path,
         nonzero: u64,
         ns: Option<&Netns>,
-    ) -> Result<(Option<Copy>, Copy)> {
-        let size = self.cfg.fs_mib * MIB;
-        let link_name = if ns.is_some() { "tbf link" } else { "loopback" };
-        let tern = if self.cfg.peers_only {
-            None
-        } else {
-            std::fs::remove_file(dst).ok();
-            let (mut agent, to) = self.start_agent(dst, size, ns)?;
-            drop_caches();
-            let before = link_bytes(ns)?;
-            let (seconds, report) = timed(|| self.migrate(dev, to, &["--no-pause"]))?;
-            let after = link_bytes(ns)?;
-            agent.stop();
-            same(
-                src,
-                dst,
-                &format!("tern migrate (file system image, {link_name})"),
-            )?;
-            Some(Copy {
-                seconds,
-                wire: Some(report.wire_bytes),
-                link: after.zip(before).map(|(a, b)| a - b),
-            })
-        };
+    ) -> Result<LinkCopies> {
+        let rounds = self.cfg.fs_rounds;
+        let mut tern: Vec<Vec<Copy>> = sources.iter().map(|_| Vec::new()).collect();
+        let mut qemu = Vec::new();
+        for _ in 0..rounds {
+            if !self.cfg.peers_only {
+                for (&source, copies) in sources.iter().zip(&mut tern) {
+                    copies.push(self.tern_copy(src, source, dst, ns)?);
+                }
+            }
+            qemu.push(self.qemu_copy(src, dst, nonzero, ns)?);
+        }
+        let tern = sources
+            .iter()
+            .zip(tern)
+            .map(|(&source, copies)| (tool_name(source), median_copy(copies)))
+            .collect();
+        let qemu = median_copy(qemu).context("at least one round")?;
+        Ok(LinkCopies { tern, qemu })
+    }
 
+    fn tern_copy(
+        &self,
+        src: &Path,
+        source: Source<'_>,
+        dst: &Path,
+        ns: Option<&Netns>,
+    ) -> Result<Copy> {
+        let size = self.cfg.fs_mib * MIB;
+        std::fs::remove_file(dst).ok();
+        let (mut agent, to) = self.start_agent(dst, size, ns)?;
+        drop_caches();
+        let before = link_bytes(ns)?;
+        let (seconds, report) = timed(|| self.migrate_from(source, to, &["--no-pause"]))?;
+        let after = link_bytes(ns)?;
+        agent.stop();
+        same(
+            src,
+            dst,
+            &format!(
+                "{} (file system image, {})",
+                tool_name(source),
+                link_name(ns)
+            ),
+        )?;
+        std::fs::remove_file(dst).ok();
+        Ok(Copy {
+            seconds,
+            wire: Some(report.wire_bytes),
+            link: after.zip(before).map(|(a, b)| a - b),
+            rounds: Vec::new(),
+        })
+    }
+
+    fn qemu_copy(&self, src: &Path, dst: &Path, nonzero: u64, ns: Option<&Netns>) -> Result<Copy> {
+        let size = self.cfg.fs_mib * MIB;
         std::fs::remove_file(dst).ok();
         File::create(dst)?.set_len(size)?;
         let (addr, mut cmd) = match ns {
@@ -211,18 +296,38 @@ impl Bench<'_> {
         same(
             src,
             dst,
-            &format!("qemu-img convert (file system image, {link_name})"),
+            &format!("qemu-img convert (file system image, {})", link_name(ns)),
         )?;
         std::fs::remove_file(dst).ok();
-        Ok((
-            tern,
-            Copy {
-                seconds,
-                wire: Some(nonzero),
-                link: after.zip(before).map(|(a, b)| a - b),
-            },
-        ))
+        Ok(Copy {
+            seconds,
+            wire: Some(nonzero),
+            link: after.zip(before).map(|(a, b)| a - b),
+            rounds: Vec::new(),
+        })
     }
+}
+
+fn tool_name(source: Source<'_>) -> &'static str {
+    match source {
+        Source::File(_) => "tern migrate --file (the image)",
+        Source::Device(_) => "tern migrate --device (loop dev)",
+    }
+}
+
+fn link_name(ns: Option<&Netns>) -> &'static str {
+    if ns.is_some() { "tbf link" } else { "loopback" }
+}
+
+/// The copy of median time (of an even count, the faster middle one): a
+/// real run, so its bytes go with its seconds.
+fn median_copy(mut copies: Vec<Copy>) -> Option<Copy> {
+    let rounds = copies.iter().map(|c| c.seconds).collect();
+    copies.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+    let mid = copies.len().checked_sub(1)? / 2;
+    let mut median = copies.swap_remove(mid);
+    median.rounds = rounds;
+    Some(median)
 }
 
 /// Bytes through the host end of the namespace's veth pair, both ways.
