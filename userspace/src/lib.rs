@@ -33,5 +33,6 @@ pub mod predict;
 pub mod ramfile;
 pub mod replicate;
 pub mod rpc;
+pub mod throttle;
 pub mod trace;
 pub mod units;

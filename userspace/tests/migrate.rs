@@ -798,3 +798,189 @@ fn a_second_rollback_is_refused_and_keeps_the_sources_new_writes() {
         "the source's write is kept"
     );
 }
+
+/// A cgroup v1 blkio directory of its own (where this host's io controller
+/// lives), removed on drop once its processes are gone.
+struct BlkioCgroup(PathBuf);
+
+impl BlkioCgroup {
+    fn new() -> BlkioCgroup {
+        let dir = PathBuf::from(format!(
+            "/sys/fs/cgroup/blkio/tern-test-throttle-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&dir).expect("create the blkio cgroup (cgroup v1 blkio mounted?)");
+        BlkioCgroup(dir)
+    }
+
+    fn limits(&self) -> String {
+        std::fs::read_to_string(self.0.join("blkio.throttle.write_bps_device")).expect("limits")
+    }
+}
+
+impl Drop for BlkioCgroup {
+    fn drop(&mut self) {
+        // The writer was killed and waited for before: the cgroup is empty.
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// An unthrottled fio writing 4 KiB blocks at random over all of `dev`,
+/// from inside `cgroup`.
+fn fio_in_cgroup(cgroup: &BlkioCgroup, dev: &str) -> support::migration::Killed {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec fio --name=w --filename={dev} --rw=randwrite --bs=4k --direct=1 --ioengine=psync --time_based --runtime=600 --randrepeat=0 --refill_buffers --thread",
+        cgroup.0.display()
+    );
+    let child = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fio");
+    support::migration::Killed(child)
+}
+
+#[test]
+fn an_unconverging_writer_is_throttled_until_the_cutover_and_its_limit_put_back() {
+    let src = LoopDev::new("16M");
+    fill_random(src.path(), 16);
+    let name = src.path().trim_start_matches("/dev/");
+    let dev = std::fs::read_to_string(format!("/sys/class/block/{name}/dev")).expect("MAJ:MIN");
+    let dev = dev.trim();
+    let cgroup = BlkioCgroup::new();
+    // An operator's own limit, far above the writer: it must be back after.
+    let operator = format!("{dev} 1000000000");
+    std::fs::write(cgroup.0.join("blkio.throttle.write_bps_device"), &operator).expect("limit");
+    let lab = Lab::new(16 * MIB);
+    let writer = fio_in_cgroup(&cgroup, src.path());
+    std::thread::sleep(Duration::from_millis(500));
+    let pause = pause_stop(writer.0.id());
+    let common = [
+        "--pause",
+        &pause,
+        "--max-rate",
+        "16M",
+        "--max-downtime",
+        "50ms",
+        "--max-rounds",
+        "16",
+    ];
+
+    // Left alone, a writer faster than the link never converges.
+    let (ok, _, err) = run_report(&mut lab.migrate(src.path(), &common));
+    assert!(!ok, "converged without throttling: {err}");
+    eprintln!("left alone: {}", err.lines().last().unwrap_or_default());
+    assert!(err.contains("not converging"), "{err}");
+    assert!(err.contains("--converge throttle"), "{err}");
+    assert_eq!(cgroup.limits().trim(), operator, "untouched");
+
+    let cg = cgroup.0.display().to_string();
+    let mut args = common.to_vec();
+    args.extend(["--converge", "throttle", "--throttle-cgroup", &cg]);
+    let (ok, report, err) = run_report(&mut lab.migrate(src.path(), &args));
+    assert!(ok, "migrate failed: {err}");
+    eprintln!("throttled: {report}");
+    assert_eq!(report["outcome"], "cut over", "{report}");
+    // Paused at the cutover: the destination equals the source.
+    assert_same(src.path(), &lab.image());
+    let t = &report["throttle"];
+    assert!(t["steps"].as_u64().expect("steps") >= 1, "{report}");
+    let lowest = t["lowest_bps"].as_u64().expect("lowest");
+    assert!(lowest > 0 && lowest < 16 * MIB, "{report}");
+    assert_eq!(t["device"], dev, "{report}");
+    assert!(report["downtime_ms"].as_f64().expect("downtime") > 0.0);
+    // Lifted: the operator's limit is back, and no record is left behind.
+    assert_eq!(cgroup.limits().trim(), operator);
+    let record = lab.dir.path().join("state/throttle.json");
+    assert!(!record.exists());
+
+    // The cutover handed the stopped writer over: it runs again here.
+    sh(Command::new("kill").args(["-CONT", &writer.0.id().to_string()]));
+    // A migration SIGKILLed while it throttles (a budget nothing meets keeps
+    // it throttling) runs no destructor: the next run, whatever its mode,
+    // undoes the limit from the record.
+    let args = [
+        "--pause",
+        &pause,
+        "--max-rate",
+        "16M",
+        "--max-downtime",
+        "1ms",
+        "--max-rounds",
+        "100000",
+        "--converge",
+        "throttle",
+        "--throttle-cgroup",
+        &cg,
+    ];
+    let mut run = lab
+        .migrate(src.path(), &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start migrate");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !record.exists() {
+        assert!(Instant::now() < deadline, "never throttled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // `timeout` runs tern as its child: kill tern itself.
+    sh(Command::new("pkill")
+        .args(["-KILL", "-P"])
+        .arg(run.id().to_string()));
+    let _ = run.wait();
+    assert_ne!(
+        cgroup.limits().trim(),
+        operator,
+        "the killed run's limit is on"
+    );
+    // The writer goes: the next run syncs an idle source.
+    drop(writer);
+    let (ok, report, err) =
+        run_report(&mut lab.migrate(src.path(), &["--no-pause", "--no-switch"]));
+    assert!(ok, "migrate failed: {err}");
+    assert_eq!(report["outcome"], "synced", "{report}");
+    assert_eq!(cgroup.limits().trim(), operator, "undone from the record");
+    assert!(!record.exists());
+}
+
+#[test]
+fn throttling_without_a_cgroup_with_a_write_limit_is_a_clear_error() {
+    let src = LoopDev::new("4M");
+    let lab = Lab::new(4 * MIB);
+    let not_a_cgroup = lab.dir.path().display().to_string();
+    let (ok, _, err) = run_report(&mut lab.migrate(
+        src.path(),
+        &[
+            "--pause",
+            "cmd:true;;true",
+            "--converge",
+            "throttle",
+            "--throttle-cgroup",
+            &not_a_cgroup,
+        ],
+    ));
+    assert!(!ok);
+    assert!(err.contains("has no io.max"), "{err}");
+    let (ok, _, err) = run_report(&mut lab.migrate(
+        src.path(),
+        &["--pause", "cmd:true;;true", "--converge", "throttle"],
+    ));
+    assert!(!ok);
+    assert!(err.contains("--throttle-cgroup"), "{err}");
+    // The cgroup of a host's root is refused: a limit there slows everything.
+    let (ok, _, err) = run_report(&mut lab.migrate(
+        src.path(),
+        &[
+            "--pause",
+            "cmd:true;;true",
+            "--converge",
+            "throttle",
+            "--throttle-cgroup",
+            "/sys/fs/cgroup/blkio",
+        ],
+    ));
+    assert!(!ok);
+    assert!(err.contains("root cgroup"), "{err}");
+}

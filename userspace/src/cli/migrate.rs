@@ -12,6 +12,7 @@ use tern::agent::source::{Prefetch, Source, SourceDisk, SourceOptions};
 use tern::cutover::{self, CutoverOptions, HealthCheck, Status, StatusCell};
 use tern::pause::PauseTarget;
 use tern::replicate::{CompressWhen, Stats};
+use tern::throttle::CgroupSpec;
 use tern::units::{human_bytes, human_rate};
 
 use super::args::{parse_rate, parse_size, runtime};
@@ -126,6 +127,17 @@ pub struct MigrateArgs {
     /// Delta rounds before giving up on convergence.
     #[arg(long, default_value_t = 30)]
     max_rounds: u64,
+    /// When the rounds do not converge: `fail` leaves the workload alone and
+    /// fails with what it would take; `throttle` limits the workload's
+    /// writes to the source's disk (its cgroup's write limit), lowering the
+    /// limit until the final delta fits, and lifts it at the pause.
+    #[arg(long, value_enum, default_value_t = Converge::Fail)]
+    converge: Converge,
+    /// The cgroup `--converge throttle` limits: a directory (cgroup v2 with
+    /// the io controller, or v1 blkio) or pid:N (that process's cgroup).
+    /// Default: the cgroup of `--pause cgroup:DIR`.
+    #[arg(long, value_name = "DIR|pid:N")]
+    throttle_cgroup: Option<CgroupSpec>,
     /// After cutover: a command that must exit 0, else roll back.
     #[arg(long)]
     health_cmd: Option<String>,
@@ -136,6 +148,37 @@ pub struct MigrateArgs {
     /// Sync only: leave the source primary and the destination read-only.
     #[arg(long)]
     no_switch: bool,
+}
+
+/// What a migration does when its rounds do not converge.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Converge {
+    /// Fail, saying what it would take; the workload is never slowed.
+    Fail,
+    /// Slow the workload's writes until the final delta fits.
+    Throttle,
+}
+
+impl MigrateArgs {
+    /// The cgroup to throttle: `None` unless `--converge throttle`.
+    fn throttle_cgroup(&self) -> Result<Option<CgroupSpec>> {
+        if self.converge == Converge::Fail {
+            if self.throttle_cgroup.is_some() {
+                bail!("--throttle-cgroup is for --converge throttle");
+            }
+            return Ok(None);
+        }
+        if self.no_pause {
+            bail!("--converge throttle slows a running workload: it needs --pause, not --no-pause");
+        }
+        match (&self.throttle_cgroup, &self.pause) {
+            (Some(spec), _) => Ok(Some(spec.clone())),
+            (None, Some(PauseTarget::Cgroup(dir))) => Ok(Some(CgroupSpec::Dir(dir.clone()))),
+            (None, _) => bail!(
+                "--converge throttle needs the workload's cgroup: give --throttle-cgroup DIR or --throttle-cgroup pid:N"
+            ),
+        }
+    }
 }
 
 /// How to reach a running source agent's control service.
@@ -266,6 +309,7 @@ impl SourceArgs {
             (None, None) => Prefetch::None,
         };
         o.history = self.history.recording();
+        o.throttle_record = Some(self.state_dir.join("throttle.json"));
         Ok(o)
     }
 }
@@ -306,6 +350,7 @@ fn status_line(s: &Status, counters: &Stats, rate_bps: u64) -> serde_json::Value
         "dirty_rate_bps": s.dirty_rate_bps,
         "estimated_downtime_ms": s.estimated_downtime_ms,
         "rpo_ms": s.rpo_ms,
+        "throttle_bps": s.throttle_bps,
         "reconnects": st.reconnects,
     })
 }
@@ -342,8 +387,16 @@ impl Progress {
                 if let Some(bar) = &bar {
                     bar.set_length(st.round_bytes.max(1));
                     bar.set_position(st.round_done.min(st.round_bytes));
+                    let throttled = if s.throttle_bps > 0 {
+                        format!(
+                            " · writes throttled to {}",
+                            human_rate(s.throttle_bps as f64)
+                        )
+                    } else {
+                        String::new()
+                    };
                     bar.set_message(format!(
-                        "{} · round {} · sent {} · {} · dirty {} · est. downtime {} ms",
+                        "{} · round {} · sent {} · {} · dirty {} · est. downtime {} ms{throttled}",
                         s.phase,
                         s.round,
                         human_bytes(st.sent_bytes as f64),
@@ -443,6 +496,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             region: tern::cutover::HEALTH_REGION,
         });
     }
+    let throttle = m.throttle_cgroup()?;
     let report: serde_json::Value = runtime()?.block_on(async {
         if let Some(mut client) = m.agent.connect().await? {
             // A running source agent does the work; this only asks and waits.
@@ -457,6 +511,10 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
                         .unwrap_or_default(),
                     health_cmd: m.health_cmd.clone().unwrap_or_default(),
                     no_switch: m.no_switch,
+                    throttle_cgroup: throttle
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("the source agent: {}", s.message()))?
@@ -480,6 +538,10 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             health,
             switch: !m.no_switch,
             initial_sync: true,
+            throttle: throttle.map(|cgroup| cutover::ThrottleOptions {
+                cgroup,
+                record: Some(source.state_dir.join("throttle.json")),
+            }),
         };
         let result = side.migrate(&opts).await;
         let mut err = std::io::stderr().lock();
@@ -535,6 +597,18 @@ fn render_report(r: &serde_json::Value) -> String {
         f("rounds"),
         f("epoch"),
     );
+    let t = &r["throttle"];
+    if t.is_object() {
+        let _ = writeln!(
+            text,
+            "writes of {} to {} throttled for {:.1} s, down to {} in {} steps; the limit before was put back",
+            t["cgroup"].as_str().unwrap_or("?"),
+            t["device"].as_str().unwrap_or("?"),
+            t["throttled_ms"].as_f64().unwrap_or(0.0) / 1e3,
+            human_rate(t["lowest_bps"].as_f64().unwrap_or(0.0)),
+            t["steps"].as_u64().unwrap_or(0),
+        );
+    }
     if let Some(why) = r["failure"].as_str() {
         let _ = writeln!(text, "failure: {why}");
     }
@@ -646,6 +720,7 @@ pub fn status(s: &StatusArgs) -> Result<()> {
             "dirty_rate_bps": reply.dirty_rate_bps,
             "estimated_downtime_ms": reply.estimated_downtime_ms,
             "rpo_ms": reply.rpo_ms,
+            "throttle_bps": reply.throttle_bps,
             "reconnects": reply.reconnects,
             "gaps": reply.gaps,
         });
@@ -728,6 +803,13 @@ fn print_status(v: &serde_json::Value, json: bool) -> Result<()> {
         n("estimated_downtime_ms")
     )?;
     writeln!(out, "RPO                  {} ms", n("rpo_ms"))?;
+    if n("throttle_bps") > 0.0 {
+        writeln!(
+            out,
+            "writes throttled to  {}",
+            human_rate(n("throttle_bps"))
+        )?;
+    }
     Ok(())
 }
 

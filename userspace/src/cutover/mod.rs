@@ -12,13 +12,17 @@ use std::time::{Duration, Instant};
 mod health;
 mod in_flight;
 mod rollback;
+mod throttling;
 
 pub use health::{HEALTH_REGION, HealthCheck, HealthError};
 pub use rollback::{RollbackReport, rollback};
+pub use throttling::{ThrottleOptions, ThrottleReport};
 
 use crate::pause::{PauseError, PauseTarget, Paused};
 use crate::replicate::{ReplicateError, Replicator, Tracker};
 use crate::rpc::RpcError;
+use crate::throttle::{ThrottleError, WriteThrottle};
+use throttling::Throttling;
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +33,8 @@ pub enum CutoverError {
     Rpc(#[from] RpcError),
     #[error("pausing the workload: {0}")]
     Pause(#[from] PauseError),
+    #[error("throttling the workload's writes: {0}")]
+    Throttle(#[from] ThrottleError),
     /// Rollback asked of a destination that is not primary.
     #[error(
         "nothing to roll back: the destination's export is read-only (epoch {epoch}), so it never became primary or a rollback already made the source primary again; copying its data back would overwrite the source's newer writes"
@@ -36,7 +42,9 @@ pub enum CutoverError {
     NotPrimary { epoch: u64 },
     /// The dirty rate does not let the remaining set fit the budget.
     #[error(
-        "not converging after {rounds} rounds: {dirty_mb:.1} MB still dirty, the workload dirties {dirty_rate_mbs:.1} MB/s and the link moves {bandwidth_mbs:.1} MB/s, so the final delta would take about {estimate_ms} ms against a budget of {budget_ms} ms. Choose: raise --max-downtime to about {estimate_ms}ms, throttle the workload (or its cgroup's io.max), or lower its write rate; the workload was not paused"
+        "not converging after {rounds} rounds: {dirty_mb:.1} MB still dirty, the workload dirties {dirty_rate_mbs:.1} MB/s and the link moves {bandwidth_mbs:.1} MB/s, so the final delta would take about {estimate_ms} ms against a budget of {budget_ms} ms{throttled}. Choose: raise --max-downtime to about {estimate_ms}ms, {remedy}, or lower its write rate; the workload was not paused",
+        throttled = throttled_note(.throttled_to.as_ref()),
+        remedy = if .throttled_to.is_some() { "raise --max-rounds so the throttle can go lower" } else { "throttle its writes (--converge throttle, or its cgroup's write limit)" },
     )]
     NotConverging {
         rounds: u64,
@@ -45,6 +53,8 @@ pub enum CutoverError {
         bandwidth_mbs: f64,
         estimate_ms: u64,
         budget_ms: u64,
+        /// The lowest write limit set, when the workload was throttled.
+        throttled_to: Option<u64>,
     },
     /// The checksum roots still differed after resending.
     #[error(
@@ -86,6 +96,9 @@ pub struct CutoverOptions {
     /// Start with a bulk copy or a delta sync by checksums; `false` when a
     /// standby has kept the destination current and the dirty map is trusted.
     pub initial_sync: bool,
+    /// Slow the workload's writes while the rounds do not converge (`None`:
+    /// fail with [`CutoverError::NotConverging`] instead).
+    pub throttle: Option<ThrottleOptions>,
 }
 
 impl Default for CutoverOptions {
@@ -97,6 +110,7 @@ impl Default for CutoverOptions {
             health: Vec::new(),
             switch: true,
             initial_sync: true,
+            throttle: None,
         }
     }
 }
@@ -116,6 +130,8 @@ pub struct Status {
     pub estimated_downtime_ms: u64,
     /// Age of the destination's copy: time since the last round finished.
     pub rpo_ms: u64,
+    /// The write limit on the workload now (0: none).
+    pub throttle_bps: u64,
 }
 
 /// A status cell the CLI polls.
@@ -171,11 +187,16 @@ pub struct Report {
     pub root: String,
     /// Set when the migration was rolled back.
     pub rollback: Option<RollbackReport>,
+    /// What throttling the workload did (`--converge throttle`).
+    pub throttle: Option<ThrottleReport>,
     pub failure: Option<String>,
 }
 
 /// Verifications before a cutover gives up (each resends what differs).
 const ATTEMPTS: u32 = 3;
+/// How long a lifted write throttle takes to dispatch the writes it held:
+/// its timer fires at the next jiffy (4 ms at 250 Hz, 10 ms at 100 Hz).
+const THROTTLE_DRAIN: Duration = Duration::from_millis(25);
 /// How long the writes in flight at the pause may take to complete.
 const IN_FLIGHT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -242,6 +263,7 @@ async fn converge(
     started: Instant,
     bandwidth: &mut f64,
     gaps_seen: &mut u64,
+    mut throttling: Option<&mut Throttling>,
     report: &mut Report,
 ) -> Result<u64, CutoverError> {
     let mut last_round_end = Instant::now();
@@ -289,7 +311,7 @@ async fn converge(
         });
         // At least one delta round first, so the estimate rests on one.
         let measured = rounds > catch_up_rounds || dirty == 0;
-        let budget_ms = u64::try_from(opts.max_downtime.as_millis()).unwrap_or(u64::MAX);
+        let budget_ms = budget_ms(opts.max_downtime, throttling.as_deref());
         if opts.pause.is_none() {
             break;
         }
@@ -317,6 +339,13 @@ async fn converge(
             sprint_dirty = dirty;
         } else {
             sprint_dirty = u64::MAX;
+            if let Some(t) = throttling.as_deref_mut()
+                && measured
+            {
+                t.slow_down(dirty, *bandwidth)?;
+                let on = t.current().unwrap_or(0);
+                set_status(status, |s| s.throttle_bps = on);
+            }
         }
         if rounds >= opts.max_rounds {
             if measured && estimate <= budget_ms {
@@ -330,6 +359,7 @@ async fn converge(
                 bandwidth_mbs: *bandwidth / 1e6,
                 estimate_ms: estimate,
                 budget_ms,
+                throttled_to: throttling.as_deref().and_then(Throttling::lowest),
             });
         }
         // A sprint round reads the whole checksum regions it touches, so the
@@ -382,6 +412,15 @@ pub async fn migrate(
         ..Report::default()
     };
     let mut gaps_seen = 0;
+    // Resolved before anything is sent: a wrong cgroup fails at once.
+    let mut throttling = match &opts.throttle {
+        Some(t) => Some(Throttling::new(WriteThrottle::new(
+            &t.cgroup,
+            repl.source().path(),
+            t.record.as_deref(),
+        )?)),
+        None => None,
+    };
 
     set_status(status, |s| s.phase = "connecting");
     let epoch = repl.take_epoch().await?;
@@ -397,6 +436,7 @@ pub async fn migrate(
         started,
         &mut bandwidth,
         &mut gaps_seen,
+        throttling.as_mut(),
         &mut report,
     )
     .await?;
@@ -432,6 +472,20 @@ pub async fn migrate(
     let stopped_at = pause_started + ran_inside;
     report.precopy_ms = ran_inside.as_secs_f64() * 1e3;
     report.pause_ms = ms(stopped_at);
+    // The workload is stopped: its limit goes now, so that it resumes at its
+    // own pace whatever happens next (a failure here resumes it too).
+    if let Some(t) = throttling.as_mut() {
+        if t.lift()? {
+            // A write the throttle still held at the pause is in no
+            // device's in-flight count: the in-flight wait below would miss
+            // it and it would land after the final delta (seen: one 4 KiB
+            // block). Lifted, the throttle dispatches what it holds from its
+            // timer within a jiffy or two; give it that before looking.
+            tokio::time::sleep(THROTTLE_DRAIN).await;
+        }
+        report.throttle = Some(t.report());
+        set_status(status, |s| s.throttle_bps = 0);
+    }
     let finished = final_delta(repl, tracker, &mut gaps_seen, &mut report).await;
     if let Err(e) = finished {
         // `paused` resumes the workload when dropped; say so explicitly.
@@ -509,6 +563,27 @@ async fn after_switch(
     report.outcome = "cut over";
     set_status(status, |s| s.phase = "cut over: destination is primary");
     Ok(())
+}
+
+/// The downtime budget the final delta must fit, in milliseconds: a
+/// throttled workload's pause also waits for the throttle to let go of the
+/// writes it holds.
+fn budget_ms(max_downtime: Duration, throttling: Option<&Throttling>) -> u64 {
+    let drain = throttling
+        .and_then(Throttling::current)
+        .map_or(Duration::ZERO, |_| THROTTLE_DRAIN);
+    u64::try_from(max_downtime.saturating_sub(drain).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How far the workload's writes were throttled, for the error.
+fn throttled_note(lowest: Option<&u64>) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "a rate for a person to read")]
+    lowest.map_or(String::new(), |b| {
+        format!(
+            " (with its writes throttled down to {})",
+            crate::units::human_rate(*b as f64)
+        )
+    })
 }
 
 fn ms(since: Instant) -> f64 {

@@ -4,6 +4,7 @@
 //! channel and run between rounds, never in the middle of one (a round that
 //! was cut short would have taken dirty units without sending them).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use crate::cutover::{self, CutoverError, CutoverOptions, StatusCell};
 use crate::pause::PauseTarget;
 use crate::replicate::{ReplicateError, Replicator, Stats, Tracker};
 use crate::rpc::pb::{self, control_server};
+use crate::throttle::CgroupSpec;
 
 /// Errors of the source agent.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,8 @@ pub struct SourceAgent {
     pub tracker: Tracker,
     pub repl: Replicator,
     pub status: StatusCell,
+    /// Where a write limit on the workload is recorded while it is on.
+    pub throttle_record: Option<PathBuf>,
 }
 
 fn set(status: &StatusCell, f: impl FnOnce(&mut cutover::Status)) {
@@ -175,7 +179,10 @@ impl SourceAgent {
     /// Serves one command; returns whether standby replication goes on.
     async fn serve(&mut self, cmd: Command) -> bool {
         match cmd {
-            Command::Cutover(opts, reply) => {
+            Command::Cutover(mut opts, reply) => {
+                if let Some(t) = &mut opts.throttle {
+                    t.record.clone_from(&self.throttle_record);
+                }
                 let result =
                     cutover::migrate(&mut self.repl, &self.tracker, &opts, &self.status).await;
                 let go_on = match &result {
@@ -269,6 +276,7 @@ impl control_server::Control for ControlService {
             dirty_rate_bps: s.dirty_rate_bps,
             estimated_downtime_ms: s.estimated_downtime_ms,
             rpo_ms: s.rpo_ms,
+            throttle_bps: s.throttle_bps,
             reconnects: st.reconnects,
             gaps: (self.gaps)(),
         }))
@@ -306,6 +314,15 @@ impl control_server::Control for ControlService {
             switch: !r.no_switch,
             // The standby keeps the destination current: no initial pass.
             initial_sync: false,
+            throttle: (!r.throttle_cgroup.is_empty())
+                .then(|| r.throttle_cgroup.parse::<CgroupSpec>())
+                .transpose()
+                .map_err(|e| bad_request("throttle_cgroup", e))?
+                .map(|cgroup| cutover::ThrottleOptions {
+                    cgroup,
+                    // The agent's own record path, set where it runs the cutover.
+                    record: None,
+                }),
         };
         let (tx, rx) = oneshot::channel();
         self.commands

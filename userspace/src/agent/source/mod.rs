@@ -63,6 +63,9 @@ pub enum SourceError {
     },
     #[error(transparent)]
     Dirty(#[from] DirtyError),
+    /// A killed run's write limit on the workload could not be undone.
+    #[error("undoing an earlier run's write limit on the workload: {0}")]
+    Throttle(#[from] crate::throttle::ThrottleError),
     #[error(transparent)]
     Replicate(#[from] ReplicateError),
     #[error("cannot use the history spool {spool} (choose another with --history-spool)")]
@@ -182,6 +185,9 @@ pub struct SourceOptions {
     pub trace_out: PathBuf,
     pub prefetch: Prefetch,
     pub history: Option<HistoryRecording>,
+    /// Where a write limit on the workload (`--converge throttle`) is
+    /// recorded while it is on, so that the next run undoes a killed run's.
+    pub throttle_record: Option<PathBuf>,
 }
 
 impl SourceOptions {
@@ -205,6 +211,7 @@ impl SourceOptions {
             trace_out: PathBuf::from(DEFAULT_TRACE_OUT),
             prefetch: Prefetch::None,
             history: None,
+            throttle_record: None,
         }
     }
 }
@@ -236,6 +243,11 @@ impl Source {
         reason = "the source's start-up in its one safe order (tracing before the first read); each step is a few lines"
     )]
     pub async fn bind(opts: &SourceOptions) -> Result<Source, SourceError> {
+        // A run killed with the workload throttled left its record: the
+        // workload must not stay slowed, whatever this run does.
+        if let Some(record) = &opts.throttle_record {
+            crate::throttle::undo_recorded(record)?;
+        }
         let path = opts.disk.path();
         let read_cached = matches!(
             opts.disk,
@@ -342,6 +354,7 @@ impl Source {
                 tracker,
                 repl,
                 status: Arc::new(Mutex::new(Status::default())),
+                throttle_record: opts.throttle_record.clone(),
             },
             uploader,
             tls,
@@ -367,6 +380,7 @@ impl Source {
                     tracker,
                     mut repl,
                     status,
+                    ..
                 },
             uploader,
             ..

@@ -1,0 +1,169 @@
+//! Slowing the workload's writes while the delta rounds do not converge
+//! (`--converge throttle`): the first limit is half of what the link moves
+//! (or of what the writer writes, if less), then halved at each look where
+//! the dirty set did not halve since the look before, down to a floor; the
+//! limit is lifted once the workload is paused.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::throttle::{CgroupSpec, ThrottleError, WriteThrottle};
+
+/// Whose writes to slow, and where to record a limit while it is on.
+#[derive(Debug, Clone)]
+pub struct ThrottleOptions {
+    pub cgroup: CgroupSpec,
+    /// Written while a limit is on and removed when lifted, so that a killed
+    /// migration's limit is undone by the next run (`None`: not recorded).
+    pub record: Option<PathBuf>,
+}
+
+/// What throttling did, in the report.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ThrottleReport {
+    pub cgroup: String,
+    /// `MAJ:MIN` of the disk the limit was on.
+    pub device: String,
+    /// Times the limit was set or lowered.
+    pub steps: u64,
+    /// The lowest limit set, bytes per second (0: never limited).
+    pub lowest_bps: u64,
+    /// How long a limit was on.
+    pub throttled_ms: f64,
+}
+
+/// The lowest limit: below it a writer's single requests stall for long.
+const FLOOR_BPS: u64 = 1 << 20;
+
+/// The throttle and the looks it steps on.
+#[derive(Debug)]
+pub(super) struct Throttling {
+    throttle: WriteThrottle,
+    /// Dirty bytes at the previous look (`u64::MAX` before the first).
+    last_dirty: u64,
+    /// The cgroup's written bytes and when they were read, for its rate.
+    written: Option<(u64, Instant)>,
+    steps: u64,
+    lowest: Option<u64>,
+}
+
+impl Throttling {
+    pub(super) fn new(throttle: WriteThrottle) -> Throttling {
+        let written = throttle.written_bytes().map(|b| (b, Instant::now()));
+        Throttling {
+            throttle,
+            last_dirty: u64::MAX,
+            written,
+            steps: 0,
+            lowest: None,
+        }
+    }
+
+    /// The limit on now (bytes per second).
+    pub(super) fn current(&self) -> Option<u64> {
+        self.throttle.current()
+    }
+
+    /// The lowest limit set so far.
+    pub(super) fn lowest(&self) -> Option<u64> {
+        self.lowest
+    }
+
+    /// Bytes per second the cgroup wrote since the last reading.
+    fn writer_rate(&mut self) -> Option<f64> {
+        let now = self.throttle.written_bytes()?;
+        let (then, at) = self.written.replace((now, Instant::now()))?;
+        let secs = at.elapsed().as_secs_f64();
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a byte count over seconds, for a rate"
+        )]
+        let rate = now.saturating_sub(then) as f64 / secs.max(1e-3);
+        (rate > 0.0).then_some(rate)
+    }
+
+    /// At a look whose final delta would not fit the budget: lowers the
+    /// limit unless the dirty set already halved since the previous look.
+    /// `bandwidth` is the link's measured rate (bytes per second).
+    pub(super) fn slow_down(&mut self, dirty: u64, bandwidth: f64) -> Result<(), ThrottleError> {
+        let writer = self.writer_rate();
+        let shrinking = dirty.saturating_mul(2) <= self.last_dirty;
+        self.last_dirty = dirty;
+        // Shrinking (or the first look): the rounds converge as they are.
+        if shrinking {
+            return Ok(());
+        }
+        let next = if let Some(on) = self.throttle.current() {
+            on / 2
+        } else if let Some(first) = first_limit(writer, bandwidth) {
+            first
+        } else {
+            // Neither rate is known yet: the next look will tell.
+            return Ok(());
+        }
+        .max(FLOOR_BPS);
+        if self.throttle.current() == Some(next) {
+            return Ok(());
+        }
+        self.throttle.limit(next)?;
+        self.steps += 1;
+        let set = self.throttle.current().unwrap_or(next);
+        self.lowest = Some(self.lowest.map_or(set, |l| l.min(set)));
+        tracing::info!(
+            cgroup = %self.throttle.cgroup().display(),
+            device = self.throttle.device(),
+            limit_bps = set,
+            dirty,
+            "not converging: the workload's writes are throttled"
+        );
+        Ok(())
+    }
+
+    /// Puts back the limit that was there before (the workload is paused, or
+    /// the migration ends); `true` when a limit of ours was on.
+    pub(super) fn lift(&mut self) -> Result<bool, ThrottleError> {
+        let on = self.throttle.current().is_some();
+        self.throttle.lift()?;
+        Ok(on)
+    }
+
+    pub(super) fn report(&self) -> ThrottleReport {
+        ThrottleReport {
+            cgroup: self.throttle.cgroup().display().to_string(),
+            device: self.throttle.device().to_owned(),
+            steps: self.steps,
+            lowest_bps: self.lowest.unwrap_or(0),
+            throttled_ms: self.throttle.throttled_for().as_secs_f64() * 1e3,
+        }
+    }
+}
+
+/// The first limit: half of the link's rate, or of the writer's own when it
+/// writes slower (a limit above what it writes would not slow it).
+fn first_limit(writer: Option<f64>, bandwidth: f64) -> Option<u64> {
+    let base = match writer {
+        Some(w) if bandwidth > 0.0 => w.min(bandwidth),
+        Some(w) => w,
+        None => bandwidth,
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a positive rate; `as` saturates, right for a limit"
+    )]
+    (base > 0.0).then(|| (base / 2.0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_limit;
+
+    #[test]
+    fn the_first_limit_halves_the_slower_of_the_link_and_the_writer() {
+        assert_eq!(first_limit(Some(100.0), 40.0), Some(20));
+        assert_eq!(first_limit(Some(10.0), 40.0), Some(5));
+        assert_eq!(first_limit(None, 40.0), Some(20));
+        assert_eq!(first_limit(Some(10.0), 0.0), Some(5));
+        assert_eq!(first_limit(None, 0.0), None);
+    }
+}
