@@ -65,6 +65,15 @@ pub enum ThrottleError {
     /// A cgroup file that is not in the kernel's documented format.
     #[error("unexpected content in {path}: {content:?}")]
     Format { path: PathBuf, content: String },
+    /// An earlier, stopped run's limit that cannot be undone.
+    #[error(
+        "cannot undo the write limit an earlier, stopped migration recorded in {record}: check the cgroup's limit by hand, then remove that file"
+    )]
+    Undo {
+        record: PathBuf,
+        #[source]
+        source: Box<ThrottleError>,
+    },
     /// A record of an earlier limit that cannot be read back.
     #[error(
         "the throttle record {path} is not one Tern wrote; remove it after checking the cgroup's limit by hand"
@@ -212,6 +221,8 @@ struct Record {
     device: String,
     /// The limit before ours (`None`: there was none).
     previous: Option<u64>,
+    /// The run that set it: a live one's limit is not undone.
+    pid: u32,
 }
 
 /// A write-bandwidth limit on one cgroup for one disk, lifted when dropped.
@@ -224,6 +235,8 @@ pub struct WriteThrottle {
     previous: Option<u64>,
     current: Option<u64>,
     record: Option<PathBuf>,
+    /// Every limit is off for now (an operator's too); `lift` puts it back.
+    released: bool,
     since: Option<Instant>,
     throttled: Duration,
 }
@@ -243,14 +256,15 @@ impl WriteThrottle {
         }
         let (cgroup, iface) = match spec {
             CgroupSpec::Dir(dir) => {
-                let iface = Interface::of(dir).ok_or_else(|| ThrottleError::NoController {
-                    cgroup: dir.clone(),
-                })?;
+                // First: a v2 root has no io.max, and "no controller" would mislead.
                 if is_root_cgroup(dir) {
                     return Err(ThrottleError::RootCgroup {
                         cgroup: dir.clone(),
                     });
                 }
+                let iface = Interface::of(dir).ok_or_else(|| ThrottleError::NoController {
+                    cgroup: dir.clone(),
+                })?;
                 (dir.clone(), iface)
             }
             CgroupSpec::Pid(pid) => cgroup_of(*pid)?,
@@ -269,6 +283,7 @@ impl WriteThrottle {
             previous,
             current: None,
             record: record.map(Path::to_path_buf),
+            released: false,
             since: None,
             throttled: Duration::ZERO,
         })
@@ -296,37 +311,61 @@ impl WriteThrottle {
 
     /// Limits the cgroup's writes to the disk to `bps` bytes per second
     /// (never above a limit that was already there: that one still holds).
-    pub fn limit(&mut self, bps: u64) -> Result<(), ThrottleError> {
+    /// Returns the limit now on, or `None` when it was already that one.
+    pub fn limit(&mut self, bps: u64) -> Result<Option<u64>, ThrottleError> {
         let bps = self.previous.map_or(bps, |p| bps.min(p)).max(1);
-        if let Some(path) = &self.record
-            && self.current.is_none()
-        {
+        if self.current == Some(bps) {
+            return Ok(None);
+        }
+        let first = self.current.is_none() && !self.released;
+        if let (Some(path), true) = (&self.record, first) {
             let record = Record {
                 cgroup: self.cgroup.clone(),
                 interface: self.iface,
                 device: self.device.clone(),
                 previous: self.previous,
+                pid: std::process::id(),
             };
-            let json = serde_json::to_vec(&record).expect("a record serializes");
-            std::fs::write(path, json).map_err(|source| ThrottleError::Io {
-                action: "write the throttle record",
-                path: path.clone(),
-                source,
-            })?;
+            write_record(path, &record)?;
         }
-        write_setting(&self.cgroup, self.iface, &self.device, Some(bps))?;
+        if let Err(e) = write_setting(&self.cgroup, self.iface, &self.device, Some(bps)) {
+            if let (Some(path), true) = (&self.record, first) {
+                // Nothing was set: nothing for a later run to undo.
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
         self.current = Some(bps);
+        self.released = false;
         self.since.get_or_insert_with(Instant::now);
-        Ok(())
+        Ok(Some(bps))
     }
 
-    /// Puts back the limit that was there before (none, or the operator's).
-    pub fn lift(&mut self) -> Result<(), ThrottleError> {
+    /// Removes every write limit (an operator's too) for as long as the
+    /// writes the throttle holds need to go out; [`lift`](Self::lift) puts
+    /// the operator's back. A no-op when no limit of ours is on.
+    pub fn release(&mut self) -> Result<bool, ThrottleError> {
         if self.current.is_none() {
+            return Ok(false);
+        }
+        write_setting(&self.cgroup, self.iface, &self.device, None)?;
+        self.current = None;
+        self.released = true;
+        if let Some(since) = self.since.take() {
+            self.throttled += since.elapsed();
+        }
+        Ok(true)
+    }
+
+    /// Puts back the limit that was there before (none, or the operator's)
+    /// and removes the record.
+    pub fn lift(&mut self) -> Result<(), ThrottleError> {
+        if self.current.is_none() && !self.released {
             return Ok(());
         }
         write_setting(&self.cgroup, self.iface, &self.device, self.previous)?;
         self.current = None;
+        self.released = false;
         if let Some(since) = self.since.take() {
             self.throttled += since.elapsed();
         }
@@ -394,7 +433,23 @@ fn remove_record(path: &Path) -> Result<(), ThrottleError> {
     }
 }
 
-/// Undoes the limit a killed migration recorded at `path`, if any.
+/// Writes `record` to `path` whole or not at all (a kill between a
+/// truncation and a write would leave a record no run can read).
+fn write_record(path: &Path, record: &Record) -> Result<(), ThrottleError> {
+    let json =
+        serde_json::to_vec(record).expect("a record of paths, strings and numbers serializes");
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| ThrottleError::Io {
+            action: "write the throttle record",
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Undoes the limit a killed migration recorded at `path`, if any (not one
+/// a migration still running holds).
 pub fn undo_recorded(path: &Path) -> Result<(), ThrottleError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -412,19 +467,39 @@ pub fn undo_recorded(path: &Path) -> Result<(), ThrottleError> {
             path: path.to_path_buf(),
             source,
         })?;
-    // The cgroup may be gone with its workload: nothing left to undo.
+    if record.pid != std::process::id() && Path::new(&format!("/proc/{}", record.pid)).exists() {
+        tracing::warn!(
+            record = %path.display(),
+            pid = record.pid,
+            "another running migration throttles a workload with this state directory; its limit is left to it"
+        );
+        return Ok(());
+    }
+    // The cgroup may be gone with its workload, the disk detached: nothing
+    // left to undo.
     if record.cgroup.is_dir() {
-        write_setting(
+        let undone = write_setting(
             &record.cgroup,
             record.interface,
             &record.device,
             record.previous,
-        )?;
-        tracing::warn!(
-            cgroup = %record.cgroup.display(),
-            device = %record.device,
-            "an earlier migration was stopped with the workload's writes throttled: its limit is lifted now"
         );
+        match undone {
+            Ok(()) => tracing::warn!(
+                cgroup = %record.cgroup.display(),
+                device = %record.device,
+                "an earlier migration was stopped with the workload's writes throttled: its limit is lifted now"
+            ),
+            Err(ThrottleError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::ENODEV)
+                    || source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(ThrottleError::Undo {
+                    record: path.to_path_buf(),
+                    source: Box::new(e),
+                });
+            }
+        }
     }
     remove_record(path)
 }

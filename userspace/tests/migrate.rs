@@ -897,16 +897,15 @@ fn an_unconverging_writer_is_throttled_until_the_cutover_and_its_limit_put_back(
 
     // The cutover handed the stopped writer over: it runs again here.
     sh(Command::new("kill").args(["-CONT", &writer.0.id().to_string()]));
-    // A migration SIGKILLed while it throttles (a budget nothing meets keeps
-    // it throttling) runs no destructor: the next run, whatever its mode,
-    // undoes the limit from the record.
+    // A budget the throttle needs many halvings to meet keeps a run
+    // throttling long enough to be signalled.
     let args = [
         "--pause",
         &pause,
         "--max-rate",
         "16M",
         "--max-downtime",
-        "1ms",
+        "30ms",
         "--max-rounds",
         "100000",
         "--converge",
@@ -914,22 +913,34 @@ fn an_unconverging_writer_is_throttled_until_the_cutover_and_its_limit_put_back(
         "--throttle-cgroup",
         &cg,
     ];
-    let mut run = lab
-        .migrate(src.path(), &args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start migrate");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !record.exists() {
-        assert!(Instant::now() < deadline, "never throttled");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // `timeout` runs tern as its child: kill tern itself.
-    sh(Command::new("pkill")
-        .args(["-KILL", "-P"])
-        .arg(run.id().to_string()));
-    let _ = run.wait();
+    let throttling_run = |signal: &str| {
+        let run = lab
+            .migrate(src.path(), &args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start migrate");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !record.exists() {
+            assert!(Instant::now() < deadline, "never throttled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // `timeout` runs tern as its child: signal tern itself.
+        sh(Command::new("pkill")
+            .args([signal, "-P"])
+            .arg(run.id().to_string()));
+        let out = run.wait_with_output().expect("wait for migrate");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    // Ctrl-C while throttling: a clean stop, the operator's limit back.
+    let err = throttling_run("-INT");
+    assert!(err.contains("interrupted during converging"), "{err}");
+    assert_eq!(cgroup.limits().trim(), operator, "lifted on SIGINT");
+    assert!(!record.exists());
+    // SIGKILL runs no destructor: the next run, whatever its mode, undoes
+    // the limit from the record.
+    let _ = throttling_run("-KILL");
     assert_ne!(
         cgroup.limits().trim(),
         operator,
@@ -983,4 +994,21 @@ fn throttling_without_a_cgroup_with_a_write_limit_is_a_clear_error() {
     ));
     assert!(!ok);
     assert!(err.contains("root cgroup"), "{err}");
+    // The pause waits 25 ms for the throttle's held writes: a smaller budget
+    // could never be met.
+    let (ok, _, err) = run_report(&mut lab.migrate(
+        src.path(),
+        &[
+            "--pause",
+            "cmd:true;;true",
+            "--converge",
+            "throttle",
+            "--throttle-cgroup",
+            &not_a_cgroup,
+            "--max-downtime",
+            "20ms",
+        ],
+    ));
+    assert!(!ok);
+    assert!(err.contains("needs a --max-downtime above 25 ms"), "{err}");
 }

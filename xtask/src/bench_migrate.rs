@@ -29,7 +29,9 @@
 //!
 //! Environment: `TERN_BENCH_MIGRATE_MIB` (parts 1–2 image, default 4096),
 //! `TERN_BENCH_MIGRATE_LIVE_MIB` (part 3 image, default 1024),
-//! `TERN_BENCH_MIGRATE_RATES` (fio IOPS, default `200,1000,5000,20000`),
+//! `TERN_BENCH_MIGRATE_RATES` (fio IOPS, 0 for unlimited, default
+//! `200,1000,5000,20000,0`), `TERN_BENCH_MIGRATE_CONVERGE` (the live part's
+//! `--converge` modes, each run at every rate, default `fail,throttle`),
 //! `TERN_BENCH_MIGRATE_CHANGE_PCT` (default 5),
 //! `TERN_BENCH_MIGRATE_DOWNTIME` (`--max-downtime`, default `50ms`),
 //! `TERN_BENCH_MIGRATE_WARMUP` (seconds fio writes before the live
@@ -82,6 +84,8 @@ struct Config {
     mib: u64,
     live_mib: u64,
     rates: Vec<u32>,
+    /// `--converge` modes of the live part, each run at every rate.
+    converge: Vec<String>,
     change_pct: f64,
     downtime: String,
     parts: Vec<String>,
@@ -100,12 +104,23 @@ const PARTS: [&str; 5] = ["copy", "delta", "fs", "small", "live"];
 
 impl Config {
     fn from_env() -> Result<Config> {
-        let rates: String = env_or("TERN_BENCH_MIGRATE_RATES", "200,1000,5000,20000".to_owned())?;
+        let rates: String = env_or(
+            "TERN_BENCH_MIGRATE_RATES",
+            "200,1000,5000,20000,0".to_owned(),
+        )?;
         let rates = rates
             .split(',')
             .map(|r| r.trim().parse::<u32>())
             .collect::<Result<Vec<_>, _>>()
             .context("TERN_BENCH_MIGRATE_RATES: comma-separated IOPS")?;
+        let converge: String = env_or("TERN_BENCH_MIGRATE_CONVERGE", "fail,throttle".to_owned())?;
+        let converge: Vec<String> = converge.split(',').map(|c| c.trim().to_owned()).collect();
+        if let Some(c) = converge
+            .iter()
+            .find(|c| !["fail", "throttle"].contains(&c.as_str()))
+        {
+            bail!("TERN_BENCH_MIGRATE_CONVERGE: unknown mode {c:?}; choose from fail, throttle");
+        }
         let parts: String = env_or("TERN_BENCH_MIGRATE_PARTS", PARTS.join(","))?;
         let parts: Vec<String> = parts.split(',').map(|p| p.trim().to_owned()).collect();
         if let Some(p) = parts.iter().find(|p| !PARTS.contains(&p.as_str())) {
@@ -144,6 +159,7 @@ impl Config {
             mib,
             live_mib,
             rates,
+            converge,
             change_pct: env_or("TERN_BENCH_MIGRATE_CHANGE_PCT", 5.0)?,
             downtime: env_or("TERN_BENCH_MIGRATE_DOWNTIME", "50ms".to_owned())?,
             parts,
@@ -264,6 +280,8 @@ struct Report {
     first_round_bytes: f64,
     sent_bytes: f64,
     hashed_bytes: f64,
+    /// The throttle's lowest write limit (0: not throttled).
+    throttle_lowest_bps: f64,
 }
 
 impl Report {
@@ -295,6 +313,7 @@ impl Report {
             first_round_bytes: v["first_round_bytes"].as_f64().unwrap_or(f64::NAN),
             sent_bytes: v["sent_bytes"].as_f64().unwrap_or(f64::NAN),
             hashed_bytes: v["hashed_bytes"].as_f64().unwrap_or(f64::NAN),
+            throttle_lowest_bps: v["throttle"]["lowest_bps"].as_f64().unwrap_or(0.0),
         })
     }
 }
@@ -491,12 +510,16 @@ impl Bench<'_> {
         check_interrupted()?;
         let src_loop = Loop::attach(&src)?;
         let ns = Netns::create(&NETNS, LINK_RATE)?;
-        let dst = self.dir.join("live-dst.img");
+        // The writer runs in a blkio cgroup of its own, which `--converge
+        // throttle` limits (no limit is set otherwise).
+        let cgroup = BlkioCgroup::create()?;
         let mut t = format!(
             "Live migration, {} MiB image, fio 4 KiB random writes (direct, libaio) on the loop device, \
              {LINK_RATE}/s tbf veth into a namespace, mTLS, --max-downtime {}\n\
-             (measured: write IOPS the loop device completed during the migration; \
-             pause/flush/final/verify: the downtime's parts in ms; final MB: the final delta)\n",
+             (IOPS: fio's --rate_iops, max: unlimited; converge: fail or throttle (--converge); \
+             measured: write IOPS the loop device completed during the migration; \
+             pause/flush/final/verify: the downtime's parts in ms; final MB: the final delta; \
+             lowest limit: the throttle's lowest write limit)\n",
             cfg.live_mib, cfg.downtime
         );
         if let Some(region) = &cfg.live_region {
@@ -504,8 +527,9 @@ impl Bench<'_> {
         }
         writeln!(
             t,
-            "{:>6} {:>9} {:<10} {:>12} {:>24} {:>9} {:>10} {:>8} {:>7}",
+            "{:>6} {:<8} {:>9} {:<10} {:>12} {:>24} {:>9} {:>10} {:>8} {:>7} {:>13}",
             "IOPS",
+            "converge",
             "measured",
             "outcome",
             "downtime ms",
@@ -513,72 +537,110 @@ impl Bench<'_> {
             "final MB",
             "wire MB",
             "total s",
-            "rounds"
+            "rounds",
+            "lowest limit"
         )?;
         for &rate in &cfg.rates {
-            check_interrupted()?;
-            std::fs::remove_file(&dst).ok();
-            let (mut agent, to) = self.start_agent(&dst, size, Some(&ns))?;
-            let mut fio = Proc::spawn("fio", &mut fio_writes("live", &src_loop.dev, rate), None)?;
-            std::thread::sleep(Duration::from_secs(cfg.warmup_secs));
-            if let Some(status) = fio.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("fio exited at start ({status})");
-            }
-            if cfg.peers_only {
-                writeln!(t, "{rate:>6} {:>9} {:<10}", "-", "(peers only)")?;
-                continue;
-            }
-            let writes_before = loop_writes(&src_loop.dev)?;
-            let started = Instant::now();
-            let pause = format!("cmd:kill -STOP {pid};;kill -CONT {pid}", pid = fio.pid());
-            let mut args = vec!["--pause", &pause, "--max-downtime", &cfg.downtime];
-            if let Some(region) = &cfg.live_region {
-                args.extend(["--region-size", region]);
-            }
-            let result = self.migrate(&src_loop.dev, to, &args);
-            let measured = (loop_writes(&src_loop.dev)? - writes_before) as f64
-                / started.elapsed().as_secs_f64();
-            fio.kill();
-            agent.stop();
-            match result {
-                Ok(r) => {
-                    // After a cutover the source stays paused, so it must
-                    // equal the destination; after a rollback it moved on.
-                    if r.outcome != "rolled back" && r.outcome != "synced" {
-                        same(
-                            Path::new(&src_loop.dev),
-                            &dst,
-                            &format!("live migration at {rate} IOPS"),
-                        )?;
-                    }
-                    writeln!(
-                        t,
-                        "{rate:>6} {measured:>9.0} {:<10} {:>12.1} {:>24} {:>9.2} {:>10.1} {:>8.2} {:>7}",
-                        r.outcome,
-                        r.downtime_ms,
-                        format!(
-                            "{:.0}/{:.0}/{:.0}/{:.0}",
-                            r.pause_ms, r.flush_ms, r.final_round_ms, r.verify_ms
-                        ),
-                        r.final_delta_bytes / 1e6,
-                        r.wire_bytes as f64 / 1e6,
-                        r.total_seconds,
-                        r.rounds
-                    )?;
-                }
-                Err(e) => {
-                    // An interrupt fails the benchmark; a failed migration is a figure.
-                    check_interrupted()?;
-                    eprintln!("bench migrate: live migration at {rate} IOPS: {e:#}");
-                    let first = format!("{e:#}");
-                    let first = first.lines().next().unwrap_or("");
-                    let first = first.split_once("): ").map_or(first, |(_, r)| r);
-                    let first: String = first.chars().take(90).collect();
-                    writeln!(t, "{rate:>6} {measured:>9.0} failed: {first}")?;
-                }
+            for mode in &cfg.converge {
+                check_interrupted()?;
+                let row = self.live_row(&src_loop, &ns, &cgroup, size, rate, mode)?;
+                t.push_str(&row);
             }
         }
         Ok(t)
+    }
+
+    /// One live migration under fio at `rate` IOPS (0: unlimited) with
+    /// `--converge mode`: its table row.
+    fn live_row(
+        &self,
+        src_loop: &Loop,
+        ns: &Netns,
+        cgroup: &BlkioCgroup,
+        size: u64,
+        rate: u32,
+        mode: &str,
+    ) -> Result<String> {
+        let cfg = self.cfg;
+        let label = if rate == 0 {
+            "max".to_owned()
+        } else {
+            rate.to_string()
+        };
+        let dst = self.dir.join("live-dst.img");
+        std::fs::remove_file(&dst).ok();
+        let (mut agent, to) = self.start_agent(&dst, size, Some(ns))?;
+        let mut fio = Proc::spawn(
+            "fio",
+            &mut cgroup.run(&fio_writes("live", &src_loop.dev, rate)),
+            None,
+        )?;
+        std::thread::sleep(Duration::from_secs(cfg.warmup_secs));
+        if let Some(status) = fio.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            bail!("fio exited at start ({status})");
+        }
+        if cfg.peers_only {
+            return Ok(format!("{label:>6} {mode:<8} {:>9} (peers only)\n", "-"));
+        }
+        let writes_before = loop_writes(&src_loop.dev)?;
+        let started = Instant::now();
+        let pause = format!("cmd:kill -STOP {pid};;kill -CONT {pid}", pid = fio.pid());
+        let cg = cgroup.dir.display().to_string();
+        let mut args = vec!["--pause", &pause, "--max-downtime", &cfg.downtime];
+        args.extend(["--converge", mode]);
+        if mode == "throttle" {
+            args.extend(["--throttle-cgroup", &cg]);
+        }
+        if let Some(region) = &cfg.live_region {
+            args.extend(["--region-size", region]);
+        }
+        let result = self.migrate(&src_loop.dev, to, &args);
+        let measured =
+            (loop_writes(&src_loop.dev)? - writes_before) as f64 / started.elapsed().as_secs_f64();
+        fio.kill();
+        agent.stop();
+        let r = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // An interrupt fails the benchmark; a failed migration is a figure.
+                check_interrupted()?;
+                eprintln!("bench migrate: live migration at {label} IOPS, {mode}: {e:#}");
+                let first = format!("{e:#}");
+                let first = first.lines().next().unwrap_or("");
+                let first = first.split_once("): ").map_or(first, |(_, r)| r);
+                let first: String = first.chars().take(90).collect();
+                return Ok(format!(
+                    "{label:>6} {mode:<8} {measured:>9.0} failed: {first}\n"
+                ));
+            }
+        };
+        // After a cutover the source stays paused, so it must equal the
+        // destination; after a rollback it moved on.
+        if r.outcome != "rolled back" && r.outcome != "synced" {
+            same(
+                Path::new(&src_loop.dev),
+                &dst,
+                &format!("live migration at {label} IOPS, {mode}"),
+            )?;
+        }
+        let lowest = if r.throttle_lowest_bps > 0.0 {
+            format!("{:.1} MB/s", r.throttle_lowest_bps / 1e6)
+        } else {
+            "-".to_owned()
+        };
+        Ok(format!(
+            "{label:>6} {mode:<8} {measured:>9.0} {:<10} {:>12.1} {:>24} {:>9.2} {:>10.1} {:>8.2} {:>7} {lowest:>13}\n",
+            r.outcome,
+            r.downtime_ms,
+            format!(
+                "{:.0}/{:.0}/{:.0}/{:.0}",
+                r.pause_ms, r.flush_ms, r.final_round_ms, r.verify_ms
+            ),
+            r.final_delta_bytes / 1e6,
+            r.wire_bytes as f64 / 1e6,
+            r.total_seconds,
+            r.rounds
+        ))
     }
 
     /// How many times a destination agent restored its saved checksum tree
@@ -1049,6 +1111,48 @@ pub(crate) fn fio_writes(name: &str, dev: &str, iops: u32) -> Command {
     ])
     .stdout(Stdio::null());
     cmd
+}
+
+/// A cgroup v1 blkio directory (where this host's io controller lives) for
+/// the live part's writer; removed when dropped, after the writer is gone.
+pub(crate) struct BlkioCgroup {
+    pub(crate) dir: PathBuf,
+}
+
+impl BlkioCgroup {
+    pub(crate) fn create() -> Result<BlkioCgroup> {
+        let dir = PathBuf::from(format!(
+            "/sys/fs/cgroup/blkio/tern-bench-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&dir).with_context(|| {
+            format!(
+                "create the writer's cgroup {} (is cgroup v1 blkio mounted?)",
+                dir.display()
+            )
+        })?;
+        Ok(BlkioCgroup { dir })
+    }
+
+    /// `cmd`, run from inside this cgroup.
+    pub(crate) fn run(&self, cmd: &Command) -> Command {
+        let mut sh = Command::new("sh");
+        sh.args([
+            "-c",
+            "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"",
+            &self.dir.display().to_string(),
+        ])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdout(Stdio::null());
+        sh
+    }
+}
+
+impl Drop for BlkioCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 /// A loop device over a file, detached when dropped.

@@ -543,12 +543,10 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
                 record: Some(source.state_dir.join("throttle.json")),
             }),
         };
-        let result = side.migrate(&opts).await;
+        let result = until_interrupted(side, &opts).await;
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err);
-        let ended = result
-            .map_err(anyhow::Error::from)
-            .and_then(|report| Ok(serde_json::to_value(report)?));
+        let ended = result.and_then(|report| Ok(serde_json::to_value(report)?));
         progress.finish(ended.as_ref().map(Some));
         ended
     })?;
@@ -565,6 +563,49 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs the migration; SIGINT or SIGTERM before the pause stops it cleanly
+/// (the workload's write limit lifted, nothing paused, the destination
+/// read-only; run it again to resume). From the pause on, a signal waits for
+/// the cutover's few milliseconds: dropping it then could resume the
+/// source after the destination became writable.
+async fn until_interrupted(side: Source, opts: &CutoverOptions) -> Result<cutover::Report> {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let signals = tern::agent::cancel_on_signals(cancel.clone());
+    let status = side.status();
+    let run = side.migrate(opts);
+    tokio::pin!(run);
+    let mut asked = false;
+    let result = loop {
+        tokio::select! {
+            r = &mut run => break r.map_err(anyhow::Error::from),
+            () = cancel.cancelled(), if !asked => {
+                asked = true;
+                let phase = status.lock().expect("status lock poisoned").phase;
+                if before_pause(phase) {
+                    break Err(anyhow::anyhow!(
+                        "interrupted during {phase}: nothing was paused, the destination stays read-only and the workload's write limit (if any) was lifted; run the same `tern migrate` again to resume"
+                    ));
+                }
+                tracing::warn!(phase, "signal received during the cutover: finishing it first");
+            }
+        }
+    };
+    signals.abort();
+    result
+}
+
+/// Phases in which a migration can stop without a trace: nothing paused yet.
+fn before_pause(phase: &str) -> bool {
+    matches!(
+        phase,
+        "" | "connecting"
+            | "bulk copy"
+            | "delta sync by checksums"
+            | "hashing source"
+            | "converging"
+    )
 }
 
 /// A migration's report for a person: what happened, the downtime and its

@@ -44,7 +44,7 @@ pub enum CutoverError {
     #[error(
         "not converging after {rounds} rounds: {dirty_mb:.1} MB still dirty, the workload dirties {dirty_rate_mbs:.1} MB/s and the link moves {bandwidth_mbs:.1} MB/s, so the final delta would take about {estimate_ms} ms against a budget of {budget_ms} ms{throttled}. Choose: raise --max-downtime to about {estimate_ms}ms, {remedy}, or lower its write rate; the workload was not paused",
         throttled = throttled_note(.throttled_to.as_ref()),
-        remedy = if .throttled_to.is_some() { "raise --max-rounds so the throttle can go lower" } else { "throttle its writes (--converge throttle, or its cgroup's write limit)" },
+        remedy = remedy(*.throttling, *.at_floor),
     )]
     NotConverging {
         rounds: u64,
@@ -55,7 +55,16 @@ pub enum CutoverError {
         budget_ms: u64,
         /// The lowest write limit set, when the workload was throttled.
         throttled_to: Option<u64>,
+        /// `--converge throttle` was asked for.
+        throttling: bool,
+        /// The limit went as low as it goes.
+        at_floor: bool,
     },
+    /// A throttled workload's pause waits for the throttle's held writes.
+    #[error(
+        "--converge throttle needs a --max-downtime above {drain_ms} ms: the pause waits that long for the writes the throttle holds"
+    )]
+    BudgetBelowDrain { drain_ms: u128 },
     /// The checksum roots still differed after resending.
     #[error(
         "verification failed: the destination's checksum root differs from the source's after {attempts} attempts ({regions} regions differ); the workload was resumed and the destination stays read-only"
@@ -360,6 +369,8 @@ async fn converge(
                 estimate_ms: estimate,
                 budget_ms,
                 throttled_to: throttling.as_deref().and_then(Throttling::lowest),
+                throttling: throttling.is_some(),
+                at_floor: throttling.as_deref().is_some_and(Throttling::at_floor),
             });
         }
         // A sprint round reads the whole checksum regions it touches, so the
@@ -413,14 +424,7 @@ pub async fn migrate(
     };
     let mut gaps_seen = 0;
     // Resolved before anything is sent: a wrong cgroup fails at once.
-    let mut throttling = match &opts.throttle {
-        Some(t) => Some(Throttling::new(WriteThrottle::new(
-            &t.cgroup,
-            repl.source().path(),
-            t.record.as_deref(),
-        )?)),
-        None => None,
-    };
+    let mut throttling = start_throttling(opts, repl)?;
 
     set_status(status, |s| s.phase = "connecting");
     let epoch = repl.take_epoch().await?;
@@ -445,6 +449,19 @@ pub async fn migrate(
     // that the verification inside the pause reads nothing again here.
     repl.read_whole_regions(true);
     set_status(status, |s| s.phase = "paused: final delta");
+    // Every limit goes as the workload stops: a pause that drains or
+    // flushes (QMP `stop`, fsfreeze) would otherwise wait for the held
+    // writes at the throttled rate, inside the downtime. A `qemu:` pause
+    // keeps it through its RAM precopy (the disk still converges) and
+    // releases it after.
+    let mut released = None;
+    if !opts
+        .pause
+        .as_ref()
+        .is_some_and(PauseTarget::runs_while_pausing)
+    {
+        released = release(throttling.as_mut(), status)?;
+    }
     let pause_started = Instant::now();
     let paused = match &opts.pause {
         Some(target) if target.runs_while_pausing() => {
@@ -472,21 +489,25 @@ pub async fn migrate(
     let stopped_at = pause_started + ran_inside;
     report.precopy_ms = ran_inside.as_secs_f64() * 1e3;
     report.pause_ms = ms(stopped_at);
-    // The workload is stopped: its limit goes now, so that it resumes at its
-    // own pace whatever happens next (a failure here resumes it too).
-    if let Some(t) = throttling.as_mut() {
-        if t.lift()? {
-            // A write the throttle still held at the pause is in no
-            // device's in-flight count: the in-flight wait below would miss
-            // it and it would land after the final delta (seen: one 4 KiB
-            // block). Lifted, the throttle dispatches what it holds from its
-            // timer within a jiffy or two; give it that before looking.
-            tokio::time::sleep(THROTTLE_DRAIN).await;
-        }
-        report.throttle = Some(t.report());
-        set_status(status, |s| s.throttle_bps = 0);
+    if released.is_none() {
+        released = release(throttling.as_mut(), status)?;
+    }
+    if let Some(at) = released {
+        // A write the throttle still held at the pause is in no device's
+        // in-flight count: the in-flight wait of the final delta would miss
+        // it and it would land after the final delta (seen: one 4 KiB block
+        // that differed after a verified cutover). Released, the throttle
+        // dispatches what it holds from its timer within a jiffy or two;
+        // give it that before looking.
+        tokio::time::sleep(THROTTLE_DRAIN.saturating_sub(at.elapsed())).await;
     }
     let finished = final_delta(repl, tracker, &mut gaps_seen, &mut report).await;
+    // The held writes are out: the operator's own limit (if any) goes back
+    // before the workload resumes or is handed over, whatever happened.
+    if let Some(t) = throttling.as_mut() {
+        t.lift()?;
+        report.throttle = Some(t.report());
+    }
     if let Err(e) = finished {
         // `paused` resumes the workload when dropped; say so explicitly.
         if let Some(p) = paused {
@@ -565,6 +586,37 @@ async fn after_switch(
     Ok(())
 }
 
+/// The throttle `opts` asks for, its cgroup and disk resolved (nothing set yet).
+fn start_throttling(
+    opts: &CutoverOptions,
+    repl: &Replicator,
+) -> Result<Option<Throttling>, CutoverError> {
+    let Some(t) = &opts.throttle else {
+        return Ok(None);
+    };
+    if opts.max_downtime <= THROTTLE_DRAIN {
+        return Err(CutoverError::BudgetBelowDrain {
+            drain_ms: THROTTLE_DRAIN.as_millis(),
+        });
+    }
+    let throttle = WriteThrottle::new(&t.cgroup, repl.source().path(), t.record.as_deref())?;
+    Ok(Some(Throttling::new(throttle)))
+}
+
+/// Takes every write limit off the workload (see [`Throttling::release`]);
+/// when one was on, the moment it went.
+fn release(
+    throttling: Option<&mut Throttling>,
+    status: &StatusCell,
+) -> Result<Option<Instant>, CutoverError> {
+    let Some(t) = throttling else {
+        return Ok(None);
+    };
+    let on = t.release()?;
+    set_status(status, |s| s.throttle_bps = 0);
+    Ok(on.then(Instant::now))
+}
+
 /// The downtime budget the final delta must fit, in milliseconds: a
 /// throttled workload's pause also waits for the throttle to let go of the
 /// writes it holds.
@@ -573,6 +625,19 @@ fn budget_ms(max_downtime: Duration, throttling: Option<&Throttling>) -> u64 {
         .and_then(Throttling::current)
         .map_or(Duration::ZERO, |_| THROTTLE_DRAIN);
     u64::try_from(max_downtime.saturating_sub(drain).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What to do about a workload that does not converge, for the error.
+fn remedy(throttling: bool, at_floor: bool) -> &'static str {
+    match (throttling, at_floor) {
+        (false, _) => "throttle its writes (--converge throttle, or its cgroup's write limit)",
+        (true, false) => {
+            "raise --max-rounds so the throttle can go lower (it halves when the dirty set does not)"
+        }
+        (true, true) => {
+            "check that the limit reaches its writes (cgroup v1 does not slow buffered writes: their write-back is not charged to the cgroup)"
+        }
+    }
 }
 
 /// How far the workload's writes were throttled, for the error.

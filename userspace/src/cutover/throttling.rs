@@ -102,12 +102,11 @@ impl Throttling {
             return Ok(());
         }
         .max(FLOOR_BPS);
-        if self.throttle.current() == Some(next) {
+        // At the floor (or an operator's lower limit) already: nothing to do.
+        let Some(set) = self.throttle.limit(next)? else {
             return Ok(());
-        }
-        self.throttle.limit(next)?;
+        };
         self.steps += 1;
-        let set = self.throttle.current().unwrap_or(next);
         self.lowest = Some(self.lowest.map_or(set, |l| l.min(set)));
         tracing::info!(
             cgroup = %self.throttle.cgroup().display(),
@@ -119,12 +118,20 @@ impl Throttling {
         Ok(())
     }
 
-    /// Puts back the limit that was there before (the workload is paused, or
-    /// the migration ends); `true` when a limit of ours was on.
-    pub(super) fn lift(&mut self) -> Result<bool, ThrottleError> {
-        let on = self.throttle.current().is_some();
-        self.throttle.lift()?;
-        Ok(on)
+    /// Takes every limit off while the workload pauses, so that the writes
+    /// the throttle holds go out now; `true` when a limit of ours was on.
+    pub(super) fn release(&mut self) -> Result<bool, ThrottleError> {
+        self.throttle.release()
+    }
+
+    /// Puts back the limit that was there before (the migration ends).
+    pub(super) fn lift(&mut self) -> Result<(), ThrottleError> {
+        self.throttle.lift()
+    }
+
+    /// Whether the limit is as low as it goes.
+    pub(super) fn at_floor(&self) -> bool {
+        self.lowest.is_some_and(|l| l <= FLOOR_BPS)
     }
 
     pub(super) fn report(&self) -> ThrottleReport {
