@@ -1,8 +1,10 @@
 //! Slowing the workload's writes while the delta rounds do not converge
-//! (`--converge throttle`): the first limit is half of what the link moves
-//! (or of what the writer writes, if less), then halved at each look where
-//! the dirty set did not halve since the look before, down to a floor; the
-//! limit is lifted once the workload is paused.
+//! (`--converge throttle`). Like QEMU's auto-converge, only after two
+//! strikes: two looks in a row whose dirty set shrank by less than a quarter
+//! since the look before. Then the first limit is half of what the link
+//! moves (or of what the writer writes, if less), and each further pair of
+//! strikes halves it, down to a floor. Released at the pause.
+//! A writer that converges alone, if slowly, is left alone.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -32,6 +34,15 @@ pub struct ThrottleReport {
     pub throttled_ms: f64,
 }
 
+/// Looks in a row that barely shrink the dirty set before a step.
+const STRIKES: u32 = 2;
+
+/// Whether the dirty set shrank by less than a quarter since the last look
+/// (`last` is `u64::MAX` before the first look: not a strike).
+fn stalled(dirty: u64, last: u64) -> bool {
+    u128::from(dirty) * 4 > u128::from(last) * 3
+}
+
 /// The lowest limit: below it a writer's single requests stall for long.
 const FLOOR_BPS: u64 = 1 << 20;
 
@@ -41,6 +52,8 @@ pub(super) struct Throttling {
     throttle: WriteThrottle,
     /// Dirty bytes at the previous look (`u64::MAX` before the first).
     last_dirty: u64,
+    /// Looks in a row that barely shrank the dirty set, since the last step.
+    strikes: u32,
     /// The cgroup's written bytes and when they were read, for its rate.
     written: Option<(u64, Instant)>,
     steps: u64,
@@ -53,6 +66,7 @@ impl Throttling {
         Throttling {
             throttle,
             last_dirty: u64::MAX,
+            strikes: 0,
             written,
             steps: 0,
             lowest: None,
@@ -83,16 +97,18 @@ impl Throttling {
     }
 
     /// At a look whose final delta would not fit the budget: lowers the
-    /// limit unless the dirty set already halved since the previous look.
+    /// limit at the second look in a row that barely shrank the dirty set.
     /// `bandwidth` is the link's measured rate (bytes per second).
     pub(super) fn slow_down(&mut self, dirty: u64, bandwidth: f64) -> Result<(), ThrottleError> {
         let writer = self.writer_rate();
-        let shrinking = dirty.saturating_mul(2) <= self.last_dirty;
+        let stalled = stalled(dirty, self.last_dirty);
         self.last_dirty = dirty;
+        self.strikes = if stalled { self.strikes + 1 } else { 0 };
         // Shrinking (or the first look): the rounds converge as they are.
-        if shrinking {
+        if self.strikes < STRIKES {
             return Ok(());
         }
+        self.strikes = 0;
         let next = if let Some(on) = self.throttle.current() {
             on / 2
         } else if let Some(first) = first_limit(writer, bandwidth) {
@@ -163,7 +179,19 @@ fn first_limit(writer: Option<f64>, bandwidth: f64) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::first_limit;
+    use super::{first_limit, stalled};
+
+    #[test]
+    fn a_look_is_a_strike_when_the_dirty_set_shrank_by_less_than_a_quarter() {
+        assert!(!stalled(100, u64::MAX), "the first look");
+        assert!(stalled(100, 100));
+        assert!(stalled(120, 100));
+        assert!(stalled(76, 100));
+        assert!(!stalled(75, 100));
+        assert!(!stalled(10, 100));
+        assert!(!stalled(0, 0), "an empty dirty set is no strike");
+        assert!(stalled(u64::MAX, u64::MAX), "no overflow");
+    }
 
     #[test]
     fn the_first_limit_halves_the_slower_of_the_link_and_the_writer() {
