@@ -1012,3 +1012,66 @@ fn throttling_without_a_cgroup_with_a_write_limit_is_a_clear_error() {
     assert!(!ok);
     assert!(err.contains("needs a --max-downtime above 25 ms"), "{err}");
 }
+
+#[test]
+fn a_source_agent_throttles_an_unconverging_writer_when_asked_to() {
+    let src = LoopDev::new("16M");
+    fill_random(src.path(), 16);
+    let cgroup = BlkioCgroup::new();
+    let lab = Lab::new(16 * MIB);
+    let state = lab.dir.path().join("standby-state");
+    let control = format!("127.0.0.1:{}", free_port());
+    let writer = fio_in_cgroup(&cgroup, src.path());
+    let mut agent = KillOnly(
+        tern()
+            .args(["agent", "--role", "source", "--device", src.path()])
+            .args(["--control", &control, "--max-rate", "16M"])
+            .args(["--peer", &lab.addr(), "--domain", "localhost"])
+            .arg("--tls-dir")
+            .arg(lab.tls())
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--trace-out")
+            .arg(lab.dir.path().join("standby.trace"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the source agent"),
+    );
+    // The standby's initial copy first (the cutover runs between rounds).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = tern()
+            .args(["status", "--json", "--state-dir"])
+            .arg(&state)
+            .output()
+            .expect("tern status");
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        if v["phase"] == "standby: replicating" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no standby: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cg = cgroup.0.display().to_string();
+    let pause = pause_stop(writer.0.id());
+    let mut cmd = tern();
+    cmd.args(["migrate", "--json", "--agent", &control, "--agent-tls-dir"])
+        .arg(lab.tls())
+        .args(["--pause", &pause, "--max-downtime", "50ms"])
+        .args(["--max-rounds", "16", "--converge", "throttle"])
+        .args(["--throttle-cgroup", &cg]);
+    let (ok, report, err) = run_report(&mut cmd);
+    assert!(ok, "migrate --agent failed: {err}");
+    assert_eq!(report["outcome"], "cut over", "{report}");
+    assert!(
+        report["throttle"]["steps"].as_u64().expect("steps") >= 1,
+        "{report}"
+    );
+    assert_same(src.path(), &lab.image());
+    assert_eq!(cgroup.limits().trim(), "", "no limit left");
+    assert!(!state.join("throttle.json").exists());
+    drop(writer);
+    let _ = agent.0.kill();
+    let _ = agent.0.wait();
+}
