@@ -54,6 +54,9 @@ pub enum ThrottleError {
         major: u32,
         minor: u32,
     },
+    /// The block device's sysfs entries cannot be read.
+    #[error(transparent)]
+    Device(#[from] crate::trace::device::DeviceError),
     /// Reading or writing a cgroup, sysfs or record file.
     #[error("cannot {action} {path}")]
     Io {
@@ -599,32 +602,16 @@ fn whole_disk_of(source: &Path) -> Result<String, ThrottleError> {
         meta.dev()
     };
     let (major, minor) = (libc::major(dev), libc::minor(dev));
-    let sys = crate::trace::device::sysfs_dir(major, minor);
-    if !sys.exists() {
+    if !crate::trace::device::sysfs_dir(major, minor).exists() {
         return Err(ThrottleError::NoBlockDevice {
             path: source.to_path_buf(),
             major,
             minor,
         });
     }
-    if !sys.join("partition").exists() {
-        return Ok(format!("{major}:{minor}"));
-    }
-    // A partition's sysfs directory sits inside its disk's.
-    let disk = sys.join("../dev");
-    let text = read(&disk, "read")?;
-    let name = text.trim();
-    let valid = name
-        .split_once(':')
-        .is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok());
-    if valid {
-        Ok(name.to_owned())
-    } else {
-        Err(ThrottleError::Format {
-            path: disk,
-            content: text,
-        })
-    }
+    // The tracer's resolution: a partition's limit goes to its whole disk.
+    let disk = crate::trace::device::BlockDevice::from_numbers(major, minor)?;
+    Ok(format!("{}:{}", disk.disk_major, disk.disk_minor))
 }
 
 #[cfg(test)]
