@@ -804,9 +804,10 @@ fn a_second_rollback_is_refused_and_keeps_the_sources_new_writes() {
 struct BlkioCgroup(PathBuf);
 
 impl BlkioCgroup {
-    fn new() -> BlkioCgroup {
+    /// `tag` tells apart the tests of one process (they run in parallel).
+    fn new(tag: &str) -> BlkioCgroup {
         let dir = PathBuf::from(format!(
-            "/sys/fs/cgroup/blkio/tern-test-throttle-{}",
+            "/sys/fs/cgroup/blkio/tern-test-{tag}-{}",
             std::process::id()
         ));
         std::fs::create_dir(&dir).expect("create the blkio cgroup (cgroup v1 blkio mounted?)");
@@ -848,7 +849,7 @@ fn an_unconverging_writer_is_throttled_until_the_cutover_and_its_limit_put_back(
     let name = src.path().trim_start_matches("/dev/");
     let dev = std::fs::read_to_string(format!("/sys/class/block/{name}/dev")).expect("MAJ:MIN");
     let dev = dev.trim();
-    let cgroup = BlkioCgroup::new();
+    let cgroup = BlkioCgroup::new("throttle");
     // An operator's own limit, far above the writer: it must be back after.
     let operator = format!("{dev} 1000000000");
     std::fs::write(cgroup.0.join("blkio.throttle.write_bps_device"), &operator).expect("limit");
@@ -961,55 +962,24 @@ fn throttling_without_a_cgroup_with_a_write_limit_is_a_clear_error() {
     let src = LoopDev::new("4M");
     let lab = Lab::new(4 * MIB);
     let not_a_cgroup = lab.dir.path().display().to_string();
-    let (ok, _, err) = run_report(&mut lab.migrate(
-        src.path(),
-        &[
-            "--pause",
-            "cmd:true;;true",
-            "--converge",
-            "throttle",
-            "--throttle-cgroup",
-            &not_a_cgroup,
-        ],
-    ));
-    assert!(!ok);
+    // `tern migrate --converge throttle` plus `extra` must fail; its stderr.
+    let refused = |extra: &[&str]| {
+        let mut args = vec!["--pause", "cmd:true;;true", "--converge", "throttle"];
+        args.extend(extra);
+        let (ok, _, err) = run_report(&mut lab.migrate(src.path(), &args));
+        assert!(!ok);
+        err
+    };
+    let err = refused(&["--throttle-cgroup", &not_a_cgroup]);
     assert!(err.contains("has no io.max"), "{err}");
-    let (ok, _, err) = run_report(&mut lab.migrate(
-        src.path(),
-        &["--pause", "cmd:true;;true", "--converge", "throttle"],
-    ));
-    assert!(!ok);
+    let err = refused(&[]);
     assert!(err.contains("--throttle-cgroup"), "{err}");
     // The cgroup of a host's root is refused: a limit there slows everything.
-    let (ok, _, err) = run_report(&mut lab.migrate(
-        src.path(),
-        &[
-            "--pause",
-            "cmd:true;;true",
-            "--converge",
-            "throttle",
-            "--throttle-cgroup",
-            "/sys/fs/cgroup/blkio",
-        ],
-    ));
-    assert!(!ok);
+    let err = refused(&["--throttle-cgroup", "/sys/fs/cgroup/blkio"]);
     assert!(err.contains("root cgroup"), "{err}");
     // The pause waits 25 ms for the throttle's held writes: a smaller budget
     // could never be met.
-    let (ok, _, err) = run_report(&mut lab.migrate(
-        src.path(),
-        &[
-            "--pause",
-            "cmd:true;;true",
-            "--converge",
-            "throttle",
-            "--throttle-cgroup",
-            &not_a_cgroup,
-            "--max-downtime",
-            "20ms",
-        ],
-    ));
-    assert!(!ok);
+    let err = refused(&["--throttle-cgroup", &not_a_cgroup, "--max-downtime", "20ms"]);
     assert!(err.contains("needs a --max-downtime above 25 ms"), "{err}");
 }
 
@@ -1017,7 +987,7 @@ fn throttling_without_a_cgroup_with_a_write_limit_is_a_clear_error() {
 fn a_source_agent_throttles_an_unconverging_writer_when_asked_to() {
     let src = LoopDev::new("16M");
     fill_random(src.path(), 16);
-    let cgroup = BlkioCgroup::new();
+    let cgroup = BlkioCgroup::new("agent");
     let lab = Lab::new(16 * MIB);
     let state = lab.dir.path().join("standby-state");
     let control = format!("127.0.0.1:{}", free_port());
