@@ -232,6 +232,29 @@ impl DirtyMap {
         self.take_units(first..last.max(first))
     }
 
+    /// Whether every unit `[offset, offset + len)` touches is marked.
+    pub fn all_marked(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || offset >= self.disk_size {
+            return false;
+        }
+        let end = offset.saturating_add(len).min(self.disk_size);
+        let first = offset >> self.unit_shift;
+        let last = (end - 1) >> self.unit_shift;
+        self.word_masks(first..last + 1)
+            .all(|(_, word, mask)| word.load(Ordering::Acquire) & mask == mask)
+    }
+
+    /// The map as bytes: bit `i % 8` of byte `i / 8` is unit `i` (the
+    /// post-copy map's wire form), `units / 8` bytes rounded up.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let len = usize::try_from(self.units.div_ceil(8)).expect("a map held in memory");
+        self.words
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
+            .take(len)
+            .collect()
+    }
+
     /// Takes every dirty unit, as runs of at most `max_run` bytes.
     pub fn take_all(&self, max_run: u64) -> Vec<Range<u64>> {
         self.take_runs(0..self.units, max_run, usize::MAX).0
@@ -242,6 +265,23 @@ impl DirtyMap {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_byte_form_has_one_bit_per_unit_in_order() {
+        let map = DirtyMap::new(70 * 4096, 4096).expect("map");
+        map.mark_units(0..1);
+        map.mark_units(9..10);
+        map.mark_units(69..70);
+        let bytes = map.to_bytes();
+        assert_eq!(bytes.len(), 9);
+        assert_eq!((bytes[0], bytes[1], bytes[8]), (0b1, 0b10, 0b10_0000));
+        assert_eq!(bytes.iter().map(|b| b.count_ones()).sum::<u32>(), 3);
+        map.mark_units(10..69);
+        assert!(map.all_marked(9 * 4096, 61 * 4096));
+        assert!(map.all_marked(69 * 4096 + 5, 1 << 20), "clipped at the end");
+        assert!(!map.all_marked(8 * 4096, 2 * 4096));
+        assert!(!map.all_marked(0, 0));
+    }
 
     #[test]
     fn refuses_a_unit_that_is_not_a_power_of_two() {

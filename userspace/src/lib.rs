@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod outfile;
 pub mod pause;
+pub mod postcopy;
 pub mod predict;
 pub mod ramfile;
 pub mod replicate;

@@ -1045,3 +1045,98 @@ fn a_source_agent_throttles_an_unconverging_writer_when_asked_to() {
     let _ = agent.0.kill();
     let _ = agent.0.wait();
 }
+
+/// `tern status` of the lab's migration, once it says `phase`.
+fn wait_for_phase(state: &std::path::Path, phase: &str) {
+    let deadline = Instant::now() + Duration::from_mins(2);
+    loop {
+        let status = std::fs::read_to_string(state.join("migrate.json")).unwrap_or_default();
+        if status.contains(&format!("\"phase\":\"{phase}\"")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never reached {phase}: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One `qemu-io` command against the lab's NBD export.
+fn qemu_io(lab: &Lab, command: &str) {
+    sh(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", command])
+        .arg(format!("nbd://127.0.0.1:{}/tern", lab.nbd)));
+}
+
+#[test]
+fn post_copy_switches_before_the_data_and_the_destination_reads_and_writes_at_once_losing_nothing()
+{
+    let src = LoopDev::new("128M");
+    fill_random(src.path(), 128);
+    let lab = Lab::new(128 * MIB);
+    let writer = fio_writer(src.path(), 500, 128);
+    std::thread::sleep(Duration::from_millis(500));
+    let state = lab.dir.path().join("state");
+    // Slow enough that the destination's reads and writes below land while
+    // most of the disk is still on the source.
+    let migration = lab
+        .migrate(
+            src.path(),
+            &[
+                "--pause",
+                &pause_stop(writer.0.id()),
+                "--mode",
+                "postcopy",
+                "--precopy",
+                "none",
+                "--max-rate",
+                "16M",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("migrate");
+    wait_for_phase(&state, "post-copy: pushing");
+    // Whole units (made the destination's own, never fetched), part of a
+    // unit (its other bytes fetched first), and a read of everything.
+    qemu_io(&lab, "write -P 0xab 64M 128k");
+    qemu_io(&lab, "write -P 0xcd 100000000 1000");
+    let read = lab.dir.path().join("read.img");
+    sh(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(format!("nbd://127.0.0.1:{}/tern", lab.nbd))
+        .arg(&read));
+    let report = finished_report(migration);
+    assert_eq!(report["outcome"], "cut over", "{report}");
+    assert_eq!(report["mode"], "post-copy", "{report}");
+    let p = &report["postcopy"];
+    assert_eq!(p["missing_bytes"].as_u64(), Some(128 * MIB), "{report}");
+    assert!(
+        p["demand_ranges"].as_u64().expect("demands") > 0,
+        "{report}"
+    );
+    assert_eq!(
+        p["destination"]["local_bytes"].as_u64(),
+        Some(128 << 10),
+        "{report}"
+    );
+    // The source stays as the pause left it (the writer is stopped): the
+    // destination is the source with the destination's own writes on top.
+    let mut want = read_direct(src.path());
+    drop(writer);
+    want[64 << 20..(64 << 20) + (128 << 10)].fill(0xab);
+    want[100_000_000..100_001_000].fill(0xcd);
+    let got = std::fs::read(lab.image()).expect("destination image");
+    assert!(
+        got == want,
+        "the destination differs from the source plus its own writes"
+    );
+    // What the destination read while the data was still arriving is the
+    // same (read after both writes).
+    assert!(
+        std::fs::read(&read).expect("read") == want,
+        "a read during the post-copy returned other data"
+    );
+    assert!(
+        !tern::postcopy::Presence::interrupted(&lab.image()),
+        "the post-copy marker outlived it"
+    );
+}

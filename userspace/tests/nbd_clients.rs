@@ -60,6 +60,7 @@ impl Fixture {
                     image,
                     read_only: s.read_only,
                     changes: ImageChanges::default(),
+                    presence: tern::postcopy::Presence::default(),
                 }
             })
             .collect();
@@ -481,6 +482,7 @@ async fn unix_socket_export_serves_qemu_io() {
         image,
         read_only: false,
         changes: ImageChanges::default(),
+        presence: tern::postcopy::Presence::default(),
     }]));
     let sock = dir.path().join("nbd.sock");
     let listener = tokio::net::UnixListener::bind(&sock).unwrap();

@@ -21,6 +21,7 @@ use crate::checktree::saved;
 use crate::image::{Image, ImageChanges, ImageError, ImageOptions};
 use crate::metrics::{self, MetricsError, ReplicaMetrics, Sources};
 use crate::nbd::{Export, ListenAddr, NbdError, NbdServer};
+use crate::postcopy::Presence;
 use crate::rpc::{
     ExportControl, Fence, ReplicaService, RpcError, ServeOptions, TlsError, TlsMaterial,
 };
@@ -59,6 +60,9 @@ pub struct DestinationConfig {
     /// Byte ranges read into the page cache when the export turns writable
     /// (cutover), most likely read first: a prediction's read-hot extents.
     pub warm: Vec<std::ops::Range<u64>>,
+    /// In a post-copy, how long a read waits for a unit still on the
+    /// source before it fails (never with old data).
+    pub postcopy_wait: std::time::Duration,
 }
 
 impl DestinationConfig {
@@ -78,6 +82,7 @@ impl DestinationConfig {
             metrics: None,
             max_in_flight: ServeOptions::default().max_in_flight,
             warm: Vec::new(),
+            postcopy_wait: crate::postcopy::presence::DEFAULT_WAIT,
         }
     }
 }
@@ -124,6 +129,11 @@ pub enum AgentError {
     /// A service task panicked.
     #[error("a service task of the agent stopped abnormally: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The last agent on this image stopped during a post-copy.
+    #[error(
+        "a post-copy into {image} was under way when its agent stopped ({marker} says so): the units it still lacked are on the source only, and serving the image would return their old data; migrate again from the source (only what differs is sent) after removing {marker}"
+    )]
+    PostCopyInterrupted { image: PathBuf, marker: PathBuf },
 }
 
 /// A destination with every listener bound, not yet serving.
@@ -244,6 +254,12 @@ impl Destination {
         if let Some(nbd) = &cfg.nbd {
             nbd.check_exposure(cfg.insecure_nbd)?;
         }
+        if Presence::interrupted(&cfg.image) {
+            return Err(AgentError::PostCopyInterrupted {
+                image: cfg.image.clone(),
+                marker: Presence::marker_for(&cfg.image),
+            });
+        }
         let tls = cfg.tls_dir.as_deref().map(TlsMaterial::load).transpose()?;
         if tls.is_none() {
             tracing::warn!(addr = %cfg.grpc, "gRPC served without TLS: any local process can write the image");
@@ -272,6 +288,9 @@ impl Destination {
         // NBD writes after cutover reach the replica service's checksum tree
         // through this, so a rollback can find them.
         let changes = ImageChanges::new();
+        // One gate for the export and the replica service: a post-copy's
+        // fills and the export's reads and writes meet in it.
+        let presence = Presence::new(cfg.postcopy_wait, Some(Presence::marker_for(&cfg.image)));
         let (nbd, nbd_addr, export) = match &cfg.nbd {
             None => (None, None, None),
             Some(listen) => {
@@ -281,6 +300,7 @@ impl Destination {
                     image: image.clone(),
                     read_only: true,
                     changes: changes.clone(),
+                    presence: presence.clone(),
                 }]));
                 if cfg.nbd_advertise_writable {
                     server.set_advertise_writable(&cfg.export_name, true)?;
@@ -311,7 +331,8 @@ impl Destination {
                 max_in_flight: cfg.max_in_flight,
                 ..ServeOptions::default()
             },
-        );
+        )
+        .with_presence(presence);
         service.watch_changes(&changes);
         let tree_path = saved::path_for(&cfg.image);
         let tree_restored = service.restore_tree(&tree_path);

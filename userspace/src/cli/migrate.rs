@@ -133,6 +133,17 @@ pub struct MigrateArgs {
     /// limit until the final delta fits, and lifts it at the pause.
     #[arg(long, value_enum, default_value_t = Converge::Fail)]
     converge: Converge,
+    /// `precopy` converges first and copies the last delta inside the pause;
+    /// `postcopy` switches right after the first copy (or before it, with
+    /// `--precopy none`), with no data copy inside the pause, and the
+    /// destination fetches what it still lacks: its reads of it wait for the
+    /// source, which pushes the rest in the prediction's order meanwhile.
+    #[arg(long, value_enum, default_value_t = Mode::Precopy)]
+    mode: Mode,
+    /// With `--mode postcopy`: `first-pass` copies the disk once before the
+    /// switch (the writes during it go after); `none` switches at once.
+    #[arg(long, value_enum, default_value_t = Precopy::FirstPass)]
+    precopy: Precopy,
     /// The cgroup `--converge throttle` limits: a directory (cgroup v2 with
     /// the io controller, or v1 blkio) or pid:N (that process's cgroup).
     /// Default: the cgroup of `--pause cgroup:DIR`.
@@ -157,12 +168,53 @@ enum Converge {
     Fail,
     /// Slow the workload's writes until the final delta fits.
     Throttle,
+    /// Switch in post-copy: the destination fetches what it lacks after.
+    Postcopy,
+}
+
+/// When the switch comes.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    /// Converge, then copy the last delta inside the pause.
+    Precopy,
+    /// Switch first; the destination fetches the rest.
+    Postcopy,
+}
+
+/// What a post-copy sends before its switch.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Precopy {
+    /// The whole disk once.
+    FirstPass,
+    /// Nothing.
+    None,
 }
 
 impl MigrateArgs {
+    /// The post-copy `--mode` and `--converge` ask for, if any.
+    fn postcopy(&self) -> Result<Option<cutover::PostCopyOptions>> {
+        match (self.mode, self.converge) {
+            (Mode::Postcopy, Converge::Fail) => Ok(Some(cutover::PostCopyOptions {
+                skip_first_pass: self.precopy == Precopy::None,
+                ..cutover::PostCopyOptions::default()
+            })),
+            (Mode::Postcopy, _) => bail!(
+                "--mode postcopy switches without waiting for the rounds to converge: --converge is for --mode precopy"
+            ),
+            (Mode::Precopy, _) if self.precopy == Precopy::None => {
+                bail!("--precopy none is for --mode postcopy")
+            }
+            (Mode::Precopy, Converge::Postcopy) => Ok(Some(cutover::PostCopyOptions {
+                only_if_not_converging: true,
+                ..cutover::PostCopyOptions::default()
+            })),
+            (Mode::Precopy, _) => Ok(None),
+        }
+    }
+
     /// The cgroup to throttle: `None` unless `--converge throttle`.
     fn throttle_cgroup(&self) -> Result<Option<CgroupSpec>> {
-        if self.converge == Converge::Fail {
+        if self.converge != Converge::Throttle {
             if self.throttle_cgroup.is_some() {
                 bail!("--throttle-cgroup is for --converge throttle");
             }
@@ -351,6 +403,10 @@ fn status_line(s: &Status, counters: &Stats, rate_bps: u64) -> serde_json::Value
         "estimated_downtime_ms": s.estimated_downtime_ms,
         "rpo_ms": s.rpo_ms,
         "throttle_bps": s.throttle_bps,
+        "missing_bytes": s.missing_bytes,
+        "demands": s.demands,
+        "demand_wait_p50_us": s.demand_wait_p50_us,
+        "demand_wait_p99_us": s.demand_wait_p99_us,
         "reconnects": st.reconnects,
     })
 }
@@ -497,6 +553,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
         });
     }
     let throttle = m.throttle_cgroup()?;
+    let postcopy = m.postcopy()?;
     let report: serde_json::Value = runtime()?.block_on(async {
         if let Some(mut client) = m.agent.connect().await? {
             // A running source agent does the work; this only asks and waits.
@@ -515,6 +572,12 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
                         .as_ref()
                         .map(ToString::to_string)
                         .unwrap_or_default(),
+                    mode: match m.mode {
+                        Mode::Precopy => "precopy",
+                        Mode::Postcopy => "postcopy",
+                    }
+                    .to_owned(),
+                    postcopy_if_not_converging: m.converge == Converge::Postcopy,
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("the source agent: {}", s.message()))?
@@ -542,6 +605,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
                 cgroup,
                 record: Some(source.state_dir.join("throttle.json")),
             }),
+            postcopy,
         };
         let result = until_interrupted(side, &opts).await;
         let mut err = std::io::stderr().lock();
@@ -638,6 +702,28 @@ fn render_report(r: &serde_json::Value) -> String {
         f("rounds"),
         f("epoch"),
     );
+    let post = &r["postcopy"];
+    if post.is_object() {
+        let dst = &post["destination"];
+        let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+        let _ = writeln!(
+            text,
+            "post-copy: {} missing at the switch, the destination held all {:.1} s later; {} pushed, {} demanded in {} fetches (waits p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} reads and writes), {} written there before it arrived",
+            human_bytes(num(&post["missing_bytes"])),
+            num(&post["push_seconds"]),
+            human_bytes(num(&post["pushed_bytes"])),
+            human_bytes(num(&post["demand_bytes"])),
+            num(&post["demand_ranges"]),
+            num(&dst["wait_p50_us"]) / 1e3,
+            num(&dst["wait_p99_us"]) / 1e3,
+            num(&dst["wait_max_us"]) / 1e3,
+            num(&dst["waits"]),
+            human_bytes(num(&dst["local_bytes"])),
+        );
+    }
+    if let Some(why) = r["postcopy_reason"].as_str() {
+        let _ = writeln!(text, "switched in post-copy: {why}");
+    }
     let t = &r["throttle"];
     if t.is_object() {
         let _ = writeln!(

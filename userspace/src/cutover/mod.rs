@@ -11,14 +11,17 @@ use std::time::{Duration, Instant};
 
 mod health;
 mod in_flight;
+mod postcopy;
 mod rollback;
 mod throttling;
 
 pub use health::{HEALTH_REGION, HealthCheck, HealthError};
+pub use postcopy::PostCopyOptions;
 pub use rollback::{RollbackReport, rollback};
 pub use throttling::{ThrottleOptions, ThrottleReport};
 
 use crate::pause::{PauseError, PauseTarget, Paused};
+use crate::postcopy::PushReport;
 use crate::replicate::{ReplicateError, Replicator, Tracker};
 use crate::rpc::RpcError;
 use crate::throttle::{ThrottleError, WriteThrottle};
@@ -89,6 +92,14 @@ pub enum CutoverError {
         "writes kept completing on the source after the pause ({bytes} bytes after {attempts} final rounds): the pause does not stop the writer; the workload was resumed and the destination stays read-only"
     )]
     WriterNotStopped { attempts: u32, bytes: u64 },
+    /// The post-copy demand server failed.
+    #[error("{0}")]
+    PostCopy(#[source] Box<crate::postcopy::PushError>),
+    /// Units stayed missing on the destination after pushing twice.
+    #[error(
+        "post-copy: the destination still lacks {missing_bytes} bytes after the whole disk was pushed again; the source keeps them: run `tern migrate` again (only what is missing is sent)"
+    )]
+    PostCopyIncomplete { missing_bytes: u64 },
 }
 
 /// What a migration does and its limits.
@@ -108,6 +119,9 @@ pub struct CutoverOptions {
     /// Slow the workload's writes while the rounds do not converge (`None`:
     /// fail with [`CutoverError::NotConverging`] instead).
     pub throttle: Option<ThrottleOptions>,
+    /// End in post-copy: switch first, then fetch and push what the
+    /// destination lacks (always, or when the rounds do not converge).
+    pub postcopy: Option<PostCopyOptions>,
 }
 
 impl Default for CutoverOptions {
@@ -120,6 +134,7 @@ impl Default for CutoverOptions {
             switch: true,
             initial_sync: true,
             throttle: None,
+            postcopy: None,
         }
     }
 }
@@ -141,6 +156,12 @@ pub struct Status {
     pub rpo_ms: u64,
     /// The write limit on the workload now (0: none).
     pub throttle_bps: u64,
+    /// Post-copy: bytes the destination still lacks, demands it sent, and
+    /// how long its reads waited for them (median, 99th percentile, µs).
+    pub missing_bytes: u64,
+    pub demands: u64,
+    pub demand_wait_p50_us: u64,
+    pub demand_wait_p99_us: u64,
 }
 
 /// A status cell the CLI polls.
@@ -155,6 +176,12 @@ fn set_status(cell: &StatusCell, f: impl FnOnce(&mut Status)) {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
     pub outcome: &'static str,
+    /// "pre-copy" or "post-copy" (the switch came before the last data).
+    pub mode: &'static str,
+    /// Why a pre-copy switched in post-copy instead (`--converge postcopy`).
+    pub postcopy_reason: Option<String>,
+    /// What the post-copy did after the switch.
+    pub postcopy: Option<PushReport>,
     pub epoch: u64,
     pub rounds: u64,
     /// The initial pass was a checksum delta sync (the destination held data).
@@ -420,6 +447,7 @@ pub async fn migrate(
     let started = Instant::now();
     let mut report = Report {
         standby_wire_bytes: repl.stats().snapshot().wire_bytes,
+        mode: "pre-copy",
         ..Report::default()
     };
     let mut gaps_seen = 0;
@@ -431,8 +459,16 @@ pub async fn migrate(
     report.epoch = epoch;
     set_status(status, |s| s.epoch = epoch);
 
-    let mut bandwidth = initial_pass(repl, opts, status, &mut report).await?;
-    let mut rounds = converge(
+    let postcopy = opts.postcopy.as_ref();
+    let mut bandwidth = if postcopy.is_some_and(|p| p.skip_first_pass) {
+        // Everything is pushed after the switch, in the post-copy's order.
+        repl.clear_order();
+        repl.send_map().mark_all();
+        0.0
+    } else {
+        initial_pass(repl, opts, status, &mut report).await?
+    };
+    let (mut rounds, in_postcopy) = precopy_rounds(
         repl,
         tracker,
         opts,
@@ -444,9 +480,153 @@ pub async fn migrate(
         &mut report,
     )
     .await?;
+    let stopped = stop_workload(
+        repl,
+        tracker,
+        opts,
+        status,
+        bandwidth,
+        &mut gaps_seen,
+        throttling.as_mut(),
+        &mut report,
+    )
+    .await?;
+    rounds += stopped.rounds;
+    let finished = if in_postcopy {
+        postcopy::switch(repl, tracker, &mut gaps_seen, &mut report)
+            .await
+            .map(Some)
+    } else {
+        final_delta(repl, tracker, &mut gaps_seen, &mut report)
+            .await
+            .map(|()| None)
+    };
+    // The held writes are out: the operator's own limit (if any) goes back
+    // before the workload resumes or is handed over, whatever happened.
+    if let Some(t) = throttling.as_mut() {
+        t.lift()?;
+        report.throttle = Some(t.report());
+    }
+    let paused = stopped.paused;
+    let switched = match finished {
+        Ok(switched) => switched,
+        Err(e) => {
+            // `paused` resumes the workload when dropped; say so explicitly.
+            if let Some(p) = paused {
+                p.resume().await?;
+            }
+            return Err(e);
+        }
+    };
+    let step = Instant::now();
+    let running = if let Some((fence, missing)) = switched {
+        // The switch was made with the map: the downtime ends here.
+        report.epoch = fence;
+        report.downtime_ms = ms(stopped.at);
+        set_status(status, |s| {
+            s.epoch = fence;
+            s.missing_bytes = missing;
+        });
+        Some(postcopy::Running::start(repl, fence, missing)?)
+    } else if opts.switch {
+        // Fence the source: a higher epoch ends our write stream for good
+        // and makes the destination's export writable.
+        repl.finish().await?;
+        let fence = epoch + 1;
+        repl.client().set_export_writable(fence, true).await?;
+        report.epoch = fence;
+        report.switch_ms = ms(step);
+        report.downtime_ms = ms(stopped.at);
+        set_status(status, |s| s.epoch = fence);
+        None
+    } else {
+        if let Some(p) = paused {
+            p.resume().await?;
+        }
+        report.downtime_ms = ms(stopped.at);
+        report.outcome = "synced";
+        return Ok(finish_report(report, repl, tracker, rounds, started));
+    };
+    set_status(status, |s| s.phase = "cut over: health check");
+    after_switch(repl, opts, status, paused, running, &mut report).await?;
+    Ok(finish_report(report, repl, tracker, rounds, started))
+}
 
-    // Downtime starts here. The rounds from now on hash what they read, so
-    // that the verification inside the pause reads nothing again here.
+/// The delta rounds of a pre-copy, unless the migration switches in
+/// post-copy right after its first pass, or when they do not converge and
+/// `--converge postcopy` was asked for. Returns the rounds sent and
+/// whether the switch is a post-copy one.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the migration's state, lent to `converge`"
+)]
+async fn precopy_rounds(
+    repl: &mut Replicator,
+    tracker: &Tracker,
+    opts: &CutoverOptions,
+    status: &StatusCell,
+    started: Instant,
+    bandwidth: &mut f64,
+    gaps_seen: &mut u64,
+    throttling: Option<&mut Throttling>,
+    report: &mut Report,
+) -> Result<(u64, bool), CutoverError> {
+    let postcopy = opts.postcopy.as_ref();
+    if postcopy.is_some_and(|p| !p.only_if_not_converging) {
+        report.mode = "post-copy";
+        return Ok((0, true));
+    }
+    let converged = converge(
+        repl, tracker, opts, status, started, bandwidth, gaps_seen, throttling, report,
+    )
+    .await;
+    match converged {
+        Ok(rounds) => Ok((rounds, false)),
+        Err(CutoverError::NotConverging {
+            rounds,
+            dirty_mb,
+            dirty_rate_mbs,
+            bandwidth_mbs,
+            ..
+        }) if postcopy.is_some() => {
+            let why = format!(
+                "the rounds did not converge after {rounds}: {dirty_mb:.1} MB dirty, the workload dirtying {dirty_rate_mbs:.1} MB/s against a link of {bandwidth_mbs:.1} MB/s"
+            );
+            tracing::warn!(why, "switching in post-copy");
+            report.postcopy_reason = Some(why);
+            report.mode = "post-copy";
+            Ok((rounds, true))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The workload stopped: its hold, when it stopped, and the rounds sent
+/// while a `qemu:` pause still ran it.
+struct Stopped {
+    paused: Option<Paused>,
+    at: Instant,
+    rounds: u64,
+}
+
+/// Pauses the workload (downtime starts), every write limit released
+/// first and its held writes given time to land.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the migration's state, lent for the pause: the replicator, tracker, options, status, the link's rate, and what the pause updates"
+)]
+async fn stop_workload(
+    repl: &mut Replicator,
+    tracker: &Tracker,
+    opts: &CutoverOptions,
+    status: &StatusCell,
+    bandwidth: f64,
+    gaps_seen: &mut u64,
+    mut throttling: Option<&mut Throttling>,
+    report: &mut Report,
+) -> Result<Stopped, CutoverError> {
+    // The rounds from now on hash what they read, so that the
+    // verification inside the pause reads nothing again here.
     repl.read_whole_regions(true);
     set_status(status, |s| s.phase = "paused: final delta");
     // Every limit goes as the workload stops: a pause that drains or
@@ -460,9 +640,10 @@ pub async fn migrate(
         .as_ref()
         .is_some_and(PauseTarget::runs_while_pausing)
     {
-        released = release(throttling.as_mut(), status)?;
+        released = release(throttling.as_deref_mut(), status)?;
     }
     let pause_started = Instant::now();
+    let mut rounds = 0;
     let paused = match &opts.pause {
         Some(target) if target.runs_while_pausing() => {
             // A round is worth it once the final delta would take a tenth of
@@ -475,9 +656,8 @@ pub async fn migrate(
             )]
             let worth = (bandwidth * opts.max_downtime.as_secs_f64() / 10.0) as u64;
             let (paused, more) =
-                pause_while_sending(target, repl, tracker, worth, &mut gaps_seen, &mut report)
-                    .await?;
-            rounds += more;
+                pause_while_sending(target, repl, tracker, worth, gaps_seen, report).await?;
+            rounds = more;
             Some(paused)
         }
         Some(target) => Some(target.pause().await?),
@@ -486,11 +666,11 @@ pub async fn migrate(
     // Downtime runs from the moment the workload stopped: a `qemu:` pause
     // precopies RAM while the VM still runs before it stops it.
     let ran_inside = paused.as_ref().map_or(Duration::ZERO, Paused::ran_inside);
-    let stopped_at = pause_started + ran_inside;
+    let at = pause_started + ran_inside;
     report.precopy_ms = ran_inside.as_secs_f64() * 1e3;
-    report.pause_ms = ms(stopped_at);
+    report.pause_ms = ms(at);
     if released.is_none() {
-        released = release(throttling.as_mut(), status)?;
+        released = release(throttling, status)?;
     }
     if let Some(at) = released {
         // A write the throttle still held at the pause is in no device's
@@ -501,65 +681,39 @@ pub async fn migrate(
         // give it that before looking.
         tokio::time::sleep(THROTTLE_DRAIN.saturating_sub(at.elapsed())).await;
     }
-    let finished = final_delta(repl, tracker, &mut gaps_seen, &mut report).await;
-    // The held writes are out: the operator's own limit (if any) goes back
-    // before the workload resumes or is handed over, whatever happened.
-    if let Some(t) = throttling.as_mut() {
-        t.lift()?;
-        report.throttle = Some(t.report());
-    }
-    if let Err(e) = finished {
-        // `paused` resumes the workload when dropped; say so explicitly.
-        if let Some(p) = paused {
-            p.resume().await?;
-        }
-        return Err(e);
-    }
-    if !opts.switch {
-        if let Some(p) = paused {
-            p.resume().await?;
-        }
-        report.downtime_ms = ms(stopped_at);
-        report.outcome = "synced";
-        return Ok(finish_report(report, repl, tracker, rounds, started));
-    }
-    // Fence the source: a higher epoch ends our write stream for good and
-    // makes the destination's export writable.
-    let step = Instant::now();
-    repl.finish().await?;
-    let fence = epoch + 1;
-    repl.client().set_export_writable(fence, true).await?;
-    report.epoch = fence;
-    report.switch_ms = ms(step);
-    report.downtime_ms = ms(stopped_at);
-    set_status(status, |s| {
-        s.phase = "cut over: health check";
-        s.epoch = fence;
-    });
-
-    after_switch(repl, opts, status, paused, &mut report).await?;
-    Ok(finish_report(report, repl, tracker, rounds, started))
+    Ok(Stopped { paused, at, rounds })
 }
 
 /// After the fence: the health check decides between keeping the
 /// destination (the paused workload is handed over) and rolling back (the
-/// source is primary again, the workload resumed, every write kept).
+/// source is primary again, the workload resumed, every write kept). In
+/// post-copy the destination's demands are answered meanwhile, and the
+/// push completes after the hand-over (before a rollback, which reads the
+/// destination whole).
 async fn after_switch(
     repl: &mut Replicator,
     opts: &CutoverOptions,
     status: &StatusCell,
     paused: Option<Paused>,
+    mut running: Option<postcopy::Running>,
     report: &mut Report,
 ) -> Result<(), CutoverError> {
+    let order = opts.postcopy.as_ref().and_then(|p| p.order.as_ref());
     let step = Instant::now();
     let health = health::health_check(repl, &opts.health).await;
     report.health_ms = ms(step);
     if let Err(e) = health {
         tracing::error!(reason = %e, "health check failed after cutover; rolling back");
+        let postcopied = running.is_some();
+        if let Some(run) = running.take() {
+            report.postcopy = Some(run.finish(repl, order, status).await?);
+        }
         set_status(status, |s| s.phase = "rolling back");
         let source_path = repl.source().path().to_path_buf();
-        let local = repl.local().tree().clone();
-        let rb = rollback(repl.client(), &source_path, Some(&local)).await?;
+        // After a post-copy the source's tree was never brought up to
+        // date: rollback hashes the source afresh.
+        let local = (!postcopied).then(|| repl.local().tree().clone());
+        let rb = rollback(repl.client(), &source_path, local.as_ref()).await?;
         if let Some(p) = paused {
             p.resume().await?;
         }
@@ -580,6 +734,9 @@ async fn after_switch(
             return Err(e.into());
         }
         report.handover_ms = ms(step);
+    }
+    if let Some(run) = running {
+        report.postcopy = Some(run.finish(repl, order, status).await?);
     }
     report.outcome = "cut over";
     set_status(status, |s| s.phase = "cut over: destination is primary");
@@ -742,14 +899,10 @@ async fn pause_while_sending(
     Ok((paused, rounds))
 }
 
-/// With the workload paused: flush the source, collect the last writes,
-/// send them, and verify that both checksum roots are equal.
-async fn final_delta(
-    repl: &mut Replicator,
-    tracker: &Tracker,
-    gaps_seen: &mut u64,
-    report: &mut Report,
-) -> Result<(), CutoverError> {
+/// With the workload paused: the writes it left in a page cache above the
+/// source written back, and those it issued before it stopped completed,
+/// so that the next trace sync holds every one of them.
+async fn quiesce(repl: &Replicator, report: &mut Report) -> Result<(), CutoverError> {
     let step = Instant::now();
     // Writes still in a page cache above the source must reach it (and the tracer).
     write_back(repl).await?;
@@ -775,6 +928,18 @@ async fn final_delta(
         }
     }
     report.flush_ms = ms(step);
+    Ok(())
+}
+
+/// With the workload paused: flush the source, collect the last writes,
+/// send them, and verify that both checksum roots are equal.
+async fn final_delta(
+    repl: &mut Replicator,
+    tracker: &Tracker,
+    gaps_seen: &mut u64,
+    report: &mut Report,
+) -> Result<(), CutoverError> {
+    quiesce(repl, report).await?;
     let step = Instant::now();
     tracker.sync().await?;
     recover_gaps(repl, tracker, gaps_seen, report).await?;

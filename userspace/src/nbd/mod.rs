@@ -175,6 +175,7 @@ pub async fn serve_standalone(
         read_only: opts.read_only,
         // Standalone: no checksum tree or anything else derived from the image.
         changes: ImageChanges::default(),
+        presence: crate::postcopy::Presence::default(),
     }]));
     let listen_err = |source| NbdError::Listen {
         addr: opts.listen.clone(),

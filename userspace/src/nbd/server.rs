@@ -24,6 +24,7 @@ use super::NbdError;
 use super::handshake;
 use super::proto::{self, Command};
 use crate::image::{Image, ImageChanges, ImageError, IoBuf};
+use crate::postcopy::Presence;
 
 /// Requests one connection may have in flight.
 const MAX_INFLIGHT: usize = 128;
@@ -52,6 +53,9 @@ pub struct Export {
     /// it completed and before the reply is sent (the destination's
     /// checksum tree listens). `ImageChanges::default()` when nobody cares.
     pub changes: ImageChanges,
+    /// The post-copy gate every request waits on while units are missing
+    /// (`Presence::default()`: none ever are).
+    pub presence: Presence,
 }
 
 /// Server-side state of an export.
@@ -67,6 +71,7 @@ pub(crate) struct ExportState {
     /// can write after the flip without reconnecting.
     advertise_writable: AtomicBool,
     changes: ImageChanges,
+    presence: Presence,
 }
 
 impl ExportState {
@@ -181,6 +186,7 @@ impl NbdServer {
                     read_only: AtomicBool::new(read_only),
                     advertise_writable: AtomicBool::new(false),
                     changes: e.changes,
+                    presence: e.presence,
                 })
             })
             .collect();
@@ -537,6 +543,7 @@ impl NbdServer {
                 Some(bytes),
             ) = (cmd, &data)
                 && len <= INLINE_WRITE_MAX
+                && !export.presence.is_active()
             {
                 let now = export.image.write_pages_now(offset, bytes);
                 if !matches!(now, Ok(false)) {
@@ -625,6 +632,28 @@ impl NbdServer {
     ) -> Reply {
         let image = &export.image;
         let stats = &self.stats;
+        // In a post-copy, a unit still on the source is fetched before it is
+        // read or written in part: never old data, never a fill over a write.
+        let gate = match cmd {
+            Command::Read { offset, len } => {
+                export.presence.before_read(offset, u64::from(len)).await
+            }
+            Command::Write { offset, len, .. }
+            | Command::Trim { offset, len, .. }
+            | Command::WriteZeroes { offset, len, .. } => {
+                export.presence.before_write(offset, u64::from(len)).await
+            }
+            Command::Flush | Command::Disconnect => Ok(()),
+        };
+        if let Err(e) = gate {
+            bump(&stats.errors);
+            tracing::warn!(error = %e, "NBD request failed");
+            return Reply {
+                cookie,
+                error: proto::nbd_errno(libc::EIO),
+                data: None,
+            };
+        }
         // Writes are counted and reported by `written`.
         let modified = match cmd {
             Command::Trim { offset, len, .. } | Command::WriteZeroes { offset, len, .. } => {

@@ -155,19 +155,7 @@ fn split_run(run: &Range<u64>, sorted: &[(Range<u64>, usize)]) -> Vec<(Range<u64
 
 /// Whether a failed call may succeed after reconnecting.
 fn transient(e: &RpcError) -> bool {
-    match e {
-        RpcError::Connect { .. } | RpcError::StreamClosed { .. } | RpcError::ShuttingDown => true,
-        RpcError::Call { status, .. } => matches!(
-            status.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::Unknown
-                | tonic::Code::Cancelled
-                | tonic::Code::Internal
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Aborted
-        ),
-        _ => false,
-    }
+    e.is_transient()
 }
 
 /// Whether the destination refused us because a newer epoch owns it.
@@ -203,6 +191,11 @@ pub struct Replicator {
     sent_since_warm: u64,
     /// Whether zstd pays, measured while sending (kept across rounds).
     chooser: Chooser,
+    /// Write streams are post-copy fills ([`Replicator::enter_postcopy`]).
+    fill: bool,
+    /// In a post-copy, the units the demand server answered: an extent
+    /// wholly inside them is not pushed again.
+    served: Option<Arc<DirtyMap>>,
 }
 
 /// The root hash of `client`'s destination for the tree `shape`.
@@ -261,6 +254,8 @@ impl Replicator {
             warming: Arc::new(AtomicBool::new(false)),
             sent_since_warm: 0,
             chooser,
+            fill: false,
+            served: None,
         })
     }
 
@@ -302,12 +297,34 @@ impl Replicator {
         Ok(self.epoch)
     }
 
+    /// After a post-copy switch fenced with `epoch`: every later write
+    /// stream is a fill (it lands only where the destination still misses
+    /// a unit), rounds read only what they send, and the dirty map holds
+    /// what is still to push; an extent wholly inside `served` (units a
+    /// demand answered) is not sent.
+    pub fn enter_postcopy(&mut self, epoch: u64, served: Arc<DirtyMap>) {
+        self.epoch = epoch;
+        self.fill = true;
+        self.served = Some(served);
+        self.writer = None;
+        self.whole_regions = false;
+    }
+
+    /// How the destination is reached (a second connection: the post-copy
+    /// demand stream).
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
     async fn open_writer(&mut self) -> Result<(), ReplicateError> {
-        let writer = self
-            .client
-            .open_writer(self.epoch, self.opts.window)
-            .await
-            .map_err(|e| self.classify(e))?;
+        let writer = if self.fill {
+            self.client
+                .open_fill_writer(self.epoch, self.opts.window)
+                .await
+        } else {
+            self.client.open_writer(self.epoch, self.opts.window).await
+        }
+        .map_err(|e| self.classify(e))?;
         self.leaf_checksums = writer.leaf_checksums();
         self.writer = Some(writer);
         Ok(())
@@ -345,7 +362,13 @@ impl Replicator {
         loop {
             let attempt = async {
                 let mut client = self.peer.connect().await?;
-                let writer = client.open_writer(self.epoch, self.opts.window).await?;
+                let writer = if self.fill {
+                    client
+                        .open_fill_writer(self.epoch, self.opts.window)
+                        .await?
+                } else {
+                    client.open_writer(self.epoch, self.opts.window).await?
+                };
                 Ok::<_, RpcError>((client, writer))
             }
             .await;
@@ -453,6 +476,11 @@ impl Replicator {
     /// For the rounds of the pause: earlier it would multiply the bytes read.
     pub fn read_whole_regions(&mut self, on: bool) {
         self.whole_regions = on;
+    }
+
+    /// Forgets an order given for the next round.
+    pub fn clear_order(&mut self) {
+        self.order = None;
     }
 
     /// Orders the next round (once): see [`SendOrder`].
@@ -664,6 +692,14 @@ impl Replicator {
             self.stats
                 .skipped_zero_bytes
                 .fetch_add(len, Ordering::Relaxed);
+            return Ok(None);
+        }
+        // Read ahead before a demand answered it: the destination has it.
+        if self
+            .served
+            .as_ref()
+            .is_some_and(|served| served.all_marked(extent.offset, len))
+        {
             return Ok(None);
         }
         Ok(Some(extent))

@@ -36,6 +36,8 @@ pub struct Info {
     pub max_batch_extents: u32,
     /// Extents may carry checksums over leaf hashes (`Checksum::Leaves`).
     pub leaf_checksums: bool,
+    /// Where a post-copy into the destination stands.
+    pub postcopy: crate::postcopy::PresenceSnapshot,
 }
 
 /// Client of one destination.
@@ -119,6 +121,7 @@ impl ReplicaClient {
             max_extent_len: info.max_extent_len,
             max_batch_extents: info.max_batch_extents,
             leaf_checksums: info.leaf_checksums,
+            postcopy: info.postcopy.map(snapshot_of).unwrap_or_default(),
         })
     }
 
@@ -129,10 +132,29 @@ impl ReplicaClient {
         epoch: u64,
         window: usize,
     ) -> Result<ExtentWriter, RpcError> {
+        self.open_stream(epoch, window, false).await
+    }
+
+    /// Opens a post-copy fill stream: its extents land only in units the
+    /// destination still misses (see `Open.fill`).
+    pub async fn open_fill_writer(
+        &mut self,
+        epoch: u64,
+        window: usize,
+    ) -> Result<ExtentWriter, RpcError> {
+        self.open_stream(epoch, window, true).await
+    }
+
+    async fn open_stream(
+        &mut self,
+        epoch: u64,
+        window: usize,
+        fill: bool,
+    ) -> Result<ExtentWriter, RpcError> {
         let window = window.max(1);
         let (tx, rx) = mpsc::channel(window + 2);
         let open = pb::WriteRequest {
-            msg: Some(write_request::Msg::Open(pb::Open { epoch })),
+            msg: Some(write_request::Msg::Open(pb::Open { epoch, fill })),
         };
         tx.send(open)
             .await
@@ -316,7 +338,11 @@ impl ReplicaClient {
     ) -> Result<bool, RpcError> {
         let reply = self
             .inner
-            .set_export_writable(pb::SetExportWritableRequest { epoch, writable })
+            .set_export_writable(pb::SetExportWritableRequest {
+                epoch,
+                writable,
+                postcopy: None,
+            })
             .await
             .map_err(|status| RpcError::Call {
                 call: "SetExportWritable",
@@ -324,6 +350,78 @@ impl ReplicaClient {
             })?
             .into_inner();
         Ok(reply.export_writable)
+    }
+
+    /// The switch of a post-copy: the destination's export turns writable
+    /// with the units set in `missing` (one bit per `unit`, see
+    /// `PostCopyMap`) still on the source. Returns the bytes missing.
+    pub async fn switch_postcopy(
+        &mut self,
+        epoch: u64,
+        unit: u64,
+        missing: Vec<u8>,
+    ) -> Result<u64, RpcError> {
+        let reply = self
+            .inner
+            .set_export_writable(pb::SetExportWritableRequest {
+                epoch,
+                writable: true,
+                postcopy: Some(pb::PostCopyMap {
+                    unit,
+                    missing: Bytes::from(missing),
+                }),
+            })
+            .await
+            .map_err(|status| RpcError::Call {
+                call: "SetExportWritable",
+                status,
+            })?
+            .into_inner();
+        Ok(reply.missing_bytes)
+    }
+
+    /// The destination's demands of a post-copy, as byte ranges, until
+    /// nothing is missing (the stream ends) or `epoch` is fenced.
+    pub async fn demands(
+        &mut self,
+        epoch: u64,
+    ) -> Result<impl Stream<Item = Result<Vec<std::ops::Range<u64>>, RpcError>> + use<>, RpcError>
+    {
+        let call = |status| RpcError::Call {
+            call: "Demands",
+            status,
+        };
+        let replies = self
+            .inner
+            .demands(pb::DemandsRequest { epoch })
+            .await
+            .map_err(call)?
+            .into_inner();
+        Ok(replies.map(move |reply| {
+            reply.map_err(call).map(|demand| {
+                demand
+                    .ranges
+                    .into_iter()
+                    .map(|r| r.offset..r.offset.saturating_add(u64::from(r.length)))
+                    .collect()
+            })
+        }))
+    }
+}
+
+/// The `Info` figures of a post-copy.
+fn snapshot_of(s: pb::PostCopyState) -> crate::postcopy::PresenceSnapshot {
+    crate::postcopy::PresenceSnapshot {
+        active: s.active,
+        unit: s.unit,
+        missing_bytes: s.missing_bytes,
+        filled_bytes: s.filled_bytes,
+        local_bytes: s.local_bytes,
+        demands: s.demands,
+        waits: s.waits,
+        wait_p50_us: s.wait_p50_us,
+        wait_p99_us: s.wait_p99_us,
+        wait_max_us: s.wait_max_us,
     }
 }
 

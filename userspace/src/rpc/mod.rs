@@ -239,6 +239,10 @@ pub enum RpcError {
         #[source]
         source: std::io::Error,
     },
+    /// The post-copy gate refused (a map that does not fit, or a unit that
+    /// did not arrive in time).
+    #[error("{0}")]
+    PostCopy(#[source] crate::postcopy::PresenceError),
     /// zstd compression failed (client side).
     #[error("cannot compress the extent at offset {offset}: {source}")]
     Compress {
@@ -249,6 +253,25 @@ pub enum RpcError {
 }
 
 impl RpcError {
+    /// Whether a failed call may succeed after reconnecting.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RpcError::Connect { .. } | RpcError::StreamClosed { .. } | RpcError::ShuttingDown => {
+                true
+            }
+            RpcError::Call { status, .. } => matches!(
+                status.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Internal
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Aborted
+            ),
+            _ => false,
+        }
+    }
+
     /// The gRPC code a failed call returned, if this error is one.
     pub fn code(&self) -> Option<tonic::Code> {
         match self {

@@ -70,6 +70,13 @@ fn code(err: &RpcError) -> Code {
         | RpcError::NoExport
         | RpcError::HashScheme { .. } => Code::FailedPrecondition,
         RpcError::ShuttingDown => Code::Unavailable,
+        RpcError::PostCopy(inner) => match inner {
+            crate::postcopy::PresenceError::Timeout { .. } => Code::DeadlineExceeded,
+            crate::postcopy::PresenceError::Unit { .. }
+            | crate::postcopy::PresenceError::MapSize { .. } => Code::InvalidArgument,
+            crate::postcopy::PresenceError::OtherUnit { .. } => Code::FailedPrecondition,
+            crate::postcopy::PresenceError::Marker { .. } => Code::Internal,
+        },
         RpcError::CheckTree(inner) => match inner {
             CheckTreeError::BadRegionSize(_)
             | CheckTreeError::TooManyRegions { .. }

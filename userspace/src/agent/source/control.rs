@@ -323,6 +323,19 @@ impl control_server::Control for ControlService {
                     // The agent's own record path, set where it runs the cutover.
                     record: None,
                 }),
+            postcopy: match r.mode.as_str() {
+                "" | "precopy" if !r.postcopy_if_not_converging => None,
+                "" | "precopy" => Some(cutover::PostCopyOptions {
+                    only_if_not_converging: true,
+                    ..cutover::PostCopyOptions::default()
+                }),
+                "postcopy" => Some(cutover::PostCopyOptions::default()),
+                other => {
+                    return Err(GrpcStatus::invalid_argument(format!(
+                        "mode {other:?}: give precopy or postcopy"
+                    )));
+                }
+            },
         };
         let (tx, rx) = oneshot::channel();
         self.commands

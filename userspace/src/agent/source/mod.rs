@@ -32,7 +32,7 @@ use crate::image::{Image, ImageError, ImageOptions};
 use crate::predict::{self, PredictError, PredictOptions, Prediction};
 use crate::replicate::{
     CompressWhen, LocalTree, ObserverFactory, Peer, ReplicateError, ReplicateOptions, Replicator,
-    Stats, Tracker,
+    SendOrder, Stats, Tracker,
 };
 use crate::rpc::{MAX_EXTENT_LEN, TlsError, TlsMaterial};
 use crate::trace::session::SessionConfig;
@@ -222,6 +222,8 @@ pub struct Source {
     uploader: Option<UploaderHandle>,
     /// The TLS material the control service serves with too.
     tls: Option<TlsMaterial>,
+    /// A post-copy's push order: the prediction's hot runs first.
+    push_order: Option<SendOrder>,
 }
 
 /// Runs a warm standby until it is cut over, rolled back or `cancel`led:
@@ -339,6 +341,7 @@ impl Source {
                 horizon,
             } => Some(train_on_history(url, window, *horizon, opts.region_size, path).await?),
         };
+        let mut push_order = None;
         if let Some(prediction) = prediction {
             let order = prediction.send_order(0.5);
             tracing::info!(
@@ -347,6 +350,12 @@ impl Source {
                 model = %prediction.model,
                 "ordering the first copy by the prediction"
             );
+            // After a post-copy switch the source no longer changes: nothing
+            // is held back, the hot runs only go first.
+            push_order = Some(SendOrder {
+                first: order.first.clone(),
+                hold: Vec::new(),
+            });
             repl.set_order(order);
         }
         Ok(Source {
@@ -358,6 +367,7 @@ impl Source {
             },
             uploader,
             tls,
+            push_order,
         })
     }
 
@@ -383,9 +393,16 @@ impl Source {
                     ..
                 },
             uploader,
+            push_order,
             ..
         } = self;
-        let report = cutover::migrate(&mut repl, &tracker, opts, &status).await?;
+        let mut opts = opts.clone();
+        if let Some(p) = opts.postcopy.as_mut()
+            && p.order.is_none()
+        {
+            p.order = push_order;
+        }
+        let report = cutover::migrate(&mut repl, &tracker, &opts, &status).await?;
         let totals = tracker.stop()?;
         tracing::info!(
             events = totals.block_events,
@@ -408,6 +425,7 @@ impl Source {
             agent,
             uploader,
             tls,
+            ..
         } = self;
         let (service, task) = start(agent, cancel.clone());
         let server = match control {

@@ -24,6 +24,7 @@ use super::{MAX_BATCH_EXTENTS, MAX_EXTENT_LEN, MAX_MESSAGE_LEN, MAX_NODES_PER_CA
 use crate::checktree::{HASH_SCHEME, saved};
 use crate::image::{ChangeListener, Image, ImageChanges};
 use crate::metrics::ReplicaMetrics;
+use crate::postcopy::Presence;
 
 mod read;
 mod tree_cache;
@@ -104,6 +105,8 @@ struct Inner {
     trees: Arc<TreeCache>,
     shutdown: CancellationToken,
     opts: ServeOptions,
+    /// The post-copy gate: fills write only where it says, reads wait on it.
+    presence: Presence,
 }
 
 impl ReplicaService {
@@ -126,8 +129,19 @@ impl ReplicaService {
                 trees: Arc::default(),
                 shutdown,
                 opts,
+                presence: Presence::default(),
             }),
         }
+    }
+
+    /// The service with `presence` as its post-copy gate (shared with the
+    /// NBD export, which waits on it too). Call on a new service.
+    #[must_use]
+    pub fn with_presence(mut self, presence: Presence) -> ReplicaService {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_presence is called on a new service, before it is cloned")
+            .presence = presence;
+        self
     }
 
     /// The tonic service, with message limits that fit the largest extent.
@@ -269,6 +283,7 @@ pub(crate) fn nodelay_incoming(
 type ReadTx = mpsc::Sender<Result<pb::ReadResponse, Status>>;
 type AckFuture = Pin<Box<dyn Future<Output = Result<u64, RpcError>> + Send>>;
 type WriteTx = mpsc::Sender<Result<pb::WriteResponse, Status>>;
+type DemandTx = mpsc::Sender<Result<pb::Demand, Status>>;
 
 #[tonic::async_trait]
 impl replica_server::Replica for ReplicaService {
@@ -285,6 +300,7 @@ impl replica_server::Replica for ReplicaService {
             max_extent_len: MAX_EXTENT_LEN,
             max_batch_extents: MAX_BATCH_EXTENTS,
             leaf_checksums: true,
+            postcopy: Some(postcopy_state(&inner.presence)),
         }))
     }
 
@@ -324,6 +340,7 @@ impl replica_server::Replica for ReplicaService {
             Arc::clone(&self.inner),
             inbound,
             lease,
+            open.fill,
             tx,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -390,6 +407,16 @@ impl replica_server::Replica for ReplicaService {
         let export = self.inner.export.as_ref().ok_or(RpcError::NoExport)?;
         // Fenced like a writer; the lease is dropped at once, it only proves the epoch.
         let lease = self.inner.fence.acquire(req.epoch).await?;
+        // Armed before the export turns writable: no write may land in a
+        // missing unit ungated.
+        let missing_bytes = match &req.postcopy {
+            Some(map) => self
+                .inner
+                .presence
+                .arm(self.inner.image.size(), map.unit, &map.missing)
+                .map_err(RpcError::PostCopy)?,
+            None => 0,
+        };
         export
             .set_writable(req.writable)
             .map_err(|e| RpcError::Export(Box::new(e)))?;
@@ -398,9 +425,17 @@ impl replica_server::Replica for ReplicaService {
             writable = req.writable,
             "NBD export mode changed"
         );
+        if req.postcopy.is_some() {
+            tracing::info!(
+                epoch = lease.epoch,
+                missing_bytes,
+                "post-copy armed: missing units are fetched from the source"
+            );
+        }
         Ok(Response::new(pb::SetExportWritableResponse {
             epoch: lease.epoch,
             export_writable: export.writable(),
+            missing_bytes,
         }))
     }
 
@@ -438,6 +473,82 @@ impl replica_server::Replica for ReplicaService {
             tx,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type DemandsStream = ReceiverStream<Result<pb::Demand, Status>>;
+
+    #[tracing::instrument(skip_all, fields(epoch = request.get_ref().epoch))]
+    async fn demands(
+        &self,
+        request: Request<pb::DemandsRequest>,
+    ) -> Result<Response<Self::DemandsStream>, Status> {
+        let req = request.into_inner();
+        let lease = self.inner.fence.acquire(req.epoch).await?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(run_demands(Arc::clone(&self.inner), lease, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// The post-copy gate's figures for `Info`.
+fn postcopy_state(presence: &Presence) -> pb::PostCopyState {
+    let s = presence.snapshot();
+    pb::PostCopyState {
+        active: s.active,
+        unit: s.unit,
+        missing_bytes: s.missing_bytes,
+        filled_bytes: s.filled_bytes,
+        local_bytes: s.local_bytes,
+        demands: s.demands,
+        waits: s.waits,
+        wait_p50_us: s.wait_p50_us,
+        wait_p99_us: s.wait_p99_us,
+        wait_max_us: s.wait_max_us,
+    }
+}
+
+/// Most demanded ranges one `Demand` message carries.
+const DEMANDS_PER_MESSAGE: usize = 64;
+
+/// Forwards the gate's demands to one source until nothing is missing, the
+/// source goes away, or a higher epoch fences `lease`.
+async fn run_demands(inner: Arc<Inner>, lease: super::epoch::Lease, tx: DemandTx) {
+    inner.presence.requeue_demanded();
+    let mut sent = 0u64;
+    let outcome = loop {
+        let next = tokio::select! {
+            biased;
+            () = lease.fenced.cancelled() => {
+                break Err(RpcError::Fenced { epoch: lease.epoch, by: inner.fence.highest() });
+            }
+            () = inner.shutdown.cancelled() => break Err(RpcError::ShuttingDown),
+            () = tx.closed() => break Ok(()),
+            next = inner.presence.next_demands(DEMANDS_PER_MESSAGE) => next,
+        };
+        let Some(ranges) = next else {
+            break Ok(());
+        };
+        let ranges = ranges
+            .into_iter()
+            .map(|r| pb::ReadRange {
+                offset: r.start,
+                length: u32::try_from(r.end - r.start)
+                    .expect("a demand is one window of at most 64 KiB"),
+            })
+            .collect::<Vec<_>>();
+        sent += ranges.len() as u64;
+        if tx.send(Ok(pb::Demand { ranges })).await.is_err() {
+            break Ok(());
+        }
+    };
+    tracing::info!(
+        epoch = lease.epoch,
+        demands = sent,
+        ok = outcome.is_ok(),
+        "demand stream ended"
+    );
+    if let Err(err) = outcome {
+        let _ = tx.send(Err(Status::from(err))).await;
     }
 }
 

@@ -99,6 +99,12 @@ async fn read_extent(
     zstd_level: Option<i32>,
 ) -> Result<pb::Extent, RpcError> {
     let pb::ReadRange { offset, length } = range;
+    // In a post-copy, a unit still on the source is waited for, never read old.
+    inner
+        .presence
+        .before_read(offset, u64::from(length))
+        .await
+        .map_err(RpcError::PostCopy)?;
     let data = inner
         .image
         .read_at(offset, length)

@@ -33,9 +33,13 @@ pub(super) async fn run_write_stream(
     inner: Arc<Inner>,
     mut inbound: Streaming<pb::WriteRequest>,
     lease: Lease,
+    fill: bool,
     tx: WriteTx,
 ) {
-    let mut pipeline = Pipeline::default();
+    let mut pipeline = Pipeline {
+        fill,
+        ..Pipeline::default()
+    };
     let mut counts = StreamCounts::default();
     let max_in_flight = inner.opts.max_in_flight.max(1);
     let outcome: Result<(), RpcError> = loop {
@@ -196,6 +200,8 @@ impl Span {
 struct Pipeline {
     pending: FuturesOrdered<AckFuture>,
     ranges: VecDeque<Span>,
+    /// A post-copy fill stream: extents land only in missing units.
+    fill: bool,
 }
 
 impl Pipeline {
@@ -217,8 +223,11 @@ impl Pipeline {
             self.drain(tx, true).await?;
         }
         self.ranges.push_back(span);
-        self.pending
-            .push_back(Box::pin(apply_extents(Arc::clone(inner), extents)));
+        self.pending.push_back(Box::pin(apply_extents(
+            Arc::clone(inner),
+            extents,
+            self.fill,
+        )));
         Ok(())
     }
 
@@ -274,9 +283,13 @@ async fn flush(inner: &Inner) -> Result<(), RpcError> {
 /// then writes them in order. Nothing reaches the image unless every extent
 /// of the message checks out. Returns the sequence number to acknowledge
 /// (the last extent's).
-async fn apply_extents(inner: Arc<Inner>, extents: Vec<pb::Extent>) -> Result<u64, RpcError> {
+async fn apply_extents(
+    inner: Arc<Inner>,
+    extents: Vec<pb::Extent>,
+    fill: bool,
+) -> Result<u64, RpcError> {
     let count = extents.len() as u64;
-    let result = apply_extents_inner(&inner, extents).await;
+    let result = apply_extents_inner(&inner, extents, fill).await;
     if result.is_err() {
         inner.metrics.rejected_extents.add(count);
     }
@@ -288,7 +301,11 @@ async fn apply_extents(inner: Arc<Inner>, extents: Vec<pb::Extent>) -> Result<u6
 /// round trip through the blocking pool.
 const DECODE_INLINE: u64 = 64 << 10;
 
-async fn apply_extents_inner(inner: &Inner, extents: Vec<pb::Extent>) -> Result<u64, RpcError> {
+async fn apply_extents_inner(
+    inner: &Inner,
+    extents: Vec<pb::Extent>,
+    fill: bool,
+) -> Result<u64, RpcError> {
     let started = Instant::now();
     let size = inner.image.size();
     let checked = extents
@@ -308,10 +325,18 @@ async fn apply_extents_inner(inner: &Inner, extents: Vec<pb::Extent>) -> Result<
         // Decompressing and hashing megabytes is CPU work: off the async workers.
         tokio::task::spawn_blocking(move || decode_all(checked, shape)).await??
     };
+    // A fill writes only the units still missing, each taken from the
+    // gate until written (a write of the export waits for it meanwhile).
+    let (decoded, claimed) = if fill {
+        claim_missing(&inner.presence, decoded)
+    } else {
+        (decoded, Vec::new())
+    };
     let write_started = Instant::now();
     let mut written = Vec::with_capacity(decoded.len());
     let mut zeroes = 0u64;
     let result = write_decoded(inner, decoded, &mut written, &mut zeroes).await;
+    inner.presence.filled(&claimed, result.is_ok());
     if let Err(err) = result {
         // Some of it may have reached the disk: what it touched is read
         // back before the tree is next believed.
@@ -338,6 +363,39 @@ async fn apply_extents_inner(inner: &Inner, extents: Vec<pb::Extent>) -> Result<
     m.bytes_received.add(wire);
     m.extent_latency.observe(started.elapsed());
     Ok(last_seq)
+}
+
+/// The pieces of a fill's `decoded` extents that fall on units the gate
+/// still misses, each unit taken for this fill; and the runs taken.
+/// Leaf hashes are dropped (a piece need not be a whole region): the tree
+/// reads back what was written.
+fn claim_missing(
+    presence: &crate::postcopy::Presence,
+    decoded: Vec<Decoded>,
+) -> (Vec<Decoded>, Vec<Range<u64>>) {
+    let mut pieces = Vec::new();
+    let mut claimed = Vec::new();
+    for piece in decoded {
+        let (offset, len) = match &piece {
+            Decoded::Data(offset, bytes, _) => (*offset, bytes.len() as u64),
+            Decoded::Zero(offset, length) => (*offset, u64::from(*length)),
+        };
+        for run in presence.claim_fill(offset, len) {
+            let at = usize::try_from(run.start - offset).expect("inside an extent held in memory");
+            let end = usize::try_from(run.end - offset).expect("inside an extent held in memory");
+            pieces.push(match &piece {
+                Decoded::Data(_, bytes, _) => {
+                    Decoded::Data(run.start, bytes.slice(at..end), Vec::new())
+                }
+                Decoded::Zero(..) => Decoded::Zero(
+                    run.start,
+                    u32::try_from(end - at).expect("a piece of an extent of a u32 length"),
+                ),
+            });
+            claimed.push(run);
+        }
+    }
+    (pieces, claimed)
 }
 
 /// Writes a message's decoded extents in order, noting each in `written`

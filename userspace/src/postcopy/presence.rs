@@ -1,0 +1,809 @@
+//! The destination's side of post-copy: which units of the image are still
+//! on the source only, and the gate every read and write of the export goes
+//! through while any are.
+//!
+//! A unit is *missing* (its data is on the source only), *filling* (a fill
+//! from the source is being written into it) or present. A read of a
+//! missing unit *demands* it (the source's demand stream hears of it before
+//! anything the background push would send) and waits until a fill makes
+//! it present; a write waits for fills under way in the units it covers,
+//! makes the missing units it covers whole its own (present at once, no
+//! fill will touch them again) and demands the missing units it covers in
+//! part (their other bytes must come from the source first). Fills take
+//! only missing units that no fill holds yet, so a unit is written by the
+//! source at most once and never after the destination wrote it.
+//!
+//! Nothing here waits forever: a read whose units do not arrive within the
+//! wait fails with [`PresenceError::Timeout`] rather than return the old
+//! bytes under a missing unit.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+/// A read that finds its unit missing asks for the aligned window of this
+/// many bytes around it (the missing units of it): the next reads of a
+/// scan are then already on their way.
+pub const DEMAND_WINDOW: u64 = 64 << 10;
+/// How long a read or write waits for a missing unit by default.
+pub const DEFAULT_WAIT: Duration = Duration::from_mins(2);
+/// Waits kept for the latency percentiles (the first this many).
+const MAX_WAITS_KEPT: usize = 1 << 20;
+
+/// Errors of the post-copy gate.
+#[derive(Debug, thiserror::Error)]
+pub enum PresenceError {
+    /// A missing unit did not arrive in time.
+    #[error(
+        "post-copy: {len} bytes at offset {offset} are still on the source and did not arrive within {waited:?}; the read fails rather than return the old data (check that `tern migrate` still runs and reaches this agent)"
+    )]
+    Timeout {
+        offset: u64,
+        len: u64,
+        waited: Duration,
+    },
+    /// The unit size is not a power of two of at least 4 KiB.
+    #[error("post-copy unit {unit} bytes is not valid: give a power of two from 4 KiB to 1 GiB")]
+    Unit { unit: u64 },
+    /// The missing map does not match the image.
+    #[error(
+        "the post-copy map holds {got} bytes, but {units} units of {unit} bytes over {size} bytes take {want}: the source and this destination disagree on the image"
+    )]
+    MapSize {
+        got: usize,
+        want: usize,
+        units: u64,
+        unit: u64,
+        size: u64,
+    },
+    /// A second post-copy asked for another unit size.
+    #[error(
+        "a post-copy in units of {active} bytes is under way; another in units of {asked} cannot join it"
+    )]
+    OtherUnit { active: u64, asked: u64 },
+    /// The marker of an unfinished post-copy could not be written or removed.
+    #[error("could not {action} the post-copy marker {path}: {source}")]
+    Marker {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a post-copy stands on the destination, for status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PresenceSnapshot {
+    /// A post-copy is under way (some unit is missing).
+    pub active: bool,
+    pub unit: u64,
+    /// Bytes still on the source only.
+    pub missing_bytes: u64,
+    /// Bytes the source filled in.
+    pub filled_bytes: u64,
+    /// Bytes of missing units the destination wrote whole (never fetched).
+    pub local_bytes: u64,
+    /// Demands sent to the source (each one window of missing units).
+    pub demands: u64,
+    /// Reads and writes that waited for a unit, and how long (µs).
+    pub waits: u64,
+    pub wait_p50_us: u64,
+    pub wait_p99_us: u64,
+    pub wait_max_us: u64,
+}
+
+/// The gate; cheap to clone, all clones share one state. The default is
+/// inactive: nothing is missing and every call returns at once.
+#[derive(Debug, Clone, Default)]
+pub struct Presence {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Some unit is missing: the fast check of every read and write.
+    active: AtomicBool,
+    state: Mutex<Option<State>>,
+    /// A fill finished (or a write made units its own): waiters look again.
+    arrived: Notify,
+    /// A demand was queued: the source's demand stream looks again.
+    demanded: Notify,
+    /// How long a read or write waits (zero: [`DEFAULT_WAIT`]).
+    wait: Mutex<Duration>,
+    /// Written while a post-copy is under way, removed at its end.
+    marker: Mutex<Option<PathBuf>>,
+    filled_bytes: AtomicU64,
+    local_bytes: AtomicU64,
+    demands: AtomicU64,
+    waits: Mutex<Vec<u32>>,
+    waits_total: AtomicU64,
+}
+
+#[derive(Debug)]
+struct State {
+    unit_shift: u32,
+    size: u64,
+    units: u64,
+    missing: Vec<u64>,
+    filling: Vec<u64>,
+    demanded: Vec<u64>,
+    missing_units: u64,
+    /// Runs of units demanded and not yet handed to the source.
+    queue: VecDeque<Range<u64>>,
+}
+
+fn get(words: &[u64], i: u64) -> bool {
+    words[word_index(i)] & (1 << (i % 64)) != 0
+}
+
+fn set(words: &mut [u64], i: u64, on: bool) {
+    let w = &mut words[word_index(i)];
+    if on {
+        *w |= 1 << (i % 64);
+    } else {
+        *w &= !(1 << (i % 64));
+    }
+}
+
+fn word_index(i: u64) -> usize {
+    usize::try_from(i / 64).expect("a word of a map held in memory")
+}
+
+impl State {
+    fn unit(&self) -> u64 {
+        1 << self.unit_shift
+    }
+
+    /// The units `[offset, offset + len)` touches (clipped to the image).
+    fn touched(&self, offset: u64, len: u64) -> Range<u64> {
+        let end = offset.saturating_add(len).min(self.size);
+        if len == 0 || offset >= end {
+            return 0..0;
+        }
+        (offset >> self.unit_shift)..((end - 1) >> self.unit_shift) + 1
+    }
+
+    /// The units lying wholly inside `[offset, offset + len)` (the image's
+    /// end counts as a unit's end).
+    fn covered(&self, offset: u64, len: u64) -> Range<u64> {
+        let end = offset.saturating_add(len).min(self.size);
+        let first = offset.div_ceil(self.unit());
+        let last = if end >= self.size {
+            self.units
+        } else {
+            end >> self.unit_shift
+        };
+        first..last.max(first)
+    }
+
+    /// Whether unit `i` is to be asked of the source.
+    fn wanted(&self, i: u64) -> bool {
+        get(&self.missing, i) && !get(&self.demanded, i) && !get(&self.filling, i)
+    }
+
+    fn unit_bytes(&self, i: u64) -> u64 {
+        let start = i << self.unit_shift;
+        (start + self.unit()).min(self.size) - start
+    }
+
+    /// Queues the missing units (not demanded yet, not being filled) of
+    /// the demand window around each such unit of `units` outside `skip`
+    /// (what a write covers whole needs nothing from the source). Returns
+    /// whether any was queued.
+    fn demand(&mut self, units: Range<u64>, skip: &Range<u64>) -> bool {
+        let window = (DEMAND_WINDOW >> self.unit_shift).max(1);
+        let mut queued = false;
+        let mut i = units.start;
+        while i < units.end {
+            if skip.contains(&i) || !self.wanted(i) {
+                i += 1;
+                continue;
+            }
+            let from = i / window * window;
+            let to = (from + window).min(self.units);
+            let mut run: Option<Range<u64>> = None;
+            for u in from..to {
+                if !skip.contains(&u) && self.wanted(u) {
+                    set(&mut self.demanded, u, true);
+                    match &mut run {
+                        Some(r) if r.end == u => r.end = u + 1,
+                        _ => {
+                            if let Some(r) = run.take() {
+                                self.queue.push_back(r);
+                            }
+                            run = Some(u..u + 1);
+                        }
+                    }
+                }
+            }
+            if let Some(r) = run {
+                self.queue.push_back(r);
+                queued = true;
+            }
+            i = to.max(i + 1);
+        }
+        queued
+    }
+}
+
+impl Presence {
+    /// An inactive gate whose reads wait at most `wait` once armed, and
+    /// which keeps `marker` on disk while a post-copy is under way (the
+    /// agent refuses to start on an image that has one: see
+    /// [`Presence::interrupted`]).
+    pub fn new(wait: Duration, marker: Option<PathBuf>) -> Presence {
+        let presence = Presence::default();
+        *lock(&presence.inner.wait) = wait;
+        *lock(&presence.inner.marker) = marker;
+        presence
+    }
+
+    /// The marker path of `image`: `<image>.tern-postcopy`.
+    pub fn marker_for(image: &Path) -> PathBuf {
+        let mut name = image.as_os_str().to_owned();
+        name.push(".tern-postcopy");
+        PathBuf::from(name)
+    }
+
+    /// Whether a post-copy into `image` was under way when its agent last
+    /// stopped (the units it lacked are unknown now: serving it would
+    /// return old data).
+    pub fn interrupted(image: &Path) -> bool {
+        Presence::marker_for(image).exists()
+    }
+
+    /// Whether some unit is missing.
+    pub fn is_active(&self) -> bool {
+        self.inner.active.load(Ordering::Acquire)
+    }
+
+    /// Starts (or joins) a post-copy: the units whose bit is set in
+    /// `missing` (bit `i % 8` of byte `i / 8` for unit `i`) are on the
+    /// source only. Joining one under way keeps a unit missing only if both
+    /// maps say so: what the destination holds now stays.
+    pub fn arm(&self, size: u64, unit: u64, missing: &[u8]) -> Result<u64, PresenceError> {
+        if !unit.is_power_of_two() || !(4096..=1 << 30).contains(&unit) {
+            return Err(PresenceError::Unit { unit });
+        }
+        let units = size.div_ceil(unit);
+        let want = usize::try_from(units.div_ceil(8)).expect("a map held in memory");
+        if missing.len() != want {
+            return Err(PresenceError::MapSize {
+                got: missing.len(),
+                want,
+                units,
+                unit,
+                size,
+            });
+        }
+        let words = word_index(units.div_ceil(64) * 64).max(1);
+        let mut bits = vec![0u64; words];
+        for (i, byte) in missing.iter().enumerate() {
+            bits[i / 8] |= u64::from(*byte) << ((i % 8) * 8);
+        }
+        // Bits past the last unit mean nothing.
+        if !units.is_multiple_of(64) {
+            bits[word_index(units)] &= (1u64 << (units % 64)) - 1;
+        }
+        let mut guard = lock(&self.inner.state);
+        let state = match guard.as_mut() {
+            Some(state) if state.missing_units > 0 => {
+                if state.unit() != unit {
+                    return Err(PresenceError::OtherUnit {
+                        active: state.unit(),
+                        asked: unit,
+                    });
+                }
+                for (have, asked) in state.missing.iter_mut().zip(&bits) {
+                    *have &= asked;
+                }
+                state
+            }
+            _ => guard.insert(State {
+                unit_shift: unit.trailing_zeros(),
+                size,
+                units,
+                missing: bits,
+                filling: vec![0; words],
+                demanded: vec![0; words],
+                missing_units: 0,
+                queue: VecDeque::new(),
+            }),
+        };
+        state.missing_units = state
+            .missing
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        let missing_units = state.missing_units;
+        let missing_bytes = (0..units)
+            .filter(|&i| get(&state.missing, i))
+            .map(|i| state.unit_bytes(i))
+            .sum();
+        if missing_units > 0 {
+            self.write_marker()?;
+        }
+        self.inner
+            .active
+            .store(missing_units > 0, Ordering::Release);
+        drop(guard);
+        self.inner.arrived.notify_waiters();
+        Ok(missing_bytes)
+    }
+
+    fn write_marker(&self) -> Result<(), PresenceError> {
+        let Some(path) = lock(&self.inner.marker).clone() else {
+            return Ok(());
+        };
+        let note = "a post-copy into this image is under way or was interrupted: the units it \
+                    still lacked are on the source only; migrate again from the source\n";
+        std::fs::write(&path, note)
+            .and_then(|()| std::fs::File::open(&path)?.sync_all())
+            .map_err(|source| PresenceError::Marker {
+                action: "write",
+                path,
+                source,
+            })
+    }
+
+    fn wait(&self) -> Duration {
+        let wait = *lock(&self.inner.wait);
+        if wait.is_zero() { DEFAULT_WAIT } else { wait }
+    }
+
+    /// Waits until every unit `[offset, offset + len)` touches is present,
+    /// demanding the missing ones.
+    pub async fn before_read(&self, offset: u64, len: u64) -> Result<(), PresenceError> {
+        self.gate(offset, len, false).await
+    }
+
+    /// Waits until a write of `[offset, offset + len)` may land: no fill
+    /// under way in its units, the units it covers in part present; the
+    /// missing units it covers whole become the destination's own.
+    pub async fn before_write(&self, offset: u64, len: u64) -> Result<(), PresenceError> {
+        self.gate(offset, len, true).await
+    }
+
+    async fn gate(&self, offset: u64, len: u64, write: bool) -> Result<(), PresenceError> {
+        if !self.is_active() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + self.wait());
+        let mut waited = false;
+        loop {
+            // Registered before the look, so a fill that lands after it wakes us.
+            let arrived = self.inner.arrived.notified();
+            let must_wait = {
+                let mut guard = lock(&self.inner.state);
+                let Some(state) = guard.as_mut() else {
+                    break;
+                };
+                let touched = state.touched(offset, len);
+                let covered = if write {
+                    state.covered(offset, len)
+                } else {
+                    0..0
+                };
+                let mut busy = false;
+                let mut lacking = false;
+                for u in touched.clone() {
+                    let whole = covered.contains(&u);
+                    if get(&state.filling, u) && (write || !whole) {
+                        busy = true;
+                    }
+                    if get(&state.missing, u) && !whole && !get(&state.filling, u) {
+                        lacking = true;
+                    }
+                }
+                if lacking {
+                    let queued = state.demand(touched.clone(), &covered);
+                    if queued {
+                        self.inner.demands.fetch_add(1, Ordering::Relaxed);
+                        self.inner.demanded.notify_one();
+                    }
+                }
+                if busy || lacking {
+                    true
+                } else {
+                    if write {
+                        self.take_whole(state, covered);
+                    }
+                    false
+                }
+            };
+            if !must_wait {
+                break;
+            }
+            waited = true;
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return Err(PresenceError::Timeout {
+                    offset,
+                    len,
+                    waited: started.elapsed(),
+                });
+            }
+        }
+        if waited {
+            self.record_wait(started.elapsed());
+        }
+        Ok(())
+    }
+
+    /// Makes the missing units of `covered` (no fill holds them) the
+    /// destination's own.
+    fn take_whole(&self, state: &mut State, covered: Range<u64>) {
+        let mut taken = 0;
+        for u in covered {
+            if get(&state.missing, u) {
+                set(&mut state.missing, u, false);
+                set(&mut state.demanded, u, false);
+                taken += state.unit_bytes(u);
+                state.missing_units -= 1;
+            }
+        }
+        if taken > 0 {
+            self.inner.local_bytes.fetch_add(taken, Ordering::Relaxed);
+            self.settle(state);
+            self.inner.arrived.notify_waiters();
+        }
+    }
+
+    /// Ends the post-copy once nothing is missing.
+    fn settle(&self, state: &mut State) {
+        if state.missing_units > 0 {
+            return;
+        }
+        state.queue.clear();
+        self.inner.active.store(false, Ordering::Release);
+        self.inner.demanded.notify_waiters();
+        if let Some(path) = lock(&self.inner.marker).as_ref()
+            && let Err(e) = std::fs::remove_file(path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::error!(path = %path.display(), error = %e, "could not remove the post-copy marker; remove it by hand before the agent restarts");
+        }
+        tracing::info!("post-copy complete: every unit is on the destination");
+    }
+
+    fn record_wait(&self, waited: Duration) {
+        self.inner.waits_total.fetch_add(1, Ordering::Relaxed);
+        let us = u32::try_from(waited.as_micros()).unwrap_or(u32::MAX);
+        let mut waits = lock(&self.inner.waits);
+        if waits.len() < MAX_WAITS_KEPT {
+            waits.push(us);
+        }
+    }
+
+    /// Takes, for a fill of `[offset, offset + len)`, the units lying wholly
+    /// inside it that are missing and held by no other fill; returns them as
+    /// byte runs, to be written and then handed to [`Presence::filled`].
+    /// Everything else of the fill is to be dropped: the destination holds
+    /// it already (filled, or written since the switch).
+    pub fn claim_fill(&self, offset: u64, len: u64) -> Vec<Range<u64>> {
+        if !self.is_active() {
+            return Vec::new();
+        }
+        let mut guard = lock(&self.inner.state);
+        let Some(state) = guard.as_mut() else {
+            return Vec::new();
+        };
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        for u in state.covered(offset, len) {
+            if get(&state.missing, u) && !get(&state.filling, u) {
+                set(&mut state.filling, u, true);
+                let start = u << state.unit_shift;
+                let end = start + state.unit_bytes(u);
+                match runs.last_mut() {
+                    Some(r) if r.end == start => r.end = end,
+                    _ => runs.push(start..end),
+                }
+            }
+        }
+        runs
+    }
+
+    /// Ends fills taken by [`Presence::claim_fill`]: written (`ok`), the
+    /// units are present; failed, they are missing again (and demanded
+    /// again if a read waits for them).
+    pub fn filled(&self, runs: &[Range<u64>], ok: bool) {
+        if runs.is_empty() {
+            return;
+        }
+        let mut guard = lock(&self.inner.state);
+        let Some(state) = guard.as_mut() else {
+            return;
+        };
+        let mut bytes = 0;
+        for run in runs {
+            for u in state.touched(run.start, run.end - run.start) {
+                set(&mut state.filling, u, false);
+                if ok && get(&state.missing, u) {
+                    set(&mut state.missing, u, false);
+                    set(&mut state.demanded, u, false);
+                    state.missing_units -= 1;
+                    bytes += state.unit_bytes(u);
+                } else if !ok {
+                    set(&mut state.demanded, u, false);
+                }
+            }
+        }
+        self.inner.filled_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.settle(state);
+        drop(guard);
+        self.inner.arrived.notify_waiters();
+    }
+
+    /// The next demanded byte ranges for the source, at most `max` runs;
+    /// waits for one. `None` once nothing is missing.
+    pub async fn next_demands(&self, max: usize) -> Option<Vec<Range<u64>>> {
+        loop {
+            let queued = self.inner.demanded.notified();
+            {
+                let mut guard = lock(&self.inner.state);
+                let state = guard.as_mut()?;
+                if !state.queue.is_empty() {
+                    let shift = state.unit_shift;
+                    let size = state.size;
+                    let n = state.queue.len().min(max.max(1));
+                    return Some(
+                        state
+                            .queue
+                            .drain(..n)
+                            .map(|r| (r.start << shift)..(r.end << shift).min(size))
+                            .collect(),
+                    );
+                }
+                if state.missing_units == 0 {
+                    return None;
+                }
+            }
+            queued.await;
+        }
+    }
+
+    /// Queues again every unit demanded and still missing: a new demand
+    /// stream does not know what the last one was told.
+    pub fn requeue_demanded(&self) {
+        let mut guard = lock(&self.inner.state);
+        let Some(state) = guard.as_mut() else {
+            return;
+        };
+        state.queue.clear();
+        let mut run: Option<Range<u64>> = None;
+        for u in 0..state.units {
+            if get(&state.demanded, u) && get(&state.missing, u) {
+                match &mut run {
+                    Some(r) if r.end == u => r.end = u + 1,
+                    _ => {
+                        if let Some(r) = run.replace(u..u + 1) {
+                            state.queue.push_back(r);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(r) = run {
+            state.queue.push_back(r);
+        }
+        drop(guard);
+        self.inner.demanded.notify_one();
+    }
+
+    /// Where the post-copy stands.
+    pub fn snapshot(&self) -> PresenceSnapshot {
+        let (unit, missing_bytes) = {
+            let guard = lock(&self.inner.state);
+            guard.as_ref().map_or((0, 0), |s| {
+                let bytes = (0..s.units)
+                    .filter(|&i| get(&s.missing, i))
+                    .map(|i| s.unit_bytes(i))
+                    .sum();
+                (s.unit(), bytes)
+            })
+        };
+        let mut waits = lock(&self.inner.waits).clone();
+        waits.sort_unstable();
+        let at = |q: f64| -> u64 {
+            if waits.is_empty() {
+                return 0;
+            }
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss,
+                reason = "a quantile's index into a list held in memory"
+            )]
+            let i = ((waits.len() - 1) as f64 * q).round() as usize;
+            u64::from(waits[i])
+        };
+        PresenceSnapshot {
+            active: self.is_active(),
+            unit,
+            missing_bytes,
+            filled_bytes: self.inner.filled_bytes.load(Ordering::Relaxed),
+            local_bytes: self.inner.local_bytes.load(Ordering::Relaxed),
+            demands: self.inner.demands.load(Ordering::Relaxed),
+            waits: self.inner.waits_total.load(Ordering::Relaxed),
+            wait_p50_us: at(0.5),
+            wait_p99_us: at(0.99),
+            wait_max_us: waits.last().copied().map_or(0, u64::from),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+#[expect(
+    clippy::single_range_in_vec_init,
+    reason = "demands and fills are lists of ranges: a list of one is what is expected"
+)]
+mod tests {
+    use super::*;
+
+    const UNIT: u64 = 4096;
+
+    /// A gate over 64 units of 4 KiB with `missing` units missing.
+    fn armed(missing: &[u64]) -> Presence {
+        let p = Presence::new(Duration::from_secs(5), None);
+        let mut map = vec![0u8; 8];
+        for &u in missing {
+            map[usize::try_from(u / 8).expect("small")] |= 1 << (u % 8);
+        }
+        p.arm(64 * UNIT, UNIT, &map).expect("arm");
+        p
+    }
+
+    #[tokio::test]
+    async fn a_read_of_present_units_passes_and_one_of_a_missing_unit_waits_for_its_fill() {
+        let p = armed(&[3]);
+        p.before_read(0, 3 * UNIT).await.expect("present");
+        let reader = {
+            let p = p.clone();
+            tokio::spawn(async move { p.before_read(3 * UNIT + 100, 10).await })
+        };
+        let demands = p.next_demands(8).await.expect("a demand");
+        // The window of 64 KiB around unit 3 holds only unit 3 missing.
+        assert_eq!(demands, vec![3 * UNIT..4 * UNIT]);
+        assert!(!reader.is_finished());
+        let runs = p.claim_fill(0, 16 * UNIT);
+        assert_eq!(runs, vec![3 * UNIT..4 * UNIT]);
+        p.filled(&runs, true);
+        reader.await.expect("joined").expect("arrived");
+        assert!(!p.is_active());
+        let s = p.snapshot();
+        assert_eq!(
+            (s.missing_bytes, s.filled_bytes, s.demands, s.waits),
+            (0, UNIT, 1, 1)
+        );
+        // Nothing missing: the demand stream ends.
+        assert_eq!(p.next_demands(8).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_whole_unit_write_makes_it_local_and_a_later_fill_drops_it() {
+        let p = armed(&[1, 2]);
+        p.before_write(UNIT, UNIT)
+            .await
+            .expect("whole unit: no fetch");
+        assert_eq!(p.claim_fill(0, 4 * UNIT), vec![2 * UNIT..3 * UNIT]);
+        let s = p.snapshot();
+        assert_eq!((s.local_bytes, s.demands), (UNIT, 0));
+    }
+
+    #[tokio::test]
+    async fn a_partial_write_of_a_missing_unit_waits_for_the_rest_of_it() {
+        let p = armed(&[5]);
+        let writer = {
+            let p = p.clone();
+            tokio::spawn(async move { p.before_write(5 * UNIT + 512, 512).await })
+        };
+        assert_eq!(p.next_demands(8).await, Some(vec![5 * UNIT..6 * UNIT]));
+        let runs = p.claim_fill(5 * UNIT, UNIT);
+        tokio::task::yield_now().await;
+        assert!(!writer.is_finished());
+        p.filled(&runs, true);
+        writer.await.expect("joined").expect("arrived");
+        assert_eq!(p.snapshot().local_bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn a_write_waits_for_a_fill_under_way_in_its_unit_even_when_it_covers_it() {
+        let p = armed(&[7]);
+        let runs = p.claim_fill(7 * UNIT, UNIT);
+        let writer = {
+            let p = p.clone();
+            tokio::spawn(async move { p.before_write(7 * UNIT, UNIT).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!writer.is_finished(), "the fill would land over the write");
+        p.filled(&runs, true);
+        writer.await.expect("joined").expect("passes");
+    }
+
+    #[tokio::test]
+    async fn a_failed_fill_leaves_the_unit_missing_and_a_read_demands_it_again() {
+        let p = armed(&[9]);
+        let runs = p.claim_fill(9 * UNIT, UNIT);
+        p.filled(&runs, false);
+        assert!(p.is_active());
+        assert_eq!(p.claim_fill(9 * UNIT, UNIT), vec![9 * UNIT..10 * UNIT]);
+    }
+
+    #[tokio::test]
+    async fn a_read_times_out_with_a_clear_error_instead_of_old_data() {
+        let p = Presence::new(Duration::from_millis(50), None);
+        p.arm(64 * UNIT, UNIT, &[1, 0, 0, 0, 0, 0, 0, 0])
+            .expect("arm");
+        let err = p.before_read(0, 512).await.expect_err("never filled");
+        assert!(
+            matches!(err, PresenceError::Timeout { offset: 0, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("still on the source"), "{err}");
+    }
+
+    #[test]
+    fn a_map_of_the_wrong_size_or_unit_is_refused_and_a_second_map_only_narrows() {
+        let p = Presence::default();
+        assert!(matches!(
+            p.arm(64 * UNIT, UNIT, &[0; 7]),
+            Err(PresenceError::MapSize { want: 8, .. })
+        ));
+        assert!(matches!(
+            p.arm(64 * UNIT, 1000, &[0; 8]),
+            Err(PresenceError::Unit { .. })
+        ));
+        assert_eq!(
+            p.arm(64 * UNIT, UNIT, &[0b11, 0, 0, 0, 0, 0, 0, 0])
+                .expect("arm"),
+            2 * UNIT
+        );
+        // A retry of the switch with a wider map cannot make unit 2 missing again.
+        assert_eq!(
+            p.arm(64 * UNIT, UNIT, &[0b111, 0, 0, 0, 0, 0, 0, 0])
+                .expect("join"),
+            2 * UNIT
+        );
+        assert!(matches!(
+            p.arm(64 * UNIT, 2 * UNIT, &[0; 4]),
+            Err(PresenceError::OtherUnit { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_marker_lives_exactly_as_long_as_the_post_copy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        let p = Presence::new(Duration::from_secs(1), Some(Presence::marker_for(&image)));
+        p.arm(64 * UNIT, UNIT, &[1, 0, 0, 0, 0, 0, 0, 0])
+            .expect("arm");
+        assert!(Presence::interrupted(&image));
+        let runs = p.claim_fill(0, UNIT);
+        p.filled(&runs, true);
+        assert!(!Presence::interrupted(&image));
+    }
+
+    #[tokio::test]
+    async fn a_new_demand_stream_hears_again_of_what_is_still_demanded() {
+        let p = armed(&[20, 40]);
+        let reader = {
+            let p = p.clone();
+            tokio::spawn(async move { p.before_read(20 * UNIT, UNIT).await })
+        };
+        assert_eq!(p.next_demands(8).await, Some(vec![20 * UNIT..21 * UNIT]));
+        p.requeue_demanded();
+        assert_eq!(p.next_demands(8).await, Some(vec![20 * UNIT..21 * UNIT]));
+        let runs = p.claim_fill(20 * UNIT, UNIT);
+        p.filled(&runs, true);
+        reader.await.expect("joined").expect("arrived");
+    }
+}
