@@ -255,6 +255,35 @@ impl DirtyMap {
             .collect()
     }
 
+    /// Marks the units set in `bytes` (the form [`DirtyMap::to_bytes`]
+    /// makes); returns how many were set there.
+    pub fn mark_bytes(&self, bytes: &[u8]) -> u64 {
+        self.set_bytes(bytes, true)
+    }
+
+    /// Clears the units set in `bytes`; returns how many were set there.
+    pub fn clear_bytes(&self, bytes: &[u8]) -> u64 {
+        self.set_bytes(bytes, false)
+    }
+
+    fn set_bytes(&self, bytes: &[u8], on: bool) -> u64 {
+        let mut count = 0;
+        for (i, byte) in bytes.iter().enumerate() {
+            let mut rest = *byte;
+            while rest != 0 {
+                let unit = (i as u64) * 8 + u64::from(rest.trailing_zeros());
+                rest &= rest - 1;
+                if on {
+                    self.mark_units(unit..unit + 1);
+                } else {
+                    self.take_units(unit..unit + 1);
+                }
+                count += 1;
+            }
+        }
+        count
+    }
+
     /// Takes every dirty unit, as runs of at most `max_run` bytes.
     pub fn take_all(&self, max_run: u64) -> Vec<Range<u64>> {
         self.take_runs(0..self.units, max_run, usize::MAX).0
@@ -281,6 +310,11 @@ mod tests {
         assert!(map.all_marked(69 * 4096 + 5, 1 << 20), "clipped at the end");
         assert!(!map.all_marked(8 * 4096, 2 * 4096));
         assert!(!map.all_marked(0, 0));
+        let again = DirtyMap::new(70 * 4096, 4096).expect("map");
+        assert_eq!(again.mark_bytes(&bytes), 3);
+        assert_eq!(again.to_bytes(), bytes);
+        assert_eq!(again.clear_bytes(&[0b1]), 1);
+        assert_eq!(again.count(), 2);
     }
 
     #[test]

@@ -129,11 +129,9 @@ pub enum AgentError {
     /// A service task panicked.
     #[error("a service task of the agent stopped abnormally: {0}")]
     Task(#[from] tokio::task::JoinError),
-    /// The last agent on this image stopped during a post-copy.
-    #[error(
-        "a post-copy into {image} was under way when its agent stopped ({marker} says so): the units it still lacked are on the source only, and serving the image would return their old data; migrate again from the source (only what differs is sent) after removing {marker}"
-    )]
-    PostCopyInterrupted { image: PathBuf, marker: PathBuf },
+    /// The saved map of a post-copy under way is unusable.
+    #[error(transparent)]
+    PostCopy(#[from] crate::postcopy::PresenceError),
 }
 
 /// A destination with every listener bound, not yet serving.
@@ -254,12 +252,6 @@ impl Destination {
         if let Some(nbd) = &cfg.nbd {
             nbd.check_exposure(cfg.insecure_nbd)?;
         }
-        if Presence::interrupted(&cfg.image) {
-            return Err(AgentError::PostCopyInterrupted {
-                image: cfg.image.clone(),
-                marker: Presence::marker_for(&cfg.image),
-            });
-        }
         let tls = cfg.tls_dir.as_deref().map(TlsMaterial::load).transpose()?;
         if tls.is_none() {
             tracing::warn!(addr = %cfg.grpc, "gRPC served without TLS: any local process can write the image");
@@ -290,7 +282,15 @@ impl Destination {
         let changes = ImageChanges::new();
         // One gate for the export and the replica service: a post-copy's
         // fills and the export's reads and writes meet in it.
-        let presence = Presence::new(cfg.postcopy_wait, Some(Presence::marker_for(&cfg.image)));
+        let presence = Presence::new(
+            cfg.postcopy_wait,
+            Some(Presence::map_for(&cfg.image)),
+            Some(image.clone()),
+        );
+        // An agent restarted during a post-copy takes it up: the image is
+        // primary (the switch happened), its missing units still come from
+        // the source, which reconnects.
+        let resumed = presence.resume(image.size())?;
         let (nbd, nbd_addr, export) = match &cfg.nbd {
             None => (None, None, None),
             Some(listen) => {
@@ -316,6 +316,9 @@ impl Destination {
                             .then(|| (cfg.image.clone(), cfg.warm.clone())),
                     ),
                 });
+                if resumed {
+                    export.set_writable(true).map_err(AgentError::Nbd)?;
+                }
                 (Some((server, listener)), Some(bound), Some(export))
             }
         };

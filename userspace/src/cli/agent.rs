@@ -63,6 +63,11 @@ pub struct AgentArgs {
     /// How much of the plan's read-hot extents to warm.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     warm_budget: u64,
+    /// Destination role, in a post-copy: how long a read (or a write into
+    /// part of a unit) waits for a unit still on the source before it fails
+    /// with EIO; it never returns the old data.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    postcopy_wait: std::time::Duration,
 }
 
 /// Runs `tern agent`.
@@ -84,6 +89,7 @@ pub fn run(a: AgentArgs) -> Result<()> {
     cfg.insecure = a.insecure;
     cfg.insecure_nbd = a.insecure_nbd;
     cfg.direct = a.direct;
+    cfg.postcopy_wait = a.postcopy_wait;
     if let Some(plan) = &a.warm_plan {
         anyhow::ensure!(
             !a.direct,

@@ -256,7 +256,8 @@ async fn recover_gaps(
 }
 
 /// The initial pass: a blank destination gets everything but zeroes; one
-/// that holds an older copy gets only the regions whose checksums differ.
+/// that holds an older copy gets only the regions whose checksums differ;
+/// a post-copy that switches at once gets nothing (all of it goes after).
 /// Returns the pass's rate (0 without one), the first model of the link.
 async fn initial_pass(
     repl: &mut Replicator,
@@ -264,6 +265,12 @@ async fn initial_pass(
     status: &StatusCell,
     report: &mut Report,
 ) -> Result<f64, CutoverError> {
+    if opts.postcopy.as_ref().is_some_and(|p| p.skip_first_pass) {
+        // Everything is pushed after the switch, in the post-copy's order.
+        repl.clear_order();
+        repl.send_map().mark_all();
+        return Ok(0.0);
+    }
     let mut bandwidth = 0.0;
     if opts.initial_sync {
         let blank = repl.destination_is_blank().await?;
@@ -450,7 +457,6 @@ pub async fn migrate(
         mode: "pre-copy",
         ..Report::default()
     };
-    let mut gaps_seen = 0;
     // Resolved before anything is sent: a wrong cgroup fails at once.
     let mut throttling = start_throttling(opts, repl)?;
 
@@ -458,16 +464,15 @@ pub async fn migrate(
     let epoch = repl.take_epoch().await?;
     report.epoch = epoch;
     set_status(status, |s| s.epoch = epoch);
+    // A post-copy whose source stopped: the destination is primary and
+    // lacks units only this source has. Finish it; nothing else is safe.
+    let order = opts.postcopy.as_ref().and_then(|p| p.order.as_ref());
+    if postcopy::resume(repl, order, status, &mut report).await? {
+        return Ok(finish_report(report, repl, tracker, 0, started));
+    }
 
-    let postcopy = opts.postcopy.as_ref();
-    let mut bandwidth = if postcopy.is_some_and(|p| p.skip_first_pass) {
-        // Everything is pushed after the switch, in the post-copy's order.
-        repl.clear_order();
-        repl.send_map().mark_all();
-        0.0
-    } else {
-        initial_pass(repl, opts, status, &mut report).await?
-    };
+    let mut bandwidth = initial_pass(repl, opts, status, &mut report).await?;
+    let mut gaps_seen = 0;
     let (mut rounds, in_postcopy) = precopy_rounds(
         repl,
         tracker,

@@ -18,10 +18,9 @@ use crate::replicate::{Replicator, SendOrder, Tracker};
 const LOOKS: u32 = 3;
 /// The destination's post-copy figures are read this often for status.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
-/// After the push, how long the destination may take to report its last
-/// units present (fills of the demand stream still landing) before the
-/// push is repeated.
-const SETTLE_FOR: Duration = Duration::from_secs(10);
+/// After the push, how long what the destination lacks may stay the same
+/// (fills of the demand stream still landing) before its map is asked for.
+const SETTLE_FOR: Duration = Duration::from_secs(2);
 
 /// How a post-copy migration goes.
 #[derive(Debug, Clone, Default)]
@@ -80,6 +79,44 @@ pub(super) async fn switch(
     let missing_bytes = repl.client().switch_postcopy(fence, unit, missing).await?;
     report.switch_ms = ms(step);
     Ok((fence, missing_bytes))
+}
+
+/// Takes up a post-copy whose source stopped after the switch (the
+/// destination says units are missing): nothing is paused or switched,
+/// what the destination lacks is pushed while its demands are answered.
+/// Returns whether there was one.
+pub(super) async fn resume(
+    repl: &mut Replicator,
+    order: Option<&SendOrder>,
+    status: &StatusCell,
+    report: &mut Report,
+) -> Result<bool, CutoverError> {
+    let under_way = repl.client().info().await?.postcopy;
+    if !under_way.active {
+        return Ok(false);
+    }
+    let missing_bytes = under_way.missing_bytes;
+    tracing::warn!(
+        missing_bytes,
+        "the destination is in a post-copy whose source stopped: taking it up"
+    );
+    report.mode = "post-copy";
+    report.postcopy_reason = Some(format!(
+        "taken up after the switch: the destination still lacked {missing_bytes} bytes"
+    ));
+    repl.clear_order();
+    // What the destination lacks, when it counts in our units; else all.
+    match repl.client().missing_map().await? {
+        Some((unit, missing)) if unit == repl.send_map().unit() => {
+            repl.send_map().mark_bytes(&missing);
+        }
+        _ => repl.send_map().mark_all(),
+    }
+    let fence = repl.epoch();
+    let running = Running::start(repl, fence, missing_bytes)?;
+    report.postcopy = Some(running.finish(repl, order, status).await?);
+    report.outcome = "cut over";
+    Ok(true)
 }
 
 /// A post-copy after its switch: the demand server answering, the push to
@@ -167,15 +204,19 @@ impl Running {
 }
 
 /// Pushes the dirty map (the units missing at the switch, less those
-/// demanded since) and waits for the destination to hold everything.
-/// Returns the destination's final figures and the bytes pushed.
+/// demanded since) and waits for the destination to hold everything; when
+/// units stay missing with nothing on the way (a destination restarted
+/// from a map saved before its last fills), pushes what its map still
+/// lacks. Returns the destination's final figures and the bytes pushed.
 async fn push_until_complete(
     repl: &mut Replicator,
     order: Option<&SendOrder>,
     demands: &DemandServer,
 ) -> Result<(crate::postcopy::PresenceSnapshot, u64), CutoverError> {
     let mut pushed = 0;
-    for attempt in 1..=2 {
+    let mut best = u64::MAX;
+    let mut fruitless = 0;
+    loop {
         if let Some(order) = order {
             repl.set_order(order.clone());
         }
@@ -187,30 +228,47 @@ async fn push_until_complete(
             if !info.postcopy.active {
                 return Ok((info.postcopy, pushed));
             }
-            if demands.is_finished() {
-                break;
-            }
             let missing = info.postcopy.missing_bytes;
             if missing < last {
                 last = missing;
                 since = Instant::now();
-            } else if since.elapsed() > SETTLE_FOR {
+            } else if since.elapsed() > SETTLE_FOR || demands.is_finished() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // A unit is still missing with nothing on its way: push the whole
-        // disk again (the destination drops every unit it holds).
+        // Pushes that do not shrink what is missing end it: the destination
+        // drops them, so something else is wrong.
+        if last < best {
+            best = last;
+            fruitless = 0;
+        } else {
+            fruitless += 1;
+            if fruitless >= 2 {
+                return Err(CutoverError::PostCopyIncomplete {
+                    missing_bytes: last,
+                });
+            }
+        }
+        let Some((unit, missing)) = repl.client().missing_map().await? else {
+            continue;
+        };
+        if unit == repl.send_map().unit() {
+            repl.send_map().mark_bytes(&missing);
+            // A demand answered for them did not land (a lost stream): the
+            // push must not skip them as answered.
+            demands.served().clear_bytes(&missing);
+        } else {
+            // Another unit than ours (a post-copy taken up by another
+            // source): push the whole disk.
+            repl.send_map().mark_all();
+            demands.served().clear_within(0, u64::MAX);
+        }
         tracing::warn!(
-            attempt,
-            "post-copy: units still missing after the push; pushing again"
+            missing_bytes = last,
+            "post-copy: units still missing after the push; pushing what the destination lacks"
         );
-        repl.send_map().mark_all();
     }
-    let info = repl.client().info().await?;
-    Err(CutoverError::PostCopyIncomplete {
-        missing_bytes: info.postcopy.missing_bytes,
-    })
 }
 
 /// Copies the destination's post-copy figures into the status while the

@@ -16,6 +16,13 @@
 //! Nothing here waits forever: a read whose units do not arrive within the
 //! wait fails with [`PresenceError::Timeout`] rather than return the old
 //! bytes under a missing unit.
+//!
+//! The map survives the agent: it is saved next to the image at the switch
+//! and again, after an `fdatasync` of the image, before a write lands in a
+//! unit the saved map still calls missing. So a restarted agent never
+//! takes a unit the destination wrote for missing (a fill would overwrite
+//! the write); it may take a filled unit for missing, and then gets the
+//! same bytes again from the source, which does not change.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -66,14 +73,22 @@ pub enum PresenceError {
         "a post-copy in units of {active} bytes is under way; another in units of {asked} cannot join it"
     )]
     OtherUnit { active: u64, asked: u64 },
-    /// The marker of an unfinished post-copy could not be written or removed.
-    #[error("could not {action} the post-copy marker {path}: {source}")]
-    Marker {
+    /// The saved map could not be written, read or removed.
+    #[error("could not {action} the post-copy map {path}: {source}")]
+    Map {
         action: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// The saved map is damaged or is not one.
+    #[error(
+        "the post-copy map {path} is damaged ({why}): which units of the image are still on the source only is unknown; migrate again from the source into a new image"
+    )]
+    MapCorrupt { path: PathBuf, why: &'static str },
+    /// Flushing the image before the map was saved failed.
+    #[error("could not flush the image before saving the post-copy map: {0}")]
+    Flush(#[source] crate::image::ImageError),
 }
 
 /// Where a post-copy stands on the destination, for status and metrics.
@@ -115,8 +130,12 @@ struct Inner {
     demanded: Notify,
     /// How long a read or write waits (zero: [`DEFAULT_WAIT`]).
     wait: Mutex<Duration>,
-    /// Written while a post-copy is under way, removed at its end.
-    marker: Mutex<Option<PathBuf>>,
+    /// Where the map is saved while a post-copy is under way.
+    map_path: Mutex<Option<PathBuf>>,
+    /// The image, flushed before the map is saved (fills durable first).
+    image: Mutex<Option<crate::image::Image>>,
+    /// One save (or removal) of the map at a time.
+    saving: tokio::sync::Mutex<()>,
     filled_bytes: AtomicU64,
     local_bytes: AtomicU64,
     demands: AtomicU64,
@@ -130,6 +149,8 @@ struct State {
     size: u64,
     units: u64,
     missing: Vec<u64>,
+    /// The missing units as last saved: always a superset of `missing`.
+    saved: Vec<u64>,
     filling: Vec<u64>,
     demanded: Vec<u64>,
     missing_units: u64,
@@ -233,28 +254,55 @@ impl State {
 
 impl Presence {
     /// An inactive gate whose reads wait at most `wait` once armed, and
-    /// which keeps `marker` on disk while a post-copy is under way (the
-    /// agent refuses to start on an image that has one: see
-    /// [`Presence::interrupted`]).
-    pub fn new(wait: Duration, marker: Option<PathBuf>) -> Presence {
+    /// which saves its map at `map` while a post-copy is under way
+    /// (flushing `image` first).
+    pub fn new(
+        wait: Duration,
+        map: Option<PathBuf>,
+        image: Option<crate::image::Image>,
+    ) -> Presence {
         let presence = Presence::default();
         *lock(&presence.inner.wait) = wait;
-        *lock(&presence.inner.marker) = marker;
+        *lock(&presence.inner.map_path) = map;
+        *lock(&presence.inner.image) = image;
         presence
     }
 
-    /// The marker path of `image`: `<image>.tern-postcopy`.
-    pub fn marker_for(image: &Path) -> PathBuf {
+    /// Where the map of a post-copy into `image` is saved: `<image>.tern-postcopy`.
+    pub fn map_for(image: &Path) -> PathBuf {
         let mut name = image.as_os_str().to_owned();
         name.push(".tern-postcopy");
         PathBuf::from(name)
     }
 
-    /// Whether a post-copy into `image` was under way when its agent last
-    /// stopped (the units it lacked are unknown now: serving it would
-    /// return old data).
-    pub fn interrupted(image: &Path) -> bool {
-        Presence::marker_for(image).exists()
+    /// Whether a post-copy into `image` is under way (or its agent stopped
+    /// during one): its map is saved.
+    pub fn in_progress(image: &Path) -> bool {
+        Presence::map_for(image).exists()
+    }
+
+    /// Takes up the post-copy whose map is saved (an agent restarted during
+    /// one): returns whether there was one, for an image of `size` bytes.
+    pub fn resume(&self, size: u64) -> Result<bool, PresenceError> {
+        let Some(path) = lock(&self.inner.map_path).clone() else {
+            return Ok(false);
+        };
+        let Some((saved_size, unit, missing)) = load_map(&path)? else {
+            return Ok(false);
+        };
+        if saved_size != size {
+            return Err(PresenceError::MapCorrupt {
+                path,
+                why: "saved for an image of another size",
+            });
+        }
+        let missing_bytes = self.arm(size, unit, &missing)?;
+        tracing::warn!(
+            map = %path.display(),
+            missing_bytes,
+            "a post-copy was under way when the last agent stopped: taking it up (reads of units still on the source wait for them)"
+        );
+        Ok(true)
     }
 
     /// Whether some unit is missing.
@@ -308,6 +356,7 @@ impl Presence {
                 unit_shift: unit.trailing_zeros(),
                 size,
                 units,
+                saved: bits.clone(),
                 missing: bits,
                 filling: vec![0; words],
                 demanded: vec![0; words],
@@ -325,8 +374,12 @@ impl Presence {
             .filter(|&i| get(&state.missing, i))
             .map(|i| state.unit_bytes(i))
             .sum();
-        if missing_units > 0 {
-            self.write_marker()?;
+        if missing_units > 0
+            && let Some(path) = lock(&self.inner.map_path).clone()
+        {
+            // Before the export turns writable: nothing is written yet.
+            save_map(&path, size, unit, &state.missing, units)?;
+            state.saved.clone_from(&state.missing);
         }
         self.inner
             .active
@@ -336,19 +389,81 @@ impl Presence {
         Ok(missing_bytes)
     }
 
-    fn write_marker(&self) -> Result<(), PresenceError> {
-        let Some(path) = lock(&self.inner.marker).clone() else {
+    /// Saves the map before a write of `[offset, offset + len)` lands, if
+    /// the saved map still calls one of its units missing: a restarted
+    /// agent would let a fill overwrite the write.
+    async fn save_before_write(&self, offset: u64, len: u64) -> Result<(), PresenceError> {
+        let Some(path) = lock(&self.inner.map_path).clone() else {
             return Ok(());
         };
-        let note = "a post-copy into this image is under way or was interrupted: the units it \
-                    still lacked are on the source only; migrate again from the source\n";
-        std::fs::write(&path, note)
-            .and_then(|()| std::fs::File::open(&path)?.sync_all())
-            .map_err(|source| PresenceError::Marker {
-                action: "write",
-                path,
-                source,
-            })
+        let stale = |state: &State| {
+            state.missing_units > 0
+                && state
+                    .touched(offset, len)
+                    .any(|u| get(&state.saved, u) && !get(&state.missing, u))
+        };
+        if !lock(&self.inner.state).as_ref().is_some_and(stale) {
+            return Ok(());
+        }
+        let _one = self.inner.saving.lock().await;
+        // Another save may have covered it meanwhile.
+        let snapshot = {
+            let guard = lock(&self.inner.state);
+            match guard.as_ref() {
+                Some(now) if stale(now) => (now.size, now.unit(), now.missing.clone(), now.units),
+                _ => return Ok(()),
+            }
+        };
+        // Fills marked present must be on the disk before the map says so.
+        let image = lock(&self.inner.image).clone();
+        if let Some(image) = image {
+            image.flush().await.map_err(PresenceError::Flush)?;
+        }
+        let (size, unit, missing, units) = snapshot;
+        let saved = missing.clone();
+        let file = path.clone();
+        tokio::task::spawn_blocking(move || save_map(&file, size, unit, &missing, units))
+            .await
+            .map_err(|e| PresenceError::Map {
+                action: "save",
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })??;
+        if let Some(state) = lock(&self.inner.state).as_mut() {
+            // `missing` only shrinks: what was saved still covers it.
+            state.saved = saved;
+        }
+        Ok(())
+    }
+
+    /// Removes the saved map once nothing is missing (after any save under way).
+    fn remove_map_when_saved(&self) {
+        let Some(path) = lock(&self.inner.map_path).clone() else {
+            return;
+        };
+        let presence = self.clone();
+        let shown = path.display().to_string();
+        let remove = async move {
+            let _one = presence.inner.saving.lock().await;
+            if presence.is_active() {
+                return;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::error!(map = %path.display(), error = %e, "could not remove the post-copy map of a finished post-copy; remove it by hand before the agent restarts");
+                }
+            }
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            drop(handle.spawn(remove));
+        } else {
+            tracing::error!(
+                map = shown,
+                "no runtime to remove the finished post-copy's map; remove it by hand"
+            );
+        }
     }
 
     fn wait(&self) -> Duration {
@@ -429,6 +544,9 @@ impl Presence {
                 });
             }
         }
+        if write {
+            self.save_before_write(offset, len).await?;
+        }
         if waited {
             self.record_wait(started.elapsed());
         }
@@ -462,12 +580,7 @@ impl Presence {
         state.queue.clear();
         self.inner.active.store(false, Ordering::Release);
         self.inner.demanded.notify_waiters();
-        if let Some(path) = lock(&self.inner.marker).as_ref()
-            && let Err(e) = std::fs::remove_file(path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::error!(path = %path.display(), error = %e, "could not remove the post-copy marker; remove it by hand before the agent restarts");
-        }
+        self.remove_map_when_saved();
         tracing::info!("post-copy complete: every unit is on the destination");
     }
 
@@ -568,18 +681,20 @@ impl Presence {
     }
 
     /// Queues again every unit demanded and still missing: a new demand
-    /// stream does not know what the last one was told.
+    /// stream does not know what the last one was told. Runs are cut at
+    /// the demand windows, as when they were first asked for.
     pub fn requeue_demanded(&self) {
         let mut guard = lock(&self.inner.state);
         let Some(state) = guard.as_mut() else {
             return;
         };
         state.queue.clear();
+        let window = (DEMAND_WINDOW >> state.unit_shift).max(1);
         let mut run: Option<Range<u64>> = None;
         for u in 0..state.units {
             if get(&state.demanded, u) && get(&state.missing, u) {
                 match &mut run {
-                    Some(r) if r.end == u => r.end = u + 1,
+                    Some(r) if r.end == u && u % window != 0 => r.end = u + 1,
                     _ => {
                         if let Some(r) = run.replace(u..u + 1) {
                             state.queue.push_back(r);
@@ -593,6 +708,22 @@ impl Presence {
         }
         drop(guard);
         self.inner.demanded.notify_one();
+    }
+
+    /// The units still missing, as on the wire (`PostCopyMap.missing`);
+    /// empty when none are.
+    pub fn missing_map(&self) -> Vec<u8> {
+        let guard = lock(&self.inner.state);
+        let Some(state) = guard.as_ref().filter(|s| s.missing_units > 0) else {
+            return Vec::new();
+        };
+        let bytes = usize::try_from(state.units.div_ceil(8)).expect("a map held in memory");
+        state
+            .missing
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .take(bytes)
+            .collect()
     }
 
     /// Where the post-copy stands.
@@ -637,6 +768,85 @@ impl Presence {
     }
 }
 
+/// What a saved map starts with.
+const MAP_MAGIC: &[u8; 8] = b"TERNPC01";
+
+/// Saves the map atomically: the magic, the image size and unit (LE u64),
+/// one bit per unit (as on the wire), and the blake3 of all that; a
+/// temporary file, synced, renamed over the old one, the directory synced.
+fn save_map(
+    path: &Path,
+    size: u64,
+    unit: u64,
+    missing: &[u64],
+    units: u64,
+) -> Result<(), PresenceError> {
+    let err = |action| {
+        move |source| PresenceError::Map {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let bytes = usize::try_from(units.div_ceil(8)).expect("a map held in memory");
+    let mut data = Vec::with_capacity(24 + bytes + 32);
+    data.extend_from_slice(MAP_MAGIC);
+    data.extend_from_slice(&size.to_le_bytes());
+    data.extend_from_slice(&unit.to_le_bytes());
+    data.extend(missing.iter().flat_map(|w| w.to_le_bytes()).take(bytes));
+    let sum = *blake3::hash(&data).as_bytes();
+    data.extend_from_slice(&sum);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, &data).map_err(err("write"))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(err("sync"))?;
+    std::fs::rename(&tmp, path).map_err(err("rename"))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err("sync the directory of"))?;
+    }
+    Ok(())
+}
+
+/// Loads a map saved by [`save_map`]: the image size, the unit and the
+/// bytes of the bits; `None` when there is none.
+fn load_map(path: &Path) -> Result<Option<(u64, u64, Vec<u8>)>, PresenceError> {
+    let data = match std::fs::read(path) {
+        Ok(data) => data,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(PresenceError::Map {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let corrupt = |why| PresenceError::MapCorrupt {
+        path: path.to_path_buf(),
+        why,
+    };
+    if data.len() < 24 + 32 || &data[..8] != MAP_MAGIC {
+        return Err(corrupt("not a tern post-copy map"));
+    }
+    let (body, sum) = data.split_at(data.len() - 32);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err(corrupt("its checksum does not match"));
+    }
+    let word = |at: usize| {
+        u64::from_le_bytes(
+            body[at..at + 8]
+                .try_into()
+                .expect("eight bytes of the header"),
+        )
+    };
+    Ok(Some((word(8), word(16), body[24..].to_vec())))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -653,7 +863,7 @@ mod tests {
 
     /// A gate over 64 units of 4 KiB with `missing` units missing.
     fn armed(missing: &[u64]) -> Presence {
-        let p = Presence::new(Duration::from_secs(5), None);
+        let p = Presence::new(Duration::from_secs(5), None, None);
         let mut map = vec![0u8; 8];
         for &u in missing {
             map[usize::try_from(u / 8).expect("small")] |= 1 << (u % 8);
@@ -740,7 +950,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_times_out_with_a_clear_error_instead_of_old_data() {
-        let p = Presence::new(Duration::from_millis(50), None);
+        let p = Presence::new(Duration::from_millis(50), None, None);
         p.arm(64 * UNIT, UNIT, &[1, 0, 0, 0, 0, 0, 0, 0])
             .expect("arm");
         let err = p.before_read(0, 512).await.expect_err("never filled");
@@ -780,16 +990,44 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_marker_lives_exactly_as_long_as_the_post_copy() {
+    async fn the_saved_map_never_calls_a_unit_the_destination_wrote_missing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let image = dir.path().join("disk.img");
-        let p = Presence::new(Duration::from_secs(1), Some(Presence::marker_for(&image)));
-        p.arm(64 * UNIT, UNIT, &[1, 0, 0, 0, 0, 0, 0, 0])
+        let map = Presence::map_for(&image);
+        let p = Presence::new(Duration::from_secs(1), Some(map.clone()), None);
+        p.arm(64 * UNIT, UNIT, &[0b111, 0, 0, 0, 0, 0, 0, 0])
             .expect("arm");
-        assert!(Presence::interrupted(&image));
+        assert!(Presence::in_progress(&image));
+        // Unit 0 filled: the saved map may still call it missing...
         let runs = p.claim_fill(0, UNIT);
         p.filled(&runs, true);
-        assert!(!Presence::interrupted(&image));
+        let saved = |p: &Presence| {
+            let again = Presence::new(Duration::from_secs(1), Some(map.clone()), None);
+            assert!(p.is_active());
+            assert!(again.resume(64 * UNIT).expect("resume"));
+            again.snapshot().missing_bytes
+        };
+        assert_eq!(saved(&p), 3 * UNIT);
+        // ...until the destination writes into it (or makes unit 1 its own).
+        p.before_write(100, 10).await.expect("present");
+        assert_eq!(saved(&p), 2 * UNIT);
+        p.before_write(UNIT, UNIT).await.expect("whole unit");
+        assert_eq!(saved(&p), UNIT);
+        let runs = p.claim_fill(2 * UNIT, UNIT);
+        p.filled(&runs, true);
+        // Removed once nothing is missing (by a task: let it run).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!Presence::in_progress(&image));
+        std::fs::write(
+            &map,
+            b"TERNPC01 and then nonsense that is long enough to check",
+        )
+        .expect("write");
+        let damaged = Presence::new(Duration::from_secs(1), Some(map.clone()), None);
+        assert!(matches!(
+            damaged.resume(64 * UNIT),
+            Err(PresenceError::MapCorrupt { .. })
+        ));
     }
 
     #[tokio::test]
@@ -805,5 +1043,18 @@ mod tests {
         let runs = p.claim_fill(20 * UNIT, UNIT);
         p.filled(&runs, true);
         reader.await.expect("joined").expect("arrived");
+        // A long read demanded many windows: asked again, each is a window.
+        let p = Presence::new(Duration::from_secs(5), None, None);
+        p.arm(64 * UNIT, UNIT, &[0xff; 8]).expect("arm");
+        let reader = {
+            let p = p.clone();
+            tokio::spawn(async move { p.before_read(0, 64 * UNIT).await })
+        };
+        assert_eq!(p.next_demands(64).await.expect("demands").len(), 4);
+        p.requeue_demanded();
+        let again = p.next_demands(64).await.expect("demands");
+        assert_eq!(again.len(), 4, "{again:?}");
+        assert!(again.iter().all(|r| r.end - r.start <= DEMAND_WINDOW));
+        reader.abort();
     }
 }

@@ -23,6 +23,7 @@ use crate::replicate::Peer;
 use crate::rpc::{EncodedExtent, RpcError};
 
 use super::PresenceSnapshot;
+use super::presence::DEMAND_WINDOW;
 
 /// Fill messages of the demand stream in flight (each one demand's ranges).
 const WINDOW: usize = 8;
@@ -91,6 +92,7 @@ pub struct DemandCounts {
 /// The running demand server of one post-copy.
 pub struct DemandServer {
     task: JoinHandle<Result<(), PushError>>,
+    served: Arc<DirtyMap>,
     cancel: CancellationToken,
     counts: Arc<DemandCounts>,
 }
@@ -114,16 +116,22 @@ impl DemandServer {
             source,
             epoch,
             send,
-            served,
+            served: Arc::clone(&served),
             counts: Arc::clone(&counts),
             cancel: cancel.clone(),
         };
         let task = tokio::spawn(async move { worker.run(reconnect_for).await });
         DemandServer {
             task,
+            served,
             cancel,
             counts,
         }
+    }
+
+    /// The units it answered (the push skips them).
+    pub fn served(&self) -> &DirtyMap {
+        &self.served
     }
 
     pub fn counts(&self) -> &DemandCounts {
@@ -209,8 +217,13 @@ impl Server {
                 writer.finish().await?;
                 return Ok(());
             };
-            let ranges = ranges?;
-            let reads = ranges.into_iter().map(|r| self.read(r));
+            // Each a window at most (the protocol's bound), whatever was asked.
+            let ranges = ranges?.into_iter().flat_map(|r| {
+                (r.start..r.end)
+                    .step_by(usize::try_from(DEMAND_WINDOW).expect("64 KiB"))
+                    .map(move |at| at..(at + DEMAND_WINDOW).min(r.end))
+            });
+            let reads = ranges.map(|r| self.read(r));
             let extents = futures::future::try_join_all(reads).await?;
             let bytes: u64 = extents.iter().map(|e| u64::from(e.length)).sum();
             let count = extents.len() as u64;
@@ -223,12 +236,7 @@ impl Server {
     /// Reads one demanded range of the source, raw: a demand is waited
     /// for, and compressing 64 KiB costs more than sending it on a fast link.
     async fn read(&self, range: std::ops::Range<u64>) -> Result<EncodedExtent, PushError> {
-        let len = u32::try_from(range.end - range.start).map_err(|_| {
-            PushError::Rpc(RpcError::UnexpectedReply {
-                want: "a demand of at most 64 KiB",
-                got: format!("{} bytes at {}", range.end - range.start, range.start),
-            })
-        })?;
+        let len = u32::try_from(range.end - range.start).expect("cut to a window above");
         self.send.clear_within(range.start, range.end);
         self.served.mark(range.start, range.end - range.start);
         let data = self

@@ -107,7 +107,9 @@ impl ReplicaClient {
     pub async fn info(&mut self) -> Result<Info, RpcError> {
         let info = self
             .inner
-            .info(pb::InfoRequest {})
+            .info(pb::InfoRequest {
+                postcopy_map: false,
+            })
             .await
             .map_err(|status| RpcError::Call {
                 call: "Info",
@@ -121,7 +123,7 @@ impl ReplicaClient {
             max_extent_len: info.max_extent_len,
             max_batch_extents: info.max_batch_extents,
             leaf_checksums: info.leaf_checksums,
-            postcopy: info.postcopy.map(snapshot_of).unwrap_or_default(),
+            postcopy: info.postcopy.as_ref().map(snapshot_of).unwrap_or_default(),
         })
     }
 
@@ -352,6 +354,24 @@ impl ReplicaClient {
         Ok(reply.export_writable)
     }
 
+    /// The units a post-copy's destination still misses (one bit per unit
+    /// of `unit` bytes, as `PostCopyMap.missing`); `None` when none are.
+    pub async fn missing_map(&mut self) -> Result<Option<(u64, Vec<u8>)>, RpcError> {
+        let info = self
+            .inner
+            .info(pb::InfoRequest { postcopy_map: true })
+            .await
+            .map_err(|status| RpcError::Call {
+                call: "Info",
+                status,
+            })?
+            .into_inner();
+        Ok(info
+            .postcopy
+            .filter(|p| p.active && !p.missing.is_empty())
+            .map(|p| (p.unit, p.missing.to_vec())))
+    }
+
     /// The switch of a post-copy: the destination's export turns writable
     /// with the units set in `missing` (one bit per `unit`, see
     /// `PostCopyMap`) still on the source. Returns the bytes missing.
@@ -410,7 +430,7 @@ impl ReplicaClient {
 }
 
 /// The `Info` figures of a post-copy.
-fn snapshot_of(s: pb::PostCopyState) -> crate::postcopy::PresenceSnapshot {
+fn snapshot_of(s: &pb::PostCopyState) -> crate::postcopy::PresenceSnapshot {
     crate::postcopy::PresenceSnapshot {
         active: s.active,
         unit: s.unit,

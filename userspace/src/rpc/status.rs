@@ -75,7 +75,9 @@ fn code(err: &RpcError) -> Code {
             crate::postcopy::PresenceError::Unit { .. }
             | crate::postcopy::PresenceError::MapSize { .. } => Code::InvalidArgument,
             crate::postcopy::PresenceError::OtherUnit { .. } => Code::FailedPrecondition,
-            crate::postcopy::PresenceError::Marker { .. } => Code::Internal,
+            crate::postcopy::PresenceError::Map { .. }
+            | crate::postcopy::PresenceError::MapCorrupt { .. }
+            | crate::postcopy::PresenceError::Flush(_) => Code::Internal,
         },
         RpcError::CheckTree(inner) => match inner {
             CheckTreeError::BadRegionSize(_)

@@ -290,9 +290,13 @@ impl replica_server::Replica for ReplicaService {
     #[tracing::instrument(skip_all)]
     async fn info(
         &self,
-        _request: Request<pb::InfoRequest>,
+        request: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let inner = &self.inner;
+        let mut postcopy = postcopy_state(&inner.presence);
+        if request.get_ref().postcopy_map {
+            postcopy.missing = Bytes::from(inner.presence.missing_map());
+        }
         Ok(Response::new(pb::InfoResponse {
             image_size: inner.image.size(),
             epoch: inner.fence.highest(),
@@ -300,7 +304,7 @@ impl replica_server::Replica for ReplicaService {
             max_extent_len: MAX_EXTENT_LEN,
             max_batch_extents: MAX_BATCH_EXTENTS,
             leaf_checksums: true,
-            postcopy: Some(postcopy_state(&inner.presence)),
+            postcopy: Some(postcopy),
         }))
     }
 
@@ -504,6 +508,7 @@ fn postcopy_state(presence: &Presence) -> pb::PostCopyState {
         wait_p50_us: s.wait_p50_us,
         wait_p99_us: s.wait_p99_us,
         wait_max_us: s.wait_max_us,
+        missing: Bytes::new(),
     }
 }
 
