@@ -65,6 +65,7 @@ use anyhow::{Context, Result, bail};
 use crate::sh::{output, run as run_cmd};
 
 mod fs;
+mod postcopy;
 mod small;
 
 const MIB: u64 = 1 << 20;
@@ -113,13 +114,18 @@ impl Config {
             .map(|r| r.trim().parse::<u32>())
             .collect::<Result<Vec<_>, _>>()
             .context("TERN_BENCH_MIGRATE_RATES: comma-separated IOPS")?;
-        let converge: String = env_or("TERN_BENCH_MIGRATE_CONVERGE", "fail,throttle".to_owned())?;
+        let converge: String = env_or(
+            "TERN_BENCH_MIGRATE_CONVERGE",
+            "fail,throttle,postcopy".to_owned(),
+        )?;
         let converge: Vec<String> = converge.split(',').map(|c| c.trim().to_owned()).collect();
         if let Some(c) = converge
             .iter()
-            .find(|c| !["fail", "throttle"].contains(&c.as_str()))
+            .find(|c| !["fail", "throttle", "postcopy"].contains(&c.as_str()))
         {
-            bail!("TERN_BENCH_MIGRATE_CONVERGE: unknown mode {c:?}; choose from fail, throttle");
+            bail!(
+                "TERN_BENCH_MIGRATE_CONVERGE: unknown mode {c:?}; choose from fail, throttle, postcopy"
+            );
         }
         let parts: String = env_or("TERN_BENCH_MIGRATE_PARTS", PARTS.join(","))?;
         let parts: Vec<String> = parts.split(',').map(|p| p.trim().to_owned()).collect();
@@ -282,6 +288,18 @@ struct Report {
     hashed_bytes: f64,
     /// The throttle's lowest write limit (0: not throttled).
     throttle_lowest_bps: f64,
+    /// After a post-copy switch: what was missing, how long until the
+    /// destination held it, the demand fetches and their waits.
+    postcopy: Option<PostCopyFigures>,
+}
+
+struct PostCopyFigures {
+    missing_bytes: f64,
+    push_seconds: f64,
+    demands: f64,
+    waits: f64,
+    wait_p50_ms: f64,
+    wait_p99_ms: f64,
 }
 
 impl Report {
@@ -314,6 +332,18 @@ impl Report {
             sent_bytes: v["sent_bytes"].as_f64().unwrap_or(f64::NAN),
             hashed_bytes: v["hashed_bytes"].as_f64().unwrap_or(f64::NAN),
             throttle_lowest_bps: v["throttle"]["lowest_bps"].as_f64().unwrap_or(0.0),
+            postcopy: v["postcopy"].is_object().then(|| {
+                let p = &v["postcopy"];
+                let n = |x: &serde_json::Value| x.as_f64().unwrap_or(f64::NAN);
+                PostCopyFigures {
+                    missing_bytes: n(&p["missing_bytes"]),
+                    push_seconds: n(&p["push_seconds"]),
+                    demands: n(&p["destination"]["demands"]),
+                    waits: n(&p["destination"]["waits"]),
+                    wait_p50_ms: n(&p["destination"]["wait_p50_us"]) / 1e3,
+                    wait_p99_ms: n(&p["destination"]["wait_p99_us"]) / 1e3,
+                }
+            }),
         })
     }
 }
@@ -516,7 +546,9 @@ impl Bench<'_> {
         let mut t = format!(
             "Live migration, {} MiB image, fio 4 KiB random writes (direct, libaio) on the loop device, \
              {LINK_RATE}/s tbf veth into a namespace, mTLS, --max-downtime {}\n\
-             (IOPS: fio's --rate_iops, max: unlimited; converge: fail or throttle (--converge); \
+             (IOPS: fio's --rate_iops, max: unlimited; converge: fail or throttle (--converge), \
+             postcopy (--mode postcopy: switch after the first pass, the rest fetched after, while \
+             fio reads 4 KiB at random on the destination's export, at the writer's rate, 1000 for max); \
              measured: write IOPS the loop device completed during the migration; \
              pause/flush/final/verify: the downtime's parts in ms; final MB: the final delta; \
              lowest limit: the throttle's lowest write limit)\n",
@@ -587,14 +619,23 @@ impl Bench<'_> {
         let pause = format!("cmd:kill -STOP {pid};;kill -CONT {pid}", pid = fio.pid());
         let cg = cgroup.dir.display().to_string();
         let mut args = vec!["--pause", &pause, "--max-downtime", &cfg.downtime];
-        args.extend(["--converge", mode]);
+        if mode == "postcopy" {
+            args.extend(["--mode", "postcopy"]);
+        } else {
+            args.extend(["--converge", mode]);
+        }
         if mode == "throttle" {
             args.extend(["--throttle-cgroup", &cg]);
         }
         if let Some(region) = &cfg.live_region {
             args.extend(["--region-size", region]);
         }
+        let state = self.dir.join("state");
+        std::fs::remove_file(state.join("migrate.json")).ok();
+        let reader = (mode == "postcopy")
+            .then(|| postcopy::Reader::start(ns, &state, self.dir.join("dst-reads.json"), rate));
         let result = self.migrate(&src_loop.dev, to, &args);
+        let reads = reader.map(postcopy::Reader::finish).transpose()?.flatten();
         let measured =
             (loop_writes(&src_loop.dev)? - writes_before) as f64 / started.elapsed().as_secs_f64();
         fio.kill();
@@ -628,7 +669,7 @@ impl Bench<'_> {
         } else {
             "-".to_owned()
         };
-        Ok(format!(
+        let mut row = format!(
             "{label:>6} {mode:<8} {measured:>9.0} {:<10} {:>12.1} {:>24} {:>9.2} {:>10.1} {:>8.2} {:>7} {lowest:>13}\n",
             r.outcome,
             r.downtime_ms,
@@ -640,7 +681,11 @@ impl Bench<'_> {
             r.wire_bytes as f64 / 1e6,
             r.total_seconds,
             r.rounds
-        ))
+        );
+        if let Some(p) = &r.postcopy {
+            row.push_str(&postcopy_line(p, reads.as_ref()));
+        }
+        Ok(row)
     }
 
     /// How many times a destination agent restored its saved checksum tree
@@ -737,6 +782,30 @@ impl Bench<'_> {
         }
         Report::parse(&stdout)
     }
+}
+
+/// The line under a post-copy row: what was missing, its demand fetches
+/// and what the destination's reader saw.
+fn postcopy_line(p: &PostCopyFigures, reads: Option<&postcopy::Reads>) -> String {
+    let reads = reads.map_or_else(
+        || "no reads on the destination".to_owned(),
+        |r| {
+            format!(
+                "destination reads {:.0} IOPS, p50 {:.2} ms, p99 {:.2} ms",
+                r.iops, r.p50_ms, r.p99_ms
+            )
+        },
+    );
+    format!(
+        "{:>16} {:.0} MB missing at the switch, all there {:.1} s later; {:.0} demands, {:.0} requests waited (p50 {:.2} ms, p99 {:.2} ms); {reads}\n",
+        "post-copy:",
+        p.missing_bytes / 1e6,
+        p.push_seconds,
+        p.demands,
+        p.waits,
+        p.wait_p50_ms,
+        p.wait_p99_ms,
+    )
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {

@@ -848,6 +848,10 @@ pub fn status(s: &StatusArgs) -> Result<()> {
             "estimated_downtime_ms": reply.estimated_downtime_ms,
             "rpo_ms": reply.rpo_ms,
             "throttle_bps": reply.throttle_bps,
+            "missing_bytes": reply.missing_bytes,
+            "demands": reply.demands,
+            "demand_wait_p50_us": reply.demand_wait_p50_us,
+            "demand_wait_p99_us": reply.demand_wait_p99_us,
             "reconnects": reply.reconnects,
             "gaps": reply.gaps,
         });
@@ -935,6 +939,20 @@ fn print_status(v: &serde_json::Value, json: bool) -> Result<()> {
             out,
             "writes throttled to  {}",
             human_rate(n("throttle_bps"))
+        )?;
+    }
+    if v["phase"].as_str().is_some_and(|p| p.contains("post-copy")) {
+        writeln!(
+            out,
+            "still on the source  {} (post-copy)",
+            human_bytes(n("missing_bytes"))
+        )?;
+        writeln!(
+            out,
+            "demand fetches       {} (waits p50 {:.2} ms, p99 {:.2} ms)",
+            n("demands"),
+            n("demand_wait_p50_us") / 1e3,
+            n("demand_wait_p99_us") / 1e3
         )?;
     }
     Ok(())
