@@ -439,6 +439,31 @@ impl Prediction {
         order
     }
 
+    /// A post-copy's push order: the extents predicted to be read, most
+    /// likely first (a read of a unit still on the source waits for it),
+    /// then those predicted only to be written (a write into part of a unit
+    /// waits too). Nothing is held back: after the switch the source no
+    /// longer changes.
+    pub fn postcopy_order(&self, threshold: f64) -> crate::replicate::SendOrder {
+        let mut ranked: Vec<&PredictedExtent> = self
+            .extents
+            .iter()
+            .filter(|e| e.p_read >= threshold || e.p_write >= threshold)
+            .collect();
+        let read = |e: &PredictedExtent| e.p_read >= threshold;
+        ranked.sort_by(|a, b| {
+            read(b)
+                .cmp(&read(a))
+                .then(b.p_read.total_cmp(&a.p_read))
+                .then(b.p_write.total_cmp(&a.p_write))
+                .then(a.offset.cmp(&b.offset))
+        });
+        crate::replicate::SendOrder {
+            first: ranked.iter().map(|e| e.offset..e.offset + e.len).collect(),
+            hold: Vec::new(),
+        }
+    }
+
     /// Extents predicted to be read, most likely first, up to `budget` bytes:
     /// what the destination reads into its cache after cutover.
     pub fn read_hot(&self, threshold: f64, budget: u64) -> Vec<Range<u64>> {
@@ -576,6 +601,38 @@ mod tests {
         assert_eq!(order.first[0].start, 260 * unit);
         let hot = p.read_hot(0.5, 2 * unit);
         assert_eq!(hot.iter().map(|r| r.end - r.start).sum::<u64>(), 2 * unit);
+    }
+
+    #[test]
+    fn a_post_copy_pushes_the_likely_reads_first_then_the_writes_and_holds_nothing() {
+        let extent = |offset, p_read, p_write| PredictedExtent {
+            offset,
+            len: 4096,
+            p_read,
+            p_write,
+            read_bytes: 0,
+            write_bytes: 0,
+        };
+        let p = Prediction {
+            version: 1,
+            unit: 4096,
+            target: 0,
+            model: "test".into(),
+            at_ns: 0,
+            horizon_ns: 1,
+            extents: vec![
+                extent(0, 0.1, 0.9),
+                extent(4096, 0.6, 0.9),
+                extent(8192, 0.95, 0.0),
+                extent(12288, 0.2, 0.1),
+            ],
+        };
+        let order = p.postcopy_order(0.5);
+        assert!(order.hold.is_empty());
+        let starts: Vec<u64> = order.first.iter().map(|r| r.start).collect();
+        assert_eq!(starts, vec![8192, 4096, 0]);
+        // Pre-copy holds back the extent it expects rewritten instead.
+        assert_eq!(p.send_order(0.5).hold.len(), 2);
     }
 
     #[test]

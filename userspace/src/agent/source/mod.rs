@@ -350,12 +350,7 @@ impl Source {
                 model = %prediction.model,
                 "ordering the first copy by the prediction"
             );
-            // After a post-copy switch the source no longer changes: nothing
-            // is held back, the hot runs only go first.
-            push_order = Some(SendOrder {
-                first: order.first.clone(),
-                hold: Vec::new(),
-            });
+            push_order = Some(prediction.postcopy_order(0.5));
             repl.set_order(order);
         }
         Ok(Source {
