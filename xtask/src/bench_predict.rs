@@ -19,9 +19,12 @@
 //! 3. Warm: the destination's cache warm-up at cutover (`tern agent
 //!    --warm-plan`) against the same migration without it; see
 //!    `bench_warm.rs`.
+//! 4. Post-copy: demand fetches after a post-copy switch with the
+//!    predictor's push order against an ascending push, the workload's own
+//!    reads replayed on the destination; see `bench_postcopy.rs`.
 //!
 //! Environment: `TERN_BENCH_PREDICT_HORIZON` (eval horizon, default `5s`),
-//! `TERN_BENCH_PREDICT_PARTS` (`eval,migrate,warm`), `TERN_BENCH_PREDICT_RUNS`
+//! `TERN_BENCH_PREDICT_PARTS` (`eval,migrate,warm,postcopy`), `TERN_BENCH_PREDICT_RUNS`
 //! (migrations per arm, default 3), `TERN_BENCH_PREDICT_MIB` (source size,
 //! default 512), `TERN_BENCH_PREDICT_IOPS` (default 2000),
 //! `TERN_BENCH_PREDICT_RATE` (`--max-rate`, default `100M`), `TERN_BENCH_DIR`.
@@ -37,6 +40,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::sh::{output, run as run_cmd};
 
+#[path = "bench_postcopy.rs"]
+mod postcopy;
 #[path = "bench_warm.rs"]
 mod warm;
 
@@ -48,7 +53,7 @@ fn env_or(name: &str, default: &str) -> String {
 
 pub fn run(bin: &Path) -> Result<()> {
     crate::sh::require_root("cargo xtask bench predict")?;
-    let parts = env_or("TERN_BENCH_PREDICT_PARTS", "eval,migrate,warm");
+    let parts = env_or("TERN_BENCH_PREDICT_PARTS", "eval,migrate,warm,postcopy");
     let mut out = String::new();
     if parts.contains("eval") {
         eval_part(bin, &mut out)?;
@@ -58,6 +63,9 @@ pub fn run(bin: &Path) -> Result<()> {
     }
     if parts.contains("warm") {
         warm::warm_part(bin, &mut out)?;
+    }
+    if parts.contains("postcopy") {
+        postcopy::postcopy_part(bin, &mut out)?;
     }
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(out.as_bytes())?;
