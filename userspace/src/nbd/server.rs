@@ -635,25 +635,33 @@ impl NbdServer {
         // In a post-copy, a unit still on the source is fetched before it is
         // read or written in part: never old data, never a fill over a write.
         let gate = match cmd {
-            Command::Read { offset, len } => {
-                export.presence.before_read(offset, u64::from(len)).await
-            }
+            Command::Read { offset, len } => export
+                .presence
+                .before_read(offset, u64::from(len))
+                .await
+                .map(|()| None),
             Command::Write { offset, len, .. }
             | Command::Trim { offset, len, .. }
-            | Command::WriteZeroes { offset, len, .. } => {
-                export.presence.before_write(offset, u64::from(len)).await
-            }
-            Command::Flush | Command::Disconnect => Ok(()),
+            | Command::WriteZeroes { offset, len, .. } => export
+                .presence
+                .before_write(offset, u64::from(len))
+                .await
+                .map(Some),
+            Command::Flush | Command::Disconnect => Ok(None),
         };
-        if let Err(e) = gate {
-            bump(&stats.errors);
-            tracing::warn!(error = %e, "NBD request failed");
-            return Reply {
-                cookie,
-                error: proto::nbd_errno(libc::EIO),
-                data: None,
-            };
-        }
+        // Held until the write landed (dropped at the end of this call).
+        let _claim = match gate {
+            Ok(claim) => claim,
+            Err(e) => {
+                bump(&stats.errors);
+                tracing::warn!(error = %e, "NBD request failed");
+                return Reply {
+                    cookie,
+                    error: proto::nbd_errno(libc::EIO),
+                    data: None,
+                };
+            }
+        };
         // Writes are counted and reported by `written`.
         let modified = match cmd {
             Command::Trim { offset, len, .. } | Command::WriteZeroes { offset, len, .. } => {

@@ -39,6 +39,8 @@ use tokio::sync::Notify;
 pub const DEMAND_WINDOW: u64 = 64 << 10;
 /// How long a read or write waits for a missing unit by default.
 pub const DEFAULT_WAIT: Duration = Duration::from_mins(2);
+/// How often the map is saved in the background while fills land.
+const SAVE_EVERY: Duration = Duration::from_millis(250);
 /// Waits kept for the latency percentiles (the first this many).
 const MAX_WAITS_KEPT: usize = 1 << 20;
 
@@ -112,6 +114,23 @@ pub struct PresenceSnapshot {
     pub wait_max_us: u64,
 }
 
+/// Units a write took whole, held until it landed (dropped after the
+/// write, failed or not).
+#[derive(Debug)]
+#[must_use = "the units are held until the claim is dropped after the write"]
+pub struct WriteClaim {
+    presence: Option<Presence>,
+    units: Vec<Range<u64>>,
+}
+
+impl Drop for WriteClaim {
+    fn drop(&mut self) {
+        if let Some(presence) = self.presence.take() {
+            presence.release(&self.units);
+        }
+    }
+}
+
 /// The gate; cheap to clone, all clones share one state. The default is
 /// inactive: nothing is missing and every call returns at once.
 #[derive(Debug, Clone, Default)]
@@ -154,6 +173,8 @@ struct State {
     filling: Vec<u64>,
     demanded: Vec<u64>,
     missing_units: u64,
+    /// Units held by a fill or by a write that took them whole.
+    filling_units: u64,
     /// Runs of units demanded and not yet handed to the source.
     queue: VecDeque<Range<u64>>,
 }
@@ -361,6 +382,7 @@ impl Presence {
                 filling: vec![0; words],
                 demanded: vec![0; words],
                 missing_units: 0,
+                filling_units: 0,
                 queue: VecDeque::new(),
             }),
         };
@@ -380,6 +402,7 @@ impl Presence {
             // Before the export turns writable: nothing is written yet.
             save_map(&path, size, unit, &state.missing, units)?;
             state.saved.clone_from(&state.missing);
+            self.spawn_saver();
         }
         self.inner
             .active
@@ -389,17 +412,21 @@ impl Presence {
         Ok(missing_bytes)
     }
 
-    /// Saves the map before a write of `[offset, offset + len)` lands, if
-    /// the saved map still calls one of its units missing: a restarted
-    /// agent would let a fill overwrite the write.
-    async fn save_before_write(&self, offset: u64, len: u64) -> Result<(), PresenceError> {
+    /// Saves the map if the saved one still calls a unit of `range`
+    /// (`None`: of the image) missing that is not: before a write lands
+    /// there, a restarted agent would let a fill overwrite the write.
+    async fn save_stale(&self, range: Option<(u64, u64)>) -> Result<(), PresenceError> {
         let Some(path) = lock(&self.inner.map_path).clone() else {
             return Ok(());
         };
         let stale = |state: &State| {
-            state.missing_units > 0
-                && state
-                    .touched(offset, len)
+            let units = match range {
+                Some((offset, len)) => state.touched(offset, len),
+                None => 0..state.units,
+            };
+            (state.missing_units > 0 || state.filling_units > 0)
+                && units
+                    .into_iter()
                     .any(|u| get(&state.saved, u) && !get(&state.missing, u))
         };
         if !lock(&self.inner.state).as_ref().is_some_and(stale) {
@@ -434,6 +461,23 @@ impl Presence {
             state.saved = saved;
         }
         Ok(())
+    }
+
+    /// Saves the map now and then while the post-copy runs, so that a
+    /// write into a unit filled since rarely waits for a save of its own.
+    fn spawn_saver(&self) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let presence = self.clone();
+        drop(handle.spawn(async move {
+            while presence.is_active() {
+                tokio::time::sleep(SAVE_EVERY).await;
+                if let Err(e) = presence.save_stale(None).await {
+                    tracing::warn!(error = %e, "saving the post-copy map in the background failed; writes save it themselves");
+                }
+            }
+        }));
     }
 
     /// Removes the saved map once nothing is missing (after any save under way).
@@ -474,20 +518,33 @@ impl Presence {
     /// Waits until every unit `[offset, offset + len)` touches is present,
     /// demanding the missing ones.
     pub async fn before_read(&self, offset: u64, len: u64) -> Result<(), PresenceError> {
-        self.gate(offset, len, false).await
+        self.gate(offset, len, false).await.map(drop)
     }
 
     /// Waits until a write of `[offset, offset + len)` may land: no fill
     /// under way in its units, the units it covers in part present; the
-    /// missing units it covers whole become the destination's own.
-    pub async fn before_write(&self, offset: u64, len: u64) -> Result<(), PresenceError> {
-        self.gate(offset, len, true).await
+    /// missing units it covers whole become the destination's own. Hold
+    /// the claim until the write has landed: a read of a unit it took waits
+    /// for it (the bytes under it are neither the source's nor the write's).
+    pub async fn before_write(&self, offset: u64, len: u64) -> Result<WriteClaim, PresenceError> {
+        let units = self.gate(offset, len, true).await?;
+        Ok(WriteClaim {
+            presence: (!units.is_empty()).then(|| self.clone()),
+            units,
+        })
     }
 
-    async fn gate(&self, offset: u64, len: u64, write: bool) -> Result<(), PresenceError> {
+    /// Returns the units a write took whole (held as filling).
+    async fn gate(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<Vec<Range<u64>>, PresenceError> {
         if !self.is_active() {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let mut taken = Vec::new();
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + self.wait());
         let mut waited = false;
@@ -527,7 +584,7 @@ impl Presence {
                     true
                 } else {
                     if write {
-                        self.take_whole(state, covered);
+                        taken = self.take_whole(state, covered);
                     }
                     false
                 }
@@ -544,37 +601,64 @@ impl Presence {
                 });
             }
         }
-        if write {
-            self.save_before_write(offset, len).await?;
+        if write && let Err(e) = self.save_stale(Some((offset, len))).await {
+            drop(WriteClaim {
+                presence: Some(self.clone()),
+                units: taken,
+            });
+            return Err(e);
         }
         if waited {
             self.record_wait(started.elapsed());
         }
-        Ok(())
+        Ok(taken)
     }
 
     /// Makes the missing units of `covered` (no fill holds them) the
-    /// destination's own.
-    fn take_whole(&self, state: &mut State, covered: Range<u64>) {
+    /// destination's own, held as filling until the write lands; returns
+    /// them as runs of unit indices.
+    fn take_whole(&self, state: &mut State, covered: Range<u64>) -> Vec<Range<u64>> {
         let mut taken = 0;
+        let mut runs: Vec<Range<u64>> = Vec::new();
         for u in covered {
             if get(&state.missing, u) {
                 set(&mut state.missing, u, false);
                 set(&mut state.demanded, u, false);
+                set(&mut state.filling, u, true);
                 taken += state.unit_bytes(u);
                 state.missing_units -= 1;
+                state.filling_units += 1;
+                match runs.last_mut() {
+                    Some(r) if r.end == u => r.end = u + 1,
+                    _ => runs.push(u..u + 1),
+                }
             }
         }
         if taken > 0 {
             self.inner.local_bytes.fetch_add(taken, Ordering::Relaxed);
-            self.settle(state);
-            self.inner.arrived.notify_waiters();
         }
+        runs
+    }
+
+    /// Lets go of units a write took (its claim dropped).
+    fn release(&self, units: &[Range<u64>]) {
+        let mut guard = lock(&self.inner.state);
+        if let Some(state) = guard.as_mut() {
+            for u in units.iter().flat_map(Clone::clone) {
+                if get(&state.filling, u) {
+                    set(&mut state.filling, u, false);
+                    state.filling_units -= 1;
+                }
+            }
+            self.settle(state);
+        }
+        drop(guard);
+        self.inner.arrived.notify_waiters();
     }
 
     /// Ends the post-copy once nothing is missing.
     fn settle(&self, state: &mut State) {
-        if state.missing_units > 0 {
+        if state.missing_units > 0 || state.filling_units > 0 || !self.is_active() {
             return;
         }
         state.queue.clear();
@@ -610,6 +694,7 @@ impl Presence {
         for u in state.covered(offset, len) {
             if get(&state.missing, u) && !get(&state.filling, u) {
                 set(&mut state.filling, u, true);
+                state.filling_units += 1;
                 let start = u << state.unit_shift;
                 let end = start + state.unit_bytes(u);
                 match runs.last_mut() {
@@ -635,7 +720,10 @@ impl Presence {
         let mut bytes = 0;
         for run in runs {
             for u in state.touched(run.start, run.end - run.start) {
-                set(&mut state.filling, u, false);
+                if get(&state.filling, u) {
+                    set(&mut state.filling, u, false);
+                    state.filling_units -= 1;
+                }
                 if ok && get(&state.missing, u) {
                     set(&mut state.missing, u, false);
                     set(&mut state.demanded, u, false);
@@ -901,12 +989,23 @@ mod tests {
     #[tokio::test]
     async fn a_whole_unit_write_makes_it_local_and_a_later_fill_drops_it() {
         let p = armed(&[1, 2]);
-        p.before_write(UNIT, UNIT)
+        let claim = p
+            .before_write(UNIT, UNIT)
             .await
             .expect("whole unit: no fetch");
         assert_eq!(p.claim_fill(0, 4 * UNIT), vec![2 * UNIT..3 * UNIT]);
         let s = p.snapshot();
         assert_eq!((s.local_bytes, s.demands), (UNIT, 0));
+        // Until the write landed, a read of the unit waits: its bytes are
+        // neither the source's nor the write's yet.
+        let reader = {
+            let p = p.clone();
+            tokio::spawn(async move { p.before_read(UNIT, 10).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!reader.is_finished());
+        drop(claim);
+        reader.await.expect("joined").expect("written");
     }
 
     #[tokio::test]
@@ -921,7 +1020,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!writer.is_finished());
         p.filled(&runs, true);
-        writer.await.expect("joined").expect("arrived");
+        drop(writer.await.expect("joined").expect("arrived"));
         assert_eq!(p.snapshot().local_bytes, 0);
     }
 
@@ -936,7 +1035,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!writer.is_finished(), "the fill would land over the write");
         p.filled(&runs, true);
-        writer.await.expect("joined").expect("passes");
+        drop(writer.await.expect("joined").expect("passes"));
     }
 
     #[tokio::test]
@@ -1009,9 +1108,9 @@ mod tests {
         };
         assert_eq!(saved(&p), 3 * UNIT);
         // ...until the destination writes into it (or makes unit 1 its own).
-        p.before_write(100, 10).await.expect("present");
+        drop(p.before_write(100, 10).await.expect("present"));
         assert_eq!(saved(&p), 2 * UNIT);
-        p.before_write(UNIT, UNIT).await.expect("whole unit");
+        drop(p.before_write(UNIT, UNIT).await.expect("whole unit"));
         assert_eq!(saved(&p), UNIT);
         let runs = p.claim_fill(2 * UNIT, UNIT);
         p.filled(&runs, true);
