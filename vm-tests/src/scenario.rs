@@ -323,6 +323,7 @@ fn tern_moves(name: &str, extra: &[&str], ahead: Ahead) -> Outcome {
     let report = finish_migrate(&mut migrate, guest.path());
     drop(standby);
     let slug = match ahead {
+        Ahead::Nothing if extra.contains(&"postcopy") => "postcopy",
         Ahead::Nothing => "overlapped",
         Ahead::Prefetch => "prefetch",
         Ahead::Standby => "standby",

@@ -18,14 +18,21 @@ fn tern_and_qemu_move_a_writing_vm_and_the_guest_continues() {
         &[],
     );
     let qemu = scenario::qemu_mirror("QEMU blockdev-mirror + migrate");
-    for o in [&tern, &serial, &qemu] {
+    // Post-copy: Tern switches the disk at QEMU's stop with no data copy
+    // inside the pause; the guest reads what is still on the source through
+    // demand fetches while the rest is pushed.
+    let post = scenario::tern_moves_the_disk(
+        "Tern post-copy disk + QEMU precopy (RAM)",
+        &["--mode", "postcopy"],
+    );
+    for o in [&tern, &serial, &qemu, &post] {
         assert!(o.final_counter > 0, "{o:?}");
         assert!(
             o.paused_ms > 0.0 && o.disk_bytes > 0 && o.ram_bytes > 0,
             "{o:?}"
         );
     }
-    let mut table = scenario::table(&[tern, serial, qemu]);
+    let mut table = scenario::table(&[tern, post, serial, qemu]);
     // The point of the product: the guest's disk traced beforehand,
     // `tern predict`, and the migration ordered by its plan.
     let pre = scenario::tern_moves_the_disk_with_prefetch("Tern with pre-migration prefetch");
