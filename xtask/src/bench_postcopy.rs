@@ -4,7 +4,8 @@
 //!
 //! Per workload, on a loop device: the program runs; `tern trace` records
 //! its history (`TERN_BENCH_POSTCOPY_SECONDS`, default 6 s) and then, as it
-//! goes on, its future (as long again); the program stops and the source is
+//! goes on with the page cache dropped (the destination's is empty), its
+//! future (as long again); the program stops and the source is
 //! left idle (as after a workload moved). `tern predict` makes a plan from
 //! the history. Then, alternately without and with `--prefetch`, `tern
 //! migrate --mode postcopy --precopy none` switches before any copy (every
@@ -302,6 +303,9 @@ pub(super) fn postcopy_part(bin: &Path, out: &mut String) -> Result<()> {
             Ok(trace)
         };
         let history = record("history.trace")?;
+        // The destination starts with an empty page cache: so does the
+        // future recorded here (what the workload reads there from disk).
+        std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache")?;
         let future = record("future.trace")?;
         drop(program);
         if mnt.exists() {

@@ -439,21 +439,22 @@ impl Prediction {
         order
     }
 
-    /// A post-copy's push order: the extents predicted to be read, most
-    /// likely first (a read of a unit still on the source waits for it),
-    /// then those predicted only to be written (a write into part of a unit
-    /// waits too). Nothing is held back: after the switch the source no
-    /// longer changes.
-    pub fn postcopy_order(&self, threshold: f64) -> crate::replicate::SendOrder {
+    /// A post-copy's push order: every extent of the plan predicted to be
+    /// read, most likely first (a read of a unit still on the source waits
+    /// for it), then those predicted only to be written (a write into part
+    /// of a unit waits too). Unlike [`Prediction::send_order`] there is no
+    /// threshold: the push sends everything anyway, so even a weak claim
+    /// ranks an extent before the rest, which goes in disk order. Nothing is
+    /// held back: after the switch the source no longer changes.
+    pub fn postcopy_order(&self) -> crate::replicate::SendOrder {
         let mut ranked: Vec<&PredictedExtent> = self
             .extents
             .iter()
-            .filter(|e| e.p_read >= threshold || e.p_write >= threshold)
+            .filter(|e| e.p_read > 0.0 || e.p_write > 0.0)
             .collect();
-        let read = |e: &PredictedExtent| e.p_read >= threshold;
         ranked.sort_by(|a, b| {
-            read(b)
-                .cmp(&read(a))
+            (b.p_read > 0.0)
+                .cmp(&(a.p_read > 0.0))
                 .then(b.p_read.total_cmp(&a.p_read))
                 .then(b.p_write.total_cmp(&a.p_write))
                 .then(a.offset.cmp(&b.offset))
@@ -625,12 +626,14 @@ mod tests {
                 extent(4096, 0.6, 0.9),
                 extent(8192, 0.95, 0.0),
                 extent(12288, 0.2, 0.1),
+                extent(16384, 0.0, 0.3),
+                extent(20480, 0.0, 0.0),
             ],
         };
-        let order = p.postcopy_order(0.5);
+        let order = p.postcopy_order();
         assert!(order.hold.is_empty());
         let starts: Vec<u64> = order.first.iter().map(|r| r.start).collect();
-        assert_eq!(starts, vec![8192, 4096, 0]);
+        assert_eq!(starts, vec![8192, 4096, 12288, 0, 16384]);
         // Pre-copy holds back the extent it expects rewritten instead.
         assert_eq!(p.send_order(0.5).hold.len(), 2);
     }

@@ -350,7 +350,7 @@ impl Source {
                 model = %prediction.model,
                 "ordering the first copy by the prediction"
             );
-            push_order = Some(prediction.postcopy_order(0.5));
+            push_order = Some(prediction.postcopy_order());
             repl.set_order(order);
         }
         Ok(Source {
