@@ -7,8 +7,11 @@
 //! goes on with the page cache dropped (the destination's is empty), its
 //! future (as long again); the program stops and the source is
 //! left idle (as after a workload moved). `tern predict` makes a plan from
-//! the history. Then, alternately without and with `--prefetch`, `tern
-//! migrate --mode postcopy --precopy none` switches before any copy (every
+//! the history, and `tern predict --model lru` the naive one it must beat
+//! (what the history touched, most recent first). Then, in turn without a
+//! plan (disk order), with the naive plan and with the predictor's
+//! (`--prefetch`), `tern migrate --mode postcopy --precopy none` switches
+//! before any copy (every
 //! unit missing) and pushes under `--max-rate` (default: the disk in about
 //! the future's length), while the future's reads are replayed against the
 //! destination's NBD export from the moment of the switch (`qemu-io` reading
@@ -36,6 +39,9 @@ use anyhow::{Context, Result, bail};
 
 use super::{MIB, Proc, Scratch, env_or, fill_random, free_port, lab_certs, median, same};
 use crate::sh::{output, run as run_cmd};
+
+/// The push orders compared: disk order, the naive forecast's, the predictor's.
+const ARMS: [&str; 3] = ["ascending push", "naive (LRU) push", "predicted push"];
 
 /// One workload's program, prepared on `dev` (mounted at `mnt` where it
 /// needs a file system).
@@ -272,7 +278,7 @@ pub(super) fn postcopy_part(bin: &Path, out: &mut String) -> Result<()> {
     let workloads = env_or("TERN_BENCH_POSTCOPY_WORKLOADS", "fio,fio-zipf,sqlite");
     let _ = writeln!(
         out,
-        "## Post-copy demand fetches: predicted push against an ascending push ({mib} MiB source, `--mode postcopy --precopy none --max-rate {rate}`, the workload's next {secs} s of reads replayed on the destination from the switch; medians of {runs} runs per arm, alternated)\n"
+        "## Post-copy demand fetches: the predicted push against an ascending one and the naive forecast's ({mib} MiB source, `--mode postcopy --precopy none --max-rate {rate}`, the workload's next {secs} s of reads, from a cold cache, replayed on the destination from the switch; medians of {runs} runs per arm, in turn)\n"
     );
     let _ = writeln!(
         out,
@@ -312,23 +318,30 @@ pub(super) fn postcopy_part(bin: &Path, out: &mut String) -> Result<()> {
             let _ = Command::new("umount").arg(&mnt).status();
         }
         run_cmd(&mut Command::new("sync"))?;
-        let plan = dir.join("plan.json");
-        run_cmd(
-            Command::new(bin)
-                .arg("predict")
-                .arg(&history)
-                .args(["--horizon", &format!("{}s", 2 * secs), "--out"])
-                .arg(&plan)
-                .stderr(Stdio::null()),
-        )?;
+        // The predictor's plan, and the naive forecast's (what the history
+        // touched, most recent first) that it must beat.
+        let plan_of = |model: &str| -> Result<PathBuf> {
+            let plan = dir.join(format!("plan-{model}.json"));
+            run_cmd(
+                Command::new(bin)
+                    .arg("predict")
+                    .arg(&history)
+                    .args(["--model", model, "--horizon", &format!("{}s", 2 * secs)])
+                    .arg("--out")
+                    .arg(&plan)
+                    .stderr(Stdio::null()),
+            )?;
+            Ok(plan)
+        };
+        let plans = [None, Some(plan_of("lru")?), Some(plan_of("ensemble")?)];
         let (script, reads) = replay_script(bin, &future, mib * MIB)?;
-        let mut arms: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
-        for i in 0..runs * 2 {
-            let with = i % 2 == 1;
+        let mut arms: [Vec<serde_json::Value>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        for i in 0..runs * 3 {
+            let arm = i % 3;
             eprintln!(
                 "bench predict postcopy: {workload}: run {} {}",
-                i / 2 + 1,
-                if with { "with the plan" } else { "ascending" }
+                i / 3 + 1,
+                ARMS[arm]
             );
             let lab = Lab {
                 bin,
@@ -338,11 +351,11 @@ pub(super) fn postcopy_part(bin: &Path, out: &mut String) -> Result<()> {
                 size: mib * MIB,
                 rate: &rate,
             };
-            let report = run_once(&lab, with.then_some(plan.as_path()), &script)?;
-            arms[usize::from(with)].push(report);
+            let report = run_once(&lab, plans[arm].as_deref(), &script)?;
+            arms[arm].push(report);
         }
-        let mut waited = [0.0; 2];
-        for (k, arm) in ["ascending push", "predicted push"].iter().enumerate() {
+        let mut waited = [0.0; 3];
+        for (k, arm) in ARMS.iter().enumerate() {
             let col =
                 |f: &dyn Fn(&serde_json::Value) -> f64| median(arms[k].iter().map(f).collect());
             let d = |r: &serde_json::Value, key: &str| {
@@ -361,14 +374,18 @@ pub(super) fn postcopy_part(bin: &Path, out: &mut String) -> Result<()> {
                 col(&|r| r["postcopy"]["push_seconds"].as_f64().unwrap_or(f64::NAN)),
             );
         }
-        verdicts.push(if waited[0] > 0.0 {
-            format!(
-                "{workload}: {:.0}% fewer reads waited with the prediction",
-                (waited[0] - waited[1]) / waited[0] * 100.0
-            )
-        } else {
-            format!("{workload}: no read waited even with the ascending push")
-        });
+        let fewer = |than: f64| {
+            if than > 0.0 {
+                format!("{:.0}%", (than - waited[2]) / than * 100.0)
+            } else {
+                "-".to_owned()
+            }
+        };
+        verdicts.push(format!(
+            "{workload}: the predicted push {} fewer reads waited than ascending, {} than the naive (LRU) order",
+            fewer(waited[0]),
+            fewer(waited[1]),
+        ));
         scratch.detach(&dev);
         drop(scratch);
     }
