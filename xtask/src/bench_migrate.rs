@@ -630,10 +630,10 @@ impl Bench<'_> {
         if let Some(region) = &cfg.live_region {
             args.extend(["--region-size", region]);
         }
-        let state = self.dir.join("state");
-        std::fs::remove_file(state.join("migrate.json")).ok();
-        let reader = (mode == "postcopy")
-            .then(|| postcopy::Reader::start(ns, &state, self.dir.join("dst-reads.json"), rate));
+        let agent_log = self.dir.join("agent.log");
+        let reader = (mode == "postcopy").then(|| {
+            postcopy::Reader::start(ns, &agent_log, self.dir.join("dst-reads.json"), rate)
+        });
         let result = self.migrate(&src_loop.dev, to, &args);
         let reads = reader.map(postcopy::Reader::finish).transpose()?.flatten();
         let measured =

@@ -23,20 +23,23 @@ pub(super) struct Reads {
     pub(super) p99_ms: f64,
 }
 
-/// A reader of the destination's export, started once `state`'s status
-/// says the post-copy began; stopped when `done` is set.
+/// A reader of the destination's export, started once the agent's log
+/// says the post-copy was armed (at the switch); stopped when `done` is set.
 pub(super) struct Reader {
     done: Arc<AtomicBool>,
     thread: JoinHandle<Result<Option<Reads>>>,
 }
 
 impl Reader {
-    pub(super) fn start(ns: &Netns, state: &Path, out: PathBuf, rate: u32) -> Reader {
+    pub(super) fn start(ns: &Netns, agent_log: &Path, out: PathBuf, rate: u32) -> Reader {
         let done = Arc::new(AtomicBool::new(false));
         let ns = ns.name.clone();
-        let status = state.join("migrate.json");
+        let log = agent_log.to_path_buf();
+        // The log is shared by every agent of the run: wait for one more.
+        let before = armed(&log);
         let stop = Arc::clone(&done);
-        let thread = std::thread::spawn(move || read_after_switch(&ns, &status, &out, rate, &stop));
+        let thread =
+            std::thread::spawn(move || read_after_switch(&ns, &log, before, &out, rate, &stop));
         Reader { done, thread }
     }
 
@@ -49,22 +52,24 @@ impl Reader {
     }
 }
 
+/// Post-copies armed so far, by the agents' log.
+fn armed(log: &Path) -> usize {
+    std::fs::read_to_string(log).map_or(0, |l| l.matches("post-copy armed").count())
+}
+
 fn read_after_switch(
     ns: &str,
-    status: &Path,
+    log: &Path,
+    before: usize,
     out: &Path,
     rate: u32,
     done: &AtomicBool,
 ) -> Result<Option<Reads>> {
-    loop {
+    while armed(log) <= before {
         if done.load(Ordering::Acquire) {
             return Ok(None);
         }
-        let now = std::fs::read_to_string(status).unwrap_or_default();
-        if now.contains("\"phase\":\"post-copy: pushing\"") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(2));
     }
     let started = Instant::now();
     let mut fio = Command::new("ip")
