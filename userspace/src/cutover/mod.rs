@@ -485,6 +485,12 @@ pub async fn migrate(
         &mut report,
     )
     .await?;
+    // The demand server's connection, made while the workload still runs.
+    let connected = if in_postcopy {
+        Some(repl.peer().connect().await?)
+    } else {
+        None
+    };
     let stopped = stop_workload(
         repl,
         tracker,
@@ -532,7 +538,7 @@ pub async fn migrate(
             s.epoch = fence;
             s.missing_bytes = missing;
         });
-        Some(postcopy::Running::start(repl, fence, missing)?)
+        Some(postcopy::Running::start(repl, connected, fence, missing)?)
     } else if opts.switch {
         // Fence the source: a higher epoch ends our write stream for good
         // and makes the destination's export writable.

@@ -11,6 +11,7 @@ use super::{CutoverError, Report, StatusCell, ms, quiesce, set_status};
 use crate::dirty::DirtyMap;
 use crate::postcopy::{DemandServer, PushReport};
 use crate::replicate::{Replicator, SendOrder, Tracker};
+use crate::rpc::ReplicaClient;
 
 /// Looks at the dirty map before the switch: it must stop growing (a
 /// writer the pause did not stop would write where the map says the
@@ -113,7 +114,7 @@ pub(super) async fn resume(
         _ => repl.send_map().mark_all(),
     }
     let fence = repl.epoch();
-    let running = Running::start(repl, fence, missing_bytes)?;
+    let running = Running::start(repl, None, fence, missing_bytes)?;
     report.postcopy = Some(running.finish(repl, order, status).await?);
     report.outcome = "cut over";
     Ok(true)
@@ -130,8 +131,10 @@ pub(super) struct Running {
 impl Running {
     /// Starts answering demands (before anything else after the switch:
     /// the destination's first reads wait for them).
+    /// `connected`: a connection to the destination made before the pause.
     pub(super) fn start(
         repl: &mut Replicator,
+        connected: Option<ReplicaClient>,
         fence: u64,
         missing_bytes: u64,
     ) -> Result<Running, CutoverError> {
@@ -146,6 +149,7 @@ impl Running {
         repl.enter_postcopy(fence, Arc::clone(&served));
         let demands = DemandServer::start(
             repl.peer().clone(),
+            connected,
             repl.source().clone(),
             fence,
             Arc::clone(repl.send_map()),

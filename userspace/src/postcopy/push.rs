@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dirty::DirtyMap;
 use crate::image::{Image, ImageError};
 use crate::replicate::Peer;
-use crate::rpc::{EncodedExtent, RpcError};
+use crate::rpc::{EncodedExtent, ReplicaClient, RpcError};
 
 use super::PresenceSnapshot;
 use super::presence::DEMAND_WINDOW;
@@ -101,8 +101,11 @@ impl DemandServer {
     /// Starts answering the demands of the destination at `peer`, fenced
     /// by `epoch`, with data of `source`; a unit answered is cleared from
     /// `send` and marked in `served` (the push need not send it again).
+    /// `connected`: a connection made beforehand (outside the pause: a TLS
+    /// handshake costs CPU the workload's hand-over needs), used first.
     pub fn start(
         peer: Peer,
+        connected: Option<ReplicaClient>,
         source: Image,
         epoch: u64,
         send: Arc<DirtyMap>,
@@ -117,6 +120,7 @@ impl DemandServer {
             epoch,
             send,
             served: Arc::clone(&served),
+            connected: std::sync::Mutex::new(connected),
             counts: Arc::clone(&counts),
             cancel: cancel.clone(),
         };
@@ -167,6 +171,8 @@ struct Server {
     epoch: u64,
     send: Arc<DirtyMap>,
     served: Arc<DirtyMap>,
+    /// The connection made beforehand, taken by the first stream.
+    connected: std::sync::Mutex<Option<ReplicaClient>>,
     counts: Arc<DemandCounts>,
     cancel: CancellationToken,
 }
@@ -203,7 +209,15 @@ impl Server {
     /// One demand stream and its fill stream, until the destination misses
     /// nothing (or the server is stopped).
     async fn serve_once(&self, lost_at: &mut Option<Instant>) -> Result<(), PushError> {
-        let mut client = self.peer.connect().await?;
+        let early = self
+            .connected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let mut client = match early {
+            Some(client) => client,
+            None => self.peer.connect().await?,
+        };
         let mut demands = client.demands(self.epoch).await?;
         let mut writer = client.open_fill_writer(self.epoch, WINDOW).await?;
         *lost_at = None;
