@@ -104,18 +104,37 @@ impl ReplicaClient {
         }
     }
 
-    pub async fn info(&mut self) -> Result<Info, RpcError> {
-        let info = self
+    /// The `Info` call, with the post-copy map or without.
+    async fn info_reply(&mut self, postcopy_map: bool) -> Result<pb::InfoResponse, RpcError> {
+        Ok(self
             .inner
-            .info(pb::InfoRequest {
-                postcopy_map: false,
-            })
+            .info(pb::InfoRequest { postcopy_map })
             .await
             .map_err(|status| RpcError::Call {
                 call: "Info",
                 status,
             })?
-            .into_inner();
+            .into_inner())
+    }
+
+    /// The `SetExportWritable` call.
+    async fn export_writable(
+        &mut self,
+        request: pb::SetExportWritableRequest,
+    ) -> Result<pb::SetExportWritableResponse, RpcError> {
+        Ok(self
+            .inner
+            .set_export_writable(request)
+            .await
+            .map_err(|status| RpcError::Call {
+                call: "SetExportWritable",
+                status,
+            })?
+            .into_inner())
+    }
+
+    pub async fn info(&mut self) -> Result<Info, RpcError> {
+        let info = self.info_reply(false).await?;
         Ok(Info {
             image_size: info.image_size,
             epoch: info.epoch,
@@ -123,7 +142,7 @@ impl ReplicaClient {
             max_extent_len: info.max_extent_len,
             max_batch_extents: info.max_batch_extents,
             leaf_checksums: info.leaf_checksums,
-            postcopy: info.postcopy.as_ref().map(snapshot_of).unwrap_or_default(),
+            postcopy: info.postcopy.as_ref().map(Into::into).unwrap_or_default(),
         })
     }
 
@@ -339,33 +358,19 @@ impl ReplicaClient {
         writable: bool,
     ) -> Result<bool, RpcError> {
         let reply = self
-            .inner
-            .set_export_writable(pb::SetExportWritableRequest {
+            .export_writable(pb::SetExportWritableRequest {
                 epoch,
                 writable,
                 postcopy: None,
             })
-            .await
-            .map_err(|status| RpcError::Call {
-                call: "SetExportWritable",
-                status,
-            })?
-            .into_inner();
+            .await?;
         Ok(reply.export_writable)
     }
 
     /// The units a post-copy's destination still misses (one bit per unit
     /// of `unit` bytes, as `PostCopyMap.missing`); `None` when none are.
     pub async fn missing_map(&mut self) -> Result<Option<(u64, Vec<u8>)>, RpcError> {
-        let info = self
-            .inner
-            .info(pb::InfoRequest { postcopy_map: true })
-            .await
-            .map_err(|status| RpcError::Call {
-                call: "Info",
-                status,
-            })?
-            .into_inner();
+        let info = self.info_reply(true).await?;
         Ok(info
             .postcopy
             .filter(|p| p.active && !p.missing.is_empty())
@@ -382,8 +387,7 @@ impl ReplicaClient {
         missing: Vec<u8>,
     ) -> Result<u64, RpcError> {
         let reply = self
-            .inner
-            .set_export_writable(pb::SetExportWritableRequest {
+            .export_writable(pb::SetExportWritableRequest {
                 epoch,
                 writable: true,
                 postcopy: Some(pb::PostCopyMap {
@@ -391,12 +395,7 @@ impl ReplicaClient {
                     missing: Bytes::from(missing),
                 }),
             })
-            .await
-            .map_err(|status| RpcError::Call {
-                call: "SetExportWritable",
-                status,
-            })?
-            .into_inner();
+            .await?;
         Ok(reply.missing_bytes)
     }
 
@@ -426,22 +425,6 @@ impl ReplicaClient {
                     .collect()
             })
         }))
-    }
-}
-
-/// The `Info` figures of a post-copy.
-fn snapshot_of(s: &pb::PostCopyState) -> crate::postcopy::PresenceSnapshot {
-    crate::postcopy::PresenceSnapshot {
-        active: s.active,
-        unit: s.unit,
-        missing_bytes: s.missing_bytes,
-        filled_bytes: s.filled_bytes,
-        local_bytes: s.local_bytes,
-        demands: s.demands,
-        waits: s.waits,
-        wait_p50_us: s.wait_p50_us,
-        wait_p99_us: s.wait_p99_us,
-        wait_max_us: s.wait_max_us,
     }
 }
 

@@ -15,6 +15,43 @@ pub(crate) mod pb {
     tonic::include_proto!("tern.v1");
 }
 
+/// The post-copy figures on the wire (`PostCopyState`, without the map)
+/// and back: the one place both sides convert them.
+impl From<crate::postcopy::PresenceSnapshot> for pb::PostCopyState {
+    fn from(s: crate::postcopy::PresenceSnapshot) -> Self {
+        pb::PostCopyState {
+            active: s.active,
+            unit: s.unit,
+            missing_bytes: s.missing_bytes,
+            filled_bytes: s.filled_bytes,
+            local_bytes: s.local_bytes,
+            demands: s.demands,
+            waits: s.waits,
+            wait_p50_us: s.wait_p50_us,
+            wait_p99_us: s.wait_p99_us,
+            wait_max_us: s.wait_max_us,
+            missing: bytes::Bytes::new(),
+        }
+    }
+}
+
+impl From<&pb::PostCopyState> for crate::postcopy::PresenceSnapshot {
+    fn from(s: &pb::PostCopyState) -> Self {
+        crate::postcopy::PresenceSnapshot {
+            active: s.active,
+            unit: s.unit,
+            missing_bytes: s.missing_bytes,
+            filled_bytes: s.filled_bytes,
+            local_bytes: s.local_bytes,
+            demands: s.demands,
+            waits: s.waits,
+            wait_p50_us: s.wait_p50_us,
+            wait_p99_us: s.wait_p99_us,
+            wait_max_us: s.wait_max_us,
+        }
+    }
+}
+
 pub mod client;
 pub mod epoch;
 mod extent;

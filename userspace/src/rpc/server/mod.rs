@@ -293,7 +293,7 @@ impl replica_server::Replica for ReplicaService {
         request: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let inner = &self.inner;
-        let mut postcopy = postcopy_state(&inner.presence);
+        let mut postcopy = pb::PostCopyState::from(inner.presence.snapshot());
         if request.get_ref().postcopy_map {
             postcopy.missing = Bytes::from(inner.presence.missing_map());
         }
@@ -491,24 +491,6 @@ impl replica_server::Replica for ReplicaService {
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(run_demands(Arc::clone(&self.inner), lease, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
-    }
-}
-
-/// The post-copy gate's figures for `Info`.
-fn postcopy_state(presence: &Presence) -> pb::PostCopyState {
-    let s = presence.snapshot();
-    pb::PostCopyState {
-        active: s.active,
-        unit: s.unit,
-        missing_bytes: s.missing_bytes,
-        filled_bytes: s.filled_bytes,
-        local_bytes: s.local_bytes,
-        demands: s.demands,
-        waits: s.waits,
-        wait_p50_us: s.wait_p50_us,
-        wait_p99_us: s.wait_p99_us,
-        wait_max_us: s.wait_max_us,
-        missing: Bytes::new(),
     }
 }
 
