@@ -1363,3 +1363,60 @@ fn post_copy_survives_sigkill_of_the_source_and_is_taken_up_by_a_new_migration()
 fn post_copy_survives_a_cut_link() {
     post_copy_survives(Fault::CutLink);
 }
+
+#[test]
+fn auto_mode_stays_in_pre_copy_for_a_light_writer_and_switches_first_for_a_heavy_one() {
+    let src = LoopDev::new("64M");
+    fill_random(src.path(), 64);
+    let lab = Lab::new(64 * MIB);
+    let run = |iops: u32| {
+        let writer = fio_writer(src.path(), iops, 64);
+        std::thread::sleep(Duration::from_millis(500));
+        let (ok, report, err) = run_report(&mut lab.migrate(
+            src.path(),
+            &[
+                "--pause",
+                &pause_stop(writer.0.id()),
+                "--mode",
+                "auto",
+                "--max-rate",
+                "16M",
+                "--max-downtime",
+                "50ms",
+            ],
+        ));
+        assert!(ok, "migrate failed: {err}");
+        eprintln!("{iops} IOPS: {}", report["mode_reason"]);
+        assert_eq!(report["outcome"], "cut over", "{report}");
+        // The writer stays stopped: the destination must equal the source.
+        assert_same(src.path(), &lab.image());
+        drop(writer);
+        report
+    };
+    // 200 KB/s against 16 MB/s: the delta fits after a round or two.
+    let light = run(50);
+    assert_eq!(light["mode"], "pre-copy", "{light}");
+    let why = light["mode_reason"].as_str().expect("a reason");
+    assert!(why.contains("the workload dirties"), "{why}");
+    assert!(light["postcopy"].is_null(), "{light}");
+    // Unlimited 4 KiB writes dirty more than the 16 MB/s link sends.
+    let heavy = run(1_000_000);
+    assert_eq!(heavy["mode"], "post-copy", "{heavy}");
+    let why = heavy["mode_reason"].as_str().expect("a reason");
+    assert!(why.contains("the workload dirties"), "{why}");
+    assert!(heavy["rounds"].as_u64().expect("rounds") >= 1, "{heavy}");
+    assert!(
+        heavy["postcopy"]["missing_bytes"]
+            .as_u64()
+            .expect("missing")
+            > 0
+    );
+
+    // Auto chooses for itself: a convergence policy beside it is refused.
+    let (ok, _, err) = run_report(&mut lab.migrate(
+        src.path(),
+        &["--no-pause", "--mode", "auto", "--converge", "throttle"],
+    ));
+    assert!(!ok);
+    assert!(err.contains("--mode auto chooses for itself"), "{err}");
+}

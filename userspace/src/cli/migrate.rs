@@ -131,13 +131,18 @@ pub struct MigrateArgs {
     /// fails with what it would take; `throttle` limits the workload's
     /// writes to the source's disk (its cgroup's write limit), lowering the
     /// limit until the final delta fits, and lifts it at the pause.
-    #[arg(long, value_enum, default_value_t = Converge::Fail)]
-    converge: Converge,
+    /// Default: `fail` (with `--mode auto`, the rounds that do not converge
+    /// switch in post-copy).
+    #[arg(long, value_enum)]
+    converge: Option<Converge>,
     /// `precopy` converges first and copies the last delta inside the pause;
     /// `postcopy` switches right after the first copy (or before it, with
     /// `--precopy none`), with no data copy inside the pause, and the
     /// destination fetches what it still lacks: its reads of it wait for the
-    /// source, which pushes the rest in the prediction's order meanwhile.
+    /// source, which pushes the rest in the prediction's order meanwhile;
+    /// `auto` follows the controller: a plan's advice (`--plan`), else the
+    /// delta rounds' measured dirty rate against the link (post-copy when
+    /// pre-copy would not fit the pause), and says why in the report.
     #[arg(long, value_enum, default_value_t = Mode::Precopy)]
     mode: Mode,
     /// With `--mode postcopy`: `first-pass` copies the disk once before the
@@ -179,6 +184,8 @@ enum Mode {
     Precopy,
     /// Switch first; the destination fetches the rest.
     Postcopy,
+    /// The controller's choice, with its reason.
+    Auto,
 }
 
 /// What a post-copy sends before its switch.
@@ -194,18 +201,25 @@ impl MigrateArgs {
     /// The post-copy `--mode` and `--converge` ask for, if any.
     fn postcopy(&self) -> Result<Option<cutover::PostCopyOptions>> {
         match (self.mode, self.converge) {
-            (Mode::Postcopy, Converge::Fail) => Ok(Some(cutover::PostCopyOptions {
+            (Mode::Postcopy, None) => Ok(Some(cutover::PostCopyOptions {
                 skip_first_pass: self.precopy == Precopy::None,
                 ..cutover::PostCopyOptions::default()
             })),
-            (Mode::Postcopy, _) => bail!(
+            (Mode::Postcopy, Some(_)) => bail!(
                 "--mode postcopy switches without waiting for the rounds to converge: --converge is for --mode precopy"
             ),
-            (Mode::Precopy, _) if self.precopy == Precopy::None => {
+            (Mode::Auto, Some(_)) => bail!(
+                "--mode auto chooses for itself (post-copy when the rounds cannot converge): --converge is for --mode precopy"
+            ),
+            (_, _) if self.precopy == Precopy::None => {
                 bail!("--precopy none is for --mode postcopy")
             }
-            (Mode::Precopy, Converge::Postcopy) => Ok(Some(cutover::PostCopyOptions {
-                only_if_not_converging: true,
+            (Mode::Auto, None) => Ok(Some(cutover::PostCopyOptions {
+                when: cutover::When::Advised { planned: None },
+                ..cutover::PostCopyOptions::default()
+            })),
+            (Mode::Precopy, Some(Converge::Postcopy)) => Ok(Some(cutover::PostCopyOptions {
+                when: cutover::When::IfNotConverging,
                 ..cutover::PostCopyOptions::default()
             })),
             (Mode::Precopy, _) => Ok(None),
@@ -214,7 +228,7 @@ impl MigrateArgs {
 
     /// The cgroup to throttle: `None` unless `--converge throttle`.
     fn throttle_cgroup(&self) -> Result<Option<CgroupSpec>> {
-        if self.converge != Converge::Throttle {
+        if self.converge != Some(Converge::Throttle) {
             if self.throttle_cgroup.is_some() {
                 bail!("--throttle-cgroup is for --converge throttle");
             }
@@ -552,8 +566,8 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             region: tern::cutover::HEALTH_REGION,
         });
     }
-    let throttle = m.throttle_cgroup()?;
     let postcopy = m.postcopy()?;
+    let throttle = m.throttle_cgroup()?;
     let report: serde_json::Value = runtime()?.block_on(async {
         if let Some(mut client) = m.agent.connect().await? {
             // A running source agent does the work; this only asks and waits.
@@ -575,9 +589,10 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
                     mode: match m.mode {
                         Mode::Precopy => "precopy",
                         Mode::Postcopy => "postcopy",
+                        Mode::Auto => "auto",
                     }
                     .to_owned(),
-                    postcopy_if_not_converging: m.converge == Converge::Postcopy,
+                    postcopy_if_not_converging: m.converge == Some(Converge::Postcopy),
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("the source agent: {}", s.message()))?
@@ -721,8 +736,8 @@ fn render_report(r: &serde_json::Value) -> String {
             human_bytes(num(&dst["local_bytes"])),
         );
     }
-    if let Some(why) = r["postcopy_reason"].as_str() {
-        let _ = writeln!(text, "switched in post-copy: {why}");
+    if let Some(why) = r["mode_reason"].as_str() {
+        let _ = writeln!(text, "{} because {why}", r["mode"].as_str().unwrap_or("?"));
     }
     let t = &r["throttle"];
     if t.is_object() {

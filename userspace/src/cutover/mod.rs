@@ -16,10 +16,11 @@ mod rollback;
 mod throttling;
 
 pub use health::{HEALTH_REGION, HealthCheck, HealthError};
-pub use postcopy::PostCopyOptions;
+pub use postcopy::{PostCopyOptions, When};
 pub use rollback::{RollbackReport, rollback};
 pub use throttling::{ThrottleOptions, ThrottleReport};
 
+use crate::granularity::{Mode, advice};
 use crate::pause::{PauseError, PauseTarget, Paused};
 use crate::postcopy::PushReport;
 use crate::replicate::{ReplicateError, Replicator, Tracker};
@@ -178,8 +179,9 @@ pub struct Report {
     pub outcome: &'static str,
     /// "pre-copy" or "post-copy" (the switch came before the last data).
     pub mode: &'static str,
-    /// Why a pre-copy switched in post-copy instead (`--converge postcopy`).
-    pub postcopy_reason: Option<String>,
+    /// Why this mode: the controller's advice (`--mode auto`), or why a
+    /// pre-copy switched in post-copy instead (`--converge postcopy`).
+    pub mode_reason: Option<String>,
     /// What the post-copy did after the switch.
     pub postcopy: Option<PushReport>,
     pub epoch: u64,
@@ -308,7 +310,7 @@ async fn converge(
     gaps_seen: &mut u64,
     mut throttling: Option<&mut Throttling>,
     report: &mut Report,
-) -> Result<u64, CutoverError> {
+) -> Result<Converged, CutoverError> {
     let mut last_round_end = Instant::now();
     let mut last_round_start = started;
     // The local tree is needed at the pause; hash it now, while the workload runs.
@@ -316,6 +318,10 @@ async fn converge(
     repl.refresh_local().await?;
 
     let mut rounds = 0;
+    let auto = opts
+        .postcopy
+        .as_ref()
+        .is_some_and(|p| matches!(p.when, When::Advised { .. }));
     // The first delta round after a first pass that held extents back (a
     // prediction) sends those extents, in long runs: a bulk copy, not a
     // model of the final delta. Its rate would overstate the bandwidth the
@@ -332,33 +338,32 @@ async fn converge(
         // system, guest RAM in a shared file mapping) reach the tracer only
         // when written back: write them back now, so the dirty map and the
         // downtime estimate hold what the pause would otherwise flush.
-        let look = Instant::now();
-        write_back(repl).await?;
-        tracker.sync().await?;
-        recover_gaps(repl, tracker, gaps_seen, report).await?;
-        let dirty = repl.send_map().dirty_bytes();
-        tracing::debug!(look_ms = ms(look), dirty, "converge: looked");
+        let dirty = look(repl, tracker, gaps_seen, report).await?;
         // Units dirtied since the round began (a unit taken early in the
         // round and written again counts once: a floor on the rate).
         let since = last_round_start.elapsed().as_secs_f64().max(1e-3);
-        let dirty_rate = dirty as f64 / since;
-        let estimate = estimate_ms(dirty, *bandwidth);
-        set_status(status, |s| {
-            s.phase = "converging";
-            s.round = rounds;
-            s.remaining_bytes = dirty;
-            s.bandwidth_bps = *bandwidth;
-            s.dirty_rate_bps = dirty_rate;
-            s.estimated_downtime_ms = estimate;
-            s.rpo_ms = u64::try_from(last_round_end.elapsed().as_millis()).unwrap_or(u64::MAX);
-        });
+        let figures = Figures {
+            rounds,
+            dirty,
+            dirty_rate: dirty as f64 / since,
+            bandwidth: *bandwidth,
+            estimate_ms: estimate_ms(dirty, *bandwidth),
+            budget_ms: budget_ms(opts.max_downtime, throttling.as_deref()),
+        };
+        figures.show(status, last_round_end);
         // At least one delta round first, so the estimate rests on one.
         let measured = rounds > catch_up_rounds || dirty == 0;
-        let budget_ms = budget_ms(opts.max_downtime, throttling.as_deref());
         if opts.pause.is_none() {
             break;
         }
-        if measured && estimate <= budget_ms {
+        if auto
+            && measured
+            && let Some(why) = advised_postcopy(&figures, opts.max_rounds, report)
+        {
+            return Ok(Converged::Advised { rounds, why });
+        }
+        let fits = measured && figures.fits();
+        if fits {
             if !fresh {
                 // Both trees fresh before the pause, so that the
                 // verification inside it rehashes only the last rounds'
@@ -391,28 +396,18 @@ async fn converge(
             }
         }
         if rounds >= opts.max_rounds {
-            if measured && estimate <= budget_ms {
+            if fits {
                 break;
             }
             repl.read_whole_regions(false);
-            return Err(CutoverError::NotConverging {
-                rounds,
-                dirty_mb: dirty as f64 / 1e6,
-                dirty_rate_mbs: dirty_rate / 1e6,
-                bandwidth_mbs: *bandwidth / 1e6,
-                estimate_ms: estimate,
-                budget_ms,
-                throttled_to: throttling.as_deref().and_then(Throttling::lowest),
-                throttling: throttling.is_some(),
-                at_floor: throttling.as_deref().is_some_and(Throttling::at_floor),
-            });
+            return Err(figures.not_converging(throttling.as_deref()));
         }
         // A sprint round reads the whole checksum regions it touches, so the
         // source's tree stays fresh for them (a few small rounds: cheap), and
         // then has the destination rehash what it wrote while the workload
         // still runs: the verification inside the pause finds both trees
         // nearly current.
-        let sprinting = fresh && measured && estimate <= budget_ms;
+        let sprinting = fresh && fits;
         repl.read_whole_regions(sprinting);
         last_round_start = Instant::now();
         let round = repl.round(false).await?;
@@ -440,7 +435,98 @@ async fn converge(
         }
         last_round_end = Instant::now();
     }
-    Ok(rounds)
+    Ok(Converged::Fits(rounds))
+}
+
+/// Dirty pages in a page cache above the source (a mounted file system,
+/// guest RAM in a shared file mapping) reach the tracer only when written
+/// back: written back first, so the dirty map and the downtime estimate
+/// hold what the pause would otherwise flush. Returns the dirty bytes.
+async fn look(
+    repl: &mut Replicator,
+    tracker: &Tracker,
+    gaps_seen: &mut u64,
+    report: &mut Report,
+) -> Result<u64, CutoverError> {
+    let look = Instant::now();
+    write_back(repl).await?;
+    tracker.sync().await?;
+    recover_gaps(repl, tracker, gaps_seen, report).await?;
+    let dirty = repl.send_map().dirty_bytes();
+    tracing::debug!(look_ms = ms(look), dirty, "converge: looked");
+    Ok(dirty)
+}
+
+/// What one look between delta rounds measured.
+struct Figures {
+    rounds: u64,
+    dirty: u64,
+    dirty_rate: f64,
+    bandwidth: f64,
+    estimate_ms: u64,
+    budget_ms: u64,
+}
+
+impl Figures {
+    fn show(&self, status: &StatusCell, last_round_end: Instant) {
+        set_status(status, |s| {
+            s.phase = "converging";
+            s.round = self.rounds;
+            s.remaining_bytes = self.dirty;
+            s.bandwidth_bps = self.bandwidth;
+            s.dirty_rate_bps = self.dirty_rate;
+            s.estimated_downtime_ms = self.estimate_ms;
+            s.rpo_ms = u64::try_from(last_round_end.elapsed().as_millis()).unwrap_or(u64::MAX);
+        });
+    }
+
+    fn fits(&self) -> bool {
+        self.estimate_ms <= self.budget_ms
+    }
+
+    fn not_converging(&self, throttling: Option<&Throttling>) -> CutoverError {
+        CutoverError::NotConverging {
+            rounds: self.rounds,
+            dirty_mb: self.dirty as f64 / 1e6,
+            dirty_rate_mbs: self.dirty_rate / 1e6,
+            bandwidth_mbs: self.bandwidth / 1e6,
+            estimate_ms: self.estimate_ms,
+            budget_ms: self.budget_ms,
+            throttled_to: throttling.and_then(Throttling::lowest),
+            throttling: throttling.is_some(),
+            at_floor: throttling.is_some_and(Throttling::at_floor),
+        }
+    }
+}
+
+/// `--mode auto`: the controller's advice on one look's figures. Returns
+/// why to switch in post-copy now, or keeps why pre-copy goes on.
+fn advised_postcopy(figures: &Figures, max_rounds: u64, report: &mut Report) -> Option<String> {
+    let advice = advice::advise(&advice::Measured {
+        dirty_rate_bps: figures.dirty_rate,
+        bandwidth_bps: figures.bandwidth,
+        dirty_bytes: figures.dirty,
+        budget_s: Duration::from_millis(figures.budget_ms).as_secs_f64(),
+        rounds_left: max_rounds.saturating_sub(figures.rounds),
+    });
+    match advice.mode {
+        // Advice to switch first matters only while the delta does not
+        // fit: one that fits is copied inside the pause.
+        Mode::PostCopy if !figures.fits() => Some(advice.why),
+        Mode::PostCopy => None,
+        Mode::PreCopy => {
+            report.mode_reason = Some(advice.why);
+            None
+        }
+    }
+}
+
+/// How the delta rounds ended.
+enum Converged {
+    /// The delta fits the pause, after this many rounds.
+    Fits(u64),
+    /// The controller advised post-copy (`--mode auto`), and why.
+    Advised { rounds: u64, why: String },
 }
 
 /// Runs a migration to its end: switched over (or only synced when
@@ -583,16 +669,32 @@ async fn precopy_rounds(
     report: &mut Report,
 ) -> Result<(u64, bool), CutoverError> {
     let postcopy = opts.postcopy.as_ref();
-    if postcopy.is_some_and(|p| !p.only_if_not_converging) {
-        report.mode = "post-copy";
-        return Ok((0, true));
+    match postcopy.map(|p| &p.when) {
+        Some(When::AfterFirstPass) => {
+            report.mode = "post-copy";
+            return Ok((0, true));
+        }
+        Some(When::Advised {
+            planned: Some(planned),
+        }) if planned.mode == Mode::PostCopy => {
+            report.mode = "post-copy";
+            report.mode_reason = Some(format!("the plan advised it: {}", planned.why));
+            return Ok((0, true));
+        }
+        _ => {}
     }
     let converged = converge(
         repl, tracker, opts, status, started, bandwidth, gaps_seen, throttling, report,
     )
     .await;
     match converged {
-        Ok(rounds) => Ok((rounds, false)),
+        Ok(Converged::Fits(rounds)) => Ok((rounds, false)),
+        Ok(Converged::Advised { rounds, why }) => {
+            tracing::info!(why, "switching in post-copy on the controller's advice");
+            report.mode_reason = Some(why);
+            report.mode = "post-copy";
+            Ok((rounds, true))
+        }
         Err(CutoverError::NotConverging {
             rounds,
             dirty_mb,
@@ -604,7 +706,7 @@ async fn precopy_rounds(
                 "the rounds did not converge after {rounds}: {dirty_mb:.1} MB dirty, the workload dirtying {dirty_rate_mbs:.1} MB/s against a link of {bandwidth_mbs:.1} MB/s"
             );
             tracing::warn!(why, "switching in post-copy");
-            report.postcopy_reason = Some(why);
+            report.mode_reason = Some(why);
             report.mode = "post-copy";
             Ok((rounds, true))
         }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::{CutoverError, Report, StatusCell, ms, quiesce, set_status};
 use crate::dirty::DirtyMap;
+use crate::granularity::advice::Advice;
 use crate::postcopy::{DemandServer, PushReport};
 use crate::replicate::{Replicator, SendOrder, Tracker};
 use crate::rpc::ReplicaClient;
@@ -28,11 +29,24 @@ const SETTLE_FOR: Duration = Duration::from_secs(2);
 pub struct PostCopyOptions {
     /// Switch before even the first pass: everything is pushed after it.
     pub skip_first_pass: bool,
-    /// Switch in post-copy only when the delta rounds do not converge
-    /// (`--converge postcopy`); otherwise right after the first pass.
-    pub only_if_not_converging: bool,
+    /// When the switch comes.
+    pub when: When,
     /// The push's order (predicted-hot runs first); `None`: disk order.
     pub order: Option<SendOrder>,
+}
+
+/// When a migration that may end in post-copy switches.
+#[derive(Debug, Clone, Default)]
+pub enum When {
+    /// Right after the first pass (`--mode postcopy`).
+    #[default]
+    AfterFirstPass,
+    /// Only when the delta rounds do not converge (`--converge postcopy`).
+    IfNotConverging,
+    /// When the controller advises it (`--mode auto`): from a plan of the
+    /// recorded workload (`tern plan`), or from the rounds' measured dirty
+    /// rate and link rate; and when the rounds do not converge.
+    Advised { planned: Option<Advice> },
 }
 
 /// The switch: the workload is paused. Returns the fence epoch and the
@@ -102,8 +116,8 @@ pub(super) async fn resume(
         "the destination is in a post-copy whose source stopped: taking it up"
     );
     report.mode = "post-copy";
-    report.postcopy_reason = Some(format!(
-        "taken up after the switch: the destination still lacked {missing_bytes} bytes"
+    report.mode_reason = Some(format!(
+        "the destination was already switched in post-copy and still lacked {missing_bytes} bytes: taken up where it stopped"
     ));
     repl.clear_order();
     // What the destination lacks, when it counts in our units; else all.

@@ -10,6 +10,7 @@
 //! `D` the simulated downtime and `M` the dirty-tracking memory in MiB. Per
 //! zone the same sum is taken over the zone's own runs and final delta.
 
+pub mod advice;
 mod layout;
 pub mod partition;
 pub mod simulate;
@@ -108,7 +109,7 @@ impl Cost {
 }
 
 /// Pre-copy (send, converge, pause, final delta) or post-copy (switch first,
-/// fetch on demand): the engine runs pre-copy only; post-copy is advice.
+/// fetch on demand); `tern migrate --mode auto` follows the advice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
@@ -155,9 +156,29 @@ pub struct EnginePlan {
     pub unit: u64,
     pub region_size: u64,
     pub extent_len: u64,
+    /// The mode advised for the recorded workload, and the plan's reasons.
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    #[serde(default)]
+    pub explanation: Vec<String>,
 }
 
 impl EnginePlan {
+    /// The plan's advice on the mode, with its reason.
+    pub fn advice(&self) -> Option<advice::Advice> {
+        let mode = self.mode?;
+        let lead = match mode {
+            Mode::PreCopy => "pre-copy: ",
+            Mode::PostCopy => "post-copy advised: ",
+        };
+        let why = self
+            .explanation
+            .iter()
+            .find_map(|line| line.strip_prefix(lead))
+            .map_or_else(|| "the plan gives no reason".to_owned(), str::to_owned);
+        Some(advice::Advice { mode, why })
+    }
+
     pub fn load(path: &std::path::Path) -> Result<EnginePlan, GranularityError> {
         let bad = |source: Box<dyn std::error::Error + Send + Sync>| GranularityError::PlanFile {
             path: path.display().to_string(),
@@ -468,7 +489,7 @@ pub fn plan(
     }
     let rate = dirty_rate_p90(work)?;
     let converges = picked_report.converged;
-    let mode = if !converges || rate > 0.5 * model.bandwidth {
+    let mode = if !converges || rate >= advice::POSTCOPY_SHARE * model.bandwidth {
         PostCopyReason::explain(&mut explanation, rate, model.bandwidth, converges);
         Mode::PostCopy
     } else {
@@ -512,7 +533,7 @@ struct PostCopyReason;
 impl PostCopyReason {
     fn explain(out: &mut Vec<String>, rate: f64, bandwidth: f64, converges: bool) {
         out.push(format!(
-            "post-copy advised: the workload dirties {:.1} MB/s (p90 of 1 s windows) against a {:.1} MB/s link ({:.0}%){}; Tern's engine runs pre-copy, so expect long convergence or raise --max-downtime",
+            "post-copy advised: the workload dirties {:.1} MB/s (p90 of 1 s windows) against a {:.1} MB/s link ({:.0}%){}; `tern migrate --mode auto` (or `--mode postcopy`) switches first and fetches the rest after",
             rate / 1e6,
             bandwidth / 1e6,
             100.0 * rate / bandwidth,
@@ -726,6 +747,20 @@ mod tests {
         };
         let p = plan(&w, &m, &Weights::default(), &[]).expect("plan");
         assert_eq!(p.mode, Mode::PostCopy);
+        // The engine reads the advice back from the plan file, with its reason.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("plan.json");
+        std::fs::write(&path, serde_json::to_string(&p).expect("json")).expect("write");
+        let advice = EnginePlan::load(&path)
+            .expect("load")
+            .advice()
+            .expect("advice");
+        assert_eq!(advice.mode, Mode::PostCopy);
+        assert!(
+            advice.why.starts_with("the workload dirties"),
+            "{}",
+            advice.why
+        );
         let calm = workload(random(6, 0, SIZE, 100, 20));
         let p = plan(&calm, &model(), &Weights::default(), &[]).expect("plan");
         assert_eq!(p.mode, Mode::PreCopy);

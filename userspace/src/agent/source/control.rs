@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::cutover::{self, CutoverError, CutoverOptions, StatusCell};
+use crate::granularity::advice::Advice;
 use crate::pause::PauseTarget;
-use crate::replicate::{ReplicateError, Replicator, Stats, Tracker};
+use crate::replicate::{ReplicateError, Replicator, SendOrder, Stats, Tracker};
 use crate::rpc::pb::{self, control_server};
 use crate::throttle::CgroupSpec;
 
@@ -69,6 +70,10 @@ pub struct SourceAgent {
     pub status: StatusCell,
     /// Where a write limit on the workload is recorded while it is on.
     pub throttle_record: Option<PathBuf>,
+    /// A post-copy's push order: the prediction's hot runs first.
+    pub push_order: Option<SendOrder>,
+    /// The plan's advice on the mode (`tern plan`), for `--mode auto`.
+    pub planned: Option<Advice>,
 }
 
 fn set(status: &StatusCell, f: impl FnOnce(&mut cutover::Status)) {
@@ -76,6 +81,22 @@ fn set(status: &StatusCell, f: impl FnOnce(&mut cutover::Status)) {
 }
 
 impl SourceAgent {
+    /// What this agent knows for a post-copy the request did not say: the
+    /// prediction's push order and the plan's advice.
+    pub fn complete(&self, opts: &mut CutoverOptions) {
+        let Some(p) = opts.postcopy.as_mut() else {
+            return;
+        };
+        if p.order.is_none() {
+            p.order.clone_from(&self.push_order);
+        }
+        if let cutover::When::Advised { planned } = &mut p.when
+            && planned.is_none()
+        {
+            planned.clone_from(&self.planned);
+        }
+    }
+
     /// The initial sync of a standby: a bulk copy to a blank destination, a
     /// delta sync by checksums to one that holds an older copy.
     async fn initial_sync(&mut self) -> Result<(), ControlError> {
@@ -183,6 +204,7 @@ impl SourceAgent {
                 if let Some(t) = &mut opts.throttle {
                     t.record.clone_from(&self.throttle_record);
                 }
+                self.complete(&mut opts);
                 let result =
                     cutover::migrate(&mut self.repl, &self.tracker, &opts, &self.status).await;
                 let go_on = match &result {
@@ -330,13 +352,17 @@ impl control_server::Control for ControlService {
             postcopy: match r.mode.as_str() {
                 "" | "precopy" if !r.postcopy_if_not_converging => None,
                 "" | "precopy" => Some(cutover::PostCopyOptions {
-                    only_if_not_converging: true,
+                    when: cutover::When::IfNotConverging,
                     ..cutover::PostCopyOptions::default()
                 }),
                 "postcopy" => Some(cutover::PostCopyOptions::default()),
+                "auto" => Some(cutover::PostCopyOptions {
+                    when: cutover::When::Advised { planned: None },
+                    ..cutover::PostCopyOptions::default()
+                }),
                 other => {
                     return Err(GrpcStatus::invalid_argument(format!(
-                        "mode {other:?}: give precopy or postcopy"
+                        "mode {other:?}: give precopy, postcopy or auto"
                     )));
                 }
             },

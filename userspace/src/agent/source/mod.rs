@@ -32,7 +32,7 @@ use crate::image::{Image, ImageError, ImageOptions};
 use crate::predict::{self, PredictError, PredictOptions, Prediction};
 use crate::replicate::{
     CompressWhen, LocalTree, ObserverFactory, Peer, ReplicateError, ReplicateOptions, Replicator,
-    SendOrder, Stats, Tracker,
+    Stats, Tracker,
 };
 use crate::rpc::{MAX_EXTENT_LEN, TlsError, TlsMaterial};
 use crate::trace::session::SessionConfig;
@@ -222,8 +222,6 @@ pub struct Source {
     uploader: Option<UploaderHandle>,
     /// The TLS material the control service serves with too.
     tls: Option<TlsMaterial>,
-    /// A post-copy's push order: the prediction's hot runs first.
-    push_order: Option<SendOrder>,
 }
 
 /// Runs a warm standby until it is cut over, rolled back or `cancel`led:
@@ -359,10 +357,11 @@ impl Source {
                 repl,
                 status: Arc::new(Mutex::new(Status::default())),
                 throttle_record: opts.throttle_record.clone(),
+                push_order,
+                planned: plan.as_ref().and_then(EnginePlan::advice),
             },
             uploader,
             tls,
-            push_order,
         })
     }
 
@@ -379,6 +378,8 @@ impl Source {
     /// Runs one migration to its end (see [`cutover::migrate`]), then closes
     /// the source's trace and uploads the rest of its history.
     pub async fn migrate(self, opts: &CutoverOptions) -> Result<cutover::Report, SourceError> {
+        let mut opts = opts.clone();
+        self.agent.complete(&mut opts);
         let Source {
             agent:
                 SourceAgent {
@@ -388,15 +389,8 @@ impl Source {
                     ..
                 },
             uploader,
-            push_order,
             ..
         } = self;
-        let mut opts = opts.clone();
-        if let Some(p) = opts.postcopy.as_mut()
-            && p.order.is_none()
-        {
-            p.order = push_order;
-        }
         let report = cutover::migrate(&mut repl, &tracker, &opts, &status).await?;
         let totals = tracker.stop()?;
         tracing::info!(
