@@ -69,6 +69,8 @@ fn header() -> TraceHeader {
         }],
         fault_pids: vec![],
         source: "bench".into(),
+        cpu_targets: vec![],
+        host_cpus: 0,
     }
 }
 

@@ -97,6 +97,7 @@ fn record(fs: &Ext4, work: impl FnOnce() + Send + 'static) -> Recorded {
         ring_bytes: 32 << 20,
         out: trace.clone(),
         progress: false,
+        cpu: vec![tern::trace::cpu::CpuTarget::Host],
     };
     let mut session = Session::start(&cfg).expect("tracer starts");
     let header = TraceReader::new(std::fs::File::open(&trace).expect("header on disk"))
@@ -172,6 +173,10 @@ fn same_figures(r: &Recorded) -> Report {
             + stats.op(tern::trace::Op::Flush).requests
     );
     assert_eq!(off.gaps.gaps, stats.gaps);
+    // The host's CPU beside the I/O, live and offline alike (compared above).
+    let host = off.cpu.first().expect("the host's CPU profile");
+    assert_eq!(host.target, "host");
+    assert!(host.samples > 0 && host.mean_cores > 0.0, "{host:?}");
     off
 }
 

@@ -56,6 +56,8 @@ fn header(start_wall: u64, start_mono: u64) -> TraceHeader {
         }],
         fault_pids: vec![],
         source: "ebpf".into(),
+        cpu_targets: vec![],
+        host_cpus: 0,
     }
 }
 
@@ -494,6 +496,7 @@ fn the_source_tracker_records_a_loop_devices_writes_into_s3_history() {
             ring_bytes: 16 << 20,
             out: spool.path().join("source.trace"),
             progress: false,
+            cpu: vec![tern::trace::cpu::CpuTarget::Host],
         },
         vec![Arc::clone(&dirty)],
         Vec::new(),
@@ -525,8 +528,15 @@ fn the_source_tracker_records_a_loop_devices_writes_into_s3_history() {
         .expect("records");
     let header = stream.header().expect("a header").clone();
     assert_eq!(header.targets[0].name, dev.path());
+    // The CPU profile travels with the I/O, across segments.
+    assert_eq!(header.cpu_targets, ["host"]);
+    let mut cpu_samples = 0;
     let mut written = std::collections::BTreeSet::new();
     while let Some(r) = rt.block_on(stream.next_record()).expect("a record") {
+        if let Record::Cpu(c) = &r {
+            assert_eq!(c.target, 0);
+            cpu_samples += 1;
+        }
         if let Record::Block(b) = r
             && b.op == Op::Write
         {
@@ -543,6 +553,8 @@ fn the_source_tracker_records_a_loop_devices_writes_into_s3_history() {
             "the write at {off} is in the history"
         );
     }
+    // About 3 s at 4 samples a second.
+    assert!(cpu_samples >= 8, "{cpu_samples} CPU samples");
     let summaries = rt
         .block_on(store.summaries(&Query::default()))
         .expect("summaries");

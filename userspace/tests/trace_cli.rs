@@ -155,3 +155,138 @@ fn bad_input_is_one_line_and_never_a_panic() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("truncated at byte"), "{err}");
 }
+
+/// A cgroup v2 directory of its own, removed with its processes at the end.
+struct Cgroup2(std::path::PathBuf);
+
+impl Cgroup2 {
+    fn new(name: &str) -> Cgroup2 {
+        let dir = std::path::PathBuf::from(format!(
+            "/sys/fs/cgroup/unified/tern-{name}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("cgroup v2 directory");
+        Cgroup2(dir)
+    }
+}
+
+impl Drop for Cgroup2 {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn the_cpu_of_a_cgroup_and_a_process_is_profiled_beside_the_io_and_reaches_the_plan() {
+    let lo = LoopDev::new("64M");
+    let out = lo.dir.path().join("t.trace");
+    // One core's worth of spinning in a cgroup, and a process that sleeps.
+    let cg = Cgroup2::new("spin");
+    let spin = format!(
+        "echo $$ > {}/cgroup.procs && exec sh -c 'while :; do :; done'",
+        cg.0.display()
+    );
+    let _spinner = support::migration::Killed(
+        Command::new("sh")
+            .args(["-c", &spin])
+            .spawn()
+            .expect("spinner"),
+    );
+    let sleeper =
+        support::migration::Killed(Command::new("sleep").arg("60").spawn().expect("sleeper"));
+    let tracer = tern()
+        .args(["trace", "-q", "--device", lo.path(), "--duration", "3s"])
+        .args(["--cpu", &format!("cgroup:{}", cg.0.display())])
+        .args(["--cpu", &format!("pid:{}", sleeper.0.id())])
+        .arg("--out")
+        .arg(&out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tern runs");
+    // Writes for the analyzer to profile beside the CPU.
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..20 {
+        sh(Command::new("dd")
+            .args([
+                "if=/dev/urandom",
+                &format!("of={}", lo.path()),
+                "bs=64k",
+                "count=1",
+                &format!("seek={}", i * 7),
+                "oflag=direct",
+                "status=none",
+            ])
+            .stderr(Stdio::null()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let run = tracer.wait_with_output().expect("tern exits");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stat = sh(tern().args(["trace", "stat", "--json"]).arg(&out));
+    let v: serde_json::Value = serde_json::from_str(&stat).expect("json");
+    assert_eq!(v["cpu_targets"].as_array().map(Vec::len), Some(3), "{stat}");
+    // 3 s at 4 samples a second, for each of three targets.
+    assert!(v["cpu_samples"].as_u64().unwrap_or(0) >= 30, "{stat}");
+
+    let report = sh(tern().args(["analyze", "report", "--json"]).arg(&out));
+    let r: serde_json::Value = serde_json::from_str(&report).expect("json");
+    let cpu = r["cpu"].as_array().expect("a CPU profile");
+    let by = |prefix: &str| {
+        cpu.iter()
+            .find(|c| c["target"].as_str().is_some_and(|t| t.starts_with(prefix)))
+            .unwrap_or_else(|| panic!("no {prefix} profile in {report}"))
+    };
+    let mean = |c: &serde_json::Value| c["mean_cores"].as_f64().expect("mean_cores");
+    // The spinner keeps one core busy, less what others took from it.
+    let spinner = by("cgroup:");
+    assert!(
+        (0.5..=1.1).contains(&mean(spinner)),
+        "the spinner used {} cores: {report}",
+        mean(spinner)
+    );
+    assert!(spinner["wait_share"].is_number(), "{report}");
+    assert!(mean(by("pid:")) < 0.05, "the sleeper: {report}");
+    let host = by("host");
+    assert!(mean(host) >= mean(spinner) - 0.05, "{report}");
+    assert_eq!(host["host_cpus"].as_u64(), u64::try_from(num_cpus()).ok());
+    let text = sh(tern().args(["analyze", "report"]).arg(&out));
+    assert!(text.contains("cores mean"), "{text}");
+
+    // The controller reads the host's idle cores: whether compressing pays.
+    let plan = lo.dir.path().join("plan.json");
+    sh(tern()
+        .args([
+            "plan",
+            "--bandwidth",
+            "1Gbit",
+            "--compression",
+            "0.4",
+            "--out",
+        ])
+        .arg(&plan)
+        .arg(&out));
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan).expect("plan")).expect("json");
+    assert!(p["compress"].is_boolean(), "{p}");
+    let why = p["explanation"]
+        .as_array()
+        .expect("explanation")
+        .iter()
+        .filter_map(|l| l.as_str())
+        .find(|l| l.starts_with("compress") || l.starts_with("send raw"))
+        .unwrap_or_else(|| panic!("no compression line in {p}"));
+    assert!(why.contains("idle in 90% of the samples"), "{why}");
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}

@@ -27,6 +27,8 @@ fn header() -> TraceHeader {
         }],
         fault_pids: vec![],
         source: "ebpf".into(),
+        cpu_targets: vec![],
+        host_cpus: 0,
     }
 }
 

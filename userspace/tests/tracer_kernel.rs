@@ -46,6 +46,7 @@ fn config(devices: Vec<PathBuf>, out: &Path) -> SessionConfig {
         ring_bytes: 16 << 20,
         out: out.to_path_buf(),
         progress: false,
+        cpu: Vec::new(),
     }
 }
 

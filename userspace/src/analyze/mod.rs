@@ -14,6 +14,7 @@
 //! marks its windows unknown: they are left out of rates and periods, and the
 //! report says how much of the trace they cover.
 
+pub mod cpu;
 pub mod dirty_rate;
 pub mod extent;
 pub mod heatmap;
@@ -185,6 +186,7 @@ pub struct Analyzer {
     pub working_sets: WorkingSets,
     pub block_heat: BlockHeat,
     pub fault_heat: FaultHeat,
+    pub cpu: cpu::CpuProfile,
     pub totals: Totals,
 }
 
@@ -208,6 +210,7 @@ impl Analyzer {
             working_sets: WorkingSets::new(window_ns),
             block_heat: BlockHeat::new(device),
             fault_heat: FaultHeat::default(),
+            cpu: cpu::CpuProfile::default(),
             totals: Totals::default(),
             name: String::new(),
             source: String::new(),
@@ -221,6 +224,7 @@ impl Analyzer {
         let mut a = Analyzer::new(AnalyzerConfig::for_header(header, target)?)?;
         a.name.clone_from(&header.targets[usize::from(target)].name);
         a.source.clone_from(&header.source);
+        a.cpu = cpu::CpuProfile::for_header(header);
         Ok(a)
     }
 
@@ -292,6 +296,7 @@ impl Analyzer {
                 self.fault_heat.grid.mark_unknown(g.start_ns, end);
             }
             Record::Process(p) => self.working_sets.name(p.pid, &p.comm),
+            Record::Cpu(c) => self.cpu.observe(c),
             Record::End(_) => self.totals.complete = true,
         }
     }
@@ -491,6 +496,7 @@ pub fn analyze_reader<R: Read>(
     let mut a = Analyzer::new(cfg)?;
     a.name.clone_from(&header.targets[usize::from(target)].name);
     a.source.clone_from(&header.source);
+    a.cpu = cpu::CpuProfile::for_header(&header);
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         batch.clear();

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::Analyzer;
+use super::cpu::CpuReport;
 use super::dirty_rate::Percentiles;
 use super::periodicity::Period;
 use super::sequential::SequentialSummary;
@@ -93,6 +94,8 @@ pub struct Report {
     pub periods: Vec<Period>,
     pub gaps: GapReport,
     pub working_sets: Vec<WorkingSet>,
+    /// CPU per profiled target (empty: the trace recorded none).
+    pub cpu: Vec<CpuReport>,
     pub other_target_requests: u64,
     pub analyzer_memory_bytes: u64,
 }
@@ -237,6 +240,7 @@ impl Report {
                 unknown_windows,
             },
             working_sets: a.working_sets.summary(),
+            cpu: a.cpu.reports(),
             other_target_requests: t.other_targets,
             analyzer_memory_bytes: a.memory_bytes() as u64,
         }
@@ -392,6 +396,12 @@ impl Report {
                     ""
                 }
             );
+        }
+        if self.cpu.is_empty() {
+            let _ = writeln!(o, "  cpu: not recorded (trace with --cpu)");
+        } else {
+            let _ = writeln!(o, "  cpu:");
+            o.push_str(&super::cpu::render(&self.cpu));
         }
         if self.other_target_requests > 0 {
             let _ = writeln!(

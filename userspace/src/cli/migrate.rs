@@ -13,6 +13,7 @@ use tern::cutover::{self, CutoverOptions, HealthCheck, Status, StatusCell};
 use tern::pause::PauseTarget;
 use tern::replicate::{CompressWhen, Stats};
 use tern::throttle::CgroupSpec;
+use tern::trace::cpu::CpuTarget;
 use tern::units::{human_bytes, human_rate};
 
 use super::args::{parse_rate, parse_size, runtime};
@@ -104,6 +105,11 @@ pub struct SourceArgs {
     json: bool,
     #[command(flatten)]
     history: super::history::HistoryArgs,
+    /// Also profile this one's CPU in the source's trace and history (the
+    /// host's is profiled anyway, and `tern migrate` adds the cgroup of
+    /// `--pause cgroup:` and `--throttle-cgroup`): cgroup:DIR or pid:N.
+    #[arg(long = "cpu", value_name = "cgroup:DIR|pid:N")]
+    cpu: Vec<CpuTarget>,
 }
 
 #[derive(Args)]
@@ -224,6 +230,48 @@ impl MigrateArgs {
             })),
             (Mode::Precopy, _) => Ok(None),
         }
+    }
+
+    /// The checks after the switch: the flags' and the source's first region.
+    fn health_checks(&self) -> Result<Vec<HealthCheck>> {
+        let mut health: Vec<HealthCheck> = self
+            .health_cmd
+            .iter()
+            .map(|c| HealthCheck::Command(c.clone()))
+            .chain(std::iter::once(HealthCheck::Region(
+                tern::cutover::HEALTH_REGION,
+            )))
+            .collect();
+        if let Some(spec) = &self.health_nbd {
+            let (addr, export) = spec.split_once('/').unwrap_or((spec, "tern"));
+            // A host name as well as an address, as --to takes.
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+                .ok()
+                .and_then(|mut a| a.next())
+                .with_context(|| {
+                    format!("--health-nbd {spec:?}: give HOST:PORT[/EXPORT], e.g. dst:10809/tern")
+                })?;
+            health.push(HealthCheck::Nbd {
+                addr,
+                export: export.to_owned(),
+                region: tern::cutover::HEALTH_REGION,
+            });
+        }
+        Ok(health)
+    }
+
+    /// The workload's own CPU targets, where the flags name it: the cgroup
+    /// `--pause` freezes and the one `--converge throttle` limits.
+    fn workload_cpu(&self, throttle: Option<&CgroupSpec>) -> Vec<CpuTarget> {
+        let pause = match &self.pause {
+            Some(PauseTarget::Cgroup(dir)) => Some(CpuTarget::Cgroup(dir.clone())),
+            _ => None,
+        };
+        let throttled = throttle.map(|c| match c {
+            CgroupSpec::Dir(dir) => CpuTarget::Cgroup(dir.clone()),
+            CgroupSpec::Pid(pid) => CpuTarget::Pid(*pid),
+        });
+        pause.into_iter().chain(throttled).collect()
     }
 
     /// The cgroup to throttle: `None` unless `--converge throttle`.
@@ -375,6 +423,11 @@ impl SourceArgs {
             (None, None) => Prefetch::None,
         };
         o.history = self.history.recording();
+        for t in &self.cpu {
+            if !o.cpu.contains(t) {
+                o.cpu.push(t.clone());
+            }
+        }
         o.throttle_record = Some(self.state_dir.join("throttle.json"));
         Ok(o)
     }
@@ -543,29 +596,7 @@ fn write_status(dir: &Path, value: &serde_json::Value) {
 }
 
 pub fn migrate(m: &MigrateArgs) -> Result<()> {
-    let mut health: Vec<HealthCheck> = m
-        .health_cmd
-        .iter()
-        .map(|c| HealthCheck::Command(c.clone()))
-        .chain(std::iter::once(HealthCheck::Region(
-            tern::cutover::HEALTH_REGION,
-        )))
-        .collect();
-    if let Some(spec) = &m.health_nbd {
-        let (addr, export) = spec.split_once('/').unwrap_or((spec, "tern"));
-        // A host name as well as an address, as --to takes.
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
-            .ok()
-            .and_then(|mut a| a.next())
-            .with_context(|| {
-                format!("--health-nbd {spec:?}: give HOST:PORT[/EXPORT], e.g. dst:10809/tern")
-            })?;
-        health.push(HealthCheck::Nbd {
-            addr,
-            export: export.to_owned(),
-            region: tern::cutover::HEALTH_REGION,
-        });
-    }
+    let health = m.health_checks()?;
     let postcopy = m.postcopy()?;
     let throttle = m.throttle_cgroup()?;
     let report: serde_json::Value = runtime()?.block_on(async {
@@ -600,9 +631,17 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             return Ok(serde_json::from_str(&reply.report_json)?);
         }
         let source = &m.source;
-        let side = async { Ok::<_, anyhow::Error>(Source::bind(&source.options()?).await?) }
-            .await
-            .inspect_err(|e| failed_at_start(&source.state_dir, e))?;
+        let side = async {
+            let mut o = source.options()?;
+            for t in m.workload_cpu(throttle.as_ref()) {
+                if !o.cpu.contains(&t) {
+                    o.cpu.push(t);
+                }
+            }
+            Ok::<_, anyhow::Error>(Source::bind(&o).await?)
+        }
+        .await
+        .inspect_err(|e| failed_at_start(&source.state_dir, e))?;
         let progress = Progress::start(
             side.status(),
             side.stats(),

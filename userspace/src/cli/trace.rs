@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use tern::trace::cpu::CpuTarget;
 use tern::trace::export;
 use tern::trace::import::{self, ImportFormat};
 use tern::trace::session::{self, SessionConfig};
@@ -18,7 +19,7 @@ use super::args::{open_trace, parse_range, parse_size, runtime, write_out};
 #[command(
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Examples:\n  tern trace --device /dev/loop0 --duration 30s --out loop0.trace\n  tern trace --file /var/lib/vm/disk.img --pid 4242 --out vm.trace\n  tern trace stat loop0.trace\n  tern trace export --format fio-iolog loop0.trace --out replay.iolog\n  tern trace import --format msr prxy_0.csv --out prxy.trace"
+    after_help = "Examples:\n  tern trace --device /dev/loop0 --duration 30s --out loop0.trace\n  tern trace --file /var/lib/vm/disk.img --pid 4242 --out vm.trace\n  tern trace --device /dev/vdb --cpu cgroup:/sys/fs/cgroup/unified/db --duration 10m --out db.trace\n  tern trace stat loop0.trace\n  tern trace export --format fio-iolog loop0.trace --out replay.iolog\n  tern trace import --format msr prxy_0.csv --out prxy.trace"
 )]
 pub struct TraceArgs {
     #[command(subcommand)]
@@ -56,6 +57,35 @@ pub struct TraceRunArgs {
     /// No live summary on stderr.
     #[arg(long, short)]
     quiet: bool,
+    /// Also profile this one's CPU (use, waits for a CPU, time held by a
+    /// CPU limit): cgroup:DIR or pid:N; repeat for several. The host and
+    /// every --pid are profiled anyway.
+    #[arg(long = "cpu", value_name = "cgroup:DIR|pid:N")]
+    cpu: Vec<CpuTarget>,
+    /// Record no CPU profile.
+    #[arg(long, conflicts_with = "cpu")]
+    no_cpu: bool,
+}
+
+impl TraceRunArgs {
+    /// The CPU targets: the host, each --pid, each --cpu (once each).
+    fn cpu_targets(&self) -> Vec<CpuTarget> {
+        if self.no_cpu {
+            return Vec::new();
+        }
+        let mut list = vec![CpuTarget::Host];
+        for t in self
+            .pids
+            .iter()
+            .map(|p| CpuTarget::Pid(*p))
+            .chain(self.cpu.iter().cloned())
+        {
+            if !list.contains(&t) {
+                list.push(t);
+            }
+        }
+        list
+    }
 }
 
 #[derive(Subcommand)]
@@ -110,7 +140,9 @@ fn trace_run(args: TraceRunArgs) -> Result<()> {
             args.ring_size
         )
     })?;
+    let cpu = args.cpu_targets();
     let cfg = SessionConfig {
+        cpu,
         devices: args.devices,
         image: args.file,
         faults: !args.no_faults && !args.pids.is_empty(),

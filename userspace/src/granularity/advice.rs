@@ -13,6 +13,8 @@
 use serde::Serialize;
 
 use super::Mode;
+use super::simulate::Model;
+use crate::analyze::cpu::CpuReport;
 use crate::units::{human_bytes, human_rate};
 
 /// Post-copy when the workload dirties at least this share of the link.
@@ -124,6 +126,52 @@ pub fn advise(m: &Measured) -> Advice {
     }
 }
 
+/// Whether compressing on the source pays, from the host's CPU profile:
+/// zstd needs `link / ratio / per-core rate` cores to keep the link full;
+/// it pays when the data shrinks and the cores the host left idle in 90 %
+/// of its samples can compress faster than the link sends raw (taking no
+/// CPU the workload used). `None` without a host profile.
+pub fn compression(host: &CpuReport, model: &Model) -> Option<Compression> {
+    let idle = host.idle_cores_p10?;
+    let link = model.bandwidth * model.efficiency;
+    let ratio = model.compression;
+    let need = link / ratio.max(0.01) / model.compress_rate_per_core.max(1.0);
+    let cores = format!(
+        "{idle:.2} of the host's {} cores were idle in 90% of the samples; keeping the {} link full takes {need:.2} core",
+        host.host_cpus.unwrap_or(0),
+        human_rate(link),
+    );
+    let (compress, why) = if ratio >= 0.95 {
+        (
+            false,
+            format!(
+                "send raw: the data does not shrink (wire/payload {ratio:.2}, --compression); {cores}"
+            ),
+        )
+    } else if idle * model.compress_rate_per_core > link {
+        (
+            true,
+            format!("compress: the data shrinks to {ratio:.2} and {cores}"),
+        )
+    } else {
+        (
+            false,
+            format!(
+                "send raw: compressing would take CPU the workload uses ({cores}, and {idle:.2} core compresses only {})",
+                human_rate(idle * model.compress_rate_per_core)
+            ),
+        )
+    };
+    Some(Compression { compress, why })
+}
+
+/// The controller's call on compression.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Compression {
+    pub compress: bool,
+    pub why: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +219,46 @@ mod tests {
         let a = advise(&m);
         assert_eq!(a.mode, Mode::PostCopy, "{}", a.why);
         assert!(a.why.contains("about 6 more rounds"), "{}", a.why);
+    }
+
+    fn host(cpus: u32, idle: f64) -> CpuReport {
+        CpuReport {
+            target: "host".into(),
+            samples: 40,
+            seconds: 10.0,
+            mean_cores: f64::from(cpus) - idle,
+            p50_cores: f64::from(cpus) - idle,
+            p90_cores: f64::from(cpus) - idle,
+            max_cores: f64::from(cpus),
+            wait_share: Some(0.0),
+            throttled_share: None,
+            host_cpus: Some(cpus),
+            idle_cores_p10: Some(idle),
+        }
+    }
+
+    #[test]
+    fn compression_pays_only_with_idle_cores_and_data_that_shrinks() {
+        let model = Model {
+            compression: 0.4,
+            ..Model::default()
+        };
+        // 1 Gbit/s: 118.75 MB/s on the wire at 0.4 is 297 MB/s to compress,
+        // 0.59 core at 500 MB/s.
+        let c = compression(&host(2, 1.5), &model).expect("advice");
+        assert!(c.compress, "{}", c.why);
+        assert!(c.why.contains("0.59 core"), "{}", c.why);
+        // A host the workload keeps busy: 0.1 core compresses 50 MB/s.
+        let c = compression(&host(2, 0.1), &model).expect("advice");
+        assert!(!c.compress, "{}", c.why);
+        assert!(c.why.contains("CPU the workload uses"), "{}", c.why);
+        // Data that does not shrink is sent raw whatever the CPU.
+        let c = compression(&host(2, 2.0), &Model::default()).expect("advice");
+        assert!(!c.compress, "{}", c.why);
+        // No host profile, no advice.
+        let mut h = host(2, 1.0);
+        h.idle_cores_p10 = None;
+        assert_eq!(compression(&h, &model), None);
     }
 
     #[test]

@@ -144,6 +144,9 @@ pub struct Plan {
     /// Unique bytes dirtied per second of trace, 90th percentile of 1 s windows (4 KiB units).
     pub dirty_rate_p90: f64,
     pub volumes: Vec<Volume>,
+    /// Whether compressing pays (from the trace's CPU profile; `None`
+    /// without one: the engine measures it live).
+    pub compress: Option<bool>,
     pub choices: Vec<Choice>,
     pub explanation: Vec<String>,
 }
@@ -161,6 +164,9 @@ pub struct EnginePlan {
     pub mode: Option<Mode>,
     #[serde(default)]
     pub explanation: Vec<String>,
+    /// Whether compressing pays on this host (`None`: measure it live).
+    #[serde(default)]
+    pub compress: Option<bool>,
 }
 
 impl EnginePlan {
@@ -501,6 +507,15 @@ pub fn plan(
         ));
         Mode::PreCopy
     };
+    let compress = work
+        .cpu
+        .iter()
+        .find(|r| r.target == "host")
+        .and_then(|host| advice::compression(host, model))
+        .map(|c| {
+            explanation.push(c.why);
+            c.compress
+        });
     choices.push(adaptive);
     // The engine's dirty map needs a power of two; whole-volume units are
     // tracked at 4 KiB and widened when sent.
@@ -522,6 +537,7 @@ pub fn plan(
         mode,
         dirty_rate_p90: rate,
         volumes,
+        compress,
         choices,
         explanation,
     })

@@ -71,6 +71,8 @@ pub struct Workload {
     pub disks: Vec<std::ops::Range<u64>>,
     /// Writes clipped because they fell past the end of the disk.
     pub clipped: u64,
+    /// The CPU profile the trace recorded beside the I/O (empty: none).
+    pub cpu: Vec<crate::analyze::cpu::CpuReport>,
 }
 
 impl Workload {
@@ -88,6 +90,7 @@ impl Workload {
             at += t.size_bytes;
         }
         let mut w = Workload::default();
+        let mut cpu = crate::analyze::cpu::CpuProfile::for_header(&header);
         let mut last_ts = 0;
         while let Some(rec) = reader.next_record()? {
             last_ts = last_ts.max(rec.ts_ns());
@@ -106,9 +109,11 @@ impl Workload {
                     last_ts = last_ts.max(g.end_ns);
                 }
                 Record::End(e) => last_ts = last_ts.max(e.ts_ns),
+                Record::Cpu(c) => cpu.observe(&c),
                 _ => {}
             }
         }
+        w.cpu = cpu.reports();
         w.size = match (size, header.targets.len()) {
             (Some(s), 0 | 1) => s,
             _ if at > 0 => at,
@@ -168,6 +173,8 @@ pub struct Model {
     pub pause_s: f64,
     /// Wire bytes per payload byte (zstd; 1.0 for incompressible data).
     pub compression: f64,
+    /// Bytes per second one core compresses (zstd level 1).
+    pub compress_rate_per_core: f64,
     /// Share of the disk holding non-zero data (the bulk copy skips zeroes).
     pub nonzero: f64,
     pub max_downtime_s: f64,
@@ -197,6 +204,9 @@ impl Default for Model {
             barrier_s: 0.04,
             pause_s: 0.002,
             compression: 1.0,
+            // zstd -b1 on text-like data here: 694 MB/s on one core; the
+            // engine's framing and hashing take their share of it.
+            compress_rate_per_core: 500e6,
             nonzero: 1.0,
             max_downtime_s: 0.05,
             max_rounds: 30,

@@ -308,6 +308,8 @@ struct Current {
     session: u64,
     /// Segment target index → stream target index.
     targets: Vec<u16>,
+    /// The same for CPU targets.
+    cpu_targets: Vec<u16>,
 }
 
 /// History as one trace: [`RecordStream::header`] is the first segment's
@@ -375,6 +377,25 @@ impl RecordStream {
                 u16::try_from(i).map_err(|_| HistoryError::TooManyTargets { name: name.clone() })
             })
             .collect::<Result<_, _>>()?;
+        let cpu_targets = reader
+            .header()
+            .cpu_targets
+            .iter()
+            .map(|t| {
+                let i = header
+                    .cpu_targets
+                    .iter()
+                    .position(|have| have == t)
+                    .unwrap_or_else(|| {
+                        header.cpu_targets.push(t.clone());
+                        header.cpu_targets.len() - 1
+                    });
+                u16::try_from(i).map_err(|_| HistoryError::TooManyTargets { name: name.clone() })
+            })
+            .collect::<Result<_, _>>()?;
+        if header.host_cpus == 0 {
+            header.host_cpus = reader.header().host_cpus;
+        }
         let key = &seg.key;
         if let Some((session, seq, end)) = self.prev {
             let contiguous = key.session == session && key.seq == seq + 1;
@@ -399,6 +420,7 @@ impl RecordStream {
             reader,
             session: key.session,
             targets,
+            cpu_targets,
         });
         Ok(true)
     }
@@ -432,6 +454,7 @@ impl RecordStream {
             };
             let session = cur.session;
             let targets = &cur.targets;
+            let cpu_targets = &cur.cpu_targets;
             let wall = |ts: u64| session.saturating_add(ts);
             let rebase = |ts: u64| wall(ts).saturating_sub(base);
             let rec = match rec {
@@ -471,6 +494,17 @@ impl RecordStream {
                     }
                     f.ts_ns = rebase(f.ts_ns);
                     Record::Fault(f)
+                }
+                Record::Cpu(mut c) => {
+                    if !(from..to).contains(&wall(c.ts_ns)) {
+                        continue;
+                    }
+                    c.ts_ns = rebase(c.ts_ns);
+                    c.target = cpu_targets
+                        .get(usize::from(c.target))
+                        .copied()
+                        .unwrap_or(c.target);
+                    Record::Cpu(c)
                 }
             };
             return Ok(Some(rec));

@@ -150,7 +150,7 @@ fn copy_readable(
             Record::Block(_) => copied.totals.block_events += 1,
             Record::Fault(_) => copied.totals.fault_events += 1,
             Record::Gap(g) => copied.totals.lost_events += g.lost_block + g.lost_fault,
-            Record::Process(_) => {}
+            Record::Process(_) | Record::Cpu(_) => {}
         }
         copied.max_ts = Some(copied.max_ts.map_or(rec.ts_ns(), |m| m.max(rec.ts_ns())));
         writer.push(&rec).map_err(seg_err)?;

@@ -283,7 +283,7 @@ impl SegmentWriter {
             Record::Block(_) => open.totals.block_events += 1,
             Record::Fault(_) => open.totals.fault_events += 1,
             Record::Gap(g) => open.totals.lost_events += g.lost_block + g.lost_fault,
-            Record::Process(_) | Record::End(_) => {}
+            Record::Process(_) | Record::Cpu(_) | Record::End(_) => {}
         }
         Ok(())
     }

@@ -83,7 +83,8 @@ pub fn to_csv<R: Read, W: Write>(
                 comms.insert(p.pid, p.comm);
                 continue;
             }
-            Record::End(_) => continue,
+            // The CSV holds the I/O; the CPU profile is `tern analyze report`'s.
+            Record::Cpu(_) | Record::End(_) => continue,
         }
         rows += 1;
     }

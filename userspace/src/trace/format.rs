@@ -6,10 +6,15 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{BlockRecord, EndRecord, FaultRecord, Gap, Op, ProcessRecord, Record};
+use super::record::{
+    BlockRecord, CpuRecord, EndRecord, FaultRecord, Gap, Op, ProcessRecord, Record,
+};
 
 pub const MAGIC: &[u8; 8] = b"TERNTRC\0";
-pub const FORMAT_VERSION: u16 = 1;
+/// Version 2 added CPU records and the header's CPU targets; version 1
+/// traces read as before.
+pub const FORMAT_VERSION: u16 = 2;
+const OLDEST_VERSION: u16 = 1;
 const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"TCHK");
 /// A chunk is flushed once its payload reaches this size.
 const CHUNK_TARGET: usize = 64 * 1024;
@@ -24,6 +29,7 @@ const TAG_FAULT: u8 = 2;
 const TAG_GAP: u8 = 3;
 const TAG_PROCESS: u8 = 4;
 const TAG_END: u8 = 5;
+const TAG_CPU: u8 = 6;
 
 /// Errors reading or writing a trace file.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +44,7 @@ pub enum TraceFileError {
     NotATrace,
     /// A version this build cannot read.
     #[error(
-        "trace format version {0} is not supported by this build (it reads version {FORMAT_VERSION}); use a matching tern"
+        "trace format version {0} is not supported by this build (it reads versions {OLDEST_VERSION} to {FORMAT_VERSION}); use a matching tern"
     )]
     UnsupportedVersion(u16),
     /// The file ends inside a structure.
@@ -97,6 +103,21 @@ pub struct TraceHeader {
     pub fault_pids: Vec<u32>,
     /// `ebpf`, or `import:<format>` for converted traces.
     pub source: String,
+    /// Whose CPU the CPU records profile (`host`, `cgroup:DIR`, `pid:N`);
+    /// CPU records name them by index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_targets: Vec<String>,
+    /// The host's online CPUs when the trace began (0: not recorded).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub host_cpus: u32,
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 impl TraceHeader {
@@ -211,6 +232,17 @@ impl<W: Write> TraceWriter<W> {
                 self.chunk.push(len);
                 self.chunk.extend_from_slice(name);
             }
+            Record::Cpu(c) => {
+                self.chunk.push(TAG_CPU);
+                self.put_ts(c.ts_ns);
+                put_varint(&mut self.chunk, u64::from(c.target));
+                put_varint(&mut self.chunk, c.interval_ns);
+                put_varint(&mut self.chunk, c.usage_ns);
+                // 0 for "not measured", else the value plus one.
+                for v in [c.wait_ns, c.throttled_ns] {
+                    put_varint(&mut self.chunk, v.map_or(0, |v| v.saturating_add(1)));
+                }
+            }
             Record::End(e) => {
                 self.chunk.push(TAG_END);
                 self.put_ts(e.ts_ns);
@@ -315,7 +347,7 @@ impl<R: Read> TraceReader<R> {
             return Err(truncated(got as u64, "the file header"));
         }
         let version = u16::from_le_bytes([fixed[8], fixed[9]]);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(TraceFileError::UnsupportedVersion(version));
         }
         if fixed[10] != 0 || fixed[11] != 0 {
@@ -505,6 +537,28 @@ impl<R: Read> TraceReader<R> {
                 self.pos = end;
                 Record::Process(ProcessRecord { ts_ns, pid, comm })
             }
+            TAG_CPU => {
+                let ts_ns = self.ts()?;
+                let target = self.varint()?;
+                let target = u16::try_from(target)
+                    .ok()
+                    .filter(|t| usize::from(*t) < self.header.cpu_targets.len())
+                    .ok_or_else(|| {
+                        self.err_here(&format!("CPU target index {target} not in the header"))
+                    })?;
+                let interval_ns = self.varint()?;
+                let usage_ns = self.varint()?;
+                let wait_ns = self.varint()?.checked_sub(1);
+                let throttled_ns = self.varint()?.checked_sub(1);
+                Record::Cpu(CpuRecord {
+                    ts_ns,
+                    target,
+                    interval_ns,
+                    usage_ns,
+                    wait_ns,
+                    throttled_ns,
+                })
+            }
             TAG_END => Record::End(EndRecord {
                 ts_ns: self.ts()?,
                 block_events: self.varint()?,
@@ -570,6 +624,8 @@ pub(crate) mod tests {
                 .collect(),
             fault_pids: vec![],
             source: "ebpf".into(),
+            cpu_targets: vec!["host".into(), "pid:1".into()],
+            host_cpus: 2,
         }
     }
 
@@ -635,6 +691,26 @@ pub(crate) mod tests {
                 })),
             (any::<u64>(), any::<u32>(), "[a-z0-9/_-]{0,15}")
                 .prop_map(|(ts_ns, pid, comm)| Record::Process(ProcessRecord { ts_ns, pid, comm })),
+            (
+                any::<u64>(),
+                0u16..2,
+                any::<u64>(),
+                any::<u64>(),
+                prop::option::of(0u64..u64::MAX),
+                prop::option::of(0u64..u64::MAX)
+            )
+                .prop_map(
+                    |(ts_ns, target, interval_ns, usage_ns, wait_ns, throttled_ns)| {
+                        Record::Cpu(CpuRecord {
+                            ts_ns,
+                            target,
+                            interval_ns,
+                            usage_ns,
+                            wait_ns,
+                            throttled_ns,
+                        })
+                    }
+                ),
         ]
     }
 
@@ -651,6 +727,51 @@ pub(crate) mod tests {
         let header = reader.header().clone();
         let records = reader.collect::<Result<Vec<_>, _>>()?;
         Ok((header, records))
+    }
+
+    #[test]
+    fn a_version_1_trace_still_reads_and_a_cpu_record_needs_its_target() {
+        let mut h = header(1);
+        h.cpu_targets.clear();
+        h.host_cpus = 0;
+        let block = Record::Block(BlockRecord {
+            ts_ns: 5,
+            offset: 4096,
+            latency_ns: 1,
+            len: 4096,
+            pid: 1,
+            flags: 0,
+            target: 0,
+            op: Op::Write,
+        });
+        let mut w = TraceWriter::new(Vec::new(), &h).expect("header encodes");
+        w.push(&block).expect("push");
+        let mut bytes = w.finish(EndRecord::default()).expect("finish");
+        // What tern wrote before CPU records: the same bytes, version 1.
+        assert!(!String::from_utf8_lossy(&bytes).contains("cpu_targets"));
+        bytes[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let (got, records) = read_all(&bytes).expect("a version 1 trace reads");
+        assert!(got.cpu_targets.is_empty());
+        assert_eq!(records[0], block);
+        bytes[8..10].copy_from_slice(&3u16.to_le_bytes());
+        assert!(matches!(
+            read_all(&bytes),
+            Err(TraceFileError::UnsupportedVersion(3))
+        ));
+        // A CPU record in a trace whose header names no CPU target.
+        let mut w = TraceWriter::new(Vec::new(), &h).expect("header encodes");
+        w.push(&Record::Cpu(CpuRecord {
+            ts_ns: 1,
+            target: 0,
+            interval_ns: 1,
+            usage_ns: 1,
+            wait_ns: None,
+            throttled_ns: None,
+        }))
+        .expect("push");
+        let bytes = w.finish(EndRecord::default()).expect("finish");
+        let e = read_all(&bytes).expect_err("corrupt");
+        assert!(e.to_string().contains("CPU target index 0"), "{e}");
     }
 
     proptest! {

@@ -436,6 +436,8 @@ pub fn import<W: Write>(
         })
         .collect::<Result<_, ImportError>>()?;
     let header = TraceHeader {
+        cpu_targets: Vec::new(),
+        host_cpus: 0,
         kernel_release: String::new(),
         hostname: String::new(),
         start_wall_unix_ns: 0,

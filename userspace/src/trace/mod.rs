@@ -1,6 +1,7 @@
 //! The eBPF tracer and its trace files: the first stage of Tern's data flow.
 
 pub mod completions;
+pub mod cpu;
 pub mod device;
 pub mod export;
 pub mod fiemap;
@@ -12,4 +13,4 @@ pub mod stats;
 pub mod tracer;
 
 pub use format::{TraceFileError, TraceHeader, TraceReader, TraceWriter};
-pub use record::{BlockRecord, FaultRecord, Gap, Op, Record};
+pub use record::{BlockRecord, CpuRecord, FaultRecord, Gap, Op, Record};

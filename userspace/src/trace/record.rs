@@ -177,6 +177,21 @@ pub struct ProcessRecord {
     pub comm: String,
 }
 
+/// CPU over one sampling interval of one CPU target (`TraceHeader::cpu_targets`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuRecord {
+    /// The end of the interval.
+    pub ts_ns: u64,
+    pub target: u16,
+    pub interval_ns: u64,
+    /// CPU time used in the interval (summed over CPUs: 2 s in 1 s is two cores).
+    pub usage_ns: u64,
+    /// Time runnable but waiting for a CPU (`None`: not measured here).
+    pub wait_ns: Option<u64>,
+    /// Time held back by a CPU limit (`None`: no limit controller).
+    pub throttled_ns: Option<u64>,
+}
+
 /// Totals written when a trace is closed cleanly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EndRecord {
@@ -194,6 +209,7 @@ pub enum Record {
     Fault(FaultRecord),
     Gap(Gap),
     Process(ProcessRecord),
+    Cpu(CpuRecord),
     End(EndRecord),
 }
 
@@ -204,6 +220,7 @@ impl Record {
             Record::Fault(f) => f.ts_ns,
             Record::Gap(g) => g.start_ns,
             Record::Process(p) => p.ts_ns,
+            Record::Cpu(c) => c.ts_ns,
             Record::End(e) => e.ts_ns,
         }
     }

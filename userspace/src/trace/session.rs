@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tern_common::{BlockEvent, FaultEvent};
 
 use super::completions::{CompletionCheck, Counts};
+use super::cpu::{CpuError, CpuSampler, CpuTarget};
 use super::device::{self, BlockDevice, DeviceError};
 use super::fiemap::{FiemapError, ImageMap};
 use super::format::{Target, TargetKind, TraceFileError, TraceHeader, TraceWriter};
@@ -32,6 +33,8 @@ pub enum SessionError {
     Tracer(#[from] TracerError),
     #[error(transparent)]
     File(#[from] TraceFileError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
     /// Nothing to trace.
     #[error("nothing to trace: give at least one --device or a --file")]
     NoTarget,
@@ -59,6 +62,8 @@ pub struct SessionConfig {
     pub out: PathBuf,
     /// Print the live one-line summary on stderr.
     pub progress: bool,
+    /// Whose CPU to profile beside the I/O (empty: none).
+    pub cpu: Vec<CpuTarget>,
 }
 
 /// Totals of a finished session.
@@ -116,6 +121,10 @@ struct Recorder {
     completions: CompletionCheck,
     /// Completions the kernel counted whose events never arrived, so far.
     unseen: u64,
+    /// The CPU counters, sampled between drains.
+    cpu: Option<CpuSampler>,
+    /// CPU samples skipped because a target could no longer be read.
+    cpu_unreadable: u64,
 }
 
 /// A callback that sees each record as it is written.
@@ -290,6 +299,27 @@ impl Recorder {
         Ok(())
     }
 
+    /// Writes the CPU records of the interval since the last sample.
+    fn sample_cpu(&mut self, force: bool) -> Result<(), TraceFileError> {
+        let Some(sampler) = &mut self.cpu else {
+            return Ok(());
+        };
+        if !force && !sampler.due() {
+            return Ok(());
+        }
+        let now = monotonic_ns().saturating_sub(self.start_mono);
+        let (records, unreadable) = sampler.sample(now);
+        if unreadable > 0 && self.cpu_unreadable == 0 {
+            // Once: a process that exited stays gone.
+            tracing::warn!("a CPU target can no longer be read; its samples are left out");
+        }
+        self.cpu_unreadable += unreadable;
+        for c in records {
+            self.emit(&Record::Cpu(c))?;
+        }
+        Ok(())
+    }
+
     fn event(&mut self, ev: &Event) -> Result<(), SessionError> {
         match ev {
             Event::Block(b) => self.block(b),
@@ -413,6 +443,9 @@ impl Session {
             path: cfg.out.clone(),
             source,
         })?;
+        let cpu = (!cfg.cpu.is_empty())
+            .then(|| CpuSampler::new(&cfg.cpu))
+            .transpose()?;
         let tracer = Tracer::start(&tracer_cfg)?;
         // After the attach: every write the kernel counts from here on fires
         // the attached tracepoint.
@@ -436,6 +469,8 @@ impl Session {
                 Vec::new()
             },
             source: "ebpf".into(),
+            cpu_targets: cfg.cpu.iter().map(ToString::to_string).collect(),
+            host_cpus: super::cpu::online_cpus(),
         };
         let mut writer = TraceWriter::new(BufWriter::with_capacity(256 * 1024, file), &header)?;
         // The header on disk tells a watcher that tracing has begun.
@@ -456,6 +491,8 @@ impl Session {
                 observer: None,
                 completions,
                 unseen: 0,
+                cpu,
+                cpu_unreadable: 0,
             },
             progress: Progress {
                 enabled: cfg.progress,
@@ -538,6 +575,7 @@ impl Session {
         self.drain(Some((timeout, wake)))?;
         self.recover_unseen(&counts)?;
         self.rec.check_lost(&self.tracer, &counts)?;
+        self.rec.sample_cpu(false)?;
         self.rec.totals.elapsed = self.started.elapsed();
         if let Mapping::Image {
             map, last_refresh, ..
@@ -586,6 +624,7 @@ impl Session {
         self.drain(None)?;
         self.recover_unseen(&counts)?;
         self.rec.check_lost(&self.tracer, &counts)?;
+        self.rec.sample_cpu(true)?;
         for (dev, completed, traced) in self.rec.completions.tally(&counts) {
             self.rec.totals.checked_completions += completed;
             self.rec.totals.checked_events += traced;

@@ -31,6 +31,9 @@ pub struct TraceStats {
     /// Nanoseconds covered by gaps: no claim can be made about them.
     pub gap_ns: u64,
     pub processes: BTreeMap<u32, String>,
+    /// Whose CPU the trace profiles, and its CPU samples.
+    pub cpu_targets: Vec<String>,
+    pub cpu_samples: u64,
     pub latency_p50_ns: u64,
     pub latency_p99_ns: u64,
     /// The trace has its end record (the tracer stopped cleanly).
@@ -86,6 +89,7 @@ impl TraceStats {
             source: header.source.clone(),
             kernel_release: header.kernel_release.clone(),
             targets: header.targets.iter().map(|t| t.name.clone()).collect(),
+            cpu_targets: header.cpu_targets.clone(),
             ..TraceStats::default()
         };
         let mut hist = LatencyHistogram::default();
@@ -117,6 +121,7 @@ impl TraceStats {
                         s.processes.insert(p.pid, p.comm);
                     }
                 }
+                Record::Cpu(_) => s.cpu_samples += 1,
                 Record::End(EndRecord { outside_image, .. }) => {
                     s.complete = true;
                     s.end = Some(EndSummary { outside_image });

@@ -35,6 +35,7 @@ use crate::replicate::{
     Stats, Tracker,
 };
 use crate::rpc::{MAX_EXTENT_LEN, TlsError, TlsMaterial};
+use crate::trace::cpu::CpuTarget;
 use crate::trace::session::SessionConfig;
 
 /// Defaults of the source's knobs (the CLI's flags show the same).
@@ -188,6 +189,8 @@ pub struct SourceOptions {
     /// Where a write limit on the workload (`--converge throttle`) is
     /// recorded while it is on, so that the next run undoes a killed run's.
     pub throttle_record: Option<PathBuf>,
+    /// Whose CPU the source's trace (and history) profiles beside the I/O.
+    pub cpu: Vec<CpuTarget>,
 }
 
 impl SourceOptions {
@@ -212,6 +215,7 @@ impl SourceOptions {
             prefetch: Prefetch::None,
             history: None,
             throttle_record: None,
+            cpu: vec![CpuTarget::Host],
         }
     }
 }
@@ -312,14 +316,24 @@ impl Source {
                 ring_bytes: opts.ring_bytes,
                 out: opts.trace_out.clone(),
                 progress: false,
+                cpu: opts.cpu.clone(),
             },
             vec![Arc::clone(&send), local.stale_map()],
             vec![local.stale_map()],
             history,
         )?;
+        // The plan's CPU profile says whether compressing pays on this
+        // host; an operator's --compress always stands.
+        let zstd_level = match (plan.as_ref().and_then(|p| p.compress), opts.compress) {
+            (Some(false), CompressWhen::Auto) if opts.zstd_level.is_some() => {
+                tracing::info!("sending raw: the plan found compressing does not pay here");
+                None
+            }
+            _ => opts.zstd_level,
+        };
         let repl_opts = ReplicateOptions {
             extent_len,
-            zstd_level: opts.zstd_level,
+            zstd_level,
             compress: opts.compress,
             max_rate: opts.max_rate,
             region_size,
