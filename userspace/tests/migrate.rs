@@ -841,9 +841,14 @@ impl Drop for BlkioCgroup {
 /// An unthrottled fio writing 4 KiB blocks at random over all of `dev`,
 /// from inside `cgroup`.
 fn fio_in_cgroup(cgroup: &BlkioCgroup, dev: &str) -> support::migration::Killed {
+    fio_in(&cgroup.0, dev)
+}
+
+/// The same from inside the cgroup directory `dir`.
+fn fio_in(dir: &std::path::Path, dev: &str) -> support::migration::Killed {
     let script = format!(
         "echo $$ > {}/cgroup.procs && exec fio --name=w --filename={dev} --rw=randwrite --bs=4k --direct=1 --ioengine=psync --time_based --runtime=600 --randrepeat=0 --refill_buffers --thread",
-        cgroup.0.display()
+        dir.display()
     );
     let child = Command::new("sh")
         .args(["-c", &script])
@@ -969,6 +974,88 @@ fn an_unconverging_writer_is_throttled_until_the_cutover_and_its_limit_put_back(
     assert!(!record.exists());
 }
 
+/// A v1 cpu cgroup of a test's own, removed at the end.
+struct CpuCgroup(PathBuf);
+
+impl CpuCgroup {
+    fn new(tag: &str) -> CpuCgroup {
+        let dir = PathBuf::from(format!(
+            "/sys/fs/cgroup/cpu/tern-test-{tag}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&dir).expect("create the cpu cgroup (cgroup v1 cpu mounted?)");
+        CpuCgroup(dir)
+    }
+
+    fn quota(&self) -> String {
+        std::fs::read_to_string(self.0.join("cpu.cfs_quota_us"))
+            .expect("quota")
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for CpuCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn an_unconverging_writer_is_throttled_by_its_cpu_and_its_quota_put_back() {
+    let src = LoopDev::new("16M");
+    fill_random(src.path(), 16);
+    let cgroup = CpuCgroup::new("cpu-throttle");
+    // An operator's quota, far above the writer: it must be back after.
+    std::fs::write(cgroup.0.join("cpu.cfs_quota_us"), "150000").expect("quota");
+    let lab = Lab::new(16 * MIB);
+    let writer = fio_in(&cgroup.0, src.path());
+    std::thread::sleep(Duration::from_millis(500));
+    let pause = pause_stop(writer.0.id());
+    let cg = cgroup.0.display().to_string();
+    let args = [
+        "--pause",
+        &pause,
+        "--max-rate",
+        "16M",
+        "--max-downtime",
+        "50ms",
+        "--max-rounds",
+        "40",
+        "--converge",
+        "throttle",
+        "--throttle-by",
+        "cpu",
+        "--throttle-cgroup",
+        &cg,
+    ];
+    let (ok, report, err) = run_report(&mut lab.migrate(src.path(), &args));
+    assert!(ok, "migrate failed: {err}");
+    eprintln!("throttled by CPU: {}", report["throttle"]);
+    assert_eq!(report["outcome"], "cut over", "{report}");
+    assert_same(src.path(), &lab.image());
+    let t = &report["throttle"];
+    assert_eq!(t["by"], "cpu", "{report}");
+    assert!(t["steps"].as_u64().expect("steps") >= 1, "{report}");
+    let before = t["cpu_before_cores"].as_f64().expect("the writer's CPU");
+    let lowest = t["lowest_cores"].as_f64().expect("the lowest quota");
+    assert!(lowest > 0.0 && lowest <= before / 2.0 + 1e-9, "{report}");
+    // Lifted: the operator's quota is back, and no record is left behind.
+    assert_eq!(cgroup.quota(), "150000");
+    assert!(!lab.dir.path().join("state/throttle.json").exists());
+    drop(writer);
+    // Writes and CPU are the only levers; --throttle-by needs a throttle.
+    let (ok, _, err) = run_report(&mut lab.migrate(
+        src.path(),
+        &["--no-pause", "--no-switch", "--throttle-by", "cpu"],
+    ));
+    assert!(!ok);
+    assert!(
+        err.contains("--throttle-by is for --converge throttle"),
+        "{err}"
+    );
+}
+
 #[test]
 fn throttling_without_a_cgroup_with_a_write_limit_is_a_clear_error() {
     let src = LoopDev::new("4M");
@@ -984,6 +1071,15 @@ fn throttling_without_a_cgroup_with_a_write_limit_is_a_clear_error() {
     };
     let err = refused(&["--throttle-cgroup", &not_a_cgroup]);
     assert!(err.contains("has no io.max"), "{err}");
+    let err = refused(&["--throttle-cgroup", &not_a_cgroup, "--throttle-by", "cpu"]);
+    assert!(err.contains("has no cpu.max"), "{err}");
+    let err = refused(&[
+        "--throttle-cgroup",
+        "/sys/fs/cgroup/cpu",
+        "--throttle-by",
+        "cpu",
+    ]);
+    assert!(err.contains("root cgroup"), "{err}");
     let err = refused(&[]);
     assert!(err.contains("--throttle-cgroup"), "{err}");
     // The cgroup of a host's root is refused: a limit there slows everything.

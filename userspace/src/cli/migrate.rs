@@ -160,6 +160,11 @@ pub struct MigrateArgs {
     /// Default: the cgroup of `--pause cgroup:DIR`.
     #[arg(long, value_name = "DIR|pid:N")]
     throttle_cgroup: Option<CgroupSpec>,
+    /// What `--converge throttle` limits: `writes` (the cgroup's writes to
+    /// the source's disk) or `cpu` (its CPU quota, as QEMU's auto-converge
+    /// slows vCPUs: for a writer whose dirtying follows its CPU).
+    #[arg(long, value_enum, default_value_t = ThrottleBy::Writes)]
+    throttle_by: ThrottleBy,
     /// After cutover: a command that must exit 0, else roll back.
     #[arg(long)]
     health_cmd: Option<String>,
@@ -170,6 +175,22 @@ pub struct MigrateArgs {
     /// Sync only: leave the source primary and the destination read-only.
     #[arg(long)]
     no_switch: bool,
+}
+
+/// What `--converge throttle` limits.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ThrottleBy {
+    Writes,
+    Cpu,
+}
+
+impl ThrottleBy {
+    fn lever(self) -> cutover::ThrottleBy {
+        match self {
+            ThrottleBy::Writes => cutover::ThrottleBy::Writes,
+            ThrottleBy::Cpu => cutover::ThrottleBy::Cpu,
+        }
+    }
 }
 
 /// What a migration does when its rounds do not converge.
@@ -271,7 +292,13 @@ impl MigrateArgs {
             CgroupSpec::Dir(dir) => CpuTarget::Cgroup(dir.clone()),
             CgroupSpec::Pid(pid) => CpuTarget::Pid(*pid),
         });
-        pause.into_iter().chain(throttled).collect()
+        // Not a cgroup (the pause's or the throttle's own check says so
+        // with a better message later): not profiled.
+        pause
+            .into_iter()
+            .chain(throttled)
+            .filter(CpuTarget::readable)
+            .collect()
     }
 
     /// The cgroup to throttle: `None` unless `--converge throttle`.
@@ -279,6 +306,9 @@ impl MigrateArgs {
         if self.converge != Some(Converge::Throttle) {
             if self.throttle_cgroup.is_some() {
                 bail!("--throttle-cgroup is for --converge throttle");
+            }
+            if self.throttle_by != ThrottleBy::Writes {
+                bail!("--throttle-by is for --converge throttle");
             }
             return Ok(None);
         }
@@ -624,6 +654,11 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
                     }
                     .to_owned(),
                     postcopy_if_not_converging: m.converge == Some(Converge::Postcopy),
+                    throttle_by: match m.throttle_by {
+                        ThrottleBy::Writes => "writes",
+                        ThrottleBy::Cpu => "cpu",
+                    }
+                    .to_owned(),
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("the source agent: {}", s.message()))?
@@ -657,6 +692,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             initial_sync: true,
             throttle: throttle.map(|cgroup| cutover::ThrottleOptions {
                 cgroup,
+                by: m.throttle_by.lever(),
                 record: Some(source.state_dir.join("throttle.json")),
             }),
             postcopy,
@@ -779,7 +815,17 @@ fn render_report(r: &serde_json::Value) -> String {
         let _ = writeln!(text, "{} because {why}", r["mode"].as_str().unwrap_or("?"));
     }
     let t = &r["throttle"];
-    if t.is_object() {
+    if t.is_object() && t["by"] == "cpu" {
+        let _ = writeln!(
+            text,
+            "the CPU of {} throttled for {:.1} s, from {:.2} cores down to {:.2} in {} steps; the quota before was put back",
+            t["cgroup"].as_str().unwrap_or("?"),
+            t["throttled_ms"].as_f64().unwrap_or(0.0) / 1e3,
+            t["cpu_before_cores"].as_f64().unwrap_or(0.0),
+            t["lowest_cores"].as_f64().unwrap_or(0.0),
+            t["steps"].as_u64().unwrap_or(0),
+        );
+    } else if t.is_object() {
         let _ = writeln!(
             text,
             "writes of {} to {} throttled for {:.1} s, down to {} in {} steps; the limit before was put back",

@@ -18,13 +18,14 @@ mod throttling;
 pub use health::{HEALTH_REGION, HealthCheck, HealthError};
 pub use postcopy::{PostCopyOptions, When};
 pub use rollback::{RollbackReport, rollback};
-pub use throttling::{ThrottleOptions, ThrottleReport};
+pub use throttling::{ThrottleBy, ThrottleOptions, ThrottleReport};
 
 use crate::granularity::{Mode, advice};
 use crate::pause::{PauseError, PauseTarget, Paused};
 use crate::postcopy::PushReport;
 use crate::replicate::{ReplicateError, Replicator, Tracker};
 use crate::rpc::RpcError;
+use crate::throttle::cpu::CpuThrottle;
 use crate::throttle::{ThrottleError, WriteThrottle};
 use throttling::Throttling;
 
@@ -47,7 +48,7 @@ pub enum CutoverError {
     /// The dirty rate does not let the remaining set fit the budget.
     #[error(
         "not converging after {rounds} rounds: {dirty_mb:.1} MB still dirty, the workload dirties {dirty_rate_mbs:.1} MB/s and the link moves {bandwidth_mbs:.1} MB/s, so the final delta would take about {estimate_ms} ms against a budget of {budget_ms} ms{throttled}. Choose: raise --max-downtime to about {estimate_ms}ms, {remedy}, or lower its write rate; the workload was not paused",
-        throttled = throttled_note(.throttled_to.as_ref()),
+        throttled = throttled_note(.throttled_to.as_deref()),
         remedy = remedy(*.throttling, *.at_floor),
     )]
     NotConverging {
@@ -57,8 +58,8 @@ pub enum CutoverError {
         bandwidth_mbs: f64,
         estimate_ms: u64,
         budget_ms: u64,
-        /// The lowest write limit set, when the workload was throttled.
-        throttled_to: Option<u64>,
+        /// How far the workload was throttled, when it was.
+        throttled_to: Option<String>,
         /// `--converge throttle` was asked for.
         throttling: bool,
         /// The limit went as low as it goes.
@@ -157,6 +158,8 @@ pub struct Status {
     pub rpo_ms: u64,
     /// The write limit on the workload now (0: none).
     pub throttle_bps: u64,
+    /// The CPU quota on the workload now, in cores (0: none).
+    pub throttle_cores: f64,
     /// Post-copy: bytes the destination still lacks, demands it sent, and
     /// how long its reads waited for them (median, 99th percentile, µs).
     pub missing_bytes: u64,
@@ -391,8 +394,11 @@ async fn converge(
                 && measured
             {
                 t.slow_down(dirty, *bandwidth)?;
-                let on = t.current().unwrap_or(0);
-                set_status(status, |s| s.throttle_bps = on);
+                let (on, cores) = (t.current().unwrap_or(0), t.current_cores().unwrap_or(0.0));
+                set_status(status, |s| {
+                    s.throttle_bps = on;
+                    s.throttle_cores = cores;
+                });
             }
         }
         if rounds >= opts.max_rounds {
@@ -869,8 +875,14 @@ fn start_throttling(
             drain_ms: THROTTLE_DRAIN.as_millis(),
         });
     }
-    let throttle = WriteThrottle::new(&t.cgroup, repl.source().path(), t.record.as_deref())?;
-    Ok(Some(Throttling::new(throttle)))
+    Ok(Some(match t.by {
+        ThrottleBy::Writes => Throttling::writes(WriteThrottle::new(
+            &t.cgroup,
+            repl.source().path(),
+            t.record.as_deref(),
+        )?),
+        ThrottleBy::Cpu => Throttling::cpu(CpuThrottle::new(&t.cgroup, t.record.as_deref())?),
+    }))
 }
 
 /// Takes every write limit off the workload (see [`Throttling::release`]);
@@ -883,7 +895,10 @@ fn release(
         return Ok(None);
     };
     let on = t.release()?;
-    set_status(status, |s| s.throttle_bps = 0);
+    set_status(status, |s| {
+        s.throttle_bps = 0;
+        s.throttle_cores = 0.0;
+    });
     Ok(on.then(Instant::now))
 }
 
@@ -910,15 +925,9 @@ fn remedy(throttling: bool, at_floor: bool) -> &'static str {
     }
 }
 
-/// How far the workload's writes were throttled, for the error.
-fn throttled_note(lowest: Option<&u64>) -> String {
-    #[expect(clippy::cast_precision_loss, reason = "a rate for a person to read")]
-    lowest.map_or(String::new(), |b| {
-        format!(
-            " (with its writes throttled down to {})",
-            crate::units::human_rate(*b as f64)
-        )
-    })
+/// How far the workload was throttled, for the error.
+fn throttled_note(lowest: Option<&str>) -> String {
+    lowest.map_or(String::new(), |what| format!(" (with {what} throttled)"))
 }
 
 fn ms(since: Instant) -> f64 {

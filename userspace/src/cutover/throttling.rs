@@ -1,14 +1,16 @@
-//! Slowing the workload's writes while the delta rounds do not converge
+//! Slowing the workload while the delta rounds do not converge
 //! (`--converge throttle`). Like QEMU's auto-converge, only after two
 //! strikes: two looks in a row whose dirty set shrank by less than a quarter
 //! since the look before. Then the first limit is half of what the link
-//! moves (or of what the writer writes, if less), and each further pair of
-//! strikes halves it, down to a floor. Released at the pause.
-//! A writer that converges alone, if slowly, is left alone.
+//! moves (or of what the writer writes, if less) for a write limit, or half
+//! of the CPU the workload used for a CPU quota (`--throttle-by cpu`), and
+//! each further pair of strikes halves it, down to a floor. Released at the
+//! pause. A writer that converges alone, if slowly, is left alone.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::throttle::cpu::CpuThrottle;
 use crate::throttle::{CgroupSpec, ThrottleError, WriteThrottle};
 
 /// Whose writes to slow, and where to record a limit while it is on.
@@ -18,18 +20,37 @@ pub struct ThrottleOptions {
     /// Written while a limit is on and removed when lifted, so that a killed
     /// migration's limit is undone by the next run (`None`: not recorded).
     pub record: Option<PathBuf>,
+    /// What is limited.
+    pub by: ThrottleBy,
+}
+
+/// What a throttle limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ThrottleBy {
+    /// The cgroup's writes to the source's disk (`io.max`, v1 blkio).
+    #[default]
+    Writes,
+    /// The cgroup's CPU (`cpu.max`, v1 `cpu.cfs_quota_us`): QEMU's
+    /// auto-converge, for a writer whose dirtying follows its CPU.
+    Cpu,
 }
 
 /// What throttling did, in the report.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ThrottleReport {
     pub cgroup: String,
-    /// `MAJ:MIN` of the disk the limit was on.
+    pub by: ThrottleBy,
+    /// `MAJ:MIN` of the disk the limit was on (a write limit).
     pub device: String,
     /// Times the limit was set or lowered.
     pub steps: u64,
-    /// The lowest limit set, bytes per second (0: never limited).
+    /// The lowest write limit set, bytes per second (0: never limited).
     pub lowest_bps: u64,
+    /// The lowest CPU quota set, in cores (a CPU quota).
+    pub lowest_cores: Option<f64>,
+    /// The workload's CPU use when the quota was first set, in cores.
+    pub cpu_before_cores: Option<f64>,
     /// How long a limit was on.
     pub throttled_ms: f64,
 }
@@ -45,11 +66,26 @@ fn stalled(dirty: u64, last: u64) -> bool {
 
 /// The lowest limit: below it a writer's single requests stall for long.
 const FLOOR_BPS: u64 = 1 << 20;
+/// The lowest CPU quota: 2 % of a core (QEMU's auto-converge stops at 99 %
+/// throttled).
+const FLOOR_CORES: f64 = 0.02;
+
+/// The limit itself.
+#[derive(Debug)]
+enum Lever {
+    Writes(WriteThrottle),
+    Cpu {
+        quota: CpuThrottle,
+        /// The CPU the workload used before the first quota, in cores.
+        before: Option<f64>,
+        lowest: Option<f64>,
+    },
+}
 
 /// The throttle and the looks it steps on.
 #[derive(Debug)]
 pub(super) struct Throttling {
-    throttle: WriteThrottle,
+    lever: Lever,
     /// Dirty bytes at the previous look (`u64::MAX` before the first).
     last_dirty: u64,
     /// Looks in a row that barely shrank the dirty set, since the last step.
@@ -61,10 +97,25 @@ pub(super) struct Throttling {
 }
 
 impl Throttling {
-    pub(super) fn new(throttle: WriteThrottle) -> Throttling {
+    pub(super) fn writes(throttle: WriteThrottle) -> Throttling {
         let written = throttle.written_bytes().map(|b| (b, Instant::now()));
+        Throttling::with(Lever::Writes(throttle), written)
+    }
+
+    pub(super) fn cpu(quota: CpuThrottle) -> Throttling {
+        Throttling::with(
+            Lever::Cpu {
+                quota,
+                before: None,
+                lowest: None,
+            },
+            None,
+        )
+    }
+
+    fn with(lever: Lever, written: Option<(u64, Instant)>) -> Throttling {
         Throttling {
-            throttle,
+            lever,
             last_dirty: u64::MAX,
             strikes: 0,
             written,
@@ -73,19 +124,41 @@ impl Throttling {
         }
     }
 
-    /// The limit on now (bytes per second).
+    /// The write limit on now (bytes per second).
     pub(super) fn current(&self) -> Option<u64> {
-        self.throttle.current()
+        match &self.lever {
+            Lever::Writes(t) => t.current(),
+            Lever::Cpu { .. } => None,
+        }
     }
 
-    /// The lowest limit set so far.
-    pub(super) fn lowest(&self) -> Option<u64> {
-        self.lowest
+    /// The CPU quota on now (cores).
+    pub(super) fn current_cores(&self) -> Option<f64> {
+        match &self.lever {
+            Lever::Writes(_) => None,
+            Lever::Cpu { quota, .. } => quota.current_cores(),
+        }
+    }
+
+    /// How far the workload was throttled, for a person.
+    pub(super) fn lowest(&self) -> Option<String> {
+        match &self.lever {
+            Lever::Writes(_) =>
+            {
+                #[expect(clippy::cast_precision_loss, reason = "a rate for a person to read")]
+                self.lowest
+                    .map(|b| format!("its writes down to {}", crate::units::human_rate(b as f64)))
+            }
+            Lever::Cpu { lowest, .. } => lowest.map(|c| format!("its CPU down to {c:.2} core")),
+        }
     }
 
     /// Bytes per second the cgroup wrote since the last reading.
     fn writer_rate(&mut self) -> Option<f64> {
-        let now = self.throttle.written_bytes()?;
+        let Lever::Writes(t) = &self.lever else {
+            return None;
+        };
+        let now = t.written_bytes()?;
         let (then, at) = self.written.replace((now, Instant::now()))?;
         let secs = at.elapsed().as_secs_f64();
         #[expect(
@@ -109,54 +182,116 @@ impl Throttling {
             return Ok(());
         }
         self.strikes = 0;
-        let next = if let Some(on) = self.throttle.current() {
-            on / 2
-        } else if let Some(first) = first_limit(writer, bandwidth) {
-            first
-        } else {
-            // Neither rate is known yet: the next look will tell.
-            return Ok(());
+        match &mut self.lever {
+            Lever::Writes(t) => {
+                let next = if let Some(on) = t.current() {
+                    on / 2
+                } else if let Some(first) = first_limit(writer, bandwidth) {
+                    first
+                } else {
+                    // Neither rate is known yet: the next look will tell.
+                    return Ok(());
+                }
+                .max(FLOOR_BPS);
+                // At the floor (or an operator's lower limit) already.
+                let Some(set) = t.limit(next)? else {
+                    return Ok(());
+                };
+                self.steps += 1;
+                self.lowest = Some(self.lowest.map_or(set, |l| l.min(set)));
+                tracing::info!(
+                    cgroup = %t.cgroup().display(),
+                    device = t.device(),
+                    limit_bps = set,
+                    dirty,
+                    "not converging: the workload's writes are throttled"
+                );
+            }
+            Lever::Cpu {
+                quota,
+                before,
+                lowest,
+            } => {
+                let next = if let Some(on) = quota.current_cores() {
+                    on / 2.0
+                } else {
+                    // Half of what it used since the migration began.
+                    match quota.usage_cores() {
+                        Some(used) if used > 0.0 => {
+                            *before = Some(used);
+                            used / 2.0
+                        }
+                        _ => return Ok(()),
+                    }
+                }
+                .max(FLOOR_CORES);
+                let Some(set) = quota.limit(next)? else {
+                    return Ok(());
+                };
+                self.steps += 1;
+                *lowest = Some(lowest.map_or(set, |l: f64| l.min(set)));
+                tracing::info!(
+                    cgroup = %quota.cgroup().display(),
+                    cores = set,
+                    dirty,
+                    "not converging: the workload's CPU is throttled"
+                );
+            }
         }
-        .max(FLOOR_BPS);
-        // At the floor (or an operator's lower limit) already: nothing to do.
-        let Some(set) = self.throttle.limit(next)? else {
-            return Ok(());
-        };
-        self.steps += 1;
-        self.lowest = Some(self.lowest.map_or(set, |l| l.min(set)));
-        tracing::info!(
-            cgroup = %self.throttle.cgroup().display(),
-            device = self.throttle.device(),
-            limit_bps = set,
-            dirty,
-            "not converging: the workload's writes are throttled"
-        );
         Ok(())
     }
 
-    /// Takes every limit off while the workload pauses, so that the writes
-    /// the throttle holds go out now; `true` when a limit of ours was on.
+    /// Takes every limit off while the workload pauses, so that what the
+    /// throttle holds goes out now; `true` when a limit of ours was on.
     pub(super) fn release(&mut self) -> Result<bool, ThrottleError> {
-        self.throttle.release()
+        match &mut self.lever {
+            Lever::Writes(t) => t.release(),
+            Lever::Cpu { quota, .. } => quota.release(),
+        }
     }
 
     /// Puts back the limit that was there before (the migration ends).
     pub(super) fn lift(&mut self) -> Result<(), ThrottleError> {
-        self.throttle.lift()
+        match &mut self.lever {
+            Lever::Writes(t) => t.lift(),
+            Lever::Cpu { quota, .. } => quota.lift(),
+        }
     }
 
     /// Whether the limit is as low as it goes.
     pub(super) fn at_floor(&self) -> bool {
-        self.lowest.is_some_and(|l| l <= FLOOR_BPS)
+        match &self.lever {
+            Lever::Writes(_) => self.lowest.is_some_and(|l| l <= FLOOR_BPS),
+            Lever::Cpu { lowest, .. } => lowest.is_some_and(|l| l <= FLOOR_CORES),
+        }
     }
 
     pub(super) fn report(&self) -> ThrottleReport {
-        ThrottleReport {
-            cgroup: self.throttle.cgroup().display().to_string(),
-            device: self.throttle.device().to_owned(),
-            steps: self.steps,
-            lowest_bps: self.lowest.unwrap_or(0),
-            throttled_ms: self.throttle.throttled_for().as_secs_f64() * 1e3,
+        match &self.lever {
+            Lever::Writes(t) => ThrottleReport {
+                cgroup: t.cgroup().display().to_string(),
+                by: ThrottleBy::Writes,
+                device: t.device().to_owned(),
+                steps: self.steps,
+                lowest_bps: self.lowest.unwrap_or(0),
+                lowest_cores: None,
+                cpu_before_cores: None,
+                throttled_ms: t.throttled_for().as_secs_f64() * 1e3,
+            },
+            Lever::Cpu {
+                quota,
+                before,
+                lowest,
+            } => ThrottleReport {
+                cgroup: quota.cgroup().display().to_string(),
+                by: ThrottleBy::Cpu,
+                device: String::new(),
+                steps: self.steps,
+                lowest_bps: 0,
+                lowest_cores: *lowest,
+                cpu_before_cores: *before,
+                throttled_ms: quota.throttled_for().as_secs_f64() * 1e3,
+            },
         }
     }
 }

@@ -87,6 +87,13 @@ impl FromStr for CpuTarget {
     }
 }
 
+impl CpuTarget {
+    /// Whether its counters can be read now.
+    pub fn readable(&self) -> bool {
+        CpuSampler::new(std::slice::from_ref(self)).is_ok()
+    }
+}
+
 impl fmt::Display for CpuTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

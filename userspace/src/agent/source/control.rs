@@ -318,6 +318,15 @@ impl control_server::Control for ControlService {
             .then(|| r.pause.parse::<PauseTarget>())
             .transpose()
             .map_err(|e| bad_request("pause", e))?;
+        let by = match r.throttle_by.as_str() {
+            "" | "writes" => cutover::ThrottleBy::Writes,
+            "cpu" => cutover::ThrottleBy::Cpu,
+            other => {
+                return Err(GrpcStatus::invalid_argument(format!(
+                    "throttle_by {other:?}: give writes or cpu"
+                )));
+            }
+        };
         let opts = CutoverOptions {
             max_downtime: if r.max_downtime_ms == 0 {
                 defaults.max_downtime
@@ -348,6 +357,7 @@ impl control_server::Control for ControlService {
                     cgroup,
                     // The agent's own record path, set where it runs the cutover.
                     record: None,
+                    by,
                 }),
             postcopy: match r.mode.as_str() {
                 "" | "precopy" if !r.postcopy_if_not_converging => None,

@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+pub mod cpu;
+
 /// Errors of throttling a workload.
 #[derive(Debug, thiserror::Error)]
 pub enum ThrottleError {
@@ -35,6 +37,14 @@ pub enum ThrottleError {
         "{cgroup} has no io.max (cgroup v2 io controller) nor blkio.throttle.write_bps_device (cgroup v1 blkio): enable the io controller in its parent's cgroup.subtree_control, or give the writer's blkio cgroup"
     )]
     NoController { cgroup: PathBuf },
+    /// The directory has no CPU quota interface.
+    #[error(
+        "{cgroup} has no cpu.max (cgroup v2 cpu controller) nor cpu.cfs_quota_us (cgroup v1 cpu): enable the cpu controller in its parent's cgroup.subtree_control, or give the workload's v1 cpu cgroup"
+    )]
+    NoCpuController { cgroup: PathBuf },
+    /// The cgroup's CPU use cannot be read.
+    #[error("cannot read the workload's CPU use")]
+    Usage(#[source] Box<crate::trace::cpu::CpuError>),
     /// The root cgroup: limiting it slows every process on the host.
     #[error(
         "{cgroup} is a root cgroup: a limit there slows the whole host; move the workload into its own cgroup"
@@ -226,6 +236,14 @@ struct Record {
     previous: Option<u64>,
     /// The run that set it: a live one's limit is not undone.
     pid: u32,
+}
+
+/// Either record (a write limit's has a device, a CPU quota's a period).
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum AnyRecord {
+    Write(Record),
+    Cpu(cpu::CpuRecord),
 }
 
 /// A write-bandwidth limit on one cgroup for one disk, lifted when dropped.
@@ -438,7 +456,7 @@ fn remove_record(path: &Path) -> Result<(), ThrottleError> {
 
 /// Writes `record` to `path` whole or not at all (a kill between a
 /// truncation and a write would leave a record no run can read).
-fn write_record(path: &Path, record: &Record) -> Result<(), ThrottleError> {
+fn write_record(path: &Path, record: &impl serde::Serialize) -> Result<(), ThrottleError> {
     let json =
         serde_json::to_vec(record).expect("a record of paths, strings and numbers serializes");
     let tmp = path.with_extension("json.tmp");
@@ -465,19 +483,33 @@ pub fn undo_recorded(path: &Path) -> Result<(), ThrottleError> {
             });
         }
     };
-    let record: Record =
+    let record: AnyRecord =
         serde_json::from_slice(&bytes).map_err(|source| ThrottleError::Record {
             path: path.to_path_buf(),
             source,
         })?;
-    if record.pid != std::process::id() && Path::new(&format!("/proc/{}", record.pid)).exists() {
+    let pid = match &record {
+        AnyRecord::Write(r) => r.pid,
+        AnyRecord::Cpu(r) => r.pid(),
+    };
+    if pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists() {
         tracing::warn!(
             record = %path.display(),
-            pid = record.pid,
+            pid,
             "another running migration throttles a workload with this state directory; its limit is left to it"
         );
         return Ok(());
     }
+    let record = match record {
+        AnyRecord::Write(r) => r,
+        AnyRecord::Cpu(r) => {
+            r.undo().map_err(|e| ThrottleError::Undo {
+                record: path.to_path_buf(),
+                source: Box::new(e),
+            })?;
+            return remove_record(path);
+        }
+    };
     // The cgroup may be gone with its workload, the disk detached: nothing
     // left to undo.
     if record.cgroup.is_dir() {
