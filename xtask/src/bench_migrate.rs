@@ -31,7 +31,9 @@
 //! `TERN_BENCH_MIGRATE_LIVE_MIB` (part 3 image, default 1024),
 //! `TERN_BENCH_MIGRATE_RATES` (fio IOPS, 0 for unlimited, default
 //! `200,1000,5000,20000,0`), `TERN_BENCH_MIGRATE_CONVERGE` (the live part's
-//! `--converge` modes, each run at every rate, default `fail,throttle`),
+//! modes, each run at every rate: `fail`, `throttle` (its writes),
+//! `throttle-cpu` (its CPU), `postcopy`, `auto` (`--mode auto`); default
+//! `fail,throttle,throttle-cpu,postcopy,auto`),
 //! `TERN_BENCH_MIGRATE_CHANGE_PCT` (default 5),
 //! `TERN_BENCH_MIGRATE_DOWNTIME` (`--max-downtime`, default `50ms`),
 //! `TERN_BENCH_MIGRATE_WARMUP` (seconds fio writes before the live
@@ -102,6 +104,8 @@ struct Config {
 }
 
 const PARTS: [&str; 5] = ["copy", "delta", "fs", "small", "live"];
+/// The live part's modes.
+const LIVE_MODES: [&str; 5] = ["fail", "throttle", "throttle-cpu", "postcopy", "auto"];
 
 impl Config {
     fn from_env() -> Result<Config> {
@@ -114,17 +118,12 @@ impl Config {
             .map(|r| r.trim().parse::<u32>())
             .collect::<Result<Vec<_>, _>>()
             .context("TERN_BENCH_MIGRATE_RATES: comma-separated IOPS")?;
-        let converge: String = env_or(
-            "TERN_BENCH_MIGRATE_CONVERGE",
-            "fail,throttle,postcopy".to_owned(),
-        )?;
+        let converge: String = env_or("TERN_BENCH_MIGRATE_CONVERGE", LIVE_MODES.join(","))?;
         let converge: Vec<String> = converge.split(',').map(|c| c.trim().to_owned()).collect();
-        if let Some(c) = converge
-            .iter()
-            .find(|c| !["fail", "throttle", "postcopy"].contains(&c.as_str()))
-        {
+        if let Some(c) = converge.iter().find(|c| !LIVE_MODES.contains(&c.as_str())) {
             bail!(
-                "TERN_BENCH_MIGRATE_CONVERGE: unknown mode {c:?}; choose from fail, throttle, postcopy"
+                "TERN_BENCH_MIGRATE_CONVERGE: unknown mode {c:?}; choose from {}",
+                LIVE_MODES.join(", ")
             );
         }
         let parts: String = env_or("TERN_BENCH_MIGRATE_PARTS", PARTS.join(","))?;
@@ -288,6 +287,12 @@ struct Report {
     hashed_bytes: f64,
     /// The throttle's lowest write limit (0: not throttled).
     throttle_lowest_bps: f64,
+    /// The CPU throttle's lowest quota and the writer's CPU before, cores.
+    throttle_lowest_cores: Option<f64>,
+    throttle_cpu_before: Option<f64>,
+    /// `pre-copy` or `post-copy`, and why (`--mode auto`, `--converge postcopy`).
+    mode: String,
+    mode_reason: Option<String>,
     /// After a post-copy switch: what was missing, how long until the
     /// destination held it, the demand fetches and their waits.
     postcopy: Option<PostCopyFigures>,
@@ -332,6 +337,10 @@ impl Report {
             sent_bytes: v["sent_bytes"].as_f64().unwrap_or(f64::NAN),
             hashed_bytes: v["hashed_bytes"].as_f64().unwrap_or(f64::NAN),
             throttle_lowest_bps: v["throttle"]["lowest_bps"].as_f64().unwrap_or(0.0),
+            throttle_lowest_cores: v["throttle"]["lowest_cores"].as_f64(),
+            throttle_cpu_before: v["throttle"]["cpu_before_cores"].as_f64(),
+            mode: v["mode"].as_str().unwrap_or("?").to_owned(),
+            mode_reason: v["mode_reason"].as_str().map(str::to_owned),
             postcopy: v["postcopy"].is_object().then(|| {
                 let p = &v["postcopy"];
                 let n = |x: &serde_json::Value| x.as_f64().unwrap_or(f64::NAN);
@@ -559,9 +568,9 @@ impl Bench<'_> {
         }
         writeln!(
             t,
-            "{:>6} {:<8} {:>9} {:<10} {:>12} {:>24} {:>9} {:>10} {:>8} {:>7} {:>13}",
+            "{:>6} {:<12} {:>9} {:<10} {:>12} {:>24} {:>9} {:>10} {:>8} {:>7} {:>13}",
             "IOPS",
-            "converge",
+            "mode",
             "measured",
             "outcome",
             "downtime ms",
@@ -612,26 +621,16 @@ impl Bench<'_> {
             bail!("fio exited at start ({status})");
         }
         if cfg.peers_only {
-            return Ok(format!("{label:>6} {mode:<8} {:>9} (peers only)\n", "-"));
+            return Ok(format!("{label:>6} {mode:<12} {:>9} (peers only)\n", "-"));
         }
         let writes_before = loop_writes(&src_loop.dev)?;
         let started = Instant::now();
         let pause = format!("cmd:kill -STOP {pid};;kill -CONT {pid}", pid = fio.pid());
-        let cg = cgroup.dir.display().to_string();
-        let mut args = vec!["--pause", &pause, "--max-downtime", &cfg.downtime];
-        if mode == "postcopy" {
-            args.extend(["--mode", "postcopy"]);
-        } else {
-            args.extend(["--converge", mode]);
-        }
-        if mode == "throttle" {
-            args.extend(["--throttle-cgroup", &cg]);
-        }
-        if let Some(region) = &cfg.live_region {
-            args.extend(["--region-size", region]);
-        }
+        let args = live_args(cfg, cgroup, &pause, mode);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let agent_log = self.dir.join("agent.log");
-        let reader = (mode == "postcopy").then(|| {
+        // Auto may switch in post-copy too: its reads are measured alike.
+        let reader = (mode == "postcopy" || mode == "auto").then(|| {
             postcopy::Reader::start(ns, &agent_log, self.dir.join("dst-reads.json"), rate)
         });
         let result = self.migrate(&src_loop.dev, to, &args);
@@ -651,7 +650,7 @@ impl Bench<'_> {
                 let first = first.split_once("): ").map_or(first, |(_, r)| r);
                 let first: String = first.chars().take(90).collect();
                 return Ok(format!(
-                    "{label:>6} {mode:<8} {measured:>9.0} failed: {first}\n"
+                    "{label:>6} {mode:<12} {measured:>9.0} failed: {first}\n"
                 ));
             }
         };
@@ -664,13 +663,16 @@ impl Bench<'_> {
                 &format!("live migration at {label} IOPS, {mode}"),
             )?;
         }
-        let lowest = if r.throttle_lowest_bps > 0.0 {
-            format!("{:.1} MB/s", r.throttle_lowest_bps / 1e6)
-        } else {
-            "-".to_owned()
+        let lowest = match (r.throttle_lowest_cores, r.throttle_cpu_before) {
+            (Some(c), Some(b)) => format!("{b:.2}→{c:.2} core"),
+            (Some(c), None) => format!("{c:.2} core"),
+            _ if r.throttle_lowest_bps > 0.0 => {
+                format!("{:.1} MB/s", r.throttle_lowest_bps / 1e6)
+            }
+            _ => "-".to_owned(),
         };
         let mut row = format!(
-            "{label:>6} {mode:<8} {measured:>9.0} {:<10} {:>12.1} {:>24} {:>9.2} {:>10.1} {:>8.2} {:>7} {lowest:>13}\n",
+            "{label:>6} {mode:<12} {measured:>9.0} {:<10} {:>12.1} {:>24} {:>9.2} {:>10.1} {:>8.2} {:>7} {lowest:>13}\n",
             r.outcome,
             r.downtime_ms,
             format!(
@@ -682,6 +684,15 @@ impl Bench<'_> {
             r.total_seconds,
             r.rounds
         );
+        if mode == "auto" {
+            let _ = writeln!(
+                row,
+                "{:>6} auto chose {}: {}",
+                "",
+                r.mode,
+                r.mode_reason.as_deref().unwrap_or("(no reason given)")
+            );
+        }
         if let Some(p) = &r.postcopy {
             row.push_str(&postcopy_line(p, reads.as_ref()));
         }
@@ -786,6 +797,39 @@ impl Bench<'_> {
 
 /// The line under a post-copy row: what was missing, its demand fetches
 /// and what the destination's reader saw.
+/// `tern migrate`'s flags for one live row in `mode`.
+fn live_args(cfg: &Config, cgroup: &BlkioCgroup, pause: &str, mode: &str) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--pause".into(),
+        pause.into(),
+        "--max-downtime".into(),
+        cfg.downtime.clone(),
+    ];
+    let extra: Vec<String> = match mode {
+        "postcopy" | "auto" => vec!["--mode".into(), mode.into()],
+        "throttle" => vec![
+            "--converge".into(),
+            "throttle".into(),
+            "--throttle-cgroup".into(),
+            cgroup.dir.display().to_string(),
+        ],
+        "throttle-cpu" => vec![
+            "--converge".into(),
+            "throttle".into(),
+            "--throttle-by".into(),
+            "cpu".into(),
+            "--throttle-cgroup".into(),
+            cgroup.cpu.display().to_string(),
+        ],
+        _ => vec!["--converge".into(), mode.into()],
+    };
+    args.extend(extra);
+    if let Some(region) = &cfg.live_region {
+        args.extend(["--region-size".into(), region.clone()]);
+    }
+    args
+}
+
 fn postcopy_line(p: &PostCopyFigures, reads: Option<&postcopy::Reads>) -> String {
     let reads = reads.map_or_else(
         || "no reads on the destination".to_owned(),
@@ -1184,32 +1228,37 @@ pub(crate) fn fio_writes(name: &str, dev: &str, iops: u32) -> Command {
 
 /// A cgroup v1 blkio directory (where this host's io controller lives) for
 /// the live part's writer; removed when dropped, after the writer is gone.
+/// The writer's cgroups: v1 blkio (its write limit) and v1 cpu (its CPU
+/// quota), so either lever can slow it.
 pub(crate) struct BlkioCgroup {
     pub(crate) dir: PathBuf,
+    pub(crate) cpu: PathBuf,
 }
 
 impl BlkioCgroup {
     pub(crate) fn create() -> Result<BlkioCgroup> {
-        let dir = PathBuf::from(format!(
-            "/sys/fs/cgroup/blkio/tern-bench-{}",
-            std::process::id()
-        ));
-        std::fs::create_dir(&dir).with_context(|| {
-            format!(
-                "create the writer's cgroup {} (is cgroup v1 blkio mounted?)",
-                dir.display()
-            )
-        })?;
-        Ok(BlkioCgroup { dir })
+        let name = format!("tern-bench-{}", std::process::id());
+        let dir = Path::new("/sys/fs/cgroup/blkio").join(&name);
+        let cpu = Path::new("/sys/fs/cgroup/cpu").join(&name);
+        for (d, what) in [(&dir, "blkio"), (&cpu, "cpu")] {
+            std::fs::create_dir(d).with_context(|| {
+                format!(
+                    "create the writer's cgroup {} (is cgroup v1 {what} mounted?)",
+                    d.display()
+                )
+            })?;
+        }
+        Ok(BlkioCgroup { dir, cpu })
     }
 
-    /// `cmd`, run from inside this cgroup.
+    /// `cmd`, run from inside these cgroups.
     pub(crate) fn run(&self, cmd: &Command) -> Command {
         let mut sh = Command::new("sh");
         sh.args([
             "-c",
-            "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"",
+            "echo $$ > \"$0/cgroup.procs\" && echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"",
             &self.dir.display().to_string(),
+            &self.cpu.display().to_string(),
         ])
         .arg(cmd.get_program())
         .args(cmd.get_args())
@@ -1221,6 +1270,7 @@ impl BlkioCgroup {
 impl Drop for BlkioCgroup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::fs::remove_dir(&self.cpu);
     }
 }
 
