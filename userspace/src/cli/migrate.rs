@@ -500,6 +500,7 @@ fn status_line(s: &Status, counters: &Stats, rate_bps: u64) -> serde_json::Value
         "estimated_downtime_ms": s.estimated_downtime_ms,
         "rpo_ms": s.rpo_ms,
         "throttle_bps": s.throttle_bps,
+        "throttle_cores": s.throttle_cores,
         "missing_bytes": s.missing_bytes,
         "demands": s.demands,
         "demand_wait_p50_us": s.demand_wait_p50_us,
@@ -545,6 +546,8 @@ impl Progress {
                             " · writes throttled to {}",
                             human_rate(s.throttle_bps as f64)
                         )
+                    } else if s.throttle_cores > 0.0 {
+                        format!(" · CPU throttled to {:.2} core", s.throttle_cores)
                     } else {
                         String::new()
                     };
@@ -948,6 +951,7 @@ pub fn status(s: &StatusArgs) -> Result<()> {
             "estimated_downtime_ms": reply.estimated_downtime_ms,
             "rpo_ms": reply.rpo_ms,
             "throttle_bps": reply.throttle_bps,
+            "throttle_cores": reply.throttle_cores,
             "missing_bytes": reply.missing_bytes,
             "demands": reply.demands,
             "demand_wait_p50_us": reply.demand_wait_p50_us,
@@ -1039,6 +1043,13 @@ fn print_status(v: &serde_json::Value, json: bool) -> Result<()> {
             out,
             "writes throttled to  {}",
             human_rate(n("throttle_bps"))
+        )?;
+    }
+    if n("throttle_cores") > 0.0 {
+        writeln!(
+            out,
+            "CPU throttled to     {:.2} core",
+            n("throttle_cores")
         )?;
     }
     if v["phase"].as_str().is_some_and(|p| p.contains("post-copy")) {

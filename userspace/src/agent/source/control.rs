@@ -299,6 +299,7 @@ impl control_server::Control for ControlService {
             estimated_downtime_ms: s.estimated_downtime_ms,
             rpo_ms: s.rpo_ms,
             throttle_bps: s.throttle_bps,
+            throttle_cores: s.throttle_cores,
             missing_bytes: s.missing_bytes,
             demands: s.demands,
             demand_wait_p50_us: s.demand_wait_p50_us,
