@@ -222,6 +222,15 @@ pub fn tern_moves_the_disk(name: &str, extra: &[&str]) -> Outcome {
     tern_moves(name, extra, Ahead::Nothing)
 }
 
+/// Everything in post-copy: Tern's disk (`--mode postcopy`) and QEMU's RAM
+/// (`postcopy-ram`, through `--pause qemu-postcopy:`): the VM stops after
+/// QEMU's first pass over RAM and runs on the destination as soon as the
+/// disk has switched and the device state is there; both fetch what the
+/// guest touches first and push the rest.
+pub fn tern_and_qemu_in_post_copy(name: &str) -> Outcome {
+    tern_moves(name, &["--mode", "postcopy"], Ahead::PostCopyRam)
+}
+
 /// The same with Tern's pre-migration prefetch: the running guest's disk is
 /// traced for a while, `tern predict` ranks what it will read and rewrite,
 /// and the first copy is ordered by that plan (`--prefetch`).
@@ -245,6 +254,8 @@ enum Ahead {
     Prefetch,
     /// Replicate continuously from a source agent, then cut over through it.
     Standby,
+    /// Nothing ahead; QEMU's RAM in post-copy too.
+    PostCopyRam,
 }
 
 /// How long the guest runs after booting before any of the disk rows
@@ -262,7 +273,7 @@ fn tern_moves(name: &str, extra: &[&str], ahead: Ahead) -> Outcome {
     match ahead {
         // Every disk row migrates a guest of the same age: the others spend
         // this time tracing or replicating.
-        Ahead::Nothing => std::thread::sleep(AHEAD),
+        Ahead::Nothing | Ahead::PostCopyRam => std::thread::sleep(AHEAD),
         Ahead::Prefetch => learn_the_workload(&guest, &plan),
         Ahead::Standby => standby = Some(Standby::start(&agent, &guest.disk)),
     }
@@ -279,12 +290,25 @@ fn tern_moves(name: &str, extra: &[&str], ahead: Ahead) -> Outcome {
             export: "tern".to_owned(),
         },
     );
+    let postcopy_ram = ahead == Ahead::PostCopyRam;
+    if postcopy_ram {
+        // Both ends of QEMU's post-copy need the capability.
+        dst.qmp(
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{ "capability": "postcopy-ram", "state": true }] }),
+        );
+    }
     let started = Instant::now();
     // Tern drives QEMU: at its pause it starts `migrate` with
     // `pause-before-switchover` (RAM precopies while the VM runs and Tern
     // keeps tracing its writes), waits for `pre-switchover`, sends the final
     // delta, switches, and then `migrate-continue`s the device state.
-    let pause = format!("qemu:{}@{uri}", src.tern_qmp.display());
+    let kind = if postcopy_ram {
+        "qemu-postcopy"
+    } else {
+        "qemu"
+    };
+    let pause = format!("{kind}:{}@{uri}", src.tern_qmp.display());
     let mut args = vec!["--pause", pause.as_str()];
     args.extend_from_slice(extra);
     if ahead == Ahead::Prefetch {
@@ -298,12 +322,16 @@ fn tern_moves(name: &str, extra: &[&str], ahead: Ahead) -> Outcome {
     // and health check: the destination may run from then on, while
     // `tern migrate` is still exiting.
     let deadline = Instant::now() + MIGRATION_LIMIT;
-    let info = loop {
+    // In post-copy the destination runs from `postcopy-active` on (its RAM
+    // still arriving); QEMU completes once every page is there.
+    let mut ends = vec!["completed", "failed", "cancelled"];
+    if postcopy_ram {
+        ends.push("postcopy-active");
+    }
+    let mut info = loop {
         let exited = migrate.try_wait().is_some();
         let info = src.qmp("query-migrate", Value::Null);
-        if ["completed", "failed", "cancelled"].contains(&info["status"].as_str().unwrap_or(""))
-            || exited
-        {
+        if ends.contains(&info["status"].as_str().unwrap_or("")) || exited {
             break info;
         }
         assert!(
@@ -312,17 +340,31 @@ fn tern_moves(name: &str, extra: &[&str], ahead: Ahead) -> Outcome {
         );
         std::thread::sleep(Duration::from_millis(1));
     };
+    if info["status"] == "postcopy-active" {
+        dst.qmp("cont", Value::Null);
+        while info["status"] == "postcopy-active" {
+            assert!(
+                Instant::now() < deadline,
+                "post-copy not done within {MIGRATION_LIMIT:?}: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+            info = src.qmp("query-migrate", Value::Null);
+        }
+    }
     assert_eq!(
         info["status"],
         "completed",
         "RAM migration: {info}; {}",
         migrate_log(guest.path())
     );
-    dst.qmp("cont", Value::Null);
+    if !postcopy_ram {
+        dst.qmp("cont", Value::Null);
+    }
     out.total_s = started.elapsed().as_secs_f64();
     let report = finish_migrate(&mut migrate, guest.path());
     drop(standby);
     let slug = match ahead {
+        Ahead::PostCopyRam => "postcopy-ram",
         Ahead::Nothing if extra.contains(&"postcopy") => "postcopy",
         Ahead::Nothing => "overlapped",
         Ahead::Prefetch => "prefetch",

@@ -25,14 +25,18 @@ fn tern_and_qemu_move_a_writing_vm_and_the_guest_continues() {
         "Tern post-copy disk + QEMU precopy (RAM)",
         &["--mode", "postcopy"],
     );
-    for o in [&tern, &serial, &qemu, &post] {
+    // Everything in post-copy: the disk by Tern, the RAM by QEMU's
+    // postcopy-ram; the VM runs on the destination after one pass over RAM.
+    let both =
+        scenario::tern_and_qemu_in_post_copy("Tern post-copy disk + QEMU postcopy-ram (RAM)");
+    for o in [&tern, &serial, &qemu, &post, &both] {
         assert!(o.final_counter > 0, "{o:?}");
         assert!(
             o.paused_ms > 0.0 && o.disk_bytes > 0 && o.ram_bytes > 0,
             "{o:?}"
         );
     }
-    let mut table = scenario::table(&[tern, post, serial, qemu]);
+    let mut table = scenario::table(&[tern, post, both, serial, qemu]);
     // The point of the product: the guest's disk traced beforehand,
     // `tern predict`, and the migration ordered by its plan.
     let pre = scenario::tern_moves_the_disk_with_prefetch("Tern with pre-migration prefetch");

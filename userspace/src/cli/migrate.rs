@@ -1046,11 +1046,7 @@ fn print_status(v: &serde_json::Value, json: bool) -> Result<()> {
         )?;
     }
     if n("throttle_cores") > 0.0 {
-        writeln!(
-            out,
-            "CPU throttled to     {:.2} core",
-            n("throttle_cores")
-        )?;
+        writeln!(out, "CPU throttled to     {:.2} core", n("throttle_cores"))?;
     }
     if v["phase"].as_str().is_some_and(|p| p.contains("post-copy")) {
         writeln!(

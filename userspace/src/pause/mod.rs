@@ -15,6 +15,9 @@
 //!   `URI`, with `pause-before-switchover`: the pause returns when QEMU has
 //!   precopied RAM and stopped the VM; [`Paused::hand_over`] sends the device
 //!   state after the disk has switched; a resume cancels the migration;
+//!   `qemu-postcopy:SOCKET@URI` the same with QEMU's `postcopy-ram`: the VM
+//!   stops after QEMU's first pass over RAM, and runs on the destination
+//!   while QEMU fetches its remaining pages on demand;
 //! - `cmd:PAUSE;;RESUME`: two shell commands.
 //!
 //! Not covered: the agent itself dying (SIGKILL) while the workload is paused
@@ -41,7 +44,8 @@ pub use qmp_client::Qmp;
 
 /// The accepted forms, quoted by every parse error.
 const FORMS: &str = "fsfreeze:/mnt/data, cgroup:/sys/fs/cgroup/app, qmp:/run/vm.qmp, \
-     qemu:/run/vm.qmp@tcp:dst:4444 or cmd:PAUSE_CMD;;RESUME_CMD";
+     qemu:/run/vm.qmp@tcp:dst:4444, qemu-postcopy:/run/vm.qmp@tcp:dst:4444 or \
+     cmd:PAUSE_CMD;;RESUME_CMD";
 
 /// Errors of pausing and resuming a workload.
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +138,13 @@ pub enum PauseTarget {
     Qmp(PathBuf),
     /// Migrate the QEMU VM at `socket` to `uri` (RAM by precopy while the
     /// disk converges), stopping at `pre-switchover`.
-    QemuMigrate { socket: PathBuf, uri: String },
+    /// With `postcopy_ram`, QEMU's RAM goes in post-copy (`postcopy-ram`):
+    /// the VM stops after the first pass, the rest is fetched on demand.
+    QemuMigrate {
+        socket: PathBuf,
+        uri: String,
+        postcopy_ram: bool,
+    },
     /// Run `pause` to pause and `resume` to resume, each through `sh -c`.
     Command { pause: String, resume: String },
 }
@@ -159,7 +169,7 @@ impl FromStr for PauseTarget {
             "fsfreeze" => Ok(Self::Fsfreeze(path()?)),
             "cgroup" => Ok(Self::Cgroup(path()?)),
             "qmp" => Ok(Self::Qmp(path()?)),
-            "qemu" => {
+            "qemu" | "qemu-postcopy" => {
                 let (socket, uri) = rest.split_once('@').ok_or_else(|| {
                     bad("qemu: needs SOCKET@URI (the destination's -incoming URI)")
                 })?;
@@ -169,6 +179,7 @@ impl FromStr for PauseTarget {
                 Ok(Self::QemuMigrate {
                     socket: PathBuf::from(socket),
                     uri: uri.to_owned(),
+                    postcopy_ram: kind == "qemu-postcopy",
                 })
             }
             "cmd" => {
@@ -195,7 +206,20 @@ impl fmt::Display for PauseTarget {
             Self::Fsfreeze(p) => write!(f, "fsfreeze:{}", p.display()),
             Self::Cgroup(p) => write!(f, "cgroup:{}", p.display()),
             Self::Qmp(p) => write!(f, "qmp:{}", p.display()),
-            Self::QemuMigrate { socket, uri } => write!(f, "qemu:{}@{uri}", socket.display()),
+            Self::QemuMigrate {
+                socket,
+                uri,
+                postcopy_ram,
+            } => write!(
+                f,
+                "{}:{}@{uri}",
+                if *postcopy_ram {
+                    "qemu-postcopy"
+                } else {
+                    "qemu"
+                },
+                socket.display()
+            ),
             Self::Command { pause, resume } => write!(f, "cmd:{pause};;{resume}"),
         }
     }
@@ -210,7 +234,11 @@ impl PauseTarget {
             Self::Fsfreeze(mount) => fsfreeze::freeze(mount).await?,
             Self::Cgroup(dir) => cgroup::freeze(dir).await?,
             Self::Qmp(socket) => qmp::stop(socket).await?,
-            Self::QemuMigrate { socket, uri } => qemu_migrate::start(socket, uri).await?,
+            Self::QemuMigrate {
+                socket,
+                uri,
+                postcopy_ram,
+            } => qemu_migrate::start(socket, uri, *postcopy_ram).await?,
             Self::Command { pause, resume } => command::pause(pause, resume).await?,
         };
         tracing::info!(took = ?started.elapsed(), "workload paused");
@@ -272,6 +300,8 @@ enum Hold {
     QemuMigrate {
         socket: PathBuf,
         qmp: Qmp,
+        /// The hand-over ends at `postcopy-active`, not `completed`.
+        postcopy_ram: bool,
     },
     Command {
         resume: String,
@@ -325,7 +355,7 @@ impl Paused {
             Some(Hold::Fsfreeze { mount, dir }) => fsfreeze::thaw(mount, dir),
             Some(Hold::Cgroup { dir }) => cgroup::thaw(dir),
             Some(Hold::Qmp { socket, qmp }) => qmp::cont(qmp, socket).await,
-            Some(Hold::QemuMigrate { socket, qmp }) => qemu_migrate::cancel(qmp, socket).await,
+            Some(Hold::QemuMigrate { socket, qmp, .. }) => qemu_migrate::cancel(qmp, socket).await,
             Some(Hold::Command { resume }) => command::run_shell(resume).await,
         };
         // One attempt only: a failed resume is the caller's to handle, and
@@ -343,9 +373,14 @@ impl Paused {
     /// failed hand-over leaves the VM as it is, never resumed here: its disk
     /// has switched (`tern rollback --resume` brings it back).
     pub async fn hand_over(mut self) -> Result<(), PauseError> {
-        if let Some(Hold::QemuMigrate { socket, qmp }) = self.hold.as_mut() {
+        if let Some(Hold::QemuMigrate {
+            socket,
+            qmp,
+            postcopy_ram,
+        }) = self.hold.as_mut()
+        {
             let started = Instant::now();
-            match qemu_migrate::continue_to_completion(qmp, socket).await {
+            match qemu_migrate::continue_to_completion(qmp, socket, *postcopy_ram).await {
                 Ok(info) => tracing::info!(
                     took = ?started.elapsed(),
                     downtime_ms = info["downtime"].as_u64().unwrap_or(0),
@@ -389,7 +424,7 @@ impl Drop for Paused {
             Hold::Cgroup { dir } => cgroup::thaw(&dir),
             Hold::Qmp { socket, qmp } => qmp.commands_blocking(&socket, &["cont"]),
             // Cancelling resumes the VM; `cont` makes sure of it.
-            Hold::QemuMigrate { socket, qmp } => {
+            Hold::QemuMigrate { socket, qmp, .. } => {
                 qmp.commands_blocking(&socket, &["migrate_cancel", "cont"])
             }
             Hold::Command { resume } => command::run_shell_blocking(&resume),
@@ -432,9 +467,21 @@ mod tests {
                 .expect("valid"),
             PauseTarget::QemuMigrate {
                 socket: "/run/vm.qmp".into(),
-                uri: "tcp:dst:4444".into()
+                uri: "tcp:dst:4444".into(),
+                postcopy_ram: false,
             }
         );
+        let post = "qemu-postcopy:/run/vm.qmp@unix:/run/m.sock";
+        let t = post.parse::<PauseTarget>().expect("valid");
+        assert_eq!(
+            t,
+            PauseTarget::QemuMigrate {
+                socket: "/run/vm.qmp".into(),
+                uri: "unix:/run/m.sock".into(),
+                postcopy_ram: true,
+            }
+        );
+        assert_eq!(t.to_string(), post);
         assert_eq!(
             "cmd:docker pause db;;docker unpause db"
                 .parse::<PauseTarget>()
@@ -470,6 +517,7 @@ mod tests {
             "qemu:/run/vm.qmp",
             "qemu:@tcp:dst:4444",
             "qemu:/run/vm.qmp@",
+            "qemu-postcopy:/run/vm.qmp",
             "cmd:stop",
             "cmd:;;start",
             "cmd:stop;; ",

@@ -3,6 +3,12 @@
 //! QEMU has precopied RAM and stopped the VM (`pre-switchover`); the hand-over
 //! (`migrate-continue`) sends the device state after the disk has switched;
 //! a resume cancels the migration.
+//!
+//! With `postcopy-ram` (`qemu-postcopy:`), the migration is switched to
+//! post-copy as soon as it starts: QEMU makes one pass over RAM, stops the VM
+//! at `pre-switchover`, and after the hand-over the VM runs on the
+//! destination (`postcopy-active`) while its remaining pages are fetched on
+//! demand and pushed; the destination QEMU must have the capability too.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -15,26 +21,37 @@ use super::{Hold, PauseError, Paused, Qmp};
 /// Starts QEMU's migration of the running VM at `socket` to `uri` with
 /// `pause-before-switchover` and waits until QEMU has precopied RAM and
 /// stopped the VM (`pre-switchover`).
-pub(super) async fn start(socket: &Path, uri: &str) -> Result<Paused, PauseError> {
+pub(super) async fn start(
+    socket: &Path,
+    uri: &str,
+    postcopy_ram: bool,
+) -> Result<Paused, PauseError> {
     let began = Instant::now();
     let mut qmp = Qmp::connect(socket).await?;
     expect_status(&mut qmp, socket, true).await?;
+    let mut caps = vec![json!({ "capability": "pause-before-switchover", "state": true })];
+    if postcopy_ram {
+        caps.push(json!({ "capability": "postcopy-ram", "state": true }));
+    }
     qmp.execute(
         "migrate-set-capabilities",
-        Some(
-            json!({ "capabilities": [{ "capability": "pause-before-switchover", "state": true }] }),
-        ),
+        Some(json!({ "capabilities": caps })),
     )
     .await?;
     // Guard first: once `migrate` is on the wire, any failure must cancel it.
     let mut paused = Paused::new(Hold::QemuMigrate {
         socket: socket.to_path_buf(),
         qmp,
+        postcopy_ram,
     });
     let Some(Hold::QemuMigrate { qmp, .. }) = paused.hold.as_mut() else {
         unreachable!("just built as Hold::QemuMigrate");
     };
     qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+    if postcopy_ram {
+        // QEMU switches once its first pass over RAM is out.
+        qmp.execute("migrate-start-postcopy", None).await?;
+    }
     let info = wait(qmp, socket, &["pre-switchover"]).await?;
     if info["status"] != "pre-switchover" {
         return Err(ended(socket, &info));
@@ -45,18 +62,28 @@ pub(super) async fn start(socket: &Path, uri: &str) -> Result<Paused, PauseError
     Ok(paused)
 }
 
-/// `migrate-continue` from `pre-switchover`, then waits for `completed`.
+/// `migrate-continue` from `pre-switchover`, then waits for `completed`
+/// (or, in post-copy, `postcopy-active`: the VM runs on the destination).
 pub(super) async fn continue_to_completion(
     qmp: &mut Qmp,
     socket: &Path,
+    postcopy_ram: bool,
 ) -> Result<Value, PauseError> {
     qmp.execute(
         "migrate-continue",
         Some(json!({ "state": "pre-switchover" })),
     )
     .await?;
-    let info = wait(qmp, socket, &[]).await?;
-    if info["status"] != "completed" {
+    let also: &[&str] = if postcopy_ram {
+        &["postcopy-active"]
+    } else {
+        &[]
+    };
+    let info = wait(qmp, socket, also).await?;
+    if !matches!(
+        info["status"].as_str(),
+        Some("completed" | "postcopy-active")
+    ) {
         return Err(ended(socket, &info));
     }
     Ok(info)
