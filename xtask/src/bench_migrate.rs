@@ -12,7 +12,10 @@
 //!    a veth pair into a network namespace shaped to 1 Gbit/s by `tbf`; the
 //!    destination agent runs in the namespace, fio is paused for the cutover
 //!    with `--pause 'cmd:kill -STOP PID;;kill -CONT PID'` (fio runs its job
-//!    as a thread, so one stopped process is the whole workload).
+//!    as a thread, so one stopped process is the whole workload). A
+//!    bystander fio reads 1000 4 KiB blocks a second in the writer's
+//!    cgroups: its read rate during the migration against the warm-up's is
+//!    what a throttle costs what it is not aimed at.
 //! 4. A real file system (`fs.rs`): an ext4 image filled from this machine's
 //!    `/usr` and a clone of this repository to about 75 %, copied whole by
 //!    `tern migrate` and by `qemu-img convert` into `qemu-nbd`, over loopback
@@ -611,19 +614,12 @@ impl Bench<'_> {
         let dst = self.dir.join("live-dst.img");
         std::fs::remove_file(&dst).ok();
         let (mut agent, to) = self.start_agent(&dst, size, Some(ns))?;
-        let mut fio = Proc::spawn(
-            "fio",
-            &mut cgroup.run(&fio_writes("live", &src_loop.dev, rate)),
-            None,
-        )?;
-        std::thread::sleep(Duration::from_secs(cfg.warmup_secs));
-        if let Some(status) = fio.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-            bail!("fio exited at start ({status})");
-        }
+        let (mut fio, mut bystander, base_rate) = start_workload(cfg, cgroup, &src_loop.dev, rate)?;
         if cfg.peers_only {
             return Ok(format!("{label:>6} {mode:<12} {:>9} (peers only)\n", "-"));
         }
         let writes_before = loop_writes(&src_loop.dev)?;
+        let reads_before = cgroup.reads()?;
         let started = Instant::now();
         let pause = format!("cmd:kill -STOP {pid};;kill -CONT {pid}", pid = fio.pid());
         let args = live_args(cfg, cgroup, &pause, mode);
@@ -637,7 +633,14 @@ impl Bench<'_> {
         let reads = reader.map(postcopy::Reader::finish).transpose()?.flatten();
         let measured =
             (loop_writes(&src_loop.dev)? - writes_before) as f64 / started.elapsed().as_secs_f64();
+        let read_rate = (cgroup.reads()? - reads_before) as f64 / started.elapsed().as_secs_f64();
+        let bystander_note = format!(
+            "{:>6} bystander reads {read_rate:.0}/s during, {base_rate:.0}/s before ({:+.0} %)\n",
+            "",
+            100.0 * (read_rate / base_rate.max(1.0) - 1.0)
+        );
         fio.kill();
+        bystander.kill();
         agent.stop();
         let r = match result {
             Ok(r) => r,
@@ -650,7 +653,7 @@ impl Bench<'_> {
                 let first = first.split_once("): ").map_or(first, |(_, r)| r);
                 let first: String = first.chars().take(90).collect();
                 return Ok(format!(
-                    "{label:>6} {mode:<12} {measured:>9.0} failed: {first}\n"
+                    "{label:>6} {mode:<12} {measured:>9.0} failed: {first}\n{bystander_note}"
                 ));
             }
         };
@@ -696,6 +699,7 @@ impl Bench<'_> {
         if let Some(p) = &r.postcopy {
             row.push_str(&postcopy_line(p, reads.as_ref()));
         }
+        row.push_str(&bystander_note);
         Ok(row)
     }
 
@@ -797,6 +801,35 @@ impl Bench<'_> {
 
 /// The line under a post-copy row: what was missing, its demand fetches
 /// and what the destination's reader saw.
+/// The live part's workload, warmed up: the writer at `rate` IOPS and a
+/// bystander reader in the same cgroups (reads the throttle is not aimed
+/// at: a write limit should leave them alone, a CPU quota slows them), and
+/// the bystander's read rate over the warm-up.
+fn start_workload(
+    cfg: &Config,
+    cgroup: &BlkioCgroup,
+    dev: &str,
+    rate: u32,
+) -> Result<(Proc, Proc, f64)> {
+    let mut fio = Proc::spawn("fio", &mut cgroup.run(&fio_writes("live", dev, rate)), None)?;
+    let mut bystander = Proc::spawn(
+        "fio",
+        &mut cgroup.run(&fio_reads("bystander", dev, BYSTANDER_IOPS)),
+        None,
+    )?;
+    // fio's own start-up is not the bystander's rate.
+    std::thread::sleep(Duration::from_millis(500));
+    let (base_reads, base_at) = (cgroup.reads()?, Instant::now());
+    std::thread::sleep(Duration::from_secs(cfg.warmup_secs));
+    for p in [&mut fio, &mut bystander] {
+        if let Some(status) = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            bail!("fio exited at start ({status})");
+        }
+    }
+    let base_rate = (cgroup.reads()? - base_reads) as f64 / base_at.elapsed().as_secs_f64();
+    Ok((fio, bystander, base_rate))
+}
+
 /// `tern migrate`'s flags for one live row in `mode`.
 fn live_args(cfg: &Config, cgroup: &BlkioCgroup, pause: &str, mode: &str) -> Vec<String> {
     let mut args: Vec<String> = vec![
@@ -1206,6 +1239,29 @@ impl Drop for Proc {
 
 /// fio writing 4 KiB blocks at random on `dev` at `iops` until stopped;
 /// one process (`--thread`), so SIGSTOP of it pauses every job.
+/// The bystander's read rate in the live part.
+const BYSTANDER_IOPS: u32 = 1000;
+
+/// fio reading 4 KiB blocks at random from `dev` at `iops`, synchronously.
+fn fio_reads(name: &str, dev: &str, iops: u32) -> Command {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        &format!("--name={name}"),
+        "--direct=1",
+        "--rw=randread",
+        "--bs=4k",
+        "--ioengine=psync",
+        "--thread",
+        "--time_based",
+        "--runtime=600",
+        "--eta=never",
+        &format!("--rate_iops={iops}"),
+        &format!("--filename={dev}"),
+    ])
+    .stdout(Stdio::null());
+    cmd
+}
+
 pub(crate) fn fio_writes(name: &str, dev: &str, iops: u32) -> Command {
     let mut cmd = Command::new("fio");
     cmd.args([
@@ -1249,6 +1305,22 @@ impl BlkioCgroup {
             })?;
         }
         Ok(BlkioCgroup { dir, cpu })
+    }
+
+    /// Reads the cgroup's tasks completed on any disk (blkio's own count:
+    /// Tern's reads of the source are not in it).
+    pub(crate) fn reads(&self) -> Result<u64> {
+        let path = self.dir.join("blkio.throttle.io_serviced");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("read {}", path.display()))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let (_dev, op, n) = (f.next()?, f.next()?, f.next()?);
+                (op == "Read").then(|| n.parse::<u64>().ok()).flatten()
+            })
+            .sum())
     }
 
     /// `cmd`, run from inside these cgroups.
