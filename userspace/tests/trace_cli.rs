@@ -261,7 +261,12 @@ fn the_cpu_of_a_cgroup_and_a_process_is_profiled_beside_the_io_and_reaches_the_p
     let text = sh(tern().args(["analyze", "report"]).arg(&out));
     assert!(text.contains("cores mean"), "{text}");
 
-    // The controller reads the host's idle cores: whether compressing pays.
+    the_plan_reads_the_cpu_profile(&lo, &out);
+}
+
+/// The controller reads the host's idle cores (whether compressing pays)
+/// and the workload's CPU (which lever a throttle should pull).
+fn the_plan_reads_the_cpu_profile(lo: &LoopDev, out: &std::path::Path) {
     let plan = lo.dir.path().join("plan.json");
     sh(tern()
         .args([
@@ -273,7 +278,7 @@ fn the_cpu_of_a_cgroup_and_a_process_is_profiled_beside_the_io_and_reaches_the_p
             "--out",
         ])
         .arg(&plan)
-        .arg(&out));
+        .arg(out));
     let p: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&plan).expect("plan")).expect("json");
     assert!(p["compress"].is_boolean(), "{p}");
@@ -285,6 +290,20 @@ fn the_cpu_of_a_cgroup_and_a_process_is_profiled_beside_the_io_and_reaches_the_p
         .find(|l| l.starts_with("compress") || l.starts_with("send raw"))
         .unwrap_or_else(|| panic!("no compression line in {p}"));
     assert!(why.contains("idle in 90% of the samples"), "{why}");
+    // And which lever a throttle should pull, from the workload's own CPU
+    // (the spinner's cgroup: the first target that is not the host).
+    assert!(
+        matches!(p["throttle_by"].as_str(), Some("cpu" | "writes")),
+        "{p}"
+    );
+    let lever = p["explanation"]
+        .as_array()
+        .expect("explanation")
+        .iter()
+        .filter_map(|l| l.as_str())
+        .find(|l| l.starts_with("throttle by"))
+        .unwrap_or_else(|| panic!("no throttle line in {p}"));
+    assert!(lever.contains("cgroup:"), "{lever}");
 }
 
 fn num_cpus() -> usize {

@@ -321,36 +321,7 @@ fn tern_moves(name: &str, extra: &[&str], ahead: Ahead) -> Outcome {
     // QEMU's migration completes only at Tern's hand-over, after its switch
     // and health check: the destination may run from then on, while
     // `tern migrate` is still exiting.
-    let deadline = Instant::now() + MIGRATION_LIMIT;
-    // In post-copy the destination runs from `postcopy-active` on (its RAM
-    // still arriving); QEMU completes once every page is there.
-    let mut ends = vec!["completed", "failed", "cancelled"];
-    if postcopy_ram {
-        ends.push("postcopy-active");
-    }
-    let mut info = loop {
-        let exited = migrate.try_wait().is_some();
-        let info = src.qmp("query-migrate", Value::Null);
-        if ends.contains(&info["status"].as_str().unwrap_or("")) || exited {
-            break info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "migration not done within {MIGRATION_LIMIT:?}: {info}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    if info["status"] == "postcopy-active" {
-        dst.qmp("cont", Value::Null);
-        while info["status"] == "postcopy-active" {
-            assert!(
-                Instant::now() < deadline,
-                "post-copy not done within {MIGRATION_LIMIT:?}: {info}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-            info = src.qmp("query-migrate", Value::Null);
-        }
-    }
+    let info = wait_for_qemu(&mut src, &mut dst, &mut migrate, postcopy_ram);
     assert_eq!(
         info["status"],
         "completed",
@@ -380,6 +351,41 @@ fn tern_moves(name: &str, extra: &[&str], ahead: Ahead) -> Outcome {
     agent.stop();
     guest::fsck(&agent.image()).unwrap_or_else(|e| panic!("e2fsck on the destination: {e}"));
     out
+}
+
+/// Waits for QEMU's migration to end (or `tern migrate` to exit); in
+/// post-copy, lets the destination run from `postcopy-active` on (its RAM
+/// still arriving) and waits for QEMU to complete once every page is there.
+fn wait_for_qemu(src: &mut Vm, dst: &mut Vm, migrate: &mut Guard, postcopy_ram: bool) -> Value {
+    let deadline = Instant::now() + MIGRATION_LIMIT;
+    let mut ends = vec!["completed", "failed", "cancelled"];
+    if postcopy_ram {
+        ends.push("postcopy-active");
+    }
+    let mut info = loop {
+        let exited = migrate.try_wait().is_some();
+        let info = src.qmp("query-migrate", Value::Null);
+        if ends.contains(&info["status"].as_str().unwrap_or("")) || exited {
+            break info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration not done within {MIGRATION_LIMIT:?}: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    if info["status"] == "postcopy-active" {
+        dst.qmp("cont", Value::Null);
+        while info["status"] == "postcopy-active" {
+            assert!(
+                Instant::now() < deadline,
+                "post-copy not done within {MIGRATION_LIMIT:?}: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+            info = src.qmp("query-migrate", Value::Null);
+        }
+    }
+    info
 }
 
 /// Guest RAM of every VM here (QEMU's `-m`, the RAM file's size).

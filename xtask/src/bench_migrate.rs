@@ -1311,8 +1311,8 @@ impl BlkioCgroup {
     /// Tern's reads of the source are not in it).
     pub(crate) fn reads(&self) -> Result<u64> {
         let path = self.dir.join("blkio.throttle.io_serviced");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("read {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
         Ok(text
             .lines()
             .filter_map(|l| {

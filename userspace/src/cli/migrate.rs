@@ -162,9 +162,10 @@ pub struct MigrateArgs {
     throttle_cgroup: Option<CgroupSpec>,
     /// What `--converge throttle` limits: `writes` (the cgroup's writes to
     /// the source's disk) or `cpu` (its CPU quota, as QEMU's auto-converge
-    /// slows vCPUs: for a writer whose dirtying follows its CPU).
-    #[arg(long, value_enum, default_value_t = ThrottleBy::Writes)]
-    throttle_by: ThrottleBy,
+    /// slows vCPUs: for a writer whose dirtying follows its CPU). Default:
+    /// the `--plan`'s lever (from the workload's CPU profile), else writes.
+    #[arg(long, value_enum)]
+    throttle_by: Option<ThrottleBy>,
     /// After cutover: a command that must exit 0, else roll back.
     #[arg(long)]
     health_cmd: Option<String>,
@@ -307,7 +308,7 @@ impl MigrateArgs {
             if self.throttle_cgroup.is_some() {
                 bail!("--throttle-cgroup is for --converge throttle");
             }
-            if self.throttle_by != ThrottleBy::Writes {
+            if self.throttle_by.is_some() {
                 bail!("--throttle-by is for --converge throttle");
             }
             return Ok(None);
@@ -658,8 +659,9 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
                     .to_owned(),
                     postcopy_if_not_converging: m.converge == Some(Converge::Postcopy),
                     throttle_by: match m.throttle_by {
-                        ThrottleBy::Writes => "writes",
-                        ThrottleBy::Cpu => "cpu",
+                        None => "",
+                        Some(ThrottleBy::Writes) => "writes",
+                        Some(ThrottleBy::Cpu) => "cpu",
                     }
                     .to_owned(),
                 })
@@ -695,7 +697,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             initial_sync: true,
             throttle: throttle.map(|cgroup| cutover::ThrottleOptions {
                 cgroup,
-                by: m.throttle_by.lever(),
+                by: m.throttle_by.map(ThrottleBy::lever),
                 record: Some(source.state_dir.join("throttle.json")),
             }),
             postcopy,

@@ -875,7 +875,7 @@ fn start_throttling(
             drain_ms: THROTTLE_DRAIN.as_millis(),
         });
     }
-    Ok(Some(match t.by {
+    Ok(Some(match t.by.unwrap_or_default() {
         ThrottleBy::Writes => Throttling::writes(WriteThrottle::new(
             &t.cgroup,
             repl.source().path(),

@@ -20,8 +20,8 @@ pub struct ThrottleOptions {
     /// Written while a limit is on and removed when lifted, so that a killed
     /// migration's limit is undone by the next run (`None`: not recorded).
     pub record: Option<PathBuf>,
-    /// What is limited.
-    pub by: ThrottleBy,
+    /// What is limited (`None`: the plan's lever, else the writes).
+    pub by: Option<ThrottleBy>,
 }
 
 /// What a throttle limits.

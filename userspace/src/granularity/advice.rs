@@ -165,6 +165,42 @@ pub fn compression(host: &CpuReport, model: &Model) -> Option<Compression> {
     Some(Compression { compress, why })
 }
 
+/// The workload's CPU use from which its dirtying is taken to follow its
+/// CPU (a VM's vCPUs, a program computing what it writes): a CPU quota then
+/// slows it where a write limit reaches only its own direct writes.
+pub const CPU_BOUND_CORES: f64 = 0.5;
+
+/// Which lever `--converge throttle` should pull, from the workload's CPU
+/// profile (its cgroup or process, not the host).
+pub fn throttle_lever(workload: &CpuReport) -> Lever {
+    let busy = workload.p90_cores;
+    if busy >= CPU_BOUND_CORES {
+        Lever {
+            by: "cpu",
+            why: format!(
+                "throttle by CPU: {} kept {busy:.2} cores busy in 90% of the samples (at least {CPU_BOUND_CORES}): its dirtying follows its CPU, which a quota slows, as QEMU's auto-converge slows vCPUs",
+                workload.target
+            ),
+        }
+    } else {
+        Lever {
+            by: "writes",
+            why: format!(
+                "throttle by writes: {} used at most {busy:.2} cores in 90% of the samples: its writes, not its CPU, are what to limit",
+                workload.target
+            ),
+        }
+    }
+}
+
+/// The controller's call on the throttle's lever.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Lever {
+    /// `writes` or `cpu` (`tern migrate --throttle-by`).
+    pub by: &'static str,
+    pub why: String,
+}
+
 /// The controller's call on compression.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Compression {
@@ -259,6 +295,20 @@ mod tests {
         let mut h = host(2, 1.0);
         h.idle_cores_p10 = None;
         assert_eq!(compression(&h, &model), None);
+    }
+
+    #[test]
+    fn a_cpu_bound_workload_is_throttled_by_its_cpu() {
+        let mut w = host(4, 1.0);
+        w.target = "cgroup:/sys/fs/cgroup/vm".into();
+        w.host_cpus = None;
+        w.p90_cores = 1.8;
+        let l = throttle_lever(&w);
+        assert_eq!(l.by, "cpu", "{}", l.why);
+        w.p90_cores = 0.13;
+        let l = throttle_lever(&w);
+        assert_eq!(l.by, "writes", "{}", l.why);
+        assert!(l.why.contains("cgroup:/sys/fs/cgroup/vm"), "{}", l.why);
     }
 
     #[test]

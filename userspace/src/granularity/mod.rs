@@ -147,6 +147,9 @@ pub struct Plan {
     /// Whether compressing pays (from the trace's CPU profile; `None`
     /// without one: the engine measures it live).
     pub compress: Option<bool>,
+    /// The throttle's lever, `writes` or `cpu` (from the workload's CPU
+    /// profile; `None` without one).
+    pub throttle_by: Option<&'static str>,
     pub choices: Vec<Choice>,
     pub explanation: Vec<String>,
 }
@@ -167,6 +170,9 @@ pub struct EnginePlan {
     /// Whether compressing pays on this host (`None`: measure it live).
     #[serde(default)]
     pub compress: Option<bool>,
+    /// The throttle's lever, `writes` or `cpu` (`None`: writes).
+    #[serde(default)]
+    pub throttle_by: Option<String>,
 }
 
 impl EnginePlan {
@@ -516,6 +522,12 @@ pub fn plan(
             explanation.push(c.why);
             c.compress
         });
+    // The workload's own profile: the first target that is not the host.
+    let throttle_by = work.cpu.iter().find(|r| r.target != "host").map(|w| {
+        let lever = advice::throttle_lever(w);
+        explanation.push(lever.why);
+        lever.by
+    });
     choices.push(adaptive);
     // The engine's dirty map needs a power of two; whole-volume units are
     // tracked at 4 KiB and widened when sent.
@@ -538,6 +550,7 @@ pub fn plan(
         dirty_rate_p90: rate,
         volumes,
         compress,
+        throttle_by,
         choices,
         explanation,
     })

@@ -74,6 +74,8 @@ pub struct SourceAgent {
     pub push_order: Option<SendOrder>,
     /// The plan's advice on the mode (`tern plan`), for `--mode auto`.
     pub planned: Option<Advice>,
+    /// The plan's throttle lever, when the request names none.
+    pub planned_throttle: Option<cutover::ThrottleBy>,
 }
 
 fn set(status: &StatusCell, f: impl FnOnce(&mut cutover::Status)) {
@@ -84,6 +86,11 @@ impl SourceAgent {
     /// What this agent knows for a post-copy the request did not say: the
     /// prediction's push order and the plan's advice.
     pub fn complete(&self, opts: &mut CutoverOptions) {
+        if let Some(t) = opts.throttle.as_mut()
+            && t.by.is_none()
+        {
+            t.by = self.planned_throttle;
+        }
         let Some(p) = opts.postcopy.as_mut() else {
             return;
         };
@@ -320,8 +327,9 @@ impl control_server::Control for ControlService {
             .transpose()
             .map_err(|e| bad_request("pause", e))?;
         let by = match r.throttle_by.as_str() {
-            "" | "writes" => cutover::ThrottleBy::Writes,
-            "cpu" => cutover::ThrottleBy::Cpu,
+            "" => None,
+            "writes" => Some(cutover::ThrottleBy::Writes),
+            "cpu" => Some(cutover::ThrottleBy::Cpu),
             other => {
                 return Err(GrpcStatus::invalid_argument(format!(
                     "throttle_by {other:?}: give writes or cpu"

@@ -373,6 +373,16 @@ impl Source {
                 throttle_record: opts.throttle_record.clone(),
                 push_order,
                 planned: plan.as_ref().and_then(EnginePlan::advice),
+                planned_throttle: plan
+                    .as_ref()
+                    .and_then(|p| p.throttle_by.as_deref())
+                    .map(|by| {
+                        if by == "cpu" {
+                            cutover::ThrottleBy::Cpu
+                        } else {
+                            cutover::ThrottleBy::Writes
+                        }
+                    }),
             },
             uploader,
             tls,
