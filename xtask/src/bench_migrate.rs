@@ -558,12 +558,14 @@ impl Bench<'_> {
         let mut t = format!(
             "Live migration, {} MiB image, fio 4 KiB random writes (direct, libaio) on the loop device, \
              {LINK_RATE}/s tbf veth into a namespace, mTLS, --max-downtime {}\n\
-             (IOPS: fio's --rate_iops, max: unlimited; converge: fail or throttle (--converge), \
+             (IOPS: fio's --rate_iops, max: unlimited; mode: fail or throttle (--converge), \
+             throttle-cpu (--converge throttle --throttle-by cpu), auto (--mode auto), \
              postcopy (--mode postcopy: switch after the first pass, the rest fetched after, while \
              fio reads 4 KiB at random on the destination's export, at the writer's rate, 1000 for max); \
              measured: write IOPS the loop device completed during the migration; \
              pause/flush/final/verify: the downtime's parts in ms; final MB: the final delta; \
-             lowest limit: the throttle's lowest write limit)\n",
+             lowest limit: the throttle's lowest write limit or CPU quota; bystander: a reader of \
+             1000 IOPS in the writer's cgroups)\n",
             cfg.live_mib, cfg.downtime
         );
         if let Some(region) = &cfg.live_region {

@@ -67,7 +67,7 @@ pub enum CutoverError {
     },
     /// A throttled workload's pause waits for the throttle's held writes.
     #[error(
-        "--converge throttle needs a --max-downtime above {drain_ms} ms: the pause waits that long for the writes the throttle holds"
+        "--converge throttle by writes needs a --max-downtime above {drain_ms} ms: the pause waits that long for the writes the throttle holds (a CPU quota, --throttle-by cpu, holds none)"
     )]
     BudgetBelowDrain { drain_ms: u128 },
     /// The checksum roots still differed after resending.
@@ -870,12 +870,13 @@ fn start_throttling(
     let Some(t) = &opts.throttle else {
         return Ok(None);
     };
-    if opts.max_downtime <= THROTTLE_DRAIN {
+    let by = t.by.unwrap_or_default();
+    if by == ThrottleBy::Writes && opts.max_downtime <= THROTTLE_DRAIN {
         return Err(CutoverError::BudgetBelowDrain {
             drain_ms: THROTTLE_DRAIN.as_millis(),
         });
     }
-    Ok(Some(match t.by.unwrap_or_default() {
+    Ok(Some(match by {
         ThrottleBy::Writes => Throttling::writes(WriteThrottle::new(
             &t.cgroup,
             repl.source().path(),
@@ -899,7 +900,8 @@ fn release(
         s.throttle_bps = 0;
         s.throttle_cores = 0.0;
     });
-    Ok(on.then(Instant::now))
+    // A CPU quota holds no writes: nothing to drain.
+    Ok((on && t.holds_writes()).then(Instant::now))
 }
 
 /// The downtime budget the final delta must fit, in milliseconds: a

@@ -132,6 +132,12 @@ impl Throttling {
         }
     }
 
+    /// Whether the limit holds writes back (a write limit does; a CPU quota
+    /// only stops the tasks, whose submitted writes go on).
+    pub(super) fn holds_writes(&self) -> bool {
+        matches!(self.lever, Lever::Writes(_))
+    }
+
     /// The CPU quota on now (cores).
     pub(super) fn current_cores(&self) -> Option<f64> {
         match &self.lever {
