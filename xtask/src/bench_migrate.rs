@@ -1246,41 +1246,33 @@ const BYSTANDER_IOPS: u32 = 1000;
 
 /// fio reading 4 KiB blocks at random from `dev` at `iops`, synchronously.
 fn fio_reads(name: &str, dev: &str, iops: u32) -> Command {
-    let mut cmd = Command::new("fio");
-    cmd.args([
-        &format!("--name={name}"),
-        "--direct=1",
-        "--rw=randread",
-        "--bs=4k",
-        "--ioengine=psync",
-        "--thread",
-        "--time_based",
-        "--runtime=600",
-        "--eta=never",
-        &format!("--rate_iops={iops}"),
-        &format!("--filename={dev}"),
-    ])
-    .stdout(Stdio::null());
-    cmd
+    fio_random(name, dev, iops, &["--rw=randread", "--ioengine=psync"])
 }
 
 pub(crate) fn fio_writes(name: &str, dev: &str, iops: u32) -> Command {
+    fio_random(
+        name,
+        dev,
+        iops,
+        &["--rw=randwrite", "--ioengine=libaio", "--iodepth=8"],
+    )
+}
+
+/// fio doing 4 KiB direct I/O at random on `dev` at `iops` (0: unlimited)
+/// for up to ten minutes, as `how` says (`--rw`, the engine).
+fn fio_random(name: &str, dev: &str, iops: u32, how: &[&str]) -> Command {
     let mut cmd = Command::new("fio");
-    cmd.args([
-        &format!("--name={name}"),
-        "--direct=1",
-        "--rw=randwrite",
-        "--bs=4k",
-        "--ioengine=libaio",
-        "--iodepth=8",
-        "--thread",
-        "--time_based",
-        "--runtime=600",
-        "--eta=never",
-        &format!("--rate_iops={iops}"),
-        &format!("--filename={dev}"),
-    ])
-    .stdout(Stdio::null());
+    cmd.args([&format!("--name={name}"), "--direct=1", "--bs=4k"])
+        .args(how)
+        .args([
+            "--thread",
+            "--time_based",
+            "--runtime=600",
+            "--eta=never",
+            &format!("--rate_iops={iops}"),
+            &format!("--filename={dev}"),
+        ])
+        .stdout(Stdio::null());
     cmd
 }
 

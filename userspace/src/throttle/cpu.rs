@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{CgroupSpec, ThrottleError, cgroup_mounts, is_root_cgroup, read, remove_record};
+use super::{CgroupSpec, ThrottleError, is_root_cgroup, read, remove_record};
 use crate::trace::cpu::{CpuSampler, CpuTarget};
 
 /// The kernel interface of a cgroup's CPU quota.
@@ -312,43 +312,7 @@ fn write_quota(
 /// The cgroup of `pid` that carries a CPU quota: its v2 cgroup when that
 /// has `cpu.max`, else its v1 cpu cgroup.
 fn cpu_cgroup_of(pid: u32) -> Result<(PathBuf, CpuInterface), ThrottleError> {
-    let file = PathBuf::from(format!("/proc/{pid}/cgroup"));
-    let text = std::fs::read_to_string(&file).map_err(|e| ThrottleError::NoCgroupOf {
-        pid,
-        why: format!("{}: {e}", file.display()),
-    })?;
-    let mounts = cgroup_mounts();
-    let mut tried = Vec::new();
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let mount = mounts.iter().find(|m| match &m.controllers {
-            None => controllers.is_empty(),
-            Some(c) => {
-                !controllers.is_empty()
-                    && c.iter().any(|o| o == "cpu")
-                    && controllers.split(',').any(|x| x == "cpu")
-            }
-        });
-        let Some(mount) = mount else { continue };
-        let dir = mount.point.join(path.trim_start_matches('/'));
-        match CpuInterface::of(&dir) {
-            Some(_) if dir == mount.point => tried.push(format!("{} is the root", dir.display())),
-            Some(iface) => return Ok((dir, iface)),
-            None => tried.push(format!("{} has no CPU quota", dir.display())),
-        }
-    }
-    Err(ThrottleError::NoCgroupOf {
-        pid,
-        why: if tried.is_empty() {
-            "no cgroup2 or v1 cpu mount holds it".to_owned()
-        } else {
-            tried.join("; ")
-        },
-    })
+    super::cgroup_with(pid, "cpu", "CPU quota", CpuInterface::of)
 }
 
 #[cfg(test)]

@@ -580,6 +580,18 @@ fn cgroup_mounts() -> Vec<CgroupMount> {
 /// The cgroup of `pid` that carries a write limit: its v2 cgroup when that
 /// has `io.max`, else its v1 blkio cgroup.
 fn cgroup_of(pid: u32) -> Result<(PathBuf, Interface), ThrottleError> {
+    cgroup_with(pid, "blkio", "write limit", Interface::of)
+}
+
+/// The cgroup of `pid` whose directory `probe` finds a limit's interface
+/// in: its v2 cgroup, else its cgroup in the v1 hierarchy of `controller`
+/// (never a hierarchy's root, which would limit the whole host).
+fn cgroup_with<I>(
+    pid: u32,
+    controller: &str,
+    limit: &str,
+    probe: impl Fn(&Path) -> Option<I>,
+) -> Result<(PathBuf, I), ThrottleError> {
     let file = PathBuf::from(format!("/proc/{pid}/cgroup"));
     let text = std::fs::read_to_string(&file).map_err(|e| ThrottleError::NoCgroupOf {
         pid,
@@ -598,22 +610,22 @@ fn cgroup_of(pid: u32) -> Result<(PathBuf, Interface), ThrottleError> {
             None => controllers.is_empty(),
             Some(c) => {
                 !controllers.is_empty()
-                    && c.iter().any(|o| o == "blkio")
-                    && controllers.split(',').any(|x| x == "blkio")
+                    && c.iter().any(|o| o == controller)
+                    && controllers.split(',').any(|x| x == controller)
             }
         });
         let Some(mount) = mount else { continue };
         let dir = mount.point.join(path.trim_start_matches('/'));
-        match Interface::of(&dir) {
+        match probe(&dir) {
             Some(_) if dir == mount.point => tried.push(format!("{} is the root", dir.display())),
             Some(iface) => return Ok((dir, iface)),
-            None => tried.push(format!("{} has no write limit", dir.display())),
+            None => tried.push(format!("{} has no {limit}", dir.display())),
         }
     }
     Err(ThrottleError::NoCgroupOf {
         pid,
         why: if tried.is_empty() {
-            "no cgroup2 or v1 blkio mount holds it".to_owned()
+            format!("no cgroup2 or v1 {controller} mount holds it")
         } else {
             tried.join("; ")
         },
