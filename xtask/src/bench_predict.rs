@@ -102,9 +102,10 @@ fn eval_part(bin: &Path, out: &mut String) -> Result<()> {
     );
     let _ = writeln!(
         out,
-        "| trace | model | precision | coverage | precision (bytes) | coverage (bytes) | read misses | fewer than readahead | fewer than lru | re-sent avoided | learns events/s | trace events/s | state KiB |"
+        "| trace | model | unit | precision | coverage | F1 | F1 (4K blocks) | read misses | fewer than last-horizon | re-sent avoided | learns events/s | trace events/s | state KiB |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut verdicts = Vec::new();
     for trace in &traces {
         let text = output(
             Command::new(bin)
@@ -131,48 +132,97 @@ fn eval_part(bin: &Path, out: &mut String) -> Result<()> {
             }
         };
         let r: serde_json::Value = serde_json::from_str(&text).context("eval JSON")?;
-        let models = r["models"].as_array().context("models")?;
-        let misses = |name: &str| {
-            models
-                .iter()
-                .find(|m| m["name"] == name)
-                .map(|m| num(&m["read_misses"]))
-        };
-        let fewer = |mine: u64, base: Option<u64>| match base {
-            Some(b) if b > 0 => format!("{:.1}%", (b as f64 - mine as f64) / b as f64 * 100.0),
-            _ => "-".to_owned(),
-        };
-        for m in models {
-            let mine = num(&m["read_misses"]);
-            let base = num(&m["resent_baseline_bytes"]);
-            let _ = writeln!(
-                out,
-                "| {name} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} | {:.0} | {:.0} | {} |",
-                m["name"].as_str().unwrap_or("?"),
-                pct(&m["precision"]),
-                pct(&m["coverage"]),
-                pct(&m["precision_bytes"]),
-                pct(&m["coverage_bytes"]),
-                mine,
-                num(&m["read_units"]),
-                fewer(mine, misses("readahead")),
-                fewer(mine, misses("lru")),
-                if base > 0 {
-                    format!(
-                        "{:.1}%",
-                        num(&m["resent_avoided_bytes"]) as f64 / base as f64 * 100.0
-                    )
-                } else {
-                    "-".to_owned()
-                },
-                m["events_per_second"].as_f64().unwrap_or(0.0),
-                r["history_events_per_second"].as_f64().unwrap_or(0.0),
-                num(&m["state_bytes"]) >> 10,
-            );
-        }
+        verdicts.extend(eval_rows(out, &name, &r)?);
+    }
+    let _ = writeln!(
+        out,
+        "\nThe ensemble against the best naive forecast (F1 by 4 KiB blocks; the bar is the naive F1 plus a tenth of what it leaves to perfect):\n"
+    );
+    let _ = writeln!(
+        out,
+        "| trace | best naive forecast | its F1 | the bar | ensemble | target |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for v in verdicts {
+        let _ = writeln!(out, "{v}");
     }
     let _ = writeln!(out);
     Ok(())
+}
+
+/// One trace's rows of the eval table; its verdict line, if it has one.
+fn eval_rows(out: &mut String, name: &str, r: &serde_json::Value) -> Result<Option<String>> {
+    let models = r["models"].as_array().context("models")?;
+    let misses = |name: &str, unit: u64| {
+        models
+            .iter()
+            .find(|m| m["name"] == name && num(&m["unit"]) == unit)
+            .map(|m| num(&m["read_misses"]))
+    };
+    let fewer = |mine: u64, base: Option<u64>| match base {
+        Some(b) if b > 0 => format!("{:.1}%", (b as f64 - mine as f64) / b as f64 * 100.0),
+        _ => "-".to_owned(),
+    };
+    for m in models {
+        let mine = num(&m["read_misses"]);
+        let base = num(&m["resent_baseline_bytes"]);
+        let unit = num(&m["unit"]);
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {:.0} | {:.0} | {} |",
+            m["name"].as_str().unwrap_or("?"),
+            size(unit),
+            pct(&m["precision"]),
+            pct(&m["coverage"]),
+            f1(&m["f1"]),
+            f1(&m["f1_blocks"]),
+            mine,
+            num(&m["read_units"]),
+            fewer(mine, misses("last-horizon", unit)),
+            if base > 0 {
+                format!(
+                    "{:.1}%",
+                    num(&m["resent_avoided_bytes"]) as f64 / base as f64 * 100.0
+                )
+            } else {
+                "-".to_owned()
+            },
+            m["events_per_second"].as_f64().unwrap_or(0.0),
+            r["history_events_per_second"].as_f64().unwrap_or(0.0),
+            num(&m["state_bytes"]) >> 10,
+        );
+    }
+    let t = &r["target"];
+    if t.is_null() {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "| {name} | {} at {} | {} | {} | {} at {} | {} |",
+        t["naive"].as_str().unwrap_or("?"),
+        size(num(&t["naive_unit"])),
+        f1(&t["naive_f1_blocks"]),
+        f1(&t["target_f1_blocks"]),
+        f1(&t["f1_blocks"]),
+        size(num(&t["unit"])),
+        if t["met"].as_bool() == Some(true) {
+            "met"
+        } else {
+            "**not met**"
+        },
+    )))
+}
+
+fn f1(v: &serde_json::Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".to_owned(), |f| format!("{f:.3}"))
+}
+
+fn size(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{}M", bytes >> 20)
+    } else {
+        format!("{}K", bytes >> 10)
+    }
 }
 
 /// A child stopped (resumed first, in case it is stopped) and reaped on drop.

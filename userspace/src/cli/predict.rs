@@ -15,7 +15,7 @@ use super::args::parse_size;
 #[command(
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Examples:\n  tern predict app.trace --horizon 10m --out plan.json\n  tern predict s3://tern/history --from 24h --device dev-vdb --horizon 10m --out plan.json\n  tern migrate --device /dev/vdb --to dst:7443 --prefetch plan.json ...\n  tern predict eval app.trace --train 0-50% --test 50-100% --horizon 10s [--json]"
+    after_help = "Examples:\n  tern predict app.trace --horizon 10m --out plan.json\n  tern predict s3://tern/history --from 24h --device dev-vdb --horizon 10m --out plan.json\n  tern migrate --device /dev/vdb --to dst:7443 --prefetch plan.json ...\n  tern predict eval app.trace --train 0-50% --test 50-100% --horizon 10s [--step 2s] [--unit 4K,64K,1M] [--json]"
 )]
 pub struct PredictArgs {
     #[command(subcommand)]
@@ -42,7 +42,8 @@ struct PredictRunArgs {
     out: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
-    /// The model (ensemble, lru, readahead, stride, correlation, periodic, ets).
+    /// The model (ensemble, learned, last-horizon, ever-touched, lru, readahead, stride,
+    /// correlation, periodic, ets).
     #[arg(long, default_value = "ensemble")]
     model: String,
     /// Claims below this probability are left out of the plan.
@@ -76,11 +77,21 @@ enum PredictCommand {
         /// Only these models (comma-separated); all by default.
         #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
+        /// How far the forecast's moment moves between windows (default: one
+        /// horizon, windows tiling the test range; shorter: overlapping whole
+        /// horizons).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        step: Option<Duration>,
         /// At most this many test windows are scored (spread evenly).
         #[arg(long, default_value_t = 200)]
         max_windows: usize,
-        #[command(flatten)]
-        common: Common,
+        /// Units to evaluate every model at (comma-separated); the ensemble
+        /// also gets a row at the unit it chooses from its own past windows.
+        #[arg(long, alias = "units", value_delimiter = ',', value_parser = parse_size, default_value = "4K,64K,1M")]
+        unit: Vec<u64>,
+        /// Which traced target (index in the trace header).
+        #[arg(long, default_value_t = 0)]
+        target: u16,
         /// The report as JSON (fields documented in docs/prediction.md).
         #[arg(long)]
         json: bool,
@@ -99,14 +110,17 @@ pub fn predict(args: PredictArgs) -> Result<()> {
             test,
             horizon,
             models,
+            step,
             max_windows,
-            common,
+            unit,
+            target,
             json,
         }) => {
             let spec = EvalSpec {
-                unit: common.unit,
-                target: common.target,
+                units: unit,
+                target,
                 horizon_ns: horizon_ns(horizon),
+                step_ns: step.map(horizon_ns),
                 train: eval::parse_split(&train)?,
                 test: eval::parse_split(&test)?,
                 models,

@@ -23,6 +23,9 @@ const CHECKPOINTS_PER_DOUBLING: u64 = 64;
 /// How many regions either side a region where no model has been right yet
 /// looks for one where a model has, to borrow its choice.
 const NEIGHBOURS: u64 = 8;
+/// Weight kept by older windows in the whole-disk standings that decide
+/// between the per-region combination and the best model alone.
+const RECENT_DECAY: f64 = 0.8;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Tally {
@@ -47,6 +50,8 @@ impl Tally {
 struct Pending {
     at: u64,
     claims: Vec<Vec<Scored>>,
+    /// The per-region combination made from `claims` at `at`.
+    combined: Vec<Scored>,
     /// Units touched in `[at, at + horizon)`.
     actual: HashSet<u64>,
 }
@@ -57,6 +62,10 @@ pub struct Ensemble {
     horizon_ns: u64,
     regions: HashMap<u64, Vec<Tally>>,
     global: Vec<Tally>,
+    /// Recent F1 over all regions, per model and (last) for the per-region
+    /// combination: the combination is used only while it has been at least
+    /// as good as every model alone.
+    recent: Vec<Tally>,
     pending: Option<Pending>,
     next_checkpoint: Option<u64>,
     interval: u64,
@@ -72,6 +81,7 @@ impl Ensemble {
             horizon_ns: horizon_ns.max(1),
             regions: HashMap::new(),
             global: vec![Tally::default(); n],
+            recent: vec![Tally::default(); n + 1],
             pending: None,
             next_checkpoint: None,
             interval: horizon_ns.max(1),
@@ -121,6 +131,18 @@ impl Ensemble {
                 }
             }
         }
+        let all_claims = p.claims.iter().chain(std::iter::once(&p.combined));
+        for (m, claims) in all_claims.enumerate() {
+            let set: HashSet<u64> = claims
+                .iter()
+                .filter(|s| s.any() >= 0.5)
+                .map(|s| s.unit)
+                .collect();
+            let tp = set.iter().filter(|u| p.actual.contains(u)).count() as f64;
+            let fp = set.len() as f64 - tp;
+            let fn_ = p.actual.len() as f64 - tp;
+            self.recent[m].add(tp, fp, fn_, RECENT_DECAY);
+        }
         for (region, counts) in per_region {
             let tallies = self
                 .regions
@@ -136,10 +158,12 @@ impl Ensemble {
     fn checkpoint(&mut self, at: u64) {
         self.score_pending();
         let h = self.horizon_ns;
-        let claims = self.models.iter_mut().map(|m| m.predict(at, h)).collect();
+        let claims: Vec<Vec<Scored>> = self.models.iter_mut().map(|m| m.predict(at, h)).collect();
+        let combined = self.combine(&claims);
         self.pending = Some(Pending {
             at,
             claims,
+            combined,
             actual: HashSet::new(),
         });
         self.checkpoints += 1;
@@ -149,58 +173,8 @@ impl Ensemble {
         self.next_checkpoint = Some(at.saturating_add(self.interval));
     }
 
-    fn best_global(&self) -> usize {
-        (0..self.global.len())
-            .max_by(|&a, &b| {
-                let f = |i: usize| self.global[i].f1().unwrap_or(0.0);
-                f(a).total_cmp(&f(b)).then(b.cmp(&a))
-            })
-            .unwrap_or(0)
-    }
-}
-
-impl Model for Ensemble {
-    fn name(&self) -> &'static str {
-        "ensemble"
-    }
-
-    fn observe(&mut self, a: &Access) {
-        match self.next_checkpoint {
-            None => self.next_checkpoint = Some(a.ts_ns.saturating_add(self.interval)),
-            Some(t) if a.ts_ns >= t => self.checkpoint(t),
-            Some(_) => {}
-        }
-        if let Some(p) = &mut self.pending
-            && a.ts_ns >= p.at
-            && a.ts_ns < p.at.saturating_add(self.horizon_ns)
-        {
-            p.actual.insert(a.unit);
-        }
-        for m in &mut self.models {
-            m.observe(a);
-        }
-    }
-
-    fn gap(&mut self, start_ns: u64, end_ns: u64) {
-        // A window the gap overlaps cannot be scored.
-        if let Some(p) = &self.pending
-            && start_ns < p.at.saturating_add(self.horizon_ns)
-            && p.at < end_ns.max(start_ns + 1)
-        {
-            self.pending = None;
-        }
-        for m in &mut self.models {
-            m.gap(start_ns, end_ns);
-        }
-    }
-
-    fn predict(&mut self, now_ns: u64, horizon_ns: u64) -> Vec<Scored> {
-        if horizon_ns != self.horizon_ns {
-            self.horizon_ns = horizon_ns.max(1);
-        }
-        if self.pending.as_ref().is_none_or(|p| p.at != now_ns) {
-            self.checkpoint(now_ns);
-        }
+    /// Per region, the claims of the model chosen there.
+    fn combine(&self, claims: &[Vec<Scored>]) -> Vec<Scored> {
         let best = self.best_global();
         // A region where some model has been right: its best model, or none
         // if even that one scored too low.
@@ -242,12 +216,9 @@ impl Model for Ensemble {
             let here = self.regions.get(&region);
             borrowed.filter(|&m| here.is_none_or(|t| t[m].fp == 0.0))
         };
-        let Some(p) = &self.pending else {
-            return Vec::new();
-        };
         let mut chosen: HashMap<u64, Option<usize>> = HashMap::new();
         let mut out = Vec::new();
-        for (m, claims) in p.claims.iter().enumerate() {
+        for (m, claims) in claims.iter().enumerate() {
             for s in claims {
                 let region = s.unit / REGION_UNITS;
                 let pick = *chosen.entry(region).or_insert_with(|| choice(region));
@@ -257,6 +228,96 @@ impl Model for Ensemble {
             }
         }
         out
+    }
+
+    /// The combination, unless one model alone has lately done better over
+    /// the whole disk (a global fallback proven on past windows).
+    fn fallback(&self, claims: &[Vec<Scored>], combined: &[Scored]) -> Vec<Scored> {
+        let n = self.models.len();
+        let together = self.recent[n].f1().unwrap_or(0.0);
+        let alone = (0..n)
+            .filter_map(|m| self.recent[m].f1().map(|f| (m, f)))
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
+        match alone {
+            Some((m, f)) if f > together => claims[m].clone(),
+            _ => combined.to_vec(),
+        }
+    }
+
+    /// Every model's claims at `now` and, last, the ensemble's own, without
+    /// moving its checkpoints (for a chooser scoring them on its own windows).
+    pub fn every_claim(&mut self, now_ns: u64, horizon_ns: u64) -> Vec<Vec<Scored>> {
+        let mut claims: Vec<Vec<Scored>> = self
+            .models
+            .iter_mut()
+            .map(|m| m.predict(now_ns, horizon_ns))
+            .collect();
+        let combined = self.combine(&claims);
+        claims.push(self.fallback(&claims[..self.models.len()], &combined));
+        claims
+    }
+
+    /// The models' names, in the order of [`Ensemble::every_claim`].
+    pub fn names(&self) -> Vec<&'static str> {
+        self.models.iter().map(|m| m.name()).collect()
+    }
+
+    fn best_global(&self) -> usize {
+        (0..self.global.len())
+            .max_by(|&a, &b| {
+                let f = |i: usize| self.global[i].f1().unwrap_or(0.0);
+                f(a).total_cmp(&f(b)).then(b.cmp(&a))
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Model for Ensemble {
+    fn name(&self) -> &'static str {
+        "regional"
+    }
+
+    fn observe(&mut self, a: &Access) {
+        match self.next_checkpoint {
+            None => self.next_checkpoint = Some(a.ts_ns.saturating_add(self.interval)),
+            Some(t) if a.ts_ns >= t => self.checkpoint(t),
+            Some(_) => {}
+        }
+        if let Some(p) = &mut self.pending
+            && a.ts_ns >= p.at
+            && a.ts_ns < p.at.saturating_add(self.horizon_ns)
+        {
+            p.actual.insert(a.unit);
+        }
+        for m in &mut self.models {
+            m.observe(a);
+        }
+    }
+
+    fn gap(&mut self, start_ns: u64, end_ns: u64) {
+        // A window the gap overlaps cannot be scored.
+        if let Some(p) = &self.pending
+            && start_ns < p.at.saturating_add(self.horizon_ns)
+            && p.at < end_ns.max(start_ns + 1)
+        {
+            self.pending = None;
+        }
+        for m in &mut self.models {
+            m.gap(start_ns, end_ns);
+        }
+    }
+
+    fn predict(&mut self, now_ns: u64, horizon_ns: u64) -> Vec<Scored> {
+        if horizon_ns != self.horizon_ns {
+            self.horizon_ns = horizon_ns.max(1);
+        }
+        if self.pending.as_ref().is_none_or(|p| p.at != now_ns) {
+            self.checkpoint(now_ns);
+        }
+        let Some(p) = &self.pending else {
+            return Vec::new();
+        };
+        self.fallback(&p.claims, &p.combined)
     }
 
     fn state_bytes(&self) -> usize {

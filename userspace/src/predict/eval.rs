@@ -34,12 +34,24 @@ use crate::trace::Record;
 /// Budget multiples of the previous window's read set in the curve.
 pub const BUDGET_FACTORS: [f64; 5] = [0.5, 1.0, 2.0, 4.0, 8.0];
 
+/// The units every model is evaluated at unless told otherwise.
+pub const UNITS: [u64; 3] = [4 << 10, 64 << 10, 1 << 20];
+
+/// The resolution of the block figures: what a 4 KiB page cache or a
+/// 4 KiB-block copy would move.
+const BLOCK: u64 = 4096;
+
 /// What to evaluate.
 #[derive(Debug, Clone)]
 pub struct EvalSpec {
-    pub unit: u64,
+    /// Units to evaluate every model at; empty: [`UNITS`].
+    pub units: Vec<u64>,
     pub target: u16,
     pub horizon_ns: u64,
+    /// How far the forecast's moment moves between windows; `None`: one
+    /// horizon (windows tile the test range, the last one cut at its end).
+    /// Shorter steps give overlapping windows, each a whole horizon.
+    pub step_ns: Option<u64>,
     /// Fractions of the history's time span, e.g. (0.0, 0.5).
     pub train: (f64, f64),
     pub test: (f64, f64),
@@ -52,9 +64,10 @@ pub struct EvalSpec {
 impl Default for EvalSpec {
     fn default() -> Self {
         EvalSpec {
-            unit: super::DEFAULT_UNIT,
+            units: Vec::new(),
             target: 0,
             horizon_ns: 10_000_000_000,
+            step_ns: None,
             train: (0.0, 0.5),
             test: (0.5, 1.0),
             models: Vec::new(),
@@ -87,17 +100,36 @@ pub struct BudgetPoint {
     pub read_coverage: Option<f64>,
 }
 
-/// One model's row.
+/// One scored window of one row.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct WindowScore {
+    /// The forecast's moment (trace nanoseconds).
+    pub at_ns: u64,
+    pub f1: Option<f64>,
+    pub f1_blocks: Option<f64>,
+}
+
+/// One model's row at one unit.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ModelReport {
     pub name: String,
+    pub unit: u64,
     pub precision: Option<f64>,
     pub coverage: Option<f64>,
+    pub f1: Option<f64>,
+    /// The same by distinct 4 KiB blocks: a claimed unit claims all its
+    /// blocks, an access touches the blocks it covers.
+    pub precision_blocks: Option<f64>,
+    pub coverage_blocks: Option<f64>,
+    pub f1_blocks: Option<f64>,
     pub precision_bytes: Option<f64>,
     pub coverage_bytes: Option<f64>,
     pub predicted_units: u64,
     pub actual_units: u64,
     pub hit_units: u64,
+    pub predicted_blocks: u64,
+    pub actual_blocks: u64,
+    pub hit_blocks: u64,
     pub read_units: u64,
     pub read_misses: u64,
     pub resent_baseline_bytes: u64,
@@ -109,14 +141,30 @@ pub struct ModelReport {
     pub state_bytes: u64,
     /// Events the model learned from per second of its training time.
     pub events_per_second: f64,
+    pub windows: Vec<WindowScore>,
+}
+
+/// The bar a model must clear: the best naive forecast's F1 by blocks plus a
+/// tenth of what it leaves to perfect.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Target {
+    pub naive: String,
+    pub naive_unit: u64,
+    pub naive_f1_blocks: f64,
+    pub target_f1_blocks: f64,
+    pub model: String,
+    pub unit: u64,
+    pub f1_blocks: Option<f64>,
+    pub met: bool,
 }
 
 /// The whole evaluation (`tern predict eval --json`).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct EvalReport {
     pub version: u32,
-    pub unit: u64,
+    pub units: Vec<u64>,
     pub horizon_ns: u64,
+    pub step_ns: u64,
     /// History span and the train and test ranges, in the trace's nanoseconds.
     pub span_ns: (u64, u64),
     pub train_ns: (u64, u64),
@@ -129,13 +177,18 @@ pub struct EvalReport {
     /// Events per second of history in the test range (what training must keep up with).
     pub history_events_per_second: f64,
     pub models: Vec<ModelReport>,
+    /// The ensemble at the unit it chooses against the best naive forecast.
+    pub target: Option<Target>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Counts {
     predicted: u64,
     actual: u64,
     hits: u64,
+    predicted_blocks: u64,
+    actual_blocks: u64,
+    hit_blocks: u64,
     predicted_bytes: u64,
     used_bytes: u64,
     actual_bytes: u64,
@@ -149,11 +202,160 @@ struct Counts {
     curve_budget: Vec<u64>,
 }
 
-/// What one window did per unit: bytes read, bytes written.
-type WindowActual = HashMap<u64, (u64, u64)>;
+impl Counts {
+    fn new() -> Counts {
+        Counts {
+            curve_hits: vec![0; BUDGET_FACTORS.len()],
+            curve_budget: vec![0; BUDGET_FACTORS.len()],
+            ..Counts::default()
+        }
+    }
+
+    fn add(&mut self, o: &Counts) {
+        self.predicted += o.predicted;
+        self.actual += o.actual;
+        self.hits += o.hits;
+        self.predicted_blocks += o.predicted_blocks;
+        self.actual_blocks += o.actual_blocks;
+        self.hit_blocks += o.hit_blocks;
+        self.predicted_bytes += o.predicted_bytes;
+        self.used_bytes += o.used_bytes;
+        self.actual_bytes += o.actual_bytes;
+        self.covered_bytes += o.covered_bytes;
+        self.read_units += o.read_units;
+        self.read_misses += o.read_misses;
+        self.resent_baseline += o.resent_baseline;
+        self.resent_avoided += o.resent_avoided;
+        self.held += o.held;
+        for (a, b) in self.curve_hits.iter_mut().zip(&o.curve_hits) {
+            *a += b;
+        }
+        for (a, b) in self.curve_budget.iter_mut().zip(&o.curve_budget) {
+            *a += b;
+        }
+    }
+
+    fn f1(&self) -> Option<f64> {
+        f1(self.hits, self.predicted, self.actual)
+    }
+
+    fn f1_blocks(&self) -> Option<f64> {
+        f1(self.hit_blocks, self.predicted_blocks, self.actual_blocks)
+    }
+}
 
 fn ratio(a: u64, b: u64) -> Option<f64> {
     (b > 0).then(|| a as f64 / b as f64)
+}
+
+/// F1 of a claim of `predicted` items of which `hits` came, against `actual`.
+fn f1(hits: u64, predicted: u64, actual: u64) -> Option<f64> {
+    ratio(2 * hits, predicted + actual)
+}
+
+/// What one window did per unit: bytes read, bytes written.
+type WindowActual = HashMap<u64, (u64, u64)>;
+
+/// The history's block requests and gaps on the target, in time order, and
+/// their 4 KiB events.
+fn block_records<I, E>(history: I, blocks: Units) -> Result<(Vec<Record>, Vec<Event>), PredictError>
+where
+    I: IntoIterator<Item = Result<Record, E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let mut records = Vec::new();
+    let mut scratch = Vec::new();
+    for record in history {
+        let record = record.map_err(|e| PredictError::History(Box::new(e)))?;
+        scratch.clear();
+        blocks.events(&record, &mut scratch);
+        if !scratch.is_empty() {
+            records.push(record);
+        }
+    }
+    // Trace records are in issue order per CPU chunk; make time order exact.
+    records.sort_by_key(Record::ts_ns);
+    let mut events = Vec::new();
+    for r in &records {
+        blocks.events(r, &mut events);
+    }
+    if !events.iter().any(|e| matches!(e, Event::Access(_))) {
+        return Err(PredictError::NoAccesses {
+            target: blocks.target,
+        });
+    }
+    Ok((records, events))
+}
+
+/// The test range's windows: one every step; with a step of one horizon
+/// they tile the range (the last cut at its end), with a shorter one each
+/// is a whole horizon (at least the first is kept). At most `max` are
+/// scored, evenly spread, and none that overlaps a gap. Also returns how
+/// many are scored and how many were skipped for a gap.
+fn windows_of(
+    blocks: &[Event],
+    (test_from, test_to): (u64, u64),
+    (h, step): (u64, u64),
+    max: usize,
+) -> (Vec<Window>, u64, u64) {
+    let gaps: Vec<(u64, u64)> = blocks
+        .iter()
+        .filter_map(|e| match e {
+            Event::Gap { start_ns, end_ns } => Some((*start_ns, (*end_ns).max(start_ns + 1))),
+            Event::Access(_) => None,
+        })
+        .collect();
+    let in_gap = |from: u64, to: u64| gaps.iter().any(|&(s, e)| s < to && from < e);
+
+    let mut starts = Vec::new();
+    let mut t = test_from;
+    while t < test_to && (step == h || t + h <= test_to || starts.is_empty()) {
+        starts.push(t);
+        t += step;
+    }
+    let every = (starts.len() as u64).div_ceil(max.max(1) as u64).max(1);
+    let (mut scored_windows, mut gap_windows) = (0, 0);
+    let mut windows: Vec<Window> = Vec::with_capacity(starts.len());
+    windows.extend(starts.iter().enumerate().map(|(k, &from)| {
+        let to = (from + h).min(test_to);
+        let picked = (k as u64).is_multiple_of(every);
+        let gap = picked && in_gap(from, to);
+        scored_windows += u64::from(picked && !gap);
+        gap_windows += u64::from(gap);
+        Window {
+            at: from,
+            to,
+            scored: picked && !gap,
+            blocks: Vec::new(),
+        }
+    }));
+    for w in &mut windows {
+        let (from, to) = (w.at, w.to);
+        w.blocks = {
+            let lo = blocks.partition_point(|e| e.ts_ns() < from);
+            let hi = blocks.partition_point(|e| e.ts_ns() < to);
+            let mut set: Vec<u64> = blocks[lo..hi]
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Access(a) => Some(a.unit),
+                    Event::Gap { .. } => None,
+                })
+                .collect();
+            set.sort_unstable();
+            set.dedup();
+            set
+        };
+    }
+    (windows, scored_windows, gap_windows)
+}
+
+/// One window of the test range: its moment, its end, whether it is
+/// scored, and the distinct 4 KiB blocks it touched.
+struct Window {
+    at: u64,
+    to: u64,
+    scored: bool,
+    blocks: Vec<u64>,
 }
 
 /// Evaluates the models of `spec` on `history`.
@@ -162,24 +364,30 @@ where
     I: IntoIterator<Item = Result<Record, E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    if spec.horizon_ns == 0 {
+    if spec.horizon_ns == 0 || spec.step_ns == Some(0) {
         return Err(PredictError::Horizon);
     }
-    let units = Units::new(spec.unit, spec.target)?;
-    let mut events = Vec::new();
-    for record in history {
-        let record = record.map_err(|e| PredictError::History(Box::new(e)))?;
-        units.events(&record, &mut events);
+    let units_list: Vec<u64> = if spec.units.is_empty() {
+        UNITS.to_vec()
+    } else {
+        spec.units.clone()
+    };
+    let blocks_units = Units::new(BLOCK, spec.target)?;
+    for &u in &units_list {
+        Units::new(u, spec.target)?;
     }
-    // Trace records are in issue order per CPU chunk; make time order exact.
-    events.sort_by_key(Event::ts_ns);
-    if !events.iter().any(|e| matches!(e, Event::Access(_))) {
-        return Err(PredictError::NoAccesses {
-            target: spec.target,
-        });
+    let names: Vec<String> = if spec.models.is_empty() {
+        MODEL_NAMES.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        spec.models.clone()
+    };
+    // Every name is checked before any work.
+    for name in &names {
+        build(name, BLOCK, spec.horizon_ns)?;
     }
-    let t0 = events.first().map_or(0, Event::ts_ns);
-    let t1 = events.last().map_or(0, Event::ts_ns) + 1;
+    let (records, blocks) = block_records(history, blocks_units)?;
+    let t0 = blocks.first().map_or(0, Event::ts_ns);
+    let t1 = blocks.iter().map(Event::ts_ns).max().unwrap_or(0) + 1;
     #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
@@ -189,176 +397,199 @@ where
     let (train_from, train_to) = (at(spec.train.0), at(spec.train.1));
     let (test_from, test_to) = (at(spec.test.0), at(spec.test.1));
     let h = spec.horizon_ns;
-    let windows = (test_to - test_from).div_ceil(h).max(1);
-    let every = windows.div_ceil(spec.max_windows.max(1) as u64).max(1);
+    let step = spec.step_ns.unwrap_or(h);
 
-    let gaps: Vec<(u64, u64)> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Gap { start_ns, end_ns } => Some((*start_ns, (*end_ns).max(start_ns + 1))),
-            Event::Access(_) => None,
-        })
-        .collect();
-    let in_gap = |from: u64, to: u64| gaps.iter().any(|&(s, e)| s < to && from < e);
-
-    let names: Vec<String> = if spec.models.is_empty() {
-        MODEL_NAMES.iter().map(|s| (*s).to_owned()).collect()
-    } else {
-        spec.models.clone()
+    let (windows, scored_windows, gap_windows) =
+        windows_of(&blocks, (test_from, test_to), (h, step), spec.max_windows);
+    let count = |from: u64, to: u64| {
+        blocks
+            .iter()
+            .filter(|e| matches!(e, Event::Access(_)) && (from..to).contains(&e.ts_ns()))
+            .count() as u64
     };
-    let train_events = events
-        .iter()
-        .filter(|e| (train_from..test_from).contains(&e.ts_ns()))
-        .count() as u64;
-    let test_events = events
-        .iter()
-        .filter(|e| (test_from..test_to).contains(&e.ts_ns()))
-        .count() as u64;
+    let train_events = count(train_from, test_from);
+    let test_events = count(test_from, test_to);
+    drop(blocks);
 
     let mut report = EvalReport {
-        version: 1,
-        unit: spec.unit,
+        version: 2,
+        units: units_list.clone(),
         horizon_ns: h,
+        step_ns: step,
         span_ns: (t0, t1),
         train_ns: (train_from, train_to),
         test_ns: (test_from, test_to),
-        windows,
-        scored_windows: 0,
-        gap_windows: 0,
+        windows: windows.len() as u64,
+        scored_windows,
+        gap_windows,
         train_events,
         test_events,
         history_events_per_second: test_events as f64 / ((test_to - test_from) as f64 / 1e9),
         models: Vec::new(),
+        target: None,
     };
-    for name in &names {
-        let mut model = build(name, spec.unit, h)?;
-        let (row, scored, skipped) = run_model(
-            model.as_mut(),
-            &events,
-            (train_from, test_from, test_to),
-            h,
-            spec.unit,
-            every,
-            &in_gap,
-        );
-        report.scored_windows = scored;
-        report.gap_windows = skipped;
-        report.models.push(row);
+    for &unit in &units_list {
+        let units = Units::new(unit, spec.target)?;
+        let mut events = Vec::new();
+        for r in &records {
+            units.events(r, &mut events);
+        }
+        events.sort_by_key(Event::ts_ns);
+        for name in &names {
+            let mut model = build(name, unit, h)?;
+            let row = run_model(model.as_mut(), &events, train_from, &windows, h, unit);
+            report.models.push(row);
+        }
     }
+    report.models.sort_by(|a, b| {
+        let rank = |n: &str| MODEL_NAMES.iter().position(|m| *m == n);
+        rank(&a.name).cmp(&rank(&b.name)).then(a.unit.cmp(&b.unit))
+    });
+    report.target = report.target_of("ensemble");
     Ok(report)
+}
+
+fn report_row(
+    name: &str,
+    unit: u64,
+    c: &Counts,
+    scored: u64,
+    (train_seconds, predict_seconds, state_bytes, events_per_second): (f64, f64, u64, f64),
+) -> ModelReport {
+    ModelReport {
+        name: name.to_owned(),
+        unit,
+        precision: ratio(c.hits, c.predicted),
+        coverage: ratio(c.hits, c.actual),
+        f1: c.f1(),
+        precision_blocks: ratio(c.hit_blocks, c.predicted_blocks),
+        coverage_blocks: ratio(c.hit_blocks, c.actual_blocks),
+        f1_blocks: c.f1_blocks(),
+        precision_bytes: ratio(c.used_bytes, c.predicted_bytes),
+        coverage_bytes: ratio(c.covered_bytes, c.actual_bytes),
+        predicted_units: c.predicted,
+        actual_units: c.actual,
+        hit_units: c.hits,
+        predicted_blocks: c.predicted_blocks,
+        actual_blocks: c.actual_blocks,
+        hit_blocks: c.hit_blocks,
+        read_units: c.read_units,
+        read_misses: c.read_misses,
+        resent_baseline_bytes: c.resent_baseline,
+        resent_avoided_bytes: c.resent_avoided,
+        held_bytes: c.held,
+        budget_curve: BUDGET_FACTORS
+            .iter()
+            .enumerate()
+            .map(|(k, &factor)| BudgetPoint {
+                factor,
+                budget_bytes: c.curve_budget[k].checked_div(scored).unwrap_or(0),
+                read_coverage: ratio(c.curve_hits[k], c.read_units),
+            })
+            .collect(),
+        train_seconds,
+        predict_seconds,
+        state_bytes,
+        events_per_second,
+        windows: Vec::new(),
+    }
 }
 
 fn run_model(
     model: &mut dyn Model,
     events: &[Event],
-    (train_from, test_from, test_to): (u64, u64, u64),
+    train_from: u64,
+    windows: &[Window],
     horizon: u64,
     unit: u64,
-    every: u64,
-    in_gap: &dyn Fn(u64, u64) -> bool,
-) -> (ModelReport, u64, u64) {
+) -> ModelReport {
     let start = events.partition_point(|e| e.ts_ns() < train_from);
-    let test_start = events.partition_point(|e| e.ts_ns() < test_from);
-    let started = Instant::now();
-    for e in &events[start..test_start] {
-        model.feed(e);
-    }
-    let train_seconds = started.elapsed().as_secs_f64();
-    let train_count = (test_start - start) as u64;
-
-    let mut counts = Counts {
-        curve_hits: vec![0; BUDGET_FACTORS.len()],
-        curve_budget: vec![0; BUDGET_FACTORS.len()],
-        ..Counts::default()
-    };
-    // Units read in the window before the current one (the cutover budget).
-    let mut prev_reads: HashSet<u64> = events[..test_start]
-        .iter()
-        .filter_map(|e| match e {
-            Event::Access(a) if !a.write && a.ts_ns + horizon >= test_from => Some(a.unit),
-            _ => None,
-        })
-        .collect();
-    let mut predict_seconds = 0.0;
-    let mut feed_seconds = 0.0;
-    let (mut scored, mut skipped) = (0, 0);
-    let mut next = test_start;
-    let mut index = 0u64;
-    let mut from = test_from;
-    while from < test_to {
-        let to = (from + horizon).min(test_to);
-        let end = next + events[next..].partition_point(|e| e.ts_ns() < to);
-        let window = &events[next..end];
-        if index.is_multiple_of(every) {
-            if in_gap(from, to) {
-                skipped += 1;
-            } else {
-                let t = Instant::now();
-                let claims = model.predict(from, horizon);
-                predict_seconds += t.elapsed().as_secs_f64();
-                score(&claims, window, &prev_reads, &mut counts, unit);
-                scored += 1;
-            }
-        }
+    let test_from = windows.first().map_or(u64::MAX, |w| w.at);
+    let mut next = start;
+    let feed_to = |model: &mut dyn Model, next: &mut usize, to: u64| {
+        let upto = *next + events[*next..].partition_point(|e| e.ts_ns() < to);
         let t = Instant::now();
-        for e in window {
+        for e in &events[*next..upto] {
             model.feed(e);
         }
-        feed_seconds += t.elapsed().as_secs_f64();
-        prev_reads = window
+        *next = upto;
+        t.elapsed().as_secs_f64()
+    };
+    let train_seconds = feed_to(model, &mut next, test_from);
+    let mut total = Counts::new();
+    let mut scores = Vec::new();
+    let mut predict_seconds = 0.0;
+    let mut feed_seconds = 0.0;
+    let shift = unit.trailing_zeros() - BLOCK.trailing_zeros();
+    for w in windows {
+        feed_seconds += feed_to(model, &mut next, w.at);
+        if !w.scored {
+            continue;
+        }
+        let t = Instant::now();
+        let claims = model.predict(w.at, horizon);
+        predict_seconds += t.elapsed().as_secs_f64();
+        let lo = events.partition_point(|e| e.ts_ns() < w.at);
+        let hi = events.partition_point(|e| e.ts_ns() < w.to);
+        let before = events.partition_point(|e| e.ts_ns() < w.at.saturating_sub(horizon));
+        let prev_reads: HashSet<u64> = events[before..lo]
             .iter()
             .filter_map(|e| match e {
                 Event::Access(a) if !a.write => Some(a.unit),
                 _ => None,
             })
             .collect();
-        next = end;
-        from = to;
-        index += 1;
+        let mut blocks: HashMap<u64, u64> = HashMap::new();
+        for b in &w.blocks {
+            *blocks.entry(b >> shift).or_default() += 1;
+        }
+        let mut c = Counts::new();
+        score(
+            &claims,
+            &events[lo..hi],
+            &prev_reads,
+            (&blocks, w.blocks.len() as u64),
+            &mut c,
+            unit,
+        );
+        total.add(&c);
+        scores.push(WindowScore {
+            at_ns: w.at,
+            f1: c.f1(),
+            f1_blocks: c.f1_blocks(),
+        });
     }
-    let learned = train_count + (next - test_start) as u64;
+    feed_seconds += feed_to(model, &mut next, u64::MAX);
+    let learned = (events.len() - start) as u64;
     let learn_seconds = train_seconds + feed_seconds;
-    let row = ModelReport {
-        name: model.name().to_owned(),
-        precision: ratio(counts.hits, counts.predicted),
-        coverage: ratio(counts.hits, counts.actual),
-        precision_bytes: ratio(counts.used_bytes, counts.predicted_bytes),
-        coverage_bytes: ratio(counts.covered_bytes, counts.actual_bytes),
-        predicted_units: counts.predicted,
-        actual_units: counts.actual,
-        hit_units: counts.hits,
-        read_units: counts.read_units,
-        read_misses: counts.read_misses,
-        resent_baseline_bytes: counts.resent_baseline,
-        resent_avoided_bytes: counts.resent_avoided,
-        held_bytes: counts.held,
-        budget_curve: BUDGET_FACTORS
-            .iter()
-            .enumerate()
-            .map(|(k, &factor)| BudgetPoint {
-                factor,
-                budget_bytes: counts.curve_budget[k].checked_div(scored).unwrap_or(0),
-                read_coverage: ratio(counts.curve_hits[k], counts.read_units),
-            })
-            .collect(),
-        train_seconds,
-        predict_seconds,
-        state_bytes: model.state_bytes() as u64,
-        events_per_second: if learn_seconds > 0.0 {
-            learned as f64 / learn_seconds
-        } else {
-            0.0
-        },
-    };
-    (row, scored, skipped)
+    let mut row = report_row(
+        model.name(),
+        unit,
+        &total,
+        scores.len() as u64,
+        (
+            train_seconds,
+            predict_seconds,
+            model.state_bytes() as u64,
+            if learn_seconds > 0.0 {
+                learned as f64 / learn_seconds
+            } else {
+                0.0
+            },
+        ),
+    );
+    row.windows = scores;
+    row
 }
 
 /// Adds one window's comparison to the counts (a claimed unit costs `unit`
-/// bytes of prefetch).
+/// bytes of prefetch). `blocks` holds, per unit, the distinct 4 KiB blocks
+/// the window touched in it, and their total.
 fn score(
     claims: &[super::Scored],
     window: &[Event],
     prev_reads: &HashSet<u64>,
+    (blocks, total_blocks): (&HashMap<u64, u64>, u64),
     c: &mut Counts,
     unit: u64,
 ) {
@@ -382,6 +613,12 @@ fn score(
     c.predicted += predicted.len() as u64;
     c.actual += actual.len() as u64;
     c.predicted_bytes += predicted.len() as u64 * unit;
+    c.predicted_blocks += predicted.len() as u64 * (unit / BLOCK);
+    c.actual_blocks += total_blocks;
+    c.hit_blocks += predicted
+        .iter()
+        .map(|u| blocks.get(u).copied().unwrap_or(0))
+        .sum::<u64>();
     for (u, &(r, w)) in &actual {
         let bytes = r + w;
         c.actual_bytes += bytes;
@@ -438,20 +675,44 @@ fn pct(v: Option<f64>) -> String {
 }
 
 impl EvalReport {
-    /// Fewer post-cutover read misses than the baseline `name`, as a share
-    /// of the baseline's misses (positive: fewer).
+    /// Fewer post-cutover read misses than the model `name` at the same
+    /// unit, as a share of its misses (positive: fewer).
     pub fn fewer_misses_than(&self, model: &ModelReport, name: &str) -> Option<f64> {
-        let base = self.models.iter().find(|m| m.name == name)?;
-        ratio(
-            base.read_misses.saturating_sub(model.read_misses),
-            base.read_misses,
-        )
-        .map(|f| {
-            if model.read_misses > base.read_misses {
-                -((model.read_misses - base.read_misses) as f64 / base.read_misses as f64)
-            } else {
-                f
-            }
+        let base = self
+            .models
+            .iter()
+            .find(|m| m.name == name && m.unit == model.unit)?;
+        if base.read_misses == 0 {
+            return None;
+        }
+        Some((base.read_misses as f64 - model.read_misses as f64) / base.read_misses as f64)
+    }
+
+    /// The best naive forecast (F1 by blocks, over every unit) and the bar
+    /// it sets for `model` at the finest unit evaluated (the ensemble there
+    /// chooses among that unit and coarser ones itself).
+    pub fn target_of(&self, model: &str) -> Option<Target> {
+        let naive = self
+            .models
+            .iter()
+            .filter(|m| super::NAIVE.contains(&m.name.as_str()))
+            .filter_map(|m| m.f1_blocks.map(|f| (m, f)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))?;
+        let row = self
+            .models
+            .iter()
+            .filter(|m| m.name == model)
+            .min_by_key(|m| m.unit)?;
+        let target = naive.1 + (1.0 - naive.1) / 10.0;
+        Some(Target {
+            naive: naive.0.name.clone(),
+            naive_unit: naive.0.unit,
+            naive_f1_blocks: naive.1,
+            target_f1_blocks: target,
+            model: row.name.clone(),
+            unit: row.unit,
+            f1_blocks: row.f1_blocks,
+            met: row.f1_blocks.is_some_and(|f| f >= target - 1e-12),
         })
     }
 
@@ -462,9 +723,9 @@ impl EvalReport {
         let secs = |ns: u64| ns as f64 / 1e9;
         let _ = writeln!(
             s,
-            "unit {} KiB, horizon {:.3} s, train {:.1}-{:.1} s, test {:.1}-{:.1} s, {} windows ({} scored, {} in gaps), {} events in the test ({:.0}/s)\n",
-            self.unit >> 10,
+            "horizon {:.3} s, step {:.3} s, train {:.1}-{:.1} s, test {:.1}-{:.1} s, {} windows ({} scored, {} in gaps), {} events in the test ({:.0}/s)\n",
             secs(self.horizon_ns),
+            secs(self.step_ns),
             secs(self.train_ns.0 - self.span_ns.0),
             secs(self.train_ns.1 - self.span_ns.0),
             secs(self.test_ns.0 - self.span_ns.0),
@@ -477,22 +738,27 @@ impl EvalReport {
         );
         let _ = writeln!(
             s,
-            "| model | precision | coverage | precision (bytes) | coverage (bytes) | read misses | vs readahead | vs lru | re-sent avoided | train s | predict s | state KiB | events/s |"
+            "| model | unit | precision | coverage | F1 | precision (4K blocks) | coverage (4K blocks) | F1 (4K blocks) | read misses | vs last-horizon | re-sent avoided | train s | predict s | state KiB | events/s |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         for m in &self.models {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {}/{} | {} | {} | {} of {} MiB | {:.3} | {:.3} | {} | {:.0} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} of {} MiB | {:.3} | {:.3} | {} | {:.0} |",
                 m.name,
+                unit_name(m.unit),
                 pct(m.precision),
                 pct(m.coverage),
-                pct(m.precision_bytes),
-                pct(m.coverage_bytes),
+                num(m.f1),
+                pct(m.precision_blocks),
+                pct(m.coverage_blocks),
+                num(m.f1_blocks),
                 m.read_misses,
                 m.read_units,
-                pct(self.fewer_misses_than(m, "readahead")),
-                pct(self.fewer_misses_than(m, "lru")),
+                pct(self.fewer_misses_than(m, "last-horizon")),
                 pct(ratio(m.resent_avoided_bytes, m.resent_baseline_bytes)),
                 m.resent_baseline_bytes >> 20,
                 m.train_seconds,
@@ -501,17 +767,31 @@ impl EvalReport {
                 m.events_per_second,
             );
         }
+        if let Some(t) = &self.target {
+            let _ = writeln!(
+                s,
+                "\nBest naive forecast: {} at {}, F1 {:.3} by 4 KiB blocks; the bar (plus a tenth of what it leaves): {:.3}. {} at {}: {} -- {}.",
+                t.naive,
+                unit_name(t.naive_unit),
+                t.naive_f1_blocks,
+                t.target_f1_blocks,
+                t.model,
+                unit_name(t.unit),
+                num(t.f1_blocks),
+                if t.met { "met" } else { "NOT met" }
+            );
+        }
         let _ = writeln!(
             s,
             "\nRead coverage over prefetch budget (multiples of the previous window's read set):\n"
         );
-        let _ = write!(s, "| model |");
+        let _ = write!(s, "| model | unit |");
         for f in BUDGET_FACTORS {
             let _ = write!(s, " {f}x |");
         }
-        let _ = writeln!(s, "\n|---|{}", "---|".repeat(BUDGET_FACTORS.len()));
+        let _ = writeln!(s, "\n|---|---|{}", "---|".repeat(BUDGET_FACTORS.len()));
         for m in &self.models {
-            let _ = write!(s, "| {} |", m.name);
+            let _ = write!(s, "| {} | {} |", m.name, unit_name(m.unit));
             for p in &m.budget_curve {
                 let _ = write!(
                     s,
@@ -524,6 +804,18 @@ impl EvalReport {
         }
         s
     }
+}
+
+fn unit_name(u: u64) -> String {
+    if u >= 1 << 20 && u.is_multiple_of(1 << 20) {
+        format!("{}M", u >> 20)
+    } else {
+        format!("{}K", u >> 10)
+    }
+}
+
+fn num(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
 }
 
 #[cfg(test)]
@@ -575,6 +867,7 @@ mod tests {
         .map(Ok)
         .collect();
         let spec = EvalSpec {
+            units: vec![U],
             horizon_ns: S,
             models: vec!["lru".into()],
             ..EvalSpec::default()
@@ -590,6 +883,15 @@ mod tests {
         assert_eq!(m.precision_bytes, Some(8192.0 / (3.0 * U as f64)));
         // Bytes accessed inside claimed units: 8 KiB of 24 KiB.
         assert_eq!(m.coverage_bytes, Some(8192.0 / 24576.0));
+        // 4 KiB blocks: 3 units claim 48; the window touched 1 + 1 + 4, of
+        // which the blocks in units 2 and 3 were claimed.
+        assert_eq!(
+            (m.predicted_blocks, m.actual_blocks, m.hit_blocks),
+            (48, 6, 2)
+        );
+        assert_eq!(m.f1, Some(2.0 / 3.0));
+        assert_eq!(m.f1_blocks, Some(4.0 / 54.0));
+        assert_eq!(m.windows.len(), 1);
         // Previous window read 1 and 2: a budget of two units holds 2 and 1; 4 misses.
         assert_eq!((m.read_units, m.read_misses), (2, 1));
         let one = &m.budget_curve[1];

@@ -10,11 +10,14 @@
 //! Gaps in the history (events the tracer lost) break every model's notion of
 //! "what came just before", and windows overlapping one are not scored.
 
+pub mod chooser;
 pub mod correlation;
 pub mod ensemble;
 pub mod eval;
 pub mod hotset;
 pub mod intensity;
+pub mod learned;
+pub mod naive;
 pub mod periodic;
 pub mod readahead;
 pub mod stride;
@@ -194,41 +197,54 @@ pub trait Model: Send {
 }
 
 /// Names of the models [`build`] knows, in table order.
-pub const MODEL_NAMES: [&str; 7] = [
+pub const MODEL_NAMES: [&str; 11] = [
+    "last-horizon",
+    "ever-touched",
     "lru",
     "readahead",
     "stride",
     "correlation",
     "periodic",
     "ets",
+    "learned",
+    "regional",
     "ensemble",
 ];
+
+/// The two naive forecasts: every model is measured against them.
+pub const NAIVE: [&str; 2] = ["last-horizon", "ever-touched"];
 
 /// What the ensemble chooses among (the baselines included: where the hot
 /// set predicts best, it is used), for predictions `horizon_ns` ahead.
 pub fn component_models(unit: u64, horizon_ns: u64) -> Vec<Box<dyn Model>> {
     vec![
+        Box::new(naive::LastHorizon::default()),
+        Box::new(naive::EverTouched::default()),
         Box::new(hotset::HotSet::default()),
         Box::new(readahead::Readahead::new(unit)),
         Box::new(stride::Stride::default()),
         Box::new(correlation::Correlation::default()),
         Box::new(periodic::Periodic::default()),
         Box::new(intensity::Intensity::for_horizon(horizon_ns)),
+        Box::new(learned::Learned::for_horizon(horizon_ns)),
     ]
 }
 
 /// One model by name (see [`MODEL_NAMES`]).
 pub fn build(name: &str, unit: u64, horizon_ns: u64) -> Result<Box<dyn Model>, PredictError> {
-    if name == "ensemble" {
-        return Ok(Box::new(ensemble::Ensemble::new(
+    match name {
+        "ensemble" => Ok(Box::new(chooser::Chooser::new(unit, horizon_ns, |u| {
+            component_models(u, horizon_ns)
+        }))),
+        "regional" => Ok(Box::new(ensemble::Ensemble::new(
             component_models(unit, horizon_ns),
             horizon_ns,
-        )));
+        ))),
+        _ => component_models(unit, horizon_ns)
+            .into_iter()
+            .find(|m| m.name() == name)
+            .ok_or_else(|| PredictError::UnknownModel(name.to_owned(), MODEL_NAMES.join(", "))),
     }
-    component_models(unit, horizon_ns)
-        .into_iter()
-        .find(|m| m.name() == name)
-        .ok_or_else(|| PredictError::UnknownModel(name.to_owned(), MODEL_NAMES.join(", ")))
 }
 
 /// One ranked extent of a [`Prediction`].

@@ -1,0 +1,381 @@
+//! The ensemble: the forecast that has lately been best, chosen among every
+//! model (the two naive forecasts included) and the per-region combination
+//! ([`Regional`]), each at three units — the base unit, 16 and 256 times it
+//! (4 KiB, 64 KiB, 1 MiB from 4 KiB). A coarser unit claims whole larger
+//! extents: it wins where the workload touches new blocks beside old ones,
+//! it loses where it claims blocks nobody asks for.
+//!
+//! Every half horizon of history (doubling the interval every 64
+//! checkpoints) each candidate's claims are kept and, once the horizon has
+//! passed, scored by F1 at the base unit (a claimed coarse unit claims every
+//! base unit in it) against what was touched; older windows weigh less. The
+//! forecast is the best-scoring candidate's, given at the base unit. So on
+//! the windows it has seen, the ensemble is as good as the best of its
+//! candidates, the naive forecasts among them; where one of them is best on
+//! a trace, the ensemble becomes it.
+
+use std::collections::{HashMap, HashSet};
+
+use super::ensemble::Ensemble as Regional;
+use super::{Access, Model, Scored};
+
+/// Weight kept by older windows at each new score.
+const DECAY: f64 = 0.8;
+const CHECKPOINTS_PER_DOUBLING: u64 = 64;
+/// Each level's unit is the one before times 2^this.
+const LEVEL_SHIFT: u32 = 4;
+const LEVELS: u32 = 3;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    tp: f64,
+    claimed: f64,
+    actual: f64,
+}
+
+impl Tally {
+    fn f1(&self) -> Option<f64> {
+        let d = self.claimed + self.actual;
+        (d > 0.0).then(|| 2.0 * self.tp / d)
+    }
+}
+
+struct Level {
+    /// Base units per unit of this level, as a shift.
+    shift: u32,
+    regional: Regional,
+    /// The access being gathered: a request's base units at one coarse unit
+    /// are one access there.
+    gathering: Option<Access>,
+}
+
+impl Level {
+    fn observe(&mut self, a: &Access) {
+        let coarse = Access {
+            unit: a.unit >> self.shift,
+            ..*a
+        };
+        match &mut self.gathering {
+            Some(g)
+                if g.unit == coarse.unit
+                    && g.ts_ns == coarse.ts_ns
+                    && g.write == coarse.write
+                    && g.stream == coarse.stream =>
+            {
+                g.bytes = g.bytes.saturating_add(coarse.bytes);
+            }
+            _ => {
+                if let Some(g) = self.gathering.replace(coarse) {
+                    self.regional.observe(&g);
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(g) = self.gathering.take() {
+            self.regional.observe(&g);
+        }
+    }
+}
+
+struct Pending {
+    at: u64,
+    /// Per candidate, the units it claimed (at its level).
+    claims: Vec<Vec<u64>>,
+    /// Base units touched in `[at, at + horizon)`.
+    touched: HashSet<u64>,
+}
+
+/// Chooses the best model and unit from its own past windows.
+pub struct Chooser {
+    horizon_ns: u64,
+    levels: Vec<Level>,
+    /// Candidates per level: the models, then the per-region combination.
+    per_level: usize,
+    names: Vec<&'static str>,
+    tallies: Vec<Tally>,
+    pending: Vec<Pending>,
+    next_checkpoint: Option<u64>,
+    interval: u64,
+    checkpoints: u64,
+}
+
+impl Chooser {
+    /// A chooser at `unit` (and 16 and 256 times it, up to 1 GiB) whose
+    /// levels each hold the models `models(unit)` builds.
+    pub fn new(unit: u64, horizon_ns: u64, models: impl Fn(u64) -> Vec<Box<dyn Model>>) -> Chooser {
+        let h = horizon_ns.max(2);
+        let levels: Vec<Level> = (0..LEVELS)
+            .map(|k| k * LEVEL_SHIFT)
+            .filter(|&shift| unit.checked_shl(shift).is_some_and(|u| u <= 1 << 30))
+            .map(|shift| Level {
+                shift,
+                regional: Regional::new(models(unit << shift), h),
+                gathering: None,
+            })
+            .collect();
+        let names = levels
+            .first()
+            .map(|l| l.regional.names())
+            .unwrap_or_default();
+        let per_level = names.len() + 1;
+        Chooser {
+            horizon_ns: h,
+            tallies: vec![Tally::default(); per_level * levels.len()],
+            levels,
+            per_level,
+            names,
+            pending: Vec::new(),
+            next_checkpoint: None,
+            interval: h / 2,
+            checkpoints: 0,
+        }
+    }
+
+    /// Each candidate's name (`model@level`, level 0 the base unit) and its
+    /// F1 so far, best first.
+    pub fn standings(&self) -> Vec<(String, u32, Option<f64>)> {
+        let mut v: Vec<(String, u32, Option<f64>)> = self
+            .tallies
+            .iter()
+            .enumerate()
+            .map(|(c, t)| {
+                let (level, m) = (c / self.per_level, c % self.per_level);
+                let name = self.names.get(m).copied().unwrap_or("regional");
+                (name.to_owned(), self.levels[level].shift, t.f1())
+            })
+            .collect();
+        v.sort_by(|a, b| b.2.unwrap_or(-1.0).total_cmp(&a.2.unwrap_or(-1.0)));
+        v
+    }
+
+    fn flush(&mut self) {
+        for l in &mut self.levels {
+            l.flush();
+        }
+    }
+
+    fn claims_at(&mut self, now: u64) -> Vec<Vec<Scored>> {
+        self.flush();
+        let h = self.horizon_ns;
+        self.levels
+            .iter_mut()
+            .flat_map(|l| l.regional.every_claim(now, h))
+            .collect()
+    }
+
+    fn checkpoint(&mut self, at: u64) {
+        let claims = self
+            .claims_at(at)
+            .into_iter()
+            .map(|c| {
+                let mut v: Vec<u64> = c
+                    .iter()
+                    .filter(|s| s.any() >= 0.5)
+                    .map(|s| s.unit)
+                    .collect();
+                v.sort_unstable();
+                v
+            })
+            .collect();
+        self.pending.push(Pending {
+            at,
+            claims,
+            touched: HashSet::new(),
+        });
+        self.checkpoints += 1;
+        if self.checkpoints.is_multiple_of(CHECKPOINTS_PER_DOUBLING) {
+            self.interval = self.interval.saturating_mul(2);
+        }
+        self.next_checkpoint = Some(at.saturating_add(self.interval.max(1)));
+    }
+
+    fn resolve(&mut self, now: u64) {
+        let h = self.horizon_ns;
+        let (done, open): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.at.saturating_add(h) <= now);
+        self.pending = open;
+        for p in done {
+            let actual = p.touched.len() as f64;
+            for (c, claims) in p.claims.iter().enumerate() {
+                let shift = self.levels[c / self.per_level].shift;
+                // Base units touched per unit of this level.
+                let mut per: HashMap<u64, u64> = HashMap::new();
+                for &u in &p.touched {
+                    *per.entry(u >> shift).or_default() += 1;
+                }
+                let tp: u64 = claims
+                    .iter()
+                    .map(|u| per.get(u).copied().unwrap_or(0))
+                    .sum();
+                let t = &mut self.tallies[c];
+                t.tp = t.tp * DECAY + tp as f64;
+                t.claimed = t.claimed * DECAY + (claims.len() as f64) * f64::from(1u32 << shift);
+                t.actual = t.actual * DECAY + actual;
+            }
+        }
+    }
+
+    /// The best candidate so far (the base level's combination before any
+    /// window has been scored).
+    fn best(&self) -> usize {
+        let fallback = self.per_level - 1;
+        self.tallies
+            .iter()
+            .enumerate()
+            .filter_map(|(c, t)| t.f1().map(|f| (c, f)))
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+            .map_or(fallback, |(c, _)| c)
+    }
+}
+
+impl Model for Chooser {
+    fn name(&self) -> &'static str {
+        "ensemble"
+    }
+
+    fn observe(&mut self, a: &Access) {
+        if self.next_checkpoint.is_none() {
+            self.next_checkpoint = Some(a.ts_ns.saturating_add(self.interval.max(1)));
+        }
+        while let Some(c) = self.next_checkpoint
+            && a.ts_ns >= c
+        {
+            let c = if a.ts_ns - c > 4 * self.interval {
+                a.ts_ns
+            } else {
+                c
+            };
+            self.resolve(c);
+            self.checkpoint(c);
+        }
+        let h = self.horizon_ns;
+        for p in &mut self.pending {
+            if a.ts_ns >= p.at && a.ts_ns < p.at.saturating_add(h) {
+                p.touched.insert(a.unit);
+            }
+        }
+        for l in &mut self.levels {
+            l.observe(a);
+        }
+    }
+
+    fn gap(&mut self, start_ns: u64, end_ns: u64) {
+        let h = self.horizon_ns;
+        self.pending
+            .retain(|p| !(start_ns < p.at.saturating_add(h) && p.at < end_ns.max(start_ns + 1)));
+        self.flush();
+        for l in &mut self.levels {
+            l.regional.gap(start_ns, end_ns);
+        }
+    }
+
+    fn predict(&mut self, now_ns: u64, horizon_ns: u64) -> Vec<Scored> {
+        if horizon_ns != self.horizon_ns {
+            self.horizon_ns = horizon_ns.max(2);
+        }
+        self.resolve(now_ns);
+        let best = self.best();
+        let (level, m) = (best / self.per_level, best % self.per_level);
+        self.flush();
+        let h = self.horizon_ns;
+        let l = &mut self.levels[level];
+        let claims = l.regional.every_claim(now_ns, h).swap_remove(m);
+        if l.shift == 0 {
+            return claims;
+        }
+        let shift = l.shift;
+        claims
+            .into_iter()
+            .flat_map(|s| {
+                (0..1u64 << shift).map(move |k| Scored {
+                    unit: (s.unit << shift) + k,
+                    ..s
+                })
+            })
+            .collect()
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.levels
+            .iter()
+            .map(|l| l.regional.state_bytes())
+            .sum::<usize>()
+            + self
+                .pending
+                .iter()
+                .map(|p| {
+                    p.touched.capacity() * 16 + p.claims.iter().map(Vec::len).sum::<usize>() * 8
+                })
+                .sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::predict::naive::{EverTouched, LastHorizon};
+    use crate::predict::testkit::{MS, claimed};
+
+    fn naive(_unit: u64) -> Vec<Box<dyn Model>> {
+        vec![
+            Box::new(LastHorizon::default()),
+            Box::new(EverTouched::default()),
+        ]
+    }
+
+    fn touch(c: &mut Chooser, t_ms: u64, unit: u64) {
+        c.observe(&Access {
+            ts_ns: t_ms * MS,
+            unit,
+            bytes: 4096,
+            write: true,
+            stream: 1,
+        });
+    }
+
+    #[test]
+    fn a_workload_filling_new_blocks_of_old_extents_gets_the_coarse_unit() {
+        // Every 100 ms horizon touches 8 fresh base units of one 16-unit
+        // extent, the other 8 the horizon after: at the base unit the last
+        // horizon's units are never touched again (F1 0), the extent at 16
+        // units is (F1 2/3 with half its units touched, not worse than any
+        // other), so the chooser ends on level 1.
+        let mut c = Chooser::new(4096, 100 * MS, naive);
+        for t in 0..3000u64 {
+            let window = t / 100;
+            let extent = window / 2 % 4;
+            let half = window % 2;
+            let unit = extent * 16 + half * 8 + (t % 8);
+            touch(&mut c, t, unit);
+        }
+        let best = &c.standings()[0];
+        assert_eq!(best.1, 4, "{:?}", c.standings());
+        // The forecast is given at the base unit: whole 16-unit extents.
+        let claims = claimed(&c.predict(3000 * MS, 100 * MS));
+        assert!(
+            !claims.is_empty() && claims.len().is_multiple_of(16),
+            "{claims:?}"
+        );
+    }
+
+    #[test]
+    fn a_workload_rereading_its_blocks_keeps_the_base_unit() {
+        // The same 8 units of each extent every horizon: the base unit's
+        // last horizon is exact, a coarser unit claims twice as much.
+        let mut c = Chooser::new(4096, 100 * MS, naive);
+        for t in 0..3000u64 {
+            touch(&mut c, t, (t % 4) * 16 + (t / 4) % 8);
+        }
+        let best = &c.standings()[0];
+        assert_eq!(
+            (best.0.as_str(), best.1),
+            ("last-horizon", 0),
+            "{:?}",
+            c.standings()
+        );
+        assert_eq!(claimed(&c.predict(3000 * MS, 100 * MS)).len(), 32);
+    }
+}
