@@ -1,4 +1,4 @@
-"""`python -m tern_analysis eval|plot|convert`: the command line."""
+"""`python -m tern_analysis eval|naive|plot|convert`: the command line."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from . import intensity, io
 from .arima import ArimaConfig, ArimaModel
 from .evaluation import evaluate, make_split
 from .lru import LruModel
+from .naive import naive_counts
 from .recency import RecencyModel
 
 EXAMPLES = """examples:
   tern trace export --format csv fio.trace --out fio.csv
   python -m tern_analysis eval fio.csv --train 0-50% --test 50-100% --horizon 10s --json
+  python -m tern_analysis naive fio.csv --horizon 10s --units 4K,64K,1M --json
   python -m tern_analysis plot fio.csv --horizon 10s --out fio-arima.png
   python -m tern_analysis convert fio.csv --out fio.parquet
 """
@@ -127,6 +129,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_naive(args: argparse.Namespace) -> int:
+    horizon = intensity.parse_duration(args.horizon)
+    units = [intensity.parse_size(u) for u in args.units.split(",")]
+    acc = io.accesses(io.read_table(args.trace), args.target)
+    split = make_split(acc, args.train, args.test, horizon, args.max_windows)
+    counts = naive_counts(acc, split, units)
+    rows = [{"name": name, "unit": unit, **c.report()} for (name, unit), c in counts.items()]
+    if args.json:
+        json.dump(
+            {"horizon_ns": horizon, "scored_windows": len(split.scored), "models": rows},
+            sys.stdout,
+            indent=2,
+        )
+        print()
+        return 0
+    print(f"{'forecast':<14} {'unit':>8} {'F1':>6} {'F1 (4K blocks)':>15}")
+    for r in rows:
+        f1, fb = r["f1"], r["f1_blocks"]
+        print(
+            f"{r['name']:<14} {r['unit']:>8} {'-' if f1 is None else f'{f1:.3f}':>6} "
+            f"{'-' if fb is None else f'{fb:.3f}':>15}"
+        )
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plot import plot_forecasts
 
@@ -154,6 +181,16 @@ def parser() -> argparse.ArgumentParser:
     _eval_args(e)
     e.add_argument("--json", action="store_true", help="print a JSON report")
     e.set_defaults(func=cmd_eval)
+    n = sub.add_parser("naive", help="the naive forecasts' F1 by units and by 4 KiB blocks")
+    n.add_argument("trace", type=Path, help="a `tern trace export --format csv` file or .parquet")
+    n.add_argument("--train", default="0-50%", type=intensity.parse_span)
+    n.add_argument("--test", default="50-100%", type=intensity.parse_span)
+    n.add_argument("--horizon", default="10s", help="the predicted window, e.g. 10s")
+    n.add_argument("--target", help="the block target (default: the first in the trace)")
+    n.add_argument("--units", default="4K,64K,1M", help="comma-separated units")
+    n.add_argument("--max-windows", default=200, type=int, help="horizons scored at most")
+    n.add_argument("--json", action="store_true", help="print a JSON report")
+    n.set_defaults(func=cmd_naive)
     pl = sub.add_parser("plot", help="plot predicted vs actual intensity (PNG)")
     _eval_args(pl)
     pl.add_argument("--out", type=Path, required=True, help="the PNG to write")

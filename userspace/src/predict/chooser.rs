@@ -5,8 +5,8 @@
 //! extents: it wins where the workload touches new blocks beside old ones,
 //! it loses where it claims blocks nobody asks for.
 //!
-//! Every half horizon of history (doubling the interval every 64
-//! checkpoints) each candidate's claims are kept and, once the horizon has
+//! Every quarter horizon of history (the first after an eighth; doubling
+//! the interval every 64 checkpoints) each candidate's claims are kept and, once the horizon has
 //! passed, scored by F1 at the base unit (a claimed coarse unit claims every
 //! base unit in it) against what was touched; older windows weigh less. The
 //! forecast is the best-scoring candidate's, given at the base unit. So on
@@ -19,8 +19,10 @@ use std::collections::{HashMap, HashSet};
 use super::ensemble::Ensemble as Regional;
 use super::{Access, Model, Scored};
 
-/// Weight kept by older windows at each new score.
-const DECAY: f64 = 0.8;
+/// Weight kept by older windows at each new score, over the whole disk
+/// and in a zone.
+const DECAY: f64 = 0.95;
+const ZONE_DECAY: f64 = 0.7;
 const CHECKPOINTS_PER_DOUBLING: u64 = 64;
 /// Each level's unit is the one before times 2^this.
 const LEVEL_SHIFT: u32 = 4;
@@ -81,7 +83,8 @@ impl Level {
 
 struct Pending {
     at: u64,
-    /// Per candidate, the units it claimed (at its level).
+    /// Per candidate, the units it claimed (at its level); last, the
+    /// zone-wise combination's (at the base unit).
     claims: Vec<Vec<u64>>,
     /// Base units touched in `[at, at + horizon)`.
     touched: HashSet<u64>,
@@ -94,7 +97,12 @@ pub struct Chooser {
     /// Candidates per level: the models, then the per-region combination.
     per_level: usize,
     names: Vec<&'static str>,
+    /// Per candidate over the whole disk; last, the zone-wise combination.
     tallies: Vec<Tally>,
+    /// Per zone (a unit of the coarsest level), per candidate.
+    zones: HashMap<u64, Vec<Tally>>,
+    /// Base units per zone, as a shift.
+    zone_shift: u32,
     pending: Vec<Pending>,
     next_checkpoint: Option<u64>,
     interval: u64,
@@ -122,13 +130,15 @@ impl Chooser {
         let per_level = names.len() + 1;
         Chooser {
             horizon_ns: h,
-            tallies: vec![Tally::default(); per_level * levels.len()],
+            tallies: vec![Tally::default(); per_level * levels.len() + 1],
+            zones: HashMap::new(),
+            zone_shift: levels.last().map_or(0, |l| l.shift).max(LEVEL_SHIFT),
             levels,
             per_level,
             names,
             pending: Vec::new(),
             next_checkpoint: None,
-            interval: h / 2,
+            interval: h / 4,
             checkpoints: 0,
         }
     }
@@ -142,12 +152,67 @@ impl Chooser {
             .enumerate()
             .map(|(c, t)| {
                 let (level, m) = (c / self.per_level, c % self.per_level);
-                let name = self.names.get(m).copied().unwrap_or("regional");
-                (name.to_owned(), self.levels[level].shift, t.f1())
+                let name = match self.levels.get(level) {
+                    None => "by-zone",
+                    Some(_) => self.names.get(m).copied().unwrap_or("regional"),
+                };
+                (name.to_owned(), self.shift_of(c), t.f1())
             })
             .collect();
         v.sort_by(|a, b| b.2.unwrap_or(-1.0).total_cmp(&a.2.unwrap_or(-1.0)));
         v
+    }
+
+    /// A candidate's unit as a shift of the base unit.
+    fn shift_of(&self, c: usize) -> u32 {
+        self.levels.get(c / self.per_level).map_or(0, |l| l.shift)
+    }
+
+    /// Candidates other than the combination.
+    fn singles(&self) -> usize {
+        self.tallies.len() - 1
+    }
+
+    /// Per zone, the candidate whose claims are used there: the best in the
+    /// zone where one has been right; else the best over the disk, unless
+    /// it has been wrong there (then none).
+    fn zone_choice(&self, zone: u64, global: usize) -> Option<usize> {
+        let Some(t) = self.zones.get(&zone) else {
+            return Some(global);
+        };
+        if t.iter().any(|t| t.tp > 0.0) {
+            return t
+                .iter()
+                .enumerate()
+                .filter_map(|(c, t)| t.f1().map(|f| (c, f)))
+                .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+                .map(|(c, _)| c);
+        }
+        (t[global].claimed == 0.0).then_some(global)
+    }
+
+    /// The zone-wise combination of `claims` (every single candidate's), at
+    /// the base unit.
+    fn combine(&self, claims: &[Vec<Scored>]) -> Vec<Scored> {
+        let global = self.best_single();
+        let mut chosen: HashMap<u64, Option<usize>> = HashMap::new();
+        let mut out = Vec::new();
+        for (c, list) in claims.iter().enumerate() {
+            let shift = self.shift_of(c);
+            for s in list {
+                let zone = (s.unit << shift) >> self.zone_shift;
+                let pick = *chosen
+                    .entry(zone)
+                    .or_insert_with(|| self.zone_choice(zone, global));
+                if pick == Some(c) {
+                    out.extend((0..1u64 << shift).map(|k| Scored {
+                        unit: (s.unit << shift) + k,
+                        ..*s
+                    }));
+                }
+            }
+        }
+        out
     }
 
     fn flush(&mut self) {
@@ -166,8 +231,9 @@ impl Chooser {
     }
 
     fn checkpoint(&mut self, at: u64) {
-        let claims = self
-            .claims_at(at)
+        let mut every = self.claims_at(at);
+        every.push(self.combine(&every));
+        let claims = every
             .into_iter()
             .map(|c| {
                 let mut v: Vec<u64> = c
@@ -197,32 +263,66 @@ impl Chooser {
             .into_iter()
             .partition(|p| p.at.saturating_add(h) <= now);
         self.pending = open;
+        let singles = self.singles();
+        let zs = self.zone_shift;
         for p in done {
             let actual = p.touched.len() as f64;
+            // Per zone: base units touched, and per candidate (tp, claimed).
+            let mut zone_actual: HashMap<u64, f64> = HashMap::new();
+            for &u in &p.touched {
+                *zone_actual.entry(u >> zs).or_default() += 1.0;
+            }
+            let mut zone_counts: HashMap<u64, Vec<(f64, f64)>> = HashMap::new();
             for (c, claims) in p.claims.iter().enumerate() {
-                let shift = self.levels[c / self.per_level].shift;
+                let shift = self.shift_of(c);
+                let single = c < singles;
                 // Base units touched per unit of this level.
                 let mut per: HashMap<u64, u64> = HashMap::new();
                 for &u in &p.touched {
                     *per.entry(u >> shift).or_default() += 1;
                 }
-                let tp: u64 = claims
-                    .iter()
-                    .map(|u| per.get(u).copied().unwrap_or(0))
-                    .sum();
+                let mut tp = 0u64;
+                for u in claims {
+                    let hit = per.get(u).copied().unwrap_or(0);
+                    tp += hit;
+                    if single {
+                        let e = zone_counts
+                            .entry((u << shift) >> zs)
+                            .or_insert_with(|| vec![(0.0, 0.0); singles]);
+                        e[c].0 += hit as f64;
+                        e[c].1 += f64::from(1u32 << shift);
+                    }
+                }
                 let t = &mut self.tallies[c];
                 t.tp = t.tp * DECAY + tp as f64;
                 t.claimed = t.claimed * DECAY + (claims.len() as f64) * f64::from(1u32 << shift);
                 t.actual = t.actual * DECAY + actual;
             }
+            for &z in zone_actual.keys() {
+                zone_counts
+                    .entry(z)
+                    .or_insert_with(|| vec![(0.0, 0.0); singles]);
+            }
+            for (z, counts) in zone_counts {
+                let a = zone_actual.get(&z).copied().unwrap_or(0.0);
+                let tallies = self
+                    .zones
+                    .entry(z)
+                    .or_insert_with(|| vec![Tally::default(); singles]);
+                for (t, (tp, claimed)) in tallies.iter_mut().zip(counts) {
+                    t.tp = t.tp * ZONE_DECAY + tp;
+                    t.claimed = t.claimed * ZONE_DECAY + claimed;
+                    t.actual = t.actual * ZONE_DECAY + a;
+                }
+            }
         }
     }
 
-    /// The best candidate so far (the base level's combination before any
-    /// window has been scored).
-    fn best(&self) -> usize {
+    /// The best single candidate so far (the base level's per-region
+    /// combination before any window has been scored).
+    fn best_single(&self) -> usize {
         let fallback = self.per_level - 1;
-        self.tallies
+        self.tallies[..self.singles()]
             .iter()
             .enumerate()
             .filter_map(|(c, t)| t.f1().map(|f| (c, f)))
@@ -238,7 +338,9 @@ impl Model for Chooser {
 
     fn observe(&mut self, a: &Access) {
         if self.next_checkpoint.is_none() {
-            self.next_checkpoint = Some(a.ts_ns.saturating_add(self.interval.max(1)));
+            // The first window early: a history barely longer than the
+            // horizon still has one scored window to choose by.
+            self.next_checkpoint = Some(a.ts_ns.saturating_add(self.interval.max(2) / 2));
         }
         while let Some(c) = self.next_checkpoint
             && a.ts_ns >= c
@@ -277,16 +379,19 @@ impl Model for Chooser {
             self.horizon_ns = horizon_ns.max(2);
         }
         self.resolve(now_ns);
-        let best = self.best();
-        let (level, m) = (best / self.per_level, best % self.per_level);
-        self.flush();
-        let h = self.horizon_ns;
-        let l = &mut self.levels[level];
-        let claims = l.regional.every_claim(now_ns, h).swap_remove(m);
-        if l.shift == 0 {
+        let mut every = self.claims_at(now_ns);
+        // The zone-wise combination unless one candidate alone has done
+        // better over the whole disk.
+        let best = self.best_single();
+        let together = self.tallies[self.singles()].f1().unwrap_or(0.0);
+        if self.tallies[best].f1().is_none_or(|f| f <= together) {
+            return self.combine(&every);
+        }
+        let shift = self.shift_of(best);
+        let claims = every.swap_remove(best);
+        if shift == 0 {
             return claims;
         }
-        let shift = l.shift;
         claims
             .into_iter()
             .flat_map(|s| {

@@ -46,7 +46,7 @@ const CELLS: usize = AGES * FREQS * DENSITIES * ZONES * 2;
 /// Weight an older window keeps when a new one is learned.
 const DECAY: f64 = 0.95;
 /// Pseudo-count pulling a sparsely seen cell's rate toward the mean.
-const PRIOR: f64 = 4.0;
+const PRIOR: f64 = 8.0;
 /// At most this many candidates are noted per window (a hash sample beyond).
 const SAMPLE: u64 = 200_000;
 const CHECKPOINTS_PER_DOUBLING: u64 = 64;
@@ -93,8 +93,10 @@ pub struct Learned {
     next_checkpoint: Option<u64>,
     interval: u64,
     checkpoints: u64,
-    /// Cells claimed, recomputed when a window is learned.
+    /// Cells claimed and each cell's smoothed rates, recomputed when a
+    /// window is learned.
     claim: Vec<bool>,
+    rates: Vec<(f64, f64, f64)>,
 }
 
 fn age_bucket(age: u64, h: u64) -> usize {
@@ -165,6 +167,7 @@ impl Learned {
             interval: h / 4,
             checkpoints: 0,
             claim: Vec::new(),
+            rates: Vec::new(),
         }
     }
 
@@ -289,28 +292,47 @@ impl Learned {
             }
             self.windows += 1;
         }
-        self.claim = self.best_cells();
+        self.rates = self.smooth();
+        self.claim = self.best_cells(&self.rates);
     }
 
-    /// The rate of a cell's units touched (any, read, write), pulled toward
-    /// the mean where the cell was seldom seen.
-    fn rates(&self, c: usize) -> (f64, f64, f64) {
-        let (n, any): (f64, f64) = self
-            .table
-            .iter()
-            .fold((0.0, 0.0), |(n, a), r| (n + r.n, a + r.any));
-        let mean = if n > 0.0 { any / n } else { 0.0 };
-        let r = &self.table[c];
-        let d = r.n + PRIOR;
-        let p_any = (r.any + PRIOR * mean) / d;
-        let share = |x: f64| if r.any > 0.0 { x / r.any } else { 0.5 };
-        (p_any, p_any * share(r.read), p_any * share(r.write))
+    /// Each cell's rate of units touched (any, read, write), pulled toward
+    /// the rate of the cells like it where it was seldom seen: a cell toward
+    /// the same cell over every zone, that toward its age's rate, that
+    /// toward the mean.
+    fn smooth(&self) -> Vec<(f64, f64, f64)> {
+        let coarse_of = |c: usize| (c / 2 / ZONES) * 2 + c % 2;
+        let mut by_age = vec![Rates::default(); AGES];
+        let mut coarse = vec![Rates::default(); CELLS / ZONES];
+        let mut all = Rates::default();
+        for (c, r) in self.table.iter().enumerate() {
+            for acc in [&mut by_age[age_of(c)], &mut coarse[coarse_of(c)], &mut all] {
+                acc.n += r.n;
+                acc.any += r.any;
+                acc.read += r.read;
+                acc.write += r.write;
+            }
+        }
+        let toward = |r: &Rates, prior: f64| (r.any + PRIOR * prior) / (r.n + PRIOR);
+        let mean = if all.n > 0.0 { all.any / all.n } else { 0.0 };
+        (0..CELLS)
+            .map(|c| {
+                let r = &self.table[c];
+                let co = &coarse[coarse_of(c)];
+                let p = toward(r, toward(co, toward(&by_age[age_of(c)], mean)));
+                // Which op: the cell's own mix where it has one, else its coarse cell's.
+                let mix = if r.any > 0.0 { r } else { co };
+                let share = |x: f64| if mix.any > 0.0 { x / mix.any } else { 0.5 };
+                (p, p * share(mix.read), p * share(mix.write))
+            })
+            .collect()
     }
 
-    /// The F1-optimal set of cells on the windows learned.
-    fn best_cells(&self) -> Vec<bool> {
+    /// The F1-optimal set of cells on the windows learned: cells in falling
+    /// smoothed rate, as far as F1 (with the smoothed rates) rises.
+    fn best_cells(&self, rates: &[(f64, f64, f64)]) -> Vec<bool> {
         let mut order: Vec<usize> = (0..CELLS).filter(|&c| self.table[c].n > 0.0).collect();
-        order.sort_by(|&a, &b| self.rates(b).0.total_cmp(&self.rates(a).0));
+        order.sort_by(|&a, &b| rates[b].0.total_cmp(&rates[a].0));
         let f1 = |tp: f64, claimed: f64| {
             let d = claimed + self.touched;
             if d > 0.0 { 2.0 * tp / d } else { 0.0 }
@@ -318,7 +340,7 @@ impl Learned {
         let (mut tp, mut claimed) = (0.0, 0.0);
         let (mut best, mut take) = (0.0, 0);
         for (k, &c) in order.iter().enumerate() {
-            tp += self.table[c].any;
+            tp += rates[c].0 * self.table[c].n;
             claimed += self.table[c].n;
             if f1(tp, claimed) > best {
                 best = f1(tp, claimed);
@@ -329,21 +351,23 @@ impl Learned {
         for &c in &order[..take] {
             claim[c] = true;
         }
-        // The naive forecasts as cell sets: if either scored better on the
-        // same windows (the rates' smoothing can reorder cells), take it.
-        let naive = |keep: &dyn Fn(usize) -> bool| -> (f64, Vec<bool>) {
-            let set: Vec<bool> = (0..CELLS).map(|c| keep(age_of(c))).collect();
+        // What the set scored on those windows, counted: if either naive
+        // forecast (a set of cells too) scored better, take it.
+        let counted = |set: &[bool]| {
             let (tp, n) = (0..CELLS)
                 .filter(|&c| set[c])
                 .fold((0.0, 0.0), |(tp, n), c| {
                     (tp + self.table[c].any, n + self.table[c].n)
                 });
-            (f1(tp, n), set)
+            f1(tp, n)
         };
-        for (f, set) in [
-            naive(&|age| age < WITHIN_HORIZON),
-            naive(&|age| age != NEVER),
+        let mut best = counted(&claim);
+        for keep in [
+            &(|age: usize| age < WITHIN_HORIZON) as &dyn Fn(usize) -> bool,
+            &|age: usize| age != NEVER,
         ] {
+            let set: Vec<bool> = (0..CELLS).map(|c| keep(age_of(c))).collect();
+            let f = counted(&set);
             if f > best {
                 best = f;
                 claim = set;
@@ -361,7 +385,9 @@ impl Model for Learned {
     fn observe(&mut self, a: &Access) {
         let t = a.ts_ns;
         if self.next_checkpoint.is_none() {
-            self.next_checkpoint = Some(t.saturating_add(self.interval.max(1)));
+            // The first window early: a history barely longer than the
+            // horizon still has one learned window.
+            self.next_checkpoint = Some(t.saturating_add(self.interval.max(2) / 2));
         }
         while let Some(c) = self.next_checkpoint
             && t >= c
@@ -454,7 +480,7 @@ impl Model for Learned {
             }
             return out;
         }
-        let table: Vec<(f64, f64, f64)> = (0..CELLS).map(|c| self.rates(c)).collect();
+        let table = &self.rates;
         self.candidates(now_ns, |unit, c| {
             let (any, read, write) = table[c];
             let top = read.max(write);
@@ -500,9 +526,9 @@ mod tests {
 
     #[test]
     fn units_that_come_back_every_other_horizon_are_claimed_and_one_offs_are_not() {
-        // Horizon 100 ms. Units 0..8 are read every 150 ms (so half the
-        // time not in the last horizon); each 10 ms a new unit far away is
-        // read once and never again. The last horizon claims the one-offs
+        // Horizon 100 ms. Units 0..8 are read every 120 ms (so for a sixth
+        // of the time, now included, not in the last horizon); each 10 ms a
+        // new unit far away is read once and never again. The last horizon claims the one-offs
         // and misses half the returning set; everything ever touched claims
         // every one-off; the learned table should claim the returning set.
         let h = 100 * MS;
@@ -514,7 +540,7 @@ mod tests {
         let mut history = Vec::new();
         for t in (0..6000).step_by(10) {
             history.push(read(t * MS, 1000 + t));
-            if t % 150 == 0 {
+            if t % 120 == 0 {
                 for u in 0..8 {
                     history.push(read(t * MS + u, u));
                 }
