@@ -55,7 +55,7 @@ enum Cmd {
         /// Which: tracer, nbd, rpc, migrate, analyze, plan or predict (default: all but plan).
         which: Option<String>,
     },
-    /// Record traces of real programs (fio, sqlite3, pgbench, git + build) on ext4 on a loop device,
+    /// Record traces of real programs (fio, sqlite3, pgbench, git + build, periodic jobs) on ext4 on a loop device,
     /// and pgbench recorded by bpftrace as MSR Cambridge CSV and imported.
     Traces {
         /// Directory for the traces and their manifest.json.

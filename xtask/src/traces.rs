@@ -1,5 +1,5 @@
 //! `cargo xtask traces --out DIR`: traces of real programs (fio, sqlite3,
-//! pgbench, a git clone and a C build, sqlite3's page faults) recorded with
+//! pgbench, a git clone and a C build, periodic jobs, sqlite3's page faults) recorded with
 //! `tern trace` on ext4 on a loop device, for the analyzer, the planner and
 //! the predictor. Each workload is prepared untraced (files laid out, the
 //! database initialised), the file system is remounted so its page cache is
@@ -30,6 +30,7 @@ pub const WORKLOADS: &[&str] = &[
     "sqlite",
     "pgbench",
     "git-build",
+    "cron",
     "sqlite-faults",
     "msr-bpftrace",
 ];
@@ -40,6 +41,11 @@ pub const FIO_HOT_IOPS: u32 = 500;
 pub const FIO_HOT_SIZE_MIB: u64 = 64;
 pub const FIO_SCAN_MIB_S: u64 = 16;
 pub const FIO_SCAN_SIZE_MIB: u64 = 256;
+/// The `cron` trace's jobs: a report every this many seconds, a batch every
+/// [`CRON_BATCH_S`]; the trace lasts at least [`CRON_MIN_SECS`] (six batches).
+pub const CRON_REPORT_S: u64 = 6;
+pub const CRON_BATCH_S: u64 = 20;
+pub const CRON_MIN_SECS: u64 = 120;
 /// sqlite3 commits once per this period (plus the commit's own time).
 pub const SQLITE_PERIOD_MS: u64 = 1000;
 
@@ -536,6 +542,67 @@ fn git_build(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
 
 /// sqlite3 with an in-memory database fed on its standard input: its own page
 /// faults (the heap growing, then queries over it), and its block I/O.
+/// A day of periodic jobs compressed into minutes: a report that reads the
+/// same 30 files every [`CRON_REPORT_S`], a batch that reads 60 other files
+/// and writes a 4 MiB output every [`CRON_BATCH_S`] (the output of two runs
+/// before deleted, so new outputs reuse freed blocks), and a 64 KiB log
+/// append every second. Reads and writes are `O_DIRECT`, so every job's
+/// reads reach the disk as they would once a cache has been evicted between
+/// runs hours apart.
+fn cron(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
+    let mut s = Scratch::new("cron")?;
+    let data = s.mnt.join("data");
+    std::fs::create_dir_all(&data)?;
+    sh::run(Command::new("sh").args([
+        "-c",
+        &format!(
+            "for i in $(seq 0 119); do dd if=/dev/urandom of={d}/f$i bs=512K count=1 status=none; done",
+            d = data.display()
+        ),
+    ]))?;
+    s.remount()?;
+    let rec = Recording::start(tern, s.dev(), None, out)?;
+    let script = format!(
+        "cd {mnt}; end=$(($(date +%s) + {secs})); i=0; \
+         read_files() {{ for f in $(seq $1 $2); do dd if=data/f$f of=/dev/null bs=512K iflag=direct status=none; done; }}; \
+         while [ $(date +%s) -lt $end ]; do \
+           dd if=/dev/zero of=app.log bs=64K count=1 oflag=direct,append conv=notrunc status=none; \
+           if [ $((i % {report})) -eq 0 ]; then read_files 0 29 & fi; \
+           if [ $((i % {batch})) -eq $(({batch} / 2)) ]; then \
+             (read_files 30 89; dd if=/dev/zero of=out$i bs=1M count=4 oflag=direct status=none; \
+              rm -f out$((i - 2 * {batch})); sync) & fi; \
+           i=$((i + 1)); sleep 1; \
+         done; wait",
+        mnt = s.mnt.display(),
+        report = CRON_REPORT_S,
+        batch = CRON_BATCH_S,
+    );
+    run_for(
+        Command::new("bash").args(["-c", &script]),
+        Duration::from_secs(secs + 60),
+    )?;
+    let file = rec.stop()?;
+    drop(s);
+    Ok(Recorded {
+        name: "cron",
+        file,
+        description: "periodic jobs, a day compressed into minutes: a report re-reading the same \
+                      15 MiB every 6 s, a batch reading 30 MiB of other files and writing a 4 MiB \
+                      output every 20 s (older outputs deleted), a 64 KiB log append every second; \
+                      all O_DIRECT"
+            .into(),
+        config: serde_json::json!({
+            "report_every_s": CRON_REPORT_S,
+            "report_bytes": 30 * 512 * 1024,
+            "batch_every_s": CRON_BATCH_S,
+            "batch_read_bytes": 60 * 512 * 1024,
+            "batch_write_bytes": 4 << 20,
+            "log_append_bytes_per_s": 64 * 1024,
+            "seconds": secs,
+        }),
+    })
+}
+
 fn sqlite_faults(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
     let mut s = Scratch::new("sqlfault")?;
     s.children.push(
@@ -629,6 +696,7 @@ pub fn run(tern: &Path, out: &Path, only: &[String], secs: u64) -> Result<()> {
             "sqlite" => sqlite(tern, &file, secs)?,
             "pgbench" => pgbench(tern, &file, secs)?,
             "git-build" => git_build(tern, &file, secs.max(60))?,
+            "cron" => cron(tern, &file, secs.max(CRON_MIN_SECS))?,
             "msr-bpftrace" => msr::msr_bpftrace(tern, &file, secs)?,
             _ => sqlite_faults(tern, &file, secs)?,
         };

@@ -21,7 +21,7 @@ use super::{Access, Model, Scored};
 
 /// Weight kept by older windows at each new score, over the whole disk
 /// and in a zone.
-const DECAY: f64 = 0.95;
+const DECAY: f64 = 0.85;
 const ZONE_DECAY: f64 = 0.7;
 const CHECKPOINTS_PER_DOUBLING: u64 = 64;
 /// Each level's unit is the one before times 2^this.
@@ -241,7 +241,10 @@ impl Chooser {
                     .filter(|s| s.any() >= 0.5)
                     .map(|s| s.unit)
                     .collect();
+                // A model may claim a unit twice (a stream's window and a
+                // stride's); each counts once.
                 v.sort_unstable();
+                v.dedup();
                 v
             })
             .collect();
