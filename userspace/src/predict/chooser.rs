@@ -486,4 +486,46 @@ mod tests {
         );
         assert_eq!(claimed(&c.predict(3000 * MS, 100 * MS)).len(), 32);
     }
+
+    /// Claims every unit it has seen, each twice.
+    struct Twice(Vec<u64>);
+
+    impl Model for Twice {
+        fn name(&self) -> &'static str {
+            "twice"
+        }
+        fn observe(&mut self, a: &Access) {
+            self.0.push(a.unit);
+        }
+        fn gap(&mut self, _start_ns: u64, _end_ns: u64) {}
+        fn predict(&mut self, _now_ns: u64, _horizon_ns: u64) -> Vec<Scored> {
+            let s = |unit| Scored {
+                unit,
+                read: 0.0,
+                write: 1.0,
+            };
+            self.0.iter().flat_map(|&u| [s(u), s(u)]).collect()
+        }
+        fn state_bytes(&self) -> usize {
+            0
+        }
+    }
+
+    #[test]
+    fn a_unit_claimed_twice_counts_once() {
+        let mut c = Chooser::new(4096, 100 * MS, |_| {
+            vec![Box::new(Twice(Vec::new())) as Box<dyn Model>]
+        });
+        for t in 0..2000u64 {
+            touch(&mut c, t, t % 8);
+        }
+        let st = c.standings();
+        let twice = st
+            .iter()
+            .find(|s| s.0 == "twice" && s.1 == 0)
+            .and_then(|s| s.2)
+            .expect("scored");
+        // It claims exactly the 8 units touched every window: F1 1, not 2.
+        assert!((twice - 1.0).abs() < 1e-9, "{st:?}");
+    }
 }
