@@ -2,7 +2,8 @@
 `tern predict eval` does (userspace/src/predict/eval.rs):
 
 - the history spans [first access or gap, last + 1 ns); `--train`/`--test` are fractions of it;
-- the test part is walked in horizons from its start, the last one cut at the test's end;
+- the test part is walked in whole horizons from its start (the one window it holds when not
+  even one horizon fits);
   at most `max_windows` are scored, evenly spread; a horizon that overlaps a gap is skipped;
 - at each horizon's start a model knows the history from the training part's start up to
   that instant (parameters are fitted on the training part only) and gives each unit a
@@ -64,7 +65,9 @@ def make_split(
     train_ns, (test_from, test_to) = (at(train[0]), at(train[1])), (at(test[0]), at(test[1]))
     if test_to <= test_from:
         raise SplitError("the test part is empty: the trace is too short for this split")
-    windows = max(1, -(-(test_to - test_from) // horizon_ns))
+    # Whole horizons only (a forecast for a horizon is judged on one); the one window the test
+    # holds when not even one fits.
+    windows = max(1, (test_to - test_from) // horizon_ns)
     every = max(1, -(-windows // max(1, max_windows)))
     gaps = [(int(s), max(int(e), int(s) + 1)) for s, e in acc.gaps.itertuples(index=False)]
     scored, gap_windows = [], 0

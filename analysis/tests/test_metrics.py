@@ -96,11 +96,15 @@ def test_an_access_straddling_units_counts_in_each_with_its_share(write_trace):
     assert per_unit[["unit", "bytes"]].values.tolist() == [[15, 4096], [16, 8192]]
 
 
-def test_the_last_horizon_is_cut_at_the_tests_end_and_windows_are_spread(write_trace):
+def test_only_whole_horizons_are_scored_and_windows_are_spread(write_trace):
     acc = io.accesses(io.read_table(write_trace(tiny_trace_rows())))
     split = make_split(acc, (0, 0.5), (0.5, 1.0), 3 * SEC)
-    assert split.windows == 2
-    assert [(w.from_ns, w.to_ns) for w in split.scored] == [(4 * SEC, 7 * SEC), (7 * SEC, 8 * SEC)]
+    # The test part is 4-8 s: one whole 3 s horizon; the last second is not a horizon.
+    assert split.windows == 1
+    assert [(w.from_ns, w.to_ns) for w in split.scored] == [(4 * SEC, 7 * SEC)]
+    # A horizon longer than the test part: the one window it holds.
+    split = make_split(acc, (0, 0.5), (0.5, 1.0), 10 * SEC)
+    assert [(w.from_ns, w.to_ns) for w in split.scored] == [(4 * SEC, 8 * SEC)]
     split = make_split(acc, (0, 0.5), (0.5, 1.0), SEC, max_windows=2)
     assert split.windows == 4 and [w.from_ns for w in split.scored] == [4 * SEC, 6 * SEC]
     inten = intensity.build(acc, MIB, MIB, SEC, split.test_ns[0])

@@ -540,8 +540,6 @@ fn git_build(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
     })
 }
 
-/// sqlite3 with an in-memory database fed on its standard input: its own page
-/// faults (the heap growing, then queries over it), and its block I/O.
 /// A day of periodic jobs compressed into minutes: a report that reads the
 /// same 30 files every [`CRON_REPORT_S`], a batch that reads 60 other files
 /// and writes a 4 MiB output every [`CRON_BATCH_S`] (the output of two runs
@@ -603,6 +601,8 @@ fn cron(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
     })
 }
 
+/// sqlite3 with an in-memory database fed on its standard input: its own page
+/// faults (the heap growing, then queries over it), and its block I/O.
 fn sqlite_faults(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
     let mut s = Scratch::new("sqlfault")?;
     s.children.push(

@@ -86,7 +86,7 @@ enum PredictCommand {
         #[arg(long, default_value_t = 200)]
         max_windows: usize,
         /// Units to evaluate every model at (comma-separated); the ensemble
-        /// also gets a row at the unit it chooses from its own past windows.
+        /// at the finest one chooses among it and 16 and 256 times it itself.
         #[arg(long, alias = "units", value_delimiter = ',', value_parser = parse_size, default_value = "4K,64K,1M")]
         unit: Vec<u64>,
         /// Which traced target (index in the trace header).

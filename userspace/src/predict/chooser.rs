@@ -5,8 +5,8 @@
 //! extents: it wins where the workload touches new blocks beside old ones,
 //! it loses where it claims blocks nobody asks for.
 //!
-//! Every quarter horizon of history (the first after an eighth; doubling
-//! the interval every 64 checkpoints) each candidate's claims are kept and, once the horizon has
+//! Every quarter horizon of history (the first after an eighth; the
+//! interval doubling every 64 checkpoints, up to one horizon) each candidate's claims are kept and, once the horizon has
 //! passed, scored by F1 at the base unit (a claimed coarse unit claims every
 //! base unit in it) against what was touched; older windows weigh less. The
 //! forecast is the best-scoring candidate's, given at the base unit. So on
@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::ensemble::Ensemble as Regional;
-use super::{Access, Model, Scored};
+use super::{Access, MAX_CLAIMS, Model, Scored, top_n};
 
 /// Weight kept by older windows at each new score, over the whole disk
 /// and in a zone.
@@ -254,7 +254,9 @@ impl Chooser {
             touched: HashSet::new(),
         });
         self.checkpoints += 1;
-        if self.checkpoints.is_multiple_of(CHECKPOINTS_PER_DOUBLING) {
+        if self.checkpoints.is_multiple_of(CHECKPOINTS_PER_DOUBLING)
+            && self.interval < self.horizon_ns
+        {
             self.interval = self.interval.saturating_mul(2);
         }
         self.next_checkpoint = Some(at.saturating_add(self.interval.max(1)));
@@ -348,7 +350,7 @@ impl Model for Chooser {
         while let Some(c) = self.next_checkpoint
             && a.ts_ns >= c
         {
-            let c = if a.ts_ns - c > 4 * self.interval {
+            let c = if a.ts_ns - c > self.interval.saturating_mul(4) {
                 a.ts_ns
             } else {
                 c
@@ -382,28 +384,65 @@ impl Model for Chooser {
             self.horizon_ns = horizon_ns.max(2);
         }
         self.resolve(now_ns);
+        if self.levels.is_empty() {
+            return Vec::new();
+        }
         let mut every = self.claims_at(now_ns);
+        // The base unit's hot set (recency and frequency), to rank within.
+        let hot: HashMap<u64, (f64, f64)> = self
+            .names
+            .iter()
+            .position(|n| *n == "lru")
+            .map(|i| {
+                every[i]
+                    .iter()
+                    .map(|s| (s.unit, (s.read, s.write)))
+                    .collect()
+            })
+            .unwrap_or_default();
         // The zone-wise combination unless one candidate alone has done
         // better over the whole disk.
         let best = self.best_single();
         let together = self.tallies[self.singles()].f1().unwrap_or(0.0);
-        if self.tallies[best].f1().is_none_or(|f| f <= together) {
-            return self.combine(&every);
-        }
-        let shift = self.shift_of(best);
-        let claims = every.swap_remove(best);
-        if shift == 0 {
-            return claims;
-        }
-        claims
-            .into_iter()
-            .flat_map(|s| {
-                (0..1u64 << shift).map(move |k| Scored {
-                    unit: (s.unit << shift) + k,
-                    ..s
+        let chosen = if self.tallies[best].f1().is_none_or(|f| f <= together) {
+            self.combine(&every)
+        } else {
+            let shift = self.shift_of(best);
+            every
+                .swap_remove(best)
+                .into_iter()
+                .flat_map(|s| {
+                    (0..1u64 << shift).map(move |k| Scored {
+                        unit: (s.unit << shift) + k,
+                        ..s
+                    })
                 })
+                .collect()
+        };
+        // The choice says which units; within them, what was used lately and
+        // often comes first (a post-copy push and a warm-up read in this
+        // order). The naive forecasts claim everything at 1, which ranks
+        // nothing.
+        // A unit claimed twice (by a stream's window and a stride) once.
+        let mut by_unit: HashMap<u64, (f64, f64)> = HashMap::new();
+        for s in chosen {
+            let e = by_unit.entry(s.unit).or_default();
+            e.0 = e.0.max(s.read);
+            e.1 = e.1.max(s.write);
+        }
+        let ranked = by_unit
+            .into_iter()
+            .map(|(unit, (read, write))| {
+                let (r, w) = hot.get(&unit).copied().unwrap_or((0.0, 0.0));
+                let rank = |p: f64, h: f64| if p >= 0.5 { 0.5 + 0.5 * h } else { p };
+                Scored {
+                    unit,
+                    read: rank(read, r),
+                    write: rank(write, w),
+                }
             })
-            .collect()
+            .collect();
+        top_n(ranked, MAX_CLAIMS.saturating_mul(16))
     }
 
     fn state_bytes(&self) -> usize {

@@ -49,8 +49,8 @@ pub struct EvalSpec {
     pub target: u16,
     pub horizon_ns: u64,
     /// How far the forecast's moment moves between windows; `None`: one
-    /// horizon (windows tile the test range, the last one cut at its end).
-    /// Shorter steps give overlapping windows, each a whole horizon.
+    /// horizon (windows tile the test range). Shorter steps give
+    /// overlapping windows; each is a whole horizon.
     pub step_ns: Option<u64>,
     /// Fractions of the history's time span, e.g. (0.0, 0.5).
     pub train: (f64, f64),
@@ -177,7 +177,8 @@ pub struct EvalReport {
     /// Events per second of history in the test range (what training must keep up with).
     pub history_events_per_second: f64,
     pub models: Vec<ModelReport>,
-    /// The ensemble at the unit it chooses against the best naive forecast.
+    /// The ensemble at the finest unit (it chooses among coarser ones
+    /// itself) against the best naive forecast.
     pub target: Option<Target>,
 }
 
@@ -287,11 +288,12 @@ where
     Ok((records, events))
 }
 
-/// The test range's windows: one every step; with a step of one horizon
-/// they tile the range (the last cut at its end), with a shorter one each
-/// is a whole horizon (at least the first is kept). At most `max` are
-/// scored, evenly spread, and none that overlaps a gap. Also returns how
-/// many are scored and how many were skipped for a gap.
+/// The test range's windows: one every step, each a whole horizon (a
+/// forecast for a horizon is judged on a horizon: a window cut short at the
+/// test's end would judge it on a sliver); when not even one whole horizon
+/// fits, the one window the test range holds. At most `max` are scored,
+/// evenly spread, and none that overlaps a gap. Also returns how many are
+/// scored and how many were skipped for a gap.
 fn windows_of(
     blocks: &[Event],
     (test_from, test_to): (u64, u64),
@@ -309,15 +311,15 @@ fn windows_of(
 
     let mut starts = Vec::new();
     let mut t = test_from;
-    while t < test_to && (step == h || t + h <= test_to || starts.is_empty()) {
+    while t < test_to && (t.saturating_add(h) <= test_to || starts.is_empty()) {
         starts.push(t);
-        t += step;
+        t = t.saturating_add(step);
     }
     let every = (starts.len() as u64).div_ceil(max.max(1) as u64).max(1);
     let (mut scored_windows, mut gap_windows) = (0, 0);
     let mut windows: Vec<Window> = Vec::with_capacity(starts.len());
     windows.extend(starts.iter().enumerate().map(|(k, &from)| {
-        let to = (from + h).min(test_to);
+        let to = from.saturating_add(h).min(test_to);
         let picked = (k as u64).is_multiple_of(every);
         let gap = picked && in_gap(from, to);
         scored_windows += u64::from(picked && !gap);
@@ -329,7 +331,7 @@ fn windows_of(
             blocks: Vec::new(),
         }
     }));
-    for w in &mut windows {
+    for w in windows.iter_mut().filter(|w| w.scored) {
         let (from, to) = (w.at, w.to);
         w.blocks = {
             let lo = blocks.partition_point(|e| e.ts_ns() < from);
@@ -926,7 +928,9 @@ mod tests {
             ..EvalSpec::default()
         };
         let r = evaluate(history, &spec).expect("eval");
-        assert_eq!(r.windows, 4);
-        assert_eq!((r.scored_windows, r.gap_windows), (3, 1));
+        // The test part is 1.95-3.9 s: three whole 0.5 s horizons (the last
+        // 0.45 s is not one), the third overlapping the gap at 3 s.
+        assert_eq!(r.windows, 3);
+        assert_eq!((r.scored_windows, r.gap_windows), (2, 1));
     }
 }

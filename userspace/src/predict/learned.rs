@@ -8,7 +8,8 @@
 //! where a growing file or a scan enters new blocks). The features put the
 //! unit in one of 1024 cells.
 //!
-//! Every quarter horizon of history the model notes each candidate's cell
+//! Every quarter horizon of history (the interval doubling every 64
+//! windows, up to one horizon) the model notes each candidate's cell
 //! (every unit ever touched, and the untouched units of active zones and of
 //! the regions after active ones); once the horizon has passed, each cell's
 //! rate of units touched in it is known. The claim is the set of cells that
@@ -24,7 +25,7 @@
 
 use std::collections::HashMap;
 
-use super::{Access, Model, REGION_UNITS, Scored};
+use super::{Access, MAX_CLAIMS, Model, REGION_UNITS, Scored, top_n};
 
 /// Age buckets, by the horizon H: [0, H/4), [H/4, H/2), [H/2, H), [H, 2H),
 /// [2H, 4H), [4H, 16H), [16H, ∞), never.
@@ -237,7 +238,12 @@ impl Learned {
     }
 
     fn checkpoint(&mut self, at: u64) {
-        let estimate = self.units.len() as u64 + ZONE_UNITS * 256;
+        // Every touched unit, and the untouched ones of active zones and of
+        // the regions after active ones: counted before sampling.
+        let (regions, zones) = self.densities(at);
+        let estimate = self.units.len() as u64
+            + (zones.len() as u64).saturating_mul(ZONE_UNITS)
+            + (regions.len() as u64).saturating_mul(REGION_UNITS);
         let sample = estimate.div_ceil(SAMPLE).max(1);
         let mut cells = HashMap::new();
         self.candidates(at, |unit, c| {
@@ -254,7 +260,7 @@ impl Learned {
         });
         self.checkpoints += 1;
         if self.checkpoints.is_multiple_of(CHECKPOINTS_PER_DOUBLING)
-            && self.interval < 2 * self.horizon_ns
+            && self.interval < self.horizon_ns
         {
             self.interval *= 2;
         }
@@ -393,13 +399,20 @@ impl Model for Learned {
             && t >= c
         {
             // After a long quiet time, one checkpoint now, not one per interval.
-            let c = if t - c > 4 * self.interval { t } else { c };
+            let c = if t - c > self.interval.saturating_mul(4) {
+                t
+            } else {
+                c
+            };
             self.resolve(c);
             self.checkpoint(c);
         }
         let before = self.units.get(&a.unit).copied();
+        let h = self.horizon_ns;
         for p in &mut self.pending {
-            if t < p.at {
+            // A window not yet learned (it is learned at the next
+            // checkpoint or forecast) counts only its own horizon.
+            if t < p.at || t >= p.at.saturating_add(h) {
                 continue;
             }
             let first = |last: Option<u64>| last.is_none_or(|l| l < p.at);
@@ -500,7 +513,7 @@ impl Model for Learned {
                 write: (write * k).min(1.0),
             });
         });
-        out
+        top_n(out, MAX_CLAIMS)
     }
 
     fn state_bytes(&self) -> usize {
