@@ -133,7 +133,8 @@ def cmd_naive(args: argparse.Namespace) -> int:
     horizon = intensity.parse_duration(args.horizon)
     units = [intensity.parse_size(u) for u in args.units.split(",")]
     acc = io.accesses(io.read_table(args.trace), args.target)
-    split = make_split(acc, args.train, args.test, horizon, args.max_windows)
+    step = intensity.parse_duration(args.step) if args.step else None
+    split = make_split(acc, args.train, args.test, horizon, args.max_windows, step)
     counts = naive_counts(acc, split, units)
     rows = [{"name": name, "unit": unit, **c.report()} for (name, unit), c in counts.items()]
     if args.json:
@@ -187,6 +188,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--test", default="50-100%", type=intensity.parse_span)
     n.add_argument("--horizon", default="10s", help="the predicted window, e.g. 10s")
     n.add_argument("--target", help="the block target (default: the first in the trace)")
+    n.add_argument("--step", help="how far the forecast moves between windows (default: H)")
     n.add_argument("--units", default="4K,64K,1M", help="comma-separated units")
     n.add_argument("--max-windows", default=200, type=int, help="horizons scored at most")
     n.add_argument("--json", action="store_true", help="print a JSON report")

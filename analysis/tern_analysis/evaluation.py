@@ -2,8 +2,8 @@
 `tern predict eval` does (userspace/src/predict/eval.rs):
 
 - the history spans [first access or gap, last + 1 ns); `--train`/`--test` are fractions of it;
-- the test part is walked in whole horizons from its start (the one window it holds when not
-  even one horizon fits);
+- the test part is walked from its start, a window every step (default one horizon), each a
+  whole horizon (the one window it holds when not even one horizon fits);
   at most `max_windows` are scored, evenly spread; a horizon that overlaps a gap is skipped;
 - at each horizon's start a model knows the history from the training part's start up to
   that instant (parameters are fitted on the training part only) and gives each unit a
@@ -56,6 +56,7 @@ def make_split(
     test: tuple[float, float],
     horizon_ns: int,
     max_windows: int = 200,
+    step_ns: int | None = None,
 ) -> Split:
     t0, t1 = acc.start_ns, acc.end_ns
 
@@ -65,14 +66,19 @@ def make_split(
     train_ns, (test_from, test_to) = (at(train[0]), at(train[1])), (at(test[0]), at(test[1]))
     if test_to <= test_from:
         raise SplitError("the test part is empty: the trace is too short for this split")
-    # Whole horizons only (a forecast for a horizon is judged on one); the one window the test
-    # holds when not even one fits.
-    windows = max(1, (test_to - test_from) // horizon_ns)
+    # A window every `step_ns` (default: one horizon, tiling the test part), each a whole
+    # horizon (a forecast for a horizon is judged on one); the one window the test holds when
+    # not even one fits.
+    step = step_ns or horizon_ns
+    if step <= 0:
+        raise SplitError("the step must be longer than zero")
+    span = test_to - test_from
+    windows = (span - horizon_ns) // step + 1 if span >= horizon_ns else 1
     every = max(1, -(-windows // max(1, max_windows)))
     gaps = [(int(s), max(int(e), int(s) + 1)) for s, e in acc.gaps.itertuples(index=False)]
     scored, gap_windows = [], 0
     for w in range(0, windows, every):
-        lo = test_from + w * horizon_ns
+        lo = test_from + w * step
         hi = min(lo + horizon_ns, test_to)
         if any(s < hi and lo < e for s, e in gaps):
             gap_windows += 1
