@@ -17,13 +17,13 @@
 use std::collections::{HashMap, HashSet};
 
 use super::ensemble::Ensemble as Regional;
+use super::schedule::{Schedule, drop_gapped, ended, within};
 use super::{Access, MAX_CLAIMS, Model, Scored, top_n};
 
 /// Weight kept by older windows at each new score, over the whole disk
 /// and in a zone.
 const DECAY: f64 = 0.85;
 const ZONE_DECAY: f64 = 0.7;
-const CHECKPOINTS_PER_DOUBLING: u64 = 64;
 /// Each level's unit is the one before times 2^this.
 const LEVEL_SHIFT: u32 = 4;
 const LEVELS: u32 = 3;
@@ -104,9 +104,7 @@ pub struct Chooser {
     /// Base units per zone, as a shift.
     zone_shift: u32,
     pending: Vec<Pending>,
-    next_checkpoint: Option<u64>,
-    interval: u64,
-    checkpoints: u64,
+    schedule: Schedule,
 }
 
 impl Chooser {
@@ -137,9 +135,7 @@ impl Chooser {
             per_level,
             names,
             pending: Vec::new(),
-            next_checkpoint: None,
-            interval: h / 4,
-            checkpoints: 0,
+            schedule: Schedule::quarter(h),
         }
     }
 
@@ -253,21 +249,10 @@ impl Chooser {
             claims,
             touched: HashSet::new(),
         });
-        self.checkpoints += 1;
-        if self.checkpoints.is_multiple_of(CHECKPOINTS_PER_DOUBLING)
-            && self.interval < self.horizon_ns
-        {
-            self.interval = self.interval.saturating_mul(2);
-        }
-        self.next_checkpoint = Some(at.saturating_add(self.interval.max(1)));
     }
 
     fn resolve(&mut self, now: u64) {
-        let h = self.horizon_ns;
-        let (done, open): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .partition(|p| p.at.saturating_add(h) <= now);
-        self.pending = open;
+        let done = ended(&mut self.pending, now, self.horizon_ns, |p| p.at);
         let singles = self.singles();
         let zs = self.zone_shift;
         for p in done {
@@ -342,25 +327,13 @@ impl Model for Chooser {
     }
 
     fn observe(&mut self, a: &Access) {
-        if self.next_checkpoint.is_none() {
-            // The first window early: a history barely longer than the
-            // horizon still has one scored window to choose by.
-            self.next_checkpoint = Some(a.ts_ns.saturating_add(self.interval.max(2) / 2));
-        }
-        while let Some(c) = self.next_checkpoint
-            && a.ts_ns >= c
-        {
-            let c = if a.ts_ns - c > self.interval.saturating_mul(4) {
-                a.ts_ns
-            } else {
-                c
-            };
+        while let Some(c) = self.schedule.due(a.ts_ns) {
             self.resolve(c);
             self.checkpoint(c);
         }
         let h = self.horizon_ns;
         for p in &mut self.pending {
-            if a.ts_ns >= p.at && a.ts_ns < p.at.saturating_add(h) {
+            if within(p.at, a.ts_ns, h) {
                 p.touched.insert(a.unit);
             }
         }
@@ -370,9 +343,12 @@ impl Model for Chooser {
     }
 
     fn gap(&mut self, start_ns: u64, end_ns: u64) {
-        let h = self.horizon_ns;
-        self.pending
-            .retain(|p| !(start_ns < p.at.saturating_add(h) && p.at < end_ns.max(start_ns + 1)));
+        drop_gapped(
+            &mut self.pending,
+            (start_ns, end_ns),
+            self.horizon_ns,
+            |p| p.at,
+        );
         self.flush();
         for l in &mut self.levels {
             l.regional.gap(start_ns, end_ns);
@@ -382,6 +358,7 @@ impl Model for Chooser {
     fn predict(&mut self, now_ns: u64, horizon_ns: u64) -> Vec<Scored> {
         if horizon_ns != self.horizon_ns {
             self.horizon_ns = horizon_ns.max(2);
+            self.schedule.set_horizon(self.horizon_ns);
         }
         self.resolve(now_ns);
         if self.levels.is_empty() {

@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 
+use super::schedule::{Schedule, drop_gapped, ended, within};
 use super::{Access, MAX_CLAIMS, Model, REGION_UNITS, Scored, top_n};
 
 /// Age buckets, by the horizon H: [0, H/4), [H/4, H/2), [H/2, H), [H, 2H),
@@ -50,7 +51,6 @@ const DECAY: f64 = 0.95;
 const PRIOR: f64 = 8.0;
 /// At most this many candidates are noted per window (a hash sample beyond).
 const SAMPLE: u64 = 200_000;
-const CHECKPOINTS_PER_DOUBLING: u64 = 64;
 
 #[derive(Debug, Clone, Copy)]
 struct Unit {
@@ -91,9 +91,7 @@ pub struct Learned {
     touched: f64,
     windows: u64,
     pending: Vec<Pending>,
-    next_checkpoint: Option<u64>,
-    interval: u64,
-    checkpoints: u64,
+    schedule: Schedule,
     /// Cells claimed and each cell's smoothed rates, recomputed when a
     /// window is learned.
     claim: Vec<bool>,
@@ -164,9 +162,7 @@ impl Learned {
             touched: 0.0,
             windows: 0,
             pending: Vec::new(),
-            next_checkpoint: None,
-            interval: h / 4,
-            checkpoints: 0,
+            schedule: Schedule::quarter(h),
             claim: Vec::new(),
             rates: Vec::new(),
         }
@@ -258,22 +254,11 @@ impl Learned {
             hits: vec![Rates::default(); CELLS],
             touched: 0.0,
         });
-        self.checkpoints += 1;
-        if self.checkpoints.is_multiple_of(CHECKPOINTS_PER_DOUBLING)
-            && self.interval < self.horizon_ns
-        {
-            self.interval *= 2;
-        }
-        self.next_checkpoint = Some(at.saturating_add(self.interval.max(1)));
     }
 
     /// Learns every pending window that has ended by `now`.
     fn resolve(&mut self, now: u64) {
-        let h = self.horizon_ns;
-        let (done, open): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .partition(|p| p.at.saturating_add(h) <= now);
-        self.pending = open;
+        let done = ended(&mut self.pending, now, self.horizon_ns, |p| p.at);
         if done.is_empty() {
             return;
         }
@@ -390,20 +375,7 @@ impl Model for Learned {
 
     fn observe(&mut self, a: &Access) {
         let t = a.ts_ns;
-        if self.next_checkpoint.is_none() {
-            // The first window early: a history barely longer than the
-            // horizon still has one learned window.
-            self.next_checkpoint = Some(t.saturating_add(self.interval.max(2) / 2));
-        }
-        while let Some(c) = self.next_checkpoint
-            && t >= c
-        {
-            // After a long quiet time, one checkpoint now, not one per interval.
-            let c = if t - c > self.interval.saturating_mul(4) {
-                t
-            } else {
-                c
-            };
+        while let Some(c) = self.schedule.due(t) {
             self.resolve(c);
             self.checkpoint(c);
         }
@@ -412,7 +384,7 @@ impl Model for Learned {
         for p in &mut self.pending {
             // A window not yet learned (it is learned at the next
             // checkpoint or forecast) counts only its own horizon.
-            if t < p.at || t >= p.at.saturating_add(h) {
+            if !within(p.at, t, h) {
                 continue;
             }
             let first = |last: Option<u64>| last.is_none_or(|l| l < p.at);
@@ -455,10 +427,13 @@ impl Model for Learned {
     }
 
     fn gap(&mut self, start_ns: u64, end_ns: u64) {
-        let h = self.horizon_ns;
         // A window the gap overlaps cannot be learned from.
-        self.pending
-            .retain(|p| !(start_ns < p.at.saturating_add(h) && p.at < end_ns.max(start_ns + 1)));
+        drop_gapped(
+            &mut self.pending,
+            (start_ns, end_ns),
+            self.horizon_ns,
+            |p| p.at,
+        );
     }
 
     fn predict(&mut self, now_ns: u64, horizon_ns: u64) -> Vec<Scored> {

@@ -20,6 +20,7 @@ pub mod learned;
 pub mod naive;
 pub mod periodic;
 pub mod readahead;
+mod schedule;
 pub mod stride;
 
 use std::collections::HashMap;
