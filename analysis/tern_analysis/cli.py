@@ -23,13 +23,19 @@ EXAMPLES = """examples:
 """
 
 
-def _eval_args(p: argparse.ArgumentParser) -> None:
+def _split_args(p: argparse.ArgumentParser) -> None:
+    """The trace and how it is split into training and scored horizons."""
     p.add_argument("trace", type=Path, help="a `tern trace export --format csv` file or .parquet")
     p.add_argument("--train", default="0-50%", type=intensity.parse_span)
     p.add_argument("--test", default="50-100%", type=intensity.parse_span)
     p.add_argument("--horizon", default="10s", help="the predicted window, e.g. 10s")
-    p.add_argument("--step", help="time-series bin; divides the horizon (default: a quarter of it)")
     p.add_argument("--target", help="the block target (default: the first in the trace)")
+    p.add_argument("--max-windows", default=200, type=int, help="horizons scored at most")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _split_args(p)
+    p.add_argument("--step", help="time-series bin; divides the horizon (default: a quarter of it)")
     p.add_argument(
         "--unit", default="64K", type=intensity.parse_size, help="scored unit (power of two)"
     )
@@ -49,7 +55,6 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         help="predict a unit when P(at least one access in the horizon) >= this",
     )
     p.add_argument("--budget", default="120s", help="wall-clock budget for fitting ARIMA")
-    p.add_argument("--max-windows", default=200, type=int, help="horizons scored at most")
 
 
 def _step(horizon: int, text: str | None) -> int:
@@ -183,14 +188,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print a JSON report")
     e.set_defaults(func=cmd_eval)
     n = sub.add_parser("naive", help="the naive forecasts' F1 by units and by 4 KiB blocks")
-    n.add_argument("trace", type=Path, help="a `tern trace export --format csv` file or .parquet")
-    n.add_argument("--train", default="0-50%", type=intensity.parse_span)
-    n.add_argument("--test", default="50-100%", type=intensity.parse_span)
-    n.add_argument("--horizon", default="10s", help="the predicted window, e.g. 10s")
-    n.add_argument("--target", help="the block target (default: the first in the trace)")
+    _split_args(n)
     n.add_argument("--step", help="how far the forecast moves between windows (default: H)")
     n.add_argument("--units", default="4K,64K,1M", help="comma-separated units")
-    n.add_argument("--max-windows", default=200, type=int, help="horizons scored at most")
     n.add_argument("--json", action="store_true", help="print a JSON report")
     n.set_defaults(func=cmd_naive)
     pl = sub.add_parser("plot", help="plot predicted vs actual intensity (PNG)")

@@ -440,13 +440,13 @@ impl Model for Chooser {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::predict::naive::{EverTouched, LastHorizon};
+    use crate::predict::naive::Naive;
     use crate::predict::testkit::{MS, claimed};
 
     fn naive(_unit: u64) -> Vec<Box<dyn Model>> {
         vec![
-            Box::new(LastHorizon::default()),
-            Box::new(EverTouched::default()),
+            Box::new(Naive::last_horizon()),
+            Box::new(Naive::ever_touched()),
         ]
     }
 

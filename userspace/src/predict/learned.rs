@@ -182,10 +182,15 @@ impl Learned {
         (regions, zones)
     }
 
-    /// Every candidate at `now` with its cell: `f(unit, cell)`.
-    fn candidates(&self, now: u64, mut f: impl FnMut(u64, usize)) {
+    /// Every candidate at `now` with its cell: `f(unit, cell)`, given the
+    /// region and zone activity at `now` ([`Learned::densities`]).
+    fn candidates(
+        &self,
+        now: u64,
+        (dens, zones): &(HashMap<u64, u32>, HashMap<u64, u32>),
+        mut f: impl FnMut(u64, usize),
+    ) {
         let h = self.horizon_ns;
-        let (dens, zones) = self.densities(now);
         let density = |region: u64| dens.get(&region).copied().unwrap_or(0);
         let zone = |unit: u64| zone_bucket(zones.get(&(unit / ZONE_UNITS)).copied().unwrap_or(0));
         let now_period = now / h;
@@ -236,13 +241,13 @@ impl Learned {
     fn checkpoint(&mut self, at: u64) {
         // Every touched unit, and the untouched ones of active zones and of
         // the regions after active ones: counted before sampling.
-        let (regions, zones) = self.densities(at);
+        let activity = self.densities(at);
         let estimate = self.units.len() as u64
-            + (zones.len() as u64).saturating_mul(ZONE_UNITS)
-            + (regions.len() as u64).saturating_mul(REGION_UNITS);
+            + (activity.1.len() as u64).saturating_mul(ZONE_UNITS)
+            + (activity.0.len() as u64).saturating_mul(REGION_UNITS);
         let sample = estimate.div_ceil(SAMPLE).max(1);
         let mut cells = HashMap::new();
-        self.candidates(at, |unit, c| {
+        self.candidates(at, &activity, |unit, c| {
             if sampled(unit, sample) {
                 cells.insert(unit, u16::try_from(c).expect("CELLS is below 2^16"));
             }
@@ -469,7 +474,7 @@ impl Model for Learned {
             return out;
         }
         let table = &self.rates;
-        self.candidates(now_ns, |unit, c| {
+        self.candidates(now_ns, &self.densities(now_ns), |unit, c| {
             let (any, read, write) = table[c];
             let top = read.max(write);
             if top <= 0.0 || any < 0.01 {
@@ -504,7 +509,7 @@ impl Model for Learned {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::predict::naive::{EverTouched, LastHorizon};
+    use crate::predict::naive::Naive;
     use crate::predict::testkit::{MS, claimed, read};
 
     fn f1(claims: &[u64], actual: &[u64]) -> f64 {
@@ -522,8 +527,8 @@ mod tests {
         let h = 100 * MS;
         let mut models: Vec<Box<dyn Model>> = vec![
             Box::new(Learned::for_horizon(h)),
-            Box::new(LastHorizon::default()),
-            Box::new(EverTouched::default()),
+            Box::new(Naive::last_horizon()),
+            Box::new(Naive::ever_touched()),
         ];
         let mut history = Vec::new();
         for t in (0..6000).step_by(10) {

@@ -219,8 +219,8 @@ pub const NAIVE: [&str; 2] = ["last-horizon", "ever-touched"];
 /// set predicts best, it is used), for predictions `horizon_ns` ahead.
 pub fn component_models(unit: u64, horizon_ns: u64) -> Vec<Box<dyn Model>> {
     vec![
-        Box::new(naive::LastHorizon::default()),
-        Box::new(naive::EverTouched::default()),
+        Box::new(naive::Naive::last_horizon()),
+        Box::new(naive::Naive::ever_touched()),
         Box::new(hotset::HotSet::default()),
         Box::new(readahead::Readahead::new(unit)),
         Box::new(stride::Stride::default()),

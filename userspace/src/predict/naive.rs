@@ -14,13 +14,48 @@ struct Last {
     write: Option<u64>,
 }
 
-/// What each unit's last read and write were, for both forecasts.
-#[derive(Debug, Default)]
-struct Seen {
+/// Which of the two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The units touched in `[now - horizon, now)`.
+    LastHorizon,
+    /// Every unit ever touched.
+    EverTouched,
+}
+
+/// A naive forecast over each unit's last read and write.
+#[derive(Debug)]
+pub struct Naive {
+    kind: Kind,
     units: HashMap<u64, Last>,
 }
 
-impl Seen {
+impl Naive {
+    /// Claims the units touched in `[now - horizon, now)`.
+    pub fn last_horizon() -> Naive {
+        Naive {
+            kind: Kind::LastHorizon,
+            units: HashMap::new(),
+        }
+    }
+
+    /// Claims every unit ever touched.
+    pub fn ever_touched() -> Naive {
+        Naive {
+            kind: Kind::EverTouched,
+            units: HashMap::new(),
+        }
+    }
+}
+
+impl Model for Naive {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::LastHorizon => "last-horizon",
+            Kind::EverTouched => "ever-touched",
+        }
+    }
+
     fn observe(&mut self, a: &Access) {
         let e = self.units.entry(a.unit).or_default();
         if a.write {
@@ -30,10 +65,22 @@ impl Seen {
         }
     }
 
-    /// Every unit whose last read or write satisfies `keep`, with
-    /// probability 1 for the ops that do.
-    fn claims(&self, keep: impl Fn(u64) -> bool) -> Vec<Scored> {
-        let hit = |t: Option<u64>| if t.is_some_and(&keep) { 1.0 } else { 0.0 };
+    // What was touched stays touched, whatever was lost beside it.
+    fn gap(&mut self, _start_ns: u64, _end_ns: u64) {}
+
+    fn predict(&mut self, now_ns: u64, horizon_ns: u64) -> Vec<Scored> {
+        let since = match self.kind {
+            Kind::LastHorizon => now_ns.saturating_sub(horizon_ns),
+            Kind::EverTouched => 0,
+        };
+        // Probability 1 for each op last done in the window, 0 otherwise.
+        let hit = |t: Option<u64>| {
+            if t.is_some_and(|t| t >= since && t < now_ns) {
+                1.0
+            } else {
+                0.0
+            }
+        };
         self.units
             .iter()
             .map(|(&unit, l)| Scored {
@@ -50,60 +97,6 @@ impl Seen {
     }
 }
 
-/// Claims the units touched in `[now - horizon, now)`.
-#[derive(Debug, Default)]
-pub struct LastHorizon {
-    seen: Seen,
-}
-
-impl Model for LastHorizon {
-    fn name(&self) -> &'static str {
-        "last-horizon"
-    }
-
-    fn observe(&mut self, access: &Access) {
-        self.seen.observe(access);
-    }
-
-    // What was touched stays touched, whatever was lost beside it.
-    fn gap(&mut self, _start_ns: u64, _end_ns: u64) {}
-
-    fn predict(&mut self, now_ns: u64, horizon_ns: u64) -> Vec<Scored> {
-        let since = now_ns.saturating_sub(horizon_ns);
-        self.seen.claims(|t| t >= since && t < now_ns)
-    }
-
-    fn state_bytes(&self) -> usize {
-        self.seen.state_bytes()
-    }
-}
-
-/// Claims every unit ever touched.
-#[derive(Debug, Default)]
-pub struct EverTouched {
-    seen: Seen,
-}
-
-impl Model for EverTouched {
-    fn name(&self) -> &'static str {
-        "ever-touched"
-    }
-
-    fn observe(&mut self, access: &Access) {
-        self.seen.observe(access);
-    }
-
-    fn gap(&mut self, _start_ns: u64, _end_ns: u64) {}
-
-    fn predict(&mut self, now_ns: u64, _horizon_ns: u64) -> Vec<Scored> {
-        self.seen.claims(|t| t < now_ns)
-    }
-
-    fn state_bytes(&self) -> usize {
-        self.seen.state_bytes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,8 +105,8 @@ mod tests {
     #[test]
     fn the_last_horizon_claims_only_what_it_saw_and_ever_touched_claims_all() {
         let history = [read(0, 1), write(500 * MS, 2), read(900 * MS, 3)];
-        let mut last = LastHorizon::default();
-        let mut ever = EverTouched::default();
+        let mut last = Naive::last_horizon();
+        let mut ever = Naive::ever_touched();
         for ev in &history {
             last.feed(ev);
             ever.feed(ev);
