@@ -262,15 +262,27 @@ impl Chooser {
             for &u in &p.touched {
                 *zone_actual.entry(u >> zs).or_default() += 1.0;
             }
+            // Base units touched per unit of each level (the combinations
+            // are at the base unit), once per level, not per candidate.
+            let per_level: HashMap<u32, HashMap<u64, u64>> = (0..p.claims.len())
+                .map(|c| self.shift_of(c))
+                .collect::<HashSet<u32>>()
+                .into_iter()
+                .map(|shift| {
+                    let mut per: HashMap<u64, u64> = HashMap::new();
+                    for &u in &p.touched {
+                        *per.entry(u >> shift).or_default() += 1;
+                    }
+                    (shift, per)
+                })
+                .collect();
             let mut zone_counts: HashMap<u64, Vec<(f64, f64)>> = HashMap::new();
             for (c, claims) in p.claims.iter().enumerate() {
                 let shift = self.shift_of(c);
                 let single = c < singles;
-                // Base units touched per unit of this level.
-                let mut per: HashMap<u64, u64> = HashMap::new();
-                for &u in &p.touched {
-                    *per.entry(u >> shift).or_default() += 1;
-                }
+                let per = per_level
+                    .get(&shift)
+                    .expect("a map was built for every candidate's level");
                 let mut tp = 0u64;
                 for u in claims {
                     let hit = per.get(u).copied().unwrap_or(0);
