@@ -1,4 +1,4 @@
-"""`python -m tern_analysis eval|naive|plot|convert`: the command line."""
+"""`python -m tern_analysis eval|naive|boosted|plot|convert`: the command line."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   python -m tern_analysis naive fio.csv --horizon 10s --units 4K,64K,1M --json
   python -m tern_analysis plot fio.csv --horizon 10s --out fio-arima.png
   python -m tern_analysis convert fio.csv --out fio.parquet
+  tern predict features fio.trace --horizon 5s --unit 4K --out fio-4K.csv
+  python -m tern_analysis boosted fio-4K.csv sqlite-4K.csv --out boosted.json
 """
 
 
@@ -175,6 +177,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_boosted(args: argparse.Namespace) -> int:
+    from .boosted import train_and_export
+
+    summary = train_and_export(
+        args.rows,
+        args.out,
+        trees=args.trees,
+        depth=args.depth,
+        rate=args.rate,
+        max_rows=args.max_rows,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tern_analysis",
@@ -198,6 +215,14 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", type=Path, required=True, help="the PNG to write")
     pl.add_argument("--top", type=int, default=4, help="how many of the hottest regions to plot")
     pl.set_defaults(func=cmd_plot)
+    b = sub.add_parser("boosted", help="train the boosted trees on `tern predict features` rows")
+    b.add_argument("rows", type=Path, nargs="+", help="rows CSV files")
+    b.add_argument("--out", type=Path, required=True, help="the model JSON to write")
+    b.add_argument("--trees", type=int, default=60)
+    b.add_argument("--depth", type=int, default=3)
+    b.add_argument("--rate", type=float, default=0.1)
+    b.add_argument("--max-rows", type=int, default=400_000)
+    b.set_defaults(func=cmd_boosted)
     c = sub.add_parser("convert", help="store an exported CSV as Parquet")
     c.add_argument("trace", type=Path)
     c.add_argument("--out", type=Path, required=True)

@@ -8,6 +8,7 @@ mod bench_plan;
 mod bench_predict;
 mod bench_rpc;
 mod bench_tracer;
+mod boosted;
 mod demo;
 mod garage;
 mod readme;
@@ -55,6 +56,22 @@ enum Cmd {
         /// Which: tracer, nbd, rpc, migrate, analyze, plan or predict (default: all but plan).
         which: Option<String>,
     },
+    /// Train the boosted trees Tern ships (userspace/models/boosted.json) on
+    /// traces: rows from `tern predict features`, trees from scikit-learn.
+    Boosted {
+        /// The traces (`cargo xtask traces --out DIR`).
+        #[arg(long, env = "TERN_TRACES")]
+        traces: std::path::PathBuf,
+        /// A python with the analysis package's dependencies (the venv .ci/run makes).
+        #[arg(long, default_value = "python3")]
+        python: std::path::PathBuf,
+        /// Where to write the model (default: userspace/models/boosted.json).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Also evaluate each trace with trees trained without it.
+        #[arg(long)]
+        leave_one_out: bool,
+    },
     /// Record traces of real programs (fio, sqlite3, pgbench, git + build, periodic jobs) on ext4 on a loop device,
     /// and pgbench recorded by bpftrace as MSR Cambridge CSV and imported.
     Traces {
@@ -94,6 +111,23 @@ fn main() -> Result<()> {
         Cmd::Readme => {
             sh::setup(Need::All)?;
             readme::run(&build(false)?)
+        }
+        Cmd::Boosted {
+            traces,
+            python,
+            out,
+            leave_one_out,
+        } => {
+            let bin = build(true)?;
+            boosted::run_boosted(
+                &bin,
+                &boosted::Options {
+                    traces,
+                    python,
+                    out,
+                    leave_one_out,
+                },
+            )
         }
         Cmd::Traces { out, only, seconds } => {
             sh::setup(Need::All)?;

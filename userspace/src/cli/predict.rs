@@ -1,11 +1,14 @@
 //! `tern predict`: forecast a trace's next horizon into a plan file, and
 //! `tern predict eval`: the evaluation table of every model on a trace.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use std::sync::Arc;
+
+use tern::predict::boosted::{self, Forest, RowsSpec};
 use tern::predict::eval::{self, EvalSpec};
 use tern::predict::{self, PredictOptions};
 
@@ -15,7 +18,7 @@ use super::args::parse_size;
 #[command(
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Examples:\n  tern predict app.trace --horizon 10m --out plan.json\n  tern predict s3://tern/history --from 24h --device dev-vdb --horizon 10m --out plan.json\n  tern migrate --device /dev/vdb --to dst:7443 --prefetch plan.json ...\n  tern predict eval app.trace --train 0-50% --test 50-100% --horizon 10s [--step 2s] [--unit 4K,64K,1M] [--json]"
+    after_help = "Examples:\n  tern predict app.trace --horizon 10m --out plan.json\n  tern predict s3://tern/history --from 24h --device dev-vdb --horizon 10m --out plan.json\n  tern migrate --device /dev/vdb --to dst:7443 --prefetch plan.json ...\n  tern predict eval app.trace --train 0-50% --test 50-100% --horizon 10s [--step 2s] [--unit 4K,64K,1M] [--json]\n  tern predict features app.trace --range 0-50% --horizon 5s --unit 4K --out rows.csv"
 )]
 pub struct PredictArgs {
     #[command(subcommand)]
@@ -42,8 +45,8 @@ struct PredictRunArgs {
     out: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
-    /// The model (ensemble, learned, last-horizon, ever-touched, lru, readahead, stride,
-    /// correlation, periodic, ets).
+    /// The model (ensemble, regional, learned, boosted, last-horizon, ever-touched, lru,
+    /// readahead, stride, correlation, periodic, ets).
     #[arg(long, default_value = "ensemble")]
     model: String,
     /// Claims below this probability are left out of the plan.
@@ -95,6 +98,30 @@ enum PredictCommand {
         /// The report as JSON (fields documented in docs/prediction.md).
         #[arg(long)]
         json: bool,
+        /// The boosted trees' model file (default: the one built in).
+        #[arg(long, value_name = "MODEL.json")]
+        trees: Option<PathBuf>,
+    },
+    /// Export training rows for the boosted trees (`python -m tern_analysis
+    /// boosted train`): per moment of the range, sampled candidate units with
+    /// their features and whether the next horizon touched them.
+    Features {
+        trace: PathBuf,
+        /// Which part of the trace's time span.
+        #[arg(long, default_value = "0-50%")]
+        range: String,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        horizon: Duration,
+        #[arg(long, default_value = "4K", value_parser = parse_size)]
+        unit: u64,
+        #[arg(long, default_value_t = 0)]
+        target: u16,
+        /// Also a `score` column: this model's probability for each row.
+        #[arg(long, value_name = "MODEL.json")]
+        trees: Option<PathBuf>,
+        /// Where to write the CSV; stdout when absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -115,7 +142,11 @@ pub fn predict(args: PredictArgs) -> Result<()> {
             unit,
             target,
             json,
+            trees,
         }) => {
+            let forest = trees
+                .map(|path| Forest::load(&path).map(Arc::new))
+                .transpose()?;
             let spec = EvalSpec {
                 units: unit,
                 target,
@@ -125,19 +156,26 @@ pub fn predict(args: PredictArgs) -> Result<()> {
                 test: eval::parse_split(&test)?,
                 models,
                 max_windows,
+                forest,
             };
-            let reader = super::args::open_trace(&trace)?;
-            let report = eval::evaluate(reader, &spec)
-                .with_context(|| format!("evaluating on {}", trace.display()))?;
-            super::args::write_out(None, |out| {
-                if json {
-                    serde_json::to_writer_pretty(&mut *out, &report)?;
-                    writeln!(out)?;
-                } else {
-                    write!(out, "{}", report.render())?;
-                }
-                Ok(())
-            })?;
+            evaluate(&trace, &spec, json)?;
+        }
+        Some(PredictCommand::Features {
+            trace,
+            range,
+            horizon,
+            unit,
+            target,
+            trees,
+            out,
+        }) => {
+            let spec = RowsSpec {
+                unit,
+                target,
+                horizon_ns: horizon_ns(horizon),
+                range: eval::parse_split(&range)?,
+            };
+            features(&trace, &spec, trees.as_deref(), out.as_ref())?;
         }
         None => {
             let run = args.run;
@@ -185,4 +223,43 @@ pub fn predict(args: PredictArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `tern predict features`: the training rows as CSV.
+fn features(
+    trace: &PathBuf,
+    spec: &RowsSpec,
+    trees: Option<&Path>,
+    out: Option<&PathBuf>,
+) -> Result<()> {
+    let forest = trees.map(Forest::load).transpose()?;
+    let rows = boosted::training_rows(super::args::open_trace(trace)?, spec)
+        .with_context(|| format!("exporting rows from {}", trace.display()))?;
+    super::args::write_out(out, |w| {
+        boosted::write_csv(&rows, forest.as_ref(), w)?;
+        Ok(())
+    })?;
+    let touched = rows.iter().filter(|r| r.touched).count();
+    eprintln!(
+        "{} rows ({touched} touched) from {}",
+        rows.len(),
+        trace.display()
+    );
+    Ok(())
+}
+
+/// `tern predict eval`: the table, or its JSON.
+fn evaluate(trace: &PathBuf, spec: &EvalSpec, json: bool) -> Result<()> {
+    let reader = super::args::open_trace(trace)?;
+    let report = eval::evaluate(reader, spec)
+        .with_context(|| format!("evaluating on {}", trace.display()))?;
+    super::args::write_out(None, |out| {
+        if json {
+            serde_json::to_writer_pretty(&mut *out, &report)?;
+            writeln!(out)?;
+        } else {
+            write!(out, "{}", report.render())?;
+        }
+        Ok(())
+    })
 }

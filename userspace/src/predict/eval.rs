@@ -24,11 +24,13 @@
 //! range's start); windows that overlap a gap are skipped, not scored.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
-use super::{Event, MODEL_NAMES, Model, PredictError, Units, build};
+use super::boosted::Forest;
+use super::{Event, MODEL_NAMES, Model, PredictError, Units, build_with};
 use crate::trace::Record;
 
 /// Budget multiples of the previous window's read set in the curve.
@@ -59,6 +61,8 @@ pub struct EvalSpec {
     pub models: Vec<String>,
     /// At most this many windows are scored (evenly spread); all are fed.
     pub max_windows: usize,
+    /// The trees of `boosted`; `None`: the model shipped in the binary.
+    pub forest: Option<Arc<Forest>>,
 }
 
 impl Default for EvalSpec {
@@ -72,6 +76,7 @@ impl Default for EvalSpec {
             test: (0.5, 1.0),
             models: Vec::new(),
             max_windows: 200,
+            forest: None,
         }
     }
 }
@@ -383,9 +388,10 @@ where
     } else {
         spec.models.clone()
     };
+    let forest = spec.forest.clone().unwrap_or_else(Forest::embedded);
     // Every name is checked before any work.
     for name in &names {
-        build(name, BLOCK, spec.horizon_ns)?;
+        build_with(name, BLOCK, spec.horizon_ns, &forest)?;
     }
     let (records, blocks) = block_records(history, blocks_units)?;
     let t0 = blocks.first().map_or(0, Event::ts_ns);
@@ -438,7 +444,7 @@ where
         }
         events.sort_by_key(Event::ts_ns);
         for name in &names {
-            let mut model = build(name, unit, h)?;
+            let mut model = build_with(name, unit, h, &forest)?;
             let row = run_model(model.as_mut(), &events, train_from, &windows, h, unit);
             report.models.push(row);
         }

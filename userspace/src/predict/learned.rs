@@ -24,7 +24,9 @@
 //! workload that changes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use super::boosted::{self, BINS, Forest, Row};
 use super::schedule::{Schedule, drop_gapped, ended, within};
 use super::{Access, MAX_CLAIMS, Model, REGION_UNITS, Scored, top_n};
 
@@ -51,6 +53,186 @@ const DECAY: f64 = 0.95;
 const PRIOR: f64 = 8.0;
 /// At most this many candidates are noted per window (a hash sample beyond).
 const SAMPLE: u64 = 200_000;
+/// About this many candidates per window become training rows when recording.
+const ROWS: u64 = 2_000;
+
+/// How many features [`Features::vector`] gives, and their names in order
+/// (the columns of `tern predict features`, checked against a model file).
+pub const FEATURES: usize = 10;
+pub const FEATURE_NAMES: [&str; FEATURES] = [
+    "age",
+    "read_age",
+    "write_age",
+    "periods",
+    "touches",
+    "region",
+    "prev_region",
+    "next_region",
+    "zone",
+    "wrote_last",
+];
+/// The age, in horizons, given for "never".
+const NEVER_AGE: f32 = 1.0e6;
+
+/// What the model knows of a candidate unit at the moment of a forecast.
+#[derive(Debug, Clone, Copy)]
+pub struct Features {
+    horizon_ns: u64,
+    /// Nanoseconds since the last access, read, write; `None`: never.
+    age: Option<u64>,
+    read_age: Option<u64>,
+    write_age: Option<u64>,
+    /// Of the last [`PERIODS`] horizon-long periods, those it was touched in.
+    periods: u32,
+    touches: u32,
+    /// Units touched in the last horizon: of its region, of the regions
+    /// before and after it, of its zone.
+    region: u32,
+    prev_region: u32,
+    next_region: u32,
+    zone: u32,
+    wrote_last: bool,
+}
+
+impl Features {
+    /// The features as numbers, ages in horizons, in [`FEATURE_NAMES`] order.
+    pub fn vector(&self) -> [f32; FEATURES] {
+        let h = self.horizon_ns.max(1) as f64;
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "an age in horizons needs no more than f32's precision"
+        )]
+        let age = |a: Option<u64>| a.map_or(NEVER_AGE, |a| (a as f64 / h).min(1.0e6) as f32);
+        #[expect(clippy::cast_precision_loss, reason = "counts far below 2^24")]
+        let n = |c: u32| c as f32;
+        [
+            age(self.age),
+            age(self.read_age),
+            age(self.write_age),
+            n(self.periods),
+            n(self.touches),
+            n(self.region),
+            n(self.prev_region),
+            n(self.next_region),
+            n(self.zone),
+            n(u32::from(self.wrote_last)),
+        ]
+    }
+
+    fn age_bucket(&self) -> usize {
+        self.age.map_or(NEVER, |a| age_bucket(a, self.horizon_ns))
+    }
+
+    /// The hand-made cell: age, periods, region and zone activity, and the
+    /// last op (for a never-touched unit: whether the region before is active).
+    fn bucket_cell(&self) -> usize {
+        cell(
+            self.age_bucket(),
+            freq_bucket(self.periods),
+            density_bucket(self.region),
+            zone_bucket(self.zone),
+            if self.age.is_none() {
+                self.prev_region > 0
+            } else {
+                self.wrote_last
+            },
+        )
+    }
+}
+
+/// How a candidate's features become its cell.
+#[derive(Clone)]
+enum Cells {
+    /// The hand-made buckets (`learned`).
+    Buckets,
+    /// The hand-made cell refined by the trees' score (`boosted`): each
+    /// hand-made cell split in [`BINS`].
+    Trees(Arc<Forest>),
+}
+
+/// Cells without their zone: what a sparsely seen cell's rate is pulled toward.
+fn zoneless(c: usize) -> usize {
+    (c / 2 / ZONES) * 2 + c % 2
+}
+
+impl Cells {
+    fn count(&self) -> usize {
+        match self {
+            Cells::Buckets => CELLS,
+            Cells::Trees(_) => CELLS * BINS,
+        }
+    }
+
+    fn of(&self, f: &Features) -> usize {
+        match self {
+            Cells::Buckets => f.bucket_cell(),
+            Cells::Trees(forest) => f.bucket_cell() * BINS + boosted::bin(forest, f),
+        }
+    }
+
+    /// The hand-made cell of a cell.
+    fn bucket(&self, c: usize) -> usize {
+        match self {
+            Cells::Buckets => c,
+            Cells::Trees(_) => c / BINS,
+        }
+    }
+
+    /// The age bucket of a cell.
+    fn age(&self, c: usize) -> usize {
+        age_of(self.bucket(c))
+    }
+
+    /// The coarser cells a sparsely seen cell's rate is pulled toward, finest
+    /// first: the rest of its hand-made cell (for a refined one: the other
+    /// bins, so that trees scoring every unit alike change nothing), the
+    /// hand-made cell without its zone, its age. Each level: its number of
+    /// cells and a cell's parent there.
+    fn chain(&self) -> Vec<Level> {
+        let mut chain = vec![
+            Level {
+                cells: CELLS / ZONES,
+                parent: Box::new(zoneless),
+                rest: false,
+            },
+            Level {
+                cells: AGES,
+                parent: Box::new(age_of),
+                rest: false,
+            },
+        ];
+        if let Cells::Trees(_) = self {
+            chain.insert(
+                0,
+                Level {
+                    cells: CELLS,
+                    parent: Box::new(|c| c),
+                    rest: true,
+                },
+            );
+            for level in &mut chain {
+                let parent = std::mem::replace(&mut level.parent, Box::new(|c| c));
+                level.parent = Box::new(move |c| parent(c / BINS));
+            }
+        }
+        chain
+    }
+}
+
+/// One level of [`Cells::chain`].
+struct Level {
+    cells: usize,
+    parent: Box<dyn Fn(usize) -> usize>,
+    /// The parent without the cell itself.
+    rest: bool,
+}
+
+/// Training rows being recorded (`tern predict features`).
+struct Recording {
+    /// Moments before this are not recorded.
+    from: u64,
+    rows: Vec<Row>,
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Unit {
@@ -61,6 +243,7 @@ struct Unit {
     /// it: bit i = period `period - i`.
     period: u64,
     periods: u8,
+    touches: u32,
     wrote_last: bool,
 }
 
@@ -80,6 +263,8 @@ struct Pending {
     hits: Vec<Rates>,
     /// Distinct units touched in the window, candidates or not.
     touched: f64,
+    /// When recording: sampled candidates' features and whether touched.
+    rows: HashMap<u64, ([f32; FEATURES], bool)>,
 }
 
 /// The learned cell table.
@@ -96,6 +281,8 @@ pub struct Learned {
     /// window is learned.
     claim: Vec<bool>,
     rates: Vec<(f64, f64, f64)>,
+    cells: Cells,
+    record: Option<Recording>,
 }
 
 fn age_bucket(age: u64, h: u64) -> usize {
@@ -154,17 +341,46 @@ fn sampled(unit: u64, sample: u64) -> bool {
 impl Learned {
     /// Learns for forecasts `horizon_ns` ahead.
     pub fn for_horizon(horizon_ns: u64) -> Learned {
+        Learned::with_cells(horizon_ns, Cells::Buckets)
+    }
+
+    /// The same table over the boosted trees' scores (`boosted`).
+    pub fn boosted(horizon_ns: u64, forest: Arc<Forest>) -> Learned {
+        Learned::with_cells(horizon_ns, Cells::Trees(forest))
+    }
+
+    /// A table that also records its candidates from moment `from` on as
+    /// training rows ([`Learned::finish`] returns them).
+    pub fn recording(horizon_ns: u64, from: u64) -> Learned {
+        Learned {
+            record: Some(Recording {
+                from,
+                rows: Vec::new(),
+            }),
+            ..Learned::for_horizon(horizon_ns)
+        }
+    }
+
+    /// Learns every window that ended by `now` and returns the rows recorded.
+    pub fn finish(mut self, now: u64) -> Vec<Row> {
+        self.resolve(now);
+        self.record.map(|r| r.rows).unwrap_or_default()
+    }
+
+    fn with_cells(horizon_ns: u64, cells: Cells) -> Learned {
         let h = horizon_ns.max(4);
         Learned {
             horizon_ns: h,
             units: HashMap::new(),
-            table: vec![Rates::default(); CELLS],
+            table: vec![Rates::default(); cells.count()],
             touched: 0.0,
             windows: 0,
             pending: Vec::new(),
             schedule: Schedule::quarter(h),
             claim: Vec::new(),
             rates: Vec::new(),
+            cells,
+            record: None,
         }
     }
 
@@ -182,17 +398,24 @@ impl Learned {
         (regions, zones)
     }
 
-    /// Every candidate at `now` with its cell: `f(unit, cell)`, given the
-    /// region and zone activity at `now` ([`Learned::densities`]).
+    /// Every candidate at `now` with its features: `f(unit, features)`,
+    /// given the region and zone activity at `now` ([`Learned::densities`]).
     fn candidates(
         &self,
         now: u64,
         (dens, zones): &(HashMap<u64, u32>, HashMap<u64, u32>),
-        mut f: impl FnMut(u64, usize),
+        mut f: impl FnMut(u64, &Features),
     ) {
         let h = self.horizon_ns;
         let density = |region: u64| dens.get(&region).copied().unwrap_or(0);
-        let zone = |unit: u64| zone_bucket(zones.get(&(unit / ZONE_UNITS)).copied().unwrap_or(0));
+        let zone = |unit: u64| zones.get(&(unit / ZONE_UNITS)).copied().unwrap_or(0);
+        let around = |region: u64| {
+            (
+                region.checked_sub(1).map_or(0, density),
+                density(region),
+                density(region.saturating_add(1)),
+            )
+        };
         let now_period = now / h;
         for (&unit, u) in &self.units {
             if u.last >= now {
@@ -204,14 +427,24 @@ impl Learned {
             } else {
                 (u32::from(u.periods) << shift) & 0xff
             };
-            let c = cell(
-                age_bucket(now - u.last, h),
-                freq_bucket(periods.count_ones()),
-                density_bucket(density(unit / REGION_UNITS)),
-                zone(unit),
-                u.wrote_last,
+            let (prev_region, region, next_region) = around(unit / REGION_UNITS);
+            let ago = |t: Option<u64>| t.filter(|&t| t < now).map(|t| now - t);
+            f(
+                unit,
+                &Features {
+                    horizon_ns: h,
+                    age: Some(now - u.last),
+                    read_age: ago(u.last_read),
+                    write_age: ago(u.last_write),
+                    periods: periods.count_ones(),
+                    touches: u.touches,
+                    region,
+                    prev_region,
+                    next_region,
+                    zone: zone(unit),
+                    wrote_last: u.wrote_last,
+                },
             );
-            f(unit, c);
         }
         // Untouched units of active zones and of the regions after active
         // regions (a zone's last region leads into the next zone).
@@ -223,16 +456,23 @@ impl Learned {
         regions.sort_unstable();
         regions.dedup();
         for region in regions {
-            let c = cell(
-                NEVER,
-                0,
-                density_bucket(density(region)),
-                zone(region * REGION_UNITS),
-                region.checked_sub(1).is_some_and(|p| density(p) > 0),
-            );
+            let (prev_region, density, next_region) = around(region);
+            let features = Features {
+                horizon_ns: h,
+                age: None,
+                read_age: None,
+                write_age: None,
+                periods: 0,
+                touches: 0,
+                region: density,
+                prev_region,
+                next_region,
+                zone: zone(region * REGION_UNITS),
+                wrote_last: false,
+            };
             for unit in region * REGION_UNITS..(region + 1) * REGION_UNITS {
                 if !self.units.contains_key(&unit) {
-                    f(unit, c);
+                    f(unit, &features);
                 }
             }
         }
@@ -246,18 +486,27 @@ impl Learned {
             + (activity.1.len() as u64).saturating_mul(ZONE_UNITS)
             + (activity.0.len() as u64).saturating_mul(REGION_UNITS);
         let sample = estimate.div_ceil(SAMPLE).max(1);
+        let recording = self.record.as_ref().is_some_and(|r| at >= r.from);
+        let row_sample = estimate.div_ceil(ROWS).max(1);
         let mut cells = HashMap::new();
-        self.candidates(at, &activity, |unit, c| {
+        let mut rows = HashMap::new();
+        self.candidates(at, &activity, |unit, f| {
             if sampled(unit, sample) {
-                cells.insert(unit, u16::try_from(c).expect("CELLS is below 2^16"));
+                let c = self.cells.of(f);
+                cells.insert(unit, u16::try_from(c).expect("at most 8192 cells"));
+            }
+            // Another hash of the unit: rows are not the table's sample.
+            if recording && sampled(unit.rotate_left(29), row_sample) {
+                rows.insert(unit, (f.vector(), false));
             }
         });
         self.pending.push(Pending {
             at,
             cells,
             sample,
-            hits: vec![Rates::default(); CELLS],
+            hits: vec![Rates::default(); self.table.len()],
             touched: 0.0,
+            rows,
         });
     }
 
@@ -287,22 +536,42 @@ impl Learned {
                 r.write += hit.write * scale;
             }
             self.windows += 1;
+            if let Some(rec) = &mut self.record {
+                let mut rows: Vec<Row> = p
+                    .rows
+                    .into_iter()
+                    .map(|(unit, (features, touched))| Row {
+                        at_ns: p.at,
+                        unit,
+                        features,
+                        touched,
+                    })
+                    .collect();
+                rows.sort_unstable_by_key(|r| r.unit);
+                rec.rows.extend(rows);
+            }
         }
         self.rates = self.smooth();
         self.claim = self.best_cells(&self.rates);
     }
 
     /// Each cell's rate of units touched (any, read, write), pulled toward
-    /// the rate of the cells like it where it was seldom seen: a cell toward
-    /// the same cell over every zone, that toward its age's rate, that
-    /// toward the mean.
+    /// the rate of the cells like it where it was seldom seen ([`Cells::chain`]:
+    /// e.g. a cell toward the same cell over every zone, that toward its
+    /// age's rate, that toward the mean).
     fn smooth(&self) -> Vec<(f64, f64, f64)> {
-        let coarse_of = |c: usize| (c / 2 / ZONES) * 2 + c % 2;
-        let mut by_age = vec![Rates::default(); AGES];
-        let mut coarse = vec![Rates::default(); CELLS / ZONES];
+        let chain = self.cells.chain();
+        let mut levels: Vec<Vec<Rates>> = chain
+            .iter()
+            .map(|l| vec![Rates::default(); l.cells])
+            .collect();
         let mut all = Rates::default();
         for (c, r) in self.table.iter().enumerate() {
-            for acc in [&mut by_age[age_of(c)], &mut coarse[coarse_of(c)], &mut all] {
+            let parents = levels
+                .iter_mut()
+                .zip(&chain)
+                .map(|(level, l)| &mut level[(l.parent)(c)]);
+            for acc in parents.chain([&mut all]) {
                 acc.n += r.n;
                 acc.any += r.any;
                 acc.read += r.read;
@@ -311,13 +580,40 @@ impl Learned {
         }
         let toward = |r: &Rates, prior: f64| (r.any + PRIOR * prior) / (r.n + PRIOR);
         let mean = if all.n > 0.0 { all.any / all.n } else { 0.0 };
-        (0..CELLS)
+        (0..self.table.len())
             .map(|c| {
                 let r = &self.table[c];
-                let co = &coarse[coarse_of(c)];
-                let p = toward(r, toward(co, toward(&by_age[age_of(c)], mean)));
-                // Which op: the cell's own mix where it has one, else its coarse cell's.
-                let mix = if r.any > 0.0 { r } else { co };
+                let p = levels
+                    .iter()
+                    .zip(&chain)
+                    .rev()
+                    .fold(mean, |prior, (level, l)| {
+                        let at = &level[(l.parent)(c)];
+                        if l.rest {
+                            let rest = Rates {
+                                n: at.n - r.n,
+                                any: at.any - r.any,
+                                read: at.read - r.read,
+                                write: at.write - r.write,
+                            };
+                            toward(&rest, prior)
+                        } else {
+                            toward(at, prior)
+                        }
+                    });
+                let p = toward(r, p);
+                // Which op: the cell's own mix where it has one, else its
+                // zoneless cell's.
+                let (k, l) = chain
+                    .iter()
+                    .enumerate()
+                    .find(|(_, l)| !l.rest)
+                    .expect("the chain has the zoneless level");
+                let mix = if r.any > 0.0 {
+                    r
+                } else {
+                    &levels[k][(l.parent)(c)]
+                };
                 let share = |x: f64| if mix.any > 0.0 { x / mix.any } else { 0.5 };
                 (p, p * share(mix.read), p * share(mix.write))
             })
@@ -327,7 +623,8 @@ impl Learned {
     /// The F1-optimal set of cells on the windows learned: cells in falling
     /// smoothed rate, as far as F1 (with the smoothed rates) rises.
     fn best_cells(&self, rates: &[(f64, f64, f64)]) -> Vec<bool> {
-        let mut order: Vec<usize> = (0..CELLS).filter(|&c| self.table[c].n > 0.0).collect();
+        let n = self.table.len();
+        let mut order: Vec<usize> = (0..n).filter(|&c| self.table[c].n > 0.0).collect();
         order.sort_by(|&a, &b| rates[b].0.total_cmp(&rates[a].0));
         let f1 = |tp: f64, claimed: f64| {
             let d = claimed + self.touched;
@@ -343,18 +640,16 @@ impl Learned {
                 take = k + 1;
             }
         }
-        let mut claim = vec![false; CELLS];
+        let mut claim = vec![false; n];
         for &c in &order[..take] {
             claim[c] = true;
         }
         // What the set scored on those windows, counted: if either naive
         // forecast (a set of cells too) scored better, take it.
         let counted = |set: &[bool]| {
-            let (tp, n) = (0..CELLS)
-                .filter(|&c| set[c])
-                .fold((0.0, 0.0), |(tp, n), c| {
-                    (tp + self.table[c].any, n + self.table[c].n)
-                });
+            let (tp, n) = (0..n).filter(|&c| set[c]).fold((0.0, 0.0), |(tp, n), c| {
+                (tp + self.table[c].any, n + self.table[c].n)
+            });
             f1(tp, n)
         };
         let mut best = counted(&claim);
@@ -362,7 +657,7 @@ impl Learned {
             &(|age: usize| age < WITHIN_HORIZON) as &dyn Fn(usize) -> bool,
             &|age: usize| age != NEVER,
         ] {
-            let set: Vec<bool> = (0..CELLS).map(|c| keep(age_of(c))).collect();
+            let set: Vec<bool> = (0..n).map(|c| keep(self.cells.age(c))).collect();
             let f = counted(&set);
             if f > best {
                 best = f;
@@ -375,7 +670,10 @@ impl Learned {
 
 impl Model for Learned {
     fn name(&self) -> &'static str {
-        "learned"
+        match self.cells {
+            Cells::Buckets => "learned",
+            Cells::Trees(_) => "boosted",
+        }
     }
 
     fn observe(&mut self, a: &Access) {
@@ -399,6 +697,9 @@ impl Model for Learned {
             if any {
                 p.touched += 1.0;
             }
+            if let Some(row) = p.rows.get_mut(&a.unit) {
+                row.1 = true;
+            }
             if let Some(&c) = p.cells.get(&a.unit) {
                 let hit = &mut p.hits[usize::from(c)];
                 hit.any += f64::from(u8::from(any));
@@ -413,8 +714,10 @@ impl Model for Learned {
             last_write: None,
             period,
             periods: 0,
+            touches: 0,
             wrote_last: a.write,
         });
+        u.touches = u.touches.saturating_add(1);
         let shift = period.saturating_sub(u.period);
         u.periods = if shift >= u64::from(PERIODS) {
             1
@@ -446,7 +749,8 @@ impl Model for Learned {
             // Cells are horizon-relative: another horizon starts afresh.
             *self = Learned {
                 units: std::mem::take(&mut self.units),
-                ..Learned::for_horizon(horizon_ns)
+                record: self.record.take(),
+                ..Learned::with_cells(horizon_ns, self.cells.clone())
             };
         }
         self.resolve(now_ns);
@@ -474,7 +778,8 @@ impl Model for Learned {
             return out;
         }
         let table = &self.rates;
-        self.candidates(now_ns, &self.densities(now_ns), |unit, c| {
+        self.candidates(now_ns, &self.densities(now_ns), |unit, f| {
+            let c = self.cells.of(f);
             let (any, read, write) = table[c];
             let top = read.max(write);
             if top <= 0.0 || any < 0.01 {
@@ -561,6 +866,51 @@ mod tests {
         );
         let learned = claimed(&models[0].predict(now, h));
         assert_eq!(learned, (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn trees_that_score_every_unit_alike_leave_the_claims_as_they_were() {
+        // Every hand-made cell falls in one bin: the refined table is the
+        // hand-made one, and so are its claims.
+        let one_leaf = format!(
+            r#"{{"format":"tern-boosted-trees","version":1,"features":{},"base_score":-1.0,"learning_rate":0.1,"trees":[{{"feature":[-2],"threshold":[-2],"left":[-1],"right":[-1],"value":[3.0]}}]}}"#,
+            serde_json::to_string(&FEATURE_NAMES).expect("names serialize")
+        );
+        let forest = Arc::new(Forest::parse(&one_leaf).expect("a valid model"));
+        let h = 100 * MS;
+        let mut plain = Learned::for_horizon(h);
+        let mut refined = Learned::boosted(h, forest);
+        assert_eq!(refined.name(), "boosted");
+        for t in (0..4000).step_by(10) {
+            for ev in [read(t * MS, 1000 + t / 3), read(t * MS + 1, t % 97)] {
+                plain.feed(&ev);
+                refined.feed(&ev);
+            }
+        }
+        let now = 4000 * MS;
+        let claims = claimed(&plain.predict(now, h));
+        assert!(!claims.is_empty());
+        assert_eq!(claimed(&refined.predict(now, h)), claims);
+    }
+
+    #[test]
+    fn recorded_rows_label_what_the_next_horizon_touched() {
+        // Unit 5 read every 100 ms, unit 9 once at the start: rows of unit
+        // 5 are touched, those of unit 9 are not, and ages are in horizons.
+        let h = 200 * MS;
+        let mut m = Learned::recording(h, 0);
+        m.feed(&read(0, 9));
+        for t in (0..3000).step_by(100) {
+            m.feed(&read(t * MS + 1, 5));
+        }
+        let rows = m.finish(3000 * MS);
+        let of = |unit: u64| rows.iter().filter(move |r| r.unit == unit);
+        assert!(of(5).count() > 5 && of(9).count() > 5);
+        assert!(of(5).all(|r| r.touched) && of(9).all(|r| !r.touched));
+        let r = of(9).next_back().expect("rows of unit 9");
+        let age = (r.at_ns as f64 / h as f64) as f32;
+        assert!((r.features[0] - age).abs() < 1e-3, "{r:?}");
+        assert!((r.features[4] - 1.0).abs() < f32::EPSILON, "{r:?}");
     }
 
     #[test]

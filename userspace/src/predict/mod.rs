@@ -10,6 +10,7 @@
 //! Gaps in the history (events the tracer lost) break every model's notion of
 //! "what came just before", and windows overlapping one are not scored.
 
+pub mod boosted;
 pub mod chooser;
 pub mod correlation;
 pub mod ensemble;
@@ -25,6 +26,7 @@ pub mod stride;
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -198,7 +200,7 @@ pub trait Model: Send {
 }
 
 /// Names of the models [`build`] knows, in table order.
-pub const MODEL_NAMES: [&str; 11] = [
+pub const MODEL_NAMES: [&str; 12] = [
     "last-horizon",
     "ever-touched",
     "lru",
@@ -208,6 +210,7 @@ pub const MODEL_NAMES: [&str; 11] = [
     "periodic",
     "ets",
     "learned",
+    "boosted",
     "regional",
     "ensemble",
 ];
@@ -231,9 +234,26 @@ pub fn component_models(unit: u64, horizon_ns: u64) -> Vec<Box<dyn Model>> {
     ]
 }
 
-/// One model by name (see [`MODEL_NAMES`]).
+/// One model by name (see [`MODEL_NAMES`]), `boosted` with the model
+/// shipped in the binary.
 pub fn build(name: &str, unit: u64, horizon_ns: u64) -> Result<Box<dyn Model>, PredictError> {
+    build_with(name, unit, horizon_ns, &boosted::Forest::embedded())
+}
+
+/// One model by name, `boosted` with the trees given. The boosted trees
+/// are not a member of the ensemble: measured as one, they made it worse
+/// on as many traces as better (docs/prediction.md).
+pub fn build_with(
+    name: &str,
+    unit: u64,
+    horizon_ns: u64,
+    forest: &Arc<boosted::Forest>,
+) -> Result<Box<dyn Model>, PredictError> {
     match name {
+        "boosted" => Ok(Box::new(learned::Learned::boosted(
+            horizon_ns,
+            Arc::clone(forest),
+        ))),
         "ensemble" => Ok(Box::new(chooser::Chooser::new(unit, horizon_ns, |u| {
             component_models(u, horizon_ns)
         }))),
