@@ -664,18 +664,40 @@ mod tests {
             )
             .expect("insert");
         // Requests are reused (a CPU takes again the tag it freed last):
-        // write until it is. Never at the fake record's sector (block 4000):
-        // the same request issued again is a requeue, not a lost completion.
-        // Completions the kernel really lost (the writes above, under other
-        // tests' load) come back unseen too: they are writes of this test.
+        // write until it is, from four threads at once so that many tags
+        // cycle (one writer alone can keep taking one tag, another than the
+        // key's, when other tests load the CPUs). Never at the fake record's
+        // sector (block 4000): the same request issued again is a requeue,
+        // not a lost completion. Completions the kernel really lost (the
+        // writes above, under other tests' load) come back unseen too: they
+        // are writes of this test.
+        let found = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..4u64)
+            .map(|w| {
+                let found = std::sync::Arc::clone(&found);
+                let dev = lo.dev.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25_000u64 {
+                        if found.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        write_direct(&dev, ((i * 4 + w) % 1024) * 4096);
+                    }
+                })
+            })
+            .collect();
         let mut got = Vec::new();
-        for i in 0..50_000u64 {
-            write_direct(&lo.dev, (i % 1024) * 4096);
+        while !writers.iter().all(std::thread::JoinHandle::is_finished) {
             got.extend(unseen(&mut tracer));
             if got.iter().any(|b| b.sector == 4000 * 8) {
-                break;
+                found.store(true, std::sync::atomic::Ordering::Relaxed);
             }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        for w in writers {
+            w.join().expect("writer");
+        }
+        got.extend(unseen(&mut tracer));
         let ours: Vec<_> = got.iter().filter(|b| b.sector == 4000 * 8).collect();
         let [b] = ours[..] else {
             panic!("the old request reported once at its reuse: {got:?}");
