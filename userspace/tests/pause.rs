@@ -256,19 +256,17 @@ struct Qemu {
 }
 
 impl Qemu {
-    /// `None` (with the reason printed) when QEMU is not installed.
-    async fn start() -> Option<Self> {
-        if Command::new("qemu-system-x86_64")
+    /// Starts QEMU and waits until both monitors accept connections.
+    async fn start() -> Self {
+        let installed = Command::new("qemu-system-x86_64")
             .arg("--version")
             .stdout(Stdio::null())
             .status()
-            .is_err()
-        {
-            eprintln!(
-                "skipped: qemu-system-x86_64 is not installed (cargo xtask setup installs it)"
-            );
-            return None;
-        }
+            .is_ok_and(|s| s.success());
+        assert!(
+            installed,
+            "qemu-system-x86_64 is not installed (cargo xtask setup installs it)"
+        );
         let dir = tempfile::tempdir().expect("temp dir");
         let mut qemu = Command::new("qemu-system-x86_64");
         qemu.args(["-machine", "none", "-nodefaults", "-display", "none"]);
@@ -279,16 +277,22 @@ impl Qemu {
             ));
         }
         let proc = Proc(qemu.stdin(Stdio::null()).spawn().expect("qemu starts"));
-        let probe = dir.path().join("probe.qmp");
+        // QEMU creates each socket file when it binds and accepts only after it
+        // listens: a connect between the two is refused, so poll with a bare
+        // connection (QEMU serves the next client once this one closes).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !probe.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "QEMU did not create its QMP sockets"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        for name in ["pause.qmp", "probe.qmp"] {
+            let path = dir.path().join(name);
+            while tokio::net::UnixStream::connect(&path).await.is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "QEMU did not accept on its QMP socket {}",
+                    path.display()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
-        Some(Self { _proc: proc, dir })
+        Self { _proc: proc, dir }
     }
 
     fn socket(&self, name: &str) -> PathBuf {
@@ -309,9 +313,7 @@ async fn status(probe: &mut Qmp) -> String {
 
 #[tokio::test]
 async fn qmp_stop_pauses_the_vm_until_resumed_and_on_drop() {
-    let Some(qemu) = Qemu::start().await else {
-        return;
-    };
+    let qemu = Qemu::start().await;
     let mut probe = Qmp::connect(&qemu.socket("probe.qmp"))
         .await
         .expect("probe monitor");
@@ -352,9 +354,7 @@ async fn qmp_stop_pauses_the_vm_until_resumed_and_on_drop() {
 
 #[tokio::test]
 async fn qmp_errors_carry_qemu_s_description() {
-    let Some(qemu) = Qemu::start().await else {
-        return;
-    };
+    let qemu = Qemu::start().await;
     let mut qmp = Qmp::connect(&qemu.socket("probe.qmp"))
         .await
         .expect("monitor");
