@@ -138,6 +138,30 @@ impl TraceStats {
         self.ops.get(op.name()).copied().unwrap_or_default()
     }
 
+    /// The processes' names, each once, in the order of their lowest pid, with
+    /// how many pids bore it when more than one did (a backup's `dd` runs
+    /// hundreds of times: one name, not hundreds).
+    fn process_names(&self) -> String {
+        let mut names: Vec<(&str, usize)> = Vec::new();
+        for name in self.processes.values() {
+            match names.iter_mut().find(|(n, _)| *n == name.as_str()) {
+                Some((_, count)) => *count += 1,
+                None => names.push((name, 1)),
+            }
+        }
+        names
+            .iter()
+            .map(|&(name, count)| {
+                if count > 1 {
+                    format!("{name} ({count} pids)")
+                } else {
+                    name.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// A human summary, several lines.
     pub fn render(&self) -> String {
         use std::fmt::Write as _;
@@ -177,15 +201,7 @@ impl TraceStats {
                 self.latency_p99_ns as f64 / 1e3
             );
         }
-        let _ = writeln!(
-            out,
-            "  processes: {}",
-            self.processes
-                .values()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        let _ = writeln!(out, "  processes: {}", self.process_names());
         if self.gaps > 0 {
             let _ = writeln!(
                 out,
@@ -213,5 +229,27 @@ impl TraceStats {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_process_name_is_listed_once_with_its_pid_count() {
+        let stats = TraceStats {
+            processes: [(30, "dd"), (7, "tar"), (31, "dd"), (12, "dd"), (40, "sync")]
+                .into_iter()
+                .map(|(pid, name)| (pid, name.to_owned()))
+                .collect(),
+            ..TraceStats::default()
+        };
+        assert_eq!(stats.process_names(), "tar, dd (3 pids), sync");
+        assert!(
+            stats
+                .render()
+                .contains("  processes: tar, dd (3 pids), sync\n")
+        );
     }
 }
