@@ -30,6 +30,24 @@ wait_disk() {
     done
 }
 
+# With tern.reads=1, reads beside the writes (the disk's /random, seeded by
+# the host): 1 MiB at a random place every second and the whole file every
+# 20 s, O_DIRECT so each reaches the disk; until the workload stops.
+reader() {
+    [ -e /mnt/random ] || die "tern.reads=1 needs /random on the disk"
+    mib=$(($(stat -c %s /mnt/random) >> 20))
+    r=0
+    while [ ! -e /tmp/stop ]; do
+        dd if=/mnt/random of=/dev/null bs=64k count=16 skip=$(((RANDOM % mib) * 16)) \
+            iflag=direct 2>/dev/null || die "read /random"
+        if [ $((r % 20)) -eq 0 ]; then
+            dd if=/mnt/random of=/dev/null bs=1M iflag=direct 2>/dev/null || die "scan /random"
+        fi
+        r=$((r + 1))
+        sleep 1
+    done
+}
+
 # A write workload on the ext4 disk: every tick rewrites one of 32 files with
 # random data, records its checksum, the counter and the guest's uptime, and
 # syncs. A line on the serial console stops it; then every checksum and the
@@ -40,6 +58,11 @@ workload() {
     mkdir -p /mnt/w
     # The host writes one line on ttyS0 to stop the workload.
     (read -r _line < /dev/ttyS0; touch /tmp/stop) &
+    rpid=
+    if [ "$(arg tern.reads)" = 1 ]; then
+        reader &
+        rpid=$!
+    fi
     n=$(cat /mnt/w/counter 2>/dev/null || echo 0)
     say "workload start n=$n"
     while [ ! -e /tmp/stop ]; do
@@ -54,6 +77,7 @@ workload() {
         say "tick $n $t"
     done
     say "stopping n=$n"
+    [ -n "$rpid" ] && wait "$rpid"
     for s in /mnt/w/sum*; do
         sha256sum -c -s "$s" || die "checksum $s"
     done

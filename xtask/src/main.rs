@@ -72,13 +72,15 @@ enum Cmd {
         #[arg(long)]
         leave_one_out: bool,
     },
-    /// Record traces of real programs (fio, sqlite3, pgbench, git + build, periodic jobs) on ext4 on a loop device,
-    /// and pgbench recorded by bpftrace as MSR Cambridge CSV and imported.
+    /// Record traces of real programs (fio, sqlite3, pgbench, git + build, periodic jobs,
+    /// backups, periodic builds) on ext4 on a loop device, a QEMU guest's virtual disk, and
+    /// pgbench recorded by bpftrace as MSR Cambridge CSV and imported.
     Traces {
         /// Directory for the traces and their manifest.json.
         #[arg(long)]
         out: std::path::PathBuf,
-        /// Only these workloads (repeat): fio, sqlite, pgbench, git-build, sqlite-faults, msr-bpftrace.
+        /// Only these workloads (repeat): fio, sqlite, pgbench, git-build, cron, backup,
+        /// batch-build, vm-guest, sqlite-faults, msr-bpftrace.
         #[arg(long)]
         only: Vec<String>,
         /// How long each traced phase runs.

@@ -31,6 +31,9 @@ pub const WORKLOADS: &[&str] = &[
     "pgbench",
     "git-build",
     "cron",
+    "backup",
+    "batch-build",
+    "vm-guest",
     "sqlite-faults",
     "msr-bpftrace",
 ];
@@ -46,6 +49,17 @@ pub const FIO_SCAN_SIZE_MIB: u64 = 256;
 pub const CRON_REPORT_S: u64 = 6;
 pub const CRON_BATCH_S: u64 = 20;
 pub const CRON_MIN_SECS: u64 = 120;
+/// The `backup` trace: an incremental backup every [`BACKUP_INC_S`], a full
+/// one every [`BACKUP_FULL_S`]; it lasts at least [`BACKUP_MIN_SECS`].
+pub const BACKUP_INC_S: u64 = 20;
+pub const BACKUP_FULL_S: u64 = 60;
+pub const BACKUP_MIN_SECS: u64 = 180;
+/// The `batch-build` trace: a build every [`BUILD_EVERY_S`], a clean one
+/// every third; it lasts at least [`BUILD_MIN_SECS`].
+pub const BUILD_EVERY_S: u64 = 30;
+pub const BUILD_MIN_SECS: u64 = 180;
+/// The `vm-guest` trace lasts at least this long.
+pub const VM_MIN_SECS: u64 = 120;
 /// sqlite3 commits once per this period (plus the commit's own time).
 pub const SQLITE_PERIOD_MS: u64 = 1000;
 
@@ -601,6 +615,166 @@ fn cron(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
     })
 }
 
+/// Drops the page cache (clean pages only) before a periodic job, as the
+/// hours between two runs would: its reads reach the disk again.
+const DROP_CACHE: &str = "sync; echo 1 > /proc/sys/vm/drop_caches";
+
+/// Nightly backups compressed into minutes: an application rewrites 64 KiB
+/// of two of 200 files (256 KiB each) every second (`O_DIRECT`); every
+/// [`BACKUP_INC_S`] `tar --listed-incremental` archives what changed, every
+/// [`BACKUP_FULL_S`] a full archive of all 50 MiB starts a new chain (the
+/// chain before the last deleted). The page cache is dropped before each
+/// backup.
+fn backup(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
+    let mut s = Scratch::new("backup")?;
+    let data = s.mnt.join("data");
+    std::fs::create_dir_all(&data)?;
+    std::fs::create_dir_all(s.mnt.join("backups"))?;
+    sh::run(Command::new("sh").args([
+        "-c",
+        &format!(
+            "for i in $(seq 0 199); do dd if=/dev/urandom of={d}/f$i bs=256K count=1 status=none; done",
+            d = data.display()
+        ),
+    ]))?;
+    s.remount()?;
+    let rec = Recording::start(tern, s.dev(), None, out)?;
+    let script = format!(
+        "cd {mnt}; end=$(($(date +%s) + {secs})); i=0; chain=0; \
+         while [ $(date +%s) -lt $end ]; do \
+           for k in 1 2; do \
+             dd if=/dev/urandom of=data/f$((RANDOM % 200)) bs=64K count=1 oflag=direct conv=notrunc status=none; \
+           done; \
+           if [ $((i % {full})) -eq 0 ]; then \
+             chain=$i; ({drop}; tar --listed-incremental=backups/snar$chain -cf backups/full$chain.tar data; \
+              old=$((chain - 2 * {full})); rm -f backups/full$old.tar backups/snar$old; \
+              for j in $(seq $old $((old + {full} - 1))); do rm -f backups/inc$j.tar; done; sync) & \
+           elif [ $((i % {inc})) -eq 0 ]; then \
+             ({drop}; tar --listed-incremental=backups/snar$chain -cf backups/inc$i.tar data; sync) & \
+           fi; \
+           i=$((i + 1)); sleep 1; \
+         done; wait",
+        mnt = s.mnt.display(),
+        full = BACKUP_FULL_S,
+        inc = BACKUP_INC_S,
+        drop = DROP_CACHE,
+    );
+    run_for(
+        Command::new("bash").args(["-c", &script]),
+        Duration::from_secs(secs + 120),
+    )?;
+    let file = rec.stop()?;
+    drop(s);
+    Ok(Recorded {
+        name: "backup",
+        file,
+        description: "backups, nights compressed into minutes: an application rewrites 64 KiB of \
+                      two of 200 files (50 MiB) every second (O_DIRECT); tar archives what \
+                      changed every 20 s (--listed-incremental) and everything every 60 s, onto \
+                      the same disk, older chains deleted; page cache dropped before each backup"
+            .into(),
+        config: serde_json::json!({
+            "files": 200,
+            "file_bytes": 256 * 1024,
+            "rewrite_bytes_per_s": 2 * 64 * 1024,
+            "incremental_every_s": BACKUP_INC_S,
+            "full_every_s": BACKUP_FULL_S,
+            "seconds": secs,
+        }),
+    })
+}
+
+/// A build server's day compressed into minutes: zstd's C library built
+/// every [`BUILD_EVERY_S`] on ext4 — a clean build every third time, else
+/// an incremental one after three sources changed (a commit landing) —
+/// with the page cache dropped before each (the sources are read from the
+/// disk again, as hours later).
+fn batch_build(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
+    let mut s = Scratch::new("build")?;
+    let src = s.mnt.join("zstd");
+    sh::run(Command::new("cp").arg("-r").arg(zstd_sources()?).arg(&src))?;
+    std::fs::write(
+        src.join("Makefile"),
+        "SRCS := $(wildcard common/*.c compress/*.c decompress/*.c dictBuilder/*.c)\n\
+         OBJS := $(SRCS:.c=.o)\n\
+         libzstd.a: $(OBJS)\n\tar rcs $@ $^\n\
+         %.o: %.c\n\tgcc -O1 -g -DZSTD_DISABLE_ASM -I. -Icommon -c $< -o $@\n",
+    )?;
+    run_for(
+        Command::new("make").arg("-C").arg(&src).args(["-j2", "-s"]),
+        Duration::from_mins(5),
+    )?;
+    s.remount()?;
+    let rec = Recording::start(tern, s.dev(), None, out)?;
+    let script = format!(
+        "cd {src}; end=$(($(date +%s) + {secs})); n=0; \
+         while [ $(date +%s) -lt $end ]; do \
+           start=$(date +%s); {drop}; \
+           if [ $((n % 3)) -eq 0 ]; then rm -f libzstd.a */*.o; \
+           else for f in $(ls common/*.c compress/*.c decompress/*.c | shuf -n 3 --random-source=<(yes $n)); do \
+             echo \"/* change $n */\" >> $f; done; fi; \
+           make -j2 -s >/dev/null 2>&1; sync; n=$((n + 1)); \
+           left=$((start + {every} - $(date +%s))); [ $left -gt 0 ] && sleep $left; \
+         done; true",
+        src = src.display(),
+        drop = DROP_CACHE,
+        every = BUILD_EVERY_S,
+    );
+    run_for(
+        Command::new("bash").args(["-c", &script]),
+        Duration::from_secs(secs + 300),
+    )?;
+    let file = rec.stop()?;
+    drop(s);
+    Ok(Recorded {
+        name: "batch-build",
+        file,
+        description:
+            "a build server compressed into minutes: zstd's C library built every 30 s on \
+                      ext4, clean every third time, else incremental after three sources \
+                      changed; page cache dropped before each build"
+                .into(),
+        config: serde_json::json!({
+            "build_every_s": BUILD_EVERY_S,
+            "clean_every": 3,
+            "changed_sources": 3,
+            "seconds": secs,
+        }),
+    })
+}
+
+/// A VM's virtual disk: the VM tests' guest with its write workload and
+/// reads beside it, traced from the host in image offsets
+/// (`vm-tests/tests/record_vm.rs`, which says what the guest does).
+fn vm_guest(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
+    sh::run(
+        sh::cargo()
+            .args(["test", "-p", "tern-vm-tests", "--test", "record_vm"])
+            .args(["--", "--ignored", "--nocapture"])
+            .env("TERN_BIN", tern)
+            .env("TERN_VM_TRACE_OUT", out)
+            .env("TERN_VM_TRACE_SECS", secs.to_string()),
+    )?;
+    Ok(Recorded {
+        name: "vm-guest",
+        file: out.to_path_buf(),
+        description:
+            "a QEMU guest's virtual disk (TCG, Debian bookworm's kernel, ext4 on virtio): \
+                      every tick rewrites one of 32 files of 16 KiB, its checksum, a counter \
+                      and a log, and syncs; beside it 1 MiB read at a random place of a 16 MiB \
+                      file every second and the whole file every 20 s (O_DIRECT); traced from \
+                      the host with `tern trace --file` (image offsets)"
+                .into(),
+        config: serde_json::json!({
+            "disk_mib": 64,
+            "random_mib": 16,
+            "read_every_s": 1,
+            "scan_every_s": 20,
+            "seconds": secs,
+        }),
+    })
+}
+
 /// sqlite3 with an in-memory database fed on its standard input: its own page
 /// faults (the heap growing, then queries over it), and its block I/O.
 fn sqlite_faults(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
@@ -687,18 +861,31 @@ pub fn run(tern: &Path, out: &Path, only: &[String], secs: u64) -> Result<()> {
             continue;
         }
         let file = out.join(format!("{name}.trace"));
+        // Periodic workloads need several periods whatever --seconds says.
+        let least = match name {
+            "git-build" => 60,
+            "cron" => CRON_MIN_SECS,
+            "backup" => BACKUP_MIN_SECS,
+            "batch-build" => BUILD_MIN_SECS,
+            "vm-guest" => VM_MIN_SECS,
+            _ => 0,
+        };
+        let run = secs.max(least);
         eprintln!(
-            "xtask traces: recording {name} ({secs} s) into {}",
+            "xtask traces: recording {name} ({run} s) into {}",
             file.display()
         );
         let rec = match name {
-            "fio" => fio(tern, &file, secs)?,
-            "sqlite" => sqlite(tern, &file, secs)?,
-            "pgbench" => pgbench(tern, &file, secs)?,
-            "git-build" => git_build(tern, &file, secs.max(60))?,
-            "cron" => cron(tern, &file, secs.max(CRON_MIN_SECS))?,
-            "msr-bpftrace" => msr::msr_bpftrace(tern, &file, secs)?,
-            _ => sqlite_faults(tern, &file, secs)?,
+            "fio" => fio(tern, &file, run)?,
+            "sqlite" => sqlite(tern, &file, run)?,
+            "pgbench" => pgbench(tern, &file, run)?,
+            "git-build" => git_build(tern, &file, run)?,
+            "cron" => cron(tern, &file, run)?,
+            "backup" => backup(tern, &file, run)?,
+            "batch-build" => batch_build(tern, &file, run)?,
+            "vm-guest" => vm_guest(tern, &file, run)?,
+            "msr-bpftrace" => msr::msr_bpftrace(tern, &file, run)?,
+            _ => sqlite_faults(tern, &file, run)?,
         };
         let stat = output(
             Command::new(tern)
