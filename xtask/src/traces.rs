@@ -846,8 +846,10 @@ pub fn run(tern: &Path, out: &Path, only: &[String], secs: u64) -> Result<()> {
             );
         }
     }
-    if !(5..=600).contains(&secs) {
-        bail!("--seconds {secs}: choose between 5 and 600 (traces stay tens of MB)");
+    if !(5..=3600).contains(&secs) {
+        bail!(
+            "--seconds {secs}: choose between 5 and 3600 (an hour: long enough for a 10 min horizon, and the busiest trace stays under 60 MB)"
+        );
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let manifest_path = out.join("manifest.json");
