@@ -565,10 +565,11 @@ fn a_standby_source_agent_keeps_the_destination_current_and_reports_its_rpo() {
     fill_random(src.path(), 8);
     let state = lab.dir.path().join("standby-state");
     let control = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
     let mut agent = KillOnly(
         tern()
             .args(["agent", "--role", "source", "--device", src.path()])
-            .args(["--control", &control])
+            .args(["--control", &control, "--metrics", &metrics])
             .args(["--peer", &lab.addr(), "--domain", "localhost"])
             .arg("--tls-dir")
             .arg(lab.tls())
@@ -621,6 +622,8 @@ fn a_standby_source_agent_keeps_the_destination_current_and_reports_its_rpo() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    // Its /metrics says the same, and counts what it sent.
+    assert_standby_metrics(&metrics);
     // The control API: status, then a cutover the agent runs, then a rollback.
     let status: serde_json::Value =
         serde_json::from_str(&ctl(&["status", "--json"])).expect("status json");
@@ -660,6 +663,78 @@ fn a_standby_source_agent_keeps_the_destination_current_and_reports_its_rpo() {
     assert!(
         agent.0.wait().expect("wait").success(),
         "SIGTERM stops it cleanly"
+    );
+}
+
+/// The standby's `/metrics` once it has caught up.
+fn assert_standby_metrics(addr: &str) {
+    let page = http_get(addr, "/metrics");
+    for line in [
+        "tern_source_phase{phase=\"standby: replicating\"} 1\n",
+        "tern_source_remaining_bytes 0\n",
+        "# TYPE tern_source_sent_bytes_total counter\n",
+    ] {
+        assert!(page.contains(line), "{line:?} in:\n{page}");
+    }
+    let sent: u64 = page
+        .lines()
+        .find_map(|l| l.strip_prefix("tern_source_sent_bytes_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("a sent-bytes counter");
+    assert!(
+        sent >= 8 << 20,
+        "the 8 MiB written before the start, at least: {sent}"
+    );
+}
+
+/// A plain HTTP/1.0 GET: the body and headers as one string.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .expect("send the request");
+    let mut page = String::new();
+    stream.read_to_string(&mut page).expect("read the reply");
+    page
+}
+
+#[test]
+fn an_agent_refuses_the_other_roles_flags_naming_them() {
+    let run = |args: &[&str]| {
+        let out = tern().arg("agent").args(args).output().expect("run tern");
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[
+        "--role",
+        "source",
+        "--device",
+        "/dev/null",
+        "--to",
+        "127.0.0.1:1",
+        "--image",
+        "x.img",
+        "--nbd",
+        "127.0.0.1:1",
+    ]);
+    assert!(
+        err.contains("--image, --nbd are for --role destination, not --role source"),
+        "{err}"
+    );
+    let err = run(&[
+        "--role",
+        "destination",
+        "--image",
+        "x.img",
+        "--grpc",
+        "127.0.0.1:1",
+        "--control",
+        "127.0.0.1:2",
+    ]);
+    assert!(
+        err.contains("--control is for --role source, not --role destination: drop it"),
+        "{err}"
     );
 }
 

@@ -35,16 +35,18 @@ pub struct AgentArgs {
     /// Source role: serve the control API (`tern status|migrate|rollback --agent`) here.
     #[arg(long)]
     control: Option<SocketAddr>,
-    /// NBD listen address: `HOST:PORT` or `unix:/path`.
-    #[arg(long, default_value = "127.0.0.1:10809")]
-    nbd: tern::nbd::ListenAddr,
-    #[arg(long, default_value = tern::agent::DEFAULT_EXPORT)]
-    export: String,
+    /// NBD listen address: `HOST:PORT` or `unix:/path` [default: 127.0.0.1:10809].
+    #[arg(long)]
+    nbd: Option<tern::nbd::ListenAddr>,
+    /// The NBD export's name [default: tern].
+    #[arg(long)]
+    export: Option<String>,
     /// Destination role: advertise the NBD export writable before cutover
     /// (writes get EPERM until then), so a VM can open its disk early.
     #[arg(long)]
     nbd_advertise_writable: bool,
-    /// Prometheus /metrics listen address.
+    /// Prometheus `GET /metrics` listen address (either role: the destination's
+    /// ingest and NBD counters, the source's replication counters and state).
     #[arg(long)]
     metrics: Option<SocketAddr>,
     /// Allow gRPC without TLS on a non-loopback address.
@@ -60,42 +62,54 @@ pub struct AgentArgs {
     /// it predicts to be read are read into the page cache first.
     #[arg(long, value_name = "PLAN")]
     warm_plan: Option<PathBuf>,
-    /// How much of the plan's read-hot extents to warm.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    warm_budget: u64,
+    /// How much of the plan's read-hot extents to warm [default: 256M].
+    #[arg(long, value_parser = parse_size)]
+    warm_budget: Option<u64>,
     /// Destination role, in a post-copy: how long a read (or a write into
     /// part of a unit) waits for a unit still on the source before it fails
-    /// with EIO; it never returns the old data.
-    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
-    postcopy_wait: std::time::Duration,
+    /// with EIO; it never returns the old data [default: 2m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    postcopy_wait: Option<std::time::Duration>,
 }
 
 /// Runs `tern agent`.
 pub fn run(a: AgentArgs) -> Result<()> {
     if a.role == "source" {
+        refuse_for_role("source", &a.destination_only())?;
         let opts = a.source.options()?;
-        return migrate::source_agent(&opts, a.source.state_dir(), a.source.json(), a.control);
+        let listen = tern::agent::source::Listen {
+            control: a.control,
+            metrics: a.metrics,
+        };
+        return migrate::source_agent(&opts, a.source.state_dir(), a.source.json(), &listen);
     }
+    refuse_for_role("destination", &a.source_only())?;
     let (Some(image), Some(grpc)) = (a.image, a.grpc) else {
         bail!("--role destination needs --image and --grpc");
     };
     let mut cfg = tern::agent::DestinationConfig::new(image, grpc);
     cfg.size = a.size;
-    cfg.nbd = Some(a.nbd);
-    cfg.export_name = a.export;
+    cfg.nbd = Some(match a.nbd {
+        Some(nbd) => nbd,
+        None => "127.0.0.1:10809".parse()?,
+    });
+    cfg.export_name = a
+        .export
+        .unwrap_or_else(|| tern::agent::DEFAULT_EXPORT.to_owned());
     cfg.nbd_advertise_writable = a.nbd_advertise_writable;
     cfg.tls_dir = a.source.tls_dir().map(Path::to_path_buf);
     cfg.metrics = a.metrics;
     cfg.insecure = a.insecure;
     cfg.insecure_nbd = a.insecure_nbd;
     cfg.direct = a.direct;
-    cfg.postcopy_wait = a.postcopy_wait;
+    cfg.postcopy_wait = a.postcopy_wait.unwrap_or(std::time::Duration::from_mins(2));
     if let Some(plan) = &a.warm_plan {
         anyhow::ensure!(
             !a.direct,
             "--warm-plan reads the predicted extents into the page cache, which --direct bypasses: choose one"
         );
-        cfg.warm = tern::predict::Prediction::load(plan)?.read_hot(0.5, a.warm_budget);
+        cfg.warm = tern::predict::Prediction::load(plan)?
+            .read_hot(0.5, a.warm_budget.unwrap_or(256 << 20));
     }
     runtime()?.block_on(async move {
         let cancel = CancellationToken::new();
@@ -103,4 +117,54 @@ pub fn run(a: AgentArgs) -> Result<()> {
         tern::agent::run_destination(cfg, cancel).await
     })?;
     Ok(())
+}
+
+impl AgentArgs {
+    /// The destination's flags given here.
+    fn destination_only(&self) -> Vec<&'static str> {
+        [
+            ("--image", self.image.is_some()),
+            ("--size", self.size.is_some()),
+            ("--grpc", self.grpc.is_some()),
+            ("--nbd", self.nbd.is_some()),
+            ("--export", self.export.is_some()),
+            ("--nbd-advertise-writable", self.nbd_advertise_writable),
+            ("--insecure", self.insecure),
+            ("--insecure-nbd", self.insecure_nbd),
+            ("--direct", self.direct),
+            ("--warm-plan", self.warm_plan.is_some()),
+            ("--warm-budget", self.warm_budget.is_some()),
+            ("--postcopy-wait", self.postcopy_wait.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
+
+    /// The source's flags given here (of those only the source takes).
+    fn source_only(&self) -> Vec<&'static str> {
+        let mut given = self.source.disk_flags();
+        if self.control.is_some() {
+            given.push("--control");
+        }
+        given
+    }
+}
+
+/// A flag the other role takes would be ignored here: refuse it, naming it.
+fn refuse_for_role(role: &str, given: &[&str]) -> Result<()> {
+    if given.is_empty() {
+        return Ok(());
+    }
+    let other = if role == "source" {
+        "destination"
+    } else {
+        "source"
+    };
+    bail!(
+        "{} {} for --role {other}, not --role {role}: drop {}",
+        given.join(", "),
+        if given.len() == 1 { "is" } else { "are" },
+        if given.len() == 1 { "it" } else { "them" }
+    )
 }

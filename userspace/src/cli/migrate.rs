@@ -411,6 +411,28 @@ impl SourceArgs {
         self.json
     }
 
+    /// The flags given that only a source uses (those without a default:
+    /// a destination agent, which shares `--tls-dir`, refuses them).
+    pub fn disk_flags(&self) -> Vec<&'static str> {
+        [
+            ("--device", self.device.is_some()),
+            ("--file", self.file.is_some()),
+            ("--read-cached", self.read_cached),
+            ("--to", self.to.is_some()),
+            ("--domain", self.domain.is_some()),
+            ("--region-size", self.region_size.is_some()),
+            ("--plan", self.plan.is_some()),
+            ("--raw", self.raw),
+            ("--max-rate", self.max_rate.is_some()),
+            ("--prefetch", self.prefetch.is_some()),
+            ("--prefetch-history", self.prefetch_history.is_some()),
+            ("--cpu", !self.cpu.is_empty()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
+
     /// The TLS material's directory.
     pub fn tls_dir(&self) -> Option<&Path> {
         self.tls_dir.as_deref()
@@ -855,7 +877,7 @@ pub fn source_agent(
     opts: &SourceOptions,
     state_dir: &Path,
     json: bool,
-    control: Option<std::net::SocketAddr>,
+    listen: &tern::agent::source::Listen,
 ) -> Result<()> {
     runtime()?.block_on(async {
         let cancel = tokio_util::sync::CancellationToken::new();
@@ -864,7 +886,7 @@ pub fn source_agent(
             .await
             .inspect_err(|e| failed_at_start(state_dir, e))?;
         let progress = Progress::start(side.status(), side.stats(), state_dir.to_path_buf(), json);
-        let ended = side.run(control, cancel).await.map_err(anyhow::Error::from);
+        let ended = side.run(listen, cancel).await.map_err(anyhow::Error::from);
         progress.finish(ended.as_ref().map(|()| None));
         ended
     })

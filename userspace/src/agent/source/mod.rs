@@ -8,6 +8,7 @@
 //! ([`control`]) until it is cut over, rolled back or stopped.
 
 pub mod control;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+
+pub use metrics::SourceMetrics;
 
 pub use control::{
     ControlError, ControlService, CutoverRequest, RollbackRequest, SourceAgent, StatusRequest,
@@ -97,6 +100,8 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("the source agent's {what} panicked")]
     Task {
         what: &'static str,
@@ -232,10 +237,19 @@ pub struct Source {
 /// the source side's counterpart of [`run_destination`](super::run_destination).
 pub async fn run_source(
     opts: &SourceOptions,
-    control: Option<SocketAddr>,
+    listen: &Listen,
     cancel: CancellationToken,
 ) -> Result<(), SourceError> {
-    Source::bind(opts).await?.run(control, cancel).await
+    Source::bind(opts).await?.run(listen, cancel).await
+}
+
+/// Where a standby source agent serves, besides replicating.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listen {
+    /// The control service (`tern status|migrate|rollback --agent`).
+    pub control: Option<SocketAddr>,
+    /// Prometheus `GET /metrics` ([`SourceMetrics`]).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Source {
@@ -429,19 +443,27 @@ impl Source {
     /// Keeps a warm standby, serving the control API on `control` (with the
     /// TLS material of the options, if any), until a cutover or rollback
     /// ends it or `cancel` stops it.
-    pub async fn run(
-        self,
-        control: Option<SocketAddr>,
-        cancel: CancellationToken,
-    ) -> Result<(), SourceError> {
+    pub async fn run(self, listen: &Listen, cancel: CancellationToken) -> Result<(), SourceError> {
+        // Bound before anything starts: a taken port fails the start, clearly.
+        let metrics = match listen.metrics {
+            Some(addr) => Some(crate::metrics::bind(addr).await?),
+            None => None,
+        };
         let Source {
             agent,
             uploader,
             tls,
             ..
         } = self;
+        let metrics = metrics.map(|listener| {
+            let page = crate::metrics::Sources::default().with(Arc::new(SourceMetrics {
+                status: Arc::clone(&agent.status),
+                stats: agent.repl.stats(),
+            }));
+            tokio::spawn(crate::metrics::serve(listener, page, cancel.clone()))
+        });
         let (service, task) = start(agent, cancel.clone());
-        let server = match control {
+        let server = match listen.control {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
@@ -464,6 +486,12 @@ impl Source {
             if let Some(server) = server {
                 server.await.map_err(|source| SourceError::Task {
                     what: "control server",
+                    source,
+                })??;
+            }
+            if let Some(server) = metrics {
+                server.await.map_err(|source| SourceError::Task {
+                    what: "metrics endpoint",
                     source,
                 })??;
             }
