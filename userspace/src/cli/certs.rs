@@ -8,6 +8,9 @@ use clap::Subcommand;
 #[derive(Subcommand)]
 pub enum CertsCommand {
     /// Make a small CA and one certificate per host, for a test or a lab.
+    #[command(
+        after_help = "Example:\n  tern certs init /etc/tern/pki --host src.example --host dst.example\n  # then each host takes its own directory, /etc/tern/pki/HOST (ca.pem, cert.pem, key.pem), as --tls-dir"
+    )]
     Init {
         dir: PathBuf,
         #[arg(long = "host")]

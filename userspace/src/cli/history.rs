@@ -62,6 +62,9 @@ impl HistoryArgs {
 )]
 pub enum HistoryCommand {
     /// List segments and their summaries.
+    #[command(
+        after_help = "Examples:\n  tern history ls s3://bucket/tern --from 2h\n  tern history ls /var/lib/tern/history --json"
+    )]
     Ls {
         #[command(flatten)]
         select: Select,
@@ -69,6 +72,9 @@ pub enum HistoryCommand {
         json: bool,
     },
     /// Write the history of one device in a time range as one trace file.
+    #[command(
+        after_help = "Example:\n  tern history get s3://bucket/tern --from 2026-11-25T10:00:00Z --to 1h --out window.trace"
+    )]
     Get {
         #[command(flatten)]
         select: Select,
@@ -76,6 +82,9 @@ pub enum HistoryCommand {
         out: PathBuf,
     },
     /// Delete segments beyond a retention.
+    #[command(
+        after_help = "Examples:\n  tern history prune s3://bucket/tern --retention 7d,50G --dry-run\n  tern history prune /var/lib/tern/history --retention 30d"
+    )]
     Prune {
         url: String,
         /// An age (7d), a total size per device (50G) or both (7d,50G).

@@ -364,6 +364,9 @@ impl AgentClientArgs {
 }
 
 #[derive(Args)]
+#[command(
+    after_help = "Examples:\n  tern rollback --device /dev/vdb --to dst:7443 --tls-dir pki/src --resume fsfreeze:/srv/data\n  tern rollback --agent 127.0.0.1:7444 --agent-tls-dir pki/src   # a source agent rolls back"
+)]
 pub struct RollbackArgs {
     #[command(flatten)]
     agent: AgentClientArgs,
@@ -391,6 +394,9 @@ pub struct RollbackArgs {
 }
 
 #[derive(Args)]
+#[command(
+    after_help = "Examples:\n  tern status                                   # the migration of this host (/run/tern)\n  tern status --json --state-dir /run/tern-vm2\n  tern status --agent 127.0.0.1:7444 --agent-tls-dir pki/src"
+)]
 pub struct StatusArgs {
     #[command(flatten)]
     agent: AgentClientArgs,

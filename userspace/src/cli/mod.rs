@@ -34,13 +34,22 @@ enum Command {
     /// Run an agent: `--role destination` receives extents and exports the disk over NBD.
     Agent(agent::AgentArgs),
     /// Certificates for mutual TLS between agents.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  tern certs init /etc/tern/pki --host src --host dst"
+    )]
     Certs(certs::CertsCommand),
     /// Replica client operations against a destination agent.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  tern replica push --from src.img --to dst:7443 --tls-dir pki/src"
+    )]
     Replica(replica::ReplicaCommand),
     /// A standalone NBD server for one image.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  tern nbd serve --image disk.img --size 64M --listen 127.0.0.1:10810"
+    )]
     Nbd(nbd::NbdCommand),
     /// Live-migrate a disk to a destination agent: copy, converge, pause, final delta, verify, switch.
     Migrate(migrate::MigrateArgs),
@@ -52,7 +61,10 @@ enum Command {
     #[command(subcommand)]
     History(history::HistoryCommand),
     /// Analyze a trace: heatmaps and the workload's profile.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  tern analyze report loop0.trace\n  tern analyze heatmap loop0.trace --out heat.png"
+    )]
     Analyze(analyze::AnalyzeCommand),
     /// What-if table of replication units for a trace, and the plan `migrate --plan` takes.
     Plan(plan::PlanArgs),
@@ -125,6 +137,31 @@ mod tests {
         // Clap's own checks: no two flags of one command share a name (the
         // agent flattens migrate's source flags), every `requires` names a flag.
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_shows_an_example_in_its_help() {
+        fn missing(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            let leaves: Vec<&clap::Command> = cmd
+                .get_subcommands()
+                .filter(|c| c.get_name() != "help")
+                .collect();
+            let shown = cmd
+                .get_after_help()
+                .is_some_and(|h| h.to_string().contains("Example"));
+            if !shown {
+                out.push(path.clone());
+            }
+            for c in leaves {
+                missing(c, &path, out);
+            }
+        }
+        let mut out = Vec::new();
+        for c in super::Cli::command().get_subcommands() {
+            missing(c, "tern", &mut out);
+        }
+        assert!(out.is_empty(), "no example in the help of: {out:?}");
     }
 
     #[test]

@@ -11,6 +11,9 @@ use super::args::{parse_size, runtime};
 #[derive(Subcommand)]
 pub enum NbdCommand {
     /// Export one raw image or block device until SIGINT/SIGTERM.
+    #[command(
+        after_help = "Examples:\n  tern nbd serve --image disk.img --size 64M --listen 127.0.0.1:10810\n  qemu-io -f raw nbd://127.0.0.1:10810/tern -c 'read 0 1M'\n  tern nbd serve --image /dev/vdb --read-only --listen unix:/run/vdb.sock"
+    )]
     Serve {
         #[arg(long)]
         image: PathBuf,

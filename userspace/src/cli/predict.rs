@@ -68,6 +68,9 @@ struct Common {
 enum PredictCommand {
     /// Train on one part of a trace, test on another: precision, coverage,
     /// post-cutover misses, re-sent bytes avoided, cost, per model.
+    #[command(
+        after_help = "Examples:\n  tern predict eval app.trace --horizon 10s\n  tern predict eval app.trace --train 0-50% --test 50-100% --horizon 5s --unit 4K,64K,1M --models ensemble,last-horizon,ever-touched --json"
+    )]
     Eval {
         trace: PathBuf,
         /// Training range, as a share of the trace's time span.
@@ -103,8 +106,11 @@ enum PredictCommand {
         trees: Option<PathBuf>,
     },
     /// Export training rows for the boosted trees (`python -m tern_analysis
-    /// boosted train`): per moment of the range, sampled candidate units with
+    /// boosted ROWS.csv --out M.json`): per moment of the range, sampled candidate units with
     /// their features and whether the next horizon touched them.
+    #[command(
+        after_help = "Examples:\n  tern predict features app.trace --range 0-50% --horizon 5s --unit 4K --out rows.csv\n  python -m tern_analysis boosted rows.csv --out trees.json && tern predict eval app.trace --horizon 5s --trees trees.json"
+    )]
     Features {
         trace: PathBuf,
         /// Which part of the trace's time span.

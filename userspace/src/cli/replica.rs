@@ -11,6 +11,9 @@ use super::args::{parse_size, runtime};
 #[derive(Subcommand)]
 pub enum ReplicaCommand {
     /// Stream a whole file into a destination agent; prints a JSON report.
+    #[command(
+        after_help = "Example:\n  tern agent --role destination --image dst.img --size 64M --grpc 0.0.0.0:7443 --tls-dir pki/dst\n  tern replica push --from src.img --to dst:7443 --tls-dir pki/src"
+    )]
     Push(PushArgs),
 }
 

@@ -91,6 +91,9 @@ impl TraceRunArgs {
 #[derive(Subcommand)]
 pub enum TraceCommand {
     /// Summarise a trace file.
+    #[command(
+        after_help = "Examples:\n  tern trace stat loop0.trace\n  tern trace stat loop0.trace --json"
+    )]
     Stat {
         file: PathBuf,
         /// Machine-readable output.
@@ -98,6 +101,9 @@ pub enum TraceCommand {
         json: bool,
     },
     /// Convert a trace to CSV or a fio iolog.
+    #[command(
+        after_help = "Examples:\n  tern trace export --format csv loop0.trace --out loop0.csv\n  tern trace export --format fio-iolog loop0.trace --replay-on /dev/vdc --out replay.iolog\n  fio --name=replay --read_iolog=replay.iolog --direct=1"
+    )]
     Export {
         #[arg(long, value_enum)]
         format: ExportFormat,
@@ -110,6 +116,9 @@ pub enum TraceCommand {
         replay_on: Option<String>,
     },
     /// Convert another tool's trace into a Tern trace.
+    #[command(
+        after_help = "Examples:\n  tern trace import --format msr prxy_0.csv --out prxy.trace\n  blkparse -i sda > sda.txt && tern trace import --format blkparse sda.txt --out sda.trace\n  tern trace import --format csv loop0.csv --out loop0.trace   # what `tern trace export --format csv` wrote"
+    )]
     Import {
         #[arg(long, value_enum)]
         format: ImportFormat,
