@@ -31,7 +31,7 @@ const FONTS: &[&str] = &[
 ];
 
 /// A time-columned grid of (read, write) counters.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Grid {
     pub rows: usize,
     pub col_ns: u64,
@@ -121,6 +121,76 @@ impl Grid {
             for cell in &mut col[rows / 2..] {
                 *cell = [0, 0];
             }
+        }
+    }
+}
+
+/// A grid cut to what a trace used: its first `cols` columns and `rows`
+/// rows, each row starting at `row_starts[row]` (an offset or an address)
+/// and spanning `row_bytes`.
+pub struct View<'a> {
+    pub grid: std::borrow::Cow<'a, Grid>,
+    pub cols: usize,
+    pub rows: usize,
+    pub row_bytes: u64,
+    pub row_starts: Vec<u64>,
+}
+
+/// A heatmap as data (`tern analyze heatmap --out F.json`), for a dashboard
+/// to draw: `read[row][col]` and `write[row][col]` in `value` units.
+#[derive(Debug, serde::Serialize)]
+pub struct HeatmapData {
+    pub version: u32,
+    /// `block` (offset × time) or `faults` (address × time).
+    pub kind: &'static str,
+    /// The traced target's name.
+    pub target: String,
+    /// `bytes` or `faults`.
+    pub value: &'static str,
+    pub column_seconds: f64,
+    pub columns: usize,
+    pub rows: usize,
+    pub row_bytes: u64,
+    /// Where each row starts: a device offset, or a fault region's address.
+    pub row_starts: Vec<u64>,
+    pub read: Vec<Vec<u64>>,
+    pub write: Vec<Vec<u64>>,
+    /// Columns a gap touched: no claim can be made about them.
+    pub unknown_columns: Vec<usize>,
+}
+
+impl View<'_> {
+    /// The data, each cell's counter times `scale` (1024 for KiB counters).
+    pub fn data(
+        &self,
+        target: &str,
+        kind: &'static str,
+        value: &'static str,
+        scale: u64,
+    ) -> HeatmapData {
+        let g = &self.grid;
+        let series = |op: usize| -> Vec<Vec<u64>> {
+            (0..self.rows)
+                .map(|r| {
+                    (0..self.cols)
+                        .map(|c| u64::from(g.cells[c * g.rows + r][op]) * scale)
+                        .collect()
+                })
+                .collect()
+        };
+        HeatmapData {
+            version: 1,
+            kind,
+            target: target.to_owned(),
+            value,
+            column_seconds: g.col_ns as f64 / 1e9,
+            columns: self.cols,
+            rows: self.rows,
+            row_bytes: self.row_bytes,
+            row_starts: self.row_starts.clone(),
+            read: series(0),
+            write: series(1),
+            unknown_columns: (0..self.cols).filter(|&c| g.unknown[c]).collect(),
         }
     }
 }

@@ -391,6 +391,73 @@ impl Analyzer {
 
     /// Draws the offset × time heatmap of block I/O to a PNG.
     pub fn block_heatmap(&self, out: &Path) -> Result<(), AnalyzeError> {
+        let view = self.block_view()?;
+        let y_label = |y: f64| crate::units::human_bytes(y);
+        let value_label = |kib: u32| crate::units::human_bytes(f64::from(kib) * 1024.0);
+        heatmap::render(
+            &heatmap::Picture {
+                title: format!("{}: bytes read and written", self.name),
+                grid: &view.grid,
+                cols: view.cols,
+                rows: view.rows,
+                y_max: (view.rows as u64 * view.row_bytes) as f64,
+                y_label: &y_label,
+                y_desc: "offset",
+                row_span: crate::units::human_bytes(view.row_bytes as f64),
+                value_label: &value_label,
+            },
+            out,
+        )
+    }
+
+    /// Draws the address × time heatmap of page faults (1 MiB regions that
+    /// faulted, in address order, the space between left out) to a PNG.
+    pub fn fault_heatmap(&self, out: &Path) -> Result<(), AnalyzeError> {
+        let view = self.fault_view()?;
+        let rows = view.rows;
+        let y_label = |y: f64| {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a row on the axis: non-negative, and as saturates before min"
+            )]
+            let i = (y.max(0.0) as usize).min(rows - 1);
+            format!("{:#x}", view.row_starts[i])
+        };
+        let value_label = |n: u32| format!("{n} faults");
+        heatmap::render(
+            &heatmap::Picture {
+                title: format!("page faults: {rows} regions of 1 MiB that faulted (address order)"),
+                grid: &view.grid,
+                cols: view.cols,
+                rows,
+                y_max: rows as f64,
+                y_label: &y_label,
+                y_desc: "address",
+                row_span: "1 MiB".into(),
+                value_label: &value_label,
+            },
+            out,
+        )
+    }
+
+    /// The block heatmap's grid as data (for a dashboard to draw): bytes
+    /// read and written per offset row and time column.
+    pub fn block_heatmap_data(&self) -> Result<heatmap::HeatmapData, AnalyzeError> {
+        let view = self.block_view()?;
+        Ok(view.data(&self.name, "block", "bytes", 1024))
+    }
+
+    /// The fault heatmap's grid as data: faults per 1 MiB region that
+    /// faulted (in address order) and time column.
+    pub fn fault_heatmap_data(&self) -> Result<heatmap::HeatmapData, AnalyzeError> {
+        let view = self.fault_view()?;
+        Ok(view.data(&self.name, "faults", "faults", 1))
+    }
+
+    /// The block grid, the rows the device spans (or that saw I/O) and the
+    /// columns the trace lasted.
+    fn block_view(&self) -> Result<heatmap::View<'_>, AnalyzeError> {
         if self.totals.reads + self.totals.writes == 0 {
             return Err(AnalyzeError::NoBlocks {
                 target: self.cfg.target,
@@ -410,27 +477,17 @@ impl Analyzer {
         let cols = dirty_rate::window_index(self.totals.last_ns, grid.col_ns)
             .saturating_add(1)
             .min(grid.cols());
-        let y_label = |y: f64| crate::units::human_bytes(y);
-        let value_label = |kib: u32| crate::units::human_bytes(f64::from(kib) * 1024.0);
-        heatmap::render(
-            &heatmap::Picture {
-                title: format!("{}: bytes read and written", self.name),
-                grid,
-                cols,
-                rows: used,
-                y_max: (used as u64 * heat.row_bytes) as f64,
-                y_label: &y_label,
-                y_desc: "offset",
-                row_span: crate::units::human_bytes(heat.row_bytes as f64),
-                value_label: &value_label,
-            },
-            out,
-        )
+        Ok(heatmap::View {
+            grid: std::borrow::Cow::Borrowed(grid),
+            cols,
+            rows: used,
+            row_bytes: heat.row_bytes,
+            row_starts: (0..used as u64).map(|r| r * heat.row_bytes).collect(),
+        })
     }
 
-    /// Draws the address × time heatmap of page faults (1 MiB regions that
-    /// faulted, in address order, the space between left out) to a PNG.
-    pub fn fault_heatmap(&self, out: &Path) -> Result<(), AnalyzeError> {
+    /// The fault grid with its rows in address order.
+    fn fault_view(&self) -> Result<heatmap::View<'_>, AnalyzeError> {
         let heat = &self.fault_heat;
         if heat.regions.is_empty() {
             return Err(AnalyzeError::NoFaults);
@@ -450,30 +507,13 @@ impl Analyzer {
         let cols = dirty_rate::window_index(self.totals.last_ns, grid.col_ns)
             .saturating_add(1)
             .min(grid.cols());
-        let y_label = |y: f64| {
-            #[expect(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                reason = "a row on the axis: non-negative, and as saturates before min"
-            )]
-            let i = (y.max(0.0) as usize).min(rows - 1);
-            format!("{:#x}", order[i].0 * heatmap::REGION)
-        };
-        let value_label = |n: u32| format!("{n} faults");
-        heatmap::render(
-            &heatmap::Picture {
-                title: format!("page faults: {rows} regions of 1 MiB that faulted (address order)"),
-                grid: &grid,
-                cols,
-                rows,
-                y_max: rows as f64,
-                y_label: &y_label,
-                y_desc: "address",
-                row_span: "1 MiB".into(),
-                value_label: &value_label,
-            },
-            out,
-        )
+        Ok(heatmap::View {
+            grid: std::borrow::Cow::Owned(grid),
+            cols,
+            rows,
+            row_bytes: heatmap::REGION,
+            row_starts: order.iter().map(|&(a, _)| a * heatmap::REGION).collect(),
+        })
     }
 
     /// Did the trace hold anything to analyze?

@@ -350,3 +350,59 @@ fn the_heatmap_draws_a_png() {
     assert!(png.len() > 10_000);
     assert!(matches!(a.fault_heatmap(&out), Err(AnalyzeError::NoFaults)));
 }
+
+#[test]
+fn the_heatmap_grid_as_data_holds_every_byte_in_its_row() {
+    let mut a = Analyzer::for_header(&header(1), 0).expect("analyzer");
+    for i in 0..2000u64 {
+        a.observe(&block(i * 10_000_000, Op::Write, (i % 100) * MIB, 65536));
+        a.observe(&block(
+            i * 10_000_000,
+            Op::Read,
+            512 * MIB + i * 65536,
+            65536,
+        ));
+    }
+    // Faults in two regions far apart: two rows, in address order.
+    for (k, address) in [(0u64, 0x7f00_0010_0000u64), (1, 0x1000_0000)] {
+        for p in 0..10u64 {
+            a.observe(&Record::Fault(FaultRecord {
+                ts_ns: k * S + p,
+                address: address + p * 4096,
+                ip: 0,
+                pid: 42,
+                tid: 42,
+                flags: 0,
+            }));
+        }
+    }
+    a.finish();
+    let d = a.block_heatmap_data().expect("block data");
+    assert_eq!((d.kind, d.value, d.version), ("block", "bytes", 1));
+    assert_eq!(d.read.len(), d.rows);
+    assert!(d.read.iter().chain(&d.write).all(|r| r.len() == d.columns));
+    let total = |m: &[Vec<u64>]| m.iter().flatten().sum::<u64>();
+    assert_eq!(total(&d.read), 2000 * 65536);
+    assert_eq!(total(&d.write), 2000 * 65536);
+    for (row, start) in d.row_starts.iter().enumerate() {
+        let end = start + d.row_bytes;
+        if d.write[row].iter().any(|&v| v > 0) {
+            assert!(*start < 100 * MIB, "a write in row {row} at {start}");
+        }
+        if d.read[row].iter().any(|&v| v > 0) {
+            assert!(end > 512 * MIB, "a read in row {row} ending at {end}");
+        }
+    }
+    // 20 s of trace in columns of column_seconds.
+    let span = d.columns as f64 * d.column_seconds;
+    assert!((19.9..=40.0).contains(&span), "{span} s");
+    assert!(d.unknown_columns.is_empty());
+
+    let f = a.fault_heatmap_data().expect("fault data");
+    assert_eq!((f.kind, f.rows, f.row_bytes), ("faults", 2, MIB));
+    assert_eq!(f.row_starts, vec![0x1000_0000, 0x7f00_0010_0000]);
+    assert_eq!(f.read[0].iter().sum::<u64>(), 10, "the low region's faults");
+    assert_eq!(f.read[1].iter().sum::<u64>(), 10);
+    let json = serde_json::to_value(&f).expect("serializes");
+    assert_eq!(json["read"][0].as_array().map(Vec::len), Some(f.columns));
+}

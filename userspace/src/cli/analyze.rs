@@ -11,9 +11,10 @@ use tern::analyze::{self, report::Report};
 
 #[derive(Subcommand)]
 pub enum AnalyzeCommand {
-    /// Draw an offset × time heatmap (reads blue, writes red, log scale) to a PNG.
+    /// Draw an offset × time heatmap (reads blue, writes red, log scale) to a
+    /// PNG, or write its grid as JSON for a dashboard to draw.
     #[command(
-        after_help = "Examples:\n  tern analyze heatmap loop0.trace --out heat.png\n  tern analyze heatmap app.trace --faults --out faults.png"
+        after_help = "Examples:\n  tern analyze heatmap loop0.trace --out heat.png\n  tern analyze heatmap loop0.trace --out heat.json   # the grid: read[row][col], write[row][col] in bytes\n  tern analyze heatmap app.trace --faults --out faults.png"
     )]
     Heatmap(HeatmapArgs),
     /// Print the workload's profile: R/W mix, hot set, dirty rate, sequentiality, periods, gaps.
@@ -39,7 +40,7 @@ pub struct Common {
 pub struct HeatmapArgs {
     #[command(flatten)]
     common: Common,
-    /// The PNG to write.
+    /// The file to write: `*.png` (the picture) or `*.json` (the grid).
     #[arg(long)]
     out: PathBuf,
     /// Page faults (address × time) instead of block I/O.
@@ -64,17 +65,28 @@ fn load(c: &Common) -> Result<analyze::Analyzer> {
 pub fn run(cmd: AnalyzeCommand) -> Result<()> {
     match cmd {
         AnalyzeCommand::Heatmap(h) => {
-            if h.out
-                .extension()
-                .is_none_or(|e| !e.eq_ignore_ascii_case("png"))
-            {
-                bail!(
-                    "--out {}: the heatmap is a PNG; name it *.png",
+            let json = match h.out.extension().and_then(|e| e.to_str()) {
+                Some(e) if e.eq_ignore_ascii_case("png") => false,
+                Some(e) if e.eq_ignore_ascii_case("json") => true,
+                _ => bail!(
+                    "--out {}: name it *.png for the picture or *.json for the grid",
                     h.out.display()
-                );
-            }
+                ),
+            };
             let a = load(&h.common)?;
-            if h.faults {
+            if json {
+                let data = if h.faults {
+                    a.fault_heatmap_data()?
+                } else {
+                    a.block_heatmap_data()?
+                };
+                let file = std::fs::File::create(&h.out)
+                    .with_context(|| format!("cannot create {}", h.out.display()))?;
+                let mut w = std::io::BufWriter::new(file);
+                serde_json::to_writer(&mut w, &data)?;
+                w.flush()
+                    .with_context(|| format!("cannot write {}", h.out.display()))?;
+            } else if h.faults {
                 a.fault_heatmap(&h.out)?;
             } else {
                 a.block_heatmap(&h.out)?;
