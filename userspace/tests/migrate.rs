@@ -985,9 +985,11 @@ fn an_unconverging_writer_is_throttled_until_the_cutover_and_its_limit_put_back(
     assert!(report["downtime_ms"].as_f64().expect("downtime") > 0.0);
     // Lifted: the operator's limit is back, and no record is left behind.
     assert_eq!(cgroup.limits().trim(), operator);
-    let record = lab.dir.path().join("state/throttle.json");
-    assert!(!record.exists());
-
+    assert_eq!(
+        throttle_records(&lab.dir.path().join("state")),
+        Vec::<String>::new()
+    );
+    let record = throttle_record(&lab.dir.path().join("state"), src.path());
     // The cutover handed the stopped writer over: it runs again here.
     sh(Command::new("kill").args(["-CONT", &writer.0.id().to_string()]));
     // A budget the throttle needs many halvings to meet keeps a run
@@ -1117,7 +1119,10 @@ fn an_unconverging_writer_is_throttled_by_its_cpu_and_its_quota_put_back() {
     assert!(lowest > 0.0 && lowest <= before / 2.0 + 1e-9, "{report}");
     // Lifted: the operator's quota is back, and no record is left behind.
     assert_eq!(cgroup.quota(), "150000");
-    assert!(!lab.dir.path().join("state/throttle.json").exists());
+    assert_eq!(
+        throttle_records(&lab.dir.path().join("state")),
+        Vec::<String>::new()
+    );
     drop(writer);
     // Writes and CPU are the only levers; --throttle-by needs a throttle.
     let (ok, _, err) = run_report(&mut lab.migrate(
@@ -1223,17 +1228,55 @@ fn a_source_agent_throttles_an_unconverging_writer_when_asked_to() {
     );
     assert_same(src.path(), &lab.image());
     assert_eq!(cgroup.limits().trim(), "", "no limit left");
-    assert!(!state.join("throttle.json").exists());
+    assert_eq!(throttle_records(&state), Vec::<String>::new());
     drop(writer);
     let _ = agent.0.kill();
     let _ = agent.0.wait();
+}
+
+/// The throttle records (`NAME.throttle.json`) left in a state directory.
+fn throttle_records(state: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(state)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".throttle.json"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A run's throttle record, named after its disk (`/dev/loop3`: `dev-loop3`).
+fn throttle_record(state: &std::path::Path, disk: &str) -> std::path::PathBuf {
+    let name = disk.trim_start_matches('/').replace('/', "-");
+    state.join(format!("{name}.throttle.json"))
+}
+
+/// The status files (one per run) in a state directory.
+fn status_files(state: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(state)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or(".");
+                    p.extension().is_some_and(|e| e == "json")
+                        && !name.ends_with(".throttle.json")
+                        && !name.starts_with('.')
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `tern status` of the lab's migration, once it says `phase`.
 fn wait_for_phase(state: &std::path::Path, phase: &str) {
     let deadline = Instant::now() + Duration::from_mins(2);
     loop {
-        let status = std::fs::read_to_string(state.join("migrate.json")).unwrap_or_default();
+        let status = status_files(state)
+            .first()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .unwrap_or_default();
         if status.contains(&format!("\"phase\":\"{phase}\"")) {
             return;
         }
@@ -1461,7 +1504,9 @@ fn post_copy_survives(fault: Fault) {
                 // the wait; whatever does come back must be right.
                 let early = lab.dir.path().join("early.img");
                 let read_ok = read_export(&lab, &early);
-                let _ = std::fs::remove_file(state.join("migrate.json"));
+                for f in status_files(&state) {
+                    let _ = std::fs::remove_file(f);
+                }
                 let again = lab
                     .migrate(src.path(), &args)
                     .stdout(Stdio::piped())

@@ -164,7 +164,7 @@ fn failure_evidence(scratch: &Path, status_file: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&keep)?;
     for (from, name) in [
         (scratch.join("source.trace"), "source.trace"),
-        (status_file.to_path_buf(), "migrate.json"),
+        (status_file.to_path_buf(), "status.json"),
     ] {
         std::fs::copy(&from, keep.join(name))
             .with_context(|| format!("cannot keep {}", from.display()))?;
@@ -258,12 +258,21 @@ pub fn run(tern: &Path) -> Result<()> {
     }
     eprint!("{stdout}");
     // What `tern status` shows: the finished run and its report.
-    let status_file = dir.join("state/migrate.json");
-    let status: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&status_file)
-            .with_context(|| format!("tern migrate left no {}", status_file.display()))?,
-    )
-    .context("the status file is not JSON")?;
+    let shown = Command::new(tern)
+        .args(["status", "--json", "--state-dir"])
+        .arg(dir.join("state"))
+        .output()
+        .context("cannot run tern status")?;
+    if !shown.status.success() {
+        bail!(
+            "tern status failed: {}",
+            String::from_utf8_lossy(&shown.stderr).trim()
+        );
+    }
+    let status: serde_json::Value =
+        serde_json::from_slice(&shown.stdout).context("tern status --json printed no JSON")?;
+    let status_file = dir.join("status.json");
+    std::fs::write(&status_file, &shown.stdout)?;
     if status["finished"] != true {
         bail!("the status file does not say the migration finished: {status}");
     }

@@ -81,7 +81,7 @@ pub fn run(a: AgentArgs) -> Result<()> {
             control: a.control,
             metrics: a.metrics,
         };
-        return migrate::source_agent(&opts, a.source.state_dir(), a.source.json(), &listen);
+        return migrate::source_agent(&opts, &a.source.status_file(), a.source.json(), &listen);
     }
     refuse_for_role("destination", &a.source_only())?;
     let (Some(image), Some(grpc)) = (a.image, a.grpc) else {

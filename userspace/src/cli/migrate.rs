@@ -395,21 +395,35 @@ pub struct RollbackArgs {
 
 #[derive(Args)]
 #[command(
-    after_help = "Examples:\n  tern status                                   # the migration of this host (/run/tern)\n  tern status --json --state-dir /run/tern-vm2\n  tern status --agent 127.0.0.1:7444 --agent-tls-dir pki/src"
+    after_help = "Examples:\n  tern status                                   # every migration of this host (/run/tern)\n  tern status /dev/vdb                          # one of them\n  tern status --json --state-dir /run/tern-vm2\n  tern status --agent 127.0.0.1:7444 --agent-tls-dir pki/src"
 )]
 pub struct StatusArgs {
+    /// One run: its source (`/dev/vdb`) or its name in the list (`dev-vdb`).
+    /// Without it: the only run in detail, or several as a table.
+    run: Option<String>,
     #[command(flatten)]
     agent: AgentClientArgs,
+    /// Where migrations and source agents keep their status files.
     #[arg(long, default_value = "/run/tern")]
     state_dir: PathBuf,
+    /// One JSON line per run (each with its `name`).
     #[arg(long)]
     json: bool,
 }
 
 impl SourceArgs {
-    /// Where the status file for `tern status` lives.
-    pub fn state_dir(&self) -> &Path {
-        &self.state_dir
+    /// This migration's status file for `tern status`: one per source disk
+    /// in the state directory, so that several migrations of one host
+    /// each keep theirs.
+    pub fn status_file(&self) -> PathBuf {
+        status_file(&self.state_dir, self.device.as_ref().or(self.file.as_ref()))
+    }
+
+    /// Where a throttled run records its limits, to be undone by the next
+    /// run of the same disk if this one is killed.
+    fn throttle_record(&self) -> PathBuf {
+        let name = run_name(self.device.as_ref().or(self.file.as_ref()));
+        self.state_dir.join(format!("{name}{THROTTLE_SUFFIX}"))
     }
 
     /// Progress and report as JSON.
@@ -487,9 +501,38 @@ impl SourceArgs {
                 o.cpu.push(t.clone());
             }
         }
-        o.throttle_record = Some(self.state_dir.join("throttle.json"));
+        o.throttle_record = Some(self.throttle_record());
         Ok(o)
     }
+}
+
+/// The file name a throttle record takes after its run's name.
+const THROTTLE_SUFFIX: &str = ".throttle.json";
+
+/// A run's name in the state directory: its source's path, absolute, with
+/// `/` as `-` (`/dev/vdb` is `dev-vdb`); `migrate` without a source.
+fn run_name(source: Option<&PathBuf>) -> String {
+    let Some(path) = source else {
+        return "migrate".to_owned();
+    };
+    // The same disk named two ways (relative, through a link) is one run.
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+    let name: String = path
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| if c == '/' { '-' } else { c })
+        .collect();
+    if name.is_empty() {
+        "migrate".to_owned()
+    } else {
+        name
+    }
+}
+
+/// The status file of the run of `source` in `state_dir`.
+fn status_file(state_dir: &Path, source: Option<&PathBuf>) -> PathBuf {
+    state_dir.join(format!("{}.json", run_name(source)))
 }
 
 fn source_path(device: Option<&PathBuf>, file: Option<&PathBuf>) -> Result<PathBuf> {
@@ -505,7 +548,7 @@ struct Progress {
     task: tokio::task::JoinHandle<()>,
     status: StatusCell,
     counters: Arc<Stats>,
-    state_dir: PathBuf,
+    file: PathBuf,
 }
 
 /// One status line: the phase and the counters, as `tern status` reads them.
@@ -541,21 +584,19 @@ fn status_line(s: &Status, counters: &Stats, rate_bps: u64) -> serde_json::Value
 impl Progress {
     /// Prints progress every second (one line on a terminal, JSON lines
     /// otherwise) and keeps the status file fresh.
-    fn start(status: StatusCell, counters: Arc<Stats>, state_dir: PathBuf, json: bool) -> Progress {
+    fn start(status: StatusCell, counters: Arc<Stats>, file: PathBuf, json: bool) -> Progress {
         let terminal = std::io::stderr().is_terminal() && !json;
-        if let Err(e) = std::fs::create_dir_all(&state_dir) {
-            tracing::warn!(dir = %state_dir.display(), error = %e, "cannot create the state directory; `tern status` will not see this run");
+        if let Some(dir) = file.parent()
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot create the state directory; `tern status` will not see this run");
         }
         let bar = terminal.then(|| {
             let bar = indicatif::ProgressBar::new(1);
             bar.set_style(progress_style());
             bar
         });
-        let (cell, totals, dir) = (
-            Arc::clone(&status),
-            Arc::clone(&counters),
-            state_dir.clone(),
-        );
+        let (cell, totals, to) = (Arc::clone(&status), Arc::clone(&counters), file.clone());
         let task = tokio::spawn(async move {
             let mut last_sent = 0;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -566,7 +607,7 @@ impl Progress {
                 let rate = st.sent_bytes.saturating_sub(last_sent);
                 last_sent = st.sent_bytes;
                 let line = status_line(&s, &totals, rate);
-                write_status(&dir, &line);
+                write_status(&to, &line);
                 if let Some(bar) = &bar {
                     bar.set_length(st.round_bytes.max(1));
                     bar.set_position(st.round_done.min(st.round_bytes));
@@ -598,7 +639,7 @@ impl Progress {
             task,
             status,
             counters,
-            state_dir,
+            file,
         }
     }
 
@@ -622,7 +663,7 @@ impl Progress {
             }
             Err(e) => line = failed_line(line, e),
         }
-        write_status(&self.state_dir, &line);
+        write_status(&self.file, &line);
     }
 }
 
@@ -636,10 +677,13 @@ fn failed_line(mut line: serde_json::Value, e: &anyhow::Error) -> serde_json::Va
 }
 
 /// Records in the status file that a run failed before its progress started.
-fn failed_at_start(state_dir: &Path, e: &anyhow::Error) {
-    if std::fs::create_dir_all(state_dir).is_ok() {
+fn failed_at_start(file: &Path, e: &anyhow::Error) {
+    if file
+        .parent()
+        .is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+    {
         let line = serde_json::json!({ "pid": std::process::id() });
-        write_status(state_dir, &failed_line(line, e));
+        write_status(file, &failed_line(line, e));
     }
 }
 
@@ -648,10 +692,14 @@ fn progress_style() -> indicatif::ProgressStyle {
         .expect("the progress template is valid")
 }
 
-fn write_status(dir: &Path, value: &serde_json::Value) {
-    let tmp = dir.join(".migrate.json.tmp");
-    let done = std::fs::write(&tmp, value.to_string())
-        .and_then(|()| std::fs::rename(&tmp, dir.join("migrate.json")));
+/// Replaces `file` whole (a reader never sees half a line).
+fn write_status(file: &Path, value: &serde_json::Value) {
+    let tmp = file.with_file_name(format!(
+        ".{}.tmp",
+        file.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    ));
+    let done = std::fs::write(&tmp, value.to_string()).and_then(|()| std::fs::rename(&tmp, file));
     if let Err(e) = done {
         tracing::debug!(error = %e, "cannot write the status file");
     }
@@ -709,11 +757,11 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             Ok::<_, anyhow::Error>(Source::bind(&o).await?)
         }
         .await
-        .inspect_err(|e| failed_at_start(&source.state_dir, e))?;
+        .inspect_err(|e| failed_at_start(&source.status_file(), e))?;
         let progress = Progress::start(
             side.status(),
             side.stats(),
-            source.state_dir.clone(),
+            source.status_file(),
             source.json,
         );
         let opts = CutoverOptions {
@@ -726,7 +774,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             throttle: throttle.map(|cgroup| cutover::ThrottleOptions {
                 cgroup,
                 by: m.throttle_by.map(ThrottleBy::lever),
-                record: Some(source.state_dir.join("throttle.json")),
+                record: Some(source.throttle_record()),
             }),
             postcopy,
         };
@@ -881,7 +929,7 @@ fn render_report(r: &serde_json::Value) -> String {
 /// with `control`, its control service.
 pub fn source_agent(
     opts: &SourceOptions,
-    state_dir: &Path,
+    status_file: &Path,
     json: bool,
     listen: &tern::agent::source::Listen,
 ) -> Result<()> {
@@ -890,8 +938,9 @@ pub fn source_agent(
         tern::agent::cancel_on_signals(cancel.clone());
         let side = async { Ok::<_, anyhow::Error>(Source::bind(opts).await?) }
             .await
-            .inspect_err(|e| failed_at_start(state_dir, e))?;
-        let progress = Progress::start(side.status(), side.stats(), state_dir.to_path_buf(), json);
+            .inspect_err(|e| failed_at_start(status_file, e))?;
+        let progress =
+            Progress::start(side.status(), side.stats(), status_file.to_path_buf(), json);
         let ended = side.run(listen, cancel).await.map_err(anyhow::Error::from);
         progress.finish(ended.as_ref().map(|()| None));
         ended
@@ -927,6 +976,7 @@ pub fn rollback(r: &RollbackArgs) -> Result<()> {
         Ok(serde_json::to_string(&report)?)
     });
     // `tern status` must not go on saying "cut over" (or a stale phase).
+    let file = status_file(&r.state_dir, r.device.as_ref().or(r.file.as_ref()));
     if r.agent.agent.is_none() && std::fs::create_dir_all(&r.state_dir).is_ok() {
         let line = serde_json::json!({ "pid": std::process::id(), "finished": true });
         match &done {
@@ -935,9 +985,9 @@ pub fn rollback(r: &RollbackArgs) -> Result<()> {
                 line["phase"] = "rolled back: source is primary".into();
                 line["outcome"] = "rolled back".into();
                 line["report"] = serde_json::from_str(json).unwrap_or_default();
-                write_status(&r.state_dir, &line);
+                write_status(&file, &line);
             }
-            Err(e) => write_status(&r.state_dir, &failed_line(line, e)),
+            Err(e) => write_status(&file, &failed_line(line, e)),
         }
     }
     let json = done?;
@@ -991,16 +1041,115 @@ pub fn status(s: &StatusArgs) -> Result<()> {
         });
         return print_status(&v, s.json);
     }
-    let path = s.state_dir.join("migrate.json");
-    let text = std::fs::read_to_string(&path).with_context(|| {
+    let mut runs = read_runs(&s.state_dir)?;
+    if let Some(run) = &s.run {
+        let wanted = if Path::new(run).is_absolute() || Path::new(run).exists() {
+            run_name(Some(&PathBuf::from(run)))
+        } else {
+            run.clone()
+        };
+        let names: Vec<String> = runs.iter().map(|(n, _)| n.clone()).collect();
+        runs.retain(|(name, _)| *name == wanted);
+        if runs.is_empty() {
+            bail!(
+                "no run {wanted} in {} (there: {})",
+                s.state_dir.display(),
+                if names.is_empty() {
+                    "none".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            );
+        }
+    }
+    for (_, v) in &mut runs {
+        mark_vanished(v);
+    }
+    if s.json {
+        let mut out = std::io::stdout().lock();
+        for (name, v) in &runs {
+            let mut v = v.clone();
+            v["name"] = name.clone().into();
+            writeln!(out, "{v}")?;
+        }
+        return Ok(());
+    }
+    match runs.as_slice() {
+        [(_, v)] => print_status(v, false),
+        _ => print_runs(&runs),
+    }
+}
+
+/// Every run's status file in `dir` (name, contents), by name.
+fn read_runs(dir: &Path) -> Result<Vec<(String, serde_json::Value)>> {
+    let none = || {
         format!(
-            "no migration status at {}: is `tern migrate` or a source agent running (with this --state-dir)?",
-            path.display()
+            "no migration status in {}: is `tern migrate` or a source agent running (with this --state-dir)?",
+            dir.display()
         )
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a status file", path.display()))?;
-    print_status(&v, s.json)
+    };
+    let mut runs = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(none)? {
+        let path = entry
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .path();
+        let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(name) = file.strip_suffix(".json") else {
+            continue;
+        };
+        if file.starts_with('.') || file.ends_with(THROTTLE_SUFFIX) {
+            continue;
+        }
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            // Gone between the listing and the read: a run's file is
+            // replaced whole, never removed, so this is someone's cleanup.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a status file", path.display()))?;
+        runs.push((name.to_owned(), v));
+    }
+    anyhow::ensure!(!runs.is_empty(), none());
+    runs.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(runs)
+}
+
+/// Several runs, one line each.
+fn print_runs(runs: &[(String, serde_json::Value)]) -> Result<()> {
+    std::io::stdout()
+        .lock()
+        .write_all(runs_table(runs).as_bytes())?;
+    Ok(())
+}
+
+fn runs_table(runs: &[(String, serde_json::Value)]) -> String {
+    use std::fmt::Write as _;
+    let width = runs.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max(3);
+    let mut out = format!(
+        "{:width$}  {:>10}  {:>10}  {:>12}  {:>9}  phase\n",
+        "run", "sent", "dirty", "rate", "RPO"
+    );
+    for (name, v) in runs {
+        let n = |k: &str| v[k].as_f64().unwrap_or(0.0);
+        let phase = match (v["outcome"].as_str(), v["error"].as_str()) {
+            (_, Some(e)) => format!("failed: {e}"),
+            (Some(outcome), None) if v["finished"] == true => format!("finished: {outcome}"),
+            _ => v["phase"].as_str().unwrap_or("?").to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "{name:width$}  {:>10}  {:>10}  {:>12}  {:>6} ms  {phase}",
+            human_bytes(n("sent_bytes")),
+            human_bytes(n("remaining_bytes")),
+            human_rate(n("rate_bps")),
+            n("rpo_ms"),
+        );
+    }
+    out
 }
 
 /// A status file whose run is gone without saying how it ended (SIGKILL,
@@ -1097,6 +1246,69 @@ fn print_status(v: &serde_json::Value, json: bool) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
+    #[test]
+    fn a_run_is_named_after_its_disk() {
+        assert_eq!(
+            super::run_name(Some(&PathBuf::from("/dev/vdz9"))),
+            "dev-vdz9"
+        );
+        assert_eq!(super::run_name(None), "migrate");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("disk.img");
+        std::fs::write(&img, b"x").expect("write");
+        // The same file by another path is the same run.
+        let other = dir.path().join(".").join("disk.img");
+        assert_eq!(super::run_name(Some(&img)), super::run_name(Some(&other)));
+        assert!(super::run_name(Some(&img)).ends_with("-disk.img"));
+    }
+
+    #[test]
+    fn status_lists_every_run_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let put =
+            |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
+        put(
+            "dev-vdb.json",
+            r#"{"phase":"converging","sent_bytes":1048576,"pid":1}"#,
+        );
+        put(
+            "var-lib-vm-a.img.json",
+            r#"{"phase":"cut over","finished":true,"outcome":"cut over"}"#,
+        );
+        put(
+            "dev-vdc.json",
+            r#"{"phase":"failed","finished":true,"outcome":"failed","error":"no route"}"#,
+        );
+        put("dev-vdb.throttle.json", r#"{"device":"8:16"}"#);
+        put(".dev-vdb.json.tmp", "{");
+        put("notes.txt", "x");
+        let runs = super::read_runs(dir.path()).expect("runs");
+        let names: Vec<&str> = runs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["dev-vdb", "dev-vdc", "var-lib-vm-a.img"]);
+        let table = super::runs_table(&runs);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(
+            lines[1].starts_with("dev-vdb ") && lines[1].ends_with("converging"),
+            "{table}"
+        );
+        assert!(lines[1].contains("1 MiB"), "{table}");
+        assert!(lines[2].ends_with("failed: no route"), "{table}");
+        assert!(lines[3].ends_with("finished: cut over"), "{table}");
+
+        let empty = tempfile::tempdir().expect("tempdir");
+        let e = super::read_runs(empty.path()).expect_err("nothing to show");
+        assert!(e.to_string().contains("no migration status in"), "{e}");
+        put("broken.json", "{");
+        let e = super::read_runs(dir.path()).expect_err("a damaged file");
+        assert!(
+            format!("{e:#}").contains("broken.json is not a status file"),
+            "{e:#}"
+        );
+    }
+
     #[test]
     fn a_status_whose_process_is_gone_reads_interrupted() {
         // A pid above the kernel's pid_max is never alive.
