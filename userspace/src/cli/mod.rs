@@ -5,6 +5,7 @@ mod agent;
 mod analyze;
 mod args;
 mod certs;
+mod config;
 mod history;
 mod migrate;
 mod nbd;
@@ -14,7 +15,7 @@ mod ram_file;
 mod replica;
 mod trace;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +24,10 @@ use clap::{Parser, Subcommand};
     about = "Live migration of a running server's disk, guided by eBPF tracing"
 )]
 struct Cli {
+    /// Settings file: a table per command of its flags (`[agent]`, `[nbd.serve]`), which the
+    /// command line overrides [default: /etc/tern/tern.toml when it exists].
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -84,7 +89,18 @@ pub fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let args = match config::expand(
+        std::env::args_os().collect(),
+        &Cli::command(),
+        std::path::Path::new(config::DEFAULT_PATH),
+    ) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("tern: {}", one_line(&e));
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Trace(t) => trace::run(t),
         Command::Agent(a) => agent::run(a),
