@@ -36,25 +36,40 @@ pub const VERSION: u32 = 1;
 /// Errors of loading a model file.
 #[derive(Debug, thiserror::Error)]
 pub enum ForestError {
+    /// The file could not be read.
     #[error("cannot read the model {path}")]
     Read {
         path: String,
         #[source]
         source: std::io::Error,
     },
+    /// The file was read but its model is refused (the cause says why).
+    #[error("the model {path} is refused")]
+    File {
+        path: String,
+        #[source]
+        source: Box<ForestError>,
+    },
+    /// Not JSON, or not the shape of a model.
     #[error("the model is not valid JSON of a boosted-trees model")]
     Parse(#[source] serde_json::Error),
+    /// Another format or version.
     #[error(
         "the model's format is {found:?} version {version}; this build reads {FORMAT:?} version {VERSION}"
     )]
     Format { found: String, version: u32 },
+    /// Trained on other features than this build computes.
     #[error(
         "the model was trained on the features {found:?}; this build computes {FEATURE_NAMES:?} (retrain it: `cargo xtask boosted`)"
     )]
     Features { found: Vec<String> },
+    /// A tree whose nodes do not form a tree of known features.
     #[error("tree {tree} of the model is malformed: {what}")]
     Tree { tree: usize, what: &'static str },
-    #[error("the model's base score or learning rate is not a finite number")]
+    /// A score the trees could add up to is not a finite number.
+    #[error(
+        "the model's base score, learning rate or leaves can add up to a score that is not a finite number"
+    )]
     Numbers,
 }
 
@@ -116,7 +131,10 @@ impl Forest {
             path: path.display().to_string(),
             source,
         })?;
-        Forest::parse(&text)
+        Forest::parse(&text).map_err(|e| ForestError::File {
+            path: path.display().to_string(),
+            source: Box::new(e),
+        })
     }
 
     /// Parses and checks a model: every child after its parent and inside
@@ -158,10 +176,12 @@ impl Forest {
             roots.push(start);
             for i in 0..n {
                 let value = t.value[i];
-                if !value.is_finite() || !t.threshold[i].is_finite() && t.left[i] >= 0 {
+                // A leaf has no children (scikit-learn writes -1 for both).
+                let leaf = t.left[i] == -1 && t.right[i] == -1;
+                if !value.is_finite() || !t.threshold[i].is_finite() && !leaf {
                     return Err(bad("a value or threshold is not finite"));
                 }
-                let node = if t.left[i] < 0 {
+                let node = if leaf {
                     Node {
                         feature: FEATURES,
                         threshold: 0.0,
@@ -194,6 +214,21 @@ impl Forest {
                 };
                 nodes.push(node);
             }
+        }
+        // Each value is finite, but a sum of them may not be: bound the
+        // largest score any unit can get, so that no probability is NaN.
+        let mut bound = file.base_score.abs();
+        for (k, &root) in roots.iter().enumerate() {
+            let end = roots.get(k + 1).map_or(nodes.len(), |&r| r as usize);
+            let largest = nodes[root as usize..end]
+                .iter()
+                .filter(|n| n.feature == FEATURES)
+                .map(|n| (file.learning_rate * n.value).abs())
+                .fold(0.0, f64::max);
+            bound += largest;
+        }
+        if !bound.is_finite() {
+            return Err(ForestError::Numbers);
         }
         Ok(Forest {
             base: file.base_score,
@@ -265,12 +300,19 @@ where
         units.events(&r, &mut events);
     }
     events.sort_by_key(Event::ts_ns);
-    let Some(t0) = events.first().map(Event::ts_ns) else {
+    // The span is the accesses' (a history of gaps alone has nothing to learn).
+    let mut accesses = events.iter().filter(|e| matches!(e, Event::Access(_)));
+    let Some(t0) = accesses.next().map(Event::ts_ns) else {
         return Err(PredictError::NoAccesses {
             target: spec.target,
         });
     };
-    let t1 = events.iter().map(Event::ts_ns).max().unwrap_or(t0) + 1;
+    // A clock at its end (a crafted or damaged trace) must not overflow.
+    let t1 = accesses
+        .map(Event::ts_ns)
+        .max()
+        .unwrap_or(t0)
+        .saturating_add(1);
     #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
@@ -335,6 +377,48 @@ pub fn bin(forest: &Forest, features: &Features) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trace::Op;
+    use crate::trace::record::{BlockRecord, Gap};
+
+    fn write_at(ts_ns: u64, block: u64) -> Result<Record, std::io::Error> {
+        Ok(Record::Block(BlockRecord {
+            ts_ns,
+            offset: block * 4096,
+            latency_ns: 0,
+            len: 4096,
+            pid: 1,
+            flags: 0,
+            target: 0,
+            op: Op::Write,
+        }))
+    }
+
+    #[test]
+    fn rows_come_from_accesses_whatever_the_clock_says() {
+        let spec = RowsSpec {
+            unit: 4096,
+            target: 0,
+            horizon_ns: 1_000_000_000,
+            range: (0.0, 1.0),
+        };
+        // Ten seconds of writes ending at the clock's last nanosecond.
+        let end: Vec<_> = (0..=100u64)
+            .map(|k| write_at(u64::MAX - (100 - k) * 100_000_000, k % 7))
+            .collect();
+        let rows = training_rows(end, &spec).expect("rows");
+        assert!(!rows.is_empty());
+        // Only a gap (and no access): nothing to learn, said so.
+        let gap_only = vec![Ok::<_, std::io::Error>(Record::Gap(Gap {
+            start_ns: 5,
+            end_ns: 10,
+            lost_block: 3,
+            lost_fault: 0,
+        }))];
+        assert!(matches!(
+            training_rows(gap_only, &spec),
+            Err(PredictError::NoAccesses { target: 0 })
+        ));
+    }
 
     fn model(trees: &str) -> String {
         format!(
@@ -395,6 +479,36 @@ mod tests {
             Forest::load(Path::new("/nonexistent/model.json")),
             Err(ForestError::Read { .. })
         ));
+        // A split on a feature this build does not have; a negative child.
+        let unknown = tree("[1,-1,-1]").replace("\"feature\":[0,", "\"feature\":[99,");
+        assert!(matches!(
+            Forest::parse(&model(&unknown)),
+            Err(ForestError::Tree { tree: 0, what }) if what.contains("no known feature")
+        ));
+        assert!(matches!(
+            Forest::parse(&model(&tree("[-5,-1,-1]"))),
+            Err(ForestError::Tree { tree: 0, .. })
+        ));
+        // Finite leaves whose sum is not: refused, not NaN scores.
+        let huge = tree("[1,-1,-1]").replace("[0,1,2]", "[0,1e308,-1e308]");
+        let four = [huge.as_str(); 4].join(",");
+        assert!(matches!(
+            Forest::parse(&model(&four)),
+            Err(ForestError::Numbers)
+        ));
+        assert!(
+            Forest::parse(&model(&huge)).is_ok(),
+            "one such tree is finite"
+        );
+        // A file's error names the file.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{").expect("write");
+        let err = Forest::load(&bad).expect_err("not JSON");
+        assert!(
+            err.to_string().contains("bad.json") && matches!(err, ForestError::File { .. }),
+            "{err}"
+        );
     }
 
     #[test]

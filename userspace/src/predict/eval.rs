@@ -395,7 +395,13 @@ where
     }
     let (records, blocks) = block_records(history, blocks_units)?;
     let t0 = blocks.first().map_or(0, Event::ts_ns);
-    let t1 = blocks.iter().map(Event::ts_ns).max().unwrap_or(0) + 1;
+    // A clock at its end (a crafted or damaged trace) must not overflow.
+    let t1 = blocks
+        .iter()
+        .map(Event::ts_ns)
+        .max()
+        .unwrap_or(0)
+        .saturating_add(1);
     #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
@@ -846,6 +852,22 @@ mod tests {
             target: 0,
             op,
         })
+    }
+
+    #[test]
+    fn a_trace_at_the_clocks_end_is_evaluated_without_overflow() {
+        let history: Vec<Result<Record, std::io::Error>> = (0..40u64)
+            .map(|k| Ok(rec(u64::MAX - (40 - k) * S / 10, k % 3, 4096, Op::Write)))
+            .chain(std::iter::once(Ok(rec(u64::MAX, 1, 4096, Op::Write))))
+            .collect();
+        let spec = EvalSpec {
+            horizon_ns: S / 2,
+            models: vec!["last-horizon".into()],
+            ..EvalSpec::default()
+        };
+        let report = evaluate(history, &spec).expect("evaluated");
+        assert_eq!(report.span_ns.1, u64::MAX);
+        assert!(report.scored_windows > 0, "{report:?}");
     }
 
     #[test]
