@@ -21,7 +21,11 @@ fn a_command_takes_its_settings_and_the_command_line_wins() {
     let pki = dir.path().join("pki");
     let pki = pki.to_str().expect("a UTF-8 path");
     let out = tern(&config, &["certs", "init", pki]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for host in ["src", "dst"] {
         assert!(
             Path::new(pki).join(host).join("cert.pem").exists(),
@@ -32,7 +36,11 @@ fn a_command_takes_its_settings_and_the_command_line_wins() {
     let other = dir.path().join("other");
     let other = other.to_str().expect("a UTF-8 path");
     let out = tern(&config, &["certs", "init", other, "--host", "solo"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(Path::new(other).join("solo").exists());
     assert!(!Path::new(other).join("src").exists());
 

@@ -380,8 +380,8 @@ mod tests {
     use crate::trace::Op;
     use crate::trace::record::{BlockRecord, Gap};
 
-    fn write_at(ts_ns: u64, block: u64) -> Result<Record, std::io::Error> {
-        Ok(Record::Block(BlockRecord {
+    fn write_at(ts_ns: u64, block: u64) -> Record {
+        Record::Block(BlockRecord {
             ts_ns,
             offset: block * 4096,
             latency_ns: 0,
@@ -390,7 +390,7 @@ mod tests {
             flags: 0,
             target: 0,
             op: Op::Write,
-        }))
+        })
     }
 
     #[test]
@@ -403,7 +403,7 @@ mod tests {
         };
         // Ten seconds of writes ending at the clock's last nanosecond.
         let end: Vec<_> = (0..=100u64)
-            .map(|k| write_at(u64::MAX - (100 - k) * 100_000_000, k % 7))
+            .map(|k| Ok::<_, std::io::Error>(write_at(u64::MAX - (100 - k) * 100_000_000, k % 7)))
             .collect();
         let rows = training_rows(end, &spec).expect("rows");
         assert!(!rows.is_empty());
