@@ -36,6 +36,7 @@ wait_disk() {
 reader() {
     [ -e /mnt/random ] || die "tern.reads=1 needs /random on the disk"
     mib=$(($(stat -c %s /mnt/random) >> 20))
+    [ "$mib" -gt 0 ] || die "tern.reads=1 needs /random of 1 MiB at least"
     r=0
     while [ ! -e /tmp/stop ]; do
         dd if=/mnt/random of=/dev/null bs=64k count=16 skip=$(((RANDOM % mib) * 16)) \

@@ -1,12 +1,12 @@
 //! Gradient-boosted trees trained in Python (`analysis/`, `python -m
-//! tern_analysis boosted train`) on the same per-unit features the learned
+//! tern_analysis boosted ROWS.csv --out M.json`) on the same per-unit features the learned
 //! table buckets ([`Features`]), run here without Python.
 //!
 //! The trees score a candidate unit with the probability that it is touched
 //! within the next horizon, trained on rows that `tern predict features`
 //! exports from traces. The `boosted` model is the learned table with the
-//! trees' score in place of the hand-made buckets: each candidate's cell is
-//! its age and its score's bin, and the table still learns each cell's rate
+//! trees' score refining the hand-made buckets: each candidate's cell is
+//! its hand-made cell split by its score's bin ([`BINS`]), and the table still learns each cell's rate
 //! and the F1-optimal set of cells online, on the history's own windows (so
 //! the trees rank, the history calibrates, and the naive forecasts stay the
 //! guard they are in [`super::learned`]).

@@ -103,7 +103,10 @@ impl Features {
             reason = "an age in horizons needs no more than f32's precision"
         )]
         let age = |a: Option<u64>| a.map_or(NEVER_AGE, |a| (a as f64 / h).min(1.0e6) as f32);
-        #[expect(clippy::cast_precision_loss, reason = "counts far below 2^24")]
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a feature, not a count to add up: past 2^24 touches (a day at 200/s) f32 rounds to 1 part in 16 million, which no split tells apart"
+        )]
         let n = |c: u32| c as f32;
         [
             age(self.age),
@@ -866,6 +869,43 @@ mod tests {
         );
         let learned = claimed(&models[0].predict(now, h));
         assert_eq!(learned, (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_trees_split_a_hand_made_cell_by_their_score() {
+        // A stump on `touches` (feature 4): few touches score low, many high.
+        let stump = format!(
+            r#"{{"format":"tern-boosted-trees","version":1,"features":{},"base_score":0.0,"learning_rate":1.0,"trees":[{{"feature":[4,-2,-2],"threshold":[10.0,-2,-2],"left":[1,-1,-1],"right":[2,-1,-1],"value":[0.0,-5.0,5.0]}}]}}"#,
+            serde_json::to_string(&FEATURE_NAMES).expect("names serialize")
+        );
+        let trees = Cells::Trees(Arc::new(Forest::parse(&stump).expect("a valid model")));
+        let few = Features {
+            horizon_ns: 100 * MS,
+            age: Some(50 * MS),
+            read_age: Some(50 * MS),
+            write_age: None,
+            periods: 0b11,
+            touches: 2,
+            region: 3,
+            prev_region: 0,
+            next_region: 0,
+            zone: 5,
+            wrote_last: false,
+        };
+        let many = Features {
+            touches: 500,
+            ..few
+        };
+        let hand = Cells::Buckets.of(&few);
+        assert_eq!(Cells::Buckets.of(&many), hand, "one hand-made cell");
+        let (a, b) = (trees.of(&few), trees.of(&many));
+        assert!(a < b, "split by the score, the higher bin above: {a} {b}");
+        assert_eq!((trees.bucket(a), trees.bucket(b)), (hand, hand));
+        assert_eq!(
+            b - a,
+            BINS - 1,
+            "scores near 0 and 1: the first and last bins"
+        );
     }
 
     #[test]

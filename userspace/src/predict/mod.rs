@@ -242,7 +242,7 @@ pub fn build(name: &str, unit: u64, horizon_ns: u64) -> Result<Box<dyn Model>, P
 
 /// One model by name, `boosted` with the trees given. The boosted trees
 /// are not a member of the ensemble: measured as one, they made it worse
-/// on as many traces as better (docs/prediction.md).
+/// on three traces, better on one, the same on two (docs/prediction.md).
 pub fn build_with(
     name: &str,
     unit: u64,
