@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 
 HEADER = "kind,ts_ns,end_ns,target,op,offset,len,latency_ns,pid,tid,ip,flags,comm,lost"
 MIB = 1 << 20
@@ -36,3 +40,17 @@ def write_trace(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture
+def tern() -> Path:
+    """The tern binary these cross-checks run (TERN_BIN, else the workspace's
+    debug build): a test that needs it fails without it, never skips."""
+    candidates = [os.environ.get("TERN_BIN")]
+    if os.environ.get("CARGO_TARGET_DIR"):
+        candidates.append(os.environ["CARGO_TARGET_DIR"] + "/debug/tern")
+    candidates += [str(REPO / "target/debug/tern"), shutil.which("tern")]
+    found = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+    if found is None:
+        pytest.fail("no tern binary: build it (cargo build -p tern) or set TERN_BIN")
+    return found

@@ -4,14 +4,12 @@ scikit-learn, and Tern's own walk of the trees gives the same probabilities."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import SEC
-from test_io import tern_binary
 from test_naive import rows as trace_rows
 
 from tern_analysis import boosted, io
@@ -44,15 +42,6 @@ def test_rows_of_one_class_are_refused():
         boosted.train(rows)
 
 
-def tern_or_fail():
-    tern = tern_binary()
-    if tern is None:
-        if os.environ.get("CI"):
-            pytest.fail("no tern binary: set TERN_BIN or build it (cargo build -p tern)")
-        pytest.skip("no tern binary built; set TERN_BIN to run this test")
-    return tern
-
-
 def features(tern, trace, out, *extra):
     subprocess.run(
         [str(tern), "predict", "features", str(trace), "--range", "0-100%"]
@@ -64,8 +53,7 @@ def features(tern, trace, out, *extra):
     return pd.read_csv(out)
 
 
-def test_tern_rows_match_the_trace_and_its_trees_score_like_python(write_trace, tmp_path):
-    tern = tern_or_fail()
+def test_tern_rows_match_the_trace_and_its_trees_score_like_python(write_trace, tmp_path, tern):
     src = write_trace(trace_rows(), "in.csv")
     trace = tmp_path / "t.trace"
     subprocess.run(
@@ -123,8 +111,7 @@ def test_tern_rows_match_the_trace_and_its_trees_score_like_python(write_trace, 
     assert all(m["f1_blocks"] is not None for m in report["models"])
 
 
-def test_a_model_for_other_features_is_refused(write_trace, tmp_path):
-    tern = tern_or_fail()
+def test_a_model_for_other_features_is_refused(write_trace, tmp_path, tern):
     src = write_trace(trace_rows(), "in.csv")
     trace = tmp_path / "t.trace"
     subprocess.run(

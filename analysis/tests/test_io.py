@@ -3,9 +3,7 @@ written by the real `tern` binary."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -79,21 +77,7 @@ def test_a_table_without_the_export_columns_is_refused(tmp_path):
         io.read_table(tmp_path / "x.csv")
 
 
-def tern_binary() -> Path | None:
-    candidates = [os.environ.get("TERN_BIN")]
-    if os.environ.get("CARGO_TARGET_DIR"):
-        candidates.append(os.environ["CARGO_TARGET_DIR"] + "/debug/tern")
-    candidates += [str(REPO / "target/debug/tern"), shutil.which("tern")]
-    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
-
-
-def test_a_csv_exported_by_the_tern_binary_is_read(write_trace, tmp_path):
-    tern = tern_binary()
-    if tern is None:
-        # CI builds the binary before these tests run (.ci/run): there it must be found.
-        if os.environ.get("CI"):
-            pytest.fail("no tern binary: set TERN_BIN or build it (cargo build -p tern)")
-        pytest.skip("no tern binary built; set TERN_BIN to run this test")
+def test_a_csv_exported_by_the_tern_binary_is_read(write_trace, tmp_path, tern):
     src = write_trace(fixture_rows(), "in.csv")
     trace, out = tmp_path / "t.trace", tmp_path / "out.csv"
     for args in (

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import pytest
 from conftest import MIB, SEC, block, gap
-from test_io import tern_binary
 
 from tern_analysis import cli, io
 from tern_analysis.evaluation import make_split
@@ -58,12 +56,7 @@ def test_by_hand_on_a_tiny_trace(write_trace):
 
 
 @pytest.mark.parametrize("step", [None, 300 * MS])
-def test_the_rust_harness_gives_the_same_rows(write_trace, tmp_path, step):
-    tern = tern_binary()
-    if tern is None:
-        if os.environ.get("CI"):
-            pytest.fail("no tern binary: set TERN_BIN or build it (cargo build -p tern)")
-        pytest.skip("no tern binary built; set TERN_BIN to run this test")
+def test_the_rust_harness_gives_the_same_rows(write_trace, tmp_path, step, tern):
     src = write_trace([*rows(), gap(int(5.5 * SEC), int(5.6 * SEC))], "in.csv")
     trace = tmp_path / "t.trace"
     subprocess.run(
