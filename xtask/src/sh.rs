@@ -46,6 +46,8 @@ const TEST_PACKAGES: &[&str] = &[
     "gdisk",
     "fdisk",
     "binutils",
+    // `systemd-analyze verify` of the agents' units (packaging/systemd)
+    "systemd",
 ];
 
 /// Packages that must come from `bookworm-backports` on Debian 12: bookworm's

@@ -77,9 +77,11 @@ pub struct SourceArgs {
     /// Tracer ring buffer size.
     #[arg(long, default_value = "16M", value_parser = parse_size)]
     ring_size: u64,
-    /// The source's I/O history, recorded while replicating.
-    #[arg(long, default_value = "/var/tmp/tern-source.trace")]
-    trace_out: PathBuf,
+    /// The source's I/O history, recorded while replicating [default:
+    /// /var/tmp/tern-source-NAME.trace, NAME the disk's path with `/` as `-`,
+    /// so that runs of several disks keep theirs].
+    #[arg(long)]
+    trace_out: Option<PathBuf>,
     /// A plan from `tern predict`: the first copy sends predicted-read-hot
     /// extents first and holds back those predicted to be rewritten soon.
     #[arg(long, value_name = "PLAN")]
@@ -485,7 +487,10 @@ impl SourceArgs {
         o.max_rate = self.max_rate;
         o.reconnect_for = self.reconnect_for;
         o.ring_bytes = self.ring_size;
-        o.trace_out.clone_from(&self.trace_out);
+        o.trace_out = self.trace_out.clone().unwrap_or_else(|| {
+            let name = run_name(self.device.as_ref().or(self.file.as_ref()));
+            PathBuf::from(format!("/var/tmp/tern-source-{name}.trace"))
+        });
         o.prefetch = match (&self.prefetch, &self.prefetch_history) {
             (Some(plan), _) => Prefetch::Plan(plan.clone()),
             (None, Some(url)) => Prefetch::History {

@@ -1,0 +1,80 @@
+//! The packaged files: the agents' systemd units pass `systemd-analyze
+//! verify` (with the built binary in place of /usr/local/bin/tern), and
+//! each unit's command line, with the example settings file it names, is
+//! one `tern` accepts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn packaging() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging")
+}
+
+/// The unit's `ExecStart=` words.
+fn exec_start(unit: &str) -> Vec<String> {
+    unit.lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("the unit has an ExecStart")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_agents_units_verify_and_run_tern_as_their_settings_say() {
+    let tern = env!("CARGO_BIN_EXE_tern");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (file, instance, example) in [
+        (
+            "tern-destination.service",
+            "tern-destination.service",
+            "destination.toml",
+        ),
+        (
+            "tern-source@.service",
+            "tern-source@vdb.service",
+            "source-vdb.toml",
+        ),
+    ] {
+        let text =
+            std::fs::read_to_string(packaging().join("systemd").join(file)).expect("read the unit");
+        let words = exec_start(&text);
+        assert_eq!(words[0], "/usr/local/bin/tern", "{file}");
+        let unit = dir.path().join(instance);
+        std::fs::write(&unit, text.replace("/usr/local/bin/tern", tern)).expect("write");
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&unit)
+            .output()
+            .expect("systemd-analyze (Debian's systemd package; cargo xtask setup installs it)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.trim().is_empty(),
+            "{file}: {err}"
+        );
+
+        // The same command with the example settings in place of /etc/tern's.
+        let config = words
+            .iter()
+            .position(|w| w == "--config")
+            .expect("the unit names its settings file");
+        let named = words[config + 1].replace("%i", "vdb");
+        assert_eq!(
+            Path::new(&named).file_name().and_then(|n| n.to_str()),
+            Some(example),
+            "{file} reads {named}"
+        );
+        let mut args: Vec<String> = words[1..].to_vec();
+        args[config] = packaging().join(example).display().to_string();
+        let out = Command::new(tern)
+            .args(&args)
+            .arg("--help")
+            .output()
+            .expect("run tern");
+        assert!(
+            out.status.success(),
+            "{file} with {example}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
