@@ -369,6 +369,22 @@ mod tests {
         super::super::undo_recorded(&record).expect("undo");
         assert_eq!(quota(), "80000");
         assert!(!record.exists());
+        // Another disk's run dies throttled; the next run, of this disk,
+        // finds its record beside its own name and undoes it too.
+        let mut t = CpuThrottle::new(&spec, Some(&record)).expect("throttle");
+        t.limit(0.1).expect("limit");
+        std::mem::forget(t);
+        let text = std::fs::read_to_string(&record).expect("record");
+        let mut v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        v["pid"] = serde_json::json!(u32::MAX);
+        std::fs::remove_file(&record).expect("move the record");
+        let other = state.path().join("dev-vdz.throttle.json");
+        std::fs::write(&other, v.to_string()).expect("record");
+        assert_eq!(quota(), "10000");
+        super::super::undo_dead_records_beside(&state.path().join("dev-vdb.throttle.json"))
+            .expect("undo");
+        assert_eq!(quota(), "80000");
+        assert!(!other.exists());
         let _ = std::fs::remove_dir(&dir);
     }
 }

@@ -469,6 +469,35 @@ fn write_record(path: &Path, record: &impl serde::Serialize) -> Result<(), Throt
         })
 }
 
+/// Undoes every limit a killed run left recorded beside `record` (the
+/// records of other disks' runs in the same state directory, and the one
+/// name every run used before records were named per disk): a workload must
+/// not stay slowed because the next run there migrates another disk.
+pub fn undo_dead_records_beside(record: &Path) -> Result<(), ThrottleError> {
+    let Some(dir) = record.parent() else {
+        return Ok(());
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ThrottleError::Io {
+                action: "list the throttle records",
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name == "throttle.json" || name.ends_with(".throttle.json") {
+            undo_recorded(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Undoes the limit a killed migration recorded at `path`, if any (not one
 /// a migration still running holds).
 pub fn undo_recorded(path: &Path) -> Result<(), ThrottleError> {

@@ -262,9 +262,10 @@ impl Source {
     )]
     pub async fn bind(opts: &SourceOptions) -> Result<Source, SourceError> {
         // A run killed with the workload throttled left its record: the
-        // workload must not stay slowed, whatever this run does.
+        // workload must not stay slowed, whatever this run does (and
+        // whichever disk it moves).
         if let Some(record) = &opts.throttle_record {
-            crate::throttle::undo_recorded(record)?;
+            crate::throttle::undo_dead_records_beside(record)?;
         }
         let path = opts.disk.path();
         let read_cached = matches!(
