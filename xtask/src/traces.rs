@@ -140,10 +140,14 @@ impl Drop for Scratch {
     }
 }
 
-/// Runs `cmd` to completion within `limit`, killing it past that.
+/// Runs `cmd` to completion within `limit`, killing it and everything it
+/// started (its process group: a script's background jobs too, which would
+/// otherwise keep the scratch file system busy) past that.
 fn run_for(cmd: &mut Command, limit: Duration) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
     let mut child = cmd
         .stdout(Stdio::null())
+        .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {cmd:?}"))?;
     let t0 = Instant::now();
@@ -155,6 +159,9 @@ fn run_for(cmd: &mut Command, limit: Duration) -> Result<()> {
             return Ok(());
         }
         if t0.elapsed() > limit {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
             bail!("{cmd:?} did not finish within {limit:?}");
@@ -639,21 +646,26 @@ fn backup(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
     ]))?;
     s.remount()?;
     let rec = Recording::start(tern, s.dev(), None, out)?;
+    // `bk`: GNU tar exits 1 when a file changed while it read it (the
+    // application writes on): a backup all the same; 2 is a failure.
     let script = format!(
-        "cd {mnt}; end=$(($(date +%s) + {secs})); i=0; chain=0; \
+        "cd {mnt}; end=$(($(date +%s) + {secs})); i=0; chain=0; jobs=; \
+         bk() {{ tar --listed-incremental=backups/snar$chain \"$@\" || [ $? -eq 1 ]; }}; \
          while [ $(date +%s) -lt $end ]; do \
            for k in 1 2; do \
-             dd if=/dev/urandom of=data/f$((RANDOM % 200)) bs=64K count=1 oflag=direct conv=notrunc status=none; \
+             dd if=/dev/urandom of=data/f$((RANDOM % 200)) bs=64K count=1 oflag=direct conv=notrunc status=none || exit 1; \
            done; \
            if [ $((i % {full})) -eq 0 ]; then \
-             chain=$i; ({drop}; tar --listed-incremental=backups/snar$chain -cf backups/full$chain.tar data; \
+             chain=$i; (set -e; {drop}; bk -cf backups/full$chain.tar data; \
               old=$((chain - 2 * {full})); rm -f backups/full$old.tar backups/snar$old; \
               for j in $(seq $old $((old + {full} - 1))); do rm -f backups/inc$j.tar; done; sync) & \
+             jobs=\"$jobs $!\"; \
            elif [ $((i % {inc})) -eq 0 ]; then \
-             ({drop}; tar --listed-incremental=backups/snar$chain -cf backups/inc$i.tar data; sync) & \
+             (set -e; {drop}; bk -cf backups/inc$i.tar data; sync) & \
+             jobs=\"$jobs $!\"; \
            fi; \
            i=$((i + 1)); sleep 1; \
-         done; wait",
+         done; for j in $jobs; do wait $j || exit 1; done",
         mnt = s.mnt.display(),
         full = BACKUP_FULL_S,
         inc = BACKUP_INC_S,
@@ -713,9 +725,9 @@ fn batch_build(tern: &Path, out: &Path, secs: u64) -> Result<Recorded> {
            if [ $((n % 3)) -eq 0 ]; then rm -f libzstd.a */*.o; \
            else for f in $(ls common/*.c compress/*.c decompress/*.c | shuf -n 3 --random-source=<(yes $n)); do \
              echo \"/* change $n */\" >> $f; done; fi; \
-           make -j2 -s >/dev/null 2>&1; sync; n=$((n + 1)); \
-           left=$((start + {every} - $(date +%s))); [ $left -gt 0 ] && sleep $left; \
-         done; true",
+           make -j2 -s >/dev/null || exit 1; sync; n=$((n + 1)); \
+           left=$((start + {every} - $(date +%s))); if [ $left -gt 0 ]; then sleep $left; fi; \
+         done",
         src = src.display(),
         drop = DROP_CACHE,
         every = BUILD_EVERY_S,
