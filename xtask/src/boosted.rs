@@ -78,9 +78,18 @@ fn export_rows(bin: &Path, traces: &[PathBuf], dir: &Path) -> Result<Exported> {
     let mut rows: Vec<(String, PathBuf)> = Vec::new();
     let mut used = Vec::new();
     for t in traces {
+        // A trace of page faults only (sqlite-faults) has no block rows.
+        let stat: serde_json::Value = serde_json::from_str(&output(
+            Command::new(bin).args(["trace", "stat", "--json"]).arg(t),
+        )?)
+        .with_context(|| format!("tern trace stat {} printed no JSON", t.display()))?;
+        if stat["block_events"].as_u64() == Some(0) {
+            eprintln!("boosted: {} has no block I/O, no rows from it", stem(t));
+            continue;
+        }
         for unit in UNITS {
             let csv = dir.join(format!("{}-{unit}.csv", stem(t)));
-            let done = output(
+            output(
                 Command::new(bin)
                     .args(["predict", "features"])
                     .arg(t)
@@ -94,20 +103,10 @@ fn export_rows(bin: &Path, traces: &[PathBuf], dir: &Path) -> Result<Exported> {
                         "--out",
                     ])
                     .arg(&csv),
-            );
-            match done {
-                Ok(_) => rows.push((stem(t), csv)),
-                // A trace of page faults only (sqlite-faults) has no block rows.
-                Err(e) if format!("{e:#}").contains("no block reads or writes") => {
-                    eprintln!("boosted: {} has no block I/O, no rows from it", stem(t));
-                    break;
-                }
-                Err(e) => return Err(e),
-            }
+            )?;
+            rows.push((stem(t), csv));
         }
-        if rows.last().is_some_and(|(n, _)| *n == stem(t)) {
-            used.push(t.clone());
-        }
+        used.push(t.clone());
     }
     Ok((rows, used))
 }

@@ -860,7 +860,7 @@ pub fn run(tern: &Path, out: &Path, only: &[String], secs: u64) -> Result<()> {
     }
     if !(5..=3600).contains(&secs) {
         bail!(
-            "--seconds {secs}: choose between 5 and 3600 (an hour: long enough for a 10 min horizon, and the busiest trace stays under 60 MB)"
+            "--seconds {secs}: choose between 5 and 3600 (an hour: long enough for a 10 min horizon; the busiest trace, pgbench, takes about 60 MB an hour)"
         );
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
