@@ -35,30 +35,118 @@ pub fn expand(args: Vec<OsString>, cli: &clap::Command, default: &Path) -> Resul
     let table: toml::Table = text
         .parse()
         .with_context(|| format!("{} is not a TOML settings file", file.display()))?;
+    // The whole file, whatever command runs: a misspelt table or key is an
+    // error now, not on the day its command runs.
+    check(&table, cli, &mut Vec::new(), &file)?;
     let (path, at, command) = command_path(&args, cli);
-    let Some(settings) = section(&table, &path, &file)? else {
+    let Some(settings) = section(&table, &path) else {
         return Ok(args);
     };
-    let given = &args[at..];
+    let given = given_args(&args[at..], command);
     let mut flags = Vec::new();
     for (key, value) in settings {
         if value.is_table() {
-            // A subcommand's own table (`[nbd.serve]` inside `[nbd]`).
-            if command.find_subcommand(key).is_some() {
-                continue;
+            continue;
+        }
+        let arg = find_arg(command, key).context("checked above: every key is a flag")?;
+        // The command line overrides a setting: the same flag by any of its
+        // names, or a flag that excludes it (`--file` over a `device`).
+        if given.iter().any(|g| excludes(command, g, arg.get_id())) {
+            continue;
+        }
+        let long = arg.get_long().context("checked above: a long flag")?;
+        let switch = !arg.get_action().takes_values();
+        match value {
+            toml::Value::Boolean(true) if switch => flags.push(OsString::from(format!("--{long}"))),
+            toml::Value::Boolean(false) if switch => {}
+            toml::Value::Array(items) => {
+                for item in items {
+                    flags.push(with_value(long, item).context("checked above: a list of values")?);
+                }
             }
+            other => flags.push(with_value(long, other).context("checked above: a value")?),
+        }
+    }
+    let mut out = args[..at].to_vec();
+    out.extend(flags);
+    out.extend_from_slice(&args[at..]);
+    Ok(out)
+}
+
+/// Whether the operator's `given` argument replaces the setting of `set`:
+/// the same flag, or one of two that exclude each other.
+fn excludes(command: &clap::Command, given: &clap::Id, set: &clap::Id) -> bool {
+    let conflicts = |a: &clap::Id, b: &clap::Id| {
+        command
+            .get_arguments()
+            .find(|x| x.get_id() == a)
+            .is_some_and(|x| {
+                command
+                    .get_arg_conflicts_with(x)
+                    .iter()
+                    .any(|c| c.get_id() == b)
+            })
+    };
+    given == set || conflicts(given, set) || conflicts(set, given)
+}
+
+/// `--name=value` as one word: a value that starts with `-` stays a value.
+fn with_value(long: &str, value: &toml::Value) -> Result<OsString> {
+    let mut word = OsString::from(format!("--{long}="));
+    word.push(scalar(value)?);
+    Ok(word)
+}
+
+/// The flag a settings key names (by its long name, `_` as `-`).
+fn find_arg<'c>(command: &'c clap::Command, key: &str) -> Option<&'c clap::Arg> {
+    let name = key.replace('_', "-");
+    command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(name.as_str()) && name != "config")
+}
+
+/// Checks every table and key of the file against the commands and flags:
+/// tables name commands (`[nbd.serve]`), keys their flags, with values of
+/// the right kind.
+fn check(
+    table: &toml::Table,
+    command: &clap::Command,
+    path: &mut Vec<String>,
+    file: &Path,
+) -> Result<()> {
+    for (key, value) in table {
+        if let toml::Value::Table(sub) = value {
+            let Some(next) = command.find_subcommand(key) else {
+                bail!(
+                    "{}: [{}] names no command: `tern {}` has no subcommand {key}",
+                    file.display(),
+                    path.iter()
+                        .chain(std::iter::once(key))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("."),
+                    path.join(" ")
+                );
+            };
+            path.push(key.clone());
+            check(sub, next, path, file)?;
+            path.pop();
+            continue;
+        }
+        let at = || {
+            if path.is_empty() {
+                format!("{}: {key}", file.display())
+            } else {
+                format!("{}: [{}] {key}", file.display(), path.join("."))
+            }
+        };
+        if path.is_empty() {
             bail!(
-                "{}: [{}] {key} is a table, but `tern {}` has no subcommand {key}",
-                file.display(),
-                path.join("."),
-                path.join(" ")
+                "{} must be a table ([{key}]) of `tern {key}`'s settings",
+                at()
             );
         }
-        let name = key.replace('_', "-");
-        let Some(arg) = command
-            .get_arguments()
-            .find(|a| a.get_long() == Some(name.as_str()) && name != "config")
-        else {
+        let Some(arg) = find_arg(command, key) else {
             bail!(
                 "{}: [{}] sets {key}, which `tern {}` does not take (see `tern {} --help`)",
                 file.display(),
@@ -67,37 +155,53 @@ pub fn expand(args: Vec<OsString>, cli: &clap::Command, default: &Path) -> Resul
                 path.join(" ")
             );
         };
-        if overridden(given, &name) {
-            continue;
-        }
         let switch = !arg.get_action().takes_values();
-        let where_ = || format!("{}: [{}] {key}", file.display(), path.join("."));
         match value {
-            toml::Value::Boolean(on) if switch => {
-                if *on {
-                    flags.push(OsString::from(format!("--{name}")));
-                }
-            }
-            _ if switch => bail!("{} is a switch: true or false", where_()),
-            toml::Value::Boolean(_) => {
-                bail!("{} takes a value, not true or false", where_())
-            }
+            toml::Value::Boolean(_) if switch => {}
+            _ if switch => bail!("{} is a switch: true or false", at()),
+            toml::Value::Boolean(_) => bail!("{} takes a value, not true or false", at()),
             toml::Value::Array(items) => {
                 for item in items {
-                    flags.push(OsString::from(format!("--{name}")));
-                    flags.push(scalar(item).with_context(where_)?);
+                    scalar(item).with_context(at)?;
                 }
             }
             other => {
-                flags.push(OsString::from(format!("--{name}")));
-                flags.push(scalar(other).with_context(where_)?);
+                scalar(other).with_context(at)?;
             }
         }
     }
-    let mut out = args[..at].to_vec();
-    out.extend(flags);
-    out.extend_from_slice(given);
-    Ok(out)
+    Ok(())
+}
+
+/// The arguments the operator gave on the command line (after the
+/// subcommand), by id: every spelling of a flag (long, alias, short).
+fn given_args(given: &[OsString], command: &clap::Command) -> Vec<clap::Id> {
+    let mut ids = Vec::new();
+    for word in given
+        .iter()
+        .take_while(|a| *a != "--")
+        .filter_map(|a| a.to_str())
+    {
+        if let Some(long) = word.strip_prefix("--") {
+            let name = long.split('=').next().unwrap_or(long);
+            if let Some(a) = command.get_arguments().find(|a| {
+                a.get_long() == Some(name)
+                    || a.get_all_aliases().is_some_and(|al| al.contains(&name))
+            }) {
+                ids.push(a.get_id().clone());
+            }
+        } else if let Some(shorts) = word.strip_prefix('-') {
+            for c in shorts.chars() {
+                if let Some(a) = command.get_arguments().find(|a| {
+                    a.get_short() == Some(c)
+                        || a.get_all_short_aliases().is_some_and(|al| al.contains(&c))
+                }) {
+                    ids.push(a.get_id().clone());
+                }
+            }
+        }
+    }
+    ids
 }
 
 /// The file `--config FILE` (or `--config=FILE`) names, anywhere in `args`.
@@ -162,37 +266,15 @@ fn takes_value(command: &clap::Command, long: &str) -> bool {
 }
 
 /// The table of `path` in `table`, if the file has one.
-fn section<'t>(
-    table: &'t toml::Table,
-    path: &[String],
-    file: &Path,
-) -> Result<Option<&'t toml::Table>> {
+fn section<'t>(table: &'t toml::Table, path: &[String]) -> Option<&'t toml::Table> {
     let mut at = table;
-    for (depth, name) in path.iter().enumerate() {
+    for name in path {
         match at.get(name) {
-            None => return Ok(None),
             Some(toml::Value::Table(t)) => at = t,
-            Some(_) => bail!(
-                "{}: {} must be a table ([{}]) of `tern {}`'s settings",
-                file.display(),
-                path[..=depth].join("."),
-                path[..=depth].join("."),
-                path[..=depth].join(" ")
-            ),
+            _ => return None,
         }
     }
-    Ok((!path.is_empty()).then_some(at))
-}
-
-/// Whether the operator gave `--name` on the command line.
-fn overridden(given: &[OsString], name: &str) -> bool {
-    let flag = format!("--{name}");
-    let with_value = format!("--{name}=");
-    given
-        .iter()
-        .take_while(|a| *a != "--")
-        .filter_map(|a| a.to_str())
-        .any(|a| a == flag || a.starts_with(&with_value))
+    (!path.is_empty()).then_some(at)
 }
 
 /// A setting's value as the command line would spell it.
@@ -253,21 +335,46 @@ host = ["src", "dst"]
                 "tern",
                 "agent",
                 "--direct",
-                "--image",
-                "/var/lib/tern/dst.img",
-                "--role",
-                "destination",
-                "--tls-dir",
-                "/etc/tern/pki/dst",
+                "--image=/var/lib/tern/dst.img",
+                "--role=destination",
+                "--tls-dir=/etc/tern/pki/dst",
                 "--grpc",
                 "127.0.0.1:9"
             ]
         );
         let out = run(AGENT, &["tern", "agent", "--tls-dir=/tmp/pki"]).expect("expanded");
-        assert!(!out.contains(&"/etc/tern/pki/dst".to_owned()), "{out:?}");
+        assert!(
+            !out.iter().any(|a| a.contains("/etc/tern/pki/dst")),
+            "{out:?}"
+        );
         // What results parses as the command line would.
         let cli = super::super::Cli::try_parse_from(run(AGENT, &["tern", "agent"]).expect("x"));
         assert!(cli.is_ok(), "{:?}", cli.err().map(|e| e.to_string()));
+    }
+
+    #[test]
+    fn any_spelling_of_a_flag_or_one_that_excludes_it_overrides_the_file() {
+        let file = "[agent]\nrole = \"source\"\nto = \"dst:7443\"\ndevice = \"/dev/vdb\"\nzstd-level = -1\n";
+        // `--peer` is `--to`'s alias; `--file` excludes `--device`.
+        let out = run(file, &["tern", "agent", "--peer", "b:1", "--file", "x.img"]).expect("x");
+        assert_eq!(
+            out,
+            [
+                "tern",
+                "agent",
+                "--role=source",
+                "--zstd-level=-1",
+                "--peer",
+                "b:1",
+                "--file",
+                "x.img"
+            ]
+        );
+        let cli = super::super::Cli::try_parse_from(&out);
+        assert!(cli.is_ok(), "{:?}", cli.err().map(|e| e.to_string()));
+        let file = "[migrate]\npause = \"fsfreeze:/srv\"\n";
+        let out = run(file, &["tern", "migrate", "--no-pause"]).expect("x");
+        assert_eq!(out, ["tern", "migrate", "--no-pause"]);
     }
 
     #[test]
@@ -279,8 +386,7 @@ host = ["src", "dst"]
                 "tern",
                 "nbd",
                 "serve",
-                "--image",
-                "/srv/disk.img",
+                "--image=/srv/disk.img",
                 "--read-only",
                 "--size",
                 "1G"
@@ -293,10 +399,8 @@ host = ["src", "dst"]
                 "tern",
                 "certs",
                 "init",
-                "--host",
-                "src",
-                "--host",
-                "dst",
+                "--host=src",
+                "--host=dst",
                 "/etc/tern/pki"
             ]
         );
@@ -330,6 +434,19 @@ host = ["src", "dst"]
             format!("{e:#}").contains("is not a TOML settings file"),
             "{e:#}"
         );
+        // The whole file is checked, whichever command runs.
+        let e = run("[migarte]\nto = \"x\"\n", &["tern", "status"]).expect_err("no command");
+        assert!(
+            format!("{e:#}").contains("[migarte] names no command"),
+            "{e:#}"
+        );
+        let e = run("[nbd.serv]\nimage = \"x\"\n", &["tern", "status"]).expect_err("no sub");
+        assert!(
+            format!("{e:#}").contains("[nbd.serv] names no command"),
+            "{e:#}"
+        );
+        let e = run("[nbd]\nimage = \"x\"\n", &["tern", "status"]).expect_err("no flag");
+        assert!(format!("{e:#}").contains("[nbd] sets image"), "{e:#}");
     }
 
     #[test]
