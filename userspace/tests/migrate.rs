@@ -1240,7 +1240,7 @@ fn throttle_records(state: &std::path::Path) -> Vec<String> {
         .map(|d| {
             d.filter_map(Result::ok)
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".throttle.json"))
+                .filter(|n| n.ends_with(".throttle.json") || n == "throttle.json")
                 .collect()
         })
         .unwrap_or_default()
@@ -1259,10 +1259,9 @@ fn status_files(state: &std::path::Path) -> Vec<std::path::PathBuf> {
             d.filter_map(Result::ok)
                 .map(|e| e.path())
                 .filter(|p| {
-                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or(".");
-                    p.extension().is_some_and(|e| e == "json")
-                        && !name.ends_with(".throttle.json")
-                        && !name.starts_with('.')
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.ends_with(".status.json") && !n.starts_with('.'))
                 })
                 .collect()
         })

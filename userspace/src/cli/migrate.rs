@@ -512,22 +512,39 @@ impl SourceArgs {
 }
 
 /// The file name a throttle record takes after its run's name.
-const THROTTLE_SUFFIX: &str = ".throttle.json";
+const THROTTLE_SUFFIX: &str = tern::throttle::RECORD_SUFFIX;
+/// The file name a run's status takes after its name (a different ending
+/// from a throttle record's, whatever the name).
+const STATUS_SUFFIX: &str = ".status.json";
+/// The one status file every run wrote before they were named per disk.
+const LEGACY_STATUS: &str = "migrate.json";
 
-/// A run's name in the state directory: its source's path, absolute, with
-/// `/` as `-` (`/dev/vdb` is `dev-vdb`); `migrate` without a source.
+/// A run's name in the state directory: its source's absolute path
+/// escaped as systemd escapes unit names (`/` as `-`, a `-` or any byte
+/// but letters, digits, `:`, `_` and a non-leading `.` as `\xNN`), so
+/// `/dev/vdb` is `dev-vdb` and two paths never share a name; `migrate`
+/// without a source.
 fn run_name(source: Option<&PathBuf>) -> String {
     let Some(path) = source else {
         return "migrate".to_owned();
     };
     // The same disk named two ways (relative, through a link) is one run.
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-    let name: String = path
-        .to_string_lossy()
-        .trim_start_matches('/')
-        .chars()
-        .map(|c| if c == '/' { '-' } else { c })
-        .collect();
+    let text = path.to_string_lossy();
+    let mut name = String::new();
+    for (i, part) in text.split('/').filter(|p| !p.is_empty()).enumerate() {
+        if i > 0 {
+            name.push('-');
+        }
+        for (j, b) in part.bytes().enumerate() {
+            let plain = b.is_ascii_alphanumeric() || b == b':' || b == b'_' || (b == b'.' && j > 0);
+            if plain {
+                name.push(char::from(b));
+            } else {
+                let _ = std::fmt::Write::write_fmt(&mut name, format_args!("\\x{b:02x}"));
+            }
+        }
+    }
     if name.is_empty() {
         "migrate".to_owned()
     } else {
@@ -537,7 +554,7 @@ fn run_name(source: Option<&PathBuf>) -> String {
 
 /// The status file of the run of `source` in `state_dir`.
 fn status_file(state_dir: &Path, source: Option<&PathBuf>) -> PathBuf {
-    state_dir.join(format!("{}.json", run_name(source)))
+    state_dir.join(format!("{}{STATUS_SUFFIX}", run_name(source)))
 }
 
 fn source_path(device: Option<&PathBuf>, file: Option<&PathBuf>) -> Result<PathBuf> {
@@ -1016,6 +1033,11 @@ pub fn rollback(r: &RollbackArgs) -> Result<()> {
 
 pub fn status(s: &StatusArgs) -> Result<()> {
     if s.agent.agent.is_some() {
+        if let Some(run) = &s.run {
+            bail!(
+                "--agent shows that agent's run: drop {run} (or --agent to read the state directory)"
+            );
+        }
         let reply = runtime()?.block_on(async {
             let mut client = s.agent.connect().await?.context("no agent")?;
             let reply = client
@@ -1048,7 +1070,8 @@ pub fn status(s: &StatusArgs) -> Result<()> {
     }
     let mut runs = read_runs(&s.state_dir)?;
     if let Some(run) = &s.run {
-        let wanted = if Path::new(run).is_absolute() || Path::new(run).exists() {
+        // A disk by its path (`/dev/vdb`, `./disk.img`), else a run's name.
+        let wanted = if run.contains('/') {
             run_name(Some(&PathBuf::from(run)))
         } else {
             run.clone()
@@ -1101,12 +1124,13 @@ fn read_runs(dir: &Path) -> Result<Vec<(String, serde_json::Value)>> {
         let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        let Some(name) = file.strip_suffix(".json") else {
+        let name = if file == LEGACY_STATUS {
+            "migrate"
+        } else if let Some(name) = file.strip_suffix(STATUS_SUFFIX) {
+            name
+        } else {
             continue;
         };
-        if file.starts_with('.') || file.ends_with(THROTTLE_SUFFIX) {
-            continue;
-        }
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             // Gone between the listing and the read: a run's file is
@@ -1267,6 +1291,21 @@ mod tests {
         let other = dir.path().join(".").join("disk.img");
         assert_eq!(super::run_name(Some(&img)), super::run_name(Some(&other)));
         assert!(super::run_name(Some(&img)).ends_with("-disk.img"));
+        // Paths that `/` as `-` alone would confuse stay apart.
+        let names: Vec<String> = ["/dev/vdb", "/dev-vdb", "/a-b/c", "/a/b-c", "/srv/.x"]
+            .iter()
+            .map(|p| super::run_name(Some(&PathBuf::from(p))))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "dev-vdb",
+                "dev\\x2dvdb",
+                "a\\x2db-c",
+                "a-b\\x2dc",
+                "srv-\\x2ex"
+            ]
+        );
     }
 
     #[test]
@@ -1275,41 +1314,46 @@ mod tests {
         let put =
             |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
         put(
-            "dev-vdb.json",
+            "dev-vdb.status.json",
             r#"{"phase":"converging","sent_bytes":1048576,"pid":1}"#,
         );
         put(
-            "var-lib-vm-a.img.json",
+            "var-lib-vm-a.img.status.json",
             r#"{"phase":"cut over","finished":true,"outcome":"cut over"}"#,
         );
         put(
-            "dev-vdc.json",
+            "dev-vdc.status.json",
             r#"{"phase":"failed","finished":true,"outcome":"failed","error":"no route"}"#,
         );
         put("dev-vdb.throttle.json", r#"{"device":"8:16"}"#);
-        put(".dev-vdb.json.tmp", "{");
+        put(".dev-vdb.status.json.tmp", "{");
+        // A disk named `.../x.throttle` has its status here, not hidden.
+        put("srv-x.throttle.status.json", r#"{"phase":"converging"}"#);
         put("notes.txt", "x");
         let runs = super::read_runs(dir.path()).expect("runs");
         let names: Vec<&str> = runs.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["dev-vdb", "dev-vdc", "var-lib-vm-a.img"]);
+        assert_eq!(
+            names,
+            ["dev-vdb", "dev-vdc", "srv-x.throttle", "var-lib-vm-a.img"]
+        );
         let table = super::runs_table(&runs);
         let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 4, "{table}");
+        assert_eq!(lines.len(), 5, "{table}");
         assert!(
             lines[1].starts_with("dev-vdb ") && lines[1].ends_with("converging"),
             "{table}"
         );
         assert!(lines[1].contains("1 MiB"), "{table}");
         assert!(lines[2].ends_with("failed: no route"), "{table}");
-        assert!(lines[3].ends_with("finished: cut over"), "{table}");
+        assert!(lines[4].ends_with("finished: cut over"), "{table}");
 
         let empty = tempfile::tempdir().expect("tempdir");
         let e = super::read_runs(empty.path()).expect_err("nothing to show");
         assert!(e.to_string().contains("no migration status in"), "{e}");
-        put("broken.json", "{");
+        put("broken.status.json", "{");
         let e = super::read_runs(dir.path()).expect_err("a damaged file");
         assert!(
-            format!("{e:#}").contains("broken.json is not a status file"),
+            format!("{e:#}").contains("broken.status.json is not a status file"),
             "{e:#}"
         );
     }

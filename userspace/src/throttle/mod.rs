@@ -469,6 +469,9 @@ fn write_record(path: &Path, record: &impl serde::Serialize) -> Result<(), Throt
         })
 }
 
+/// How a throttle record's file name ends (`NAME.throttle.json`).
+pub const RECORD_SUFFIX: &str = ".throttle.json";
+
 /// Undoes every limit a killed run left recorded beside `record` (the
 /// records of other disks' runs in the same state directory, and the one
 /// name every run used before records were named per disk): a workload must
@@ -489,10 +492,17 @@ pub fn undo_dead_records_beside(record: &Path) -> Result<(), ThrottleError> {
         }
     };
     for entry in entries.flatten() {
+        let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name == "throttle.json" || name.ends_with(".throttle.json") {
-            undo_recorded(&entry.path())?;
+        if path == record {
+            // This run's own record: a failure to undo it stops the run.
+            undo_recorded(&path)?;
+        } else if name == "throttle.json" || name.ends_with(RECORD_SUFFIX) {
+            // Another run's: one damaged record must not stop every run here.
+            if let Err(e) = undo_recorded(&path) {
+                tracing::warn!(record = %path.display(), error = %e, "cannot undo another run's throttle record; left as it is");
+            }
         }
     }
     Ok(())
