@@ -449,6 +449,12 @@ impl SourceArgs {
             ("--prefetch", self.prefetch.is_some()),
             ("--prefetch-history", self.prefetch_history.is_some()),
             ("--cpu", !self.cpu.is_empty()),
+            ("--trace-out", self.trace_out.is_some()),
+            ("--history", self.history.history.is_some()),
+            (
+                "--history-retention",
+                self.history.history_retention.is_some(),
+            ),
         ]
         .into_iter()
         .filter_map(|(flag, given)| given.then_some(flag))

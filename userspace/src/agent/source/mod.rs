@@ -445,7 +445,16 @@ impl Source {
     /// TLS material of the options, if any), until a cutover or rollback
     /// ends it or `cancel` stops it.
     pub async fn run(self, listen: &Listen, cancel: CancellationToken) -> Result<(), SourceError> {
-        // Bound before anything starts: a taken port fails the start, clearly.
+        // Both ports bound before anything starts: a taken one fails the
+        // start, clearly, with nothing left running.
+        let control = match listen.control {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| SourceError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         let metrics = match listen.metrics {
             Some(addr) => Some(crate::metrics::bind(addr).await?),
             None => None,
@@ -464,18 +473,10 @@ impl Source {
             tokio::spawn(crate::metrics::serve(listener, page, cancel.clone()))
         });
         let (service, task) = start(agent, cancel.clone());
-        let server = match listen.control {
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| SourceError::Listen { addr, source })?;
-                let shutdown = cancel.clone();
-                Some(tokio::spawn(async move {
-                    serve(listener, service, tls.as_ref(), shutdown).await
-                }))
-            }
-            None => None,
-        };
+        let server = control.map(|listener| {
+            let shutdown = cancel.clone();
+            tokio::spawn(async move { serve(listener, service, tls.as_ref(), shutdown).await })
+        });
         let ended = async {
             task.await.map_err(|source| SourceError::Task {
                 what: "task",
