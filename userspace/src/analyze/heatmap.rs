@@ -145,7 +145,8 @@ pub struct HeatmapData {
     pub kind: &'static str,
     /// The traced target's name.
     pub target: String,
-    /// `bytes` or `faults`.
+    /// `KiB` (each request's share of a row rounded up to a whole KiB) or
+    /// `faults`.
     pub value: &'static str,
     pub column_seconds: f64,
     pub columns: usize,
@@ -153,31 +154,40 @@ pub struct HeatmapData {
     pub row_bytes: u64,
     /// Where each row starts: a device offset, or a fault region's address.
     pub row_starts: Vec<u64>,
-    pub read: Vec<Vec<u64>>,
-    pub write: Vec<Vec<u64>>,
+    pub read: Vec<Vec<u32>>,
+    pub write: Vec<Vec<u32>>,
     /// Columns a gap touched: no claim can be made about them.
     pub unknown_columns: Vec<usize>,
+    /// Cells at the counter's ceiling (2^32 − 1): their value is a floor.
+    pub saturated_cells: usize,
+    /// Faults in regions past the map's rows, not in any cell.
+    pub dropped: u64,
 }
 
 impl View<'_> {
-    /// The data, each cell's counter times `scale` (1024 for KiB counters).
+    /// The data: each cell's counters as they are, in `value` units.
     pub fn data(
         &self,
         target: &str,
         kind: &'static str,
         value: &'static str,
-        scale: u64,
+        dropped: u64,
     ) -> HeatmapData {
         let g = &self.grid;
-        let series = |op: usize| -> Vec<Vec<u64>> {
+        let series = |op: usize| -> Vec<Vec<u32>> {
             (0..self.rows)
                 .map(|r| {
                     (0..self.cols)
-                        .map(|c| u64::from(g.cells[c * g.rows + r][op]) * scale)
+                        .map(|c| g.cells[c * g.rows + r][op])
                         .collect()
                 })
                 .collect()
         };
+        let saturated_cells = (0..self.cols)
+            .flat_map(|c| &g.cells[c * g.rows..c * g.rows + self.rows])
+            .flatten()
+            .filter(|&&v| v == u32::MAX)
+            .count();
         HeatmapData {
             version: 1,
             kind,
@@ -191,6 +201,8 @@ impl View<'_> {
             read: series(0),
             write: series(1),
             unknown_columns: (0..self.cols).filter(|&c| g.unknown[c]).collect(),
+            saturated_cells,
+            dropped,
         }
     }
 }

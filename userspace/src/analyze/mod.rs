@@ -441,18 +441,18 @@ impl Analyzer {
         )
     }
 
-    /// The block heatmap's grid as data (for a dashboard to draw): bytes
+    /// The block heatmap's grid as data (for a dashboard to draw): KiB
     /// read and written per offset row and time column.
     pub fn block_heatmap_data(&self) -> Result<heatmap::HeatmapData, AnalyzeError> {
         let view = self.block_view()?;
-        Ok(view.data(&self.name, "block", "bytes", 1024))
+        Ok(view.data(&self.name, "block", "KiB", 0))
     }
 
     /// The fault heatmap's grid as data: faults per 1 MiB region that
     /// faulted (in address order) and time column.
     pub fn fault_heatmap_data(&self) -> Result<heatmap::HeatmapData, AnalyzeError> {
         let view = self.fault_view()?;
-        Ok(view.data(&self.name, "faults", "faults", 1))
+        Ok(view.data(&self.name, "faults", "faults", self.fault_heat.dropped))
     }
 
     /// The block grid, the rows the device spans (or that saw I/O) and the

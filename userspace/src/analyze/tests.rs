@@ -378,12 +378,13 @@ fn the_heatmap_grid_as_data_holds_every_byte_in_its_row() {
     }
     a.finish();
     let d = a.block_heatmap_data().expect("block data");
-    assert_eq!((d.kind, d.value, d.version), ("block", "bytes", 1));
+    assert_eq!((d.kind, d.value, d.version), ("block", "KiB", 1));
     assert_eq!(d.read.len(), d.rows);
     assert!(d.read.iter().chain(&d.write).all(|r| r.len() == d.columns));
-    let total = |m: &[Vec<u64>]| m.iter().flatten().sum::<u64>();
-    assert_eq!(total(&d.read), 2000 * 65536);
-    assert_eq!(total(&d.write), 2000 * 65536);
+    let total = |m: &[Vec<u32>]| m.iter().flatten().map(|&v| u64::from(v)).sum::<u64>();
+    assert_eq!(total(&d.read), 2000 * 64);
+    assert_eq!(total(&d.write), 2000 * 64);
+    assert_eq!((d.saturated_cells, d.dropped), (0, 0));
     for (row, start) in d.row_starts.iter().enumerate() {
         let end = start + d.row_bytes;
         if d.write[row].iter().any(|&v| v > 0) {
@@ -401,8 +402,8 @@ fn the_heatmap_grid_as_data_holds_every_byte_in_its_row() {
     let f = a.fault_heatmap_data().expect("fault data");
     assert_eq!((f.kind, f.rows, f.row_bytes), ("faults", 2, MIB));
     assert_eq!(f.row_starts, vec![0x1000_0000, 0x7f00_0010_0000]);
-    assert_eq!(f.read[0].iter().sum::<u64>(), 10, "the low region's faults");
-    assert_eq!(f.read[1].iter().sum::<u64>(), 10);
+    assert_eq!(f.read[0].iter().sum::<u32>(), 10, "the low region's faults");
+    assert_eq!(f.read[1].iter().sum::<u32>(), 10);
     let json = serde_json::to_value(&f).expect("serializes");
     assert_eq!(json["read"][0].as_array().map(Vec::len), Some(f.columns));
 }
