@@ -162,7 +162,9 @@ fn refuse_for_role(role: &str, given: &[&str]) -> Result<()> {
         "source"
     };
     bail!(
-        "{} {} for --role {other}, not --role {role}: drop {}",
+        "{} {} for --role {other}, not --role {role}: drop {} (from the command line, or from \
+         the settings file's [agent] table: keep one settings file per role, `tern --config \
+         FILE agent`, as packaging/ does)",
         given.join(", "),
         if given.len() == 1 { "is" } else { "are" },
         if given.len() == 1 { "it" } else { "them" }
