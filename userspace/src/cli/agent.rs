@@ -72,6 +72,12 @@ pub struct AgentArgs {
     postcopy_wait: Option<std::time::Duration>,
 }
 
+/// Defaults of the destination's flags that are options here (so that the
+/// source role can tell them given from not given); their help says the same.
+const DEFAULT_NBD: &str = "127.0.0.1:10809";
+const DEFAULT_WARM_BUDGET: u64 = 256 << 20;
+const DEFAULT_POSTCOPY_WAIT: std::time::Duration = std::time::Duration::from_mins(2);
+
 /// Runs `tern agent`.
 pub fn run(a: AgentArgs) -> Result<()> {
     if a.role == "source" {
@@ -91,7 +97,7 @@ pub fn run(a: AgentArgs) -> Result<()> {
     cfg.size = a.size;
     cfg.nbd = Some(match a.nbd {
         Some(nbd) => nbd,
-        None => "127.0.0.1:10809".parse()?,
+        None => DEFAULT_NBD.parse()?,
     });
     cfg.export_name = a
         .export
@@ -102,14 +108,14 @@ pub fn run(a: AgentArgs) -> Result<()> {
     cfg.insecure = a.insecure;
     cfg.insecure_nbd = a.insecure_nbd;
     cfg.direct = a.direct;
-    cfg.postcopy_wait = a.postcopy_wait.unwrap_or(std::time::Duration::from_mins(2));
+    cfg.postcopy_wait = a.postcopy_wait.unwrap_or(DEFAULT_POSTCOPY_WAIT);
     if let Some(plan) = &a.warm_plan {
         anyhow::ensure!(
             !a.direct,
             "--warm-plan reads the predicted extents into the page cache, which --direct bypasses: choose one"
         );
         cfg.warm = tern::predict::Prediction::load(plan)?
-            .read_hot(0.5, a.warm_budget.unwrap_or(256 << 20));
+            .read_hot(0.5, a.warm_budget.unwrap_or(DEFAULT_WARM_BUDGET));
     }
     runtime()?.block_on(async move {
         let cancel = CancellationToken::new();

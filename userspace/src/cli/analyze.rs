@@ -83,7 +83,8 @@ pub fn run(cmd: AnalyzeCommand) -> Result<()> {
                 let file = std::fs::File::create(&h.out)
                     .with_context(|| format!("cannot create {}", h.out.display()))?;
                 let mut w = std::io::BufWriter::new(file);
-                serde_json::to_writer(&mut w, &data)?;
+                serde_json::to_writer(&mut w, &data)
+                    .with_context(|| format!("cannot write {}", h.out.display()))?;
                 w.flush()
                     .with_context(|| format!("cannot write {}", h.out.display()))?;
             } else if h.faults {
