@@ -736,6 +736,23 @@ fn an_agent_refuses_the_other_roles_flags_naming_them() {
         err.contains("--control is for --role source, not --role destination: drop it"),
         "{err}"
     );
+    // Flags with a default are told given or not too.
+    let err = run(&[
+        "--role",
+        "destination",
+        "--image",
+        "x.img",
+        "--grpc",
+        "127.0.0.1:1",
+        "--unit",
+        "64K",
+        "--history",
+        "/tmp/h",
+    ]);
+    assert!(
+        err.contains("--unit, --history are for --role source, not --role destination"),
+        "{err}"
+    );
 }
 
 /// `tern status` after a run reads the state directory: it must say that the

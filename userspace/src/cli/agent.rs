@@ -79,9 +79,9 @@ const DEFAULT_WARM_BUDGET: u64 = 256 << 20;
 const DEFAULT_POSTCOPY_WAIT: std::time::Duration = std::time::Duration::from_mins(2);
 
 /// Runs `tern agent`.
-pub fn run(a: AgentArgs) -> Result<()> {
+pub fn run(a: AgentArgs, m: &clap::ArgMatches) -> Result<()> {
+    refuse_for_role(&a.role, &others_flags(m, &a.role))?;
     if a.role == "source" {
-        refuse_for_role("source", &a.destination_only())?;
         let opts = a.source.options()?;
         let listen = tern::agent::source::Listen {
             control: a.control,
@@ -89,7 +89,6 @@ pub fn run(a: AgentArgs) -> Result<()> {
         };
         return migrate::source_agent(&opts, &a.source.status_file(), a.source.json(), &listen);
     }
-    refuse_for_role("destination", &a.source_only())?;
     let (Some(image), Some(grpc)) = (a.image, a.grpc) else {
         bail!("--role destination needs --image and --grpc");
     };
@@ -125,40 +124,32 @@ pub fn run(a: AgentArgs) -> Result<()> {
     Ok(())
 }
 
-impl AgentArgs {
-    /// The destination's flags given here.
-    fn destination_only(&self) -> Vec<&'static str> {
-        [
-            ("--image", self.image.is_some()),
-            ("--size", self.size.is_some()),
-            ("--grpc", self.grpc.is_some()),
-            ("--nbd", self.nbd.is_some()),
-            ("--export", self.export.is_some()),
-            ("--nbd-advertise-writable", self.nbd_advertise_writable),
-            ("--insecure", self.insecure),
-            ("--insecure-nbd", self.insecure_nbd),
-            ("--direct", self.direct),
-            ("--warm-plan", self.warm_plan.is_some()),
-            ("--warm-budget", self.warm_budget.is_some()),
-            ("--postcopy-wait", self.postcopy_wait.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(flag, given)| given.then_some(flag))
+/// The flags given on the command line (or by the settings file, which
+/// puts them there) that `role` does not take, by their long names: every
+/// flag of the other role, defaults or not, is known to clap.
+fn others_flags(m: &clap::ArgMatches, role: &str) -> Vec<String> {
+    use clap::Args as _;
+    let source: Vec<clap::Id> = SourceArgs::augment_args(clap::Command::new("source"))
+        .get_arguments()
+        .map(|a| a.get_id().clone())
+        .collect();
+    let agent = AgentArgs::augment_args(clap::Command::new("agent"));
+    // Taken by both roles, or by neither role's work.
+    let shared = ["role", "metrics", "tls_dir", "help", "config"];
+    let source_only = |id: &clap::Id| id == "control" || source.contains(id);
+    agent
+        .get_arguments()
+        .filter(|a| !shared.contains(&a.get_id().as_str()))
+        .filter(|a| source_only(a.get_id()) != (role == "source"))
+        .filter(|a| {
+            m.value_source(a.get_id().as_str()) == Some(clap::parser::ValueSource::CommandLine)
+        })
+        .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
         .collect()
-    }
-
-    /// The source's flags given here (of those only the source takes).
-    fn source_only(&self) -> Vec<&'static str> {
-        let mut given = self.source.disk_flags();
-        if self.control.is_some() {
-            given.push("--control");
-        }
-        given
-    }
 }
 
 /// A flag the other role takes would be ignored here: refuse it, naming it.
-fn refuse_for_role(role: &str, given: &[&str]) -> Result<()> {
+fn refuse_for_role(role: &str, given: &[String]) -> Result<()> {
     if given.is_empty() {
         return Ok(());
     }

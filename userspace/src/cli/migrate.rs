@@ -433,34 +433,6 @@ impl SourceArgs {
         self.json
     }
 
-    /// The flags given that only a source uses (those without a default:
-    /// a destination agent, which shares `--tls-dir`, refuses them).
-    pub fn disk_flags(&self) -> Vec<&'static str> {
-        [
-            ("--device", self.device.is_some()),
-            ("--file", self.file.is_some()),
-            ("--read-cached", self.read_cached),
-            ("--to", self.to.is_some()),
-            ("--domain", self.domain.is_some()),
-            ("--region-size", self.region_size.is_some()),
-            ("--plan", self.plan.is_some()),
-            ("--raw", self.raw),
-            ("--max-rate", self.max_rate.is_some()),
-            ("--prefetch", self.prefetch.is_some()),
-            ("--prefetch-history", self.prefetch_history.is_some()),
-            ("--cpu", !self.cpu.is_empty()),
-            ("--trace-out", self.trace_out.is_some()),
-            ("--history", self.history.history.is_some()),
-            (
-                "--history-retention",
-                self.history.history_retention.is_some(),
-            ),
-        ]
-        .into_iter()
-        .filter_map(|(flag, given)| given.then_some(flag))
-        .collect()
-    }
-
     /// The TLS material's directory.
     pub fn tls_dir(&self) -> Option<&Path> {
         self.tls_dir.as_deref()

@@ -15,7 +15,7 @@ mod ram_file;
 mod replica;
 mod trace;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -100,10 +100,18 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let cli = Cli::parse_from(args);
+    // The matches as well as the parsed struct: a command that must tell a
+    // flag given from a default (`tern agent`'s roles) reads its source.
+    let matches = Cli::command().get_matches_from(args);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Trace(t) => trace::run(t),
-        Command::Agent(a) => agent::run(a),
+        Command::Agent(a) => agent::run(
+            a,
+            matches
+                .subcommand_matches("agent")
+                .expect("clap parsed the agent command, so it has its matches"),
+        ),
         Command::Certs(c) => certs::run(c),
         Command::Replica(r) => replica::run(r),
         Command::Nbd(n) => nbd::run(n),
