@@ -6,7 +6,10 @@
 //! - `<host>/ca.pem`, `<host>/cert.pem`, `<host>/key.pem`: one directory per
 //!   host, usable as is as that host's `--tls-dir`. Each host certificate is
 //!   good for both server and client authentication, so the same directory
-//!   serves the destination agent and the source's client.
+//!   serves the destination agent and the source's client;
+//! - in each host directory, links under the names QEMU and libnbd look for
+//!   (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`, `server-*.pem`), so
+//!   it is also a `tls-creds-x509` `dir=` and an `nbds://` `tls-certificates=`.
 //!
 //! Running it again with new host names adds hosts signed by the existing
 //! authority; an existing host directory is never overwritten.
@@ -26,6 +29,16 @@ use rcgen::{
 const CA_COMMON_NAME: &str = "Tern replication CA";
 /// Names every host certificate carries, so local tests and tunnels work.
 const LOCAL_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+/// The names QEMU's `tls-creds-x509` and libnbd's `tls-certificates` look
+/// for in a directory, as relative links to this host's files: a host
+/// directory serves them as it is (one certificate is good for both ends).
+const GNUTLS_NAMES: [(&str, &str); 5] = [
+    ("ca-cert.pem", "ca.pem"),
+    ("server-cert.pem", "cert.pem"),
+    ("server-key.pem", "key.pem"),
+    ("client-cert.pem", "cert.pem"),
+    ("client-key.pem", "key.pem"),
+];
 /// Host used when none is given.
 pub const DEFAULT_HOST: &str = "localhost";
 const CA_YEARS: i32 = 10;
@@ -200,6 +213,14 @@ fn issue_host(
     )?;
     write_file(&host_dir.join("cert.pem"), cert.pem().as_bytes(), 0o644)?;
     write_file(&host_dir.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
+    for (name, target) in GNUTLS_NAMES {
+        let link = host_dir.join(name);
+        std::os::unix::fs::symlink(target, &link).map_err(|source| CertsError::Io {
+            action: "link",
+            path: link,
+            source,
+        })?;
+    }
     Ok(())
 }
 
@@ -315,6 +336,18 @@ mod tests {
                 fs::read(host.join("ca.pem")).expect("ca copy"),
                 fs::read(&report.ca_cert).expect("ca")
             );
+            // QEMU's and libnbd's names lead to the same files, through
+            // relative links (the directory can be moved to its host).
+            for (name, target) in GNUTLS_NAMES {
+                assert_eq!(
+                    fs::read_link(host.join(name)).expect("link"),
+                    Path::new(target)
+                );
+                assert_eq!(
+                    fs::read(host.join(name)).expect("through the link"),
+                    fs::read(host.join(target)).expect("target")
+                );
+            }
         }
     }
 

@@ -213,6 +213,7 @@ impl Render for crate::nbd::NbdServer {
             ("flush", s.flushes),
             ("trim", s.trims),
             ("write_zeroes", s.write_zeroes),
+            ("block_status", s.block_status),
             ("disconnect", s.disconnects),
         ] {
             let _ = writeln!(out, "{name}{{type=\"{kind}\"}} {value}");

@@ -6,8 +6,10 @@
 //! write streams finish the extents in flight, stop NBD connections after
 //! their in-flight requests, flush the image, return `Ok`.
 //!
-//! NBD carries no TLS here (no STARTTLS): it listens on loopback or a unix
-//! socket unless `insecure_nbd` is set, which logs a warning.
+//! NBD requires TLS (STARTTLS, the `tls_dir` certificates, a client
+//! certificate from the same authority) when `nbd_tls` is set; without it,
+//! it listens on loopback or a unix socket unless `insecure_nbd` is set,
+//! which logs a warning.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,8 +53,10 @@ pub struct DestinationConfig {
     pub tls_dir: Option<PathBuf>,
     /// Allow plaintext gRPC on a non-loopback address.
     pub insecure: bool,
-    /// Allow NBD (always plaintext) on a non-loopback address.
+    /// Allow NBD without TLS on a non-loopback address.
     pub insecure_nbd: bool,
+    /// Require TLS on the NBD export with the `tls_dir` material.
+    pub nbd_tls: bool,
     /// Prometheus endpoint address.
     pub metrics: Option<SocketAddr>,
     /// Extents of one write stream in flight.
@@ -79,6 +83,7 @@ impl DestinationConfig {
             tls_dir: None,
             insecure: false,
             insecure_nbd: false,
+            nbd_tls: false,
             metrics: None,
             max_in_flight: ServeOptions::default().max_in_flight,
             warm: Vec::new(),
@@ -95,6 +100,9 @@ pub enum AgentError {
         "refusing to serve gRPC without TLS on {addr}, which is not loopback; pass --tls-dir DIR (see `tern certs init`) or --insecure"
     )]
     InsecureGrpc { addr: SocketAddr },
+    /// TLS on NBD asked for without certificates.
+    #[error("TLS on the NBD export (--nbd-tls) needs the certificates of --tls-dir")]
+    NbdTlsWithoutDir,
     /// NBD on a reachable address.
     #[error(transparent)]
     InsecureNbd(#[from] crate::nbd::InsecureNbd),
@@ -249,10 +257,17 @@ impl Destination {
         if cfg.tls_dir.is_none() && !cfg.grpc.ip().is_loopback() && !cfg.insecure {
             return Err(AgentError::InsecureGrpc { addr: cfg.grpc });
         }
+        if cfg.nbd_tls && cfg.tls_dir.is_none() {
+            return Err(AgentError::NbdTlsWithoutDir);
+        }
         if let Some(nbd) = &cfg.nbd {
-            nbd.check_exposure(cfg.insecure_nbd)?;
+            nbd.check_exposure(cfg.insecure_nbd, cfg.nbd_tls)?;
         }
         let tls = cfg.tls_dir.as_deref().map(TlsMaterial::load).transpose()?;
+        let nbd_tls = match &tls {
+            Some(material) if cfg.nbd_tls => Some(material.rustls_server_config()?),
+            _ => None,
+        };
         if tls.is_none() {
             tracing::warn!(addr = %cfg.grpc, "gRPC served without TLS: any local process can write the image");
         }
@@ -294,14 +309,18 @@ impl Destination {
         let (nbd, nbd_addr, export) = match &cfg.nbd {
             None => (None, None, None),
             Some(listen) => {
-                let server = Arc::new(NbdServer::new(vec![Export {
+                let mut server = NbdServer::new(vec![Export {
                     name: cfg.export_name.clone(),
                     description: format!("tern destination {}", cfg.image.display()),
                     image: image.clone(),
                     read_only: true,
                     changes: changes.clone(),
                     presence: presence.clone(),
-                }]));
+                }]);
+                if let Some(config) = nbd_tls.clone() {
+                    server = server.with_tls(config);
+                }
+                let server = Arc::new(server);
                 if cfg.nbd_advertise_writable {
                     server.set_advertise_writable(&cfg.export_name, true)?;
                 }

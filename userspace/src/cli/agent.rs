@@ -52,9 +52,14 @@ pub struct AgentArgs {
     /// Allow gRPC without TLS on a non-loopback address.
     #[arg(long)]
     insecure: bool,
-    /// Allow NBD (which has no TLS here) on a non-loopback address.
+    /// Allow NBD without TLS on a non-loopback address.
     #[arg(long)]
     insecure_nbd: bool,
+    /// Destination role: require TLS on the NBD export (STARTTLS) with the
+    /// --tls-dir certificates; clients show a certificate from the same
+    /// authority (QEMU: `tls-creds-x509,dir=TLS_DIR`; libnbd: `nbds://…?tls-certificates=TLS_DIR`).
+    #[arg(long)]
+    nbd_tls: bool,
     /// Use `O_DIRECT` for the image where the file system allows it.
     #[arg(long)]
     direct: bool,
@@ -106,6 +111,7 @@ pub fn run(a: AgentArgs, m: &clap::ArgMatches) -> Result<()> {
     cfg.metrics = a.metrics;
     cfg.insecure = a.insecure;
     cfg.insecure_nbd = a.insecure_nbd;
+    cfg.nbd_tls = a.nbd_tls;
     cfg.direct = a.direct;
     cfg.postcopy_wait = a.postcopy_wait.unwrap_or(DEFAULT_POSTCOPY_WAIT);
     if let Some(plan) = &a.warm_plan {

@@ -12,7 +12,7 @@ use super::args::{parse_size, runtime};
 pub enum NbdCommand {
     /// Export one raw image or block device until SIGINT/SIGTERM.
     #[command(
-        after_help = "Examples:\n  tern nbd serve --image disk.img --size 64M --listen 127.0.0.1:10810\n  qemu-io -f raw nbd://127.0.0.1:10810/tern -c 'read 0 1M'\n  tern nbd serve --image /dev/vdb --read-only --listen unix:/run/vdb.sock"
+        after_help = "Examples:\n  tern nbd serve --image disk.img --size 64M --listen 127.0.0.1:10810\n  qemu-io -f raw nbd://127.0.0.1:10810/tern -c 'read 0 1M'\n  tern nbd serve --image /dev/vdb --read-only --listen unix:/run/vdb.sock\n  tern nbd serve --image disk.img --listen 0.0.0.0:10809 --tls-dir pki/dst\n  nbdinfo 'nbds://dst/tern?tls-certificates=pki/src'"
     )]
     Serve {
         #[arg(long)]
@@ -29,10 +29,15 @@ pub enum NbdCommand {
         /// Buffered I/O instead of `O_DIRECT`.
         #[arg(long)]
         no_direct: bool,
-        /// Serve on a non-loopback address although NBD is plaintext and
-        /// unauthenticated (anyone who reaches the port can read and write).
+        /// Serve on a non-loopback address without TLS (anyone who reaches
+        /// the port can read and write).
         #[arg(long)]
         insecure_nbd: bool,
+        /// Require TLS (STARTTLS) with this directory from `tern certs init`
+        /// (`ca.pem`, `cert.pem`, `key.pem`); clients show a certificate from
+        /// the same authority. Allows a non-loopback --listen.
+        #[arg(long, value_name = "DIR")]
+        tls_dir: Option<PathBuf>,
     },
 }
 
@@ -46,6 +51,7 @@ pub fn run(cmd: NbdCommand) -> Result<()> {
         size,
         no_direct,
         insecure_nbd,
+        tls_dir,
     } = cmd;
     let opts = tern::nbd::StandaloneOptions {
         image,
@@ -55,6 +61,7 @@ pub fn run(cmd: NbdCommand) -> Result<()> {
         size,
         direct: !no_direct,
         insecure: insecure_nbd,
+        tls_dir,
     };
     runtime()?.block_on(async {
         let cancel = CancellationToken::new();

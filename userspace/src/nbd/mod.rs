@@ -3,7 +3,9 @@
 //!
 //! - [`proto`]: wire constants and pure parsers (property-tested, fuzzed).
 //! - `handshake`: fixed-newstyle negotiation (`NBD_OPT_GO`, `INFO`, `LIST`,
-//!   `ABORT`, `EXPORT_NAME`; everything else `NBD_REP_ERR_UNSUP`).
+//!   `ABORT`, `EXPORT_NAME`, `STARTTLS`, `STRUCTURED_REPLY`, `LIST_` and
+//!   `SET_META_CONTEXT` for `base:allocation`; everything else
+//!   `NBD_REP_ERR_UNSUP`).
 //! - `server`: accept loop, many requests in flight per connection, replies
 //!   in completion order, graceful drain on cancellation.
 //!
@@ -55,6 +57,18 @@ pub enum NbdError {
     /// The client never chose an export.
     #[error("the client sent {0} options without choosing an export; closing")]
     TooManyOptions(usize),
+    /// A client asked for an export in the clear from a server that requires TLS.
+    #[error(
+        "the client chose an export without STARTTLS, and this server requires TLS; connect with nbds:// (libnbd) or tls-creds (QEMU)"
+    )]
+    TlsRequired,
+    /// The TLS handshake after STARTTLS failed (a certificate not signed by
+    /// the server's authority, none at all, or not TLS).
+    #[error("the TLS handshake after STARTTLS failed: {0}")]
+    TlsHandshake(#[source] std::io::Error),
+    /// The TLS directory could not be loaded or made into a server configuration.
+    #[error(transparent)]
+    Tls(#[from] crate::rpc::TlsError),
     /// The handshake took too long.
     #[error("the client did not finish the NBD handshake within {0:?}")]
     HandshakeTimeout(Duration),
@@ -97,8 +111,12 @@ pub struct StandaloneOptions {
     pub size: Option<u64>,
     /// Use `O_DIRECT` where the file system allows it.
     pub direct: bool,
-    /// Serve on a non-loopback TCP address although NBD has no TLS.
+    /// Serve on a non-loopback TCP address without TLS.
     pub insecure: bool,
+    /// Require TLS (STARTTLS) with this host directory of `tern certs init`:
+    /// its certificate is shown to clients, and a client must show one
+    /// signed by its `ca.pem`.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// Where to listen.
@@ -109,13 +127,14 @@ pub enum ListenAddr {
 }
 
 impl ListenAddr {
-    /// NBD has no encryption or authentication here: anyone who reaches the
-    /// port reads (and, when writable, writes) the disk. Loopback and unix
-    /// sockets are served; any other address only when `insecure` says the
-    /// operator means it. The one rule for the agent and `tern nbd serve`.
-    pub fn check_exposure(&self, insecure: bool) -> Result<(), InsecureNbd> {
+    /// Without TLS, NBD has no encryption or authentication: anyone who
+    /// reaches the port reads (and, when writable, writes) the disk.
+    /// Loopback and unix sockets are served; any other address only with
+    /// TLS, or when `insecure` says the operator means it. The one rule for
+    /// the agent and `tern nbd serve`.
+    pub fn check_exposure(&self, insecure: bool, tls: bool) -> Result<(), InsecureNbd> {
         match self {
-            ListenAddr::Tcp(addr) if !addr.ip().is_loopback() => {
+            ListenAddr::Tcp(addr) if !addr.ip().is_loopback() && !tls => {
                 if !insecure {
                     return Err(InsecureNbd { addr: *addr });
                 }
@@ -130,7 +149,7 @@ impl ListenAddr {
 /// An NBD listener on a non-loopback address without `--insecure-nbd`.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "refusing to serve NBD (no TLS) on {addr}, which is not loopback; use a loopback address or unix:/path, or pass --insecure-nbd"
+    "refusing to serve NBD without TLS on {addr}, which is not loopback; give a TLS directory (--tls-dir), use a loopback address or unix:/path, or pass --insecure-nbd"
 )]
 pub struct InsecureNbd {
     pub addr: SocketAddr,
@@ -158,7 +177,12 @@ pub async fn serve_standalone(
     cancel: CancellationToken,
 ) -> Result<(), NbdError> {
     let addr: ListenAddr = opts.listen.parse()?;
-    addr.check_exposure(opts.insecure)?;
+    addr.check_exposure(opts.insecure, opts.tls_dir.is_some())?;
+    let tls = opts
+        .tls_dir
+        .as_deref()
+        .map(|dir| crate::rpc::TlsMaterial::load(dir)?.rustls_server_config())
+        .transpose()?;
     let image = Image::open(
         &opts.image,
         &ImageOptions {
@@ -168,7 +192,7 @@ pub async fn serve_standalone(
             bulk_direct: false,
         },
     )?;
-    let server = Arc::new(NbdServer::new(vec![Export {
+    let mut server = NbdServer::new(vec![Export {
         name: opts.name.clone(),
         description: describe(&opts.image),
         image,
@@ -176,7 +200,11 @@ pub async fn serve_standalone(
         // Standalone: no checksum tree or anything else derived from the image.
         changes: ImageChanges::default(),
         presence: crate::postcopy::Presence::default(),
-    }]));
+    }]);
+    if let Some(config) = tls {
+        server = server.with_tls(config);
+    }
+    let server = Arc::new(server);
     let listen_err = |source| NbdError::Listen {
         addr: opts.listen.clone(),
         source,
@@ -187,7 +215,7 @@ pub async fn serve_standalone(
                 .await
                 .map_err(listen_err)?;
             let local = listener.local_addr().map_err(listen_err)?;
-            tracing::info!(%local, export = %opts.name, "NBD server listening");
+            tracing::info!(%local, export = %opts.name, tls = server.has_tls(), "NBD server listening");
             server.serve_tcp(listener, cancel).await
         }
         ListenAddr::Unix(path) => {

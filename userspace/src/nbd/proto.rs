@@ -14,6 +14,8 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 // Handshake flags (server) and client flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -46,10 +48,12 @@ pub const OPT_EXTENDED_HEADERS: u32 = 11;
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_ERR + 1;
 pub const REP_ERR_POLICY: u32 = REP_ERR + 2;
 pub const REP_ERR_INVALID: u32 = REP_ERR + 3;
+pub const REP_ERR_TLS_REQD: u32 = REP_ERR + 5;
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR + 6;
 pub const REP_ERR_TOO_BIG: u32 = REP_ERR + 9;
 
@@ -66,10 +70,32 @@ pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
 
 // Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+// Structured reply chunks.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+/// Size of a structured reply chunk header.
+pub const STRUCTURED_HEADER_LEN: usize = 20;
+
+/// The one metadata context served: which parts of the export are holes.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// Its context id (chosen by the server; any fixed value will do).
+pub const BASE_ALLOCATION_ID: u32 = 1;
+// `base:allocation` status flags.
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
+/// Descriptors in one block-status reply at most: a client asks again for
+/// the rest (the spec lets a reply cover less than asked).
+pub const MAX_STATUS_DESCRIPTORS: usize = 4096;
 
 // Errors carried in replies (NBD's own numbering, equal to Linux errno).
 pub const EPERM: u32 = 1;
@@ -154,6 +180,10 @@ pub enum ClientOption {
     List,
     Info(InfoRequest),
     Go(InfoRequest),
+    StartTls,
+    StructuredReply,
+    ListMetaContext(MetaRequest),
+    SetMetaContext(MetaRequest),
     /// Known or unknown options this server answers with `NBD_REP_ERR_UNSUP`.
     Unsupported(u32),
 }
@@ -163,6 +193,13 @@ pub enum ClientOption {
 pub struct InfoRequest {
     pub name: String,
     pub infos: Vec<u16>,
+}
+
+/// The payload of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaRequest {
+    pub export: String,
+    pub queries: Vec<String>,
 }
 
 /// Why an option's payload was rejected (answered with `NBD_REP_ERR_INVALID`,
@@ -187,12 +224,22 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, OptionErro
     match option {
         OPT_EXPORT_NAME => Ok(ClientOption::ExportName(parse_name(data)?)),
         OPT_ABORT => Ok(ClientOption::Abort),
-        OPT_LIST if data.is_empty() => Ok(ClientOption::List),
-        OPT_LIST => Err(OptionError::Length {
-            option,
-            len: data.len(),
-            expected: "0",
-        }),
+        OPT_LIST | OPT_STARTTLS | OPT_STRUCTURED_REPLY if !data.is_empty() => {
+            Err(OptionError::Length {
+                option,
+                len: data.len(),
+                expected: "0",
+            })
+        }
+        OPT_LIST => Ok(ClientOption::List),
+        OPT_STARTTLS => Ok(ClientOption::StartTls),
+        OPT_STRUCTURED_REPLY => Ok(ClientOption::StructuredReply),
+        OPT_LIST_META_CONTEXT => Ok(ClientOption::ListMetaContext(parse_meta_request(
+            option, data,
+        )?)),
+        OPT_SET_META_CONTEXT => Ok(ClientOption::SetMetaContext(parse_meta_request(
+            option, data,
+        )?)),
         OPT_INFO | OPT_GO => {
             let req = parse_info_request(option, data)?;
             Ok(if option == OPT_GO {
@@ -231,6 +278,46 @@ fn parse_info_request(option: u32, data: &[u8]) -> Result<InfoRequest, OptionErr
         .map(|c| u16::from_be_bytes([c[0], c[1]]))
         .collect();
     Ok(InfoRequest { name, infos })
+}
+
+fn parse_meta_request(option: u32, data: &[u8]) -> Result<MetaRequest, OptionError> {
+    let bad = || OptionError::Length {
+        option,
+        len: data.len(),
+        expected: "4 + name length + 4 + (4 + query length) per query",
+    };
+    let mut rest = data;
+    let export = take_string(&mut rest).ok_or_else(bad)??;
+    let count = take_u32(&mut rest).ok_or_else(bad)?;
+    // Each query takes at least its 4-byte length: a count the payload
+    // cannot hold is refused before anything is allocated for it.
+    if count as usize > rest.len() / 4 {
+        return Err(bad());
+    }
+    let mut queries = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        queries.push(take_string(&mut rest).ok_or_else(bad)??);
+    }
+    if !rest.is_empty() {
+        return Err(bad());
+    }
+    Ok(MetaRequest { export, queries })
+}
+
+/// A big-endian `u32` off the front of `rest`; `None` if it is too short.
+fn take_u32(rest: &mut &[u8]) -> Option<u32> {
+    let (head, tail) = rest.split_first_chunk::<4>()?;
+    *rest = tail;
+    Some(u32::from_be_bytes(*head))
+}
+
+/// A string with a `u32` length prefix off the front of `rest`; `None` if
+/// `rest` is too short, `Some(Err)` if the bytes are not a valid string.
+fn take_string(rest: &mut &[u8]) -> Option<Result<String, OptionError>> {
+    let len = usize::try_from(take_u32(rest)?).ok()?;
+    let (bytes, tail) = rest.split_at_checked(len)?;
+    *rest = tail;
+    Some(parse_name(bytes))
 }
 
 fn parse_name(data: &[u8]) -> Result<String, OptionError> {
@@ -323,6 +410,12 @@ pub enum Command {
         fua: bool,
         may_trim: bool,
     },
+    /// `NBD_CMD_BLOCK_STATUS` (for the one context, `base:allocation`).
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
     Disconnect,
 }
 
@@ -331,6 +424,7 @@ pub enum Command {
 pub fn check_request(req: &RequestHeader, size: u64, read_only: bool) -> Result<Command, u32> {
     let known_flags = match req.command {
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
         _ => CMD_FLAG_FUA,
     };
     if req.flags & !known_flags != 0 {
@@ -349,6 +443,12 @@ pub fn check_request(req: &RequestHeader, size: u64, read_only: bool) -> Result<
         CMD_READ | CMD_WRITE if len > MAX_PAYLOAD => Err(EINVAL),
         CMD_WRITE | CMD_WRITE_ZEROES if !in_bounds => Err(ENOSPC),
         CMD_READ | CMD_TRIM if !in_bounds => Err(EINVAL),
+        CMD_BLOCK_STATUS if !in_bounds || len == 0 => Err(EINVAL),
+        CMD_BLOCK_STATUS => Ok(Command::BlockStatus {
+            offset,
+            len,
+            req_one: req.flags & CMD_FLAG_REQ_ONE != 0,
+        }),
         CMD_READ => Ok(Command::Read { offset, len }),
         CMD_WRITE => Ok(Command::Write { offset, len, fua }),
         CMD_TRIM => Ok(Command::Trim { offset, len, fua }),
@@ -360,7 +460,7 @@ pub fn check_request(req: &RequestHeader, size: u64, read_only: bool) -> Result<
         }),
         CMD_FLUSH => Ok(Command::Flush),
         CMD_DISC => Ok(Command::Disconnect),
-        // CACHE, BLOCK_STATUS, RESIZE and unknown commands were not offered.
+        // CACHE, RESIZE and unknown commands were not offered.
         _ => Err(EINVAL),
     }
 }
@@ -371,6 +471,80 @@ pub fn simple_reply(error: u32, cookie: u64) -> [u8; 16] {
     out[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     out[4..8].copy_from_slice(&error.to_be_bytes());
     out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out
+}
+
+/// Encodes a structured reply chunk header; `len` is the payload's length.
+pub fn structured_header(
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    len: u32,
+) -> [u8; STRUCTURED_HEADER_LEN] {
+    let mut out = [0u8; STRUCTURED_HEADER_LEN];
+    out[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&flags.to_be_bytes());
+    out[6..8].copy_from_slice(&kind.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out[16..20].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// One `base:allocation` descriptor: a run of `len` bytes with `flags`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descriptor {
+    pub len: u32,
+    pub flags: u32,
+}
+
+/// The `base:allocation` descriptors of `[offset, offset + len)` given the
+/// parts of it that hold data (`data`: sorted, disjoint, inside the range);
+/// the rest is a hole that reads as zeroes. They cover the range from its
+/// start, in order, never past its end: all of it, or less when `req_one`
+/// (one descriptor) or `max` cut the list short.
+pub fn allocation_descriptors(
+    offset: u64,
+    len: u32,
+    data: &[std::ops::Range<u64>],
+    req_one: bool,
+    max: usize,
+) -> Vec<Descriptor> {
+    let end = offset + u64::from(len);
+    let limit = if req_one { 1 } else { max.max(1) };
+    let mut out: Vec<Descriptor> = Vec::new();
+    let push = |out: &mut Vec<Descriptor>, from: u64, to: u64, flags: u32| {
+        if from >= to {
+            return;
+        }
+        let run = u32::try_from(to - from).expect("a run inside a u32-long request");
+        match out.last_mut() {
+            Some(last) if last.flags == flags => last.len += run,
+            _ => out.push(Descriptor { len: run, flags }),
+        }
+    };
+    let mut at = offset;
+    for r in data {
+        let (from, to) = (r.start.clamp(at, end), r.end.clamp(at, end));
+        push(&mut out, at, from, STATE_HOLE | STATE_ZERO);
+        push(&mut out, from, to, 0);
+        at = to.max(at);
+        if out.len() > limit {
+            break;
+        }
+    }
+    push(&mut out, at, end, STATE_HOLE | STATE_ZERO);
+    out.truncate(limit);
+    out
+}
+
+/// The payload of a `NBD_REPLY_TYPE_BLOCK_STATUS` chunk.
+pub fn block_status_payload(context: u32, descriptors: &[Descriptor]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + 8 * descriptors.len());
+    out.extend_from_slice(&context.to_be_bytes());
+    for d in descriptors {
+        out.extend_from_slice(&d.len.to_be_bytes());
+        out.extend_from_slice(&d.flags.to_be_bytes());
+    }
     out
 }
 
@@ -436,6 +610,32 @@ mod tests {
             }
         );
         assert_eq!(req.payload_len(), 512);
+    }
+
+    #[test]
+    fn allocation_of_a_hole_and_of_data() {
+        let hole = STATE_HOLE | STATE_ZERO;
+        let d = |len, flags| Descriptor { len, flags };
+        assert_eq!(
+            allocation_descriptors(0, 100, &[], false, 8),
+            vec![d(100, hole)]
+        );
+        assert_eq!(
+            allocation_descriptors(0, 100, std::slice::from_ref(&(0..100)), true, 8),
+            vec![d(100, 0)]
+        );
+        assert_eq!(
+            allocation_descriptors(10, 100, &[20..30, 30..50, 90..110], false, 8),
+            vec![d(10, hole), d(30, 0), d(40, hole), d(20, 0)]
+        );
+        assert_eq!(
+            allocation_descriptors(10, 100, &[20..30, 90..110], false, 2),
+            vec![d(10, hole), d(10, 0)]
+        );
+        assert_eq!(
+            block_status_payload(7, &[d(4096, hole)]),
+            [0, 0, 0, 7, 0, 0, 16, 0, 0, 0, 0, 3]
+        );
     }
 
     #[test]
@@ -519,14 +719,18 @@ mod tests {
                             Command::Read { offset, len }
                             | Command::Write { offset, len, .. }
                             | Command::Trim { offset, len, .. }
-                            | Command::WriteZeroes { offset, len, .. } => (offset, len),
+                            | Command::WriteZeroes { offset, len, .. }
+                            | Command::BlockStatus { offset, len, .. } => (offset, len),
                             Command::Flush | Command::Disconnect => (0, 0),
                         };
                         let inside = off.checked_add(u64::from(len)).is_some_and(|e| e <= size);
                         prop_assert!(inside, "accepted {:?} outside {} bytes", cmd, size);
                         let payload = matches!(cmd, Command::Read { .. } | Command::Write { .. });
                         prop_assert!(!payload || len <= MAX_PAYLOAD, "accepted oversized {:?}", cmd);
-                        let harmless = matches!(cmd, Command::Read { .. } | Command::Flush | Command::Disconnect);
+                        let harmless = matches!(
+                            cmd,
+                            Command::Read { .. } | Command::Flush | Command::Disconnect | Command::BlockStatus { .. }
+                        );
                         prop_assert!(!ro || harmless, "read-only export accepted {:?}", cmd);
                     }
                 }
@@ -558,9 +762,80 @@ mod tests {
                     // A parsed request used every byte it was given.
                     prop_assert_eq!(4 + r.name.len() + 2 + 2 * r.infos.len(), data.len());
                 }
-                Ok(ClientOption::List) => prop_assert!(data.is_empty()),
+                Ok(ClientOption::List | ClientOption::StartTls | ClientOption::StructuredReply) => {
+                    prop_assert!(data.is_empty());
+                }
+                Ok(ClientOption::ListMetaContext(r) | ClientOption::SetMetaContext(r)) => {
+                    let used = 8 + r.export.len() + r.queries.iter().map(|q| 4 + q.len()).sum::<usize>();
+                    prop_assert_eq!(used, data.len());
+                }
                 Ok(_) | Err(_) => {}
             }
+        }
+
+        #[test]
+        fn meta_requests_round_trip(
+            export in "[a-z]{0,12}",
+            queries in proptest::collection::vec("[a-z:]{0,20}", 0..6),
+        ) {
+            let mut data = (export.len() as u32).to_be_bytes().to_vec();
+            data.extend_from_slice(export.as_bytes());
+            data.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+            for q in &queries {
+                data.extend_from_slice(&(q.len() as u32).to_be_bytes());
+                data.extend_from_slice(q.as_bytes());
+            }
+            let want = MetaRequest { export: export.clone(), queries: queries.clone() };
+            prop_assert_eq!(
+                parse_option(OPT_SET_META_CONTEXT, &data),
+                Ok(ClientOption::SetMetaContext(want))
+            );
+            // A payload cut anywhere, or one byte too long, is refused.
+            for cut in 0..data.len() {
+                prop_assert!(parse_option(OPT_LIST_META_CONTEXT, &data[..cut]).is_err());
+            }
+            data.push(0);
+            prop_assert!(parse_option(OPT_LIST_META_CONTEXT, &data).is_err());
+        }
+
+        #[test]
+        fn allocation_descriptors_tile_the_request_and_match_the_data(
+            offset in 0u64..1 << 20,
+            len in 1u32..1 << 20,
+            cuts in proptest::collection::vec(0u64..1 << 20, 0..12),
+            req_one in any::<bool>(),
+            max in 1usize..6,
+        ) {
+            // Sorted, disjoint data runs inside the request, from random cut points.
+            let end = offset + u64::from(len);
+            let mut points: Vec<u64> = cuts.iter().map(|c| offset + c % u64::from(len)).collect();
+            points.sort_unstable();
+            points.dedup();
+            let data: Vec<std::ops::Range<u64>> =
+                points.chunks_exact(2).map(|p| p[0]..p[1]).collect();
+            let got = allocation_descriptors(offset, len, &data, req_one, max);
+            let limit = if req_one { 1 } else { max };
+            prop_assert!(!got.is_empty());
+            prop_assert!(got.len() <= limit);
+            let covered: u64 = got.iter().map(|d| u64::from(d.len)).sum();
+            prop_assert!(covered <= u64::from(len));
+            if got.len() < limit {
+                prop_assert_eq!(covered, u64::from(len), "a short list covers everything");
+            }
+            // Every byte's flags agree with the data runs; neighbours differ.
+            let mut at = offset;
+            for (i, d) in got.iter().enumerate() {
+                prop_assert!(d.len > 0);
+                if i > 0 {
+                    prop_assert_ne!(got[i - 1].flags, d.flags);
+                }
+                for probe in [at, at + u64::from(d.len) - 1] {
+                    let is_data = data.iter().any(|r| r.contains(&probe));
+                    prop_assert_eq!(d.flags == 0, is_data, "byte {}", probe);
+                }
+                at += u64::from(d.len);
+            }
+            prop_assert!(at <= end);
         }
 
         #[test]

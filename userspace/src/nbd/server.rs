@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::NbdError;
-use super::handshake;
+use super::handshake::{self, Negotiated, Outcome};
 use super::proto::{self, Command};
 use crate::image::{Image, ImageChanges, ImageError, IoBuf};
 use crate::postcopy::Presence;
@@ -114,6 +114,7 @@ pub struct NbdStats {
     pub flushes: AtomicU64,
     pub trims: AtomicU64,
     pub write_zeroes: AtomicU64,
+    pub block_status: AtomicU64,
     pub disconnects: AtomicU64,
     /// Requests answered with an error.
     pub errors: AtomicU64,
@@ -133,6 +134,7 @@ pub struct NbdStatsSnapshot {
     pub flushes: u64,
     pub trims: u64,
     pub write_zeroes: u64,
+    pub block_status: u64,
     pub disconnects: u64,
     pub errors: u64,
     pub bytes_read: u64,
@@ -153,6 +155,7 @@ impl NbdStats {
             flushes: l(&self.flushes),
             trims: l(&self.trims),
             write_zeroes: l(&self.write_zeroes),
+            block_status: l(&self.block_status),
             disconnects: l(&self.disconnects),
             errors: l(&self.errors),
             bytes_read: l(&self.bytes_read),
@@ -170,6 +173,9 @@ fn bump(c: &AtomicU64) {
 pub struct NbdServer {
     exports: Vec<Arc<ExportState>>,
     stats: NbdStats,
+    /// Set: every client must STARTTLS (with a certificate the server's
+    /// authority signed) before it may choose an export.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl NbdServer {
@@ -193,7 +199,22 @@ impl NbdServer {
         NbdServer {
             exports,
             stats: NbdStats::default(),
+            tls: None,
         }
+    }
+
+    /// Requires TLS of every client (`NBD_OPT_STARTTLS`, as qemu-nbd and
+    /// nbdkit do with `--tls=require`), with mutual authentication as
+    /// `config` asks (Tern's: a client certificate from the same authority).
+    #[must_use]
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> NbdServer {
+        self.tls = Some(config);
+        self
+    }
+
+    /// Whether clients must use TLS.
+    pub fn has_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The server's counters.
@@ -290,8 +311,7 @@ impl NbdServer {
                     Ok((stream, _peer)) => {
                         // Latency matters more than packet count for replies.
                         let _ = stream.set_nodelay(true);
-                        let (rd, wr) = stream.into_split();
-                        self.spawn_connection(&mut conns, rd, wr, &cancel);
+                        self.spawn_connection(&mut conns, stream, &cancel);
                     }
                     Err(e) => accept_failed(&e).await,
                 },
@@ -312,10 +332,7 @@ impl NbdServer {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _peer)) => {
-                        let (rd, wr) = stream.into_split();
-                        self.spawn_connection(&mut conns, rd, wr, &cancel);
-                    }
+                    Ok((stream, _peer)) => self.spawn_connection(&mut conns, stream, &cancel),
                     Err(e) => accept_failed(&e).await,
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -332,27 +349,22 @@ impl NbdServer {
         cancel: CancellationToken,
     ) -> Result<(), NbdError>
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (rd, wr) = tokio::io::split(stream);
-        self.connection(rd, wr, cancel).await
+        self.connection(Whole(stream), cancel).await
     }
 
-    fn spawn_connection<R, W>(
+    fn spawn_connection<S: Transport>(
         self: &Arc<Self>,
         conns: &mut JoinSet<()>,
-        rd: R,
-        wr: W,
+        stream: S,
         cancel: &CancellationToken,
-    ) where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
+    ) {
         bump(&self.stats.connections_accepted);
         let server = Arc::clone(self);
         let cancel = cancel.clone();
         conns.spawn(async move {
-            if let Err(e) = server.connection(rd, wr, cancel).await {
+            if let Err(e) = server.connection(stream, cancel).await {
                 // One line per connection, not per request.
                 tracing::debug!(error = %e, "NBD connection ended with an error");
             }
@@ -377,45 +389,32 @@ impl NbdServer {
         Ok(())
     }
 
-    async fn connection<R, W>(
+    async fn connection<S: Transport>(
         self: Arc<Self>,
-        rd: R,
-        wr: W,
+        stream: S,
         cancel: CancellationToken,
-    ) -> Result<(), NbdError>
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
+    ) -> Result<(), NbdError> {
         self.stats
             .connections_active
             .fetch_add(1, Ordering::Relaxed);
-        let result = self.connection_inner(rd, wr, cancel).await;
+        let result = self.connection_inner(stream, cancel).await;
         self.stats
             .connections_active
             .fetch_sub(1, Ordering::Relaxed);
         result
     }
 
-    async fn connection_inner<R, W>(
+    async fn connection_inner<S: Transport>(
         self: &Arc<Self>,
-        rd: R,
-        wr: W,
+        stream: S,
         cancel: CancellationToken,
-    ) -> Result<(), NbdError>
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
-        let mut rd = BufReader::with_capacity(SOCKET_BUF, rd);
-        let mut wr = BufWriter::with_capacity(SOCKET_BUF, wr);
+    ) -> Result<(), NbdError> {
         let negotiated = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
-            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut rd, &mut wr, self)) => r,
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(stream)) => r,
         };
-        let export = match negotiated {
-            Ok(Ok(Some(export))) => export,
-            Ok(Ok(None)) => return Ok(()),
+        let session = match negotiated {
+            Ok(Ok(session)) => session,
             Ok(Err(e)) => {
                 bump(&self.stats.handshake_failures);
                 return Err(e);
@@ -425,7 +424,41 @@ impl NbdServer {
                 return Err(NbdError::HandshakeTimeout(HANDSHAKE_TIMEOUT));
             }
         };
-        self.transmission(rd, wr, export, cancel).await
+        match session {
+            Session::Aborted => Ok(()),
+            Session::Plain(stream, terms) => {
+                let (rd, wr) = stream.halves();
+                self.transmission(rd, wr, terms, cancel).await
+            }
+            Session::Tls(stream, terms) => {
+                let (rd, wr) = tokio::io::split(*stream);
+                self.transmission(rd, wr, terms, cancel).await
+            }
+        }
+    }
+
+    /// Greeting, options, and the TLS handshake when the client starts it.
+    async fn handshake<S: Transport>(&self, mut stream: S) -> Result<Session<S>, NbdError> {
+        let mut haggle = handshake::greet(&mut stream, self.tls.is_some()).await?;
+        match handshake::negotiate(&mut stream, self, &mut haggle).await? {
+            Outcome::Go(terms) => return Ok(Session::Plain(stream, terms)),
+            Outcome::Abort => return Ok(Session::Aborted),
+            Outcome::StartTls => {}
+        }
+        let config = self
+            .tls
+            .as_ref()
+            .expect("STARTTLS is acknowledged only by a server with TLS");
+        let mut tls = tokio_rustls::TlsAcceptor::from(Arc::clone(config))
+            .accept(stream)
+            .await
+            .map_err(NbdError::TlsHandshake)?;
+        haggle.tls_started();
+        match handshake::negotiate(&mut tls, self, &mut haggle).await? {
+            Outcome::Go(terms) => Ok(Session::Tls(Box::new(tls), terms)),
+            Outcome::Abort => Ok(Session::Aborted),
+            Outcome::StartTls => unreachable!("a second STARTTLS is refused by negotiate"),
+        }
     }
 
     #[expect(
@@ -434,18 +467,25 @@ impl NbdServer {
     )]
     async fn transmission<R, W>(
         self: &Arc<Self>,
-        mut rd: BufReader<R>,
-        wr: BufWriter<W>,
-        export: Arc<ExportState>,
+        rd: R,
+        wr: W,
+        terms: Negotiated,
         cancel: CancellationToken,
     ) -> Result<(), NbdError>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        let mut rd = BufReader::with_capacity(SOCKET_BUF, rd);
+        let wr = BufWriter::with_capacity(SOCKET_BUF, wr);
+        let Negotiated {
+            export,
+            structured,
+            allocation,
+        } = terms;
         let (tx, rx) = mpsc::channel::<Reply>(MAX_INFLIGHT);
         let writer_dead = CancellationToken::new();
-        let writer = tokio::spawn(write_replies(wr, rx, writer_dead.clone()));
+        let writer = tokio::spawn(write_replies(wr, rx, structured, writer_dead.clone()));
         let count = Arc::new(Semaphore::new(MAX_INFLIGHT));
         let budget = Arc::new(Semaphore::new(MAX_INFLIGHT_BYTES));
         let size = export.image.size();
@@ -471,7 +511,14 @@ impl NbdServer {
                     break Err(e.into());
                 }
             };
-            let cmd = match proto::check_request(&req, size, export.is_read_only()) {
+            let checked = proto::check_request(&req, size, export.is_read_only()).and_then(|cmd| {
+                // Block status only for a context the client selected.
+                match cmd {
+                    Command::BlockStatus { .. } if !allocation => Err(proto::EINVAL),
+                    cmd => Ok(cmd),
+                }
+            });
+            let cmd = match checked {
                 Ok(cmd) => cmd,
                 Err(errno) => {
                     // Skip the payload of a refused WRITE to stay in sync;
@@ -491,6 +538,7 @@ impl NbdServer {
                         cookie: req.cookie,
                         error: errno,
                         data: None,
+                        kind: ReplyKind::Plain,
                     };
                     if tx.send(reply).await.is_err() {
                         break Ok(false);
@@ -559,7 +607,14 @@ impl NbdServer {
             let export = Arc::clone(&export);
             let server = Arc::clone(self);
             tokio::spawn(async move {
-                let reply = server.execute(&export, cmd, req.cookie, data).await;
+                let reply = match cmd {
+                    Command::BlockStatus {
+                        offset,
+                        len,
+                        req_one,
+                    } => server.block_status(&export, req.cookie, offset, len, req_one),
+                    _ => server.execute(&export, cmd, req.cookie, data).await,
+                };
                 let _ = tx.send(reply).await;
                 drop((permit, bytes_permit));
             });
@@ -601,16 +656,22 @@ impl NbdServer {
                 .fetch_add(u64::from(len), Ordering::Relaxed);
             None
         });
-        self.reply(cookie, result)
+        self.reply(cookie, ReplyKind::Plain, result)
     }
 
     /// The reply to a request that ended with `result`, errors counted.
-    fn reply(&self, cookie: u64, result: Result<Option<Bytes>, ImageError>) -> Reply {
+    fn reply(
+        &self,
+        cookie: u64,
+        kind: ReplyKind,
+        result: Result<Option<Bytes>, ImageError>,
+    ) -> Reply {
         match result {
             Ok(data) => Reply {
                 cookie,
                 error: 0,
                 data,
+                kind,
             },
             Err(e) => {
                 bump(&self.stats.errors);
@@ -618,6 +679,58 @@ impl NbdServer {
                     cookie,
                     error: proto::nbd_errno(e.errno()),
                     data: None,
+                    kind,
+                }
+            }
+        }
+    }
+
+    /// `base:allocation` of `[offset, offset + len)` from the image's
+    /// extent map. During a post-copy every unit is reported as data: a
+    /// unit still on the source reads as a hole here, but holds data there.
+    fn block_status(
+        &self,
+        export: &ExportState,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    ) -> Reply {
+        bump(&self.stats.block_status);
+        let range = offset..offset + u64::from(len);
+        let data = if export.presence.is_active() {
+            Ok(None)
+        } else {
+            export.image.data_ranges(range.clone())
+        };
+        match data {
+            Ok(data) => {
+                let data = data.unwrap_or_else(|| vec![range]);
+                let descriptors = proto::allocation_descriptors(
+                    offset,
+                    len,
+                    &data,
+                    req_one,
+                    proto::MAX_STATUS_DESCRIPTORS,
+                );
+                Reply {
+                    cookie,
+                    error: 0,
+                    data: Some(Bytes::from(proto::block_status_payload(
+                        proto::BASE_ALLOCATION_ID,
+                        &descriptors,
+                    ))),
+                    kind: ReplyKind::BlockStatus,
+                }
+            }
+            Err(e) => {
+                bump(&self.stats.errors);
+                tracing::warn!(error = %e, "NBD block status: the image's extent map cannot be read");
+                Reply {
+                    cookie,
+                    error: proto::nbd_errno(e.raw_os_error().unwrap_or(libc::EIO)),
+                    data: None,
+                    kind: ReplyKind::BlockStatus,
                 }
             }
         }
@@ -632,6 +745,10 @@ impl NbdServer {
     ) -> Reply {
         let image = &export.image;
         let stats = &self.stats;
+        let kind = match cmd {
+            Command::Read { offset, .. } => ReplyKind::Read { offset },
+            _ => ReplyKind::Plain,
+        };
         // In a post-copy, a unit still on the source is fetched before it is
         // read or written in part: never old data, never a fill over a write.
         let gate = match cmd {
@@ -647,7 +764,8 @@ impl NbdServer {
                 .before_write(offset, u64::from(len))
                 .await
                 .map(Some),
-            Command::Flush | Command::Disconnect => Ok(None),
+            // Answered by `block_status`, which reads no data.
+            Command::Flush | Command::Disconnect | Command::BlockStatus { .. } => Ok(None),
         };
         // Held until the write landed (dropped at the end of this call).
         let _claim = match gate {
@@ -659,6 +777,7 @@ impl NbdServer {
                     cookie,
                     error: proto::nbd_errno(libc::EIO),
                     data: None,
+                    kind,
                 };
             }
         };
@@ -667,9 +786,11 @@ impl NbdServer {
             Command::Trim { offset, len, .. } | Command::WriteZeroes { offset, len, .. } => {
                 Some((offset, u64::from(len)))
             }
-            Command::Write { .. } | Command::Read { .. } | Command::Flush | Command::Disconnect => {
-                None
-            }
+            Command::Write { .. }
+            | Command::Read { .. }
+            | Command::Flush
+            | Command::Disconnect
+            | Command::BlockStatus { .. } => None,
         };
         let result: Result<Option<Bytes>, ImageError> = match cmd {
             Command::Read { offset, len } => {
@@ -720,7 +841,7 @@ impl NbdServer {
                 let r = image.write_zeroes(offset, u64::from(len), may_trim).await;
                 fua_after(image, r, fua).await
             }
-            Command::Disconnect => Ok(None),
+            Command::Disconnect | Command::BlockStatus { .. } => Ok(None),
         };
         // Before the reply, so a checksum query made after the client saw
         // its write complete includes it. Also after a failure: the range
@@ -728,7 +849,86 @@ impl NbdServer {
         if let Some((offset, len)) = modified {
             export.changes.changed(offset, len);
         }
-        self.reply(cookie, result)
+        self.reply(cookie, kind, result)
+    }
+}
+
+/// A connection after the handshake.
+enum Session<S> {
+    /// The client aborted before choosing an export.
+    Aborted,
+    Plain(S, Negotiated),
+    /// Boxed: a TLS stream carries its buffers inline.
+    Tls(Box<tokio_rustls::server::TlsStream<S>>, Negotiated),
+}
+
+/// A client connection: read and written whole during the handshake (and
+/// through TLS), then split so requests are read while replies are written.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Rd: AsyncRead + Unpin + Send + 'static;
+    type Wr: AsyncWrite + Unpin + Send + 'static;
+    fn halves(self) -> (Self::Rd, Self::Wr);
+}
+
+impl Transport for TcpStream {
+    type Rd = tokio::net::tcp::OwnedReadHalf;
+    type Wr = tokio::net::tcp::OwnedWriteHalf;
+    /// Owned halves: no lock between the reader and the writer.
+    fn halves(self) -> (Self::Rd, Self::Wr) {
+        self.into_split()
+    }
+}
+
+impl Transport for UnixStream {
+    type Rd = tokio::net::unix::OwnedReadHalf;
+    type Wr = tokio::net::unix::OwnedWriteHalf;
+    fn halves(self) -> (Self::Rd, Self::Wr) {
+        self.into_split()
+    }
+}
+
+/// Any other stream ([`NbdServer::serve_stream`]), split through a lock.
+pub(crate) struct Whole<S>(S);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for Whole<S> {
+    type Rd = tokio::io::ReadHalf<S>;
+    type Wr = tokio::io::WriteHalf<S>;
+    fn halves(self) -> (Self::Rd, Self::Wr) {
+        tokio::io::split(self.0)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Whole<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Whole<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
@@ -756,6 +956,73 @@ struct Reply {
     cookie: u64,
     error: u32,
     data: Option<Bytes>,
+    kind: ReplyKind,
+}
+
+/// What a reply answers, for its shape once structured replies are on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyKind {
+    /// No payload on success: a simple reply either way.
+    Plain,
+    /// A READ at `offset`: one `OFFSET_DATA` chunk.
+    Read { offset: u64 },
+    /// A `BLOCK_STATUS` chunk, its payload already encoded.
+    BlockStatus,
+}
+
+/// A reply's header (simple, or a chunk header with the fields that
+/// precede its payload), at most 20 + 8 bytes.
+struct Head {
+    bytes: [u8; proto::STRUCTURED_HEADER_LEN + 8],
+    len: usize,
+}
+
+impl Head {
+    fn new(parts: &[&[u8]]) -> Head {
+        let mut head = Head {
+            bytes: [0; proto::STRUCTURED_HEADER_LEN + 8],
+            len: 0,
+        };
+        for part in parts {
+            head.bytes[head.len..head.len + part.len()].copy_from_slice(part);
+            head.len += part.len();
+        }
+        head
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// The header of `reply`. With structured replies a READ is one
+/// `OFFSET_DATA` chunk (the spec forbids a simple reply to it), an error is
+/// an `ERROR` chunk, block status its own chunk; other successes stay simple.
+fn reply_head(reply: &Reply, structured: bool) -> Head {
+    let payload = reply.data.as_ref().map_or(0, Bytes::len);
+    let chunk = |kind: u16, extra: usize| {
+        // Payloads are bounded by MAX_PAYLOAD (32 MiB) or a block-status list.
+        let len = u32::try_from(payload + extra).expect("a reply payload fits NBD's 32 bits");
+        proto::structured_header(proto::REPLY_FLAG_DONE, kind, reply.cookie, len)
+    };
+    if !structured {
+        return Head::new(&[&proto::simple_reply(reply.error, reply.cookie)]);
+    }
+    if reply.error != 0 {
+        // The error, then an empty message (its length is a u16).
+        let mut body = [0u8; 6];
+        body[..4].copy_from_slice(&reply.error.to_be_bytes());
+        return Head::new(&[&chunk(proto::REPLY_TYPE_ERROR, 6), &body]);
+    }
+    match reply.kind {
+        ReplyKind::Read { .. } if payload == 0 => Head::new(&[&chunk(proto::REPLY_TYPE_NONE, 0)]),
+        ReplyKind::Read { offset } => Head::new(&[
+            &chunk(proto::REPLY_TYPE_OFFSET_DATA, 8),
+            &offset.to_be_bytes(),
+        ]),
+        ReplyKind::BlockStatus => Head::new(&[&chunk(proto::REPLY_TYPE_BLOCK_STATUS, 0)]),
+        ReplyKind::Plain => Head::new(&[&proto::simple_reply(0, reply.cookie)]),
+    }
 }
 
 /// Replies the writer gathers into one vectored write at most.
@@ -769,6 +1036,7 @@ const MAX_REPLY_BATCH: usize = 64;
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut wr: BufWriter<W>,
     mut rx: mpsc::Receiver<Reply>,
+    structured: bool,
     dead: CancellationToken,
 ) -> std::io::Result<()> {
     let result = async {
@@ -776,14 +1044,10 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         let mut heads = Vec::with_capacity(MAX_REPLY_BATCH);
         while rx.recv_many(&mut batch, MAX_REPLY_BATCH).await > 0 {
             heads.clear();
-            heads.extend(
-                batch
-                    .iter()
-                    .map(|r: &Reply| proto::simple_reply(r.error, r.cookie)),
-            );
+            heads.extend(batch.iter().map(|r: &Reply| reply_head(r, structured)));
             let mut slices = Vec::with_capacity(batch.len() * 2);
             for (head, reply) in heads.iter().zip(&batch) {
-                slices.push(IoSlice::new(head));
+                slices.push(IoSlice::new(head.as_slice()));
                 if let Some(data) = &reply.data {
                     slices.push(IoSlice::new(data));
                 }

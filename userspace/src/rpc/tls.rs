@@ -35,6 +35,21 @@ pub enum TlsError {
         #[source]
         source: std::io::Error,
     },
+    /// rustls refused the material (a key that does not match the certificate, or
+    /// an authority it cannot use to check clients).
+    #[error("cannot build a TLS server configuration from {dir}: {source}")]
+    Config {
+        dir: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    /// `ca.pem` cannot check client certificates.
+    #[error("the authority in {dir}/ca.pem cannot verify client certificates: {source}")]
+    ClientVerifier {
+        dir: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
     /// The private key is readable by others.
     #[error("{path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
     KeyTooOpen { path: PathBuf, mode: u32 },
@@ -103,6 +118,51 @@ impl TlsMaterial {
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
             .client_auth_optional(false)
+    }
+
+    /// Server side for protocols served without tonic (NBD over STARTTLS):
+    /// present `cert.pem`, require a client certificate signed by `ca.pem`,
+    /// exactly as [`TlsMaterial::server_config`] does for gRPC.
+    pub fn rustls_server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+        install_crypto_provider();
+        let failed = |source| TlsError::Config {
+            dir: self.dir.clone(),
+            source,
+        };
+        // `load` checked every file already; parsing again cannot fail
+        // differently, but keeps the error path honest if it did.
+        let parse_certs = |pem: &[u8], file: &str| {
+            rustls_pemfile::certs(&mut BufReader::new(pem))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| TlsError::BadPem {
+                    path: self.dir.join(file),
+                    source,
+                })
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in parse_certs(&self.ca_pem, "ca.pem")? {
+            roots.add(ca).map_err(failed)?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder(std::sync::Arc::new(roots))
+            .build()
+            .map_err(|source| TlsError::ClientVerifier {
+                dir: self.dir.clone(),
+                source,
+            })?;
+        let key = rustls_pemfile::private_key(&mut BufReader::new(&self.key_pem[..]))
+            .map_err(|source| TlsError::BadPem {
+                path: self.dir.join("key.pem"),
+                source,
+            })?
+            .ok_or_else(|| TlsError::NoPem {
+                path: self.dir.join("key.pem"),
+                what: "private key",
+            })?;
+        let config = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(parse_certs(&self.cert_pem, "cert.pem")?, key)
+            .map_err(failed)?;
+        Ok(std::sync::Arc::new(config))
     }
 
     /// Client side: trust only `ca.pem`, present `cert.pem`. `domain` is the
