@@ -392,6 +392,31 @@ fn a_stale_epoch_writer_is_refused_after_cutover() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("wrote"));
 }
 
+/// An agent whose export requires TLS (`--nbd-tls`): the health check reads
+/// it over `nbds://` with the migration's certificates and cuts over; asked
+/// in plaintext, the check fails with a hint and the migration rolls back.
+#[test]
+fn the_health_check_reads_a_tls_export_over_nbds() {
+    let src = LoopDev::new("32M");
+    let lab = Lab::new(32 * MIB).with_agent_args(&["--nbd-tls"]);
+    fill_random(src.path(), 6);
+    let plain = format!("127.0.0.1:{}/tern", lab.nbd);
+    let (ok, report, err) =
+        run_report(&mut lab.migrate(src.path(), &["--no-pause", "--health-nbd", &plain]));
+    assert!(!ok, "a plaintext check of a TLS export passed: {report}");
+    assert_eq!(report["outcome"], "rolled back", "{report}");
+    assert!(
+        err.contains("requires TLS") && err.contains("nbds://"),
+        "{err}"
+    );
+
+    let tls = format!("nbds://localhost:{}/tern", lab.nbd);
+    let (ok, report, err) =
+        run_report(&mut lab.migrate(src.path(), &["--no-pause", "--health-nbd", &tls]));
+    assert!(ok, "{err}");
+    assert_eq!(report["outcome"], "cut over", "{report}");
+}
+
 /// Starts a migration, kills it with SIGKILL once it has sent `after`
 /// bytes (read from its progress lines), and returns.
 fn kill_migration_after(cmd: &mut Command, after: u64) {

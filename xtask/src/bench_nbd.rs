@@ -1,6 +1,7 @@
 //! `cargo xtask bench nbd`: Tern's NBD server against `qemu-nbd` and
 //! `nbdkit file`, measured by fio's libnbd engine on the same image in the
-//! same run.
+//! same run; and over TLS (`nbds://`, mutual TLS with certificates from
+//! `tern certs init`), Tern against `nbdkit --tls=require --tls-verify-peer`.
 //!
 //! The image lives on the real disk (`/var/tmp`), not on tmpfs, because
 //! `qemu-nbd --cache=none` needs `O_DIRECT` with real alignment semantics.
@@ -56,14 +57,20 @@ enum Server {
     TernBuffered,
     QemuNbd,
     Nbdkit,
+    /// `TernBuffered` requiring TLS (`--tls-dir`).
+    TernTls,
+    /// `nbdkit file` requiring TLS and a client certificate, as Tern does.
+    NbdkitTls,
 }
 
 impl Server {
-    const ALL: [Server; 4] = [
+    const ALL: [Server; 6] = [
         Server::Tern,
         Server::TernBuffered,
         Server::QemuNbd,
         Server::Nbdkit,
+        Server::TernTls,
+        Server::NbdkitTls,
     ];
 
     fn name(self) -> &'static str {
@@ -72,6 +79,21 @@ impl Server {
             Server::TernBuffered => "tern (agent: cache)",
             Server::QemuNbd => "qemu-nbd",
             Server::Nbdkit => "nbdkit",
+            Server::TernTls => "tern TLS (cache)",
+            Server::NbdkitTls => "nbdkit TLS",
+        }
+    }
+
+    fn tls(self) -> bool {
+        matches!(self, Server::TernTls | Server::NbdkitTls)
+    }
+
+    /// The nbdkit row a row is held against: the one with the same transport.
+    fn nbdkit(self) -> Server {
+        if self.tls() {
+            Server::NbdkitTls
+        } else {
+            Server::Nbdkit
         }
     }
 }
@@ -106,6 +128,8 @@ pub fn run(tern_bin: &Path) -> Result<()> {
     let image = dir.join("bench.img");
     let result = (|| {
         fill_image(&image, size_mib)?;
+        // One certificate (`localhost`) serves both ends: the servers and fio.
+        let certs = make_certs(tern_bin, &dir)?;
         // results[server][job] = one figure per round
         let mut results = vec![vec![Vec::new(); JOBS.len()]; Server::ALL.len()];
         for round in 0..rounds {
@@ -119,14 +143,23 @@ pub fn run(tern_bin: &Path) -> Result<()> {
                     .iter()
                     .position(|&s| s == server)
                     .expect("listed");
-                let mut child = start_server(server, tern_bin, &image)?;
+                let mut child = start_server(server, tern_bin, &image, &certs)?;
                 let measured = (|| {
                     let addr = child.1;
                     wait_listening(addr, &mut child.0, server)?;
+                    // fio's engine refuses `tls-certificates=` in a URI (local file
+                    // access); libnbd then looks in $HOME/.pki/libnbd, but only for
+                    // a user other than root: see `fio`.
+                    let uri = if server.tls() {
+                        format!("nbds://localhost:{}/{EXPORT}", addr.port())
+                    } else {
+                        format!("nbd://{addr}/{EXPORT}")
+                    };
                     for (j, job) in JOBS.iter().enumerate() {
-                        let fig = fio(addr, job, runtime, size_mib).with_context(|| {
-                            format!("fio {} against {}", job.label, server.name())
-                        })?;
+                        let home = server.tls().then(|| dir.join("home"));
+                        let fig = fio(&uri, home.as_deref(), job, runtime, size_mib).with_context(
+                            || format!("fio {} against {}", job.label, server.name()),
+                        )?;
                         results[sidx][j].push(fig);
                     }
                     Ok::<_, anyhow::Error>(())
@@ -187,17 +220,66 @@ fn free_port() -> Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
-fn start_server(server: Server, tern_bin: &Path, image: &Path) -> Result<(Child, SocketAddr)> {
+/// `tern certs init DIR/pki`: the `localhost` host directory, which holds
+/// the names nbdkit and libnbd look for too.
+fn make_certs(tern_bin: &Path, dir: &Path) -> Result<PathBuf> {
+    let pki = dir.join("pki");
+    let out = Command::new(tern_bin)
+        .args(["certs", "init"])
+        .arg(&pki)
+        .output()
+        .context("running tern certs init")?;
+    if !out.status.success() {
+        bail!(
+            "tern certs init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let host = pki.join("localhost");
+    // libnbd's default certificate directory for a user other than root
+    // (root's is /etc/pki/libnbd, which a bench must not touch): fio runs as
+    // `nobody` with HOME=dir/home, holding its own copy of the client files.
+    let libnbd = dir.join("home/.pki/libnbd");
+    std::fs::create_dir_all(&libnbd)?;
+    for (name, from) in [
+        ("ca-cert.pem", "ca.pem"),
+        ("client-cert.pem", "cert.pem"),
+        ("client-key.pem", "key.pem"),
+    ] {
+        let to = libnbd.join(name);
+        std::fs::copy(host.join(from), &to).with_context(|| format!("copying {from} for fio"))?;
+        std::os::unix::fs::chown(&to, Some(NOBODY), Some(NOBODY))?;
+    }
+    for d in [dir.join("home"), dir.join("home/.pki"), libnbd] {
+        std::os::unix::fs::chown(&d, Some(NOBODY), Some(NOBODY))?;
+    }
+    // `nobody` must be able to reach its home under the bench directory.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok(host)
+}
+
+/// The user fio runs as against TLS servers (see `make_certs`).
+const NOBODY: u32 = 65_534;
+
+fn start_server(
+    server: Server,
+    tern_bin: &Path,
+    image: &Path,
+    certs: &Path,
+) -> Result<(Child, SocketAddr)> {
     let addr = free_port()?;
     let img = image.to_str().context("image path is not UTF-8")?;
     let port = addr.port().to_string();
     let mut cmd = match server {
-        Server::Tern | Server::TernBuffered => {
+        Server::Tern | Server::TernBuffered | Server::TernTls => {
             let mut c = Command::new(tern_bin);
             c.args(["nbd", "serve", "--image", img, "--name", EXPORT, "--listen"])
                 .arg(addr.to_string());
-            if server == Server::TernBuffered {
+            if server != Server::Tern {
                 c.arg("--no-direct");
+            }
+            if server == Server::TernTls {
+                c.arg("--tls-dir").arg(certs);
             }
             c
         }
@@ -219,10 +301,14 @@ fn start_server(server: Server, tern_bin: &Path, image: &Path) -> Result<(Child,
             ]);
             c
         }
-        Server::Nbdkit => {
+        Server::Nbdkit | Server::NbdkitTls => {
             let mut c = Command::new("nbdkit");
-            c.args(["--foreground", "-i", "127.0.0.1", "-p", &port, "file"])
-                .arg(format!("file={img}"));
+            c.args(["--foreground", "-i", "127.0.0.1", "-p", &port]);
+            if server == Server::NbdkitTls {
+                c.args(["--tls=require", "--tls-verify-peer"])
+                    .arg(format!("--tls-certificates={}", certs.display()));
+            }
+            c.arg("file").arg(format!("file={img}"));
             c
         }
     };
@@ -271,12 +357,23 @@ fn stop(child: &mut Child, server: Server) {
     let _ = child.wait();
 }
 
-fn fio(addr: SocketAddr, job: &Job, runtime: u64, size_mib: u64) -> Result<Figure> {
-    let out = Command::new("fio")
+/// fio; with `home`, as `nobody` with `HOME=home`, where `make_certs` put
+/// libnbd's certificate directory.
+fn fio(uri: &str, home: Option<&Path>, job: &Job, runtime: u64, size_mib: u64) -> Result<Figure> {
+    let mut cmd = match home {
+        None => Command::new("fio"),
+        Some(home) => {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "fio"])
+                .env("HOME", home);
+            c
+        }
+    };
+    let out = cmd
         .args([
             "--name=bench",
             "--ioengine=nbd",
-            &format!("--uri=nbd://{addr}/{EXPORT}"),
+            &format!("--uri={uri}"),
             &format!("--rw={}", job.rw),
             &format!("--bs={}", job.bs),
             "--iodepth=16",
@@ -358,6 +455,10 @@ fn print_table(
         "{:<20} {:<19} {:>10} {:>10} {:>10} {:>12}",
         "workload", "server", "IOPS", "MB/s", "vs nbdkit", "vs qemu-nbd"
     )?;
+    writeln!(
+        out,
+        "(TLS rows: held against nbdkit with TLS; both require a client certificate)"
+    )?;
     let at = |server: Server| {
         Server::ALL
             .iter()
@@ -366,10 +467,10 @@ fn print_table(
     };
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     for (j, job) in JOBS.iter().enumerate() {
-        let nbdkit = median(&results[at(Server::Nbdkit)][j]);
         let qemu = median(&results[at(Server::QemuNbd)][j]);
         for server in Server::ALL {
             let f = median(&results[at(server)][j]);
+            let nbdkit = median(&results[at(server.nbdkit())][j]);
             writeln!(
                 out,
                 "{:<20} {:<19} {:>10.0} {:>10.1} {:>10.2} {:>12.2}",

@@ -173,7 +173,8 @@ pub struct MigrateArgs {
     health_cmd: Option<String>,
     /// After cutover: the destination's NBD export (`HOST:PORT[/EXPORT]`, export
     /// `tern` by default) must answer, be writable and serve the source's first 64 KiB.
-    #[arg(long, value_name = "HOST:PORT[/EXPORT]")]
+    /// `nbds://HOST:PORT[/EXPORT]`: over TLS with --tls-dir (an agent with --nbd-tls).
+    #[arg(long, value_name = "[nbds://]HOST:PORT[/EXPORT]")]
     health_nbd: Option<String>,
     /// Sync only: leave the source primary and the destination read-only.
     #[arg(long)]
@@ -267,18 +268,46 @@ impl MigrateArgs {
             )))
             .collect();
         if let Some(spec) = &self.health_nbd {
-            let (addr, export) = spec.split_once('/').unwrap_or((spec, "tern"));
+            // nbds:// asks for TLS with the replication's certificates.
+            let (tls, rest) = match spec.strip_prefix("nbds://") {
+                Some(rest) => (true, rest),
+                None => (false, spec.strip_prefix("nbd://").unwrap_or(spec)),
+            };
+            let (host_port, export) = rest.split_once('/').unwrap_or((rest, "tern"));
             // A host name as well as an address, as --to takes.
-            let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(host_port)
                 .ok()
                 .and_then(|mut a| a.next())
                 .with_context(|| {
-                    format!("--health-nbd {spec:?}: give HOST:PORT[/EXPORT], e.g. dst:10809/tern")
+                    format!(
+                        "--health-nbd {spec:?}: give [nbds://]HOST:PORT[/EXPORT], e.g. dst:10809/tern"
+                    )
                 })?;
+            let tls = if tls {
+                let dir = self.source.tls_dir.as_deref().with_context(|| {
+                    format!("--health-nbd {spec:?} asks for TLS (nbds://): give --tls-dir")
+                })?;
+                let host = host_port
+                    .rsplit_once(':')
+                    .map_or(host_port, |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                Some(tern::nbd::client::ClientTls {
+                    config: tern::rpc::TlsMaterial::load(dir)?.rustls_client_config()?,
+                    server_name: self
+                        .source
+                        .domain
+                        .clone()
+                        .unwrap_or_else(|| host.to_owned()),
+                })
+            } else {
+                None
+            };
             health.push(HealthCheck::Nbd {
                 addr,
                 export: export.to_owned(),
                 region: tern::cutover::HEALTH_REGION,
+                tls,
             });
         }
         Ok(health)

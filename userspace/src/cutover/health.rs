@@ -35,13 +35,12 @@ pub enum HealthError {
     ReadSource(#[from] ImageError),
     #[error("region {start}+{len} read from the destination differs from the source")]
     Differs { start: u64, len: u64 },
-    #[error("the NBD export {export} at {addr}: {what}: {source}")]
+    #[error("the NBD export {export} at {addr}: {source}")]
     Nbd {
         export: String,
         addr: std::net::SocketAddr,
-        what: &'static str,
         #[source]
-        source: std::io::Error,
+        source: crate::nbd::client::NbdClientError,
     },
     #[error("the NBD export {export} at {addr}: after cutover: it is still read-only")]
     NbdReadOnly {
@@ -78,12 +77,14 @@ pub enum HealthCheck {
     /// The destination's export answers and a region read through the
     /// replica service matches the source.
     Region(Range<u64>),
-    /// The destination's NBD export answers at `addr`, is writable, has the
-    /// source's size, and `region` read through it matches the source.
+    /// The destination's NBD export answers at `addr` (over TLS when `tls`
+    /// is set), is writable, has the source's size, and `region` read
+    /// through it matches the source.
     Nbd {
         addr: std::net::SocketAddr,
         export: String,
         region: Range<u64>,
+        tls: Option<crate::nbd::client::ClientTls>,
     },
 }
 
@@ -130,13 +131,19 @@ pub(super) async fn health_check(
                 addr,
                 export,
                 region,
+                tls,
             } => {
                 let len = read_len(region);
                 let want = repl.source().read_at(region.start, len).await?;
-                let (addr, export, start, size) =
-                    (*addr, export.clone(), region.start, repl.source().size());
+                let (addr, export, start, size, tls) = (
+                    *addr,
+                    export.clone(),
+                    region.start,
+                    repl.source().size(),
+                    tls.clone(),
+                );
                 let got = tokio::task::spawn_blocking(move || {
-                    nbd_read(addr, &export, size, start, len as usize)
+                    nbd_read(addr, &export, tls.as_ref(), size, start, len)
                 })
                 .await??;
                 if got != want.as_ref() {
@@ -162,27 +169,19 @@ fn read_len(range: &Range<u64>) -> u32 {
 fn nbd_read(
     addr: std::net::SocketAddr,
     export: &str,
+    tls: Option<&crate::nbd::client::ClientTls>,
     size: u64,
     offset: u64,
-    len: usize,
+    len: u32,
 ) -> Result<Vec<u8>, HealthError> {
-    use std::io::{Read, Seek, SeekFrom};
-    let fail = |what: &'static str| {
-        let export = export.to_owned();
-        move |source: std::io::Error| HealthError::Nbd {
-            export,
-            addr,
-            what,
-            source,
-        }
-    };
-    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(fail("cannot connect"))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(fail("socket"))?;
-    let info = nbd::client::handshake(&mut tcp, export.as_bytes())
-        .map_err(|e| fail("handshake failed")(std::io::Error::other(e)))?;
-    if info.readonly {
+    let (info, data) =
+        crate::nbd::client::read_export(addr, export, tls, offset, len, Duration::from_secs(10))
+            .map_err(|source| HealthError::Nbd {
+                export: export.to_owned(),
+                addr,
+                source,
+            })?;
+    if info.read_only {
         return Err(HealthError::NbdReadOnly {
             export: export.to_owned(),
             addr,
@@ -196,10 +195,6 @@ fn nbd_read(
             want: size,
         });
     }
-    let mut client = nbd::client::NbdClient::new(&mut tcp, &info);
-    client.seek(SeekFrom::Start(offset)).map_err(fail("seek"))?;
-    let mut data = vec![0u8; len];
-    client.read_exact(&mut data).map_err(fail("read"))?;
     Ok(data)
 }
 

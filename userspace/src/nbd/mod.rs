@@ -6,11 +6,13 @@
 //!   `ABORT`, `EXPORT_NAME`, `STARTTLS`, `STRUCTURED_REPLY`, `LIST_` and
 //!   `SET_META_CONTEXT` for `base:allocation`; everything else
 //!   `NBD_REP_ERR_UNSUP`).
+//! - [`client`]: a small blocking client (with STARTTLS) for health checks.
 //! - `server`: accept loop, many requests in flight per connection, replies
 //!   in completion order, graceful drain on cancellation.
 //!
 //! Design notes and measured numbers are in `docs/nbd.md`.
 
+pub mod client;
 mod handshake;
 pub mod proto;
 mod server;

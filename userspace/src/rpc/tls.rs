@@ -129,18 +129,8 @@ impl TlsMaterial {
             dir: self.dir.clone(),
             source,
         };
-        // `load` checked every file already; parsing again cannot fail
-        // differently, but keeps the error path honest if it did.
-        let parse_certs = |pem: &[u8], file: &str| {
-            rustls_pemfile::certs(&mut BufReader::new(pem))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|source| TlsError::BadPem {
-                    path: self.dir.join(file),
-                    source,
-                })
-        };
         let mut roots = rustls::RootCertStore::empty();
-        for ca in parse_certs(&self.ca_pem, "ca.pem")? {
+        for ca in self.parse_certs(&self.ca_pem, "ca.pem")? {
             roots.add(ca).map_err(failed)?;
         }
         let verifier = rustls::server::WebPkiClientVerifier::builder(std::sync::Arc::new(roots))
@@ -149,7 +139,53 @@ impl TlsMaterial {
                 dir: self.dir.clone(),
                 source,
             })?;
-        let key = rustls_pemfile::private_key(&mut BufReader::new(&self.key_pem[..]))
+        let config = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                self.parse_certs(&self.cert_pem, "cert.pem")?,
+                self.parse_key()?,
+            )
+            .map_err(failed)?;
+        Ok(std::sync::Arc::new(config))
+    }
+
+    /// Client side for protocols spoken without tonic (an NBD client over
+    /// STARTTLS): trust only `ca.pem`, present `cert.pem`.
+    pub fn rustls_client_config(&self) -> Result<std::sync::Arc<rustls::ClientConfig>, TlsError> {
+        install_crypto_provider();
+        let failed = |source| TlsError::Config {
+            dir: self.dir.clone(),
+            source,
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in self.parse_certs(&self.ca_pem, "ca.pem")? {
+            roots.add(ca).map_err(failed)?;
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                self.parse_certs(&self.cert_pem, "cert.pem")?,
+                self.parse_key()?,
+            )
+            .map_err(failed)?;
+        Ok(std::sync::Arc::new(config))
+    }
+
+    fn parse_certs(
+        &self,
+        pem: &[u8],
+        file: &str,
+    ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsError> {
+        rustls_pemfile::certs(&mut BufReader::new(pem))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| TlsError::BadPem {
+                path: self.dir.join(file),
+                source,
+            })
+    }
+
+    fn parse_key(&self) -> Result<rustls::pki_types::PrivateKeyDer<'static>, TlsError> {
+        rustls_pemfile::private_key(&mut BufReader::new(&self.key_pem[..]))
             .map_err(|source| TlsError::BadPem {
                 path: self.dir.join("key.pem"),
                 source,
@@ -157,12 +193,7 @@ impl TlsMaterial {
             .ok_or_else(|| TlsError::NoPem {
                 path: self.dir.join("key.pem"),
                 what: "private key",
-            })?;
-        let config = rustls::ServerConfig::builder()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(parse_certs(&self.cert_pem, "cert.pem")?, key)
-            .map_err(failed)?;
-        Ok(std::sync::Arc::new(config))
+            })
     }
 
     /// Client side: trust only `ca.pem`, present `cert.pem`. `domain` is the
