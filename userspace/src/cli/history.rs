@@ -38,6 +38,9 @@ pub struct HistoryArgs {
     /// A segment closes early at this size.
     #[arg(long, default_value = "32M", value_parser = parse_size)]
     pub history_segment_max: u64,
+    /// Store only the trace segments, without a Parquet table beside each.
+    #[arg(long, requires = "history")]
+    pub history_no_parquet: bool,
 }
 
 impl HistoryArgs {
@@ -52,6 +55,7 @@ impl HistoryArgs {
                 every: self.history_every,
                 max_bytes: self.history_segment_max,
             },
+            parquet: !self.history_no_parquet,
         })
     }
 }

@@ -33,6 +33,7 @@ mod read;
 mod retention;
 mod spool;
 mod summary;
+mod table;
 mod upload;
 mod writer;
 
@@ -44,6 +45,7 @@ pub use location::{HistoryStore, StoreOptions};
 pub use read::{HistoryReader, Query, RecordStream, SegmentInfo, TimeRange};
 pub use retention::{PruneReport, Retention};
 pub use summary::{OpSummary, SummaryHook, WindowSummary};
+pub use table::{TableError, parquet_schema, write_parquet};
 pub use upload::{Backoff, UploadCounts, UploadOptions, Uploader, UploaderHandle};
 pub use writer::{HistoryWriter, RollPolicy, SegmentWriter};
 
@@ -76,6 +78,13 @@ pub enum HistoryError {
     Segment {
         name: String,
         source: TraceFileError,
+    },
+    /// A segment whose Parquet table cannot be made.
+    #[error("history segment {name}: cannot make its Parquet table: {source}")]
+    Table {
+        name: String,
+        #[source]
+        source: TableError,
     },
     /// A summary that is not valid JSON.
     #[error("history summary {name}: {source}")]

@@ -86,12 +86,16 @@ pub struct SegmentInfo {
     pub bytes: u64,
     /// Size of its summary object, if it has one.
     pub summary_bytes: Option<u64>,
+    /// Size of its Parquet table, if it has one.
+    pub table_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
     Trace,
     Summary,
+    /// The segment's Parquet table: for other tools, never read back here.
+    Table,
 }
 
 /// One listed object of the history.
@@ -103,7 +107,7 @@ pub(super) struct StoredObject {
 }
 
 impl HistoryStore {
-    /// Every segment and summary object under the prefix (or one host / device).
+    /// Every segment, summary and table object under the prefix (or one host / device).
     pub(super) async fn objects(
         &self,
         host: Option<&str>,
@@ -142,6 +146,8 @@ impl HistoryStore {
                 (s, Kind::Trace)
             } else if let Some(s) = name.strip_suffix(".json") {
                 (s, Kind::Summary)
+            } else if let Some(s) = name.strip_suffix(".parquet") {
+                (s, Kind::Table)
             } else {
                 continue;
             };
@@ -165,7 +171,7 @@ impl HistoryStore {
             .await?;
         let mut by_stem: std::collections::BTreeMap<SegmentKey, SegmentInfo> =
             std::collections::BTreeMap::new();
-        let mut summaries = Vec::new();
+        let mut beside = Vec::new();
         for o in objects {
             match o.kind {
                 Kind::Trace => {
@@ -175,15 +181,20 @@ impl HistoryStore {
                             key: o.key,
                             bytes: o.size,
                             summary_bytes: None,
+                            table_bytes: None,
                         },
                     );
                 }
-                Kind::Summary => summaries.push((o.key, o.size)),
+                Kind::Summary | Kind::Table => beside.push(o),
             }
         }
-        for (key, size) in summaries {
-            if let Some(s) = by_stem.get_mut(&key) {
-                s.summary_bytes = Some(size);
+        for o in beside {
+            if let Some(s) = by_stem.get_mut(&o.key) {
+                match o.kind {
+                    Kind::Summary => s.summary_bytes = Some(o.size),
+                    Kind::Table => s.table_bytes = Some(o.size),
+                    Kind::Trace => {}
+                }
             }
         }
         let mut out: Vec<SegmentInfo> = by_stem

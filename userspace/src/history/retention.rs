@@ -1,5 +1,5 @@
-//! Retention: old segments and their summaries are deleted by age and by the
-//! total size of a device's history.
+//! Retention: old segments with their summaries and Parquet tables are
+//! deleted by age and by the total size of a device's history.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -58,7 +58,7 @@ pub struct PruneReport {
     pub deleted_orphans: u64,
 }
 
-/// One segment with its summary, as far as the listing shows them.
+/// One segment with its summary and table, as far as the listing shows them.
 struct Stored {
     end_unix_ns: u64,
     objects: Vec<StoredObject>,
@@ -123,7 +123,7 @@ impl HistoryStore {
                 if dry_run {
                     continue;
                 }
-                // The segment first: a summary left by a crash here is an orphan, pruned next time.
+                // The segment first: a summary or table left by a crash here is an orphan, pruned next time.
                 let mut objects = s.objects;
                 objects.sort_by_key(|o| o.kind != Kind::Trace);
                 for o in objects {

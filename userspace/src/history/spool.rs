@@ -1,8 +1,8 @@
 //! The local spool: closed segments wait here until the store has them.
 //!
 //! `ROOT/HOST/DEVICE/` holds `SESSION_SEQ_START.part` (the open segment),
-//! `STEM.trace` (closed, waiting), `STEM.json` (its summary, once computed)
-//! and `STEM.upload.json` (a multipart upload in progress). A `.part` left by a
+//! `STEM.trace` (closed, waiting), `STEM.json` (its summary, once computed),
+//! `STEM.parquet` (its Parquet table, once made) and `STEM.upload.json` (a multipart upload in progress). A `.part` left by a
 //! session that died is salvaged: its readable records become a closed segment.
 
 use std::collections::HashSet;
@@ -28,6 +28,10 @@ impl SpoolEntry {
     }
     pub fn summary(&self) -> PathBuf {
         self.dir.join(format!("{}.json", self.key.stem()))
+    }
+    /// Its Parquet table, once made.
+    pub fn table(&self) -> PathBuf {
+        self.dir.join(format!("{}.parquet", self.key.stem()))
     }
     pub fn upload_state(&self) -> PathBuf {
         self.dir.join(format!("{}.upload.json", self.key.stem()))
@@ -238,7 +242,12 @@ pub(super) fn repair(entry: &SpoolEntry) -> Result<(), HistoryError> {
 
 /// Removes a segment and its side files once the store has it.
 pub(super) fn remove(entry: &SpoolEntry) -> Result<(), HistoryError> {
-    for path in [entry.upload_state(), entry.summary(), entry.trace()] {
+    for path in [
+        entry.upload_state(),
+        entry.table(),
+        entry.summary(),
+        entry.trace(),
+    ] {
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -26,6 +26,7 @@ use super::read::now_unix_ns;
 use super::retention::Retention;
 use super::spool::{self, SpoolEntry};
 use super::summary::{SummaryHook, WindowSummary};
+use super::table::{TableError, write_parquet};
 use super::writer::{HistoryWriter, RollPolicy};
 use super::{HistoryError, HistoryStore};
 use crate::trace::TraceReader;
@@ -62,6 +63,9 @@ pub struct UploadOptions {
     pub retention: Option<Retention>,
     pub prune_every: Duration,
     pub summary_hook: Option<SummaryHook>,
+    /// Also store each segment's records as a Parquet table (`STEM.parquet`)
+    /// for `DuckDB`, Spark and pandas.
+    pub parquet: bool,
 }
 
 impl UploadOptions {
@@ -74,6 +78,7 @@ impl UploadOptions {
             retention: None,
             prune_every: Duration::from_mins(10),
             summary_hook: None,
+            parquet: true,
         }
     }
 }
@@ -87,6 +92,8 @@ struct Counters {
     failures: AtomicU64,
     salvaged: AtomicU64,
     pruned: AtomicU64,
+    tables: AtomicU64,
+    table_failures: AtomicU64,
 }
 
 /// What the uploader has done.
@@ -105,6 +112,10 @@ pub struct UploadCounts {
     pub salvaged: u64,
     /// Segments deleted by retention.
     pub pruned: u64,
+    /// Parquet tables the store has beside their segments.
+    pub tables: u64,
+    /// Segments whose Parquet table could not be made: their trace was stored without it.
+    pub table_failures: u64,
     /// Closed segments still waiting in the spool.
     pub waiting: u64,
     /// Bytes in the spool (waiting segments and the open one).
@@ -184,6 +195,36 @@ fn summarize(
     Ok(summary)
 }
 
+/// The segment's Parquet table, kept in the spool (`STEM.parquet`) so a
+/// retry while the store is down does not make it again.
+fn make_table(entry: &SpoolEntry) -> Result<Vec<u8>, HistoryError> {
+    let path = entry.table();
+    match std::fs::read(&path) {
+        Ok(bytes) => return Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(spool_err(&path)(e)),
+    }
+    let trace = entry.trace();
+    let file = std::fs::File::open(&trace).map_err(spool_err(&trace))?;
+    let table_err = |source| HistoryError::Table {
+        name: entry.key.stem(),
+        source,
+    };
+    let reader = TraceReader::new(std::io::BufReader::new(file))
+        .map_err(|source| table_err(TableError::Trace { source }))?;
+    let mut bytes = Vec::new();
+    write_parquet(reader, &entry.key, &mut bytes).map_err(table_err)?;
+    // Only a cache: if the spool cannot hold it, a retry makes it again.
+    let tmp = path.with_extension("parquet.tmp");
+    if std::fs::write(&tmp, &bytes)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .is_err()
+    {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(bytes)
+}
+
 impl Uploader {
     /// An uploader from `opts.spool` to `store`. Salvages what an earlier run
     /// left open in the spool (no writer of this run exists yet).
@@ -233,6 +274,8 @@ impl Uploader {
             failures: c.failures.load(Ordering::Relaxed),
             salvaged: c.salvaged.load(Ordering::Relaxed),
             pruned: c.pruned.load(Ordering::Relaxed),
+            tables: c.tables.load(Ordering::Relaxed),
+            table_failures: c.table_failures.load(Ordering::Relaxed),
             waiting: spool::ready(&self.opts.spool).map_or(0, |r| r.len() as u64),
             spool_bytes: spool::bytes(&self.opts.spool).unwrap_or(0),
         }
@@ -287,6 +330,11 @@ impl Uploader {
         let sum_path = self
             .store
             .path([host, device, format!("{stem}.json").as_str()]);
+        let table = if self.opts.parquet {
+            self.table(entry).await
+        } else {
+            None
+        };
         let result = if self.store.multipart.is_some() && size > self.opts.part_size {
             self.put_multipart(entry, &seg_path, size).await
         } else {
@@ -302,6 +350,21 @@ impl Uploader {
             self.counters.failures.fetch_add(1, Ordering::Relaxed);
             return Err(e);
         }
+        if let Some(table) = &table {
+            let path = self
+                .store
+                .path([host, device, format!("{stem}.parquet").as_str()]);
+            if let Err(e) = self
+                .store
+                .store
+                .put(&path, table.clone().into())
+                .await
+                .map_err(store_err("put", &path))
+            {
+                self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
         if let Err(e) = self
             .store
             .store
@@ -315,7 +378,27 @@ impl Uploader {
         spool::remove(entry)?;
         self.counters.segments.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes.fetch_add(size, Ordering::Relaxed);
+        if table.is_some() {
+            self.counters.tables.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
+    }
+
+    /// The segment's Parquet table; `None` when it cannot be made: the trace
+    /// is what history is, so it goes on without its table (counted, logged).
+    async fn table(&self, entry: &SpoolEntry) -> Option<Vec<u8>> {
+        let e2 = entry.clone();
+        let made = tokio::task::spawn_blocking(move || make_table(&e2))
+            .await
+            .expect("making a Parquet table does not panic");
+        match made {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                self.counters.table_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(segment = %entry.key.stem(), error = %e, "cannot make the segment's Parquet table; storing its trace without it");
+                None
+            }
+        }
     }
 
     async fn put_multipart(
@@ -667,6 +750,8 @@ mod tests {
             .expect("lists");
         assert_eq!(segs.len(), 8);
         assert!(segs.iter().all(|s| s.summary_bytes.is_some()));
+        assert!(segs.iter().all(|s| s.table_bytes.is_some()));
+        assert_eq!((up.counts().tables, up.counts().table_failures), (8, 0));
         let sums = rt
             .block_on(store.summaries(&Query::default()))
             .expect("summaries");
@@ -783,7 +868,7 @@ mod tests {
             by_end.sort_by_key(|s| std::cmp::Reverse(s.key.end_unix_ns));
             by_end[..3]
                 .iter()
-                .map(|s| s.bytes + s.summary_bytes.unwrap_or(0))
+                .map(|s| s.bytes + s.summary_bytes.unwrap_or(0) + s.table_bytes.unwrap_or(0))
                 .sum()
         };
         let by_size = Retention {
@@ -799,9 +884,64 @@ mod tests {
             .block_on(store.segments(&Query::default()))
             .expect("lists");
         assert_eq!(left.len(), 3);
-        // No summary is left behind without its segment.
+        // No summary or table is left behind without its segment.
         let files = walk(root.path());
-        assert_eq!(files.len(), 6, "{files:?}");
+        assert_eq!(files.len(), 9, "{files:?}");
+    }
+
+    #[test]
+    fn a_segment_whose_table_cannot_be_made_is_stored_without_it() {
+        let spool = tempfile::tempdir().expect("spool");
+        let root = tempfile::tempdir().expect("store");
+        let url = root.path().to_str().expect("utf-8").to_owned();
+        // Past 2262: a trace holds it, Parquet's nanosecond timestamps do not.
+        let mut h = header(1);
+        h.start_wall_unix_ns = u64::try_from(i64::MAX).expect("fits");
+        let mut w = SegmentWriter::new(spool.path(), h, policy()).expect("writer");
+        for i in 0..100u64 {
+            w.push(&block(i * 50_000_000, i * 4096)).expect("push");
+        }
+        w.finish(5 * S).expect("finish");
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let store = HistoryStore::open(&url).expect("store");
+        let up = Uploader::new(store.clone(), UploadOptions::new(spool.path().to_owned()))
+            .expect("uploader");
+        assert_eq!(rt.block_on(up.upload_pending()).expect("uploads"), 1);
+        let c = up.counts();
+        assert_eq!(
+            (c.segments, c.tables, c.table_failures, c.waiting),
+            (1, 0, 1, 0)
+        );
+        let segs = rt
+            .block_on(store.segments(&Query::default()))
+            .expect("lists");
+        assert_eq!(segs.len(), 1);
+        assert_eq!(segs[0].table_bytes, None);
+        let records = HistoryReader::open(&url, &Query::default())
+            .expect("reader")
+            .count();
+        assert_eq!(records, 100, "the trace is all there");
+    }
+
+    #[test]
+    fn without_parquet_only_segments_and_summaries_are_stored() {
+        let spool = tempfile::tempdir().expect("spool");
+        let root = tempfile::tempdir().expect("store");
+        write_two_sessions(spool.path());
+        let store = HistoryStore::open(root.path().to_str().expect("utf-8")).expect("store");
+        let mut opts = UploadOptions::new(spool.path().to_owned());
+        opts.parquet = false;
+        let up = Uploader::new(store, opts).expect("uploader");
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        assert_eq!(rt.block_on(up.upload_pending()).expect("uploads"), 8);
+        let files = walk(root.path());
+        assert_eq!(files.len(), 16, "{files:?}");
+        assert!(
+            files
+                .iter()
+                .all(|f| f.extension().is_some_and(|e| e != "parquet"))
+        );
+        assert_eq!(up.counts().tables, 0);
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {

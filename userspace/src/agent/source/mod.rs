@@ -156,6 +156,8 @@ pub struct HistoryRecording {
     pub spool: PathBuf,
     /// Window length of one segment, and the size that closes one early.
     pub roll: RollPolicy,
+    /// Each segment also as a Parquet table.
+    pub parquet: bool,
 }
 
 /// Everything a source agent is built from.
@@ -514,6 +516,7 @@ fn start_history(rec: &HistoryRecording) -> Result<(ObserverFactory, UploaderHan
     let mut opts = UploadOptions::new(rec.spool.clone());
     opts.roll = rec.roll;
     opts.retention = rec.retention;
+    opts.parquet = rec.parquet;
     let uploader = Uploader::new(store, opts).map_err(|source| SourceError::Spool {
         spool: rec.spool.clone(),
         source: Box::new(source),
@@ -533,6 +536,7 @@ async fn stop_history(handle: Option<UploaderHandle>) {
             bytes = counts.bytes,
             waiting = counts.waiting,
             failures = counts.failures,
+            parquet_failures = counts.table_failures,
             "history uploader stopped"
         );
     }
