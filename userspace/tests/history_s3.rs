@@ -172,6 +172,9 @@ fn s3_history_round_trips_multipart_segments_lists_and_reads_back_every_record()
         .collect();
     assert_eq!(windows, vec![(0, 5), (5, 10), (10, 12)]);
     assert!(segs.iter().all(|s| s.summary_bytes.is_some()));
+    // Each with its Parquet table, put with a plain PUT whatever its size.
+    assert!(segs.iter().all(|s| s.table_bytes.is_some()));
+    assert_eq!((counts.tables, counts.table_failures), (3, 0));
     assert_eq!(segs[0].key.host, "src-host");
     assert_eq!(segs[0].key.device, "dev-loop9");
     let sums = rt
@@ -294,7 +297,7 @@ fn s3_retention_deletes_old_segments_and_their_summaries() {
     );
     // By size: only the newest fits.
     let newest = &left[2];
-    let budget = newest.bytes + newest.summary_bytes.unwrap_or(0);
+    let budget = newest.bytes + newest.summary_bytes.unwrap_or(0) + newest.table_bytes.unwrap_or(0);
     let report = rt
         .block_on(store.prune(
             &Retention {

@@ -1,4 +1,4 @@
-//! `tern history ls|get|prune` and the source agent's `--history` flags.
+//! `tern history ls|get|put|prune` and the source agent's `--history` flags.
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use tern::agent::source::HistoryRecording;
 use tern::history::{
-    HistoryStore, Query, Retention, RollPolicy, StoreOptions, TimeRange, format_time,
+    HistoryStore, Query, Retention, RollPolicy, StoreOptions, TimeRange, format_time, put_trace,
 };
 use tern::trace::TraceWriter;
 use tern::trace::record::{EndRecord, Record};
@@ -84,6 +84,26 @@ pub enum HistoryCommand {
         select: Select,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Put a recorded trace into a store as the agent would have recorded it
+    /// (segments, summaries, Parquet tables); prints what was stored as JSON.
+    #[command(
+        after_help = "Example:\n  tern history put /var/lib/tern/history vdb.trace --every 60s"
+    )]
+    Put {
+        /// A directory, `file:///dir` or `s3://bucket/prefix`.
+        url: String,
+        /// A trace file (`tern trace record`, `tern trace import`).
+        trace: PathBuf,
+        /// Window length of one segment.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        every: Duration,
+        /// A segment closes early at this size.
+        #[arg(long, default_value = "32M", value_parser = parse_size)]
+        segment_max: u64,
+        /// Store only the trace segments, without a Parquet table beside each.
+        #[arg(long)]
+        no_parquet: bool,
     },
     /// Delete segments beyond a retention.
     #[command(
@@ -172,6 +192,23 @@ pub fn run(cmd: HistoryCommand) -> Result<()> {
         match cmd {
             HistoryCommand::Ls { select, json } => ls(&select, json).await,
             HistoryCommand::Get { select, out } => get(&select, &out).await,
+            HistoryCommand::Put {
+                url,
+                trace,
+                every,
+                segment_max,
+                no_parquet,
+            } => {
+                let store = HistoryStore::open(&url)?;
+                let roll = RollPolicy {
+                    every,
+                    max_bytes: segment_max,
+                };
+                let counts = put_trace(store, &trace, roll, !no_parquet).await?;
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{}", serde_json::to_string(&counts)?)?;
+                Ok(())
+            }
             HistoryCommand::Prune {
                 url,
                 retention,

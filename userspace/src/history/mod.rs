@@ -29,6 +29,7 @@
 
 mod key;
 mod location;
+mod put;
 mod read;
 mod retention;
 mod spool;
@@ -42,6 +43,7 @@ use std::path::PathBuf;
 
 pub use key::{SegmentKey, format_time, parse_time, sanitize};
 pub use location::{HistoryStore, StoreOptions};
+pub use put::put_trace;
 pub use read::{HistoryReader, Query, RecordStream, SegmentInfo, TimeRange};
 pub use retention::{PruneReport, Retention};
 pub use summary::{OpSummary, SummaryHook, WindowSummary};

@@ -19,9 +19,10 @@ use arrow_array::types::Int32Type;
 use arrow_array::{ArrayRef, Int64Array, RecordBatch};
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use super::key::SegmentKey;
 use crate::trace::export::fault_flag_names;
@@ -342,8 +343,16 @@ pub fn write_parquet<R: Read, W: Write + Send>(
     };
     let schema = parquet_schema();
     // zstd's fast level: most columns are dictionaries or runs of nulls already.
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).map_err(pq)?))
+    let mut props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).map_err(pq)?));
+    // Times rise record by record: deltas take a few bits where a dictionary
+    // of distinct nanoseconds grows as large as the column.
+    for col in ["time", "unix_ns", "trace_ns"] {
+        props = props
+            .set_column_dictionary_enabled(ColumnPath::from(col), false)
+            .set_column_encoding(ColumnPath::from(col), Encoding::DELTA_BINARY_PACKED);
+    }
+    let props = props
         .set_created_by(format!("tern {}", env!("CARGO_PKG_VERSION")))
         .build();
     let mut writer = ArrowWriter::try_new(out, Arc::clone(&schema), Some(props)).map_err(pq)?;
