@@ -83,7 +83,8 @@ pub fn parquet_schema() -> SchemaRef {
         Field::new("device", dict(), true),
         Field::new("op", dict(), true),
         u64_col("offset"),
-        u32_col("len"),
+        // u64 although a request is u32: sums over a fleet must not wrap.
+        u64_col("len"),
         u64_col("latency_ns"),
         u32_col("flags"),
         Field::new("flag_names", dict(), true),
@@ -116,7 +117,7 @@ struct Columns {
     device: StringDictionaryBuilder<Int32Type>,
     op: StringDictionaryBuilder<Int32Type>,
     offset: UInt64Builder,
-    len: UInt32Builder,
+    len: UInt64Builder,
     latency_ns: UInt64Builder,
     flags: UInt32Builder,
     flag_names: StringDictionaryBuilder<Int32Type>,
@@ -183,7 +184,7 @@ impl Columns {
                     .append_option(seg.header.target(b.target).map(|t| t.name.as_str()));
                 self.op.append_value(b.op.name());
                 self.offset.append_value(b.offset);
-                self.len.append_value(b.len);
+                self.len.append_value(u64::from(b.len));
                 // 0 means not measured: null keeps it out of averages.
                 self.latency_ns
                     .append_option((b.latency_ns != 0).then_some(b.latency_ns));
@@ -549,7 +550,7 @@ pub(crate) mod tests {
                     assert_eq!(text(&b, "device", i), Some(dev));
                     assert_eq!(text(&b, "op", i).as_deref(), Some(x.op.name()));
                     assert_eq!(u64_at(&b, "offset", i), Some(x.offset));
-                    assert_eq!(u32_at(&b, "len", i), Some(x.len));
+                    assert_eq!(u64_at(&b, "len", i), Some(u64::from(x.len)));
                     let lat = (x.latency_ns != 0).then_some(x.latency_ns);
                     assert_eq!(u64_at(&b, "latency_ns", i), lat);
                     assert_eq!(u32_at(&b, "flags", i), Some(x.flags));
