@@ -2,8 +2,9 @@
 //!
 //! `ROOT/HOST/DEVICE/` holds `SESSION_SEQ_START.part` (the open segment),
 //! `STEM.trace` (closed, waiting), `STEM.json` (its summary, once computed),
-//! `STEM.parquet` (its Parquet table, once made) and `STEM.upload.json` (a multipart upload in progress). A `.part` left by a
-//! session that died is salvaged: its readable records become a closed segment.
+//! `STEM.parquet` (its Parquet table, once made) and `STEM.upload.json` (a
+//! multipart upload in progress). A `.part` left by a session that died is
+//! salvaged: its readable records become a closed segment.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -32,6 +33,10 @@ impl SpoolEntry {
     /// Its Parquet table, once made.
     pub fn table(&self) -> PathBuf {
         self.dir.join(format!("{}.parquet", self.key.stem()))
+    }
+    /// Its Parquet table being written.
+    pub fn table_tmp(&self) -> PathBuf {
+        self.dir.join(format!("{}.parquet.tmp", self.key.stem()))
     }
     pub fn upload_state(&self) -> PathBuf {
         self.dir.join(format!("{}.upload.json", self.key.stem()))
@@ -245,6 +250,7 @@ pub(super) fn remove(entry: &SpoolEntry) -> Result<(), HistoryError> {
     for path in [
         entry.upload_state(),
         entry.table(),
+        entry.table_tmp(),
         entry.summary(),
         entry.trace(),
     ] {

@@ -197,10 +197,10 @@ fn summarize(
 
 /// The segment's Parquet table, kept in the spool (`STEM.parquet`) so a
 /// retry while the store is down does not make it again.
-fn make_table(entry: &SpoolEntry) -> Result<Vec<u8>, HistoryError> {
+fn make_table(entry: &SpoolEntry) -> Result<bytes::Bytes, HistoryError> {
     let path = entry.table();
     match std::fs::read(&path) {
-        Ok(bytes) => return Ok(bytes),
+        Ok(bytes) => return Ok(bytes.into()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(spool_err(&path)(e)),
     }
@@ -215,14 +215,14 @@ fn make_table(entry: &SpoolEntry) -> Result<Vec<u8>, HistoryError> {
     let mut bytes = Vec::new();
     write_parquet(reader, &entry.key, &mut bytes).map_err(table_err)?;
     // Only a cache: if the spool cannot hold it, a retry makes it again.
-    let tmp = path.with_extension("parquet.tmp");
+    let tmp = entry.table_tmp();
     if std::fs::write(&tmp, &bytes)
         .and_then(|()| std::fs::rename(&tmp, &path))
         .is_err()
     {
         let _ = std::fs::remove_file(&tmp);
     }
-    Ok(bytes)
+    Ok(bytes.into())
 }
 
 impl Uploader {
@@ -386,7 +386,7 @@ impl Uploader {
 
     /// The segment's Parquet table; `None` when it cannot be made: the trace
     /// is what history is, so it goes on without its table (counted, logged).
-    async fn table(&self, entry: &SpoolEntry) -> Option<Vec<u8>> {
+    async fn table(&self, entry: &SpoolEntry) -> Option<bytes::Bytes> {
         let e2 = entry.clone();
         let made = tokio::task::spawn_blocking(move || make_table(&e2))
             .await
@@ -973,9 +973,21 @@ mod tests {
         assert!(rt.block_on(up.upload_pending()).is_err());
         assert_eq!(up.counts().waiting, 8);
         assert_eq!(up.counts().failures, 1);
+        // The first segment's table waits made, beside it.
+        let spooled = walk(spool.path());
+        assert_eq!(
+            spooled
+                .iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+                .count(),
+            1,
+            "{spooled:?}"
+        );
         std::fs::remove_file(root.path().join("h")).expect("rm");
         std::fs::create_dir(root.path().join("h")).expect("mkdir");
         assert_eq!(rt.block_on(up.upload_pending()).expect("uploads"), 8);
         assert_eq!(up.counts().waiting, 0);
+        assert_eq!(up.counts().tables, 8);
+        assert!(walk(spool.path()).is_empty(), "nothing left in the spool");
     }
 }
