@@ -1,6 +1,7 @@
 //! The source's I/O history in object storage: the tracer's records rolled
-//! into time-windowed trace segments, each with a JSON summary, kept in a
-//! local directory (the default) or S3, pruned by age and size, and read back
+//! into time-windowed trace segments, each with a JSON summary and a Parquet
+//! table of its records (for `DuckDB`, Spark, pandas), kept in a local directory
+//! (the default) or S3, pruned by age and size, and read back
 //! as one record stream for the analyzer and the predictor.
 //!
 //! Writing: a [`SegmentWriter`] (on the tracer's thread) writes records into
