@@ -60,6 +60,8 @@ pub enum HealthError {
         len: u64,
         addr: std::net::SocketAddr,
     },
+    #[error("another disk of the VM failed its health check: every disk rolls back")]
+    GroupUnhealthy,
     #[error("the NBD health check's thread failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }

@@ -21,7 +21,7 @@ pub use rollback::{RollbackReport, rollback};
 pub use throttling::{ThrottleBy, ThrottleOptions, ThrottleReport};
 
 use crate::granularity::{Mode, advice};
-use crate::pause::{PauseError, PauseTarget, Paused};
+use crate::pause::{PauseError, PauseTarget, Paused, Step};
 use crate::postcopy::PushReport;
 use crate::replicate::{ReplicateError, Replicator, Tracker};
 use crate::rpc::RpcError;
@@ -102,6 +102,12 @@ pub enum CutoverError {
         "post-copy: the destination still lacks {missing_bytes} bytes after the whole disk was pushed again; the source keeps them: run `tern migrate` again (only what is missing is sent)"
     )]
     PostCopyIncomplete { missing_bytes: u64 },
+    /// Another disk of the same VM could not send its final delta: no disk
+    /// switches, the VM resumes on the source.
+    #[error(
+        "another disk of the VM failed its final delta, so none switched; the VM runs on the source"
+    )]
+    GroupGaveUp,
 }
 
 /// What a migration does and its limits.
@@ -611,6 +617,17 @@ pub async fn migrate(
         report.throttle = Some(t.report());
     }
     let paused = stopped.paused;
+    // The disks of one VM switch all or none: each says whether its final
+    // delta went through, and one "no" makes every member resume.
+    let finished = match (&paused, finished) {
+        // (A group runs pre-copy only: no post-copy switch happened yet.)
+        (Some(p), Ok(_)) if !p.agree(Step::Switch, true).await => Err(CutoverError::GroupGaveUp),
+        (Some(p), Err(e)) => {
+            let _ = p.agree(Step::Switch, false).await;
+            Err(e)
+        }
+        (_, finished) => finished,
+    };
     let switched = match finished {
         Ok(switched) => switched,
         Err(e) => {
@@ -819,7 +836,14 @@ async fn after_switch(
 ) -> Result<(), CutoverError> {
     let order = opts.postcopy.as_ref().and_then(|p| p.order.as_ref());
     let step = Instant::now();
-    let health = health::health_check(repl, &opts.health).await;
+    let mut health = health::health_check(repl, &opts.health).await;
+    // Every disk of a VM healthy, or every one rolled back.
+    if let Some(p) = &paused
+        && !p.agree(Step::Healthy, health.is_ok()).await
+        && health.is_ok()
+    {
+        health = Err(health::HealthError::GroupUnhealthy);
+    }
     report.health_ms = ms(step);
     if let Err(e) = health {
         tracing::error!(reason = %e, "health check failed after cutover; rolling back");

@@ -18,7 +18,9 @@
 //!   `qemu-postcopy:SOCKET@URI` the same with QEMU's `postcopy-ram`: the VM
 //!   stops after QEMU's first pass over RAM, and runs on the destination
 //!   while QEMU fetches its remaining pages on demand;
-//! - `cmd:PAUSE;;RESUME`: two shell commands.
+//! - `cmd:PAUSE;;RESUME`: two shell commands;
+//! - a [`PauseGroup`] (not typed on a command line): one of the above shared
+//!   by the migrations of one VM's disks, paused once, switched all or none.
 //!
 //! Not covered: the agent itself dying (SIGKILL) while the workload is paused
 //! runs no destructor; a watchdog outside the process is needed for that.
@@ -30,6 +32,7 @@
 mod cgroup;
 mod command;
 mod fsfreeze;
+mod group;
 mod qemu_migrate;
 mod qmp;
 mod qmp_client;
@@ -40,6 +43,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+pub use group::{PauseGroup, Step};
 pub use qmp_client::Qmp;
 
 /// The accepted forms, quoted by every parse error.
@@ -73,6 +77,13 @@ pub enum PauseError {
         "cgroup {path} did not freeze within {timeout:?} (a task stuck in the kernel?); it was thawed again"
     )]
     CgroupTimeout { path: PathBuf, timeout: Duration },
+    /// The group of migrations this one belongs to gave up (another disk
+    /// failed, or the pause did): the workload runs on the source.
+    #[error("the VM's migration gave up: {0}")]
+    GroupAborted(String),
+    /// Another member of the group handed the workload over and that failed.
+    #[error("handing the VM over failed: {0}")]
+    GroupHandOver(String),
     /// A system call or file operation failed.
     #[error("cannot {action} {path}: {source}")]
     Io {
@@ -147,6 +158,8 @@ pub enum PauseTarget {
     },
     /// Run `pause` to pause and `resume` to resume, each through `sh -c`.
     Command { pause: String, resume: String },
+    /// A member of a group of migrations sharing one pause of the workload.
+    Group(std::sync::Arc<PauseGroup>),
 }
 
 impl FromStr for PauseTarget {
@@ -221,6 +234,7 @@ impl fmt::Display for PauseTarget {
                 socket.display()
             ),
             Self::Command { pause, resume } => write!(f, "cmd:{pause};;{resume}"),
+            Self::Group(g) => write!(f, "{} (shared by {})", g.target(), g.members()),
         }
     }
 }
@@ -240,6 +254,7 @@ impl PauseTarget {
                 postcopy_ram,
             } => qemu_migrate::start(socket, uri, *postcopy_ram).await?,
             Self::Command { pause, resume } => command::pause(pause, resume).await?,
+            Self::Group(group) => group.pause().await?,
         };
         tracing::info!(took = ?started.elapsed(), "workload paused");
         Ok(paused)
@@ -248,7 +263,8 @@ impl PauseTarget {
     /// Whether the workload keeps running for a while inside [`PauseTarget::pause`]
     /// (QEMU's RAM precopy), so that replication should go on meanwhile.
     pub fn runs_while_pausing(&self) -> bool {
-        matches!(self, Self::QemuMigrate { .. })
+        // A group member waits for the others while the workload runs.
+        matches!(self, Self::QemuMigrate { .. } | Self::Group(_))
     }
 
     /// Resumes a workload that an earlier process paused and left paused
@@ -265,6 +281,7 @@ impl PauseTarget {
                 qmp::cont(&mut qmp, socket).await
             }
             Self::Command { resume, .. } => command::run_shell(resume).await,
+            Self::Group(group) => Box::pin(group.target().resume_now()).await,
         }
     }
 }
@@ -306,6 +323,8 @@ enum Hold {
     Command {
         resume: String,
     },
+    /// A share of a group's one hold.
+    Group(std::sync::Arc<PauseGroup>),
 }
 
 impl fmt::Debug for Paused {
@@ -316,6 +335,7 @@ impl fmt::Debug for Paused {
             Some(Hold::Qmp { socket, .. }) => format!("qmp:{}", socket.display()),
             Some(Hold::QemuMigrate { socket, .. }) => format!("qemu:{}", socket.display()),
             Some(Hold::Command { resume }) => format!("cmd:;;{resume}"),
+            Some(Hold::Group(g)) => format!("group of {}: {}", g.members(), g.target()),
             None => "released".to_owned(),
         };
         f.debug_struct("Paused")
@@ -357,6 +377,7 @@ impl Paused {
             Some(Hold::Qmp { socket, qmp }) => qmp::cont(qmp, socket).await,
             Some(Hold::QemuMigrate { socket, qmp, .. }) => qemu_migrate::cancel(qmp, socket).await,
             Some(Hold::Command { resume }) => command::run_shell(resume).await,
+            Some(Hold::Group(group)) => group.resume().await,
         };
         // One attempt only: a failed resume is the caller's to handle, and
         // repeating a resume command from `Drop` could do harm.
@@ -373,6 +394,11 @@ impl Paused {
     /// failed hand-over leaves the VM as it is, never resumed here: its disk
     /// has switched (`tern rollback --resume` brings it back).
     pub async fn hand_over(mut self) -> Result<(), PauseError> {
+        if let Some(Hold::Group(group)) = self.hold.take() {
+            // The group hands over once every member is here; never resumed
+            // from here (the disks have switched).
+            return group.hand_over().await;
+        }
         if let Some(Hold::QemuMigrate {
             socket,
             qmp,
@@ -397,6 +423,16 @@ impl Paused {
         }
         self.keep();
         Ok(())
+    }
+
+    /// This member's say in a decision of its group (see [`PauseGroup`]):
+    /// every member's `ok`, or false once the group gave up. Outside a
+    /// group, `ok` itself.
+    pub async fn agree(&self, step: Step, ok: bool) -> bool {
+        match &self.hold {
+            Some(Hold::Group(group)) => group.agree(step, ok).await,
+            _ => ok,
+        }
     }
 
     /// Leaves the workload paused for good (the cutover is done).
@@ -428,6 +464,10 @@ impl Drop for Paused {
                 qmp.commands_blocking(&socket, &["migrate_cancel", "cont"])
             }
             Hold::Command { resume } => command::run_shell_blocking(&resume),
+            Hold::Group(group) => {
+                group.abandon();
+                return;
+            }
         };
         match result {
             Ok(()) => tracing::warn!("workload resumed after an abandoned pause"),

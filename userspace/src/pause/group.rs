@@ -1,0 +1,401 @@
+//! One pause for several migrations: the disks (and RAM file) of one VM,
+//! each replicated by its own migration in one process, stop together,
+//! switch together or not at all, and are handed over once.
+//!
+//! A [`PauseGroup`] wraps the VM's real pause target. Each member's
+//! migration pauses through [`PauseTarget::Group`]: the last to arrive
+//! pauses the workload once, and every member gets a [`Paused`] sharing that
+//! one hold (the ones waiting keep sending rounds meanwhile, as the
+//! workload still runs). From then on the members decide together at each
+//! step ([`Step`]): a switch happens only if every member's final delta
+//! verified, the destination is kept only if every member is healthy. A
+//! member that fails, or a call to [`PauseGroup::abort`], makes every
+//! pending and later decision "no", and the first resume resumes the
+//! workload once.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::{Hold, PauseError, PauseTarget, Paused};
+
+/// A decision the members of a group take together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// Every final delta sent and verified: switch every disk.
+    Switch,
+    /// Every switched disk healthy: keep the destination and hand over.
+    Healthy,
+}
+
+/// The shared pause of `members` migrations.
+pub struct PauseGroup {
+    target: PauseTarget,
+    members: usize,
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// Members that called pause.
+    arrived: usize,
+    /// The workload's one hold, once paused (taken by the resume or the
+    /// hand-over that ends it).
+    hold: Option<Paused>,
+    /// When the workload stopped, and how long it ran inside the pause call.
+    paused_at: Option<(Instant, Duration)>,
+    /// Why the group gave up; every later decision is "no".
+    aborted: Option<String>,
+    votes: Vec<(Step, usize, bool)>,
+    handovers: usize,
+    /// The hand-over's outcome once made (its error, as text for the others).
+    handed_over: Option<Result<(), String>>,
+}
+
+impl std::fmt::Debug for PauseGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PauseGroup")
+            .field("target", &self.target)
+            .field("members", &self.members)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Identity: a group is equal only to itself.
+impl PartialEq for PauseGroup {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+impl Eq for PauseGroup {}
+
+impl PauseGroup {
+    /// A group of `members` migrations pausing `target` once.
+    pub fn new(target: PauseTarget, members: usize) -> Arc<PauseGroup> {
+        Arc::new(PauseGroup {
+            target,
+            members: members.max(1),
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+        })
+    }
+
+    /// The real target.
+    pub fn target(&self) -> &PauseTarget {
+        &self.target
+    }
+
+    /// How many members the group waits for.
+    pub fn members(&self) -> usize {
+        self.members
+    }
+
+    /// Gives up: a member failed or was cancelled. Members waiting to pause
+    /// get an error (the workload runs on), pending and later decisions
+    /// are "no". Does not resume by itself: a member's resume (or the last
+    /// hold's drop) does.
+    pub fn abort(&self, why: &str) {
+        let mut s = self.lock();
+        if s.aborted.is_none() {
+            tracing::warn!(why, "the migration group gives up");
+            s.aborted = Some(why.to_owned());
+        }
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits until `ready` says the state is final (`Some`), re-checking on
+    /// every change.
+    async fn wait_for<T>(&self, mut ready: impl FnMut(&mut State) -> Option<T>) -> T {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(v) = ready(&mut self.lock()) {
+                return v;
+            }
+            notified.await;
+        }
+    }
+
+    /// A member's pause: the last to arrive pauses the workload.
+    pub(super) async fn pause(self: &Arc<Self>) -> Result<Paused, PauseError> {
+        let called = Instant::now();
+        // Leaving while waiting (the member's task dropped) aborts the group:
+        // the others must not wait for it forever.
+        let mut guard = LeaveOnDrop(Some(Arc::clone(self)));
+        let last = {
+            let mut s = self.lock();
+            if let Some(why) = &s.aborted {
+                return Err(PauseError::GroupAborted(why.clone()));
+            }
+            s.arrived += 1;
+            s.arrived == self.members
+        };
+        if last {
+            match Box::pin(self.target.pause()).await {
+                Ok(hold) => {
+                    let mut s = self.lock();
+                    let ran = hold.ran_inside();
+                    s.paused_at = Some((hold.since, ran));
+                    s.hold = Some(hold);
+                    drop(s);
+                    self.changed.notify_waiters();
+                }
+                Err(e) => {
+                    self.abort(&format!("pausing the workload failed: {e}"));
+                    guard.0 = None;
+                    return Err(e);
+                }
+            }
+        }
+        let outcome = self
+            .wait_for(|s| {
+                // Paused first: a member that already said no after the
+                // pause must not keep another from its share of the hold.
+                if let Some(at) = s.paused_at {
+                    return Some(Ok(at));
+                }
+                s.aborted.as_ref().map(|why| Err(why.clone()))
+            })
+            .await;
+        guard.0 = None;
+        let (since, ran_inside_target) = outcome.map_err(PauseError::GroupAborted)?;
+        // This member "ran inside" its pause call from its call until the
+        // workload stopped: the others' convergence, then the target's own.
+        let ran_inside = since.saturating_duration_since(called).max(ran_inside_target);
+        Ok(Paused {
+            since,
+            ran_inside,
+            hold: Some(Hold::Group(Arc::clone(self))),
+        })
+    }
+
+    /// A member's say in `step`; resolves once every member said (all
+    /// "yes": true) or the group gave up (false).
+    pub(super) async fn agree(&self, step: Step, ok: bool) -> bool {
+        {
+            let mut s = self.lock();
+            if let Some(v) = s.votes.iter_mut().find(|v| v.0 == step) {
+                v.1 += 1;
+                v.2 &= ok;
+            } else {
+                s.votes.push((step, 1, ok));
+            }
+            if !ok {
+                let why = format!("a member said no at {step:?}");
+                s.aborted.get_or_insert(why);
+            }
+        }
+        self.changed.notify_waiters();
+        self.wait_for(|s| {
+            let (_, count, all) = *s.votes.iter().find(|v| v.0 == step)?;
+            if s.aborted.is_some() {
+                return Some(false);
+            }
+            (count >= self.members).then_some(all)
+        })
+        .await
+    }
+
+    /// A member's resume: the workload resumes once (the first call), and
+    /// the group gives up.
+    pub(super) async fn resume(&self) -> Result<(), PauseError> {
+        let hold = {
+            let mut s = self.lock();
+            s.aborted.get_or_insert_with(|| "resumed".to_owned());
+            s.hold.take()
+        };
+        self.changed.notify_waiters();
+        match hold {
+            Some(hold) => Box::pin(hold.resume()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A member's hand-over: the last to arrive hands the workload over
+    /// once; every member gets its outcome.
+    pub(super) async fn hand_over(&self) -> Result<(), PauseError> {
+        let hold = {
+            let mut s = self.lock();
+            if let Some(why) = &s.aborted {
+                return Err(PauseError::GroupAborted(why.clone()));
+            }
+            s.handovers += 1;
+            if s.handovers == self.members {
+                s.hold.take()
+            } else {
+                None
+            }
+        };
+        if let Some(hold) = hold {
+            let result = Box::pin(hold.hand_over()).await;
+            self.lock().handed_over = Some(result.as_ref().map(|_| ()).map_err(ToString::to_string));
+            self.changed.notify_waiters();
+            return result;
+        }
+        self.wait_for(|s| {
+            if let Some(done) = &s.handed_over {
+                return Some(done.clone().map_err(PauseError::GroupHandOver));
+            }
+            s.aborted
+                .as_ref()
+                .map(|why| Err(PauseError::GroupAborted(why.clone())))
+        })
+        .await
+    }
+
+    /// A member's hold dropped without a resume or hand-over: the workload
+    /// resumes (synchronously, through the hold's own drop) and the group
+    /// gives up.
+    pub(super) fn abandon(&self) {
+        let hold = {
+            let mut s = self.lock();
+            s.aborted.get_or_insert_with(|| "a member abandoned its pause".to_owned());
+            s.hold.take()
+        };
+        self.changed.notify_waiters();
+        drop(hold);
+    }
+}
+
+/// Aborts the group if a member stops waiting before the pause.
+struct LeaveOnDrop(Option<Arc<PauseGroup>>);
+
+impl Drop for LeaveOnDrop {
+    fn drop(&mut self) {
+        if let Some(group) = self.0.take() {
+            group.abort("a member stopped before the pause");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `cmd:` target whose pauses and resumes append to a file.
+    fn counted(dir: &std::path::Path) -> (PauseTarget, std::path::PathBuf) {
+        let log = dir.join("log");
+        let target = PauseTarget::Command {
+            pause: format!("echo pause >> {}", log.display()),
+            resume: format!("echo resume >> {}", log.display()),
+        };
+        (target, log)
+    }
+
+    fn lines(log: &std::path::Path) -> Vec<String> {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn three_members_pause_once_agree_and_hand_over_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (target, log) = counted(dir.path());
+        let group = PauseGroup::new(target, 3);
+        let member = |g: Arc<PauseGroup>| {
+            tokio::spawn(async move {
+                let paused = PauseTarget::Group(g).pause().await.expect("paused");
+                assert!(paused.agree(Step::Switch, true).await);
+                assert!(paused.agree(Step::Healthy, true).await);
+                paused.hand_over().await.expect("handed over");
+            })
+        };
+        let a = member(Arc::clone(&group));
+        let b = member(Arc::clone(&group));
+        // Two wait: nothing paused yet.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(lines(&log).is_empty());
+        let c = member(Arc::clone(&group));
+        for t in [a, b, c] {
+            t.await.expect("member");
+        }
+        // One pause, no resume: a `cmd:` hand-over keeps it paused.
+        assert_eq!(lines(&log), ["pause"]);
+    }
+
+    #[tokio::test]
+    async fn one_no_makes_every_member_resume_the_workload_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (target, log) = counted(dir.path());
+        let group = PauseGroup::new(target, 2);
+        let member = |g: Arc<PauseGroup>, ok: bool| {
+            tokio::spawn(async move {
+                let paused = PauseTarget::Group(g).pause().await.expect("paused");
+                let all = paused.agree(Step::Switch, ok).await;
+                paused.resume().await.expect("resumed");
+                all
+            })
+        };
+        let yes = member(Arc::clone(&group), true);
+        let no = member(Arc::clone(&group), false);
+        assert!(!yes.await.expect("member"), "one member's no is everyone's");
+        assert!(!no.await.expect("member"));
+        assert_eq!(lines(&log), ["pause", "resume"]);
+    }
+
+    #[tokio::test]
+    async fn a_member_failing_before_the_pause_releases_the_others_unpaused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (target, log) = counted(dir.path());
+        let group = PauseGroup::new(target, 2);
+        let waiting = {
+            let g = Arc::clone(&group);
+            tokio::spawn(async move { PauseTarget::Group(g).pause().await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The other member's migration failed: its orchestrator gives up.
+        group.abort("the second disk did not converge");
+        let err = waiting
+            .await
+            .expect("member")
+            .expect_err("no pause without every member");
+        assert!(err.to_string().contains("did not converge"), "{err}");
+        assert!(lines(&log).is_empty(), "the workload was never paused");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_member_cancelled_aborts_the_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (target, log) = counted(dir.path());
+        let group = PauseGroup::new(target, 2);
+        let task = {
+            let g = Arc::clone(&group);
+            tokio::spawn(async move { PauseTarget::Group(g).pause().await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        task.abort();
+        let _ = task.await;
+        let err = PauseTarget::Group(Arc::clone(&group))
+            .pause()
+            .await
+            .expect_err("the group gave up");
+        assert!(matches!(err, PauseError::GroupAborted(_)), "{err}");
+        assert!(lines(&log).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_member_hold_resumes_the_workload() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (target, log) = counted(dir.path());
+        let group = PauseGroup::new(target, 1);
+        let paused = PauseTarget::Group(Arc::clone(&group))
+            .pause()
+            .await
+            .expect("paused");
+        drop(paused);
+        assert_eq!(lines(&log), ["pause", "resume"]);
+    }
+}
