@@ -37,3 +37,4 @@ pub mod rpc;
 pub mod throttle;
 pub mod trace;
 pub mod units;
+pub mod vm;

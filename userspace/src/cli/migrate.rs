@@ -18,6 +18,8 @@ use tern::units::{human_bytes, human_rate};
 
 use super::args::{parse_rate, parse_size, runtime};
 
+mod vm;
+
 /// The source disk and how to reach the destination.
 #[derive(Args, Clone)]
 pub struct SourceArgs {
@@ -116,7 +118,7 @@ pub struct SourceArgs {
 
 #[derive(Args)]
 #[command(
-    after_help = "Examples:\n  tern migrate --device /dev/loop0 --to dst:7443 --tls-dir pki/src --pause fsfreeze:/mnt/data --max-downtime 100ms\n  tern migrate --file /var/lib/vm/disk.img --to dst:7443 --tls-dir pki/src --pause qmp:/run/vm.qmp\n  tern migrate --device /dev/vdb --to dst:7443 --no-pause   # an idle disk: copy or resync only"
+    after_help = "Examples:\n  tern migrate --device /dev/loop0 --to dst:7443 --tls-dir pki/src --pause fsfreeze:/mnt/data --max-downtime 100ms\n  tern migrate --file /var/lib/vm/disk.img --to dst:7443 --tls-dir pki/src --pause qmp:/run/vm.qmp\n  tern migrate --device /dev/vdb --to dst:7443 --no-pause   # an idle disk: copy or resync only\n  tern migrate --vm qmp:/run/vm.qmp@tcp:dst:4444 --to vd0=dst:7443,vd1=dst:7444,ram=dst:7445 --tls-dir pki/src"
 )]
 pub struct MigrateArgs {
     #[command(flatten)]
@@ -124,8 +126,15 @@ pub struct MigrateArgs {
     #[command(flatten)]
     agent: AgentClientArgs,
     /// How to pause the workload: fsfreeze:MOUNT, cgroup:DIR, qmp:SOCKET or 'cmd:PAUSE;;RESUME'.
-    #[arg(long, required_unless_present = "no_pause")]
+    #[arg(long, required_unless_present_any = ["no_pause", "vm"])]
     pause: Option<PauseTarget>,
+    /// A whole QEMU VM: `qmp:SOCKET@URI` (its QMP socket, and the `-incoming`
+    /// URI of the destination QEMU). Every disk QEMU has attached (and its RAM,
+    /// when it is a shared file) is replicated, with one pause for all;
+    /// QEMU moves the device state (and RAM otherwise). `--to` names each
+    /// part's destination agent: `NAME=HOST:PORT,…` (disks by device id, `ram`).
+    #[arg(long, value_name = "qmp:SOCKET@URI", conflicts_with_all = ["pause", "no_pause", "device", "file"])]
+    vm: Option<String>,
     /// The source is idle: copy without pausing anything.
     #[arg(long, conflicts_with = "pause")]
     no_pause: bool,
@@ -735,6 +744,9 @@ fn write_status(file: &Path, value: &serde_json::Value) {
 }
 
 pub fn migrate(m: &MigrateArgs) -> Result<()> {
+    if let Some(vm) = &m.vm {
+        return vm::migrate(m, vm);
+    }
     let health = m.health_checks()?;
     let postcopy = m.postcopy()?;
     let throttle = m.throttle_cgroup()?;

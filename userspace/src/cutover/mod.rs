@@ -550,8 +550,9 @@ pub async fn migrate(
     status: &StatusCell,
 ) -> Result<Report, CutoverError> {
     let started = Instant::now();
+    let standby_wire_bytes = repl.stats().snapshot().wire_bytes;
     let mut report = Report {
-        standby_wire_bytes: repl.stats().snapshot().wire_bytes,
+        standby_wire_bytes,
         mode: "pre-copy",
         ..Report::default()
     };
@@ -612,22 +613,9 @@ pub async fn migrate(
     };
     // The held writes are out: the operator's own limit (if any) goes back
     // before the workload resumes or is handed over, whatever happened.
-    if let Some(t) = throttling.as_mut() {
-        t.lift()?;
-        report.throttle = Some(t.report());
-    }
+    lift(throttling.as_mut(), &mut report)?;
+    let finished = agree_to_switch(stopped.paused.as_ref(), finished).await;
     let paused = stopped.paused;
-    // The disks of one VM switch all or none: each says whether its final
-    // delta went through, and one "no" makes every member resume.
-    let finished = match (&paused, finished) {
-        // (A group runs pre-copy only: no post-copy switch happened yet.)
-        (Some(p), Ok(_)) if !p.agree(Step::Switch, true).await => Err(CutoverError::GroupGaveUp),
-        (Some(p), Err(e)) => {
-            let _ = p.agree(Step::Switch, false).await;
-            Err(e)
-        }
-        (_, finished) => finished,
-    };
     let switched = match finished {
         Ok(switched) => switched,
         Err(e) => {
@@ -670,6 +658,32 @@ pub async fn migrate(
     set_status(status, |s| s.phase = "cut over: health check");
     after_switch(repl, opts, status, paused, running, &mut report).await?;
     Ok(finish_report(report, repl, tracker, rounds, started))
+}
+
+/// Puts the operator's own write limit back (a throttled run's), noting it.
+fn lift(throttling: Option<&mut Throttling>, report: &mut Report) -> Result<(), CutoverError> {
+    if let Some(t) = throttling {
+        t.lift()?;
+        report.throttle = Some(t.report());
+    }
+    Ok(())
+}
+
+/// The disks of one VM switch all or none: each says whether its final
+/// delta went through, and one "no" makes every member resume.
+async fn agree_to_switch<T>(
+    paused: Option<&Paused>,
+    finished: Result<T, CutoverError>,
+) -> Result<T, CutoverError> {
+    match (paused, finished) {
+        // (A group runs pre-copy only: no post-copy switch happened yet.)
+        (Some(p), Ok(_)) if !p.agree(Step::Switch, true).await => Err(CutoverError::GroupGaveUp),
+        (Some(p), Err(e)) => {
+            let _ = p.agree(Step::Switch, false).await;
+            Err(e)
+        }
+        (_, finished) => finished,
+    }
 }
 
 /// The delta rounds of a pre-copy, unless the migration switches in

@@ -171,7 +171,9 @@ impl PauseGroup {
         let (since, ran_inside_target) = outcome.map_err(PauseError::GroupAborted)?;
         // This member "ran inside" its pause call from its call until the
         // workload stopped: the others' convergence, then the target's own.
-        let ran_inside = since.saturating_duration_since(called).max(ran_inside_target);
+        let ran_inside = since
+            .saturating_duration_since(called)
+            .max(ran_inside_target);
         Ok(Paused {
             since,
             ran_inside,
@@ -238,7 +240,10 @@ impl PauseGroup {
         };
         if let Some(hold) = hold {
             let result = Box::pin(hold.hand_over()).await;
-            self.lock().handed_over = Some(result.as_ref().map(|_| ()).map_err(ToString::to_string));
+            self.lock().handed_over = Some(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            });
             self.changed.notify_waiters();
             return result;
         }
@@ -259,7 +264,8 @@ impl PauseGroup {
     pub(super) fn abandon(&self) {
         let hold = {
             let mut s = self.lock();
-            s.aborted.get_or_insert_with(|| "a member abandoned its pause".to_owned());
+            s.aborted
+                .get_or_insert_with(|| "a member abandoned its pause".to_owned());
             s.hold.take()
         };
         self.changed.notify_waiters();

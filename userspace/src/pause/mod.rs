@@ -394,9 +394,11 @@ impl Paused {
     /// failed hand-over leaves the VM as it is, never resumed here: its disk
     /// has switched (`tern rollback --resume` brings it back).
     pub async fn hand_over(mut self) -> Result<(), PauseError> {
-        if let Some(Hold::Group(group)) = self.hold.take() {
+        if let Some(Hold::Group(group)) = &self.hold {
             // The group hands over once every member is here; never resumed
             // from here (the disks have switched).
+            let group = std::sync::Arc::clone(group);
+            self.hold = None;
             return group.hand_over().await;
         }
         if let Some(Hold::QemuMigrate {

@@ -1,0 +1,261 @@
+//! `tern migrate --vm qmp:SOCKET@URI`: every disk of a QEMU VM (and its RAM
+//! file) replicated by one migration each, in this process, with one pause
+//! (QEMU's own migration, stopped at `pre-switchover`) and one hand-over.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use tern::agent::source::Source;
+use tern::cutover::{self, CutoverOptions, HealthCheck};
+use tern::pause::{PauseGroup, PauseTarget};
+use tern::vm::VmLayout;
+
+use super::{MigrateArgs, Progress, failed_at_start, render_report, runtime, until_interrupted};
+
+/// One part of the VM and where it goes.
+struct Part {
+    name: String,
+    source: super::SourceArgs,
+}
+
+pub(super) fn migrate(m: &MigrateArgs, vm: &str) -> Result<()> {
+    let (socket, uri) = vm
+        .strip_prefix("qmp:")
+        .and_then(|rest| rest.split_once('@'))
+        .filter(|(s, u)| !s.is_empty() && !u.is_empty())
+        .with_context(|| {
+            format!("--vm {vm:?}: give qmp:SOCKET@URI (the VM's QMP socket and the destination QEMU's -incoming URI)")
+        })?;
+    let socket = PathBuf::from(socket);
+    refuse_single_disk_flags(m)?;
+    let report = runtime()?.block_on(async {
+        let layout = tern::vm::describe(&socket).await?;
+        let parts = parts(m, &layout)?;
+        if layout.ram.is_some() {
+            tern::vm::ignore_shared_ram(&socket, true).await?;
+        }
+        let target = PauseTarget::QemuMigrate {
+            socket: socket.clone(),
+            uri: uri.to_owned(),
+            postcopy_ram: false,
+        };
+        let result = run(m, &parts, target).await;
+        let cut_over = result.as_ref().is_ok_and(|r| r["outcome"] == "cut over");
+        if layout.ram.is_some() && !cut_over {
+            // The VM runs on here: a later migration of its RAM by QEMU
+            // must not leave the shared file out.
+            if let Err(e) = tern::vm::ignore_shared_ram(&socket, false).await {
+                tracing::warn!(error = %e, "cannot clear x-ignore-shared on the source QEMU");
+            }
+        }
+        result
+    })?;
+    let mut out = std::io::stdout().lock();
+    if m.source.json {
+        writeln!(out, "{report}")?;
+    } else {
+        for (name, r) in report["parts"].as_object().into_iter().flatten() {
+            write!(out, "{name}: {}", render_report(r))?;
+        }
+        writeln!(
+            out,
+            "VM {}: downtime {:.1} ms (the longest part's)",
+            report["outcome"].as_str().unwrap_or("?"),
+            report["downtime_ms"].as_f64().unwrap_or(0.0)
+        )?;
+    }
+    if report["outcome"] != "cut over" {
+        bail!(
+            "the VM was not moved ({}); it runs on the source with every write",
+            report["outcome"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+/// Flags that name one disk's run make no sense for a whole VM.
+fn refuse_single_disk_flags(m: &MigrateArgs) -> Result<()> {
+    if m.health_nbd.is_some() {
+        bail!("--health-nbd checks one export: with --vm each part's is checked through its agent");
+    }
+    if m.mode != super::Mode::Precopy || m.converge.is_some() {
+        bail!("--vm moves a VM in pre-copy (--mode precopy, no --converge) for now");
+    }
+    if m.no_switch {
+        bail!("--vm switches the VM: --no-switch is for one disk");
+    }
+    if m.source.trace_out.is_some() || m.source.plan.is_some() {
+        bail!(
+            "--trace-out and --plan name one disk's files: with --vm each part takes its default"
+        );
+    }
+    Ok(())
+}
+
+/// Each disk (and the RAM file) with its `--to` agent.
+fn parts(m: &MigrateArgs, layout: &VmLayout) -> Result<Vec<Part>> {
+    let names: Vec<String> = layout
+        .disks
+        .iter()
+        .map(|d| d.name.clone())
+        .chain(layout.ram.iter().map(|_| "ram".to_owned()))
+        .collect();
+    let to = m.source.to.as_deref().with_context(|| {
+        format!(
+            "--vm needs --to NAME=HOST:PORT for each part of the VM: {}",
+            names.join(", ")
+        )
+    })?;
+    let mut agents: BTreeMap<&str, &str> = BTreeMap::new();
+    for item in to.split(',') {
+        let (name, addr) = item.split_once('=').with_context(|| {
+            format!(
+                "--to {item:?}: with --vm, give NAME=HOST:PORT for each of {}",
+                names.join(", ")
+            )
+        })?;
+        if agents.insert(name, addr).is_some() {
+            bail!("--to names {name} twice");
+        }
+    }
+    for name in agents.keys() {
+        if !names.iter().any(|n| n == name) {
+            bail!(
+                "--to names {name}, which is no part of the VM: {}",
+                names.join(", ")
+            );
+        }
+    }
+    let paths = layout
+        .disks
+        .iter()
+        .map(|d| (d.name.as_str(), &d.path))
+        .chain(layout.ram.iter().map(|r| ("ram", &r.path)));
+    let missing: Vec<String> = paths
+        .filter(|(name, _)| !agents.contains_key(name))
+        .map(|(name, path)| format!("{name} ({})", path.display()))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "--to has no agent for {}: give NAME=HOST:PORT for each part of the VM",
+            missing.join(", ")
+        );
+    }
+    let mut parts = Vec::new();
+    for disk in &layout.disks {
+        let addr = agents.get(disk.name.as_str()).with_context(|| {
+            format!(
+                "--to has no agent for disk {} ({})",
+                disk.name,
+                disk.path.display()
+            )
+        })?;
+        let mut source = m.source.clone();
+        let device = std::fs::metadata(&disk.path)
+            .map(|md| std::os::unix::fs::FileTypeExt::is_block_device(&md.file_type()))
+            .with_context(|| format!("disk {}: {}", disk.name, disk.path.display()))?;
+        (source.device, source.file) = if device {
+            (Some(disk.path.clone()), None)
+        } else {
+            (None, Some(disk.path.clone()))
+        };
+        source.to = Some((*addr).to_owned());
+        source.read_cached = false;
+        parts.push(Part {
+            name: disk.name.clone(),
+            source,
+        });
+    }
+    if let Some(ram) = &layout.ram {
+        let addr = agents.get("ram").with_context(|| {
+            format!(
+                "--to has no agent for the RAM file {} (name it ram=HOST:PORT)",
+                ram.path.display()
+            )
+        })?;
+        let mut source = m.source.clone();
+        (source.device, source.file) = (None, Some(ram.path.clone()));
+        source.to = Some((*addr).to_owned());
+        // Guest RAM's pages are in memory: read them there.
+        source.read_cached = true;
+        parts.push(Part {
+            name: "ram".to_owned(),
+            source,
+        });
+    }
+    Ok(parts)
+}
+
+/// Binds every part, then runs them side by side with one shared pause.
+async fn run(m: &MigrateArgs, parts: &[Part], target: PauseTarget) -> Result<serde_json::Value> {
+    let group = PauseGroup::new(target, parts.len());
+    let mut health: Vec<HealthCheck> = m
+        .health_cmd
+        .iter()
+        .map(|c| HealthCheck::Command(c.clone()))
+        .collect();
+    health.push(HealthCheck::Region(cutover::HEALTH_REGION));
+    let opts = CutoverOptions {
+        max_downtime: m.max_downtime,
+        max_rounds: m.max_rounds,
+        pause: Some(PauseTarget::Group(Arc::clone(&group))),
+        health,
+        ..CutoverOptions::default()
+    };
+    let mut bound = Vec::new();
+    for part in parts {
+        let o = part.source.options()?;
+        let side = Source::bind(&o)
+            .await
+            .inspect_err(|e| failed_at_start(&part.source.status_file(), &anyhow::anyhow!("{e}")))
+            .with_context(|| format!("part {}", part.name))?;
+        // Several parts at once: status lines, not bars fighting for the terminal.
+        let progress =
+            Progress::start(side.status(), side.stats(), part.source.status_file(), true);
+        bound.push((part, side, progress));
+    }
+    let runs = bound.into_iter().map(|(part, side, progress)| {
+        let (opts, group) = (opts.clone(), Arc::clone(&group));
+        async move {
+            let result = until_interrupted(side, &opts).await;
+            if let Err(e) = &result {
+                // The others must not wait for this one at the pause.
+                group.abort(&format!("part {}: {e:#}", part.name));
+            }
+            let ended = result.and_then(|report| Ok(serde_json::to_value(report)?));
+            progress.finish(ended.as_ref().map(Some));
+            (part.name.clone(), ended)
+        }
+    });
+    let results = futures::future::join_all(runs).await;
+    let mut reports = serde_json::Map::new();
+    let mut errors = Vec::new();
+    for (name, ended) in results {
+        match ended {
+            Ok(report) => {
+                reports.insert(name, report);
+            }
+            Err(e) => errors.push(format!("{name}: {e:#}")),
+        }
+    }
+    let outcome = if !errors.is_empty() {
+        "failed"
+    } else if reports.values().all(|r| r["outcome"] == "cut over") {
+        "cut over"
+    } else {
+        "rolled back"
+    };
+    let downtime = reports
+        .values()
+        .filter_map(|r| r["downtime_ms"].as_f64())
+        .fold(0.0, f64::max);
+    Ok(serde_json::json!({
+        "outcome": outcome,
+        "downtime_ms": downtime,
+        "parts": reports,
+        "errors": errors,
+    }))
+}

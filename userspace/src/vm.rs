@@ -1,0 +1,228 @@
+//! A whole QEMU VM as one migration: its disks and its RAM file as QEMU
+//! itself describes them over QMP, each replicated by its own migration,
+//! all sharing one pause ([`crate::pause::PauseGroup`]).
+//!
+//! `query-block` names the guest's disks (every inserted medium attached to
+//! a device) and their files; `query-memdev` and `qom-get mem-path` name
+//! the RAM backend's file when it is a shared file (`memory-backend-file,
+//! share=on`): then Tern replicates RAM too, and QEMU is told to leave
+//! shared RAM out of its own stream (`x-ignore-shared`).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::pause::{PauseError, Qmp};
+
+/// Errors describing a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// QMP failed.
+    #[error(transparent)]
+    Qmp(#[from] PauseError),
+    /// A QMP reply without the fields every QEMU since 2.x sends.
+    #[error("QEMU's {command} reply has no {field}: {reply}")]
+    Reply {
+        command: &'static str,
+        field: &'static str,
+        reply: String,
+    },
+    /// A disk whose image has a backing file: only the top layer would move.
+    #[error(
+        "disk {name} ({path}) has a backing file {backing}; Tern moves one file per disk: flatten it first (qemu-img rebase -b '' or a block-stream)"
+    )]
+    Backing {
+        name: String,
+        path: PathBuf,
+        backing: String,
+    },
+    /// A disk that is not a local file or block device (NBD, iSCSI, …).
+    #[error(
+        "disk {name} is served by QEMU's {driver} driver, not a local file; Tern moves local files and block devices"
+    )]
+    NotLocal { name: String, driver: String },
+    /// Nothing to move.
+    #[error("the VM at {0} has no disk attached to a device")]
+    NoDisks(PathBuf),
+}
+
+/// One of the guest's disks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VmDisk {
+    /// The device's id (`-device …,id=NAME`), or the drive's name.
+    pub name: String,
+    /// The file or block device QEMU has open.
+    pub path: PathBuf,
+    /// QEMU's format driver on it (`raw`, `qcow2`): the file moves as it is.
+    pub format: String,
+    pub read_only: bool,
+}
+
+/// Guest RAM in a shared file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VmRam {
+    /// The memory backend's id.
+    pub id: String,
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+/// What a VM is made of, as Tern moves it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VmLayout {
+    pub disks: Vec<VmDisk>,
+    /// `None`: RAM is anonymous (or not shared), and QEMU moves it.
+    pub ram: Option<VmRam>,
+}
+
+/// Asks the QEMU at `socket` for its disks and RAM file. The connection is
+/// closed on return (QEMU serves one QMP client at a time).
+pub async fn describe(socket: &Path) -> Result<VmLayout, VmError> {
+    let mut qmp = Qmp::connect(socket).await?;
+    let blocks = qmp.execute("query-block", None).await?;
+    let disks = disks_of(&blocks)?;
+    if disks.is_empty() {
+        return Err(VmError::NoDisks(socket.to_path_buf()));
+    }
+    let memdevs = qmp.execute("query-memdev", None).await?;
+    let mut files = Vec::new();
+    for dev in memdevs.as_array().into_iter().flatten() {
+        if dev["share"] != true {
+            continue;
+        }
+        let id = field(dev, "id", "query-memdev")?.to_owned();
+        let path = qmp
+            .execute(
+                "qom-get",
+                Some(json!({ "path": format!("/objects/{id}"), "property": "mem-path" })),
+            )
+            .await;
+        // A shared backend without a path (memfd) lives in no file Tern reads.
+        if let Ok(Value::String(path)) = path {
+            files.push(VmRam {
+                id,
+                path: PathBuf::from(path),
+                size: dev["size"].as_u64().unwrap_or(0),
+            });
+        }
+    }
+    // One RAM file: Tern's. Several (NUMA nodes) are left to QEMU for now.
+    let ram = (files.len() == 1).then(|| files.remove(0));
+    Ok(VmLayout { disks, ram })
+}
+
+/// The guest's disks from a `query-block` reply.
+fn disks_of(blocks: &Value) -> Result<Vec<VmDisk>, VmError> {
+    let mut disks = Vec::new();
+    for b in blocks.as_array().into_iter().flatten() {
+        let (Some(inserted), Some(qdev)) = (b.get("inserted"), b["qdev"].as_str()) else {
+            // An empty drive, or one attached to no device: not the guest's.
+            continue;
+        };
+        let device = b["device"].as_str().unwrap_or_default();
+        let name = if device.is_empty() {
+            // `/machine/peripheral/NAME/virtio-backend` → NAME.
+            qdev.strip_prefix("/machine/peripheral/")
+                .and_then(|rest| rest.split('/').next())
+                .unwrap_or(qdev)
+                .to_owned()
+        } else {
+            device.to_owned()
+        };
+        let file = field(inserted, "file", "query-block")?;
+        let image = &inserted["image"];
+        if let Some(backing) = image["backing-filename"].as_str() {
+            return Err(VmError::Backing {
+                name,
+                path: PathBuf::from(file),
+                backing: backing.to_owned(),
+            });
+        }
+        // `file` is a path for local protocols, a JSON/URI for the others.
+        if !file.starts_with('/') {
+            return Err(VmError::NotLocal {
+                name,
+                driver: file.split(':').next().unwrap_or(file).to_owned(),
+            });
+        }
+        disks.push(VmDisk {
+            name,
+            path: PathBuf::from(file),
+            format: field(inserted, "drv", "query-block")?.to_owned(),
+            read_only: inserted["ro"] == true,
+        });
+    }
+    Ok(disks)
+}
+
+fn field<'a>(v: &'a Value, name: &'static str, command: &'static str) -> Result<&'a str, VmError> {
+    v[name].as_str().ok_or_else(|| VmError::Reply {
+        command,
+        field: name,
+        reply: v.to_string(),
+    })
+}
+
+/// Sets (or clears) QEMU's `x-ignore-shared`: with Tern moving the RAM
+/// file, QEMU's own stream leaves shared RAM out. The destination QEMU
+/// needs it too: started with `-incoming defer`, the same
+/// `migrate-set-capabilities` before `migrate-incoming`.
+pub async fn ignore_shared_ram(socket: &Path, on: bool) -> Result<(), VmError> {
+    let mut qmp = Qmp::connect(socket).await?;
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] })),
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_are_the_inserted_media_attached_to_devices() {
+        // Trimmed from QEMU 7.2's reply for -blockdev disks, a -drive with
+        // no device and an empty CD-ROM.
+        let reply = json!([
+            { "device": "legacy0", "inserted": { "file": "/tmp/a.img", "drv": "raw", "ro": false, "image": {} } },
+            { "device": "ide2-cd0", "qdev": "/machine/unattached/device[15]" },
+            { "device": "", "qdev": "/machine/peripheral/vd0/virtio-backend",
+              "inserted": { "file": "/tmp/a.img", "drv": "raw", "ro": false, "image": {} } },
+            { "device": "", "qdev": "/machine/peripheral/vd1/virtio-backend",
+              "inserted": { "file": "/tmp/b.qcow2", "drv": "qcow2", "ro": true, "image": {} } },
+        ]);
+        let disks = disks_of(&reply).expect("disks");
+        assert_eq!(
+            disks,
+            [
+                VmDisk {
+                    name: "vd0".into(),
+                    path: "/tmp/a.img".into(),
+                    format: "raw".into(),
+                    read_only: false
+                },
+                VmDisk {
+                    name: "vd1".into(),
+                    path: "/tmp/b.qcow2".into(),
+                    format: "qcow2".into(),
+                    read_only: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_backing_chain_or_a_remote_disk_is_refused_by_name() {
+        let backing = json!([{ "device": "", "qdev": "/machine/peripheral/vd0/virtio-backend",
+            "inserted": { "file": "/tmp/top.qcow2", "drv": "qcow2",
+                          "image": { "backing-filename": "/tmp/base.qcow2" } } }]);
+        let e = disks_of(&backing).expect_err("backing").to_string();
+        assert!(e.contains("vd0") && e.contains("base.qcow2"), "{e}");
+        let remote = json!([{ "device": "virtio0", "qdev": "/machine/peripheral-anon/device[1]/virtio-backend",
+            "inserted": { "file": "nbd://10.0.0.1:10809/x", "drv": "raw", "image": {} } }]);
+        let e = disks_of(&remote).expect_err("remote").to_string();
+        assert!(e.contains("virtio0") && e.contains("nbd"), "{e}");
+    }
+}
