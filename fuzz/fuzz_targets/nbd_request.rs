@@ -30,7 +30,8 @@ fuzz_target!(|data: &[u8]| {
                     Command::Read { offset, len }
                     | Command::Write { offset, len, .. }
                     | Command::Trim { offset, len, .. }
-                    | Command::WriteZeroes { offset, len, .. } => (offset, len),
+                    | Command::WriteZeroes { offset, len, .. }
+                    | Command::BlockStatus { offset, len, .. } => (offset, len),
                     Command::Flush | Command::Disconnect => (0, 0),
                 };
                 assert!(
@@ -44,7 +45,10 @@ fuzz_target!(|data: &[u8]| {
                 if read_only {
                     assert!(matches!(
                         cmd,
-                        Command::Read { .. } | Command::Flush | Command::Disconnect
+                        Command::Read { .. }
+                            | Command::Flush
+                            | Command::Disconnect
+                            | Command::BlockStatus { .. }
                     ));
                 }
             }
@@ -53,10 +57,17 @@ fuzz_target!(|data: &[u8]| {
             let _ = proto::parse_option_header(opt_head);
             let option =
                 u32::from_be_bytes([opt_head[8], opt_head[9], opt_head[10], opt_head[11]]) % 16;
-            if let Ok(proto::ClientOption::Go(r) | proto::ClientOption::Info(r)) =
-                proto::parse_option(option, payload)
-            {
-                assert_eq!(4 + r.name.len() + 2 + 2 * r.infos.len(), payload.len());
+            match proto::parse_option(option, payload) {
+                Ok(proto::ClientOption::Go(r) | proto::ClientOption::Info(r)) => {
+                    assert_eq!(4 + r.name.len() + 2 + 2 * r.infos.len(), payload.len());
+                }
+                Ok(
+                    proto::ClientOption::ListMetaContext(r) | proto::ClientOption::SetMetaContext(r),
+                ) => {
+                    let used: usize = r.queries.iter().map(|q| 4 + q.len()).sum();
+                    assert_eq!(8 + r.export.len() + used, payload.len());
+                }
+                _ => {}
             }
         }
     }

@@ -49,6 +49,8 @@ pub struct Destination {
     /// `--nbd-advertise-writable`: the export is advertised writable from
     /// the start (writes get EPERM until cutover).
     pub advertise_writable: bool,
+    /// The certificates' directory (`tern certs init`), maybe another agent's.
+    pki: PathBuf,
     agent: Option<Guard>,
 }
 
@@ -68,12 +70,24 @@ impl Destination {
                 .args(["--host", "localhost"]),
             Duration::from_secs(30),
         );
+        Destination::with_pki(dir, size, advertise_writable, dir.join("pki"))
+    }
+
+    /// Another agent on `dir/dst.img` (`size` bytes) with this one's
+    /// certificates: one `--tls-dir` reaches both (a whole VM's parts).
+    #[must_use]
+    pub fn beside(&self, dir: &Path, size: u64) -> Destination {
+        Destination::with_pki(dir, size, false, self.pki.clone())
+    }
+
+    fn with_pki(dir: &Path, size: u64, advertise_writable: bool, pki: PathBuf) -> Destination {
         let mut d = Destination {
             dir: dir.to_path_buf(),
             grpc: free_port(),
             nbd: free_port(),
             size,
             advertise_writable,
+            pki,
             agent: None,
         };
         d.restart();
@@ -81,7 +95,7 @@ impl Destination {
     }
 
     pub fn tls(&self) -> PathBuf {
-        self.dir.join("pki/localhost")
+        self.pki.join("localhost")
     }
 
     pub fn image(&self) -> PathBuf {

@@ -394,22 +394,22 @@ const RAM_MIB: u32 = 256;
 /// Tern moves the disk and the guest's RAM; QEMU sends only the device state.
 /// Guest RAM is a shared file on the host's file system
 /// (`memory-backend-file,share=on`), allocated up front so its blocks stay
-/// put. A second `tern migrate --file` replicates that file at 4 KiB pages
-/// while the VM runs: before every round Tern writes back the file's dirty
-/// pages, the kernel write-protects them again, and the writeback's block
-/// requests are what the tracer sees, so each page the guest dirties is
-/// marked. The destination QEMU maps the destination agent's copy of the file
-/// as its RAM. Both `tern migrate`s pause through hooks; once both have
-/// converged, QEMU `migrate`s with `x-ignore-shared` (RAM is not sent) and
-/// `pause-before-switchover`; at `pre-switchover` (VM stopped) both send
-/// their final delta, verify and switch; `migrate-continue` sends the device
-/// state.
+/// put. One `tern migrate --vm qmp:SOCKET@URI` finds the VM's disk and RAM
+/// file over QMP and replicates both, the RAM file at 4 KiB pages while the
+/// VM runs: before every round Tern writes back the file's dirty pages, the
+/// kernel write-protects them again, and the writeback's block requests are
+/// what the tracer sees, so each page the guest dirties is marked. The
+/// destination QEMU maps the RAM agent's copy of the file as its RAM. Once
+/// both parts have converged, Tern has QEMU `migrate` with `x-ignore-shared`
+/// (RAM is not sent) and `pause-before-switchover`; at `pre-switchover` (VM
+/// stopped) both parts send their final delta, verify and switch together,
+/// and `migrate-continue` sends the device state.
 pub fn tern_moves_disk_and_ram(name: &str) -> Outcome {
     let guest = Guest::new(name);
     let mut disk_agent = Destination::start_with(guest.path(), DISK_MIB << 20, true);
     let ram_dir = guest.path().join("ram");
     std::fs::create_dir(&ram_dir).expect("mkdir the RAM agent's directory");
-    let mut ram_agent = Destination::start(&ram_dir, u64::from(RAM_MIB) << 20);
+    let mut ram_agent = disk_agent.beside(&ram_dir, u64::from(RAM_MIB) << 20);
     let ram = guest.path().join("src.ram");
     // 4 KiB folios in its page cache, so that the tracer sees dirtied pages,
     // not the large folios around them.
@@ -425,19 +425,6 @@ pub fn tern_moves_disk_and_ram(name: &str) -> Outcome {
         name: name.to_owned(),
         ..Outcome::default()
     };
-    // Resume hooks run only if a cutover fails; nobody answers them, so the
-    // failing `tern migrate` reports it and the test fails on that report.
-    let mut hooks = ["disk", "ram"].map(|part| {
-        let pause = Hook::named(guest.path(), &format!("pause-{part}"));
-        let resume = Hook::named(guest.path(), &format!("resume-{part}"));
-        let cmd = format!("cmd:{};;{}", pause.command(), resume.command());
-        (pause, resume, cmd)
-    });
-    let started = Instant::now();
-    let mut disk = spawn_tern_migrate(&disk_agent, &guest.disk, &["--pause", &hooks[0].2]);
-    // The RAM file's pages are in the page cache: read them there.
-    let mut ram_migrate =
-        spawn_tern_migrate(&ram_agent, &ram, &["--pause", &hooks[1].2, "--read-cached"]);
     let (mut dst, uri) = incoming_with_ram(
         &guest,
         Disk::Nbd {
@@ -446,84 +433,56 @@ pub fn tern_moves_disk_and_ram(name: &str) -> Outcome {
         },
         Some(&ram_agent.image()),
     );
-    let ignore_shared = json!({ "capability": "x-ignore-shared", "state": true });
+    // The destination leaves shared RAM out of QEMU's stream too.
     dst.qmp(
         "migrate-set-capabilities",
-        json!({ "capabilities": [ignore_shared] }),
+        json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] }),
     );
-    src.qmp(
-        "migrate-set-capabilities",
-        json!({ "capabilities": [
-            ignore_shared,
-            { "capability": "pause-before-switchover", "state": true },
-        ] }),
+    let started = Instant::now();
+    let mut cmd = Command::new(crate::lab::tern_bin());
+    cmd.args(["migrate", "--vm"])
+        .arg(format!("qmp:{}@{uri}", src.tern_qmp.display()))
+        .args([
+            "--to",
+            &format!("vd0={},ram={}", disk_agent.addr(), ram_agent.addr()),
+        ])
+        .arg("--tls-dir")
+        .arg(disk_agent.tls())
+        .args(["--domain", "localhost", "--json", "--state-dir"])
+        .arg(guest.path().join("state"));
+    let mut migrate = spawn_reporting(guest.path(), cmd, "tern migrate --vm");
+    let info = wait_for_qemu(&mut src, &mut dst, &mut migrate, false);
+    assert_eq!(
+        info["status"],
+        "completed",
+        "device state: {info}; {}",
+        migrate_log(guest.path())
     );
-    let [disk_hooks, ram_hooks] = &mut hooks;
-    for (hook, migrate, dir) in [
-        (&mut disk_hooks.0, &mut disk, guest.path()),
-        (&mut ram_hooks.0, &mut ram_migrate, ram_dir.as_path()),
-    ] {
-        assert!(
-            hook.wait(migrate, MIGRATION_LIMIT).is_some(),
-            "tern migrate exited before its pause: {}",
-            migrate_log(dir)
-        );
-    }
-    // Both have converged: QEMU stops the VM at once (RAM is not its to send).
-    src.qmp("migrate", json!({ "uri": uri }));
-    let pre = wait_migration(&mut src, &["pre-switchover"]);
-    assert_eq!(pre["status"], "pre-switchover", "migration: {pre}");
-    hooks[0].0.answer(true);
-    hooks[1].0.answer(true);
-    let disk_report = finish_migrate(&mut disk, guest.path());
-    let ram_report = finish_migrate(&mut ram_migrate, &ram_dir);
-    crate::write_result(
-        "tern-disk-and-ram-reports.json",
-        &json!({ "disk": disk_report, "ram": ram_report }).to_string(),
-    );
-    for report in [&disk_report, &ram_report] {
-        assert_eq!(report["outcome"], "cut over", "{report}");
-    }
-    src.qmp("migrate-continue", json!({ "state": "pre-switchover" }));
-    let info = wait_migration(&mut src, &[]);
-    assert_eq!(info["status"], "completed", "device state: {info}");
     dst.qmp("cont", Value::Null);
     out.total_s = started.elapsed().as_secs_f64();
-    record(&mut out, &mut src, &mut dst, &info, &disk_report);
+    let report = finish_migrate(&mut migrate, guest.path());
+    crate::write_result("tern-disk-and-ram-reports.json", &report.to_string());
+    assert_eq!(report["outcome"], "cut over", "{report}");
+    let (disk_report, ram_report) = (&report["parts"]["vd0"], &report["parts"]["ram"]);
+    for part in [disk_report, ram_report] {
+        assert_eq!(part["outcome"], "cut over", "{report}");
+    }
+    record(&mut out, &mut src, &mut dst, &info, disk_report);
     out.ram_by_tern = ram_report["wire_bytes"]
         .as_u64()
         .expect("wire_bytes in the RAM report");
     // Both final deltas ran side by side inside the stop: the longer one counts.
-    out.disk_final_ms = [&disk_report, &ram_report]
+    out.disk_final_ms = [disk_report, ram_report]
         .iter()
         .map(|r| r["downtime_ms"].as_f64().unwrap_or(0.0) - r["pause_ms"].as_f64().unwrap_or(0.0))
         .fold(0.0, f64::max);
     finish_on_destination(&src, &mut dst, &mut out);
     src.kill();
     drop(dst);
-    drop(hooks);
     disk_agent.stop();
     ram_agent.stop();
     guest::fsck(&disk_agent.image()).unwrap_or_else(|e| panic!("e2fsck on the destination: {e}"));
     out
-}
-
-/// Polls `query-migrate` until `completed`, `failed`, `cancelled` or one of
-/// `also`, within [`MIGRATION_LIMIT`].
-fn wait_migration(src: &mut Vm, also: &[&str]) -> Value {
-    let deadline = Instant::now() + MIGRATION_LIMIT;
-    loop {
-        let info = src.qmp("query-migrate", Value::Null);
-        let status = info["status"].as_str().unwrap_or("");
-        if ["completed", "failed", "cancelled"].contains(&status) || also.contains(&status) {
-            return info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "migration not done within {MIGRATION_LIMIT:?}: {info}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 /// The previous order, kept for comparison: Tern moves the disk and only
