@@ -120,10 +120,12 @@ fn disks_of(blocks: &Value) -> Result<Vec<VmDisk>, VmError> {
             continue;
         };
         let device = b["device"].as_str().unwrap_or_default();
+        // The name an operator typed: the drive's, the device's id
+        // (`/machine/peripheral/NAME/…`), else the block node's.
         let name = if device.is_empty() {
-            // `/machine/peripheral/NAME/virtio-backend` → NAME.
             qdev.strip_prefix("/machine/peripheral/")
                 .and_then(|rest| rest.split('/').next())
+                .or_else(|| inserted["node-name"].as_str())
                 .unwrap_or(qdev)
                 .to_owned()
         } else {

@@ -775,3 +775,63 @@ fn the_destination_agent_serves_its_export_over_tls() {
         text(&plain)
     );
 }
+
+/// A fragmented image (3000 runs of data) needs more descriptors than one
+/// reply holds: each reply stops at a run it knows the end of, and
+/// `qemu-img map`, asking again, sees every run exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragmented_image_maps_exactly_in_bounded_replies() {
+    const RUNS: u64 = 3000;
+    const STRIDE: u64 = 16 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("frag.img");
+    let image = Image::open(
+        &path,
+        &ImageOptions {
+            size: Some(RUNS * STRIDE),
+            read_only: false,
+            direct: false,
+            bulk_direct: false,
+        },
+    )
+    .unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    for i in 0..RUNS {
+        file.write_all_at(&[0xa5; 4096], i * STRIDE).unwrap();
+    }
+    file.sync_all().unwrap();
+    let server = Arc::new(NbdServer::new(vec![Export {
+        name: "f".into(),
+        description: String::new(),
+        image,
+        read_only: true,
+        changes: ImageChanges::default(),
+        presence: Presence::default(),
+    }]));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(Arc::clone(&server).serve_tcp(listener, cancel.clone()));
+    let out = run(
+        "qemu-img",
+        &[
+            "map",
+            "--output=json",
+            "-f",
+            "raw",
+            &format!("nbd://{addr}/f"),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let runs = map_runs(&String::from_utf8_lossy(&out.stdout));
+    let data: Vec<(u64, u64)> = runs.iter().filter(|r| r.2).map(|r| (r.0, r.1)).collect();
+    let want: Vec<(u64, u64)> = (0..RUNS).map(|i| (i * STRIDE, 4096)).collect();
+    assert_eq!(data, want);
+    assert!(
+        server.stats().snapshot().block_status > 1,
+        "more than one reply was needed"
+    );
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}

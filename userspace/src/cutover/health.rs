@@ -176,13 +176,27 @@ fn nbd_read(
     offset: u64,
     len: u32,
 ) -> Result<Vec<u8>, HealthError> {
-    let (info, data) =
-        crate::nbd::client::read_export(addr, export, tls, offset, len, Duration::from_secs(10))
-            .map_err(|source| HealthError::Nbd {
+    let read =
+        crate::nbd::client::read_export(addr, export, tls, offset, len, Duration::from_secs(10));
+    let (info, data) = match read {
+        Ok(read) => read,
+        // A destination smaller than the source: say so, not "out of range".
+        Err(crate::nbd::client::NbdClientError::OutOfRange { size: got, .. }) => {
+            return Err(HealthError::NbdSize {
+                export: export.to_owned(),
+                addr,
+                size: got,
+                want: size,
+            });
+        }
+        Err(source) => {
+            return Err(HealthError::Nbd {
                 export: export.to_owned(),
                 addr,
                 source,
-            })?;
+            });
+        }
+    };
     if info.read_only {
         return Err(HealthError::NbdReadOnly {
             export: export.to_owned(),

@@ -14,6 +14,17 @@ impl Image {
     /// tell (a block device, or a file system without `SEEK_DATA`): then all
     /// of it may hold data.
     pub fn data_ranges(&self, range: Range<u64>) -> io::Result<Option<Vec<Range<u64>>>> {
+        self.data_ranges_up_to(range, usize::MAX)
+    }
+
+    /// [`Image::data_ranges`], stopping after `max` runs of data: the list
+    /// then covers `range` only up to the end of the last run (a caller that
+    /// answers in bounded pieces, as NBD's block status does).
+    pub fn data_ranges_up_to(
+        &self,
+        range: Range<u64>,
+        max: usize,
+    ) -> io::Result<Option<Vec<Range<u64>>>> {
         if self.inner.block_device {
             return Ok(None);
         }
@@ -33,6 +44,9 @@ impl Image {
             let stop = hole.min(end);
             out.push(data..stop);
             at = stop;
+            if out.len() >= max {
+                break;
+            }
         }
         Ok(Some(out))
     }

@@ -11,6 +11,9 @@ use super::proto::{
 };
 use super::server::{ExportState, NbdServer};
 
+/// The answer to an option sent before STARTTLS to a server requiring TLS.
+const TLS_REQUIRED: &[u8] =
+    b"this server requires TLS: send NBD_OPT_STARTTLS first (nbds:// or tls-creds)";
 /// Options a client may send before it must choose an export.
 const MAX_OPTIONS: usize = 256;
 /// Oversized option payloads up to this size are skipped and answered with
@@ -105,6 +108,12 @@ where
         let mut head = [0u8; proto::OPTION_HEADER_LEN];
         stream.read_exact(&mut head).await?;
         let OptionHeader { option, len } = proto::parse_option_header(&head)?;
+        // Before STARTTLS, a server that requires TLS answers every option
+        // but STARTTLS and ABORT with ERR_TLS_REQD, whatever its payload.
+        let tls_gate = state.tls_required
+            && !state.tls_active
+            && option != proto::OPT_STARTTLS
+            && option != proto::OPT_ABORT;
         if len > proto::MAX_OPTION_LEN {
             if option == proto::OPT_EXPORT_NAME || len > MAX_SKIPPABLE_OPTION {
                 return Err(NbdError::OptionTooLarge { option, len });
@@ -117,28 +126,23 @@ where
             if skipped != u64::from(len) {
                 return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
             }
-            reply(
-                stream,
-                option,
-                proto::REP_ERR_TOO_BIG,
-                b"option payload too large",
-            )
-            .await?;
+            let (kind, msg): (u32, &[u8]) = if tls_gate {
+                (proto::REP_ERR_TLS_REQD, TLS_REQUIRED)
+            } else {
+                (proto::REP_ERR_TOO_BIG, b"option payload too large")
+            };
+            reply(stream, option, kind, msg).await?;
             continue;
         }
         let mut data = vec![0u8; len as usize];
         stream.read_exact(&mut data).await?;
-        if state.tls_required && !state.tls_active {
-            match option {
-                proto::OPT_STARTTLS | proto::OPT_ABORT => {}
-                // No error reply exists for it: the spec says to hang up.
-                proto::OPT_EXPORT_NAME => return Err(NbdError::TlsRequired),
-                _ => {
-                    let msg = b"this server requires TLS: send NBD_OPT_STARTTLS first (nbds:// or tls-creds)";
-                    reply(stream, option, proto::REP_ERR_TLS_REQD, msg).await?;
-                    continue;
-                }
+        if tls_gate {
+            // No error reply exists for EXPORT_NAME: the spec says to hang up.
+            if option == proto::OPT_EXPORT_NAME {
+                return Err(NbdError::TlsRequired);
             }
+            reply(stream, option, proto::REP_ERR_TLS_REQD, TLS_REQUIRED).await?;
+            continue;
         }
         let parsed = match proto::parse_option(option, &data) {
             Ok(parsed) => parsed,
@@ -205,6 +209,10 @@ where
             }
             ClientOption::ListMetaContext(req) | ClientOption::SetMetaContext(req) => {
                 let set = option == proto::OPT_SET_META_CONTEXT;
+                if set {
+                    // A SET replaces the selection, even when it fails.
+                    state.allocation_for = None;
+                }
                 let Some(export) = server.find_export(&req.export) else {
                     let msg = format!("no export named {:?}", req.export);
                     reply(stream, option, proto::REP_ERR_UNKNOWN, msg.as_bytes()).await?;
@@ -221,11 +229,12 @@ where
                     .any(|q| q == proto::BASE_ALLOCATION || (!set && q == "base:"))
                     || (!set && req.queries.is_empty());
                 if set {
-                    // Each SET replaces what an earlier one chose.
                     state.allocation_for = chosen.then_some(export);
                 }
                 if chosen {
-                    let mut payload = proto::BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                    // A LIST reply's id is reserved: 0 (the spec's SHOULD).
+                    let id = if set { proto::BASE_ALLOCATION_ID } else { 0 };
+                    let mut payload = id.to_be_bytes().to_vec();
                     payload.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
                     reply(stream, option, proto::REP_META_CONTEXT, &payload).await?;
                 }

@@ -612,7 +612,11 @@ impl NbdServer {
                         offset,
                         len,
                         req_one,
-                    } => server.block_status(&export, req.cookie, offset, len, req_one),
+                    } => {
+                        server
+                            .block_status(&export, req.cookie, offset, len, req_one)
+                            .await
+                    }
                     _ => server.execute(&export, cmd, req.cookie, data).await,
                 };
                 let _ = tx.send(reply).await;
@@ -688,7 +692,7 @@ impl NbdServer {
     /// `base:allocation` of `[offset, offset + len)` from the image's
     /// extent map. During a post-copy every unit is reported as data: a
     /// unit still on the source reads as a hole here, but holds data there.
-    fn block_status(
+    async fn block_status(
         &self,
         export: &ExportState,
         cookie: u64,
@@ -698,14 +702,33 @@ impl NbdServer {
     ) -> Reply {
         bump(&self.stats.block_status);
         let range = offset..offset + u64::from(len);
+        // A request may span 4 GiB of a fragmented image: the walk stops once
+        // the reply is full (a run of data and a hole per descriptor), and
+        // runs off the async workers.
+        let limit = if req_one {
+            1
+        } else {
+            proto::MAX_STATUS_DESCRIPTORS / 2 + 1
+        };
         let data = if export.presence.is_active() {
             Ok(None)
         } else {
-            export.image.data_ranges(range.clone())
+            let (image, r) = (export.image.clone(), range.clone());
+            tokio::task::spawn_blocking(move || image.data_ranges_up_to(r, limit))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
         };
         match data {
             Ok(data) => {
                 let data = data.unwrap_or_else(|| vec![range]);
+                // A walk cut short knows nothing past its last run: answer
+                // up to there only (the client asks again for the rest).
+                let len = match data.last() {
+                    Some(last) if data.len() >= limit => {
+                        u32::try_from(last.end - offset).expect("a run inside a u32-long request")
+                    }
+                    _ => len,
+                };
                 let descriptors = proto::allocation_descriptors(
                     offset,
                     len,
@@ -725,7 +748,8 @@ impl NbdServer {
             }
             Err(e) => {
                 bump(&self.stats.errors);
-                tracing::warn!(error = %e, "NBD block status: the image's extent map cannot be read");
+                // Counted in `errors`; one line per request would flood.
+                tracing::debug!(error = %e, "NBD block status: the image's extent map cannot be read");
                 Reply {
                     cookie,
                     error: proto::nbd_errno(e.raw_os_error().unwrap_or(libc::EIO)),

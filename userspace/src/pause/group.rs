@@ -33,8 +33,18 @@ pub enum Step {
 pub struct PauseGroup {
     target: PauseTarget,
     members: usize,
+    /// QEMU's QMP socket, when QEMU must leave shared RAM out of its stream
+    /// (`x-ignore-shared`): set just before the pause, cleared on a resume.
+    skip_shared_ram: Option<std::path::PathBuf>,
     state: Mutex<State>,
     changed: Notify,
+}
+
+struct Vote {
+    step: Step,
+    count: usize,
+    all: bool,
+    decided: Option<bool>,
 }
 
 #[derive(Default)]
@@ -46,9 +56,15 @@ struct State {
     hold: Option<Paused>,
     /// When the workload stopped, and how long it ran inside the pause call.
     paused_at: Option<(Instant, Duration)>,
-    /// Why the group gave up; every later decision is "no".
+    /// Why the group gave up; every decision not yet taken is "no".
     aborted: Option<String>,
-    votes: Vec<(Step, usize, bool)>,
+    /// Per step: votes so far, all yes so far, and the decision once taken
+    /// (latched: a later abort does not change it).
+    votes: Vec<Vote>,
+    /// Every member agreed to switch: from then on the workload resumes
+    /// only when every member asked (each rolls its own disk back first).
+    switched: bool,
+    resumes: usize,
     handovers: usize,
     /// The hand-over's outcome once made (its error, as text for the others).
     handed_over: Option<Result<(), String>>,
@@ -77,9 +93,52 @@ impl PauseGroup {
         Arc::new(PauseGroup {
             target,
             members: members.max(1),
+            skip_shared_ram: None,
             state: Mutex::new(State::default()),
             changed: Notify::new(),
         })
+    }
+
+    /// The same, with QEMU (at QMP `socket`) told to leave shared RAM out of
+    /// its migration (`x-ignore-shared`) for as short as it can: from just
+    /// before the pause until the hand-over, cleared again on a resume.
+    pub fn skipping_shared_ram(
+        target: PauseTarget,
+        members: usize,
+        socket: std::path::PathBuf,
+    ) -> Arc<PauseGroup> {
+        Arc::new(PauseGroup {
+            target,
+            members: members.max(1),
+            skip_shared_ram: Some(socket),
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Sets or clears QEMU's `x-ignore-shared` when this group moves RAM.
+    async fn ignore_shared(&self, on: bool) -> Result<(), PauseError> {
+        let Some(socket) = &self.skip_shared_ram else {
+            return Ok(());
+        };
+        let mut qmp = super::Qmp::connect(socket).await?;
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(serde_json::json!({
+                "capabilities": [{ "capability": "x-ignore-shared", "state": on }]
+            })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A member's migration ended (either way): if it never paused, the
+    /// others must not wait for it.
+    pub fn member_done(&self, name: &str) {
+        let paused = self.lock().paused_at.is_some();
+        if !paused {
+            self.abort(&format!("part {name} ended before the pause"));
+        }
     }
 
     /// The real target.
@@ -141,7 +200,23 @@ impl PauseGroup {
             s.arrived == self.members
         };
         if last {
-            match Box::pin(self.target.pause()).await {
+            let aborted = self.wait_for(|s| s.aborted.clone());
+            let pausing = async {
+                self.ignore_shared(true).await?;
+                Box::pin(self.target.pause()).await
+            };
+            // A member failing meanwhile ends the pause in progress: dropping
+            // it cancels QEMU's migration and resumes the workload.
+            let paused = tokio::select! {
+                paused = pausing => paused,
+                why = aborted => Err(PauseError::GroupAborted(why)),
+            };
+            if paused.is_err()
+                && let Err(e) = self.ignore_shared(false).await
+            {
+                tracing::warn!(error = %e, "cannot clear x-ignore-shared after a failed pause");
+            }
+            match paused {
                 Ok(hold) => {
                     let mut s = self.lock();
                     let ran = hold.ran_inside();
@@ -186,41 +261,71 @@ impl PauseGroup {
     pub(super) async fn agree(&self, step: Step, ok: bool) -> bool {
         {
             let mut s = self.lock();
-            if let Some(v) = s.votes.iter_mut().find(|v| v.0 == step) {
-                v.1 += 1;
-                v.2 &= ok;
-            } else {
-                s.votes.push((step, 1, ok));
-            }
             if !ok {
                 let why = format!("a member said no at {step:?}");
                 s.aborted.get_or_insert(why);
             }
+            let aborted = s.aborted.is_some();
+            let at = if let Some(at) = s.votes.iter().position(|v| v.step == step) {
+                at
+            } else {
+                s.votes.push(Vote {
+                    step,
+                    count: 0,
+                    all: true,
+                    decided: None,
+                });
+                s.votes.len() - 1
+            };
+            let vote = &mut s.votes[at];
+            vote.count += 1;
+            vote.all &= ok;
+            if vote.decided.is_none() && (aborted || vote.count >= self.members) {
+                // Taken once, under the lock, for every member alike.
+                vote.decided = Some(vote.all && !aborted);
+            }
+            if step == Step::Switch && vote.decided == Some(true) {
+                s.switched = true;
+            }
         }
         self.changed.notify_waiters();
         self.wait_for(|s| {
-            let (_, count, all) = *s.votes.iter().find(|v| v.0 == step)?;
-            if s.aborted.is_some() {
-                return Some(false);
+            let aborted = s.aborted.is_some();
+            let vote = s.votes.iter_mut().find(|v| v.step == step)?;
+            if vote.decided.is_none() && aborted {
+                vote.decided = Some(false);
             }
-            (count >= self.members).then_some(all)
+            vote.decided
         })
         .await
     }
 
-    /// A member's resume: the workload resumes once (the first call), and
-    /// the group gives up.
+    /// A member's resume. Before the switch, the first resumes the
+    /// workload (nothing switched); after it, the last does, once every
+    /// member has rolled its disk back: the workload must not write to a
+    /// source another member is still restoring.
     pub(super) async fn resume(&self) -> Result<(), PauseError> {
-        let hold = {
-            let mut s = self.lock();
-            s.aborted.get_or_insert_with(|| "resumed".to_owned());
-            s.hold.take()
-        };
+        let hold = self.take_for_resume("resumed");
         self.changed.notify_waiters();
-        match hold {
-            Some(hold) => Box::pin(hold.resume()).await,
-            None => Ok(()),
+        let Some(hold) = hold else {
+            return Ok(());
+        };
+        let resumed = Box::pin(hold.resume()).await;
+        if let Err(e) = self.ignore_shared(false).await {
+            tracing::warn!(error = %e, "cannot clear x-ignore-shared after resuming the VM");
         }
+        resumed
+    }
+
+    /// Counts a resume; the hold when this one is the one to resume.
+    fn take_for_resume(&self, why: &str) -> Option<Paused> {
+        let mut s = self.lock();
+        s.aborted.get_or_insert_with(|| why.to_owned());
+        s.resumes += 1;
+        if s.switched && s.resumes < self.members {
+            return None;
+        }
+        s.hold.take()
     }
 
     /// A member's hand-over: the last to arrive hands the workload over
@@ -240,6 +345,13 @@ impl PauseGroup {
         };
         if let Some(hold) = hold {
             let result = Box::pin(hold.hand_over()).await;
+            if result.is_ok()
+                && let Err(e) = self.ignore_shared(false).await
+            {
+                // The source QEMU stays behind (postmigrate); a later resume of
+                // it there must migrate its RAM again.
+                tracing::warn!(error = %e, "cannot clear x-ignore-shared on the source after the hand-over");
+            }
             self.lock().handed_over = Some(match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(e.to_string()),
@@ -258,16 +370,11 @@ impl PauseGroup {
         .await
     }
 
-    /// A member's hold dropped without a resume or hand-over: the workload
-    /// resumes (synchronously, through the hold's own drop) and the group
+    /// A member's hold dropped without a resume or hand-over: counted as a
+    /// resume (synchronous, through the hold's own drop), and the group
     /// gives up.
     pub(super) fn abandon(&self) {
-        let hold = {
-            let mut s = self.lock();
-            s.aborted
-                .get_or_insert_with(|| "a member abandoned its pause".to_owned());
-            s.hold.take()
-        };
+        let hold = self.take_for_resume("a member abandoned its pause");
         self.changed.notify_waiters();
         drop(hold);
     }
@@ -350,6 +457,46 @@ mod tests {
         assert!(!yes.await.expect("member"), "one member's no is everyone's");
         assert!(!no.await.expect("member"));
         assert_eq!(lines(&log), ["pause", "resume"]);
+    }
+
+    #[tokio::test]
+    async fn after_the_switch_the_workload_resumes_once_every_member_rolled_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (target, log) = counted(dir.path());
+        let group = PauseGroup::new(target, 2);
+        let member = |g: Arc<PauseGroup>| {
+            tokio::spawn(async move {
+                let paused = PauseTarget::Group(g).pause().await.expect("paused");
+                assert!(paused.agree(Step::Switch, true).await);
+                paused
+            })
+        };
+        let (a, b) = (member(Arc::clone(&group)), member(Arc::clone(&group)));
+        let (a, b) = (a.await.expect("a"), b.await.expect("b"));
+        // One member's health check failed: it rolled back and resumes.
+        assert!(!a.agree(Step::Healthy, false).await);
+        a.resume().await.expect("a resumes");
+        assert_eq!(lines(&log), ["pause"], "the other is still rolling back");
+        assert!(!b.agree(Step::Healthy, true).await);
+        b.resume().await.expect("b resumes");
+        assert_eq!(lines(&log), ["pause", "resume"]);
+    }
+
+    #[tokio::test]
+    async fn a_member_ending_without_a_pause_releases_the_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (target, log) = counted(dir.path());
+        let group = PauseGroup::new(target, 2);
+        let waiting = {
+            let g = Arc::clone(&group);
+            tokio::spawn(async move { PauseTarget::Group(g).pause().await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The other part finished a leftover post-copy and never paused.
+        group.member_done("vd1");
+        let err = waiting.await.expect("member").expect_err("released");
+        assert!(err.to_string().contains("vd1"), "{err}");
+        assert!(lines(&log).is_empty());
     }
 
     #[tokio::test]

@@ -34,19 +34,23 @@ pub(super) fn migrate(m: &MigrateArgs, vm: &str) -> Result<()> {
     let report = runtime()?.block_on(async {
         let layout = tern::vm::describe(&socket).await?;
         let parts = parts(m, &layout)?;
-        if layout.ram.is_some() {
-            tern::vm::ignore_shared_ram(&socket, true).await?;
-        }
         let target = PauseTarget::QemuMigrate {
             socket: socket.clone(),
             uri: uri.to_owned(),
             postcopy_ram: false,
         };
-        let result = run(m, &parts, target).await;
+        // QEMU leaves the RAM file out of its stream (Tern moves it) only
+        // from the pause on.
+        let group = if layout.ram.is_some() {
+            PauseGroup::skipping_shared_ram(target, parts.len(), socket.clone())
+        } else {
+            PauseGroup::new(target, parts.len())
+        };
+        let result = run(m, &parts, &group).await;
         let cut_over = result.as_ref().is_ok_and(|r| r["outcome"] == "cut over");
         if layout.ram.is_some() && !cut_over {
-            // The VM runs on here: a later migration of its RAM by QEMU
-            // must not leave the shared file out.
+            // The VM runs on here (or waits for `tern rollback`): a later
+            // migration of its RAM by QEMU must not leave the shared file out.
             if let Err(e) = tern::vm::ignore_shared_ram(&socket, false).await {
                 tracing::warn!(error = %e, "cannot clear x-ignore-shared on the source QEMU");
             }
@@ -67,11 +71,23 @@ pub(super) fn migrate(m: &MigrateArgs, vm: &str) -> Result<()> {
             report["downtime_ms"].as_f64().unwrap_or(0.0)
         )?;
     }
-    if report["outcome"] != "cut over" {
-        bail!(
-            "the VM was not moved ({}); it runs on the source with every write",
-            report["outcome"].as_str().unwrap_or("?")
-        );
+    match report["outcome"].as_str() {
+        Some("cut over") => {}
+        Some("rolled back") => {
+            bail!("rolled back after the switch: the VM runs on the source with every write")
+        }
+        _ => bail!(
+            "the VM was not moved: {}; a part that failed after its switch says so in its log \
+             (`tern rollback` makes that part's source primary again)",
+            report["errors"]
+                .as_array()
+                .map(|e| e
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "))
+                .unwrap_or_default()
+        ),
     }
     Ok(())
 }
@@ -87,9 +103,13 @@ fn refuse_single_disk_flags(m: &MigrateArgs) -> Result<()> {
     if m.no_switch {
         bail!("--vm switches the VM: --no-switch is for one disk");
     }
-    if m.source.trace_out.is_some() || m.source.plan.is_some() {
+    if m.source.trace_out.is_some()
+        || m.source.plan.is_some()
+        || m.source.prefetch.is_some()
+        || m.source.prefetch_history.is_some()
+    {
         bail!(
-            "--trace-out and --plan name one disk's files: with --vm each part takes its default"
+            "--trace-out, --plan and --prefetch* name one disk's files or plan: with --vm each part takes its default"
         );
     }
     Ok(())
@@ -97,6 +117,9 @@ fn refuse_single_disk_flags(m: &MigrateArgs) -> Result<()> {
 
 /// Each disk (and the RAM file) with its `--to` agent.
 fn parts(m: &MigrateArgs, layout: &VmLayout) -> Result<Vec<Part>> {
+    if layout.disks.iter().any(|d| d.name == "ram") && layout.ram.is_some() {
+        bail!("the VM has a disk named ram beside its RAM file: rename the disk's device id");
+    }
     let names: Vec<String> = layout
         .disks
         .iter()
@@ -110,13 +133,14 @@ fn parts(m: &MigrateArgs, layout: &VmLayout) -> Result<Vec<Part>> {
         )
     })?;
     let mut agents: BTreeMap<&str, &str> = BTreeMap::new();
-    for item in to.split(',') {
+    for item in to.split(',').map(str::trim).filter(|i| !i.is_empty()) {
         let (name, addr) = item.split_once('=').with_context(|| {
             format!(
                 "--to {item:?}: with --vm, give NAME=HOST:PORT for each of {}",
                 names.join(", ")
             )
         })?;
+        let (name, addr) = (name.trim(), addr.trim());
         if agents.insert(name, addr).is_some() {
             bail!("--to names {name} twice");
         }
@@ -190,8 +214,11 @@ fn parts(m: &MigrateArgs, layout: &VmLayout) -> Result<Vec<Part>> {
 }
 
 /// Binds every part, then runs them side by side with one shared pause.
-async fn run(m: &MigrateArgs, parts: &[Part], target: PauseTarget) -> Result<serde_json::Value> {
-    let group = PauseGroup::new(target, parts.len());
+async fn run(
+    m: &MigrateArgs,
+    parts: &[Part],
+    group: &Arc<PauseGroup>,
+) -> Result<serde_json::Value> {
     let mut health: Vec<HealthCheck> = m
         .health_cmd
         .iter()
@@ -201,7 +228,7 @@ async fn run(m: &MigrateArgs, parts: &[Part], target: PauseTarget) -> Result<ser
     let opts = CutoverOptions {
         max_downtime: m.max_downtime,
         max_rounds: m.max_rounds,
-        pause: Some(PauseTarget::Group(Arc::clone(&group))),
+        pause: Some(PauseTarget::Group(Arc::clone(group))),
         health,
         ..CutoverOptions::default()
     };
@@ -218,13 +245,14 @@ async fn run(m: &MigrateArgs, parts: &[Part], target: PauseTarget) -> Result<ser
         bound.push((part, side, progress));
     }
     let runs = bound.into_iter().map(|(part, side, progress)| {
-        let (opts, group) = (opts.clone(), Arc::clone(&group));
+        let (opts, group) = (opts.clone(), Arc::clone(group));
         async move {
             let result = until_interrupted(side, &opts).await;
+            // The others must not wait for this one at the pause.
             if let Err(e) = &result {
-                // The others must not wait for this one at the pause.
                 group.abort(&format!("part {}: {e:#}", part.name));
             }
+            group.member_done(&part.name);
             let ended = result.and_then(|report| Ok(serde_json::to_value(report)?));
             progress.finish(ended.as_ref().map(Some));
             (part.name.clone(), ended)
