@@ -63,6 +63,17 @@ pub struct Guest {
     pub disk: PathBuf,
 }
 
+/// A failed test keeps its guest's directory (serial logs, QEMU and Tern
+/// logs, images) and says where: the harness's flakes are read there.
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept {} for the failure's logs", self.dir.path().display());
+        }
+    }
+}
+
 impl Guest {
     pub fn new(name: &str) -> Guest {
         Guest::with_data(name, 0)

@@ -881,6 +881,7 @@ fn before_pause(phase: &str) -> bool {
             | "delta sync by checksums"
             | "hashing source"
             | "converging"
+            | cutover::WAITING_FOR_GROUP
     )
 }
 

@@ -533,6 +533,10 @@ fn advised_postcopy(figures: &Figures, max_rounds: u64, report: &mut Report) -> 
     }
 }
 
+/// The phase of a VM's part that converged and waits for the others (and
+/// the group's one pause), the VM still running.
+pub const WAITING_FOR_GROUP: &str = "converged: waiting for the VM's other parts";
+
 /// How the delta rounds ended.
 enum Converged {
     /// The delta fits the pause, after this many rounds.
@@ -778,7 +782,16 @@ async fn stop_workload(
     // The rounds from now on hash what they read, so that the
     // verification inside the pause reads nothing again here.
     repl.read_whole_regions(true);
-    set_status(status, |s| s.phase = "paused: final delta");
+    // A part of a VM waits for the others while the VM still runs: until
+    // the group pauses it, nothing is paused (a signal may stop it cleanly).
+    let grouped = matches!(opts.pause, Some(PauseTarget::Group(_)));
+    set_status(status, |s| {
+        s.phase = if grouped {
+            WAITING_FOR_GROUP
+        } else {
+            "paused: final delta"
+        };
+    });
     // Every limit goes as the workload stops: a pause that drains or
     // flushes (QMP `stop`, fsfreeze) would otherwise wait for the held
     // writes at the throttled rate, inside the downtime. A `qemu:` pause
@@ -813,6 +826,9 @@ async fn stop_workload(
         Some(target) => Some(target.pause().await?),
         None => None,
     };
+    if grouped {
+        set_status(status, |s| s.phase = "paused: final delta");
+    }
     // Downtime runs from the moment the workload stopped: a `qemu:` pause
     // precopies RAM while the VM still runs before it stops it.
     let ran_inside = paused.as_ref().map_or(Duration::ZERO, Paused::ran_inside);
