@@ -619,17 +619,42 @@ fn status_line(s: &Status, counters: &Stats, rate_bps: u64) -> serde_json::Value
     })
 }
 
+/// How a run's progress is shown besides its status file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Show {
+    /// One bar on the terminal.
+    Bar,
+    /// A JSON line a second on stderr (with `part` when the run is one of a VM's).
+    Lines,
+    /// The status file only (a VM's parts on a terminal share one line).
+    Nothing,
+}
+
 impl Progress {
     /// Prints progress every second (one line on a terminal, JSON lines
     /// otherwise) and keeps the status file fresh.
     fn start(status: StatusCell, counters: Arc<Stats>, file: PathBuf, json: bool) -> Progress {
-        let terminal = std::io::stderr().is_terminal() && !json;
+        let show = if std::io::stderr().is_terminal() && !json {
+            Show::Bar
+        } else {
+            Show::Lines
+        };
+        Progress::start_as(status, counters, file, show, None)
+    }
+
+    fn start_as(
+        status: StatusCell,
+        counters: Arc<Stats>,
+        file: PathBuf,
+        show: Show,
+        part: Option<String>,
+    ) -> Progress {
         if let Some(dir) = file.parent()
             && let Err(e) = std::fs::create_dir_all(dir)
         {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot create the state directory; `tern status` will not see this run");
         }
-        let bar = terminal.then(|| {
+        let bar = (show == Show::Bar).then(|| {
             let bar = indicatif::ProgressBar::new(1);
             bar.set_style(progress_style());
             bar
@@ -644,7 +669,10 @@ impl Progress {
                 let st = totals.snapshot();
                 let rate = st.sent_bytes.saturating_sub(last_sent);
                 last_sent = st.sent_bytes;
-                let line = status_line(&s, &totals, rate);
+                let mut line = status_line(&s, &totals, rate);
+                if let Some(part) = &part {
+                    line["part"] = part.clone().into();
+                }
                 write_status(&to, &line);
                 if let Some(bar) = &bar {
                     bar.set_length(st.round_bytes.max(1));
@@ -668,7 +696,7 @@ impl Progress {
                         human_bytes(s.remaining_bytes as f64),
                         s.estimated_downtime_ms
                     ));
-                } else {
+                } else if show == Show::Lines {
                     let _ = writeln!(std::io::stderr().lock(), "{line}");
                 }
             }

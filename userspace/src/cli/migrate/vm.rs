@@ -13,7 +13,10 @@ use tern::cutover::{self, CutoverOptions, HealthCheck};
 use tern::pause::{PauseGroup, PauseTarget};
 use tern::vm::VmLayout;
 
-use super::{MigrateArgs, Progress, failed_at_start, render_report, runtime, until_interrupted};
+use super::{
+    MigrateArgs, Progress, Show, failed_at_start, human_bytes, render_report, runtime,
+    until_interrupted,
+};
 
 /// One part of the VM and where it goes.
 struct Part {
@@ -232,18 +235,29 @@ async fn run(
         health,
         ..CutoverOptions::default()
     };
+    // On a terminal one line for the whole VM; otherwise each part's JSON
+    // status lines, named.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !m.source.json;
+    let show = if terminal { Show::Nothing } else { Show::Lines };
     let mut bound = Vec::new();
+    let mut watched = Vec::new();
     for part in parts {
         let o = part.source.options()?;
         let side = Source::bind(&o)
             .await
             .inspect_err(|e| failed_at_start(&part.source.status_file(), &anyhow::anyhow!("{e}")))
             .with_context(|| format!("part {}", part.name))?;
-        // Several parts at once: status lines, not bars fighting for the terminal.
-        let progress =
-            Progress::start(side.status(), side.stats(), part.source.status_file(), true);
+        let progress = Progress::start_as(
+            side.status(),
+            side.stats(),
+            part.source.status_file(),
+            show,
+            Some(part.name.clone()),
+        );
+        watched.push((part.name.clone(), side.status(), side.stats()));
         bound.push((part, side, progress));
     }
+    let line = terminal.then(|| tokio::spawn(vm_line(watched)));
     let runs = bound.into_iter().map(|(part, side, progress)| {
         let (opts, group) = (opts.clone(), Arc::clone(group));
         async move {
@@ -259,6 +273,10 @@ async fn run(
         }
     });
     let results = futures::future::join_all(runs).await;
+    if let Some(line) = line {
+        line.abort();
+        eprintln!();
+    }
     let mut reports = serde_json::Map::new();
     let mut errors = Vec::new();
     for (name, ended) in results {
@@ -286,4 +304,32 @@ async fn run(
         "parts": reports,
         "errors": errors,
     }))
+}
+
+/// The whole VM on one terminal line, redrawn every second: each part's
+/// phase, round and bytes sent.
+async fn vm_line(
+    parts: Vec<(
+        String,
+        tern::cutover::StatusCell,
+        Arc<tern::replicate::Stats>,
+    )>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let text: Vec<String> = parts
+            .iter()
+            .map(|(name, status, stats)| {
+                let s = status.lock().expect("status lock poisoned").clone();
+                format!(
+                    "{name}: {} r{} {}",
+                    s.phase,
+                    s.round,
+                    human_bytes(stats.snapshot().sent_bytes as f64)
+                )
+            })
+            .collect();
+        eprint!("\r\x1b[K{}", text.join(" · "));
+    }
 }
