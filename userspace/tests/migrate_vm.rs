@@ -177,6 +177,10 @@ impl Lab {
     }
 
     fn migrate(&self, to: &str) -> Output {
+        self.migrate_with(to, &[])
+    }
+
+    fn migrate_with(&self, to: &str, extra: &[&str]) -> Output {
         Command::new("timeout")
             .args([
                 "-s",
@@ -195,6 +199,7 @@ impl Lab {
             .arg(self.path().join("pki/localhost"))
             .args(["--domain", "localhost", "--json", "--state-dir"])
             .arg(self.path().join("state"))
+            .args(extra)
             .output()
             .unwrap()
     }
@@ -304,7 +309,10 @@ fn text(out: &Output) -> String {
 async fn a_whole_vm_moves_with_one_pause() {
     let lab = Lab::new();
     let _dst = lab.destination().await;
-    let out = lab.migrate(&lab.to_all());
+    // The operator's health command checks the VM once, not once per part.
+    let checks = lab.path().join("checks");
+    let check = format!("echo checked >> {}", checks.display());
+    let out = lab.migrate_with(&lab.to_all(), &["--health-cmd", &check]);
     assert!(out.status.success(), "{}", text(&out));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["outcome"], "cut over", "{report}");
@@ -327,6 +335,7 @@ async fn a_whole_vm_moves_with_one_pause() {
             "{src}"
         );
     }
+    assert_eq!(std::fs::read_to_string(&checks).unwrap(), "checked\n");
     assert_eq!(status(&lab.path().join("dst.qmp")).await, "running");
     assert_eq!(status(&lab.path().join("src.qmp")).await, "postmigrate");
     drop(lab.source);

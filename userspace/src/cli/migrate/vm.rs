@@ -171,6 +171,8 @@ fn parts(m: &MigrateArgs, layout: &VmLayout) -> Result<Vec<Part>> {
             missing.join(", ")
         );
     }
+    // --max-rate is the VM's: each part gets an equal share of it.
+    let share = |rate: Option<u64>| rate.map(|r| (r / names.len() as u64).max(1));
     let mut parts = Vec::new();
     for disk in &layout.disks {
         let addr = agents.get(disk.name.as_str()).with_context(|| {
@@ -191,6 +193,7 @@ fn parts(m: &MigrateArgs, layout: &VmLayout) -> Result<Vec<Part>> {
         };
         source.to = Some((*addr).to_owned());
         source.read_cached = false;
+        source.max_rate = share(m.source.max_rate);
         parts.push(Part {
             name: disk.name.clone(),
             source,
@@ -206,6 +209,7 @@ fn parts(m: &MigrateArgs, layout: &VmLayout) -> Result<Vec<Part>> {
         let mut source = m.source.clone();
         (source.device, source.file) = (None, Some(ram.path.clone()));
         source.to = Some((*addr).to_owned());
+        source.max_rate = share(m.source.max_rate);
         // Guest RAM's pages are in memory: read them there.
         source.read_cached = true;
         parts.push(Part {
@@ -222,17 +226,14 @@ async fn run(
     parts: &[Part],
     group: &Arc<PauseGroup>,
 ) -> Result<serde_json::Value> {
-    let mut health: Vec<HealthCheck> = m
-        .health_cmd
-        .iter()
-        .map(|c| HealthCheck::Command(c.clone()))
-        .collect();
-    health.push(HealthCheck::Region(cutover::HEALTH_REGION));
+    // Every part reads its first region back; the operator's command
+    // checks the VM, once (the first part runs it; all parts decide).
+    let region = vec![HealthCheck::Region(cutover::HEALTH_REGION)];
     let opts = CutoverOptions {
         max_downtime: m.max_downtime,
         max_rounds: m.max_rounds,
         pause: Some(PauseTarget::Group(Arc::clone(group))),
-        health,
+        health: region.clone(),
         ..CutoverOptions::default()
     };
     // On a terminal one line for the whole VM; otherwise each part's JSON
@@ -258,20 +259,31 @@ async fn run(
         bound.push((part, side, progress));
     }
     let line = terminal.then(|| tokio::spawn(vm_line(watched)));
-    let runs = bound.into_iter().map(|(part, side, progress)| {
-        let (opts, group) = (opts.clone(), Arc::clone(group));
-        async move {
-            let result = until_interrupted(side, &opts).await;
-            // The others must not wait for this one at the pause.
-            if let Err(e) = &result {
-                group.abort(&format!("part {}: {e:#}", part.name));
+    let runs = bound
+        .into_iter()
+        .enumerate()
+        .map(|(i, (part, side, progress))| {
+            let (mut opts, group) = (opts.clone(), Arc::clone(group));
+            if i == 0 {
+                opts.health = m
+                    .health_cmd
+                    .iter()
+                    .map(|c| HealthCheck::Command(c.clone()))
+                    .chain(region.iter().cloned())
+                    .collect();
             }
-            group.member_done(&part.name);
-            let ended = result.and_then(|report| Ok(serde_json::to_value(report)?));
-            progress.finish(ended.as_ref().map(Some));
-            (part.name.clone(), ended)
-        }
-    });
+            async move {
+                let result = until_interrupted(side, &opts).await;
+                // The others must not wait for this one at the pause.
+                if let Err(e) = &result {
+                    group.abort(&format!("part {}: {e:#}", part.name));
+                }
+                group.member_done(&part.name);
+                let ended = result.and_then(|report| Ok(serde_json::to_value(report)?));
+                progress.finish(ended.as_ref().map(Some));
+                (part.name.clone(), ended)
+            }
+        });
     let results = futures::future::join_all(runs).await;
     if let Some(line) = line {
         line.abort();
