@@ -60,8 +60,8 @@ pub enum HealthError {
         len: u64,
         addr: std::net::SocketAddr,
     },
-    #[error("another disk of the VM failed its health check: every disk rolls back")]
-    GroupUnhealthy,
+    #[error("another part of the VM is not healthy ({0}): every part rolls back")]
+    GroupUnhealthy(#[source] crate::pause::GroupAbort),
     #[error("the NBD health check's thread failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }

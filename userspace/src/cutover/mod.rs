@@ -102,12 +102,10 @@ pub enum CutoverError {
         "post-copy: the destination still lacks {missing_bytes} bytes after the whole disk was pushed again; the source keeps them: run `tern migrate` again (only what is missing is sent)"
     )]
     PostCopyIncomplete { missing_bytes: u64 },
-    /// Another disk of the same VM could not send its final delta: no disk
-    /// switches, the VM resumes on the source.
-    #[error(
-        "another disk of the VM failed its final delta, so none switched; the VM runs on the source"
-    )]
-    GroupGaveUp,
+    /// Another part of the same VM could not switch: no part switches, the
+    /// VM resumes on the source.
+    #[error("the VM's parts did not all switch, so none did ({0}); the VM runs on the source")]
+    GroupGaveUp(#[source] crate::pause::GroupAbort),
 }
 
 /// What a migration does and its limits.
@@ -681,7 +679,10 @@ async fn agree_to_switch<T>(
 ) -> Result<T, CutoverError> {
     match (paused, finished) {
         // (A group runs pre-copy only: no post-copy switch happened yet.)
-        (Some(p), Ok(_)) if !p.agree(Step::Switch, true).await => Err(CutoverError::GroupGaveUp),
+        (Some(p), Ok(_)) if !p.agree(Step::Switch, true).await => Err(CutoverError::GroupGaveUp(
+            p.group_abort()
+                .unwrap_or(crate::pause::GroupAbort::SaidNo(Step::Switch)),
+        )),
         (Some(p), Err(e)) => {
             let _ = p.agree(Step::Switch, false).await;
             Err(e)
@@ -872,7 +873,10 @@ async fn after_switch(
         && !p.agree(Step::Healthy, health.is_ok()).await
         && health.is_ok()
     {
-        health = Err(health::HealthError::GroupUnhealthy);
+        health = Err(health::HealthError::GroupUnhealthy(
+            p.group_abort()
+                .unwrap_or(crate::pause::GroupAbort::SaidNo(Step::Healthy)),
+        ));
     }
     report.health_ms = ms(step);
     if let Err(e) = health {

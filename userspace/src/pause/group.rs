@@ -20,6 +20,36 @@ use tokio::sync::Notify;
 
 use super::{Hold, PauseError, PauseTarget, Paused};
 
+/// Why a group gave up (the first reason is kept).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GroupAbort {
+    /// A part's migration failed.
+    #[error("part {part} failed: {source}")]
+    PartFailed {
+        part: String,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// Pausing the workload failed.
+    #[error("pausing the workload failed: {0}")]
+    Pause(#[source] Arc<PauseError>),
+    /// A part could not go on at a decision (its final delta or health check).
+    #[error("a part could not go on at {0:?}")]
+    SaidNo(Step),
+    /// A part's migration ended without pausing (nothing left to send).
+    #[error("part {0} ended before the pause")]
+    EndedEarly(String),
+    /// A part was cancelled while it waited for the pause.
+    #[error("a part stopped before the pause")]
+    Left,
+    /// A part resumed the workload.
+    #[error("the workload was resumed")]
+    Resumed,
+    /// A part dropped its pause without a resume or a hand-over.
+    #[error("a part abandoned its pause")]
+    Abandoned,
+}
+
 /// A decision the members of a group take together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Step {
@@ -57,7 +87,7 @@ struct State {
     /// When the workload stopped, and how long it ran inside the pause call.
     paused_at: Option<(Instant, Duration)>,
     /// Why the group gave up; every decision not yet taken is "no".
-    aborted: Option<String>,
+    aborted: Option<GroupAbort>,
     /// Per step: votes so far, all yes so far, and the decision once taken
     /// (latched: a later abort does not change it).
     votes: Vec<Vote>,
@@ -66,8 +96,8 @@ struct State {
     switched: bool,
     resumes: usize,
     handovers: usize,
-    /// The hand-over's outcome once made (its error, as text for the others).
-    handed_over: Option<Result<(), String>>,
+    /// The hand-over's outcome once made (its error shared with the others).
+    handed_over: Option<Result<(), Arc<PauseError>>>,
 }
 
 impl std::fmt::Debug for PauseGroup {
@@ -137,7 +167,7 @@ impl PauseGroup {
     pub fn member_done(&self, name: &str) {
         let paused = self.lock().paused_at.is_some();
         if !paused {
-            self.abort(&format!("part {name} ended before the pause"));
+            self.abort(GroupAbort::EndedEarly(name.to_owned()));
         }
     }
 
@@ -155,14 +185,19 @@ impl PauseGroup {
     /// get an error (the workload runs on), pending and later decisions
     /// are "no". Does not resume by itself: a member's resume (or the last
     /// hold's drop) does.
-    pub fn abort(&self, why: &str) {
+    pub fn abort(&self, why: GroupAbort) {
         let mut s = self.lock();
         if s.aborted.is_none() {
-            tracing::warn!(why, "the migration group gives up");
-            s.aborted = Some(why.to_owned());
+            tracing::warn!(why = %why, "the migration group gives up");
+            s.aborted = Some(why);
         }
         drop(s);
         self.changed.notify_waiters();
+    }
+
+    /// Why the group gave up, if it did.
+    pub fn why(&self) -> Option<GroupAbort> {
+        self.lock().aborted.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -226,9 +261,10 @@ impl PauseGroup {
                     self.changed.notify_waiters();
                 }
                 Err(e) => {
-                    self.abort(&format!("pausing the workload failed: {e}"));
+                    let e = Arc::new(e);
+                    self.abort(GroupAbort::Pause(Arc::clone(&e)));
                     guard.0 = None;
-                    return Err(e);
+                    return Err(PauseError::GroupAborted(GroupAbort::Pause(e)));
                 }
             }
         }
@@ -262,8 +298,7 @@ impl PauseGroup {
         {
             let mut s = self.lock();
             if !ok {
-                let why = format!("a member said no at {step:?}");
-                s.aborted.get_or_insert(why);
+                s.aborted.get_or_insert(GroupAbort::SaidNo(step));
             }
             let aborted = s.aborted.is_some();
             let at = if let Some(at) = s.votes.iter().position(|v| v.step == step) {
@@ -305,7 +340,7 @@ impl PauseGroup {
     /// member has rolled its disk back: the workload must not write to a
     /// source another member is still restoring.
     pub(super) async fn resume(&self) -> Result<(), PauseError> {
-        let hold = self.take_for_resume("resumed");
+        let hold = self.take_for_resume(GroupAbort::Resumed);
         self.changed.notify_waiters();
         let Some(hold) = hold else {
             return Ok(());
@@ -318,9 +353,9 @@ impl PauseGroup {
     }
 
     /// Counts a resume; the hold when this one is the one to resume.
-    fn take_for_resume(&self, why: &str) -> Option<Paused> {
+    fn take_for_resume(&self, why: GroupAbort) -> Option<Paused> {
         let mut s = self.lock();
-        s.aborted.get_or_insert_with(|| why.to_owned());
+        s.aborted.get_or_insert(why);
         s.resumes += 1;
         if s.switched && s.resumes < self.members {
             return None;
@@ -352,12 +387,10 @@ impl PauseGroup {
                 // it there must migrate its RAM again.
                 tracing::warn!(error = %e, "cannot clear x-ignore-shared on the source after the hand-over");
             }
-            self.lock().handed_over = Some(match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(e.to_string()),
-            });
+            let result = result.map_err(Arc::new);
+            self.lock().handed_over = Some(result.clone());
             self.changed.notify_waiters();
-            return result;
+            return result.map_err(PauseError::GroupHandOver);
         }
         self.wait_for(|s| {
             if let Some(done) = &s.handed_over {
@@ -374,7 +407,7 @@ impl PauseGroup {
     /// resume (synchronous, through the hold's own drop), and the group
     /// gives up.
     pub(super) fn abandon(&self) {
-        let hold = self.take_for_resume("a member abandoned its pause");
+        let hold = self.take_for_resume(GroupAbort::Abandoned);
         self.changed.notify_waiters();
         drop(hold);
     }
@@ -386,7 +419,7 @@ struct LeaveOnDrop(Option<Arc<PauseGroup>>);
 impl Drop for LeaveOnDrop {
     fn drop(&mut self) {
         if let Some(group) = self.0.take() {
-            group.abort("a member stopped before the pause");
+            group.abort(GroupAbort::Left);
         }
     }
 }
@@ -510,7 +543,10 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         // The other member's migration failed: its orchestrator gives up.
-        group.abort("the second disk did not converge");
+        group.abort(GroupAbort::PartFailed {
+            part: "vd1".into(),
+            source: Arc::new(std::io::Error::other("the second disk did not converge")),
+        });
         let err = waiting
             .await
             .expect("member")

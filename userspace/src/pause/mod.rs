@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-pub use group::{PauseGroup, Step};
+pub use group::{GroupAbort, PauseGroup, Step};
 pub use qmp_client::Qmp;
 
 /// The accepted forms, quoted by every parse error.
@@ -80,10 +80,10 @@ pub enum PauseError {
     /// The group of migrations this one belongs to gave up (another disk
     /// failed, or the pause did): the workload runs on the source.
     #[error("the VM's migration gave up: {0}")]
-    GroupAborted(String),
-    /// Another member of the group handed the workload over and that failed.
+    GroupAborted(#[source] GroupAbort),
+    /// The group's hand-over of the workload failed (one part made it for all).
     #[error("handing the VM over failed: {0}")]
-    GroupHandOver(String),
+    GroupHandOver(#[source] std::sync::Arc<PauseError>),
     /// A system call or file operation failed.
     #[error("cannot {action} {path}: {source}")]
     Io {
@@ -434,6 +434,14 @@ impl Paused {
         match &self.hold {
             Some(Hold::Group(group)) => group.agree(step, ok).await,
             _ => ok,
+        }
+    }
+
+    /// Why this part's group gave up, if it did (and this is a group's part).
+    pub fn group_abort(&self) -> Option<GroupAbort> {
+        match &self.hold {
+            Some(Hold::Group(group)) => group.why(),
+            _ => None,
         }
     }
 

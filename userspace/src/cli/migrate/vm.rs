@@ -276,7 +276,11 @@ async fn run(
                 let result = until_interrupted(side, &opts).await;
                 // The others must not wait for this one at the pause.
                 if let Err(e) = &result {
-                    group.abort(&format!("part {}: {e:#}", part.name));
+                    let e: Box<dyn std::error::Error + Send + Sync> = format!("{e:#}").into();
+                    group.abort(tern::pause::GroupAbort::PartFailed {
+                        part: part.name.clone(),
+                        source: Arc::from(e),
+                    });
                 }
                 group.member_done(&part.name);
                 let ended = result.and_then(|report| Ok(serde_json::to_value(report)?));
