@@ -185,7 +185,7 @@ mod tests {
 
     #[test]
     fn disks_are_the_inserted_media_attached_to_devices() {
-        // Trimmed from QEMU 7.2's reply for -blockdev disks, a -drive with
+        // Trimmed from QEMU 10.0's reply for -blockdev disks, a -drive with
         // no device and an empty CD-ROM.
         let reply = json!([
             { "device": "legacy0", "inserted": { "file": "/tmp/a.img", "drv": "raw", "ro": false, "image": {} } },
