@@ -120,13 +120,7 @@ impl Eq for PauseGroup {}
 impl PauseGroup {
     /// A group of `members` migrations pausing `target` once.
     pub fn new(target: PauseTarget, members: usize) -> Arc<PauseGroup> {
-        Arc::new(PauseGroup {
-            target,
-            members: members.max(1),
-            skip_shared_ram: None,
-            state: Mutex::new(State::default()),
-            changed: Notify::new(),
-        })
+        PauseGroup::with(target, members, None)
     }
 
     /// The same, with QEMU (at QMP `socket`) told to leave shared RAM out of
@@ -137,10 +131,18 @@ impl PauseGroup {
         members: usize,
         socket: std::path::PathBuf,
     ) -> Arc<PauseGroup> {
+        PauseGroup::with(target, members, Some(socket))
+    }
+
+    fn with(
+        target: PauseTarget,
+        members: usize,
+        skip_shared_ram: Option<std::path::PathBuf>,
+    ) -> Arc<PauseGroup> {
         Arc::new(PauseGroup {
             target,
             members: members.max(1),
-            skip_shared_ram: Some(socket),
+            skip_shared_ram,
             state: Mutex::new(State::default()),
             changed: Notify::new(),
         })

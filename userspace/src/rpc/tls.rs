@@ -129,10 +129,7 @@ impl TlsMaterial {
             dir: self.dir.clone(),
             source,
         };
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in self.parse_certs(&self.ca_pem, "ca.pem")? {
-            roots.add(ca).map_err(failed)?;
-        }
+        let roots = self.roots()?;
         let verifier = rustls::server::WebPkiClientVerifier::builder(std::sync::Arc::new(roots))
             .build()
             .map_err(|source| TlsError::ClientVerifier {
@@ -157,10 +154,7 @@ impl TlsMaterial {
             dir: self.dir.clone(),
             source,
         };
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in self.parse_certs(&self.ca_pem, "ca.pem")? {
-            roots.add(ca).map_err(failed)?;
-        }
+        let roots = self.roots()?;
         let config = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_client_auth_cert(
@@ -169,6 +163,18 @@ impl TlsMaterial {
             )
             .map_err(failed)?;
         Ok(std::sync::Arc::new(config))
+    }
+
+    /// `ca.pem` as the only trusted authority.
+    fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in self.parse_certs(&self.ca_pem, "ca.pem")? {
+            roots.add(ca).map_err(|source| TlsError::Config {
+                dir: self.dir.clone(),
+                source,
+            })?;
+        }
+        Ok(roots)
     }
 
     fn parse_certs(
