@@ -25,6 +25,7 @@ pub mod dirty;
 pub mod granularity;
 pub mod history;
 pub mod image;
+pub mod libvirt;
 pub mod metrics;
 pub mod nbd;
 pub mod outfile;

@@ -355,6 +355,14 @@ impl Destination {
             },
         )
         .with_presence(presence);
+        let service = match &nbd_addr {
+            Some(bound) => service.with_nbd(crate::rpc::NbdExport {
+                address: reachable_here(bound),
+                name: cfg.export_name.clone(),
+                tls: cfg.nbd_tls,
+            }),
+            None => service,
+        };
         service.watch_changes(&changes);
         let tree_path = saved::path_for(&cfg.image);
         let tree_restored = service.restore_tree(&tree_path);
@@ -522,6 +530,25 @@ impl Destination {
                 tracing::info!(image = %image_path.display(), "destination agent stopped; image flushed");
                 Ok(())
             }
+        }
+    }
+}
+
+/// The bound NBD address as a client on this host dials it: a wildcard
+/// address becomes loopback of its family.
+fn reachable_here(bound: &ListenAddr) -> String {
+    match bound {
+        ListenAddr::Unix(path) => path.display().to_string(),
+        ListenAddr::Tcp(addr) => {
+            let mut addr = *addr;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(if addr.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            addr.to_string()
         }
     }
 }

@@ -118,7 +118,7 @@ pub struct SourceArgs {
 
 #[derive(Args)]
 #[command(
-    after_help = "Examples:\n  tern migrate --device /dev/loop0 --to dst:7443 --tls-dir pki/src --pause fsfreeze:/mnt/data --max-downtime 100ms\n  tern migrate --file /var/lib/vm/disk.img --to dst:7443 --tls-dir pki/src --pause qmp:/run/vm.qmp\n  tern migrate --device /dev/vdb --to dst:7443 --no-pause   # an idle disk: copy or resync only\n  tern migrate --vm qmp:/run/vm.qmp@tcp:dst:4444 --to vd0=dst:7443,vd1=dst:7444,ram=dst:7445 --tls-dir pki/src"
+    after_help = "Examples:\n  tern migrate --device /dev/loop0 --to dst:7443 --tls-dir pki/src --pause fsfreeze:/mnt/data --max-downtime 100ms\n  tern migrate --file /var/lib/vm/disk.img --to dst:7443 --tls-dir pki/src --pause qmp:/run/vm.qmp\n  tern migrate --device /dev/vdb --to dst:7443 --no-pause   # an idle disk: copy or resync only\n  tern migrate --vm qmp:/run/vm.qmp@tcp:dst:4444 --to vd0=dst:7443,vd1=dst:7444,ram=dst:7445 --tls-dir pki/src\n  tern migrate --vm libvirt:web@qemu+tls://dst/system --to vda=dst:7443,vdb=dst:7444 --tls-dir pki/src"
 )]
 pub struct MigrateArgs {
     #[command(flatten)]
@@ -133,7 +133,11 @@ pub struct MigrateArgs {
     /// when it is a shared file) is replicated, with one pause for all;
     /// QEMU moves the device state (and RAM otherwise). `--to` names each
     /// part's destination agent: `NAME=HOST:PORT,…` (disks by device id, `ram`).
-    #[arg(long, value_name = "qmp:SOCKET@URI", conflicts_with_all = ["pause", "no_pause", "device", "file"])]
+    /// Or a running libvirt domain: `libvirt:NAME@DEST_URI` (the source is
+    /// virsh's default connection, `LIBVIRT_DEFAULT_URI`): its disks by target
+    /// (`vda=HOST:PORT,…`), each agent serving an NBD export the destination
+    /// domain is defined on; libvirt moves RAM and device state.
+    #[arg(long, value_name = "qmp:SOCKET@URI|libvirt:NAME@URI", conflicts_with_all = ["pause", "no_pause", "device", "file"])]
     vm: Option<String>,
     /// The source is idle: copy without pausing anything.
     #[arg(long, conflicts_with = "pause")]
@@ -847,7 +851,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
             }),
             postcopy,
         };
-        let result = until_interrupted(side, &opts).await;
+        let result = Box::pin(until_interrupted(side, &opts)).await;
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err);
         let ended = result.and_then(|report| Ok(serde_json::to_value(report)?));

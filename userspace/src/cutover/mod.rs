@@ -40,6 +40,18 @@ pub enum CutoverError {
     Pause(#[from] PauseError),
     #[error("throttling the workload's writes: {0}")]
     Throttle(#[from] ThrottleError),
+    /// The source file changed size during the migration (a qcow2 file
+    /// that allocated clusters at its end): what lies past the size
+    /// replicated would be lost.
+    #[error(
+        "the source {} grew from {was} to {now} bytes during the migration (a qcow2 file allocating at its end?); Tern replicates a fixed size: preallocate the image (qemu-img convert -o preallocation=metadata) or give it room first; the workload runs on the source",
+        path.display()
+    )]
+    SourceResized {
+        path: std::path::PathBuf,
+        was: u64,
+        now: u64,
+    },
     /// Rollback asked of a destination that is not primary.
     #[error(
         "nothing to roll back: the destination's export is read-only (epoch {epoch}), so it never became primary or a rollback already made the source primary again; copying its data back would overwrite the source's newer writes"
@@ -1088,6 +1100,17 @@ async fn quiesce(repl: &Replicator, report: &mut Report) -> Result<(), CutoverEr
     let step = Instant::now();
     // Writes still in a page cache above the source must reach it (and the tracer).
     write_back(repl).await?;
+    let path = repl.source().path();
+    if let Ok(md) = std::fs::metadata(path)
+        && md.is_file()
+        && md.len() != repl.source().size()
+    {
+        return Err(CutoverError::SourceResized {
+            path: path.to_path_buf(),
+            was: repl.source().size(),
+            now: md.len(),
+        });
+    }
     // And the writes the workload issued before it stopped must have
     // completed, so that the trace sync below holds them (in_flight.rs).
     if let Some((counter, own_device)) = in_flight::counter_for(repl.source().path())? {

@@ -19,6 +19,9 @@
 //!   stops after QEMU's first pass over RAM, and runs on the destination
 //!   while QEMU fetches its remaining pages on demand;
 //! - `cmd:PAUSE;;RESUME`: two shell commands;
+//! - a libvirt domain ([`LibvirtMigration`], not typed on a command line):
+//!   libvirt's own migration with `--suspend`; the pause returns when the
+//!   source has stopped and the destination waits paused;
 //! - a [`PauseGroup`] (not typed on a command line): one of the above shared
 //!   by the migrations of one VM's disks, paused once, switched all or none.
 //!
@@ -33,9 +36,11 @@ mod cgroup;
 mod command;
 mod fsfreeze;
 mod group;
+mod libvirt;
 mod qemu_migrate;
 mod qmp;
 mod qmp_client;
+mod virsh;
 
 use std::fmt;
 use std::fs::File;
@@ -44,7 +49,9 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 pub use group::{GroupAbort, PauseGroup, Step};
+pub use libvirt::LibvirtMigration;
 pub use qmp_client::Qmp;
+pub use virsh::{Virsh, VirshError};
 
 /// The accepted forms, quoted by every parse error.
 const FORMS: &str = "fsfreeze:/mnt/data, cgroup:/sys/fs/cgroup/app, qmp:/run/vm.qmp, \
@@ -120,6 +127,9 @@ pub enum PauseError {
         status: String,
         desc: String,
     },
+    /// libvirt (through virsh) failed.
+    #[error(transparent)]
+    Virsh(#[from] VirshError),
     /// A pause or resume command exited unsuccessfully.
     #[error("command `{command}` failed ({status}): {stderr_tail}")]
     Command {
@@ -158,6 +168,9 @@ pub enum PauseTarget {
     },
     /// Run `pause` to pause and `resume` to resume, each through `sh -c`.
     Command { pause: String, resume: String },
+    /// Migrate a libvirt domain with libvirt, stopping when the source has
+    /// stopped and the destination waits paused.
+    Libvirt(LibvirtMigration),
     /// A member of a group of migrations sharing one pause of the workload.
     Group(std::sync::Arc<PauseGroup>),
 }
@@ -234,6 +247,7 @@ impl fmt::Display for PauseTarget {
                 socket.display()
             ),
             Self::Command { pause, resume } => write!(f, "cmd:{pause};;{resume}"),
+            Self::Libvirt(m) => write!(f, "libvirt:{}@{}", m.domain, m.destination_uri),
             Self::Group(g) => write!(f, "{} (shared by {})", g.target(), g.members()),
         }
     }
@@ -254,6 +268,7 @@ impl PauseTarget {
                 postcopy_ram,
             } => qemu_migrate::start(socket, uri, *postcopy_ram).await?,
             Self::Command { pause, resume } => command::pause(pause, resume).await?,
+            Self::Libvirt(m) => libvirt::start(m).await?,
             Self::Group(group) => group.pause().await?,
         };
         tracing::info!(took = ?started.elapsed(), "workload paused");
@@ -264,7 +279,10 @@ impl PauseTarget {
     /// (QEMU's RAM precopy), so that replication should go on meanwhile.
     pub fn runs_while_pausing(&self) -> bool {
         // A group member waits for the others while the workload runs.
-        matches!(self, Self::QemuMigrate { .. } | Self::Group(_))
+        matches!(
+            self,
+            Self::QemuMigrate { .. } | Self::Libvirt(_) | Self::Group(_)
+        )
     }
 
     /// Resumes a workload that an earlier process paused and left paused
@@ -281,6 +299,7 @@ impl PauseTarget {
                 qmp::cont(&mut qmp, socket).await
             }
             Self::Command { resume, .. } => command::run_shell(resume).await,
+            Self::Libvirt(m) => libvirt::back(m, None).await,
             Self::Group(group) => Box::pin(group.target().resume_now()).await,
         }
     }
@@ -323,6 +342,12 @@ enum Hold {
     Command {
         resume: String,
     },
+    /// libvirt's migration reached the destination, paused; `virsh
+    /// migrate` may still be ending the source.
+    Libvirt {
+        m: LibvirtMigration,
+        migrate: Option<tokio::process::Child>,
+    },
     /// A share of a group's one hold.
     Group(std::sync::Arc<PauseGroup>),
 }
@@ -335,6 +360,7 @@ impl fmt::Debug for Paused {
             Some(Hold::Qmp { socket, .. }) => format!("qmp:{}", socket.display()),
             Some(Hold::QemuMigrate { socket, .. }) => format!("qemu:{}", socket.display()),
             Some(Hold::Command { resume }) => format!("cmd:;;{resume}"),
+            Some(Hold::Libvirt { m, .. }) => format!("libvirt:{}", m.domain),
             Some(Hold::Group(g)) => format!("group of {}: {}", g.members(), g.target()),
             None => "released".to_owned(),
         };
@@ -377,6 +403,7 @@ impl Paused {
             Some(Hold::Qmp { socket, qmp }) => qmp::cont(qmp, socket).await,
             Some(Hold::QemuMigrate { socket, qmp, .. }) => qemu_migrate::cancel(qmp, socket).await,
             Some(Hold::Command { resume }) => command::run_shell(resume).await,
+            Some(Hold::Libvirt { m, migrate }) => libvirt::back(m, migrate.as_mut()).await,
             Some(Hold::Group(group)) => group.resume().await,
         };
         // One attempt only: a failed resume is the caller's to handle, and
@@ -400,6 +427,15 @@ impl Paused {
             let group = std::sync::Arc::clone(group);
             self.hold = None;
             return group.hand_over().await;
+        }
+        if let Some(Hold::Libvirt { m, migrate }) = self.hold.as_mut() {
+            let started = Instant::now();
+            let result = libvirt::hand_over(m, migrate.as_mut()).await;
+            // Never migrated back from here: the disks have switched.
+            self.hold = None;
+            result?;
+            tracing::info!(took = ?started.elapsed(), "the domain runs on the destination");
+            return Ok(());
         }
         if let Some(Hold::QemuMigrate {
             socket,
@@ -474,6 +510,7 @@ impl Drop for Paused {
                 qmp.commands_blocking(&socket, &["migrate_cancel", "cont"])
             }
             Hold::Command { resume } => command::run_shell_blocking(&resume),
+            Hold::Libvirt { m, migrate } => libvirt::back_blocking(&m, migrate),
             Hold::Group(group) => {
                 group.abandon();
                 return;

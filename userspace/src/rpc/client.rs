@@ -26,7 +26,7 @@ const STREAM_WINDOW: u32 = 16 << 20;
 const CONNECTION_WINDOW: u32 = 64 << 20;
 
 /// What `Info` reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Info {
     pub image_size: u64,
     pub epoch: u64,
@@ -38,6 +38,18 @@ pub struct Info {
     pub leaf_checksums: bool,
     /// Where a post-copy into the destination stands.
     pub postcopy: crate::postcopy::PresenceSnapshot,
+    /// The agent's NBD export, if it serves one.
+    pub nbd: Option<NbdExport>,
+}
+
+/// Where a destination agent serves its NBD export, as a client on its own
+/// host reaches it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NbdExport {
+    /// `HOST:PORT`, or a unix socket's path (starting with `/`).
+    pub address: String,
+    pub name: String,
+    pub tls: bool,
 }
 
 /// Client of one destination.
@@ -143,6 +155,11 @@ impl ReplicaClient {
             max_batch_extents: info.max_batch_extents,
             leaf_checksums: info.leaf_checksums,
             postcopy: info.postcopy.as_ref().map(Into::into).unwrap_or_default(),
+            nbd: info.nbd.map(|n| NbdExport {
+                address: n.address,
+                name: n.name,
+                tls: n.tls,
+            }),
         })
     }
 

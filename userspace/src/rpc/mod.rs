@@ -60,7 +60,7 @@ mod status;
 pub mod tls;
 
 pub use client::{
-    ExtentWriter, Info, PushOptions, PushReport, ReplicaClient, TreeNodes, push_file,
+    ExtentWriter, Info, NbdExport, PushOptions, PushReport, ReplicaClient, TreeNodes, push_file,
 };
 pub use epoch::Fence;
 pub use extent::{Checksum, EncodedExtent, MAX_LEAF_SIZE, zero_ends};

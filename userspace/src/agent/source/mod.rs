@@ -411,6 +411,19 @@ impl Source {
         Arc::clone(&self.agent.status)
     }
 
+    /// The destination agent's NBD export, as a client on its host reaches
+    /// it (`None`: the agent serves none).
+    pub async fn destination_nbd(&mut self) -> Result<Option<crate::rpc::NbdExport>, SourceError> {
+        let info = self
+            .agent
+            .repl
+            .client()
+            .info()
+            .await
+            .map_err(crate::replicate::ReplicateError::from)?;
+        Ok(info.nbd)
+    }
+
     /// The engine's counters.
     pub fn stats(&self) -> Arc<Stats> {
         self.agent.repl.stats()

@@ -1,16 +1,17 @@
-//! `tern migrate --vm qmp:SOCKET@URI`: every disk of a QEMU VM (and its RAM
-//! file) replicated by one migration each, in this process, with one pause
-//! (QEMU's own migration, stopped at `pre-switchover`) and one hand-over.
+//! `tern migrate --vm qmp:SOCKET@URI` and `--vm libvirt:NAME@URI`: every
+//! disk of a QEMU VM (and its RAM file) replicated by one migration each, in
+//! this process, with one pause and one hand-over: QEMU's own migration
+//! stopped at `pre-switchover`, or libvirt's with `--suspend`.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use tern::agent::source::Source;
 use tern::cutover::{self, CutoverOptions, HealthCheck};
-use tern::pause::{PauseGroup, PauseTarget};
+use tern::pause::{LibvirtMigration, PauseGroup, PauseTarget, Virsh};
 use tern::vm::VmLayout;
 
 use super::{
@@ -25,41 +26,25 @@ struct Part {
 }
 
 pub(super) fn migrate(m: &MigrateArgs, vm: &str) -> Result<()> {
-    let (socket, uri) = vm
-        .strip_prefix("qmp:")
-        .and_then(|rest| rest.split_once('@'))
-        .filter(|(s, u)| !s.is_empty() && !u.is_empty())
-        .with_context(|| {
-            format!("--vm {vm:?}: give qmp:SOCKET@URI (the VM's QMP socket and the destination QEMU's -incoming URI)")
-        })?;
-    let socket = PathBuf::from(socket);
     refuse_single_disk_flags(m)?;
-    let report = runtime()?.block_on(async {
-        let layout = tern::vm::describe(&socket).await?;
-        let parts = parts(m, &layout)?;
-        let target = PauseTarget::QemuMigrate {
-            socket: socket.clone(),
-            uri: uri.to_owned(),
-            postcopy_ram: false,
-        };
-        // QEMU leaves the RAM file out of its stream (Tern moves it) only
-        // from the pause on.
-        let group = if layout.ram.is_some() {
-            PauseGroup::skipping_shared_ram(target, parts.len(), socket.clone())
-        } else {
-            PauseGroup::new(target, parts.len())
-        };
-        let result = run(m, &parts, &group).await;
-        let cut_over = result.as_ref().is_ok_and(|r| r["outcome"] == "cut over");
-        if layout.ram.is_some() && !cut_over {
-            // The VM runs on here (or waits for `tern rollback`): a later
-            // migration of its RAM by QEMU must not leave the shared file out.
-            if let Err(e) = tern::vm::ignore_shared_ram(&socket, false).await {
-                tracing::warn!(error = %e, "cannot clear x-ignore-shared on the source QEMU");
-            }
-        }
-        result
-    })?;
+    let report = if let Some(rest) = vm.strip_prefix("libvirt:") {
+        let (name, uri) = rest
+            .split_once('@')
+            .filter(|(n, u)| !n.is_empty() && !u.is_empty())
+            .with_context(|| {
+                format!("--vm {vm:?}: give libvirt:NAME@DEST_URI (the domain, and the destination's libvirt URI, e.g. qemu+tls://dst/system)")
+            })?;
+        runtime()?.block_on(libvirt(m, name, uri))?
+    } else {
+        let (socket, uri) = vm
+            .strip_prefix("qmp:")
+            .and_then(|rest| rest.split_once('@'))
+            .filter(|(s, u)| !s.is_empty() && !u.is_empty())
+            .with_context(|| {
+                format!("--vm {vm:?}: give qmp:SOCKET@URI (the VM's QMP socket and the destination QEMU's -incoming URI) or libvirt:NAME@DEST_URI")
+            })?;
+        runtime()?.block_on(qmp(m, &PathBuf::from(socket), uri))?
+    };
     let mut out = std::io::stdout().lock();
     if m.source.json {
         writeln!(out, "{report}")?;
@@ -93,6 +78,96 @@ pub(super) fn migrate(m: &MigrateArgs, vm: &str) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// A QEMU VM through its QMP socket: QEMU's migration to `uri` is the pause.
+async fn qmp(m: &MigrateArgs, socket: &Path, uri: &str) -> Result<serde_json::Value> {
+    let layout = tern::vm::describe(socket).await?;
+    let parts = parts(m, &layout)?;
+    let target = PauseTarget::QemuMigrate {
+        socket: socket.to_path_buf(),
+        uri: uri.to_owned(),
+        postcopy_ram: false,
+    };
+    let bound = bind(m, &parts).await?;
+    // QEMU leaves the RAM file out of its stream (Tern moves it) only
+    // from the pause on.
+    let group = if layout.ram.is_some() {
+        PauseGroup::skipping_shared_ram(target, parts.len(), socket.to_path_buf())
+    } else {
+        PauseGroup::new(target, parts.len())
+    };
+    let result = run(m, bound, &group).await;
+    let cut_over = result.as_ref().is_ok_and(|r| r["outcome"] == "cut over");
+    if layout.ram.is_some() && !cut_over {
+        // The VM runs on here (or waits for `tern rollback`): a later
+        // migration of its RAM by QEMU must not leave the shared file out.
+        if let Err(e) = tern::vm::ignore_shared_ram(socket, false).await {
+            tracing::warn!(error = %e, "cannot clear x-ignore-shared on the source QEMU");
+        }
+    }
+    result
+}
+
+/// A libvirt domain: its disks replicated to agents that export them over
+/// NBD, the destination defined on those exports, and libvirt's migration
+/// (`--suspend`) the pause.
+async fn libvirt(m: &MigrateArgs, name: &str, dest_uri: &str) -> Result<serde_json::Value> {
+    let source = Virsh::new(None);
+    let domain = tern::libvirt::describe(&source, name).await?;
+    let source_uri = source.run(&["uri"]).await?.trim().to_owned();
+    let destination = Virsh::new(Some(dest_uri));
+    // Reachable, and not running the domain already.
+    destination.run(&["version"]).await?;
+    if let Ok(state) = destination.state(name).await
+        && state != "shut off"
+    {
+        bail!(
+            "domain {name} is already {state} on {dest_uri}: Tern moves it to a host where it does not run"
+        );
+    }
+    let layout = VmLayout {
+        disks: domain.disks.clone(),
+        ram: None,
+    };
+    let parts = parts(m, &layout)?;
+    let mut bound = bind(m, &parts).await?;
+    let mut exports = BTreeMap::new();
+    for (part, side, _) in &mut bound {
+        let export = side.destination_nbd().await?.with_context(|| {
+            format!(
+                "the agent for {} ({}) serves no NBD export: start it with --nbd ADDR --nbd-advertise-writable (the destination domain's disk is that export)",
+                part.name,
+                part.source.to.as_deref().unwrap_or("?")
+            )
+        })?;
+        exports.insert(part.name.clone(), export);
+    }
+    let xml = tern::libvirt::destination_xml(name, &domain.xml, &exports)?;
+    std::fs::create_dir_all(&m.source.state_dir)
+        .with_context(|| format!("cannot create {}", m.source.state_dir.display()))?;
+    let file = |what: &str| {
+        m.source
+            .state_dir
+            .join(format!("libvirt-{name}.{what}.xml"))
+    };
+    let (destination_xml, source_xml) = (file("destination"), file("source"));
+    std::fs::write(&destination_xml, xml)
+        .with_context(|| format!("cannot write {}", destination_xml.display()))?;
+    std::fs::write(&source_xml, &domain.xml)
+        .with_context(|| format!("cannot write {}", source_xml.display()))?;
+    let target = PauseTarget::Libvirt(LibvirtMigration {
+        domain: name.to_owned(),
+        source,
+        source_uri,
+        destination,
+        destination_uri: dest_uri.to_owned(),
+        destination_xml,
+        source_xml,
+        persistent: domain.persistent,
+    });
+    let group = PauseGroup::new(target, parts.len());
+    run(m, bound, &group).await
 }
 
 /// Flags that name one disk's run make no sense for a whole VM.
@@ -220,28 +295,19 @@ fn parts(m: &MigrateArgs, layout: &VmLayout) -> Result<Vec<Part>> {
     Ok(parts)
 }
 
-/// Binds every part, then runs them side by side with one shared pause.
-async fn run(
-    m: &MigrateArgs,
-    parts: &[Part],
-    group: &Arc<PauseGroup>,
-) -> Result<serde_json::Value> {
-    // Every part reads its first region back; the operator's command
-    // checks the VM, once (the first part runs it; all parts decide).
-    let region = vec![HealthCheck::Region(cutover::HEALTH_REGION)];
-    let opts = CutoverOptions {
-        max_downtime: m.max_downtime,
-        max_rounds: m.max_rounds,
-        pause: Some(PauseTarget::Group(Arc::clone(group))),
-        health: region.clone(),
-        ..CutoverOptions::default()
+/// One part bound to its destination, with its progress reporter.
+type Bound<'a> = (&'a Part, Source, Progress);
+
+/// Binds every part: tracing starts, each agent is connected.
+async fn bind<'a>(m: &MigrateArgs, parts: &'a [Part]) -> Result<Vec<Bound<'a>>> {
+    // On a terminal one line for the whole VM (see `run`); otherwise each
+    // part's JSON status lines, named.
+    let show = if terminal(m) {
+        Show::Nothing
+    } else {
+        Show::Lines
     };
-    // On a terminal one line for the whole VM; otherwise each part's JSON
-    // status lines, named.
-    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !m.source.json;
-    let show = if terminal { Show::Nothing } else { Show::Lines };
     let mut bound = Vec::new();
-    let mut watched = Vec::new();
     for part in parts {
         let o = part.source.options()?;
         let side = Source::bind(&o)
@@ -255,9 +321,36 @@ async fn run(
             show,
             Some(part.name.clone()),
         );
-        watched.push((part.name.clone(), side.status(), side.stats()));
         bound.push((part, side, progress));
     }
+    Ok(bound)
+}
+
+fn terminal(m: &MigrateArgs) -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr()) && !m.source.json
+}
+
+/// Runs the bound parts side by side with one shared pause.
+async fn run(
+    m: &MigrateArgs,
+    bound: Vec<Bound<'_>>,
+    group: &Arc<PauseGroup>,
+) -> Result<serde_json::Value> {
+    // Every part reads its first region back; the operator's command
+    // checks the VM, once (the first part runs it; all parts decide).
+    let region = vec![HealthCheck::Region(cutover::HEALTH_REGION)];
+    let opts = CutoverOptions {
+        max_downtime: m.max_downtime,
+        max_rounds: m.max_rounds,
+        pause: Some(PauseTarget::Group(Arc::clone(group))),
+        health: region.clone(),
+        ..CutoverOptions::default()
+    };
+    let watched: Vec<_> = bound
+        .iter()
+        .map(|(part, side, _)| (part.name.clone(), side.status(), side.stats()))
+        .collect();
+    let terminal = terminal(m);
     let line = terminal.then(|| tokio::spawn(vm_line(watched)));
     let runs = bound
         .into_iter()
@@ -273,7 +366,7 @@ async fn run(
                     .collect();
             }
             async move {
-                let result = until_interrupted(side, &opts).await;
+                let result = Box::pin(until_interrupted(side, &opts)).await;
                 // The others must not wait for this one at the pause.
                 if let Err(e) = &result {
                     let e: Box<dyn std::error::Error + Send + Sync> = format!("{e:#}").into();

@@ -107,6 +107,8 @@ struct Inner {
     opts: ServeOptions,
     /// The post-copy gate: fills write only where it says, reads wait on it.
     presence: Presence,
+    /// Where the NBD export is served, for `Info`.
+    nbd: Option<pb::NbdExport>,
 }
 
 impl ReplicaService {
@@ -130,6 +132,7 @@ impl ReplicaService {
                 shutdown,
                 opts,
                 presence: Presence::default(),
+                nbd: None,
             }),
         }
     }
@@ -141,6 +144,19 @@ impl ReplicaService {
         Arc::get_mut(&mut self.inner)
             .expect("with_presence is called on a new service, before it is cloned")
             .presence = presence;
+        self
+    }
+
+    /// The service reporting its NBD export in `Info`. Call on a new service.
+    #[must_use]
+    pub fn with_nbd(mut self, nbd: crate::rpc::NbdExport) -> ReplicaService {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_nbd is called on a new service, before it is cloned")
+            .nbd = Some(pb::NbdExport {
+            address: nbd.address,
+            name: nbd.name,
+            tls: nbd.tls,
+        });
         self
     }
 
@@ -305,6 +321,7 @@ impl replica_server::Replica for ReplicaService {
             max_batch_extents: MAX_BATCH_EXTENTS,
             leaf_checksums: true,
             postcopy: Some(postcopy),
+            nbd: inner.nbd.clone(),
         }))
     }
 
