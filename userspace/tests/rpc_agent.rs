@@ -101,7 +101,18 @@ async fn replicate_read_over_nbd_cut_over_and_shut_down_cleanly() {
         !qemu_io(nbd, false, "write -P 0xcd 2M 64k").await,
         "export writable before cutover"
     );
-    assert!(!client.info().await.expect("info").export_writable);
+    let info = client.info().await.expect("info");
+    assert!(!info.export_writable);
+    // Where the export is, as a client on this host (a libvirt destination
+    // domain) dials it.
+    assert_eq!(
+        info.nbd,
+        Some(tern::rpc::NbdExport {
+            address: nbd.to_string(),
+            name: "tern".to_owned(),
+            tls: false,
+        })
+    );
 
     // Cutover is fenced: a stale epoch cannot flip the export.
     let stale = client
@@ -176,9 +187,22 @@ async fn plaintext_grpc_or_nbd_on_a_reachable_address_is_refused() {
     let dst = Destination::bind(cfg)
         .await
         .expect("bind with --insecure-nbd");
+    let (grpc, Some(ListenAddr::Tcp(nbd))) = (dst.grpc_addr(), dst.nbd_addr().cloned()) else {
+        panic!("NBD should listen on TCP");
+    };
     let cancel = CancellationToken::new();
+    let agent = tokio::spawn(dst.run(cancel.clone()));
+    let mut client = ReplicaClient::connect(&grpc.to_string(), None, None)
+        .await
+        .expect("connect");
+    // A wildcard listener is dialled on loopback by a client on its host.
+    let info = client.info().await.expect("info");
+    assert_eq!(
+        info.nbd.map(|n| n.address),
+        Some(format!("127.0.0.1:{}", nbd.port()))
+    );
     cancel.cancel();
-    dst.run(cancel).await.expect("stops at once");
+    agent.await.expect("join").expect("stops");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

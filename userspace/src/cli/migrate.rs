@@ -142,6 +142,11 @@ pub struct MigrateArgs {
     /// The source is idle: copy without pausing anything.
     #[arg(long, conflicts_with = "pause")]
     no_pause: bool,
+    /// With `--vm libvirt:…`: once the domain runs on the destination,
+    /// undefine it on the source (by default its definition stays, shut off
+    /// and with autostart disabled).
+    #[arg(long, requires = "vm")]
+    undefine_source: bool,
     /// Downtime budget: the final delta must fit in it at the measured bandwidth.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     max_downtime: Duration,

@@ -167,11 +167,28 @@ async fn libvirt(m: &MigrateArgs, name: &str, dest_uri: &str) -> Result<serde_js
         persistent: domain.persistent,
     });
     let group = PauseGroup::new(target, parts.len());
-    run(m, bound, &group).await
+    let report = run(m, bound, &group).await?;
+    if report["outcome"] == "cut over" && domain.persistent {
+        // The source's copy is stale now: the host must not start it again
+        // at boot, and is only forgotten when asked.
+        let source = Virsh::new(None);
+        let done = if m.undefine_source {
+            source.run(&["undefine", name]).await
+        } else {
+            source.run(&["autostart", "--disable", name]).await
+        };
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "the domain runs on the destination, but its source definition was not changed");
+        }
+    }
+    Ok(report)
 }
 
 /// Flags that name one disk's run make no sense for a whole VM.
 fn refuse_single_disk_flags(m: &MigrateArgs) -> Result<()> {
+    if m.undefine_source && !m.vm.as_deref().is_some_and(|v| v.starts_with("libvirt:")) {
+        bail!("--undefine-source is for --vm libvirt:NAME@URI");
+    }
     if m.health_nbd.is_some() {
         bail!("--health-nbd checks one export: with --vm each part's is checked through its agent");
     }
