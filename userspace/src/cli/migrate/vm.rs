@@ -119,12 +119,22 @@ async fn libvirt(m: &MigrateArgs, name: &str, dest_uri: &str) -> Result<serde_js
     let destination = Virsh::new(Some(dest_uri));
     // Reachable, and not running the domain already.
     destination.run(&["version"]).await?;
-    if let Ok(state) = destination.state(name).await
-        && state != "shut off"
-    {
-        bail!(
-            "domain {name} is already {state} on {dest_uri}: Tern moves it to a host where it does not run"
-        );
+    if let Ok(state) = destination.state(name).await {
+        if state != "shut off" {
+            bail!(
+                "domain {name} is already {state} on {dest_uri}: Tern moves it to a host where it does not run"
+            );
+        }
+        // A definition there must be this domain's (libvirt refuses another).
+        let theirs = destination.run(&["domuuid", name]).await?;
+        let ours = source.run(&["domuuid", name]).await?;
+        if theirs.trim() != ours.trim() {
+            bail!(
+                "{dest_uri} has another domain named {name} (uuid {}, this one's is {}): undefine or rename it first",
+                theirs.trim(),
+                ours.trim()
+            );
+        }
     }
     let layout = VmLayout {
         disks: domain.disks.clone(),
@@ -386,7 +396,8 @@ async fn run(
                 let result = Box::pin(until_interrupted(side, &opts)).await;
                 // The others must not wait for this one at the pause.
                 if let Err(e) = &result {
-                    let e: Box<dyn std::error::Error + Send + Sync> = format!("{e:#}").into();
+                    let e: Box<dyn std::error::Error + Send + Sync> =
+                        crate::cli::one_line(&e).into();
                     group.abort(tern::pause::GroupAbort::PartFailed {
                         part: part.name.clone(),
                         source: Arc::from(e),
@@ -410,7 +421,7 @@ async fn run(
             Ok(report) => {
                 reports.insert(name, report);
             }
-            Err(e) => errors.push(format!("{name}: {e:#}")),
+            Err(e) => errors.push(format!("{name}: {}", crate::cli::one_line(&e))),
         }
     }
     let outcome = if !errors.is_empty() {
