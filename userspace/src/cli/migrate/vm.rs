@@ -397,7 +397,7 @@ async fn run(
                 // The others must not wait for this one at the pause.
                 if let Err(e) = &result {
                     let e: Box<dyn std::error::Error + Send + Sync> =
-                        crate::cli::one_line(&e).into();
+                        crate::cli::one_line(e).into();
                     group.abort(tern::pause::GroupAbort::PartFailed {
                         part: part.name.clone(),
                         source: Arc::from(e),
