@@ -165,20 +165,6 @@ fn field<'a>(v: &'a Value, name: &'static str, command: &'static str) -> Result<
     })
 }
 
-/// Sets (or clears) QEMU's `x-ignore-shared`: with Tern moving the RAM
-/// file, QEMU's own stream leaves shared RAM out. The destination QEMU
-/// needs it too: started with `-incoming defer`, the same
-/// `migrate-set-capabilities` before `migrate-incoming`.
-pub async fn ignore_shared_ram(socket: &Path, on: bool) -> Result<(), VmError> {
-    let mut qmp = Qmp::connect(socket).await?;
-    qmp.execute(
-        "migrate-set-capabilities",
-        Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] })),
-    )
-    .await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

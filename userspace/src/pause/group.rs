@@ -153,15 +153,7 @@ impl PauseGroup {
         let Some(socket) = &self.skip_shared_ram else {
             return Ok(());
         };
-        let mut qmp = super::Qmp::connect(socket).await?;
-        qmp.execute(
-            "migrate-set-capabilities",
-            Some(serde_json::json!({
-                "capabilities": [{ "capability": "x-ignore-shared", "state": on }]
-            })),
-        )
-        .await?;
-        Ok(())
+        super::qmp::ignore_shared_ram(socket, on).await
     }
 
     /// A member's migration ended (either way): if it never paused, the

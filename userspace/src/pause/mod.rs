@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 
 pub use group::{GroupAbort, PauseGroup, Step};
 pub use libvirt::LibvirtMigration;
+pub use qmp::ignore_shared_ram;
 pub use qmp_client::Qmp;
 pub use virsh::{Virsh, VirshError};
 

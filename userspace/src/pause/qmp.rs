@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::{Hold, PauseError, Paused, Qmp};
 
@@ -46,4 +46,18 @@ pub(super) async fn expect_status(
         status: status["status"].as_str().unwrap_or("unknown").to_owned(),
         expected: if running { "running" } else { "paused" },
     })
+}
+
+/// Sets (or clears) QEMU's `x-ignore-shared` on the VM behind `socket`:
+/// its migration then leaves shared RAM (a file Tern moves) out of its
+/// stream. The destination QEMU needs it too (`-incoming defer`, the same
+/// command before `migrate-incoming`).
+pub async fn ignore_shared_ram(socket: &Path, on: bool) -> Result<(), PauseError> {
+    let mut qmp = Qmp::connect(socket).await?;
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] })),
+    )
+    .await?;
+    Ok(())
 }

@@ -102,7 +102,7 @@ async fn qmp(m: &MigrateArgs, socket: &Path, uri: &str) -> Result<serde_json::Va
     if layout.ram.is_some() && !cut_over {
         // The VM runs on here (or waits for `tern rollback`): a later
         // migration of its RAM by QEMU must not leave the shared file out.
-        if let Err(e) = tern::vm::ignore_shared_ram(socket, false).await {
+        if let Err(e) = tern::pause::ignore_shared_ram(socket, false).await {
             tracing::warn!(error = %e, "cannot clear x-ignore-shared on the source QEMU");
         }
     }
