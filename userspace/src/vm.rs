@@ -41,6 +41,16 @@ pub enum VmError {
         "disk {name} is served by QEMU's {driver} driver, not a local file; Tern moves local files and block devices"
     )]
     NotLocal { name: String, driver: String },
+    /// A qcow2 file that allocates clusters at its end as the guest writes.
+    #[error(
+        "disk {name} ({path}) is a qcow2 file of {file_bytes} bytes holding up to {virtual_bytes} virtual bytes: it grows as the guest writes, and Tern replicates a fixed size. Preallocate it (qemu-img convert -O qcow2 -o preallocation=metadata), or use raw"
+    )]
+    Qcow2Grows {
+        name: String,
+        path: PathBuf,
+        file_bytes: u64,
+        virtual_bytes: u64,
+    },
     /// Nothing to move.
     #[error("the VM at {0} has no disk attached to a device")]
     NoDisks(PathBuf),
@@ -147,10 +157,24 @@ fn disks_of(blocks: &Value) -> Result<Vec<VmDisk>, VmError> {
                 driver: file.split(':').next().unwrap_or(file).to_owned(),
             });
         }
+        let format = field(inserted, "drv", "query-block")?;
+        if format == "qcow2"
+            && let Some(virtual_bytes) = image["virtual-size"].as_u64()
+            && let Ok(md) = std::fs::metadata(file)
+            && md.is_file()
+            && md.len() < virtual_bytes
+        {
+            return Err(VmError::Qcow2Grows {
+                name,
+                path: PathBuf::from(file),
+                file_bytes: md.len(),
+                virtual_bytes,
+            });
+        }
         disks.push(VmDisk {
             name,
             path: PathBuf::from(file),
-            format: field(inserted, "drv", "query-block")?.to_owned(),
+            format: format.to_owned(),
             read_only: inserted["ro"] == true,
         });
     }
@@ -212,5 +236,20 @@ mod tests {
             "inserted": { "file": "nbd://10.0.0.1:10809/x", "drv": "raw", "image": {} } }]);
         let e = disks_of(&remote).expect_err("remote").to_string();
         assert!(e.contains("virtio0") && e.contains("nbd"), "{e}");
+    }
+
+    #[test]
+    fn a_qcow2_file_that_can_grow_is_refused_and_a_preallocated_one_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("d.qcow2");
+        std::fs::write(&file, vec![0u8; 4096]).expect("write");
+        let reply = |virtual_size: u64| {
+            json!([{ "device": "", "qdev": "/machine/peripheral/vd0/virtio-backend",
+                "inserted": { "file": file.display().to_string(), "drv": "qcow2", "ro": false,
+                              "image": { "virtual-size": virtual_size } } }])
+        };
+        let e = disks_of(&reply(1 << 20)).expect_err("grows").to_string();
+        assert!(e.contains("vd0") && e.contains("preallocation"), "{e}");
+        assert_eq!(disks_of(&reply(4096)).expect("fits").len(), 1);
     }
 }
