@@ -596,6 +596,22 @@ struct Progress {
     status: StatusCell,
     counters: Arc<Stats>,
     file: PathBuf,
+    part: Option<PartOf>,
+}
+
+/// A run that is one part of a VM's migration: the VM (as `--vm` named it)
+/// and the part's name, in every status line.
+#[derive(Clone)]
+struct PartOf {
+    vm: String,
+    name: String,
+}
+
+impl PartOf {
+    fn label(&self, line: &mut serde_json::Value) {
+        line["vm"] = self.vm.clone().into();
+        line["part"] = self.name.clone().into();
+    }
 }
 
 /// One status line: the phase and the counters, as `tern status` reads them.
@@ -656,7 +672,7 @@ impl Progress {
         counters: Arc<Stats>,
         file: PathBuf,
         show: Show,
-        part: Option<String>,
+        part: Option<PartOf>,
     ) -> Progress {
         if let Some(dir) = file.parent()
             && let Err(e) = std::fs::create_dir_all(dir)
@@ -669,6 +685,7 @@ impl Progress {
             bar
         });
         let (cell, totals, to) = (Arc::clone(&status), Arc::clone(&counters), file.clone());
+        let label = part.clone();
         let task = tokio::spawn(async move {
             let mut last_sent = 0;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -679,8 +696,8 @@ impl Progress {
                 let rate = st.sent_bytes.saturating_sub(last_sent);
                 last_sent = st.sent_bytes;
                 let mut line = status_line(&s, &totals, rate);
-                if let Some(part) = &part {
-                    line["part"] = part.clone().into();
+                if let Some(part) = &label {
+                    part.label(&mut line);
                 }
                 write_status(&to, &line);
                 if let Some(bar) = &bar {
@@ -715,6 +732,7 @@ impl Progress {
             status,
             counters,
             file,
+            part,
         }
     }
 
@@ -738,6 +756,9 @@ impl Progress {
             }
             Err(e) => line = failed_line(line, e),
         }
+        if let Some(part) = &self.part {
+            part.label(&mut line);
+        }
         write_status(&self.file, &line);
     }
 }
@@ -747,7 +768,7 @@ fn failed_line(mut line: serde_json::Value, e: &anyhow::Error) -> serde_json::Va
     line["finished"] = true.into();
     line["phase"] = "failed".into();
     line["outcome"] = "failed".into();
-    line["error"] = format!("{e:#}").into();
+    line["error"] = super::one_line(e).into();
     line
 }
 
@@ -1214,28 +1235,82 @@ fn print_runs(runs: &[(String, serde_json::Value)]) -> Result<()> {
 
 fn runs_table(runs: &[(String, serde_json::Value)]) -> String {
     use std::fmt::Write as _;
-    let width = runs.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max(3);
+    // A VM's parts under one line for the VM (their sums, the phase of the
+    // part furthest behind), then the runs of no VM.
+    let mut vms: Vec<&str> = runs.iter().filter_map(|(_, v)| v["vm"].as_str()).collect();
+    vms.dedup();
+    vms.sort_unstable();
+    vms.dedup();
+    let label = |name: &str, v: &serde_json::Value| match v["part"].as_str() {
+        Some(part) if v["vm"].is_string() => format!("  {part}"),
+        _ => name.to_owned(),
+    };
+    let width = runs
+        .iter()
+        .map(|(n, v)| label(n, v).len())
+        .chain(vms.iter().map(|vm| vm.len() + 3))
+        .max()
+        .unwrap_or(0)
+        .max(3);
     let mut out = format!(
         "{:width$}  {:>10}  {:>10}  {:>12}  {:>9}  phase\n",
         "run", "sent", "dirty", "rate", "RPO"
     );
-    for (name, v) in runs {
+    let row = |out: &mut String, name: &str, v: &serde_json::Value| {
         let n = |k: &str| v[k].as_f64().unwrap_or(0.0);
-        let phase = match (v["outcome"].as_str(), v["error"].as_str()) {
-            (_, Some(e)) => format!("failed: {e}"),
-            (Some(outcome), None) if v["finished"] == true => format!("finished: {outcome}"),
-            _ => v["phase"].as_str().unwrap_or("?").to_owned(),
-        };
         let _ = writeln!(
             out,
-            "{name:width$}  {:>10}  {:>10}  {:>12}  {:>6} ms  {phase}",
+            "{name:width$}  {:>10}  {:>10}  {:>12}  {:>6} ms  {}",
             human_bytes(n("sent_bytes")),
             human_bytes(n("remaining_bytes")),
             human_rate(n("rate_bps")),
             n("rpo_ms"),
+            run_phase(v),
         );
+    };
+    for vm in &vms {
+        let parts: Vec<_> = runs.iter().filter(|(_, v)| v["vm"] == *vm).collect();
+        let sum = |k: &str| -> f64 {
+            parts
+                .iter()
+                .map(|(_, v)| v[k].as_f64().unwrap_or(0.0))
+                .sum()
+        };
+        let rpo = parts
+            .iter()
+            .map(|(_, v)| v["rpo_ms"].as_f64().unwrap_or(0.0))
+            .fold(0.0, f64::max);
+        let behind = parts
+            .iter()
+            .map(|(_, v)| run_phase(v))
+            .find(|p| !p.starts_with("finished: cut over"))
+            .unwrap_or_else(|| "finished: cut over".to_owned());
+        let summary = serde_json::json!({
+            "sent_bytes": sum("sent_bytes"),
+            "remaining_bytes": sum("remaining_bytes"),
+            "rate_bps": sum("rate_bps"),
+            "rpo_ms": rpo,
+            "phase": format!("{} parts; {behind}", parts.len()),
+        });
+        row(&mut out, &format!("vm {vm}"), &summary);
+        for (name, v) in parts {
+            row(&mut out, &label(name, v), v);
+        }
+    }
+    for (name, v) in runs.iter().filter(|(_, v)| !v["vm"].is_string()) {
+        row(&mut out, name, v);
     }
     out
+}
+
+/// A run's phase as `tern status` says it: its error, its outcome once
+/// finished, else the phase it is in.
+fn run_phase(v: &serde_json::Value) -> String {
+    match (v["outcome"].as_str(), v["error"].as_str()) {
+        (_, Some(e)) => format!("failed: {e}"),
+        (Some(outcome), None) if v["finished"] == true => format!("finished: {outcome}"),
+        _ => v["phase"].as_str().unwrap_or("?").to_owned(),
+    }
 }
 
 /// A status file whose run is gone without saying how it ended (SIGKILL,
@@ -1413,6 +1488,45 @@ mod tests {
             format!("{e:#}").contains("broken.status.json is not a status file"),
             "{e:#}"
         );
+    }
+
+    #[test]
+    fn a_vms_parts_are_shown_under_one_line_for_the_vm() {
+        let run = |name: &str, v: serde_json::Value| (name.to_owned(), v);
+        let runs = vec![
+            run(
+                "dev-vdb",
+                serde_json::json!({"phase":"converging","sent_bytes":1048576}),
+            ),
+            run(
+                "var-lib-a.raw",
+                serde_json::json!({"vm":"libvirt:web@qemu:///x","part":"vda","phase":"waiting for the VM's other parts",
+                    "sent_bytes":2097152,"remaining_bytes":0,"rpo_ms":5}),
+            ),
+            run(
+                "var-lib-b.qcow2",
+                serde_json::json!({"vm":"libvirt:web@qemu:///x","part":"vdb","phase":"round 3",
+                    "sent_bytes":1048576,"remaining_bytes":4096,"rpo_ms":40}),
+            ),
+        ];
+        let table = super::runs_table(&runs);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 5, "{table}");
+        assert!(lines[1].starts_with("vm libvirt:web@qemu:///x "), "{table}");
+        // The sums, the worst RPO and the first part not cut over.
+        assert!(
+            lines[1].contains("3 MiB") && lines[1].contains("40 ms"),
+            "{table}"
+        );
+        assert!(
+            lines[1].ends_with("2 parts; waiting for the VM's other parts"),
+            "{table}"
+        );
+        assert!(
+            lines[2].starts_with("  vda ") && lines[3].starts_with("  vdb "),
+            "{table}"
+        );
+        assert!(lines[4].starts_with("dev-vdb "), "{table}");
     }
 
     #[test]

@@ -346,7 +346,10 @@ async fn bind<'a>(m: &MigrateArgs, parts: &'a [Part]) -> Result<Vec<Bound<'a>>> 
             side.stats(),
             part.source.status_file(),
             show,
-            Some(part.name.clone()),
+            Some(super::PartOf {
+                vm: m.vm.clone().unwrap_or_default(),
+                name: part.name.clone(),
+            }),
         );
         bound.push((part, side, progress));
     }
