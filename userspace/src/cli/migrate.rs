@@ -1496,17 +1496,17 @@ mod tests {
         let runs = vec![
             run(
                 "dev-vdb",
-                serde_json::json!({"phase":"converging","sent_bytes":1048576}),
+                serde_json::json!({"phase":"converging","sent_bytes":1_048_576}),
             ),
             run(
                 "var-lib-a.raw",
                 serde_json::json!({"vm":"libvirt:web@qemu:///x","part":"vda","phase":"waiting for the VM's other parts",
-                    "sent_bytes":2097152,"remaining_bytes":0,"rpo_ms":5}),
+                    "sent_bytes":2_097_152,"remaining_bytes":0,"rpo_ms":5}),
             ),
             run(
                 "var-lib-b.qcow2",
                 serde_json::json!({"vm":"libvirt:web@qemu:///x","part":"vdb","phase":"round 3",
-                    "sent_bytes":1048576,"remaining_bytes":4096,"rpo_ms":40}),
+                    "sent_bytes":1_048_576,"remaining_bytes":4096,"rpo_ms":40}),
             ),
         ];
         let table = super::runs_table(&runs);
