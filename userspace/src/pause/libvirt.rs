@@ -96,17 +96,25 @@ pub(super) async fn start(m: &LibvirtMigration) -> Result<Paused, PauseError> {
         &m.destination_uri,
     ];
     let mut migrate = m.source.command(&args).spawn().map_err(VirshError::Spawn)?;
-    let mut migrate_err = migrate.stderr.take();
+    // Drained from the start: virsh must never find its stderr closed (it
+    // may still be ending the source after the pause returned).
+    let stderr = migrate.stderr.take().map(|mut err| {
+        tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut err, &mut text).await;
+            text
+        })
+    });
     let abort = AbortOnDrop(Some(m));
     let held = held_on_destination(lifecycle.stdout.take(), &m.domain);
     let migrate = tokio::select! {
         exit = migrate.wait() => {
             let status = exit.map_err(VirshError::Spawn)?;
-            let mut stderr = String::new();
-            if let Some(err) = migrate_err.as_mut() {
-                let _ = tokio::io::AsyncReadExt::read_to_string(err, &mut stderr).await;
-            }
             if !status.success() {
+                let stderr = match stderr {
+                    Some(task) => task.await.unwrap_or_default(),
+                    None => String::new(),
+                };
                 abort.disarm();
                 return Err(VirshError::Failed {
                     command: args.join(" "),
