@@ -23,9 +23,9 @@ say "kernel $(uname -r)"
 
 wait_disk() {
     i=0
-    while [ ! -b /dev/vda ]; do
+    while [ ! -b "/dev/$1" ]; do
         i=$((i + 1))
-        [ $i -gt 500 ] && die "no /dev/vda"
+        [ $i -gt 500 ] && die "no /dev/$1"
         sleep 0.02
     done
 }
@@ -49,14 +49,43 @@ reader() {
     done
 }
 
+# One tick's writes in the workload directory $1: rewrites file $2 of 32 with
+# random data, records its checksum, the counter $3 and the uptime $4.
+write_tick() {
+    dd if=/dev/urandom of="$1/f$2" bs=4k count=4 2>/dev/null
+    sha256sum "$1/f$2" > "$1/sum$2"
+    echo "$3" > "$1/counter"
+    echo "$3 $4" >> "$1/ticks"
+}
+
+# Checks the workload directory $1: every checksum, and that its counter has
+# no hole.
+verify_dir() {
+    for s in "$1"/sum*; do
+        sha256sum -c -s "$s" || die "checksum $s"
+    done
+    awk -v first="$(head -n1 "$1/ticks" | cut -d' ' -f1)" \
+        '$1 != first + NR - 1 { exit 1 }' "$1/ticks" || die "counter has a hole in $1"
+}
+
 # A write workload on the ext4 disk: every tick rewrites one of 32 files with
 # random data, records its checksum, the counter and the guest's uptime, and
 # syncs. A line on the serial console stops it; then every checksum and the
-# counter's continuity are verified and the guest powers off.
+# counter's continuity are verified and the guest powers off. With
+# tern.disks=2, the second disk (/dev/vdb, ext4) gets the same writes every
+# tick and the same checks.
 workload() {
-    wait_disk
+    wait_disk vda
     mount -t ext4 /dev/vda /mnt || die "mount /dev/vda"
     mkdir -p /mnt/w
+    dirs=/mnt/w
+    if [ "$(arg tern.disks)" = 2 ]; then
+        wait_disk vdb
+        mkdir -p /mnt2
+        mount -t ext4 /dev/vdb /mnt2 || die "mount /dev/vdb"
+        mkdir -p /mnt2/w
+        dirs="/mnt/w /mnt2/w"
+    fi
     # The host writes one line on ttyS0 to stop the workload.
     (read -r _line < /dev/ttyS0; touch /tmp/stop) &
     rpid=
@@ -70,21 +99,23 @@ workload() {
         n=$((n + 1))
         t=$(cut -d' ' -f1 /proc/uptime)
         i=$((n % 32))
-        dd if=/dev/urandom of=/mnt/w/f$i bs=4k count=4 2>/dev/null
-        sha256sum /mnt/w/f$i > /mnt/w/sum$i
-        echo $n > /mnt/w/counter
-        echo "$n $t" >> /mnt/w/ticks
+        for d in $dirs; do
+            write_tick "$d" $i $n "$t"
+        done
         sync
         say "tick $n $t"
     done
     say "stopping n=$n"
     [ -n "$rpid" ] && wait "$rpid"
-    for s in /mnt/w/sum*; do
-        sha256sum -c -s "$s" || die "checksum $s"
+    for d in $dirs; do
+        verify_dir "$d"
     done
-    awk -v first="$(head -n1 /mnt/w/ticks | cut -d' ' -f1)" \
-        '$1 != first + NR - 1 { exit 1 }' /mnt/w/ticks || die "counter has a hole"
     gap=$(awk 'NR > 1 { g = $2 - p; if (g > m) m = g } { p = $2 } END { printf "%.2f", m }' /mnt/w/ticks)
+    if [ -d /mnt2/w ]; then
+        n2=$(cat /mnt2/w/counter)
+        umount /mnt2 || die "umount /mnt2"
+        say "VERIFY OK vdb n=$n2"
+    fi
     umount /mnt || die "umount"
     say "VERIFY OK n=$n maxgap=$gap"
 }

@@ -48,6 +48,11 @@ const TEST_PACKAGES: &[&str] = &[
     "binutils",
     // `systemd-analyze verify` of the agents' units (packaging/systemd)
     "systemd",
+    // the libvirt VM test's two private daemons (vm-tests/src/libvirt.rs),
+    // started by hand: nothing here needs systemd running
+    "libvirt-daemon-system",
+    "libvirt-clients",
+    "libvirt-daemon-driver-qemu",
 ];
 
 /// Packages that must come from `bookworm-backports` on Debian 12: bookworm's
