@@ -8,6 +8,8 @@
 
 pub mod guest;
 pub mod lab;
+pub mod libvirt;
+pub mod libvirt_scenario;
 pub mod process;
 pub mod scenario;
 pub mod vm;

@@ -1,0 +1,361 @@
+//! The libvirt migration scenario, shared by its rows: a domain with two disks
+//! (vda raw, vdb qcow2, both ext4, both written every tick) boots on a source
+//! libvirtd; a row moves it to the destination libvirtd its own way (libvirt's
+//! storage migration here; `tern migrate --vm libvirt:` later); the guest then
+//! continues there, verifies both disks, and the destination images are
+//! checked with `e2fsck`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::guest::{self, Kernel, Suite};
+use crate::libvirt::{
+    Console, DiskSource, Domain, DomainDisk, Format, Libvirtd, MonitorEvents, disk_xml, job_bytes,
+    job_fields,
+};
+use crate::process::sh;
+use crate::scenario::{DISK_MIB, Outcome};
+use crate::vm;
+
+/// The domain's name on both daemons.
+pub const DOMAIN: &str = "tern-guest";
+const RAM_MIB: u32 = 256;
+const TICKS_BEFORE: u64 = 20;
+const TICKS_AFTER: u64 = 15;
+const GUEST_LIMIT: Duration = Duration::from_mins(2);
+pub const MIGRATION_LIMIT: Duration = Duration::from_mins(4);
+/// Migration (and NBD) ports of each daemon: disjoint, and away from a system
+/// libvirtd's default 49152-49215.
+const SRC_PORTS: std::ops::RangeInclusive<u16> = 49300..=49349;
+const DST_PORTS: std::ops::RangeInclusive<u16> = 49350..=49399;
+
+/// Two private daemons, the guest's files, its console and the pause's events.
+/// Fields drop in order: the daemons (and their QEMUs) before the console and
+/// the directory.
+pub struct LibvirtLab {
+    pub src: Libvirtd,
+    pub dst: Libvirtd,
+    pub console: Console,
+    /// The domain as the source runs it.
+    pub domain: Domain,
+    /// STOP on the source, RESUME on the destination (QEMU's host-clock
+    /// timestamps), watched from [`LibvirtLab::boot_source`] on.
+    events: Option<(MonitorEvents, MonitorEvents)>,
+    pub dir: tempfile::TempDir,
+}
+
+impl LibvirtLab {
+    /// Builds the guest (kernel, initramfs, vda raw and vdb qcow2 ext4
+    /// images) and starts both daemons.
+    pub fn new(name: &str) -> LibvirtLab {
+        let dir = crate::scratch(name);
+        let p = dir.path();
+        let kernel = Kernel::get(Suite::Bookworm);
+        let initrd = p.join("initrd.gz");
+        guest::initramfs(&kernel, &[], &initrd);
+        let seed = p.join("seed");
+        std::fs::create_dir_all(seed.join("w")).expect("mkdir seed");
+        let vda = p.join("src-vda.img");
+        guest::ext4_image(&vda, DISK_MIB, Some(&seed));
+        let raw_vdb = p.join("vdb.raw");
+        guest::ext4_image(&raw_vdb, DISK_MIB, Some(&seed));
+        let vdb = p.join("src-vdb.qcow2");
+        sh(
+            Command::new("qemu-img")
+                .args(["convert", "-O", "qcow2"])
+                .arg(&raw_vdb)
+                .arg(&vdb),
+            Duration::from_mins(1),
+        );
+        std::fs::remove_file(&raw_vdb).expect("remove the raw vdb");
+        let console = Console::listen(&p.join("console.sock"));
+        let src = Libvirtd::start(&p.join("src-host"), "source", SRC_PORTS);
+        let dst = Libvirtd::start(&p.join("dst-host"), "destination", DST_PORTS);
+        let file = |target: &str, path: PathBuf, format| DomainDisk {
+            target: target.to_owned(),
+            source: DiskSource::File { path, format },
+        };
+        let domain = Domain {
+            name: DOMAIN.to_owned(),
+            mem_mib: RAM_MIB,
+            kernel: kernel.vmlinuz.clone(),
+            initrd,
+            cmdline: "tern.scenario=workload tern.disks=2".to_owned(),
+            disks: vec![
+                file("vda", vda, Format::Raw),
+                file("vdb", vdb, Format::Qcow2),
+            ],
+            console: console.path.clone(),
+        };
+        LibvirtLab {
+            src,
+            dst,
+            console,
+            domain,
+            events: None,
+            dir,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Creates the domain on the source, waits for the workload to tick, and
+    /// starts watching the pause's events.
+    pub fn boot_source(&mut self) {
+        let xml = self.path().join("domain.xml");
+        std::fs::write(&xml, self.domain.xml()).expect("write the domain XML");
+        // Defined, not transient: after the migration the source keeps the
+        // inactive domain and with it the completed job's statistics.
+        self.src.virsh(&["define", &xml.to_string_lossy()]);
+        self.src.virsh(&["start", DOMAIN]);
+        self.console.wait_connections(1, Duration::from_secs(30));
+        self.events = Some((
+            MonitorEvents::watch(&self.src, "STOP"),
+            MonitorEvents::watch(&self.dst, "RESUME"),
+        ));
+        self.console
+            .wait_serial(&format!("tern-vm: tick {TICKS_BEFORE} "), GUEST_LIMIT);
+    }
+
+    /// Empty images for the destination, the same virtual size and format as
+    /// the source's (one host: they must be other files); the disks to give
+    /// the destination's XML.
+    pub fn destination_files(&self) -> Vec<DomainDisk> {
+        self.domain
+            .disks
+            .iter()
+            .map(|d| {
+                let DiskSource::File { format, .. } = d.source else {
+                    return d.clone();
+                };
+                let path = self
+                    .path()
+                    .join(format!("dst-{}.{}", d.target, format.as_str()));
+                sh(
+                    Command::new("qemu-img")
+                        .args(["create", "-q", "-f", format.as_str()])
+                        .arg(&path)
+                        .arg(format!("{DISK_MIB}M")),
+                    Duration::from_secs(30),
+                );
+                DomainDisk {
+                    target: d.target.clone(),
+                    source: DiskSource::File { path, format },
+                }
+            })
+            .collect()
+    }
+
+    /// The destination's XML: the source's `dumpxml --migratable` with each
+    /// disk in `disks` (by target) replaced, its PCI address kept (libvirt
+    /// checks the guest ABI); written to a file for `virsh migrate --xml`.
+    pub fn destination_xml(&self, disks: &[DomainDisk]) -> PathBuf {
+        let mut xml = self.src.virsh(&["dumpxml", "--migratable", DOMAIN]);
+        for d in disks {
+            xml = replace_disk(&xml, d);
+        }
+        let path = self.path().join("destination.xml");
+        std::fs::write(&path, xml).expect("write the destination XML");
+        path
+    }
+
+    /// The pause: from the source's STOP to the destination's RESUME (QEMU's
+    /// host-clock event times), as the QEMU VM tests measure it.
+    pub fn paused_ms(&self) -> f64 {
+        let (stop, resume) = self
+            .events
+            .as_ref()
+            .expect("boot_source started the watchers");
+        let resume = resume.wait(DOMAIN, Duration::from_secs(30));
+        let stop = stop.wait(DOMAIN, Duration::from_secs(5));
+        (resume - stop) * 1e3
+    }
+
+    /// The guest goes on at the destination: its counter continues, it
+    /// verifies both disks when stopped and powers off, and `images` (the
+    /// destination's files) pass `e2fsck -fn` once the domain is gone. Fills
+    /// the guest's figures and the pause into `out`.
+    pub fn finish_on_destination(&mut self, images: &[DomainDisk], out: &mut Outcome) {
+        out.paused_ms = self.paused_ms();
+        // The destination's QEMU connected to the console at its start.
+        self.console.wait_connections(2, Duration::from_secs(30));
+        let before = vm::ticks(&self.console.text(0));
+        let last_src = *before.last().expect("the source ticked");
+        self.console.wait_serial(
+            &format!("tern-vm: tick {} ", last_src.0 + TICKS_AFTER),
+            GUEST_LIMIT,
+        );
+        self.console.send_line("stop");
+        let text = self.console.wait_serial("tern-vm: poweroff", GUEST_LIMIT);
+        assert!(
+            text.contains("tern-vm: VERIFY OK vdb "),
+            "the guest did not verify vdb:\n{}",
+            vm::tail(&text)
+        );
+        let verified = text
+            .lines()
+            .find(|l| l.contains("tern-vm: VERIFY OK n="))
+            .unwrap_or_else(|| panic!("the guest did not verify vda:\n{}", vm::tail(&text)));
+        out.final_counter = verified
+            .split("n=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("VERIFY OK n=COUNT");
+        let after = vm::ticks(&text);
+        let first_dst = *after.first().expect("the destination ticked");
+        assert_eq!(
+            first_dst.0,
+            last_src.0 + 1,
+            "the counter must continue where the source left it"
+        );
+        out.guest_gap_ms = (first_dst.1 - last_src.1) * 1e3;
+        let mut steps: Vec<f64> = before.windows(2).map(|w| (w[1].1 - w[0].1) * 1e3).collect();
+        steps.sort_by(f64::total_cmp);
+        out.guest_tick_ms = steps.get(steps.len() / 2).copied().unwrap_or(0.0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.dst.domains().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the domain did not end after poweroff"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for d in images {
+            if let DiskSource::File { path, format } = &d.source {
+                self.fsck(path, *format);
+            }
+        }
+    }
+
+    /// `e2fsck -fn` on an image, through a raw copy for qcow2.
+    fn fsck(&self, path: &Path, format: Format) {
+        let raw = match format {
+            Format::Raw => path.to_path_buf(),
+            Format::Qcow2 => {
+                let raw = self.path().join("fsck.raw");
+                sh(
+                    Command::new("qemu-img")
+                        .args(["convert", "-f", "qcow2", "-O", "raw"])
+                        .arg(path)
+                        .arg(&raw),
+                    Duration::from_mins(1),
+                );
+                raw
+            }
+        };
+        guest::fsck(&raw).unwrap_or_else(|e| panic!("e2fsck on {}: {e}", path.display()));
+    }
+}
+
+/// A failed test keeps its directory (console, daemons' and QEMU logs).
+impl Drop for LibvirtLab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!(
+                "kept {} for the failure's logs\nsource libvirtd:\n{}\ndestination libvirtd:\n{}\nconsole:\n{}",
+                self.dir.path().display(),
+                self.src.log(),
+                self.dst.log(),
+                vm::tail(&self.console.latest())
+            );
+        }
+    }
+}
+
+/// `xml` with the `<disk>` whose target is `d.target` replaced by `d`, keeping
+/// the old element's `<address>`.
+fn replace_disk(xml: &str, d: &DomainDisk) -> String {
+    let needle = format!("<target dev='{}'", d.target);
+    let at = xml
+        .find(&needle)
+        .unwrap_or_else(|| panic!("no disk {} in the domain XML", d.target));
+    let start = xml[..at]
+        .rfind("<disk ")
+        .expect("a <disk> around the target");
+    let end = at + xml[at..].find("</disk>").expect("the disk's end") + "</disk>".len();
+    let old = &xml[start..end];
+    let address = old
+        .find("<address ")
+        .map(|a| &old[a..a + old[a..].find("/>").expect("the address's end") + 2]);
+    let mut new = disk_xml(d).trim().to_owned();
+    if let Some(address) = address {
+        let close = new.rfind("</disk>").expect("our disk's end");
+        new.insert_str(close, &format!("  {address}\n    "));
+    }
+    format!("{}{new}{}", &xml[..start], &xml[end..])
+}
+
+/// libvirt's own storage migration (the peer): `virsh migrate --live
+/// --copy-storage-all` to the destination daemon, which mirrors every disk
+/// over NBD into the pre-created destination files, then migrates RAM.
+pub fn libvirt_copies_storage(name: &str) -> Outcome {
+    let mut lab = LibvirtLab::new(name);
+    lab.boot_source();
+    let images = lab.destination_files();
+    let xml = lab.destination_xml(&images);
+    let mut out = Outcome {
+        name: name.to_owned(),
+        ..Outcome::default()
+    };
+    let started = Instant::now();
+    let migrate = crate::process::run_for(
+        lab.src
+            .virsh_command(&[
+                "migrate",
+                "--live",
+                "--copy-storage-all",
+                "--unsafe",
+                "--verbose",
+                "--xml",
+                &xml.to_string_lossy(),
+                // One host: the stream and NBD on loopback, not the hostname.
+                "--migrateuri",
+                "tcp://127.0.0.1",
+                "--listen-address",
+                "127.0.0.1",
+                DOMAIN,
+                lab.dst.uri(),
+            ])
+            .current_dir(lab.path()),
+        MIGRATION_LIMIT,
+    );
+    out.total_s = started.elapsed().as_secs_f64();
+    assert!(
+        migrate.status.success(),
+        "virsh migrate failed ({}): {}\nsource QEMU:\n{}\ndestination QEMU:\n{}",
+        migrate.status,
+        String::from_utf8_lossy(&migrate.stderr),
+        lab.src.qemu_log(DOMAIN),
+        lab.dst.qemu_log(DOMAIN)
+    );
+    // The source's record has the disks' figures ("File processed"); the
+    // destination's only the RAM stream's.
+    let job = lab.src.virsh(&["domjobinfo", "--completed", DOMAIN]);
+    crate::write_result("libvirt-domjobinfo-source.txt", &job);
+    crate::write_result(
+        "libvirt-domjobinfo-destination.txt",
+        &lab.dst.virsh(&["domjobinfo", "--completed", DOMAIN]),
+    );
+    let fields = job_fields(&job);
+    let get = |k: &str| {
+        fields
+            .iter()
+            .find(|(f, _)| f == k)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default()
+    };
+    out.qmp_downtime_ms = get("Total downtime")
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    out.ram_bytes = job_bytes(get("Memory processed")).unwrap_or(0);
+    out.disk_bytes = job_bytes(get("File processed")).unwrap_or(0);
+    lab.finish_on_destination(&images, &mut out);
+    out
+}

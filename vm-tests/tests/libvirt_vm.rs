@@ -1,0 +1,25 @@
+//! A libvirt domain with two disks (raw and qcow2) migrated while it writes,
+//! between two private libvirt daemons on this host, by libvirt's own storage
+//! migration: the peer Tern's `--vm libvirt:` row is compared against. Run by
+//! `cargo xtask vm-test` (root, QEMU, libvirt).
+
+use tern_vm_tests::{libvirt, libvirt_scenario, scenario};
+
+#[test]
+#[ignore = "boots libvirt domains: run by `cargo xtask vm-test`"]
+fn libvirt_copy_storage_moves_a_two_disk_domain_and_the_guest_continues() {
+    if let Some(why) = libvirt::missing_prerequisite() {
+        panic!("{why}");
+    }
+    let peer = libvirt_scenario::libvirt_copies_storage(
+        "libvirt virsh migrate --live --copy-storage-all (2 disks)",
+    );
+    assert!(peer.final_counter > 0, "{peer:?}");
+    assert!(
+        peer.paused_ms > 0.0 && peer.disk_bytes > 0 && peer.ram_bytes > 0,
+        "{peer:?}"
+    );
+    let table = scenario::table(&[peer]);
+    eprintln!("\n{table}");
+    tern_vm_tests::write_result("libvirt.md", &table);
+}
