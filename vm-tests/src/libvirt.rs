@@ -264,6 +264,26 @@ impl Drop for Libvirtd {
     }
 }
 
+/// Live processes whose command line mentions `dir` (a lab's scratch
+/// directory): after a lab is dropped there must be none.
+pub fn processes_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline
+                .contains(&needle)
+                .then(|| format!("{} {cmdline}", e.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
 /// A disk image's format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {

@@ -357,5 +357,9 @@ pub fn libvirt_copies_storage(name: &str) -> Outcome {
     out.ram_bytes = job_bytes(get("Memory processed")).unwrap_or(0);
     out.disk_bytes = job_bytes(get("File processed")).unwrap_or(0);
     lab.finish_on_destination(&images, &mut out);
+    let dir = lab.path().to_path_buf();
+    drop(lab);
+    let left = crate::libvirt::processes_under(&dir);
+    assert!(left.is_empty(), "the lab left processes behind: {left:?}");
     out
 }
