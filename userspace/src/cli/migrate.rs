@@ -147,6 +147,12 @@ pub struct MigrateArgs {
     /// and with autostart disabled).
     #[arg(long, requires = "vm")]
     undefine_source: bool,
+    /// With `--vm libvirt:…`: an option passed on to `virsh migrate` for the
+    /// RAM and device state, once per flag (`--virsh-migrate-arg=--tls`,
+    /// `--virsh-migrate-arg=--migrateuri=tcp://10.0.0.2`). Not to the
+    /// migration back of a rollback, which goes to the source host.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true, requires = "vm")]
+    virsh_migrate_arg: Vec<String>,
     /// Downtime budget: the final delta must fit in it at the measured bandwidth.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     max_downtime: Duration,

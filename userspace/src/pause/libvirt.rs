@@ -44,6 +44,9 @@ pub struct LibvirtMigration {
     /// Define the domain on the destination after the hand-over (it was
     /// defined on the source).
     pub persistent: bool,
+    /// More `virsh migrate` options for the way there (`--tls`,
+    /// `--migrateuri=…`, `--bandwidth=…`).
+    pub extra_args: Vec<String>,
 }
 
 /// Starts libvirt's migration and waits until the destination has the
@@ -83,7 +86,7 @@ pub(super) async fn start(m: &LibvirtMigration) -> Result<Paused, PauseError> {
     // Both must listen before the migration starts.
     tokio::time::sleep(WATCHERS_READY).await;
     let xml = m.destination_xml.display().to_string();
-    let args = [
+    let mut args = vec![
         "migrate",
         "--live",
         "--suspend",
@@ -92,9 +95,9 @@ pub(super) async fn start(m: &LibvirtMigration) -> Result<Paused, PauseError> {
         "--unsafe",
         "--xml",
         &xml,
-        &m.domain,
-        &m.destination_uri,
     ];
+    args.extend(m.extra_args.iter().map(String::as_str));
+    args.extend([m.domain.as_str(), m.destination_uri.as_str()]);
     let mut migrate = m.source.command(&args).spawn().map_err(VirshError::Spawn)?;
     // Drained from the start: virsh must never find its stderr closed (it
     // may still be ending the source after the pause returned).

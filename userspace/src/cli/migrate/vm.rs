@@ -175,6 +175,7 @@ async fn libvirt(m: &MigrateArgs, name: &str, dest_uri: &str) -> Result<serde_js
         destination_xml,
         source_xml,
         persistent: domain.persistent,
+        extra_args: m.virsh_migrate_arg.clone(),
     });
     let group = PauseGroup::new(target, parts.len());
     let report = run(m, bound, &group).await?;
@@ -196,8 +197,9 @@ async fn libvirt(m: &MigrateArgs, name: &str, dest_uri: &str) -> Result<serde_js
 
 /// Flags that name one disk's run make no sense for a whole VM.
 fn refuse_single_disk_flags(m: &MigrateArgs) -> Result<()> {
-    if m.undefine_source && !m.vm.as_deref().is_some_and(|v| v.starts_with("libvirt:")) {
-        bail!("--undefine-source is for --vm libvirt:NAME@URI");
+    let libvirt = m.vm.as_deref().is_some_and(|v| v.starts_with("libvirt:"));
+    if (m.undefine_source || !m.virsh_migrate_arg.is_empty()) && !libvirt {
+        bail!("--undefine-source and --virsh-migrate-arg are for --vm libvirt:NAME@URI");
     }
     if m.health_nbd.is_some() {
         bail!("--health-nbd checks one export: with --vm each part's is checked through its agent");
