@@ -140,7 +140,7 @@ pub(super) async fn start(m: &LibvirtMigration) -> Result<Paused, PauseError> {
     };
     drop((stops, lifecycle));
     let mut paused = Paused::new(Hold::Libvirt {
-        m: m.clone(),
+        m: Box::new(m.clone()),
         migrate,
     });
     if let Some(ago) = stopped_ago {

@@ -346,7 +346,7 @@ enum Hold {
     /// libvirt's migration reached the destination, paused; `virsh
     /// migrate` may still be ending the source.
     Libvirt {
-        m: LibvirtMigration,
+        m: Box<LibvirtMigration>,
         migrate: Option<tokio::process::Child>,
     },
     /// A share of a group's one hold.
