@@ -80,6 +80,12 @@ impl Destination {
         Destination::with_pki(dir, size, false, self.pki.clone())
     }
 
+    /// [`Destination::beside`], with `--nbd-advertise-writable` if `advertise_writable`.
+    #[must_use]
+    pub fn beside_with(&self, dir: &Path, size: u64, advertise_writable: bool) -> Destination {
+        Destination::with_pki(dir, size, advertise_writable, self.pki.clone())
+    }
+
     fn with_pki(dir: &Path, size: u64, advertise_writable: bool, pki: PathBuf) -> Destination {
         let mut d = Destination {
             dir: dir.to_path_buf(),

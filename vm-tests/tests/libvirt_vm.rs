@@ -19,7 +19,17 @@ fn libvirt_copy_storage_moves_a_two_disk_domain_and_the_guest_continues() {
         peer.paused_ms > 0.0 && peer.disk_bytes > 0 && peer.ram_bytes > 0,
         "{peer:?}"
     );
-    let table = scenario::table(&[peer]);
+    // The same domain moved by Tern: disks replicated to two agents, RAM and
+    // device state by libvirt (`--suspend`) onto the agents' NBD exports.
+    let tern = libvirt_scenario::tern_migrates_with_libvirt(
+        "tern migrate --vm libvirt: (2 disks) + libvirt RAM",
+    );
+    assert!(tern.final_counter > 0, "{tern:?}");
+    assert!(
+        tern.paused_ms > 0.0 && tern.disk_bytes > 0 && tern.ram_bytes > 0,
+        "{tern:?}"
+    );
+    let table = scenario::table(&[peer, tern]);
     eprintln!("\n{table}");
     tern_vm_tests::write_result("libvirt.md", &table);
 }
