@@ -446,6 +446,22 @@ pub fn tern_migrates_with_libvirt(name: &str) -> Outcome {
         .find_map(|l| serde_json::from_str(l).ok())
         .expect("the VM's report as a JSON line");
     assert_eq!(report["outcome"], "cut over", "{report}");
+    // Where each part's downtime went, for the docs.
+    for (part, r) in report["parts"].as_object().expect("the parts' reports") {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        eprintln!(
+            "{part}: downtime {:.1} ms = pause {:.1} + flush {:.1} + final round {:.1} + verify {:.1} + switch {:.1}; health {:.1}, hand-over {:.1}; final delta {} B",
+            f("downtime_ms"),
+            f("pause_ms"),
+            f("flush_ms"),
+            f("final_round_ms"),
+            f("verify_ms"),
+            f("switch_ms"),
+            f("health_ms"),
+            f("handover_ms"),
+            r["final_delta_bytes"]
+        );
+    }
     out.disk_final_ms = report["downtime_ms"].as_f64().unwrap_or(0.0);
     out.disk_bytes = report["parts"]
         .as_object()
