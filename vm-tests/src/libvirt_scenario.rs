@@ -446,22 +446,7 @@ pub fn tern_migrates_with_libvirt(name: &str) -> Outcome {
         .find_map(|l| serde_json::from_str(l).ok())
         .expect("the VM's report as a JSON line");
     assert_eq!(report["outcome"], "cut over", "{report}");
-    // Where each part's downtime went, for the docs.
-    for (part, r) in report["parts"].as_object().expect("the parts' reports") {
-        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
-        eprintln!(
-            "{part}: downtime {:.1} ms = pause {:.1} + flush {:.1} + final round {:.1} + verify {:.1} + switch {:.1}; health {:.1}, hand-over {:.1}; final delta {} B",
-            f("downtime_ms"),
-            f("pause_ms"),
-            f("flush_ms"),
-            f("final_round_ms"),
-            f("verify_ms"),
-            f("switch_ms"),
-            f("health_ms"),
-            f("handover_ms"),
-            r["final_delta_bytes"]
-        );
-    }
+    print_breakdown(&report);
     out.disk_final_ms = report["downtime_ms"].as_f64().unwrap_or(0.0);
     out.disk_bytes = report["parts"]
         .as_object()
@@ -494,4 +479,23 @@ pub fn tern_migrates_with_libvirt(name: &str) -> Outcome {
     let left = crate::libvirt::processes_under(&dir);
     assert!(left.is_empty(), "the lab left processes behind: {left:?}");
     out
+}
+
+/// Where each part's downtime went (Tern's report), for the docs.
+fn print_breakdown(report: &serde_json::Value) {
+    for (part, r) in report["parts"].as_object().expect("the parts' reports") {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        eprintln!(
+            "{part}: downtime {:.1} ms = pause {:.1} + flush {:.1} + final round {:.1} + verify {:.1} + switch {:.1}; health {:.1}, hand-over {:.1}; final delta {} B",
+            f("downtime_ms"),
+            f("pause_ms"),
+            f("flush_ms"),
+            f("final_round_ms"),
+            f("verify_ms"),
+            f("switch_ms"),
+            f("health_ms"),
+            f("handover_ms"),
+            r["final_delta_bytes"]
+        );
+    }
 }

@@ -286,6 +286,12 @@ impl PauseGroup {
         })
     }
 
+    /// The hold's libvirt migration, to wait for before a switch (see
+    /// [`Paused::agree`]); `None` for other holds or none yet.
+    pub(super) fn held_migration(&self) -> Option<impl std::future::Future<Output = bool> + use<>> {
+        self.lock().hold.as_ref().and_then(Paused::held_migration)
+    }
+
     /// A member's say in `step`; resolves once every member said (all
     /// "yes": true) or the group gave up (false).
     pub(super) async fn agree(&self, step: Step, ok: bool) -> bool {

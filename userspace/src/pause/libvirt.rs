@@ -17,13 +17,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Child;
+use tokio::sync::watch;
 
 use super::{Hold, PauseError, Paused, Virsh, VirshError};
 
-/// How long after the destination holds the domain the source's STOP event
-/// may take to arrive through libvirt's event stream.
-const STOP_EVENT_WAIT: Duration = Duration::from_secs(2);
 /// How long the event watchers get to register before the migration starts.
 const WATCHERS_READY: Duration = Duration::from_millis(300);
 
@@ -49,10 +46,82 @@ pub struct LibvirtMigration {
     pub extra_args: Vec<String>,
 }
 
-/// Starts libvirt's migration and waits until the destination has the
-/// domain, paused: libvirt's Finish phase is done, so the source QEMU has
-/// stopped with its disks flushed and will not run again (libvirt then ends
-/// it, which took 2.6 s here: `virsh migrate` is left to return meanwhile).
+/// libvirt's migration once the source has stopped: it goes on (device
+/// state, the destination's Finish, the end of the source QEMU) while Tern
+/// sends its final deltas; the switch waits for [`Migration::held`].
+#[derive(Clone)]
+pub(super) struct Migration {
+    /// The destination holds the domain, paused (its Finish phase is done).
+    held: watch::Receiver<bool>,
+    /// `virsh migrate` returned: `Ok`, or its error.
+    ended: watch::Receiver<Option<Result<(), VirshError>>>,
+}
+
+impl Migration {
+    /// Whether the destination took the domain: true once it holds it,
+    /// false if the migration failed first.
+    pub(super) async fn held(&self) -> bool {
+        let (mut held, mut ended) = (self.held.clone(), self.ended.clone());
+        loop {
+            if *held.borrow_and_update() {
+                return true;
+            }
+            match &*ended.borrow_and_update() {
+                Some(Ok(())) => return true,
+                Some(Err(_)) => return false,
+                None => {}
+            }
+            tokio::select! {
+                r = held.changed() => if r.is_err() { return *held.borrow() },
+                r = ended.changed() => if r.is_err() { return false },
+            }
+        }
+    }
+
+    /// Waits until `virsh migrate` returned; its error, if it failed.
+    async fn end(&self) -> Option<VirshError> {
+        let mut ended = self.ended.clone();
+        let outcome = ended.wait_for(Option::is_some).await;
+        match outcome.as_deref() {
+            Ok(Some(Err(e))) => Some(copy(e)),
+            _ => None,
+        }
+    }
+
+    /// [`Migration::end`] for a destructor.
+    fn end_blocking(&self) {
+        while self.ended.borrow().is_none() && self.ended.has_changed().is_ok() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A virsh error again (the watch keeps the original).
+fn copy(e: &VirshError) -> VirshError {
+    match e {
+        VirshError::Spawn(io) => VirshError::Spawn(std::io::Error::new(io.kind(), io.to_string())),
+        VirshError::Failed {
+            command,
+            status,
+            stderr,
+        } => VirshError::Failed {
+            command: command.clone(),
+            status: status.clone(),
+            stderr: stderr.clone(),
+        },
+        VirshError::TimedOut { command, limit } => VirshError::TimedOut {
+            command: command.clone(),
+            limit: *limit,
+        },
+    }
+}
+
+/// Starts libvirt's migration and returns once the source QEMU has stopped
+/// with its disks drained and flushed (its `pre-switchover`, which libvirt
+/// continues from at once): Tern's final deltas go on from there, beside
+/// the device state, and its switch waits for the destination to hold the
+/// domain (libvirt's Finish phase done, so the source will not run again;
+/// libvirt then ends it, which took 2.6 s here).
 pub(super) async fn start(m: &LibvirtMigration) -> Result<Paused, PauseError> {
     let began = Instant::now();
     let state = m.source.state(&m.domain).await?;
@@ -63,28 +132,89 @@ pub(super) async fn start(m: &LibvirtMigration) -> Result<Paused, PauseError> {
             expected: "running",
         });
     }
-    // The source's STOP event dates the pause; the destination's lifecycle
-    // events say when it holds the domain.
-    let mut stops = m
+    // The source's QMP events (STOP dates the pause, `pre-switchover` ends
+    // it), and the destination's lifecycle (when it holds the domain).
+    let mut events = m
         .source
         .command(&[
             "qemu-monitor-event",
             "--domain",
             &m.domain,
-            "--event",
-            "STOP",
             "--timestamp",
             "--loop",
         ])
         .spawn()
         .map_err(VirshError::Spawn)?;
-    let mut lifecycle = m
+    let lifecycle = m
         .destination
         .command(&["event", "--event", "lifecycle", "--timestamp", "--loop"])
         .spawn()
         .map_err(VirshError::Spawn)?;
     // Both must listen before the migration starts.
     tokio::time::sleep(WATCHERS_READY).await;
+    let held = watch_held(lifecycle, &m.domain);
+    let ended = spawn_migrate(m)?;
+    let migration = Migration { held, ended };
+    let abort = AbortOnDrop(Some(m));
+    let stopped = until_stopped(&mut events, &migration).await;
+    drop(events);
+    if stopped.is_none() {
+        // No pre-switchover seen (the event stream ended): wait for the
+        // migration itself.
+        let _ = migration.ended.clone().wait_for(Option::is_some).await;
+    }
+    if let Some(e) = migration
+        .ended
+        .borrow()
+        .as_ref()
+        .and_then(|r| r.as_ref().err())
+    {
+        // Failed before the destination took the domain: the source runs.
+        abort.disarm();
+        return Err(copy(e).into());
+    }
+    abort.disarm();
+    let mut paused = Paused::new(Hold::Libvirt {
+        m: Box::new(m.clone()),
+        migration,
+    });
+    if let Some(ago) = stopped.and_then(|at| SystemTime::now().duration_since(at).ok()) {
+        paused.since = Instant::now().checked_sub(ago).unwrap_or(paused.since);
+    } else {
+        tracing::warn!(
+            domain = m.domain,
+            "no STOP event from the source: the pause is dated from Tern's noticing it (shorter than it was)"
+        );
+    }
+    paused.ran_inside = paused.since.saturating_duration_since(began);
+    Ok(paused)
+}
+
+/// Watches the destination's lifecycle events (the watcher's process is
+/// kept by the task) for the domain held paused after its incoming
+/// migration.
+fn watch_held(mut lifecycle: tokio::process::Child, domain: &str) -> watch::Receiver<bool> {
+    let (held_tx, held) = watch::channel(false);
+    if let Some(stdout) = lifecycle.stdout.take() {
+        let wanted = format!("for domain '{domain}': Suspended Paused");
+        tokio::spawn(async move {
+            let _lifecycle = lifecycle;
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains(&wanted) {
+                    let _ = held_tx.send(true);
+                    return;
+                }
+            }
+        });
+    }
+    held
+}
+
+/// Starts `virsh migrate --live --suspend` in a task that reports its end.
+fn spawn_migrate(
+    m: &LibvirtMigration,
+) -> Result<watch::Receiver<Option<Result<(), VirshError>>>, VirshError> {
     let xml = m.destination_xml.display().to_string();
     let mut args = vec![
         "migrate",
@@ -98,93 +228,50 @@ pub(super) async fn start(m: &LibvirtMigration) -> Result<Paused, PauseError> {
     ];
     args.extend(m.extra_args.iter().map(String::as_str));
     args.extend([m.domain.as_str(), m.destination_uri.as_str()]);
-    let mut migrate = m.source.command(&args).spawn().map_err(VirshError::Spawn)?;
-    // Drained from the start: virsh must never find its stderr closed (it
-    // may still be ending the source after the pause returned).
-    let stderr = migrate.stderr.take().map(|mut err| {
-        tokio::spawn(async move {
-            let mut text = String::new();
-            let _ = tokio::io::AsyncReadExt::read_to_string(&mut err, &mut text).await;
-            text
-        })
+    let child = m.source.command(&args).spawn().map_err(VirshError::Spawn)?;
+    let (ended_tx, ended) = watch::channel(None);
+    let (command, virsh) = (args.join(" "), m.source.clone());
+    // The output is read to the end: virsh must never find its pipes
+    // closed (it may still be ending the source after the pause).
+    tokio::spawn(async move {
+        let outcome = match child.wait_with_output().await {
+            Ok(out) => virsh.checked(&[command.as_str()], &out).map(drop),
+            Err(e) => Err(VirshError::Spawn(e)),
+        };
+        let _ = ended_tx.send(Some(outcome));
     });
-    let abort = AbortOnDrop(Some(m));
-    let held = held_on_destination(lifecycle.stdout.take(), &m.domain);
-    let migrate = tokio::select! {
-        exit = migrate.wait() => {
-            let status = exit.map_err(VirshError::Spawn)?;
-            if !status.success() {
-                let stderr = match stderr {
-                    Some(task) => task.await.unwrap_or_default(),
-                    None => String::new(),
-                };
-                abort.disarm();
-                return Err(VirshError::Failed {
-                    command: args.join(" "),
-                    status: status.to_string(),
-                    stderr: stderr.trim().to_owned(),
+    Ok(ended)
+}
+
+/// Reads the source's QMP events until its `pre-switchover` (the VM
+/// stopped, its disks drained and flushed) or the migration's end; the
+/// time of its STOP.
+async fn until_stopped(
+    events: &mut tokio::process::Child,
+    migration: &Migration,
+) -> Option<SystemTime> {
+    let stdout = events.stdout.take()?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut stopped_at = None;
+    let mut ended = migration.ended.clone();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(line)) => {
+                    if line.contains("event STOP ") {
+                        stopped_at = event_time(&line);
+                    } else if line.contains("event MIGRATION ")
+                        && line.contains(r#""status":"pre-switchover""#)
+                    {
+                        return stopped_at;
+                    }
                 }
-                .into());
-            }
-            None
-        }
-        () = held => Some(migrate),
-    };
-    abort.disarm();
-    let stopped_ago = match stops.stdout.take() {
-        Some(stdout) => tokio::time::timeout(STOP_EVENT_WAIT, stop_age(stdout))
-            .await
-            .ok()
-            .flatten(),
-        None => None,
-    };
-    drop((stops, lifecycle));
-    let mut paused = Paused::new(Hold::Libvirt {
-        m: Box::new(m.clone()),
-        migrate,
-    });
-    if let Some(ago) = stopped_ago {
-        paused.since = Instant::now().checked_sub(ago).unwrap_or(paused.since);
-    } else {
-        tracing::warn!(
-            domain = m.domain,
-            "no STOP event from the source: the pause is dated from the destination's (shorter than it was)"
-        );
-    }
-    paused.ran_inside = paused.since.saturating_duration_since(began);
-    Ok(paused)
-}
-
-/// Returns once the destination reports the domain suspended at the end of
-/// an incoming migration (`Suspended Paused`); never, if it does not (the
-/// migration's own end decides then).
-async fn held_on_destination(stdout: Option<tokio::process::ChildStdout>, domain: &str) {
-    let Some(stdout) = stdout else {
-        return std::future::pending().await;
-    };
-    let wanted = format!("for domain '{domain}': Suspended Paused");
-    let mut lines = BufReader::new(stdout).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if line.contains(&wanted) {
-            return;
+                // No events: the migration's end decides.
+                _ => return None,
+            },
+            _ = ended.wait_for(Option::is_some) => return stopped_at,
         }
     }
-    std::future::pending::<()>().await;
-}
-
-/// How long ago the source stopped, from the first STOP line of
-/// `virsh qemu-monitor-event --timestamp`
-/// (`2026-12-07 18:20:00.123+0000: event STOP for domain 'web': <null>`).
-async fn stop_age(stdout: tokio::process::ChildStdout) -> Option<Duration> {
-    let mut lines = BufReader::new(stdout).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if !line.contains("event STOP") {
-            continue;
-        }
-        let at = event_time(&line)?;
-        return Some(SystemTime::now().duration_since(at).unwrap_or_default());
-    }
-    None
 }
 
 /// The wall-clock time at the start of an event line.
@@ -229,25 +316,19 @@ impl Drop for AbortOnDrop<'_> {
     }
 }
 
-/// Resumes the destination: the VM runs there. Then waits for `virsh
-/// migrate` to return (libvirt ending the source) and defines the domain on
-/// the destination when it was defined on the source.
+/// Resumes the destination: the VM runs there (the switch waited for it
+/// to hold the domain). Then waits for `virsh migrate` to return (libvirt
+/// ending the source) and defines the domain on the destination when it was
+/// defined on the source.
 pub(super) async fn hand_over(
     m: &LibvirtMigration,
-    migrate: Option<&mut Child>,
+    migration: &Migration,
 ) -> Result<(), PauseError> {
     m.destination.run(&["resume", &m.domain]).await?;
-    if let Some(child) = migrate {
-        match child.wait().await {
-            Ok(status) if status.success() => {}
-            // The domain runs on the destination: what failed after is
-            // libvirt's cleanup of the source, to be looked at, not undone.
-            other => tracing::warn!(
-                domain = m.domain,
-                status = ?other,
-                "virsh migrate failed after the destination took the domain; check the source host"
-            ),
-        }
+    if let Some(e) = migration.end().await {
+        // The domain runs on the destination: what failed after is
+        // libvirt's clean-up of the source, to be looked at, not undone.
+        tracing::warn!(domain = m.domain, error = %e, "virsh migrate failed after the destination took the domain; check the source host");
     }
     if m.persistent {
         // After the resume: a failure here leaves a running VM that is only
@@ -267,13 +348,13 @@ pub(super) async fn hand_over(
 
 /// Brings the domain back: once `virsh migrate` has returned, migrates the
 /// paused domain back and resumes it on the source (unless libvirt kept it
-/// there, running).
+/// there, running: the migration failed).
 pub(super) async fn back(
     m: &LibvirtMigration,
-    migrate: Option<&mut Child>,
+    migration: Option<&Migration>,
 ) -> Result<(), PauseError> {
-    if let Some(child) = migrate {
-        let _ = child.wait().await;
+    if let Some(migration) = migration {
+        migration.end().await;
     }
     if m.source
         .state(&m.domain)
@@ -296,16 +377,8 @@ pub(super) async fn back(
 }
 
 /// [`back`] for a destructor.
-pub(super) fn back_blocking(
-    m: &LibvirtMigration,
-    migrate: Option<Child>,
-) -> Result<(), PauseError> {
-    if let Some(mut child) = migrate {
-        // A destructor cannot await: poll the child until it returns.
-        while matches!(child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+pub(super) fn back_blocking(m: &LibvirtMigration, migration: &Migration) -> Result<(), PauseError> {
+    migration.end_blocking();
     if m.source
         .run_blocking(&["domstate", &m.domain])
         .is_ok_and(|s| s.trim() == "running")

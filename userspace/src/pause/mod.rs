@@ -344,10 +344,10 @@ enum Hold {
         resume: String,
     },
     /// libvirt's migration reached the destination, paused; `virsh
-    /// migrate` may still be ending the source.
+    /// migrate` goes on until the destination holds it.
     Libvirt {
         m: Box<LibvirtMigration>,
-        migrate: Option<tokio::process::Child>,
+        migration: libvirt::Migration,
     },
     /// A share of a group's one hold.
     Group(std::sync::Arc<PauseGroup>),
@@ -404,7 +404,7 @@ impl Paused {
             Some(Hold::Qmp { socket, qmp }) => qmp::cont(qmp, socket).await,
             Some(Hold::QemuMigrate { socket, qmp, .. }) => qemu_migrate::cancel(qmp, socket).await,
             Some(Hold::Command { resume }) => command::run_shell(resume).await,
-            Some(Hold::Libvirt { m, migrate }) => libvirt::back(m, migrate.as_mut()).await,
+            Some(Hold::Libvirt { m, migration }) => libvirt::back(m, Some(migration)).await,
             Some(Hold::Group(group)) => group.resume().await,
         };
         // One attempt only: a failed resume is the caller's to handle, and
@@ -429,9 +429,9 @@ impl Paused {
             self.hold = None;
             return group.hand_over().await;
         }
-        if let Some(Hold::Libvirt { m, migrate }) = self.hold.as_mut() {
+        if let Some(Hold::Libvirt { m, migration }) = &self.hold {
             let started = Instant::now();
-            let result = libvirt::hand_over(m, migrate.as_mut()).await;
+            let result = libvirt::hand_over(m, migration).await;
             // Never migrated back from here: the disks have switched.
             self.hold = None;
             result?;
@@ -468,9 +468,42 @@ impl Paused {
     /// every member's `ok`, or false once the group gave up. Outside a
     /// group, `ok` itself.
     pub async fn agree(&self, step: Step, ok: bool) -> bool {
+        // A switch also needs the workload's own hand-over to be possible
+        // (libvirt: the destination holds the domain).
+        let ok = if step == Step::Switch && ok {
+            self.ready_to_switch().await
+        } else {
+            ok
+        };
         match &self.hold {
             Some(Hold::Group(group)) => group.agree(step, ok).await,
             _ => ok,
+        }
+    }
+
+    /// Whether the workload can be handed over once the disks switch:
+    /// always, but for libvirt, whose migration goes on past the pause
+    /// until the destination holds the domain (false: it failed first).
+    async fn ready_to_switch(&self) -> bool {
+        match &self.hold {
+            Some(Hold::Libvirt { migration, .. }) => migration.held().await,
+            Some(Hold::Group(group)) => match group.held_migration() {
+                Some(held) => held.await,
+                None => true,
+            },
+            _ => true,
+        }
+    }
+
+    /// For a group: a future telling whether the hold's libvirt migration
+    /// reached the destination (see [`Paused::ready_to_switch`]).
+    fn held_migration(&self) -> Option<impl std::future::Future<Output = bool> + use<>> {
+        match &self.hold {
+            Some(Hold::Libvirt { migration, .. }) => {
+                let migration = migration.clone();
+                Some(async move { migration.held().await })
+            }
+            _ => None,
         }
     }
 
@@ -511,7 +544,7 @@ impl Drop for Paused {
                 qmp.commands_blocking(&socket, &["migrate_cancel", "cont"])
             }
             Hold::Command { resume } => command::run_shell_blocking(&resume),
-            Hold::Libvirt { m, migrate } => libvirt::back_blocking(&m, migrate),
+            Hold::Libvirt { m, migration } => libvirt::back_blocking(&m, &migration),
             Hold::Group(group) => {
                 group.abandon();
                 return;
