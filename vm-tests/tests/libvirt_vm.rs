@@ -1,13 +1,13 @@
 //! A libvirt domain with two disks (raw and qcow2) migrated while it writes,
-//! between two private libvirt daemons on this host, by libvirt's own storage
-//! migration: the peer Tern's `--vm libvirt:` row is compared against. Run by
-//! `cargo xtask vm-test` (root, QEMU, libvirt).
+//! between two private libvirt daemons on this host: by libvirt's own storage
+//! migration (the peer), and by `tern migrate --vm libvirt:`, side by side in
+//! one table. Run by `cargo xtask vm-test` (root, QEMU, libvirt).
 
 use tern_vm_tests::{libvirt, libvirt_scenario, scenario};
 
 #[test]
 #[ignore = "boots libvirt domains: run by `cargo xtask vm-test`"]
-fn libvirt_copy_storage_moves_a_two_disk_domain_and_the_guest_continues() {
+fn tern_and_libvirt_each_move_a_writing_two_disk_domain_and_the_guest_continues() {
     if let Some(why) = libvirt::missing_prerequisite() {
         panic!("{why}");
     }
