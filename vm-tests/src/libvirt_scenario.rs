@@ -48,8 +48,10 @@ pub struct LibvirtLab {
 impl LibvirtLab {
     /// Builds the guest (kernel, initramfs, vda raw and vdb qcow2 ext4
     /// images) and starts both daemons.
-    pub fn new(name: &str) -> LibvirtLab {
-        let dir = crate::scratch(name);
+    pub fn start() -> LibvirtLab {
+        // A short directory, not the row's name: the daemons' sockets live
+        // under it, and a unix socket's path holds 107 bytes at most.
+        let dir = crate::scratch("libvirt");
         let p = dir.path();
         let kernel = Kernel::get(Suite::Bookworm);
         let initrd = p.join("initrd.gz");
@@ -184,6 +186,22 @@ impl LibvirtLab {
         out.paused_ms = self.paused_ms();
         // The destination's QEMU connected to the console at its start.
         self.console.wait_connections(2, Duration::from_secs(30));
+        self.finish_where(true, images, out);
+    }
+
+    /// After a migration there and back (a rollback: the destination's QEMU
+    /// never ran, the domain came back to a new QEMU on the source): the
+    /// guest goes on at the source as [`LibvirtLab::finish_on_destination`]
+    /// checks it there; `images` are the source's files.
+    pub fn finish_on_source_after_return(&mut self, images: &[DomainDisk], out: &mut Outcome) {
+        // Source, destination (never resumed), source again.
+        self.console.wait_connections(3, Duration::from_secs(30));
+        self.finish_where(false, images, out);
+    }
+
+    /// The guest's last phase on the console's latest connection, on the
+    /// destination daemon or the source's.
+    fn finish_where(&mut self, on_destination: bool, images: &[DomainDisk], out: &mut Outcome) {
         let before = vm::ticks(&self.console.text(0));
         let last_src = *before.last().expect("the source ticked");
         self.console.wait_serial(
@@ -219,7 +237,8 @@ impl LibvirtLab {
         steps.sort_by(f64::total_cmp);
         out.guest_tick_ms = steps.get(steps.len() / 2).copied().unwrap_or(0.0);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.dst.domains().is_empty() {
+        let daemon = if on_destination { &self.dst } else { &self.src };
+        while !daemon.domains().is_empty() {
             assert!(
                 Instant::now() < deadline,
                 "the domain did not end after poweroff"
@@ -296,7 +315,7 @@ fn replace_disk(xml: &str, d: &DomainDisk) -> String {
 /// --copy-storage-all` to the destination daemon, which mirrors every disk
 /// over NBD into the pre-created destination files, then migrates RAM.
 pub fn libvirt_copies_storage(name: &str) -> Outcome {
-    let mut lab = LibvirtLab::new(name);
+    let mut lab = LibvirtLab::start();
     lab.boot_source();
     let images = lab.destination_files();
     let xml = lab.destination_xml(&images);
@@ -374,62 +393,14 @@ fn field<'a>(fields: &'a [(String, String)], key: &str) -> &'a str {
 /// agents (each exporting its image over NBD), and has libvirt migrate RAM
 /// and device state (`--suspend`) to a destination defined on those exports.
 pub fn tern_migrates_with_libvirt(name: &str) -> Outcome {
-    let mut lab = LibvirtLab::new(name);
+    let mut lab = LibvirtLab::start();
     lab.boot_source();
-    let sizes: Vec<(String, u64, Format)> = lab
-        .domain
-        .disks
-        .iter()
-        .map(|d| {
-            let DiskSource::File { path, format } = &d.source else {
-                panic!("the lab's disks are files");
-            };
-            let size = std::fs::metadata(path).expect("the source image").len();
-            (d.target.clone(), size, *format)
-        })
-        .collect();
-    // One agent per disk, exporting its image over NBD (advertised writable:
-    // the destination QEMU opens it before the switch); one set of
-    // certificates reaches them all.
-    let mut agents: Vec<crate::lab::Destination> = Vec::new();
-    for (target, size, _) in &sizes {
-        let dir = lab.path().join(format!("agent-{target}"));
-        std::fs::create_dir_all(&dir).expect("the agent's directory");
-        let agent = match agents.first() {
-            None => crate::lab::Destination::start_with(&dir, *size, true),
-            Some(first) => first.beside_with(&dir, *size, true),
-        };
-        agents.push(agent);
-    }
-    let to: Vec<String> = sizes
-        .iter()
-        .zip(&agents)
-        .map(|((target, _, _), a)| format!("{target}={}", a.addr()))
-        .collect();
     let mut out = Outcome {
         name: name.to_owned(),
         ..Outcome::default()
     };
-    let state = lab.path().join("tern-state");
     let started = Instant::now();
-    let migrate = crate::process::run_for(
-        Command::new(crate::lab::tern_bin())
-            .args(["migrate", "--vm"])
-            .arg(format!("libvirt:{DOMAIN}@{}", lab.dst.uri()))
-            .args(["--to", &to.join(",")])
-            .arg("--tls-dir")
-            .arg(agents[0].tls())
-            .args(["--domain", "localhost", "--json", "--max-downtime", "50ms"])
-            .arg("--state-dir")
-            .arg(&state)
-            // One host: the stream on loopback, not the hostname.
-            .args([
-                "--virsh-migrate-arg=--migrateuri=tcp://127.0.0.1",
-                "--virsh-migrate-arg=--listen-address=127.0.0.1",
-            ])
-            .env("LIBVIRT_DEFAULT_URI", lab.src.uri()),
-        MIGRATION_LIMIT,
-    );
+    let (agents, sizes, migrate) = tern_migrate(&lab, &[]);
     out.total_s = started.elapsed().as_secs_f64();
     let stdout = String::from_utf8_lossy(&migrate.stdout);
     assert!(
@@ -498,4 +469,106 @@ fn print_breakdown(report: &serde_json::Value) {
             r["final_delta_bytes"]
         );
     }
+}
+
+/// Each disk of the lab's domain: its target, its file's size and format.
+fn disk_sizes(lab: &LibvirtLab) -> Vec<(String, u64, Format)> {
+    lab.domain
+        .disks
+        .iter()
+        .map(|d| {
+            let DiskSource::File { path, format } = &d.source else {
+                panic!("the lab's disks are files");
+            };
+            let size = std::fs::metadata(path).expect("the source image").len();
+            (d.target.clone(), size, *format)
+        })
+        .collect()
+}
+
+/// Starts one agent per disk, exporting its image over NBD (advertised
+/// writable: the destination QEMU opens it before the switch; one set of
+/// certificates reaches them all), and runs `tern migrate --vm libvirt:`
+/// with `extra` arguments to its end.
+fn tern_migrate(
+    lab: &LibvirtLab,
+    extra: &[&str],
+) -> (
+    Vec<crate::lab::Destination>,
+    Vec<(String, u64, Format)>,
+    std::process::Output,
+) {
+    let sizes = disk_sizes(lab);
+    let mut agents: Vec<crate::lab::Destination> = Vec::new();
+    for (target, size, _) in &sizes {
+        let dir = lab.path().join(format!("agent-{target}"));
+        std::fs::create_dir_all(&dir).expect("the agent's directory");
+        let agent = match agents.first() {
+            None => crate::lab::Destination::start_with(&dir, *size, true),
+            Some(first) => first.beside_with(&dir, *size, true),
+        };
+        agents.push(agent);
+    }
+    let to: Vec<String> = sizes
+        .iter()
+        .zip(&agents)
+        .map(|((target, _, _), a)| format!("{target}={}", a.addr()))
+        .collect();
+    let migrate = crate::process::run_for(
+        Command::new(crate::lab::tern_bin())
+            .args(["migrate", "--vm"])
+            .arg(format!("libvirt:{DOMAIN}@{}", lab.dst.uri()))
+            .args(["--to", &to.join(",")])
+            .arg("--tls-dir")
+            .arg(agents[0].tls())
+            .args(["--domain", "localhost", "--json", "--max-downtime", "50ms"])
+            .arg("--state-dir")
+            .arg(lab.path().join("tern-state"))
+            // One host: the stream on loopback, not the hostname.
+            .args([
+                "--virsh-migrate-arg=--migrateuri=tcp://127.0.0.1",
+                "--virsh-migrate-arg=--listen-address=127.0.0.1",
+            ])
+            .args(extra)
+            .env("LIBVIRT_DEFAULT_URI", lab.src.uri()),
+        MIGRATION_LIMIT,
+    );
+    (agents, sizes, migrate)
+}
+
+/// A failed health check after the switch: `tern migrate --vm libvirt:`
+/// rolls every disk back and migrates the paused domain back to the source,
+/// where the guest goes on with every write (its counter continues, both
+/// disks verify, the source's images pass `e2fsck`); the destination keeps
+/// no domain.
+pub fn tern_rolls_back_under_libvirt(name: &str) -> Outcome {
+    let mut lab = LibvirtLab::start();
+    lab.boot_source();
+    let mut out = Outcome {
+        name: name.to_owned(),
+        ..Outcome::default()
+    };
+    let started = Instant::now();
+    let (agents, _, migrate) = tern_migrate(&lab, &["--health-cmd", "false"]);
+    out.total_s = started.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&migrate.stdout);
+    let stderr = String::from_utf8_lossy(&migrate.stderr);
+    assert!(
+        !migrate.status.success() && stderr.contains("rolled back"),
+        "tern migrate should have rolled back ({}): {}\n{stdout}",
+        migrate.status,
+        vm::tail(&stderr)
+    );
+    let report: serde_json::Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("the VM's report as a JSON line");
+    assert_eq!(report["outcome"], "rolled back", "{report}");
+    assert_eq!(lab.src.virsh(&["domstate", DOMAIN]).trim(), "running");
+    assert!(lab.dst.domains().is_empty(), "the destination kept the domain");
+    let images = lab.domain.disks.clone();
+    lab.finish_on_source_after_return(&images, &mut out);
+    drop(agents);
+    out
 }

@@ -29,6 +29,13 @@ fn tern_and_libvirt_each_move_a_writing_two_disk_domain_and_the_guest_continues(
         tern.paused_ms > 0.0 && tern.disk_bytes > 0 && tern.ram_bytes > 0,
         "{tern:?}"
     );
+    // A failed health check after the switch: every disk rolled back, the
+    // domain migrated back, the guest goes on at the source with every
+    // write. (In this test, not beside it: the labs' daemons share ports.)
+    let back = libvirt_scenario::tern_rolls_back_under_libvirt(
+        "tern migrate --vm libvirt: --health-cmd false (rolled back)",
+    );
+    assert!(back.final_counter > 0, "{back:?}");
     let table = scenario::table(&[peer, tern]);
     eprintln!("\n{table}");
     tern_vm_tests::write_result("libvirt.md", &table);
