@@ -384,6 +384,7 @@ mod tests {
                     address: "127.0.0.1:10809".into(),
                     name: "tern".into(),
                     tls: false,
+                    advertised_writable: true,
                 },
             ),
             (
@@ -392,6 +393,7 @@ mod tests {
                     address: "/run/tern/b'.sock".into(),
                     name: "data".into(),
                     tls: true,
+                    advertised_writable: true,
                 },
             ),
         ]);
@@ -431,6 +433,7 @@ mod tests {
                 address: "127.0.0.1:1".into(),
                 name: "x".into(),
                 tls: false,
+                advertised_writable: true,
             },
         )]);
         let e = destination_xml("web", XML, &unknown)
@@ -443,6 +446,7 @@ mod tests {
                 address: "localhost".into(),
                 name: "x".into(),
                 tls: false,
+                advertised_writable: true,
             },
         )]);
         let e = destination_xml("web", XML, &bad)
@@ -455,6 +459,7 @@ mod tests {
                 address: "[::1]:10809".into(),
                 name: "x".into(),
                 tls: false,
+                advertised_writable: true,
             },
         )]);
         let dest = destination_xml("web", XML, &v6).expect("IPv6");

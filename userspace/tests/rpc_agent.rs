@@ -111,6 +111,7 @@ async fn replicate_read_over_nbd_cut_over_and_shut_down_cleanly() {
             address: nbd.to_string(),
             name: "tern".to_owned(),
             tls: false,
+            advertised_writable: false,
         })
     );
 

@@ -566,7 +566,10 @@ pub fn tern_rolls_back_under_libvirt(name: &str) -> Outcome {
         .expect("the VM's report as a JSON line");
     assert_eq!(report["outcome"], "rolled back", "{report}");
     assert_eq!(lab.src.virsh(&["domstate", DOMAIN]).trim(), "running");
-    assert!(lab.dst.domains().is_empty(), "the destination kept the domain");
+    assert!(
+        lab.dst.domains().is_empty(),
+        "the destination kept the domain"
+    );
     let images = lab.domain.disks.clone();
     lab.finish_on_source_after_return(&images, &mut out);
     drop(agents);

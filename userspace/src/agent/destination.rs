@@ -360,6 +360,7 @@ impl Destination {
                 address: reachable_here(bound),
                 name: cfg.export_name.clone(),
                 tls: cfg.nbd_tls,
+                advertised_writable: cfg.nbd_advertise_writable,
             }),
             None => service,
         };

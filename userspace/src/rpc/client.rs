@@ -50,6 +50,8 @@ pub struct NbdExport {
     pub address: String,
     pub name: String,
     pub tls: bool,
+    /// Advertised writable before the switch (`--nbd-advertise-writable`).
+    pub advertised_writable: bool,
 }
 
 /// Client of one destination.
@@ -159,6 +161,7 @@ impl ReplicaClient {
                 address: n.address,
                 name: n.name,
                 tls: n.tls,
+                advertised_writable: n.advertised_writable,
             }),
         })
     }

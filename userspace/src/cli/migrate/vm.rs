@@ -115,7 +115,6 @@ async fn qmp(m: &MigrateArgs, socket: &Path, uri: &str) -> Result<serde_json::Va
 async fn libvirt(m: &MigrateArgs, name: &str, dest_uri: &str) -> Result<serde_json::Value> {
     let source = Virsh::new(None);
     let domain = tern::libvirt::describe(&source, name).await?;
-    let source_uri = source.run(&["uri"]).await?.trim().to_owned();
     let destination = Virsh::new(Some(dest_uri));
     // Reachable, and not running the domain already.
     destination.run(&["version"]).await?;
@@ -142,41 +141,16 @@ async fn libvirt(m: &MigrateArgs, name: &str, dest_uri: &str) -> Result<serde_js
     };
     let parts = parts(m, &layout)?;
     let mut bound = bind(m, &parts).await?;
-    let mut exports = BTreeMap::new();
-    for (part, side, _) in &mut bound {
-        let export = side.destination_nbd().await?.with_context(|| {
-            format!(
-                "the agent for {} ({}) serves no NBD export: start it with --nbd ADDR --nbd-advertise-writable (the destination domain's disk is that export)",
-                part.name,
-                part.source.to.as_deref().unwrap_or("?")
-            )
-        })?;
-        exports.insert(part.name.clone(), export);
-    }
-    let xml = tern::libvirt::destination_xml(name, &domain.xml, &exports)?;
-    std::fs::create_dir_all(&m.source.state_dir)
-        .with_context(|| format!("cannot create {}", m.source.state_dir.display()))?;
-    let file = |what: &str| {
-        m.source
-            .state_dir
-            .join(format!("libvirt-{name}.{what}.xml"))
+    let target = match libvirt_target(m, &domain, &mut bound, source, destination, dest_uri).await {
+        Ok(target) => target,
+        Err(e) => {
+            // Nothing paused yet: each part's status says why it stopped.
+            for (_, _, progress) in bound {
+                progress.finish(Err(&e));
+            }
+            return Err(e);
+        }
     };
-    let (destination_xml, source_xml) = (file("destination"), file("source"));
-    std::fs::write(&destination_xml, xml)
-        .with_context(|| format!("cannot write {}", destination_xml.display()))?;
-    std::fs::write(&source_xml, &domain.xml)
-        .with_context(|| format!("cannot write {}", source_xml.display()))?;
-    let target = PauseTarget::Libvirt(LibvirtMigration {
-        domain: name.to_owned(),
-        source,
-        source_uri,
-        destination,
-        destination_uri: dest_uri.to_owned(),
-        destination_xml,
-        source_xml,
-        persistent: domain.persistent,
-        extra_args: m.virsh_migrate_arg.clone(),
-    });
     let group = PauseGroup::new(target, parts.len());
     let report = run(m, bound, &group).await?;
     if report["outcome"] == "cut over" && domain.persistent {
@@ -193,6 +167,63 @@ async fn libvirt(m: &MigrateArgs, name: &str, dest_uri: &str) -> Result<serde_js
         }
     }
     Ok(report)
+}
+
+/// The libvirt pause for `domain`: each bound part's agent names its NBD
+/// export, the destination's definition is written on them (and the
+/// source's own kept beside it, for a return).
+async fn libvirt_target(
+    m: &MigrateArgs,
+    domain: &tern::libvirt::Domain,
+    bound: &mut [Bound<'_>],
+    source: Virsh,
+    destination: Virsh,
+    dest_uri: &str,
+) -> Result<PauseTarget> {
+    let name = &domain.name;
+    let source_uri = source.run(&["uri"]).await?.trim().to_owned();
+    let mut exports = BTreeMap::new();
+    for (part, side, _) in bound.iter_mut() {
+        let export = side.destination_nbd().await?.with_context(|| {
+            format!(
+                "the agent for {} ({}) serves no NBD export: start it with --nbd ADDR --nbd-advertise-writable (the destination domain's disk is that export)",
+                part.name,
+                part.source.to.as_deref().unwrap_or("?")
+            )
+        })?;
+        if !export.advertised_writable {
+            bail!(
+                "the agent for {} ({}) exports its disk read-only until the switch, and the destination QEMU opens it read-write before: start the agent with --nbd-advertise-writable",
+                part.name,
+                part.source.to.as_deref().unwrap_or("?")
+            );
+        }
+        exports.insert(part.name.clone(), export);
+    }
+    let xml = tern::libvirt::destination_xml(name, &domain.xml, &exports)?;
+    std::fs::create_dir_all(&m.source.state_dir)
+        .with_context(|| format!("cannot create {}", m.source.state_dir.display()))?;
+    let file = |what: &str| {
+        m.source
+            .state_dir
+            .join(format!("libvirt-{name}.{what}.xml"))
+    };
+    let (destination_xml, source_xml) = (file("destination"), file("source"));
+    std::fs::write(&destination_xml, xml)
+        .with_context(|| format!("cannot write {}", destination_xml.display()))?;
+    std::fs::write(&source_xml, &domain.xml)
+        .with_context(|| format!("cannot write {}", source_xml.display()))?;
+    Ok(PauseTarget::Libvirt(LibvirtMigration {
+        domain: name.clone(),
+        source,
+        source_uri,
+        destination,
+        destination_uri: dest_uri.to_owned(),
+        destination_xml,
+        source_xml,
+        persistent: domain.persistent,
+        extra_args: m.virsh_migrate_arg.clone(),
+    }))
 }
 
 /// Flags that name one disk's run make no sense for a whole VM.

@@ -156,6 +156,7 @@ impl ReplicaService {
             address: nbd.address,
             name: nbd.name,
             tls: nbd.tls,
+            advertised_writable: nbd.advertised_writable,
         });
         self
     }
