@@ -61,13 +61,21 @@ pub enum LibvirtError {
     /// A qcow2 file that allocates clusters at its end as the guest writes:
     /// it would grow past the size Tern replicates.
     #[error(
-        "disk {target} of domain {name} is a qcow2 file of {physical} bytes holding up to {capacity} virtual bytes: it grows as the guest writes, and Tern replicates a fixed size. Preallocate it (a copy with qemu-img convert -O qcow2 -o preallocation=metadata, or virsh blockcopy to one), or use raw"
+        "disk {target} of domain {name} is a qcow2 file of {physical} bytes holding up to {capacity} virtual bytes: it grows as the guest writes, and Tern replicates a fixed size. Give it room with --grow-qcow2 (extends the file, sparse, past what qcow2 can use), preallocate it (a copy with qemu-img convert -O qcow2 -o preallocation=metadata, or virsh blockcopy to one), or use raw"
     )]
     Qcow2Grows {
         name: String,
         target: String,
         physical: u64,
         capacity: u64,
+    },
+    /// Extending a qcow2 file (`--grow-qcow2`) failed.
+    #[error("cannot give disk {target}'s qcow2 file {} room (--grow-qcow2): {source}", path.display())]
+    Room {
+        target: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     /// Nothing to move.
     #[error("domain {0} has no local disk to move")]
@@ -94,7 +102,9 @@ pub struct Domain {
 }
 
 /// Reads the running domain `name` over `virsh`.
-pub async fn describe(virsh: &Virsh, name: &str) -> Result<Domain, LibvirtError> {
+/// With `grow`, a qcow2 file that can grow is given room
+/// ([`crate::vm::make_room`]) instead of refused.
+pub async fn describe(virsh: &Virsh, name: &str, grow: bool) -> Result<Domain, LibvirtError> {
     let state = virsh.state(name).await?;
     if state != "running" {
         return Err(LibvirtError::NotRunning {
@@ -110,7 +120,16 @@ pub async fn describe(virsh: &Virsh, name: &str) -> Result<Domain, LibvirtError>
     for disk in disks.iter().filter(|d| d.format == "qcow2") {
         let info = virsh.run(&["domblkinfo", name, &disk.name]).await?;
         let (capacity, physical) = (info_bytes(&info, "Capacity"), info_bytes(&info, "Physical"));
-        if physical < capacity {
+        if physical < capacity && grow {
+            let room = crate::vm::make_room(&disk.path, capacity).map_err(|source| {
+                LibvirtError::Room {
+                    target: disk.name.clone(),
+                    path: disk.path.clone(),
+                    source,
+                }
+            })?;
+            tracing::info!(disk = disk.name, room, "gave the growing qcow2 file room");
+        } else if physical < capacity {
             return Err(LibvirtError::Qcow2Grows {
                 name: name.to_owned(),
                 target: disk.name.clone(),

@@ -43,7 +43,7 @@ pub enum VmError {
     NotLocal { name: String, driver: String },
     /// A qcow2 file that allocates clusters at its end as the guest writes.
     #[error(
-        "disk {name} ({path}) is a qcow2 file of {file_bytes} bytes holding up to {virtual_bytes} virtual bytes: it grows as the guest writes, and Tern replicates a fixed size. Preallocate it (qemu-img convert -O qcow2 -o preallocation=metadata), or use raw"
+        "disk {name} ({path}) is a qcow2 file of {file_bytes} bytes holding up to {virtual_bytes} virtual bytes: it grows as the guest writes, and Tern replicates a fixed size. Give it room with --grow-qcow2 (extends the file, sparse, past what qcow2 can use), preallocate it (qemu-img convert -O qcow2 -o preallocation=metadata), or use raw"
     )]
     Qcow2Grows {
         name: String,
@@ -51,9 +51,41 @@ pub enum VmError {
         file_bytes: u64,
         virtual_bytes: u64,
     },
+    /// Extending a qcow2 file (`--grow-qcow2`) failed.
+    #[error("cannot give the qcow2 file {path} room (--grow-qcow2): {source}")]
+    Room {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// Nothing to move.
     #[error("the VM at {0} has no disk attached to a device")]
     NoDisks(PathBuf),
+}
+
+/// The most a qcow2 file holding `capacity` virtual bytes grows to (every
+/// cluster allocated, with its L2 and refcount entries, down to 512-byte
+/// clusters), with room to spare; internal snapshots aside.
+pub fn qcow2_room(capacity: u64) -> u64 {
+    let mib = 1 << 20;
+    capacity
+        .saturating_add(capacity / 32)
+        .saturating_add(16 * mib)
+        .div_ceil(mib)
+        .saturating_mul(mib)
+}
+
+/// Gives a growing qcow2 file room (`--grow-qcow2`): extends it, sparse,
+/// to [`qcow2_room`]. The tail is no cluster qcow2 references (QEMU finds
+/// it free and allocates its new clusters there), so the file no longer
+/// grows while Tern replicates a fixed size. Never shrinks; the new size.
+pub fn make_room(path: &Path, capacity: u64) -> std::io::Result<u64> {
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let room = qcow2_room(capacity);
+    if file.metadata()?.len() < room {
+        file.set_len(room)?;
+    }
+    Ok(room.max(file.metadata()?.len()))
 }
 
 /// One of the guest's disks.
@@ -87,10 +119,12 @@ pub struct VmLayout {
 
 /// Asks the QEMU at `socket` for its disks and RAM file. The connection is
 /// closed on return (QEMU serves one QMP client at a time).
-pub async fn describe(socket: &Path) -> Result<VmLayout, VmError> {
+/// With `grow`, a qcow2 file that can grow is given room ([`make_room`])
+/// instead of refused.
+pub async fn describe(socket: &Path, grow: bool) -> Result<VmLayout, VmError> {
     let mut qmp = Qmp::connect(socket).await?;
     let blocks = qmp.execute("query-block", None).await?;
-    let disks = disks_of(&blocks)?;
+    let disks = disks_of(&blocks, grow)?;
     if disks.is_empty() {
         return Err(VmError::NoDisks(socket.to_path_buf()));
     }
@@ -122,7 +156,7 @@ pub async fn describe(socket: &Path) -> Result<VmLayout, VmError> {
 }
 
 /// The guest's disks from a `query-block` reply.
-fn disks_of(blocks: &Value) -> Result<Vec<VmDisk>, VmError> {
+fn disks_of(blocks: &Value, grow: bool) -> Result<Vec<VmDisk>, VmError> {
     let mut disks = Vec::new();
     for b in blocks.as_array().into_iter().flatten() {
         let (Some(inserted), Some(qdev)) = (b.get("inserted"), b["qdev"].as_str()) else {
@@ -164,12 +198,21 @@ fn disks_of(blocks: &Value) -> Result<Vec<VmDisk>, VmError> {
             && md.is_file()
             && md.len() < virtual_bytes
         {
-            return Err(VmError::Qcow2Grows {
-                name,
-                path: PathBuf::from(file),
-                file_bytes: md.len(),
-                virtual_bytes,
-            });
+            if grow {
+                let room =
+                    make_room(Path::new(file), virtual_bytes).map_err(|source| VmError::Room {
+                        path: PathBuf::from(file),
+                        source,
+                    })?;
+                tracing::info!(disk = name, file, room, "gave the growing qcow2 file room");
+            } else {
+                return Err(VmError::Qcow2Grows {
+                    name,
+                    path: PathBuf::from(file),
+                    file_bytes: md.len(),
+                    virtual_bytes,
+                });
+            }
         }
         disks.push(VmDisk {
             name,
@@ -205,7 +248,7 @@ mod tests {
             { "device": "", "qdev": "/machine/peripheral/vd1/virtio-backend",
               "inserted": { "file": "/tmp/b.qcow2", "drv": "qcow2", "ro": true, "image": {} } },
         ]);
-        let disks = disks_of(&reply).expect("disks");
+        let disks = disks_of(&reply, false).expect("disks");
         assert_eq!(
             disks,
             [
@@ -230,11 +273,11 @@ mod tests {
         let backing = json!([{ "device": "", "qdev": "/machine/peripheral/vd0/virtio-backend",
             "inserted": { "file": "/tmp/top.qcow2", "drv": "qcow2",
                           "image": { "backing-filename": "/tmp/base.qcow2" } } }]);
-        let e = disks_of(&backing).expect_err("backing").to_string();
+        let e = disks_of(&backing, false).expect_err("backing").to_string();
         assert!(e.contains("vd0") && e.contains("base.qcow2"), "{e}");
         let remote = json!([{ "device": "virtio0", "qdev": "/machine/peripheral-anon/device[1]/virtio-backend",
             "inserted": { "file": "nbd://10.0.0.1:10809/x", "drv": "raw", "image": {} } }]);
-        let e = disks_of(&remote).expect_err("remote").to_string();
+        let e = disks_of(&remote, false).expect_err("remote").to_string();
         assert!(e.contains("virtio0") && e.contains("nbd"), "{e}");
     }
 
@@ -248,8 +291,17 @@ mod tests {
                 "inserted": { "file": file.display().to_string(), "drv": "qcow2", "ro": false,
                               "image": { "virtual-size": virtual_size } } }])
         };
-        let e = disks_of(&reply(1 << 20)).expect_err("grows").to_string();
-        assert!(e.contains("vd0") && e.contains("preallocation"), "{e}");
-        assert_eq!(disks_of(&reply(4096)).expect("fits").len(), 1);
+        let e = disks_of(&reply(1 << 20), false)
+            .expect_err("grows")
+            .to_string();
+        assert!(e.contains("vd0") && e.contains("--grow-qcow2"), "{e}");
+        assert_eq!(disks_of(&reply(4096), false).expect("fits").len(), 1);
+        // Given room: extended (sparse) past what 1 MiB of clusters needs.
+        assert_eq!(disks_of(&reply(1 << 20), true).expect("room").len(), 1);
+        let len = std::fs::metadata(&file).expect("stat").len();
+        assert_eq!(len, qcow2_room(1 << 20));
+        assert!(len >= (1 << 20) + (1 << 20) / 32 + (16 << 20), "{len}");
+        // Never shrunk.
+        assert_eq!(make_room(&file, 4096).expect("again"), len);
     }
 }

@@ -63,11 +63,11 @@ impl LibvirtLab {
         let raw_vdb = p.join("vdb.raw");
         guest::ext4_image(&raw_vdb, DISK_MIB, Some(&seed));
         let vdb = p.join("src-vdb.qcow2");
-        // Preallocated: a qcow2 file that allocates at its end as the
-        // guest writes is refused by Tern (it replicates a fixed size).
+        // Not preallocated: the file grows as the guest writes (Tern's row
+        // gives it room first, `--grow-qcow2`).
         sh(
             Command::new("qemu-img")
-                .args(["convert", "-O", "qcow2", "-o", "preallocation=metadata"])
+                .args(["convert", "-O", "qcow2"])
                 .arg(&raw_vdb)
                 .arg(&vdb),
             Duration::from_mins(1),
@@ -481,6 +481,12 @@ fn disk_sizes(lab: &LibvirtLab) -> Vec<(String, u64, Format)> {
                 panic!("the lab's disks are files");
             };
             let size = std::fs::metadata(path).expect("the source image").len();
+            // `tern migrate --grow-qcow2` extends a growing qcow2 file to
+            // this before replicating it.
+            let size = match format {
+                Format::Qcow2 => size.max(tern::vm::qcow2_room(DISK_MIB << 20)),
+                Format::Raw => size,
+            };
             (d.target.clone(), size, *format)
         })
         .collect()
@@ -522,6 +528,7 @@ fn tern_migrate(
             .arg("--tls-dir")
             .arg(agents[0].tls())
             .args(["--domain", "localhost", "--json", "--max-downtime", "50ms"])
+            .arg("--grow-qcow2")
             .arg("--state-dir")
             .arg(lab.path().join("tern-state"))
             // One host: the stream on loopback, not the hostname.

@@ -147,6 +147,12 @@ pub struct MigrateArgs {
     /// and with autostart disabled).
     #[arg(long, requires = "vm")]
     undefine_source: bool,
+    /// With `--vm`: a qcow2 file smaller than its virtual size grows as the
+    /// guest writes, past the fixed size Tern replicates; extend it first
+    /// (sparse: no disk space) past what qcow2 can use, where QEMU then
+    /// allocates its new clusters. Without it such a disk is refused.
+    #[arg(long, requires = "vm")]
+    grow_qcow2: bool,
     /// With `--vm libvirt:…`: an option passed on to `virsh migrate` for the
     /// RAM and device state, once per flag (`--virsh-migrate-arg=--tls`,
     /// `--virsh-migrate-arg=--migrateuri=tcp://10.0.0.2`). Not to the

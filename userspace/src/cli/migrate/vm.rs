@@ -82,7 +82,7 @@ pub(super) fn migrate(m: &MigrateArgs, vm: &str) -> Result<()> {
 
 /// A QEMU VM through its QMP socket: QEMU's migration to `uri` is the pause.
 async fn qmp(m: &MigrateArgs, socket: &Path, uri: &str) -> Result<serde_json::Value> {
-    let layout = tern::vm::describe(socket).await?;
+    let layout = tern::vm::describe(socket, m.grow_qcow2).await?;
     let parts = parts(m, &layout)?;
     let target = PauseTarget::QemuMigrate {
         socket: socket.to_path_buf(),
@@ -114,7 +114,7 @@ async fn qmp(m: &MigrateArgs, socket: &Path, uri: &str) -> Result<serde_json::Va
 /// (`--suspend`) the pause.
 async fn libvirt(m: &MigrateArgs, name: &str, dest_uri: &str) -> Result<serde_json::Value> {
     let source = Virsh::new(None);
-    let domain = tern::libvirt::describe(&source, name).await?;
+    let domain = tern::libvirt::describe(&source, name, m.grow_qcow2).await?;
     let destination = Virsh::new(Some(dest_uri));
     // Reachable, and not running the domain already.
     destination.run(&["version"]).await?;
