@@ -199,6 +199,9 @@ impl Lab {
             .arg(self.path().join("pki/localhost"))
             .args(["--domain", "localhost", "--json", "--state-dir"])
             .arg(self.path().join("state"))
+            // Each part's trace here, as PART.trace.
+            .arg("--trace-out")
+            .arg(self.path())
             .args(extra)
             .output()
             .unwrap()
@@ -336,6 +339,10 @@ async fn a_whole_vm_moves_with_one_pause() {
         );
     }
     assert_eq!(std::fs::read_to_string(&checks).unwrap(), "checked\n");
+    for part in ["vd0", "vd1", "ram"] {
+        let trace = lab.path().join(format!("{part}.trace"));
+        assert!(trace.is_file(), "{} was not written", trace.display());
+    }
     assert_eq!(status(&lab.path().join("dst.qmp")).await, "running");
     assert_eq!(status(&lab.path().join("src.qmp")).await, "postmigrate");
     drop(lab.source);

@@ -529,6 +529,9 @@ fn tern_migrate(
             .arg(agents[0].tls())
             .args(["--domain", "localhost", "--json", "--max-downtime", "50ms"])
             .arg("--grow-qcow2")
+            // The parts' traces stay in the lab's directory.
+            .arg("--trace-out")
+            .arg(lab.path())
             .arg("--state-dir")
             .arg(lab.path().join("tern-state"))
             // One host: the stream on loopback, not the hostname.

@@ -460,7 +460,10 @@ pub fn tern_moves_disk_and_ram(name: &str) -> Outcome {
         .arg("--tls-dir")
         .arg(disk_agent.tls())
         .args(["--domain", "localhost", "--json", "--state-dir"])
-        .arg(guest.path().join("state"));
+        .arg(guest.path().join("state"))
+        // The parts' traces stay in the guest's directory.
+        .arg("--trace-out")
+        .arg(guest.path());
     let mut migrate = spawn_reporting(guest.path(), cmd, "tern migrate --vm");
     let info = wait_for_qemu(&mut src, &mut dst, &mut migrate, false);
     assert_eq!(

@@ -81,7 +81,8 @@ pub struct SourceArgs {
     ring_size: u64,
     /// The source's I/O history, recorded while replicating [default:
     /// /var/tmp/tern-source-NAME.trace, NAME the disk's path with `/` as `-`,
-    /// so that runs of several disks keep theirs].
+    /// so that runs of several disks keep theirs]. With `--vm`, a directory:
+    /// each part's trace is `PART.trace` there.
     #[arg(long)]
     trace_out: Option<PathBuf>,
     /// A plan from `tern predict`: the first copy sends predicted-read-hot

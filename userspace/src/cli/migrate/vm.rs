@@ -241,16 +241,28 @@ fn refuse_single_disk_flags(m: &MigrateArgs) -> Result<()> {
     if m.no_switch {
         bail!("--vm switches the VM: --no-switch is for one disk");
     }
-    if m.source.trace_out.is_some()
-        || m.source.plan.is_some()
-        || m.source.prefetch.is_some()
-        || m.source.prefetch_history.is_some()
+    if m.source.plan.is_some() || m.source.prefetch.is_some() || m.source.prefetch_history.is_some()
+    {
+        bail!("--plan and --prefetch* name one disk's plan: with --vm each part takes its default");
+    }
+    if let Some(dir) = &m.source.trace_out
+        && !dir.is_dir()
     {
         bail!(
-            "--trace-out, --plan and --prefetch* name one disk's files or plan: with --vm each part takes its default"
+            "--trace-out with --vm is a directory for the parts' traces (NAME.trace each): {} is none",
+            dir.display()
         );
     }
     Ok(())
+}
+
+/// A part's trace: `NAME.trace` in the `--trace-out` directory, or the
+/// part's default beside its disk's name.
+fn part_trace(m: &MigrateArgs, name: &str) -> Option<PathBuf> {
+    m.source
+        .trace_out
+        .as_ref()
+        .map(|dir| dir.join(format!("{name}.trace")))
 }
 
 /// Each disk (and the RAM file) with its `--to` agent.
@@ -327,6 +339,7 @@ fn parts(m: &MigrateArgs, layout: &VmLayout) -> Result<Vec<Part>> {
             (None, Some(disk.path.clone()))
         };
         source.to = Some((*addr).to_owned());
+        source.trace_out = part_trace(m, &disk.name);
         source.read_cached = false;
         source.max_rate = share(m.source.max_rate);
         parts.push(Part {
@@ -344,6 +357,7 @@ fn parts(m: &MigrateArgs, layout: &VmLayout) -> Result<Vec<Part>> {
         let mut source = m.source.clone();
         (source.device, source.file) = (None, Some(ram.path.clone()));
         source.to = Some((*addr).to_owned());
+        source.trace_out = part_trace(m, "ram");
         source.max_rate = share(m.source.max_rate);
         // Guest RAM's pages are in memory: read them there.
         source.read_cached = true;
