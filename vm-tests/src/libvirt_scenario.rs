@@ -505,8 +505,15 @@ fn tern_migrate(
     std::process::Output,
 ) {
     let sizes = disk_sizes(lab);
+    let agents = start_agents(lab, &sizes);
+    let migrate = run_tern(lab, &agents, &sizes, "tcp://127.0.0.1", extra);
+    (agents, sizes, migrate)
+}
+
+/// One destination agent per disk (see [`tern_migrate`]).
+fn start_agents(lab: &LibvirtLab, sizes: &[(String, u64, Format)]) -> Vec<crate::lab::Destination> {
     let mut agents: Vec<crate::lab::Destination> = Vec::new();
-    for (target, size, _) in &sizes {
+    for (target, size, _) in sizes {
         let dir = lab.path().join(format!("agent-{target}"));
         std::fs::create_dir_all(&dir).expect("the agent's directory");
         let agent = match agents.first() {
@@ -515,12 +522,24 @@ fn tern_migrate(
         };
         agents.push(agent);
     }
+    agents
+}
+
+/// `tern migrate --vm libvirt:` to `agents`, libvirt's stream to
+/// `migrate_uri`, to its end.
+fn run_tern(
+    lab: &LibvirtLab,
+    agents: &[crate::lab::Destination],
+    sizes: &[(String, u64, Format)],
+    migrate_uri: &str,
+    extra: &[&str],
+) -> std::process::Output {
     let to: Vec<String> = sizes
         .iter()
-        .zip(&agents)
+        .zip(agents)
         .map(|((target, _, _), a)| format!("{target}={}", a.addr()))
         .collect();
-    let migrate = crate::process::run_for(
+    crate::process::run_for(
         Command::new(crate::lab::tern_bin())
             .args(["migrate", "--vm"])
             .arg(format!("libvirt:{DOMAIN}@{}", lab.dst.uri()))
@@ -535,15 +554,12 @@ fn tern_migrate(
             .arg("--state-dir")
             .arg(lab.path().join("tern-state"))
             // One host: the stream on loopback, not the hostname.
-            .args([
-                "--virsh-migrate-arg=--migrateuri=tcp://127.0.0.1",
-                "--virsh-migrate-arg=--listen-address=127.0.0.1",
-            ])
+            .arg(format!("--virsh-migrate-arg=--migrateuri={migrate_uri}"))
+            .arg("--virsh-migrate-arg=--listen-address=127.0.0.1")
             .args(extra)
             .env("LIBVIRT_DEFAULT_URI", lab.src.uri()),
         MIGRATION_LIMIT,
-    );
-    (agents, sizes, migrate)
+    )
 }
 
 /// A failed health check after the switch: `tern migrate --vm libvirt:`
@@ -558,8 +574,33 @@ pub fn tern_rolls_back_under_libvirt(name: &str) -> Outcome {
         name: name.to_owned(),
         ..Outcome::default()
     };
+    let sizes = disk_sizes(&lab);
+    let agents = start_agents(&lab, &sizes);
+    // First libvirt's migration fails before the switch (the destination
+    // QEMU cannot listen on an address no interface has, TEST-NET-1):
+    // nothing switched, the source runs on.
+    let failed = run_tern(&lab, &agents, &sizes, "tcp://192.0.2.1", &[]);
+    let stdout = String::from_utf8_lossy(&failed.stdout);
+    assert!(!failed.status.success(), "{stdout}");
+    let report: serde_json::Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("the VM's report as a JSON line");
+    assert_eq!(report["outcome"], "failed", "{report}");
+    assert_eq!(lab.src.virsh(&["domstate", DOMAIN]).trim(), "running");
+    assert!(
+        lab.dst.domains().is_empty(),
+        "the destination kept the domain"
+    );
     let started = Instant::now();
-    let (agents, _, migrate) = tern_migrate(&lab, &["--health-cmd", "false"]);
+    let migrate = run_tern(
+        &lab,
+        &agents,
+        &sizes,
+        "tcp://127.0.0.1",
+        &["--health-cmd", "false"],
+    );
     out.total_s = started.elapsed().as_secs_f64();
     let stdout = String::from_utf8_lossy(&migrate.stdout);
     let stderr = String::from_utf8_lossy(&migrate.stderr);
