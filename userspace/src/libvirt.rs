@@ -77,6 +77,14 @@ pub enum LibvirtError {
         #[source]
         source: std::io::Error,
     },
+    /// `virsh domblkinfo` without a figure every libvirt since 1.x prints.
+    #[error("`virsh domblkinfo {name} {target}` has no {key} in bytes: {info}")]
+    BlockInfo {
+        name: String,
+        target: String,
+        key: &'static str,
+        info: String,
+    },
     /// Nothing to move.
     #[error("domain {0} has no local disk to move")]
     NoDisks(String),
@@ -119,7 +127,15 @@ pub async fn describe(virsh: &Virsh, name: &str, grow: bool) -> Result<Domain, L
     }
     for disk in disks.iter().filter(|d| d.format == "qcow2") {
         let info = virsh.run(&["domblkinfo", name, &disk.name]).await?;
-        let (capacity, physical) = (info_bytes(&info, "Capacity"), info_bytes(&info, "Physical"));
+        let bytes = |key: &'static str| {
+            info_bytes(&info, key).ok_or_else(|| LibvirtError::BlockInfo {
+                name: name.to_owned(),
+                target: disk.name.clone(),
+                key,
+                info: info.trim().to_owned(),
+            })
+        };
+        let (capacity, physical) = (bytes("Capacity")?, bytes("Physical")?);
         if physical < capacity && grow {
             let room = crate::vm::make_room(&disk.path, capacity).map_err(|source| {
                 LibvirtError::Room {
@@ -151,13 +167,12 @@ pub async fn describe(virsh: &Virsh, name: &str, grow: bool) -> Result<Domain, L
     })
 }
 
-/// A `Key: N` line of `virsh domblkinfo` (0 when absent).
-fn info_bytes(info: &str, key: &str) -> u64 {
+/// A `Key: N` line of `virsh domblkinfo`.
+fn info_bytes(info: &str, key: &str) -> Option<u64> {
     info.lines()
         .filter_map(|l| l.split_once(':'))
         .find(|(k, _)| k.trim() == key)
         .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// The disks Tern moves: every `<disk device='disk'|'lun'>`. Media
@@ -228,27 +243,24 @@ pub fn destination_xml(
     let doc = parse(name, xml)?;
     // Edits as (byte range, replacement), applied from the end.
     let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
-    for disk in disk_elements(&doc) {
+    for (index, disk) in disk_elements(&doc).enumerate() {
         let Some(target) = child(disk, "target").and_then(|t| t.attribute("dev")) else {
             continue;
         };
         let Some(export) = exports.get(target) else {
             continue;
         };
-        let kind = disk
-            .attribute_node("type")
-            .ok_or_else(|| LibvirtError::NoExport(target.to_owned()))?;
+        let field = |what| LibvirtError::DiskField {
+            name: name.to_owned(),
+            index,
+            what,
+        };
+        let kind = disk.attribute_node("type").ok_or_else(|| field("type"))?;
         edits.push((kind.range_value(), "network".to_owned()));
         let source = nbd_source(export)?;
         match child(disk, "source") {
             Some(old) => edits.push((old.range(), source)),
-            None => {
-                return Err(LibvirtError::DiskField {
-                    name: name.to_owned(),
-                    index: 0,
-                    what: "<source>",
-                });
-            }
+            None => return Err(field("<source>")),
         }
     }
     for target in exports.keys() {

@@ -1249,9 +1249,8 @@ fn print_runs(runs: &[(String, serde_json::Value)]) -> Result<()> {
 fn runs_table(runs: &[(String, serde_json::Value)]) -> String {
     use std::fmt::Write as _;
     // A VM's parts under one line for the VM (their sums, the phase of the
-    // part furthest behind), then the runs of no VM.
+    // first part not cut over), then the runs of no VM.
     let mut vms: Vec<&str> = runs.iter().filter_map(|(_, v)| v["vm"].as_str()).collect();
-    vms.dedup();
     vms.sort_unstable();
     vms.dedup();
     let label = |name: &str, v: &serde_json::Value| match v["part"].as_str() {

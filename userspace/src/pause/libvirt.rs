@@ -4,14 +4,16 @@
 //!
 //! libvirt 9.0 answers QEMU's `pre-switchover` itself within a millisecond,
 //! so Tern cannot hold the VM there as it does with `qemu:`. `--suspend`
-//! gives the same hold one step later: the destination finishes the
-//! incoming migration paused, its disks not yet activated, and the source
-//! QEMU has stopped (libvirt ends it next). The pause is that moment; the
-//! hand-over resumes the destination once the disks have switched; a resume
-//! before that migrates the paused domain back (a second RAM transfer, as
-//! the source QEMU is gone) and resumes it there. Before that moment,
-//! dropping the pause aborts the job (`domjobabort`), which leaves the
-//! source running.
+//! gives a hold one step later: the destination finishes the incoming
+//! migration paused, its disks not yet activated, and libvirt then ends the
+//! source QEMU. Tern's pause ends earlier, at the source's `pre-switchover`
+//! (the VM stopped, its disks flushed), so that its final deltas run beside
+//! libvirt's device state; its switch waits until the destination holds the
+//! domain ([`Migration::held`]). The hand-over resumes the destination; a
+//! resume before it migrates the paused domain back (a second RAM transfer,
+//! as the source QEMU is gone) and resumes it there. Before the pause,
+//! dropping it aborts the job (`domjobabort`), which leaves the source
+//! running; if the job was past that point, the domain is brought back.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -21,15 +23,20 @@ use tokio::sync::watch;
 
 use super::{Hold, PauseError, Paused, Virsh, VirshError};
 
-/// How long the event watchers get to register before the migration starts.
+/// How long the event watchers get to register before the migration starts
+/// (before the pause: no downtime).
 const WATCHERS_READY: Duration = Duration::from_millis(300);
+/// How long, after the source stopped, libvirt may take to hand the domain
+/// to the destination (device state and Finish: milliseconds when well)
+/// or to end `virsh migrate` (ending the source QEMU: seconds).
+const AFTER_STOP_LIMIT: Duration = Duration::from_mins(2);
 
 /// A libvirt domain and where libvirt migrates it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LibvirtMigration {
     pub domain: String,
-    /// The source's connection; `source_uri` is its URI as the destination's
-    /// side names it when migrating back.
+    /// The source's connection; `source_uri` is where a migration back goes
+    /// (opened by virsh on this host, as the way there).
     pub source: Virsh,
     pub source_uri: String,
     pub destination: Virsh,
@@ -41,8 +48,9 @@ pub struct LibvirtMigration {
     /// Define the domain on the destination after the hand-over (it was
     /// defined on the source).
     pub persistent: bool,
-    /// More `virsh migrate` options for the way there (`--tls`,
-    /// `--migrateuri=…`, `--bandwidth=…`).
+    /// More `virsh migrate` options (`--tls`, `--migrateuri=…`,
+    /// `--bandwidth=…`); those naming an address are for the way there only
+    /// ([`back_args`]).
     pub extra_args: Vec<String>,
 }
 
@@ -58,39 +66,65 @@ pub(super) struct Migration {
 }
 
 impl Migration {
-    /// Whether the destination took the domain: true once it holds it,
-    /// false if the migration failed first.
+    /// Whether the destination took the domain: true once it holds it (or
+    /// `virsh migrate` succeeded), false if the migration failed first or
+    /// did neither within [`AFTER_STOP_LIMIT`].
     pub(super) async fn held(&self) -> bool {
         let (mut held, mut ended) = (self.held.clone(), self.ended.clone());
+        let deadline = tokio::time::Instant::now() + AFTER_STOP_LIMIT;
+        let mut watching = true;
         loop {
-            if *held.borrow_and_update() {
-                return true;
-            }
             match &*ended.borrow_and_update() {
                 Some(Ok(())) => return true,
                 Some(Err(_)) => return false,
                 None => {}
             }
+            if watching && *held.borrow_and_update() {
+                return true;
+            }
             tokio::select! {
-                r = held.changed() => if r.is_err() { return *held.borrow() },
+                // A lost watcher is no answer: the migration's end decides.
+                r = held.changed(), if watching => watching = r.is_ok(),
                 r = ended.changed() => if r.is_err() { return false },
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::error!(
+                        limit = ?AFTER_STOP_LIMIT,
+                        "libvirt did not hand the domain to the destination in time: not switching"
+                    );
+                    return false;
+                }
             }
         }
     }
 
-    /// Waits until `virsh migrate` returned; its error, if it failed.
+    /// Waits (at most [`AFTER_STOP_LIMIT`]) until `virsh migrate` returned;
+    /// its error, if it failed or did not return.
     async fn end(&self) -> Option<VirshError> {
         let mut ended = self.ended.clone();
-        let outcome = ended.wait_for(Option::is_some).await;
-        match outcome.as_deref() {
-            Ok(Some(Err(e))) => Some(copy(e)),
-            _ => None,
+        match tokio::time::timeout(AFTER_STOP_LIMIT, ended.wait_for(Option::is_some)).await {
+            Ok(Ok(outcome)) => match outcome.as_ref() {
+                Some(Err(e)) => Some(copy(e)),
+                _ => None,
+            },
+            Ok(Err(_)) => None,
+            Err(_) => Some(VirshError::TimedOut {
+                command: "migrate".to_owned(),
+                limit: AFTER_STOP_LIMIT,
+            }),
         }
     }
 
-    /// [`Migration::end`] for a destructor.
-    fn end_blocking(&self) {
-        while self.ended.borrow().is_none() && self.ended.has_changed().is_ok() {
+    /// [`Migration::end`] for a destructor (which cannot await): whether
+    /// it succeeded, `None` if it did not return in time.
+    fn end_blocking(&self) -> Option<bool> {
+        let deadline = Instant::now() + AFTER_STOP_LIMIT;
+        loop {
+            if let Some(outcome) = self.ended.borrow().as_ref() {
+                return Some(outcome.is_ok());
+            }
+            if self.ended.has_changed().is_err() || Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -126,10 +160,9 @@ pub(super) async fn start(m: &LibvirtMigration) -> Result<Paused, PauseError> {
     let began = Instant::now();
     let state = m.source.state(&m.domain).await?;
     if state != "running" {
-        return Err(PauseError::VmState {
-            path: PathBuf::from(&m.domain),
-            status: state,
-            expected: "running",
+        return Err(PauseError::DomainState {
+            domain: m.domain.clone(),
+            state,
         });
     }
     // The source's QMP events (STOP dates the pause, `pre-switchover` ends
@@ -155,7 +188,7 @@ pub(super) async fn start(m: &LibvirtMigration) -> Result<Paused, PauseError> {
     let held = watch_held(lifecycle, &m.domain);
     let ended = spawn_migrate(m)?;
     let migration = Migration { held, ended };
-    let abort = AbortOnDrop(Some(m));
+    let abort = AbortOnDrop(Some((m, migration.clone())));
     let stopped = until_stopped(&mut events, &migration).await;
     drop(events);
     if stopped.is_none() {
@@ -296,9 +329,11 @@ fn event_time(line: &str) -> Option<SystemTime> {
     }
 }
 
-/// Aborts libvirt's migration job if the pause is dropped before `virsh
-/// migrate` returned: the source keeps running.
-struct AbortOnDrop<'a>(Option<&'a LibvirtMigration>);
+/// Aborts libvirt's migration job if the pause is dropped before it
+/// returned (a group gave up meanwhile): the source keeps running. A job
+/// already past the point `domjobabort` can stop ends on the destination:
+/// the domain is brought back ([`back_blocking`]).
+struct AbortOnDrop<'a>(Option<(&'a LibvirtMigration, Migration)>);
 
 impl AbortOnDrop<'_> {
     fn disarm(mut self) {
@@ -308,10 +343,14 @@ impl AbortOnDrop<'_> {
 
 impl Drop for AbortOnDrop<'_> {
     fn drop(&mut self) {
-        if let Some(m) = self.0
-            && let Err(e) = m.source.run_blocking(&["domjobabort", &m.domain])
-        {
-            tracing::error!(error = %e, domain = m.domain, "cannot abort libvirt's migration");
+        let Some((m, migration)) = self.0.take() else {
+            return;
+        };
+        if let Err(e) = m.source.run_blocking(&["domjobabort", &m.domain]) {
+            tracing::warn!(error = %e, domain = m.domain, "cannot abort libvirt's migration; bringing the domain back once it ends");
+        }
+        if let Err(e) = back_blocking(m, &migration) {
+            tracing::error!(error = %e, domain = m.domain, "the domain may be paused: check both hosts");
         }
     }
 }
@@ -319,14 +358,34 @@ impl Drop for AbortOnDrop<'_> {
 /// Resumes the destination: the VM runs there (the switch waited for it
 /// to hold the domain). Then waits for `virsh migrate` to return (libvirt
 /// ending the source) and defines the domain on the destination when it was
-/// defined on the source.
+/// defined on the source. Should libvirt have resumed the source instead (a
+/// Finish whose answer was lost makes its Confirm cancel), the source is
+/// suspended at once: the disks are the destination's now.
 pub(super) async fn hand_over(
     m: &LibvirtMigration,
     migration: &Migration,
 ) -> Result<(), PauseError> {
+    let failed = migration
+        .ended
+        .borrow()
+        .as_ref()
+        .and_then(|r| r.as_ref().err())
+        .map(copy);
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
     m.destination.run(&["resume", &m.domain]).await?;
     if let Some(e) = migration.end().await {
-        // The domain runs on the destination: what failed after is
+        if m.source
+            .state(&m.domain)
+            .await
+            .is_ok_and(|s| s == "running")
+        {
+            tracing::error!(domain = m.domain, error = %e, "libvirt resumed the source after the destination took the domain: suspending the source");
+            m.source.run(&["suspend", &m.domain]).await?;
+            return Err(e.into());
+        }
+        // The domain runs on the destination only: what failed is
         // libvirt's clean-up of the source, to be looked at, not undone.
         tracing::warn!(domain = m.domain, error = %e, "virsh migrate failed after the destination took the domain; check the source host");
     }
@@ -346,15 +405,18 @@ pub(super) async fn hand_over(
     Ok(())
 }
 
-/// Brings the domain back: once `virsh migrate` has returned, migrates the
-/// paused domain back and resumes it on the source (unless libvirt kept it
-/// there, running: the migration failed).
+/// Brings the domain back once `virsh migrate` has returned: nothing to do
+/// if the source runs (the migration failed and libvirt resumed it); the
+/// domain migrated back and resumed if the destination holds it; else the
+/// source resumed (a migration that failed late leaves it paused).
 pub(super) async fn back(
     m: &LibvirtMigration,
     migration: Option<&Migration>,
 ) -> Result<(), PauseError> {
-    if let Some(migration) = migration {
-        migration.end().await;
+    if let Some(migration) = migration
+        && let Some(e) = migration.end().await
+    {
+        tracing::info!(domain = m.domain, error = %e, "libvirt's migration ended in error");
     }
     if m.source
         .state(&m.domain)
@@ -363,45 +425,59 @@ pub(super) async fn back(
     {
         return Ok(());
     }
-    let xml = m.source_xml.display().to_string();
-    let args = back_args(m, &xml);
-    let out = m
-        .destination
-        .command(&args)
-        .output()
-        .await
-        .map_err(VirshError::Spawn)?;
-    m.destination.checked(&args, &out)?;
+    if m.destination.state(&m.domain).await.is_ok() {
+        let xml = m.source_xml.display().to_string();
+        let args = back_args(m, &xml);
+        let out = m
+            .destination
+            .command(&args)
+            .output()
+            .await
+            .map_err(VirshError::Spawn)?;
+        m.destination.checked(&args, &out)?;
+    }
     m.source.run(&["resume", &m.domain]).await?;
     Ok(())
 }
 
 /// [`back`] for a destructor.
 pub(super) fn back_blocking(m: &LibvirtMigration, migration: &Migration) -> Result<(), PauseError> {
-    migration.end_blocking();
-    if m.source
-        .run_blocking(&["domstate", &m.domain])
-        .is_ok_and(|s| s.trim() == "running")
-    {
+    if migration.end_blocking().is_none() {
+        tracing::warn!(
+            domain = m.domain,
+            "virsh migrate did not return in time; bringing the domain back as things stand"
+        );
+    }
+    let state = |virsh: &Virsh| virsh.run_blocking(&["domstate", &m.domain]);
+    if state(&m.source).is_ok_and(|s| s.trim() == "running") {
         return Ok(());
     }
-    let xml = m.source_xml.display().to_string();
-    m.destination.run_blocking(&back_args(m, &xml))?;
+    if state(&m.destination).is_ok() {
+        let xml = m.source_xml.display().to_string();
+        m.destination.run_blocking(&back_args(m, &xml))?;
+    }
     m.source.run_blocking(&["resume", &m.domain])?;
     Ok(())
 }
 
-fn back_args<'a>(m: &'a LibvirtMigration, xml: &'a str) -> [&'a str; 8] {
-    [
-        "migrate",
-        "--live",
-        "--suspend",
-        "--unsafe",
-        "--xml",
-        xml,
-        &m.domain,
-        &m.source_uri,
-    ]
+/// `virsh migrate` back to the source, with the options given for the way
+/// there but those naming an address (theirs is the destination's).
+fn back_args<'a>(m: &'a LibvirtMigration, xml: &'a str) -> Vec<&'a str> {
+    const THERE_ONLY: [&str; 4] = [
+        "--migrateuri",
+        "--listen-address",
+        "--disks-uri",
+        "--graphicsuri",
+    ];
+    let mut args = vec!["migrate", "--live", "--suspend", "--unsafe", "--xml", xml];
+    args.extend(
+        m.extra_args
+            .iter()
+            .map(String::as_str)
+            .filter(|a| !THERE_ONLY.iter().any(|o| a.starts_with(o))),
+    );
+    args.extend([m.domain.as_str(), m.source_uri.as_str()]);
+    args
 }
 
 #[cfg(test)]

@@ -21,7 +21,8 @@
 //! - `cmd:PAUSE;;RESUME`: two shell commands;
 //! - a libvirt domain ([`LibvirtMigration`], not typed on a command line):
 //!   libvirt's own migration with `--suspend`; the pause returns when the
-//!   source has stopped and the destination waits paused;
+//!   source has stopped (`pre-switchover`), and the switch waits until the
+//!   destination holds the domain, paused;
 //! - a [`PauseGroup`] (not typed on a command line): one of the above shared
 //!   by the migrations of one VM's disks, paused once, switched all or none.
 //!
@@ -131,6 +132,9 @@ pub enum PauseError {
     /// libvirt (through virsh) failed.
     #[error(transparent)]
     Virsh(#[from] VirshError),
+    /// A libvirt domain was not in the state the operation starts from.
+    #[error("domain {domain} is {state}, expected running; Tern migrates a running domain")]
+    DomainState { domain: String, state: String },
     /// A pause or resume command exited unsuccessfully.
     #[error("command `{command}` failed ({status}): {stderr_tail}")]
     Command {
@@ -169,8 +173,8 @@ pub enum PauseTarget {
     },
     /// Run `pause` to pause and `resume` to resume, each through `sh -c`.
     Command { pause: String, resume: String },
-    /// Migrate a libvirt domain with libvirt, stopping when the source has
-    /// stopped and the destination waits paused.
+    /// Migrate a libvirt domain with libvirt (`--suspend`): paused once the
+    /// source has stopped; switched once the destination holds the domain.
     Libvirt(LibvirtMigration),
     /// A member of a group of migrations sharing one pause of the workload.
     Group(std::sync::Arc<PauseGroup>),
@@ -343,8 +347,9 @@ enum Hold {
     Command {
         resume: String,
     },
-    /// libvirt's migration reached the destination, paused; `virsh
-    /// migrate` goes on until the destination holds it.
+    /// The source stopped at `pre-switchover`; libvirt's migration goes on
+    /// until the destination holds the domain, and `virsh migrate` returns
+    /// after libvirt ended the source.
     Libvirt {
         m: Box<LibvirtMigration>,
         migration: libvirt::Migration,
@@ -418,9 +423,11 @@ impl Paused {
     /// Hands the workload over to the destination once its disk has
     /// switched: for `qemu:` QEMU sends the device state and the last dirty
     /// RAM (`migrate-continue`) and this waits until the migration has
-    /// completed; the others stay paused for good ([`Paused::keep`]). A
-    /// failed hand-over leaves the VM as it is, never resumed here: its disk
-    /// has switched (`tern rollback --resume` brings it back).
+    /// completed; for libvirt the destination resumes; the others stay
+    /// paused for good ([`Paused::keep`]). A failed hand-over leaves the VM
+    /// as it is, never resumed here: its disk has switched (`tern rollback
+    /// --resume` brings a `qemu:` VM back; docs/migration.md says how for
+    /// libvirt).
     pub async fn hand_over(mut self) -> Result<(), PauseError> {
         if let Some(Hold::Group(group)) = &self.hold {
             // The group hands over once every member is here; never resumed

@@ -1,8 +1,10 @@
 //! One libvirt connection, driven through `virsh`.
 //!
 //! Why virsh and not libvirt's C library: building Tern then needs no
-//! libvirt headers, and virsh is installed wherever libvirtd is. Every call
-//! is a short command with a time limit; its stderr is the error's text.
+//! libvirt headers, and virsh is installed wherever libvirtd is. A call is a
+//! command whose stderr is the error's text; [`Virsh::run`] bounds it in
+//! time, the migration's callers bound theirs, and [`Virsh::run_blocking`]
+//! (for destructors) is not bounded.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -42,11 +44,6 @@ impl Virsh {
         Virsh {
             uri: uri.map(str::to_owned),
         }
-    }
-
-    /// The URI given, or `default` when none was.
-    pub fn uri(&self) -> Option<&str> {
-        self.uri.as_deref()
     }
 
     /// `virsh [-c URI] ARGS`, ready to run.
