@@ -21,11 +21,13 @@ for m in $(cat /lib/modules/order); do
 done
 say "kernel $(uname -r)"
 
+# Waits for /dev/$1 (vda when not given: trace.sh calls it so).
 wait_disk() {
+    dev=${1:-vda}
     i=0
-    while [ ! -b "/dev/$1" ]; do
+    while [ ! -b "/dev/$dev" ]; do
         i=$((i + 1))
-        [ $i -gt 500 ] && die "no /dev/$1"
+        [ $i -gt 500 ] && die "no /dev/$dev"
         sleep 0.02
     done
 }
