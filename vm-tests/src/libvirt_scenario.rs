@@ -215,27 +215,7 @@ impl LibvirtLab {
             "the guest did not verify vdb:\n{}",
             vm::tail(&text)
         );
-        let verified = text
-            .lines()
-            .find(|l| l.contains("tern-vm: VERIFY OK n="))
-            .unwrap_or_else(|| panic!("the guest did not verify vda:\n{}", vm::tail(&text)));
-        out.final_counter = verified
-            .split("n=")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .expect("VERIFY OK n=COUNT");
-        let after = vm::ticks(&text);
-        let first_dst = *after.first().expect("the destination ticked");
-        assert_eq!(
-            first_dst.0,
-            last_src.0 + 1,
-            "the counter must continue where the source left it"
-        );
-        out.guest_gap_ms = (first_dst.1 - last_src.1) * 1e3;
-        let mut steps: Vec<f64> = before.windows(2).map(|w| (w[1].1 - w[0].1) * 1e3).collect();
-        steps.sort_by(f64::total_cmp);
-        out.guest_tick_ms = steps.get(steps.len() / 2).copied().unwrap_or(0.0);
+        crate::scenario::continued(&before, &text, out);
         let deadline = Instant::now() + Duration::from_secs(30);
         let daemon = if on_destination { &self.dst } else { &self.src };
         while !daemon.domains().is_empty() {
@@ -250,6 +230,15 @@ impl LibvirtLab {
                 self.fsck(path, *format);
             }
         }
+    }
+
+    /// The domain runs at the source, and the destination has none.
+    fn assert_at_source(&self) {
+        assert_eq!(self.src.virsh(&["domstate", DOMAIN]).trim(), "running");
+        assert!(
+            self.dst.domains().is_empty(),
+            "the destination kept the domain"
+        );
     }
 
     /// `e2fsck -fn` on an image, through a raw copy for qcow2.
@@ -411,11 +400,7 @@ pub fn tern_migrates_with_libvirt(name: &str) -> Outcome {
         lab.src.qemu_log(DOMAIN),
         lab.dst.qemu_log(DOMAIN)
     );
-    let report: serde_json::Value = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .expect("the VM's report as a JSON line");
+    let report = vm_report(&stdout);
     assert_eq!(report["outcome"], "cut over", "{report}");
     print_breakdown(&report);
     out.disk_final_ms = report["downtime_ms"].as_f64().unwrap_or(0.0);
@@ -450,6 +435,15 @@ pub fn tern_migrates_with_libvirt(name: &str) -> Outcome {
     let left = crate::libvirt::processes_under(&dir);
     assert!(left.is_empty(), "the lab left processes behind: {left:?}");
     out
+}
+
+/// The VM's report: the last JSON line `tern migrate --vm --json` printed.
+fn vm_report(stdout: &str) -> serde_json::Value {
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("the VM's report as a JSON line")
 }
 
 /// Where each part's downtime went (Tern's report), for the docs.
@@ -582,17 +576,9 @@ pub fn tern_rolls_back_under_libvirt(name: &str) -> Outcome {
     let failed = run_tern(&lab, &agents, &sizes, "tcp://192.0.2.1", &[]);
     let stdout = String::from_utf8_lossy(&failed.stdout);
     assert!(!failed.status.success(), "{stdout}");
-    let report: serde_json::Value = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .expect("the VM's report as a JSON line");
+    let report = vm_report(&stdout);
     assert_eq!(report["outcome"], "failed", "{report}");
-    assert_eq!(lab.src.virsh(&["domstate", DOMAIN]).trim(), "running");
-    assert!(
-        lab.dst.domains().is_empty(),
-        "the destination kept the domain"
-    );
+    lab.assert_at_source();
     let started = Instant::now();
     let migrate = run_tern(
         &lab,
@@ -610,17 +596,9 @@ pub fn tern_rolls_back_under_libvirt(name: &str) -> Outcome {
         migrate.status,
         vm::tail(&stderr)
     );
-    let report: serde_json::Value = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .expect("the VM's report as a JSON line");
+    let report = vm_report(&stdout);
     assert_eq!(report["outcome"], "rolled back", "{report}");
-    assert_eq!(lab.src.virsh(&["domstate", DOMAIN]).trim(), "running");
-    assert!(
-        lab.dst.domains().is_empty(),
-        "the destination kept the domain"
-    );
+    lab.assert_at_source();
     let images = lab.domain.disks.clone();
     lab.finish_on_source_after_return(&images, &mut out);
     drop(agents);

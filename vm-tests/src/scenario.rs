@@ -171,17 +171,26 @@ fn finish_on_destination(src: &Vm, dst: &mut Vm, out: &mut Outcome) {
     dst.send_line("stop");
     let text = dst.wait_serial("tern-vm: poweroff", GUEST_LIMIT);
     dst.wait_exit(Duration::from_secs(30));
+    continued(&before, &text, out);
+}
+
+/// The guest's last phase, `text` (its console from where it went on),
+/// after `before` (its ticks where it ran first): it verified its data
+/// (`VERIFY OK n=COUNT`), its counter continued at the next value; fills
+/// the final counter, the guest's gap and its median tick into `out`.
+pub(crate) fn continued(before: &[(u64, f64)], text: &str, out: &mut Outcome) {
+    let last_src = *before.last().expect("the source ticked");
     let verified = text
         .lines()
-        .find(|l| l.contains("tern-vm: VERIFY OK"))
-        .unwrap_or_else(|| panic!("the guest did not verify its data:\n{}", vm::tail(&text)));
+        .find(|l| l.contains("tern-vm: VERIFY OK n="))
+        .unwrap_or_else(|| panic!("the guest did not verify its data:\n{}", vm::tail(text)));
     out.final_counter = verified
         .split("n=")
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .expect("VERIFY OK n=COUNT");
-    let after = vm::ticks(&text);
+    let after = vm::ticks(text);
     let first_dst = *after.first().expect("the destination ticked");
     assert_eq!(
         first_dst.0,
