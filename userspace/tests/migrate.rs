@@ -9,145 +9,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::lab::{KillOnly, Lab, Netns, finished_report};
 use support::migration::{
     MIB, assert_same, fill_random, fio_writer, free_port, pause_stop, read_direct, run_report, tern,
 };
 use support::{LoopDev, sh};
-
-/// A destination agent with its own certificates, restartable on the same image and port.
-struct Lab {
-    dir: tempfile::TempDir,
-    /// Where the agent's gRPC listens, and the namespace it runs in (if any).
-    host: String,
-    netns: Option<String>,
-    grpc: u16,
-    nbd: u16,
-    size: u64,
-    agent: Option<Child>,
-    /// More arguments for the destination agent.
-    agent_args: Vec<String>,
-}
-
-impl Lab {
-    fn new(size: u64) -> Lab {
-        Lab::new_at(size, "127.0.0.1", None)
-    }
-
-    fn new_at(size: u64, host: &str, netns: Option<&str>) -> Lab {
-        let dir = tempfile::Builder::new()
-            .prefix("tern-migrate")
-            .tempdir_in("/var/tmp")
-            .expect("temp dir");
-        sh(tern()
-            .args(["certs", "init"])
-            .arg(dir.path().join("pki"))
-            .args(["--host", "localhost"]));
-        let mut lab = Lab {
-            dir,
-            host: host.to_owned(),
-            netns: netns.map(str::to_owned),
-            grpc: free_port(),
-            nbd: free_port(),
-            size,
-            agent: None,
-            agent_args: Vec::new(),
-        };
-        lab.start_agent();
-        lab
-    }
-
-    /// Restarts the agent with `args` added.
-    fn with_agent_args(mut self, args: &[&str]) -> Lab {
-        self.kill_agent();
-        self.agent_args = args.iter().map(|a| (*a).to_owned()).collect();
-        self.start_agent();
-        self
-    }
-
-    fn tls(&self) -> PathBuf {
-        self.dir.path().join("pki/localhost")
-    }
-
-    fn image(&self) -> PathBuf {
-        self.dir.path().join("dst.img")
-    }
-
-    fn addr(&self) -> String {
-        format!("{}:{}", self.host, self.grpc)
-    }
-
-    fn start_agent(&mut self) {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_tern")]);
-                c
-            }
-            None => tern(),
-        };
-        let child = cmd
-            .args(["agent", "--role", "destination", "--image"])
-            .arg(self.image())
-            .args(["--size", &self.size.to_string()])
-            .args(["--grpc", &self.addr()])
-            .args(["--nbd", &format!("127.0.0.1:{}", self.nbd)])
-            .arg("--tls-dir")
-            .arg(self.tls())
-            .args(&self.agent_args)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the destination agent");
-        self.agent = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect((self.host.as_str(), self.grpc)).is_err() {
-            assert!(Instant::now() < deadline, "the agent never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill_agent(&mut self) {
-        if let Some(mut child) = self.agent.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// `tern migrate` with the lab's destination and TLS, plus `args`.
-    fn migrate(&self, source: &str, args: &[&str]) -> Command {
-        // A hung migration fails the test instead of hanging CI.
-        let mut c = Command::new("timeout");
-        c.args(["-s", "KILL", "300", env!("CARGO_BIN_EXE_tern")])
-            .args(["migrate", "--device", source, "--to", &self.addr()])
-            .arg("--tls-dir")
-            .arg(self.tls())
-            .args(["--domain", "localhost", "--json"])
-            .arg("--state-dir")
-            .arg(self.dir.path().join("state"))
-            .arg("--trace-out")
-            .arg(self.dir.path().join("src.trace"))
-            .args(args);
-        c
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        self.kill_agent();
-    }
-}
-
-/// Waits for a migration started with a piped stdout; it must succeed; returns its report.
-fn finished_report(child: Child) -> serde_json::Value {
-    let out = child.wait_with_output().expect("migrate");
-    assert!(out.status.success(), "migrate failed: {}", out.status);
-    serde_json::from_str(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("report"),
-    )
-    .expect("json")
-}
 
 /// After an interrupted 96 MiB copy: it reconnected, sent less than two full
 /// copies, and the destination equals the source.
@@ -169,15 +35,6 @@ fn kill(child: &mut Child) {
         .status();
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// A child killed (not waited for: it may be blocked in a frozen file system) on drop.
-struct KillOnly(Child);
-
-impl Drop for KillOnly {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-    }
 }
 
 struct Mount(PathBuf);
@@ -488,77 +345,6 @@ fn sigkill_of_the_destination_mid_copy_reconnects_and_finishes() {
     }
     let report = finished_report(child);
     assert_resumed_identical(&report, src.path(), &lab);
-}
-
-/// A network namespace joined to the host by a veth pair: a link that can be cut.
-struct Netns {
-    name: String,
-    host_if: String,
-}
-
-impl Netns {
-    const HOST: &str = "10.231.7.1";
-    const PEER: &str = "10.231.7.2";
-
-    fn new() -> Netns {
-        let id = std::process::id() % 100_000;
-        let ns = Netns {
-            name: format!("tern-lc-{id}"),
-            host_if: format!("tlh{id}"),
-        };
-        let peer_if = format!("tlp{id}");
-        sh(Command::new("ip").args(["netns", "add", &ns.name]));
-        sh(Command::new("ip").args([
-            "link",
-            "add",
-            &ns.host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer_if,
-        ]));
-        sh(Command::new("ip").args(["link", "set", &peer_if, "netns", &ns.name]));
-        sh(Command::new("ip").args([
-            "addr",
-            "add",
-            &format!("{}/30", Self::HOST),
-            "dev",
-            &ns.host_if,
-        ]));
-        sh(Command::new("ip").args(["link", "set", &ns.host_if, "up"]));
-        let in_ns = |args: &[&str]| {
-            sh(Command::new("ip")
-                .args(["netns", "exec", &ns.name])
-                .args(args));
-        };
-        in_ns(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{}/30", Self::PEER),
-            "dev",
-            &peer_if,
-        ]);
-        in_ns(&["ip", "link", "set", &peer_if, "up"]);
-        in_ns(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn link(&self, up: bool) {
-        sh(Command::new("ip").args(["link", "set", &self.host_if, if up { "up" } else { "down" }]));
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 #[test]

@@ -67,6 +67,9 @@ pub struct DestinationConfig {
     /// In a post-copy, how long a read waits for a unit still on the
     /// source before it fails (never with old data).
     pub postcopy_wait: std::time::Duration,
+    /// Promote the replica to primary when its standby source has been
+    /// silent this long (`None`: only `tern failover` promotes).
+    pub failover_after: Option<std::time::Duration>,
 }
 
 impl DestinationConfig {
@@ -88,6 +91,7 @@ impl DestinationConfig {
             max_in_flight: ServeOptions::default().max_in_flight,
             warm: Vec::new(),
             postcopy_wait: crate::postcopy::presence::DEFAULT_WAIT,
+            failover_after: None,
         }
     }
 }
@@ -159,6 +163,7 @@ pub struct Destination {
     metrics: Option<(tokio::net::TcpListener, Sources)>,
     metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
+    failover_after: Option<std::time::Duration>,
 }
 
 enum NbdListener {
@@ -288,6 +293,9 @@ impl Destination {
             source,
         })?;
         let fence = Fence::load(&Fence::path_for(&cfg.image))?;
+        // A promoted replica is the primary: its export is writable again
+        // after a restart, as it was before.
+        let promoted = fence.promotion().is_some();
 
         let replica_metrics = Arc::new(ReplicaMetrics::default());
         let mut sources = Sources::default().with(Arc::clone(&replica_metrics) as _);
@@ -335,7 +343,7 @@ impl Destination {
                             .then(|| (cfg.image.clone(), cfg.warm.clone())),
                     ),
                 });
-                if resumed {
+                if resumed || promoted {
                     export.set_writable(true).map_err(AgentError::Nbd)?;
                 }
                 (Some((server, listener)), Some(bound), Some(export))
@@ -405,6 +413,7 @@ impl Destination {
             metrics,
             metrics_addr,
             shutdown,
+            failover_after: cfg.failover_after,
         })
     }
 
@@ -447,6 +456,7 @@ impl Destination {
             metrics,
             metrics_addr,
             shutdown,
+            failover_after,
         } = self;
         tracing::info!(
             image = %image_path.display(),
@@ -460,13 +470,12 @@ impl Destination {
         );
         let mut tasks: JoinSet<Result<(), AgentError>> = JoinSet::new();
         let trees = service.clone();
-        {
-            let shutdown = shutdown.clone();
-            tasks.spawn(async move {
-                crate::rpc::serve(grpc, service, tls.as_ref(), shutdown).await?;
-                Ok(())
-            });
-        }
+        let watched = (service.clone(), failover_after, shutdown.clone());
+        tasks.spawn(watch_source(watched.0, watched.1, watched.2));
+        let served = shutdown.clone();
+        tasks.spawn(
+            async move { Ok(crate::rpc::serve(grpc, service, tls.as_ref(), served).await?) },
+        );
         let mut unix_socket = None;
         if let Some((server, listener)) = nbd {
             let shutdown = shutdown.clone();
@@ -530,6 +539,57 @@ impl Destination {
                 }
                 tracing::info!(image = %image_path.display(), "destination agent stopped; image flushed");
                 Ok(())
+            }
+        }
+    }
+}
+
+/// How often the failover watch looks at the source's silence.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Promotes the replica once its standby source has been silent for
+/// `after` (a source that said goodbye, or none heard yet, is not lost; a
+/// replica whose export is writable is the primary already). A failed
+/// promotion is logged and tried again after another `after`. Without
+/// `after`, waits for `shutdown` (only `tern failover` promotes).
+async fn watch_source(
+    service: ReplicaService,
+    after: Option<std::time::Duration>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let Some(after) = after else {
+        shutdown.cancelled().await;
+        return Ok(());
+    };
+    let mut next_try = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(WATCH_EVERY) => {}
+        }
+        let Some(silent) = service.liveness().silent_for() else {
+            continue;
+        };
+        if silent < after || service.export_writable() || tokio::time::Instant::now() < next_try {
+            continue;
+        }
+        let reason = format!(
+            "the source was silent for {} (--failover-after {})",
+            humantime::format_duration(std::time::Duration::from_millis(
+                u64::try_from(silent.as_millis()).unwrap_or(u64::MAX)
+            )),
+            humantime::format_duration(after)
+        );
+        match service.promote(reason, true).await {
+            Ok(p) => tracing::warn!(
+                epoch = p.epoch,
+                rpo_ms = ?p.rpo_ms(),
+                source_backlog_bytes = p.source_backlog_bytes,
+                "failover: the replica was promoted to primary"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "failover: promoting the replica failed; trying again");
+                next_try = tokio::time::Instant::now() + after;
             }
         }
     }

@@ -75,6 +75,13 @@ pub struct AgentArgs {
     /// with EIO; it never returns the old data [default: 2m].
     #[arg(long, value_parser = humantime::parse_duration)]
     postcopy_wait: Option<std::time::Duration>,
+    /// Destination role: promote the replica to primary (failover) once its
+    /// standby source agent has not been heard for this long (e.g. 10s):
+    /// a new epoch fences the source, the export turns writable, the
+    /// recovery point is recorded (`tern failover --to` shows it). Without
+    /// it only `tern failover` promotes.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    failover_after: Option<std::time::Duration>,
 }
 
 /// Defaults of the destination's flags that are options here (so that the
@@ -114,6 +121,15 @@ pub fn run(a: AgentArgs, m: &clap::ArgMatches) -> Result<()> {
     cfg.nbd_tls = a.nbd_tls;
     cfg.direct = a.direct;
     cfg.postcopy_wait = a.postcopy_wait.unwrap_or(DEFAULT_POSTCOPY_WAIT);
+    if let Some(after) = a.failover_after {
+        anyhow::ensure!(
+            after >= tern::rpc::HEARTBEAT_LOSS,
+            "--failover-after {} is shorter than {} (three heartbeats): a busy source would be taken for a lost one",
+            humantime::format_duration(after),
+            humantime::format_duration(tern::rpc::HEARTBEAT_LOSS)
+        );
+        cfg.failover_after = Some(after);
+    }
     if let Some(plan) = &a.warm_plan {
         anyhow::ensure!(
             !a.direct,

@@ -388,6 +388,22 @@ impl MigrateArgs {
     }
 }
 
+impl MigrateArgs {
+    /// The disk migrated by this process (`--device` or `--file`); `None`
+    /// for a whole VM or a migration a running source agent does.
+    pub(super) fn local_disk(&self) -> Option<&Path> {
+        if self.vm.is_some() || self.agent.agent.is_some() {
+            return None;
+        }
+        self.source.disk()
+    }
+
+    /// The TLS directory the migration uses.
+    pub(super) fn tls_dir(&self) -> Option<&Path> {
+        self.source.tls_dir()
+    }
+}
+
 /// How to reach a running source agent's control service.
 #[derive(Args, Clone)]
 pub struct AgentClientArgs {
@@ -491,6 +507,11 @@ impl SourceArgs {
     /// Progress and report as JSON.
     pub fn json(&self) -> bool {
         self.json
+    }
+
+    /// The disk this migrates (`--device` or `--file`), if given.
+    pub fn disk(&self) -> Option<&Path> {
+        self.device.as_deref().or(self.file.as_deref())
     }
 
     /// The TLS material's directory.
@@ -647,6 +668,7 @@ fn status_line(s: &Status, counters: &Stats, rate_bps: u64) -> serde_json::Value
         "dirty_rate_bps": s.dirty_rate_bps,
         "estimated_downtime_ms": s.estimated_downtime_ms,
         "rpo_ms": s.rpo_ms,
+        "consistent_as_of_unix_ms": s.consistent_as_of_unix_ms,
         "throttle_bps": s.throttle_bps,
         "throttle_cores": s.throttle_cores,
         "missing_bytes": s.missing_bytes,
@@ -818,6 +840,31 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
     if let Some(vm) = &m.vm {
         return vm::migrate(m, vm);
     }
+    let report = migrate_report(m)?;
+    print_report(m, &report)
+}
+
+/// Prints a migration's report (one JSON line with `--json`); a migration
+/// that rolled back after its switch is an error.
+pub(super) fn print_report(m: &MigrateArgs, report: &serde_json::Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if m.source.json {
+        writeln!(out, "{report}")?;
+    } else {
+        write!(out, "{}", render_report(report))?;
+    }
+    if report["outcome"] == "rolled back" {
+        bail!(
+            "rolled back after cutover: {}; the source is primary again and holds every write",
+            report["failure"].as_str().unwrap_or("health check failed")
+        );
+    }
+    Ok(())
+}
+
+/// Runs one disk's migration (here, or by the source agent of `--agent`)
+/// and returns its report.
+pub(super) fn migrate_report(m: &MigrateArgs) -> Result<serde_json::Value> {
     let health = m.health_checks()?;
     let postcopy = m.postcopy()?;
     let throttle = m.throttle_cgroup()?;
@@ -897,19 +944,7 @@ pub fn migrate(m: &MigrateArgs) -> Result<()> {
         progress.finish(ended.as_ref().map(Some));
         ended
     })?;
-    let mut out = std::io::stdout().lock();
-    if m.source.json {
-        writeln!(out, "{report}")?;
-    } else {
-        write!(out, "{}", render_report(&report))?;
-    }
-    if report["outcome"] == "rolled back" {
-        bail!(
-            "rolled back after cutover: {}; the source is primary again and holds every write",
-            report["failure"].as_str().unwrap_or("health check failed")
-        );
-    }
-    Ok(())
+    Ok(report)
 }
 
 /// Runs the migration; SIGINT or SIGTERM before the pause stops it cleanly

@@ -6,6 +6,7 @@ mod analyze;
 mod args;
 mod certs;
 mod config;
+mod failover;
 mod history;
 mod migrate;
 mod nbd;
@@ -60,6 +61,12 @@ enum Command {
     Migrate(migrate::MigrateArgs),
     /// Make the source primary again: copy back what the destination accepted, fence it.
     Rollback(migrate::RollbackArgs),
+    /// The source host is lost: promote its replica to primary (a new epoch fences
+    /// the source, the export turns writable) and show the recovery point.
+    Failover(failover::FailoverArgs),
+    /// After a failover: migrate the promoted replica's data home to the old
+    /// source (only what differs), then demote the replica.
+    Failback(failover::FailbackArgs),
     /// The running migration's (or source agent's) phase, bytes, rates, downtime estimate, RPO.
     Status(migrate::StatusArgs),
     /// The I/O history a source agent recorded into object storage (`--history`).
@@ -118,6 +125,8 @@ pub fn main() -> std::process::ExitCode {
         Command::Migrate(m) => migrate::migrate(&m),
         Command::Rollback(r) => migrate::rollback(&r),
         Command::Status(s) => migrate::status(&s),
+        Command::Failover(f) => failover::failover(&f),
+        Command::Failback(f) => failover::failback(&f),
         Command::History(h) => history::run(h),
         Command::Analyze(a) => analyze::run(a),
         Command::Plan(p) => plan::plan(&p),

@@ -15,6 +15,22 @@ pub enum ReplicaCommand {
         after_help = "Example:\n  tern agent --role destination --image dst.img --size 64M --grpc 0.0.0.0:7443 --tls-dir pki/dst\n  tern replica push --from src.img --to dst:7443 --tls-dir pki/src"
     )]
     Push(PushArgs),
+    /// A destination agent's state as one JSON line: image size, epoch,
+    /// export, post-copy, and its promotion after a failover.
+    #[command(after_help = "Example:\n  tern replica info --to dst:7443 --tls-dir pki/src")]
+    Info(InfoArgs),
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// host:port of the destination's gRPC service.
+    #[arg(long)]
+    to: String,
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Name checked in the server certificate.
+    #[arg(long)]
+    domain: Option<String>,
 }
 
 #[derive(Args)]
@@ -46,7 +62,10 @@ pub struct PushArgs {
 
 /// Runs `tern replica`.
 pub fn run(cmd: ReplicaCommand) -> Result<()> {
-    let ReplicaCommand::Push(p) = cmd;
+    let p = match cmd {
+        ReplicaCommand::Push(p) => p,
+        ReplicaCommand::Info(i) => return info(&i),
+    };
     let tls = p
         .tls_dir
         .as_deref()
@@ -70,5 +89,22 @@ pub fn run(cmd: ReplicaCommand) -> Result<()> {
     })?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    Ok(())
+}
+
+/// Prints a destination agent's `Info` as one JSON line.
+fn info(a: &InfoArgs) -> Result<()> {
+    let tls = a
+        .tls_dir
+        .as_deref()
+        .map(tern::rpc::TlsMaterial::load)
+        .transpose()?;
+    let info = runtime()?.block_on(async {
+        let mut c =
+            tern::rpc::ReplicaClient::connect(&a.to, tls.as_ref(), a.domain.as_deref()).await?;
+        c.info().await
+    })?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(&info)?)?;
     Ok(())
 }

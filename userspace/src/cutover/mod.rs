@@ -172,6 +172,9 @@ pub struct Status {
     pub estimated_downtime_ms: u64,
     /// Age of the destination's copy: time since the last round finished.
     pub rpo_ms: u64,
+    /// A standby's recovery point (Unix ms, 0: none yet): every write the
+    /// disk completed before it is at the destination, flushed.
+    pub consistent_as_of_unix_ms: u64,
     /// The write limit on the workload now (0: none).
     pub throttle_bps: u64,
     /// The CPU quota on the workload now, in cores (0: none).

@@ -291,6 +291,13 @@ impl Replicator {
     /// fences any older writer (a previous, crashed source agent).
     pub async fn take_epoch(&mut self) -> Result<u64, ReplicateError> {
         let info = self.client.info().await?;
+        // A promoted replica is the primary now: taking a higher epoch
+        // would not get past its fence, and must not be tried.
+        if let Some(promotion) = info.promotion {
+            return Err(ReplicateError::Promoted {
+                promotion: Box::new(promotion),
+            });
+        }
         self.epoch = info.epoch + 1;
         self.writer = None;
         self.open_writer().await?;

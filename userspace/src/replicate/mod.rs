@@ -36,6 +36,17 @@ pub enum ReplicateError {
         "the destination image is {dest_size} bytes but the source is {source_size}; start the destination agent with --size {source_size}"
     )]
     SizeMismatch { source_size: u64, dest_size: u64 },
+    /// The destination's replica was promoted (failover): this source must
+    /// not write into it, and its own disk is left as it is.
+    #[error(
+        "the destination's replica was promoted to primary at epoch {} ({}{}): it may hold writes this source lacks, so this source stops and leaves its own disk untouched; bring the data home with `tern failback`",
+        .promotion.epoch,
+        .promotion.reason,
+        .promotion.rpo_ms().map(|ms| format!(", recovery point {ms} ms before the source was last heard")).unwrap_or_default()
+    )]
+    Promoted {
+        promotion: Box<crate::rpc::Promotion>,
+    },
     /// A newer epoch owns the destination: this source was fenced.
     #[error(
         "the destination refused epoch {epoch}: {source}; another writer (a newer migration or a cutover) owns it now"

@@ -26,7 +26,7 @@ const STREAM_WINDOW: u32 = 16 << 20;
 const CONNECTION_WINDOW: u32 = 64 << 20;
 
 /// What `Info` reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Info {
     pub image_size: u64,
     pub epoch: u64,
@@ -40,6 +40,8 @@ pub struct Info {
     pub postcopy: crate::postcopy::PresenceSnapshot,
     /// The agent's NBD export, if it serves one.
     pub nbd: Option<NbdExport>,
+    /// The standing promotion, if the replica was promoted (failover).
+    pub promotion: Option<super::Promotion>,
 }
 
 /// Where a destination agent serves its NBD export, as a client on its own
@@ -163,7 +165,68 @@ impl ReplicaClient {
                 tls: n.tls,
                 advertised_writable: n.advertised_writable,
             }),
+            promotion: info.promotion.map(Into::into),
         })
+    }
+
+    /// Says the source writing with `epoch` is alive, how far behind the
+    /// replica is (`backlog_bytes`), and up to when (its clock, Unix ms)
+    /// every write it saw is there. `leaving`: it stops on purpose.
+    pub async fn heartbeat(
+        &mut self,
+        epoch: u64,
+        backlog_bytes: u64,
+        consistent_as_of_unix_ms: u64,
+        leaving: bool,
+    ) -> Result<u64, RpcError> {
+        let reply = self
+            .inner
+            .heartbeat(pb::HeartbeatRequest {
+                epoch,
+                backlog_bytes,
+                consistent_as_of_unix_ms,
+                sent_unix_ms: super::failover::unix_ms_now(),
+                leaving,
+            })
+            .await
+            .map_err(|status| RpcError::Call {
+                call: "Heartbeat",
+                status,
+            })?;
+        Ok(reply.into_inner().epoch)
+    }
+
+    /// Promotes the replica to primary (failover); see `Promote`.
+    pub async fn promote(
+        &mut self,
+        reason: &str,
+        force: bool,
+    ) -> Result<super::Promotion, RpcError> {
+        let reply = self
+            .inner
+            .promote(pb::PromoteRequest {
+                force,
+                reason: reason.to_owned(),
+            })
+            .await
+            .map_err(|status| RpcError::Call {
+                call: "Promote",
+                status,
+            })?;
+        Ok(reply.into_inner().into())
+    }
+
+    /// Demotes a promoted replica (after a failback); returns its new epoch.
+    pub async fn demote(&mut self, epoch: u64) -> Result<u64, RpcError> {
+        let reply = self
+            .inner
+            .demote(pb::DemoteRequest { epoch })
+            .await
+            .map_err(|status| RpcError::Call {
+                call: "Demote",
+                status,
+            })?;
+        Ok(reply.into_inner().epoch)
     }
 
     /// Opens a write stream fenced by `epoch`, keeping at most `window`

@@ -1,6 +1,7 @@
 //! Fencing by epoch: the highest epoch ever accepted is persisted next to the
 //! image, streams of a lower epoch are refused, and accepting a higher epoch
 //! ends every older stream and waits for its in-flight writes to finish.
+//! A promoted replica (failover) refuses every writer, whatever its epoch.
 
 use std::fs;
 use std::io::Write;
@@ -11,6 +12,7 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use tokio_util::sync::CancellationToken;
 
 use super::RpcError;
+use super::failover::{LastHeard, Promotion};
 
 /// Suffix of the epoch file, appended to the image's file name.
 pub const EPOCH_FILE_SUFFIX: &str = ".tern-epoch";
@@ -31,6 +33,9 @@ pub struct Fence {
     current: Mutex<Arc<Generation>>,
     /// Serializes epoch changes (persisting is slow and must not interleave).
     change: tokio::sync::Mutex<()>,
+    /// The standing promotion (failover), persisted at `promotion_path`.
+    promotion: Mutex<Option<Promotion>>,
+    promotion_path: PathBuf,
 }
 
 /// Held by a write stream while it may write.
@@ -71,11 +76,23 @@ impl Fence {
                 });
             }
         };
+        let promotion_path = Promotion::path_beside(path);
+        let promotion = Promotion::load(&promotion_path)?;
         Ok(Fence {
             path: path.to_path_buf(),
             current: Mutex::new(Arc::new(Generation::new(epoch))),
             change: tokio::sync::Mutex::new(()),
+            promotion: Mutex::new(promotion),
+            promotion_path,
         })
+    }
+
+    /// The standing promotion, if the replica was promoted.
+    pub fn promotion(&self) -> Option<Promotion> {
+        self.promotion
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The highest epoch accepted so far.
@@ -91,6 +108,12 @@ impl Fence {
     /// first, then every older stream is fenced and drained.
     pub async fn acquire(&self, epoch: u64) -> Result<Lease, RpcError> {
         let _change = self.change.lock().await;
+        if let Some(p) = self.promotion() {
+            return Err(RpcError::Promoted {
+                epoch: p.epoch,
+                reason: p.reason,
+            });
+        }
         let current = self.generation();
         if epoch < current.epoch {
             return Err(RpcError::StaleEpoch {
@@ -101,6 +124,13 @@ impl Fence {
         if epoch == current.epoch {
             return Ok(current.lease().await);
         }
+        let next = self.advance(&current, epoch).await?;
+        Ok(next.lease().await)
+    }
+
+    /// Persists `epoch` (above `current`'s), then fences and drains every
+    /// stream of `current`. Call with `change` held.
+    async fn advance(&self, current: &Generation, epoch: u64) -> Result<Arc<Generation>, RpcError> {
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || persist(&path, epoch)).await??;
         let next = Arc::new(Generation::new(epoch));
@@ -114,7 +144,78 @@ impl Fence {
             previous = current.epoch,
             "new epoch accepted; older writers fenced"
         );
-        Ok(next.lease().await)
+        Ok(next)
+    }
+
+    /// Promotes the replica: a new epoch fences and drains every writer,
+    /// then the promotion is persisted, and from then on every writer is
+    /// refused. A promoted replica answers with its standing promotion
+    /// (`already` set).
+    pub async fn promote(&self, reason: String, heard: LastHeard) -> Result<Promotion, RpcError> {
+        let _change = self.change.lock().await;
+        if let Some(mut p) = self.promotion() {
+            p.already = true;
+            return Ok(p);
+        }
+        let current = self.generation();
+        let epoch = current.epoch + 1;
+        // The epoch first: a crash before the promotion file leaves a
+        // replica whose old writers are fenced, never a promoted replica
+        // they could still write into.
+        self.advance(&current, epoch).await?;
+        let promotion = Promotion {
+            epoch,
+            promoted_unix_ms: super::failover::unix_ms_now(),
+            reason,
+            last_heard_unix_ms: heard.unix_ms,
+            consistent_as_of_unix_ms: heard.consistent_as_of_unix_ms,
+            source_backlog_bytes: heard.backlog_bytes,
+            source_epoch: heard.epoch,
+            last_write_unix_ms: heard.last_write_unix_ms,
+            acknowledged_bytes: heard.acknowledged_bytes,
+            already: false,
+        };
+        let (path, saved) = (self.promotion_path.clone(), promotion.clone());
+        tokio::task::spawn_blocking(move || saved.save(&path)).await??;
+        *self
+            .promotion
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(promotion.clone());
+        tracing::warn!(
+            epoch,
+            reason = %promotion.reason,
+            rpo_ms = ?promotion.rpo_ms(),
+            "replica promoted: it is the primary now; every writer is refused until it is demoted"
+        );
+        Ok(promotion)
+    }
+
+    /// Demotes a promoted replica (after a failback): a new epoch, the
+    /// promotion file removed. `epoch` must be the promotion's or higher.
+    /// Returns the new epoch.
+    pub async fn demote(&self, epoch: u64) -> Result<u64, RpcError> {
+        let _change = self.change.lock().await;
+        let promotion = self.promotion().ok_or(RpcError::NotPromoted)?;
+        if epoch < promotion.epoch {
+            return Err(RpcError::StaleEpoch {
+                epoch,
+                highest: promotion.epoch,
+            });
+        }
+        let current = self.generation();
+        let next = current.epoch.max(epoch) + 1;
+        self.advance(&current, next).await?;
+        let path = self.promotion_path.clone();
+        tokio::task::spawn_blocking(move || Promotion::remove(&path)).await??;
+        *self
+            .promotion
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        tracing::warn!(
+            epoch = next,
+            "replica demoted: a source may replicate into it again"
+        );
+        Ok(next)
     }
 }
 
@@ -213,6 +314,57 @@ mod tests {
             reloaded.acquire(40).await,
             Err(RpcError::StaleEpoch { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_promoted_replica_refuses_every_writer_until_demoted_even_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = Fence::path_for(&dir.path().join("dst.img"));
+        let fence = Fence::load(&path).expect("load");
+        let writer = fence.acquire(3).await.expect("epoch 3");
+        let fenced = writer.fenced.clone();
+        let p = {
+            let promote = fence.promote("test".into(), LastHeard::default());
+            tokio::pin!(promote);
+            tokio::select! {
+                _ = &mut promote => panic!("promoted while an old writer still holds its lease"),
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            assert!(fenced.is_cancelled(), "the old writer is fenced first");
+            drop(writer);
+            promote.await.expect("promote")
+        };
+        assert_eq!((p.epoch, p.already), (4, false));
+        for epoch in [3, 4, 5, 100] {
+            assert!(
+                matches!(
+                    fence.acquire(epoch).await,
+                    Err(RpcError::Promoted { epoch: 4, .. })
+                ),
+                "epoch {epoch} must be refused"
+            );
+        }
+        let again = fence
+            .promote("again".into(), LastHeard::default())
+            .await
+            .expect("promote again");
+        assert!(again.already && again.epoch == 4 && again.reason == "test");
+        drop(fence);
+        let fence = Fence::load(&path).expect("reload");
+        assert_eq!(fence.promotion().map(|p| p.epoch), Some(4));
+        assert!(matches!(
+            fence.acquire(9).await,
+            Err(RpcError::Promoted { .. })
+        ));
+        assert!(matches!(
+            fence.demote(3).await,
+            Err(RpcError::StaleEpoch { .. })
+        ));
+        assert_eq!(fence.demote(4).await.expect("demote"), 5);
+        assert!(fence.promotion().is_none());
+        assert!(matches!(fence.demote(5).await, Err(RpcError::NotPromoted)));
+        drop(fence.acquire(6).await.expect("a source may write again"));
+        assert!(Fence::load(&path).expect("reload").promotion().is_none());
     }
 
     #[test]

@@ -55,6 +55,7 @@ impl From<&pb::PostCopyState> for crate::postcopy::PresenceSnapshot {
 pub mod client;
 pub mod epoch;
 mod extent;
+pub mod failover;
 pub mod server;
 mod status;
 pub mod tls;
@@ -64,6 +65,7 @@ pub use client::{
 };
 pub use epoch::Fence;
 pub use extent::{Checksum, EncodedExtent, MAX_LEAF_SIZE, zero_ends};
+pub use failover::{HEARTBEAT_EVERY, HEARTBEAT_LOSS, Liveness, Promotion};
 pub use pb::Encoding;
 pub use server::{ExportControl, ReplicaService, SERVICE_NAME, ServeOptions, serve};
 pub use tls::{TlsError, TlsMaterial};
@@ -197,6 +199,36 @@ pub enum RpcError {
         "the epoch file {path} holds {content:?}, not a number; restore it or remove it only if no older writer can still reach this host"
     )]
     EpochFileCorrupt { path: PathBuf, content: String },
+    /// A write, or an epoch change, into a promoted replica.
+    #[error(
+        "this replica was promoted to primary at epoch {epoch} ({reason}): it may hold writes its old source lacks, so no source may write into it; bring the data home with `tern failback`, which demotes it"
+    )]
+    Promoted { epoch: u64, reason: String },
+    /// A promotion by hand while the source still speaks.
+    #[error(
+        "the source was heard {heard_ms} ms ago: it is alive, and promoting its replica now would make two primaries; stop the source (or cut it off) first, or pass --force"
+    )]
+    SourceAlive { heard_ms: u64 },
+    /// `Demote` of a replica that is not promoted.
+    #[error("this replica is not promoted; there is nothing to demote")]
+    NotPromoted,
+    /// The promotion file could not be read or written.
+    #[error("cannot {action} the promotion file {path}: {source}")]
+    PromotionFile {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The promotion file holds garbage.
+    #[error(
+        "the promotion file {path} is not a promotion ({source}); the replica may be the primary: restore the file, or remove it only once no workload uses this replica"
+    )]
+    PromotionFileCorrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     /// A read range of length zero.
     #[error("read range at offset {offset} has length 0; ask only for non-empty ranges")]
     EmptyRange { offset: u64 },

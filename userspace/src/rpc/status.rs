@@ -67,6 +67,9 @@ fn code(err: &RpcError) -> Code {
         RpcError::ChecksumMismatch { .. } => Code::DataLoss,
         RpcError::StaleEpoch { .. }
         | RpcError::Fenced { .. }
+        | RpcError::Promoted { .. }
+        | RpcError::SourceAlive { .. }
+        | RpcError::NotPromoted
         | RpcError::NoExport
         | RpcError::HashScheme { .. } => Code::FailedPrecondition,
         RpcError::ShuttingDown => Code::Unavailable,
@@ -94,6 +97,8 @@ fn code(err: &RpcError) -> Code {
         RpcError::Image { .. }
         | RpcError::EpochFile { .. }
         | RpcError::EpochFileCorrupt { .. }
+        | RpcError::PromotionFile { .. }
+        | RpcError::PromotionFileCorrupt { .. }
         | RpcError::Export(_)
         | RpcError::Task(_)
         | RpcError::Connect { .. }

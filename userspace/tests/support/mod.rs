@@ -1,6 +1,7 @@
 //! Shared by the tracer's integration tests: commands and throwaway loop devices.
 #![allow(dead_code)]
 
+pub mod lab;
 pub mod migration;
 
 use std::path::PathBuf;

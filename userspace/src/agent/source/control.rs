@@ -16,6 +16,7 @@ use crate::cutover::{self, CutoverError, CutoverOptions, StatusCell};
 use crate::granularity::advice::Advice;
 use crate::pause::PauseTarget;
 use crate::replicate::{ReplicateError, Replicator, SendOrder, Stats, Tracker};
+use crate::rpc::HEARTBEAT_EVERY;
 use crate::rpc::pb::{self, control_server};
 use crate::throttle::CgroupSpec;
 
@@ -137,6 +138,9 @@ impl SourceAgent {
             cutover::write_back(&self.repl).await?;
             *written_back = Instant::now();
         }
+        // Every write the disk completed before the tracer is drained is
+        // in the dirty map, or at the destination (rounds end flushed).
+        let looked = crate::rpc::failover::unix_ms_now();
         self.tracker.sync().await?;
         if self.tracker.gaps() != *gaps {
             *gaps = self.tracker.gaps();
@@ -153,6 +157,9 @@ impl SourceAgent {
             s.phase = "standby: replicating";
             s.remaining_bytes = dirty;
             s.rpo_ms = rpo;
+            if dirty == 0 {
+                s.consistent_as_of_unix_ms = looked;
+            }
         });
         if dirty == 0 {
             return Ok(false);
@@ -162,12 +169,62 @@ impl SourceAgent {
         Ok(true)
     }
 
-    /// Runs the standby until `shutdown`, serving commands between rounds.
+    /// Runs the standby until `shutdown`, serving commands between rounds,
+    /// with its heartbeats beside it. A standby whose destination promoted
+    /// its replica stops with [`ReplicateError::Promoted`].
     async fn run(
         mut self,
-        mut commands: mpsc::Receiver<Command>,
+        commands: mpsc::Receiver<Command>,
         shutdown: CancellationToken,
     ) -> Result<(), ControlError> {
+        let promoted = CancellationToken::new();
+        let stop_beats = CancellationToken::new();
+        let beats = tokio::spawn(heartbeats(
+            self.repl.client().clone(),
+            Arc::clone(&self.status),
+            promoted.clone(),
+            stop_beats.clone(),
+        ));
+        let result = self.standby(commands, &shutdown, &promoted).await;
+        stop_beats.cancel();
+        let heard = beats.await.ok().flatten();
+        // A round cut off by the promotion's fence, or the heartbeats'
+        // news: either way the destination says what happened.
+        let promotion = match (heard, &result) {
+            (Some(p), _) => Some(p),
+            (None, Err(_)) => self
+                .repl
+                .client()
+                .info()
+                .await
+                .ok()
+                .and_then(|i| i.promotion),
+            (None, Ok(())) => None,
+        };
+        match promotion {
+            Some(p) => {
+                set(&self.status, |s| {
+                    s.phase = "fenced: the replica was promoted";
+                });
+                Err(ReplicateError::Promoted {
+                    promotion: Box::new(p),
+                }
+                .into())
+            }
+            None => result,
+        }
+    }
+
+    /// The standby's rounds, with commands served between them. Without a
+    /// control service (no `--control`) nobody sends commands: the channel
+    /// is closed from the start, and the standby replicates until `shutdown`.
+    async fn standby(
+        &mut self,
+        commands: mpsc::Receiver<Command>,
+        shutdown: &CancellationToken,
+        promoted: &CancellationToken,
+    ) -> Result<(), ControlError> {
+        let mut commands = Some(commands);
         self.initial_sync().await?;
         let mut gaps = self.tracker.gaps();
         let mut synced_at = Instant::now();
@@ -181,23 +238,32 @@ impl SourceAgent {
                     .await?;
                 if sent {
                     // Between rounds: a waiting command goes first.
-                    match commands.try_recv() {
-                        Ok(cmd) => replicating = self.serve(cmd).await,
-                        Err(mpsc::error::TryRecvError::Empty) => {}
-                        Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+                    if let Some(rx) = &mut commands {
+                        match rx.try_recv() {
+                            Ok(cmd) => replicating = self.serve(cmd).await,
+                            Err(mpsc::error::TryRecvError::Empty) => {}
+                            Err(mpsc::error::TryRecvError::Disconnected) => commands = None,
+                        }
                     }
-                    if shutdown.is_cancelled() {
+                    if shutdown.is_cancelled() || promoted.is_cancelled() {
                         return Ok(());
                     }
                     continue;
                 }
             }
             let idle = tokio::time::sleep(Duration::from_millis(200));
+            let next = async {
+                match &mut commands {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                cmd = commands.recv() => match cmd {
+                () = promoted.cancelled() => return Ok(()),
+                cmd = next => match cmd {
                     Some(cmd) => replicating = self.serve(cmd).await && replicating,
-                    None => return Ok(()),
+                    None => commands = None,
                 },
                 () = idle => {}
             }
@@ -240,6 +306,79 @@ impl SourceAgent {
             }
         }
     }
+}
+
+/// Tells the destination, every [`HEARTBEAT_EVERY`], that this standby is
+/// alive, how much it has not sent yet and up to when the replica is
+/// complete; says goodbye (`leaving`) when `stop` is cancelled. Returns the
+/// destination's promotion (having cancelled `promoted`) if it refuses
+/// heartbeats because its replica was promoted.
+async fn heartbeats(
+    mut client: crate::rpc::ReplicaClient,
+    status: StatusCell,
+    promoted: CancellationToken,
+    stop: CancellationToken,
+) -> Option<crate::rpc::Promotion> {
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let (mut sent, mut failed) = (0u64, 0u64);
+    let mut failing = false;
+    let said = |status: &StatusCell| {
+        let s = status.lock().expect("status lock poisoned");
+        (s.epoch, s.remaining_bytes, s.consistent_as_of_unix_ms)
+    };
+    let promotion = loop {
+        tokio::select! {
+            () = stop.cancelled() => break None,
+            _ = tick.tick() => {}
+        }
+        let (epoch, backlog, as_of) = said(&status);
+        if epoch == 0 {
+            continue;
+        }
+        let beat = client.heartbeat(epoch, backlog, as_of, false);
+        match tokio::time::timeout(HEARTBEAT_EVERY, beat).await {
+            Ok(Ok(_)) => {
+                sent += 1;
+                if std::mem::take(&mut failing) {
+                    tracing::info!(sent, failed, "heartbeats reach the destination again");
+                }
+            }
+            Ok(Err(e)) if e.code() == Some(tonic::Code::FailedPrecondition) => {
+                // Promoted, or fenced by a newer epoch (a cutover): the
+                // destination's Info tells which.
+                match client.info().await.map(|i| i.promotion) {
+                    Ok(Some(p)) => {
+                        promoted.cancel();
+                        break Some(p);
+                    }
+                    Ok(None) => tracing::debug!(error = %e, "heartbeat refused: fenced"),
+                    Err(_) => failed += 1,
+                }
+            }
+            Ok(Err(_)) | Err(_) => {
+                failed += 1;
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(
+                        sent,
+                        failed,
+                        "heartbeats do not reach the destination; it may fail over if this lasts"
+                    );
+                }
+            }
+        }
+    };
+    if promotion.is_none() {
+        let (epoch, backlog, as_of) = said(&status);
+        if epoch > 0 {
+            let bye = client.heartbeat(epoch, backlog, as_of, true);
+            // Best effort: a destination that cannot hear the goodbye takes
+            // the silence for a loss, as it would a crash.
+            let _ = tokio::time::timeout(HEARTBEAT_EVERY, bye).await;
+        }
+    }
+    tracing::debug!(sent, failed, "heartbeats ended");
+    promotion
 }
 
 /// The `tern.v1.Control` service of one source agent.

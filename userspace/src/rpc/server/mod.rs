@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::epoch::Fence;
+use super::failover::{HEARTBEAT_LOSS, Liveness, Promotion};
 use super::pb::{self, replica_server, write_request, write_response};
 use super::{MAX_BATCH_EXTENTS, MAX_EXTENT_LEN, MAX_MESSAGE_LEN, MAX_NODES_PER_CALL, RpcError};
 use crate::checktree::{HASH_SCHEME, saved};
@@ -109,6 +110,8 @@ struct Inner {
     presence: Presence,
     /// Where the NBD export is served, for `Info`.
     nbd: Option<pb::NbdExport>,
+    /// What was heard from the source (failover).
+    liveness: Arc<Liveness>,
 }
 
 impl ReplicaService {
@@ -133,6 +136,7 @@ impl ReplicaService {
                 opts,
                 presence: Presence::default(),
                 nbd: None,
+                liveness: Arc::default(),
             }),
         }
     }
@@ -224,6 +228,48 @@ impl ReplicaService {
     /// The highest epoch accepted.
     pub fn epoch(&self) -> u64 {
         self.inner.fence.highest()
+    }
+
+    /// What the service heard from its source (heartbeats, writes).
+    pub fn liveness(&self) -> &Liveness {
+        &self.inner.liveness
+    }
+
+    /// Whether the NBD export is writable (the replica is the primary).
+    pub fn export_writable(&self) -> bool {
+        self.inner.export.as_ref().is_some_and(|e| e.writable())
+    }
+
+    /// Promotes the replica to primary (failover): a new epoch fences every
+    /// older writer, the promotion is persisted, the NBD export turns
+    /// writable. Refused while the source was heard within
+    /// [`HEARTBEAT_LOSS`] unless `force`. A promoted replica answers with
+    /// its standing promotion (and makes sure its export is writable: a
+    /// crash may have come between the two).
+    pub async fn promote(&self, reason: String, force: bool) -> Result<Promotion, RpcError> {
+        let inner = &self.inner;
+        if inner.fence.promotion().is_none()
+            && !force
+            && let Some(silent) = inner.liveness.silent_for()
+            && silent < HEARTBEAT_LOSS
+        {
+            return Err(RpcError::SourceAlive {
+                heard_ms: u64::try_from(silent.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        let promotion = inner
+            .fence
+            .promote(reason, inner.liveness.last_heard())
+            .await?;
+        inner.liveness.forget();
+        if let Some(export) = &inner.export
+            && !export.writable()
+        {
+            export
+                .set_writable(true)
+                .map_err(|e| RpcError::Export(Box::new(e)))?;
+        }
+        Ok(promotion)
     }
 }
 
@@ -323,7 +369,64 @@ impl replica_server::Replica for ReplicaService {
             leaf_checksums: true,
             postcopy: Some(postcopy),
             nbd: inner.nbd.clone(),
+            promotion: inner.fence.promotion().as_ref().map(pb::Promotion::from),
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(epoch = request.get_ref().epoch))]
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let fence = &self.inner.fence;
+        if let Some(p) = fence.promotion() {
+            return Err(RpcError::Promoted {
+                epoch: p.epoch,
+                reason: p.reason,
+            }
+            .into());
+        }
+        let highest = fence.highest();
+        if req.epoch < highest {
+            return Err(RpcError::StaleEpoch {
+                epoch: req.epoch,
+                highest,
+            }
+            .into());
+        }
+        self.inner.liveness.heard(&req);
+        Ok(Response::new(pb::HeartbeatResponse { epoch: highest }))
+    }
+
+    #[tracing::instrument(skip_all, fields(force = request.get_ref().force))]
+    async fn promote(
+        &self,
+        request: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::Promotion>, Status> {
+        let req = request.into_inner();
+        let reason = if req.reason.is_empty() {
+            "tern failover".to_owned()
+        } else {
+            req.reason
+        };
+        let promotion = ReplicaService::promote(self, reason, req.force).await?;
+        Ok(Response::new(pb::Promotion::from(&promotion)))
+    }
+
+    #[tracing::instrument(skip_all, fields(epoch = request.get_ref().epoch))]
+    async fn demote(
+        &self,
+        request: Request<pb::DemoteRequest>,
+    ) -> Result<Response<pb::DemoteResponse>, Status> {
+        let epoch = self.inner.fence.demote(request.get_ref().epoch).await?;
+        self.inner.liveness.forget();
+        if let Some(export) = &self.inner.export {
+            export
+                .set_writable(false)
+                .map_err(|e| RpcError::Export(Box::new(e)))?;
+        }
+        Ok(Response::new(pb::DemoteResponse { epoch }))
     }
 
     type WriteStream = ReceiverStream<Result<pb::WriteResponse, Status>>;

@@ -362,6 +362,7 @@ async fn apply_extents_inner(
     m.bytes_written.add(plain);
     m.bytes_received.add(wire);
     m.extent_latency.observe(started.elapsed());
+    inner.liveness.wrote(plain);
     Ok(last_seq)
 }
 
