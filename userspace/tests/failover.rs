@@ -420,3 +420,93 @@ fn a_lost_source_fails_over_with_every_acknowledged_write_and_comes_back_only_by
     let _again = KillOnly(source_agent(src.path(), &lab, "c"));
     wait_replicating(&lab, "c");
 }
+
+#[test]
+fn failover_by_hand_is_refused_while_the_source_speaks_and_forced_stops_the_source() {
+    let src = LoopDev::new("32M");
+    fill_random(src.path(), 4);
+    let lab = Lab::new(32 * MIB);
+    let mut agent = KillOnly(source_agent(src.path(), &lab, "a"));
+    wait_replicating(&lab, "a");
+    let failover = |force: bool| {
+        let mut c = tern();
+        c.args([
+            "failover",
+            "--to",
+            &lab.addr(),
+            "--domain",
+            "localhost",
+            "--json",
+        ])
+        .arg("--tls-dir")
+        .arg(lab.tls());
+        if force {
+            c.arg("--force");
+        }
+        c.output().expect("tern failover")
+    };
+    let refused = failover(false);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "promoted a live source's replica"
+    );
+    assert!(err.contains("alive") && err.contains("--force"), "{err}");
+
+    let forced = failover(true);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    let p: serde_json::Value = serde_json::from_slice(&forced.stdout).expect("promotion json");
+    assert_eq!(p["already"], false, "{p}");
+    assert_eq!(p["reason"], "tern failover", "{p}");
+    assert!(p["rpo_ms"].is_u64(), "a standby was heard: {p}");
+    // The live standby hears of it with its next heartbeat and stops.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the fenced standby kept running");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut agent.0.stderr.take().expect("stderr"), &mut err)
+        .expect("read stderr");
+    assert!(
+        err.contains("promoted") && err.contains("untouched"),
+        "{err}"
+    );
+    // Asked again, the replica answers with the same promotion.
+    let again: serde_json::Value =
+        serde_json::from_slice(&failover(false).stdout).expect("promotion json");
+    assert_eq!(again["already"], true, "{again}");
+    assert_eq!(again["epoch"], p["epoch"], "{again}");
+}
+
+#[test]
+fn a_failover_delay_shorter_than_three_heartbeats_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = tern()
+        .args(["agent", "--role", "destination", "--image"])
+        .arg(dir.path().join("dst.img"))
+        .args([
+            "--size",
+            "1M",
+            "--grpc",
+            "127.0.0.1:0",
+            "--failover-after",
+            "1s",
+        ])
+        .output()
+        .expect("tern agent");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--failover-after 1s is shorter than 3s"),
+        "{err}"
+    );
+}
