@@ -46,12 +46,33 @@ int BPF_PROG(block_rq_complete, struct request *rq, blk_status_t error, unsigned
 	e->bytes = nr_bytes;
 	e->op = op;
 	if (f) {
+		__u64 at = e->sector;
+		__u64 end = at + (nr_bytes >> 9);
+		__u64 from = f->seen < at ? f->seen : at;
+		int last = nr_bytes >= BPF_CORE_READ(rq, __data_len);
+
 		e->ts_ns = f->ts_ns;
 		e->latency_ns = now - f->ts_ns;
 		e->pid = f->pid;
 		__builtin_memcpy(e->comm, f->comm, sizeof(e->comm));
+		/*
+		 * A completion of this request never reached this program (see
+		 * docs/tracer.md), and a later one did: a part before this one
+		 * (`seen` behind it), or the request's data itself, when this is
+		 * the second, empty completion of a FUA write on a disk without
+		 * FUA (after its post-flush, with the request's start restored).
+		 * The part not seen is reported with this one, marked unseen.
+		 */
+		if (last && end < f->sector + (f->bytes >> 9))
+			end = f->sector + (f->bytes >> 9);
+		if ((from < at || end > at + (nr_bytes >> 9)) && end - from <= (1u << 22)) {
+			e->sector = from;
+			e->bytes = (__u32)((end - from) << 9);
+			flags |= TERN_BF_UNSEEN;
+		}
+		f->seen = end;
 		/* Partial completions keep the entry for the rest of the request. */
-		if (nr_bytes >= BPF_CORE_READ(rq, __data_len))
+		if (last)
 			bpf_map_delete_elem(&inflight, &key);
 	} else {
 		e->ts_ns = now;

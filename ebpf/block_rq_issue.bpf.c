@@ -43,6 +43,7 @@ int BPF_PROG(block_rq_issue, struct request *rq)
 	opf = BPF_CORE_READ(rq, cmd_flags);
 	f.ts_ns = bpf_ktime_get_ns();
 	f.sector = BPF_CORE_READ(rq, __sector);
+	f.seen = f.sector;
 	f.bytes = BPF_CORE_READ(rq, __data_len);
 	f.dev = dev;
 	f.pid = bpf_get_current_pid_tgid() >> 32;

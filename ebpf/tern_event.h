@@ -85,6 +85,7 @@ struct tern_block_event {
 struct tern_inflight {
 	__u64 ts_ns;  /* issue time */
 	__u64 sector; /* the whole request, as issued */
+	__u64 seen;   /* completions reported up to this sector */
 	__u32 bytes;
 	__u32 dev;    /* kernel dev_t: major << 20 | minor */
 	__u32 pid;    /* thread group of the issuer */

@@ -27,7 +27,7 @@ pub type InFlight = abi::tern_inflight;
 
 const _: () = assert!(core::mem::size_of::<BlockEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<FaultEvent>() == 40);
-const _: () = assert!(core::mem::size_of::<InFlight>() == 56);
+const _: () = assert!(core::mem::size_of::<InFlight>() == 64);
 const _: () = assert!(core::mem::offset_of!(BlockEvent, kind) == TERN_KIND_OFFSET as usize);
 const _: () = assert!(core::mem::offset_of!(FaultEvent, kind) == TERN_KIND_OFFSET as usize);
 

@@ -9,6 +9,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -147,6 +148,60 @@ fn wait_replicating(lab: &Lab, tag: &str) -> serde_json::Value {
     }
 }
 
+/// The writer's log of acknowledged writes, `(number, unix_ms)` lines on its
+/// stdout, read until it dies.
+fn read_log(writer: &mut Child) -> std::thread::JoinHandle<Vec<(u64, u64)>> {
+    let out = writer.stdout.take().expect("the writer's log");
+    std::thread::spawn(move || {
+        BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| {
+                let (n, ms) = l.split_once(' ')?;
+                Some((n.parse::<u64>().ok()?, ms.parse::<u64>().ok()?))
+            })
+            .collect()
+    })
+}
+
+/// The lab's promotion, once its agent promoted itself (its export writable).
+fn wait_promoted(ns: &Netns, lab: &Lab) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = info(ns, lab);
+        if !v["promotion"].is_null() {
+            assert_eq!(v["export_writable"], true, "{v}");
+            return v["promotion"].clone();
+        }
+        assert!(Instant::now() < deadline, "never promoted: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An ext4 image whose journal replays (`e2fsck -fy`), then checks clean (`-fn`).
+fn assert_clean_after_replay(image: &Path) {
+    let replayed = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(image)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        replayed.status.code().is_some_and(|c| c <= 1),
+        "e2fsck -fy: {}",
+        String::from_utf8_lossy(&replayed.stdout)
+    );
+    let clean = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        clean.status.success(),
+        "e2fsck -fn after the replay: {}",
+        String::from_utf8_lossy(&clean.stdout)
+    );
+}
+
 fn sha(path: &Path) -> String {
     sh(Command::new("sha256sum").arg(path))
 }
@@ -160,7 +215,7 @@ fn a_lost_source_fails_over_with_every_acknowledged_write_and_comes_back_only_by
     let ns = Netns::new();
     let src = LoopDev::new("64M");
     fill_random(src.path(), 16);
-    let lab = Lab::new_at(64 * MIB, Netns::PEER, Some(&ns.name))
+    let lab = Lab::new_at(64 * MIB, &ns.peer, Some(&ns.name))
         .with_agent_args(&["--failover-after", "3s"]);
 
     // Replicating a live writer.
@@ -178,17 +233,7 @@ fn a_lost_source_fails_over_with_every_acknowledged_write_and_comes_back_only_by
             .spawn()
             .expect("start the writer"),
     );
-    let log = writer.0.stdout.take().expect("the writer's log");
-    let log = std::thread::spawn(move || {
-        BufReader::new(log)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| {
-                let (seq, ms) = l.split_once(' ')?;
-                Some((seq.parse::<u64>().ok()?, ms.parse::<u64>().ok()?))
-            })
-            .collect::<Vec<_>>()
-    });
+    let log = read_log(&mut writer.0);
     let mut agent = KillOnly(source_agent(src.path(), &lab, "a"));
     wait_replicating(&lab, "a");
     std::thread::sleep(Duration::from_secs(3));
@@ -204,16 +249,7 @@ fn a_lost_source_fails_over_with_every_acknowledged_write_and_comes_back_only_by
     assert!(acked.len() > 500, "the writer wrote: {}", acked.len());
 
     // The replica promotes itself after 3 s of silence.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let promotion = loop {
-        let v = info(&ns, &lab);
-        if !v["promotion"].is_null() {
-            assert_eq!(v["export_writable"], true, "{v}");
-            break v["promotion"].clone();
-        }
-        assert!(Instant::now() < deadline, "never promoted: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let promotion = wait_promoted(&ns, &lab);
     let n = |k: &str| {
         promotion[k]
             .as_u64()
@@ -331,7 +367,7 @@ fn a_lost_source_fails_over_with_every_acknowledged_write_and_comes_back_only_by
     // Failback: the old source's disk served by a destination agent on its
     // host, the replica's image migrated home (only what differs), the
     // replica demoted.
-    let home = format!("{}:{}", Netns::HOST, free_port());
+    let home = format!("{}:{}", ns.host, free_port());
     let mut home_agent = KillOnly(
         tern()
             .args(["agent", "--role", "destination", "--image", src.path()])
@@ -508,5 +544,117 @@ fn a_failover_delay_shorter_than_three_heartbeats_is_refused() {
     assert!(
         err.contains("--failover-after 1s is shorter than 3s"),
         "{err}"
+    );
+}
+
+/// A file system on a loop device, unmounted (lazily: a killed writer may
+/// still hold it) on drop.
+struct Mounted(tempfile::TempDir);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+fn mount(dev: &str) -> Mounted {
+    let dir = tempfile::Builder::new()
+        .prefix("tern-fo-mnt")
+        .tempdir_in("/var/tmp")
+        .expect("mount point");
+    sh(Command::new("mount").arg(dev).arg(dir.path()));
+    Mounted(dir)
+}
+
+#[test]
+fn a_failed_over_file_system_is_clean_and_its_database_holds_every_commit_before_the_recovery_point()
+ {
+    let ns = Netns::new();
+    let src = LoopDev::new("64M");
+    sh(Command::new("mkfs.ext4").args(["-q", "-F", src.path()]));
+    let mnt = mount(src.path());
+    let db = mnt.0.path().join("counter.db");
+    sh(Command::new("sqlite3")
+        .arg(&db)
+        .arg("create table t(v integer primary key)"));
+    let lab = Lab::new_at(64 * MIB, &ns.peer, Some(&ns.name))
+        .with_agent_args(&["--failover-after", "3s"]);
+    let mut agent = KillOnly(source_agent(src.path(), &lab, "a"));
+    wait_replicating(&lab, "a");
+    // Each commit is one sqlite3 process: its insert is durable (fsync)
+    // when the process exits, and only then logged.
+    let mut writer = KillOnly(
+        Command::new("bash")
+            .args([
+                "-c",
+                "i=0; while :; do i=$((i+1)); sqlite3 \"$0\" \"insert into t values($i)\" || exit 1; echo \"$i $(date +%s%3N)\"; done",
+            ])
+            .arg(&db)
+            .process_group(0)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the writer"),
+    );
+    let log = read_log(&mut writer.0);
+    std::thread::sleep(Duration::from_secs(4));
+
+    // The source host dies.
+    let group = i32::try_from(writer.0.id()).expect("a pid fits i32");
+    // SAFETY: kill(2) with a negative pid signals the writer's process
+    // group (the shell and its sqlite3), which process_group(0) made.
+    unsafe { libc::kill(-group, libc::SIGKILL) };
+    let _ = agent.0.kill();
+    ns.link(false);
+    let _ = writer.0.wait();
+    let _ = agent.0.wait();
+    let commits = log.join().expect("the log's reader");
+    assert!(
+        commits.len() > 50,
+        "the writer committed: {}",
+        commits.len()
+    );
+    let promotion = wait_promoted(&ns, &lab);
+    let as_of = promotion["consistent_as_of_unix_ms"]
+        .as_u64()
+        .expect("a recovery point");
+    let due = commits
+        .iter()
+        .filter(|&&(_, ms)| ms < as_of)
+        .map(|&(n, _)| n)
+        .max()
+        .expect("commits before the recovery point");
+
+    // A copy of the replica, as it was promoted: its journal replays, then
+    // it is clean, and the database is whole and holds every commit due.
+    let copy = lab.dir.path().join("replica-copy.img");
+    std::fs::copy(lab.image(), &copy).expect("copy the replica");
+    assert_clean_after_replay(&copy);
+    let copy_dev = sh(Command::new("losetup").args(["-f", "--show"]).arg(&copy));
+    let replica = mount(&copy_dev);
+    let query = |sql: &str| {
+        sh(Command::new("sqlite3")
+            .arg(replica.0.path().join("counter.db"))
+            .arg(sql))
+    };
+    let integrity = query("pragma integrity_check");
+    let max: u64 = query("select max(v) from t").parse().expect("a count");
+    let rows: u64 = query("select count(*) from t").parse().expect("a count");
+    drop(replica);
+    let _ = Command::new("losetup").args(["-d", &copy_dev]).status();
+    assert_eq!(integrity, "ok");
+    assert!(
+        max >= due,
+        "commit {due} was durable before the recovery point; the replica's last is {max}"
+    );
+    assert_eq!(
+        rows, max,
+        "every commit up to the last, none missing in between"
+    );
+    eprintln!(
+        "FAILOVER-FS commits={} due={due} replica_max={max} lost={} rpo_ms={}",
+        commits.len(),
+        commits.last().map_or(0, |&(n, _)| n).saturating_sub(max),
+        promotion["last_heard_unix_ms"].as_u64().unwrap_or(0) - as_of
     );
 }

@@ -351,7 +351,7 @@ fn sigkill_of_the_destination_mid_copy_reconnects_and_finishes() {
 fn a_link_cut_mid_copy_is_survived_and_the_copy_finishes_identical() {
     let ns = Netns::new();
     let src = LoopDev::new("96M");
-    let lab = Lab::new_at(96 * MIB, Netns::PEER, Some(&ns.name));
+    let lab = Lab::new_at(96 * MIB, &ns.peer, Some(&ns.name));
     fill_random(src.path(), 96);
     let child = lab
         .migrate(src.path(), &["--no-pause", "--raw", "--max-rate", "16M"])
@@ -1275,7 +1275,7 @@ fn post_copy_survives(fault: Fault) {
         let src = LoopDev::new("64M");
         fill_random(src.path(), 64);
         let mut lab = match &ns {
-            Some(ns) => Lab::new_at(64 * MIB, Netns::PEER, Some(&ns.name)),
+            Some(ns) => Lab::new_at(64 * MIB, &ns.peer, Some(&ns.name)),
             None => Lab::new(64 * MIB),
         }
         .with_agent_args(&["--postcopy-wait", "3s"]);

@@ -543,6 +543,7 @@ mod tests {
         let rec = super::InFlight {
             ts_ns,
             sector,
+            seen: sector,
             bytes: 4096,
             dev,
             pid: 1,

@@ -157,17 +157,22 @@ impl Drop for KillOnly {
 pub struct Netns {
     pub name: String,
     pub host_if: String,
+    /// The host's address on the link, and the namespace's.
+    pub host: String,
+    pub peer: String,
 }
 
 impl Netns {
-    pub const HOST: &str = "10.231.7.1";
-    pub const PEER: &str = "10.231.7.2";
-
     pub fn new() -> Netns {
-        let id = std::process::id() % 100_000;
+        // Unique per namespace, as tests of one binary run side by side.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}{n}", std::process::id() % 100_000);
         let ns = Netns {
             name: format!("tern-lc-{id}"),
             host_if: format!("tlh{id}"),
+            host: format!("10.231.{}.1", 7 + n % 200),
+            peer: format!("10.231.{}.2", 7 + n % 200),
         };
         let peer_if = format!("tlp{id}");
         sh(Command::new("ip").args(["netns", "add", &ns.name]));
@@ -185,7 +190,7 @@ impl Netns {
         sh(Command::new("ip").args([
             "addr",
             "add",
-            &format!("{}/30", Self::HOST),
+            &format!("{}/30", ns.host),
             "dev",
             &ns.host_if,
         ]));
@@ -199,7 +204,7 @@ impl Netns {
             "ip",
             "addr",
             "add",
-            &format!("{}/30", Self::PEER),
+            &format!("{}/30", ns.peer),
             "dev",
             &peer_if,
         ]);
