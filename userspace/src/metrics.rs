@@ -201,6 +201,49 @@ impl Render for ReplicaMetrics {
     }
 }
 
+/// The replica's fencing and failover state, as gauges: its epoch, whether
+/// it was promoted, and what its standby source last said.
+impl Render for crate::rpc::ReplicaService {
+    fn render(&self, out: &mut String) {
+        let gauge = |out: &mut String, name: &str, help: &str, value: f64| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            let _ = writeln!(out, "{name} {value}");
+        };
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "an epoch is a small counter; a gauge is a float"
+        )]
+        let epoch = self.epoch() as f64;
+        gauge(out, "tern_replica_epoch", "Highest epoch accepted.", epoch);
+        gauge(
+            out,
+            "tern_replica_promoted",
+            "1 once the replica was promoted to primary (failover), until it is demoted.",
+            f64::from(u8::from(self.promotion().is_some())),
+        );
+        if let Some(ago) = self.liveness().heard_ago() {
+            gauge(
+                out,
+                "tern_replica_source_heard_seconds_ago",
+                "Time since the standby source's last heartbeat.",
+                ago.as_secs_f64(),
+            );
+            #[expect(
+                clippy::cast_precision_loss,
+                reason = "bytes as a gauge: a float, exact below 2^53"
+            )]
+            let backlog = self.liveness().last_heard().backlog_bytes as f64;
+            gauge(
+                out,
+                "tern_replica_source_backlog_bytes",
+                "Bytes the standby source had not sent yet, at its last heartbeat.",
+                backlog,
+            );
+        }
+    }
+}
+
 impl Render for crate::nbd::NbdServer {
     fn render(&self, out: &mut String) {
         let s = self.stats().snapshot();

@@ -373,6 +373,7 @@ impl Destination {
             None => service,
         };
         service.watch_changes(&changes);
+        let sources = sources.with(Arc::new(service.clone()) as _);
         let tree_path = saved::path_for(&cfg.image);
         let tree_restored = service.restore_tree(&tree_path);
         let grpc = tokio::net::TcpListener::bind(cfg.grpc)

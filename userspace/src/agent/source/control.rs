@@ -165,7 +165,13 @@ impl SourceAgent {
             return Ok(false);
         }
         self.repl.round(false).await?;
-        set(&self.status, |s| s.round += 1);
+        // The round took every unit dirty at the look (the whole map, in
+        // disk order) and ended with the destination's barrier: every
+        // write completed before the look is there now.
+        set(&self.status, |s| {
+            s.round += 1;
+            s.consistent_as_of_unix_ms = looked;
+        });
         Ok(true)
     }
 

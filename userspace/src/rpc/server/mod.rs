@@ -235,6 +235,11 @@ impl ReplicaService {
         &self.inner.liveness
     }
 
+    /// The standing promotion, if the replica was promoted (failover).
+    pub fn promotion(&self) -> Option<Promotion> {
+        self.inner.fence.promotion()
+    }
+
     /// Whether the NBD export is writable (the replica is the primary).
     pub fn export_writable(&self) -> bool {
         self.inner.export.as_ref().is_some_and(|e| e.writable())
@@ -732,5 +737,82 @@ mod scheme_tests {
             answer.hashes[0].as_ref(),
             crate::checktree::zero_leaf_hash(65536)
         );
+    }
+}
+
+#[cfg(test)]
+mod failover_tests {
+    use super::*;
+    use crate::image::ImageOptions;
+    use crate::metrics::Render;
+    use replica_server::Replica as _;
+
+    fn service(dir: &Path) -> ReplicaService {
+        let path = dir.join("dst.img");
+        let opts = ImageOptions {
+            size: Some(1 << 20),
+            ..ImageOptions::default()
+        };
+        let image = Image::open(&path, &opts).expect("image");
+        let fence = Fence::load(&Fence::path_for(&path)).expect("epoch file");
+        ReplicaService::new(
+            image,
+            fence,
+            None,
+            Arc::new(ReplicaMetrics::default()),
+            CancellationToken::new(),
+            ServeOptions::default(),
+        )
+    }
+
+    fn beat(epoch: u64, leaving: bool) -> Request<pb::HeartbeatRequest> {
+        Request::new(pb::HeartbeatRequest {
+            epoch,
+            backlog_bytes: 8192,
+            consistent_as_of_unix_ms: 1000,
+            sent_unix_ms: 1001,
+            leaving,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_heard_source_blocks_a_promotion_by_hand_until_forced_and_then_every_heartbeat_is_refused()
+     {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let svc = service(dir.path());
+        let page = |svc: &ReplicaService| {
+            let mut out = String::new();
+            svc.render(&mut out);
+            out
+        };
+        assert!(page(&svc).contains("tern_replica_promoted 0\n"));
+        assert!(!page(&svc).contains("heard_seconds_ago"), "none heard yet");
+        svc.heartbeat(beat(0, false)).await.expect("heartbeat");
+        assert!(page(&svc).contains("tern_replica_source_backlog_bytes 8192\n"));
+        let alive = ReplicaService::promote(&svc, "test".into(), false)
+            .await
+            .expect_err("the source speaks");
+        assert!(matches!(alive, RpcError::SourceAlive { .. }), "{alive}");
+        // A goodbye is no loss, and no longer blocks a promotion by hand.
+        svc.heartbeat(beat(0, true)).await.expect("goodbye");
+        assert_eq!(svc.liveness().silent_for(), None);
+        let p = ReplicaService::promote(&svc, "test".into(), false)
+            .await
+            .expect("promote");
+        assert_eq!((p.epoch, p.source_backlog_bytes), (1, 8192));
+        assert_eq!(
+            p.consistent_as_of_unix_ms, 1000,
+            "the last heartbeat's recovery point"
+        );
+        assert!(page(&svc).contains("tern_replica_promoted 1\n"));
+        let refused = svc.heartbeat(beat(1, false)).await.expect_err("promoted");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.message().contains("tern failback"), "{refused:?}");
+        let info = svc
+            .info(Request::new(pb::InfoRequest::default()))
+            .await
+            .expect("info")
+            .into_inner();
+        assert_eq!(info.promotion.map(|p| p.epoch), Some(1));
     }
 }
