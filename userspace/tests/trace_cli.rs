@@ -130,7 +130,7 @@ fn bad_input_is_one_line_and_never_a_panic() {
         assert!(!err.contains("panicked"), "{err}");
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     }
-    // A truncated trace names its byte offset.
+    // A cut trace is read up to its last complete chunk, and the cut is named.
     let lo = LoopDev::new("64M");
     let good = lo.dir.path().join("g.trace");
     sh(tern()
@@ -152,8 +152,16 @@ fn bad_input_is_one_line_and_never_a_panic() {
         .arg(&cut)
         .output()
         .expect("tern runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("truncated at byte"), "{err}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains(&format!("the file is cut at byte {}", bytes.len() - 3)),
+        "{said}"
+    );
 }
 
 /// A cgroup v2 directory of its own, removed with its processes at the end.

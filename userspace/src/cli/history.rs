@@ -238,10 +238,19 @@ async fn ls(select: &Select, json: bool) -> Result<()> {
             "start", "end", "host/device", "seq", "bytes", "requests", "written MB", "gaps"
         )?;
     }
+    let mut corrupt = Vec::new();
     for s in segments {
-        let summary = match s.summary_bytes {
-            Some(_) => Some(store.summary(&s.key).await?),
-            None => None,
+        // A corrupt summary is listed as such; the listing goes on.
+        let (summary, error) = match s.summary_bytes {
+            Some(_) => match store.summary(&s.key).await {
+                Ok(m) => (Some(m), None),
+                Err(e @ tern::history::HistoryError::Summary { .. }) => {
+                    corrupt.push(s.key.stem());
+                    (None, Some(e.to_string()))
+                }
+                Err(e) => return Err(e.into()),
+            },
+            None => (None, None),
         };
         if json {
             let v = serde_json::json!({
@@ -254,14 +263,16 @@ async fn ls(select: &Select, json: bool) -> Result<()> {
                 "seq": s.key.seq,
                 "bytes": s.bytes,
                 "summary": summary,
+                "summary_error": error,
             });
             writeln!(out, "{v}")?;
             continue;
         }
+        let none = if error.is_some() { "corrupt" } else { "-" };
         let (requests, written, gaps) =
             summary
                 .as_ref()
-                .map_or(("-".to_owned(), "-".to_owned(), "-".to_owned()), |m| {
+                .map_or((none.to_owned(), none.to_owned(), none.to_owned()), |m| {
                     let w = m.op(tern::trace::Op::Write).bytes;
                     (
                         m.block_events.to_string(),
@@ -280,6 +291,15 @@ async fn ls(select: &Select, json: bool) -> Result<()> {
             requests,
             written,
             gaps
+        )?;
+    }
+    if !corrupt.is_empty() {
+        let mut err = std::io::stderr().lock();
+        writeln!(
+            err,
+            "tern: warning: {} segment summaries could not be read (listed as corrupt): {}; their traces are read as they are (`tern history get` makes a gap of what cannot be read)",
+            corrupt.len(),
+            corrupt.join(", ")
         )?;
     }
     Ok(())

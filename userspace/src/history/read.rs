@@ -254,12 +254,20 @@ impl HistoryStore {
         })
     }
 
-    /// The summaries of the segments in the query, in time order (segments without one are skipped).
+    /// The summaries of the segments in the query, in time order (segments
+    /// without one, or with a corrupt one, are skipped; a corrupt one with a warning).
     pub async fn summaries(&self, query: &Query) -> Result<Vec<WindowSummary>, HistoryError> {
         let mut out = Vec::new();
         for s in self.segments(query).await? {
             if s.summary_bytes.is_some() {
-                out.push(self.summary(&s.key).await?);
+                match self.summary(&s.key).await {
+                    Ok(summary) => out.push(summary),
+                    // A corrupt summary is left out, not the whole history.
+                    Err(e @ HistoryError::Summary { .. }) => {
+                        tracing::warn!(error = %e, "a corrupt window summary is skipped");
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(out)
@@ -306,6 +314,7 @@ impl HistoryStore {
             prev: None,
             pending: None,
             synthesized_gaps: 0,
+            corrupt_segments: 0,
         };
         stream.load_next().await?;
         Ok(stream)
@@ -321,6 +330,10 @@ struct Current {
     targets: Vec<u16>,
     /// The same for CPU targets.
     cpu_targets: Vec<u16>,
+    /// The segment's window (wall clock) and its last record's time: a
+    /// corrupt rest of it becomes a gap from there to the window's end.
+    window_end: u64,
+    last_wall: u64,
 }
 
 /// History as one trace: [`RecordStream::header`] is the first segment's
@@ -341,6 +354,8 @@ pub struct RecordStream {
     prev: Option<(u64, u64, u64)>,
     pending: Option<Record>,
     synthesized_gaps: u64,
+    /// Segments (or their tails) that could not be read, skipped as gaps.
+    corrupt_segments: u64,
 }
 
 impl RecordStream {
@@ -354,6 +369,30 @@ impl RecordStream {
         self.synthesized_gaps
     }
 
+    /// Segments found corrupt so far (each one's unreadable part came out
+    /// as a gap, with a warning).
+    pub fn corrupt_segments(&self) -> u64 {
+        self.corrupt_segments
+    }
+
+    /// A gap over `[start, end)` (wall clock) clipped to the range, for a
+    /// segment or its tail that could not be read.
+    fn corrupt_gap(&mut self, name: &str, error: &dyn std::fmt::Display, start: u64, end: u64) {
+        tracing::warn!(segment = name, %error, "a corrupt history segment: what could not be read comes out as a gap");
+        self.corrupt_segments += 1;
+        let (start, end) = (start.max(self.from), end.min(self.to));
+        if start < end {
+            let base = self.base();
+            self.pending = Some(Record::Gap(Gap {
+                start_ns: start.saturating_sub(base),
+                end_ns: end.saturating_sub(base),
+                lost_block: 0,
+                lost_fault: 0,
+            }));
+            self.synthesized_gaps += 1;
+        }
+    }
+
     fn base(&self) -> u64 {
         self.header.as_ref().map_or(0, |h| h.start_wall_unix_ns)
     }
@@ -365,11 +404,21 @@ impl RecordStream {
         };
         let name = seg.key.stem();
         let bytes = self.store.segment(&seg.key).await?;
-        let reader =
-            TraceReader::new(Cursor::new(bytes)).map_err(|source| HistoryError::Segment {
-                name: name.clone(),
-                source,
-            })?;
+        let reader = match TraceReader::new(Cursor::new(bytes)) {
+            Ok(reader) => reader,
+            Err(e) => {
+                // A header that cannot be read: the whole window is a gap
+                // (once a header is known to count time from).
+                if self.header.is_some() {
+                    self.prev = Some((seg.key.session, seg.key.seq, seg.key.end_unix_ns));
+                    self.corrupt_gap(&name, &e, seg.key.start_unix_ns, seg.key.end_unix_ns);
+                } else {
+                    tracing::warn!(segment = %name, error = %e, "a corrupt history segment is skipped");
+                    self.corrupt_segments += 1;
+                }
+                return Ok(true);
+            }
+        };
         let header = self.header.get_or_insert_with(|| reader.header().clone());
         let targets = reader
             .header()
@@ -432,6 +481,8 @@ impl RecordStream {
             session: key.session,
             targets,
             cpu_targets,
+            window_end: key.end_unix_ns,
+            last_wall: key.start_unix_ns,
         });
         Ok(true)
     }
@@ -457,12 +508,22 @@ impl RecordStream {
                     continue;
                 }
                 Err(source) => {
-                    let name = cur.name.clone();
+                    // The rest of this segment is unreadable: a gap stands
+                    // for it, and the next segment is read.
+                    let (name, start, end) = (cur.name.clone(), cur.last_wall, cur.window_end);
                     self.current = None;
-                    self.segments.clear();
-                    return Err(HistoryError::Segment { name, source });
+                    self.corrupt_gap(&name, &source, start, end);
+                    continue;
                 }
             };
+            if let Some(ts) = match &rec {
+                Record::Block(b) => Some(b.ts_ns),
+                Record::Fault(f) => Some(f.ts_ns),
+                Record::Cpu(c) => Some(c.ts_ns),
+                _ => None,
+            } {
+                cur.last_wall = cur.last_wall.max(cur.session.saturating_add(ts));
+            }
             let session = cur.session;
             let targets = &cur.targets;
             let cpu_targets = &cur.cpu_targets;

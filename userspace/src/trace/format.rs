@@ -309,6 +309,9 @@ pub struct TraceReader<R: Read> {
     next_offset: u64,
     last_ts: u64,
     done: bool,
+    /// Where the file ends inside a chunk (a tracer killed mid-write, a
+    /// full disk): every complete chunk before it was read.
+    cut: Option<u64>,
 }
 
 /// Reads exactly `buf.len()` bytes, or reports how many there were.
@@ -386,7 +389,15 @@ impl<R: Read> TraceReader<R> {
             next_offset: start,
             last_ts: 0,
             done: false,
+            cut: None,
         })
+    }
+
+    /// Where the file ended inside a chunk, if it did: the reader stopped
+    /// there, after every complete chunk (the records of the cut chunk are
+    /// lost; its checksum cannot vouch for any of them).
+    pub fn cut_at(&self) -> Option<u64> {
+        self.cut
     }
 
     pub fn header(&self) -> &TraceHeader {
@@ -402,7 +413,9 @@ impl<R: Read> TraceReader<R> {
             return Ok(false);
         }
         if got < CHUNK_HEADER_LEN {
-            return Err(truncated(at + got as u64, "a chunk header"));
+            // The file ends inside a chunk header: a cut tail, not damage.
+            self.cut = Some(at + got as u64);
+            return Ok(false);
         }
         let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
         if word(0) != CHUNK_MAGIC {
@@ -425,7 +438,8 @@ impl<R: Read> TraceReader<R> {
         self.chunk.resize(len, 0);
         let got = read_full(&mut self.input, &mut self.chunk)?;
         if got < len {
-            return Err(truncated(at + (CHUNK_HEADER_LEN + got) as u64, "a chunk"));
+            self.cut = Some(at + (CHUNK_HEADER_LEN + got) as u64);
+            return Ok(false);
         }
         if crc32c::crc32c(&self.chunk) != word(12) {
             return Err(corrupt(at, "chunk checksum mismatch"));
@@ -722,11 +736,53 @@ pub(crate) mod tests {
         w.finish(end).expect("finish to a Vec")
     }
 
+    /// Every record, or the first error; a cut tail is an error here (as
+    /// `Truncated`), so the properties below see every cut.
     fn read_all(bytes: &[u8]) -> Result<(TraceHeader, Vec<Record>), TraceFileError> {
-        let reader = TraceReader::new(bytes)?;
+        let mut reader = TraceReader::new(bytes)?;
         let header = reader.header().clone();
-        let records = reader.collect::<Result<Vec<_>, _>>()?;
+        let records = reader.by_ref().collect::<Result<Vec<_>, _>>()?;
+        if let Some(offset) = reader.cut_at() {
+            return Err(truncated(offset, "a chunk"));
+        }
         Ok((header, records))
+    }
+
+    #[test]
+    fn a_trace_cut_inside_a_chunk_yields_every_complete_chunk_before_the_cut() {
+        let records: Vec<Record> = (0..20_000u64)
+            .map(|i| {
+                Record::Block(BlockRecord {
+                    ts_ns: i,
+                    offset: i * 4096,
+                    latency_ns: 0,
+                    len: 4096,
+                    pid: 1,
+                    flags: 0,
+                    target: 0,
+                    op: Op::Write,
+                })
+            })
+            .collect();
+        let bytes = write_all(&records, EndRecord::default());
+        let at = bytes.len() * 2 / 3;
+        let mut reader = TraceReader::new(&bytes[..at]).expect("header");
+        let back = reader
+            .by_ref()
+            .collect::<Result<Vec<_>, _>>()
+            .expect("the complete chunks read");
+        let cut = reader.cut_at().expect("the cut is reported");
+        assert!(cut <= at as u64 && cut > 0);
+        assert!(
+            back.len() > 1000,
+            "most of the records before the cut: {}",
+            back.len()
+        );
+        assert_eq!(&back[..], &records[..back.len()], "a prefix, in order");
+        // An uncut trace reports no cut.
+        let mut whole = TraceReader::new(bytes.as_slice()).expect("header");
+        assert_eq!(whole.by_ref().count(), records.len() + 1);
+        assert_eq!(whole.cut_at(), None);
     }
 
     #[test]

@@ -201,10 +201,13 @@ fn parse_blkparse(lines: &Lines, line: &str) -> Result<Parsed, ImportError> {
     } else {
         (0, 0)
     };
+    let sector_byte = sector
+        .checked_mul(512)
+        .ok_or_else(|| lines.err(format!("sector {sector} is past 2^64 bytes")))?;
     if action == "C" {
         return Ok(Parsed::Complete {
             target,
-            sector_byte: sector * 512,
+            sector_byte,
             ts_ns,
         });
     }
@@ -216,7 +219,7 @@ fn parse_blkparse(lines: &Lines, line: &str) -> Result<Parsed, ImportError> {
         target,
         rec: BlockRecord {
             ts_ns,
-            offset: sector * 512,
+            offset: sector_byte,
             latency_ns: 0,
             len: sectors
                 .checked_mul(512)
@@ -375,11 +378,22 @@ fn parse(
     line: &str,
     t0: &mut Option<u64>,
 ) -> Result<Parsed, ImportError> {
-    match format {
+    let parsed = match format {
         ImportFormat::Blkparse => parse_blkparse(lines, line),
         ImportFormat::Csv => parse_tern_csv(lines, line),
         ImportFormat::Msr => parse_msr(lines, line, t0),
+    }?;
+    // Every consumer adds the length to the offset: an extent that would
+    // wrap past 2^64 bytes is refused here, once, for every format.
+    if let Parsed::Block { rec, .. } = &parsed
+        && rec.offset.checked_add(u64::from(rec.len)).is_none()
+    {
+        return Err(lines.err(format!(
+            "an extent of {} bytes at offset {} ends past 2^64 bytes",
+            rec.len, rec.offset
+        )));
     }
+    Ok(parsed)
 }
 
 /// Pending blkparse issues awaiting their completion, bounded.
@@ -574,5 +588,49 @@ mod tests {
             })
             .collect();
         assert_eq!(ts, [(6_162_900, Op::Write), (0, Op::Read)]);
+    }
+
+    #[test]
+    fn an_extent_that_would_wrap_past_2_64_is_refused_with_its_line_in_every_format() {
+        let dir = tempfile::tempdir().expect("dir");
+        let near = u64::MAX - 1000;
+        let cases = [
+            (
+                ImportFormat::Msr,
+                format!(
+                    "128166372003061629,host,0,Write,0,4096,5000\n128166372003061630,host,0,Write,{near},4096,5000\n"
+                ),
+            ),
+            (
+                ImportFormat::Csv,
+                format!(
+                    "kind,ts_ns,end_ns,target,op,offset,len,latency_ns,pid,tid,ip,flags,comm,lost\nblock,1000,,/dev/x,write,{near},4096,10,1,,,sync,a,\n"
+                ),
+            ),
+        ];
+        let far = u64::MAX / 512 + 1;
+        let blkparse = dir.path().join("blk.txt");
+        std::fs::write(
+            &blkparse,
+            format!("  7,0    1        1     0.000001000  4242  D  WS {far} + 8 [fio]\n"),
+        )
+        .expect("write");
+        let err = import(ImportFormat::Blkparse, &blkparse, Vec::new())
+            .expect_err("a sector past 2^64 bytes");
+        assert!(err.to_string().contains("past 2^64"), "{err}");
+        for (format, text) in cases {
+            let input = dir.path().join("in.csv");
+            std::fs::write(&input, text).expect("write");
+            let err = import(format, &input, Vec::new()).expect_err("a wrapping extent");
+            let said = err.to_string();
+            assert!(
+                said.contains(&format!("offset {near}")) && said.contains("2^64"),
+                "{format:?}: {said}"
+            );
+            assert!(
+                said.contains("in.csv:2:"),
+                "{format:?}: the line is named: {said}"
+            );
+        }
     }
 }

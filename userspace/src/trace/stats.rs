@@ -38,6 +38,9 @@ pub struct TraceStats {
     pub latency_p99_ns: u64,
     /// The trace has its end record (the tracer stopped cleanly).
     pub complete: bool,
+    /// Where the file ends inside a chunk, if it does (its records before
+    /// that byte were read).
+    pub cut_at: Option<u64>,
     pub end: Option<EndSummary>,
 }
 
@@ -129,6 +132,7 @@ impl TraceStats {
             }
         }
         s.duration_ns = last_ts;
+        s.cut_at = reader.cut_at();
         s.latency_p50_ns = hist.quantile(0.5);
         s.latency_p99_ns = hist.quantile(0.99);
         Ok(s)
@@ -222,7 +226,12 @@ impl TraceStats {
                 end.outside_image
             );
         }
-        if !self.complete {
+        if let Some(at) = self.cut_at {
+            let _ = writeln!(
+                out,
+                "  WARNING: the file is cut at byte {at}, inside a chunk: every record before that chunk was read, the chunk's are lost"
+            );
+        } else if !self.complete {
             let _ = writeln!(
                 out,
                 "  WARNING: no end record: the tracer did not stop cleanly; the tail may be missing"
