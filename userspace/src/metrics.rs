@@ -285,6 +285,18 @@ impl Render for crate::nbd::NbdServer {
             "NBD connections accepted.",
             s.connections_accepted,
         );
+        render_counter(
+            out,
+            "tern_nbd_connections_refused_total",
+            "NBD connections closed at once: over the connection or handshake limit.",
+            s.connections_refused,
+        );
+        render_counter(
+            out,
+            "tern_nbd_handshake_failures_total",
+            "NBD connections dropped during the handshake (a timeout among them).",
+            s.handshake_failures,
+        );
         let _ = writeln!(
             out,
             "# HELP tern_nbd_connections_active NBD connections open now."

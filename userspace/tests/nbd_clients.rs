@@ -817,3 +817,95 @@ fn tern_nbd_serve_refuses_a_public_address_without_insecure_nbd() {
         String::from_utf8_lossy(&served.stderr)
     );
 }
+
+/// Reads until the server closes the connection; how many bytes came.
+async fn until_closed(s: &mut TcpStream) -> usize {
+    let mut got = 0;
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got += n,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_are_dropped_after_the_handshake_timeout_and_a_flood_is_refused_at_the_door()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::open(
+        &dir.path().join("l.img"),
+        &ImageOptions {
+            size: Some(MIB),
+            read_only: false,
+            direct: true,
+            bulk_direct: false,
+        },
+    )
+    .unwrap();
+    let server = Arc::new(
+        NbdServer::new(vec![Export {
+            name: "l".into(),
+            description: String::new(),
+            image,
+            read_only: false,
+            changes: ImageChanges::default(),
+            presence: tern::postcopy::Presence::default(),
+        }])
+        .with_limits(tern::nbd::Limits {
+            handshake_timeout: Duration::from_millis(500),
+            max_connections: 3,
+            max_handshaking: 2,
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(Arc::clone(&server).serve_tcp(listener, cancel.clone()));
+
+    // Two clients connect and never speak: they hold both handshake places.
+    let started = std::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A third is closed at once, without even the greeting.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(until_closed(&mut third).await, 0, "refused unanswered");
+    assert_eq!(server.stats().snapshot().connections_refused, 1);
+    // The silent ones got their greeting, then were dropped at the timeout.
+    for s in &mut silent {
+        assert_eq!(until_closed(s).await, 18, "the greeting, then nothing");
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(5),
+        "dropped after {waited:?}"
+    );
+    let s = server.stats().snapshot();
+    assert_eq!(
+        (s.handshake_failures, s.connections_active),
+        (2, 0),
+        "{s:?}"
+    );
+
+    // With the places free again, real clients get in, up to the connection limit.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(raw_handshake(&mut c, "l").await, MIB);
+        held.push(c);
+    }
+    let mut fourth = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(
+        until_closed(&mut fourth).await,
+        0,
+        "over the connection limit"
+    );
+    assert_eq!(server.stats().snapshot().connections_refused, 2);
+    drop(held);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::image::{Image, ImageChanges, ImageError, ImageOptions};
-pub use server::{Export, NbdServer, NbdStats, NbdStatsSnapshot};
+pub use server::{Export, Limits, NbdServer, NbdStats, NbdStatsSnapshot};
 
 /// Errors from the NBD server.
 #[derive(Debug, thiserror::Error)]

@@ -33,8 +33,37 @@ const MAX_INFLIGHT_BYTES: usize = 128 << 20;
 /// Largest write done on the connection's task instead of one of its own
 /// (a bigger copy would hold up the reading of the next requests).
 const INLINE_WRITE_MAX: u32 = 64 << 10;
-/// A client must finish the handshake within this time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Who may hold the server's resources: a client must finish its
+/// handshake within `handshake_timeout`; beyond `max_connections`
+/// connections, or `max_handshaking` of them still negotiating, a new
+/// connection is closed at once (counted as refused). Each connection may
+/// hold up to 128 MiB of payload in flight, so the connection limit is what
+/// bounds the server's memory against many clients or a slow-loris one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    pub max_connections: u64,
+    pub max_handshaking: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(30),
+            max_connections: 128,
+            max_handshaking: 16,
+        }
+    }
+}
+
+/// A connection's place among those still negotiating, given back on drop.
+struct Negotiating<'a>(&'a AtomicU64);
+
+impl Drop for Negotiating<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 /// Socket buffer sizes on our side of the connection.
 const SOCKET_BUF: usize = 256 << 10;
 
@@ -107,6 +136,8 @@ pub struct NbdStats {
     /// Connections dropped during the handshake (bad magic, flags, timeout,
     /// unknown export with `NBD_OPT_EXPORT_NAME`).
     pub handshake_failures: AtomicU64,
+    /// Connections closed at once: over [`Limits`].
+    pub connections_refused: AtomicU64,
     /// Connections closed for breaking the protocol after the handshake.
     pub protocol_errors: AtomicU64,
     pub reads: AtomicU64,
@@ -128,6 +159,7 @@ pub struct NbdStatsSnapshot {
     pub connections_accepted: u64,
     pub connections_active: u64,
     pub handshake_failures: u64,
+    pub connections_refused: u64,
     pub protocol_errors: u64,
     pub reads: u64,
     pub writes: u64,
@@ -149,6 +181,7 @@ impl NbdStats {
             connections_accepted: l(&self.connections_accepted),
             connections_active: l(&self.connections_active),
             handshake_failures: l(&self.handshake_failures),
+            connections_refused: l(&self.connections_refused),
             protocol_errors: l(&self.protocol_errors),
             reads: l(&self.reads),
             writes: l(&self.writes),
@@ -176,6 +209,9 @@ pub struct NbdServer {
     /// Set: every client must STARTTLS (with a certificate the server's
     /// authority signed) before it may choose an export.
     tls: Option<Arc<rustls::ServerConfig>>,
+    limits: Limits,
+    /// Connections still negotiating.
+    negotiating: AtomicU64,
 }
 
 impl NbdServer {
@@ -200,6 +236,8 @@ impl NbdServer {
             exports,
             stats: NbdStats::default(),
             tls: None,
+            limits: Limits::default(),
+            negotiating: AtomicU64::new(0),
         }
     }
 
@@ -209,6 +247,13 @@ impl NbdServer {
     #[must_use]
     pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> NbdServer {
         self.tls = Some(config);
+        self
+    }
+
+    /// The server with other [`Limits`] than the defaults.
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> NbdServer {
+        self.limits = limits;
         self
     }
 
@@ -360,7 +405,22 @@ impl NbdServer {
         stream: S,
         cancel: &CancellationToken,
     ) {
+        let active = self.stats.connections_active.load(Ordering::Relaxed);
+        let negotiating = self.negotiating.load(Ordering::Relaxed);
+        if active >= self.limits.max_connections || negotiating >= self.limits.max_handshaking {
+            // Closed unanswered: no greeting, nothing held. Counted, not
+            // logged: a flood would flood the log too.
+            bump(&self.stats.connections_refused);
+            drop(stream);
+            return;
+        }
         bump(&self.stats.connections_accepted);
+        // Taken here, before the task runs, so a burst of connects cannot
+        // slip past the limits between accept and spawn.
+        self.stats
+            .connections_active
+            .fetch_add(1, Ordering::Relaxed);
+        self.negotiating.fetch_add(1, Ordering::Relaxed);
         let server = Arc::clone(self);
         let cancel = cancel.clone();
         conns.spawn(async move {
@@ -394,9 +454,6 @@ impl NbdServer {
         stream: S,
         cancel: CancellationToken,
     ) -> Result<(), NbdError> {
-        self.stats
-            .connections_active
-            .fetch_add(1, Ordering::Relaxed);
         let result = self.connection_inner(stream, cancel).await;
         self.stats
             .connections_active
@@ -409,10 +466,13 @@ impl NbdServer {
         stream: S,
         cancel: CancellationToken,
     ) -> Result<(), NbdError> {
+        let slot = Negotiating(&self.negotiating);
+        let timeout = self.limits.handshake_timeout;
         let negotiated = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
-            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(stream)) => r,
+            r = tokio::time::timeout(timeout, self.handshake(stream)) => r,
         };
+        drop(slot);
         let session = match negotiated {
             Ok(Ok(session)) => session,
             Ok(Err(e)) => {
@@ -421,7 +481,7 @@ impl NbdServer {
             }
             Err(_elapsed) => {
                 bump(&self.stats.handshake_failures);
-                return Err(NbdError::HandshakeTimeout(HANDSHAKE_TIMEOUT));
+                return Err(NbdError::HandshakeTimeout(timeout));
             }
         };
         match session {
