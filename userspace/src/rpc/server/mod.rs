@@ -331,21 +331,112 @@ pub async fn serve(
         .map_err(|source| RpcError::Serve { source })
 }
 
-/// The accepted connections of `listener`, each with `TCP_NODELAY`. A
-/// builder's `tcp_nodelay` applies only to listeners tonic binds itself;
-/// without it Nagle holds a response's trailers until the client's delayed
-/// ACK: ~40 ms per read stream or small reply, measured at the cutover.
+/// Most gRPC connections one listener serves at once: each holds a task,
+/// buffers and up to an HTTP/2 window of data, so this bounds what many
+/// clients (or one opening connections it never uses) can take. A
+/// connection over the limit is closed as soon as it is accepted.
+pub(crate) const MAX_CONNECTIONS: usize = 256;
+
+/// The accepted connections of `listener`, each with `TCP_NODELAY`, at most
+/// [`MAX_CONNECTIONS`] at once. A builder's `tcp_nodelay` applies only to
+/// listeners tonic binds itself; without it Nagle holds a response's
+/// trailers until the client's delayed ACK: ~40 ms per read stream or small
+/// reply, measured at the cutover.
 pub(crate) fn nodelay_incoming(
     listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    tokio_stream::StreamExt::map(
+) -> impl tokio_stream::Stream<Item = std::io::Result<Limited>> {
+    limited_incoming(listener, MAX_CONNECTIONS)
+}
+
+/// [`nodelay_incoming`] with `max` connections at most.
+fn limited_incoming(
+    listener: tokio::net::TcpListener,
+    max: usize,
+) -> impl tokio_stream::Stream<Item = std::io::Result<Limited>> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(max));
+    let mut refused = 0u64;
+    tokio_stream::StreamExt::filter_map(
         tokio_stream::wrappers::TcpListenerStream::new(listener),
-        |stream| {
-            let stream = stream?;
-            stream.set_nodelay(true)?;
-            Ok(stream)
+        move |stream| {
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(e) => return Some(Err(e)),
+            };
+            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                // Closed unanswered; logged at powers of two, not per connection.
+                refused += 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(refused, max, "gRPC connections over the limit closed");
+                }
+                return None;
+            };
+            Some(stream.set_nodelay(true).map(|()| Limited {
+                inner: stream,
+                _permit: permit,
+            }))
         },
     )
+}
+
+/// An accepted connection holding its place under the connection limit
+/// until it is dropped.
+pub(crate) struct Limited {
+    inner: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for Limited {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Limited {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Limited {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
 }
 
 type ReadTx = mpsc::Sender<Result<pb::ReadResponse, Status>>;
@@ -814,5 +905,59 @@ mod failover_tests {
             .expect("info")
             .into_inner();
         assert_eq!(info.promotion.map(|p| p.epoch), Some(1));
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt;
+    use tokio_stream::StreamExt;
+
+    use super::limited_incoming;
+
+    /// Whether the server closed `s` (a read sees EOF) within a short wait.
+    async fn closed(s: &mut tokio::net::TcpStream) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_millis(300), s.read(&mut b)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_and_a_freed_place_is_taken_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (drop_one, mut dropped) = tokio::sync::mpsc::channel::<()>(1);
+        // The server side: holds what it accepts, drops one on request.
+        let server = tokio::spawn(async move {
+            let mut incoming = std::pin::pin!(limited_incoming(listener, 2));
+            let mut held = Vec::new();
+            loop {
+                tokio::select! {
+                    next = incoming.next() => match next {
+                        Some(Ok(c)) => held.push(c),
+                        Some(Err(e)) => panic!("accept: {e}"),
+                        None => return,
+                    },
+                    Some(()) = dropped.recv() => { held.remove(0); }
+                }
+            }
+        });
+        let connect = || tokio::net::TcpStream::connect(addr);
+        let mut first = connect().await.expect("first");
+        let mut second = connect().await.expect("second");
+        let mut third = connect().await.expect("the connect itself succeeds");
+        assert!(closed(&mut third).await, "over the limit: closed");
+        assert!(!closed(&mut first).await && !closed(&mut second).await);
+        drop_one.send(()).await.expect("drop one");
+        assert!(closed(&mut first).await, "the oldest was dropped");
+        let mut fourth = connect().await.expect("fourth");
+        assert!(!closed(&mut fourth).await, "its place was free again");
+        server.abort();
     }
 }
