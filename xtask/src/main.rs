@@ -216,15 +216,20 @@ fn test() -> Result<()> {
     readme::run(&build(false)?)
 }
 
-/// A bounded run of the NBD request-parser fuzzer. cargo-fuzz needs nightly
-/// flags; `RUSTC_BOOTSTRAP` lets the machine's stable rustc accept them.
+/// The fuzz targets in `fuzz/fuzz_targets/`.
+const FUZZ_TARGETS: [&str; 2] = ["nbd_request", "trace_file"];
+
+/// A bounded run of each fuzz target. cargo-fuzz needs nightly flags;
+/// `RUSTC_BOOTSTRAP` lets the machine's stable rustc accept them.
 fn fuzz(runs: u32) -> Result<()> {
     if sh::output(std::process::Command::new("cargo").args(["fuzz", "--version"])).is_err() {
         run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }
-    run(cargo()
-        .current_dir(repo_root().join("fuzz"))
-        .env("RUSTC_BOOTSTRAP", "1")
-        .args(["fuzz", "run", "nbd_request", "--", &format!("-runs={runs}")]))?;
+    for target in FUZZ_TARGETS {
+        run(cargo()
+            .current_dir(repo_root().join("fuzz"))
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", target, "--", &format!("-runs={runs}")]))?;
+    }
     Ok(())
 }
