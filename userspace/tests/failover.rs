@@ -169,8 +169,8 @@ fn wait_promoted(ns: &Netns, lab: &Lab) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let v = info(ns, lab);
-        if !v["promotion"].is_null() {
-            assert_eq!(v["export_writable"], true, "{v}");
+        // The promotion is recorded a moment before the export turns writable.
+        if !v["promotion"].is_null() && v["export_writable"] == true {
             return v["promotion"].clone();
         }
         assert!(Instant::now() < deadline, "never promoted: {v}");
@@ -581,13 +581,17 @@ fn a_failed_over_file_system_is_clean_and_its_database_holds_every_commit_before
         .with_agent_args(&["--failover-after", "3s"]);
     let mut agent = KillOnly(source_agent(src.path(), &lab, "a"));
     wait_replicating(&lab, "a");
-    // Each commit is one sqlite3 process: its insert is durable (fsync)
-    // when the process exits, and only then logged.
+    // Each commit is one sqlite3 process: its insert is durable when the
+    // process exits, and only then logged. `synchronous=extra`: in the
+    // default rollback-journal mode a commit is the journal's unlink, which
+    // only EXTRA makes durable (with FULL, a crash right after can bring the
+    // journal back and roll the last commit back: this test saw it once in
+    // ~10 runs before it asked for EXTRA).
     let mut writer = KillOnly(
         Command::new("bash")
             .args([
                 "-c",
-                "i=0; while :; do i=$((i+1)); sqlite3 \"$0\" \"insert into t values($i)\" || exit 1; echo \"$i $(date +%s%3N)\"; done",
+                "i=0; while :; do i=$((i+1)); sqlite3 \"$0\" \"pragma synchronous=extra; insert into t values($i)\" || exit 1; echo \"$i $(date +%s%3N)\"; done",
             ])
             .arg(&db)
             .process_group(0)

@@ -574,6 +574,15 @@ async fn watch_source(
         if silent < after || service.export_writable() || tokio::time::Instant::now() < next_try {
             continue;
         }
+        if service.liveness().last_heard().consistent_as_of_unix_ms == 0 {
+            // The source died before its replica was ever complete: not a
+            // replica to run on without an operator's word (`--force`).
+            tracing::error!(
+                "failover: the source is silent, but no heartbeat ever said the replica was complete; not promoting it (tern failover --force would)"
+            );
+            next_try = tokio::time::Instant::now() + after;
+            continue;
+        }
         let reason = format!(
             "the source was silent for {} (--failover-after {})",
             humantime::format_duration(std::time::Duration::from_millis(

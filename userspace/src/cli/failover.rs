@@ -125,7 +125,7 @@ fn render(p: &tern::rpc::Promotion) -> String {
         at(p.last_write_unix_ms),
         p.acknowledged_bytes
     );
-    s.push_str("the NBD export is writable; the old source is refused until `tern failback` demotes this replica\n");
+    s.push_str("the replica's NBD export (if it serves one) is writable; the old source is refused until `tern failback` demotes this replica\n");
     s
 }
 

@@ -504,7 +504,14 @@ impl RecordStream {
             let rec = match cur.reader.next_record() {
                 Ok(Some(r)) => r,
                 Ok(None) => {
+                    // A segment cut short: what it did not hold is a gap.
+                    let cut = cur.reader.cut_at();
+                    let (name, start, end) = (cur.name.clone(), cur.last_wall, cur.window_end);
                     self.current = None;
+                    if let Some(at) = cut {
+                        let error = format!("the segment is cut at byte {at}");
+                        self.corrupt_gap(&name, &error, start, end);
+                    }
                     continue;
                 }
                 Err(source) => {
@@ -516,13 +523,8 @@ impl RecordStream {
                     continue;
                 }
             };
-            if let Some(ts) = match &rec {
-                Record::Block(b) => Some(b.ts_ns),
-                Record::Fault(f) => Some(f.ts_ns),
-                Record::Cpu(c) => Some(c.ts_ns),
-                _ => None,
-            } {
-                cur.last_wall = cur.last_wall.max(cur.session.saturating_add(ts));
+            if matches!(rec, Record::Block(_) | Record::Fault(_) | Record::Cpu(_)) {
+                cur.last_wall = cur.last_wall.max(cur.session.saturating_add(rec.ts_ns()));
             }
             let session = cur.session;
             let targets = &cur.targets;

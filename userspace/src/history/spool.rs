@@ -148,7 +148,11 @@ fn copy_readable(
     loop {
         let rec = match reader.next_record() {
             Ok(Some(r)) => r,
-            Ok(None) => break,
+            // A file cut inside a chunk (the usual crash) is damaged too.
+            Ok(None) => {
+                copied.damaged = reader.cut_at().is_some();
+                break;
+            }
             Err(_) => {
                 copied.damaged = true;
                 break;

@@ -56,12 +56,52 @@ impl Default for Limits {
     }
 }
 
-/// A connection's place among those still negotiating, given back on drop.
-struct Negotiating<'a>(&'a AtomicU64);
+/// A connection's places under the [`Limits`]: among the open ones, and
+/// among those still negotiating (given back after the handshake). Each is
+/// given back on drop, whatever ends the connection: its end, an error, a
+/// panic, or its task dropped before it ran.
+struct Places {
+    server: Arc<NbdServer>,
+    negotiating: bool,
+}
 
-impl Drop for Negotiating<'_> {
+impl Places {
+    /// Both places, or `None` when the server is full (the connection is
+    /// refused and counted).
+    fn take(server: &Arc<NbdServer>) -> Option<Places> {
+        let limits = server.limits;
+        let active = server
+            .stats
+            .connections_active
+            .fetch_add(1, Ordering::AcqRel);
+        let negotiating = server.negotiating.fetch_add(1, Ordering::AcqRel);
+        let places = Places {
+            server: Arc::clone(server),
+            negotiating: true,
+        };
+        if active >= limits.max_connections || negotiating >= limits.max_handshaking {
+            bump(&server.stats.connections_refused);
+            return None;
+        }
+        bump(&server.stats.connections_accepted);
+        Some(places)
+    }
+
+    /// The handshake is over: the negotiating place is free.
+    fn negotiated(&mut self) {
+        if std::mem::take(&mut self.negotiating) {
+            self.server.negotiating.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Places {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.negotiated();
+        self.server
+            .stats
+            .connections_active
+            .fetch_sub(1, Ordering::AcqRel);
     }
 }
 /// Socket buffer sizes on our side of the connection.
@@ -396,7 +436,10 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.connection(Whole(stream), cancel).await
+        let Some(places) = Places::take(&self) else {
+            return Ok(());
+        };
+        self.connection(Whole(stream), cancel, places).await
     }
 
     fn spawn_connection<S: Transport>(
@@ -405,26 +448,18 @@ impl NbdServer {
         stream: S,
         cancel: &CancellationToken,
     ) {
-        let active = self.stats.connections_active.load(Ordering::Relaxed);
-        let negotiating = self.negotiating.load(Ordering::Relaxed);
-        if active >= self.limits.max_connections || negotiating >= self.limits.max_handshaking {
-            // Closed unanswered: no greeting, nothing held. Counted, not
-            // logged: a flood would flood the log too.
-            bump(&self.stats.connections_refused);
+        // Taken here, before the task runs, so a burst of connects cannot
+        // slip past the limits between accept and spawn. Over them: closed
+        // unanswered, nothing held; counted, not logged (a flood would
+        // flood the log too).
+        let Some(places) = Places::take(self) else {
             drop(stream);
             return;
-        }
-        bump(&self.stats.connections_accepted);
-        // Taken here, before the task runs, so a burst of connects cannot
-        // slip past the limits between accept and spawn.
-        self.stats
-            .connections_active
-            .fetch_add(1, Ordering::Relaxed);
-        self.negotiating.fetch_add(1, Ordering::Relaxed);
+        };
         let server = Arc::clone(self);
         let cancel = cancel.clone();
         conns.spawn(async move {
-            if let Err(e) = server.connection(stream, cancel).await {
+            if let Err(e) = server.connection(stream, cancel, places).await {
                 // One line per connection, not per request.
                 tracing::debug!(error = %e, "NBD connection ended with an error");
             }
@@ -449,30 +484,28 @@ impl NbdServer {
         Ok(())
     }
 
+    /// One connection, holding its `places` until it ends.
     async fn connection<S: Transport>(
         self: Arc<Self>,
         stream: S,
         cancel: CancellationToken,
+        mut places: Places,
     ) -> Result<(), NbdError> {
-        let result = self.connection_inner(stream, cancel).await;
-        self.stats
-            .connections_active
-            .fetch_sub(1, Ordering::Relaxed);
-        result
+        self.connection_inner(stream, cancel, &mut places).await
     }
 
     async fn connection_inner<S: Transport>(
         self: &Arc<Self>,
         stream: S,
         cancel: CancellationToken,
+        places: &mut Places,
     ) -> Result<(), NbdError> {
-        let slot = Negotiating(&self.negotiating);
         let timeout = self.limits.handshake_timeout;
         let negotiated = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             r = tokio::time::timeout(timeout, self.handshake(stream)) => r,
         };
-        drop(slot);
+        places.negotiated();
         let session = match negotiated {
             Ok(Ok(session)) => session,
             Ok(Err(e)) => {

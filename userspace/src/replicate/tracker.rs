@@ -37,6 +37,9 @@ struct Shared {
     want: AtomicU64,
     done: AtomicU64,
     gaps: Arc<AtomicU64>,
+    /// At the latest answered drain, the trace held every completed write
+    /// (`Session::settled`).
+    settled: AtomicBool,
     write_events: AtomicU64,
     written_bytes: AtomicU64,
     /// Shared: the thread returns it too, and every `sync` after reports it.
@@ -122,6 +125,7 @@ impl Tracker {
             want: AtomicU64::new(0),
             done: AtomicU64::new(0),
             gaps: Arc::default(),
+            settled: AtomicBool::new(false),
             write_events: AtomicU64::new(0),
             written_bytes: AtomicU64::new(0),
             failure: Mutex::new(None),
@@ -190,6 +194,7 @@ impl Tracker {
                         return Err(e);
                     }
                     done = want;
+                    shared.settled.store(session.settled(), Ordering::Release);
                     shared.done.store(want, Ordering::Release);
                     shared.answered.notify_waiters();
                     if shared.stop.load(Ordering::Acquire) {
@@ -251,6 +256,14 @@ impl Tracker {
     /// The gap counter itself, for reporters that outlive a borrow of the tracker.
     pub fn gap_counter(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.shared.gaps)
+    }
+
+    /// Whether the last [`Tracker::sync`] left no completed write
+    /// unaccounted for: every write completed before the sync is in the
+    /// dirty maps (or its loss is a gap). A standby's recovery point moves
+    /// only then.
+    pub fn settled(&self) -> bool {
+        self.shared.settled.load(Ordering::Acquire)
     }
 
     /// Gaps (windows of lost events) seen so far.

@@ -109,10 +109,7 @@ impl Fence {
     pub async fn acquire(&self, epoch: u64) -> Result<Lease, RpcError> {
         let _change = self.change.lock().await;
         if let Some(p) = self.promotion() {
-            return Err(RpcError::Promoted {
-                epoch: p.epoch,
-                reason: p.reason,
-            });
+            return Err(p.refusal());
         }
         let current = self.generation();
         if epoch < current.epoch {
@@ -168,6 +165,7 @@ impl Fence {
             promoted_unix_ms: super::failover::unix_ms_now(),
             reason,
             last_heard_unix_ms: heard.unix_ms,
+            last_sent_unix_ms: heard.sent_unix_ms,
             consistent_as_of_unix_ms: heard.consistent_as_of_unix_ms,
             source_backlog_bytes: heard.backlog_bytes,
             source_epoch: heard.epoch,

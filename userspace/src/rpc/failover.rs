@@ -50,6 +50,10 @@ pub struct Promotion {
     pub last_heard_unix_ms: u64,
     pub consistent_as_of_unix_ms: u64,
     pub source_backlog_bytes: u64,
+    /// The last heartbeat's own time by the source's clock (the recovery
+    /// point is by that clock too).
+    #[serde(default)]
+    pub last_sent_unix_ms: u64,
     /// The epoch the lost source wrote with.
     pub source_epoch: u64,
     /// The last write this replica acknowledged (0: none since the agent
@@ -65,11 +69,21 @@ impl Promotion {
     /// The recovery point's age when the source was last heard: how much
     /// time of writes the promotion may have lost, at most, as far as the
     /// last heartbeat could tell (`None`: no heartbeat was heard).
+    /// Both times are the source's, so the figure does not depend on the
+    /// two hosts' clocks agreeing.
     pub fn rpo_ms(&self) -> Option<u64> {
-        (self.last_heard_unix_ms > 0 && self.consistent_as_of_unix_ms > 0).then(|| {
-            self.last_heard_unix_ms
+        (self.last_sent_unix_ms > 0 && self.consistent_as_of_unix_ms > 0).then(|| {
+            self.last_sent_unix_ms
                 .saturating_sub(self.consistent_as_of_unix_ms)
         })
+    }
+
+    /// The refusal every writer of a promoted replica gets.
+    pub fn refusal(&self) -> RpcError {
+        RpcError::Promoted {
+            epoch: self.epoch,
+            reason: self.reason.clone(),
+        }
     }
 
     /// Path of the promotion file of the image whose epoch file is `epoch_file`.
@@ -110,7 +124,9 @@ impl Promotion {
             }
         };
         let json = serde_json::to_vec_pretty(self).expect("a promotion serializes");
-        let tmp = path.with_extension("tmp");
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
         let mut f = fs::File::create(&tmp).map_err(err("create"))?;
         f.write_all(&json).map_err(err("write"))?;
         f.sync_all().map_err(err("sync"))?;
@@ -160,6 +176,7 @@ impl From<&Promotion> for pb::Promotion {
             acknowledged_bytes: p.acknowledged_bytes,
             source_epoch: p.source_epoch,
             already: p.already,
+            last_sent_unix_ms: p.last_sent_unix_ms,
         }
     }
 }
@@ -177,6 +194,7 @@ impl From<pb::Promotion> for Promotion {
             last_write_unix_ms: p.last_write_unix_ms,
             acknowledged_bytes: p.acknowledged_bytes,
             already: p.already,
+            last_sent_unix_ms: p.last_sent_unix_ms,
         }
     }
 }
@@ -186,6 +204,7 @@ impl From<pb::Promotion> for Promotion {
 struct Heard {
     at: Instant,
     unix_ms: u64,
+    sent_unix_ms: u64,
     epoch: u64,
     backlog_bytes: u64,
     consistent_as_of_unix_ms: u64,
@@ -205,6 +224,8 @@ pub struct Liveness {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LastHeard {
     pub unix_ms: u64,
+    /// The heartbeat's own time, by the source's clock.
+    pub sent_unix_ms: u64,
     pub epoch: u64,
     pub backlog_bytes: u64,
     pub consistent_as_of_unix_ms: u64,
@@ -218,6 +239,7 @@ impl Liveness {
         *self.heard.lock().unwrap_or_else(PoisonError::into_inner) = Some(Heard {
             at: Instant::now(),
             unix_ms: unix_ms_now(),
+            sent_unix_ms: req.sent_unix_ms,
             epoch: req.epoch,
             backlog_bytes: req.backlog_bytes,
             consistent_as_of_unix_ms: req.consistent_as_of_unix_ms,
@@ -256,6 +278,7 @@ impl Liveness {
         let heard = *self.heard.lock().unwrap_or_else(PoisonError::into_inner);
         LastHeard {
             unix_ms: heard.map_or(0, |h| h.unix_ms),
+            sent_unix_ms: heard.map_or(0, |h| h.sent_unix_ms),
             epoch: heard.map_or(0, |h| h.epoch),
             backlog_bytes: heard.map_or(0, |h| h.backlog_bytes),
             consistent_as_of_unix_ms: heard.map_or(0, |h| h.consistent_as_of_unix_ms),
@@ -281,6 +304,7 @@ mod tests {
             promoted_unix_ms: 1_000_000,
             reason: "tern failover".into(),
             last_heard_unix_ms: 999_000,
+            last_sent_unix_ms: 999_000,
             consistent_as_of_unix_ms: 998_500,
             source_backlog_bytes: 8192,
             source_epoch: 3,

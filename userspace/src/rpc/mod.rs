@@ -209,6 +209,11 @@ pub enum RpcError {
         "the source was heard {heard_ms} ms ago: it is alive, and promoting its replica now would make two primaries; stop the source (or cut it off) first, or pass --force"
     )]
     SourceAlive { heard_ms: u64 },
+    /// A promotion by hand of a replica no heartbeat vouched for.
+    #[error(
+        "no heartbeat since this agent started said the replica was complete (a recovery point): its source may have died during the first copy, and the replica may be partly blank; pass --force to promote it anyway"
+    )]
+    NeverConsistent,
     /// `Demote` of a replica that is not promoted.
     #[error("this replica is not promoted; there is nothing to demote")]
     NotPromoted,

@@ -69,6 +69,7 @@ fn code(err: &RpcError) -> Code {
         | RpcError::Fenced { .. }
         | RpcError::Promoted { .. }
         | RpcError::SourceAlive { .. }
+        | RpcError::NeverConsistent
         | RpcError::NotPromoted
         | RpcError::NoExport
         | RpcError::HashScheme { .. } => Code::FailedPrecondition,

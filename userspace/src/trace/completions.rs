@@ -79,6 +79,8 @@ struct Disk {
     candidate: Option<(i64, Instant)>,
     /// The shortfall already reported as lost.
     reported: i64,
+    /// The shortfall at the latest look, reported or not.
+    latest: i64,
 }
 
 impl Disk {
@@ -93,6 +95,7 @@ impl Disk {
             previous: 0,
             candidate: None,
             reported: 0,
+            latest: 0,
         }
     }
 
@@ -253,6 +256,15 @@ impl CompletionCheck {
         quiet
     }
 
+    /// Whether, at the latest look, every completion the kernel counted is
+    /// in the trace or already reported lost: no shortfall is still waiting
+    /// to be explained (by a late event or an unseen completion) or
+    /// declared a gap. Until it is, the trace may lack a write that has
+    /// completed.
+    pub fn settled(&self) -> bool {
+        self.disks.iter().all(|d| d.latest <= d.reported)
+    }
+
     /// Per disk: `(dev, completed, traced)` since the base, as of the
     /// kernel's counts `at`; for the session's closing summary.
     pub fn tally(&self, at: &Counts) -> Vec<(u32, u64, u64)> {
@@ -275,6 +287,7 @@ impl CompletionCheck {
             let completed = i64::try_from(count.saturating_sub(base.count)).unwrap_or(i64::MAX);
             let traced = i64::try_from(base.traced).unwrap_or(i64::MAX);
             let short = completed - traced;
+            d.latest = short;
             let aged = d
                 .candidate
                 .map(|(s, at)| (s, now.saturating_duration_since(at) >= LOOKS_APART));

@@ -143,7 +143,10 @@ fn seconds_to_ns(lines: &Lines, s: &str) -> Result<u64, ImportError> {
         digits.push('0');
     }
     let frac: u64 = num(lines, &digits, "time")?;
-    Ok(whole * 1_000_000_000 + frac)
+    whole
+        .checked_mul(1_000_000_000)
+        .and_then(|ns| ns.checked_add(frac))
+        .ok_or_else(|| lines.err(format!("time {s} s is past 2^64 ns")))
 }
 
 /// blkparse's RWBS field: e.g. `WS`, `FWFS` (preflush, write, FUA, sync), `R`, `D`, `F`.
@@ -359,9 +362,14 @@ fn parse_msr(lines: &Lines, line: &str, t0: &mut Option<u64>) -> Result<Parsed, 
     Ok(Parsed::Block {
         target: format!("{}/{}", f[1], f[2]),
         rec: BlockRecord {
-            ts_ns: ticks.saturating_sub(base) * 100,
+            ts_ns: ticks
+                .saturating_sub(base)
+                .checked_mul(100)
+                .ok_or_else(|| lines.err("a timestamp past 2^64 ns from the first"))?,
             offset: num(lines, f[4], "offset")?,
-            latency_ns: num::<u64>(lines, f[6], "response time")? * 100,
+            latency_ns: num::<u64>(lines, f[6], "response time")?
+                .checked_mul(100)
+                .ok_or_else(|| lines.err("a response time past 2^64 ns"))?,
             len: num(lines, f[5], "size")?,
             pid: 0,
             flags: 0,

@@ -557,6 +557,12 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the trace held every completed write the kernel counted at
+    /// the latest look (or a gap for it): see [`CompletionCheck::settled`].
+    pub fn settled(&self) -> bool {
+        self.rec.completions.settled()
+    }
+
     /// Waits up to `timeout` for events, records them, marks gaps, refreshes the
     /// image map, flushes once a second and updates the live summary.
     pub fn step(&mut self, timeout: Duration) -> Result<(), SessionError> {

@@ -167,7 +167,7 @@ impl Netns {
         // Unique per namespace, as tests of one binary run side by side.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = format!("{}{n}", std::process::id() % 100_000);
+        let id = format!("{}x{n}", std::process::id() % 100_000);
         let ns = Netns {
             name: format!("tern-lc-{id}"),
             host_if: format!("tlh{id}"),

@@ -37,7 +37,8 @@ impl From<ControlError> for GrpcStatus {
     fn from(e: ControlError) -> GrpcStatus {
         let code = match &e {
             ControlError::Stopped => tonic::Code::Unavailable,
-            ControlError::Cutover(CutoverError::NotConverging { .. }) => {
+            ControlError::Cutover(CutoverError::NotConverging { .. })
+            | ControlError::Replicate(ReplicateError::Promoted { .. }) => {
                 tonic::Code::FailedPrecondition
             }
             ControlError::Replicate(ReplicateError::Fenced { .. }) => tonic::Code::Aborted,
@@ -142,6 +143,10 @@ impl SourceAgent {
         // in the dirty map, or at the destination (rounds end flushed).
         let looked = crate::rpc::failover::unix_ms_now();
         self.tracker.sync().await?;
+        // A completion the trace does not hold yet (a late event, an unseen
+        // one not yet recovered) may be older than the look: no recovery
+        // point from this look then.
+        let settled = self.tracker.settled();
         if self.tracker.gaps() != *gaps {
             *gaps = self.tracker.gaps();
             self.repl.mark_differences().await?;
@@ -157,7 +162,7 @@ impl SourceAgent {
             s.phase = "standby: replicating";
             s.remaining_bytes = dirty;
             s.rpo_ms = rpo;
-            if dirty == 0 {
+            if dirty == 0 && settled {
                 s.consistent_as_of_unix_ms = looked;
             }
         });
@@ -170,7 +175,9 @@ impl SourceAgent {
         // write completed before the look is there now.
         set(&self.status, |s| {
             s.round += 1;
-            s.consistent_as_of_unix_ms = looked;
+            if settled {
+                s.consistent_as_of_unix_ms = looked;
+            }
         });
         Ok(true)
     }
@@ -301,8 +308,10 @@ impl SourceAgent {
                     if let Some(target) = &resume {
                         target.resume_now().await.map_err(CutoverError::from)?;
                     }
-                    // The source is primary again: take the epoch back and replicate.
-                    self.repl.take_epoch().await?;
+                    // The source is primary again: take the epoch back and
+                    // replicate (and heartbeat) with it.
+                    let epoch = self.repl.take_epoch().await?;
+                    set(&self.status, |s| s.epoch = epoch);
                     Ok::<_, ControlError>(report)
                 }
                 .await;
@@ -358,7 +367,12 @@ async fn heartbeats(
                         promoted.cancel();
                         break Some(p);
                     }
-                    Ok(None) => tracing::debug!(error = %e, "heartbeat refused: fenced"),
+                    Ok(None) => {
+                        failed += 1;
+                        if !std::mem::replace(&mut failing, true) {
+                            tracing::warn!(error = %e, "heartbeats refused: this standby's epoch is fenced");
+                        }
+                    }
                     Err(_) => failed += 1,
                 }
             }

@@ -253,20 +253,22 @@ impl ReplicaService {
     /// crash may have come between the two).
     pub async fn promote(&self, reason: String, force: bool) -> Result<Promotion, RpcError> {
         let inner = &self.inner;
-        if inner.fence.promotion().is_none()
-            && !force
-            && let Some(silent) = inner.liveness.silent_for()
-            && silent < HEARTBEAT_LOSS
-        {
-            return Err(RpcError::SourceAlive {
-                heard_ms: u64::try_from(silent.as_millis()).unwrap_or(u64::MAX),
-            });
+        if inner.fence.promotion().is_none() && !force {
+            if let Some(silent) = inner.liveness.silent_for()
+                && silent < HEARTBEAT_LOSS
+            {
+                return Err(RpcError::SourceAlive {
+                    heard_ms: u64::try_from(silent.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            if inner.liveness.last_heard().consistent_as_of_unix_ms == 0 {
+                return Err(RpcError::NeverConsistent);
+            }
         }
         let promotion = inner
             .fence
             .promote(reason, inner.liveness.last_heard())
             .await?;
-        inner.liveness.forget();
         if let Some(export) = &inner.export
             && !export.writable()
         {
@@ -274,6 +276,8 @@ impl ReplicaService {
                 .set_writable(true)
                 .map_err(|e| RpcError::Export(Box::new(e)))?;
         }
+        // Only now: a failed export above leaves the watch to try again.
+        inner.liveness.forget();
         Ok(promotion)
     }
 }
@@ -477,11 +481,7 @@ impl replica_server::Replica for ReplicaService {
         let req = request.into_inner();
         let fence = &self.inner.fence;
         if let Some(p) = fence.promotion() {
-            return Err(RpcError::Promoted {
-                epoch: p.epoch,
-                reason: p.reason,
-            }
-            .into());
+            return Err(p.refusal().into());
         }
         let highest = fence.highest();
         if req.epoch < highest {
@@ -515,13 +515,33 @@ impl replica_server::Replica for ReplicaService {
         &self,
         request: Request<pb::DemoteRequest>,
     ) -> Result<Response<pb::DemoteResponse>, Status> {
-        let epoch = self.inner.fence.demote(request.get_ref().epoch).await?;
-        self.inner.liveness.forget();
-        if let Some(export) = &self.inner.export {
+        let inner = &self.inner;
+        let promotion = inner.fence.promotion().ok_or(RpcError::NotPromoted)?;
+        if request.get_ref().epoch < promotion.epoch {
+            return Err(RpcError::StaleEpoch {
+                epoch: request.get_ref().epoch,
+                highest: promotion.epoch,
+            }
+            .into());
+        }
+        // The export goes read-only first: no NBD write may land once a
+        // source may write again.
+        if let Some(export) = &inner.export {
             export
                 .set_writable(false)
                 .map_err(|e| RpcError::Export(Box::new(e)))?;
         }
+        let epoch = match inner.fence.demote(request.get_ref().epoch).await {
+            Ok(epoch) => epoch,
+            Err(e) => {
+                // Still promoted: still the primary, writable again.
+                if let Some(export) = &inner.export {
+                    let _ = export.set_writable(true);
+                }
+                return Err(e.into());
+            }
+        };
+        inner.liveness.forget();
         Ok(Response::new(pb::DemoteResponse { epoch }))
     }
 
