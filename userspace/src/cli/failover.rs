@@ -2,7 +2,6 @@
 //! failback` (bring the promoted replica's data home, then demote it).
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -15,14 +14,9 @@ use super::migrate::{self, MigrateArgs};
     after_help = "Examples:\n  tern failover --to dst:7443 --tls-dir pki/src            # the source host is gone: promote its replica\n  tern failover --to dst:7443 --tls-dir pki/src --json     # a promoted replica answers with its promotion\n  tern agent --role destination ... --failover-after 10s   # or let the replica promote itself"
 )]
 pub struct FailoverArgs {
-    /// The replica's destination agent (`host:port` of its gRPC service).
-    #[arg(long, value_name = "HOST:PORT")]
-    to: String,
-    #[arg(long)]
-    tls_dir: Option<PathBuf>,
-    /// Name checked in the agent's certificate [default: the host of --to].
-    #[arg(long)]
-    domain: Option<String>,
+    /// The replica's destination agent.
+    #[command(flatten)]
+    target: super::replica::ReplicaTarget,
     /// Promote even though the source was heard in the last few seconds
     /// (its workload may still be writing: two primaries then).
     #[arg(long)]
@@ -52,15 +46,9 @@ pub struct FailbackArgs {
 
 /// Runs `tern failover`.
 pub fn failover(a: &FailoverArgs) -> Result<()> {
-    let tls = a
-        .tls_dir
-        .as_deref()
-        .map(tern::rpc::TlsMaterial::load)
-        .transpose()?;
     let promotion = runtime()?.block_on(async {
-        let mut client =
-            tern::rpc::ReplicaClient::connect(&a.to, tls.as_ref(), a.domain.as_deref()).await?;
-        client.promote("tern failover", a.force).await
+        let mut client = a.target.connect().await?;
+        Ok::<_, anyhow::Error>(client.promote("tern failover", a.force).await?)
     })?;
     let mut out = std::io::stdout().lock();
     if a.json {

@@ -23,28 +23,44 @@ pub enum ReplicaCommand {
 
 #[derive(Args)]
 pub struct InfoArgs {
+    #[command(flatten)]
+    target: ReplicaTarget,
+}
+
+/// A destination agent to talk to: its address, and the TLS to reach it with.
+#[derive(Args)]
+pub struct ReplicaTarget {
     /// host:port of the destination's gRPC service.
-    #[arg(long)]
+    #[arg(long, value_name = "HOST:PORT")]
     to: String,
     #[arg(long)]
     tls_dir: Option<PathBuf>,
-    /// Name checked in the server certificate.
+    /// Name checked in the server certificate [default: the host of --to].
     #[arg(long)]
     domain: Option<String>,
+}
+
+impl ReplicaTarget {
+    /// Loads the TLS material and connects.
+    pub async fn connect(&self) -> Result<tern::rpc::ReplicaClient> {
+        let tls = self
+            .tls_dir
+            .as_deref()
+            .map(tern::rpc::TlsMaterial::load)
+            .transpose()?;
+        Ok(
+            tern::rpc::ReplicaClient::connect(&self.to, tls.as_ref(), self.domain.as_deref())
+                .await?,
+        )
+    }
 }
 
 #[derive(Args)]
 pub struct PushArgs {
     #[arg(long)]
     from: PathBuf,
-    /// host:port of the destination's gRPC service.
-    #[arg(long)]
-    to: String,
-    #[arg(long)]
-    tls_dir: Option<PathBuf>,
-    /// Name checked in the server certificate.
-    #[arg(long)]
-    domain: Option<String>,
+    #[command(flatten)]
+    target: ReplicaTarget,
     #[arg(long, default_value_t = 1)]
     epoch: u64,
     /// Longest extent on the wire (as `tern migrate --extent`).
@@ -66,18 +82,12 @@ pub fn run(cmd: ReplicaCommand) -> Result<()> {
         ReplicaCommand::Push(p) => p,
         ReplicaCommand::Info(i) => return info(&i),
     };
-    let tls = p
-        .tls_dir
-        .as_deref()
-        .map(tern::rpc::TlsMaterial::load)
-        .transpose()?;
     let extent_len = u32::try_from(p.extent)
         .ok()
         .filter(|e| (4096..=tern::rpc::MAX_EXTENT_LEN).contains(e))
         .context("--extent must be from 4K to 8M")?;
     let report = runtime()?.block_on(async {
-        let mut c =
-            tern::rpc::ReplicaClient::connect(&p.to, tls.as_ref(), p.domain.as_deref()).await?;
+        let mut c = p.target.connect().await?;
         let opts = tern::rpc::PushOptions {
             epoch: p.epoch,
             extent_len,
@@ -85,7 +95,7 @@ pub fn run(cmd: ReplicaCommand) -> Result<()> {
             workers: p.workers,
             window: p.window,
         };
-        tern::rpc::push_file(&mut c, &p.from, &opts).await
+        Ok::<_, anyhow::Error>(tern::rpc::push_file(&mut c, &p.from, &opts).await?)
     })?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", serde_json::to_string(&report)?)?;
@@ -94,16 +104,8 @@ pub fn run(cmd: ReplicaCommand) -> Result<()> {
 
 /// Prints a destination agent's `Info` as one JSON line.
 fn info(a: &InfoArgs) -> Result<()> {
-    let tls = a
-        .tls_dir
-        .as_deref()
-        .map(tern::rpc::TlsMaterial::load)
-        .transpose()?;
-    let info = runtime()?.block_on(async {
-        let mut c =
-            tern::rpc::ReplicaClient::connect(&a.to, tls.as_ref(), a.domain.as_deref()).await?;
-        c.info().await
-    })?;
+    let info = runtime()?
+        .block_on(async { Ok::<_, anyhow::Error>(a.target.connect().await?.info().await?) })?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", serde_json::to_string(&info)?)?;
     Ok(())

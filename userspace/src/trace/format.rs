@@ -736,6 +736,24 @@ pub(crate) mod tests {
         w.finish(end).expect("finish to a Vec")
     }
 
+    /// `n` 4 KiB writes, one after another on the disk and in time.
+    fn writes(n: u64) -> Vec<Record> {
+        (0..n)
+            .map(|i| {
+                Record::Block(BlockRecord {
+                    ts_ns: i,
+                    offset: i * 4096,
+                    latency_ns: 0,
+                    len: 4096,
+                    pid: 1,
+                    flags: 0,
+                    target: 0,
+                    op: Op::Write,
+                })
+            })
+            .collect()
+    }
+
     /// Every record, or the first error; a cut tail is an error here (as
     /// `Truncated`), so the properties below see every cut.
     fn read_all(bytes: &[u8]) -> Result<(TraceHeader, Vec<Record>), TraceFileError> {
@@ -750,20 +768,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_trace_cut_inside_a_chunk_yields_every_complete_chunk_before_the_cut() {
-        let records: Vec<Record> = (0..20_000u64)
-            .map(|i| {
-                Record::Block(BlockRecord {
-                    ts_ns: i,
-                    offset: i * 4096,
-                    latency_ns: 0,
-                    len: 4096,
-                    pid: 1,
-                    flags: 0,
-                    target: 0,
-                    op: Op::Write,
-                })
-            })
-            .collect();
+        let records = writes(20_000);
         let bytes = write_all(&records, EndRecord::default());
         let at = bytes.len() * 2 / 3;
         let mut reader = TraceReader::new(&bytes[..at]).expect("header");
@@ -873,20 +878,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_corrupt_chunk_names_its_byte_offset() {
-        let records: Vec<Record> = (0..10)
-            .map(|i| {
-                Record::Block(BlockRecord {
-                    ts_ns: i,
-                    offset: i * 4096,
-                    latency_ns: 0,
-                    len: 4096,
-                    pid: 1,
-                    flags: 0,
-                    target: 0,
-                    op: Op::Write,
-                })
-            })
-            .collect();
+        let records = writes(10);
         let mut bytes = write_all(&records, EndRecord::default());
         let json_len = u64::from(u32::from_le_bytes([
             bytes[12], bytes[13], bytes[14], bytes[15],
