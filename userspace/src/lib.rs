@@ -35,6 +35,7 @@ pub mod predict;
 pub mod ramfile;
 pub mod replicate;
 pub mod rpc;
+pub mod staging;
 pub mod throttle;
 pub mod trace;
 pub mod units;

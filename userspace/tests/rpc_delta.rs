@@ -71,6 +71,7 @@ async fn the_delta_pass_sends_exactly_the_differing_regions_chunk_by_chunk() {
         addr: dst.addr.to_string(),
         tls: Some(dst.tls.clone()),
         domain: Some(HOST.into()),
+        channel: None,
     };
     let opts = ReplicateOptions {
         region_size: REGION,

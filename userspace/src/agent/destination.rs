@@ -70,6 +70,8 @@ pub struct DestinationConfig {
     /// Promote the replica to primary when its standby source has been
     /// silent this long (`None`: only `tern failover` promotes).
     pub failover_after: Option<std::time::Duration>,
+    /// Apply a migration staged in this object store (`tern migrate --via`).
+    pub from: Option<crate::staging::ApplyOptions>,
 }
 
 impl DestinationConfig {
@@ -92,6 +94,7 @@ impl DestinationConfig {
             warm: Vec::new(),
             postcopy_wait: crate::postcopy::presence::DEFAULT_WAIT,
             failover_after: None,
+            from: None,
         }
     }
 }
@@ -99,6 +102,8 @@ impl DestinationConfig {
 /// Errors of the destination agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error(transparent)]
+    Staging(#[from] crate::staging::StagingError),
     /// Plaintext gRPC on a reachable address.
     #[error(
         "refusing to serve gRPC without TLS on {addr}, which is not loopback; pass --tls-dir DIR (see `tern certs init`) or --insecure"
@@ -164,6 +169,7 @@ pub struct Destination {
     metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     failover_after: Option<std::time::Duration>,
+    from: Option<crate::staging::ApplyOptions>,
 }
 
 enum NbdListener {
@@ -415,6 +421,7 @@ impl Destination {
             metrics_addr,
             shutdown,
             failover_after: cfg.failover_after,
+            from: cfg.from.clone(),
         })
     }
 
@@ -458,6 +465,7 @@ impl Destination {
             metrics_addr,
             shutdown,
             failover_after,
+            from,
         } = self;
         tracing::info!(
             image = %image_path.display(),
@@ -473,6 +481,12 @@ impl Destination {
         let trees = service.clone();
         let watched = (service.clone(), failover_after, shutdown.clone());
         tasks.spawn(watch_source(watched.0, watched.1, watched.2));
+        if let Some(from) = &from {
+            let applier =
+                crate::staging::Applier::new(from, service.clone(), &image_path, shutdown.clone())?;
+            let stop = shutdown.clone();
+            tasks.spawn(async move { Ok(applier.run(stop).await?) });
+        }
         let served = shutdown.clone();
         tasks.spawn(
             async move { Ok(crate::rpc::serve(grpc, service, tls.as_ref(), served).await?) },

@@ -82,6 +82,12 @@ pub struct AgentArgs {
     /// it only `tern failover` promotes.
     #[arg(long, value_parser = humantime::parse_duration)]
     failover_after: Option<std::time::Duration>,
+    /// Destination role: apply a migration staged in object storage by
+    /// `tern migrate --via URL` (a directory, `file:///dir` or
+    /// `s3://bucket/prefix`, credentials from `AWS_*` variables), and
+    /// publish this agent's progress there: no link to the source needed.
+    #[arg(long, value_name = "URL")]
+    from: Option<String>,
 }
 
 /// Defaults of the destination's flags that are options here (so that the
@@ -121,6 +127,7 @@ pub fn run(a: AgentArgs, m: &clap::ArgMatches) -> Result<()> {
     cfg.nbd_tls = a.nbd_tls;
     cfg.direct = a.direct;
     cfg.postcopy_wait = a.postcopy_wait.unwrap_or(DEFAULT_POSTCOPY_WAIT);
+    cfg.from = a.from.map(tern::staging::ApplyOptions::new);
     if let Some(after) = a.failover_after {
         anyhow::ensure!(
             after >= tern::rpc::HEARTBEAT_LOSS,

@@ -38,6 +38,16 @@ pub struct SourceArgs {
     /// The destination agent's gRPC address (`host:port`).
     #[arg(long, alias = "peer", value_name = "HOST:PORT")]
     to: Option<String>,
+    /// Stage the migration through object storage instead of a link: a
+    /// directory, `file:///dir` or `s3://bucket/prefix` (credentials,
+    /// region and endpoint from `AWS_*` variables) that the destination
+    /// agent applies (`tern agent --role destination --from URL`).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["to", "tls_dir", "domain"])]
+    via: Option<String>,
+    /// With --via: how long to wait for the destination agent to publish
+    /// its state, catch up with the staged data, or make the switch.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    via_wait: Duration,
     /// Directory with ca.pem, cert.pem, key.pem (from `tern certs init`).
     #[arg(long)]
     tls_dir: Option<PathBuf>,
@@ -262,6 +272,14 @@ enum Precopy {
 impl MigrateArgs {
     /// The post-copy `--mode` and `--converge` ask for, if any.
     fn postcopy(&self) -> Result<Option<cutover::PostCopyOptions>> {
+        if self.source.via.is_some() {
+            // A staged destination cannot ask the source for what it lacks.
+            anyhow::ensure!(
+                self.mode != Mode::Postcopy && self.converge != Some(Converge::Postcopy),
+                "a migration staged through object storage (--via) is pre-copy only: the destination cannot fetch on demand without a link"
+            );
+            return Ok(None);
+        }
         match (self.mode, self.converge) {
             (Mode::Postcopy, None) => Ok(Some(cutover::PostCopyOptions {
                 skip_first_pass: self.precopy == Precopy::None,
@@ -294,9 +312,15 @@ impl MigrateArgs {
             .health_cmd
             .iter()
             .map(|c| HealthCheck::Command(c.clone()))
-            .chain(std::iter::once(HealthCheck::Region(
-                tern::cutover::HEALTH_REGION,
-            )))
+            // A staged migration has no read path to the destination: the
+            // roots compared at the switch (the destination's tree of what
+            // it applied) stand in for the read-back.
+            .chain(
+                self.source
+                    .via
+                    .is_none()
+                    .then_some(HealthCheck::Region(tern::cutover::HEALTH_REGION)),
+            )
             .collect();
         if let Some(spec) = &self.health_nbd {
             // nbds:// asks for TLS with the replication's certificates.
@@ -530,11 +554,16 @@ impl SourceArgs {
             },
             (None, None) => bail!("give the source as --device DEV or --file IMAGE"),
         };
-        let to = self
-            .to
-            .as_deref()
-            .context("give the destination agent as --to HOST:PORT (or --peer HOST:PORT)")?;
+        let to = self.to.as_deref().or(self.via.as_deref()).context(
+            "give the destination agent as --to HOST:PORT (or --peer HOST:PORT), or a staging store as --via URL",
+        )?;
         let mut o = SourceOptions::new(disk, to);
+        o.via = self.via.as_ref().map(|url| {
+            let mut via = tern::staging::RelayOptions::new(url.clone());
+            via.wait_for = self.via_wait;
+            via.retry_for = self.reconnect_for;
+            via
+        });
         o.tls_dir.clone_from(&self.tls_dir);
         o.domain.clone_from(&self.domain);
         o.plan.clone_from(&self.plan);

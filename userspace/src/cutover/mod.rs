@@ -249,7 +249,18 @@ pub struct Report {
     pub rollback: Option<RollbackReport>,
     /// What throttling the workload did (`--converge throttle`).
     pub throttle: Option<ThrottleReport>,
+    /// A migration staged through object storage (`--via`): what it stored.
+    pub staged: Option<StagedReport>,
     pub failure: Option<String>,
+}
+
+/// What a staged migration put in its store.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StagedReport {
+    pub url: String,
+    pub segments: u64,
+    /// Bytes of the segments stored (extents as sent, with their framing).
+    pub bytes: u64,
 }
 
 /// Verifications before a cutover gives up (each resends what differs).

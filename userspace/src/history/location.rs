@@ -53,7 +53,7 @@ impl Default for StoreOptions {
 #[derive(Clone)]
 pub struct HistoryStore {
     url: String,
-    pub(super) store: Arc<dyn ObjectStore>,
+    pub(crate) store: Arc<dyn ObjectStore>,
     /// S3's resumable multipart API; `None` for a directory (whole-file puts are atomic there).
     pub(super) multipart: Option<Arc<dyn MultipartStore>>,
     prefix: Vec<String>,
@@ -255,7 +255,7 @@ impl HistoryStore {
     }
 
     /// The object path of `parts` under the URL's prefix.
-    pub(super) fn path<'a>(&self, parts: impl IntoIterator<Item = &'a str>) -> ObjectPath {
+    pub(crate) fn path<'a>(&self, parts: impl IntoIterator<Item = &'a str>) -> ObjectPath {
         self.prefix
             .iter()
             .cloned()
@@ -264,7 +264,7 @@ impl HistoryStore {
     }
 
     /// The path components of `location` below the prefix, or `None` if it is not below it.
-    pub(super) fn relative(&self, location: &ObjectPath) -> Option<Vec<String>> {
+    pub(crate) fn relative(&self, location: &ObjectPath) -> Option<Vec<String>> {
         let mut parts = location.parts();
         for p in &self.prefix {
             if parts.next()?.as_ref() != p {

@@ -42,6 +42,9 @@ pub struct Peer {
     pub tls: Option<TlsMaterial>,
     /// Name checked in the destination's certificate (default: the host of `addr`).
     pub domain: Option<String>,
+    /// A destination served in this process (a staged migration's relay):
+    /// reached through this channel, `addr` only names it in messages.
+    pub channel: Option<tonic::transport::Channel>,
 }
 
 impl Peer {
@@ -57,11 +60,27 @@ impl Peer {
             addr: addr.to_owned(),
             tls: tls_dir.map(TlsMaterial::load).transpose()?,
             domain: domain.map(str::to_owned),
+            channel: None,
         })
     }
 
+    /// A destination served in this process, named `name` in messages.
+    pub fn in_process(name: &str, channel: tonic::transport::Channel) -> Peer {
+        Peer {
+            addr: name.to_owned(),
+            tls: None,
+            domain: None,
+            channel: Some(channel),
+        }
+    }
+
     pub async fn connect(&self) -> Result<ReplicaClient, RpcError> {
-        ReplicaClient::connect(&self.addr, self.tls.as_ref(), self.domain.as_deref()).await
+        match &self.channel {
+            Some(channel) => Ok(ReplicaClient::from_channel(channel.clone())),
+            None => {
+                ReplicaClient::connect(&self.addr, self.tls.as_ref(), self.domain.as_deref()).await
+            }
+        }
     }
 }
 

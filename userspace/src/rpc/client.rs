@@ -22,8 +22,8 @@ use super::{
 use crate::checktree::{CheckTree, Descent, HASH_LEN, HASH_SCHEME, Hash, Shape};
 
 /// HTTP/2 windows large enough that one stream can carry gigabytes per second.
-const STREAM_WINDOW: u32 = 16 << 20;
-const CONNECTION_WINDOW: u32 = 64 << 20;
+pub(crate) const STREAM_WINDOW: u32 = 16 << 20;
+pub(crate) const CONNECTION_WINDOW: u32 = 64 << 20;
 
 /// What `Info` reports.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -666,6 +666,46 @@ impl ExtentWriter {
             self.push(msg).await?;
             self.unacked.push_back(last);
         }
+        Ok(())
+    }
+
+    /// Sends a message recorded from another write stream (a staged
+    /// migration's segment: an extent or a batch), renumbered for this one.
+    /// Barriers and opens are not data: they are refused.
+    pub(crate) async fn send_recorded(&mut self, msg: write_request::Msg) -> Result<(), RpcError> {
+        let (msg, last) = match msg {
+            write_request::Msg::Extent(mut extent) => {
+                extent.seq = self.next_seq;
+                self.next_seq += 1;
+                (write_request::Msg::Extent(extent), self.next_seq - 1)
+            }
+            write_request::Msg::Batch(mut batch) => {
+                if batch.extents.is_empty() {
+                    return Err(RpcError::EmptyBatch);
+                }
+                for extent in &mut batch.extents {
+                    extent.seq = self.next_seq;
+                    self.next_seq += 1;
+                }
+                (write_request::Msg::Batch(batch), self.next_seq - 1)
+            }
+            other => {
+                return Err(RpcError::UnexpectedReply {
+                    want: "a recorded extent or batch",
+                    got: format!("{other:?}"),
+                });
+            }
+        };
+        self.send_message(msg, last).await
+    }
+
+    /// Sends one data message acknowledged with `seq`, within the window.
+    async fn send_message(&mut self, msg: write_request::Msg, seq: u64) -> Result<(), RpcError> {
+        while self.unacked.len() >= self.window {
+            self.await_ack().await?;
+        }
+        self.push(pb::WriteRequest { msg: Some(msg) }).await?;
+        self.unacked.push_back(seq);
         Ok(())
     }
 

@@ -56,6 +56,7 @@ pub mod client;
 pub mod epoch;
 mod extent;
 pub mod failover;
+pub mod local;
 pub mod server;
 mod status;
 pub mod tls;

@@ -38,6 +38,7 @@ use crate::replicate::{
     Stats, Tracker,
 };
 use crate::rpc::{MAX_EXTENT_LEN, TlsError, TlsMaterial};
+use crate::staging::{Relay, RelayOptions, StagingError};
 use crate::trace::cpu::CpuTarget;
 use crate::trace::session::SessionConfig;
 
@@ -102,6 +103,12 @@ pub enum SourceError {
     },
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Staging(#[from] StagingError),
+    #[error(
+        "a standby source agent keeps a replica over a link; a staged migration (--via) is one `tern migrate --via URL`"
+    )]
+    StagedStandby,
     #[error("the source agent's {what} panicked")]
     Task {
         what: &'static str,
@@ -198,6 +205,9 @@ pub struct SourceOptions {
     pub throttle_record: Option<PathBuf>,
     /// Whose CPU the source's trace (and history) profiles beside the I/O.
     pub cpu: Vec<CpuTarget>,
+    /// Stage the migration through object storage instead of a link to the
+    /// destination (`to` is then only the store's name in messages).
+    pub via: Option<RelayOptions>,
 }
 
 impl SourceOptions {
@@ -223,6 +233,7 @@ impl SourceOptions {
             history: None,
             throttle_record: None,
             cpu: vec![CpuTarget::Host],
+            via: None,
         }
     }
 }
@@ -230,6 +241,8 @@ impl SourceOptions {
 /// A bound source: tracing, connected, ready to migrate or to stand by.
 pub struct Source {
     agent: SourceAgent,
+    /// The staging relay of a migration staged through object storage.
+    relay: Option<Relay>,
     uploader: Option<UploaderHandle>,
     /// The TLS material the control service serves with too.
     tls: Option<TlsMaterial>,
@@ -242,6 +255,9 @@ pub async fn run_source(
     listen: &Listen,
     cancel: CancellationToken,
 ) -> Result<(), SourceError> {
+    if opts.via.is_some() {
+        return Err(SourceError::StagedStandby);
+    }
     Source::bind(opts).await?.run(listen, cancel).await
 }
 
@@ -358,7 +374,17 @@ impl Source {
             unit_zones,
             ..ReplicateOptions::default()
         };
-        let peer = Peer::load(&opts.to, opts.tls_dir.as_deref(), opts.domain.as_deref())?;
+        let (peer, relay) = match &opts.via {
+            Some(via) => {
+                let relay = Relay::start(via, image.size(), region_size).await?;
+                // Served as long as the process runs: the engine may reconnect to it.
+                (relay.serve(CancellationToken::new()), Some(relay))
+            }
+            None => (
+                Peer::load(&opts.to, opts.tls_dir.as_deref(), opts.domain.as_deref())?,
+                None,
+            ),
+        };
         let tls = peer.tls.clone();
         let mut repl = Replicator::connect(image, peer, send, local, repl_opts).await?;
         let prediction = match &opts.prefetch {
@@ -401,6 +427,7 @@ impl Source {
                         }
                     }),
             },
+            relay,
             uploader,
             tls,
         })
@@ -443,9 +470,18 @@ impl Source {
                     ..
                 },
             uploader,
+            relay,
             ..
         } = self;
-        let report = cutover::migrate(&mut repl, &tracker, &opts, &status).await?;
+        let mut report = cutover::migrate(&mut repl, &tracker, &opts, &status).await?;
+        if let Some(relay) = relay {
+            let up = relay.uploaded();
+            report.staged = Some(cutover::StagedReport {
+                url: relay.url().to_owned(),
+                segments: up.segments,
+                bytes: up.bytes,
+            });
+        }
         let totals = tracker.stop()?;
         tracing::info!(
             events = totals.block_events,
@@ -460,6 +496,9 @@ impl Source {
     /// TLS material of the options, if any), until a cutover or rollback
     /// ends it or `cancel` stops it.
     pub async fn run(self, listen: &Listen, cancel: CancellationToken) -> Result<(), SourceError> {
+        if self.relay.is_some() {
+            return Err(SourceError::StagedStandby);
+        }
         // Both ports bound before anything starts: a taken one fails the
         // start, clearly, with nothing left running.
         let control = match listen.control {
