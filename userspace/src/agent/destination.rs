@@ -481,12 +481,7 @@ impl Destination {
         let trees = service.clone();
         let watched = (service.clone(), failover_after, shutdown.clone());
         tasks.spawn(watch_source(watched.0, watched.1, watched.2));
-        if let Some(from) = &from {
-            let applier =
-                crate::staging::Applier::new(from, service.clone(), &image_path, shutdown.clone())?;
-            let stop = shutdown.clone();
-            tasks.spawn(async move { Ok(applier.run(stop).await?) });
-        }
+        spawn_applier(&mut tasks, from.as_ref(), &service, &image_path, &shutdown)?;
         let served = shutdown.clone();
         tasks.spawn(
             async move { Ok(crate::rpc::serve(grpc, service, tls.as_ref(), served).await?) },
@@ -557,6 +552,21 @@ impl Destination {
             }
         }
     }
+}
+
+/// Applies the staging store `from` (`--from`), if any, into the image until `shutdown`.
+fn spawn_applier(
+    tasks: &mut JoinSet<Result<(), AgentError>>,
+    from: Option<&crate::staging::ApplyOptions>,
+    service: &ReplicaService,
+    image: &std::path::Path,
+    shutdown: &CancellationToken,
+) -> Result<(), AgentError> {
+    let Some(from) = from else { return Ok(()) };
+    let applier = crate::staging::Applier::new(from, service.clone(), image, shutdown.clone())?;
+    let stop = shutdown.clone();
+    tasks.spawn(async move { Ok(applier.run(stop).await?) });
+    Ok(())
 }
 
 /// How often the failover watch looks at the source's silence.

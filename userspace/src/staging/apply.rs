@@ -1,6 +1,6 @@
 //! The destination's side of a staged migration: segments replayed, in
 //! order, into the agent's own replica service (through an in-process
-//! channel, so its epochs, checksum checks, io_uring writes and checksum
+//! channel, so its epochs, checksum checks, `io_uring` writes and checksum
 //! tree are the ones a direct migration uses), the fence's switch made, and
 //! the agent's state and tree published back to the store.
 

@@ -65,14 +65,14 @@ pub enum StagingError {
         object: String,
         waited: Duration,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     #[error("the staging store {url} refused {object}")]
     Refused {
         url: String,
         object: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     #[error("{object} in the staging store {url} is not valid")]
     BadRecord {
@@ -240,7 +240,7 @@ impl StagingStore {
                             url: self.url().to_owned(),
                             object: object.to_owned(),
                             waited: started.elapsed(),
-                            source: e,
+                            source: Box::new(e),
                         });
                     }
                     if !warned {
@@ -254,7 +254,7 @@ impl StagingStore {
                     return Err(StagingError::Refused {
                         url: self.url().to_owned(),
                         object: object.to_owned(),
-                        source: e,
+                        source: Box::new(e),
                     });
                 }
             }

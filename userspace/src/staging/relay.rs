@@ -298,7 +298,7 @@ fn tree_of(shape: Shape, bytes: &Bytes) -> Option<CheckTree> {
     CheckTree::from_leaves(shape, leaves).ok()
 }
 
-/// A staging error as the engine sees it. A fence is FAILED_PRECONDITION
+/// A staging error as the engine sees it. A fence is `FAILED_PRECONDITION`
 /// (the engine stops as fenced); the rest must not read as transient,
 /// which would have the engine reconnect to this relay forever.
 fn status(e: &StagingError) -> Status {
