@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything around Tern's build — toolchain setup, the demo,
 //! the test suite exactly as CI runs it, and benchmarks against peer tools.
 
+mod azurite;
 mod bench_analyze;
 mod bench_migrate;
 mod bench_nbd;

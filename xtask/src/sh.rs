@@ -195,6 +195,7 @@ pub fn setup(need: Need) -> Result<()> {
     }
     if need == Need::All {
         crate::garage::install()?;
+        crate::azurite::install()?;
     }
     Ok(())
 }

@@ -83,8 +83,9 @@ pub struct AgentArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     failover_after: Option<std::time::Duration>,
     /// Destination role: apply a migration staged in object storage by
-    /// `tern migrate --via URL` (a directory, `file:///dir` or
-    /// `s3://bucket/prefix`, credentials from `AWS_*` variables), and
+    /// `tern migrate --via URL` (a directory, `file:///dir`,
+    /// `s3://bucket/prefix` or `az://container/prefix`, credentials from
+    /// `AWS_*` or `AZURE_*` variables), and
     /// publish this agent's progress there: no link to the source needed.
     #[arg(long, value_name = "URL")]
     from: Option<String>,

@@ -18,8 +18,9 @@ use super::args::{parse_size, runtime};
 /// How the source records its I/O history into object storage.
 #[derive(Args, Clone)]
 pub struct HistoryArgs {
-    /// Record the source's I/O history here: a directory, `file:///dir` or
-    /// `s3://bucket/prefix` (credentials, region and endpoint from `AWS_*` variables).
+    /// Record the source's I/O history here: a directory, `file:///dir`,
+    /// `s3://bucket/prefix` (credentials, region and endpoint from `AWS_*`
+    /// variables) or `az://container/prefix` (account and key from `AZURE_*`).
     #[arg(long, value_name = "URL")]
     pub history: Option<String>,
     /// How much history to keep: an age (7d), a total size (50G) or both (7d,50G).
@@ -91,7 +92,7 @@ pub enum HistoryCommand {
         after_help = "Example:\n  tern history put /var/lib/tern/history vdb.trace --every 60s"
     )]
     Put {
-        /// A directory, `file:///dir` or `s3://bucket/prefix`.
+        /// A directory, `file:///dir`, `s3://bucket/prefix` or `az://container/prefix`.
         url: String,
         /// A trace file (`tern trace record`, `tern trace import`).
         trace: PathBuf,
@@ -123,7 +124,7 @@ pub enum HistoryCommand {
 /// Which history.
 #[derive(Args)]
 pub struct Select {
-    /// A directory, `file:///dir` or `s3://bucket/prefix`.
+    /// A directory, `file:///dir`, `s3://bucket/prefix` or `az://container/prefix`.
     url: String,
     #[command(flatten)]
     filter: HistoryFilter,

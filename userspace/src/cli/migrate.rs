@@ -39,8 +39,9 @@ pub struct SourceArgs {
     #[arg(long, alias = "peer", value_name = "HOST:PORT")]
     to: Option<String>,
     /// Stage the migration through object storage instead of a link: a
-    /// directory, `file:///dir` or `s3://bucket/prefix` (credentials,
-    /// region and endpoint from `AWS_*` variables) that the destination
+    /// directory, `file:///dir`, `s3://bucket/prefix` (credentials, region
+    /// and endpoint from `AWS_*` variables) or `az://container/prefix`
+    /// (account and key from `AZURE_*` variables) that the destination
     /// agent applies (`tern agent --role destination --from URL`).
     #[arg(long, value_name = "URL", conflicts_with_all = ["to", "tls_dir", "domain"])]
     via: Option<String>,

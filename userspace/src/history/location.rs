@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::multipart::MultipartStore;
 use object_store::path::Path as ObjectPath;
@@ -94,6 +95,30 @@ fn is_loopback(endpoint: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Retries inside one request.
+fn retry_config(opts: &StoreOptions) -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            base: 2.0,
+        },
+        max_retries: opts.request_retries,
+        retry_timeout: opts.request_timeout,
+    }
+}
+
+/// A container name Azure accepts: 3–63 of lowercase letters, digits and
+/// `-`, starting with a letter or digit, no `--`.
+fn valid_container(c: &str) -> bool {
+    (3..=63).contains(&c.len())
+        && c.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && c.as_bytes()[0].is_ascii_alphanumeric()
+        && !c.contains("--")
+        && !c.ends_with('-')
+}
+
 /// A bucket name S3 accepts: 3–63 of lowercase letters, digits, `-` and `.`.
 fn valid_bucket(b: &str) -> bool {
     (3..=63).contains(&b.len())
@@ -133,6 +158,9 @@ impl HistoryStore {
         if let Some(rest) = trimmed.strip_prefix("s3://") {
             return HistoryStore::open_s3(url, rest, opts);
         }
+        if let Some(rest) = trimmed.strip_prefix("az://") {
+            return HistoryStore::open_azure(url, rest, opts);
+        }
         let dir = if let Some(path) = trimmed.strip_prefix("file://") {
             if !path.starts_with('/') {
                 return Err(bad(
@@ -145,7 +173,7 @@ impl HistoryStore {
             return Err(bad(
                 url,
                 format!(
-                    "the scheme {scheme}:// is not supported; give a directory, file:///dir or s3://bucket/prefix"
+                    "the scheme {scheme}:// is not supported; give a directory, file:///dir, s3://bucket/prefix or az://container/prefix"
                 ),
             ));
         } else {
@@ -217,15 +245,7 @@ impl HistoryStore {
             }
             allow_http = true;
         }
-        let retry = RetryConfig {
-            backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(1),
-                base: 2.0,
-            },
-            max_retries: opts.request_retries,
-            retry_timeout: opts.request_timeout,
-        };
+        let retry = retry_config(opts);
         // These replace the builder's client options, the environment's
         // AWS_ALLOW_HTTP included: hence `allow_http` is decided above.
         let client = ClientOptions::new()
@@ -245,6 +265,67 @@ impl HistoryStore {
             url: url.to_owned(),
             store: Arc::clone(&s3) as Arc<dyn ObjectStore>,
             multipart: Some(s3 as Arc<dyn MultipartStore>),
+            prefix,
+        })
+    }
+
+    /// Azure Blob Storage: `az://container/prefix`, the account and its
+    /// credentials from `AZURE_*` variables (`AZURE_STORAGE_ACCOUNT_NAME`,
+    /// `AZURE_STORAGE_ACCOUNT_KEY` or a SAS or bearer token;
+    /// `AZURE_STORAGE_USE_EMULATOR=true` and `AZURITE_BLOB_STORAGE_URL` for
+    /// Azurite), the endpoint from `opts` or `AZURE_ENDPOINT`.
+    fn open_azure(
+        url: &str,
+        rest: &str,
+        opts: &StoreOptions,
+    ) -> Result<HistoryStore, HistoryError> {
+        let (container, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if !valid_container(container) {
+            return Err(bad(
+                url,
+                format!(
+                    "{container:?} is not a container name (3 to 63 lowercase letters, digits or `-`)"
+                ),
+            ));
+        }
+        let prefix = prefix_parts(url, path)?;
+        let mut builder = MicrosoftAzureBuilder::from_env().with_container_name(container);
+        if let Some(endpoint) = &opts.endpoint {
+            builder = builder.with_endpoint(endpoint.clone());
+        }
+        if let Some(id) = &opts.access_key_id {
+            builder = builder.with_account(id);
+        }
+        if let Some(secret) = &opts.secret_access_key {
+            builder = builder.with_access_key(secret);
+        }
+        let endpoint = opts
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AZURE_ENDPOINT").ok());
+        let allow_http = opts.allow_http.unwrap_or_else(|| {
+            endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://") && is_loopback(e))
+        });
+        let azure = builder
+            .with_retry(retry_config(opts))
+            .with_client_options(
+                ClientOptions::new()
+                    .with_allow_http(allow_http)
+                    .with_timeout(opts.request_timeout)
+                    .with_connect_timeout(opts.connect_timeout),
+            )
+            .build()
+            .map_err(|source| HistoryError::Open {
+                url: url.to_owned(),
+                source,
+            })?;
+        let azure = Arc::new(azure);
+        Ok(HistoryStore {
+            url: url.to_owned(),
+            store: Arc::clone(&azure) as Arc<dyn ObjectStore>,
+            multipart: Some(azure as Arc<dyn MultipartStore>),
             prefix,
         })
     }
@@ -291,6 +372,8 @@ mod tests {
     fn bad_urls_say_what_to_give() {
         assert!(why("").contains("s3://bucket/prefix"));
         assert!(why("gs://bucket/x").contains("gs:// is not supported"));
+        assert!(why("az://Bad_Container/x").contains("not a container name"));
+        assert!(why("az://a--b/x").contains("not a container name"));
         assert!(why("s3://Bad_Bucket/x").contains("not a bucket name"));
         assert!(why("s3:///x").contains("not a bucket name"));
         assert!(why("s3://bucket/a/../b").contains("`..`"));
