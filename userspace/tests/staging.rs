@@ -167,7 +167,7 @@ fn a_migration_staged_through_s3_survives_the_store_killed_mid_upload() {
     )
     .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
     .stdout(Stdio::piped())
-    .stderr(Stdio::null())
+    .stderr(Stdio::piped())
     .spawn()
     .expect("start migrate");
     let started = Instant::now();
@@ -182,7 +182,16 @@ fn a_migration_staged_through_s3_survives_the_store_killed_mid_upload() {
         .last()
         .and_then(|l| serde_json::from_str(l).ok())
         .unwrap_or(serde_json::Value::Null);
-    assert!(out.status.success(), "staged migration failed: {report}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "staged migration failed: {report} {stderr}"
+    );
+    assert!(
+        stderr.contains("the staging store failed; retrying")
+            && stderr.contains("the staging store answers again"),
+        "the upload met the outage and outlived it: {stderr}"
+    );
     assert_eq!(report["outcome"], "cut over", "{report}");
     assert!(
         started.elapsed() > Duration::from_secs(6),

@@ -230,7 +230,8 @@ impl StagingStore {
             match call().await {
                 Ok(v) => {
                     if warned {
-                        tracing::info!(url = %self.url(), "the staging store answers again");
+                        // A warning too: an operator who saw the failure sees its end.
+                        tracing::warn!(url = %self.url(), object, failed_s = started.elapsed().as_secs_f64(), "the staging store answers again");
                     }
                     return Ok(v);
                 }
