@@ -72,6 +72,7 @@ use crate::sh::{output, run as run_cmd};
 mod fs;
 mod postcopy;
 mod small;
+mod staged;
 
 const MIB: u64 = 1 << 20;
 const CHANGE_BLOCK: u64 = 64 << 10;
@@ -100,13 +101,15 @@ struct Config {
     fs_rounds: u32,
     small_mib: u64,
     small_extents: u64,
+    /// The staged part's ext4 image (MiB).
+    staged_mib: u64,
     /// Seconds fio writes before `tern migrate` starts (live part).
     warmup_secs: u64,
     /// `--region-size` for the live part; `None`: tern's default.
     live_region: Option<String>,
 }
 
-const PARTS: [&str; 5] = ["copy", "delta", "fs", "small", "live"];
+const PARTS: [&str; 6] = ["copy", "delta", "fs", "small", "live", "staged"];
 /// The live part's modes.
 const LIVE_MODES: [&str; 5] = ["fail", "throttle", "throttle-cpu", "postcopy", "auto"];
 
@@ -180,6 +183,7 @@ impl Config {
             fs_rounds,
             small_mib,
             small_extents,
+            staged_mib: env_or("TERN_BENCH_MIGRATE_STAGED_MIB", 1024)?,
         })
     }
 
@@ -245,6 +249,9 @@ pub fn run(tern_bin: &Path) -> Result<()> {
     if cfg.wants("live") {
         tables.push(b.live()?);
     }
+    if cfg.wants("staged") {
+        tables.push(b.staged()?);
+    }
     let mut out = std::io::stdout().lock();
     for t in tables {
         writeln!(out, "{t}")?;
@@ -272,6 +279,8 @@ struct Report {
     downtime_ms: f64,
     rounds: u64,
     wire_bytes: u64,
+    /// A staged migration's segments in the store (framing included).
+    staged_bytes: Option<u64>,
     total_seconds: f64,
     /// The downtime's parts: pausing, flushing the source, the final
     /// round, verifying checksum roots (the rest is the fence and the
@@ -328,6 +337,7 @@ impl Report {
             downtime_ms: num("downtime_ms")?,
             rounds: num("rounds")? as u64,
             wire_bytes: num("wire_bytes")? as u64,
+            staged_bytes: v["staged"]["bytes"].as_u64(),
             total_seconds: num("total_seconds")?,
             pause_ms: v["pause_ms"].as_f64().unwrap_or(f64::NAN),
             flush_ms: v["flush_ms"].as_f64().unwrap_or(f64::NAN),
@@ -761,6 +771,23 @@ impl Bench<'_> {
 
     /// `tern migrate` from a device or a file.
     fn migrate_from(&self, source: Source<'_>, to: SocketAddr, extra: &[&str]) -> Result<Report> {
+        let to = to.to_string();
+        let tls = self.certs.join("localhost");
+        let tls = tls
+            .to_str()
+            .context("the bench directory's path is UTF-8")?;
+        self.run_migrate(source, &["--to", &to, "--tls-dir", tls], extra, &[])
+    }
+
+    /// `tern migrate` from `source` to `dest` (`--to …` or `--via …`) with
+    /// `env` set; the report, or an error with the end of its log.
+    fn run_migrate(
+        &self,
+        source: Source<'_>,
+        dest: &[&str],
+        extra: &[&str],
+        env: &[(&'static str, String)],
+    ) -> Result<Report> {
         check_interrupted()?;
         let log = self.dir.join("migrate.log");
         let (flag, path) = match source {
@@ -768,8 +795,9 @@ impl Bench<'_> {
             Source::File(f) => ("--file", f),
         };
         let out = Command::new(self.tern)
-            .args(["migrate", flag, path, "--to", &to.to_string(), "--tls-dir"])
-            .arg(self.certs.join("localhost"))
+            .args(["migrate", flag, path])
+            .args(dest)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .arg("--trace-out")
             .arg(self.dir.join("source.trace"))
             .arg("--state-dir")

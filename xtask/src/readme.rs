@@ -1024,23 +1024,7 @@ mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing
         let config = dir.join("garage.toml");
         std::fs::write(
             &config,
-            format!(
-                r#"metadata_dir = "{meta}"
-data_dir = "{data}"
-db_engine = "sqlite"
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:{S3_RPC_PORT}"
-rpc_public_addr = "127.0.0.1:{S3_RPC_PORT}"
-rpc_secret = "{S3_SECRET}"
-
-[s3_api]
-s3_region = "{S3_REGION}"
-api_bind_addr = "127.0.0.1:{S3_PORT}"
-root_domain = ".s3.garage.localhost"
-"#,
-                meta = dir.join("meta").display(),
-                data = dir.join("data").display(),
-            ),
+            crate::garage::config(&dir, S3_RPC_PORT, S3_PORT, S3_REGION, S3_SECRET),
         )?;
         let bin = garage.display().to_string();
         let log = self.spawn_world(
@@ -1052,35 +1036,10 @@ root_domain = ".s3.garage.localhost"
                 .env("RUST_LOG", "garage=warn"),
         )?;
         self.wait_world(&[Probe::Listen(S3_PORT)], &log)?;
-        let cli = |args: &[&str]| -> Result<String> {
-            // Right after start the node may not answer its own RPC yet.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                match output(
-                    self.ns("timeout")
-                        .args(["20", &bin, "-c"])
-                        .arg(&config)
-                        .args(args),
-                ) {
-                    Ok(out) => return Ok(out),
-                    Err(e) if Instant::now() > deadline => return Err(e),
-                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
-                }
-            }
+        let cli = |args: &[&str]| {
+            crate::garage::cli_retried(|| self.ns("timeout"), &garage, &config, args)
         };
-        let node = cli(&["node", "id", "-q"])?;
-        let node = node.trim().split('@').next().unwrap_or_default().to_owned();
-        cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])?;
-        cli(&["layout", "apply", "--version", "1"])?;
-        cli(&[
-            "key", "import", S3_KEY_ID, S3_SECRET, "-n", "readme", "--yes",
-        ])?;
-        for b in buckets {
-            cli(&["bucket", "create", b])?;
-            cli(&[
-                "bucket", "allow", "--read", "--write", "--owner", b, "--key", "readme",
-            ])?;
-        }
+        crate::garage::bootstrap(cli, S3_KEY_ID, S3_SECRET, "readme", buckets)?;
         for (k, v) in [
             ("AWS_ACCESS_KEY_ID", S3_KEY_ID.to_owned()),
             ("AWS_SECRET_ACCESS_KEY", S3_SECRET.to_owned()),

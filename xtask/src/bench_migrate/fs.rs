@@ -378,10 +378,10 @@ fn nonzero_bytes(path: &Path) -> Result<u64> {
 }
 
 /// What filling the file system made.
-struct Filled {
+pub(super) struct Filled {
     /// Used bytes as `df` reports them.
-    used: u64,
-    files: u64,
+    pub(super) used: u64,
+    pub(super) files: u64,
     usr_copies: u32,
     /// Bytes the image file holds on disk (the rest are holes).
     allocated: u64,
@@ -389,7 +389,7 @@ struct Filled {
 
 /// Makes an ext4 image of `size` bytes at `path`, filled to [`FILL`]; it is
 /// unmounted and written back when this returns.
-fn make_fs_image(path: &Path, size: u64, work: &Path) -> Result<Filled> {
+pub(super) fn make_fs_image(path: &Path, size: u64, work: &Path) -> Result<Filled> {
     File::create(path)
         .with_context(|| format!("create {}", path.display()))?
         .set_len(size)
