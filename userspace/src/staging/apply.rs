@@ -147,13 +147,7 @@ impl Applier {
             });
         }
         let fence = self.store.fence().await?;
-        let new: Vec<SegmentId> = self
-            .store
-            .segments()
-            .await?
-            .into_iter()
-            .filter(|id| Some(*id) > self.record.applied)
-            .collect();
+        let new = self.store.segments(self.record.applied).await?;
         let mut last_publish = Instant::now();
         for id in new {
             if id.epoch < fence.epoch && id.seq >= fence.from_seq {

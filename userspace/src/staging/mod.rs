@@ -314,15 +314,29 @@ impl StagingStore {
             })
     }
 
-    /// Every segment in the store, in the order of application.
-    pub async fn segments(&self) -> Result<Vec<SegmentId>, StagingError> {
+    /// Every segment in the store after `after` (all with `None`), in the
+    /// order of application. Listed from `after` on (S3's `start-after`),
+    /// so a poll costs what is new, not the whole migration's segments.
+    pub async fn segments(&self, after: Option<SegmentId>) -> Result<Vec<SegmentId>, StagingError> {
         use futures::TryStreamExt;
         let dir = self.path(SEGMENTS);
+        let offset = after.map(|id| self.path(&id.name()));
         let store = &self.store.store;
         let listed: Vec<object_store::ObjectMeta> = self
             .retried(SEGMENTS, || {
                 let dir = dir.clone();
-                async move { store.list(Some(&dir)).try_collect().await }
+                let offset = offset.clone();
+                async move {
+                    match &offset {
+                        Some(offset) => {
+                            store
+                                .list_with_offset(Some(&dir), offset)
+                                .try_collect()
+                                .await
+                        }
+                        None => store.list(Some(&dir)).try_collect().await,
+                    }
+                }
             })
             .await?;
         let mut ids: Vec<SegmentId> = listed
@@ -332,6 +346,7 @@ impl StagingStore {
                 SegmentId::parse(parts.last()?)
             })
             .collect();
+        ids.retain(|id| Some(*id) > after);
         ids.sort_unstable();
         Ok(ids)
     }

@@ -110,7 +110,7 @@ impl Relay {
             Some(old) if old == manifest => {}
             _ => store.put_json(MANIFEST, &manifest).await?,
         }
-        let last = store.segments().await?.last().copied();
+        let last = store.segments(None).await?.last().copied();
         if let Some(last) = last {
             tracing::info!(url = %opts.url, segments = last.seq + 1, "resuming a staged migration: the destination's tree says what is still to send");
         }
