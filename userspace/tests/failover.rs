@@ -662,3 +662,38 @@ fn a_failed_over_file_system_is_clean_and_its_database_holds_every_commit_before
         promotion["last_heard_unix_ms"].as_u64().unwrap_or(0) - as_of
     );
 }
+
+#[test]
+fn a_failover_check_that_does_not_confirm_the_source_down_holds_the_promotion_back() {
+    let ns = Netns::new();
+    let src = LoopDev::new("32M");
+    fill_random(src.path(), 4);
+    // The operator's check: "the source's host is down" once this file exists.
+    let down = src.dir.path().join("source-is-down");
+    let check = format!("test -e {}", down.display());
+    let lab = Lab::new_at(32 * MIB, &ns.peer, Some(&ns.name)).with_agent_args(&[
+        "--failover-after",
+        "3s",
+        "--failover-check",
+        &check,
+    ]);
+    let mut agent = KillOnly(source_agent(src.path(), &lab, "a"));
+    wait_replicating(&lab, "a");
+    let _ = agent.0.kill();
+    ns.link(false);
+    let _ = agent.0.wait();
+    // Silent for twice --failover-after: the check says no, so no promotion.
+    std::thread::sleep(Duration::from_secs(7));
+    let v = info(&ns, &lab);
+    assert!(
+        v["promotion"].is_null() && v["export_writable"] == false,
+        "promoted although the check did not confirm the source down: {v}"
+    );
+    std::fs::write(&down, b"").expect("confirm");
+    let promotion = wait_promoted(&ns, &lab);
+    let reason = promotion["reason"].as_str().expect("a reason");
+    assert!(
+        reason.contains("silent") && reason.contains("confirmed it down"),
+        "{reason}"
+    );
+}

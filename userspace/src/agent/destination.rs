@@ -70,6 +70,10 @@ pub struct DestinationConfig {
     /// Promote the replica to primary when its standby source has been
     /// silent this long (`None`: only `tern failover` promotes).
     pub failover_after: Option<std::time::Duration>,
+    /// A shell command that must exit 0 before an automatic promotion (the
+    /// source's host confirmed down: its power off, its address gone); a
+    /// failure waits another `failover_after`. `None`: the silence decides.
+    pub failover_check: Option<String>,
     /// Apply a migration staged in this object store (`tern migrate --via`).
     pub from: Option<crate::staging::ApplyOptions>,
 }
@@ -94,6 +98,7 @@ impl DestinationConfig {
             warm: Vec::new(),
             postcopy_wait: crate::postcopy::presence::DEFAULT_WAIT,
             failover_after: None,
+            failover_check: None,
             from: None,
         }
     }
@@ -169,6 +174,7 @@ pub struct Destination {
     metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     failover_after: Option<std::time::Duration>,
+    failover_check: Option<String>,
     from: Option<crate::staging::ApplyOptions>,
 }
 
@@ -421,6 +427,7 @@ impl Destination {
             metrics_addr,
             shutdown,
             failover_after: cfg.failover_after,
+            failover_check: cfg.failover_check.clone(),
             from: cfg.from.clone(),
         })
     }
@@ -465,6 +472,7 @@ impl Destination {
             metrics_addr,
             shutdown,
             failover_after,
+            failover_check,
             from,
         } = self;
         tracing::info!(
@@ -479,8 +487,8 @@ impl Destination {
         );
         let mut tasks: JoinSet<Result<(), AgentError>> = JoinSet::new();
         let trees = service.clone();
-        let watched = (service.clone(), failover_after, shutdown.clone());
-        tasks.spawn(watch_source(watched.0, watched.1, watched.2));
+        let watch = failover_after.map(|after| (after, failover_check));
+        tasks.spawn(watch_source(service.clone(), watch, shutdown.clone()));
         spawn_applier(&mut tasks, from.as_ref(), &service, &image_path, &shutdown)?;
         let served = shutdown.clone();
         tasks.spawn(
@@ -579,10 +587,10 @@ const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// `after`, waits for `shutdown` (only `tern failover` promotes).
 async fn watch_source(
     service: ReplicaService,
-    after: Option<std::time::Duration>,
+    watch: Option<(std::time::Duration, Option<String>)>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let Some(after) = after else {
+    let Some((after, check)) = watch else {
         shutdown.cancelled().await;
         return Ok(());
     };
@@ -607,13 +615,20 @@ async fn watch_source(
             next_try = tokio::time::Instant::now() + after;
             continue;
         }
-        let reason = format!(
+        let silent_ms = u64::try_from(silent.as_millis()).unwrap_or(u64::MAX);
+        let mut reason = format!(
             "the source was silent for {} (--failover-after {})",
-            humantime::format_duration(std::time::Duration::from_millis(
-                u64::try_from(silent.as_millis()).unwrap_or(u64::MAX)
-            )),
+            humantime::format_duration(std::time::Duration::from_millis(silent_ms)),
             humantime::format_duration(after)
         );
+        if let Some(check) = &check {
+            if let Err(e) = confirm_down(check, silent_ms).await {
+                tracing::warn!(check = %check, error = %e, "failover: the source is silent, but the failover check did not confirm it is down; not promoting (trying again later)");
+                next_try = tokio::time::Instant::now() + after;
+                continue;
+            }
+            reason = format!("{reason} and `{check}` confirmed it down");
+        }
         match service.promote(reason, true).await {
             Ok(p) => tracing::warn!(
                 epoch = p.epoch,
@@ -626,6 +641,38 @@ async fn watch_source(
                 next_try = tokio::time::Instant::now() + after;
             }
         }
+    }
+}
+
+/// How long a failover check may run.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Why a failover check did not confirm the source down.
+#[derive(Debug, thiserror::Error)]
+enum CheckFailed {
+    #[error("it could not be started")]
+    Spawn(#[source] std::io::Error),
+    #[error("it exited with {0}")]
+    Exit(std::process::ExitStatus),
+    #[error("it ran longer than {CHECK_TIMEOUT:?} and was killed")]
+    Timeout,
+}
+
+/// Runs the operator's `--failover-check` (`sh -c`, with
+/// `TERN_SOURCE_SILENT_MS` set): the source is down when it exits 0.
+async fn confirm_down(check: &str, silent_ms: u64) -> Result<(), CheckFailed> {
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(check)
+        .env("TERN_SOURCE_SILENT_MS", silent_ms.to_string())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    match tokio::time::timeout(CHECK_TIMEOUT, status).await {
+        Err(_) => Err(CheckFailed::Timeout),
+        Ok(Err(e)) => Err(CheckFailed::Spawn(e)),
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => Err(CheckFailed::Exit(status)),
     }
 }
 

@@ -82,6 +82,13 @@ pub struct AgentArgs {
     /// it only `tern failover` promotes.
     #[arg(long, value_parser = humantime::parse_duration)]
     failover_after: Option<std::time::Duration>,
+    /// Destination role, with --failover-after: a shell command that must
+    /// exit 0 before the replica promotes itself, confirming the source's
+    /// host is down (its power off through IPMI, its address gone), not
+    /// only silent to us; `TERN_SOURCE_SILENT_MS` is set. Run for at most
+    /// 30 s; a failure waits another --failover-after.
+    #[arg(long, value_name = "CMD", requires = "failover_after")]
+    failover_check: Option<String>,
     /// Destination role: apply a migration staged in object storage by
     /// `tern migrate --via URL` (a directory, `file:///dir`,
     /// `s3://bucket/prefix` or `az://container/prefix`, credentials from
@@ -137,6 +144,7 @@ pub fn run(a: AgentArgs, m: &clap::ArgMatches) -> Result<()> {
             humantime::format_duration(tern::rpc::HEARTBEAT_LOSS)
         );
         cfg.failover_after = Some(after);
+        cfg.failover_check.clone_from(&a.failover_check);
     }
     if let Some(plan) = &a.warm_plan {
         anyhow::ensure!(

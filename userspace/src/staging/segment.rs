@@ -227,7 +227,7 @@ mod tests {
         for _ in 0..20_000 {
             let mut bytes = good.clone();
             let body = bytes.len() - TRAILER;
-            for _ in 0..1 + next() % 4 {
+            for _ in 0..=(next() % 4) {
                 let at = usize::try_from(next() % body as u64).expect("fits");
                 bytes[at] = u8::try_from(next() & 0xff).expect("a byte");
             }
