@@ -222,3 +222,35 @@ fn a_staged_migration_without_a_destination_agent_says_what_it_waits_for() {
         "the error names what to start: {err}"
     );
 }
+
+#[test]
+fn an_all_zero_disk_stages_nothing_and_still_switches_and_an_emptied_store_starts_afresh() {
+    let src = LoopDev::new("16M");
+    let store = src.dir.path().join("store");
+    let url = store.to_str().expect("utf-8").to_owned();
+    let _agent = applying_agent(src.dir.path(), 16 * MIB, &url, &[]);
+    // Nothing to stage: no segment, and the switch must not wait for one.
+    let (ok, report, err) = run_report(&mut staged_migrate(
+        src.dir.path(),
+        src.path(),
+        &url,
+        &["--no-pause"],
+    ));
+    assert!(ok, "staged migration of a blank disk failed: {err}");
+    assert_eq!(report["outcome"], "cut over", "{report}");
+    assert_eq!(staged(&report, "segments"), 0, "{report}");
+
+    // The operator empties the prefix and stages again into the same
+    // destination: its record of what it applied is for the old staging.
+    fill_random(src.path(), 4);
+    std::fs::remove_dir_all(&store).expect("empty the store");
+    let (ok, report, err) = run_report(&mut staged_migrate(
+        src.dir.path(),
+        src.path(),
+        &url,
+        &["--no-pause"],
+    ));
+    assert!(ok, "the second staging failed: {err}");
+    assert_eq!(report["outcome"], "cut over", "{report}");
+    assert_same(src.path(), &src.dir.path().join("dst.img"));
+}

@@ -32,6 +32,11 @@ pub struct StoreOptions {
     pub connect_timeout: Duration,
     /// Create a missing directory (writers); readers leave this off so a typo is an error.
     pub create_dir: bool,
+    /// A directory store fsyncs each object (and its directory) before a
+    /// put returns, as S3 makes it durable before answering: a staged
+    /// migration's barrier must survive a crash. Off for the history,
+    /// whose spool keeps a segment until its upload is complete.
+    pub fsync: bool,
 }
 
 impl Default for StoreOptions {
@@ -46,6 +51,7 @@ impl Default for StoreOptions {
             request_timeout: Duration::from_mins(1),
             connect_timeout: Duration::from_secs(5),
             create_dir: true,
+            fsync: false,
         }
     }
 }
@@ -185,10 +191,12 @@ impl HistoryStore {
         } else if !std::path::Path::new(dir).is_dir() {
             return Err(bad(url, format!("there is no history directory {dir}")));
         }
-        let local = LocalFileSystem::new_with_prefix(dir).map_err(|source| HistoryError::Open {
-            url: url.to_owned(),
-            source,
-        })?;
+        let local = LocalFileSystem::new_with_prefix(dir)
+            .map_err(|source| HistoryError::Open {
+                url: url.to_owned(),
+                source,
+            })?
+            .with_fsync(opts.fsync);
         Ok(HistoryStore {
             url: url.to_owned(),
             store: Arc::new(local),

@@ -16,7 +16,7 @@ use super::{
     DESTINATION, DESTINATION_TREE, DestinationState, MANIFEST, Manifest, Segment, SegmentId,
     StagingError, StagingStore,
 };
-use crate::checktree::{HASH_LEN, Shape};
+use crate::checktree::{CheckTree, HASH_LEN, Shape};
 use crate::history::StoreOptions;
 use crate::rpc::{ExtentWriter, ReplicaClient, ReplicaService, RpcError};
 
@@ -35,7 +35,10 @@ impl ApplyOptions {
     pub fn new(url: impl Into<String>) -> ApplyOptions {
         ApplyOptions {
             url: url.into(),
-            store: StoreOptions::default(),
+            store: StoreOptions {
+                fsync: true,
+                ..StoreOptions::default()
+            },
             retry_for: Duration::from_mins(2),
             poll: Duration::from_millis(100),
         }
@@ -47,8 +50,14 @@ impl ApplyOptions {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Record {
     url: String,
+    /// The staging's id (`staging.json`): a prefix emptied and staged
+    /// into again is a new staging, applied from its first segment.
+    #[serde(default)]
+    staging_id: String,
     applied: Option<SegmentId>,
     dropped: u64,
+    #[serde(default)]
+    damaged: u64,
 }
 
 /// Applies a staging store's segments to the agent's image.
@@ -62,7 +71,12 @@ pub struct Applier {
     writer: Option<(u64, ExtentWriter)>,
     /// What was last published (to publish again only on a change).
     published: Option<DestinationState>,
+    /// The root of the tree last stored (not stored again unchanged).
+    tree_root: Option<String>,
 }
+
+/// How long a failed step waits before the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 impl Applier {
     /// Serves `service` to the applier inside this process and reads what
@@ -104,50 +118,88 @@ impl Applier {
             poll: opts.poll,
             writer: None,
             published: None,
+            tree_root: None,
         })
     }
 
-    /// Applies until `cancel`. A failure is published (the source's relay
-    /// reports it) and returned.
+    /// Applies until `cancel`. A failure never stops the agent (its export
+    /// may be serving the workload by then): it is logged, published (the
+    /// source's relay reports it, unless the store itself is what failed)
+    /// and the step tried again.
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), StagingError> {
         tracing::info!(url = %self.store.url(), applied = ?self.record.applied, "applying a staged migration");
         loop {
-            if let Err(e) = self.step().await {
-                let text = super::chain(&e);
-                tracing::error!(url = %self.store.url(), error = %text, "applying the staged migration stopped");
-                let mut state = self.published.clone().unwrap_or_default();
-                state.error = Some(text);
-                state.updated_unix_ms = crate::rpc::failover::unix_ms_now();
-                // Best effort: the store may be what failed.
-                let _ = self.store.put_json(DESTINATION, &state).await;
-                return Err(e);
-            }
+            let wait = match self.step().await {
+                Ok(()) => self.poll,
+                // Stopping: the in-process service went away under the step.
+                Err(_) if cancel.is_cancelled() => break,
+                Err(e) => {
+                    let text = super::chain(&e);
+                    tracing::error!(url = %self.store.url(), error = %text, "applying the staged migration failed; trying again");
+                    if !matches!(e, StagingError::Unreachable { .. }) {
+                        self.publish_error(text).await;
+                    }
+                    RETRY_AFTER
+                }
+            };
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = tokio::time::sleep(self.poll) => {}
+                () = tokio::time::sleep(wait) => {}
             }
         }
         if let Some((_, writer)) = self.writer.take() {
-            writer.finish().await?;
+            // Best effort: the service may be stopping too; what was not
+            // flushed is applied again by the next run (the record says so).
+            let _ = writer.finish().await;
         }
         Ok(())
+    }
+
+    /// Says why applying failed; the next published state clears it.
+    async fn publish_error(&mut self, text: String) {
+        let mut state = self.published.take().unwrap_or_default();
+        state.error = Some(text);
+        state.updated_unix_ms = crate::rpc::failover::unix_ms_now();
+        // Best effort: the store may be failing too.
+        let _ = self.store.put_json(DESTINATION, &state).await;
     }
 
     /// One look: apply what is new, make the fence's switch, publish.
     async fn step(&mut self) -> Result<(), StagingError> {
         let manifest = self.store.get_json::<Manifest>(MANIFEST).await?;
         let info = self.client.info().await?;
-        if let Some(m) = manifest
-            && m.image_size != info.image_size
-        {
-            return Err(StagingError::SizeMismatch {
+        if let Some(p) = &info.promotion {
+            // A failover made this replica the primary: nothing staged may
+            // land on it (its fence would refuse it anyway).
+            return Err(StagingError::Promoted {
                 url: self.store.url().to_owned(),
-                staged: m.image_size,
-                ours: info.image_size,
+                epoch: p.epoch,
             });
         }
-        let fence = self.store.fence().await?;
+        if let Some(m) = &manifest {
+            if m.image_size != info.image_size {
+                return Err(StagingError::SizeMismatch {
+                    url: self.store.url().to_owned(),
+                    staged: m.image_size,
+                    ours: info.image_size,
+                });
+            }
+            if m.id != self.record.staging_id {
+                if self.record.applied.is_some() {
+                    tracing::info!(url = %self.store.url(), "a new staging in this store: applying it from its first segment");
+                }
+                self.record = Record {
+                    url: self.record.url.clone(),
+                    staging_id: m.id.clone(),
+                    ..Record::default()
+                };
+                self.tree_root = None;
+            }
+        }
         let new = self.store.segments(self.record.applied).await?;
+        // Read after listing: a segment a fenced source stored before this
+        // fence is dropped by it, not applied.
+        let fence = self.store.fence().await?;
         let mut last_publish = Instant::now();
         for id in new {
             if id.epoch < fence.epoch && id.seq >= fence.from_seq {
@@ -162,49 +214,50 @@ impl Applier {
             // A long backlog: let the source see progress now and then.
             if last_publish.elapsed() >= Duration::from_secs(5) {
                 last_publish = Instant::now();
-                self.publish(manifest).await?;
+                self.publish(manifest.as_ref()).await?;
             }
         }
-        let caught_up = fence
-            .after_seq
-            .is_some_and(|after| self.record.applied.is_some_and(|a| a.seq >= after));
-        if fence.epoch > 0 && caught_up {
+        // The switch, once what was staged before it is applied.
+        if let Some(switch) = fence.switch
+            && switch.after <= self.record.applied
+        {
             let info = self.client.info().await?;
-            if fence.epoch > info.epoch || info.export_writable != fence.writable {
+            if fence.epoch > info.epoch || info.export_writable != switch.writable {
                 // Our own stream would be fenced by the switch's epoch: close it first.
                 if let Some((_, writer)) = self.writer.take() {
                     writer.finish().await?;
                 }
                 self.client
-                    .set_export_writable(fence.epoch, fence.writable)
+                    .set_export_writable(fence.epoch, switch.writable)
                     .await?;
                 tracing::info!(
                     epoch = fence.epoch,
-                    writable = fence.writable,
+                    writable = switch.writable,
                     "the staged migration's switch is made"
                 );
             }
         }
-        self.publish(manifest).await
+        self.publish(manifest.as_ref()).await
     }
 
     /// Replays one segment and waits until it is durable.
     async fn apply(&mut self, id: SegmentId) -> Result<(), StagingError> {
         let name = id.name();
-        let Some(bytes) = self.store.get(&name).await? else {
-            return Err(StagingError::BadSegment {
-                url: self.store.url().to_owned(),
-                object: name,
-                source: super::SegmentError::Short(0),
-            });
+        let decoded = match self.store.get(&name).await? {
+            Some(bytes) => Segment::decode(&bytes, id.seq, id.epoch),
+            // Listed, then gone: someone deleted it.
+            None => Err(super::SegmentError::Short(0)),
         };
-        let segment = Segment::decode(&bytes, id.seq, id.epoch).map_err(|source| {
-            StagingError::BadSegment {
-                url: self.store.url().to_owned(),
-                object: name.clone(),
-                source,
+        let segment = match decoded {
+            Ok(segment) => segment,
+            Err(e) => {
+                // Skipped and counted: its regions differ from the source's,
+                // which the source's verification finds and sends again.
+                tracing::error!(segment = %name, error = %e, "a damaged segment is skipped; the source's checksum comparison resends what it held");
+                self.record.damaged += 1;
+                return Ok(());
             }
-        })?;
+        };
         let writer = match self.writer.take() {
             Some((epoch, writer)) if epoch == id.epoch => writer,
             other => {
@@ -247,7 +300,7 @@ impl Applier {
 
     /// Publishes the agent's state, and its tree at the manifest's region
     /// size, when either changed (the tree first: a state names its root).
-    async fn publish(&mut self, manifest: Option<Manifest>) -> Result<(), StagingError> {
+    async fn publish(&mut self, manifest: Option<&Manifest>) -> Result<(), StagingError> {
         let info = self.client.info().await?;
         let mut state = DestinationState {
             image_size: info.image_size,
@@ -258,6 +311,7 @@ impl Applier {
             leaf_checksums: info.leaf_checksums,
             applied: self.record.applied,
             dropped: self.record.dropped,
+            damaged: self.record.damaged,
             region_size: 0,
             root: String::new(),
             updated_unix_ms: 0,
@@ -281,21 +335,22 @@ impl Applier {
                 let shape = Shape::new(m.image_size, m.region_size).map_err(RpcError::from)?;
                 let all: Vec<u64> = (0..shape.leaf_count()).collect();
                 let leaves = self.client.nodes_of(shape, 0, &all).await?;
-                let root = self
-                    .client
-                    .nodes_of(shape, shape.levels() - 1, &[0])
-                    .await?;
-                state.root = super::hex(&root[0]);
-                Some(leaves)
+                let mut bytes = Vec::with_capacity(leaves.len() * HASH_LEN);
+                for leaf in &leaves {
+                    bytes.extend_from_slice(leaf);
+                }
+                // The root of exactly these leaves: what the relay checks them by.
+                let tree = CheckTree::from_leaves(shape, leaves).map_err(RpcError::from)?;
+                state.root = super::hex(&tree.root());
+                Some(bytes)
             }
             None => None,
         };
-        if let Some(leaves) = tree {
-            let mut bytes = Vec::with_capacity(leaves.len() * HASH_LEN);
-            for leaf in &leaves {
-                bytes.extend_from_slice(leaf);
-            }
+        if let Some(bytes) = tree
+            && self.tree_root.as_ref() != Some(&state.root)
+        {
             self.store.put(DESTINATION_TREE, Bytes::from(bytes)).await?;
+            self.tree_root = Some(state.root.clone());
         }
         let compared = state.clone();
         state.updated_unix_ms = crate::rpc::failover::unix_ms_now();

@@ -104,6 +104,10 @@ pub enum StagingError {
     DestinationFailed { url: String, error: String },
     #[error("the staging store {url} is fenced by epoch {fence}, newer than this source's {epoch}")]
     Fenced { url: String, epoch: u64, fence: u64 },
+    #[error(
+        "the destination was promoted (failover, epoch {epoch}): it takes nothing staged in {url} any more"
+    )]
+    Promoted { url: String, epoch: u64 },
     #[error(transparent)]
     Rpc(#[from] crate::rpc::RpcError),
     #[error("writing the applied-segment record {path}")]
@@ -115,9 +119,12 @@ pub enum StagingError {
 }
 
 /// What a staging prefix holds: written by the source when it starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub version: u32,
+    /// Made when the staging starts: an emptied prefix staged into again
+    /// is a new staging, whatever a destination applied before.
+    pub id: String,
     pub image_size: u64,
     /// The checksum tree's region size both sides compare at.
     pub region_size: u64,
@@ -131,10 +138,16 @@ pub struct FenceRecord {
     /// The first segment this epoch may have written: an older epoch's
     /// segment from here on was written after the takeover and is dropped.
     pub from_seq: u64,
-    /// The export is to be writable (the switch) or read-only (a rollback).
+    /// The export's mode to set: writable (the switch) or read-only (a rollback).
+    pub switch: Option<Switch>,
+}
+
+/// A change of the destination's export, made after the segments before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switch {
     pub writable: bool,
-    /// The switch (or rollback) waits until every segment up to this one is applied.
-    pub after_seq: Option<u64>,
+    /// Made once every segment up to this one is applied (`None`: none was written).
+    pub after: Option<SegmentId>,
 }
 
 /// A segment's place in the order of application.
@@ -176,6 +189,9 @@ pub struct DestinationState {
     pub applied: Option<SegmentId>,
     /// Segments dropped: of an epoch the fence had moved past.
     pub dropped: u64,
+    /// Segments skipped as damaged (their regions are found different by
+    /// the source's verification and sent again).
+    pub damaged: u64,
     /// Region size and root (hex) of `destination.tree`.
     pub region_size: u64,
     pub root: String,

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{
     DESTINATION, DESTINATION_TREE, DestinationState, FENCE, FenceRecord, MANIFEST, Manifest,
-    SEGMENT_BYTES, Segment, SegmentId, StagingError, StagingStore,
+    SEGMENT_BYTES, Segment, SegmentId, StagingError, StagingStore, Switch,
 };
 use crate::checktree::{CheckTree, HASH_LEN, HASH_SCHEME, Hash, Shape};
 use crate::history::StoreOptions;
@@ -46,7 +46,11 @@ impl RelayOptions {
     pub fn new(url: impl Into<String>) -> RelayOptions {
         RelayOptions {
             url: url.into(),
-            store: StoreOptions::default(),
+            // A barrier's segment is durable in a directory store too.
+            store: StoreOptions {
+                fsync: true,
+                ..StoreOptions::default()
+            },
             retry_for: Duration::from_mins(2),
             wait_for: Duration::from_mins(10),
             poll: Duration::from_millis(100),
@@ -68,6 +72,8 @@ struct Inner {
     manifest: Manifest,
     opts: RelayOptions,
     written: Mutex<Written>,
+    /// The destination's tree last read, by its root (hex).
+    tree: Mutex<Option<(String, CheckTree)>>,
     segments: AtomicU64,
     bytes: AtomicU64,
 }
@@ -94,12 +100,7 @@ impl Relay {
         region_size: u64,
     ) -> Result<Relay, StagingError> {
         let store = StagingStore::open(&opts.url, &opts.store, opts.retry_for)?;
-        let manifest = Manifest {
-            version: VERSION,
-            image_size,
-            region_size,
-        };
-        match store.get_json::<Manifest>(MANIFEST).await? {
+        let manifest = match store.get_json::<Manifest>(MANIFEST).await? {
             Some(old) if old.image_size != image_size => {
                 return Err(StagingError::SizeMismatch {
                     url: opts.url.clone(),
@@ -107,9 +108,20 @@ impl Relay {
                     ours: image_size,
                 });
             }
-            Some(old) if old == manifest => {}
-            _ => store.put_json(MANIFEST, &manifest).await?,
-        }
+            Some(old) if old.region_size == region_size && old.version == VERSION => old,
+            old => {
+                // A new staging, or the same one at another region size
+                // (the destination publishes its tree at this one now).
+                let manifest = Manifest {
+                    version: VERSION,
+                    id: old.map_or_else(new_id, |o| o.id),
+                    image_size,
+                    region_size,
+                };
+                store.put_json(MANIFEST, &manifest).await?;
+                manifest
+            }
+        };
         let last = store.segments(None).await?.last().copied();
         if let Some(last) = last {
             tracing::info!(url = %opts.url, segments = last.seq + 1, "resuming a staged migration: the destination's tree says what is still to send");
@@ -123,6 +135,7 @@ impl Relay {
                     next_seq: last.map_or(0, |l| l.seq + 1),
                     last,
                 }),
+                tree: Mutex::new(None),
                 segments: AtomicU64::new(0),
                 bytes: AtomicU64::new(0),
             }),
@@ -204,6 +217,7 @@ impl Inner {
     async fn caught_up_tree(&self) -> Result<CheckTree, StagingError> {
         let shape = Shape::new(self.manifest.image_size, self.manifest.region_size)
             .map_err(RpcError::from)?;
+        let started = Instant::now();
         loop {
             let last = self.written.lock().await.last;
             let state = self
@@ -211,15 +225,27 @@ impl Inner {
                     d.applied >= last && d.region_size == self.manifest.region_size
                 })
                 .await?;
-            let Some(bytes) = self.store.get(DESTINATION_TREE).await? else {
-                continue;
-            };
-            if let Some(tree) = tree_of(shape, &bytes)
+            if let Some((root, tree)) = &*self.tree.lock().await
+                && *root == state.root
+            {
+                return Ok(tree.clone());
+            }
+            if let Some(bytes) = self.store.get(DESTINATION_TREE).await?
+                && let Some(tree) = tree_of(shape, &bytes)
                 && super::hex(&tree.root()) == state.root
             {
+                *self.tree.lock().await = Some((state.root.clone(), tree.clone()));
                 return Ok(tree);
             }
-            // Published between our two reads: look again.
+            // The tree and the state were published between our two reads
+            // (or the tree is not there yet): look again, for a while.
+            if started.elapsed() >= self.opts.wait_for {
+                return Err(StagingError::NoDestination {
+                    url: self.url().to_owned(),
+                    what: "its checksum tree to match the state it published".to_owned(),
+                    waited: started.elapsed(),
+                });
+            }
             tokio::time::sleep(self.opts.poll).await;
         }
     }
@@ -257,7 +283,7 @@ impl Inner {
     /// Takes the fence for `epoch` (refused below the fence's epoch); with
     /// `switch`, also records the export's new mode after the last segment.
     async fn take_fence(&self, epoch: u64, switch: Option<bool>) -> Result<(), StagingError> {
-        let written = self.written.lock().await;
+        let mut written = self.written.lock().await;
         let fence = self.store.fence().await?;
         if epoch < fence.epoch {
             return Err(StagingError::Fenced {
@@ -269,6 +295,13 @@ impl Inner {
         let mut next = if epoch == fence.epoch {
             fence
         } else {
+            // Taking over: whatever an older source stored up to now stays
+            // below this epoch's first segment (and is applied); what it
+            // stores from here on is dropped.
+            if let Some(newest) = self.store.segments(written.last).await?.last() {
+                written.next_seq = written.next_seq.max(newest.seq + 1);
+                written.last = written.last.max(Some(*newest));
+            }
             FenceRecord {
                 epoch,
                 from_seq: written.next_seq,
@@ -276,14 +309,31 @@ impl Inner {
             }
         };
         if let Some(writable) = switch {
-            next.writable = writable;
-            next.after_seq = Some(written.last.map_or(0, |l| l.seq));
+            next.switch = Some(Switch {
+                writable,
+                after: written.last,
+            });
         }
         if next != fence {
             self.store.put_json(FENCE, &next).await?;
         }
         Ok(())
     }
+}
+
+/// A staging's id: unique enough to tell an emptied prefix's new staging
+/// from the one a destination applied before.
+fn new_id() -> String {
+    let mut seed = Vec::new();
+    seed.extend_from_slice(
+        &std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+            .to_le_bytes(),
+    );
+    seed.extend_from_slice(&std::process::id().to_le_bytes());
+    super::hex(&blake3::hash(&seed).as_bytes()[..12])
 }
 
 /// The tree whose leaves are `bytes` (`None` if they are not `shape`'s).
@@ -566,7 +616,7 @@ impl replica_server::Replica for Relay {
             .take_fence(req.epoch, Some(req.writable))
             .await
             .map_err(|e| status(&e))?;
-        let state = inner
+        let waited = inner
             .destination(
                 if req.writable {
                     "it to apply the last segment and switch"
@@ -575,8 +625,20 @@ impl replica_server::Replica for Relay {
                 },
                 |d| d.epoch >= req.epoch && d.export_writable == req.writable,
             )
-            .await
-            .map_err(|e| status(&e))?;
+            .await;
+        let state = match waited {
+            Ok(state) => state,
+            Err(e) if req.writable => {
+                // The source gives up and resumes its workload: the switch
+                // must not happen later on its own (two primaries). A newer
+                // epoch asks for the export read-only instead; if the
+                // destination switched meanwhile, it switches back.
+                let revoked = inner.take_fence(req.epoch + 1, Some(false)).await;
+                tracing::error!(error = %e, revoked = revoked.is_ok(), "the staged switch did not complete; revoked it with a newer epoch");
+                return Err(status(&e));
+            }
+            Err(e) => return Err(status(&e)),
+        };
         Ok(Response::new(pb::SetExportWritableResponse {
             epoch: state.epoch,
             export_writable: state.export_writable,
