@@ -24,7 +24,7 @@ use crate::checktree::{CheckTree, HASH_LEN, HASH_SCHEME, Hash, Shape};
 use crate::history::StoreOptions;
 use crate::replicate::Peer;
 use crate::rpc::pb::{self, replica_server, write_request, write_response};
-use crate::rpc::{MAX_EXTENT_LEN, MAX_NODES_PER_CALL, RpcError};
+use crate::rpc::{MAX_EXTENT_LEN, RpcError};
 
 /// The manifest's format.
 const VERSION: u32 = 1;
@@ -566,41 +566,7 @@ impl replica_server::Replica for Relay {
             )));
         }
         let tree = inner.caught_up_tree().await.map_err(|e| status(&e))?;
-        let shape = *tree.shape();
-        let nodes = tree.level(req.level).map_err(RpcError::from)?;
-        let asked = if req.indices.is_empty() {
-            nodes.len() as u64
-        } else {
-            req.indices.len() as u64
-        };
-        if asked > MAX_NODES_PER_CALL {
-            return Err(RpcError::TooManyNodes {
-                asked,
-                max: MAX_NODES_PER_CALL,
-            }
-            .into());
-        }
-        let hashes = if req.indices.is_empty() {
-            nodes.iter().map(|h| Bytes::copy_from_slice(h)).collect()
-        } else {
-            req.indices
-                .iter()
-                .map(|&i| {
-                    tree.node(req.level, i)
-                        .map(|h| Bytes::copy_from_slice(&h))
-                        .map_err(RpcError::from)
-                })
-                .collect::<Result<Vec<_>, _>>()?
-        };
-        Ok(Response::new(pb::ChecksumTreeResponse {
-            image_size: shape.image_size(),
-            region_size: shape.region_size(),
-            leaf_count: shape.leaf_count(),
-            levels: shape.levels(),
-            level: req.level,
-            hashes,
-            hash_scheme: HASH_SCHEME,
-        }))
+        Ok(Response::new(crate::rpc::server::tree_answer(&tree, &req)?))
     }
 
     async fn set_export_writable(

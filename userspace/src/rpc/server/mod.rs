@@ -335,6 +335,45 @@ pub async fn serve(
         .map_err(|source| RpcError::Serve { source })
 }
 
+/// The nodes `req` asks for (every node of its level when it names none)
+/// of `tree`: the one answer to `GetChecksumTree`, whoever holds the tree
+/// (a destination, or a staged migration's relay).
+pub(crate) fn tree_answer(
+    tree: &crate::checktree::CheckTree,
+    req: &pb::ChecksumTreeRequest,
+) -> Result<pb::ChecksumTreeResponse, RpcError> {
+    let shape = *tree.shape();
+    let nodes = tree.level(req.level)?;
+    let asked = if req.indices.is_empty() {
+        nodes.len() as u64
+    } else {
+        req.indices.len() as u64
+    };
+    if asked > MAX_NODES_PER_CALL {
+        return Err(RpcError::TooManyNodes {
+            asked,
+            max: MAX_NODES_PER_CALL,
+        });
+    }
+    let hashes = if req.indices.is_empty() {
+        nodes.iter().map(|h| Bytes::copy_from_slice(h)).collect()
+    } else {
+        req.indices
+            .iter()
+            .map(|&i| Ok(Bytes::copy_from_slice(&tree.node(req.level, i)?)))
+            .collect::<Result<Vec<_>, RpcError>>()?
+    };
+    Ok(pb::ChecksumTreeResponse {
+        image_size: shape.image_size(),
+        region_size: shape.region_size(),
+        leaf_count: shape.leaf_count(),
+        levels: shape.levels(),
+        level: req.level,
+        hashes,
+        hash_scheme: HASH_SCHEME,
+    })
+}
+
 /// Most gRPC connections one listener serves at once: each holds a task,
 /// buffers and up to an HTTP/2 window of data, so this bounds what many
 /// clients (or one opening connections it never uses) can take. A
@@ -602,41 +641,7 @@ impl replica_server::Replica for ReplicaService {
         }
         let inner = &self.inner;
         let tree = inner.trees.refresh(&inner.image, req.region_size).await?;
-        let shape = *tree.shape();
-        let nodes = tree.level(req.level).map_err(RpcError::from)?;
-        let asked = if req.indices.is_empty() {
-            nodes.len() as u64
-        } else {
-            req.indices.len() as u64
-        };
-        if asked > MAX_NODES_PER_CALL {
-            return Err(RpcError::TooManyNodes {
-                asked,
-                max: MAX_NODES_PER_CALL,
-            }
-            .into());
-        }
-        let hashes = if req.indices.is_empty() {
-            nodes.iter().map(|h| Bytes::copy_from_slice(h)).collect()
-        } else {
-            req.indices
-                .iter()
-                .map(|&i| {
-                    tree.node(req.level, i)
-                        .map(|h| Bytes::copy_from_slice(&h))
-                        .map_err(RpcError::from)
-                })
-                .collect::<Result<Vec<_>, _>>()?
-        };
-        Ok(Response::new(pb::ChecksumTreeResponse {
-            image_size: shape.image_size(),
-            region_size: shape.region_size(),
-            leaf_count: shape.leaf_count(),
-            levels: shape.levels(),
-            level: req.level,
-            hashes,
-            hash_scheme: HASH_SCHEME,
-        }))
+        Ok(Response::new(tree_answer(&tree, &req)?))
     }
 
     #[tracing::instrument(skip_all, fields(epoch = request.get_ref().epoch, writable = request.get_ref().writable))]
