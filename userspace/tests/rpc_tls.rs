@@ -151,6 +151,34 @@ async fn a_plaintext_client_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_completes_its_handshake_is_closed_after_the_timeout() {
+    use tokio::io::AsyncReadExt;
+    let dst = Destination::start(MIB).await;
+    let started = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(dst.addr)
+        .await
+        .expect("the port accepts");
+    let mut buf = [0u8; 64];
+    // Nothing sent: the server must end the connection itself.
+    let read = tokio::time::timeout(
+        tern::rpc::tls::TLS_HANDSHAKE_TIMEOUT + std::time::Duration::from_secs(10),
+        silent.read(&mut buf),
+    )
+    .await
+    .expect("the server closed the silent connection before the test's deadline");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the server sent something to a client that said nothing: {read:?}"
+    );
+    assert!(
+        started.elapsed() >= tern::rpc::tls::TLS_HANDSHAKE_TIMEOUT,
+        "closed after {:?}, before the handshake timeout",
+        started.elapsed()
+    );
+    dst.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_service_reports_the_replica_service_serving() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};

@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
+/// How long a gRPC client may take to complete its TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Errors loading TLS material.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -111,13 +114,17 @@ impl TlsMaterial {
         &self.dir
     }
 
-    /// Server side: present `cert.pem`, require a client certificate signed by `ca.pem`.
+    /// Server side: present `cert.pem`, require a client certificate signed
+    /// by `ca.pem`, and close a connection whose handshake has not completed
+    /// within [`TLS_HANDSHAKE_TIMEOUT`] (a client that connects and never
+    /// speaks would otherwise hold one of the listener's places for good).
     pub fn server_config(&self) -> ServerTlsConfig {
         install_crypto_provider();
         ServerTlsConfig::new()
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
             .client_auth_optional(false)
+            .timeout(TLS_HANDSHAKE_TIMEOUT)
     }
 
     /// Server side for protocols served without tonic (NBD over STARTTLS):
