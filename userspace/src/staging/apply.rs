@@ -73,10 +73,18 @@ pub struct Applier {
     published: Option<DestinationState>,
     /// The root of the tree last stored (not stored again unchanged).
     tree_root: Option<String>,
+    /// When a segment was last applied or a switch made.
+    active: Instant,
 }
 
 /// How long a failed step waits before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// While segments arrive (a migration running, its cutover near), the
+/// applier looks this often: each look at the cutover is downtime. Idle,
+/// it looks every `ApplyOptions::poll` (fewer store requests).
+const ACTIVE_POLL: Duration = Duration::from_millis(20);
+/// How long after the last segment or switch the applier stays active.
+const ACTIVE_FOR: Duration = Duration::from_secs(10);
 
 impl Applier {
     /// Serves `service` to the applier inside this process and reads what
@@ -119,6 +127,7 @@ impl Applier {
             writer: None,
             published: None,
             tree_root: None,
+            active: Instant::now(),
         })
     }
 
@@ -130,6 +139,7 @@ impl Applier {
         tracing::info!(url = %self.store.url(), applied = ?self.record.applied, "applying a staged migration");
         loop {
             let wait = match self.step().await {
+                Ok(()) if self.active.elapsed() < ACTIVE_FOR => ACTIVE_POLL,
                 Ok(()) => self.poll,
                 // Stopping: the in-process service went away under the step.
                 Err(_) if cancel.is_cancelled() => break,
@@ -211,6 +221,7 @@ impl Applier {
             }
             self.record.applied = Some(id);
             self.save()?;
+            self.active = Instant::now();
             // A long backlog: let the source see progress now and then.
             if last_publish.elapsed() >= Duration::from_secs(5) {
                 last_publish = Instant::now();
@@ -235,6 +246,7 @@ impl Applier {
                     writable = switch.writable,
                     "the staged migration's switch is made"
                 );
+                self.active = Instant::now();
             }
         }
         self.publish(manifest.as_ref()).await

@@ -53,7 +53,8 @@ impl RelayOptions {
             },
             retry_for: Duration::from_mins(2),
             wait_for: Duration::from_mins(10),
-            poll: Duration::from_millis(100),
+            // Its waits are short and inside the pause at the cutover.
+            poll: Duration::from_millis(25),
         }
     }
 }
