@@ -213,6 +213,16 @@ impl Inner {
         }
     }
 
+    /// What the destination published once it has applied every segment
+    /// this relay knows of, its tree at the staged region size.
+    async fn caught_up(&self) -> Result<DestinationState, StagingError> {
+        let last = self.written.lock().await.last;
+        self.destination("it to apply every staged segment", |d| {
+            d.applied >= last && d.region_size == self.manifest.region_size
+        })
+        .await
+    }
+
     /// The destination's tree once it has applied every segment this relay
     /// knows of.
     async fn caught_up_tree(&self) -> Result<CheckTree, StagingError> {
@@ -220,12 +230,7 @@ impl Inner {
             .map_err(RpcError::from)?;
         let started = Instant::now();
         loop {
-            let last = self.written.lock().await.last;
-            let state = self
-                .destination("it to apply every staged segment", |d| {
-                    d.applied >= last && d.region_size == self.manifest.region_size
-                })
-                .await?;
+            let state = self.caught_up().await?;
             if let Some((root, tree)) = &*self.tree.lock().await
                 && *root == state.root
             {
@@ -335,6 +340,18 @@ fn new_id() -> String {
     );
     seed.extend_from_slice(&std::process::id().to_le_bytes());
     super::hex(&blake3::hash(&seed).as_bytes()[..12])
+}
+
+/// A 32-byte hash from its 64 hex digits (`None` if it is not one).
+fn unhex(text: &str) -> Option<Hash> {
+    if text.len() != 2 * HASH_LEN {
+        return None;
+    }
+    let mut hash = [0u8; HASH_LEN];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(hash)
 }
 
 /// The tree whose leaves are `bytes` (`None` if they are not `shape`'s).
@@ -566,6 +583,24 @@ impl replica_server::Replica for Relay {
                 inner.manifest.region_size, req.region_size
             )));
         }
+        // The root alone (the verification inside the pause asks for it):
+        // the published state names it; the tree is not fetched.
+        let shape = Shape::new(inner.manifest.image_size, inner.manifest.region_size)
+            .map_err(RpcError::from)?;
+        if req.level + 1 == shape.levels() && matches!(req.indices.as_slice(), [] | [0]) {
+            let state = inner.caught_up().await.map_err(|e| status(&e))?;
+            if let Some(root) = unhex(&state.root) {
+                return Ok(Response::new(pb::ChecksumTreeResponse {
+                    image_size: shape.image_size(),
+                    region_size: shape.region_size(),
+                    leaf_count: shape.leaf_count(),
+                    levels: shape.levels(),
+                    level: req.level,
+                    hashes: vec![Bytes::copy_from_slice(&root)],
+                    hash_scheme: HASH_SCHEME,
+                }));
+            }
+        }
         let tree = inner.caught_up_tree().await.map_err(|e| status(&e))?;
         Ok(Response::new(crate::rpc::server::tree_answer(&tree, &req)?))
     }
@@ -650,5 +685,22 @@ impl replica_server::Replica for Relay {
         _request: Request<pb::DemoteRequest>,
     ) -> Result<Response<pb::DemoteResponse>, Status> {
         Err(not_staged("failback", self.inner.url()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unhex;
+
+    #[test]
+    fn a_published_root_reads_back_and_anything_else_is_none() {
+        let hash = blake3::hash(b"tern");
+        assert_eq!(
+            unhex(&super::super::hex(hash.as_bytes())),
+            Some(*hash.as_bytes())
+        );
+        assert_eq!(unhex(""), None);
+        assert_eq!(unhex(&"zz".repeat(32)), None);
+        assert_eq!(unhex(&"ab".repeat(31)), None);
     }
 }
