@@ -141,6 +141,89 @@ async fn a_client_certificate_from_another_authority_is_refused() {
     dst.stop().await;
 }
 
+/// A client identity signed by `dst`'s own authority (its key in
+/// `certs/ca.key`) but valid only from `not_before` to `not_after`.
+fn identity_valid(
+    dst: &Destination,
+    not_before: (i32, u8, u8),
+    not_after: (i32, u8, u8),
+) -> Identity {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+        date_time_ymd,
+    };
+    let certs = dst.tls.dir().parent().expect("the certs directory");
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).expect("ca.key"))
+        .expect("the authority's key");
+    // The authority's name and key: what a certificate's issuer is checked by.
+    let mut ca = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, "Tern replication CA");
+    ca.distinguished_name = name;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let issuer = Issuer::new(ca, ca_key);
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    params.not_before = date_time_ymd(not_before.0, not_before.1, not_before.2);
+    params.not_after = date_time_ymd(not_after.0, not_after.1, not_after.2);
+    params.use_authority_key_identifier_extension = true;
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate().expect("a key");
+    let cert = params.signed_by(&key, &issuer).expect("signed");
+    Identity::from_pem(cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_outside_its_validity_is_refused_and_a_valid_one_of_the_same_authority_is_not()
+ {
+    let dst = Destination::start(MIB).await;
+    let tls = |identity| {
+        ClientTlsConfig::new()
+            .ca_certificate(ca_of(&dst))
+            .identity(identity)
+    };
+    // The control: the same authority, valid now.
+    try_info(
+        &dst,
+        Some(tls(identity_valid(&dst, (2020, 1, 1), (2090, 1, 1)))),
+    )
+    .await
+    .expect("a valid certificate of the destination's authority");
+    try_info(
+        &dst,
+        Some(tls(identity_valid(&dst, (2020, 1, 1), (2021, 1, 1)))),
+    )
+    .await
+    .expect_err("an expired client certificate must be refused");
+    try_info(
+        &dst,
+        Some(tls(identity_valid(&dst, (2080, 1, 1), (2090, 1, 1)))),
+    )
+    .await
+    .expect_err("a client certificate not valid yet must be refused");
+    assert_eq!(dst.metrics.extents_written.get(), 0);
+    dst.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_whose_certificate_is_for_another_host_name_is_refused_by_the_source() {
+    let dst = Destination::start(MIB).await;
+    // The destination's certificate names localhost and its loopback
+    // addresses; a source expecting another host must not talk to it.
+    let err = ReplicaClient::connect(&dst.addr.to_string(), Some(&dst.tls), Some("dst.example"))
+        .await
+        .map(|_| ())
+        .expect_err("a certificate for another name must be refused");
+    let text = format!("{err:?}");
+    assert!(
+        text.to_lowercase().contains("name") || text.contains("NotValidForName"),
+        "the error says the name is wrong: {text}"
+    );
+    dst.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plaintext_client_is_refused() {
     let dst = Destination::start(MIB).await;
