@@ -193,7 +193,7 @@ impl SourceAgent {
         let promoted = CancellationToken::new();
         let stop_beats = CancellationToken::new();
         let beats = tokio::spawn(heartbeats(
-            self.repl.client().clone(),
+            self.repl.peer().clone(),
             Arc::clone(&self.status),
             promoted.clone(),
             stop_beats.clone(),
@@ -329,7 +329,7 @@ impl SourceAgent {
 /// destination's promotion (having cancelled `promoted`) if it refuses
 /// heartbeats because its replica was promoted.
 async fn heartbeats(
-    mut client: crate::rpc::ReplicaClient,
+    peer: crate::replicate::Peer,
     status: StatusCell,
     promoted: CancellationToken,
     stop: CancellationToken,
@@ -342,6 +342,11 @@ async fn heartbeats(
         let s = status.lock().expect("status lock poisoned");
         (s.epoch, s.remaining_bytes, s.consistent_as_of_unix_ms)
     };
+    // A connection of their own: on the replication connection a heartbeat
+    // would queue behind the stream's data (HTTP/2 flow control, the TCP
+    // send buffer) on a saturated link, and a busy source would read as a
+    // lost one. Made (and made again) lazily: the destination may be away.
+    let mut client: Option<crate::rpc::ReplicaClient> = None;
     let promotion = loop {
         tokio::select! {
             () = stop.cancelled() => break None,
@@ -351,6 +356,22 @@ async fn heartbeats(
         if epoch == 0 {
             continue;
         }
+        if client.is_none() {
+            if let Ok(Ok(c)) = tokio::time::timeout(HEARTBEAT_EVERY, peer.connect()).await {
+                client = Some(c);
+            } else {
+                failed += 1;
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(
+                        sent,
+                        failed,
+                        "heartbeats cannot connect to the destination; it may fail over if this lasts"
+                    );
+                }
+                continue;
+            }
+        }
+        let client = client.as_mut().expect("connected just above");
         let beat = client.heartbeat(epoch, backlog, as_of, false);
         match tokio::time::timeout(HEARTBEAT_EVERY, beat).await {
             Ok(Ok(_)) => {
@@ -390,7 +411,9 @@ async fn heartbeats(
     };
     if promotion.is_none() {
         let (epoch, backlog, as_of) = said(&status);
-        if epoch > 0 {
+        if epoch > 0
+            && let Some(client) = client.as_mut()
+        {
             let bye = client.heartbeat(epoch, backlog, as_of, true);
             // Best effort: a destination that cannot hear the goodbye takes
             // the silence for a loss, as it would a crash.
