@@ -254,3 +254,55 @@ fn an_all_zero_disk_stages_nothing_and_still_switches_and_an_emptied_store_start
     assert_eq!(report["outcome"], "cut over", "{report}");
     assert_same(src.path(), &src.dir.path().join("dst.img"));
 }
+
+#[test]
+fn what_a_staged_migration_cannot_do_is_refused_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = dir.path().join("store");
+    let url = url.to_str().expect("utf-8");
+    let refused = |args: &[&str], says: &str| {
+        let out = Command::new("timeout")
+            .args(["20", env!("CARGO_BIN_EXE_tern")])
+            .args(args)
+            .output()
+            .expect("tern runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(err.contains(says), "{args:?}: {err}");
+    };
+    refused(
+        &[
+            "agent",
+            "--role",
+            "source",
+            "--device",
+            "/dev/null",
+            "--via",
+            url,
+        ],
+        "a standby source agent keeps a replica over a link",
+    );
+    refused(
+        &[
+            "migrate",
+            "--device",
+            "/dev/null",
+            "--via",
+            url,
+            "--no-pause",
+            "--mode",
+            "postcopy",
+        ],
+        "pre-copy only",
+    );
+    refused(
+        &[
+            "migrate",
+            "--vm",
+            "qmp:/nonexistent.qmp@tcp:dst:4444",
+            "--via",
+            url,
+        ],
+        "needs a link between the hosts",
+    );
+}

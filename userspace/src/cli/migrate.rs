@@ -1111,6 +1111,10 @@ pub fn source_agent(
     json: bool,
     listen: &tern::agent::source::Listen,
 ) -> Result<()> {
+    if opts.via.is_some() {
+        // Refused before binding, which would already wait for a destination.
+        return Err(tern::agent::source::SourceError::StagedStandby.into());
+    }
     runtime()?.block_on(async {
         let cancel = tokio_util::sync::CancellationToken::new();
         tern::agent::cancel_on_signals(cancel.clone());

@@ -235,6 +235,11 @@ fn refuse_single_disk_flags(m: &MigrateArgs) -> Result<()> {
     if m.health_nbd.is_some() {
         bail!("--health-nbd checks one export: with --vm each part's is checked through its agent");
     }
+    if m.source.via.is_some() {
+        bail!(
+            "--vm moves a running VM with QEMU's migration stream, which needs a link between the hosts: --via (staged through object storage) is for one disk (--device or --file)"
+        );
+    }
     if m.mode != super::Mode::Precopy || m.converge.is_some() {
         bail!("--vm moves a VM in pre-copy (--mode precopy, no --converge) for now");
     }
