@@ -679,6 +679,9 @@ fn a_failover_check_that_does_not_confirm_the_source_down_holds_the_promotion_ba
     ]);
     let mut agent = KillOnly(source_agent(src.path(), &lab, "a"));
     wait_replicating(&lab, "a");
+    // A heartbeat (one a second) carries the recovery point to the replica:
+    // without one it is never promoted automatically, check or not.
+    std::thread::sleep(Duration::from_secs(3));
     let _ = agent.0.kill();
     ns.link(false);
     let _ = agent.0.wait();
